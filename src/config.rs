@@ -1,0 +1,292 @@
+//! Command-line flags of `shard_listener`, and peer addresses.
+//!
+//! Flags follow the original note (`--bootstrap`, `--cluster`, `--shard-id`,
+//! `--total-shards`, `--shards-dir`, `--enable-torrent`) plus the node's own.
+//! Parsing never exits: it returns a one-line error naming the flag, and the
+//! binary prints it and exits with status 2.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::log::Level;
+use crate::protocol::{MAX_SHARD_ID, frame};
+
+pub const DEFAULT_PORT: u16 = 51820;
+pub const DEFAULT_SHARDS_DIR: &str = "models_cache/shards";
+pub const DEFAULT_CLUSTER: &str = "shardnet";
+
+/// A peer address as given by a user: resolved when used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PeerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Parses `/ip4/A.B.C.D/tcp/PORT`, `/ip6/ADDR/tcp/PORT`, `/dns[46]/HOST/tcp/PORT`
+/// (trailing `/p2p/...` ignored), `HOST:PORT` or `[V6]:PORT`.
+pub fn parse_peer_addr(s: &str) -> Result<PeerAddr, String> {
+    if let Some(rest) = s.strip_prefix('/') {
+        let parts: Vec<&str> = rest.split('/').collect();
+        if parts.len() < 4 || !matches!(parts[2], "tcp" | "udp") {
+            return Err(format!("{s:?} is not a multiaddr of the form /ip4/A.B.C.D/tcp/PORT"));
+        }
+        let host = match parts[0] {
+            "ip4" => parts[1]
+                .parse::<std::net::Ipv4Addr>()
+                .map_err(|_| format!("{:?} in {s:?} is not an IPv4 address", parts[1]))?
+                .to_string(),
+            "ip6" => parts[1]
+                .parse::<std::net::Ipv6Addr>()
+                .map_err(|_| format!("{:?} in {s:?} is not an IPv6 address", parts[1]))?
+                .to_string(),
+            "dns" | "dns4" | "dns6" if !parts[1].is_empty() => parts[1].to_string(),
+            other => return Err(format!("multiaddr protocol {other:?} in {s:?} is not ip4, ip6 or dns")),
+        };
+        let port = parse_port(parts[3]).map_err(|e| format!("{e} in {s:?}"))?;
+        return Ok(PeerAddr { host, port });
+    }
+    if let Ok(sa) = s.parse::<SocketAddr>() {
+        return Ok(PeerAddr { host: sa.ip().to_string(), port: sa.port() });
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not HOST:PORT or a multiaddr"))?;
+    if host.is_empty() || host.contains(':') {
+        return Err(format!("{s:?} is not HOST:PORT or a multiaddr"));
+    }
+    Ok(PeerAddr { host: host.to_string(), port: parse_port(port).map_err(|e| format!("{e} in {s:?}"))? })
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("port {s:?} is not 1-65535")),
+    }
+}
+
+/// Everything a node is started with.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub listen: SocketAddr,
+    pub bootstrap: Vec<PeerAddr>,
+    pub cluster: String,
+    pub shard_id: Option<u32>,
+    pub total_shards: Option<u32>,
+    pub shards_dir: PathBuf,
+    pub enable_torrent: bool,
+    pub max_frame: u32,
+    pub log_level: Level,
+    pub hash_workers: usize,
+    pub max_connections: usize,
+    /// A connection that makes no progress on a partial frame or on its
+    /// pending output for this long is closed.
+    pub io_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> NodeConfig {
+        NodeConfig {
+            listen: SocketAddr::new(IpAddr::from([0, 0, 0, 0]), DEFAULT_PORT),
+            bootstrap: Vec::new(),
+            cluster: DEFAULT_CLUSTER.to_string(),
+            shard_id: None,
+            total_shards: None,
+            shards_dir: PathBuf::from(DEFAULT_SHARDS_DIR),
+            enable_torrent: false,
+            max_frame: frame::DEFAULT_MAX_FRAME,
+            log_level: Level::Info,
+            hash_workers: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
+            max_connections: 1024,
+            io_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+pub const NODE_USAGE: &str = "\
+shard_listener: a shardnet node (command protocol, BitTorrent seeding, shard cache)
+
+USAGE: shard_listener [FLAGS]
+
+FLAGS:
+  --listen HOST:PORT     address for TCP (commands and peer wire) and UDP (DHT)
+                         [default: 0.0.0.0:51820]
+  --port N               shorthand for --listen 0.0.0.0:N (0 picks a free port)
+  --bootstrap ADDR       a known node: /ip4/A.B.C.D/tcp/PORT, /ip6/.../tcp/PORT or
+                         HOST:PORT; repeatable
+  --cluster NAME         cluster this node belongs to [default: shardnet]
+  --shard-id N           shard this node serves; loaded at startup if present
+  --total-shards N       number of shards in the model; shard ids must be below it
+  --shards-dir DIR       directory of GGUF shards [default: models_cache/shards]
+  --enable-torrent       seed shards and download missing ones over BitTorrent
+  --max-frame BYTES      largest command frame accepted [default: 33554432]
+  --hash-workers N       threads hashing pieces [default: cores, at most 8]
+  --max-connections N    open TCP connections at most [default: 1024]
+  --io-timeout SECS      close a connection stalled mid-frame or not reading its
+                         responses for this long [default: 30]
+  --log-level LEVEL      error, warn, info or debug [default: info]
+  -h, --help             print this help
+";
+
+/// What the command line asks for.
+#[derive(Debug)]
+pub enum NodeArgs {
+    Run(NodeConfig),
+    Help,
+}
+
+/// Parses `shard_listener`'s arguments (without the program name).
+pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
+    let mut c = NodeConfig::default();
+    let mut port: Option<u16> = None;
+    let mut it = args.iter().map(|s| s.as_ref());
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v)),
+            _ => (arg, None),
+        };
+        let mut value = || -> Result<&str, String> {
+            match inline {
+                Some(v) => Ok(v),
+                None => it.next().ok_or_else(|| format!("{flag} needs a value")),
+            }
+        };
+        match flag {
+            "-h" | "--help" => return Ok(NodeArgs::Help),
+            "--listen" => {
+                let v = value()?;
+                c.listen = v.parse().map_err(|_| format!("--listen {v:?} is not IP:PORT (e.g. 0.0.0.0:51820)"))?;
+            }
+            "--port" => {
+                let v = value()?;
+                port = Some(v.parse().map_err(|_| format!("--port {v:?} is not 0-65535"))?);
+            }
+            "--bootstrap" => {
+                let v = value()?;
+                c.bootstrap.push(parse_peer_addr(v).map_err(|e| format!("--bootstrap: {e}"))?);
+            }
+            "--cluster" => {
+                let v = value()?;
+                if v.is_empty() || v.len() > 128 {
+                    return Err(format!("--cluster {v:?} must be 1-128 bytes"));
+                }
+                c.cluster = v.to_string();
+            }
+            "--shard-id" => c.shard_id = Some(number(flag, value()?, 0, MAX_SHARD_ID)? as u32),
+            "--total-shards" => c.total_shards = Some(number(flag, value()?, 1, MAX_SHARD_ID + 1)? as u32),
+            "--shards-dir" => {
+                let v = value()?;
+                if v.is_empty() {
+                    return Err("--shards-dir must not be empty".into());
+                }
+                c.shards_dir = PathBuf::from(v);
+            }
+            "--enable-torrent" => {
+                if inline.is_some() {
+                    return Err("--enable-torrent takes no value".into());
+                }
+                c.enable_torrent = true;
+            }
+            "--max-frame" => c.max_frame = number(flag, value()?, 1024, frame::MAX_FRAME_LIMIT as u64 - 1)? as u32,
+            "--hash-workers" => c.hash_workers = number(flag, value()?, 1, 64)? as usize,
+            "--max-connections" => c.max_connections = number(flag, value()?, 1, 1_000_000)? as usize,
+            "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
+            "--log-level" => {
+                let v = value()?;
+                c.log_level = Level::parse(v).ok_or_else(|| format!("--log-level {v:?} is not error, warn, info or debug"))?;
+            }
+            other if other.starts_with('-') => return Err(format!("unknown flag {other} (see --help)")),
+            other => return Err(format!("unexpected argument {other:?} (see --help)")),
+        }
+    }
+    if let Some(p) = port {
+        c.listen.set_port(p);
+    }
+    if let (Some(id), Some(total)) = (c.shard_id, c.total_shards) {
+        if id >= total {
+            return Err(format!("--shard-id {id} must be below --total-shards {total}"));
+        }
+    }
+    Ok(NodeArgs::Run(c))
+}
+
+fn number(flag: &str, v: &str, min: u64, max: u64) -> Result<u64, String> {
+    match v.parse::<u64>() {
+        Ok(n) if (min..=max).contains(&n) => Ok(n),
+        _ => Err(format!("{flag} {v:?} is not a whole number in {min}..={max}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<NodeConfig, String> {
+        match parse_node_args(args)? {
+            NodeArgs::Run(c) => Ok(c),
+            NodeArgs::Help => panic!("help"),
+        }
+    }
+
+    #[test]
+    fn parses_the_notes_command_line() {
+        let c = run(&[
+            "--bootstrap", "/ip4/127.0.0.1/tcp/51820", "--cluster", "llama-cluster", "--shard-id", "0",
+            "--total-shards", "8", "--shards-dir", "models_cache/shards", "--enable-torrent",
+        ])
+        .unwrap();
+        assert_eq!(c.bootstrap, vec![PeerAddr { host: "127.0.0.1".into(), port: 51820 }]);
+        assert_eq!(c.cluster, "llama-cluster");
+        assert_eq!((c.shard_id, c.total_shards, c.enable_torrent), (Some(0), Some(8), true));
+        assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
+    }
+
+    #[test]
+    fn port_and_listen_and_inline_values() {
+        let c = run(&["--listen=127.0.0.1:9000", "--port", "9001", "--max-frame=4096"]).unwrap();
+        assert_eq!(c.listen, "127.0.0.1:9001".parse().unwrap());
+        assert_eq!(c.max_frame, 4096);
+    }
+
+    #[test]
+    fn bad_flags_name_themselves() {
+        for (args, needle) in [
+            (&["--frobnicate"][..], "--frobnicate"),
+            (&["--port", "70000"], "--port"),
+            (&["--port"], "--port needs a value"),
+            (&["--shard-id", "-1"], "--shard-id"),
+            (&["--shard-id", "9", "--total-shards", "8"], "below --total-shards"),
+            (&["--max-frame", "400000000"], "--max-frame"),
+            (&["--bootstrap", "/ip4/999.1.1.1/tcp/1"], "--bootstrap"),
+            (&["--log-level", "loud"], "--log-level"),
+            (&["--enable-torrent=yes"], "--enable-torrent"),
+            (&["stray"], "stray"),
+        ] {
+            let e = run(args).unwrap_err();
+            assert!(e.contains(needle), "{args:?}: {e}");
+            assert!(!e.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn peer_addresses() {
+        let p = |s| parse_peer_addr(s);
+        assert_eq!(p("/ip6/::1/tcp/7").unwrap(), PeerAddr { host: "::1".into(), port: 7 });
+        assert_eq!(p("[::1]:7").unwrap().to_string(), "[::1]:7");
+        assert_eq!(p("node0.lan:51820").unwrap().host, "node0.lan");
+        assert_eq!(p("/dns4/node0.lan/tcp/1/p2p/Qm").unwrap().port, 1);
+        assert!(p("/ip4/1.2.3.4/tcp/0").is_err());
+        assert!(p("/ip4/1.2.3.4").is_err());
+        assert!(p("/onion3/x/tcp/1").is_err());
+        assert!(p("nohost").is_err());
+        assert!(p(":80").is_err());
+    }
+}

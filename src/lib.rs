@@ -1,0 +1,24 @@
+//! shardnet: a node for a peer-to-peer LLM inference network.
+//!
+//! Crate map (dependencies point downwards: codecs <- state <- node):
+//! - [`hash`]      the one SHA-1 entry point every piece hash goes through
+//! - [`log`]       one-line-per-event logging to stderr, with a global level
+//! - [`config`]    command-line flags and addresses (multiaddr and HOST:PORT)
+//! - [`bencode`]   strict bencode codec (BEP 3)
+//! - [`torrent`]   BitTorrent v1 metainfo, info hashes and magnet links
+//! - [`gguf`]      GGUF v3 reader over a memory map, ggml type table
+//! - [`protocol`]  command protocol: frame codec, requests, responses, error codes
+//! - [`node`]      the node: event loop, connections, shard catalog, workers
+//! - [`workers`]   the worker thread pool (hash workers)
+//! - [`client`]    blocking command-protocol client (shardctl, tests, benchmarks)
+
+pub mod bencode;
+pub mod client;
+pub mod config;
+pub mod gguf;
+pub mod hash;
+pub mod log;
+pub mod node;
+pub mod protocol;
+pub mod torrent;
+pub mod workers;

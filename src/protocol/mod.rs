@@ -1,0 +1,311 @@
+//! The command protocol (DESIGN section 4): frames of JSON requests and
+//! responses. Everything here is sans-IO: bytes in, typed values or bytes out.
+//!
+//! Request:  `{"command","request_id","from","to","params"}`
+//! Response: `{"command","request_id","status":"success","result":{..}}` or
+//!           `{"command","request_id","status":"error","error":"..","code":".."}`
+
+pub mod frame;
+
+use serde_json::{Map, Value, json};
+
+use crate::torrent::metainfo::{InfoHash, check_file_name};
+
+/// Largest shard id a request may name; real models have far fewer shards.
+pub const MAX_SHARD_ID: u64 = 4095;
+/// Longest string `request_id` echoed back.
+pub const MAX_REQUEST_ID_LEN: usize = 256;
+
+/// Machine-readable error codes carried in `"code"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    FrameTooLarge,
+    InvalidUtf8,
+    InvalidJson,
+    NotAnObject,
+    MissingField,
+    WrongType,
+    UnknownCommand,
+    OutOfRange,
+    BadPath,
+    ShardNotFound,
+    ShardInvalid,
+    TorrentUnavailable,
+    Busy,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::FrameTooLarge => "FRAME_TOO_LARGE",
+            ErrorCode::InvalidUtf8 => "INVALID_UTF8",
+            ErrorCode::InvalidJson => "INVALID_JSON",
+            ErrorCode::NotAnObject => "NOT_AN_OBJECT",
+            ErrorCode::MissingField => "MISSING_FIELD",
+            ErrorCode::WrongType => "WRONG_TYPE",
+            ErrorCode::UnknownCommand => "UNKNOWN_COMMAND",
+            ErrorCode::OutOfRange => "OUT_OF_RANGE",
+            ErrorCode::BadPath => "BAD_PATH",
+            ErrorCode::ShardNotFound => "SHARD_NOT_FOUND",
+            ErrorCode::ShardInvalid => "SHARD_INVALID",
+            ErrorCode::TorrentUnavailable => "TORRENT_UNAVAILABLE",
+            ErrorCode::Busy => "BUSY",
+            ErrorCode::Internal => "INTERNAL",
+        }
+    }
+}
+
+/// The commands this node answers.
+pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS"];
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Command {
+    ListFiles,
+    LoadShard(LoadShard),
+    Status,
+}
+
+impl Command {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::ListFiles => "LIST_FILES",
+            Command::LoadShard(_) => "LOAD_SHARD",
+            Command::Status => "STATUS",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadShard {
+    pub shard_id: u32,
+    pub info_hash: Option<InfoHash>,
+    /// Answer when loaded (true) or at once with `status: "loading"` (false).
+    pub wait: bool,
+    /// Load this file of the shards dir instead of the one the catalog names.
+    pub filename: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Request {
+    pub command: Command,
+    pub request_id: Value,
+    pub from: Option<String>,
+    pub to: Option<String>,
+}
+
+/// A request that could not be accepted, with what is known of it for the reply.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RequestError {
+    pub command: Value,
+    pub request_id: Value,
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl RequestError {
+    pub fn to_frame_payload(&self) -> Vec<u8> {
+        error_payload(self.command.clone(), self.request_id.clone(), self.code, &self.message)
+    }
+}
+
+impl Request {
+    /// Parses one frame's payload.
+    pub fn parse(payload: &[u8]) -> Result<Request, RequestError> {
+        let fail = |code, message: String| RequestError { command: Value::Null, request_id: Value::Null, code, message };
+        let text = std::str::from_utf8(payload)
+            .map_err(|e| fail(ErrorCode::InvalidUtf8, format!("frame is not UTF-8: {e}")))?;
+        let value: Value =
+            serde_json::from_str(text).map_err(|e| fail(ErrorCode::InvalidJson, format!("frame is not JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(fail(ErrorCode::NotAnObject, format!("request must be a JSON object, got {}", kind(&value))));
+        };
+        // From here on, errors echo whatever command and request_id are usable.
+        let mut err = RequestError { command: Value::Null, request_id: Value::Null, code: ErrorCode::Internal, message: String::new() };
+        match obj.get("request_id") {
+            Some(id @ Value::String(s)) if s.len() <= MAX_REQUEST_ID_LEN => err.request_id = id.clone(),
+            Some(id @ Value::Number(n)) if n.is_u64() || n.is_i64() => err.request_id = id.clone(),
+            _ => {}
+        }
+        if let Some(c @ Value::String(s)) = obj.get("command") {
+            if s.len() <= 64 {
+                err.command = c.clone();
+            }
+        }
+        let fail = |code, message: String| RequestError { code, message, ..err.clone() };
+
+        let command = match obj.get("command") {
+            None => return Err(fail(ErrorCode::MissingField, "missing field \"command\"".into())),
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => return Err(fail(ErrorCode::WrongType, format!("\"command\" must be a string, got {}", kind(v)))),
+        };
+        match obj.get("request_id") {
+            None => return Err(fail(ErrorCode::MissingField, "missing field \"request_id\"".into())),
+            Some(Value::String(s)) if s.len() > MAX_REQUEST_ID_LEN => {
+                return Err(fail(ErrorCode::OutOfRange, format!("\"request_id\" longer than {MAX_REQUEST_ID_LEN} bytes")));
+            }
+            Some(_) if err.request_id.is_null() => {
+                return Err(fail(ErrorCode::WrongType, "\"request_id\" must be a string or an integer".into()));
+            }
+            Some(_) => {}
+        }
+        let from = optional_string(&obj, "from").map_err(|m| fail(ErrorCode::WrongType, m))?;
+        let to = optional_string(&obj, "to").map_err(|m| fail(ErrorCode::WrongType, m))?;
+        let empty = Map::new();
+        let params = match obj.get("params") {
+            None | Some(Value::Null) => &empty,
+            Some(Value::Object(p)) => p,
+            Some(v) => return Err(fail(ErrorCode::WrongType, format!("\"params\" must be an object, got {}", kind(v)))),
+        };
+        let command = match command {
+            "LIST_FILES" => Command::ListFiles,
+            "STATUS" => Command::Status,
+            "LOAD_SHARD" => Command::LoadShard(parse_load_shard(params).map_err(|(c, m)| fail(c, m))?),
+            other => {
+                return Err(fail(
+                    ErrorCode::UnknownCommand,
+                    format!("unknown command {other:?} (known: {})", COMMANDS.join(", ")),
+                ));
+            }
+        };
+        Ok(Request { command, request_id: err.request_id, from, to })
+    }
+}
+
+fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode, String)> {
+    let shard_id = match params.get("shard_id") {
+        None => return Err((ErrorCode::MissingField, "missing param \"shard_id\"".into())),
+        Some(Value::Number(n)) => match (n.as_u64(), n.as_i64()) {
+            (Some(id), _) if id <= MAX_SHARD_ID => id as u32,
+            (Some(_), _) | (None, Some(_)) => {
+                return Err((ErrorCode::OutOfRange, format!("shard_id {n} outside 0..={MAX_SHARD_ID}")));
+            }
+            _ if n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                return Err((ErrorCode::OutOfRange, format!("shard_id {n} outside 0..={MAX_SHARD_ID}")));
+            }
+            _ => return Err((ErrorCode::WrongType, format!("shard_id must be an integer, got {n}"))),
+        },
+        Some(v) => return Err((ErrorCode::WrongType, format!("shard_id must be an integer, got {}", kind(v)))),
+    };
+    let info_hash = match params.get("info_hash") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(
+            InfoHash::from_hex(s)
+                .ok_or_else(|| (ErrorCode::WrongType, format!("info_hash {s:?} is not 40 hex digits")))?,
+        ),
+        Some(v) => return Err((ErrorCode::WrongType, format!("info_hash must be a string, got {}", kind(v)))),
+    };
+    let wait = match params.get("wait") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err((ErrorCode::WrongType, format!("wait must be a boolean, got {}", kind(v)))),
+    };
+    let filename = match params.get("filename") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => {
+            check_file_name(s).map_err(|e| (ErrorCode::BadPath, format!("filename: {e}")))?;
+            Some(s.clone())
+        }
+        Some(v) => return Err((ErrorCode::WrongType, format!("filename must be a string, got {}", kind(v)))),
+    };
+    Ok(LoadShard { shard_id, info_hash, wait, filename })
+}
+
+fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(v) => Err(format!("{key:?} must be a string, got {}", kind(v))),
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A success response's JSON bytes.
+pub fn success_payload(command: &str, request_id: &Value, result: Value) -> Vec<u8> {
+    let v = json!({"command": command, "request_id": request_id, "status": "success", "result": result});
+    serde_json::to_vec(&v).expect("JSON values serialize")
+}
+
+/// An error response's JSON bytes.
+pub fn error_payload(command: Value, request_id: Value, code: ErrorCode, message: &str) -> Vec<u8> {
+    let v = json!({"command": command, "request_id": request_id, "status": "error", "error": message, "code": code.as_str()});
+    serde_json::to_vec(&v).expect("JSON values serialize")
+}
+
+/// Builds a request's JSON (for clients).
+pub fn request_payload(command: &str, request_id: &Value, from: &str, params: Value) -> Vec<u8> {
+    let v = json!({"command": command, "request_id": request_id, "from": from, "params": params});
+    serde_json::to_vec(&v).expect("JSON values serialize")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Request, RequestError> {
+        Request::parse(s.as_bytes())
+    }
+
+    fn code(s: &str) -> ErrorCode {
+        parse(s).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_the_notes_requests() {
+        let r = parse(r#"{"command":"LOAD_SHARD","request_id":"req-123","from":"coordinator-peer-id","to":"target-node-peer-id","params":{"shard_id":5}}"#).unwrap();
+        assert_eq!(r.command, Command::LoadShard(LoadShard { shard_id: 5, info_hash: None, wait: true, filename: None }));
+        assert_eq!(r.request_id, json!("req-123"));
+        assert_eq!(r.to.as_deref(), Some("target-node-peer-id"));
+        let r = parse(r#"{"command":"LIST_FILES","request_id":"req-124","from":"c","to":"n"}"#).unwrap();
+        assert_eq!(r.command, Command::ListFiles);
+        let r = parse(r#"{"command":"STATUS","request_id":7}"#).unwrap();
+        assert_eq!(r.request_id, json!(7));
+    }
+
+    #[test]
+    fn rejects_bad_requests_with_codes() {
+        assert_eq!(Request::parse(&[0xff, 0xfe]).unwrap_err().code, ErrorCode::InvalidUtf8);
+        assert_eq!(code("{"), ErrorCode::InvalidJson);
+        assert_eq!(code(""), ErrorCode::InvalidJson);
+        assert_eq!(code("[1,2]"), ErrorCode::NotAnObject);
+        assert_eq!(code(r#"{"request_id":"a"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"command":"STATUS"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"command":5,"request_id":"a"}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"STATUS","request_id":1.5}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"STATUS","request_id":"a","params":[]}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"STATUS","request_id":"a","from":3}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"FROB","request_id":"a"}"#), ErrorCode::UnknownCommand);
+        let load = |p: &str| code(&format!(r#"{{"command":"LOAD_SHARD","request_id":"a","params":{p}}}"#));
+        assert_eq!(load("{}"), ErrorCode::MissingField);
+        assert_eq!(load(r#"{"shard_id":"5"}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":1.5}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":-1}"#), ErrorCode::OutOfRange);
+        assert_eq!(load(r#"{"shard_id":99999999999999999999999}"#), ErrorCode::OutOfRange);
+        assert_eq!(load(r#"{"shard_id":4096}"#), ErrorCode::OutOfRange);
+        assert_eq!(load(r#"{"shard_id":1,"info_hash":"xyz"}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":1,"wait":"yes"}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":1,"filename":"../etc/passwd"}"#), ErrorCode::BadPath);
+        assert_eq!(load(r#"{"shard_id":1,"filename":".."}"#), ErrorCode::BadPath);
+    }
+
+    #[test]
+    fn errors_echo_what_is_known() {
+        let e = parse(r#"{"command":"LOAD_SHARD","request_id":"r1","params":{"shard_id":-3}}"#).unwrap_err();
+        assert_eq!(e.request_id, json!("r1"));
+        assert_eq!(e.command, json!("LOAD_SHARD"));
+        let reply: Value = serde_json::from_slice(&e.to_frame_payload()).unwrap();
+        assert_eq!(reply["status"], "error");
+        assert_eq!(reply["code"], "OUT_OF_RANGE");
+        assert_eq!(reply["request_id"], "r1");
+    }
+}

@@ -1,0 +1,6 @@
+//! BitTorrent: metainfo and magnet links, and building metainfo from files.
+
+pub mod create;
+pub mod metainfo;
+
+pub use metainfo::{InfoHash, Info, Magnet, Metainfo};

@@ -1,0 +1,393 @@
+//! The node: one event-loop thread that owns every socket, a pool of hash
+//! workers, and the scan thread; workers report on a channel and wake the loop
+//! with a `mio::Waker`.
+//!
+//! The loop follows mio's rules: it drains sockets to `WouldBlock`, retries
+//! `Interrupted`, caps the bytes read from one connection per turn (the rest
+//! is served on the next turn), and recomputes each socket's interest from
+//! its state after every event.
+
+pub mod catalog;
+pub mod conn;
+mod handlers;
+pub mod scan;
+
+use std::collections::HashMap;
+use std::io::{self, Read};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use crossbeam_channel::{Receiver, Sender, unbounded};
+use mio::net::TcpListener;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::config::NodeConfig;
+use crate::protocol::{ErrorCode, Request, error_payload};
+use crate::workers::WorkerPool;
+use crate::{debug, info, warn};
+use catalog::{Catalog, LoadedShard};
+use conn::{Conn, Next};
+use scan::{ScanEvent, ScanStats};
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONN: usize = 2;
+/// Bytes read from one connection before others get a turn.
+const READ_BUDGET: usize = 1024 * 1024;
+/// One read's buffer.
+const READ_CHUNK: usize = 64 * 1024;
+/// How often stalled connections are looked for.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// What workers tell the event loop.
+pub enum NodeEvent {
+    Scan(ScanEvent),
+    Loaded { shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)> },
+}
+
+/// A request waiting for a worker's answer.
+struct Waiter {
+    token: Token,
+    conn_id: u64,
+    request_id: serde_json::Value,
+    started: Instant,
+}
+
+pub struct Node {
+    config: NodeConfig,
+    poll: Poll,
+    listener: TcpListener,
+    local_addr: SocketAddr,
+    waker: Arc<Waker>,
+    events_tx: Sender<NodeEvent>,
+    events_rx: Receiver<NodeEvent>,
+    conns: Vec<Option<Conn>>,
+    free: Vec<usize>,
+    open_conns: usize,
+    next_conn_id: u64,
+    /// Connections with input left over after their read budget ran out.
+    again: Vec<Token>,
+    catalog: Catalog,
+    /// Shard id -> requests waiting for its load.
+    loading: HashMap<u32, Vec<Waiter>>,
+    scan: ScanProgress,
+    pool: WorkerPool,
+    node_id: [u8; 20],
+    started: Instant,
+    scratch: Vec<u8>,
+}
+
+#[derive(Default)]
+struct ScanProgress {
+    listed: bool,
+    done: Option<ScanStats>,
+    cached: usize,
+    hashed: usize,
+}
+
+impl Node {
+    /// Binds the listener and starts the scan; serving begins with [`Node::run`].
+    pub fn bind(config: NodeConfig) -> Result<Node> {
+        let poll = Poll::new().context("creating the poll")?;
+        let mut listener = TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+        let (events_tx, events_rx) = unbounded();
+        let pool = WorkerPool::new("hash", config.hash_workers);
+
+        let (tx, w) = (events_tx.clone(), waker.clone());
+        scan::spawn(config.shards_dir.clone(), pool.handle(), move |ev| {
+            let _ = tx.send(NodeEvent::Scan(ev));
+            let _ = w.wake();
+        });
+
+        Ok(Node {
+            config,
+            poll,
+            listener,
+            local_addr,
+            waker,
+            events_tx,
+            events_rx,
+            conns: Vec::new(),
+            free: Vec::new(),
+            open_conns: 0,
+            next_conn_id: 1,
+            again: Vec::new(),
+            catalog: Catalog::default(),
+            loading: HashMap::new(),
+            scan: ScanProgress::default(),
+            pool,
+            node_id: random_id(),
+            started: Instant::now(),
+            scratch: vec![0; READ_CHUNK],
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Runs the event loop until an unrecoverable poll error.
+    pub fn run(&mut self) -> Result<()> {
+        let mut events = Events::with_capacity(1024);
+        let mut next_sweep = Instant::now() + SWEEP_EVERY;
+        loop {
+            let timeout = if self.again.is_empty() {
+                next_sweep.saturating_duration_since(Instant::now())
+            } else {
+                Duration::ZERO
+            };
+            match self.poll.poll(&mut events, Some(timeout)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e).context("polling"),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    token => {
+                        if ev.is_error() {
+                            self.close(token, "socket error");
+                            continue;
+                        }
+                        if ev.is_writable() {
+                            self.on_writable(token);
+                        }
+                        if ev.is_readable() || ev.is_read_closed() {
+                            self.on_readable(token);
+                        }
+                    }
+                }
+            }
+            self.drain_worker_events();
+            for token in std::mem::take(&mut self.again) {
+                self.on_readable(token);
+            }
+            if Instant::now() >= next_sweep {
+                self.sweep_stalled();
+                next_sweep = Instant::now() + SWEEP_EVERY;
+            }
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            match self.listener.accept() {
+                Ok((mut stream, peer)) => {
+                    if self.open_conns >= self.config.max_connections {
+                        debug!("refusing {peer}: {} connections open", self.open_conns);
+                        continue; // dropping the stream closes it
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let slot = self.free.pop().unwrap_or_else(|| {
+                        self.conns.push(None);
+                        self.conns.len() - 1
+                    });
+                    let token = Token(slot + FIRST_CONN);
+                    if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
+                        warn!("registering {peer}: {e}");
+                        self.free.push(slot);
+                        continue;
+                    }
+                    let id = self.next_conn_id;
+                    self.next_conn_id += 1;
+                    self.conns[slot] = Some(Conn::new(stream, peer, id));
+                    self.open_conns += 1;
+                    debug!("conn {id} from {peer}");
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: the backlog keeps the rest for later.
+                    warn!("accept: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn conn(&mut self, token: Token) -> Option<&mut Conn> {
+        self.conns.get_mut(token.0.checked_sub(FIRST_CONN)?)?.as_mut()
+    }
+
+    fn on_readable(&mut self, token: Token) {
+        let mut budget = READ_BUDGET;
+        let mut scratch = std::mem::take(&mut self.scratch);
+        loop {
+            let Some(conn) = self.conn(token) else { break };
+            if !conn.may_read() {
+                break;
+            }
+            if budget == 0 {
+                self.again.push(token);
+                break;
+            }
+            match conn.stream.read(&mut scratch) {
+                Ok(0) => {
+                    conn.read_closed = true;
+                    break;
+                }
+                Ok(n) => {
+                    conn.push_input(&scratch[..n], Instant::now());
+                    budget = budget.saturating_sub(n);
+                    self.process_input(token);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    self.scratch = scratch;
+                    self.close(token, &format!("read error: {e}"));
+                    return;
+                }
+            }
+        }
+        self.scratch = scratch;
+        self.after_io(token);
+    }
+
+    /// Handles every whole frame buffered, while the connection may take more.
+    fn process_input(&mut self, token: Token) {
+        let max_frame = self.config.max_frame;
+        loop {
+            let Some(conn) = self.conn(token) else { return };
+            if conn.backpressured() || conn.close_after_flush {
+                break;
+            }
+            let request = match conn.next(max_frame) {
+                Next::NeedMore => break,
+                Next::Frame(payload) => {
+                    let len = payload.len();
+                    let parsed = Request::parse(payload);
+                    conn.consume(len, Instant::now());
+                    parsed
+                }
+                Next::TooLarge { declared, limit } => {
+                    let peer = conn.peer;
+                    conn.discard_input();
+                    let msg = format!("frame of {declared} bytes exceeds the limit of {limit} bytes; closing");
+                    let payload = error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::FrameTooLarge, &msg);
+                    conn.queue_frame(&payload, Instant::now());
+                    conn.close_after_flush = true;
+                    warn!("conn from {peer}: {msg}");
+                    break;
+                }
+                Next::PeerWire => {
+                    let peer = conn.peer;
+                    info!("peer-wire handshake from {peer}: this node does not serve the BitTorrent peer wire yet; closing");
+                    conn.discard_input();
+                    conn.close_after_flush = true;
+                    break;
+                }
+            };
+            self.dispatch(token, request);
+        }
+        if let Some(conn) = self.conn(token) {
+            conn.compact_input();
+        }
+    }
+
+    fn on_writable(&mut self, token: Token) {
+        let Some(conn) = self.conn(token) else { return };
+        let was_paused = conn.backpressured();
+        if let Err(e) = conn.flush(Instant::now()) {
+            self.close(token, &format!("write error: {e}"));
+            return;
+        }
+        self.resume_or_settle(token, was_paused);
+    }
+
+    /// After output drained or a deferred answer went out: a connection that
+    /// was paused and may read again is served now (edge-triggered readiness
+    /// raised no event for input that arrived while it was paused).
+    fn resume_or_settle(&mut self, token: Token, was_paused: bool) {
+        if was_paused && self.conn(token).is_some_and(|c| c.drained()) {
+            self.process_input(token);
+            self.on_readable(token);
+        } else {
+            self.after_io(token);
+        }
+    }
+
+    /// Queues a response frame and tries to send it at once.
+    fn respond(&mut self, token: Token, payload: &[u8]) {
+        let Some(conn) = self.conn(token) else { return };
+        let now = Instant::now();
+        conn.queue_frame(payload, now);
+        if let Err(e) = conn.flush(now) {
+            self.close(token, &format!("write error: {e}"));
+        }
+    }
+
+    /// Closes a finished connection, or sets its interest from its state.
+    fn after_io(&mut self, token: Token) {
+        let Some(conn) = self.conn(token) else { return };
+        if conn.finished() {
+            let reason = if conn.has_partial_input() { "closed by peer mid-frame" } else { "closed" };
+            self.close(token, reason);
+            return;
+        }
+        let wants = conn.pending_output() > 0;
+        if wants != conn.wants_writable {
+            conn.wants_writable = wants;
+            let interest = if wants { Interest::READABLE | Interest::WRITABLE } else { Interest::READABLE };
+            let conn = self.conns[token.0 - FIRST_CONN].as_mut().expect("checked above");
+            if let Err(e) = self.poll.registry().reregister(&mut conn.stream, token, interest) {
+                self.close(token, &format!("reregister: {e}"));
+            }
+        }
+    }
+
+    fn close(&mut self, token: Token, why: &str) {
+        let slot = token.0 - FIRST_CONN;
+        if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+            self.free.push(slot);
+            self.open_conns -= 1;
+            debug!("conn {} from {}: {why}", conn.id, conn.peer);
+        }
+    }
+
+    /// Closes connections stalled mid-frame or not reading their answers.
+    fn sweep_stalled(&mut self) {
+        let now = Instant::now();
+        let limit = self.config.io_timeout;
+        let mut stalled = Vec::new();
+        for (slot, conn) in self.conns.iter().enumerate() {
+            let Some(c) = conn else { continue };
+            let mid_frame = c.frame_started.is_some_and(|t| now.duration_since(t) > limit);
+            let not_reading = c.pending_output() > 0 && now.duration_since(c.write_progress) > limit;
+            if mid_frame || not_reading {
+                let why = if mid_frame { "stalled mid-frame" } else { "not reading its responses" };
+                stalled.push((Token(slot + FIRST_CONN), why, c.peer));
+            }
+        }
+        for (token, why, peer) in stalled {
+            info!("closing connection from {peer}: {why} for over {}s", limit.as_secs());
+            self.close(token, why);
+        }
+    }
+
+    fn drain_worker_events(&mut self) {
+        while let Ok(ev) = self.events_rx.try_recv() {
+            match ev {
+                NodeEvent::Scan(ev) => self.on_scan_event(ev),
+                NodeEvent::Loaded { shard_id, result } => self.on_loaded(shard_id, result),
+            }
+        }
+    }
+}
+
+/// 20 random bytes for the node id (the DHT's id space).
+fn random_id() -> [u8; 20] {
+    let mut id = [0u8; 20];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut id)).is_err() {
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        id = crate::hash::sha1(seed.as_bytes());
+    }
+    id
+}

@@ -1,0 +1,153 @@
+//! The node's view of its shards dir: every GGUF file found (with its parse
+//! result and torrent metadata), and the shard cache (`shard_id -> path + mmap`).
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use memmap2::Mmap;
+use serde_json::{Value, json};
+
+use crate::gguf::{Gguf, ShardSummary};
+use crate::protocol::ErrorCode;
+use crate::torrent::Metainfo;
+
+/// A GGUF file in the shards dir.
+#[derive(Clone, Debug)]
+pub struct FileEntry {
+    pub filename: String,
+    pub path: PathBuf,
+    pub size: u64,
+    /// The parsed header, or why the file is not a valid GGUF (then it is
+    /// listed and seeded as a plain file, but never loaded).
+    pub gguf: Result<ShardSummary, String>,
+    /// Torrent metadata, once hashed or read from the cache.
+    pub meta: Option<Arc<Metainfo>>,
+    pub meta_error: Option<String>,
+}
+
+impl FileEntry {
+    /// The shard id this file holds: `shard.index`, else from `shard-N.gguf`.
+    pub fn shard_id(&self) -> Option<u32> {
+        self.gguf
+            .as_ref()
+            .ok()
+            .and_then(|s| s.shard_index)
+            .or_else(|| shard_id_from_name(&self.filename))
+    }
+
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({
+            "info_hash": self.meta.as_ref().map(|m| m.info_hash.to_hex()),
+            "filename": self.filename,
+            "size": self.size,
+            "shard_id": self.shard_id(),
+            "layers": self.gguf.as_ref().ok().and_then(|s| s.layers).map(|(b, e)| json!([b, e])),
+            "complete": true,
+            "hashing": self.meta.is_none() && self.meta_error.is_none(),
+        });
+        if let Err(e) = &self.gguf {
+            v["error"] = json!(e);
+        }
+        if let Some(e) = &self.meta_error {
+            v["metadata_error"] = json!(e);
+        }
+        v
+    }
+}
+
+/// `shard-N.gguf` -> N.
+pub fn shard_id_from_name(name: &str) -> Option<u32> {
+    let n = name.strip_prefix("shard-")?.strip_suffix(".gguf")?;
+    if n.is_empty() || n.len() > 5 || !n.bytes().all(|b| b.is_ascii_digit()) || (n.len() > 1 && n.starts_with('0')) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// A shard mapped and ready for the engine.
+pub struct LoadedShard {
+    pub shard_id: u32,
+    pub filename: String,
+    pub path: PathBuf,
+    pub map: Arc<Mmap>,
+    pub summary: ShardSummary,
+    pub loaded_at: Instant,
+}
+
+impl std::fmt::Debug for LoadedShard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedShard").field("shard_id", &self.shard_id).field("path", &self.path).finish()
+    }
+}
+
+/// Opens, maps and checks a shard file. Runs on a worker thread.
+pub fn load_shard(shard_id: u32, path: &Path) -> Result<LoadedShard, (ErrorCode, String)> {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err((ErrorCode::ShardNotFound, format!("{} does not exist", path.display())));
+        }
+        Err(e) => return Err((ErrorCode::Internal, format!("opening {}: {e}", path.display()))),
+    };
+    let len = file.metadata().map_err(|e| (ErrorCode::Internal, format!("{name}: {e}")))?.len();
+    if len == 0 {
+        return Err((ErrorCode::ShardInvalid, format!("{name} is empty, not a GGUF file")));
+    }
+    // SAFETY: read-only map of a file the node never writes in place (see
+    // torrent::create); weights are read through it, never copied.
+    let map = unsafe { Mmap::map(&file) }.map_err(|e| (ErrorCode::Internal, format!("mapping {name}: {e}")))?;
+    let summary = match Gguf::parse(&map) {
+        Ok(g) => ShardSummary::of(&g),
+        Err(e) => return Err((ErrorCode::ShardInvalid, format!("{name} is not a valid GGUF file: {e}"))),
+    };
+    if let Some(index) = summary.shard_index {
+        if index != shard_id {
+            return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
+        }
+    }
+    Ok(LoadedShard {
+        shard_id,
+        filename: name,
+        path: path.to_path_buf(),
+        map: Arc::new(map),
+        summary,
+        loaded_at: Instant::now(),
+    })
+}
+
+#[derive(Default)]
+pub struct Catalog {
+    pub files: BTreeMap<String, FileEntry>,
+    pub loaded: BTreeMap<u32, LoadedShard>,
+}
+
+impl Catalog {
+    /// The file that holds `shard_id`: a valid GGUF whose `shard.index` says
+    /// so first, then a file named `shard-N.gguf`.
+    pub fn file_for_shard(&self, shard_id: u32) -> Option<&FileEntry> {
+        self.files
+            .values()
+            .find(|f| f.gguf.as_ref().is_ok_and(|s| s.shard_index == Some(shard_id)))
+            .or_else(|| self.files.values().find(|f| shard_id_from_name(&f.filename) == Some(shard_id)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_ids_from_names() {
+        assert_eq!(shard_id_from_name("shard-0.gguf"), Some(0));
+        assert_eq!(shard_id_from_name("shard-17.gguf"), Some(17));
+        assert_eq!(shard_id_from_name("shard-01.gguf"), None);
+        assert_eq!(shard_id_from_name("shard-.gguf"), None);
+        assert_eq!(shard_id_from_name("shard-1.bin"), None);
+        assert_eq!(shard_id_from_name("model.gguf"), None);
+        assert_eq!(shard_id_from_name("shard-99999999999.gguf"), None);
+    }
+}

@@ -1,0 +1,202 @@
+//! One TCP connection's buffers and state. The event loop does the I/O; this
+//! type decides how much may be read, what is a frame, and when to close.
+//!
+//! Memory per connection is bounded: input holds at most one partial frame
+//! (at most `--max-frame` + 4 bytes) plus one read; output stops growing from
+//! new requests once it passes [`OUT_HIGH_WATER`] (the connection is not read
+//! until it drains below [`OUT_LOW_WATER`]), and at most [`MAX_IN_FLIGHT`]
+//! deferred answers can be added on top.
+
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mio::net::TcpStream;
+
+use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
+
+/// Stop reading requests while this much output is unsent.
+pub const OUT_HIGH_WATER: usize = 1024 * 1024;
+/// Resume reading once output drains below this.
+pub const OUT_LOW_WATER: usize = 256 * 1024;
+/// Deferred requests (answered by a worker) per connection at most.
+pub const MAX_IN_FLIGHT: usize = 64;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// No byte received yet.
+    Unknown,
+    /// Length-prefixed JSON commands.
+    Command,
+    /// A BitTorrent handshake (first byte 19).
+    PeerWire,
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub peer: SocketAddr,
+    /// Unique over the node's life: tells a reused slot from the connection
+    /// a worker's answer was meant for.
+    pub id: u64,
+    pub kind: Kind,
+    input: Vec<u8>,
+    /// Bytes of `input` already consumed as frames.
+    consumed: usize,
+    output: Vec<u8>,
+    written: usize,
+    pub in_flight: usize,
+    /// When the partial frame now buffered began arriving.
+    pub frame_started: Option<Instant>,
+    /// When output last made progress (or was first queued).
+    pub write_progress: Instant,
+    /// The peer closed its sending side.
+    pub read_closed: bool,
+    /// Close once the output is flushed (after a fatal protocol error).
+    pub close_after_flush: bool,
+    pub wants_writable: bool,
+}
+
+/// What the next buffered bytes are.
+pub enum Next<'a> {
+    Frame(&'a [u8]),
+    NeedMore,
+    TooLarge { declared: u32, limit: u32 },
+    PeerWire,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream, peer: SocketAddr, id: u64) -> Conn {
+        Conn {
+            stream,
+            peer,
+            id,
+            kind: Kind::Unknown,
+            input: Vec::new(),
+            consumed: 0,
+            output: Vec::new(),
+            written: 0,
+            in_flight: 0,
+            frame_started: None,
+            write_progress: Instant::now(),
+            read_closed: false,
+            close_after_flush: false,
+            wants_writable: false,
+        }
+    }
+
+    pub fn pending_output(&self) -> usize {
+        self.output.len() - self.written
+    }
+
+    /// Whether new requests must wait for the client to read its answers.
+    pub fn backpressured(&self) -> bool {
+        self.pending_output() > OUT_HIGH_WATER || self.in_flight >= MAX_IN_FLIGHT
+    }
+
+    /// Whether the connection may take more requests now.
+    pub fn may_read(&self) -> bool {
+        !self.read_closed && !self.close_after_flush && self.kind != Kind::PeerWire && !self.backpressured()
+    }
+
+    /// Whether a paused connection has drained enough to read again.
+    pub fn drained(&self) -> bool {
+        self.pending_output() < OUT_LOW_WATER && self.in_flight < MAX_IN_FLIGHT
+    }
+
+    pub fn push_input(&mut self, bytes: &[u8], now: Instant) {
+        if self.input.len() == self.consumed && !bytes.is_empty() {
+            self.frame_started = Some(now);
+        }
+        self.input.extend_from_slice(bytes);
+    }
+
+    /// Whether bytes of an incomplete frame are buffered.
+    pub fn has_partial_input(&self) -> bool {
+        self.input.len() > self.consumed
+    }
+
+    /// Looks at the next buffered frame; call [`Conn::consume`] after using it.
+    pub fn next(&mut self, max_frame: u32) -> Next<'_> {
+        let rest = &self.input[self.consumed..];
+        if self.kind == Kind::Unknown {
+            match rest.first() {
+                None => return Next::NeedMore,
+                Some(&PEER_WIRE_FIRST_BYTE) => self.kind = Kind::PeerWire,
+                Some(_) => self.kind = Kind::Command,
+            }
+        }
+        if self.kind == Kind::PeerWire {
+            return Next::PeerWire;
+        }
+        match frame::decode(rest, max_frame) {
+            Decoded::Frame { len } => Next::Frame(&rest[frame::HEADER_LEN..frame::HEADER_LEN + len]),
+            Decoded::NeedMore(_) => Next::NeedMore,
+            Decoded::TooLarge { declared, limit } => Next::TooLarge { declared, limit },
+        }
+    }
+
+    /// Marks the frame returned by `next` as used.
+    pub fn consume(&mut self, payload_len: usize, now: Instant) {
+        self.consumed += frame::HEADER_LEN + payload_len;
+        self.frame_started = self.has_partial_input().then_some(now);
+    }
+
+    /// Drops consumed input so the buffer holds at most one partial frame.
+    pub fn compact_input(&mut self) {
+        if self.consumed > 0 {
+            self.input.drain(..self.consumed);
+            self.consumed = 0;
+        }
+    }
+
+    /// Discards all buffered input (after a fatal framing error).
+    pub fn discard_input(&mut self) {
+        self.input = Vec::new();
+        self.consumed = 0;
+        self.frame_started = None;
+    }
+
+    /// Queues one response frame.
+    pub fn queue_frame(&mut self, payload: &[u8], now: Instant) {
+        if self.pending_output() == 0 {
+            self.write_progress = now;
+        }
+        frame::encode(payload, &mut self.output);
+    }
+
+    /// Writes as much output as the socket takes. `Ok(true)` when all is sent.
+    pub fn flush(&mut self, now: Instant) -> io::Result<bool> {
+        while self.written < self.output.len() {
+            match self.stream.write(&self.output[self.written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    self.written += n;
+                    self.write_progress = now;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        if self.written == self.output.len() {
+            self.output.clear();
+            self.written = 0;
+            if self.output.capacity() > OUT_HIGH_WATER {
+                self.output.shrink_to(64 * 1024);
+            }
+            Ok(true)
+        } else {
+            if self.written > self.output.len() / 2 {
+                self.output.drain(..self.written);
+                self.written = 0;
+            }
+            Ok(false)
+        }
+    }
+
+    /// Whether nothing more will happen on this connection.
+    pub fn finished(&self) -> bool {
+        self.pending_output() == 0
+            && (self.close_after_flush || (self.read_closed && self.in_flight == 0))
+    }
+}

@@ -1,0 +1,262 @@
+//! Command handlers: what the node answers to each request, and what it does
+//! with the scan's and the workers' reports.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use mio::Token;
+use serde_json::{Value, json};
+
+use super::catalog::{LoadedShard, load_shard};
+use super::scan::ScanEvent;
+use super::{Node, NodeEvent, Waiter};
+use crate::hash::to_hex;
+use crate::protocol::{Command, ErrorCode, LoadShard, Request, RequestError, error_payload, success_payload};
+use crate::{info, warn};
+
+impl Node {
+    /// Answers one parsed (or unparseable) request.
+    pub(super) fn dispatch(&mut self, token: Token, request: Result<Request, RequestError>) {
+        let request = match request {
+            Ok(r) => r,
+            Err(e) => {
+                self.respond(token, &e.to_frame_payload());
+                return;
+            }
+        };
+        let name = request.command.name();
+        let id = request.request_id;
+        match request.command {
+            Command::ListFiles => {
+                let files: Vec<Value> = self.catalog.files.values().map(|f| f.to_json()).collect();
+                self.respond(token, &success_payload(name, &id, json!({ "files": files })));
+            }
+            Command::Status => {
+                let status = self.status();
+                self.respond(token, &success_payload(name, &id, status));
+            }
+            Command::LoadShard(params) => self.load_shard_command(token, id, params),
+        }
+    }
+
+    fn status(&self) -> Value {
+        let meta_ready = self.catalog.files.values().filter(|f| f.meta.is_some()).count();
+        let scan = self.scan.done.map(|s| {
+            json!({
+                "elapsed_ms": s.elapsed.as_secs_f64() * 1e3,
+                "bytes_hashed": s.bytes_hashed,
+                "hash_rate_mb_s": if s.elapsed.is_zero() { 0.0 } else { s.bytes_hashed as f64 / 1e6 / s.elapsed.as_secs_f64() },
+            })
+        });
+        json!({
+            "node_id": to_hex(&self.node_id),
+            "address": self.local_addr.to_string(),
+            "cluster": self.config.cluster,
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "shard_id": self.config.shard_id,
+            "total_shards": self.config.total_shards,
+            "torrent_enabled": self.config.enable_torrent,
+            "bootstrap": self.config.bootstrap.iter().map(|b| b.to_string()).collect::<Vec<_>>(),
+            "shards_dir": self.config.shards_dir.display().to_string(),
+            "shards_seeded": self.catalog.files.values().filter(|f| f.meta.is_some()).map(|f| &f.filename).collect::<Vec<_>>(),
+            "shards_loaded": self.catalog.loaded.values().map(|s| json!({
+                "shard_id": s.shard_id,
+                "filename": s.filename,
+                "layers": s.summary.layers.map(|(b, e)| [b, e]),
+                "bytes": s.map.len(),
+            })).collect::<Vec<_>>(),
+            "metadata": {
+                "files": self.catalog.files.len(),
+                "ready": meta_ready,
+                "cached": self.scan.cached,
+                "hashed": self.scan.hashed,
+                "scan_done": self.scan.done.is_some(),
+                "scan": scan,
+            },
+            "downloads": [],
+            "sessions": 0,
+            "connections": self.open_conns,
+            "hash_workers": self.config.hash_workers,
+        })
+    }
+
+    fn load_shard_command(&mut self, token: Token, request_id: Value, p: LoadShard) {
+        let reply_err = |node: &mut Node, code: ErrorCode, msg: String| {
+            node.respond(token, &error_payload(json!("LOAD_SHARD"), request_id.clone(), code, &msg));
+        };
+        let id = p.shard_id;
+        if let Some(total) = self.config.total_shards {
+            if id >= total {
+                return reply_err(self, ErrorCode::OutOfRange, format!("shard_id {id} is not below --total-shards {total}"));
+            }
+        }
+        if let Some(loaded) = self.catalog.loaded.get(&id) {
+            let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
+            let loaded_hash = self.catalog.files.get(&loaded.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash);
+            let same_hash = p.info_hash.is_none_or(|h| loaded_hash == Some(h));
+            if same_file && same_hash {
+                let result = loaded_json(loaded, "cache", Instant::now());
+                return self.respond(token, &success_payload("LOAD_SHARD", &request_id, result));
+            }
+        }
+        let entry = match &p.filename {
+            Some(name) => self.catalog.files.get(name),
+            None => self.catalog.file_for_shard(id),
+        };
+        let path: PathBuf = match entry {
+            Some(f) => {
+                if let Err(e) = &f.gguf {
+                    return reply_err(self, ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename));
+                }
+                if let (Some(want), Some(have)) = (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                    if want != have {
+                        return self.not_found(token, request_id, id, format!(
+                            "Shard {id}: the local {} has info hash {have}, not {want}.", f.filename
+                        ));
+                    }
+                }
+                f.path.clone()
+            }
+            // Not seen by the scan: the file may have arrived since.
+            None => self.config.shards_dir.join(p.filename.clone().unwrap_or_else(|| format!("shard-{id}.gguf"))),
+        };
+
+        let waiter = Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
+        if !p.wait {
+            let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
+            self.respond(token, &success_payload("LOAD_SHARD", &waiter.request_id, result));
+        }
+        let first = !self.loading.contains_key(&id);
+        let waiters = self.loading.entry(id).or_default();
+        if p.wait {
+            if let Some(c) = self.conns.get_mut(token.0 - super::FIRST_CONN).and_then(Option::as_mut) {
+                c.in_flight += 1;
+            }
+            waiters.push(waiter);
+        }
+        if first {
+            self.start_load(id, path);
+        }
+    }
+
+    /// Maps and checks a shard on a worker; the answer comes as `NodeEvent::Loaded`.
+    fn start_load(&mut self, id: u32, path: PathBuf) {
+        self.loading.entry(id).or_default();
+        let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
+        self.pool.handle().submit(move || {
+            let _ = tx.send(NodeEvent::Loaded { shard_id: id, result: load_shard(id, &path) });
+            let _ = waker.wake();
+        });
+    }
+
+    /// The note's answer for a shard this node does not have.
+    fn not_found(&mut self, token: Token, request_id: Value, id: u32, detail: String) {
+        let (code, msg) = self.not_found_message(id);
+        self.respond(token, &error_payload(json!("LOAD_SHARD"), request_id, code, &format!("{detail} {msg}")));
+    }
+
+    pub(super) fn on_loaded(&mut self, shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)>) {
+        let waiters = self.loading.remove(&shard_id).unwrap_or_default();
+        match &result {
+            Ok(s) => info!("shard {shard_id} loaded from {} ({} bytes mapped)", s.path.display(), s.map.len()),
+            Err((_, e)) => warn!("shard {shard_id} not loaded: {e}"),
+        }
+        for w in waiters {
+            let Some(conn) = self.conn(w.token).filter(|c| c.id == w.conn_id) else { continue };
+            let was_paused = conn.backpressured();
+            conn.in_flight -= 1;
+            let payload = match &result {
+                Ok(s) => success_payload("LOAD_SHARD", &w.request_id, loaded_json(s, "local", w.started)),
+                Err((ErrorCode::ShardNotFound, _)) => {
+                    let (code, msg) = self.not_found_message(shard_id);
+                    error_payload(json!("LOAD_SHARD"), w.request_id, code, &msg)
+                }
+                Err((code, msg)) => error_payload(json!("LOAD_SHARD"), w.request_id, *code, msg),
+            };
+            self.respond(w.token, &payload);
+            self.resume_or_settle(w.token, was_paused);
+        }
+        if let Ok(s) = result {
+            self.catalog.loaded.insert(shard_id, s);
+        }
+    }
+
+    fn not_found_message(&self, id: u32) -> (ErrorCode, String) {
+        if self.config.enable_torrent {
+            (
+                ErrorCode::TorrentUnavailable,
+                format!("Shard {id} not found locally, and this node cannot download shards from peers yet."),
+            )
+        } else {
+            (ErrorCode::ShardNotFound, format!("Shard {id} not found. Torrent download required."))
+        }
+    }
+
+    pub(super) fn on_scan_event(&mut self, ev: ScanEvent) {
+        match ev {
+            ScanEvent::Found(entry) => {
+                self.catalog.files.insert(entry.filename.clone(), entry);
+            }
+            ScanEvent::Listed => {
+                self.scan.listed = true;
+                info!("shards dir {}: {} GGUF files", self.config.shards_dir.display(), self.catalog.files.len());
+                if let Some(id) = self.config.shard_id {
+                    self.preload(id);
+                }
+            }
+            ScanEvent::Metadata { filename, result, cached } => {
+                let Some(entry) = self.catalog.files.get_mut(&filename) else { return };
+                match result {
+                    Ok(m) => {
+                        if cached {
+                            self.scan.cached += 1;
+                        } else {
+                            self.scan.hashed += 1;
+                        }
+                        info!("seeding {filename}: info hash {} ({} bytes, {} metadata)", m.info_hash, m.info.length, if cached { "cached" } else { "new" });
+                        entry.meta = Some(m);
+                    }
+                    Err(e) => {
+                        warn!("{filename}: no torrent metadata: {e}");
+                        entry.meta_error = Some(e);
+                    }
+                }
+            }
+            ScanEvent::Done(stats) => {
+                info!(
+                    "metadata ready for {} files ({} cached, {} hashed, {:.1} MB in {:.0} ms)",
+                    stats.files, stats.cached, stats.hashed, stats.bytes_hashed as f64 / 1e6, stats.elapsed.as_secs_f64() * 1e3
+                );
+                self.scan.done = Some(stats);
+            }
+        }
+    }
+
+    /// Loads the node's own `--shard-id` at startup, when it has the file.
+    fn preload(&mut self, id: u32) {
+        let Some(f) = self.catalog.file_for_shard(id) else {
+            info!("shard {id} (--shard-id) is not in the shards dir; it loads on LOAD_SHARD");
+            return;
+        };
+        if self.loading.contains_key(&id) || f.gguf.is_err() {
+            return;
+        }
+        let path = f.path.clone();
+        self.start_load(id, path);
+    }
+}
+
+fn loaded_json(s: &LoadedShard, source: &str, started: Instant) -> Value {
+    json!({
+        "shard_id": s.shard_id,
+        "status": "loaded",
+        "path": s.path.display().to_string(),
+        "filename": s.filename,
+        "source": source,
+        "layers": s.summary.layers.map(|(b, e)| [b, e]),
+        "bytes": s.map.len(),
+        "bytes_downloaded": 0,
+        "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
+    })
+}

@@ -1,0 +1,197 @@
+//! Helpers shared by the integration tests: temp dirs, a node launcher, small
+//! GGUF shard files, bounded waits.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shardnet::client::Client;
+use shardnet::gguf::GgmlType;
+use shardnet::gguf::writer::{Builder, Value as Meta};
+
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "shardnet-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running `shard_listener` on 127.0.0.1 and an ephemeral port, killed when dropped.
+pub struct NodeProc {
+    pub child: Child,
+    pub addr: String,
+    stderr_log: PathBuf,
+}
+
+impl NodeProc {
+    pub fn start(shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        let log = shards_dir.with_extension("stderr.log");
+        let stderr = std::fs::File::create(&log).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shard_listener"))
+            .args(["--listen", "127.0.0.1:0", "--shards-dir"])
+            .arg(shards_dir)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("starting shard_listener");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(WAIT).expect("shard_listener did not report its address");
+        let addr = line
+            .split_whitespace()
+            .find(|w| w.starts_with("127.0.0.1:"))
+            .unwrap_or_else(|| panic!("no address in {line:?}; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .to_string();
+        NodeProc { child, addr, stderr_log: log }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.addr, WAIT).expect("connecting to the node")
+    }
+
+    pub fn call(&self, command: &str, params: Value) -> Value {
+        self.client().request(command, params).expect("request")
+    }
+
+    pub fn raw(&self) -> TcpStream {
+        let s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.set_write_timeout(Some(WAIT)).unwrap();
+        s
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_log).unwrap_or_default()
+    }
+
+    /// Waits until STATUS says every file has torrent metadata.
+    pub fn wait_metadata(&self) -> Value {
+        wait_for(WAIT, || {
+            let s = self.call("STATUS", json!({}));
+            (s["result"]["metadata"]["scan_done"] == json!(true)).then_some(s["result"].clone())
+        })
+    }
+
+    /// Asserts the node still answers a fresh client.
+    pub fn assert_serving(&self) {
+        let r = self.call("STATUS", json!({}));
+        assert_eq!(r["status"], "success", "node stopped serving: {r}; stderr:\n{}", self.stderr());
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.stderr_log);
+    }
+}
+
+/// Polls `f` until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "condition not met within {limit:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Writes a small valid LLaMA-style shard GGUF: `shard.*` keys and one F32
+/// tensor per layer, `extra` bytes of tensor data to make it bigger.
+pub fn write_shard(path: &Path, index: u32, count: u32, layers: (u32, u32), extra: usize) {
+    let mut b = Builder::new();
+    b.set("general.architecture", Meta::String("llama".into()));
+    b.set("llama.block_count", Meta::U32(count * (layers.1 - layers.0)));
+    b.set("shard.index", Meta::U32(index));
+    b.set("shard.count", Meta::U32(count));
+    b.set("shard.layer_begin", Meta::U32(layers.0));
+    b.set("shard.layer_end", Meta::U32(layers.1));
+    b.set("shard.model_id", Meta::String("test-model".into()));
+    let mut data = Vec::new();
+    for l in layers.0..layers.1 {
+        b.add_tensor(&format!("blk.{l}.attn_norm.weight"), &[64], GgmlType::F32).unwrap();
+        data.push((0..256).map(|i| (i as u32 ^ l ^ index) as u8).collect::<Vec<u8>>());
+    }
+    if extra > 0 {
+        let n = (extra / 4).max(1) as u64;
+        b.add_tensor("extra", &[n], GgmlType::F32).unwrap();
+        data.push((0..n * 4).map(|i| (i * 7 + index as u64) as u8).collect());
+    }
+    let refs: Vec<&[u8]> = data.iter().map(|d| d.as_slice()).collect();
+    std::fs::write(path, b.to_bytes(&refs).unwrap()).unwrap();
+}
+
+/// Sends one frame with `payload` on a raw stream.
+pub fn send_frame(s: &mut TcpStream, payload: &[u8]) {
+    let mut wire = (payload.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(payload);
+    s.write_all(&wire).unwrap();
+}
+
+/// Reads one response frame from a raw stream.
+pub fn read_frame(s: &mut TcpStream) -> Value {
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).expect("reading a frame length");
+    let mut buf = vec![0u8; u32::from_be_bytes(len) as usize];
+    s.read_exact(&mut buf).expect("reading a frame body");
+    serde_json::from_slice(&buf).expect("response is JSON")
+}
+
+/// Whether the node closed `s` (EOF within the read timeout).
+pub fn closed_by_peer(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    matches!(s.read(&mut b), Ok(0)) || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+}
+
+/// Whether an external tool is on PATH; CI sets SHARDNET_REQUIRE_TOOLS=1 so a
+/// missing tool fails there instead of skipping.
+pub fn have_tool(name: &str) -> bool {
+    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
+            "{name} is required (apt-get install mktorrent transmission-cli aria2)"
+        );
+        eprintln!("SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2)");
+    }
+    found
+}

@@ -32,13 +32,36 @@ impl Node {
                 self.respond(token, &success_payload(name, &id, json!({ "files": files })));
             }
             Command::Status => {
-                let status = self.status();
-                self.respond(token, &success_payload(name, &id, status));
+                let payload = self.status_payload(&id);
+                self.respond(token, &payload);
             }
             Command::LoadShard(params) => self.load_shard_command(token, id, params),
         }
     }
 
+    /// STATUS answers are frequent (health checks, benchmarks): everything
+    /// but the clock and the connection count is serialized once per change
+    /// of state (`status_cache` is cleared by scan and load events).
+    fn status_payload(&mut self, request_id: &Value) -> Vec<u8> {
+        if self.status_cache.is_none() {
+            let mut fixed = serde_json::to_vec(&self.status()).expect("JSON values serialize");
+            fixed.pop(); // the closing '}'; the live fields follow
+            self.status_cache = Some(fixed);
+        }
+        let fixed = self.status_cache.as_deref().expect("just filled");
+        let mut out = Vec::with_capacity(fixed.len() + 128);
+        crate::protocol::success_prefix("STATUS", request_id, &mut out);
+        out.extend_from_slice(fixed);
+        let live = format!(
+            ",\"uptime_ms\":{},\"connections\":{}}}}}",
+            self.started.elapsed().as_millis(),
+            self.open_conns
+        );
+        out.extend_from_slice(live.as_bytes());
+        out
+    }
+
+    /// The parts of STATUS that change only with the node's state.
     fn status(&self) -> Value {
         let meta_ready = self.catalog.files.values().filter(|f| f.meta.is_some()).count();
         let scan = self.scan.done.map(|s| {
@@ -53,7 +76,6 @@ impl Node {
             "address": self.local_addr.to_string(),
             "cluster": self.config.cluster,
             "version": env!("CARGO_PKG_VERSION"),
-            "uptime_ms": self.started.elapsed().as_millis() as u64,
             "shard_id": self.config.shard_id,
             "total_shards": self.config.total_shards,
             "torrent_enabled": self.config.enable_torrent,
@@ -76,7 +98,6 @@ impl Node {
             },
             "downloads": [],
             "sessions": 0,
-            "connections": self.open_conns,
             "hash_workers": self.config.hash_workers,
         })
     }
@@ -179,6 +200,7 @@ impl Node {
         }
         if let Ok(s) = result {
             self.catalog.loaded.insert(shard_id, s);
+            self.status_cache = None;
         }
     }
 
@@ -194,6 +216,7 @@ impl Node {
     }
 
     pub(super) fn on_scan_event(&mut self, ev: ScanEvent) {
+        self.status_cache = None;
         match ev {
             ScanEvent::Found(entry) => {
                 self.catalog.files.insert(entry.filename.clone(), entry);

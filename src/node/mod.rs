@@ -77,6 +77,8 @@ pub struct Node {
     node_id: [u8; 20],
     started: Instant,
     scratch: Vec<u8>,
+    /// Serialized STATUS result less its live fields; `None` after a change.
+    status_cache: Option<Vec<u8>>,
 }
 
 #[derive(Default)]
@@ -124,6 +126,7 @@ impl Node {
             node_id: random_id(),
             started: Instant::now(),
             scratch: vec![0; READ_CHUNK],
+            status_cache: None,
         })
     }
 
@@ -251,13 +254,25 @@ impl Node {
     }
 
     /// Handles every whole frame buffered, while the connection may take more.
+    /// Answers are queued, and written once per batch (see `after_io`).
     fn process_input(&mut self, token: Token) {
         let max_frame = self.config.max_frame;
         loop {
             let Some(conn) = self.conn(token) else { return };
-            if conn.backpressured() || conn.close_after_flush {
+            if conn.close_after_flush {
                 break;
             }
+            if conn.backpressured() {
+                // Write what the socket takes before deciding to pause.
+                if let Err(e) = conn.flush(Instant::now()) {
+                    self.close(token, &format!("write error: {e}"));
+                    return;
+                }
+                if self.conn(token).is_none_or(|c| c.backpressured()) {
+                    break;
+                }
+            }
+            let Some(conn) = self.conn(token) else { return };
             let request = match conn.next(max_frame) {
                 Next::NeedMore => break,
                 Next::Frame(payload) => {
@@ -313,18 +328,23 @@ impl Node {
         }
     }
 
-    /// Queues a response frame and tries to send it at once.
+    /// Queues a response frame; `after_io` writes it.
     fn respond(&mut self, token: Token, payload: &[u8]) {
-        let Some(conn) = self.conn(token) else { return };
-        let now = Instant::now();
-        conn.queue_frame(payload, now);
-        if let Err(e) = conn.flush(now) {
-            self.close(token, &format!("write error: {e}"));
+        if let Some(conn) = self.conn(token) {
+            conn.queue_frame(payload, Instant::now());
         }
     }
 
-    /// Closes a finished connection, or sets its interest from its state.
+    /// Writes queued output, then closes a finished connection or sets its
+    /// interest from its state.
     fn after_io(&mut self, token: Token) {
+        let Some(conn) = self.conn(token) else { return };
+        if conn.pending_output() > 0 {
+            if let Err(e) = conn.flush(Instant::now()) {
+                self.close(token, &format!("write error: {e}"));
+                return;
+            }
+        }
         let Some(conn) = self.conn(token) else { return };
         if conn.finished() {
             let reason = if conn.has_partial_input() { "closed by peer mid-frame" } else { "closed" };

@@ -232,8 +232,22 @@ fn kind(v: &Value) -> &'static str {
 
 /// A success response's JSON bytes.
 pub fn success_payload(command: &str, request_id: &Value, result: Value) -> Vec<u8> {
-    let v = json!({"command": command, "request_id": request_id, "status": "success", "result": result});
-    serde_json::to_vec(&v).expect("JSON values serialize")
+    let mut out = Vec::with_capacity(256);
+    success_prefix(command, request_id, &mut out);
+    serde_json::to_writer(&mut out, &result).expect("JSON values serialize");
+    out.push(b'}');
+    out
+}
+
+/// Writes `{"command":..,"request_id":..,"status":"success","result":` so a
+/// caller can append an already serialized result and the closing `}`.
+/// (Written directly: building a map per response was the node's top cost.)
+pub fn success_prefix(command: &str, request_id: &Value, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"{\"command\":");
+    serde_json::to_writer(&mut *out, command).expect("strings serialize");
+    out.extend_from_slice(b",\"request_id\":");
+    serde_json::to_writer(&mut *out, request_id).expect("JSON values serialize");
+    out.extend_from_slice(b",\"status\":\"success\",\"result\":");
 }
 
 /// An error response's JSON bytes.

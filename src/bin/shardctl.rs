@@ -22,6 +22,14 @@ COMMANDS:
                                 make the node load shard N (LOAD_SHARD)
   status                        the node's state (STATUS)
   send JSON                     send one raw request object, print the response
+  split MODEL.gguf --shards N --out DIR
+                                cut a model into layer-range shards, with
+                                .torrent files and manifest.json
+  demo-model --out FILE [--layers N] [--embd N] [--heads N] [--kv-heads N]
+             [--ffn N] [--vocab N] [--context N] [--type f32|f16|q8_0]
+             [--seed N] [--tied]
+                                write a small deterministic LLaMA model
+  inspect FILE.gguf             print a GGUF file's metadata and tensors
   torrent create FILE [--out PATH] [--piece-length BYTES]
                                 hash FILE and write FILE.torrent (or PATH)
   torrent info FILE.torrent     print a .torrent's contents
@@ -99,6 +107,9 @@ fn run(o: &Opts) -> Result<()> {
         ["status"] => status(o),
         ["load", n, flags @ ..] => load(o, n, flags),
         ["send", json] => send(o, json),
+        ["split", model, flags @ ..] => split(o, model, flags),
+        ["demo-model", flags @ ..] => demo_model(o, flags),
+        ["inspect", file] => inspect(o, file),
         ["torrent", "create", file, flags @ ..] => torrent_create(o, file, flags),
         ["torrent", "info", file] => torrent_info(o, file),
         ["torrent", "magnet", file] => {
@@ -258,4 +269,158 @@ fn torrent_info(o: &Opts, file: &str) -> Result<()> {
     }
     println!("magnet        {}", m.magnet());
     Ok(())
+}
+
+/// Parses `--flag value` pairs (and bare switches listed in `switches`).
+fn flag_map<'a>(flags: &[&'a str], valued: &[&str], switches: &[&str]) -> std::collections::HashMap<&'a str, &'a str> {
+    let mut m = std::collections::HashMap::new();
+    let mut it = flags.iter();
+    while let Some(f) = it.next() {
+        if switches.contains(f) {
+            m.insert(*f, "");
+        } else if valued.contains(f) {
+            let v = it.next().unwrap_or_else(|| { usage(format!("{f} needs a value")); unreachable!() });
+            m.insert(*f, *v);
+        } else {
+            usage(format!("unknown flag {f} (see --help)"));
+        }
+    }
+    m
+}
+
+fn num<T: std::str::FromStr>(flags: &std::collections::HashMap<&str, &str>, name: &str, default: T) -> T {
+    match flags.get(name) {
+        None => default,
+        Some(v) => v.parse().unwrap_or_else(|_| { usage(format!("{name} {v:?} is not a number")); unreachable!() }),
+    }
+}
+
+fn split(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
+    let f = flag_map(flags, &["--shards", "--out"], &[]);
+    let n: u32 = num(&f, "--shards", 0);
+    let out = f.get("--out").copied().ok_or_else(|| usage("split needs --out DIR".into()))?;
+    if n == 0 {
+        return Err(usage("split needs --shards N (N >= 1)".into()));
+    }
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let pool = WorkerPool::new("hash", threads);
+    let t = std::time::Instant::now();
+    let report = shardnet::gguf::split::split(Path::new(model), n, Path::new(out), Some(&pool.handle()))?;
+    if o.json {
+        print_json(&report.manifest);
+        return Ok(());
+    }
+    println!("model id {}", report.model_id);
+    for s in report.manifest["shards"].as_array().into_iter().flatten() {
+        println!(
+            "  {}  layers {}..{}  {:>12} bytes  info hash {}",
+            s["filename"].as_str().unwrap_or("?"), s["layers"][0], s["layers"][1], s["size"], s["info_hash"].as_str().unwrap_or("-")
+        );
+    }
+    println!("wrote {} shards and manifest.json to {out} in {:.2} s", n, t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn demo_model(o: &Opts, flags: &[&str]) -> Result<()> {
+    use shardnet::gguf::GgmlType;
+    use shardnet::gguf::demo::{DemoConfig, write};
+    let f = flag_map(
+        flags,
+        &["--out", "--layers", "--embd", "--heads", "--kv-heads", "--ffn", "--vocab", "--context", "--type", "--seed"],
+        &["--tied"],
+    );
+    let out = f.get("--out").copied().ok_or_else(|| usage("demo-model needs --out FILE".into()))?;
+    let d = DemoConfig::default();
+    let weight_type = match f.get("--type").copied().unwrap_or("f32") {
+        "f32" => GgmlType::F32,
+        "f16" => GgmlType::F16,
+        "q8_0" => GgmlType::Q8_0,
+        other => return Err(usage(format!("--type {other:?} is not f32, f16 or q8_0"))),
+    };
+    let c = DemoConfig {
+        layers: num(&f, "--layers", d.layers),
+        embd: num(&f, "--embd", d.embd),
+        heads: num(&f, "--heads", d.heads),
+        kv_heads: num(&f, "--kv-heads", d.kv_heads),
+        ffn: num(&f, "--ffn", d.ffn),
+        vocab: num(&f, "--vocab", d.vocab),
+        context: num(&f, "--context", d.context),
+        weight_type,
+        seed: num(&f, "--seed", d.seed),
+        tied: f.contains_key("--tied"),
+    };
+    if let Err(e) = c.validate() {
+        return Err(usage(format!("demo-model: {e}")));
+    }
+    if let Some(dir) = Path::new(out).parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let bytes = write(&c, Path::new(out))?;
+    if o.json {
+        print_json(&json!({"path": out, "bytes": bytes}));
+    } else {
+        println!("wrote {out}: demo LLaMA model, {} layers, width {}, {} heads ({} kv), ffn {}, vocab {}, {}, {} bytes",
+            c.layers, c.embd, c.heads, c.kv_heads, c.ffn, c.vocab, c.weight_type, bytes);
+    }
+    Ok(())
+}
+
+fn inspect(o: &Opts, file: &str) -> Result<()> {
+    use shardnet::gguf::{Gguf, MetaValue};
+    let f = std::fs::File::open(file).with_context(|| format!("opening {file}"))?;
+    // SAFETY: read-only map of a file this command only reads.
+    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("mapping {file}"))?;
+    let g = Gguf::parse(&map).with_context(|| format!("reading {file}"))?;
+    fn show(v: &MetaValue<'_>) -> Value {
+        match v {
+            MetaValue::String(s) => json!(s),
+            MetaValue::Bool(b) => json!(b),
+            MetaValue::F32(x) => json!(x),
+            MetaValue::F64(x) => json!(x),
+            MetaValue::I8(x) => json!(x),
+            MetaValue::I16(x) => json!(x),
+            MetaValue::I32(x) => json!(x),
+            MetaValue::I64(x) => json!(x),
+            MetaValue::Array(a) => Value::Array(a.iter().map(|e| show(&e)).collect()),
+            other => json!(other.as_u64()),
+        }
+    }
+    if o.json {
+        let meta: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), show(v))).collect();
+        let tensors: Vec<Value> = g.tensors.iter().map(|t| json!({
+            "name": t.name, "type": t.ggml_type.name(), "dims": t.dims, "offset": t.offset, "size": t.size,
+        })).collect();
+        print_json(&json!({"version": g.version, "alignment": g.alignment, "data_offset": g.data_offset, "metadata": meta, "tensors": tensors}));
+        return Ok(());
+    }
+    println!("* {file}: GGUF v{}, {} key/value pairs, {} tensors, alignment {}, data at byte {}",
+        g.version, g.metadata.len(), g.tensors.len(), g.alignment, g.data_offset);
+    println!("* Metadata:");
+    for (i, (k, v)) in g.metadata.iter().enumerate() {
+        let shown = match v {
+            MetaValue::Array(a) => {
+                let head: Vec<String> = a.iter().take(6).map(|e| show(&e).to_string()).collect();
+                format!("[{} x {}] = [{}{}]", type_name(a.elem_type), a.len, head.join(", "), if a.len > 6 { ", ..." } else { "" })
+            }
+            MetaValue::String(s) if s.chars().count() > 60 => {
+                format!("{:?}... ({} bytes)", s.chars().take(60).collect::<String>(), s.len())
+            }
+            other => show(other).to_string(),
+        };
+        println!("  {:>4}: {k} = {shown}", i + 1);
+    }
+    println!("* Tensors:");
+    println!("  {:>4}  {:<32} {:<8} {:<24} {:>12} {:>12}", "#", "NAME", "TYPE", "SHAPE", "OFFSET", "BYTES");
+    for (i, t) in g.tensors.iter().enumerate() {
+        let shape = t.dims.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(" x ");
+        println!("  {:>4}  {:<32} {:<8} {:<24} {:>12} {:>12}", i, t.name, t.ggml_type.name(), shape, t.offset, t.size);
+    }
+    Ok(())
+}
+
+fn type_name(t: u32) -> &'static str {
+    ["u8", "i8", "u16", "i16", "u32", "i32", "f32", "bool", "string", "array", "u64", "i64", "f64"]
+        .get(t as usize)
+        .copied()
+        .unwrap_or("?")
 }

@@ -1,7 +1,9 @@
 //! GGUF files: a zero-copy reader, a writer, the ggml type table, and what a
 //! node needs to know about a shard file.
 
+pub mod demo;
 pub mod reader;
+pub mod split;
 pub mod types;
 pub mod writer;
 
@@ -85,24 +87,6 @@ mod tests {
         b.to_bytes(&refs).unwrap()
     }
 
-    fn to_owned(v: &MetaValue<'_>) -> Value {
-        match v {
-            MetaValue::U8(x) => Value::U8(*x),
-            MetaValue::I8(x) => Value::I8(*x),
-            MetaValue::U16(x) => Value::U16(*x),
-            MetaValue::I16(x) => Value::I16(*x),
-            MetaValue::U32(x) => Value::U32(*x),
-            MetaValue::I32(x) => Value::I32(*x),
-            MetaValue::F32(x) => Value::F32(*x),
-            MetaValue::Bool(x) => Value::Bool(*x),
-            MetaValue::String(s) => Value::String(s.to_string()),
-            MetaValue::Array(a) => Value::Array(a.elem_type, a.iter().map(|e| to_owned(&e)).collect()),
-            MetaValue::U64(x) => Value::U64(*x),
-            MetaValue::I64(x) => Value::I64(*x),
-            MetaValue::F64(x) => Value::F64(*x),
-        }
-    }
-
     fn err(bytes: &[u8]) -> String {
         Gguf::parse(bytes).unwrap_err().to_string()
     }
@@ -113,7 +97,7 @@ mod tests {
         let bytes = sample_bytes();
         let g = Gguf::parse(&bytes).unwrap();
         assert_eq!(g.version, 3);
-        let back: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.to_string(), to_owned(v))).collect();
+        let back: Vec<(String, Value)> = g.metadata.iter().map(|(k, v)| (k.to_string(), Value::from_meta(v))).collect();
         assert_eq!(back, b.metadata);
         assert_eq!(g.tensors.len(), 2);
         for (t, d) in g.tensors.iter().zip(&data) {

@@ -6,7 +6,7 @@
 
 use std::io::{self, Write};
 
-use super::reader::{DEFAULT_ALIGNMENT, MAGIC, value_type};
+use super::reader::{DEFAULT_ALIGNMENT, MAGIC, MetaValue, value_type};
 use super::types::GgmlType;
 
 /// An owned metadata value.
@@ -29,6 +29,25 @@ pub enum Value {
 }
 
 impl Value {
+    /// An owned copy of a value read from a file.
+    pub fn from_meta(v: &MetaValue<'_>) -> Value {
+        match v {
+            MetaValue::U8(x) => Value::U8(*x),
+            MetaValue::I8(x) => Value::I8(*x),
+            MetaValue::U16(x) => Value::U16(*x),
+            MetaValue::I16(x) => Value::I16(*x),
+            MetaValue::U32(x) => Value::U32(*x),
+            MetaValue::I32(x) => Value::I32(*x),
+            MetaValue::F32(x) => Value::F32(*x),
+            MetaValue::Bool(x) => Value::Bool(*x),
+            MetaValue::String(s) => Value::String(s.to_string()),
+            MetaValue::Array(a) => Value::Array(a.elem_type, a.iter().map(|e| Value::from_meta(&e)).collect()),
+            MetaValue::U64(x) => Value::U64(*x),
+            MetaValue::I64(x) => Value::I64(*x),
+            MetaValue::F64(x) => Value::F64(*x),
+        }
+    }
+
     pub fn type_id(&self) -> u32 {
         use value_type::*;
         match self {

@@ -237,7 +237,7 @@ impl Node {
                         } else {
                             self.scan.hashed += 1;
                         }
-                        info!("seeding {filename}: info hash {} ({} bytes, {} metadata)", m.info_hash, m.info.length, if cached { "cached" } else { "new" });
+                        info!("torrent metadata for {filename}: info hash {} ({} bytes, {})", m.info_hash, m.info.length, if cached { "cached" } else { "hashed now" });
                         entry.meta = Some(m);
                     }
                     Err(e) => {

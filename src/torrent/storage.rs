@@ -1,0 +1,191 @@
+//! A torrent's bytes on disk.
+//!
+//! A download lives in `NAME.part`, created at full size (sparse). Blocks are
+//! written in place with `pwrite` (a full disk is an error, where a store into
+//! a map would be SIGBUS); pieces are read for hashing and serving through a
+//! shared read-only map of the same file (the page cache keeps both views
+//! coherent). `NAME.part.resume` records the verified pieces, written after
+//! the data is synced, so a restart trusts it without rehashing. When every
+//! piece verifies the file is synced and renamed to `NAME`.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail, ensure};
+use memmap2::Mmap;
+
+use super::metainfo::InfoHash;
+use super::picker::Lengths;
+use super::wire::Bitfield;
+use crate::bencode::{self, Value};
+
+/// A read-only view of a torrent's file that hash workers may hold.
+#[derive(Clone)]
+pub struct View {
+    map: Option<Arc<Mmap>>,
+}
+
+impl View {
+    /// Bytes `[offset, offset + len)`; empty if out of range.
+    pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
+        match &self.map {
+            Some(m) if offset.checked_add(len).is_some_and(|e| e <= m.len() as u64) => {
+                &m[offset as usize..(offset + len) as usize]
+            }
+            _ => &[],
+        }
+    }
+}
+
+pub struct Storage {
+    pub path: PathBuf,
+    part: Option<PathBuf>,
+    file: File,
+    view: View,
+    lengths: Lengths,
+}
+
+fn map(file: &File, len: u64) -> Result<View> {
+    if len == 0 {
+        return Ok(View { map: None });
+    }
+    // SAFETY: a shared read-only map. Complete files are never written; a
+    // .part file is written only by this node, by pwrite, into blocks that
+    // are not being read (a piece is hashed and served only once all of its
+    // blocks are in, and never written again after).
+    let m = unsafe { Mmap::map(file) }?;
+    Ok(View { map: Some(Arc::new(m)) })
+}
+
+pub fn part_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}.part"))
+}
+
+fn resume_path(part: &Path) -> PathBuf {
+    part.with_extension("part.resume")
+}
+
+impl Storage {
+    /// A complete file, for seeding.
+    pub fn open_complete(path: &Path, lengths: Lengths) -> Result<Storage> {
+        let file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let len = file.metadata()?.len();
+        ensure!(len == lengths.total, "{} is {len} bytes, the torrent says {}", path.display(), lengths.total);
+        let view = map(&file, len)?;
+        Ok(Storage { path: path.to_path_buf(), part: None, file, view, lengths })
+    }
+
+    /// Opens or creates `NAME.part` in `dir`; returns the storage and the
+    /// pieces a previous run verified (from the resume file).
+    pub fn open_part(dir: &Path, name: &str, info_hash: InfoHash, lengths: Lengths) -> Result<(Storage, Bitfield)> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        let part = part_path(dir, name);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part)
+            .with_context(|| format!("opening {}", part.display()))?;
+        let existing = file.metadata()?.len();
+        let mut have = Bitfield::new(lengths.pieces);
+        if existing == lengths.total {
+            if let Some(bits) = read_resume(&resume_path(&part), info_hash, lengths) {
+                have = bits;
+            }
+        } else {
+            file.set_len(lengths.total).with_context(|| format!("allocating {}", part.display()))?;
+        }
+        let view = map(&file, lengths.total)?;
+        let storage = Storage { path: dir.join(name), part: Some(part), file, view, lengths };
+        Ok((storage, have))
+    }
+
+    pub fn view(&self) -> View {
+        self.view.clone()
+    }
+
+    pub fn is_complete_file(&self) -> bool {
+        self.part.is_none()
+    }
+
+    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
+        ensure!(self.part.is_some(), "writing to a complete file");
+        ensure!(offset + data.len() as u64 <= self.lengths.total, "write past the end");
+        self.file.write_all_at(data, offset).with_context(|| format!("writing {}", self.path.display()))
+    }
+
+    /// Syncs written data, then records `have` so a restart can trust it.
+    pub fn save_resume(&self, info_hash: InfoHash, have: &Bitfield) -> Result<()> {
+        let Some(part) = &self.part else { return Ok(()) };
+        self.file.sync_data()?;
+        let doc = bencode::dict([
+            ("info_hash", Value::bytes(&info_hash.0[..])),
+            ("length", Value::Int(self.lengths.total as i64)),
+            ("pieces", Value::bytes(have.as_bytes())),
+        ]);
+        let path = resume_path(part);
+        let tmp = path.with_extension("resume.tmp");
+        std::fs::write(&tmp, doc.encode())?;
+        std::fs::rename(&tmp, &path)?;
+        Ok(())
+    }
+
+    /// Every piece verified: sync, rename `NAME.part` to `NAME`, drop the
+    /// resume file, and become a complete, read-only file.
+    pub fn finish(&mut self) -> Result<()> {
+        let Some(part) = self.part.take() else { return Ok(()) };
+        self.file.sync_all()?;
+        if self.path.exists() {
+            bail!("{} already exists; keeping {}", self.path.display(), part.display());
+        }
+        std::fs::rename(&part, &self.path).with_context(|| format!("renaming {}", part.display()))?;
+        let _ = std::fs::remove_file(resume_path(&part));
+        Ok(())
+    }
+}
+
+fn read_resume(path: &Path, info_hash: InfoHash, lengths: Lengths) -> Option<Bitfield> {
+    let bytes = std::fs::read(path).ok()?;
+    if bytes.len() > 1 << 20 {
+        return None;
+    }
+    let v = bencode::decode(&bytes).ok()?;
+    if v.get("info_hash")?.as_bytes()? != info_hash.0 || v.get("length")?.as_int()? != lengths.total as i64 {
+        return None;
+    }
+    Bitfield::from_wire(v.get("pieces")?.as_bytes()?, lengths.pieces)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_file_write_resume_and_finish() {
+        let dir = std::env::temp_dir().join(format!("shardnet-storage-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let lengths = Lengths::new(100_000, 32768);
+        let h = InfoHash([3; 20]);
+        let (s, have) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        assert_eq!(have.count(), 0);
+        s.write(32768, &[7u8; 32768]).unwrap();
+        assert!(s.write(99_999, &[1, 2]).is_err());
+        assert_eq!(s.view().bytes(32768, 4), &[7, 7, 7, 7]);
+        assert_eq!(s.view().bytes(99_999, 2), &[] as &[u8]);
+        let mut bits = Bitfield::new(lengths.pieces);
+        bits.set(1);
+        s.save_resume(h, &bits).unwrap();
+        drop(s);
+        let (mut s, have) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        assert_eq!(have, bits, "resume data trusted");
+        let (_, other) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths).unwrap();
+        assert_eq!(other.count(), 0, "resume data of another torrent ignored");
+        s.finish().unwrap();
+        assert!(dir.join("f.bin").exists() && !dir.join("f.bin.part").exists());
+        assert!(!dir.join("f.bin.part.resume").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -90,6 +90,10 @@ pub struct NodeConfig {
     /// A connection that makes no progress on a partial frame or on its
     /// pending output for this long is closed.
     pub io_timeout: Duration,
+    /// Bytes per second sent to peers, all torrents together; 0: no limit.
+    pub upload_limit: u64,
+    /// Bytes per second read from peers, all torrents together; 0: no limit.
+    pub download_limit: u64,
 }
 
 impl Default for NodeConfig {
@@ -107,6 +111,8 @@ impl Default for NodeConfig {
             hash_workers: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
             max_connections: 1024,
             io_timeout: Duration::from_secs(30),
+            upload_limit: 0,
+            download_limit: 0,
         }
     }
 }
@@ -132,6 +138,8 @@ FLAGS:
   --max-connections N    open TCP connections at most [default: 1024]
   --io-timeout SECS      close a connection stalled mid-frame or not reading its
                          responses for this long [default: 30]
+  --upload-limit BYTES   bytes/s sent to peers, all torrents [default: 0, no limit]
+  --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
 ";
@@ -199,6 +207,8 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--hash-workers" => c.hash_workers = number(flag, value()?, 1, 64)? as usize,
             "--max-connections" => c.max_connections = number(flag, value()?, 1, 1_000_000)? as usize,
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
+            "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--log-level" => {
                 let v = value()?;
                 c.log_level = Level::parse(v).ok_or_else(|| format!("--log-level {v:?} is not error, warn, info or debug"))?;

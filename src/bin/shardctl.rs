@@ -18,8 +18,9 @@ USAGE: shardctl [--node ADDR] [--json] [--timeout SECS] COMMAND
 
 COMMANDS:
   list                          GGUF files the node seeds (LIST_FILES)
-  load N [--info-hash HASH] [--filename NAME] [--no-wait]
-                                make the node load shard N (LOAD_SHARD)
+  load N [--info-hash HASH] [--filename NAME] [--peer IP:PORT]... [--no-wait]
+                                make the node load shard N (LOAD_SHARD),
+                                downloading it from the peers if it lacks it
   status                        the node's state (STATUS)
   send JSON                     send one raw request object, print the response
   split MODEL.gguf --shards N --out DIR
@@ -182,6 +183,13 @@ fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
             "--info-hash" => params["info_hash"] = json!(it.next().ok_or_else(|| usage("--info-hash needs a value".into()))?),
             "--filename" => params["filename"] = json!(it.next().ok_or_else(|| usage("--filename needs a value".into()))?),
             "--no-wait" => params["wait"] = json!(false),
+            "--peer" => {
+                let peer = it.next().ok_or_else(|| usage("--peer needs a value".into()))?;
+                match params["peers"].as_array_mut() {
+                    Some(list) => list.push(json!(peer)),
+                    None => params["peers"] = json!([peer]),
+                }
+            }
             other => return Err(usage(format!("load: unknown flag {other}"))),
         }
     }

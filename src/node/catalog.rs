@@ -12,7 +12,8 @@ use serde_json::{Value, json};
 
 use crate::gguf::{Gguf, ShardSummary};
 use crate::protocol::ErrorCode;
-use crate::torrent::Metainfo;
+use crate::torrent::metainfo::check_file_name;
+use crate::torrent::{InfoHash, Metainfo};
 
 /// A GGUF file in the shards dir.
 #[derive(Clone, Debug)]
@@ -123,9 +124,37 @@ pub fn load_shard(shard_id: u32, path: &Path) -> Result<LoadedShard, (ErrorCode,
 pub struct Catalog {
     pub files: BTreeMap<String, FileEntry>,
     pub loaded: BTreeMap<u32, LoadedShard>,
+    /// `manifest.json` of the shards dir: shard id -> (filename, info hash).
+    pub manifest: BTreeMap<u32, (String, InfoHash)>,
+}
+
+/// Reads the shard table of a `manifest.json` (bounded; bad entries skipped).
+pub fn read_manifest(path: &Path) -> Option<BTreeMap<u32, (String, InfoHash)>> {
+    if std::fs::metadata(path).ok()?.len() > 4 * 1024 * 1024 {
+        return None;
+    }
+    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let mut out = BTreeMap::new();
+    for s in v.get("shards")?.as_array()? {
+        let id = s.get("shard_id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok());
+        let name = s.get("filename").and_then(Value::as_str).filter(|n| check_file_name(n).is_ok());
+        let hash = s.get("info_hash").and_then(Value::as_str).and_then(InfoHash::from_hex);
+        if let (Some(id), Some(name), Some(hash)) = (id, name, hash) {
+            out.insert(id, (name.to_string(), hash));
+        }
+    }
+    Some(out)
 }
 
 impl Catalog {
+    pub fn manifest_name(&self, id: u32) -> Option<String> {
+        self.manifest.get(&id).map(|(n, _)| n.clone())
+    }
+
+    pub fn manifest_hash(&self, id: u32) -> Option<InfoHash> {
+        self.manifest.get(&id).map(|(_, h)| *h)
+    }
+
     /// The file that holds `shard_id`: a valid GGUF whose `shard.index` says
     /// so first, then a file named `shard-N.gguf`.
     pub fn file_for_shard(&self, shard_id: u32) -> Option<&FileEntry> {

@@ -14,6 +14,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
+use crate::torrent::InfoHash;
 
 /// Stop reading requests while this much output is unsent.
 pub const OUT_HIGH_WATER: usize = 1024 * 1024;
@@ -54,6 +55,14 @@ pub struct Conn {
     /// Close once the output is flushed (after a fatal protocol error).
     pub close_after_flush: bool,
     pub wants_writable: bool,
+    /// Peer wire: the torrent, once the handshake named it (or we dialled for it).
+    pub torrent: Option<InfoHash>,
+    /// Peer wire: the remote handshake has been read.
+    pub handshaken: bool,
+    /// Peer wire: we dialled this peer.
+    pub outgoing: bool,
+    /// Peer wire: a non-blocking connect not yet complete.
+    pub connecting: bool,
 }
 
 /// What the next buffered bytes are.
@@ -81,7 +90,40 @@ impl Conn {
             read_closed: false,
             close_after_flush: false,
             wants_writable: false,
+            torrent: None,
+            handshaken: false,
+            outgoing: false,
+            connecting: false,
         }
+    }
+
+    /// A peer-wire connection we dial for `torrent`.
+    pub fn outgoing(stream: TcpStream, peer: SocketAddr, id: u64, torrent: InfoHash) -> Conn {
+        let mut c = Conn::new(stream, peer, id);
+        c.kind = Kind::PeerWire;
+        c.torrent = Some(torrent);
+        c.outgoing = true;
+        c.connecting = true;
+        c
+    }
+
+    /// Unconsumed input (peer wire).
+    pub fn input(&self) -> &[u8] {
+        &self.input[self.consumed..]
+    }
+
+    /// Marks `n` bytes of input used (peer wire).
+    pub fn consume_raw(&mut self, n: usize, now: Instant) {
+        self.consumed += n;
+        self.frame_started = self.has_partial_input().then_some(now);
+    }
+
+    /// Queues raw bytes (peer wire).
+    pub fn queue_raw(&mut self, bytes: &[u8], now: Instant) {
+        if self.pending_output() == 0 {
+            self.write_progress = now;
+        }
+        self.output.extend_from_slice(bytes);
     }
 
     pub fn pending_output(&self) -> usize {
@@ -95,7 +137,11 @@ impl Conn {
 
     /// Whether the connection may take more requests now.
     pub fn may_read(&self) -> bool {
-        !self.read_closed && !self.close_after_flush && self.kind != Kind::PeerWire && !self.backpressured()
+        if self.read_closed || self.close_after_flush || self.connecting {
+            return false;
+        }
+        // A peer's requests are bounded by the swarm's queue, not by output.
+        self.kind == Kind::PeerWire || !self.backpressured()
     }
 
     /// Whether a paused connection has drained enough to read again.
@@ -166,6 +212,9 @@ impl Conn {
 
     /// Writes as much output as the socket takes. `Ok(true)` when all is sent.
     pub fn flush(&mut self, now: Instant) -> io::Result<bool> {
+        if self.connecting {
+            return Ok(false);
+        }
         while self.written < self.output.len() {
             match self.stream.write(&self.output[self.written..]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

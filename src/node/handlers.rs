@@ -96,7 +96,8 @@ impl Node {
                 "scan_done": self.scan.done.is_some(),
                 "scan": scan,
             },
-            "downloads": [],
+            "downloads": self.downloads_json(),
+            "uploaded": self.uploaded_total(),
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
         })
@@ -125,25 +126,31 @@ impl Node {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
         };
-        let path: PathBuf = match entry {
+        let (path, local) = match entry {
             Some(f) => {
                 if let Err(e) = &f.gguf {
                     return reply_err(self, ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename));
                 }
-                if let (Some(want), Some(have)) = (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
-                    if want != have {
-                        return self.not_found(token, request_id, id, format!(
-                            "Shard {id}: the local {} has info hash {have}, not {want}.", f.filename
-                        ));
-                    }
+                match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                    (Some(want), Some(have)) if want != have => (f.path.clone(), false),
+                    _ => (f.path.clone(), true),
                 }
-                f.path.clone()
             }
-            // Not seen by the scan: the file may have arrived since.
-            None => self.config.shards_dir.join(p.filename.clone().unwrap_or_else(|| format!("shard-{id}.gguf"))),
+            None => {
+                // Not seen by the scan: the file may have arrived since.
+                let name = p.filename.clone().or_else(|| self.catalog.manifest_name(id)).unwrap_or_else(|| format!("shard-{id}.gguf"));
+                let path = self.config.shards_dir.join(name);
+                let exists = path.is_file();
+                (path, exists)
+            }
         };
 
         let waiter = Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
+        if !local {
+            if let Err((code, msg)) = self.download_shard(id, &p, &path) {
+                return self.respond(token, &error_payload(json!("LOAD_SHARD"), waiter.request_id, code, &msg));
+            }
+        }
         if !p.wait {
             let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
             self.respond(token, &success_payload("LOAD_SHARD", &waiter.request_id, result));
@@ -156,13 +163,48 @@ impl Node {
             }
             waiters.push(waiter);
         }
-        if first {
+        if first && local {
             self.start_load(id, path);
         }
     }
 
+    /// Starts (or joins) the download of shard `id`: its info hash from the
+    /// request or the manifest, its peers from the request.
+    fn download_shard(&mut self, id: u32, p: &LoadShard, path: &std::path::Path) -> Result<(), (ErrorCode, String)> {
+        if !self.config.enable_torrent {
+            return Err(self.not_found_message(id));
+        }
+        let h = p.info_hash.or_else(|| self.catalog.manifest_hash(id)).ok_or_else(|| {
+            (
+                ErrorCode::TorrentUnavailable,
+                format!("Shard {id} not found locally, and no info hash is known for it: pass params.info_hash, or keep manifest.json in the shards dir."),
+            )
+        })?;
+        let downloading = self.downloads.contains_key(&h);
+        if p.peers.is_empty() && !downloading {
+            return Err((
+                ErrorCode::TorrentUnavailable,
+                format!("Shard {id} not found locally, and no peers are known for {h}: pass params.peers (discovery through the DHT is not built yet)."),
+            ));
+        }
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.gguf").to_string();
+        self.start_download(h, None, &name, &p.peers, Some(id))
+            .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
+    }
+
+    /// Answers every request waiting for shard `id` with an error.
+    pub(super) fn fail_waiters(&mut self, id: u32, code: ErrorCode, msg: String) {
+        for w in self.loading.remove(&id).unwrap_or_default() {
+            let Some(conn) = self.conn(w.token).filter(|c| c.id == w.conn_id) else { continue };
+            let was_paused = conn.backpressured();
+            conn.in_flight -= 1;
+            self.respond(w.token, &error_payload(json!("LOAD_SHARD"), w.request_id, code, &msg));
+            self.resume_or_settle(w.token, was_paused);
+        }
+    }
+
     /// Maps and checks a shard on a worker; the answer comes as `NodeEvent::Loaded`.
-    fn start_load(&mut self, id: u32, path: PathBuf) {
+    pub(super) fn start_load(&mut self, id: u32, path: PathBuf) {
         self.loading.entry(id).or_default();
         let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
         self.pool.handle().submit(move || {
@@ -171,14 +213,9 @@ impl Node {
         });
     }
 
-    /// The note's answer for a shard this node does not have.
-    fn not_found(&mut self, token: Token, request_id: Value, id: u32, detail: String) {
-        let (code, msg) = self.not_found_message(id);
-        self.respond(token, &error_payload(json!("LOAD_SHARD"), request_id, code, &format!("{detail} {msg}")));
-    }
-
     pub(super) fn on_loaded(&mut self, shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)>) {
         let waiters = self.loading.remove(&shard_id).unwrap_or_default();
+        let downloaded = self.download_bytes.remove(&shard_id);
         match &result {
             Ok(s) => info!("shard {shard_id} loaded from {} ({} bytes mapped)", s.path.display(), s.map.len()),
             Err((_, e)) => warn!("shard {shard_id} not loaded: {e}"),
@@ -188,7 +225,11 @@ impl Node {
             let was_paused = conn.backpressured();
             conn.in_flight -= 1;
             let payload = match &result {
-                Ok(s) => success_payload("LOAD_SHARD", &w.request_id, loaded_json(s, "local", w.started)),
+                Ok(s) => {
+                    let mut result = loaded_json(s, if downloaded.is_some() { "torrent" } else { "local" }, w.started);
+                    result["bytes_downloaded"] = json!(downloaded.unwrap_or(0));
+                    success_payload("LOAD_SHARD", &w.request_id, result)
+                }
                 Err((ErrorCode::ShardNotFound, _)) => {
                     let (code, msg) = self.not_found_message(shard_id);
                     error_payload(json!("LOAD_SHARD"), w.request_id, code, &msg)
@@ -221,6 +262,7 @@ impl Node {
             ScanEvent::Found(entry) => {
                 self.catalog.files.insert(entry.filename.clone(), entry);
             }
+            ScanEvent::Manifest(m) => self.catalog.manifest = m,
             ScanEvent::Listed => {
                 self.scan.listed = true;
                 info!("shards dir {}: {} GGUF files", self.config.shards_dir.display(), self.catalog.files.len());
@@ -239,6 +281,8 @@ impl Node {
                         }
                         info!("torrent metadata for {filename}: info hash {} ({} bytes, {})", m.info_hash, m.info.length, if cached { "cached" } else { "hashed now" });
                         entry.meta = Some(m);
+                        let entry = entry.clone();
+                        self.seed_file(&entry);
                     }
                     Err(e) => {
                         warn!("{filename}: no torrent metadata: {e}");

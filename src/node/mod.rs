@@ -10,9 +10,10 @@
 pub mod catalog;
 pub mod conn;
 mod handlers;
+mod peer_wire;
 pub mod scan;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,7 +26,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 
 use crate::config::NodeConfig;
 use crate::protocol::{ErrorCode, Request, error_payload};
+use crate::torrent::InfoHash;
+use crate::torrent::swarm::Swarm;
 use crate::workers::WorkerPool;
+use peer_wire::{Bucket, Download};
 use crate::{debug, info, warn};
 use catalog::{Catalog, LoadedShard};
 use conn::{Conn, Next};
@@ -38,13 +42,19 @@ const FIRST_CONN: usize = 2;
 const READ_BUDGET: usize = 1024 * 1024;
 /// One read's buffer.
 const READ_CHUNK: usize = 64 * 1024;
-/// How often stalled connections are looked for.
+/// How often stalled connections are looked for and swarms ticked.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
+/// How often rate-limited transfers are resumed.
+const THROTTLE_TICK: Duration = Duration::from_millis(10);
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
     Scan(ScanEvent),
     Loaded { shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)> },
+    /// A piece's hash was checked; `blocks` are per-block digests when asked for or bad.
+    Hashed { info_hash: InfoHash, piece: u32, ok: bool, blocks: Vec<crate::hash::Digest> },
+    /// A finished download was synced and renamed (or why not).
+    Finished { info_hash: InfoHash, result: Result<catalog::FileEntry, String> },
 }
 
 /// A request waiting for a worker's answer.
@@ -79,6 +89,21 @@ pub struct Node {
     scratch: Vec<u8>,
     /// Serialized STATUS result less its live fields; `None` after a change.
     status_cache: Option<Vec<u8>>,
+    /// Connection id -> token, for swarms (which know peers by connection id).
+    conn_ids: HashMap<u64, Token>,
+    /// One swarm per torrent seeded or downloaded.
+    swarms: HashMap<InfoHash, Swarm>,
+    downloads: HashMap<InfoHash, Download>,
+    /// Our BitTorrent peer id: "-SN0001-" and 12 random bytes.
+    peer_id: [u8; 20],
+    upload_bucket: Bucket,
+    download_bucket: Bucket,
+    /// Swarms with requests waiting for upload tokens.
+    throttled_swarms: HashSet<InfoHash>,
+    /// Peer connections paused for download tokens.
+    throttled_reads: Vec<Token>,
+    /// Shard id -> bytes downloaded for it, reported by LOAD_SHARD.
+    download_bytes: HashMap<u32, u64>,
 }
 
 #[derive(Default)]
@@ -106,6 +131,7 @@ impl Node {
             let _ = w.wake();
         });
 
+        let (config_upload, config_download) = (config.upload_limit, config.download_limit);
         Ok(Node {
             config,
             poll,
@@ -127,6 +153,15 @@ impl Node {
             started: Instant::now(),
             scratch: vec![0; READ_CHUNK],
             status_cache: None,
+            conn_ids: HashMap::new(),
+            swarms: HashMap::new(),
+            downloads: HashMap::new(),
+            peer_id: peer_id(),
+            upload_bucket: Bucket::new(config_upload),
+            download_bucket: Bucket::new(config_download),
+            throttled_swarms: HashSet::new(),
+            throttled_reads: Vec::new(),
+            download_bytes: HashMap::new(),
         })
     }
 
@@ -139,10 +174,12 @@ impl Node {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
-            let timeout = if self.again.is_empty() {
-                next_sweep.saturating_duration_since(Instant::now())
-            } else {
+            let timeout = if !self.again.is_empty() {
                 Duration::ZERO
+            } else if !self.throttled_swarms.is_empty() || !self.throttled_reads.is_empty() {
+                THROTTLE_TICK
+            } else {
+                next_sweep.saturating_duration_since(Instant::now())
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -171,8 +208,15 @@ impl Node {
             for token in std::mem::take(&mut self.again) {
                 self.on_readable(token);
             }
+            for h in std::mem::take(&mut self.throttled_swarms) {
+                self.pump(h);
+            }
+            for token in std::mem::take(&mut self.throttled_reads) {
+                self.on_readable(token);
+            }
             if Instant::now() >= next_sweep {
                 self.sweep_stalled();
+                self.tick_swarms();
                 next_sweep = Instant::now() + SWEEP_EVERY;
             }
         }
@@ -200,6 +244,7 @@ impl Node {
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
                     self.conns[slot] = Some(Conn::new(stream, peer, id));
+                    self.conn_ids.insert(id, token);
                     self.open_conns += 1;
                     debug!("conn {id} from {peer}");
                 }
@@ -230,13 +275,26 @@ impl Node {
                 self.again.push(token);
                 break;
             }
-            match conn.stream.read(&mut scratch) {
+            let mut chunk = scratch.len();
+            if conn.kind == conn::Kind::PeerWire && self.download_bucket.limited() {
+                let allowed = self.download_bucket.available(Instant::now());
+                if allowed == 0 {
+                    self.throttled_reads.push(token);
+                    break;
+                }
+                chunk = chunk.min(allowed as usize);
+            }
+            let Some(conn) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) else { break };
+            match conn.stream.read(&mut scratch[..chunk]) {
                 Ok(0) => {
                     conn.read_closed = true;
                     break;
                 }
                 Ok(n) => {
                     conn.push_input(&scratch[..n], Instant::now());
+                    if conn.kind == conn::Kind::PeerWire {
+                        self.download_bucket.take(n as u64);
+                    }
                     budget = budget.saturating_sub(n);
                     self.process_input(token);
                 }
@@ -257,6 +315,7 @@ impl Node {
     /// Answers are queued, and written once per batch (see `after_io`).
     fn process_input(&mut self, token: Token) {
         let max_frame = self.config.max_frame;
+        let torrent_enabled = self.config.enable_torrent;
         loop {
             let Some(conn) = self.conn(token) else { return };
             if conn.close_after_flush {
@@ -292,8 +351,11 @@ impl Node {
                     break;
                 }
                 Next::PeerWire => {
+                    if torrent_enabled {
+                        return self.process_peer_input(token);
+                    }
                     let peer = conn.peer;
-                    info!("peer-wire handshake from {peer}: this node does not serve the BitTorrent peer wire yet; closing");
+                    info!("peer-wire handshake from {peer}: torrent is disabled (--enable-torrent); closing");
                     conn.discard_input();
                     conn.close_after_flush = true;
                     break;
@@ -307,6 +369,20 @@ impl Node {
     }
 
     fn on_writable(&mut self, token: Token) {
+        if !self.finish_connect(token) {
+            return;
+        }
+        let Some(conn) = self.conn(token) else { return };
+        if conn.kind == conn::Kind::PeerWire {
+            // Room in the socket: serve more of the peer's queued requests.
+            if let Err(e) = conn.flush(Instant::now()) {
+                return self.close(token, &format!("write error: {e}"));
+            }
+            if let Some(h) = conn.torrent {
+                self.pump(h);
+            }
+            return self.after_io(token);
+        }
         let Some(conn) = self.conn(token) else { return };
         let was_paused = conn.backpressured();
         if let Err(e) = conn.flush(Instant::now()) {
@@ -368,7 +444,12 @@ impl Node {
             let _ = self.poll.registry().deregister(&mut conn.stream);
             self.free.push(slot);
             self.open_conns -= 1;
-            debug!("conn {} from {}: {why}", conn.id, conn.peer);
+            self.conn_ids.remove(&conn.id);
+            debug!("conn {} with {}: {why}", conn.id, conn.peer);
+            self.peer_closed(&conn);
+            if let Some(h) = conn.torrent {
+                self.pump(h);
+            }
         }
     }
 
@@ -397,9 +478,18 @@ impl Node {
             match ev {
                 NodeEvent::Scan(ev) => self.on_scan_event(ev),
                 NodeEvent::Loaded { shard_id, result } => self.on_loaded(shard_id, result),
+                NodeEvent::Hashed { info_hash, piece, ok, blocks } => self.on_hashed(info_hash, piece, ok, blocks),
+                NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
             }
         }
     }
+}
+
+/// A BitTorrent peer id in the common Azureus style: "-SN0001-" + 12 random bytes.
+fn peer_id() -> [u8; 20] {
+    let mut id = random_id();
+    id[..8].copy_from_slice(b"-SN0001-");
+    id
 }
 
 /// 20 random bytes for the node id (the DHT's id space).

@@ -26,6 +26,8 @@ const MAX_TORRENT_FILE: u64 = 16 * 1024 * 1024;
 
 pub enum ScanEvent {
     Found(FileEntry),
+    /// The shard table of `manifest.json`, when the dir has one.
+    Manifest(std::collections::BTreeMap<u32, (String, crate::torrent::InfoHash)>),
     /// Every file has been reported with `Found`.
     Listed,
     Metadata { filename: String, result: Result<Arc<Metainfo>, String>, cached: bool },
@@ -96,6 +98,9 @@ fn scan(dir: &Path, pool: &PoolHandle, notify: &dyn Fn(ScanEvent)) {
         found.push((name, path, meta));
     }
     stats.files = found.len();
+    if let Some(m) = super::catalog::read_manifest(&dir.join(crate::gguf::split::MANIFEST)) {
+        notify(ScanEvent::Manifest(m));
+    }
     notify(ScanEvent::Listed);
 
     let mut pending = Vec::new();

@@ -84,6 +84,8 @@ pub struct LoadShard {
     pub wait: bool,
     /// Load this file of the shards dir instead of the one the catalog names.
     pub filename: Option<String>,
+    /// Peers to download the shard from when it is not here (IP:PORT).
+    pub peers: Vec<std::net::SocketAddr>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -208,7 +210,32 @@ fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode
         }
         Some(v) => return Err((ErrorCode::WrongType, format!("filename must be a string, got {}", kind(v)))),
     };
-    Ok(LoadShard { shard_id, info_hash, wait, filename })
+    let peers = parse_peers(params)?;
+    Ok(LoadShard { shard_id, info_hash, wait, filename, peers })
+}
+
+/// Most peers one request may name.
+pub const MAX_REQUEST_PEERS: usize = 64;
+
+fn parse_peers(params: &Map<String, Value>) -> Result<Vec<std::net::SocketAddr>, (ErrorCode, String)> {
+    let list = match params.get("peers") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(v) => return Err((ErrorCode::WrongType, format!("peers must be an array of \"IP:PORT\", got {}", kind(v)))),
+    };
+    if list.len() > MAX_REQUEST_PEERS {
+        return Err((ErrorCode::OutOfRange, format!("{} peers given, at most {MAX_REQUEST_PEERS}", list.len())));
+    }
+    list.iter()
+        .map(|p| {
+            let s = p.as_str().ok_or_else(|| (ErrorCode::WrongType, format!("peer {p} is not a string")))?;
+            let a = crate::config::parse_peer_addr(s).map_err(|e| (ErrorCode::WrongType, format!("peer: {e}")))?;
+            a.host
+                .parse::<std::net::IpAddr>()
+                .map(|ip| std::net::SocketAddr::new(ip, a.port))
+                .map_err(|_| (ErrorCode::WrongType, format!("peer {s:?} must be an IP address and port")))
+        })
+        .collect()
 }
 
 fn optional_string(obj: &Map<String, Value>, key: &str) -> Result<Option<String>, String> {
@@ -277,7 +304,7 @@ mod tests {
     #[test]
     fn parses_the_notes_requests() {
         let r = parse(r#"{"command":"LOAD_SHARD","request_id":"req-123","from":"coordinator-peer-id","to":"target-node-peer-id","params":{"shard_id":5}}"#).unwrap();
-        assert_eq!(r.command, Command::LoadShard(LoadShard { shard_id: 5, info_hash: None, wait: true, filename: None }));
+        assert_eq!(r.command, Command::LoadShard(LoadShard { shard_id: 5, info_hash: None, wait: true, filename: None, peers: vec![] }));
         assert_eq!(r.request_id, json!("req-123"));
         assert_eq!(r.to.as_deref(), Some("target-node-peer-id"));
         let r = parse(r#"{"command":"LIST_FILES","request_id":"req-124","from":"c","to":"n"}"#).unwrap();
@@ -310,6 +337,9 @@ mod tests {
         assert_eq!(load(r#"{"shard_id":1,"wait":"yes"}"#), ErrorCode::WrongType);
         assert_eq!(load(r#"{"shard_id":1,"filename":"../etc/passwd"}"#), ErrorCode::BadPath);
         assert_eq!(load(r#"{"shard_id":1,"filename":".."}"#), ErrorCode::BadPath);
+        assert_eq!(load(r#"{"shard_id":1,"peers":"127.0.0.1:1"}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":1,"peers":["nohost"]}"#), ErrorCode::WrongType);
+        assert_eq!(load(r#"{"shard_id":1,"peers":["example.com:80"]}"#), ErrorCode::WrongType);
     }
 
     #[test]

@@ -76,6 +76,11 @@ impl Info {
         .encode()
     }
 
+    /// Parses a bencoded info dict (as received by ut_metadata).
+    pub fn parse_raw(raw: &[u8]) -> Result<Info> {
+        Info::from_value(&bencode::decode(raw)?)
+    }
+
     fn from_value(v: &Value<'_>) -> Result<Info> {
         ensure!(v.as_dict().is_some(), "info is not a dictionary");
         if v.get("files").is_some() {

@@ -3,6 +3,7 @@
 pub mod create;
 pub mod picker;
 pub mod storage;
+pub mod swarm;
 pub mod wire;
 pub mod metainfo;
 

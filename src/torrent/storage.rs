@@ -118,31 +118,61 @@ impl Storage {
     }
 
     /// Syncs written data, then records `have` so a restart can trust it.
+    /// Blocking: run it on a worker (`resume_job`).
     pub fn save_resume(&self, info_hash: InfoHash, have: &Bitfield) -> Result<()> {
-        let Some(part) = &self.part else { return Ok(()) };
-        self.file.sync_data()?;
+        match self.resume_job(info_hash, have)? {
+            Some(job) => job(),
+            None => Ok(()),
+        }
+    }
+
+    /// A job that syncs the data and writes the resume file, for a worker.
+    pub fn resume_job(&self, info_hash: InfoHash, have: &Bitfield) -> Result<Option<impl FnOnce() -> Result<()> + Send + 'static>> {
+        let Some(part) = &self.part else { return Ok(None) };
+        let file = self.file.try_clone()?;
         let doc = bencode::dict([
             ("info_hash", Value::bytes(&info_hash.0[..])),
             ("length", Value::Int(self.lengths.total as i64)),
             ("pieces", Value::bytes(have.as_bytes())),
-        ]);
+        ])
+        .encode();
         let path = resume_path(part);
-        let tmp = path.with_extension("resume.tmp");
-        std::fs::write(&tmp, doc.encode())?;
-        std::fs::rename(&tmp, &path)?;
-        Ok(())
+        Ok(Some(move || {
+            file.sync_data()?;
+            let tmp = path.with_extension("resume.tmp");
+            std::fs::write(&tmp, doc)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(())
+        }))
     }
 
-    /// Every piece verified: sync, rename `NAME.part` to `NAME`, drop the
-    /// resume file, and become a complete, read-only file.
+    /// A job that syncs `NAME.part`, renames it to `NAME` and drops the resume
+    /// file; after it succeeds, call [`Storage::finished`]. Blocking: for a worker.
+    pub fn finish_job(&self) -> Result<impl FnOnce() -> Result<()> + Send + 'static> {
+        let part = self.part.clone();
+        let path = self.path.clone();
+        let file = self.file.try_clone()?;
+        Ok(move || {
+            let Some(part) = part else { return Ok(()) };
+            file.sync_all()?;
+            if path.exists() {
+                bail!("{} already exists; keeping {}", path.display(), part.display());
+            }
+            std::fs::rename(&part, &path).with_context(|| format!("renaming {}", part.display()))?;
+            let _ = std::fs::remove_file(resume_path(&part));
+            Ok(())
+        })
+    }
+
+    /// The file now lives under its final name and is never written again.
+    pub fn finished(&mut self) {
+        self.part = None;
+    }
+
+    /// Every piece verified: sync and rename now (tests and tools).
     pub fn finish(&mut self) -> Result<()> {
-        let Some(part) = self.part.take() else { return Ok(()) };
-        self.file.sync_all()?;
-        if self.path.exists() {
-            bail!("{} already exists; keeping {}", self.path.display(), part.display());
-        }
-        std::fs::rename(&part, &self.path).with_context(|| format!("renaming {}", part.display()))?;
-        let _ = std::fs::remove_file(resume_path(&part));
+        self.finish_job()?()?;
+        self.finished();
         Ok(())
     }
 }

@@ -1,0 +1,753 @@
+//! One torrent's swarm, sans-IO: the peers' protocol state, what to ask whom,
+//! what to serve, metadata exchange (BEP 9/10), verification outcomes, strikes
+//! and bans. The node feeds it handshakes, messages, hash results and time;
+//! it leaves bytes to send in each peer's `out` buffer and work for the node
+//! in `actions`. See `STATE.md` beside this file.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+
+use super::metainfo::{Info, InfoHash, Metainfo};
+use super::picker::{BlockResult, Lengths, PeerKey, Picker};
+use super::storage::{Storage, View};
+use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
+use crate::bencode::{self, Value};
+use crate::hash::{self, Digest};
+
+/// Blocks asked of one peer at once: 128 x 16 KiB = 2 MiB in flight, enough
+/// to fill a fast link's bandwidth-delay product.
+pub const PIPELINE: usize = 128;
+/// Requests a peer may queue with us; more is a flood and the peer is dropped.
+pub const MAX_PEER_REQUESTS: usize = 512;
+/// Peers unchoked at once.
+pub const UNCHOKE_SLOTS: usize = 16;
+/// A block not delivered in this time is asked of someone else.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(20);
+/// Our extension id for ut_metadata (BEP 9), announced in our handshake.
+const UT_METADATA: u8 = 1;
+/// Metadata pieces are 16 KiB (BEP 9).
+const METADATA_PIECE: usize = 16 * 1024;
+/// Largest info dict accepted by ut_metadata: 8 MiB is 400k pieces.
+pub const MAX_METADATA: u64 = 8 * 1024 * 1024;
+/// Failed pieces a peer may send before it is banned.
+const MAX_STRIKES: u32 = 2;
+
+/// Who strikes and bans apply to: the IP address, as clients do; on loopback
+/// (test networks, where every peer is 127.0.0.1) the address and port.
+pub fn ban_key(addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_loopback() { addr } else { SocketAddr::new(addr.ip(), 0) }
+}
+
+/// Work the node does for the swarm.
+pub enum Action {
+    /// Hash a complete piece; `blocks`: also return each block's digest.
+    Hash { piece: u32, view: View, offset: u64, len: u64, expected: Digest, blocks: bool },
+    /// Every piece verified: sync and rename the file.
+    Complete,
+    /// The info dict arrived and verified (magnet): storage is open.
+    MetadataReady,
+    /// Close this peer's connection.
+    Disconnect(PeerKey, String),
+    /// Verified pieces changed: record them (debounced by the node).
+    SaveResume,
+}
+
+/// One connected peer.
+pub struct Peer {
+    pub addr: SocketAddr,
+    pub out: Vec<u8>,
+    handshaken: bool,
+    pub peer_id: [u8; 20],
+    extensions: bool,
+    their_ut_metadata: Option<u8>,
+    am_choking: bool,
+    am_interested: bool,
+    peer_choking: bool,
+    peer_interested: bool,
+    bits: Bitfield,
+    /// A bitfield and haves that arrived before the metadata (magnet):
+    /// applied once the piece count is known.
+    early_bits: Option<Vec<u8>>,
+    early_haves: Vec<u32>,
+    requested: Vec<(Block, Instant)>,
+    queue: VecDeque<Block>,
+    pub downloaded: u64,
+    pub uploaded: u64,
+    last_block: Instant,
+}
+
+enum Metadata {
+    Known(Arc<Metainfo>),
+    Fetching { size: usize, pieces: Vec<Option<Vec<u8>>>, asked: HashMap<u32, Instant> },
+    Unknown,
+}
+
+pub struct Swarm {
+    pub info_hash: InfoHash,
+    pub name: String,
+    my_id: [u8; 20],
+    meta: Metadata,
+    storage: Option<Storage>,
+    picker: Option<Picker>,
+    pub peers: BTreeMap<PeerKey, Peer>,
+    pub actions: Vec<Action>,
+    strikes: HashMap<SocketAddr, u32>,
+    pub banned: HashSet<SocketAddr>,
+    /// Pieces that failed: per block, who sent what, to pin the bad sender
+    /// when the piece later verifies (libtorrent's smart ban).
+    suspects: HashMap<u32, Vec<(u32, SocketAddr, Digest)>>,
+    pub downloaded: u64,
+    pub uploaded: u64,
+    pub wasted: u64,
+    pub started: Instant,
+    pub completed: Option<Instant>,
+    dir: std::path::PathBuf,
+}
+
+impl Swarm {
+    /// A complete file we seed.
+    pub fn seed(meta: Arc<Metainfo>, path: &std::path::Path, my_id: [u8; 20], now: Instant) -> Result<Swarm> {
+        let lengths = Lengths::new(meta.info.length, meta.info.piece_length);
+        let storage = Storage::open_complete(path, lengths)?;
+        let mut s = Swarm::empty(meta.info_hash, meta.info.name.clone(), my_id, path.parent().unwrap_or(path).into(), now);
+        s.picker = Some(Picker::new(lengths, Bitfield::full(lengths.pieces)));
+        s.storage = Some(storage);
+        s.meta = Metadata::Known(meta);
+        s.completed = Some(now);
+        Ok(s)
+    }
+
+    /// A file to download into `dir`; without metadata it is fetched from peers.
+    pub fn download(info_hash: InfoHash, meta: Option<Arc<Metainfo>>, name: &str, dir: &std::path::Path, my_id: [u8; 20], now: Instant) -> Result<Swarm> {
+        let mut s = Swarm::empty(info_hash, name.to_string(), my_id, dir.to_path_buf(), now);
+        if let Some(m) = meta {
+            if m.info_hash != info_hash {
+                return Err(anyhow!("metadata is for {}, not {info_hash}", m.info_hash));
+            }
+            s.open_storage(m)?;
+        }
+        Ok(s)
+    }
+
+    fn empty(info_hash: InfoHash, name: String, my_id: [u8; 20], dir: std::path::PathBuf, now: Instant) -> Swarm {
+        Swarm {
+            info_hash,
+            name,
+            my_id,
+            meta: Metadata::Unknown,
+            storage: None,
+            picker: None,
+            peers: BTreeMap::new(),
+            actions: Vec::new(),
+            strikes: HashMap::new(),
+            banned: HashSet::new(),
+            suspects: HashMap::new(),
+            downloaded: 0,
+            uploaded: 0,
+            wasted: 0,
+            started: now,
+            completed: None,
+            dir,
+        }
+    }
+
+    fn open_storage(&mut self, m: Arc<Metainfo>) -> Result<()> {
+        let lengths = Lengths::new(m.info.length, m.info.piece_length);
+        let (storage, have) = Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths)?;
+        self.name = m.info.name.clone();
+        self.picker = Some(Picker::new(lengths, have));
+        self.storage = Some(storage);
+        self.meta = Metadata::Known(m);
+        if self.picker.as_ref().is_some_and(Picker::is_complete) {
+            self.actions.push(Action::Complete);
+        }
+        Ok(())
+    }
+
+    pub fn metainfo(&self) -> Option<&Arc<Metainfo>> {
+        match &self.meta {
+            Metadata::Known(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    pub fn storage_mut(&mut self) -> Option<&mut Storage> {
+        self.storage.as_mut()
+    }
+
+    pub fn have(&self) -> Option<&Bitfield> {
+        self.picker.as_ref().map(Picker::have)
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.completed.is_some()
+    }
+
+    pub fn total_length(&self) -> Option<u64> {
+        self.picker.as_ref().map(|p| p.lengths().total)
+    }
+
+    /// Bytes verified so far.
+    pub fn verified_bytes(&self) -> u64 {
+        let Some(p) = &self.picker else { return 0 };
+        let l = p.lengths();
+        p.have().ones().map(|i| l.piece_size(i) as u64).sum()
+    }
+
+    /// A new connection; an outgoing one sends its handshake first.
+    pub fn add_peer(&mut self, key: PeerKey, addr: SocketAddr, outgoing: bool, now: Instant) -> Result<()> {
+        if self.banned.contains(&ban_key(addr)) {
+            return Err(anyhow!("{addr} is banned"));
+        }
+        let pieces = self.picker.as_ref().map_or(0, |p| p.lengths().pieces);
+        let mut peer = Peer {
+            addr,
+            out: Vec::new(),
+            handshaken: false,
+            peer_id: [0; 20],
+            extensions: false,
+            their_ut_metadata: None,
+            am_choking: true,
+            am_interested: false,
+            peer_choking: true,
+            peer_interested: false,
+            bits: Bitfield::new(pieces),
+            early_bits: None,
+            early_haves: Vec::new(),
+            requested: Vec::new(),
+            queue: VecDeque::new(),
+            downloaded: 0,
+            uploaded: 0,
+            last_block: now,
+        };
+        if outgoing {
+            Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
+        }
+        self.peers.insert(key, peer);
+        Ok(())
+    }
+
+    /// The peer's handshake arrived (the node checked its info hash).
+    pub fn on_handshake(&mut self, key: PeerKey, hs: &Handshake, outgoing: bool) -> Result<()> {
+        if hs.peer_id == self.my_id {
+            return Err(anyhow!("connected to ourselves"));
+        }
+        if self.peers.iter().any(|(k, p)| *k != key && p.handshaken && p.peer_id == hs.peer_id) {
+            return Err(anyhow!("already connected to this peer"));
+        }
+        let ext_payload = self.extension_handshake();
+        let have = self.picker.as_ref().map(|p| p.have().clone());
+        let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+        peer.handshaken = true;
+        peer.peer_id = hs.peer_id;
+        peer.extensions = hs.supports_extensions();
+        if !outgoing {
+            Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
+        }
+        if peer.extensions {
+            wire::encode(&Message::Extended { id: 0, payload: &ext_payload }, &mut peer.out);
+        }
+        if let Some(have) = have.filter(|h| h.count() > 0) {
+            wire::encode(&Message::Bitfield(have.as_bytes()), &mut peer.out);
+        }
+        Ok(())
+    }
+
+    fn extension_handshake(&self) -> Vec<u8> {
+        let mut d = vec![
+            ("m", bencode::dict([("ut_metadata", Value::Int(UT_METADATA as i64))])),
+            ("reqq", Value::Int(MAX_PEER_REQUESTS as i64)),
+            ("v", Value::str("shardnet")),
+        ];
+        if let Metadata::Known(m) = &self.meta {
+            d.push(("metadata_size", Value::Int(m.raw_info.len() as i64)));
+        }
+        bencode::dict(d).encode()
+    }
+
+    /// Whether `key` has completed its handshake.
+    pub fn handshaken(&self, key: PeerKey) -> bool {
+        self.peers.get(&key).is_some_and(|p| p.handshaken)
+    }
+
+    /// Largest message a peer may send us.
+    pub fn max_message(&self) -> u32 {
+        let bitfield = self.picker.as_ref().map_or(0, |p| p.lengths().pieces.div_ceil(8));
+        (BLOCK_SIZE + 13).max(bitfield + 5).max(METADATA_PIECE as u32 + 1024)
+    }
+
+    /// One message from a handshaken peer. `Err`: a protocol violation; drop it.
+    pub fn on_message(&mut self, key: PeerKey, msg: Message<'_>, now: Instant) -> Result<()> {
+        match msg {
+            Message::KeepAlive | Message::Port(_) | Message::Unknown { .. } => {}
+            Message::Choke => {
+                let peer = self.peer(key)?;
+                peer.peer_choking = true;
+                let requested: Vec<Block> = peer.requested.drain(..).map(|(b, _)| b).collect();
+                if let Some(p) = self.picker.as_mut() {
+                    for b in &requested {
+                        p.release(key, b);
+                    }
+                }
+            }
+            Message::Unchoke => {
+                self.peer(key)?.peer_choking = false;
+                self.request_more(key);
+            }
+            Message::Interested => {
+                self.peer(key)?.peer_interested = true;
+                self.rechoke();
+            }
+            Message::NotInterested => {
+                let peer = self.peer(key)?;
+                peer.peer_interested = false;
+                peer.queue.clear();
+                self.rechoke();
+            }
+            Message::Have(i) => self.on_have(key, i)?,
+            Message::Bitfield(bytes) => self.on_bitfield(key, bytes)?,
+            Message::Request(b) => self.on_request(key, b)?,
+            Message::Cancel(b) => self.peer(key)?.queue.retain(|q| *q != b),
+            Message::Piece { index, begin, data } => self.on_piece(key, index, begin, data, now)?,
+            Message::Extended { id, payload } => self.on_extended(key, id, payload, now)?,
+        }
+        Ok(())
+    }
+
+    fn peer(&mut self, key: PeerKey) -> Result<&mut Peer> {
+        self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))
+    }
+
+    fn on_have(&mut self, key: PeerKey, i: u32) -> Result<()> {
+        let Some(picker) = self.picker.as_mut() else {
+            let peer = self.peer(key)?;
+            if peer.early_haves.len() < (MAX_METADATA / 20) as usize {
+                peer.early_haves.push(i);
+            }
+            return Ok(());
+        };
+        if i >= picker.lengths().pieces {
+            return Err(anyhow!("have for piece {i} of {}", picker.lengths().pieces));
+        }
+        let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+        if peer.bits.set(i) {
+            picker.peer_has(i);
+        }
+        self.update_interest(key);
+        Ok(())
+    }
+
+    fn on_bitfield(&mut self, key: PeerKey, bytes: &[u8]) -> Result<()> {
+        let Some(picker) = self.picker.as_mut() else {
+            // No metadata yet: the piece count is unknown; keep it for later.
+            let peer = self.peer(key)?;
+            if peer.early_bits.is_some() {
+                return Err(anyhow!("second bitfield"));
+            }
+            peer.early_bits = Some(bytes.to_vec());
+            return Ok(());
+        };
+        let n = picker.lengths().pieces;
+        let bits = Bitfield::from_wire(bytes, n)
+            .ok_or_else(|| anyhow!("bitfield of {} bytes (or spare bits set) for {n} pieces", bytes.len()))?;
+        let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+        if peer.bits.count() > 0 {
+            return Err(anyhow!("second bitfield"));
+        }
+        picker.peer_bitfield(&bits);
+        peer.bits = bits;
+        self.update_interest(key);
+        Ok(())
+    }
+
+    fn on_request(&mut self, key: PeerKey, b: Block) -> Result<()> {
+        let Some(picker) = &self.picker else { return Err(anyhow!("request before metadata")) };
+        if !picker.lengths().valid_request(&b) {
+            return Err(anyhow!("request {b:?} out of range or over {BLOCK_SIZE} bytes"));
+        }
+        if !picker.have().get(b.index) {
+            return Err(anyhow!("request for piece {} which we do not have", b.index));
+        }
+        let peer = self.peer(key)?;
+        if peer.am_choking {
+            return Ok(()); // may cross an unchoke in flight; dropped, as BEP 3 allows
+        }
+        if peer.queue.len() >= MAX_PEER_REQUESTS {
+            return Err(anyhow!("more than {MAX_PEER_REQUESTS} requests queued"));
+        }
+        peer.queue.push_back(b);
+        Ok(())
+    }
+
+    fn on_piece(&mut self, key: PeerKey, index: u32, begin: u32, data: &[u8], now: Instant) -> Result<()> {
+        let b = Block { index, begin, length: data.len() as u32 };
+        let peer = self.peer(key)?;
+        let pos = peer.requested.iter().position(|(r, _)| *r == b);
+        let Some(pos) = pos else {
+            self.wasted += data.len() as u64;
+            return Ok(()); // cancelled in endgame, or never asked: ignored
+        };
+        peer.requested.swap_remove(pos);
+        peer.downloaded += data.len() as u64;
+        peer.last_block = now;
+        let (Some(picker), Some(storage)) = (self.picker.as_mut(), self.storage.as_ref()) else { return Ok(()) };
+        match picker.on_block(key, &b) {
+            BlockResult::Unwanted => self.wasted += data.len() as u64,
+            BlockResult::Accepted { complete, cancel } => {
+                storage.write(picker.lengths().offset(&b), data)?;
+                self.downloaded += data.len() as u64;
+                for other in cancel {
+                    if let Some(p) = self.peers.get_mut(&other) {
+                        p.requested.retain(|(r, _)| *r != b);
+                        wire::encode(&Message::Cancel(b), &mut p.out);
+                    }
+                }
+                if complete {
+                    self.queue_hash(index);
+                }
+            }
+        }
+        self.request_more(key);
+        Ok(())
+    }
+
+    fn queue_hash(&mut self, piece: u32) {
+        let (Some(picker), Some(storage), Metadata::Known(m)) = (&self.picker, &self.storage, &self.meta) else { return };
+        let l = picker.lengths();
+        self.actions.push(Action::Hash {
+            piece,
+            view: storage.view(),
+            offset: piece as u64 * l.piece_length,
+            len: l.piece_size(piece) as u64,
+            expected: m.info.pieces[piece as usize],
+            blocks: self.suspects.contains_key(&piece),
+        });
+    }
+
+    /// The hash workers' verdict; `blocks` are the piece's per-block digests
+    /// (present when the piece failed or was a suspect).
+    pub fn on_hashed(&mut self, piece: u32, ok: bool, blocks: &[Digest]) {
+        let Some(picker) = self.picker.as_mut() else { return };
+        let senders = picker.on_hashed(piece, ok);
+        let complete = picker.is_complete();
+        let piece_size = picker.lengths().piece_size(piece) as u64;
+        if ok {
+            // Smart ban: whoever sent a block that differs from the good one lied.
+            let liars: Vec<SocketAddr> = self
+                .suspects
+                .remove(&piece)
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(block, _, digest)| blocks.get(*block as usize).is_some_and(|good| good != digest))
+                .map(|(_, ip, _)| ip)
+                .collect();
+            for ip in liars {
+                self.ban(ip, &format!("sent a corrupt block of piece {piece}"));
+            }
+            let have = Message::Have(piece);
+            for p in self.peers.values_mut().filter(|p| p.handshaken) {
+                wire::encode(&have, &mut p.out);
+            }
+            self.actions.push(Action::SaveResume);
+            if complete && self.completed.is_none() {
+                self.actions.push(Action::Complete);
+            }
+            let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+            for k in keys {
+                self.update_interest(k);
+            }
+        } else {
+            self.wasted += piece_size;
+            let mut offenders: Vec<SocketAddr> = Vec::new();
+            for (block, k) in senders {
+                let Some(ip) = self.peers.get(&k).map(|p| ban_key(p.addr)) else { continue };
+                if let Some(d) = blocks.get(block as usize) {
+                    self.suspects.entry(piece).or_default().push((block, ip, *d));
+                }
+                if !offenders.contains(&ip) {
+                    offenders.push(ip);
+                }
+            }
+            for ip in offenders {
+                let strikes = {
+                    let s = self.strikes.entry(ip).or_default();
+                    *s += 1;
+                    *s
+                };
+                if strikes >= MAX_STRIKES {
+                    self.ban(ip, &format!("{strikes} pieces failed verification"));
+                }
+            }
+        }
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.request_more(k);
+        }
+    }
+
+    fn ban(&mut self, key: SocketAddr, why: &str) {
+        self.banned.insert(key);
+        for (k, p) in &self.peers {
+            if ban_key(p.addr) == key {
+                self.actions.push(Action::Disconnect(*k, format!("banned: {why}")));
+            }
+        }
+    }
+
+    /// Sends interested / not interested as the peer's pieces and ours change.
+    fn update_interest(&mut self, key: PeerKey) {
+        let Some(picker) = &self.picker else { return };
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        let have = picker.have();
+        let wants = !have.is_complete() && peer.bits.ones().any(|i| !have.get(i));
+        if wants != peer.am_interested {
+            peer.am_interested = wants;
+            wire::encode(if wants { &Message::Interested } else { &Message::NotInterested }, &mut peer.out);
+        }
+        if wants {
+            self.request_more(key);
+        }
+    }
+
+    /// Keeps `PIPELINE` blocks asked of an unchoking peer.
+    fn request_more(&mut self, key: PeerKey) {
+        let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
+        if peer.peer_choking || !peer.am_interested || picker.is_complete() {
+            return;
+        }
+        let room = PIPELINE.saturating_sub(peer.requested.len());
+        if room == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for b in picker.pick(key, &peer.bits, room) {
+            wire::encode(&Message::Request(b), &mut peer.out);
+            peer.requested.push((b, now));
+        }
+    }
+
+    /// Unchokes interested peers while slots are free; chokes the uninterested.
+    fn rechoke(&mut self) {
+        let mut unchoked = self.peers.values().filter(|p| !p.am_choking).count();
+        for p in self.peers.values_mut() {
+            if !p.am_choking && !p.peer_interested {
+                p.am_choking = true;
+                p.queue.clear();
+                wire::encode(&Message::Choke, &mut p.out);
+                unchoked -= 1;
+            }
+        }
+        for p in self.peers.values_mut() {
+            if unchoked >= UNCHOKE_SLOTS {
+                break;
+            }
+            if p.am_choking && p.peer_interested && p.handshaken {
+                p.am_choking = false;
+                wire::encode(&Message::Unchoke, &mut p.out);
+                unchoked += 1;
+            }
+        }
+    }
+
+    /// Serves queued requests of `key` into its `out`, while it stays under
+    /// `room` bytes and `budget` allows; returns the bytes served.
+    pub fn serve(&mut self, key: PeerKey, room: usize, budget: &mut u64) -> u64 {
+        let (Some(storage), Some(picker)) = (&self.storage, &self.picker) else { return 0 };
+        let Some(peer) = self.peers.get_mut(&key) else { return 0 };
+        let view = storage.view();
+        let l = picker.lengths();
+        let mut served = 0u64;
+        while peer.out.len() < room && *budget >= BLOCK_SIZE as u64 {
+            let Some(b) = peer.queue.pop_front() else { break };
+            let data = view.bytes(l.offset(&b), b.length as u64);
+            wire::encode(&Message::Piece { index: b.index, begin: b.begin, data }, &mut peer.out);
+            served += b.length as u64;
+            *budget -= b.length as u64;
+        }
+        peer.uploaded += served;
+        self.uploaded += served;
+        served
+    }
+
+    /// Whether `key` has requests waiting to be served.
+    pub fn has_queued(&self, key: PeerKey) -> bool {
+        self.peers.get(&key).is_some_and(|p| !p.queue.is_empty())
+    }
+
+    pub fn remove_peer(&mut self, key: PeerKey) {
+        if let Some(peer) = self.peers.remove(&key) {
+            if let Some(p) = self.picker.as_mut() {
+                p.peer_gone(key, &peer.bits);
+            }
+            if let Metadata::Fetching { asked, .. } = &mut self.meta {
+                asked.clear();
+            }
+            self.rechoke();
+        }
+    }
+
+    /// Timeouts: requests not answered are asked of others; snubbing peers
+    /// (unchoked, asked, silent) are dropped.
+    pub fn tick(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for (k, p) in &mut self.peers {
+            let before = p.requested.len();
+            p.requested.retain(|(b, at)| {
+                let keep = now.duration_since(*at) < REQUEST_TIMEOUT;
+                if !keep {
+                    expired.push((*k, *b));
+                }
+                keep
+            });
+            if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
+                self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
+            }
+        }
+        if let Some(picker) = self.picker.as_mut() {
+            for (k, b) in &expired {
+                picker.release(*k, b);
+            }
+        }
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.request_more(k);
+        }
+        self.request_metadata(now);
+    }
+
+    // ---- BEP 10 / BEP 9 ----
+
+    fn on_extended(&mut self, key: PeerKey, id: u8, payload: &[u8], now: Instant) -> Result<()> {
+        if id == 0 {
+            let v = bencode::decode(payload).map_err(|e| anyhow!("extension handshake: {e}"))?;
+            let ut = v.get("m").and_then(|m| m.get("ut_metadata")).and_then(Value::as_int);
+            let size = v.get("metadata_size").and_then(Value::as_int);
+            let peer = self.peer(key)?;
+            peer.their_ut_metadata = ut.filter(|i| (1..=255).contains(i)).map(|i| i as u8);
+            if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
+                if size <= 0 || size as u64 > MAX_METADATA {
+                    return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));
+                }
+                let n = (size as usize).div_ceil(METADATA_PIECE);
+                self.meta = Metadata::Fetching { size: size as usize, pieces: vec![None; n], asked: HashMap::new() };
+            }
+            self.request_metadata(now);
+            return Ok(());
+        }
+        if id != UT_METADATA {
+            return Ok(()); // an extension we did not announce: ignored
+        }
+        let (dict, used) = bencode::decode_prefix(payload).map_err(|e| anyhow!("ut_metadata: {e}"))?;
+        let msg_type = dict.get("msg_type").and_then(Value::as_int).ok_or_else(|| anyhow!("ut_metadata without msg_type"))?;
+        let piece = dict.get("piece").and_then(Value::as_int).filter(|p| *p >= 0).ok_or_else(|| anyhow!("ut_metadata without piece"))?;
+        match msg_type {
+            0 => self.serve_metadata(key, piece as u32),
+            1 => self.on_metadata_piece(piece as u32, &payload[used..])?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn serve_metadata(&mut self, key: PeerKey, piece: u32) {
+        let raw = match &self.meta {
+            Metadata::Known(m) => Some(m.raw_info.clone()),
+            _ => None,
+        };
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        let Some(their_id) = peer.their_ut_metadata else { return };
+        let start = piece as usize * METADATA_PIECE;
+        let mut payload = match &raw {
+            Some(raw) if start < raw.len() => bencode::dict([
+                ("msg_type", Value::Int(1)),
+                ("piece", Value::Int(piece as i64)),
+                ("total_size", Value::Int(raw.len() as i64)),
+            ])
+            .encode(),
+            _ => bencode::dict([("msg_type", Value::Int(2)), ("piece", Value::Int(piece as i64))]).encode(),
+        };
+        if let Some(raw) = raw.filter(|r| start < r.len()) {
+            payload.extend_from_slice(&raw[start..(start + METADATA_PIECE).min(raw.len())]);
+        }
+        wire::encode(&Message::Extended { id: their_id, payload: &payload }, &mut peer.out);
+    }
+
+    fn on_metadata_piece(&mut self, piece: u32, data: &[u8]) -> Result<()> {
+        let Metadata::Fetching { size, pieces, asked } = &mut self.meta else { return Ok(()) };
+        let i = piece as usize;
+        if i >= pieces.len() {
+            return Err(anyhow!("metadata piece {piece} of {}", pieces.len()));
+        }
+        let expect = (*size - i * METADATA_PIECE).min(METADATA_PIECE);
+        if data.len() != expect {
+            return Err(anyhow!("metadata piece {piece} of {} bytes, expected {expect}", data.len()));
+        }
+        pieces[i] = Some(data.to_vec());
+        asked.remove(&piece);
+        if pieces.iter().all(Option::is_some) {
+            let raw: Vec<u8> = pieces.iter().flat_map(|p| p.as_deref().expect("all present")).copied().collect();
+            if hash::sha1(&raw) != self.info_hash.0 {
+                self.meta = Metadata::Unknown;
+                return Err(anyhow!("metadata does not hash to the info hash"));
+            }
+            let info = Info::parse_raw(&raw)?;
+            let mut m = Metainfo::new(info);
+            m.raw_info = raw;
+            m.info_hash = self.info_hash;
+            self.open_storage(Arc::new(m))?;
+            self.actions.push(Action::MetadataReady);
+            // Now that the piece count is known: what each peer told us
+            // before, what we have, and what we want.
+            let have = self.picker.as_ref().expect("storage opened").have().clone();
+            let n = have.len();
+            let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+            for k in keys {
+                let p = self.peers.get_mut(&k).expect("listed");
+                p.bits = Bitfield::new(n);
+                if have.count() > 0 {
+                    wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
+                }
+                let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
+                let applied = bits.map_or(Ok(()), |b| self.on_bitfield(k, &b)).and_then(|()| {
+                    haves.into_iter().try_for_each(|i| self.on_have(k, i))
+                });
+                if let Err(e) = applied {
+                    self.actions.push(Action::Disconnect(k, format!("{e}")));
+                }
+                self.update_interest(k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks peers that have metadata for pieces not yet asked (or timed out).
+    fn request_metadata(&mut self, now: Instant) {
+        let Metadata::Fetching { pieces, asked, .. } = &mut self.meta else { return };
+        asked.retain(|_, at| now.duration_since(*at) < REQUEST_TIMEOUT);
+        let missing: Vec<u32> = (0..pieces.len() as u32).filter(|i| pieces[*i as usize].is_none() && !asked.contains_key(i)).collect();
+        let mut sources = self.peers.values_mut().filter(|p| p.their_ut_metadata.is_some());
+        for piece in missing {
+            let Some(p) = sources.next() else { break };
+            let payload = bencode::dict([("msg_type", Value::Int(0)), ("piece", Value::Int(piece as i64))]).encode();
+            wire::encode(&Message::Extended { id: p.their_ut_metadata.expect("filtered"), payload: &payload }, &mut p.out);
+            asked.insert(piece, now);
+        }
+    }
+
+    /// The node renamed the finished file.
+    pub fn mark_complete(&mut self, now: Instant) {
+        self.completed.get_or_insert(now);
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            self.update_interest(k);
+        }
+    }
+
+    /// Pieces verified of all, and peers connected, for STATUS.
+    pub fn progress(&self) -> (u32, u32) {
+        self.picker.as_ref().map_or((0, 0), |p| (p.have().count(), p.lengths().pieces))
+    }
+}

@@ -345,8 +345,8 @@ impl Swarm {
         let Some(picker) = self.picker.as_mut() else {
             // No metadata yet: the piece count is unknown; keep it for later.
             let peer = self.peer(key)?;
-            if peer.early_bits.is_some() {
-                return Err(anyhow!("second bitfield"));
+            if bytes.len() as u64 > MAX_METADATA / 20 / 8 + 1 {
+                return Err(anyhow!("bitfield of {} bytes is larger than any torrent we accept", bytes.len()));
             }
             peer.early_bits = Some(bytes.to_vec());
             return Ok(());
@@ -355,11 +355,12 @@ impl Swarm {
         let bits = Bitfield::from_wire(bytes, n)
             .ok_or_else(|| anyhow!("bitfield of {} bytes (or spare bits set) for {n} pieces", bytes.len()))?;
         let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
-        if peer.bits.count() > 0 {
-            return Err(anyhow!("second bitfield"));
+        // Some clients (aria2) send haves first and a bitfield later: merge.
+        for i in bits.ones() {
+            if peer.bits.set(i) {
+                picker.peer_has(i);
+            }
         }
-        picker.peer_bitfield(&bits);
-        peer.bits = bits;
         self.update_interest(key);
         Ok(())
     }

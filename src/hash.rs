@@ -23,6 +23,17 @@ pub fn to_hex(bytes: &[u8]) -> String {
     s
 }
 
+/// Parses hex of any even length.
+pub fn from_hex_vec(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    s.as_bytes()
+        .chunks_exact(2)
+        .map(|p| Some(((p[0] as char).to_digit(16)? * 16 + (p[1] as char).to_digit(16)?) as u8))
+        .collect()
+}
+
 /// Parses exactly `N` bytes of hex (either case).
 pub fn from_hex<const N: usize>(s: &str) -> Option<[u8; N]> {
     let s = s.as_bytes();

@@ -31,6 +31,9 @@ COMMANDS:
              [--seed N] [--tied]
                                 write a small deterministic LLaMA model
   inspect FILE.gguf             print a GGUF file's metadata and tensors
+  fetch TORRENT|MAGNET --peer IP:PORT... --out DIR [--listen IP:PORT]
+                                download a torrent from the given peers (a
+                                node of its own, seeding while it runs)
   torrent create FILE [--out PATH] [--piece-length BYTES]
                                 hash FILE and write FILE.torrent (or PATH)
   torrent info FILE.torrent     print a .torrent's contents
@@ -111,6 +114,7 @@ fn run(o: &Opts) -> Result<()> {
         ["split", model, flags @ ..] => split(o, model, flags),
         ["demo-model", flags @ ..] => demo_model(o, flags),
         ["inspect", file] => inspect(o, file),
+        ["fetch", target, flags @ ..] => fetch(o, target, flags),
         ["torrent", "create", file, flags @ ..] => torrent_create(o, file, flags),
         ["torrent", "info", file] => torrent_info(o, file),
         ["torrent", "magnet", file] => {
@@ -431,4 +435,93 @@ fn type_name(t: u32) -> &'static str {
         .get(t as usize)
         .copied()
         .unwrap_or("?")
+}
+
+/// `shardctl fetch`: runs a node of its own (it serves what it has while it
+/// runs), asks it to DOWNLOAD, and shows progress until the file is complete.
+fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
+    use shardnet::config::NodeConfig;
+    use shardnet::node::Node;
+    use shardnet::torrent::Magnet;
+    let mut peers = Vec::new();
+    let mut out = None;
+    let mut listen = "127.0.0.1:0".to_string();
+    let mut it = flags.iter();
+    while let Some(f) = it.next() {
+        let mut value = || it.next().copied().ok_or_else(|| usage(format!("{f} needs a value")));
+        match *f {
+            "--peer" => peers.push(value()?.to_string()),
+            "--out" => out = Some(value()?.to_string()),
+            "--listen" => listen = value()?.to_string(),
+            other => return Err(usage(format!("fetch: unknown flag {other}"))),
+        }
+    }
+    let out = out.ok_or_else(|| usage("fetch needs --out DIR".into()))?;
+    if peers.is_empty() {
+        return Err(usage("fetch needs at least one --peer IP:PORT".into()));
+    }
+    let (info_hash, torrent_hex) = if target.starts_with("magnet:") {
+        (Magnet::parse(target)?.info_hash, None)
+    } else {
+        let bytes = std::fs::read(target).with_context(|| format!("reading {target}"))?;
+        let m = Metainfo::parse(&bytes).with_context(|| format!("parsing {target}"))?;
+        (m.info_hash, Some(shardnet::hash::to_hex(&bytes)))
+    };
+    let config = NodeConfig {
+        listen: listen.parse().map_err(|_| usage(format!("--listen {listen:?} is not IP:PORT")))?,
+        shards_dir: PathBuf::from(&out),
+        enable_torrent: true,
+        log_level: shardnet::log::Level::Warn,
+        ..NodeConfig::default()
+    };
+    shardnet::log::set_level(config.log_level);
+    let mut node = Node::bind(config)?;
+    let addr = node.local_addr().to_string();
+    std::thread::spawn(move || node.run());
+    let mut c = Client::connect(&addr, o.timeout)?;
+    let mut params = json!({"info_hash": info_hash.to_hex(), "peers": peers});
+    if let Some(hex) = torrent_hex {
+        params["torrent_hex"] = json!(hex);
+    }
+    let started = std::time::Instant::now();
+    let r = c.call("DOWNLOAD", params)?;
+    if r["status"] == "complete" {
+        println!("{} is already complete in {out}", info_hash);
+        return Ok(());
+    }
+    let mut last_progress = (0u64, std::time::Instant::now());
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let s = c.call("STATUS", json!({}))?;
+        let d = s["downloads"].as_array().into_iter().flatten().find(|d| d["info_hash"] == info_hash.to_hex().as_str()).cloned().unwrap_or(Value::Null);
+        let total = d["bytes"].as_u64().unwrap_or(0);
+        let done = d["verified_bytes"].as_u64().unwrap_or(0);
+        let secs = started.elapsed().as_secs_f64();
+        let rate = done as f64 / secs.max(1e-3);
+        if let Some(e) = d["error"].as_str() {
+            eprintln!();
+            bail!("download failed: {e}");
+        }
+        if !o.json {
+            let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
+            let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
+            let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
+            eprint!("\r[{bar}] {pct:5.1}%  {:>8.1} MB/s  {} peers  ETA {eta}   ", rate / 1e6, d["peers"]);
+        }
+        if d["complete"] == json!(true) {
+            if o.json {
+                print_json(&json!({"info_hash": info_hash.to_hex(), "name": d["name"], "bytes": total, "seconds": secs, "path": format!("{out}/{}", d["name"].as_str().unwrap_or("?"))}));
+            } else {
+                eprintln!();
+                println!("{} complete: {total} bytes in {secs:.2} s ({:.1} MB/s), every piece verified", d["name"].as_str().unwrap_or("?"), total as f64 / secs / 1e6);
+            }
+            return Ok(());
+        }
+        if done > last_progress.0 {
+            last_progress = (done, std::time::Instant::now());
+        } else if last_progress.1.elapsed() > o.timeout {
+            eprintln!();
+            bail!("no progress for {} s ({} peers connected)", o.timeout.as_secs(), d["peers"]);
+        }
+    }
 }

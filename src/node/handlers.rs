@@ -36,6 +36,13 @@ impl Node {
                 self.respond(token, &payload);
             }
             Command::LoadShard(params) => self.load_shard_command(token, id, params),
+            Command::Download(params) => {
+                let payload = match self.download_command(params) {
+                    Ok(result) => success_payload(name, &id, result),
+                    Err((code, msg)) => error_payload(json!(name), id, code, &msg),
+                };
+                self.respond(token, &payload);
+            }
         }
     }
 
@@ -190,6 +197,31 @@ impl Node {
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.gguf").to_string();
         self.start_download(h, None, &name, &p.peers, Some(id))
             .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
+    }
+
+    /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
+    /// shows in STATUS `downloads`.
+    fn download_command(&mut self, d: crate::protocol::Download) -> Result<Value, (ErrorCode, String)> {
+        if !self.config.enable_torrent {
+            return Err((ErrorCode::TorrentUnavailable, "this node runs without --enable-torrent".into()));
+        }
+        let meta = match &d.torrent {
+            None => None,
+            Some(bytes) => {
+                let m = crate::torrent::Metainfo::parse(bytes).map_err(|e| (ErrorCode::WrongType, format!("torrent_hex: {e:#}")))?;
+                if m.info_hash != d.info_hash {
+                    return Err((ErrorCode::WrongType, format!("the torrent is {}, not {}", m.info_hash, d.info_hash)));
+                }
+                Some(std::sync::Arc::new(m))
+            }
+        };
+        if let Some(f) = self.catalog.files.values().find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == d.info_hash)) {
+            return Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "complete", "path": f.path.display().to_string()}));
+        }
+        let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
+        self.start_download(d.info_hash, meta, &name, &d.peers, None)
+            .map_err(|e| (ErrorCode::Internal, format!("starting the download: {e:#}")))?;
+        Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
     /// Answers every request waiting for shard `id` with an error.

@@ -57,13 +57,14 @@ impl ErrorCode {
 }
 
 /// The commands this node answers.
-pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS"];
+pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD"];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
     ListFiles,
     LoadShard(LoadShard),
     Status,
+    Download(Download),
 }
 
 impl Command {
@@ -72,6 +73,7 @@ impl Command {
             Command::ListFiles => "LIST_FILES",
             Command::LoadShard(_) => "LOAD_SHARD",
             Command::Status => "STATUS",
+            Command::Download(_) => "DOWNLOAD",
         }
     }
 }
@@ -87,6 +89,18 @@ pub struct LoadShard {
     /// Peers to download the shard from when it is not here (IP:PORT).
     pub peers: Vec<std::net::SocketAddr>,
 }
+
+/// `DOWNLOAD`: fetch a torrent into the shards dir (not loading it).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Download {
+    pub info_hash: InfoHash,
+    /// The `.torrent` file's bytes, when known (else metadata comes from peers).
+    pub torrent: Option<Vec<u8>>,
+    pub peers: Vec<std::net::SocketAddr>,
+}
+
+/// Largest `.torrent` a DOWNLOAD request may carry.
+pub const MAX_TORRENT_BYTES: usize = 8 * 1024 * 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct Request {
@@ -163,6 +177,7 @@ impl Request {
             "LIST_FILES" => Command::ListFiles,
             "STATUS" => Command::Status,
             "LOAD_SHARD" => Command::LoadShard(parse_load_shard(params).map_err(|(c, m)| fail(c, m))?),
+            "DOWNLOAD" => Command::Download(parse_download(params).map_err(|(c, m)| fail(c, m))?),
             other => {
                 return Err(fail(
                     ErrorCode::UnknownCommand,
@@ -212,6 +227,25 @@ fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode
     };
     let peers = parse_peers(params)?;
     Ok(LoadShard { shard_id, info_hash, wait, filename, peers })
+}
+
+fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, String)> {
+    let info_hash = match params.get("info_hash") {
+        None => return Err((ErrorCode::MissingField, "missing param \"info_hash\"".into())),
+        Some(Value::String(s)) => {
+            InfoHash::from_hex(s).ok_or_else(|| (ErrorCode::WrongType, format!("info_hash {s:?} is not 40 hex digits")))?
+        }
+        Some(v) => return Err((ErrorCode::WrongType, format!("info_hash must be a string, got {}", kind(v)))),
+    };
+    let torrent = match params.get("torrent_hex") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.len() <= 2 * MAX_TORRENT_BYTES => Some(
+            crate::hash::from_hex_vec(s).ok_or_else(|| (ErrorCode::WrongType, "torrent_hex is not hex".to_string()))?,
+        ),
+        Some(Value::String(_)) => return Err((ErrorCode::OutOfRange, format!("torrent_hex over {MAX_TORRENT_BYTES} bytes"))),
+        Some(v) => return Err((ErrorCode::WrongType, format!("torrent_hex must be a string, got {}", kind(v)))),
+    };
+    Ok(Download { info_hash, torrent, peers: parse_peers(params)? })
 }
 
 /// Most peers one request may name.

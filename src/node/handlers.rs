@@ -47,8 +47,8 @@ impl Node {
     }
 
     /// STATUS answers are frequent (health checks, benchmarks): everything
-    /// but the clock and the connection count is serialized once per change
-    /// of state (`status_cache` is cleared by scan and load events).
+    /// but the clock, the connection count and transfers is serialized once
+    /// per change of state (`status_cache` is cleared by scan and load events).
     fn status_payload(&mut self, request_id: &Value) -> Vec<u8> {
         if self.status_cache.is_none() {
             let mut fixed = serde_json::to_vec(&self.status()).expect("JSON values serialize");
@@ -60,9 +60,11 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{}}}}}",
             self.started.elapsed().as_millis(),
-            self.open_conns
+            self.open_conns,
+            self.uploaded_total(),
+            self.downloads_json()
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -103,8 +105,6 @@ impl Node {
                 "scan_done": self.scan.done.is_some(),
                 "scan": scan,
             },
-            "downloads": self.downloads_json(),
-            "uploaded": self.uploaded_total(),
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
         })

@@ -43,7 +43,7 @@ const READ_BUDGET: usize = 1024 * 1024;
 /// One read's buffer.
 const READ_CHUNK: usize = 64 * 1024;
 /// How often stalled connections are looked for and swarms ticked.
-const SWEEP_EVERY: Duration = Duration::from_millis(500);
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// How often rate-limited transfers are resumed.
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
 
@@ -104,6 +104,8 @@ pub struct Node {
     throttled_reads: Vec<Token>,
     /// Shard id -> bytes downloaded for it, reported by LOAD_SHARD.
     download_bytes: HashMap<u32, u64>,
+    /// Turns of `pump`, rotating which peer is served first.
+    pump_round: usize,
 }
 
 #[derive(Default)]
@@ -162,6 +164,7 @@ impl Node {
             throttled_swarms: HashSet::new(),
             throttled_reads: Vec::new(),
             download_bytes: HashMap::new(),
+            pump_round: 0,
         })
     }
 

@@ -22,15 +22,18 @@ use crate::{debug, info, warn};
 
 /// Output kept queued per peer connection while serving blocks.
 const PEER_OUT_HIGH: usize = 4 * 1024 * 1024;
-/// How long to wait before dialling the same peer again.
-const REDIAL_AFTER: Duration = Duration::from_secs(2);
+/// Wait before dialling a peer again: doubles per failed attempt, from this...
+const REDIAL_FIRST: Duration = Duration::from_millis(200);
+/// ...up to this.
+const REDIAL_MAX: Duration = Duration::from_secs(30);
 /// How often verified pieces are recorded in the resume file.
 const RESUME_EVERY: Duration = Duration::from_secs(1);
 
 /// A download the node runs, and who waits for it.
 pub struct Download {
     pub peers: Vec<SocketAddr>,
-    dialled: HashMap<SocketAddr, Instant>,
+    /// When each peer was last dialled, and how many times in a row.
+    dialled: HashMap<SocketAddr, (Instant, u32)>,
     pub shard_id: Option<u32>,
     resume_dirty: bool,
     resume_saved: Instant,
@@ -147,13 +150,23 @@ impl Node {
         let start_budget = budget;
         let mut touched = Vec::new();
         let Some(swarm) = self.swarms.get_mut(&h) else { return };
-        let keys: Vec<u64> = swarm.peers.keys().copied().collect();
+        let mut keys: Vec<u64> = swarm.peers.keys().copied().collect();
+        // Under an upload limit, peers share the budget and take turns first.
+        self.pump_round = self.pump_round.wrapping_add(1);
+        if !keys.is_empty() {
+            let n = keys.len();
+            keys.rotate_left(self.pump_round % n);
+        }
+        let waiting = keys.iter().filter(|k| swarm.has_queued(**k)).count().max(1) as u64;
+        let share = if budget == u64::MAX { u64::MAX } else { (budget / waiting).max(BLOCK_SIZE as u64) };
         for key in keys {
             let Some(&token) = self.conn_ids.get(&key) else { continue };
             let Some(conn) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) else { continue };
             if swarm.has_queued(key) && !conn.connecting {
                 let room = PEER_OUT_HIGH.saturating_sub(conn.pending_output());
-                swarm.serve(key, room, &mut budget);
+                let mut mine = share.min(budget);
+                let served = swarm.serve(key, room, &mut mine);
+                budget = budget.saturating_sub(served);
             }
             let peer = swarm.peers.get_mut(&key).expect("listed");
             if !peer.out.is_empty() {
@@ -210,7 +223,9 @@ impl Node {
 
     pub(super) fn on_hashed(&mut self, h: InfoHash, piece: u32, ok: bool, blocks: Vec<Digest>) {
         let Some(swarm) = self.swarms.get_mut(&h) else { return };
-        if !ok {
+        if ok {
+            debug!("{}: piece {piece} verified", swarm.name);
+        } else {
             warn!("{}: piece {piece} failed verification; fetching it again", swarm.name);
         }
         swarm.on_hashed(piece, ok, &blocks);
@@ -325,13 +340,17 @@ impl Node {
         let connected: Vec<SocketAddr> = swarm.peers.values().map(|p| p.addr).collect();
         let mut to_dial = Vec::new();
         for p in &d.peers {
-            let recent = d.dialled.get(p).is_some_and(|t| now.duration_since(*t) < REDIAL_AFTER);
+            let recent = d.dialled.get(p).is_some_and(|(t, n)| {
+                let wait = REDIAL_FIRST.saturating_mul(1 << (*n).min(8)).min(REDIAL_MAX);
+                now.duration_since(*t) < wait
+            });
             if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
                 to_dial.push(*p);
             }
         }
         for p in &to_dial {
-            d.dialled.insert(*p, now);
+            let attempts = d.dialled.get(p).map_or(0, |(_, n)| n + 1);
+            d.dialled.insert(*p, (now, attempts));
         }
         for p in to_dial {
             if let Err(e) = self.dial(h, p) {

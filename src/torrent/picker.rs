@@ -86,13 +86,16 @@ pub struct Picker {
     have: Bitfield,
     availability: Vec<u32>,
     partial: HashMap<u32, Partial>,
-    /// Rotates where equally rare pieces are looked for, so peers spread out.
+    /// Random state for choosing among equally rare pieces.
     cursor: u32,
 }
 
 impl Picker {
-    pub fn new(lengths: Lengths, have: Bitfield) -> Picker {
-        Picker { lengths, availability: vec![0; lengths.pieces as usize], have, partial: HashMap::new(), cursor: 0 }
+    /// `seed` spreads where different clients start among equally rare
+    /// pieces (a swarm of new leeches would otherwise all ask for piece 0).
+    pub fn new(lengths: Lengths, have: Bitfield, seed: u32) -> Picker {
+        let cursor = seed | 1;
+        Picker { lengths, availability: vec![0; lengths.pieces as usize], have, partial: HashMap::new(), cursor }
     }
 
     pub fn have(&self) -> &Bitfield {
@@ -213,25 +216,38 @@ impl Picker {
         }
     }
 
+    /// The rarest piece `peer_bits` offers that is neither had nor started;
+    /// among equally rare ones, a random one, so clients spread out.
     fn rarest_new(&mut self, peer_bits: &Bitfield) -> Option<u32> {
-        let n = self.lengths.pieces;
-        let mut best: Option<(u32, u32)> = None;
-        for k in 0..n {
-            let i = (self.cursor + k) % n;
+        let mut best = u32::MAX;
+        let mut ties = 0u32;
+        let mut chosen = None;
+        for i in 0..self.lengths.pieces {
             if self.have.get(i) || self.partial.contains_key(&i) || !peer_bits.get(i) {
                 continue;
             }
             let a = self.availability[i as usize];
-            if best.is_none_or(|(_, ba)| a < ba) {
-                best = Some((i, a));
-                if a <= 1 {
-                    break;
+            if a < best {
+                (best, ties, chosen) = (a, 1, Some(i));
+            } else if a == best {
+                // Reservoir sampling: each tie is kept with probability 1/ties.
+                ties += 1;
+                if self.next_random() % ties == 0 {
+                    chosen = Some(i);
                 }
             }
         }
-        let (i, _) = best?;
-        self.cursor = (i + 1) % n.max(1);
-        Some(i)
+        chosen
+    }
+
+    /// xorshift32 on the cursor: cheap, and different per client.
+    fn next_random(&mut self) -> u32 {
+        let mut x = self.cursor.max(1);
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        self.cursor = x;
+        x
     }
 
     /// A block arrived from `peer`.
@@ -311,7 +327,7 @@ mod tests {
     #[test]
     fn rarest_first_and_started_pieces_first() {
         let l = lengths();
-        let mut p = Picker::new(l, Bitfield::new(4));
+        let mut p = Picker::new(l, Bitfield::new(4), 0);
         let all = Bitfield::full(4);
         let mut only2 = Bitfield::new(4);
         only2.set(2);
@@ -330,7 +346,7 @@ mod tests {
     #[test]
     fn blocks_flow_to_a_verified_piece_and_failures_start_over() {
         let l = lengths();
-        let mut p = Picker::new(l, Bitfield::new(4));
+        let mut p = Picker::new(l, Bitfield::new(4), 0);
         let all = Bitfield::full(4);
         p.peer_bitfield(&all);
         let reqs = p.pick(7, &all, 100);
@@ -356,7 +372,7 @@ mod tests {
     #[test]
     fn endgame_asks_a_second_peer_and_cancels_the_first() {
         let l = Lengths::new(16384, 16384);
-        let mut p = Picker::new(l, Bitfield::new(1));
+        let mut p = Picker::new(l, Bitfield::new(1), 0);
         let all = Bitfield::full(1);
         let a = p.pick(1, &all, 10);
         assert_eq!(a.len(), 1);
@@ -369,7 +385,7 @@ mod tests {
     #[test]
     fn a_peer_leaving_frees_its_requests() {
         let l = lengths();
-        let mut p = Picker::new(l, Bitfield::new(4));
+        let mut p = Picker::new(l, Bitfield::new(4), 0);
         let all = Bitfield::full(4);
         p.peer_bitfield(&all);
         let first = p.pick(1, &all, 3);

@@ -18,9 +18,16 @@ use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
 use crate::hash::{self, Digest};
 
-/// Blocks asked of one peer at once: 128 x 16 KiB = 2 MiB in flight, enough
-/// to fill a fast link's bandwidth-delay product.
+/// Most blocks asked of one peer at once: 128 x 16 KiB = 2 MiB in flight,
+/// enough for a fast link's bandwidth-delay product.
 pub const PIPELINE: usize = 128;
+/// Fewest blocks asked of one peer at once.
+const MIN_PIPELINE: usize = 4;
+/// Requests in flight cover this much of a peer's measured rate, so a slow
+/// (or rate-limited) peer is not asked for what a faster one would deliver first.
+const PIPELINE_SECONDS: f64 = 0.5;
+/// How often a peer's download rate is re-estimated.
+const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Requests a peer may queue with us; more is a flood and the peer is dropped.
 pub const MAX_PEER_REQUESTS: usize = 512;
 /// Peers unchoked at once.
@@ -78,6 +85,28 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
+    /// Download rate from this peer (bytes/s, smoothed) and its window.
+    rate: f64,
+    window_start: Instant,
+    window_bytes: u64,
+}
+
+impl Peer {
+    /// Blocks to keep asked of this peer.
+    fn pipeline(&self) -> usize {
+        ((self.rate * PIPELINE_SECONDS) / BLOCK_SIZE as f64).clamp(MIN_PIPELINE as f64, PIPELINE as f64) as usize
+    }
+
+    fn count_block(&mut self, bytes: u64, now: Instant) {
+        self.window_bytes += bytes;
+        let dt = now.duration_since(self.window_start);
+        if dt >= RATE_WINDOW {
+            let sample = self.window_bytes as f64 / dt.as_secs_f64();
+            self.rate = if self.rate == 0.0 { sample } else { 0.5 * self.rate + 0.5 * sample };
+            self.window_start = now;
+            self.window_bytes = 0;
+        }
+    }
 }
 
 enum Metadata {
@@ -114,7 +143,7 @@ impl Swarm {
         let lengths = Lengths::new(meta.info.length, meta.info.piece_length);
         let storage = Storage::open_complete(path, lengths)?;
         let mut s = Swarm::empty(meta.info_hash, meta.info.name.clone(), my_id, path.parent().unwrap_or(path).into(), now);
-        s.picker = Some(Picker::new(lengths, Bitfield::full(lengths.pieces)));
+        s.picker = Some(Picker::new(lengths, Bitfield::full(lengths.pieces), 0));
         s.storage = Some(storage);
         s.meta = Metadata::Known(meta);
         s.completed = Some(now);
@@ -159,7 +188,8 @@ impl Swarm {
         let lengths = Lengths::new(m.info.length, m.info.piece_length);
         let (storage, have) = Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths)?;
         self.name = m.info.name.clone();
-        self.picker = Some(Picker::new(lengths, have));
+        let seed = u32::from_le_bytes(self.my_id[16..20].try_into().expect("4 bytes"));
+        self.picker = Some(Picker::new(lengths, have, seed));
         self.storage = Some(storage);
         self.meta = Metadata::Known(m);
         if self.picker.as_ref().is_some_and(Picker::is_complete) {
@@ -223,6 +253,9 @@ impl Swarm {
             downloaded: 0,
             uploaded: 0,
             last_block: now,
+            rate: 0.0,
+            window_start: now,
+            window_bytes: 0,
         };
         if outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
@@ -395,6 +428,7 @@ impl Swarm {
         peer.requested.swap_remove(pos);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
+        peer.count_block(data.len() as u64, now);
         let (Some(picker), Some(storage)) = (self.picker.as_mut(), self.storage.as_ref()) else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
@@ -514,13 +548,13 @@ impl Swarm {
         }
     }
 
-    /// Keeps `PIPELINE` blocks asked of an unchoking peer.
+    /// Keeps the peer's pipeline of blocks asked of an unchoking peer.
     fn request_more(&mut self, key: PeerKey) {
         let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
         if peer.peer_choking || !peer.am_interested || picker.is_complete() {
             return;
         }
-        let room = PIPELINE.saturating_sub(peer.requested.len());
+        let room = peer.pipeline().saturating_sub(peer.requested.len());
         if room == 0 {
             return;
         }
@@ -597,13 +631,18 @@ impl Swarm {
         let mut expired = Vec::new();
         for (k, p) in &mut self.peers {
             let before = p.requested.len();
+            let mut cancels = Vec::new();
             p.requested.retain(|(b, at)| {
                 let keep = now.duration_since(*at) < REQUEST_TIMEOUT;
                 if !keep {
                     expired.push((*k, *b));
+                    cancels.push(*b);
                 }
                 keep
             });
+            for b in cancels {
+                wire::encode(&Message::Cancel(b), &mut p.out);
+            }
             if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
                 self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
             }

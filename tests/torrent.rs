@@ -1,0 +1,463 @@
+//! The BitTorrent piece exchange between real node processes on loopback:
+//! seeding, downloading, swarming, failures, resume, a corrupt peer, and
+//! magnet links.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use shardnet::torrent::Metainfo;
+use shardnet::torrent::wire::{self, Handshake, Message};
+
+const MB: usize = 1024 * 1024;
+
+/// A seed dir holding one valid shard GGUF of about `bytes`, with its torrent.
+fn seed_dir(bytes: usize) -> (TempDir, PathBuf, Metainfo) {
+    let dir = TempDir::new("seed");
+    let path = dir.path().join("shard-0.gguf");
+    write_shard(&path, 0, 1, (0, 1), bytes);
+    let pool = shardnet::workers::WorkerPool::new("t", 2);
+    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
+    (dir, path, m)
+}
+
+fn start_seed(dir: &Path, extra: &[&str]) -> NodeProc {
+    let mut args = vec!["--enable-torrent"];
+    args.extend_from_slice(extra);
+    let node = NodeProc::start(dir, &args);
+    node.wait_metadata();
+    node
+}
+
+fn load(node: &NodeProc, m: &Metainfo, peers: &[&str], wait: bool) -> Value {
+    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": wait}))
+}
+
+fn download_status(node: &NodeProc, m: &Metainfo) -> Value {
+    let s = node.call("STATUS", json!({}));
+    s["result"]["downloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["info_hash"] == m.info_hash.to_hex().as_str())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+fn wait_complete(node: &NodeProc, m: &Metainfo, limit: Duration) -> Value {
+    wait_for(limit, || {
+        let d = download_status(node, m);
+        (d["complete"] == json!(true)).then_some(d)
+    })
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
+
+#[test]
+fn one_seed_to_one_leech_byte_identical() {
+    let (sd, src, m) = seed_dir(3 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let r = load(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["result"]["source"], "torrent");
+    assert_eq!(r["result"]["bytes_downloaded"], m.info.length);
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    assert!(!ld.path().join("shard-0.gguf.part").exists());
+    // The leech now seeds it, with the same info hash.
+    let files = leech.call("LIST_FILES", json!({}))["result"]["files"].clone();
+    assert_eq!(files[0]["info_hash"], m.info_hash.to_hex().as_str());
+    let d = download_status(&leech, &m);
+    assert_eq!(d["complete"], true);
+    assert_eq!(d["verified_bytes"], m.info.length);
+}
+
+#[test]
+fn magnet_only_download_via_ut_metadata() {
+    let (sd, src, m) = seed_dir(2 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let out = TempDir::new("magnet");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--timeout", "30", "fetch", &m.magnet(), "--peer", &seed.addr, "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("every piece verified"));
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+    // The metadata it saved is the seed's.
+    let saved = Metainfo::parse(&std::fs::read(out.path().join("shard-0.gguf.torrent")).unwrap()).unwrap();
+    assert_eq!(saved.info_hash, m.info_hash);
+}
+
+#[test]
+fn five_leeches_trade_and_the_seed_uploads_less_than_twice_the_file() {
+    let (sd, src, m) = seed_dir(4 * MB);
+    let seed = start_seed(sd.path(), &["--upload-limit", "2000000"]);
+    let dirs: Vec<TempDir> = (0..5).map(|_| TempDir::new("swarm")).collect();
+    let leeches: Vec<NodeProc> = dirs.iter().map(|d| start_seed(d.path(), &[])).collect();
+    let mut peers: Vec<&str> = vec![&seed.addr];
+    peers.extend(leeches.iter().map(|l| l.addr.as_str()));
+    for l in &leeches {
+        let others: Vec<&str> = peers.iter().copied().filter(|p| *p != l.addr).collect();
+        assert_eq!(load(l, &m, &others, false)["status"], "success");
+    }
+    for (l, d) in leeches.iter().zip(&dirs) {
+        wait_complete(l, &m, Duration::from_secs(90));
+        same_bytes(&src, &d.path().join("shard-0.gguf"));
+    }
+    let uploaded = seed.call("STATUS", json!({}))["result"]["uploaded"].as_u64().unwrap();
+    eprintln!("seed uploaded {:.2}x the file to 5 leeches", uploaded as f64 / m.info.length as f64);
+    assert!(
+        uploaded < 2 * m.info.length,
+        "the seed uploaded {uploaded} bytes for a {}-byte file to 5 leeches",
+        m.info.length
+    );
+}
+
+#[test]
+fn a_dead_seed_is_replaced_and_the_download_completes() {
+    let (sd, src, m) = seed_dir(4 * MB);
+    let mut first = start_seed(sd.path(), &["--upload-limit", "1000000"]);
+    let second = start_seed(sd.path(), &[]);
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    load(&leech, &m, &[&first.addr], false);
+    wait_for(Duration::from_secs(30), || {
+        let d = download_status(&leech, &m);
+        (d["verified_bytes"].as_u64().unwrap_or(0) > m.info.length / 5).then_some(())
+    });
+
+    first.kill();
+    let d = download_status(&leech, &m);
+    assert_eq!(d["complete"], false, "killed before the end");
+    let r = load(&leech, &m, &[&second.addr], true);
+    assert_eq!(r["result"]["source"], "torrent", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+#[test]
+fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
+    let (sd, src, m) = seed_dir(6 * MB);
+    let seed = start_seed(sd.path(), &["--upload-limit", "2000000"]);
+    let ld = TempDir::new("leech");
+    let mut leech = start_seed(ld.path(), &[]);
+    load(&leech, &m, &[&seed.addr], false);
+    let before = wait_for(Duration::from_secs(30), || {
+        let v = download_status(&leech, &m)["verified_bytes"].as_u64().unwrap_or(0);
+        (v > m.info.length * 2 / 5).then_some(v)
+    });
+    std::thread::sleep(Duration::from_millis(1500)); // resume data is saved every second
+    leech.kill();
+    assert!(ld.path().join("shard-0.gguf.part.resume").exists());
+    let leech = start_seed(ld.path(), &[]);
+    let r = load(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["result"]["source"], "torrent", "{r}");
+    let d = download_status(&leech, &m);
+    let downloaded = d["downloaded"].as_u64().unwrap();
+    assert!(
+        downloaded <= m.info.length - before + 2 * m.info.piece_length,
+        "downloaded {downloaded} after restart; {before} of {} were verified before",
+        m.info.length
+    );
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+/// A peer that serves every request with garbage.
+fn corrupt_peer(info_hash: shardnet::torrent::InfoHash, pieces: u32) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+                let mut hs = [0u8; 68];
+                if s.read_exact(&mut hs).is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                let mut reserved_less = Handshake::new(info_hash, *b"-XX0001-evilevilevil");
+                reserved_less.reserved = [0; 8];
+                reserved_less.encode(&mut out);
+                let bits = shardnet::torrent::wire::Bitfield::full(pieces);
+                wire::encode(&Message::Bitfield(bits.as_bytes()), &mut out);
+                wire::encode(&Message::Unchoke, &mut out);
+                if s.write_all(&out).is_err() {
+                    return;
+                }
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 65536];
+                loop {
+                    let n = match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    let mut pos = 0;
+                    let mut reply = Vec::new();
+                    while let Ok(Some((msg, used))) = wire::decode(&buf[pos..], 1 << 20) {
+                        if let Message::Request(b) = msg {
+                            let junk = vec![0xAA; b.length as usize];
+                            wire::encode(&Message::Piece { index: b.index, begin: b.begin, data: &junk }, &mut reply);
+                        }
+                        pos += used;
+                    }
+                    buf.drain(..pos);
+                    if s.write_all(&reply).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_peer_sending_corrupt_blocks_is_banned_and_the_file_still_completes() {
+    let (sd, src, m) = seed_dir(3 * MB);
+    let seed = start_seed(sd.path(), &["--upload-limit", "1500000"]);
+    let evil = corrupt_peer(m.info_hash, m.info.pieces.len() as u32);
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let r = load(&leech, &m, &[&evil, &seed.addr], true);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let d = download_status(&leech, &m);
+    assert_eq!(d["banned"], 1, "{d}");
+    assert!(d["wasted"].as_u64().unwrap() > 0, "{d}");
+    assert!(leech.stderr().contains("banned"), "{}", leech.stderr());
+}
+
+/// A minimal HTTP tracker answering every announce with one peer.
+fn tracker(peer_port: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            let mut body = b"d8:intervali60e5:peers6:".to_vec();
+            body.extend_from_slice(&[127, 0, 0, 1]);
+            body.extend_from_slice(&peer_port.to_be_bytes());
+            body.push(b'e');
+            let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}/announce")
+}
+
+#[test]
+fn aria2_downloads_a_shard_from_a_node() {
+    if !have_tool("aria2c") {
+        return;
+    }
+    let (sd, src, _m) = seed_dir(3 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let announce = tracker(port);
+    let out = TempDir::new("aria-dl");
+    let status = Command::new("timeout")
+        .args(["60", "aria2c", "--enable-dht=false", "--bt-enable-lpd=false", "--seed-time=0", "--quiet=true"])
+        .arg(format!("--bt-tracker={announce}"))
+        .arg(format!("--dir={}", out.path().display()))
+        .arg(sd.path().join("shard-0.gguf.torrent"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "aria2c failed: {status}");
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+}
+
+#[test]
+fn a_node_downloads_a_shard_that_aria2_seeds() {
+    if !have_tool("aria2c") {
+        return;
+    }
+    let (sd, src, m) = seed_dir(3 * MB);
+    let torrent = sd.path().join("shard-0.gguf.torrent");
+    std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut aria = Command::new("aria2c")
+        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--seed-ratio=0.0", "--check-integrity=true", "--quiet=true"])
+        .arg(format!("--listen-port={port}"))
+        .arg(format!("--dir={}", sd.path().display()))
+        .arg(&torrent)
+        .spawn()
+        .unwrap();
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let peer = format!("127.0.0.1:{port}");
+    // aria2 listens once it has checked the file; LOAD_SHARD redials until then.
+    let r = load(&leech, &m, &[&peer], true);
+    let _ = aria.kill();
+    let _ = aria.wait();
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+// ---- bad peer input: each closes (or ignores) one peer; the node serves on ----
+
+/// A raw peer connected and handshaken to `node` for `m`.
+fn raw_peer(node: &NodeProc, m: &Metainfo) -> TcpStream {
+    let mut s = node.raw();
+    let mut out = Vec::new();
+    Handshake::new(m.info_hash, *b"-TT0001-testtesttest").encode(&mut out);
+    s.write_all(&out).unwrap();
+    let mut hs = [0u8; 68];
+    s.read_exact(&mut hs).unwrap();
+    assert_eq!(Handshake::decode(&hs).unwrap().unwrap().info_hash, m.info_hash);
+    s
+}
+
+/// Reads messages until `pred` matches one, or the connection ends (None).
+fn read_until(s: &mut TcpStream, mut pred: impl FnMut(&Message<'_>) -> bool) -> Option<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        while let Ok(Some((msg, used))) = wire::decode(&buf, 1 << 20) {
+            if pred(&msg) {
+                return Some(());
+            }
+            buf.drain(..used);
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+fn send(s: &mut TcpStream, m: Message<'_>) {
+    let mut out = Vec::new();
+    wire::encode(&m, &mut out);
+    let _ = s.write_all(&out);
+}
+
+/// After a bad peer: a good peer still gets served, and commands answer.
+fn still_serving(node: &NodeProc, m: &Metainfo) {
+    let mut s = raw_peer(node, m);
+    send(&mut s, Message::Interested);
+    assert!(read_until(&mut s, |msg| *msg == Message::Unchoke).is_some(), "no unchoke for a good peer");
+    send(&mut s, Message::Request(wire::Block { index: 0, begin: 0, length: 16384 }));
+    assert!(read_until(&mut s, |msg| matches!(msg, Message::Piece { .. })).is_some(), "no block for a good peer");
+    node.assert_serving();
+}
+
+fn closes(node: &NodeProc, m: &Metainfo, bad: &[u8]) {
+    let mut s = raw_peer(node, m);
+    s.write_all(bad).unwrap();
+    assert!(read_until(&mut s, |_| false).is_none());
+    still_serving(node, m);
+}
+
+#[test]
+fn bad_peer_messages_close_that_peer_only() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start_seed(sd.path(), &[]);
+    let pieces = m.info.pieces.len() as u32;
+    // A message length over the limit.
+    closes(&node, &m, &[0x00, 0x10, 0x00, 0x00, 7]);
+    // A bitfield of the wrong length, and one with spare bits set.
+    let mut long = Vec::new();
+    wire::encode(&Message::Bitfield(&vec![0u8; pieces.div_ceil(8) as usize + 1]), &mut long);
+    closes(&node, &m, &long);
+    let mut spare = vec![0u8; pieces.div_ceil(8) as usize];
+    *spare.last_mut().unwrap() = 0x01;
+    if pieces % 8 != 0 {
+        let mut msg = Vec::new();
+        wire::encode(&Message::Bitfield(&spare), &mut msg);
+        closes(&node, &m, &msg);
+    }
+    // Requests out of range, over 16 KiB, and a have for a piece that does not exist.
+    for b in [
+        wire::Block { index: pieces, begin: 0, length: 16384 },
+        wire::Block { index: 0, begin: 0, length: 32768 },
+        wire::Block { index: 0, begin: u32::MAX - 10, length: 16384 },
+    ] {
+        let mut msg = Vec::new();
+        wire::encode(&Message::Interested, &mut msg);
+        wire::encode(&Message::Request(b), &mut msg);
+        closes(&node, &m, &msg);
+    }
+    let mut msg = Vec::new();
+    wire::encode(&Message::Have(pieces + 5), &mut msg);
+    closes(&node, &m, &msg);
+    // A wrong length for a fixed-size message.
+    closes(&node, &m, &[0, 0, 0, 3, 4, 0, 0]);
+}
+
+#[test]
+fn unknown_ids_and_unrequested_pieces_are_ignored() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start_seed(sd.path(), &[]);
+    let mut s = raw_peer(&node, &m);
+    send(&mut s, Message::Unknown { id: 99, len: 3 });
+    send(&mut s, Message::Piece { index: 0, begin: 0, data: &[1, 2, 3] });
+    send(&mut s, Message::Interested);
+    assert!(read_until(&mut s, |msg| *msg == Message::Unchoke).is_some(), "the connection survived");
+}
+
+#[test]
+fn a_handshake_for_an_unknown_torrent_is_closed() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start_seed(sd.path(), &[]);
+    let mut s = node.raw();
+    let mut out = Vec::new();
+    Handshake::new(shardnet::torrent::InfoHash([0x42; 20]), *b"-TT0001-testtesttest").encode(&mut out);
+    s.write_all(&out).unwrap();
+    assert!(closed_by_peer(&mut s));
+    still_serving(&node, &m);
+}
+
+#[test]
+fn a_request_for_a_piece_not_held_is_refused() {
+    // A node that is downloading (from nowhere) holds no piece yet.
+    let (_sd, _src, m) = seed_dir(MB);
+    let ld = TempDir::new("leech");
+    let node = start_seed(ld.path(), &[]);
+    let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
+    let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let r = node.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [dead]}));
+    assert_eq!(r["status"], "success", "{r}");
+    let mut s = raw_peer(&node, &m);
+    send(&mut s, Message::Interested);
+    send(&mut s, Message::Request(wire::Block { index: 0, begin: 0, length: 16384 }));
+    assert!(read_until(&mut s, |_| false).is_none(), "closed");
+    node.assert_serving();
+}
+
+#[test]
+fn a_request_flood_from_a_peer_that_never_reads_is_cut_off() {
+    let (sd, _src, m) = seed_dir(8 * MB);
+    let node = start_seed(sd.path(), &["--io-timeout", "3"]);
+    let mut s = raw_peer(&node, &m);
+    send(&mut s, Message::Interested);
+    let mut flood = Vec::new();
+    for i in 0..4000u32 {
+        let piece = i % m.info.pieces.len() as u32;
+        wire::encode(&Message::Request(wire::Block { index: piece, begin: 0, length: 16384 }), &mut flood);
+    }
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let _ = s.write_all(&flood);
+    // Never reading: the node stops after its bounded queue, serves others,
+    // and drops this peer.
+    still_serving(&node, &m);
+    let t = Instant::now();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(read_until(&mut s, |_| false).is_none());
+    assert!(t.elapsed() < Duration::from_secs(25));
+}

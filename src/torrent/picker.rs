@@ -69,6 +69,20 @@ struct Partial {
     received: u32,
     /// All blocks received; waiting for the hash workers.
     hashing: bool,
+    /// A piece that failed verification is fetched again from one peer
+    /// only, so a second failure names its sender without doubt.
+    owner: Option<PeerKey>,
+}
+
+impl Partial {
+    fn new(blocks: u32) -> Partial {
+        Partial { slots: vec![Slot::Missing; blocks as usize], received: 0, hashing: false, owner: None }
+    }
+
+    /// Whether `peer` may be asked for blocks of this piece.
+    fn open_to(&self, peer: PeerKey) -> bool {
+        !self.hashing && self.owner.is_none_or(|o| o == peer)
+    }
 }
 
 /// What became of a received block.
@@ -88,6 +102,8 @@ pub struct Picker {
     partial: HashMap<u32, Partial>,
     /// Random state for choosing among equally rare pieces.
     cursor: u32,
+    /// Pieces that failed verification (see `Partial::owner`).
+    parole: std::collections::HashSet<u32>,
 }
 
 impl Picker {
@@ -95,7 +111,7 @@ impl Picker {
     /// pieces (a swarm of new leeches would otherwise all ask for piece 0).
     pub fn new(lengths: Lengths, have: Bitfield, seed: u32) -> Picker {
         let cursor = seed | 1;
-        Picker { lengths, availability: vec![0; lengths.pieces as usize], have, partial: HashMap::new(), cursor }
+        Picker { lengths, availability: vec![0; lengths.pieces as usize], have, partial: HashMap::new(), cursor, parole: Default::default() }
     }
 
     pub fn have(&self) -> &Bitfield {
@@ -134,6 +150,9 @@ impl Picker {
     /// Frees every block asked of `peer` (it choked us, or timed out).
     pub fn release_peer(&mut self, peer: PeerKey) {
         for p in self.partial.values_mut() {
+            if p.owner == Some(peer) {
+                p.owner = None;
+            }
             for s in &mut p.slots {
                 if let Slot::Requested(by) = s {
                     by.retain(|k| *k != peer);
@@ -166,7 +185,7 @@ impl Picker {
             return out;
         }
         // 1. Blocks of started pieces, fewest missing first.
-        let mut started: Vec<u32> = self.partial.iter().filter(|(i, p)| !p.hashing && peer_bits.get(**i)).map(|(i, _)| *i).collect();
+        let mut started: Vec<u32> = self.partial.iter().filter(|(i, p)| p.open_to(peer) && peer_bits.get(**i)).map(|(i, _)| *i).collect();
         started.sort_by_key(|i| (self.partial[i].slots.len() as u32 - self.partial[i].received, *i));
         for i in started {
             self.take_missing(i, peer, max, &mut out);
@@ -177,13 +196,13 @@ impl Picker {
         // 2. New pieces, rarest first.
         while out.len() < max {
             let Some(i) = self.rarest_new(peer_bits) else { break };
-            let n = self.lengths.blocks_in(i) as usize;
-            self.partial.insert(i, Partial { slots: vec![Slot::Missing; n], received: 0, hashing: false });
+            self.partial.insert(i, Partial::new(self.lengths.blocks_in(i)));
             self.take_missing(i, peer, max, &mut out);
         }
         // 3. Endgame: nothing left unasked; ask for blocks others were asked for.
         if out.is_empty() {
-            let mut pieces: Vec<u32> = self.partial.iter().filter(|(i, p)| !p.hashing && peer_bits.get(**i)).map(|(i, _)| *i).collect();
+            let mut pieces: Vec<u32> =
+                self.partial.iter().filter(|(i, p)| p.open_to(peer) && p.owner.is_none() && peer_bits.get(**i)).map(|(i, _)| *i).collect();
             pieces.sort_unstable();
             'outer: for i in pieces {
                 let p = self.partial.get_mut(&i).expect("listed");
@@ -205,6 +224,9 @@ impl Picker {
 
     fn take_missing(&mut self, i: u32, peer: PeerKey, max: usize, out: &mut Vec<Block>) {
         let p = self.partial.get_mut(&i).expect("started piece");
+        if self.parole.contains(&i) {
+            p.owner = Some(peer);
+        }
         for (b, s) in p.slots.iter_mut().enumerate() {
             if out.len() >= max {
                 return;
@@ -283,6 +305,9 @@ impl Picker {
             .collect();
         if ok {
             self.have.set(piece);
+            self.parole.remove(&piece);
+        } else {
+            self.parole.insert(piece);
         }
         senders
     }
@@ -367,6 +392,25 @@ mod tests {
         }
         p.on_hashed(piece, true);
         assert!(p.have().get(piece));
+    }
+
+    #[test]
+    fn a_failed_piece_is_fetched_again_from_one_peer_only() {
+        let l = lengths();
+        let mut p = Picker::new(l, Bitfield::new(4), 0);
+        let only0 = { let mut b = Bitfield::new(4); b.set(0); b };
+        p.peer_bitfield(&only0);
+        let first = p.pick(1, &only0, 1);
+        let second = p.pick(2, &only0, 1);
+        p.on_block(1, &first[0]);
+        p.on_block(2, &second[0]);
+        assert_eq!(p.on_hashed(0, false), vec![(0, 1), (1, 2)]);
+        let again = p.pick(3, &only0, 1);
+        assert_eq!(again.len(), 1);
+        assert!(p.pick(4, &only0, 10).is_empty(), "piece 0 belongs to peer 3 now");
+        assert_eq!(p.pick(3, &only0, 10).len(), 1, "its owner gets the rest");
+        p.release_peer(3);
+        assert_eq!(p.pick(4, &only0, 10).len(), 2, "a departed owner frees it");
     }
 
     #[test]

@@ -126,6 +126,8 @@ pub struct Swarm {
     pub actions: Vec<Action>,
     strikes: HashMap<SocketAddr, u32>,
     pub banned: HashSet<SocketAddr>,
+    /// Addresses of peers that left, so blocks they sent are still attributed.
+    departed: HashMap<PeerKey, SocketAddr>,
     /// Pieces that failed: per block, who sent what, to pin the bad sender
     /// when the piece later verifies (libtorrent's smart ban).
     suspects: HashMap<u32, Vec<(u32, SocketAddr, Digest)>>,
@@ -174,6 +176,7 @@ impl Swarm {
             actions: Vec::new(),
             strikes: HashMap::new(),
             banned: HashSet::new(),
+            departed: HashMap::new(),
             suspects: HashMap::new(),
             downloaded: 0,
             uploaded: 0,
@@ -497,24 +500,32 @@ impl Swarm {
             }
         } else {
             self.wasted += piece_size;
-            let mut offenders: Vec<SocketAddr> = Vec::new();
+            let mut senders_keys: Vec<SocketAddr> = Vec::new();
+            let mut unknown = false;
             for (block, k) in senders {
-                let Some(ip) = self.peers.get(&k).map(|p| ban_key(p.addr)) else { continue };
+                let addr = self.peers.get(&k).map(|p| p.addr).or_else(|| self.departed.get(&k).copied());
+                let Some(key) = addr.map(ban_key) else {
+                    unknown = true;
+                    continue;
+                };
                 if let Some(d) = blocks.get(block as usize) {
-                    self.suspects.entry(piece).or_default().push((block, ip, *d));
+                    self.suspects.entry(piece).or_default().push((block, key, *d));
                 }
-                if !offenders.contains(&ip) {
-                    offenders.push(ip);
+                if !senders_keys.contains(&key) {
+                    senders_keys.push(key);
                 }
             }
-            for ip in offenders {
+            // One sender: the bad data is certainly its. Several: the smart
+            // ban above settles it once the piece verifies.
+            if let ([only], false) = (&senders_keys[..], unknown) {
+                let only = *only;
                 let strikes = {
-                    let s = self.strikes.entry(ip).or_default();
+                    let s = self.strikes.entry(only).or_default();
                     *s += 1;
                     *s
                 };
                 if strikes >= MAX_STRIKES {
-                    self.ban(ip, &format!("{strikes} pieces failed verification"));
+                    self.ban(only, &format!("{strikes} pieces it sent alone failed verification"));
                 }
             }
         }
@@ -615,6 +626,10 @@ impl Swarm {
 
     pub fn remove_peer(&mut self, key: PeerKey) {
         if let Some(peer) = self.peers.remove(&key) {
+            if self.departed.len() >= 4096 {
+                self.departed.clear(); // bounded; an unknown sender only forgoes a strike
+            }
+            self.departed.insert(key, peer.addr);
             if let Some(p) = self.picker.as_mut() {
                 p.peer_gone(key, &peer.bits);
             }

@@ -173,6 +173,32 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }
 
+#[test]
+fn a_part_file_without_resume_data_is_rechecked_and_only_the_rest_fetched() {
+    let (sd, src, m) = seed_dir(4 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let ld = TempDir::new("leech");
+    // Half the file already on disk as NAME.part, the rest zeros, no resume data.
+    let bytes = std::fs::read(&src).unwrap();
+    let mut part = vec![0u8; bytes.len()];
+    let half = bytes.len() / 2;
+    part[..half].copy_from_slice(&bytes[..half]);
+    std::fs::write(ld.path().join("shard-0.gguf.part"), &part).unwrap();
+    let leech = start_seed(ld.path(), &[]);
+    let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
+    let r = leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [seed.addr]}));
+    assert_eq!(r["status"], "success", "{r}");
+    let d = wait_complete(&leech, &m, Duration::from_secs(30));
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let downloaded = d["downloaded"].as_u64().unwrap();
+    assert!(
+        downloaded <= (bytes.len() - half) as u64 + m.info.piece_length,
+        "downloaded {downloaded} of {} with half of it on disk",
+        bytes.len()
+    );
+    assert_eq!(d["wasted"], 0, "{d}");
+}
+
 /// A peer that serves every request with garbage.
 fn corrupt_peer(info_hash: shardnet::torrent::InfoHash, pieces: u32) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();

@@ -9,6 +9,8 @@ use super::wire::{BLOCK_SIZE, Bitfield, Block};
 
 /// A peer connection's key (the node's connection id).
 pub type PeerKey = u64;
+/// The sender of data found on disk (connection ids start at 1).
+pub const NO_PEER: PeerKey = 0;
 
 /// A torrent's piece and block geometry, from its info dict.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -312,10 +314,17 @@ impl Picker {
         senders
     }
 
-    /// Marks a piece verified without download (resume, recheck).
-    pub fn mark_have(&mut self, piece: u32) {
-        self.partial.remove(&piece);
-        self.have.set(piece);
+    /// Marks a piece as written but unverified (a recheck of data on disk):
+    /// it waits for `on_hashed` like a downloaded piece, sent by no peer.
+    pub fn mark_checking(&mut self, piece: u32) {
+        if self.have.get(piece) {
+            return;
+        }
+        let mut p = Partial::new(self.lengths.blocks_in(piece));
+        p.slots.iter_mut().for_each(|s| *s = Slot::Received(NO_PEER));
+        p.received = p.slots.len() as u32;
+        p.hashing = true;
+        self.partial.insert(piece, p);
     }
 
     /// Blocks received but not yet verified, for progress.

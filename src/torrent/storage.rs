@@ -77,9 +77,10 @@ impl Storage {
         Ok(Storage { path: path.to_path_buf(), part: None, file, view, lengths })
     }
 
-    /// Opens or creates `NAME.part` in `dir`; returns the storage and the
-    /// pieces a previous run verified (from the resume file).
-    pub fn open_part(dir: &Path, name: &str, info_hash: InfoHash, lengths: Lengths) -> Result<(Storage, Bitfield)> {
+    /// Opens or creates `NAME.part` in `dir`; returns the storage, the pieces
+    /// a previous run verified (from the resume file), and whether the file
+    /// has data but no usable resume file, so its pieces must be rechecked.
+    pub fn open_part(dir: &Path, name: &str, info_hash: InfoHash, lengths: Lengths) -> Result<(Storage, Bitfield, bool)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let part = part_path(dir, name);
         let file = OpenOptions::new()
@@ -91,16 +92,18 @@ impl Storage {
             .with_context(|| format!("opening {}", part.display()))?;
         let existing = file.metadata()?.len();
         let mut have = Bitfield::new(lengths.pieces);
+        let mut recheck = false;
         if existing == lengths.total {
-            if let Some(bits) = read_resume(&resume_path(&part), info_hash, lengths) {
-                have = bits;
+            match read_resume(&resume_path(&part), info_hash, lengths) {
+                Some(bits) => have = bits,
+                None => recheck = lengths.total > 0,
             }
         } else {
             file.set_len(lengths.total).with_context(|| format!("allocating {}", part.display()))?;
         }
         let view = map(&file, lengths.total)?;
         let storage = Storage { path: dir.join(name), part: Some(part), file, view, lengths };
-        Ok((storage, have))
+        Ok((storage, have, recheck))
     }
 
     pub fn view(&self) -> View {
@@ -199,8 +202,9 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let lengths = Lengths::new(100_000, 32768);
         let h = InfoHash([3; 20]);
-        let (s, have) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        let (s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
         assert_eq!(have.count(), 0);
+        assert!(!recheck, "a new file has nothing to check");
         s.write(32768, &[7u8; 32768]).unwrap();
         assert!(s.write(99_999, &[1, 2]).is_err());
         assert_eq!(s.view().bytes(32768, 4), &[7, 7, 7, 7]);
@@ -209,10 +213,12 @@ mod tests {
         bits.set(1);
         s.save_resume(h, &bits).unwrap();
         drop(s);
-        let (mut s, have) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        let (mut s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
         assert_eq!(have, bits, "resume data trusted");
-        let (_, other) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths).unwrap();
+        assert!(!recheck);
+        let (_, other, recheck) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths).unwrap();
         assert_eq!(other.count(), 0, "resume data of another torrent ignored");
+        assert!(recheck, "data without resume data is rechecked");
         s.finish().unwrap();
         assert!(dir.join("f.bin").exists() && !dir.join("f.bin.part").exists());
         assert!(!dir.join("f.bin.part.resume").exists());

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 
 use super::metainfo::{Info, InfoHash, Metainfo};
-use super::picker::{BlockResult, Lengths, PeerKey, Picker};
+use super::picker::{BlockResult, Lengths, NO_PEER, PeerKey, Picker};
 use super::storage::{Storage, View};
 use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
@@ -136,6 +136,8 @@ pub struct Swarm {
     pub wasted: u64,
     pub started: Instant,
     pub completed: Option<Instant>,
+    /// Pieces of a recheck still being hashed.
+    pub rechecking: u32,
     dir: std::path::PathBuf,
 }
 
@@ -183,18 +185,28 @@ impl Swarm {
             wasted: 0,
             started: now,
             completed: None,
+            rechecking: 0,
             dir,
         }
     }
 
     fn open_storage(&mut self, m: Arc<Metainfo>) -> Result<()> {
         let lengths = Lengths::new(m.info.length, m.info.piece_length);
-        let (storage, have) = Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths)?;
+        let (storage, have, recheck) = Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths)?;
         self.name = m.info.name.clone();
         let seed = u32::from_le_bytes(self.my_id[16..20].try_into().expect("4 bytes"));
         self.picker = Some(Picker::new(lengths, have, seed));
         self.storage = Some(storage);
         self.meta = Metadata::Known(m);
+        if recheck {
+            // Data on disk without resume data: every piece is hashed before
+            // it counts, and only those that fail are fetched.
+            self.rechecking = lengths.pieces;
+            for piece in 0..lengths.pieces {
+                self.picker.as_mut().expect("just set").mark_checking(piece);
+                self.queue_hash(piece);
+            }
+        }
         if self.picker.as_ref().is_some_and(Picker::is_complete) {
             self.actions.push(Action::Complete);
         }
@@ -471,6 +483,8 @@ impl Swarm {
     pub fn on_hashed(&mut self, piece: u32, ok: bool, blocks: &[Digest]) {
         let Some(picker) = self.picker.as_mut() else { return };
         let senders = picker.on_hashed(piece, ok);
+        let senders: Vec<(u32, PeerKey)> = senders.into_iter().filter(|(_, k)| *k != NO_PEER).collect();
+        self.rechecking = self.rechecking.saturating_sub(senders.is_empty() as u32);
         let complete = picker.is_complete();
         let piece_size = picker.lengths().piece_size(piece) as u64;
         if ok {
@@ -499,7 +513,9 @@ impl Swarm {
                 self.update_interest(k);
             }
         } else {
-            self.wasted += piece_size;
+            if !senders.is_empty() {
+                self.wasted += piece_size;
+            }
             let mut senders_keys: Vec<SocketAddr> = Vec::new();
             let mut unknown = false;
             for (block, k) in senders {

@@ -116,7 +116,7 @@ fn write_gguf(path: &Path, index: u32, size: u64, dense: bool) {
 
 fn single_thread_sha1_rate() -> f64 {
     let buf: Vec<u8> = (0..64u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 11) as u8).collect();
-    let _ = shardnet::hash::sha1(&buf[..1 << 20]);
+    let _ = shardnet::hash::sha1(&buf[..1 << 20]); // the implementation the node uses
     let mut rates = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();

@@ -66,12 +66,12 @@ pub struct ShardPlan {
 /// and of the first 4 KiB of every tensor's data, so two models that differ
 /// in metadata, layout or weights differ in id, without reading whole weights.
 pub fn model_id(bytes: &[u8], g: &Gguf<'_>) -> String {
-    let mut h = sha1_smol::Sha1::new();
+    let mut h = hash::Hasher::default();
     h.update(&bytes[..(g.data_offset as usize).min(bytes.len())]);
     for t in &g.tensors {
         h.update(&t.data[..t.data.len().min(MODEL_ID_SAMPLE)]);
     }
-    to_hex(&h.digest().bytes())
+    to_hex(&h.finish())
 }
 
 /// Plans `n` shards of `g`, balanced by bytes.

@@ -52,7 +52,7 @@ pub enum NodeEvent {
     Scan(ScanEvent),
     Loaded { shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)> },
     /// A piece's hash was checked; `blocks` are per-block digests when asked for or bad.
-    Hashed { info_hash: InfoHash, piece: u32, ok: bool, blocks: Vec<crate::hash::Digest> },
+    Hashed { info_hash: InfoHash, piece: u32, ok: bool, blocks: Vec<crate::hash::Digest>, write_error: Option<String> },
     /// A finished download was synced and renamed (or why not).
     Finished { info_hash: InfoHash, result: Result<catalog::FileEntry, String> },
 }
@@ -84,6 +84,8 @@ pub struct Node {
     loading: HashMap<u32, Vec<Waiter>>,
     scan: ScanProgress,
     pool: WorkerPool,
+    /// One thread writing verified pieces, so writes to a file never contend.
+    disk: WorkerPool,
     node_id: [u8; 20],
     started: Instant,
     scratch: Vec<u8>,
@@ -151,6 +153,7 @@ impl Node {
             loading: HashMap::new(),
             scan: ScanProgress::default(),
             pool,
+            disk: WorkerPool::new("disk", 1),
             node_id: random_id(),
             started: Instant::now(),
             scratch: vec![0; READ_CHUNK],
@@ -481,7 +484,9 @@ impl Node {
             match ev {
                 NodeEvent::Scan(ev) => self.on_scan_event(ev),
                 NodeEvent::Loaded { shard_id, result } => self.on_loaded(shard_id, result),
-                NodeEvent::Hashed { info_hash, piece, ok, blocks } => self.on_hashed(info_hash, piece, ok, blocks),
+                NodeEvent::Hashed { info_hash, piece, ok, blocks, write_error } => {
+                    self.on_hashed(info_hash, piece, ok, blocks, write_error)
+                }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
             }
         }

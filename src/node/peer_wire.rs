@@ -15,7 +15,7 @@ use super::catalog::FileEntry;
 use super::conn::{Conn, Kind};
 use super::{FIRST_CONN, Node, NodeEvent};
 use crate::hash::{self, Digest};
-use crate::torrent::swarm::{Action, Swarm};
+use crate::torrent::swarm::{Action, PieceData, Swarm};
 use crate::torrent::wire::{self, BLOCK_SIZE, Handshake};
 use crate::torrent::{InfoHash, Metainfo};
 use crate::{debug, info, warn};
@@ -190,15 +190,30 @@ impl Node {
 
     fn run_action(&mut self, h: InfoHash, action: Action) {
         match action {
-            Action::Hash { piece, view, offset, len, expected, blocks } => {
+            Action::Hash { piece, data, offset, len, expected, blocks } => {
                 let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
+                let disk = self.disk.handle();
                 self.pool.handle().submit(move || {
-                    let data = view.bytes(offset, len);
-                    let ok = data.len() as u64 == len && hash::sha1(data) == expected;
+                    let bytes = match &data {
+                        PieceData::Disk(view) => view.bytes(offset, len),
+                        PieceData::Memory(buf, _) => buf.as_slice(),
+                    };
+                    let ok = bytes.len() as u64 == len && hash::sha1(bytes) == expected;
                     let digests: Vec<Digest> =
-                        if ok && !blocks { Vec::new() } else { data.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect() };
-                    let _ = tx.send(NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests });
-                    let _ = waker.wake();
+                        if ok && !blocks { Vec::new() } else { bytes.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect() };
+                    let report = move |ok: bool, write_error: Option<String>| {
+                        let _ = tx.send(NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests, write_error });
+                        let _ = waker.wake();
+                    };
+                    match data {
+                        // Only verified bytes reach the file, written by the
+                        // one disk thread (writers to one file contend).
+                        PieceData::Memory(buf, writer) if ok => disk.submit(move || match writer.write(offset, &buf) {
+                            Ok(()) => report(true, None),
+                            Err(e) => report(false, Some(format!("writing piece {piece}: {e}"))),
+                        }),
+                        _ => report(ok, None),
+                    }
                 });
             }
             Action::SaveResume => {
@@ -221,7 +236,11 @@ impl Node {
         }
     }
 
-    pub(super) fn on_hashed(&mut self, h: InfoHash, piece: u32, ok: bool, blocks: Vec<Digest>) {
+    pub(super) fn on_hashed(&mut self, h: InfoHash, piece: u32, ok: bool, blocks: Vec<Digest>, write_error: Option<String>) {
+        if let Some(e) = write_error {
+            // The disk, not the peers: stop this download with the reason.
+            return self.fail_download(h, e);
+        }
         let Some(swarm) = self.swarms.get_mut(&h) else { return };
         if ok {
             debug!("{}: piece {piece} verified", swarm.name);

@@ -180,8 +180,9 @@ impl Picker {
         }
     }
 
-    /// Up to `max` blocks to ask `peer` for, given what it has.
-    pub fn pick(&mut self, peer: PeerKey, peer_bits: &Bitfield, max: usize) -> Vec<Block> {
+    /// Up to `max` blocks to ask `peer` for, given what it has; new pieces
+    /// are started only if `may_start` (the caller's memory bound).
+    pub fn pick(&mut self, peer: PeerKey, peer_bits: &Bitfield, max: usize, may_start: bool) -> Vec<Block> {
         let mut out = Vec::new();
         if max == 0 {
             return out;
@@ -196,13 +197,13 @@ impl Picker {
             }
         }
         // 2. New pieces, rarest first.
-        while out.len() < max {
+        while may_start && out.len() < max {
             let Some(i) = self.rarest_new(peer_bits) else { break };
             self.partial.insert(i, Partial::new(self.lengths.blocks_in(i)));
             self.take_missing(i, peer, max, &mut out);
         }
         // 3. Endgame: nothing left unasked; ask for blocks others were asked for.
-        if out.is_empty() {
+        if out.is_empty() && may_start {
             let mut pieces: Vec<u32> =
                 self.partial.iter().filter(|(i, p)| p.open_to(peer) && p.owner.is_none() && peer_bits.get(**i)).map(|(i, _)| *i).collect();
             pieces.sort_unstable();
@@ -369,10 +370,10 @@ mod tests {
         p.peer_bitfield(&all);
         p.peer_bitfield(&only2);
         // Piece 2 is the most common; any of 0, 1, 3 is rarer.
-        let first = p.pick(1, &all, 1);
+        let first = p.pick(1, &all, 1, true);
         assert_ne!(first[0].index, 2);
         // The started piece is finished before another is begun.
-        let next = p.pick(2, &all, 1);
+        let next = p.pick(2, &all, 1, true);
         assert_eq!(next[0].index, first[0].index);
         assert_eq!(next[0].begin, 16384);
     }
@@ -383,7 +384,7 @@ mod tests {
         let mut p = Picker::new(l, Bitfield::new(4), 0);
         let all = Bitfield::full(4);
         p.peer_bitfield(&all);
-        let reqs = p.pick(7, &all, 100);
+        let reqs = p.pick(7, &all, 100, true);
         assert_eq!(reqs.len(), 8, "every block asked once");
         assert_eq!(p.on_block(8, &reqs[0]), BlockResult::Unwanted, "not asked of peer 8");
         let piece = reqs[0].index;
@@ -394,7 +395,7 @@ mod tests {
         assert_eq!(p.on_hashed(piece, false), vec![(0, 7), (1, 7)]);
         assert!(!p.have().get(piece));
         // It can be asked for again, then verified.
-        let again = p.pick(9, &all, 100);
+        let again = p.pick(9, &all, 100, true);
         assert!(again.iter().any(|b| b.index == piece));
         for b in again.iter().filter(|b| b.index == piece) {
             p.on_block(9, b);
@@ -409,17 +410,17 @@ mod tests {
         let mut p = Picker::new(l, Bitfield::new(4), 0);
         let only0 = { let mut b = Bitfield::new(4); b.set(0); b };
         p.peer_bitfield(&only0);
-        let first = p.pick(1, &only0, 1);
-        let second = p.pick(2, &only0, 1);
+        let first = p.pick(1, &only0, 1, true);
+        let second = p.pick(2, &only0, 1, true);
         p.on_block(1, &first[0]);
         p.on_block(2, &second[0]);
         assert_eq!(p.on_hashed(0, false), vec![(0, 1), (1, 2)]);
-        let again = p.pick(3, &only0, 1);
+        let again = p.pick(3, &only0, 1, true);
         assert_eq!(again.len(), 1);
-        assert!(p.pick(4, &only0, 10).is_empty(), "piece 0 belongs to peer 3 now");
-        assert_eq!(p.pick(3, &only0, 10).len(), 1, "its owner gets the rest");
+        assert!(p.pick(4, &only0, 10, true).is_empty(), "piece 0 belongs to peer 3 now");
+        assert_eq!(p.pick(3, &only0, 10, true).len(), 1, "its owner gets the rest");
         p.release_peer(3);
-        assert_eq!(p.pick(4, &only0, 10).len(), 2, "a departed owner frees it");
+        assert_eq!(p.pick(4, &only0, 10, true).len(), 2, "a departed owner frees it");
     }
 
     #[test]
@@ -427,11 +428,11 @@ mod tests {
         let l = Lengths::new(16384, 16384);
         let mut p = Picker::new(l, Bitfield::new(1), 0);
         let all = Bitfield::full(1);
-        let a = p.pick(1, &all, 10);
+        let a = p.pick(1, &all, 10, true);
         assert_eq!(a.len(), 1);
-        let b = p.pick(2, &all, 10);
+        let b = p.pick(2, &all, 10, true);
         assert_eq!(b, a, "endgame duplicate");
-        assert!(p.pick(3, &all, 10).is_empty(), "at most two askers per block");
+        assert!(p.pick(3, &all, 10, true).is_empty(), "at most two askers per block");
         assert_eq!(p.on_block(2, &b[0]), BlockResult::Accepted { complete: true, cancel: vec![1] });
     }
 
@@ -441,9 +442,9 @@ mod tests {
         let mut p = Picker::new(l, Bitfield::new(4), 0);
         let all = Bitfield::full(4);
         p.peer_bitfield(&all);
-        let first = p.pick(1, &all, 3);
+        let first = p.pick(1, &all, 3, true);
         p.peer_gone(1, &all);
-        let second = p.pick(2, &all, 3);
+        let second = p.pick(2, &all, 3, true);
         assert_eq!(first, second);
     }
 }

@@ -13,7 +13,7 @@ use anyhow::{Result, anyhow};
 
 use super::metainfo::{Info, InfoHash, Metainfo};
 use super::picker::{BlockResult, Lengths, NO_PEER, PeerKey, Picker};
-use super::storage::{Storage, View};
+use super::storage::{PieceWriter, Storage, View};
 use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
 use crate::hash::{self, Digest};
@@ -49,10 +49,21 @@ pub fn ban_key(addr: SocketAddr) -> SocketAddr {
     if addr.ip().is_loopback() { addr } else { SocketAddr::new(addr.ip(), 0) }
 }
 
+/// Bytes of pieces gathered in memory at most; no new piece is started past it.
+pub const MAX_BUFFERED: u64 = 32 * 1024 * 1024;
+
+/// Where a piece to verify is.
+pub enum PieceData {
+    /// On disk (a recheck): read through the map.
+    Disk(View),
+    /// Gathered in memory from peers: written at `offset` if it verifies.
+    Memory(Vec<u8>, PieceWriter),
+}
+
 /// Work the node does for the swarm.
 pub enum Action {
     /// Hash a complete piece; `blocks`: also return each block's digest.
-    Hash { piece: u32, view: View, offset: u64, len: u64, expected: Digest, blocks: bool },
+    Hash { piece: u32, data: PieceData, offset: u64, len: u64, expected: Digest, blocks: bool },
     /// Every piece verified: sync and rename the file.
     Complete,
     /// The info dict arrived and verified (magnet): storage is open.
@@ -138,6 +149,10 @@ pub struct Swarm {
     pub completed: Option<Instant>,
     /// Pieces of a recheck still being hashed.
     pub rechecking: u32,
+    /// Pieces being gathered from peers, and the bytes they hold (with those
+    /// handed to the hash workers and not yet answered).
+    buffers: HashMap<u32, Vec<u8>>,
+    buffered: u64,
     dir: std::path::PathBuf,
 }
 
@@ -186,6 +201,8 @@ impl Swarm {
             started: now,
             completed: None,
             rechecking: 0,
+            buffers: HashMap::new(),
+            buffered: 0,
             dir,
         }
     }
@@ -444,11 +461,17 @@ impl Swarm {
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
         peer.count_block(data.len() as u64, now);
-        let (Some(picker), Some(storage)) = (self.picker.as_mut(), self.storage.as_ref()) else { return Ok(()) };
+        let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
             BlockResult::Accepted { complete, cancel } => {
-                storage.write(picker.lengths().offset(&b), data)?;
+                let size = picker.lengths().piece_size(index) as usize;
+                let buffered = &mut self.buffered;
+                let buf = self.buffers.entry(index).or_insert_with(|| {
+                    *buffered += size as u64;
+                    vec![0; size]
+                });
+                buf[begin as usize..begin as usize + data.len()].copy_from_slice(data);
                 self.downloaded += data.len() as u64;
                 for other in cancel {
                     if let Some(p) = self.peers.get_mut(&other) {
@@ -468,9 +491,13 @@ impl Swarm {
     fn queue_hash(&mut self, piece: u32) {
         let (Some(picker), Some(storage), Metadata::Known(m)) = (&self.picker, &self.storage, &self.meta) else { return };
         let l = picker.lengths();
+        let data = match self.buffers.remove(&piece) {
+            Some(buf) => PieceData::Memory(buf, storage.writer()),
+            None => PieceData::Disk(storage.view()),
+        };
         self.actions.push(Action::Hash {
             piece,
-            view: storage.view(),
+            data,
             offset: piece as u64 * l.piece_length,
             len: l.piece_size(piece) as u64,
             expected: m.info.pieces[piece as usize],
@@ -484,6 +511,9 @@ impl Swarm {
         let Some(picker) = self.picker.as_mut() else { return };
         let senders = picker.on_hashed(piece, ok);
         let senders: Vec<(u32, PeerKey)> = senders.into_iter().filter(|(_, k)| *k != NO_PEER).collect();
+        if !senders.is_empty() {
+            self.buffered = self.buffered.saturating_sub(picker.lengths().piece_size(piece) as u64);
+        }
         self.rechecking = self.rechecking.saturating_sub(senders.is_empty() as u32);
         let complete = picker.is_complete();
         let piece_size = picker.lengths().piece_size(piece) as u64;
@@ -586,7 +616,8 @@ impl Swarm {
             return;
         }
         let now = Instant::now();
-        for b in picker.pick(key, &peer.bits, room) {
+        let may_start = self.buffered < MAX_BUFFERED;
+        for b in picker.pick(key, &peer.bits, room, may_start) {
             wire::encode(&Message::Request(b), &mut peer.out);
             peer.requested.push((b, now));
         }

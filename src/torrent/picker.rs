@@ -327,11 +327,6 @@ impl Picker {
         p.hashing = true;
         self.partial.insert(piece, p);
     }
-
-    /// Blocks received but not yet verified, for progress.
-    pub fn pending_bytes(&self) -> u64 {
-        self.partial.values().map(|p| p.received as u64 * BLOCK_SIZE as u64).sum()
-    }
 }
 
 #[cfg(test)]

@@ -127,24 +127,9 @@ impl Storage {
         self.part.is_none()
     }
 
-    pub fn write(&self, offset: u64, data: &[u8]) -> Result<()> {
-        ensure!(self.part.is_some(), "writing to a complete file");
-        ensure!(offset + data.len() as u64 <= self.lengths.total, "write past the end");
-        self.file.write_all_at(data, offset).with_context(|| format!("writing {}", self.path.display()))
-    }
-
     /// A handle for writing verified pieces from a worker.
     pub fn writer(&self) -> PieceWriter {
         PieceWriter { file: self.file.clone() }
-    }
-
-    /// Syncs written data, then records `have` so a restart can trust it.
-    /// Blocking: run it on a worker (`resume_job`).
-    pub fn save_resume(&self, info_hash: InfoHash, have: &Bitfield) -> Result<()> {
-        match self.resume_job(info_hash, have)? {
-            Some(job) => job(),
-            None => Ok(()),
-        }
     }
 
     /// A job that syncs the data and writes the resume file, for a worker.
@@ -190,12 +175,6 @@ impl Storage {
         self.part = None;
     }
 
-    /// Every piece verified: sync and rename now (tests and tools).
-    pub fn finish(&mut self) -> Result<()> {
-        self.finish_job()?()?;
-        self.finished();
-        Ok(())
-    }
 }
 
 fn read_resume(path: &Path, info_hash: InfoHash, lengths: Lengths) -> Option<Bitfield> {
@@ -223,13 +202,12 @@ mod tests {
         let (s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
         assert_eq!(have.count(), 0);
         assert!(!recheck, "a new file has nothing to check");
-        s.write(32768, &[7u8; 32768]).unwrap();
-        assert!(s.write(99_999, &[1, 2]).is_err());
+        s.writer().write(32768, &[7u8; 32768]).unwrap();
         assert_eq!(s.view().bytes(32768, 4), &[7, 7, 7, 7]);
         assert_eq!(s.view().bytes(99_999, 2), &[] as &[u8]);
         let mut bits = Bitfield::new(lengths.pieces);
         bits.set(1);
-        s.save_resume(h, &bits).unwrap();
+        s.resume_job(h, &bits).unwrap().expect("a part file")().unwrap();
         drop(s);
         let (mut s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
         assert_eq!(have, bits, "resume data trusted");
@@ -237,7 +215,8 @@ mod tests {
         let (_, other, recheck) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths).unwrap();
         assert_eq!(other.count(), 0, "resume data of another torrent ignored");
         assert!(recheck, "data without resume data is rechecked");
-        s.finish().unwrap();
+        s.finish_job().unwrap()().unwrap();
+        s.finished();
         assert!(dir.join("f.bin").exists() && !dir.join("f.bin.part").exists());
         assert!(!dir.join("f.bin.part.resume").exists());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -334,11 +334,6 @@ impl Swarm {
         bencode::dict(d).encode()
     }
 
-    /// Whether `key` has completed its handshake.
-    pub fn handshaken(&self, key: PeerKey) -> bool {
-        self.peers.get(&key).is_some_and(|p| p.handshaken)
-    }
-
     /// Largest message a peer may send us.
     pub fn max_message(&self) -> u32 {
         let bitfield = self.picker.as_ref().map_or(0, |p| p.lengths().pieces.div_ceil(8));

@@ -186,9 +186,20 @@ pub fn decode(input: &[u8]) -> Result<Value<'_>, Error> {
     Ok(value)
 }
 
+/// Like [`decode`], but accepting dictionary keys in any order (still unique):
+/// for packets from the open network, where some clients do not sort.
+pub fn decode_unsorted(input: &[u8]) -> Result<Value<'_>, Error> {
+    let mut p = Parser { input, pos: 0, sorted: false };
+    let value = p.value(0)?;
+    if p.pos != input.len() {
+        return Err(Error { kind: ErrorKind::TrailingBytes, offset: p.pos });
+    }
+    Ok(value)
+}
+
 /// Decodes one value from the start of `input`, returning it and the bytes used.
 pub fn decode_prefix(input: &[u8]) -> Result<(Value<'_>, usize), Error> {
-    let mut p = Parser { input, pos: 0 };
+    let mut p = Parser { input, pos: 0, sorted: true };
     let v = p.value(0)?;
     Ok((v, p.pos))
 }
@@ -196,7 +207,7 @@ pub fn decode_prefix(input: &[u8]) -> Result<(Value<'_>, usize), Error> {
 /// The raw encoded bytes of `key`'s value in the top-level dictionary `input`,
 /// exactly as they appear in the input (for info hashes).
 pub fn raw_dict_value<'a>(input: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]>, Error> {
-    let mut p = Parser { input, pos: 0 };
+    let mut p = Parser { input, pos: 0, sorted: true };
     p.expect(b'd')?;
     while p.peek()? != b'e' {
         let k = p.byte_string()?;
@@ -212,6 +223,8 @@ pub fn raw_dict_value<'a>(input: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]
 struct Parser<'a> {
     input: &'a [u8],
     pos: usize,
+    /// Require dictionary keys in ascending order (canonical bencode).
+    sorted: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -263,7 +276,7 @@ impl<'a> Parser<'a> {
                         return Err(self.err(ErrorKind::KeyNotBytes));
                     }
                     let key = self.byte_string()?;
-                    if let Some(prev) = last {
+                    if let Some(prev) = last.filter(|_| self.sorted) {
                         if key == prev {
                             return Err(Error { kind: ErrorKind::DuplicateKey, offset: key_at });
                         }
@@ -273,7 +286,9 @@ impl<'a> Parser<'a> {
                     }
                     last = Some(key);
                     let v = self.value(depth + 1)?;
-                    map.insert(Cow::Borrowed(key), v);
+                    if map.insert(Cow::Borrowed(key), v).is_some() {
+                        return Err(Error { kind: ErrorKind::DuplicateKey, offset: key_at });
+                    }
                 }
                 self.pos += 1;
                 Ok(Value::Dict(map))
@@ -384,6 +399,15 @@ mod tests {
         assert_eq!(kind(b"i1ei2e"), ErrorKind::TrailingBytes);
         assert_eq!(kind(b"x"), ErrorKind::UnexpectedByte(b'x'));
         assert_eq!(kind(b""), ErrorKind::UnexpectedEnd);
+    }
+
+    #[test]
+    fn unsorted_decoding_accepts_any_order_but_not_duplicates() {
+        assert!(decode(b"d1:bi1e1:ai2ee").is_err());
+        let v = decode_unsorted(b"d1:bi1e1:ai2ee").unwrap();
+        assert_eq!(v.get("a").and_then(Value::as_int), Some(2));
+        assert_eq!(decode_unsorted(b"d1:ai1e1:ai2ee").unwrap_err().kind, ErrorKind::DuplicateKey);
+        assert_eq!(decode_unsorted(b"i1ei2e").unwrap_err().kind, ErrorKind::TrailingBytes);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! - [`log`]       one-line-per-event logging to stderr, with a global level
 //! - [`config`]    command-line flags and addresses (multiaddr and HOST:PORT)
 //! - [`bencode`]   strict bencode codec (BEP 3)
+//! - [`dht`]       Kademlia (BEP 5): KRPC codec and routing table so far
 //! - [`torrent`]   BitTorrent v1 metainfo, info hashes and magnet links
 //! - [`gguf`]      GGUF v3 reader over a memory map, ggml type table
 //! - [`protocol`]  command protocol: frame codec, requests, responses, error codes
@@ -15,6 +16,7 @@
 pub mod bencode;
 pub mod client;
 pub mod config;
+pub mod dht;
 pub mod gguf;
 pub mod hash;
 pub mod log;

@@ -1,8 +1,15 @@
 //! Kademlia DHT compatible with BitTorrent's mainline DHT (BEP 5), sans-IO.
 //!
-//! Built so far: the KRPC codec and the routing table. Still to come (the DHT
-//! issue): tokens and the peer store, iterative lookups, the node that ties
-//! them to timers, its place in the event loop, and the simulation.
+//! - [`krpc`]    the messages (codec)
+//! - [`routing`] k-buckets of good / questionable / bad nodes
+//! - [`store`]   write tokens and announced peers
+//! - [`lookup`]  one iterative lookup (alpha = 3, converges on the k closest)
+//! - [`node`]    a node: answers queries, runs lookups and announces
+//! - [`sim`]     many nodes in virtual time, for tests and benchmarks
 
 pub mod krpc;
+pub mod lookup;
+pub mod node;
 pub mod routing;
+pub mod sim;
+pub mod store;

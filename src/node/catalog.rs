@@ -84,8 +84,9 @@ impl std::fmt::Debug for LoadedShard {
     }
 }
 
-/// Opens, maps and checks a shard file. Runs on a worker thread.
-pub fn load_shard(shard_id: u32, path: &Path) -> Result<LoadedShard, (ErrorCode, String)> {
+/// Opens, maps and checks a shard file: its `shard.index` must be `shard_id`
+/// and, when `model` is given, its `shard.model_id` that model. Runs on a worker.
+pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<LoadedShard, (ErrorCode, String)> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
     let file = match File::open(path) {
         Ok(f) => f,
@@ -108,6 +109,11 @@ pub fn load_shard(shard_id: u32, path: &Path) -> Result<LoadedShard, (ErrorCode,
     if let Some(index) = summary.shard_index {
         if index != shard_id {
             return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
+        }
+    }
+    if let (Some(want), Some(have)) = (model, summary.model_id.as_deref()) {
+        if want != have {
+            return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
         }
     }
     Ok(LoadedShard {

@@ -36,6 +36,20 @@ impl Node {
                 self.respond(token, &payload);
             }
             Command::LoadShard(params) => self.load_shard_command(token, id, params),
+            Command::FindPeers(key) => {
+                let key = match key {
+                    crate::protocol::PeersKey::Hash(h) => crate::dht::krpc::Id(h.0),
+                    crate::protocol::PeersKey::Shard(n) => {
+                        let file = self.catalog.manifest_name(n).unwrap_or_else(|| format!("shard-{n}.gguf"));
+                        super::dht_glue::name_key(&self.config.cluster, &file)
+                    }
+                    crate::protocol::PeersKey::Cluster => super::dht_glue::cluster_key(&self.config.cluster),
+                };
+                if !self.find_peers_command(token, id.clone(), key) {
+                    let msg = "the DHT is not running on this node";
+                    self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
+                }
+            }
             Command::Download(params) => {
                 let payload = match self.download_command(params) {
                     Ok(result) => success_payload(name, &id, result),
@@ -60,11 +74,12 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{}}}}}",
             self.started.elapsed().as_millis(),
             self.open_conns,
             self.uploaded_total(),
-            self.downloads_json()
+            self.downloads_json(),
+            self.dht_status()
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -181,20 +196,18 @@ impl Node {
         if !self.config.enable_torrent {
             return Err(self.not_found_message(id));
         }
-        let h = p.info_hash.or_else(|| self.catalog.manifest_hash(id)).ok_or_else(|| {
-            (
-                ErrorCode::TorrentUnavailable,
-                format!("Shard {id} not found locally, and no info hash is known for it: pass params.info_hash, or keep manifest.json in the shards dir."),
-            )
-        })?;
-        let downloading = self.downloads.contains_key(&h);
-        if p.peers.is_empty() && !downloading {
-            return Err((
-                ErrorCode::TorrentUnavailable,
-                format!("Shard {id} not found locally, and no peers are known for {h}: pass params.peers (discovery through the DHT is not built yet)."),
-            ));
-        }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.gguf").to_string();
+        let no_dht = |what: &str| (ErrorCode::TorrentUnavailable, format!("Shard {id} not found locally, {what}, and the DHT is not running."));
+        let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
+            // Unknown info hash: ask the peers holding the shard's name.
+            return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
+        };
+        if p.peers.is_empty() {
+            if self.downloads.contains_key(&h) {
+                return Ok(()); // joins the download under way
+            }
+            return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
+        }
         self.start_download(h, None, &name, &p.peers, Some(id))
             .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
     }
@@ -238,9 +251,17 @@ impl Node {
     /// Maps and checks a shard on a worker; the answer comes as `NodeEvent::Loaded`.
     pub(super) fn start_load(&mut self, id: u32, path: PathBuf) {
         self.loading.entry(id).or_default();
+        // Another shard of the model here names the model the new one must be of.
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
+        let model = self
+            .catalog
+            .files
+            .values()
+            .filter(|f| f.filename != name)
+            .find_map(|f| f.gguf.as_ref().ok().and_then(|s| s.model_id.clone()));
         let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
         self.pool.handle().submit(move || {
-            let _ = tx.send(NodeEvent::Loaded { shard_id: id, result: load_shard(id, &path) });
+            let _ = tx.send(NodeEvent::Loaded { shard_id: id, result: load_shard(id, &path, model.as_deref()) });
             let _ = waker.wake();
         });
     }
@@ -315,6 +336,7 @@ impl Node {
                         entry.meta = Some(m);
                         let entry = entry.clone();
                         self.seed_file(&entry);
+                        self.announce_due(Instant::now());
                     }
                     Err(e) => {
                         warn!("{filename}: no torrent metadata: {e}");

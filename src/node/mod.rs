@@ -9,6 +9,7 @@
 
 pub mod catalog;
 pub mod conn;
+mod dht_glue;
 mod handlers;
 mod peer_wire;
 pub mod scan;
@@ -37,7 +38,8 @@ use scan::{ScanEvent, ScanStats};
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
-const FIRST_CONN: usize = 2;
+const UDP: Token = Token(2);
+const FIRST_CONN: usize = 3;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
 /// One read's buffer.
@@ -55,6 +57,8 @@ pub enum NodeEvent {
     Hashed { info_hash: InfoHash, piece: u32, ok: bool, blocks: Vec<crate::hash::Digest>, write_error: Option<String> },
     /// A finished download was synced and renamed (or why not).
     Finished { info_hash: InfoHash, result: Result<catalog::FileEntry, String> },
+    /// A shard's info hash, as its holders listed it (or why not).
+    ShardResolved { shard_id: u32, filename: String, result: Result<InfoHash, String> },
 }
 
 /// A request waiting for a worker's answer.
@@ -108,6 +112,8 @@ pub struct Node {
     download_bytes: HashMap<u32, u64>,
     /// Turns of `pump`, rotating which peer is served first.
     pump_round: usize,
+    /// The DHT on the node's UDP port (None if it could not bind).
+    dht: Option<dht_glue::DhtState>,
 }
 
 #[derive(Default)]
@@ -136,6 +142,8 @@ impl Node {
         });
 
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
+        let node_id = random_id();
+        let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
         Ok(Node {
             config,
             poll,
@@ -154,7 +162,7 @@ impl Node {
             scan: ScanProgress::default(),
             pool,
             disk: WorkerPool::new("disk", 1),
-            node_id: random_id(),
+            node_id,
             started: Instant::now(),
             scratch: vec![0; READ_CHUNK],
             status_cache: None,
@@ -168,6 +176,7 @@ impl Node {
             throttled_reads: Vec::new(),
             download_bytes: HashMap::new(),
             pump_round: 0,
+            dht,
         })
     }
 
@@ -180,12 +189,14 @@ impl Node {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
+            let now = Instant::now();
+            let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
             } else if !self.throttled_swarms.is_empty() || !self.throttled_reads.is_empty() {
                 THROTTLE_TICK
             } else {
-                next_sweep.saturating_duration_since(Instant::now())
+                next_sweep.min(next_dht).saturating_duration_since(now)
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -196,6 +207,7 @@ impl Node {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
+                    UDP => self.on_udp_readable(),
                     token => {
                         if ev.is_error() {
                             self.close(token, "socket error");
@@ -488,6 +500,7 @@ impl Node {
                     self.on_hashed(info_hash, piece, ok, blocks, write_error)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
+                NodeEvent::ShardResolved { shard_id, filename, result } => self.on_shard_resolved(shard_id, filename, result),
             }
         }
     }

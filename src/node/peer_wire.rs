@@ -26,6 +26,8 @@ const PEER_OUT_HIGH: usize = 4 * 1024 * 1024;
 const REDIAL_FIRST: Duration = Duration::from_millis(200);
 /// ...up to this.
 const REDIAL_MAX: Duration = Duration::from_secs(30);
+/// How often a download without peers asks the DHT again.
+const REQUERY_EVERY: Duration = Duration::from_secs(10);
 /// How often verified pieces are recorded in the resume file.
 const RESUME_EVERY: Duration = Duration::from_secs(1);
 
@@ -38,6 +40,8 @@ pub struct Download {
     resume_dirty: bool,
     resume_saved: Instant,
     pub failed: Option<String>,
+    /// When the DHT was last asked for more peers.
+    requeried: Option<Instant>,
 }
 
 /// A token bucket for `--upload-limit` / `--download-limit` (bytes/s; 0 = none).
@@ -289,6 +293,7 @@ impl Node {
         );
         let downloaded = swarm.downloaded;
         let path = entry.path.clone();
+        self.announce_due(Instant::now());
         self.catalog.files.insert(entry.filename.clone(), entry);
         self.status_cache = None;
         if let Some(d) = self.downloads.get(&h) {
@@ -332,6 +337,7 @@ impl Node {
             resume_dirty: false,
             resume_saved: Instant::now(),
             failed: None,
+            requeried: None,
         });
         d.failed = None;
         for p in peers {
@@ -456,9 +462,23 @@ impl Node {
                 s.tick(now);
             }
             self.dial_peers(h);
+            self.requery_if_dry(h, now);
             self.save_resume_if_due(h, now);
             self.pump(h);
         }
+    }
+
+    /// A download with no peer connected asks the DHT for more, every 10 s.
+    fn requery_if_dry(&mut self, h: InfoHash, now: Instant) {
+        let (Some(d), Some(s)) = (self.downloads.get_mut(&h), self.swarms.get(&h)) else { return };
+        if s.is_complete() || d.failed.is_some() || !s.peers.is_empty() {
+            return;
+        }
+        if d.requeried.is_some_and(|t| now.duration_since(t) < REQUERY_EVERY) {
+            return;
+        }
+        d.requeried = Some(now);
+        self.dht_requery(h);
     }
 
     fn save_resume_if_due(&mut self, h: InfoHash, now: Instant) {

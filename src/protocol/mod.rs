@@ -57,7 +57,7 @@ impl ErrorCode {
 }
 
 /// The commands this node answers.
-pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD"];
+pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS"];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -65,6 +65,18 @@ pub enum Command {
     LoadShard(LoadShard),
     Status,
     Download(Download),
+    FindPeers(PeersKey),
+}
+
+/// What `FIND_PEERS` looks up in the DHT.
+#[derive(Clone, Debug, PartialEq)]
+pub enum PeersKey {
+    /// An info hash or any other 20-byte key.
+    Hash(InfoHash),
+    /// The name key of a shard of this node's cluster.
+    Shard(u32),
+    /// The cluster key: the cluster's members.
+    Cluster,
 }
 
 impl Command {
@@ -74,6 +86,7 @@ impl Command {
             Command::LoadShard(_) => "LOAD_SHARD",
             Command::Status => "STATUS",
             Command::Download(_) => "DOWNLOAD",
+            Command::FindPeers(_) => "FIND_PEERS",
         }
     }
 }
@@ -178,6 +191,7 @@ impl Request {
             "STATUS" => Command::Status,
             "LOAD_SHARD" => Command::LoadShard(parse_load_shard(params).map_err(|(c, m)| fail(c, m))?),
             "DOWNLOAD" => Command::Download(parse_download(params).map_err(|(c, m)| fail(c, m))?),
+            "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
             other => {
                 return Err(fail(
                     ErrorCode::UnknownCommand,
@@ -246,6 +260,20 @@ fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, S
         Some(v) => return Err((ErrorCode::WrongType, format!("torrent_hex must be a string, got {}", kind(v)))),
     };
     Ok(Download { info_hash, torrent, peers: parse_peers(params)? })
+}
+
+fn parse_find_peers(params: &Map<String, Value>) -> Result<PeersKey, (ErrorCode, String)> {
+    match (params.get("key"), params.get("shard_id"), params.get("cluster")) {
+        (Some(Value::String(k)), None, None) => {
+            InfoHash::from_hex(k).map(PeersKey::Hash).ok_or_else(|| (ErrorCode::WrongType, format!("key {k:?} is not 40 hex digits")))
+        }
+        (None, Some(Value::Number(n)), None) => match n.as_u64() {
+            Some(id) if id <= MAX_SHARD_ID => Ok(PeersKey::Shard(id as u32)),
+            _ => Err((ErrorCode::OutOfRange, format!("shard_id {n} outside 0..={MAX_SHARD_ID}"))),
+        },
+        (None, None, Some(Value::Bool(true))) => Ok(PeersKey::Cluster),
+        _ => Err((ErrorCode::MissingField, "give one of params.key (40 hex digits), params.shard_id, params.cluster: true".into())),
+    }
 }
 
 /// Most peers one request may name.

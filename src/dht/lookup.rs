@@ -1,9 +1,10 @@
 //! An iterative Kademlia lookup (find_node or get_peers), sans-IO.
 //!
 //! Up to `ALPHA` queries are in flight; a query silent for `SOFT_TIMEOUT`
-//! stops counting against that (it may still answer), so a dead node delays
-//! nothing. The lookup ends as soon as the `K` closest nodes that have not
-//! failed have all answered: it converges rather than waiting for stragglers.
+//! stops counting against that and leaves the frontier (it may still answer),
+//! so a dead node costs a quarter second, not the full query timeout. The
+//! lookup ends as soon as the `K` closest nodes that are neither failed nor
+//! silent have all answered: it converges rather than waiting for stragglers.
 
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
@@ -69,9 +70,11 @@ impl Lookup {
         self.candidates.truncate(MAX_CANDIDATES);
     }
 
-    /// The K closest candidates that have not failed.
+    /// The K closest candidates not known to be failed or silent: a node
+    /// past its soft timeout no longer holds the lookup back (if it answers
+    /// late, its answer is still used).
     fn frontier(&self) -> impl Iterator<Item = &Candidate> {
-        self.candidates.iter().filter(|c| c.state != State::Failed).take(K)
+        self.candidates.iter().filter(|c| !matches!(c.state, State::Failed | State::Stalled)).take(K)
     }
 
     /// Nodes to query now (the caller sends the queries).

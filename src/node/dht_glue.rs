@@ -20,6 +20,7 @@ use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::dht::krpc::{Id, NodeInfo, encode_nodes};
 use crate::dht::node::{Dht, DhtConfig, Event, LookupKind, LookupResult};
+use crate::dht::routing::K;
 use crate::hash;
 use crate::protocol::{ErrorCode, success_payload};
 use crate::torrent::InfoHash;
@@ -27,6 +28,8 @@ use crate::{debug, info, warn};
 
 /// Re-announce every key this often (stored peers expire after 30 min).
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(15 * 60);
+/// An announce that reached few nodes is retried after this.
+const ANNOUNCE_RETRY: Duration = Duration::from_secs(3);
 /// Save the routing table this often.
 const SAVE_TABLE_EVERY: Duration = Duration::from_secs(60);
 /// Where the routing table is saved, in the shards dir.
@@ -230,7 +233,15 @@ impl Node {
     fn on_lookup_done(&mut self, purpose: Purpose, r: LookupResult) {
         let peers: Vec<SocketAddrV4> = r.peers.iter().copied().filter(|p| !self.own_addr(p)).collect();
         match purpose {
-            Purpose::Announce => debug!("announced {:?} to {} nodes", r.target, r.responded),
+            Purpose::Announce => {
+                debug!("announced {:?} to {} nodes", r.target, r.responded);
+                if r.responded < K / 2 {
+                    // Too few nodes known yet (joining): try again soon.
+                    if let Some(d) = self.dht.as_mut() {
+                        d.announced.insert(r.target, Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY);
+                    }
+                }
+            }
             Purpose::FindPeers { token, conn_id, request_id, key } => {
                 let Some(conn) = self.conn(token).filter(|c| c.id == conn_id) else { return };
                 let was_paused = conn.backpressured();

@@ -31,6 +31,9 @@ COMMANDS:
              [--seed N] [--tied]
                                 write a small deterministic LLaMA model
   inspect FILE.gguf             print a GGUF file's metadata and tensors
+  peers KEY | --shard N | --cluster
+                                peers the DHT knows for an info hash (or any
+                                key), a shard's name, or the cluster (FIND_PEERS)
   fetch TORRENT|MAGNET --peer IP:PORT... --out DIR [--listen IP:PORT]
                                 download a torrent from the given peers (a
                                 node of its own, seeding while it runs)
@@ -115,6 +118,9 @@ fn run(o: &Opts) -> Result<()> {
         ["demo-model", flags @ ..] => demo_model(o, flags),
         ["inspect", file] => inspect(o, file),
         ["fetch", target, flags @ ..] => fetch(o, target, flags),
+        ["peers", "--shard", n] => peers(o, json!({"shard_id": n.parse::<u64>().map_err(|_| usage(format!("peers: {n:?} is not a shard id")))?})),
+        ["peers", "--cluster"] => peers(o, json!({"cluster": true})),
+        ["peers", key] => peers(o, json!({"key": key})),
         ["torrent", "create", file, flags @ ..] => torrent_create(o, file, flags),
         ["torrent", "info", file] => torrent_info(o, file),
         ["torrent", "magnet", file] => {
@@ -197,7 +203,28 @@ fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
             other => return Err(usage(format!("load: unknown flag {other}"))),
         }
     }
-    let r = connect(o)?.call("LOAD_SHARD", params)?;
+    // The load answers when done (a download may take a while); meanwhile
+    // STATUS shows its progress.
+    let (node, wait) = (o.node.clone(), o.timeout * 20);
+    let load = std::thread::spawn(move || Client::connect(&node, wait)?.call("LOAD_SHARD", params));
+    let started = std::time::Instant::now();
+    let mut shown = false;
+    while !load.is_finished() {
+        std::thread::sleep(Duration::from_millis(200));
+        if o.json {
+            continue;
+        }
+        let Ok(s) = connect(o).and_then(|mut c| c.call("STATUS", json!({}))) else { continue };
+        let d = s["downloads"].as_array().into_iter().flatten().find(|d| d["shard_id"] == json!(id) && d["complete"] != json!(true));
+        if let Some(d) = d {
+            eprint!("\r{}", progress_line(d, started));
+            shown = true;
+        }
+    }
+    if shown {
+        eprintln!();
+    }
+    let r = load.join().map_err(|_| anyhow::anyhow!("the request thread panicked"))??;
     if o.json {
         print_json(&r);
     } else {
@@ -437,6 +464,17 @@ fn type_name(t: u32) -> &'static str {
         .unwrap_or("?")
 }
 
+/// `[#####.....]  45.2%  120.5 MB/s  3 peers  ETA 2s` for a STATUS download.
+fn progress_line(d: &Value, started: std::time::Instant) -> String {
+    let total = d["bytes"].as_u64().unwrap_or(0);
+    let done = d["verified_bytes"].as_u64().unwrap_or(0);
+    let rate = done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+    let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
+    let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
+    let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
+    format!("[{bar}] {pct:5.1}%  {:>8.1} MB/s  {} peers  ETA {eta}   ", rate / 1e6, d["peers"])
+}
+
 /// `shardctl fetch`: runs a node of its own (it serves what it has while it
 /// runs), asks it to DOWNLOAD, and shows progress until the file is complete.
 fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
@@ -497,16 +535,12 @@ fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         let total = d["bytes"].as_u64().unwrap_or(0);
         let done = d["verified_bytes"].as_u64().unwrap_or(0);
         let secs = started.elapsed().as_secs_f64();
-        let rate = done as f64 / secs.max(1e-3);
         if let Some(e) = d["error"].as_str() {
             eprintln!();
             bail!("download failed: {e}");
         }
         if !o.json {
-            let pct = if total > 0 { done as f64 * 100.0 / total as f64 } else { 0.0 };
-            let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
-            let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
-            eprint!("\r[{bar}] {pct:5.1}%  {:>8.1} MB/s  {} peers  ETA {eta}   ", rate / 1e6, d["peers"]);
+            eprint!("\r{}", progress_line(&d, started));
         }
         if d["complete"] == json!(true) {
             if o.json {
@@ -524,4 +558,25 @@ fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
             bail!("no progress for {} s ({} peers connected)", o.timeout.as_secs(), d["peers"]);
         }
     }
+}
+
+fn peers(o: &Opts, params: Value) -> Result<()> {
+    let r = connect(o)?.call("FIND_PEERS", params)?;
+    if o.json {
+        print_json(&r);
+        return Ok(());
+    }
+    let list = r["peers"].as_array().cloned().unwrap_or_default();
+    println!(
+        "key {}: {} peers ({} nodes answered, {} messages, {:.1} ms)",
+        r["key"].as_str().unwrap_or("?"),
+        list.len(),
+        r["nodes_responded"],
+        r["messages"],
+        r["elapsed_ms"].as_f64().unwrap_or(0.0)
+    );
+    for p in list {
+        println!("  {}", p.as_str().unwrap_or("?"));
+    }
+    Ok(())
 }

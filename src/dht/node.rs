@@ -21,6 +21,8 @@ const REJOIN_EVERY: Duration = Duration::from_secs(5);
 const REFRESH_CHECK: Duration = Duration::from_secs(60);
 /// A bucket untouched this long is refreshed (BEP 5).
 const REFRESH_AFTER: Duration = Duration::from_secs(15 * 60);
+/// Random lookups a node makes when it joins, besides its own id.
+const JOIN_REFRESHES: usize = 3;
 /// A lookup started with an empty table waits this long for nodes.
 const PARK_LIMIT: Duration = Duration::from_secs(10);
 
@@ -274,6 +276,16 @@ impl Dht {
             }
             if !self.lookups.values().any(|a| a.lookup.target == self.id) {
                 self.start_lookup(self.id, LookupKind::FindNode, now);
+                // And a few far regions of the id space, so a new node's table
+                // is not only its neighbourhood (libtorrent refreshes likewise).
+                for _ in 0..JOIN_REFRESHES {
+                    let mut t = [0u8; 20];
+                    for c in t.chunks_mut(8) {
+                        let r = self.random().to_le_bytes();
+                        c.copy_from_slice(&r[..c.len()]);
+                    }
+                    self.start_lookup(Id(t), LookupKind::FindNode, now);
+                }
             }
         }
     }

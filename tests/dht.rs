@@ -209,3 +209,21 @@ fn bad_dht_packets_are_answered_or_dropped_and_the_node_serves_on() {
     assert!(answered, "pings answered after the flood");
     n.assert_serving();
 }
+
+#[test]
+fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
+    let lt = Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
+    if !lt {
+        assert!(std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(), "python3-libtorrent is required (apt-get install python3-libtorrent)");
+        eprintln!("SKIPPED: Debian's python3-libtorrent not installed");
+        return;
+    }
+    let tmp = TempDir::new("dht-lt");
+    write_shard(&tmp.path().join("shard-0.gguf"), 0, 1, (0, 1), 10_000);
+    let n = node(tmp.path(), None, &[]);
+    let h = n.call("LIST_FILES", json!({}))["result"]["files"][0]["info_hash"].as_str().unwrap().to_string();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_dht.py");
+    let out = Command::new("timeout").args(["60", "/usr/bin/python3"]).arg(script).args([&n.addr, &h, "30"]).output().unwrap();
+    let found = String::from_utf8_lossy(&out.stdout);
+    assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}; {}", String::from_utf8_lossy(&out.stderr));
+}

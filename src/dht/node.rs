@@ -32,11 +32,14 @@ pub struct DhtConfig {
     pub restrict_ips: bool,
     /// Packets accepted per second from one source (IP, or IP and port on loopback).
     pub rate_limit: u32,
+    /// Our own peer address, when known: what we announce is also kept in
+    /// our own store, so a node close to a key it holds answers for itself.
+    pub own_peer_ip: Option<std::net::Ipv4Addr>,
 }
 
 impl Default for DhtConfig {
     fn default() -> DhtConfig {
-        DhtConfig { restrict_ips: true, rate_limit: 200 }
+        DhtConfig { restrict_ips: true, rate_limit: 200, own_peer_ip: None }
     }
 }
 
@@ -345,6 +348,9 @@ impl Dht {
         let Some(a) = self.lookups.remove(&l) else { return };
         let responded = a.lookup.responded();
         if let LookupKind::Announce { port } = a.kind {
+            if let Some(ip) = self.config.own_peer_ip {
+                self.store.announce(a.lookup.target, SocketAddrV4::new(ip, port), now);
+            }
             for (node, token) in &responded {
                 if let Some(token) = token {
                     let q = Query::AnnouncePeer { info_hash: a.lookup.target, port, implied_port: false, token: token.clone() };
@@ -482,7 +488,7 @@ mod tests {
     }
 
     fn network(n: usize, now: Instant) -> Vec<Dht> {
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000 };
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, own_peer_ip: None };
         let mut nodes: Vec<Dht> = (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
         for (i, d) in nodes.iter_mut().enumerate().skip(1) {
             let _ = i;
@@ -510,7 +516,7 @@ mod tests {
     #[test]
     fn bad_packets_get_errors_or_are_dropped() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5 }, vec![], now);
+        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5, own_peer_ip: None }, vec![], now);
         d.handle_packet(addr(9), b"not bencode", now);
         assert!(d.outbox.is_empty(), "no tid: dropped");
         d.handle_packet(addr(9), b"d1:ad2:id20:abcdefghij0123456789e1:q4:frob1:t2:aa1:y1:qe", now);
@@ -535,7 +541,7 @@ mod tests {
     #[test]
     fn unanswered_queries_time_out_and_lookups_end() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100 }, vec![], now);
+        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None }, vec![], now);
         d.table.insert(NodeInfo { id: id(2), addr: addr(2) }, true, now);
         let l = d.start_lookup(id(3), LookupKind::FindNode, now);
         assert_eq!(d.outbox.len(), 1);

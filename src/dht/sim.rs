@@ -164,7 +164,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         rng ^= rng << 17;
         rng
     };
-    let dht_cfg = DhtConfig { restrict_ips: true, rate_limit: 10_000 };
+    let dht_cfg = DhtConfig { restrict_ips: true, rate_limit: 10_000, own_peer_ip: None };
     let mut net = Net { nodes: Vec::new(), dead: Vec::new(), queue: BinaryHeap::new(), seq: 0, start, now: Duration::ZERO, latency: cfg.latency };
     let mut active = HashSet::new();
     for i in 0..cfg.nodes {

@@ -96,7 +96,8 @@ pub(super) fn bind(config: &NodeConfig, local: SocketAddr, id: [u8; 20], registr
     // Nodes saved by an earlier run: rejoin without the bootstrap list.
     bootstrap.extend(load_table(&config.shards_dir.join(TABLE_FILE)));
     let loopback = local4.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
-    let cfg = DhtConfig { restrict_ips: !loopback, ..DhtConfig::default() };
+    let own_peer_ip = (!local4.ip().is_unspecified()).then_some(*local4.ip());
+    let cfg = DhtConfig { restrict_ips: !loopback, own_peer_ip, ..DhtConfig::default() };
     let now = Instant::now();
     let mut dht = Dht::new(Id(id), cfg, bootstrap, now);
     dht.join(now);

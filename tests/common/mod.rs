@@ -189,9 +189,9 @@ pub fn have_tool(name: &str) -> bool {
     if !found {
         assert!(
             std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
-            "{name} is required (apt-get install mktorrent transmission-cli aria2)"
+            "{name} is required (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)"
         );
-        eprintln!("SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2)");
+        eprintln!("SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)");
     }
     found
 }

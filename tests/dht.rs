@@ -227,3 +227,22 @@ fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
     let found = String::from_utf8_lossy(&out.stdout);
     assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}; {}", String::from_utf8_lossy(&out.stderr));
 }
+
+#[test]
+fn a_restarted_node_rejoins_from_its_saved_table_without_bootstrap() {
+    let tmp = TempDir::new("dht-rejoin");
+    let dirs: Vec<PathBuf> = (0..3).map(|i| tmp.path().join(format!("n{i}"))).collect();
+    for d in &dirs {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    write_shard(&dirs[2].join("shard-0.gguf"), 0, 1, (0, 1), 1000);
+    let a = node(&dirs[0], None, &[]);
+    let mut b = node(&dirs[1], Some(&a), &[]);
+    let c = node(&dirs[2], Some(&a), &[]);
+    wait_for(Duration::from_secs(20), || dirs[1].join(".dht-nodes").exists().then_some(()));
+    b.kill();
+    // Restarted with no --bootstrap: the saved table is its way in.
+    let b = node(&dirs[1], None, &[]);
+    wait_for(Duration::from_secs(20), || (find_peers(&b, json!({"shard_id": 0})) == vec![c.addr.clone()]).then_some(()));
+    drop(a);
+}

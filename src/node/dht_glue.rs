@@ -32,6 +32,8 @@ const ANNOUNCE_EVERY: Duration = Duration::from_secs(15 * 60);
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(3);
 /// Save the routing table this often.
 const SAVE_TABLE_EVERY: Duration = Duration::from_secs(60);
+/// The first save, after joining.
+const FIRST_SAVE: Duration = Duration::from_secs(3);
 /// Where the routing table is saved, in the shards dir.
 const TABLE_FILE: &str = ".dht-nodes";
 /// Peers asked for their file list when resolving a shard by name.
@@ -101,7 +103,9 @@ pub(super) fn bind(config: &NodeConfig, local: SocketAddr, id: [u8; 20], registr
     let now = Instant::now();
     let mut dht = Dht::new(Id(id), cfg, bootstrap, now);
     dht.join(now);
-    Some(DhtState { dht, socket, next_tick: now, purposes: HashMap::new(), announced: HashMap::new(), table_saved: now })
+    // First save a few seconds in (once joined), then every minute.
+    let table_saved = now - SAVE_TABLE_EVERY + FIRST_SAVE;
+    Some(DhtState { dht, socket, next_tick: now, purposes: HashMap::new(), announced: HashMap::new(), table_saved })
 }
 
 fn load_table(path: &Path) -> Vec<SocketAddrV4> {

@@ -96,20 +96,7 @@ fn write_gguf(path: &Path, index: u32, size: u64, dense: bool) {
     f.write_all(&header).unwrap();
     let data_at = (header.len() as u64).div_ceil(32) * 32;
     if dense {
-        let mut x = 0x2545_f491_4f6c_dd1du64 ^ index as u64;
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = size - header.len() as u64;
-        while left > 0 {
-            for chunk in buf.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                chunk.copy_from_slice(&x.to_le_bytes());
-            }
-            let n = left.min(buf.len() as u64) as usize;
-            f.write_all(&buf[..n]).unwrap();
-            left -= n as u64;
-        }
+        common::write_random(&mut f, size - header.len() as u64, &mut (0x2545_f491_4f6c_dd1d ^ index as u64)).unwrap();
     }
     f.set_len(size.max(data_at + elems * 4)).unwrap();
 }

@@ -9,7 +9,7 @@
 mod common;
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::Path;
 use std::time::Instant;
 
@@ -38,25 +38,9 @@ fn write_model(path: &Path) -> u64 {
     b.add_tensor("output_norm.weight", &[WIDTH], GgmlType::F32).unwrap();
     b.add_tensor("output.weight", &[WIDTH, 256], GgmlType::F32).unwrap();
     let mut w = BufWriter::with_capacity(4 << 20, File::create(path).unwrap());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
     let sizes: Vec<u64> = b.tensors.iter().map(|t| t.size).collect();
-    let mut chunk = vec![0u8; 1 << 20];
-    b.write(&mut w, |i, w| {
-        let mut left = sizes[i];
-        while left > 0 {
-            for c in chunk.chunks_exact_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            let n = left.min(chunk.len() as u64) as usize;
-            w.write_all(&chunk[..n])?;
-            left -= n as u64;
-        }
-        Ok(())
-    })
-    .unwrap()
+    b.write(&mut w, |i, w| common::write_random(w, sizes[i], &mut state)).unwrap()
 }
 
 fn median(mut v: Vec<f64>) -> f64 {

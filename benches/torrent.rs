@@ -13,15 +13,13 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NodeProc, TempDir, wait_for};
+use common::{NodeProc, TempDir, tracker, wait_for};
 use serde_json::{Value, json};
 use shardnet::torrent::Metainfo;
 
@@ -29,20 +27,7 @@ const GIB: u64 = 1 << 30;
 
 fn write_random(path: &Path, size: u64, seed: u64) {
     let mut f = std::io::BufWriter::with_capacity(4 << 20, std::fs::File::create(path).unwrap());
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ seed;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut left = size;
-    while left > 0 {
-        for c in buf.chunks_exact_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes());
-        }
-        let n = left.min(buf.len() as u64) as usize;
-        f.write_all(&buf[..n]).unwrap();
-        left -= n as u64;
-    }
+    common::write_random(&mut f, size, &mut (0x9e37_79b9_7f4a_7c15 ^ seed)).unwrap();
 }
 
 fn cpu_seconds(pid: u32) -> f64 {
@@ -126,25 +111,6 @@ fn one_transfer(seed: &NodeProc, m: &Metainfo) -> (f64, f64, f64, u64) {
     let peak = rss.join().unwrap();
     let (c1l, c1s) = (cpu_seconds(leech.child.id()), cpu_seconds(seed.child.id()));
     (secs, c1l - c0l, c1s - c0s, peak)
-}
-
-fn tracker(peer_port: u16) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            let mut req = [0u8; 4096];
-            let _ = s.read(&mut req);
-            let mut body = b"d8:intervali60e5:peers6:".to_vec();
-            body.extend_from_slice(&[127, 0, 0, 1]);
-            body.extend_from_slice(&peer_port.to_be_bytes());
-            body.push(b'e');
-            let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    format!("http://{addr}/announce")
 }
 
 /// aria2c downloading from the node; seconds, or None without aria2c.

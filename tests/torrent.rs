@@ -266,26 +266,6 @@ fn a_peer_sending_corrupt_blocks_is_banned_and_the_file_still_completes() {
     assert!(leech.stderr().contains("banned"), "{}", leech.stderr());
 }
 
-/// A minimal HTTP tracker answering every announce with one peer.
-fn tracker(peer_port: u16) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in listener.incoming() {
-            let Ok(mut s) = s else { return };
-            let mut req = [0u8; 4096];
-            let _ = s.read(&mut req);
-            let mut body = b"d8:intervali60e5:peers6:".to_vec();
-            body.extend_from_slice(&[127, 0, 0, 1]);
-            body.extend_from_slice(&peer_port.to_be_bytes());
-            body.push(b'e');
-            let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
-            let _ = s.write_all(&body);
-        }
-    });
-    format!("http://{addr}/announce")
-}
-
 #[test]
 fn aria2_downloads_a_shard_from_a_node() {
     if !have_tool("aria2c") {

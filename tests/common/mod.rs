@@ -195,3 +195,43 @@ pub fn have_tool(name: &str) -> bool {
     }
     found
 }
+
+/// Writes `size` pseudo-random bytes (xorshift64 from `state`) to `w`.
+pub fn write_random(w: &mut impl Write, size: u64, state: &mut u64) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for c in buf.chunks_exact_mut(8) {
+            *state ^= *state << 13;
+            *state ^= *state >> 7;
+            *state ^= *state << 17;
+            c.copy_from_slice(&state.to_le_bytes());
+        }
+        let n = left.min(buf.len() as u64) as usize;
+        w.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// A minimal HTTP tracker on loopback answering every announce with one
+/// peer, 127.0.0.1:`peer_port` (for clients such as aria2 that find peers
+/// through trackers); returns its announce URL.
+pub fn tracker(peer_port: u16) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            let mut req = [0u8; 4096];
+            let _ = s.read(&mut req);
+            let mut body = b"d8:intervali60e5:peers6:".to_vec();
+            body.extend_from_slice(&[127, 0, 0, 1]);
+            body.extend_from_slice(&peer_port.to_be_bytes());
+            body.push(b'e');
+            let _ = s.write_all(format!("HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).as_bytes());
+            let _ = s.write_all(&body);
+        }
+    });
+    format!("http://{addr}/announce")
+}

@@ -425,19 +425,17 @@ impl Dht {
                 self.start_lookup(t, LookupKind::FindNode, now);
             }
             self.store.expire(now);
-            let _ = self.random();
         }
     }
 
     /// When `tick` next has work.
-    pub fn next_tick(&self, now: Instant) -> Duration {
+    pub fn next_tick(&self) -> Duration {
         if !self.lookups.is_empty() {
             return super::lookup::SOFT_TIMEOUT / 5;
         }
         if !self.pending.is_empty() {
             return Duration::from_millis(200);
         }
-        let _ = now;
         Duration::from_secs(1)
     }
 
@@ -490,8 +488,7 @@ mod tests {
     fn network(n: usize, now: Instant) -> Vec<Dht> {
         let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, own_peer_ip: None };
         let mut nodes: Vec<Dht> = (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
-        for (i, d) in nodes.iter_mut().enumerate().skip(1) {
-            let _ = i;
+        for d in nodes.iter_mut().skip(1) {
             d.join(now);
         }
         run(&mut nodes, now);

@@ -127,7 +127,7 @@ impl Net {
                     for i in ids {
                         self.nodes[i].tick(now);
                         self.collect(i);
-                        if self.nodes[i].next_tick(now) >= Duration::from_secs(1) {
+                        if self.nodes[i].next_tick() >= Duration::from_secs(1) {
                             active.remove(&i);
                         }
                     }

@@ -160,7 +160,7 @@ impl Node {
         let d = self.dht.as_mut()?;
         if now >= d.next_tick {
             d.dht.tick(now);
-            d.next_tick = now + d.dht.next_tick(now);
+            d.next_tick = now + d.dht.next_tick();
             if now.duration_since(d.table_saved) >= SAVE_TABLE_EVERY {
                 d.table_saved = now;
                 let nodes: Vec<NodeInfo> = d.dht.table.entries().map(|e| e.node).take(256).collect();
@@ -310,11 +310,8 @@ impl Node {
 
     /// Peers whose downloads ran dry: look them up again (rate-limited by the caller).
     pub(super) fn dht_requery(&mut self, h: InfoHash) {
-        let (name, shard) = match (self.swarms.get(&h), self.downloads.get(&h)) {
-            (Some(s), Some(d)) => (s.name.clone(), d.shard_id),
-            _ => return,
-        };
-        let _ = shard;
+        let (Some(s), true) = (self.swarms.get(&h), self.downloads.contains_key(&h)) else { return };
+        let name = s.name.clone();
         self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id: None, name });
     }
 

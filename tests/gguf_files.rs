@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::*;
 use serde_json::{Value, json};
-use shardnet::gguf::{Gguf, MetaValue};
+use shardnet::gguf::Gguf;
 use shardnet::hash::{sha1, to_hex};
 use shardnet::torrent::Metainfo;
 
@@ -38,22 +38,6 @@ fn read(path: &Path) -> Vec<u8> {
     std::fs::read(path).unwrap()
 }
 
-/// Metadata as comparable JSON, from our reader.
-fn meta_json(v: &MetaValue<'_>) -> Value {
-    match v {
-        MetaValue::String(s) => json!(s),
-        MetaValue::Bool(b) => json!(b),
-        MetaValue::F32(x) => json!(*x as f64),
-        MetaValue::F64(x) => json!(x),
-        MetaValue::I8(x) => json!(x),
-        MetaValue::I16(x) => json!(x),
-        MetaValue::I32(x) => json!(x),
-        MetaValue::I64(x) => json!(x),
-        MetaValue::Array(a) => Value::Array(a.iter().map(|e| meta_json(&e)).collect()),
-        other => json!(other.as_u64()),
-    }
-}
-
 /// Every tensor of `model` is in the shards it belongs to, byte for byte; the
 /// shards' metadata is the model's plus `shard.*`; layer ranges tile the model.
 fn check_rejoin(model: &Path, out: &Path, n: u32, manifest: &Value) {
@@ -76,8 +60,8 @@ fn check_rejoin(model: &Path, out: &Path, n: u32, manifest: &Value) {
         assert_eq!(g.get_str("shard.model_id"), manifest["model_id"].as_str());
         assert_eq!(g.alignment, src.alignment);
         // Metadata: the source's, in order, then the shard keys.
-        let theirs: Vec<(&str, Value)> = g.metadata.iter().filter(|(k, _)| !k.starts_with("shard.")).map(|(k, v)| (*k, meta_json(v))).collect();
-        let ours: Vec<(&str, Value)> = src.metadata.iter().map(|(k, v)| (*k, meta_json(v))).collect();
+        let theirs: Vec<(&str, Value)> = g.metadata.iter().filter(|(k, _)| !k.starts_with("shard.")).map(|(k, v)| (*k, v.to_json())).collect();
+        let ours: Vec<(&str, Value)> = src.metadata.iter().map(|(k, v)| (*k, v.to_json())).collect();
         assert_eq!(theirs, ours, "shard {i} metadata");
         for t in &g.tensors {
             let s = src.tensor(t.name).unwrap_or_else(|| panic!("shard {i} has {} which the source has not", t.name));
@@ -185,7 +169,7 @@ fn python_agrees(files: &[PathBuf]) {
     for (path, theirs) in files.iter().zip(described) {
         let bytes = read(path);
         let g = Gguf::parse(&bytes).unwrap();
-        let ours: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), meta_json(v))).collect();
+        let ours: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
         assert_eq!(Value::Object(ours), theirs["metadata"], "{}", path.display());
         let tensors = theirs["tensors"].as_array().unwrap();
         assert_eq!(tensors.len(), g.tensors.len());

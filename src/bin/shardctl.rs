@@ -410,22 +410,8 @@ fn inspect(o: &Opts, file: &str) -> Result<()> {
     // SAFETY: read-only map of a file this command only reads.
     let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("mapping {file}"))?;
     let g = Gguf::parse(&map).with_context(|| format!("reading {file}"))?;
-    fn show(v: &MetaValue<'_>) -> Value {
-        match v {
-            MetaValue::String(s) => json!(s),
-            MetaValue::Bool(b) => json!(b),
-            MetaValue::F32(x) => json!(x),
-            MetaValue::F64(x) => json!(x),
-            MetaValue::I8(x) => json!(x),
-            MetaValue::I16(x) => json!(x),
-            MetaValue::I32(x) => json!(x),
-            MetaValue::I64(x) => json!(x),
-            MetaValue::Array(a) => Value::Array(a.iter().map(|e| show(&e)).collect()),
-            other => json!(other.as_u64()),
-        }
-    }
     if o.json {
-        let meta: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), show(v))).collect();
+        let meta: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
         let tensors: Vec<Value> = g.tensors.iter().map(|t| json!({
             "name": t.name, "type": t.ggml_type.name(), "dims": t.dims, "offset": t.offset, "size": t.size,
         })).collect();
@@ -438,13 +424,13 @@ fn inspect(o: &Opts, file: &str) -> Result<()> {
     for (i, (k, v)) in g.metadata.iter().enumerate() {
         let shown = match v {
             MetaValue::Array(a) => {
-                let head: Vec<String> = a.iter().take(6).map(|e| show(&e).to_string()).collect();
+                let head: Vec<String> = a.iter().take(6).map(|e| e.to_json().to_string()).collect();
                 format!("[{} x {}] = [{}{}]", type_name(a.elem_type), a.len, head.join(", "), if a.len > 6 { ", ..." } else { "" })
             }
             MetaValue::String(s) if s.chars().count() > 60 => {
                 format!("{:?}... ({} bytes)", s.chars().take(60).collect::<String>(), s.len())
             }
-            other => show(other).to_string(),
+            other => other.to_json().to_string(),
         };
         println!("  {:>4}: {k} = {shown}", i + 1);
     }

@@ -99,6 +99,23 @@ impl MetaValue<'_> {
         }
     }
 
+    /// The value as JSON (arrays element by element), for tools and checks.
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            MetaValue::String(s) => json!(s),
+            MetaValue::Bool(b) => json!(b),
+            MetaValue::F32(x) => json!(*x as f64),
+            MetaValue::F64(x) => json!(x),
+            MetaValue::I8(x) => json!(x),
+            MetaValue::I16(x) => json!(x),
+            MetaValue::I32(x) => json!(x),
+            MetaValue::I64(x) => json!(x),
+            MetaValue::Array(a) => serde_json::Value::Array(a.iter().map(|e| e.to_json()).collect()),
+            other => json!(other.as_u64()),
+        }
+    }
+
     pub fn as_f64(&self) -> Option<f64> {
         match *self {
             MetaValue::F32(v) => Some(v.into()),

@@ -145,8 +145,7 @@ fn single_thread_sha1_gb_s(f: fn(&[u8]) -> shardnet::hash::Digest) -> f64 {
 /// fresh page cache, against 3.3 GB/s into memory used before); touching it
 /// once makes the transfers measure the node, not the first use of the VM.
 fn warm_guest_memory(bytes: usize) {
-    let mut v: Vec<u8> = Vec::with_capacity(bytes);
-    v.resize(bytes, 0);
+    let mut v: Vec<u8> = vec![0; bytes];
     for i in (0..bytes).step_by(4096) {
         v[i] = 1;
     }

@@ -220,11 +220,10 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     if let Some(p) = port {
         c.listen.set_port(p);
     }
-    if let (Some(id), Some(total)) = (c.shard_id, c.total_shards) {
-        if id >= total {
+    if let (Some(id), Some(total)) = (c.shard_id, c.total_shards)
+        && id >= total {
             return Err(format!("--shard-id {id} must be below --total-shards {total}"));
         }
-    }
     Ok(NodeArgs::Run(c))
 }
 

@@ -50,7 +50,7 @@ pub fn to_hex(bytes: &[u8]) -> String {
 
 /// Parses hex of any even length.
 pub fn from_hex_vec(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.as_bytes()

@@ -382,7 +382,7 @@ fn bad_peer_messages_close_that_peer_only() {
     closes(&node, &m, &long);
     let mut spare = vec![0u8; pieces.div_ceil(8) as usize];
     *spare.last_mut().unwrap() = 0x01;
-    if pieces % 8 != 0 {
+    if !pieces.is_multiple_of(8) {
         let mut msg = Vec::new();
         wire::encode(&Message::Bitfield(&spare), &mut msg);
         closes(&node, &m, &msg);

@@ -127,7 +127,7 @@ pub fn encode_nodes(nodes: &[NodeInfo]) -> Vec<u8> {
 }
 
 fn decode_nodes(b: &[u8]) -> Option<Vec<NodeInfo>> {
-    if b.len() % 26 != 0 {
+    if !b.len().is_multiple_of(26) {
         return None;
     }
     Some(

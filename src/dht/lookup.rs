@@ -80,11 +80,10 @@ impl Lookup {
     /// Nodes to query now (the caller sends the queries).
     pub fn next(&mut self, now: Instant) -> Vec<NodeInfo> {
         for c in &mut self.candidates {
-            if let State::InFlight(at) = c.state {
-                if now.duration_since(at) >= SOFT_TIMEOUT {
+            if let State::InFlight(at) = c.state
+                && now.duration_since(at) >= SOFT_TIMEOUT {
                     c.state = State::Stalled;
                 }
-            }
         }
         let busy = self.candidates.iter().filter(|c| matches!(c.state, State::InFlight(_))).count();
         let mut out = Vec::new();

@@ -294,7 +294,7 @@ impl Dht {
     }
 
     fn on_error(&mut self, from: SocketAddrV4, tid: Vec<u8>, now: Instant) {
-        if !self.pending.get(&tid).is_some_and(|p| p.to == from) {
+        if self.pending.get(&tid).is_none_or(|p| p.to != from) {
             return;
         }
         let p = self.pending.remove(&tid).expect("found");
@@ -332,11 +332,10 @@ impl Dht {
             _ => Query::GetPeers { info_hash: target },
         };
         for n in to_ask {
-            if !self.send_query(n.addr, Some(n.id), query.clone(), Some(l), now) {
-                if let Some(a) = self.lookups.get_mut(&l) {
+            if !self.send_query(n.addr, Some(n.id), query.clone(), Some(l), now)
+                && let Some(a) = self.lookups.get_mut(&l) {
                     a.lookup.on_failure(&n.id);
                 }
-            }
         }
         let a = self.lookups.get(&l).expect("present");
         if a.lookup.is_done() {

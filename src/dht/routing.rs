@@ -132,11 +132,10 @@ impl RoutingTable {
 
     /// A query to `id` went unanswered.
     pub fn failed(&mut self, id: &Id) {
-        if let Some(b) = self.bucket_of(id) {
-            if let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == *id) {
+        if let Some(b) = self.bucket_of(id)
+            && let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == *id) {
                 e.failures += 1;
             }
-        }
     }
 
     pub fn remove(&mut self, id: &Id) {

@@ -52,16 +52,16 @@ impl Default for DemoConfig {
 impl DemoConfig {
     pub fn validate(&self) -> Result<()> {
         ensure!(self.layers >= 1 && self.layers <= 256, "--layers must be 1..=256");
-        ensure!(self.heads >= 1 && self.embd % self.heads == 0, "--embd must be a multiple of --heads");
-        ensure!((self.embd / self.heads) % 2 == 0, "the head size (embd / heads) must be even for RoPE");
-        ensure!(self.kv_heads >= 1 && self.heads % self.kv_heads == 0, "--heads must be a multiple of --kv-heads");
+        ensure!(self.heads >= 1 && self.embd.is_multiple_of(self.heads), "--embd must be a multiple of --heads");
+        ensure!((self.embd / self.heads).is_multiple_of(2), "the head size (embd / heads) must be even for RoPE");
+        ensure!(self.kv_heads >= 1 && self.heads.is_multiple_of(self.kv_heads), "--heads must be a multiple of --kv-heads");
         ensure!(self.vocab >= 259 + 16, "--vocab must be at least 275 (3 control + 256 byte tokens + pieces)");
         ensure!(self.vocab <= 1 << 20, "--vocab at most 1048576");
         ensure!(self.context >= 16, "--context must be at least 16");
         ensure!(self.embd >= 32 && self.embd <= 16384 && self.ffn >= 32 && self.ffn <= 65536, "--embd/--ffn out of range");
         let block = self.weight_type.block_size().context("unknown weight type")?;
         ensure!(
-            self.embd as u64 % block == 0 && self.ffn as u64 % block == 0,
+            (self.embd as u64).is_multiple_of(block) && (self.ffn as u64).is_multiple_of(block),
             "--embd and --ffn must be multiples of {block} for {}",
             self.weight_type
         );

@@ -37,13 +37,11 @@ enum Role {
 }
 
 fn role(name: &str) -> Role {
-    if let Some(rest) = name.strip_prefix("blk.") {
-        if let Some((layer, _)) = rest.split_once('.') {
-            if let Ok(l) = layer.parse() {
+    if let Some(rest) = name.strip_prefix("blk.")
+        && let Some((layer, _)) = rest.split_once('.')
+            && let Ok(l) = layer.parse() {
                 return Role::Layer(l);
             }
-        }
-    }
     match name {
         "token_embd.weight" => Role::Embedding,
         "output_norm.weight" | "output_norm.bias" => Role::OutputNorm,

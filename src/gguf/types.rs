@@ -84,7 +84,7 @@ impl GgmlType {
     pub fn tensor_bytes(self, dims: &[u64]) -> Option<u64> {
         let (block, size) = (self.block_size()?, self.type_size()?);
         let row = *dims.first().unwrap_or(&1);
-        if row % block != 0 {
+        if !row.is_multiple_of(block) {
             return None;
         }
         let mut bytes = (row / block).checked_mul(size)?;

@@ -106,16 +106,14 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
         Ok(g) => ShardSummary::of(&g),
         Err(e) => return Err((ErrorCode::ShardInvalid, format!("{name} is not a valid GGUF file: {e}"))),
     };
-    if let Some(index) = summary.shard_index {
-        if index != shard_id {
+    if let Some(index) = summary.shard_index
+        && index != shard_id {
             return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
         }
-    }
-    if let (Some(want), Some(have)) = (model, summary.model_id.as_deref()) {
-        if want != have {
+    if let (Some(want), Some(have)) = (model, summary.model_id.as_deref())
+        && want != have {
             return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
         }
-    }
     Ok(LoadedShard {
         shard_id,
         filename: name,

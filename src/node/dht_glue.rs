@@ -140,11 +140,10 @@ impl Node {
     fn dht_after(&mut self) {
         let Some(d) = self.dht.as_mut() else { return };
         for (to, bytes) in std::mem::take(&mut d.dht.outbox) {
-            if let Err(e) = d.socket.send_to(&bytes, SocketAddr::V4(to)) {
-                if e.kind() != io::ErrorKind::WouldBlock {
+            if let Err(e) = d.socket.send_to(&bytes, SocketAddr::V4(to))
+                && e.kind() != io::ErrorKind::WouldBlock {
                     debug!("DHT send to {to}: {e}");
                 }
-            }
         }
         let events = std::mem::take(&mut d.dht.events);
         for Event::LookupDone(r) in events {
@@ -223,11 +222,10 @@ impl Node {
             c.in_flight += 1;
         }
         let started = self.start_lookup(key, LookupKind::GetPeers, Purpose::FindPeers { token, conn_id, request_id, key });
-        if !started {
-            if let Some(c) = self.conn(token) {
+        if !started
+            && let Some(c) = self.conn(token) {
                 c.in_flight -= 1;
             }
-        }
         started
     }
 
@@ -286,11 +284,10 @@ impl Node {
                     };
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
-                if let Err(e) = self.start_download(info_hash, None, &name, &addrs, shard_id) {
-                    if let Some(id) = shard_id {
+                if let Err(e) = self.start_download(info_hash, None, &name, &addrs, shard_id)
+                    && let Some(id) = shard_id {
                         self.fail_waiters(id, ErrorCode::Internal, format!("starting the download: {e:#}"));
                     }
-                }
             }
         }
     }

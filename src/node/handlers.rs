@@ -130,11 +130,10 @@ impl Node {
             node.respond(token, &error_payload(json!("LOAD_SHARD"), request_id.clone(), code, &msg));
         };
         let id = p.shard_id;
-        if let Some(total) = self.config.total_shards {
-            if id >= total {
+        if let Some(total) = self.config.total_shards
+            && id >= total {
                 return reply_err(self, ErrorCode::OutOfRange, format!("shard_id {id} is not below --total-shards {total}"));
             }
-        }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
             let loaded_hash = self.catalog.files.get(&loaded.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash);
@@ -168,11 +167,10 @@ impl Node {
         };
 
         let waiter = Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
-        if !local {
-            if let Err((code, msg)) = self.download_shard(id, &p, &path) {
+        if !local
+            && let Err((code, msg)) = self.download_shard(id, &p, &path) {
                 return self.respond(token, &error_payload(json!("LOAD_SHARD"), waiter.request_id, code, &msg));
             }
-        }
         if !p.wait {
             let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
             self.respond(token, &success_payload("LOAD_SHARD", &waiter.request_id, result));

@@ -433,12 +433,11 @@ impl Node {
     /// interest from its state.
     fn after_io(&mut self, token: Token) {
         let Some(conn) = self.conn(token) else { return };
-        if conn.pending_output() > 0 {
-            if let Err(e) = conn.flush(Instant::now()) {
+        if conn.pending_output() > 0
+            && let Err(e) = conn.flush(Instant::now()) {
                 self.close(token, &format!("write error: {e}"));
                 return;
             }
-        }
         let Some(conn) = self.conn(token) else { return };
         if conn.finished() {
             let reason = if conn.has_partial_input() { "closed by peer mid-frame" } else { "closed" };

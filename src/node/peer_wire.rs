@@ -296,12 +296,11 @@ impl Node {
         self.announce_due(Instant::now());
         self.catalog.files.insert(entry.filename.clone(), entry);
         self.status_cache = None;
-        if let Some(d) = self.downloads.get(&h) {
-            if let Some(id) = d.shard_id {
+        if let Some(d) = self.downloads.get(&h)
+            && let Some(id) = d.shard_id {
                 self.download_bytes.insert(id, downloaded);
                 self.start_load(id, path);
             }
-        }
         self.pump(h);
     }
 
@@ -446,11 +445,10 @@ impl Node {
         if conn.kind != Kind::PeerWire {
             return;
         }
-        if let Some(h) = conn.torrent {
-            if let Some(swarm) = self.swarms.get_mut(&h) {
+        if let Some(h) = conn.torrent
+            && let Some(swarm) = self.swarms.get_mut(&h) {
                 swarm.remove_peer(conn.id);
             }
-        }
     }
 
     /// Periodic work: timeouts, redials, resume data, throttled serving.

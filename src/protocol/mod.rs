@@ -156,11 +156,10 @@ impl Request {
             Some(id @ Value::Number(n)) if n.is_u64() || n.is_i64() => err.request_id = id.clone(),
             _ => {}
         }
-        if let Some(c @ Value::String(s)) = obj.get("command") {
-            if s.len() <= 64 {
+        if let Some(c @ Value::String(s)) = obj.get("command")
+            && s.len() <= 64 {
                 err.command = c.clone();
             }
-        }
         let fail = |code, message: String| RequestError { code, message, ..err.clone() };
 
         let command = match obj.get("command") {

@@ -49,7 +49,7 @@ impl Lengths {
 
     /// Whether `b` is exactly one of our block slots.
     pub fn is_slot(&self, b: &Block) -> bool {
-        b.index < self.pieces && b.begin % BLOCK_SIZE == 0 && b.begin < self.piece_size(b.index) && self.block(b.index, b.begin / BLOCK_SIZE) == *b
+        b.index < self.pieces && b.begin.is_multiple_of(BLOCK_SIZE) && b.begin < self.piece_size(b.index) && self.block(b.index, b.begin / BLOCK_SIZE) == *b
     }
 
     pub fn offset(&self, b: &Block) -> u64 {
@@ -168,16 +168,14 @@ impl Picker {
 
     /// Frees one block asked of `peer`.
     pub fn release(&mut self, peer: PeerKey, b: &Block) {
-        if let Some(p) = self.partial.get_mut(&b.index) {
-            if let Some(s) = p.slots.get_mut((b.begin / BLOCK_SIZE) as usize) {
-                if let Slot::Requested(by) = s {
+        if let Some(p) = self.partial.get_mut(&b.index)
+            && let Some(s) = p.slots.get_mut((b.begin / BLOCK_SIZE) as usize)
+                && let Slot::Requested(by) = s {
                     by.retain(|k| *k != peer);
                     if by.is_empty() {
                         *s = Slot::Missing;
                     }
                 }
-            }
-        }
     }
 
     /// Up to `max` blocks to ask `peer` for, given what it has; new pieces
@@ -210,15 +208,14 @@ impl Picker {
             'outer: for i in pieces {
                 let p = self.partial.get_mut(&i).expect("listed");
                 for (b, s) in p.slots.iter_mut().enumerate() {
-                    if let Slot::Requested(by) = s {
-                        if !by.contains(&peer) && by.len() < 2 {
+                    if let Slot::Requested(by) = s
+                        && !by.contains(&peer) && by.len() < 2 {
                             by.push(peer);
                             out.push(self.lengths.block(i, b as u32));
                             if out.len() >= max {
                                 break 'outer;
                             }
                         }
-                    }
                 }
             }
         }
@@ -257,7 +254,7 @@ impl Picker {
             } else if a == best {
                 // Reservoir sampling: each tie is kept with probability 1/ties.
                 ties += 1;
-                if self.next_random() % ties == 0 {
+                if self.next_random().is_multiple_of(ties) {
                     chosen = Some(i);
                 }
             }

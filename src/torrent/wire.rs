@@ -54,11 +54,10 @@ impl Handshake {
 
     /// `Ok(None)` until 68 bytes are buffered.
     pub fn decode(buf: &[u8]) -> Result<Option<Handshake>, WireError> {
-        if let Some(&first) = buf.first() {
-            if first != 19 {
+        if let Some(&first) = buf.first()
+            && first != 19 {
                 return Err(WireError::BadHandshake);
             }
-        }
         let known = buf.len().min(20);
         if buf.len() > 1 && buf[1..known] != PROTOCOL[..known - 1] {
             return Err(WireError::BadHandshake);

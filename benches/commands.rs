@@ -31,7 +31,12 @@ fn main() {
     node.wait_metadata();
     for clients in [1usize, 16] {
         let r = round_trips(&node, clients);
-        println!("STATUS, {clients:>2} clients: {:>8.0} round trips/s, p50 {:>6.1} us, p99 {:>6.1} us", r["round_trips_per_s"].as_f64().unwrap(), r["p50_us"].as_f64().unwrap(), r["p99_us"].as_f64().unwrap());
+        println!(
+            "STATUS, {clients:>2} clients: {:>8.0} round trips/s, p50 {:>6.1} us, p99 {:>6.1} us",
+            r["round_trips_per_s"].as_f64().unwrap(),
+            r["p50_us"].as_f64().unwrap(),
+            r["p99_us"].as_f64().unwrap()
+        );
         report.insert(format!("status_{clients}_clients"), r);
     }
     drop(node);
@@ -129,7 +134,10 @@ fn startup_hashing() -> Value {
     let single = (single + after) / 2.0;
     println!(
         "startup hashing: {:.0} MB/s with {} workers; single-thread SHA-1 {:.0} MB/s; ratio {:.2}x",
-        rate, s["hash_workers"], single, rate / single
+        rate,
+        s["hash_workers"],
+        single,
+        rate / single
     );
     json!({
         "bytes": files as u64 * size,

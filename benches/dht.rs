@@ -145,9 +145,12 @@ fn real_sockets() -> Value {
     });
     println!(
         "real sockets, {n} nodes on loopback: find_node p50 {} ms (max {}); get_peers first peer p50 {} ms (max {}); announce p50 {} ms (max {}); {misses} misses",
-        report["find_node"]["p50_ms"], report["find_node"]["max_ms"],
-        report["get_peers_first_peer"]["p50_ms"], report["get_peers_first_peer"]["max_ms"],
-        report["announce"]["p50_ms"], report["announce"]["max_ms"]
+        report["find_node"]["p50_ms"],
+        report["find_node"]["max_ms"],
+        report["get_peers_first_peer"]["p50_ms"],
+        report["get_peers_first_peer"]["max_ms"],
+        report["announce"]["p50_ms"],
+        report["announce"]["max_ms"]
     );
     report
 }
@@ -158,7 +161,14 @@ fn main() {
     let mut rows = Vec::new();
     for fail in [0.0, 0.10, 0.30] {
         let t = Instant::now();
-        let r = run(&SimConfig { nodes, latency: Duration::from_millis(20), fail_fraction: fail, keys: 100, lookups: 500, seed: 42 });
+        let r = run(&SimConfig {
+            nodes,
+            latency: Duration::from_millis(20),
+            fail_fraction: fail,
+            keys: 100,
+            lookups: 500,
+            seed: 42,
+        });
         let row = json!({
             "failed_fraction": fail,
             "lookups": r.lookups,

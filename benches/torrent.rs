@@ -92,9 +92,9 @@ fn download(leech: &NodeProc, m: &Metainfo, peers: &[&str]) -> Value {
     assert_eq!(r["status"], "success", "{r}");
     wait_for(Duration::from_secs(300), || {
         let s = leech.call("STATUS", json!({}));
-        s["result"]["downloads"]
-            .as_array()
-            .and_then(|d| d.iter().find(|d| d["info_hash"] == m.info_hash.to_hex().as_str() && d["complete"] == json!(true)).cloned())
+        s["result"]["downloads"].as_array().and_then(|d| {
+            d.iter().find(|d| d["info_hash"] == m.info_hash.to_hex().as_str() && d["complete"] == json!(true)).cloned()
+        })
     })
 }
 
@@ -118,7 +118,13 @@ fn aria2_transfer(torrent: &Path, announce: &str) -> Option<f64> {
     let out = TempDir::new("bench-aria");
     let t = Instant::now();
     let status = Command::new("aria2c")
-        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--seed-time=0", "--quiet=true", "--file-allocation=none"])
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--seed-time=0",
+            "--quiet=true",
+            "--file-allocation=none",
+        ])
         .arg(format!("--bt-tracker={announce}"))
         .arg(format!("--dir={}", out.path().display()))
         .arg(torrent)
@@ -193,8 +199,15 @@ fn main() {
     let (_, _, _, small_peak) = one_transfer(&small_seed, &small_m);
     drop(small_seed);
     let big_peak = *peaks.iter().max().unwrap();
-    println!("(d) leech peak anonymous RSS: {:.1} MiB for 256 MiB, {:.1} MiB for 1 GiB", small_peak as f64 / 1024.0, big_peak as f64 / 1024.0);
-    report.insert("d_leech_peak_anon_rss".into(), json!({"mib_256mib_file": small_peak as f64 / 1024.0, "mib_1gib_file": big_peak as f64 / 1024.0}));
+    println!(
+        "(d) leech peak anonymous RSS: {:.1} MiB for 256 MiB, {:.1} MiB for 1 GiB",
+        small_peak as f64 / 1024.0,
+        big_peak as f64 / 1024.0
+    );
+    report.insert(
+        "d_leech_peak_anon_rss".into(),
+        json!({"mib_256mib_file": small_peak as f64 / 1024.0, "mib_1gib_file": big_peak as f64 / 1024.0}),
+    );
 
     // (c) recheck: the file as NAME.part with no resume data.
     let rd = TempDir::new("bench-recheck");
@@ -228,8 +241,10 @@ fn main() {
     let limit = rate.to_string();
     let (sseed, sm) = seed_node(swarm_dir.path(), &["--upload-limit", &limit]);
     let dirs: Vec<TempDir> = (0..7).map(|_| TempDir::new("bench-sl")).collect();
-    let leeches: Vec<NodeProc> =
-        dirs.iter().map(|d| NodeProc::start(d.path(), &["--enable-torrent", "--log-level", "warn", "--upload-limit", &limit])).collect();
+    let leeches: Vec<NodeProc> = dirs
+        .iter()
+        .map(|d| NodeProc::start(d.path(), &["--enable-torrent", "--log-level", "warn", "--upload-limit", &limit]))
+        .collect();
     let mut all: Vec<&str> = vec![&sseed.addr];
     all.extend(leeches.iter().map(|l| l.addr.as_str()));
     let hex = shardnet::hash::to_hex(&sm.to_torrent_bytes());
@@ -241,7 +256,9 @@ fn main() {
     for l in &leeches {
         wait_for(Duration::from_secs(120), || {
             let s = l.call("STATUS", json!({}));
-            s["result"]["downloads"].as_array().and_then(|d| d.iter().find(|d| d["complete"] == json!(true)).map(|_| ()))
+            s["result"]["downloads"]
+                .as_array()
+                .and_then(|d| d.iter().find(|d| d["complete"] == json!(true)).map(|_| ()))
         });
     }
     let all_secs = t.elapsed().as_secs_f64();

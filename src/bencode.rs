@@ -153,10 +153,7 @@ impl fmt::Debug for Value<'_> {
                 Err(_) => write!(f, "<{} bytes>", b.len()),
             },
             Value::List(l) => f.debug_list().entries(l).finish(),
-            Value::Dict(d) => f
-                .debug_map()
-                .entries(d.iter().map(|(k, v)| (String::from_utf8_lossy(k), v)))
-                .finish(),
+            Value::Dict(d) => f.debug_map().entries(d.iter().map(|(k, v)| (String::from_utf8_lossy(k), v))).finish(),
         }
     }
 }
@@ -169,12 +166,7 @@ fn encode_bytes(b: &[u8], out: &mut Vec<u8>) {
 
 /// Builds a dictionary from `(key, value)` pairs (any order).
 pub fn dict<'a>(entries: impl IntoIterator<Item = (&'a str, Value<'a>)>) -> Value<'a> {
-    Value::Dict(
-        entries
-            .into_iter()
-            .map(|(k, v)| (Cow::Borrowed(k.as_bytes()), v))
-            .collect(),
-    )
+    Value::Dict(entries.into_iter().map(|(k, v)| (Cow::Borrowed(k.as_bytes()), v)).collect())
 }
 
 /// Decodes exactly one value spanning all of `input`.

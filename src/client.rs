@@ -22,10 +22,8 @@ impl Client {
     /// is bounded by `timeout`.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Client> {
         let peer = parse_peer_addr(addr).map_err(|e| anyhow!(e))?;
-        let addrs: Vec<_> = (peer.host.as_str(), peer.port)
-            .to_socket_addrs()
-            .with_context(|| format!("resolving {peer}"))?
-            .collect();
+        let addrs: Vec<_> =
+            (peer.host.as_str(), peer.port).to_socket_addrs().with_context(|| format!("resolving {peer}"))?.collect();
         let mut last = None;
         for a in addrs {
             match TcpStream::connect_timeout(&a, timeout) {

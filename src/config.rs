@@ -211,7 +211,8 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--log-level" => {
                 let v = value()?;
-                c.log_level = Level::parse(v).ok_or_else(|| format!("--log-level {v:?} is not error, warn, info or debug"))?;
+                c.log_level =
+                    Level::parse(v).ok_or_else(|| format!("--log-level {v:?} is not error, warn, info or debug"))?;
             }
             other if other.starts_with('-') => return Err(format!("unknown flag {other} (see --help)")),
             other => return Err(format!("unexpected argument {other:?} (see --help)")),
@@ -221,9 +222,10 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
         c.listen.set_port(p);
     }
     if let (Some(id), Some(total)) = (c.shard_id, c.total_shards)
-        && id >= total {
-            return Err(format!("--shard-id {id} must be below --total-shards {total}"));
-        }
+        && id >= total
+    {
+        return Err(format!("--shard-id {id} must be below --total-shards {total}"));
+    }
     Ok(NodeArgs::Run(c))
 }
 
@@ -248,8 +250,17 @@ mod tests {
     #[test]
     fn parses_the_notes_command_line() {
         let c = run(&[
-            "--bootstrap", "/ip4/127.0.0.1/tcp/51820", "--cluster", "llama-cluster", "--shard-id", "0",
-            "--total-shards", "8", "--shards-dir", "models_cache/shards", "--enable-torrent",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/51820",
+            "--cluster",
+            "llama-cluster",
+            "--shard-id",
+            "0",
+            "--total-shards",
+            "8",
+            "--shards-dir",
+            "models_cache/shards",
+            "--enable-torrent",
         ])
         .unwrap();
         assert_eq!(c.bootstrap, vec![PeerAddr { host: "127.0.0.1".into(), port: 51820 }]);

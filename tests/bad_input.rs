@@ -84,7 +84,10 @@ fn malformed_requests_get_error_codes_and_the_connection_stays_open() {
         (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":18446744073709551615}}"#, "OUT_OF_RANGE"),
         (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":1e300}}"#, "OUT_OF_RANGE"),
         (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":2}}"#, "OUT_OF_RANGE"),
-        (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":0,"filename":"../shard-0.gguf"}}"#, "BAD_PATH"),
+        (
+            br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":0,"filename":"../shard-0.gguf"}}"#,
+            "BAD_PATH",
+        ),
         (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":0,"filename":"/etc/passwd"}}"#, "BAD_PATH"),
         (br#"{"command":"LOAD_SHARD","request_id":"a","params":{"shard_id":0,"filename":".."}}"#, "BAD_PATH"),
     ];

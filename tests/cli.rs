@@ -15,8 +15,19 @@ fn shard_listener_help_lists_every_flag() {
     let (code, out, _) = run(env!("CARGO_BIN_EXE_shard_listener"), &["--help"]);
     assert_eq!(code, Some(0));
     for flag in [
-        "--listen", "--port", "--bootstrap", "--cluster", "--shard-id", "--total-shards", "--shards-dir",
-        "--enable-torrent", "--max-frame", "--log-level", "--io-timeout", "--max-connections", "--hash-workers",
+        "--listen",
+        "--port",
+        "--bootstrap",
+        "--cluster",
+        "--shard-id",
+        "--total-shards",
+        "--shards-dir",
+        "--enable-torrent",
+        "--max-frame",
+        "--log-level",
+        "--io-timeout",
+        "--max-connections",
+        "--hash-workers",
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
     }
@@ -49,10 +60,8 @@ fn shard_listener_reports_a_port_in_use() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let dir = common::TempDir::new("cli");
-    let (code, _, err) = run(
-        env!("CARGO_BIN_EXE_shard_listener"),
-        &["--listen", &addr, "--shards-dir", dir.path().to_str().unwrap()],
-    );
+    let (code, _, err) =
+        run(env!("CARGO_BIN_EXE_shard_listener"), &["--listen", &addr, "--shards-dir", dir.path().to_str().unwrap()]);
     assert_eq!(code, Some(1));
     assert!(err.contains(&addr) && err.contains("in use"), "{err}");
 }

@@ -45,7 +45,15 @@ fn status_describes_the_node() {
     let dir = shards_dir(2);
     let node = NodeProc::start(
         dir.path(),
-        &["--cluster", "llama-cluster", "--total-shards", "2", "--bootstrap", "/ip4/127.0.0.1/tcp/51820", "--enable-torrent"],
+        &[
+            "--cluster",
+            "llama-cluster",
+            "--total-shards",
+            "2",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/51820",
+            "--enable-torrent",
+        ],
     );
     let s = node.wait_metadata();
     assert_eq!(s["cluster"], "llama-cluster");
@@ -159,10 +167,14 @@ fn many_requests_in_flight_on_one_connection_all_get_their_answer() {
             _ => ("LIST_FILES", json!({})),
         };
         let id = format!("r{i}");
-        send_frame(&mut s, serde_json::to_vec(&json!({"command": cmd, "request_id": id, "params": params})).unwrap().as_slice());
+        send_frame(
+            &mut s,
+            serde_json::to_vec(&json!({"command": cmd, "request_id": id, "params": params})).unwrap().as_slice(),
+        );
         ids.push(id);
     }
-    let mut seen: Vec<String> = (0..30).map(|_| read_frame(&mut s)["request_id"].as_str().unwrap().to_string()).collect();
+    let mut seen: Vec<String> =
+        (0..30).map(|_| read_frame(&mut s)["request_id"].as_str().unwrap().to_string()).collect();
     seen.sort();
     ids.sort();
     assert_eq!(seen, ids);
@@ -192,7 +204,11 @@ fn shardctl_talks_to_the_node() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string())
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
     };
     let (code, out, _) = ctl(&["list"]);
     assert_eq!(code, Some(0));

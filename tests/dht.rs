@@ -79,7 +79,8 @@ fn a_poisoned_name_key_does_not_make_a_node_load_the_wrong_file() {
     let tmp = TempDir::new("dht-poison");
     let real = shards(tmp.path(), 6, "1");
     let fake = shards(tmp.path(), 6, "2");
-    let (a_dir, e_dir, m_dir, s_dir) = (tmp.path().join("a"), tmp.path().join("e"), tmp.path().join("m"), tmp.path().join("s"));
+    let (a_dir, e_dir, m_dir, s_dir) =
+        (tmp.path().join("a"), tmp.path().join("e"), tmp.path().join("m"), tmp.path().join("s"));
     for i in 0..6 {
         copy(&real, &a_dir, &format!("shard-{i}.gguf"));
     }
@@ -136,11 +137,16 @@ fn sixty_four_nodes_find_announced_keys_even_with_a_third_killed() {
             let deadline = std::time::Instant::now() + Duration::from_secs(30);
             loop {
                 let r = nodes[asker].call("FIND_PEERS", json!({"key": h}));
-                let peers: Vec<&str> = r["result"]["peers"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
+                let peers: Vec<&str> =
+                    r["result"]["peers"].as_array().unwrap().iter().filter_map(|p| p.as_str()).collect();
                 if peers.contains(&want.as_str()) {
                     break;
                 }
-                assert!(std::time::Instant::now() < deadline, "node {asker} cannot find {h} held by node {holder}: {r}; holder's DHT: {}", nodes[*holder].call("STATUS", json!({}))["result"]["dht"]);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {asker} cannot find {h} held by node {holder}: {r}; holder's DHT: {}",
+                    nodes[*holder].call("STATUS", json!({}))["result"]["dht"]
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -205,16 +211,21 @@ fn bad_dht_packets_are_answered_or_dropped_and_the_node_serves_on() {
     std::thread::sleep(Duration::from_millis(1100));
     sock.set_read_timeout(Some(Duration::from_millis(1000))).unwrap();
     sock.send_to(ping, &n.addr).unwrap();
-    let answered = (0..10).any(|_| matches!(sock.recv_from(&mut buf), Ok((len, _)) if buf[..len].ends_with(b"1:y1:re")));
+    let answered =
+        (0..10).any(|_| matches!(sock.recv_from(&mut buf), Ok((len, _)) if buf[..len].ends_with(b"1:y1:re")));
     assert!(answered, "pings answered after the flood");
     n.assert_serving();
 }
 
 #[test]
 fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
-    let lt = Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
+    let lt =
+        Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
     if !lt {
-        assert!(std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(), "python3-libtorrent is required (apt-get install python3-libtorrent)");
+        assert!(
+            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
+            "python3-libtorrent is required (apt-get install python3-libtorrent)"
+        );
         eprintln!("SKIPPED: Debian's python3-libtorrent not installed");
         return;
     }
@@ -223,9 +234,18 @@ fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
     let n = node(tmp.path(), None, &[]);
     let h = n.call("LIST_FILES", json!({}))["result"]["files"][0]["info_hash"].as_str().unwrap().to_string();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_dht.py");
-    let out = Command::new("timeout").args(["60", "/usr/bin/python3"]).arg(script).args([&n.addr, &h, "30"]).output().unwrap();
+    let out = Command::new("timeout")
+        .args(["60", "/usr/bin/python3"])
+        .arg(script)
+        .args([&n.addr, &h, "30"])
+        .output()
+        .unwrap();
     let found = String::from_utf8_lossy(&out.stdout);
-    assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}; {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        found.split_whitespace().any(|p| p == n.addr),
+        "libtorrent found {found:?}; {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -243,6 +263,8 @@ fn a_restarted_node_rejoins_from_its_saved_table_without_bootstrap() {
     b.kill();
     // Restarted with no --bootstrap: the saved table is its way in.
     let b = node(&dirs[1], None, &[]);
-    wait_for(Duration::from_secs(20), || (find_peers(&b, json!({"shard_id": 0})) == vec![c.addr.clone()]).then_some(()));
+    wait_for(Duration::from_secs(20), || {
+        (find_peers(&b, json!({"shard_id": 0})) == vec![c.addr.clone()]).then_some(())
+    });
     drop(a);
 }

@@ -30,7 +30,15 @@ fn demo(dir: &Path, name: &str, flags: &[&str]) -> PathBuf {
 }
 
 fn split(model: &Path, n: u32, out: &Path) -> Value {
-    let text = shardctl(&["--json", "split", model.to_str().unwrap(), "--shards", &n.to_string(), "--out", out.to_str().unwrap()]);
+    let text = shardctl(&[
+        "--json",
+        "split",
+        model.to_str().unwrap(),
+        "--shards",
+        &n.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
     serde_json::from_str(&text).unwrap()
 }
 
@@ -60,7 +68,8 @@ fn check_rejoin(model: &Path, out: &Path, n: u32, manifest: &Value) {
         assert_eq!(g.get_str("shard.model_id"), manifest["model_id"].as_str());
         assert_eq!(g.alignment, src.alignment);
         // Metadata: the source's, in order, then the shard keys.
-        let theirs: Vec<(&str, Value)> = g.metadata.iter().filter(|(k, _)| !k.starts_with("shard.")).map(|(k, v)| (*k, v.to_json())).collect();
+        let theirs: Vec<(&str, Value)> =
+            g.metadata.iter().filter(|(k, _)| !k.starts_with("shard.")).map(|(k, v)| (*k, v.to_json())).collect();
         let ours: Vec<(&str, Value)> = src.metadata.iter().map(|(k, v)| (*k, v.to_json())).collect();
         assert_eq!(theirs, ours, "shard {i} metadata");
         for t in &g.tensors {
@@ -169,7 +178,8 @@ fn python_agrees(files: &[PathBuf]) {
     for (path, theirs) in files.iter().zip(described) {
         let bytes = read(path);
         let g = Gguf::parse(&bytes).unwrap();
-        let ours: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
+        let ours: serde_json::Map<String, Value> =
+            g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
         assert_eq!(Value::Object(ours), theirs["metadata"], "{}", path.display());
         let tensors = theirs["tensors"].as_array().unwrap();
         assert_eq!(tensors.len(), g.tensors.len());

@@ -81,7 +81,8 @@ fn aria2_lists_the_files_of_the_nodes_torrents() {
     write_shard(&dir.path().join("shard-0.gguf"), 0, 1, (0, 1), 700_000);
     let node = NodeProc::start(dir.path(), &[]);
     let (name, hash) = node_hashes(&node).remove(0);
-    let out = Command::new("aria2c").arg("--show-files").arg(dir.path().join(format!("{name}.torrent"))).output().unwrap();
+    let out =
+        Command::new("aria2c").arg("--show-files").arg(dir.path().join(format!("{name}.torrent"))).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains(&hash), "{text}");

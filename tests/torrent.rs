@@ -186,7 +186,8 @@ fn a_part_file_without_resume_data_is_rechecked_and_only_the_rest_fetched() {
     std::fs::write(ld.path().join("shard-0.gguf.part"), &part).unwrap();
     let leech = start_seed(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
-    let r = leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [seed.addr]}));
+    let r = leech
+        .call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [seed.addr]}));
     assert_eq!(r["status"], "success", "{r}");
     let d = wait_complete(&leech, &m, Duration::from_secs(30));
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
@@ -297,7 +298,13 @@ fn a_node_downloads_a_shard_that_aria2_seeds() {
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let mut aria = Command::new("aria2c")
-        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--seed-ratio=0.0", "--check-integrity=true", "--quiet=true"])
+        .args([
+            "--enable-dht=false",
+            "--bt-enable-lpd=false",
+            "--seed-ratio=0.0",
+            "--check-integrity=true",
+            "--quiet=true",
+        ])
         .arg(format!("--listen-port={port}"))
         .arg(format!("--dir={}", sd.path().display()))
         .arg(&torrent)
@@ -436,7 +443,8 @@ fn a_request_for_a_piece_not_held_is_refused() {
     let node = start_seed(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
-    let r = node.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [dead]}));
+    let r =
+        node.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [dead]}));
     assert_eq!(r["status"], "success", "{r}");
     let mut s = raw_peer(&node, &m);
     send(&mut s, Message::Interested);

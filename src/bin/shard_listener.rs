@@ -28,7 +28,12 @@ fn main() -> ExitCode {
         }
     };
     // One line on stdout that scripts and tests wait for.
-    println!("shard_listener listening on {} (cluster {}, shards dir {})", node.local_addr(), config.cluster, config.shards_dir.display());
+    println!(
+        "shard_listener listening on {} (cluster {}, shards dir {})",
+        node.local_addr(),
+        config.cluster,
+        config.shards_dir.display()
+    );
     let _ = std::io::stdout().flush();
     match node.run() {
         Ok(()) => ExitCode::SUCCESS,

@@ -80,7 +80,8 @@ fn main() -> ExitCode {
 }
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
-    let mut o = Opts { node: "127.0.0.1:51820".into(), json: false, timeout: Duration::from_secs(30), rest: Vec::new() };
+    let mut o =
+        Opts { node: "127.0.0.1:51820".into(), json: false, timeout: Duration::from_secs(30), rest: Vec::new() };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -89,7 +90,11 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
             "--node" => o.node = it.next().ok_or("--node needs a value")?.clone(),
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a value")?;
-                let secs: u64 = v.parse().ok().filter(|s| (1..=86_400).contains(s)).ok_or_else(|| format!("--timeout {v:?} is not 1-86400 seconds"))?;
+                let secs: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|s| (1..=86_400).contains(s))
+                    .ok_or_else(|| format!("--timeout {v:?} is not 1-86400 seconds"))?;
                 o.timeout = Duration::from_secs(secs);
             }
             _ => o.rest.push(a.clone()),
@@ -118,7 +123,10 @@ fn run(o: &Opts) -> Result<()> {
         ["demo-model", flags @ ..] => demo_model(o, flags),
         ["inspect", file] => inspect(o, file),
         ["fetch", target, flags @ ..] => fetch(o, target, flags),
-        ["peers", "--shard", n] => peers(o, json!({"shard_id": n.parse::<u64>().map_err(|_| usage(format!("peers: {n:?} is not a shard id")))?})),
+        ["peers", "--shard", n] => peers(
+            o,
+            json!({"shard_id": n.parse::<u64>().map_err(|_| usage(format!("peers: {n:?} is not a shard id")))?}),
+        ),
         ["peers", "--cluster"] => peers(o, json!({"cluster": true})),
         ["peers", key] => peers(o, json!({"key": key})),
         ["torrent", "create", file, flags @ ..] => torrent_create(o, file, flags),
@@ -158,7 +166,8 @@ fn list(o: &Opts) -> Result<()> {
             _ => "-".into(),
         };
         let hash = f["info_hash"].as_str().unwrap_or(if f["hashing"] == json!(true) { "(hashing)" } else { "-" });
-        let mut line = format!("{shard:<6} {layers:<9} {:>12}  {hash:<40}  {}", f["size"], f["filename"].as_str().unwrap_or("?"));
+        let mut line =
+            format!("{shard:<6} {layers:<9} {:>12}  {hash:<40}  {}", f["size"], f["filename"].as_str().unwrap_or("?"));
         if let Some(e) = f["error"].as_str() {
             line.push_str(&format!("  [not loadable: {e}]"));
         }
@@ -174,11 +183,27 @@ fn status(o: &Opts) -> Result<()> {
         return Ok(());
     }
     println!("node      {} at {}", s["node_id"].as_str().unwrap_or("?"), s["address"].as_str().unwrap_or("?"));
-    println!("cluster   {}  (torrent {})", s["cluster"].as_str().unwrap_or("?"), if s["torrent_enabled"] == json!(true) { "enabled" } else { "disabled" });
+    println!(
+        "cluster   {}  (torrent {})",
+        s["cluster"].as_str().unwrap_or("?"),
+        if s["torrent_enabled"] == json!(true) { "enabled" } else { "disabled" }
+    );
     println!("uptime    {:.1} s", s["uptime_ms"].as_f64().unwrap_or(0.0) / 1e3);
     let m = &s["metadata"];
-    println!("files     {} ({} with metadata: {} cached, {} hashed{})", m["files"], m["ready"], m["cached"], m["hashed"], if m["scan_done"] == json!(true) { "" } else { ", scan running" });
-    let loaded: Vec<String> = s["shards_loaded"].as_array().into_iter().flatten().map(|l| format!("{} ({})", l["shard_id"], l["filename"].as_str().unwrap_or("?"))).collect();
+    println!(
+        "files     {} ({} with metadata: {} cached, {} hashed{})",
+        m["files"],
+        m["ready"],
+        m["cached"],
+        m["hashed"],
+        if m["scan_done"] == json!(true) { "" } else { ", scan running" }
+    );
+    let loaded: Vec<String> = s["shards_loaded"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| format!("{} ({})", l["shard_id"], l["filename"].as_str().unwrap_or("?")))
+        .collect();
     println!("loaded    {}", if loaded.is_empty() { "none".to_string() } else { loaded.join(", ") });
     println!("conns     {}", s["connections"]);
     Ok(())
@@ -190,8 +215,12 @@ fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
     let mut it = flags.iter();
     while let Some(f) = it.next() {
         match *f {
-            "--info-hash" => params["info_hash"] = json!(it.next().ok_or_else(|| usage("--info-hash needs a value".into()))?),
-            "--filename" => params["filename"] = json!(it.next().ok_or_else(|| usage("--filename needs a value".into()))?),
+            "--info-hash" => {
+                params["info_hash"] = json!(it.next().ok_or_else(|| usage("--info-hash needs a value".into()))?)
+            }
+            "--filename" => {
+                params["filename"] = json!(it.next().ok_or_else(|| usage("--filename needs a value".into()))?)
+            }
             "--no-wait" => params["wait"] = json!(false),
             "--peer" => {
                 let peer = it.next().ok_or_else(|| usage("--peer needs a value".into()))?;
@@ -215,7 +244,11 @@ fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
             continue;
         }
         let Ok(s) = connect(o).and_then(|mut c| c.call("STATUS", json!({}))) else { continue };
-        let d = s["downloads"].as_array().into_iter().flatten().find(|d| d["shard_id"] == json!(id) && d["complete"] != json!(true));
+        let d = s["downloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["shard_id"] == json!(id) && d["complete"] != json!(true));
         if let Some(d) = d {
             eprint!("\r{}", progress_line(d, started));
             shown = true;
@@ -263,8 +296,13 @@ fn torrent_create(o: &Opts, file: &str, flags: &[&str]) -> Result<()> {
             "--out" => out = Some(PathBuf::from(it.next().ok_or_else(|| usage("--out needs a value".into()))?)),
             "--piece-length" => {
                 let v = it.next().ok_or_else(|| usage("--piece-length needs a value".into()))?;
-                let n: u64 = v.parse().ok().filter(|n: &u64| n.is_power_of_two() && (16384..=(64 << 20)).contains(n))
-                    .ok_or_else(|| usage(format!("--piece-length {v:?} is not a power of two from 16 KiB to 64 MiB")))?;
+                let n: u64 = v
+                    .parse()
+                    .ok()
+                    .filter(|n: &u64| n.is_power_of_two() && (16384..=(64 << 20)).contains(n))
+                    .ok_or_else(|| {
+                    usage(format!("--piece-length {v:?} is not a power of two from 16 KiB to 64 MiB"))
+                })?;
                 piece_length = Some(n);
             }
             other => return Err(usage(format!("torrent create: unknown flag {other}"))),
@@ -280,7 +318,9 @@ fn torrent_create(o: &Opts, file: &str, flags: &[&str]) -> Result<()> {
     let out = out.unwrap_or_else(|| PathBuf::from(format!("{file}.torrent")));
     std::fs::write(&out, m.to_torrent_bytes()).with_context(|| format!("writing {}", out.display()))?;
     if o.json {
-        print_json(&json!({"torrent": out.display().to_string(), "info_hash": m.info_hash.to_hex(), "magnet": m.magnet()}));
+        print_json(
+            &json!({"torrent": out.display().to_string(), "info_hash": m.info_hash.to_hex(), "magnet": m.magnet()}),
+        );
     } else {
         println!("{} -> {} (info hash {})", file, out.display(), m.info_hash);
     }
@@ -318,7 +358,10 @@ fn flag_map<'a>(flags: &[&'a str], valued: &[&str], switches: &[&str]) -> std::c
         if switches.contains(f) {
             m.insert(*f, "");
         } else if valued.contains(f) {
-            let v = it.next().unwrap_or_else(|| { usage(format!("{f} needs a value")); unreachable!() });
+            let v = it.next().unwrap_or_else(|| {
+                usage(format!("{f} needs a value"));
+                unreachable!()
+            });
             m.insert(*f, *v);
         } else {
             usage(format!("unknown flag {f} (see --help)"));
@@ -330,7 +373,10 @@ fn flag_map<'a>(flags: &[&'a str], valued: &[&str], switches: &[&str]) -> std::c
 fn num<T: std::str::FromStr>(flags: &std::collections::HashMap<&str, &str>, name: &str, default: T) -> T {
     match flags.get(name) {
         None => default,
-        Some(v) => v.parse().unwrap_or_else(|_| { usage(format!("{name} {v:?} is not a number")); unreachable!() }),
+        Some(v) => v.parse().unwrap_or_else(|_| {
+            usage(format!("{name} {v:?} is not a number"));
+            unreachable!()
+        }),
     }
 }
 
@@ -353,7 +399,11 @@ fn split(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     for s in report.manifest["shards"].as_array().into_iter().flatten() {
         println!(
             "  {}  layers {}..{}  {:>12} bytes  info hash {}",
-            s["filename"].as_str().unwrap_or("?"), s["layers"][0], s["layers"][1], s["size"], s["info_hash"].as_str().unwrap_or("-")
+            s["filename"].as_str().unwrap_or("?"),
+            s["layers"][0],
+            s["layers"][1],
+            s["size"],
+            s["info_hash"].as_str().unwrap_or("-")
         );
     }
     println!("wrote {} shards and manifest.json to {out} in {:.2} s", n, t.elapsed().as_secs_f64());
@@ -398,8 +448,10 @@ fn demo_model(o: &Opts, flags: &[&str]) -> Result<()> {
     if o.json {
         print_json(&json!({"path": out, "bytes": bytes}));
     } else {
-        println!("wrote {out}: demo LLaMA model, {} layers, width {}, {} heads ({} kv), ffn {}, vocab {}, {}, {} bytes",
-            c.layers, c.embd, c.heads, c.kv_heads, c.ffn, c.vocab, c.weight_type, bytes);
+        println!(
+            "wrote {out}: demo LLaMA model, {} layers, width {}, {} heads ({} kv), ffn {}, vocab {}, {}, {} bytes",
+            c.layers, c.embd, c.heads, c.kv_heads, c.ffn, c.vocab, c.weight_type, bytes
+        );
     }
     Ok(())
 }
@@ -411,21 +463,42 @@ fn inspect(o: &Opts, file: &str) -> Result<()> {
     let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("mapping {file}"))?;
     let g = Gguf::parse(&map).with_context(|| format!("reading {file}"))?;
     if o.json {
-        let meta: serde_json::Map<String, Value> = g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
-        let tensors: Vec<Value> = g.tensors.iter().map(|t| json!({
-            "name": t.name, "type": t.ggml_type.name(), "dims": t.dims, "offset": t.offset, "size": t.size,
-        })).collect();
-        print_json(&json!({"version": g.version, "alignment": g.alignment, "data_offset": g.data_offset, "metadata": meta, "tensors": tensors}));
+        let meta: serde_json::Map<String, Value> =
+            g.metadata.iter().map(|(k, v)| (k.to_string(), v.to_json())).collect();
+        let tensors: Vec<Value> = g
+            .tensors
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name, "type": t.ggml_type.name(), "dims": t.dims, "offset": t.offset, "size": t.size,
+                })
+            })
+            .collect();
+        print_json(
+            &json!({"version": g.version, "alignment": g.alignment, "data_offset": g.data_offset, "metadata": meta, "tensors": tensors}),
+        );
         return Ok(());
     }
-    println!("* {file}: GGUF v{}, {} key/value pairs, {} tensors, alignment {}, data at byte {}",
-        g.version, g.metadata.len(), g.tensors.len(), g.alignment, g.data_offset);
+    println!(
+        "* {file}: GGUF v{}, {} key/value pairs, {} tensors, alignment {}, data at byte {}",
+        g.version,
+        g.metadata.len(),
+        g.tensors.len(),
+        g.alignment,
+        g.data_offset
+    );
     println!("* Metadata:");
     for (i, (k, v)) in g.metadata.iter().enumerate() {
         let shown = match v {
             MetaValue::Array(a) => {
                 let head: Vec<String> = a.iter().take(6).map(|e| e.to_json().to_string()).collect();
-                format!("[{} x {}] = [{}{}]", type_name(a.elem_type), a.len, head.join(", "), if a.len > 6 { ", ..." } else { "" })
+                format!(
+                    "[{} x {}] = [{}{}]",
+                    type_name(a.elem_type),
+                    a.len,
+                    head.join(", "),
+                    if a.len > 6 { ", ..." } else { "" }
+                )
             }
             MetaValue::String(s) if s.chars().count() > 60 => {
                 format!("{:?}... ({} bytes)", s.chars().take(60).collect::<String>(), s.len())
@@ -517,7 +590,13 @@ fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
     loop {
         std::thread::sleep(Duration::from_millis(200));
         let s = c.call("STATUS", json!({}))?;
-        let d = s["downloads"].as_array().into_iter().flatten().find(|d| d["info_hash"] == info_hash.to_hex().as_str()).cloned().unwrap_or(Value::Null);
+        let d = s["downloads"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["info_hash"] == info_hash.to_hex().as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
         let total = d["bytes"].as_u64().unwrap_or(0);
         let done = d["verified_bytes"].as_u64().unwrap_or(0);
         let secs = started.elapsed().as_secs_f64();
@@ -530,10 +609,16 @@ fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         }
         if d["complete"] == json!(true) {
             if o.json {
-                print_json(&json!({"info_hash": info_hash.to_hex(), "name": d["name"], "bytes": total, "seconds": secs, "path": format!("{out}/{}", d["name"].as_str().unwrap_or("?"))}));
+                print_json(
+                    &json!({"info_hash": info_hash.to_hex(), "name": d["name"], "bytes": total, "seconds": secs, "path": format!("{out}/{}", d["name"].as_str().unwrap_or("?"))}),
+                );
             } else {
                 eprintln!();
-                println!("{} complete: {total} bytes in {secs:.2} s ({:.1} MB/s), every piece verified", d["name"].as_str().unwrap_or("?"), total as f64 / secs / 1e6);
+                println!(
+                    "{} complete: {total} bytes in {secs:.2} s ({:.1} MB/s), every piece verified",
+                    d["name"].as_str().unwrap_or("?"),
+                    total as f64 / secs / 1e6
+                );
             }
             return Ok(());
         }

@@ -174,7 +174,12 @@ impl Message {
                         }
                     }
                 }
-                bencode::dict([("a", bencode::dict(args)), ("q", Value::str(query.method())), ("t", tid), ("y", Value::str("q"))])
+                bencode::dict([
+                    ("a", bencode::dict(args)),
+                    ("q", Value::str(query.method())),
+                    ("t", tid),
+                    ("y", Value::str("q")),
+                ])
             }
             Body::Response { id, response } => {
                 let mut r = vec![("id", Value::bytes(&id.0[..]))];
@@ -185,7 +190,10 @@ impl Message {
                     r.push(("token", Value::bytes(&t[..])));
                 }
                 if !response.values.is_empty() {
-                    r.push(("values", Value::List(response.values.iter().map(|p| Value::bytes(encode_peer(p).to_vec())).collect())));
+                    r.push((
+                        "values",
+                        Value::List(response.values.iter().map(|p| Value::bytes(encode_peer(p).to_vec())).collect()),
+                    ));
                 }
                 bencode::dict([("r", bencode::dict(r)), ("t", tid), ("y", Value::str("r"))])
             }
@@ -204,7 +212,8 @@ impl Message {
             return Err(fail(None, code::PROTOCOL, format!("packet of {} bytes", packet.len())));
         }
         // Be liberal in key order on input (some clients do not sort), strict otherwise.
-        let v = bencode::decode(packet).or_else(|_| lenient_decode(packet)).map_err(|e| fail(None, code::PROTOCOL, e))?;
+        let v =
+            bencode::decode(packet).or_else(|_| lenient_decode(packet)).map_err(|e| fail(None, code::PROTOCOL, e))?;
         if v.as_dict().is_none() {
             return Err(fail(None, code::PROTOCOL, "not a dictionary".into()));
         }
@@ -215,60 +224,105 @@ impl Message {
             .ok_or_else(|| fail(None, code::PROTOCOL, "missing or oversized transaction id".into()))?
             .to_vec();
         let t = Some(tid.clone());
-        let body = match v.get("y").and_then(Value::as_bytes) {
-            Some(b"q") => {
-                let method = v.get("q").and_then(Value::as_bytes).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "query without q".into()))?;
-                let a = v.get("a").filter(|a| a.as_dict().is_some()).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "query without a".into()))?;
-                let id = a.get("id").and_then(Value::as_bytes).and_then(Id::from_bytes).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "id is not 20 bytes".into()))?;
-                let id20 = |k: &str| a.get(k).and_then(Value::as_bytes).and_then(Id::from_bytes);
-                let query = match method {
-                    b"ping" => Query::Ping,
-                    b"find_node" => Query::FindNode { target: id20("target").ok_or_else(|| fail(t.clone(), code::PROTOCOL, "target is not 20 bytes".into()))? },
-                    b"get_peers" => Query::GetPeers { info_hash: id20("info_hash").ok_or_else(|| fail(t.clone(), code::PROTOCOL, "info_hash is not 20 bytes".into()))? },
-                    b"announce_peer" => {
-                        let info_hash = id20("info_hash").ok_or_else(|| fail(t.clone(), code::PROTOCOL, "info_hash is not 20 bytes".into()))?;
-                        let implied_port = a.get("implied_port").and_then(Value::as_int).is_some_and(|i| i != 0);
-                        let port = a.get("port").and_then(Value::as_int).and_then(|p| u16::try_from(p).ok());
-                        let port = match (port, implied_port) {
-                            (Some(p), _) => p,
-                            (None, true) => 0,
-                            (None, false) => return Err(fail(t, code::PROTOCOL, "announce_peer without a valid port".into())),
-                        };
-                        let token = a.get("token").and_then(Value::as_bytes).filter(|t| t.len() <= 64).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "announce_peer without token".into()))?;
-                        Query::AnnouncePeer { info_hash, port, implied_port, token: token.to_vec() }
-                    }
-                    other => return Err(fail(t, code::METHOD_UNKNOWN, format!("method {:?} unknown", String::from_utf8_lossy(other)))),
-                };
-                Body::Query { id, query }
-            }
-            Some(b"r") => {
-                let r = v.get("r").filter(|r| r.as_dict().is_some()).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "response without r".into()))?;
-                let id = r.get("id").and_then(Value::as_bytes).and_then(Id::from_bytes).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "id is not 20 bytes".into()))?;
-                let nodes = match r.get("nodes") {
-                    None => Vec::new(),
-                    Some(n) => n.as_bytes().and_then(decode_nodes).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "nodes is not a multiple of 26 bytes".into()))?,
-                };
-                let values = match r.get("values") {
-                    None => Vec::new(),
-                    Some(list) => list
-                        .as_list()
-                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "values is not a list".into()))?
-                        .iter()
-                        .take(MAX_VALUES)
-                        .filter_map(|p| p.as_bytes().and_then(decode_peer))
-                        .collect(),
-                };
-                let token = r.get("token").and_then(Value::as_bytes).filter(|t| t.len() <= 64).map(<[u8]>::to_vec);
-                Body::Response { id, response: Response { nodes, values, token } }
-            }
-            Some(b"e") => {
-                let e = v.get("e").and_then(Value::as_list).ok_or_else(|| fail(t.clone(), code::PROTOCOL, "error without e".into()))?;
-                let code = e.first().and_then(Value::as_int).unwrap_or(code::GENERIC);
-                let message = e.get(1).and_then(Value::as_bytes).map(|m| String::from_utf8_lossy(m).into_owned()).unwrap_or_default();
-                Body::Error { code, message }
-            }
-            _ => return Err(fail(t, code::PROTOCOL, "y is not q, r or e".into())),
-        };
+        let body =
+            match v.get("y").and_then(Value::as_bytes) {
+                Some(b"q") => {
+                    let method = v
+                        .get("q")
+                        .and_then(Value::as_bytes)
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "query without q".into()))?;
+                    let a = v
+                        .get("a")
+                        .filter(|a| a.as_dict().is_some())
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "query without a".into()))?;
+                    let id = a
+                        .get("id")
+                        .and_then(Value::as_bytes)
+                        .and_then(Id::from_bytes)
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "id is not 20 bytes".into()))?;
+                    let id20 = |k: &str| a.get(k).and_then(Value::as_bytes).and_then(Id::from_bytes);
+                    let query = match method {
+                        b"ping" => Query::Ping,
+                        b"find_node" => Query::FindNode {
+                            target: id20("target")
+                                .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "target is not 20 bytes".into()))?,
+                        },
+                        b"get_peers" => Query::GetPeers {
+                            info_hash: id20("info_hash")
+                                .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "info_hash is not 20 bytes".into()))?,
+                        },
+                        b"announce_peer" => {
+                            let info_hash = id20("info_hash")
+                                .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "info_hash is not 20 bytes".into()))?;
+                            let implied_port = a.get("implied_port").and_then(Value::as_int).is_some_and(|i| i != 0);
+                            let port = a.get("port").and_then(Value::as_int).and_then(|p| u16::try_from(p).ok());
+                            let port = match (port, implied_port) {
+                                (Some(p), _) => p,
+                                (None, true) => 0,
+                                (None, false) => {
+                                    return Err(fail(t, code::PROTOCOL, "announce_peer without a valid port".into()));
+                                }
+                            };
+                            let token =
+                                a.get("token").and_then(Value::as_bytes).filter(|t| t.len() <= 64).ok_or_else(
+                                    || fail(t.clone(), code::PROTOCOL, "announce_peer without token".into()),
+                                )?;
+                            Query::AnnouncePeer { info_hash, port, implied_port, token: token.to_vec() }
+                        }
+                        other => {
+                            return Err(fail(
+                                t,
+                                code::METHOD_UNKNOWN,
+                                format!("method {:?} unknown", String::from_utf8_lossy(other)),
+                            ));
+                        }
+                    };
+                    Body::Query { id, query }
+                }
+                Some(b"r") => {
+                    let r = v
+                        .get("r")
+                        .filter(|r| r.as_dict().is_some())
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "response without r".into()))?;
+                    let id = r
+                        .get("id")
+                        .and_then(Value::as_bytes)
+                        .and_then(Id::from_bytes)
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "id is not 20 bytes".into()))?;
+                    let nodes = match r.get("nodes") {
+                        None => Vec::new(),
+                        Some(n) => n.as_bytes().and_then(decode_nodes).ok_or_else(|| {
+                            fail(t.clone(), code::PROTOCOL, "nodes is not a multiple of 26 bytes".into())
+                        })?,
+                    };
+                    let values = match r.get("values") {
+                        None => Vec::new(),
+                        Some(list) => list
+                            .as_list()
+                            .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "values is not a list".into()))?
+                            .iter()
+                            .take(MAX_VALUES)
+                            .filter_map(|p| p.as_bytes().and_then(decode_peer))
+                            .collect(),
+                    };
+                    let token = r.get("token").and_then(Value::as_bytes).filter(|t| t.len() <= 64).map(<[u8]>::to_vec);
+                    Body::Response { id, response: Response { nodes, values, token } }
+                }
+                Some(b"e") => {
+                    let e = v
+                        .get("e")
+                        .and_then(Value::as_list)
+                        .ok_or_else(|| fail(t.clone(), code::PROTOCOL, "error without e".into()))?;
+                    let code = e.first().and_then(Value::as_int).unwrap_or(code::GENERIC);
+                    let message = e
+                        .get(1)
+                        .and_then(Value::as_bytes)
+                        .map(|m| String::from_utf8_lossy(m).into_owned())
+                        .unwrap_or_default();
+                    Body::Error { code, message }
+                }
+                _ => return Err(fail(t, code::PROTOCOL, "y is not q, r or e".into())),
+            };
         Ok(Message { tid, body })
     }
 }
@@ -308,7 +362,12 @@ mod tests {
             m.body,
             Body::Query {
                 id: Id(*b"abcdefghij0123456789"),
-                query: Query::AnnouncePeer { info_hash: Id(*b"mnopqrstuvwxyz123456"), port: 6881, implied_port: true, token: b"aoeusnth".to_vec() }
+                query: Query::AnnouncePeer {
+                    info_hash: Id(*b"mnopqrstuvwxyz123456"),
+                    port: 6881,
+                    implied_port: true,
+                    token: b"aoeusnth".to_vec()
+                }
             }
         );
         assert_eq!(m.encode(), announce);
@@ -316,10 +375,16 @@ mod tests {
 
     #[test]
     fn responses_round_trip() {
-        let nodes = vec![NodeInfo { id: id(1), addr: "10.0.0.1:6881".parse().unwrap() }, NodeInfo { id: id(2), addr: "127.0.0.1:1".parse().unwrap() }];
+        let nodes = vec![
+            NodeInfo { id: id(1), addr: "10.0.0.1:6881".parse().unwrap() },
+            NodeInfo { id: id(2), addr: "127.0.0.1:1".parse().unwrap() },
+        ];
         let m = Message {
             tid: b"xy".to_vec(),
-            body: Body::Response { id: id(9), response: Response { nodes, values: vec!["1.2.3.4:5".parse().unwrap()], token: Some(b"tok".to_vec()) } },
+            body: Body::Response {
+                id: id(9),
+                response: Response { nodes, values: vec!["1.2.3.4:5".parse().unwrap()], token: Some(b"tok".to_vec()) },
+            },
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         for q in [Query::Ping, Query::FindNode { target: id(3) }, Query::GetPeers { info_hash: id(4) }] {
@@ -337,7 +402,11 @@ mod tests {
         assert_eq!(code(b"d1:t17:aaaaaaaaaaaaaaaaa1:y1:qe"), code::PROTOCOL, "tid too long");
         assert_eq!(code(b"d1:ad2:id3:abce1:q4:ping1:t2:aa1:y1:qe"), code::PROTOCOL, "short id");
         assert_eq!(code(b"d1:ad2:id20:abcdefghij0123456789e1:q4:frob1:t2:aa1:y1:qe"), code::METHOD_UNKNOWN);
-        assert_eq!(code(b"d1:rd2:id20:abcdefghij01234567895:nodes5:abcdee1:t2:aa1:y1:re"), code::PROTOCOL, "nodes not 26n");
+        assert_eq!(
+            code(b"d1:rd2:id20:abcdefghij01234567895:nodes5:abcdee1:t2:aa1:y1:re"),
+            code::PROTOCOL,
+            "nodes not 26n"
+        );
         assert_eq!(code(&vec![b'x'; MAX_PACKET + 1]), code::PROTOCOL, "oversized");
         let e = Message::decode(b"d1:ad2:id20:abcdefghij0123456789e1:q4:frob1:t2:aa1:y1:qe").unwrap_err();
         assert_eq!(e.tid.as_deref(), Some(&b"aa"[..]), "the error can be answered");

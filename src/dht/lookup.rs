@@ -50,7 +50,8 @@ pub struct Lookup {
 
 impl Lookup {
     pub fn new(target: Id, seeds: Vec<NodeInfo>, now: Instant) -> Lookup {
-        let mut l = Lookup { target, candidates: Vec::new(), peers: Vec::new(), messages: 0, started: now, first_peer: None };
+        let mut l =
+            Lookup { target, candidates: Vec::new(), peers: Vec::new(), messages: 0, started: now, first_peer: None };
         for n in seeds {
             l.add(n, 1);
         }
@@ -81,9 +82,10 @@ impl Lookup {
     pub fn next(&mut self, now: Instant) -> Vec<NodeInfo> {
         for c in &mut self.candidates {
             if let State::InFlight(at) = c.state
-                && now.duration_since(at) >= SOFT_TIMEOUT {
-                    c.state = State::Stalled;
-                }
+                && now.duration_since(at) >= SOFT_TIMEOUT
+            {
+                c.state = State::Stalled;
+            }
         }
         let busy = self.candidates.iter().filter(|c| matches!(c.state, State::InFlight(_))).count();
         let mut out = Vec::new();
@@ -98,7 +100,14 @@ impl Lookup {
     }
 
     /// `from` answered with closer `nodes`, maybe `values` (peers) and a token.
-    pub fn on_response(&mut self, from: &Id, nodes: &[NodeInfo], values: &[SocketAddrV4], token: Option<Vec<u8>>, now: Instant) {
+    pub fn on_response(
+        &mut self,
+        from: &Id,
+        nodes: &[NodeInfo],
+        values: &[SocketAddrV4],
+        token: Option<Vec<u8>>,
+        now: Instant,
+    ) {
         let Some(c) = self.candidates.iter_mut().find(|c| c.node.id == *from) else { return };
         c.state = State::Responded;
         c.token = token;
@@ -130,7 +139,12 @@ impl Lookup {
 
     /// The closest nodes that answered, with their tokens (for announces).
     pub fn responded(&self) -> Vec<(NodeInfo, Option<Vec<u8>>)> {
-        self.candidates.iter().filter(|c| c.state == State::Responded).take(K).map(|c| (c.node, c.token.clone())).collect()
+        self.candidates
+            .iter()
+            .filter(|c| c.state == State::Responded)
+            .take(K)
+            .map(|c| (c.node, c.token.clone()))
+            .collect()
     }
 
     /// Hops to the farthest node in the final K (the lookup's round trips).

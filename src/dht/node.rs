@@ -48,7 +48,9 @@ pub enum LookupKind {
     FindNode,
     GetPeers,
     /// get_peers, then announce_peer with each closest node's token.
-    Announce { port: u16 },
+    Announce {
+        port: u16,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -159,7 +161,14 @@ impl Dht {
         }
     }
 
-    fn send_query(&mut self, to: SocketAddrV4, node: Option<Id>, query: Query, lookup: Option<u64>, now: Instant) -> bool {
+    fn send_query(
+        &mut self,
+        to: SocketAddrV4,
+        node: Option<Id>,
+        query: Query,
+        lookup: Option<u64>,
+        now: Instant,
+    ) -> bool {
         if self.pending.len() >= MAX_PENDING {
             return false;
         }
@@ -222,9 +231,10 @@ impl Dht {
         let ip = IpAddr::V4(*from.ip());
         let body = match query {
             Query::Ping => Body::Response { id: self.id, response: Response::default() },
-            Query::FindNode { target } => {
-                Body::Response { id: self.id, response: Response { nodes: self.table.closest(&target, K, now), ..Response::default() } }
-            }
+            Query::FindNode { target } => Body::Response {
+                id: self.id,
+                response: Response { nodes: self.table.closest(&target, K, now), ..Response::default() },
+            },
             Query::GetPeers { info_hash } => {
                 let token = self.tokens.issue(ip, now);
                 let values = self.store.peers(&info_hash, now);
@@ -333,9 +343,10 @@ impl Dht {
         };
         for n in to_ask {
             if !self.send_query(n.addr, Some(n.id), query.clone(), Some(l), now)
-                && let Some(a) = self.lookups.get_mut(&l) {
-                    a.lookup.on_failure(&n.id);
-                }
+                && let Some(a) = self.lookups.get_mut(&l)
+            {
+                a.lookup.on_failure(&n.id);
+            }
         }
         let a = self.lookups.get(&l).expect("present");
         if a.lookup.is_done() {
@@ -352,7 +363,12 @@ impl Dht {
             }
             for (node, token) in &responded {
                 if let Some(token) = token {
-                    let q = Query::AnnouncePeer { info_hash: a.lookup.target, port, implied_port: false, token: token.clone() };
+                    let q = Query::AnnouncePeer {
+                        info_hash: a.lookup.target,
+                        port,
+                        implied_port: false,
+                        token: token.clone(),
+                    };
                     self.send_query(node.addr, Some(node.id), q, None, now);
                 }
             }
@@ -372,8 +388,12 @@ impl Dht {
 
     /// Timeouts, parked lookups, refresh, rejoin.
     pub fn tick(&mut self, now: Instant) {
-        let expired: Vec<Vec<u8>> =
-            self.pending.iter().filter(|(_, p)| now.duration_since(p.sent) >= QUERY_TIMEOUT).map(|(t, _)| t.clone()).collect();
+        let expired: Vec<Vec<u8>> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| now.duration_since(p.sent) >= QUERY_TIMEOUT)
+            .map(|(t, _)| t.clone())
+            .collect();
         let mut touched = Vec::new();
         for tid in expired {
             let p = self.pending.remove(&tid).expect("listed");
@@ -407,7 +427,10 @@ impl Dht {
         for l in touched {
             self.drive(l, now);
         }
-        if self.table.is_empty() && !self.bootstrap.is_empty() && self.last_join.is_none_or(|t| now.duration_since(t) >= REJOIN_EVERY) {
+        if self.table.is_empty()
+            && !self.bootstrap.is_empty()
+            && self.last_join.is_none_or(|t| now.duration_since(t) >= REJOIN_EVERY)
+        {
             self.join(now);
         }
         if now.duration_since(self.last_refresh) >= REFRESH_CHECK {
@@ -486,7 +509,8 @@ mod tests {
 
     fn network(n: usize, now: Instant) -> Vec<Dht> {
         let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, own_peer_ip: None };
-        let mut nodes: Vec<Dht> = (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
+        let mut nodes: Vec<Dht> =
+            (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
         for d in nodes.iter_mut().skip(1) {
             d.join(now);
         }
@@ -522,14 +546,29 @@ mod tests {
         d.handle_packet(addr(9), b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:zz1:y1:re", now);
         assert!(d.outbox.is_empty() && d.table.is_empty());
         // An announce with a forged token.
-        let q = Message { tid: b"t1".to_vec(), body: Body::Query { id: id(9), query: Query::AnnouncePeer { info_hash: id(3), port: 1, implied_port: false, token: b"forged".to_vec() } } };
+        let q = Message {
+            tid: b"t1".to_vec(),
+            body: Body::Query {
+                id: id(9),
+                query: Query::AnnouncePeer {
+                    info_hash: id(3),
+                    port: 1,
+                    implied_port: false,
+                    token: b"forged".to_vec(),
+                },
+            },
+        };
         d.handle_packet(addr(9), &q.encode(), now);
         let (_, reply) = d.outbox.pop().unwrap();
         assert!(matches!(Message::decode(&reply).unwrap().body, Body::Error { code: 203, .. }));
         assert!(d.store.is_empty());
         // A flood from one source is cut at the rate limit.
         for _ in 0..20 {
-            d.handle_packet(addr(10), &Message { tid: b"p".to_vec(), body: Body::Query { id: id(10), query: Query::Ping } }.encode(), now);
+            d.handle_packet(
+                addr(10),
+                &Message { tid: b"p".to_vec(), body: Body::Query { id: id(10), query: Query::Ping } }.encode(),
+                now,
+            );
         }
         assert_eq!(d.outbox.len(), 5);
     }

@@ -133,9 +133,10 @@ impl RoutingTable {
     /// A query to `id` went unanswered.
     pub fn failed(&mut self, id: &Id) {
         if let Some(b) = self.bucket_of(id)
-            && let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == *id) {
-                e.failures += 1;
-            }
+            && let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == *id)
+        {
+            e.failures += 1;
+        }
     }
 
     pub fn remove(&mut self, id: &Id) {
@@ -160,7 +161,9 @@ impl RoutingTable {
     pub fn refresh_targets(&self, after: Duration, now: Instant, random: &mut impl FnMut() -> u64) -> Vec<Id> {
         let deepest = self.buckets.iter().rposition(|b| !b.is_empty()).unwrap_or(0);
         (0..160)
-            .filter(|b| (!self.buckets[*b].is_empty() || *b >= deepest) && now.duration_since(self.touched[*b]) >= after)
+            .filter(|b| {
+                (!self.buckets[*b].is_empty() || *b >= deepest) && now.duration_since(self.touched[*b]) >= after
+            })
             .map(|b| self.random_id_in(b, random))
             .collect()
     }

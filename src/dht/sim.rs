@@ -165,7 +165,15 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         rng
     };
     let dht_cfg = DhtConfig { restrict_ips: true, rate_limit: 10_000, own_peer_ip: None };
-    let mut net = Net { nodes: Vec::new(), dead: Vec::new(), queue: BinaryHeap::new(), seq: 0, start, now: Duration::ZERO, latency: cfg.latency };
+    let mut net = Net {
+        nodes: Vec::new(),
+        dead: Vec::new(),
+        queue: BinaryHeap::new(),
+        seq: 0,
+        start,
+        now: Duration::ZERO,
+        latency: cfg.latency,
+    };
     let mut active = HashSet::new();
     for i in 0..cfg.nodes {
         let mut id = [0u8; 20];
@@ -186,7 +194,13 @@ pub fn run(cfg: &SimConfig) -> SimReport {
     }
     // Each key announced by one node.
     let keys: Vec<(Id, usize, u16)> = (0..cfg.keys)
-        .map(|k| (Id(crate::hash::sha1(format!("sim-key-{k}").as_bytes())), (random() % cfg.nodes as u64) as usize, 7000 + (k % 1000) as u16))
+        .map(|k| {
+            (
+                Id(crate::hash::sha1(format!("sim-key-{k}").as_bytes())),
+                (random() % cfg.nodes as u64) as usize,
+                7000 + (k % 1000) as u16,
+            )
+        })
         .collect();
     announce_all(&mut net, &keys, &mut active);
     let mut announced = net.now;
@@ -203,7 +217,14 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             killed += 1;
         }
     }
-    let mut report = SimReport { nodes: cfg.nodes, failed_nodes: failed, lookups: cfg.lookups, found: 0, rounds: vec![], messages: vec![] };
+    let mut report = SimReport {
+        nodes: cfg.nodes,
+        failed_nodes: failed,
+        lookups: cfg.lookups,
+        found: 0,
+        rounds: vec![],
+        messages: vec![],
+    };
     // Lookups of keys whose announcer is alive (a dead one's entry expires,
     // as it should), re-announced every REANNOUNCE as nodes do.
     let live_keys: Vec<(Id, usize, u16)> = keys.iter().copied().filter(|(_, who, _)| !net.dead[*who]).collect();
@@ -225,7 +246,8 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         net.collect(who);
         active.insert(who);
         net.settle(&mut active);
-        let result: Option<LookupResult> = net.nodes[who].events.drain(..).find_map(|Event::LookupDone(r)| (r.id == l).then_some(r));
+        let result: Option<LookupResult> =
+            net.nodes[who].events.drain(..).find_map(|Event::LookupDone(r)| (r.id == l).then_some(r));
         if let Some(r) = result {
             if r.peers.contains(&peer) {
                 report.found += 1;
@@ -244,7 +266,14 @@ mod tests {
     #[test]
     fn a_thousand_nodes_find_every_key_even_with_a_third_failed() {
         for fail in [0.0, 0.33] {
-            let r = run(&SimConfig { nodes: 1000, latency: Duration::from_millis(20), fail_fraction: fail, keys: 20, lookups: 100, seed: 7 });
+            let r = run(&SimConfig {
+                nodes: 1000,
+                latency: Duration::from_millis(20),
+                fail_fraction: fail,
+                keys: 20,
+                lookups: 100,
+                seed: 7,
+            });
             assert!(r.success_rate() >= if fail == 0.0 { 1.0 } else { 0.97 }, "{fail}: {:?}", (r.found, r.lookups));
             let median = percentile(&r.rounds, 0.5).unwrap();
             assert!(median as f64 <= (1000f64).log2() / 2.0, "median rounds {median}");

@@ -95,7 +95,8 @@ impl PeerStore {
     /// Up to `PEERS_PER_ANSWER` live peers for `key`, newest first.
     pub fn peers(&self, key: &Id, now: Instant) -> Vec<SocketAddrV4> {
         let Some(list) = self.keys.get(key) else { return Vec::new() };
-        let mut live: Vec<&(SocketAddrV4, Instant)> = list.iter().filter(|(_, t)| now.duration_since(*t) < PEER_TTL).collect();
+        let mut live: Vec<&(SocketAddrV4, Instant)> =
+            list.iter().filter(|(_, t)| now.duration_since(*t) < PEER_TTL).collect();
         live.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
         live.into_iter().take(PEERS_PER_ANSWER).map(|(p, _)| *p).collect()
     }

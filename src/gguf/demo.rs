@@ -54,11 +54,17 @@ impl DemoConfig {
         ensure!(self.layers >= 1 && self.layers <= 256, "--layers must be 1..=256");
         ensure!(self.heads >= 1 && self.embd.is_multiple_of(self.heads), "--embd must be a multiple of --heads");
         ensure!((self.embd / self.heads).is_multiple_of(2), "the head size (embd / heads) must be even for RoPE");
-        ensure!(self.kv_heads >= 1 && self.heads.is_multiple_of(self.kv_heads), "--heads must be a multiple of --kv-heads");
+        ensure!(
+            self.kv_heads >= 1 && self.heads.is_multiple_of(self.kv_heads),
+            "--heads must be a multiple of --kv-heads"
+        );
         ensure!(self.vocab >= 259 + 16, "--vocab must be at least 275 (3 control + 256 byte tokens + pieces)");
         ensure!(self.vocab <= 1 << 20, "--vocab at most 1048576");
         ensure!(self.context >= 16, "--context must be at least 16");
-        ensure!(self.embd >= 32 && self.embd <= 16384 && self.ffn >= 32 && self.ffn <= 65536, "--embd/--ffn out of range");
+        ensure!(
+            self.embd >= 32 && self.embd <= 16384 && self.ffn >= 32 && self.ffn <= 65536,
+            "--embd/--ffn out of range"
+        );
         let block = self.weight_type.block_size().context("unknown weight type")?;
         ensure!(
             (self.embd as u64).is_multiple_of(block) && (self.ffn as u64).is_multiple_of(block),
@@ -139,10 +145,10 @@ pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
 /// Pieces of the demo vocabulary after the control and byte tokens.
 fn pieces(n: usize) -> Vec<String> {
     const WORDS: &[&str] = &[
-        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not",
-        "he", "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were",
-        "their", "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would",
-        "who", "so", "no", "model", "shard", "node", "layer", "token", "network", "peer", "data", "hello", "world",
+        "the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with", "be", "by", "on", "not", "he",
+        "this", "are", "or", "his", "from", "at", "which", "but", "have", "an", "had", "they", "you", "were", "their",
+        "one", "all", "we", "can", "her", "has", "there", "been", "if", "more", "when", "will", "would", "who", "so",
+        "no", "model", "shard", "node", "layer", "token", "network", "peer", "data", "hello", "world",
     ];
     let mut out: Vec<String> = Vec::new();
     let push = |s: String, out: &mut Vec<String>| {
@@ -240,8 +246,7 @@ pub fn build(c: &DemoConfig) -> Result<(Builder, Vec<Vec<u8>>)> {
     let mut add = |b: &mut Builder, name: &str, dims: &[u32], ty: GgmlType, rng: &mut Rng, norm: bool| -> Result<()> {
         let n: usize = dims.iter().map(|d| *d as usize).product();
         let scale = 1.0 / (dims[0] as f32).sqrt();
-        let values: Vec<f32> =
-            (0..n).map(|_| if norm { 1.0 + 0.1 * rng.unit() } else { scale * rng.unit() }).collect();
+        let values: Vec<f32> = (0..n).map(|_| if norm { 1.0 + 0.1 * rng.unit() } else { scale * rng.unit() }).collect();
         let dims64: Vec<u64> = dims.iter().map(|d| *d as u64).collect();
         b.add_tensor(name, &dims64, ty)?;
         data.push(encode(&values, ty));
@@ -344,6 +349,8 @@ mod tests {
         assert!(build(&DemoConfig { heads: 3, ..DemoConfig::default() }).is_err());
         assert!(build(&DemoConfig { kv_heads: 3, ..DemoConfig::default() }).is_err());
         assert!(build(&DemoConfig { vocab: 100, ..DemoConfig::default() }).is_err());
-        assert!(build(&DemoConfig { embd: 48, heads: 4, weight_type: GgmlType::Q8_0, ..DemoConfig::default() }).is_err());
+        assert!(
+            build(&DemoConfig { embd: 48, heads: 4, weight_type: GgmlType::Q8_0, ..DemoConfig::default() }).is_err()
+        );
     }
 }

@@ -30,10 +30,7 @@ impl ShardSummary {
         let architecture = g.get_str("general.architecture").map(str::to_string);
         let layers = match (u32_of("shard.layer_begin"), u32_of("shard.layer_end")) {
             (Some(b), Some(e)) if b <= e => Some((b, e)),
-            _ => architecture
-                .as_deref()
-                .and_then(|a| u32_of(&format!("{a}.block_count")))
-                .map(|n| (0, n)),
+            _ => architecture.as_deref().and_then(|a| u32_of(&format!("{a}.block_count"))).map(|n| (0, n)),
         };
         ShardSummary {
             architecture,

@@ -405,9 +405,9 @@ impl<'a> Cursor<'a> {
                 let offset = self.offset();
                 // Fixed-size elements: check the whole payload at once.
                 if let Some(size) = fixed_size(elem_type) {
-                    let total = len.checked_mul(size).ok_or_else(|| {
-                        self.err_at(at, format!("array of {len} elements overflows"))
-                    })?;
+                    let total = len
+                        .checked_mul(size)
+                        .ok_or_else(|| self.err_at(at, format!("array of {len} elements overflows")))?;
                     self.take(total, "array elements")?;
                     if elem_type == BOOL && self.bytes[start..self.pos].iter().any(|b| *b > 1) {
                         return Err(self.err_at(offset, "bool array element is neither 0 nor 1".into()));

@@ -39,9 +39,10 @@ enum Role {
 fn role(name: &str) -> Role {
     if let Some(rest) = name.strip_prefix("blk.")
         && let Some((layer, _)) = rest.split_once('.')
-            && let Ok(l) = layer.parse() {
-                return Role::Layer(l);
-            }
+        && let Ok(l) = layer.parse()
+    {
+        return Role::Layer(l);
+    }
     match name {
         "token_embd.weight" => Role::Embedding,
         "output_norm.weight" | "output_norm.bias" => Role::OutputNorm,
@@ -128,7 +129,8 @@ fn balance(layer_bytes: &[u64], n: usize, head: u64, tail: u64) -> Vec<(u32, u32
     for i in 0..l {
         prefix[i + 1] = prefix[i] + layer_bytes[i];
     }
-    let cost = |i: usize, j: usize| prefix[j] - prefix[i] + if i == 0 { head } else { 0 } + if j == l { tail } else { 0 };
+    let cost =
+        |i: usize, j: usize| prefix[j] - prefix[i] + if i == 0 { head } else { 0 } + if j == l { tail } else { 0 };
     // best[k][j]: smallest max cost of cutting layers [0, j) into k shards.
     let mut best = vec![vec![u64::MAX; l + 1]; n + 1];
     let mut cut = vec![vec![0usize; l + 1]; n + 1];
@@ -252,7 +254,10 @@ fn write_shard(b: &Builder, g: &Gguf<'_>, source: &File, tensors: &[usize], path
         src.seek(SeekFrom::Start(g.data_offset + t.offset))?;
         let copied = std::io::copy(&mut src.take(t.size), w)?;
         if copied != t.size {
-            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{}: source ended early", t.name)));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("{}: source ended early", t.name),
+            ));
         }
         Ok(())
     })?;

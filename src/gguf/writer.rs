@@ -129,7 +129,10 @@ impl Builder {
     /// Adds a tensor; its size is computed from the type and shape.
     pub fn add_tensor(&mut self, name: &str, dims: &[u64], ggml_type: GgmlType) -> io::Result<()> {
         let size = ggml_type.tensor_bytes(dims).ok_or_else(|| {
-            io::Error::new(io::ErrorKind::InvalidInput, format!("tensor {name}: shape {dims:?} invalid for {ggml_type}"))
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("tensor {name}: shape {dims:?} invalid for {ggml_type}"),
+            )
         })?;
         self.tensors.push(TensorSpec { name: name.to_string(), dims: dims.to_vec(), ggml_type, size });
         Ok(())
@@ -178,11 +181,7 @@ impl Builder {
     }
 
     /// Writes the whole file; `data(i, w)` must write exactly tensor `i`'s bytes.
-    pub fn write<W: Write>(
-        &self,
-        w: &mut W,
-        mut data: impl FnMut(usize, &mut W) -> io::Result<()>,
-    ) -> io::Result<u64> {
+    pub fn write<W: Write>(&self, w: &mut W, mut data: impl FnMut(usize, &mut W) -> io::Result<()>) -> io::Result<u64> {
         let align = self.alignment();
         let (header, _) = self.encode_header();
         w.write_all(&header)?;

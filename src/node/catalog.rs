@@ -32,11 +32,7 @@ pub struct FileEntry {
 impl FileEntry {
     /// The shard id this file holds: `shard.index`, else from `shard-N.gguf`.
     pub fn shard_id(&self) -> Option<u32> {
-        self.gguf
-            .as_ref()
-            .ok()
-            .and_then(|s| s.shard_index)
-            .or_else(|| shard_id_from_name(&self.filename))
+        self.gguf.as_ref().ok().and_then(|s| s.shard_index).or_else(|| shard_id_from_name(&self.filename))
     }
 
     pub fn to_json(&self) -> Value {
@@ -107,13 +103,15 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
         Err(e) => return Err((ErrorCode::ShardInvalid, format!("{name} is not a valid GGUF file: {e}"))),
     };
     if let Some(index) = summary.shard_index
-        && index != shard_id {
-            return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
-        }
+        && index != shard_id
+    {
+        return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
+    }
     if let (Some(want), Some(have)) = (model, summary.model_id.as_deref())
-        && want != have {
-            return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
-        }
+        && want != have
+    {
+        return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
+    }
     Ok(LoadedShard {
         shard_id,
         filename: name,

@@ -245,7 +245,6 @@ impl Conn {
 
     /// Whether nothing more will happen on this connection.
     pub fn finished(&self) -> bool {
-        self.pending_output() == 0
-            && (self.close_after_flush || (self.read_closed && self.in_flight == 0))
+        self.pending_output() == 0 && (self.close_after_flush || (self.read_closed && self.in_flight == 0))
     }
 }

@@ -51,11 +51,23 @@ pub fn cluster_key(cluster: &str) -> Id {
 pub(super) enum Purpose {
     Announce,
     /// A FIND_PEERS request waiting for the answer.
-    FindPeers { token: Token, conn_id: u64, request_id: Value, key: Id },
+    FindPeers {
+        token: Token,
+        conn_id: u64,
+        request_id: Value,
+        key: Id,
+    },
     /// Peers under a shard's name key: ask them its info hash.
-    ShardByName { shard_id: u32, filename: String },
+    ShardByName {
+        shard_id: u32,
+        filename: String,
+    },
     /// Peers for a torrent to download (and the shard waiting for it).
-    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String },
+    PeersFor {
+        info_hash: InfoHash,
+        shard_id: Option<u32>,
+        name: String,
+    },
 }
 
 pub(super) struct DhtState {
@@ -68,7 +80,13 @@ pub(super) struct DhtState {
 }
 
 /// Binds the DHT's UDP socket on the node's port and prepares the DHT.
-pub(super) fn bind(config: &NodeConfig, local: SocketAddr, id: [u8; 20], registry: &Registry, token: Token) -> Option<DhtState> {
+pub(super) fn bind(
+    config: &NodeConfig,
+    local: SocketAddr,
+    id: [u8; 20],
+    registry: &Registry,
+    token: Token,
+) -> Option<DhtState> {
     let SocketAddr::V4(local4) = local else {
         warn!("DHT: IPv6 listen address {local}: the DHT runs on IPv4 only; disabled");
         return None;
@@ -94,7 +112,9 @@ pub(super) fn bind(config: &NodeConfig, local: SocketAddr, id: [u8; 20], registr
             Err(e) => warn!("DHT: bootstrap {b}: {e}"),
         }
     }
-    bootstrap.retain(|a| *a != local4 && !(a.port() == local4.port() && a.ip().is_loopback() && local4.ip().is_unspecified()));
+    bootstrap.retain(|a| {
+        *a != local4 && !(a.port() == local4.port() && a.ip().is_loopback() && local4.ip().is_unspecified())
+    });
     // Nodes saved by an earlier run: rejoin without the bootstrap list.
     bootstrap.extend(load_table(&config.shards_dir.join(TABLE_FILE)));
     let loopback = local4.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
@@ -113,7 +133,10 @@ fn load_table(path: &Path) -> Vec<SocketAddrV4> {
     if bytes.len() > 64 * 1024 || bytes.len() % 26 != 0 {
         return Vec::new();
     }
-    bytes.chunks_exact(26).map(|c| SocketAddrV4::new([c[20], c[21], c[22], c[23]].into(), u16::from_be_bytes([c[24], c[25]]))).collect()
+    bytes
+        .chunks_exact(26)
+        .map(|c| SocketAddrV4::new([c[20], c[21], c[22], c[23]].into(), u16::from_be_bytes([c[24], c[25]])))
+        .collect()
 }
 
 impl Node {
@@ -141,9 +164,10 @@ impl Node {
         let Some(d) = self.dht.as_mut() else { return };
         for (to, bytes) in std::mem::take(&mut d.dht.outbox) {
             if let Err(e) = d.socket.send_to(&bytes, SocketAddr::V4(to))
-                && e.kind() != io::ErrorKind::WouldBlock {
-                    debug!("DHT send to {to}: {e}");
-                }
+                && e.kind() != io::ErrorKind::WouldBlock
+            {
+                debug!("DHT send to {to}: {e}");
+            }
         }
         let events = std::mem::take(&mut d.dht.events);
         for Event::LookupDone(r) in events {
@@ -221,11 +245,11 @@ impl Node {
         if let Some(c) = self.conn(token) {
             c.in_flight += 1;
         }
-        let started = self.start_lookup(key, LookupKind::GetPeers, Purpose::FindPeers { token, conn_id, request_id, key });
-        if !started
-            && let Some(c) = self.conn(token) {
-                c.in_flight -= 1;
-            }
+        let started =
+            self.start_lookup(key, LookupKind::GetPeers, Purpose::FindPeers { token, conn_id, request_id, key });
+        if !started && let Some(c) = self.conn(token) {
+            c.in_flight -= 1;
+        }
         started
     }
 
@@ -263,7 +287,10 @@ impl Node {
             }
             Purpose::ShardByName { shard_id, filename } => {
                 if peers.is_empty() {
-                    let msg = format!("Shard {shard_id}: no peer in the DHT holds {filename} (cluster {}).", self.config.cluster);
+                    let msg = format!(
+                        "Shard {shard_id}: no peer in the DHT holds {filename} (cluster {}).",
+                        self.config.cluster
+                    );
                     return self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, msg);
                 }
                 // Ask a few holders, on a worker (blocking clients, bounded waits).
@@ -285,9 +312,10 @@ impl Node {
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
                 if let Err(e) = self.start_download(info_hash, None, &name, &addrs, shard_id)
-                    && let Some(id) = shard_id {
-                        self.fail_waiters(id, ErrorCode::Internal, format!("starting the download: {e:#}"));
-                    }
+                    && let Some(id) = shard_id
+                {
+                    self.fail_waiters(id, ErrorCode::Internal, format!("starting the download: {e:#}"));
+                }
             }
         }
     }
@@ -333,7 +361,8 @@ fn ask_info_hash(peers: &[SocketAddrV4], filename: &str) -> Result<InfoHash, Str
     let mut votes: HashMap<InfoHash, usize> = HashMap::new();
     let mut errors = Vec::new();
     for p in peers.iter().take(RESOLVE_ASK) {
-        let answer = Client::connect(&p.to_string(), Duration::from_secs(2)).and_then(|mut c| c.call("LIST_FILES", json!({})));
+        let answer =
+            Client::connect(&p.to_string(), Duration::from_secs(2)).and_then(|mut c| c.call("LIST_FILES", json!({})));
         match answer {
             Ok(r) => {
                 let found = r["files"].as_array().into_iter().flatten().find(|f| f["filename"] == filename);

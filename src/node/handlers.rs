@@ -131,12 +131,18 @@ impl Node {
         };
         let id = p.shard_id;
         if let Some(total) = self.config.total_shards
-            && id >= total {
-                return reply_err(self, ErrorCode::OutOfRange, format!("shard_id {id} is not below --total-shards {total}"));
-            }
+            && id >= total
+        {
+            return reply_err(
+                self,
+                ErrorCode::OutOfRange,
+                format!("shard_id {id} is not below --total-shards {total}"),
+            );
+        }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
-            let loaded_hash = self.catalog.files.get(&loaded.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash);
+            let loaded_hash =
+                self.catalog.files.get(&loaded.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash);
             let same_hash = p.info_hash.is_none_or(|h| loaded_hash == Some(h));
             if same_file && same_hash {
                 let result = loaded_json(loaded, "cache", Instant::now());
@@ -159,18 +165,22 @@ impl Node {
             }
             None => {
                 // Not seen by the scan: the file may have arrived since.
-                let name = p.filename.clone().or_else(|| self.catalog.manifest_name(id)).unwrap_or_else(|| format!("shard-{id}.gguf"));
+                let name = p
+                    .filename
+                    .clone()
+                    .or_else(|| self.catalog.manifest_name(id))
+                    .unwrap_or_else(|| format!("shard-{id}.gguf"));
                 let path = self.config.shards_dir.join(name);
                 let exists = path.is_file();
                 (path, exists)
             }
         };
 
-        let waiter = Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
-        if !local
-            && let Err((code, msg)) = self.download_shard(id, &p, &path) {
-                return self.respond(token, &error_payload(json!("LOAD_SHARD"), waiter.request_id, code, &msg));
-            }
+        let waiter =
+            Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
+        if !local && let Err((code, msg)) = self.download_shard(id, &p, &path) {
+            return self.respond(token, &error_payload(json!("LOAD_SHARD"), waiter.request_id, code, &msg));
+        }
         if !p.wait {
             let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
             self.respond(token, &success_payload("LOAD_SHARD", &waiter.request_id, result));
@@ -195,7 +205,12 @@ impl Node {
             return Err(self.not_found_message(id));
         }
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("shard.gguf").to_string();
-        let no_dht = |what: &str| (ErrorCode::TorrentUnavailable, format!("Shard {id} not found locally, {what}, and the DHT is not running."));
+        let no_dht = |what: &str| {
+            (
+                ErrorCode::TorrentUnavailable,
+                format!("Shard {id} not found locally, {what}, and the DHT is not running."),
+            )
+        };
         let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
             // Unknown info hash: ask the peers holding the shard's name.
             return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
@@ -219,15 +234,20 @@ impl Node {
         let meta = match &d.torrent {
             None => None,
             Some(bytes) => {
-                let m = crate::torrent::Metainfo::parse(bytes).map_err(|e| (ErrorCode::WrongType, format!("torrent_hex: {e:#}")))?;
+                let m = crate::torrent::Metainfo::parse(bytes)
+                    .map_err(|e| (ErrorCode::WrongType, format!("torrent_hex: {e:#}")))?;
                 if m.info_hash != d.info_hash {
                     return Err((ErrorCode::WrongType, format!("the torrent is {}, not {}", m.info_hash, d.info_hash)));
                 }
                 Some(std::sync::Arc::new(m))
             }
         };
-        if let Some(f) = self.catalog.files.values().find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == d.info_hash)) {
-            return Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "complete", "path": f.path.display().to_string()}));
+        if let Some(f) =
+            self.catalog.files.values().find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == d.info_hash))
+        {
+            return Ok(
+                json!({"info_hash": d.info_hash.to_hex(), "status": "complete", "path": f.path.display().to_string()}),
+            );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
         self.start_download(d.info_hash, meta, &name, &d.peers, None)
@@ -330,7 +350,12 @@ impl Node {
                         } else {
                             self.scan.hashed += 1;
                         }
-                        info!("torrent metadata for {filename}: info hash {} ({} bytes, {})", m.info_hash, m.info.length, if cached { "cached" } else { "hashed now" });
+                        info!(
+                            "torrent metadata for {filename}: info hash {} ({} bytes, {})",
+                            m.info_hash,
+                            m.info.length,
+                            if cached { "cached" } else { "hashed now" }
+                        );
                         entry.meta = Some(m);
                         let entry = entry.clone();
                         self.seed_file(&entry);
@@ -345,7 +370,11 @@ impl Node {
             ScanEvent::Done(stats) => {
                 info!(
                     "metadata ready for {} files ({} cached, {} hashed, {:.1} MB in {:.0} ms)",
-                    stats.files, stats.cached, stats.hashed, stats.bytes_hashed as f64 / 1e6, stats.elapsed.as_secs_f64() * 1e3
+                    stats.files,
+                    stats.cached,
+                    stats.hashed,
+                    stats.bytes_hashed as f64 / 1e6,
+                    stats.elapsed.as_secs_f64() * 1e3
                 );
                 self.scan.done = Some(stats);
             }

@@ -30,10 +30,10 @@ use crate::protocol::{ErrorCode, Request, error_payload};
 use crate::torrent::InfoHash;
 use crate::torrent::swarm::Swarm;
 use crate::workers::WorkerPool;
-use peer_wire::{Bucket, Download};
 use crate::{debug, info, warn};
 use catalog::{Catalog, LoadedShard};
 use conn::{Conn, Next};
+use peer_wire::{Bucket, Download};
 use scan::{ScanEvent, ScanStats};
 
 const LISTENER: Token = Token(0);
@@ -52,13 +52,29 @@ const THROTTLE_TICK: Duration = Duration::from_millis(10);
 /// What workers tell the event loop.
 pub enum NodeEvent {
     Scan(ScanEvent),
-    Loaded { shard_id: u32, result: Result<LoadedShard, (ErrorCode, String)> },
+    Loaded {
+        shard_id: u32,
+        result: Result<LoadedShard, (ErrorCode, String)>,
+    },
     /// A piece's hash was checked; `blocks` are per-block digests when asked for or bad.
-    Hashed { info_hash: InfoHash, piece: u32, ok: bool, blocks: Vec<crate::hash::Digest>, write_error: Option<String> },
+    Hashed {
+        info_hash: InfoHash,
+        piece: u32,
+        ok: bool,
+        blocks: Vec<crate::hash::Digest>,
+        write_error: Option<String>,
+    },
     /// A finished download was synced and renamed (or why not).
-    Finished { info_hash: InfoHash, result: Result<catalog::FileEntry, String> },
+    Finished {
+        info_hash: InfoHash,
+        result: Result<catalog::FileEntry, String>,
+    },
     /// A shard's info hash, as its holders listed it (or why not).
-    ShardResolved { shard_id: u32, filename: String, result: Result<InfoHash, String> },
+    ShardResolved {
+        shard_id: u32,
+        filename: String,
+        result: Result<InfoHash, String>,
+    },
 }
 
 /// A request waiting for a worker's answer.
@@ -128,7 +144,8 @@ impl Node {
     /// Binds the listener and starts the scan; serving begins with [`Node::run`].
     pub fn bind(config: NodeConfig) -> Result<Node> {
         let poll = Poll::new().context("creating the poll")?;
-        let mut listener = TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        let mut listener =
+            TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
         let local_addr = listener.local_addr()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
@@ -362,7 +379,8 @@ impl Node {
                     let peer = conn.peer;
                     conn.discard_input();
                     let msg = format!("frame of {declared} bytes exceeds the limit of {limit} bytes; closing");
-                    let payload = error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::FrameTooLarge, &msg);
+                    let payload =
+                        error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::FrameTooLarge, &msg);
                     conn.queue_frame(&payload, Instant::now());
                     conn.close_after_flush = true;
                     warn!("conn from {peer}: {msg}");
@@ -434,10 +452,11 @@ impl Node {
     fn after_io(&mut self, token: Token) {
         let Some(conn) = self.conn(token) else { return };
         if conn.pending_output() > 0
-            && let Err(e) = conn.flush(Instant::now()) {
-                self.close(token, &format!("write error: {e}"));
-                return;
-            }
+            && let Err(e) = conn.flush(Instant::now())
+        {
+            self.close(token, &format!("write error: {e}"));
+            return;
+        }
         let Some(conn) = self.conn(token) else { return };
         if conn.finished() {
             let reason = if conn.has_partial_input() { "closed by peer mid-frame" } else { "closed" };
@@ -499,7 +518,9 @@ impl Node {
                     self.on_hashed(info_hash, piece, ok, blocks, write_error)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
-                NodeEvent::ShardResolved { shard_id, filename, result } => self.on_shard_resolved(shard_id, filename, result),
+                NodeEvent::ShardResolved { shard_id, filename, result } => {
+                    self.on_shard_resolved(shard_id, filename, result)
+                }
             }
         }
     }

@@ -128,10 +128,8 @@ impl Node {
         if let Some(expected) = conn.torrent {
             anyhow::ensure!(hs.info_hash == expected, "peer answered for {}, we asked for {expected}", hs.info_hash);
         }
-        let swarm = self
-            .swarms
-            .get_mut(&hs.info_hash)
-            .ok_or_else(|| anyhow::anyhow!("unknown info hash {}", hs.info_hash))?;
+        let swarm =
+            self.swarms.get_mut(&hs.info_hash).ok_or_else(|| anyhow::anyhow!("unknown info hash {}", hs.info_hash))?;
         if !conn.outgoing {
             swarm.add_peer(conn.id, conn.peer, false, Instant::now())?;
         }
@@ -203,8 +201,11 @@ impl Node {
                         PieceData::Memory(buf, _) => buf.as_slice(),
                     };
                     let ok = bytes.len() as u64 == len && hash::sha1(bytes) == expected;
-                    let digests: Vec<Digest> =
-                        if ok && !blocks { Vec::new() } else { bytes.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect() };
+                    let digests: Vec<Digest> = if ok && !blocks {
+                        Vec::new()
+                    } else {
+                        bytes.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect()
+                    };
                     let report = move |ok: bool, write_error: Option<String>| {
                         let _ = tx.send(NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests, write_error });
                         let _ = waker.wake();
@@ -240,7 +241,14 @@ impl Node {
         }
     }
 
-    pub(super) fn on_hashed(&mut self, h: InfoHash, piece: u32, ok: bool, blocks: Vec<Digest>, write_error: Option<String>) {
+    pub(super) fn on_hashed(
+        &mut self,
+        h: InfoHash,
+        piece: u32,
+        ok: bool,
+        blocks: Vec<Digest>,
+        write_error: Option<String>,
+    ) {
         if let Some(e) = write_error {
             // The disk, not the peers: stop this download with the reason.
             return self.fail_download(h, e);
@@ -289,7 +297,11 @@ impl Node {
         let secs = swarm.started.elapsed().as_secs_f64();
         info!(
             "downloaded {} ({} bytes in {:.2} s, {:.1} MB/s, {} wasted); seeding it",
-            entry.filename, entry.size, secs, entry.size as f64 / secs.max(1e-9) / 1e6, swarm.wasted
+            entry.filename,
+            entry.size,
+            secs,
+            entry.size as f64 / secs.max(1e-9) / 1e6,
+            swarm.wasted
         );
         let downloaded = swarm.downloaded;
         let path = entry.path.clone();
@@ -297,10 +309,11 @@ impl Node {
         self.catalog.files.insert(entry.filename.clone(), entry);
         self.status_cache = None;
         if let Some(d) = self.downloads.get(&h)
-            && let Some(id) = d.shard_id {
-                self.download_bytes.insert(id, downloaded);
-                self.start_load(id, path);
-            }
+            && let Some(id) = d.shard_id
+        {
+            self.download_bytes.insert(id, downloaded);
+            self.start_load(id, path);
+        }
         self.pump(h);
     }
 
@@ -446,9 +459,10 @@ impl Node {
             return;
         }
         if let Some(h) = conn.torrent
-            && let Some(swarm) = self.swarms.get_mut(&h) {
-                swarm.remove_peer(conn.id);
-            }
+            && let Some(swarm) = self.swarms.get_mut(&h)
+        {
+            swarm.remove_peer(conn.id);
+        }
     }
 
     /// Periodic work: timeouts, redials, resume data, throttled serving.

@@ -30,7 +30,11 @@ pub enum ScanEvent {
     Manifest(std::collections::BTreeMap<u32, (String, crate::torrent::InfoHash)>),
     /// Every file has been reported with `Found`.
     Listed,
-    Metadata { filename: String, result: Result<Arc<Metainfo>, String>, cached: bool },
+    Metadata {
+        filename: String,
+        result: Result<Arc<Metainfo>, String>,
+        cached: bool,
+    },
     Done(ScanStats),
 }
 
@@ -123,7 +127,12 @@ fn scan(dir: &Path, pool: &PoolHandle, notify: &dyn Fn(ScanEvent)) {
         if let Ok(m) = &result {
             stats.hashed += 1;
             stats.bytes_hashed += len;
-            info!("hashed {name}: {} pieces, info hash {} ({:.0} ms after the wait)", m.info.pieces.len(), m.info_hash, t.elapsed().as_secs_f64() * 1e3);
+            info!(
+                "hashed {name}: {} pieces, info hash {} ({:.0} ms after the wait)",
+                m.info.pieces.len(),
+                m.info_hash,
+                t.elapsed().as_secs_f64() * 1e3
+            );
             let target = torrent_path(dir, &name);
             let tmp = target.with_extension("torrent.tmp");
             if let Err(e) = std::fs::write(&tmp, m.to_torrent_bytes()).and_then(|_| std::fs::rename(&tmp, &target)) {

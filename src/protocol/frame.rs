@@ -33,11 +33,7 @@ pub fn decode(buf: &[u8], max_frame: u32) -> Decoded {
         return Decoded::TooLarge { declared, limit: max_frame };
     }
     let total = HEADER_LEN + declared as usize;
-    if buf.len() < total {
-        Decoded::NeedMore(total - buf.len())
-    } else {
-        Decoded::Frame { len: declared as usize }
-    }
+    if buf.len() < total { Decoded::NeedMore(total - buf.len()) } else { Decoded::Frame { len: declared as usize } }
 }
 
 /// Appends one frame carrying `payload` to `out`.

@@ -141,7 +141,8 @@ impl RequestError {
 impl Request {
     /// Parses one frame's payload.
     pub fn parse(payload: &[u8]) -> Result<Request, RequestError> {
-        let fail = |code, message: String| RequestError { command: Value::Null, request_id: Value::Null, code, message };
+        let fail =
+            |code, message: String| RequestError { command: Value::Null, request_id: Value::Null, code, message };
         let text = std::str::from_utf8(payload)
             .map_err(|e| fail(ErrorCode::InvalidUtf8, format!("frame is not UTF-8: {e}")))?;
         let value: Value =
@@ -150,27 +151,38 @@ impl Request {
             return Err(fail(ErrorCode::NotAnObject, format!("request must be a JSON object, got {}", kind(&value))));
         };
         // From here on, errors echo whatever command and request_id are usable.
-        let mut err = RequestError { command: Value::Null, request_id: Value::Null, code: ErrorCode::Internal, message: String::new() };
+        let mut err = RequestError {
+            command: Value::Null,
+            request_id: Value::Null,
+            code: ErrorCode::Internal,
+            message: String::new(),
+        };
         match obj.get("request_id") {
             Some(id @ Value::String(s)) if s.len() <= MAX_REQUEST_ID_LEN => err.request_id = id.clone(),
             Some(id @ Value::Number(n)) if n.is_u64() || n.is_i64() => err.request_id = id.clone(),
             _ => {}
         }
         if let Some(c @ Value::String(s)) = obj.get("command")
-            && s.len() <= 64 {
-                err.command = c.clone();
-            }
+            && s.len() <= 64
+        {
+            err.command = c.clone();
+        }
         let fail = |code, message: String| RequestError { code, message, ..err.clone() };
 
         let command = match obj.get("command") {
             None => return Err(fail(ErrorCode::MissingField, "missing field \"command\"".into())),
             Some(Value::String(s)) => s.as_str(),
-            Some(v) => return Err(fail(ErrorCode::WrongType, format!("\"command\" must be a string, got {}", kind(v)))),
+            Some(v) => {
+                return Err(fail(ErrorCode::WrongType, format!("\"command\" must be a string, got {}", kind(v))));
+            }
         };
         match obj.get("request_id") {
             None => return Err(fail(ErrorCode::MissingField, "missing field \"request_id\"".into())),
             Some(Value::String(s)) if s.len() > MAX_REQUEST_ID_LEN => {
-                return Err(fail(ErrorCode::OutOfRange, format!("\"request_id\" longer than {MAX_REQUEST_ID_LEN} bytes")));
+                return Err(fail(
+                    ErrorCode::OutOfRange,
+                    format!("\"request_id\" longer than {MAX_REQUEST_ID_LEN} bytes"),
+                ));
             }
             Some(_) if err.request_id.is_null() => {
                 return Err(fail(ErrorCode::WrongType, "\"request_id\" must be a string or an integer".into()));
@@ -183,7 +195,9 @@ impl Request {
         let params = match obj.get("params") {
             None | Some(Value::Null) => &empty,
             Some(Value::Object(p)) => p,
-            Some(v) => return Err(fail(ErrorCode::WrongType, format!("\"params\" must be an object, got {}", kind(v)))),
+            Some(v) => {
+                return Err(fail(ErrorCode::WrongType, format!("\"params\" must be an object, got {}", kind(v))));
+            }
         };
         let command = match command {
             "LIST_FILES" => Command::ListFiles,
@@ -245,9 +259,8 @@ fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode
 fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, String)> {
     let info_hash = match params.get("info_hash") {
         None => return Err((ErrorCode::MissingField, "missing param \"info_hash\"".into())),
-        Some(Value::String(s)) => {
-            InfoHash::from_hex(s).ok_or_else(|| (ErrorCode::WrongType, format!("info_hash {s:?} is not 40 hex digits")))?
-        }
+        Some(Value::String(s)) => InfoHash::from_hex(s)
+            .ok_or_else(|| (ErrorCode::WrongType, format!("info_hash {s:?} is not 40 hex digits")))?,
         Some(v) => return Err((ErrorCode::WrongType, format!("info_hash must be a string, got {}", kind(v)))),
     };
     let torrent = match params.get("torrent_hex") {
@@ -255,7 +268,9 @@ fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, S
         Some(Value::String(s)) if s.len() <= 2 * MAX_TORRENT_BYTES => Some(
             crate::hash::from_hex_vec(s).ok_or_else(|| (ErrorCode::WrongType, "torrent_hex is not hex".to_string()))?,
         ),
-        Some(Value::String(_)) => return Err((ErrorCode::OutOfRange, format!("torrent_hex over {MAX_TORRENT_BYTES} bytes"))),
+        Some(Value::String(_)) => {
+            return Err((ErrorCode::OutOfRange, format!("torrent_hex over {MAX_TORRENT_BYTES} bytes")));
+        }
         Some(v) => return Err((ErrorCode::WrongType, format!("torrent_hex must be a string, got {}", kind(v)))),
     };
     Ok(Download { info_hash, torrent, peers: parse_peers(params)? })
@@ -263,15 +278,18 @@ fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, S
 
 fn parse_find_peers(params: &Map<String, Value>) -> Result<PeersKey, (ErrorCode, String)> {
     match (params.get("key"), params.get("shard_id"), params.get("cluster")) {
-        (Some(Value::String(k)), None, None) => {
-            InfoHash::from_hex(k).map(PeersKey::Hash).ok_or_else(|| (ErrorCode::WrongType, format!("key {k:?} is not 40 hex digits")))
-        }
+        (Some(Value::String(k)), None, None) => InfoHash::from_hex(k)
+            .map(PeersKey::Hash)
+            .ok_or_else(|| (ErrorCode::WrongType, format!("key {k:?} is not 40 hex digits"))),
         (None, Some(Value::Number(n)), None) => match n.as_u64() {
             Some(id) if id <= MAX_SHARD_ID => Ok(PeersKey::Shard(id as u32)),
             _ => Err((ErrorCode::OutOfRange, format!("shard_id {n} outside 0..={MAX_SHARD_ID}"))),
         },
         (None, None, Some(Value::Bool(true))) => Ok(PeersKey::Cluster),
-        _ => Err((ErrorCode::MissingField, "give one of params.key (40 hex digits), params.shard_id, params.cluster: true".into())),
+        _ => Err((
+            ErrorCode::MissingField,
+            "give one of params.key (40 hex digits), params.shard_id, params.cluster: true".into(),
+        )),
     }
 }
 
@@ -282,7 +300,9 @@ fn parse_peers(params: &Map<String, Value>) -> Result<Vec<std::net::SocketAddr>,
     let list = match params.get("peers") {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
-        Some(v) => return Err((ErrorCode::WrongType, format!("peers must be an array of \"IP:PORT\", got {}", kind(v)))),
+        Some(v) => {
+            return Err((ErrorCode::WrongType, format!("peers must be an array of \"IP:PORT\", got {}", kind(v))));
+        }
     };
     if list.len() > MAX_REQUEST_PEERS {
         return Err((ErrorCode::OutOfRange, format!("{} peers given, at most {MAX_REQUEST_PEERS}", list.len())));
@@ -365,7 +385,10 @@ mod tests {
     #[test]
     fn parses_the_notes_requests() {
         let r = parse(r#"{"command":"LOAD_SHARD","request_id":"req-123","from":"coordinator-peer-id","to":"target-node-peer-id","params":{"shard_id":5}}"#).unwrap();
-        assert_eq!(r.command, Command::LoadShard(LoadShard { shard_id: 5, info_hash: None, wait: true, filename: None, peers: vec![] }));
+        assert_eq!(
+            r.command,
+            Command::LoadShard(LoadShard { shard_id: 5, info_hash: None, wait: true, filename: None, peers: vec![] })
+        );
         assert_eq!(r.request_id, json!("req-123"));
         assert_eq!(r.to.as_deref(), Some("target-node-peer-id"));
         let r = parse(r#"{"command":"LIST_FILES","request_id":"req-124","from":"c","to":"n"}"#).unwrap();

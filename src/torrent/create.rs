@@ -20,11 +20,8 @@ const JOB_BYTES: u64 = 16 * 1024 * 1024;
 
 /// The size and modification time of a file, as cached metadata records them.
 pub fn stamp_of(meta: &std::fs::Metadata) -> SourceStamp {
-    let mtime_ns = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos() as i64);
+    let mtime_ns =
+        meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i64);
     SourceStamp { size: meta.len(), mtime_ns }
 }
 
@@ -93,7 +90,8 @@ impl PendingHash {
             parts[job] = Some(hashes.map_err(|e| anyhow!(e))?);
         }
         let pieces = parts.into_iter().flat_map(|p| p.expect("every job answered")).collect();
-        let mut m = Metainfo::new(Info { name: self.name, length: self.length, piece_length: self.piece_length, pieces });
+        let mut m =
+            Metainfo::new(Info { name: self.name, length: self.length, piece_length: self.piece_length, pieces });
         m.source = Some(self.stamp);
         Ok(m)
     }

@@ -90,10 +90,8 @@ impl Info {
         check_file_name(name).context("info.name")?;
         let length = v.get("length").and_then(Value::as_int).ok_or_else(|| anyhow!("info.length missing"))?;
         ensure!(length >= 0, "info.length is negative");
-        let piece_length = v
-            .get("piece length")
-            .and_then(Value::as_int)
-            .ok_or_else(|| anyhow!("info.piece length missing"))?;
+        let piece_length =
+            v.get("piece length").and_then(Value::as_int).ok_or_else(|| anyhow!("info.piece length missing"))?;
         ensure!(
             piece_length > 0 && piece_length as u64 <= MAX_ACCEPTED_PIECE_LENGTH,
             "info.piece length {piece_length} outside 1..={MAX_ACCEPTED_PIECE_LENGTH}"
@@ -155,7 +153,8 @@ impl Metainfo {
     pub fn parse(bytes: &[u8]) -> Result<Metainfo> {
         let root = bencode::decode(bytes)?;
         ensure!(root.as_dict().is_some(), "torrent file is not a bencoded dictionary");
-        let raw_info = bencode::raw_dict_value(bytes, b"info")?.ok_or_else(|| anyhow!("torrent has no info dictionary"))?;
+        let raw_info =
+            bencode::raw_dict_value(bytes, b"info")?.ok_or_else(|| anyhow!("torrent has no info dictionary"))?;
         let info = Info::from_value(root.get("info").expect("raw info found"))?;
         let source = root.get(SOURCE_KEY).and_then(|s| {
             Some(SourceStamp {
@@ -238,7 +237,8 @@ impl Magnet {
                 "xt" => {
                     if let Some(h) = v.strip_prefix("urn:btih:") {
                         info_hash = Some(
-                            InfoHash::from_hex(h).ok_or_else(|| anyhow!("magnet xt {h:?} is not a 40-digit hex info hash"))?,
+                            InfoHash::from_hex(h)
+                                .ok_or_else(|| anyhow!("magnet xt {h:?} is not a 40-digit hex info hash"))?,
                         );
                     }
                 }

@@ -49,7 +49,10 @@ impl Lengths {
 
     /// Whether `b` is exactly one of our block slots.
     pub fn is_slot(&self, b: &Block) -> bool {
-        b.index < self.pieces && b.begin.is_multiple_of(BLOCK_SIZE) && b.begin < self.piece_size(b.index) && self.block(b.index, b.begin / BLOCK_SIZE) == *b
+        b.index < self.pieces
+            && b.begin.is_multiple_of(BLOCK_SIZE)
+            && b.begin < self.piece_size(b.index)
+            && self.block(b.index, b.begin / BLOCK_SIZE) == *b
     }
 
     pub fn offset(&self, b: &Block) -> u64 {
@@ -113,7 +116,14 @@ impl Picker {
     /// pieces (a swarm of new leeches would otherwise all ask for piece 0).
     pub fn new(lengths: Lengths, have: Bitfield, seed: u32) -> Picker {
         let cursor = seed | 1;
-        Picker { lengths, availability: vec![0; lengths.pieces as usize], have, partial: HashMap::new(), cursor, parole: Default::default() }
+        Picker {
+            lengths,
+            availability: vec![0; lengths.pieces as usize],
+            have,
+            partial: HashMap::new(),
+            cursor,
+            parole: Default::default(),
+        }
     }
 
     pub fn have(&self) -> &Bitfield {
@@ -170,12 +180,13 @@ impl Picker {
     pub fn release(&mut self, peer: PeerKey, b: &Block) {
         if let Some(p) = self.partial.get_mut(&b.index)
             && let Some(s) = p.slots.get_mut((b.begin / BLOCK_SIZE) as usize)
-                && let Slot::Requested(by) = s {
-                    by.retain(|k| *k != peer);
-                    if by.is_empty() {
-                        *s = Slot::Missing;
-                    }
-                }
+            && let Slot::Requested(by) = s
+        {
+            by.retain(|k| *k != peer);
+            if by.is_empty() {
+                *s = Slot::Missing;
+            }
+        }
     }
 
     /// Up to `max` blocks to ask `peer` for, given what it has; new pieces
@@ -186,7 +197,8 @@ impl Picker {
             return out;
         }
         // 1. Blocks of started pieces, fewest missing first.
-        let mut started: Vec<u32> = self.partial.iter().filter(|(i, p)| p.open_to(peer) && peer_bits.get(**i)).map(|(i, _)| *i).collect();
+        let mut started: Vec<u32> =
+            self.partial.iter().filter(|(i, p)| p.open_to(peer) && peer_bits.get(**i)).map(|(i, _)| *i).collect();
         started.sort_by_key(|i| (self.partial[i].slots.len() as u32 - self.partial[i].received, *i));
         for i in started {
             self.take_missing(i, peer, max, &mut out);
@@ -202,20 +214,26 @@ impl Picker {
         }
         // 3. Endgame: nothing left unasked; ask for blocks others were asked for.
         if out.is_empty() && may_start {
-            let mut pieces: Vec<u32> =
-                self.partial.iter().filter(|(i, p)| p.open_to(peer) && p.owner.is_none() && peer_bits.get(**i)).map(|(i, _)| *i).collect();
+            let mut pieces: Vec<u32> = self
+                .partial
+                .iter()
+                .filter(|(i, p)| p.open_to(peer) && p.owner.is_none() && peer_bits.get(**i))
+                .map(|(i, _)| *i)
+                .collect();
             pieces.sort_unstable();
             'outer: for i in pieces {
                 let p = self.partial.get_mut(&i).expect("listed");
                 for (b, s) in p.slots.iter_mut().enumerate() {
                     if let Slot::Requested(by) = s
-                        && !by.contains(&peer) && by.len() < 2 {
-                            by.push(peer);
-                            out.push(self.lengths.block(i, b as u32));
-                            if out.len() >= max {
-                                break 'outer;
-                            }
+                        && !by.contains(&peer)
+                        && by.len() < 2
+                    {
+                        by.push(peer);
+                        out.push(self.lengths.block(i, b as u32));
+                        if out.len() >= max {
+                            break 'outer;
                         }
+                    }
                 }
             }
         }
@@ -400,7 +418,11 @@ mod tests {
     fn a_failed_piece_is_fetched_again_from_one_peer_only() {
         let l = lengths();
         let mut p = Picker::new(l, Bitfield::new(4), 0);
-        let only0 = { let mut b = Bitfield::new(4); b.set(0); b };
+        let only0 = {
+            let mut b = Bitfield::new(4);
+            b.set(0);
+            b
+        };
         p.peer_bitfield(&only0);
         let first = p.pick(1, &only0, 1, true);
         let second = p.pick(2, &only0, 1, true);

@@ -93,7 +93,12 @@ impl Storage {
     /// Opens or creates `NAME.part` in `dir`; returns the storage, the pieces
     /// a previous run verified (from the resume file), and whether the file
     /// has data but no usable resume file, so its pieces must be rechecked.
-    pub fn open_part(dir: &Path, name: &str, info_hash: InfoHash, lengths: Lengths) -> Result<(Storage, Bitfield, bool)> {
+    pub fn open_part(
+        dir: &Path,
+        name: &str,
+        info_hash: InfoHash,
+        lengths: Lengths,
+    ) -> Result<(Storage, Bitfield, bool)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let part = part_path(dir, name);
         let file = OpenOptions::new()
@@ -133,7 +138,11 @@ impl Storage {
     }
 
     /// A job that syncs the data and writes the resume file, for a worker.
-    pub fn resume_job(&self, info_hash: InfoHash, have: &Bitfield) -> Result<Option<impl FnOnce() -> Result<()> + Send + 'static>> {
+    pub fn resume_job(
+        &self,
+        info_hash: InfoHash,
+        have: &Bitfield,
+    ) -> Result<Option<impl FnOnce() -> Result<()> + Send + 'static>> {
         let Some(part) = &self.part else { return Ok(None) };
         let file = self.file.try_clone()?;
         let doc = bencode::dict([
@@ -174,7 +183,6 @@ impl Storage {
     pub fn finished(&mut self) {
         self.part = None;
     }
-
 }
 
 fn read_resume(path: &Path, info_hash: InfoHash, lengths: Lengths) -> Option<Bitfield> {

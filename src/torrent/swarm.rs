@@ -161,7 +161,8 @@ impl Swarm {
     pub fn seed(meta: Arc<Metainfo>, path: &std::path::Path, my_id: [u8; 20], now: Instant) -> Result<Swarm> {
         let lengths = Lengths::new(meta.info.length, meta.info.piece_length);
         let storage = Storage::open_complete(path, lengths)?;
-        let mut s = Swarm::empty(meta.info_hash, meta.info.name.clone(), my_id, path.parent().unwrap_or(path).into(), now);
+        let mut s =
+            Swarm::empty(meta.info_hash, meta.info.name.clone(), my_id, path.parent().unwrap_or(path).into(), now);
         s.picker = Some(Picker::new(lengths, Bitfield::full(lengths.pieces), 0));
         s.storage = Some(storage);
         s.meta = Metadata::Known(meta);
@@ -170,7 +171,14 @@ impl Swarm {
     }
 
     /// A file to download into `dir`; without metadata it is fetched from peers.
-    pub fn download(info_hash: InfoHash, meta: Option<Arc<Metainfo>>, name: &str, dir: &std::path::Path, my_id: [u8; 20], now: Instant) -> Result<Swarm> {
+    pub fn download(
+        info_hash: InfoHash,
+        meta: Option<Arc<Metainfo>>,
+        name: &str,
+        dir: &std::path::Path,
+        my_id: [u8; 20],
+        now: Instant,
+    ) -> Result<Swarm> {
         let mut s = Swarm::empty(info_hash, name.to_string(), my_id, dir.to_path_buf(), now);
         if let Some(m) = meta {
             if m.info_hash != info_hash {
@@ -484,7 +492,9 @@ impl Swarm {
     }
 
     fn queue_hash(&mut self, piece: u32) {
-        let (Some(picker), Some(storage), Metadata::Known(m)) = (&self.picker, &self.storage, &self.meta) else { return };
+        let (Some(picker), Some(storage), Metadata::Known(m)) = (&self.picker, &self.storage, &self.meta) else {
+            return;
+        };
         let l = picker.lengths();
         let data = match self.buffers.remove(&piece) {
             Some(buf) => PieceData::Memory(buf, storage.writer()),
@@ -739,8 +749,13 @@ impl Swarm {
             return Ok(()); // an extension we did not announce: ignored
         }
         let (dict, used) = bencode::decode_prefix(payload).map_err(|e| anyhow!("ut_metadata: {e}"))?;
-        let msg_type = dict.get("msg_type").and_then(Value::as_int).ok_or_else(|| anyhow!("ut_metadata without msg_type"))?;
-        let piece = dict.get("piece").and_then(Value::as_int).filter(|p| *p >= 0).ok_or_else(|| anyhow!("ut_metadata without piece"))?;
+        let msg_type =
+            dict.get("msg_type").and_then(Value::as_int).ok_or_else(|| anyhow!("ut_metadata without msg_type"))?;
+        let piece = dict
+            .get("piece")
+            .and_then(Value::as_int)
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| anyhow!("ut_metadata without piece"))?;
         match msg_type {
             0 => self.serve_metadata(key, piece as u32),
             1 => self.on_metadata_piece(piece as u32, &payload[used..])?,
@@ -808,9 +823,9 @@ impl Swarm {
                     wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
                 }
                 let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
-                let applied = bits.map_or(Ok(()), |b| self.on_bitfield(k, &b)).and_then(|()| {
-                    haves.into_iter().try_for_each(|i| self.on_have(k, i))
-                });
+                let applied = bits
+                    .map_or(Ok(()), |b| self.on_bitfield(k, &b))
+                    .and_then(|()| haves.into_iter().try_for_each(|i| self.on_have(k, i)));
                 if let Err(e) = applied {
                     self.actions.push(Action::Disconnect(k, format!("{e}")));
                 }
@@ -824,12 +839,16 @@ impl Swarm {
     fn request_metadata(&mut self, now: Instant) {
         let Metadata::Fetching { pieces, asked, .. } = &mut self.meta else { return };
         asked.retain(|_, at| now.duration_since(*at) < REQUEST_TIMEOUT);
-        let missing: Vec<u32> = (0..pieces.len() as u32).filter(|i| pieces[*i as usize].is_none() && !asked.contains_key(i)).collect();
+        let missing: Vec<u32> =
+            (0..pieces.len() as u32).filter(|i| pieces[*i as usize].is_none() && !asked.contains_key(i)).collect();
         let mut sources = self.peers.values_mut().filter(|p| p.their_ut_metadata.is_some());
         for piece in missing {
             let Some(p) = sources.next() else { break };
             let payload = bencode::dict([("msg_type", Value::Int(0)), ("piece", Value::Int(piece as i64))]).encode();
-            wire::encode(&Message::Extended { id: p.their_ut_metadata.expect("filtered"), payload: &payload }, &mut p.out);
+            wire::encode(
+                &Message::Extended { id: p.their_ut_metadata.expect("filtered"), payload: &payload },
+                &mut p.out,
+            );
             asked.insert(piece, now);
         }
     }
@@ -914,7 +933,8 @@ mod tests {
         let now = Instant::now();
         let mut seed = Swarm::seed(m.clone(), &src, *b"-SN0001-seedseedseed", now).unwrap();
         // The leech has only the info hash: the metadata comes over ut_metadata.
-        let mut leech = Swarm::download(m.info_hash, None, "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now).unwrap();
+        let mut leech =
+            Swarm::download(m.info_hash, None, "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now).unwrap();
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
         leech.add_peer(1, addr, true, now).unwrap();
         seed.add_peer(2, addr, false, now).unwrap();

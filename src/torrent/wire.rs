@@ -55,9 +55,10 @@ impl Handshake {
     /// `Ok(None)` until 68 bytes are buffered.
     pub fn decode(buf: &[u8]) -> Result<Option<Handshake>, WireError> {
         if let Some(&first) = buf.first()
-            && first != 19 {
-                return Err(WireError::BadHandshake);
-            }
+            && first != 19
+        {
+            return Err(WireError::BadHandshake);
+        }
         let known = buf.len().min(20);
         if buf.len() > 1 && buf[1..known] != PROTOCOL[..known - 1] {
             return Err(WireError::BadHandshake);
@@ -99,12 +100,22 @@ pub enum Message<'a> {
     Have(u32),
     Bitfield(&'a [u8]),
     Request(Block),
-    Piece { index: u32, begin: u32, data: &'a [u8] },
+    Piece {
+        index: u32,
+        begin: u32,
+        data: &'a [u8],
+    },
     Cancel(Block),
     Port(u16),
-    Extended { id: u8, payload: &'a [u8] },
+    Extended {
+        id: u8,
+        payload: &'a [u8],
+    },
     /// An id this client does not know: skipped, as BEP 3 asks.
-    Unknown { id: u8, len: usize },
+    Unknown {
+        id: u8,
+        len: usize,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,7 +129,9 @@ impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             WireError::BadHandshake => write!(f, "not a BitTorrent handshake"),
-            WireError::TooLong { declared, limit } => write!(f, "message of {declared} bytes exceeds the limit of {limit}"),
+            WireError::TooLong { declared, limit } => {
+                write!(f, "message of {declared} bytes exceeds the limit of {limit}")
+            }
             WireError::BadLength { id, len } => write!(f, "message id {id} with wrong length {len}"),
         }
     }
@@ -363,7 +376,11 @@ mod tests {
     fn wrong_lengths_and_oversize_are_errors() {
         assert_eq!(decode(&[0, 0, 0, 2, 0, 0], 100), Err(WireError::BadLength { id: 0, len: 2 }));
         assert_eq!(decode(&[0, 0, 0, 4, 4, 0, 0, 0], 100), Err(WireError::BadLength { id: 4, len: 4 }));
-        assert_eq!(decode(&[0, 0, 0, 12, 6], 100), Err(WireError::BadLength { id: 6, len: 12 }), "checked before the body");
+        assert_eq!(
+            decode(&[0, 0, 0, 12, 6], 100),
+            Err(WireError::BadLength { id: 6, len: 12 }),
+            "checked before the body"
+        );
         assert_eq!(decode(&[0, 0, 0, 8, 7], 100), Err(WireError::BadLength { id: 7, len: 8 }));
         assert_eq!(decode(&[0xff, 0, 0, 0], 100), Err(WireError::TooLong { declared: 0xff00_0000, limit: 100 }));
     }

@@ -72,7 +72,9 @@ impl NodeProc {
         let addr = line
             .split_whitespace()
             .find(|w| w.starts_with("127.0.0.1:"))
-            .unwrap_or_else(|| panic!("no address in {line:?}; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default()))
+            .unwrap_or_else(|| {
+                panic!("no address in {line:?}; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default())
+            })
             .to_string();
         NodeProc { child, addr, stderr_log: log }
     }
@@ -179,19 +181,23 @@ pub fn read_frame(s: &mut TcpStream) -> Value {
 /// Whether the node closed `s` (EOF within the read timeout).
 pub fn closed_by_peer(s: &mut TcpStream) -> bool {
     let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0)) || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    matches!(s.read(&mut b), Ok(0))
+        || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
 /// Whether an external tool is on PATH; CI sets SHARDNET_REQUIRE_TOOLS=1 so a
 /// missing tool fails there instead of skipping.
 pub fn have_tool(name: &str) -> bool {
-    let found = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
+    let found =
+        Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
     if !found {
         assert!(
             std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
             "{name} is required (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)"
         );
-        eprintln!("SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)");
+        eprintln!(
+            "SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)"
+        );
     }
     found
 }

@@ -19,8 +19,12 @@ use crate::bencode::{self, Value};
 use crate::hash::{self, Digest};
 
 /// Most blocks asked of one peer at once: 128 x 16 KiB = 2 MiB in flight,
-/// enough for a fast link's bandwidth-delay product.
+/// enough for a fast link's bandwidth-delay product (a deeper pipeline did
+/// not speed up loopback transfers here), and never more than the peer's `reqq`.
 pub const PIPELINE: usize = 128;
+/// Requests a peer queues when its extension handshake does not say (`reqq`;
+/// libtorrent's default).
+const DEFAULT_REQQ: usize = 250;
 /// Fewest blocks asked of one peer at once.
 const MIN_PIPELINE: usize = 4;
 /// Requests in flight cover this much of a peer's measured rate, so a slow
@@ -96,6 +100,8 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
+    /// Requests this peer queues at most (its `reqq`).
+    reqq: usize,
     /// Download rate from this peer (bytes/s, smoothed) and its window.
     rate: f64,
     window_start: Instant,
@@ -105,7 +111,8 @@ pub struct Peer {
 impl Peer {
     /// Blocks to keep asked of this peer.
     fn pipeline(&self) -> usize {
-        ((self.rate * PIPELINE_SECONDS) / BLOCK_SIZE as f64).clamp(MIN_PIPELINE as f64, PIPELINE as f64) as usize
+        let cap = PIPELINE.min(self.reqq) as f64;
+        ((self.rate * PIPELINE_SECONDS) / BLOCK_SIZE as f64).clamp(MIN_PIPELINE as f64, cap) as usize
     }
 
     fn count_block(&mut self, bytes: u64, now: Instant) {
@@ -293,6 +300,7 @@ impl Swarm {
             downloaded: 0,
             uploaded: 0,
             last_block: now,
+            reqq: DEFAULT_REQQ,
             rate: 0.0,
             window_start: now,
             window_bytes: 0,
@@ -733,8 +741,12 @@ impl Swarm {
             let v = bencode::decode(payload).map_err(|e| anyhow!("extension handshake: {e}"))?;
             let ut = v.get("m").and_then(|m| m.get("ut_metadata")).and_then(Value::as_int);
             let size = v.get("metadata_size").and_then(Value::as_int);
+            let reqq = v.get("reqq").and_then(Value::as_int).and_then(|q| usize::try_from(q).ok());
             let peer = self.peer(key)?;
             peer.their_ut_metadata = ut.filter(|i| (1..=255).contains(i)).map(|i| i as u8);
+            if let Some(q) = reqq {
+                peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
+            }
             if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
                 if size <= 0 || size as u64 > MAX_METADATA {
                     return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));

@@ -1,0 +1,150 @@
+//! The extension protocol (BEP 10) and metadata exchange (BEP 9) of a swarm:
+//! the extension handshake, serving our info dict in 16 KiB pieces, and
+//! fetching one (bounded, verified against the info hash) for a magnet link.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Result, anyhow};
+
+use super::{
+    Action, MAX_METADATA, MAX_PEER_REQUESTS, METADATA_PIECE, MIN_PIPELINE, Metadata, REQUEST_TIMEOUT, Swarm,
+    UT_METADATA,
+};
+use crate::bencode::{self, Value};
+use crate::hash;
+use crate::torrent::metainfo::{Info, Metainfo};
+use crate::torrent::picker::PeerKey;
+use crate::torrent::wire::{self, Bitfield, Message};
+
+impl Swarm {
+    pub(super) fn on_extended(&mut self, key: PeerKey, id: u8, payload: &[u8], now: Instant) -> Result<()> {
+        if id == 0 {
+            let v = bencode::decode(payload).map_err(|e| anyhow!("extension handshake: {e}"))?;
+            let ut = v.get("m").and_then(|m| m.get("ut_metadata")).and_then(Value::as_int);
+            let size = v.get("metadata_size").and_then(Value::as_int);
+            let reqq = v.get("reqq").and_then(Value::as_int).and_then(|q| usize::try_from(q).ok());
+            let peer = self.peer(key)?;
+            peer.their_ut_metadata = ut.filter(|i| (1..=255).contains(i)).map(|i| i as u8);
+            if let Some(q) = reqq {
+                peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
+            }
+            if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
+                if size <= 0 || size as u64 > MAX_METADATA {
+                    return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));
+                }
+                let n = (size as usize).div_ceil(METADATA_PIECE);
+                self.meta = Metadata::Fetching { size: size as usize, pieces: vec![None; n], asked: HashMap::new() };
+            }
+            self.request_metadata(now);
+            return Ok(());
+        }
+        if id != UT_METADATA {
+            return Ok(()); // an extension we did not announce: ignored
+        }
+        let (dict, used) = bencode::decode_prefix(payload).map_err(|e| anyhow!("ut_metadata: {e}"))?;
+        let msg_type =
+            dict.get("msg_type").and_then(Value::as_int).ok_or_else(|| anyhow!("ut_metadata without msg_type"))?;
+        let piece = dict
+            .get("piece")
+            .and_then(Value::as_int)
+            .filter(|p| *p >= 0)
+            .ok_or_else(|| anyhow!("ut_metadata without piece"))?;
+        match msg_type {
+            0 => self.serve_metadata(key, piece as u32),
+            1 => self.on_metadata_piece(piece as u32, &payload[used..])?,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn serve_metadata(&mut self, key: PeerKey, piece: u32) {
+        let raw = match &self.meta {
+            Metadata::Known(m) => Some(m.raw_info.clone()),
+            _ => None,
+        };
+        let Some(peer) = self.peers.get_mut(&key) else { return };
+        let Some(their_id) = peer.their_ut_metadata else { return };
+        let start = piece as usize * METADATA_PIECE;
+        let mut payload = match &raw {
+            Some(raw) if start < raw.len() => bencode::dict([
+                ("msg_type", Value::Int(1)),
+                ("piece", Value::Int(piece as i64)),
+                ("total_size", Value::Int(raw.len() as i64)),
+            ])
+            .encode(),
+            _ => bencode::dict([("msg_type", Value::Int(2)), ("piece", Value::Int(piece as i64))]).encode(),
+        };
+        if let Some(raw) = raw.filter(|r| start < r.len()) {
+            payload.extend_from_slice(&raw[start..(start + METADATA_PIECE).min(raw.len())]);
+        }
+        wire::encode(&Message::Extended { id: their_id, payload: &payload }, &mut peer.out);
+    }
+
+    fn on_metadata_piece(&mut self, piece: u32, data: &[u8]) -> Result<()> {
+        let Metadata::Fetching { size, pieces, asked } = &mut self.meta else { return Ok(()) };
+        let i = piece as usize;
+        if i >= pieces.len() {
+            return Err(anyhow!("metadata piece {piece} of {}", pieces.len()));
+        }
+        let expect = (*size - i * METADATA_PIECE).min(METADATA_PIECE);
+        if data.len() != expect {
+            return Err(anyhow!("metadata piece {piece} of {} bytes, expected {expect}", data.len()));
+        }
+        pieces[i] = Some(data.to_vec());
+        asked.remove(&piece);
+        if pieces.iter().all(Option::is_some) {
+            let raw: Vec<u8> = pieces.iter().flat_map(|p| p.as_deref().expect("all present")).copied().collect();
+            if hash::sha1(&raw) != self.info_hash.0 {
+                self.meta = Metadata::Unknown;
+                return Err(anyhow!("metadata does not hash to the info hash"));
+            }
+            let info = Info::parse_raw(&raw)?;
+            let mut m = Metainfo::new(info);
+            m.raw_info = raw;
+            m.info_hash = self.info_hash;
+            self.open_storage(Arc::new(m))?;
+            self.actions.push(Action::MetadataReady);
+            // Now that the piece count is known: what each peer told us
+            // before, what we have, and what we want.
+            let have = self.picker.as_ref().expect("storage opened").have().clone();
+            let n = have.len();
+            let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+            for k in keys {
+                let p = self.peers.get_mut(&k).expect("listed");
+                p.bits = Bitfield::new(n);
+                if have.count() > 0 {
+                    wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
+                }
+                let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
+                let applied = bits
+                    .map_or(Ok(()), |b| self.on_bitfield(k, &b))
+                    .and_then(|()| haves.into_iter().try_for_each(|i| self.on_have(k, i)));
+                if let Err(e) = applied {
+                    self.actions.push(Action::Disconnect(k, format!("{e}")));
+                }
+                self.update_interest(k);
+            }
+        }
+        Ok(())
+    }
+
+    /// Asks peers that have metadata for pieces not yet asked (or timed out).
+    pub(super) fn request_metadata(&mut self, now: Instant) {
+        let Metadata::Fetching { pieces, asked, .. } = &mut self.meta else { return };
+        asked.retain(|_, at| now.duration_since(*at) < REQUEST_TIMEOUT);
+        let missing: Vec<u32> =
+            (0..pieces.len() as u32).filter(|i| pieces[*i as usize].is_none() && !asked.contains_key(i)).collect();
+        let mut sources = self.peers.values_mut().filter(|p| p.their_ut_metadata.is_some());
+        for piece in missing {
+            let Some(p) = sources.next() else { break };
+            let payload = bencode::dict([("msg_type", Value::Int(0)), ("piece", Value::Int(piece as i64))]).encode();
+            wire::encode(
+                &Message::Extended { id: p.their_ut_metadata.expect("filtered"), payload: &payload },
+                &mut p.out,
+            );
+            asked.insert(piece, now);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! The swarm without sockets: two swarms wired to each other in memory.
+
+use super::*;
+use crate::hash;
+use crate::torrent::create;
+use crate::workers::WorkerPool;
+
+/// Moves one side's queued bytes into the other swarm, handshake first.
+fn deliver(from: &mut Swarm, fk: PeerKey, to: &mut Swarm, tk: PeerKey, inbox: &mut Vec<u8>, outgoing: bool) {
+    let out = std::mem::take(&mut from.peers.get_mut(&fk).unwrap().out);
+    inbox.extend_from_slice(&out);
+    let now = Instant::now();
+    loop {
+        if !to.peers[&tk].handshaken {
+            let Some(hs) = Handshake::decode(inbox).unwrap() else { return };
+            inbox.drain(..wire::HANDSHAKE_LEN);
+            to.on_handshake(tk, &hs, outgoing).unwrap();
+            continue;
+        }
+        let Some((_, used)) = wire::decode(inbox, to.max_message()).unwrap() else { return };
+        // An owned copy of the message: `inbox` is drained first.
+        let bytes: Vec<u8> = inbox.drain(..used).collect();
+        let (m, _) = wire::decode(&bytes, to.max_message()).unwrap().unwrap();
+        to.on_message(tk, m, now).unwrap();
+    }
+}
+
+/// Runs hash actions at once; returns whether the download completed.
+fn run_actions(s: &mut Swarm) -> bool {
+    let mut complete = false;
+    for a in std::mem::take(&mut s.actions) {
+        match a {
+            Action::Hash { piece, data, offset, len, expected, .. } => {
+                let (ok, buf) = match &data {
+                    PieceData::Memory(buf, w) => {
+                        let ok = hash::sha1(buf) == expected && buf.len() as u64 == len;
+                        if ok {
+                            w.write(offset, buf).unwrap();
+                        }
+                        (ok, buf.clone())
+                    }
+                    PieceData::Disk(view) => (hash::sha1(view.bytes(offset, len)) == expected, Vec::new()),
+                };
+                let blocks: Vec<Digest> = buf.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect();
+                s.on_hashed(piece, ok, &blocks);
+            }
+            Action::Complete => complete = true,
+            _ => {}
+        }
+    }
+    complete
+}
+
+#[test]
+fn a_seed_and_a_leech_exchange_a_file_without_sockets() {
+    let dir = std::env::temp_dir().join(format!("shardnet-swarm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("seed")).unwrap();
+    let data: Vec<u8> = (0..700_000u32).map(|i| (i.wrapping_mul(2654435761) >> 7) as u8).collect();
+    let src = dir.join("seed").join("f.gguf");
+    std::fs::write(&src, &data).unwrap();
+    let pool = WorkerPool::new("t", 1);
+    let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
+    let now = Instant::now();
+    let mut seed = Swarm::seed(m.clone(), &src, *b"-SN0001-seedseedseed", now).unwrap();
+    // The leech has only the info hash: the metadata comes over ut_metadata.
+    let mut leech =
+        Swarm::download(m.info_hash, None, "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now).unwrap();
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    leech.add_peer(1, addr, true, now).unwrap();
+    seed.add_peer(2, addr, false, now).unwrap();
+    let (mut to_seed, mut to_leech) = (Vec::new(), Vec::new());
+    let mut complete = false;
+    for _ in 0..10_000 {
+        deliver(&mut leech, 1, &mut seed, 2, &mut to_seed, false);
+        let mut budget = u64::MAX;
+        seed.serve(2, 1 << 20, &mut budget);
+        deliver(&mut seed, 2, &mut leech, 1, &mut to_leech, true);
+        complete |= run_actions(&mut leech);
+        if complete {
+            break;
+        }
+    }
+    assert!(complete, "the download finished");
+    let storage = leech.storage_mut().unwrap();
+    storage.finish_job().unwrap()().unwrap();
+    assert_eq!(std::fs::read(dir.join("leech").join("f.gguf")).unwrap(), data);
+    assert_eq!(seed.uploaded, data.len() as u64);
+    assert_eq!(leech.wasted, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn protocol_violations_are_errors() {
+    let dir = std::env::temp_dir().join(format!("shardnet-swarm-bad-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let src = dir.join("f.gguf");
+    std::fs::write(&src, vec![1u8; 300_000]).unwrap();
+    let pool = WorkerPool::new("t", 1);
+    let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
+    let now = Instant::now();
+    let mut seed = Swarm::seed(m.clone(), &src, [1; 20], now).unwrap();
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    seed.add_peer(2, addr, false, now).unwrap();
+    seed.on_handshake(2, &Handshake::new(m.info_hash, [2; 20]), false).unwrap();
+    assert!(seed.on_message(2, Message::Have(99), now).is_err());
+    assert!(seed.on_message(2, Message::Bitfield(&[0xff, 0xff]), now).is_err(), "2 pieces need 1 byte");
+    assert!(seed.on_message(2, Message::Bitfield(&[0xff]), now).is_err(), "spare bits set");
+    assert!(seed.on_message(2, Message::Request(Block { index: 0, begin: 0, length: 32768 }), now).is_err());
+    assert!(seed.on_message(2, Message::Request(Block { index: 5, begin: 0, length: 16 }), now).is_err());
+    assert!(seed.on_message(2, Message::Unknown { id: 42, len: 3 }, now).is_ok());
+    // A self-connection and a duplicate peer id are refused.
+    seed.add_peer(3, addr, false, now).unwrap();
+    assert!(seed.on_handshake(3, &Handshake::new(m.info_hash, [1; 20]), false).is_err());
+    assert!(seed.on_handshake(3, &Handshake::new(m.info_hash, [2; 20]), false).is_err());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

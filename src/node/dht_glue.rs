@@ -75,7 +75,8 @@ pub(super) struct DhtState {
     socket: UdpSocket,
     next_tick: Instant,
     purposes: HashMap<u64, Purpose>,
-    announced: HashMap<Id, Instant>,
+    /// When each key was last announced, and how many nodes the table held then.
+    announced: HashMap<Id, (Instant, usize)>,
     table_saved: Instant,
 }
 
@@ -206,7 +207,10 @@ impl Node {
         true
     }
 
-    /// Announces every key of every complete file not announced recently.
+    /// Announces every key of every complete file not announced recently, or
+    /// announced when the routing table held less than half what it holds now
+    /// (a node that joined a young network re-announces as it grows, so its
+    /// keys sit on the nodes that are closest now).
     pub(super) fn announce_due(&mut self, now: Instant) {
         if self.dht.is_none() {
             return;
@@ -220,10 +224,12 @@ impl Node {
         }
         for key in keys {
             let d = self.dht.as_mut().expect("checked");
-            if d.announced.get(&key).is_some_and(|t| now.duration_since(*t) < ANNOUNCE_EVERY) {
+            let nodes = d.dht.table.len();
+            let fresh = |(t, n): &(Instant, usize)| now.duration_since(*t) < ANNOUNCE_EVERY && nodes < 2 * (*n).max(1);
+            if d.announced.get(&key).is_some_and(fresh) {
                 continue;
             }
-            d.announced.insert(key, now);
+            d.announced.insert(key, (now, nodes));
             self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce);
         }
     }
@@ -265,7 +271,8 @@ impl Node {
                 if r.responded < K / 2 {
                     // Too few nodes known yet (joining): try again soon.
                     if let Some(d) = self.dht.as_mut() {
-                        d.announced.insert(r.target, Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY);
+                        let nodes = d.dht.table.len();
+                        d.announced.insert(r.target, (Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY, nodes));
                     }
                 }
             }

@@ -151,11 +151,6 @@ impl Lookup {
     pub fn rounds(&self) -> u32 {
         self.candidates.iter().filter(|c| c.state == State::Responded).take(K).map(|c| c.depth).max().unwrap_or(0)
     }
-
-    /// Whether `id` is a node this lookup asked.
-    pub fn asked(&self, id: &Id) -> bool {
-        self.candidates.iter().any(|c| c.node.id == *id && matches!(c.state, State::InFlight(_) | State::Stalled))
-    }
 }
 
 #[cfg(test)]

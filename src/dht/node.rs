@@ -464,12 +464,6 @@ impl Dht {
     pub fn is_looking_up(&self, l: u64) -> bool {
         self.lookups.contains_key(&l)
     }
-
-    pub fn add_bootstrap(&mut self, addr: SocketAddrV4) {
-        if !self.bootstrap.contains(&addr) {
-            self.bootstrap.push(addr);
-        }
-    }
 }
 
 #[cfg(test)]

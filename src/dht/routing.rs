@@ -69,10 +69,6 @@ impl RoutingTable {
         RoutingTable { own, buckets: vec![Vec::new(); 160], touched: vec![now; 160], restrict_ips }
     }
 
-    pub fn own_id(&self) -> Id {
-        self.own
-    }
-
     /// Bucket of `id`: 159 minus the number of leading bits it shares with us.
     pub fn bucket_of(&self, id: &Id) -> Option<usize> {
         let d = self.own.distance(id);
@@ -136,12 +132,6 @@ impl RoutingTable {
             && let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == *id)
         {
             e.failures += 1;
-        }
-    }
-
-    pub fn remove(&mut self, id: &Id) {
-        if let Some(b) = self.bucket_of(id) {
-            self.buckets[b].retain(|e| e.node.id != *id);
         }
     }
 

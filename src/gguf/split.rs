@@ -263,8 +263,3 @@ fn write_shard(b: &Builder, g: &Gguf<'_>, source: &File, tensors: &[usize], path
     })?;
     Ok(())
 }
-
-/// SHA-1 of a tensor's bytes, for comparing tensors across files.
-pub fn tensor_digest(t: &TensorInfo<'_>) -> String {
-    to_hex(&hash::sha1(t.data))
-}

@@ -17,6 +17,7 @@ pub mod bencode;
 pub mod client;
 pub mod config;
 pub mod dht;
+pub mod engine;
 pub mod gguf;
 pub mod hash;
 pub mod log;

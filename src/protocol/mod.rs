@@ -33,6 +33,10 @@ pub enum ErrorCode {
     TorrentUnavailable,
     Busy,
     Internal,
+    ShardNotLoaded,
+    UnknownSession,
+    ShapeMismatch,
+    ContextExceeded,
 }
 
 impl ErrorCode {
@@ -52,6 +56,10 @@ impl ErrorCode {
             ErrorCode::TorrentUnavailable => "TORRENT_UNAVAILABLE",
             ErrorCode::Busy => "BUSY",
             ErrorCode::Internal => "INTERNAL",
+            ErrorCode::ShardNotLoaded => "SHARD_NOT_LOADED",
+            ErrorCode::UnknownSession => "UNKNOWN_SESSION",
+            ErrorCode::ShapeMismatch => "SHAPE_MISMATCH",
+            ErrorCode::ContextExceeded => "CONTEXT_EXCEEDED",
         }
     }
 }

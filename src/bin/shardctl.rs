@@ -31,6 +31,13 @@ COMMANDS:
              [--seed N] [--tied]
                                 write a small deterministic LLaMA model
   inspect FILE.gguf             print a GGUF file's metadata and tensors
+  generate MODEL.gguf --prompt TEXT [-n N] [--temp T] [--top-k K] [--top-p P]
+           [--seed S] [--threads N] [--ctx N] [--batch N] [--no-special]
+           [--prompt-ids ID,ID,...]
+                                run a whole model in this process and stream
+                                the text (greedy unless --temp > 0)
+  tokenize MODEL.gguf [TEXT]    token ids of TEXT, or of each JSON string line
+                                on stdin (one JSON array per line)
   peers KEY | --shard N | --cluster
                                 peers the DHT knows for an info hash (or any
                                 key), a shard's name, or the cluster (FIND_PEERS)
@@ -122,6 +129,8 @@ fn run(o: &Opts) -> Result<()> {
         ["split", model, flags @ ..] => split(o, model, flags),
         ["demo-model", flags @ ..] => demo_model(o, flags),
         ["inspect", file] => inspect(o, file),
+        ["generate", model, flags @ ..] => generate(o, model, flags),
+        ["tokenize", model, rest @ ..] => tokenize(o, model, rest),
         ["fetch", target, flags @ ..] => fetch(o, target, flags),
         ["peers", "--shard", n] => peers(
             o,
@@ -649,5 +658,125 @@ fn peers(o: &Opts, params: Value) -> Result<()> {
     for p in list {
         println!("  {}", p.as_str().unwrap_or("?"));
     }
+    Ok(())
+}
+
+fn open_model(path: &str) -> Result<std::sync::Arc<memmap2::Mmap>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening {path}"))?;
+    // SAFETY: shard files are not modified while mapped (the node never writes a complete file).
+    let map = unsafe { memmap2::Mmap::map(&file) }.with_context(|| format!("mapping {path}"))?;
+    Ok(std::sync::Arc::new(map))
+}
+
+fn load_tokenizer(map: &[u8], path: &str) -> Result<shardnet::engine::tokenizer::Tokenizer> {
+    let g = shardnet::gguf::reader::Gguf::parse(map).map_err(|e| anyhow::anyhow!("{path}: {e}"))?;
+    shardnet::engine::tokenizer::Tokenizer::from_gguf(&g).map_err(|e| anyhow::anyhow!("{path}: {e}"))
+}
+
+fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
+    use shardnet::engine::generate::{TextStream, generate};
+    use shardnet::engine::sampler::{Sampler, SamplerConfig};
+    use shardnet::engine::{Engine, EngineConfig};
+    use std::io::Write;
+    let f = flag_map(
+        flags,
+        &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
+        &["--no-special"],
+    );
+    let d = SamplerConfig::default();
+    let sampling = SamplerConfig {
+        temperature: num(&f, "--temp", 0.0),
+        top_k: num(&f, "--top-k", d.top_k),
+        top_p: num(&f, "--top-p", d.top_p),
+        seed: num(&f, "--seed", d.seed),
+    };
+    sampling.validate().map_err(|e| usage(format!("generate: {e}")))?;
+    let n: usize = num(&f, "-n", 32);
+    let batch: usize = num(&f, "--batch", 512);
+    if batch == 0 {
+        return Err(usage("--batch must be at least 1".into()));
+    }
+    let ec = EngineConfig::default();
+    let cfg = EngineConfig {
+        threads: num(&f, "--threads", ec.threads).max(1),
+        ctx_size: num(&f, "--ctx", ec.ctx_size),
+        max_sessions: 1,
+        kv_budget: u64::MAX,
+    };
+    let map = open_model(model)?;
+    let tok = load_tokenizer(&map, model)?;
+    let prompt: Vec<u32> = match (f.get("--prompt-ids"), f.get("--prompt")) {
+        (Some(ids), _) => ids
+            .split(',')
+            .map(|s| s.trim().parse().map_err(|_| usage(format!("--prompt-ids: {s:?} is not a token id"))))
+            .collect::<Result<_>>()?,
+        (None, Some(text)) => tok.encode(text, true, !f.contains_key("--no-special")),
+        (None, None) => return Err(usage("generate needs --prompt TEXT (or --prompt-ids)".into())),
+    };
+    if prompt.is_empty() {
+        return Err(usage("the prompt holds no tokens".into()));
+    }
+    let mut engine = Engine::new(cfg)?;
+    let hp = engine.load(0, map)?.clone();
+    if !engine.shard_info(0).is_some_and(|(_, b, e)| b == 0 && e == hp.n_layer) {
+        bail!("{model} is a shard, not a whole model: generate runs whole models");
+    }
+    let mut stream = TextStream::new(&tok);
+    let mut out = std::io::stdout().lock();
+    let json = o.json;
+    let mut text = String::new();
+    let stats = generate(&mut engine, 0, "generate", Some(&tok), &prompt, n, batch, &mut Sampler::new(sampling), true, |id| {
+        let piece = stream.push(id);
+        text.push_str(&piece);
+        if !json {
+            let _ = out.write_all(piece.as_bytes());
+            let _ = out.flush();
+        }
+    })?;
+    let tail = stream.finish();
+    text.push_str(&tail);
+    let per_s = |count: usize, ms: f64| if ms > 0.0 { count as f64 * 1e3 / ms } else { 0.0 };
+    if json {
+        print_json(&json!({
+            "prompt_tokens": prompt,
+            "tokens": stats.generated,
+            "text": text,
+            "prefill_ms": stats.prefill_ms,
+            "decode_ms": stats.decode_ms,
+            "prefill_tps": per_s(prompt.len(), stats.prefill_ms),
+            "decode_tps": per_s(stats.generated.len(), stats.decode_ms),
+        }));
+    } else {
+        let _ = writeln!(out, "{tail}");
+        eprintln!(
+            "prompt {} tokens in {:.1} ms ({:.1} tok/s); generated {} tokens in {:.1} ms ({:.1} tok/s); {} threads",
+            prompt.len(),
+            stats.prefill_ms,
+            per_s(prompt.len(), stats.prefill_ms),
+            stats.generated.len(),
+            stats.decode_ms,
+            per_s(stats.generated.len(), stats.decode_ms),
+            engine.config().threads
+        );
+    }
+    Ok(())
+}
+
+fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
+    let map = open_model(model)?;
+    let tok = load_tokenizer(&map, model)?;
+    let print = |ids: Vec<u32>| println!("{}", serde_json::to_string(&ids).expect("ids"));
+    match rest {
+        [text] => print(tok.encode(text, false, false)),
+        [] => {
+            for line in std::io::stdin().lines() {
+                let line = line?;
+                let text: String = serde_json::from_str(&line).with_context(|| format!("not a JSON string: {line}"))?;
+                print(tok.encode(&text, false, false));
+            }
+        }
+        _ => return Err(usage("tokenize takes at most one TEXT".into())),
+    }
+    let _ = o;
     Ok(())
 }

@@ -12,8 +12,11 @@
 //! input before ggml sees it, since ggml aborts the process on a bad shape.
 
 pub mod forward;
+pub mod generate;
 pub mod ggml;
 pub mod model;
+pub mod sampler;
+pub mod tokenizer;
 
 #[allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code, unsafe_op_in_unsafe_fn, clippy::all)]
 mod sys;

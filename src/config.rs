@@ -94,6 +94,14 @@ pub struct NodeConfig {
     pub upload_limit: u64,
     /// Bytes per second read from peers, all torrents together; 0: no limit.
     pub download_limit: u64,
+    /// ggml compute threads of the inference worker.
+    pub threads: usize,
+    /// Tokens of context per inference session.
+    pub ctx_size: u32,
+    /// Inference sessions (KV caches) kept at once.
+    pub max_sessions: usize,
+    /// Bytes all KV caches may take together.
+    pub kv_memory: u64,
 }
 
 impl Default for NodeConfig {
@@ -113,6 +121,10 @@ impl Default for NodeConfig {
             io_timeout: Duration::from_secs(30),
             upload_limit: 0,
             download_limit: 0,
+            threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ctx_size: 2048,
+            max_sessions: 16,
+            kv_memory: 2 << 30,
         }
     }
 }
@@ -140,6 +152,12 @@ FLAGS:
                          responses for this long [default: 30]
   --upload-limit BYTES   bytes/s sent to peers, all torrents [default: 0, no limit]
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
+  --threads N            compute threads for inference [default: cores]
+  --ctx-size N           tokens of context per session [default: 2048, at most
+                         the model's training context]
+  --max-sessions N       inference sessions kept; the least recently used is
+                         dropped beyond it [default: 16]
+  --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
 ";
@@ -209,6 +227,10 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
+            "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
+            "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
+            "--kv-memory" => c.kv_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
             "--log-level" => {
                 let v = value()?;
                 c.log_level =
@@ -289,6 +311,9 @@ mod tests {
             (&["--log-level", "loud"], "--log-level"),
             (&["--enable-torrent=yes"], "--enable-torrent"),
             (&["stray"], "stray"),
+            (&["--threads", "0"], "--threads"),
+            (&["--ctx-size", "8"], "--ctx-size"),
+            (&["--kv-memory", "lots"], "--kv-memory"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

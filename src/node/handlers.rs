@@ -50,6 +50,11 @@ impl Node {
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }
             }
+            Command::ExecuteTask(task) => self.execute_task_command(token, id, task),
+            Command::EndSession { session_id } => {
+                let Some(reply) = self.defer(token, id) else { return };
+                self.inference.submit(super::inference::Job::EndSession { reply, session_id });
+            }
             Command::Download(params) => {
                 let payload = match self.download_command(params) {
                     Ok(result) => success_payload(name, &id, result),
@@ -58,6 +63,35 @@ impl Node {
                 self.respond(token, &payload);
             }
         }
+    }
+
+    /// Runs a task on the inference worker, which answers with `NodeEvent::Answer`.
+    fn execute_task_command(&mut self, token: Token, id: Value, task: crate::protocol::ExecuteTask) {
+        let Some(shard) = self.catalog.loaded.get(&task.shard_id) else {
+            let msg = format!("shard {} is not loaded on this node (send LOAD_SHARD first)", task.shard_id);
+            self.respond(token, &error_payload(json!("EXECUTE_TASK"), id, ErrorCode::ShardNotLoaded, &msg));
+            return;
+        };
+        let map = shard.map.clone();
+        let Some(reply) = self.defer(token, id) else { return };
+        let job = super::inference::Job::Execute { reply, task, map, queued: Instant::now() };
+        self.inference.submit(job);
+    }
+
+    /// Counts a request as in flight on its connection and says where its answer goes.
+    fn defer(&mut self, token: Token, request_id: Value) -> Option<super::inference::ReplyTo> {
+        let conn = self.conn(token)?;
+        conn.in_flight += 1;
+        Some(super::inference::ReplyTo { token, conn_id: conn.id, request_id })
+    }
+
+    /// A worker's answer: sent if its connection is still the one that asked.
+    pub(super) fn on_answer(&mut self, token: Token, conn_id: u64, payload: &[u8]) {
+        let Some(conn) = self.conn(token).filter(|c| c.id == conn_id) else { return };
+        let was_paused = conn.backpressured();
+        conn.in_flight -= 1;
+        self.respond(token, payload);
+        self.resume_or_settle(token, was_paused);
     }
 
     /// STATUS answers are frequent (health checks, benchmarks): everything
@@ -74,12 +108,13 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
             self.started.elapsed().as_millis(),
             self.open_conns,
             self.uploaded_total(),
             self.downloads_json(),
-            self.dht_status()
+            self.dht_status(),
+            self.inference.stats.to_json()
         );
         out.extend_from_slice(live.as_bytes());
         out

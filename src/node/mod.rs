@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod conn;
 mod dht_glue;
 mod handlers;
+mod inference;
 mod peer_wire;
 pub mod scan;
 
@@ -68,6 +69,12 @@ pub enum NodeEvent {
     Finished {
         info_hash: InfoHash,
         result: Result<catalog::FileEntry, String>,
+    },
+    /// A finished response frame for a request a worker answered (inference).
+    Answer {
+        token: Token,
+        conn_id: u64,
+        payload: Vec<u8>,
     },
     /// A shard's info hash, as its holders listed it (or why not).
     ShardResolved {
@@ -130,6 +137,8 @@ pub struct Node {
     pump_round: usize,
     /// The DHT on the node's UDP port (None if it could not bind).
     dht: Option<dht_glue::DhtState>,
+    /// The inference worker (owns the ggml engine).
+    inference: inference::Inference,
 }
 
 #[derive(Default)]
@@ -161,6 +170,13 @@ impl Node {
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
         let node_id = random_id();
         let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
+        let engine_config = crate::engine::EngineConfig {
+            threads: config.threads,
+            ctx_size: config.ctx_size,
+            max_sessions: config.max_sessions,
+            kv_budget: config.kv_memory,
+        };
+        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
         Ok(Node {
             config,
             poll,
@@ -194,6 +210,7 @@ impl Node {
             download_bytes: HashMap::new(),
             pump_round: 0,
             dht,
+            inference,
         })
     }
 
@@ -518,6 +535,7 @@ impl Node {
                     self.on_hashed(info_hash, piece, ok, blocks, write_error)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
+                NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
                 NodeEvent::ShardResolved { shard_id, filename, result } => {
                     self.on_shard_resolved(shard_id, filename, result)
                 }

@@ -6,6 +6,7 @@
 //!           `{"command","request_id","status":"error","error":"..","code":".."}`
 
 pub mod frame;
+pub mod tensor;
 
 use serde_json::{Map, Value, json};
 
@@ -65,7 +66,8 @@ impl ErrorCode {
 }
 
 /// The commands this node answers.
-pub const COMMANDS: &[&str] = &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS"];
+pub const COMMANDS: &[&str] =
+    &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS", "EXECUTE_TASK", "END_SESSION"];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -74,7 +76,39 @@ pub enum Command {
     Status,
     Download(Download),
     FindPeers(PeersKey),
+    ExecuteTask(ExecuteTask),
+    EndSession { session_id: String },
 }
+
+/// `EXECUTE_TASK`: run tokens (or a hidden state) at positions `pos..` of a session through a shard.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExecuteTask {
+    pub session_id: String,
+    pub shard_id: u32,
+    pub pos: u32,
+    pub input: TaskInput,
+    pub output: TaskOutput,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskInput {
+    Tokens(Vec<u32>),
+    Hidden { data: Vec<f32>, rows: usize, cols: usize },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum TaskOutput {
+    Hidden,
+    /// Logits of the last token, or of every token (`all_logits`).
+    Logits { all: bool },
+    /// The k largest logits of the last token, as `[{id, logit}]`.
+    TopK(usize),
+}
+
+/// Most tokens one EXECUTE_TASK may carry (a prompt is sent in batches).
+pub const MAX_TASK_TOKENS: usize = 8192;
+/// Largest hidden state one EXECUTE_TASK may carry, in floats.
+pub const MAX_TASK_FLOATS: usize = 16 << 20;
 
 /// What `FIND_PEERS` looks up in the DHT.
 #[derive(Clone, Debug, PartialEq)]
@@ -95,6 +129,8 @@ impl Command {
             Command::Status => "STATUS",
             Command::Download(_) => "DOWNLOAD",
             Command::FindPeers(_) => "FIND_PEERS",
+            Command::ExecuteTask(_) => "EXECUTE_TASK",
+            Command::EndSession { .. } => "END_SESSION",
         }
     }
 }
@@ -213,6 +249,8 @@ impl Request {
             "LOAD_SHARD" => Command::LoadShard(parse_load_shard(params).map_err(|(c, m)| fail(c, m))?),
             "DOWNLOAD" => Command::Download(parse_download(params).map_err(|(c, m)| fail(c, m))?),
             "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
+            "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params).map_err(|(c, m)| fail(c, m))?),
+            "END_SESSION" => Command::EndSession { session_id: session_id(params).map_err(|(c, m)| fail(c, m))? },
             other => {
                 return Err(fail(
                     ErrorCode::UnknownCommand,
@@ -262,6 +300,83 @@ fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode
     };
     let peers = parse_peers(params)?;
     Ok(LoadShard { shard_id, info_hash, wait, filename, peers })
+}
+
+fn session_id(params: &Map<String, Value>) -> Result<String, (ErrorCode, String)> {
+    match params.get("session_id") {
+        None => Err((ErrorCode::MissingField, "missing param \"session_id\"".into())),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SESSION_ID_LEN => Ok(s.clone()),
+        Some(Value::String(_)) => Err((ErrorCode::OutOfRange, format!("session_id must be 1..={MAX_SESSION_ID_LEN} bytes"))),
+        Some(v) => Err((ErrorCode::WrongType, format!("session_id must be a string, got {}", kind(v)))),
+    }
+}
+
+/// Longest session id.
+pub const MAX_SESSION_ID_LEN: usize = 128;
+
+fn u32_param(params: &Map<String, Value>, key: &str, max: u64) -> Result<Option<u32>, (ErrorCode, String)> {
+    match params.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= max => Ok(Some(v as u32)),
+            _ if n.is_i64() || n.as_f64().is_some_and(|f| f.fract() == 0.0) => {
+                Err((ErrorCode::OutOfRange, format!("{key} {n} outside 0..={max}")))
+            }
+            _ => Err((ErrorCode::WrongType, format!("{key} must be an integer, got {n}"))),
+        },
+        Some(v) => Err((ErrorCode::WrongType, format!("{key} must be an integer, got {}", kind(v)))),
+    }
+}
+
+fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (ErrorCode, String)> {
+    match params.get("task_type") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(t)) if t == "ai_inference" => {}
+        Some(v) => return Err((ErrorCode::OutOfRange, format!("task_type {v} is not \"ai_inference\""))),
+    }
+    let session_id = session_id(params)?;
+    let shard_id = u32_param(params, "shard_id", MAX_SHARD_ID)?
+        .ok_or((ErrorCode::MissingField, "missing param \"shard_id\"".to_string()))?;
+    let pos = u32_param(params, "pos", u32::MAX as u64 / 2)?.unwrap_or(0);
+    let input = match params.get("input") {
+        None => return Err((ErrorCode::MissingField, "missing param \"input\" ({tokens} or {hidden})".into())),
+        Some(Value::Object(i)) => match (i.get("tokens"), i.get("hidden")) {
+            (Some(Value::Array(ids)), None) => {
+                if ids.is_empty() || ids.len() > MAX_TASK_TOKENS {
+                    return Err((ErrorCode::OutOfRange, format!("input.tokens must hold 1..={MAX_TASK_TOKENS} ids")));
+                }
+                let ids: Option<Vec<u32>> = ids.iter().map(|t| t.as_u64().and_then(|v| u32::try_from(v).ok())).collect();
+                TaskInput::Tokens(ids.ok_or((ErrorCode::WrongType, "input.tokens must be token ids (integers >= 0)".to_string()))?)
+            }
+            (None, Some(h)) => {
+                let (data, rows, cols) = tensor::f32_from_json(h, MAX_TASK_FLOATS)?;
+                if rows > MAX_TASK_TOKENS {
+                    return Err((ErrorCode::OutOfRange, format!("input.hidden holds {rows} tokens, at most {MAX_TASK_TOKENS}")));
+                }
+                TaskInput::Hidden { data, rows, cols }
+            }
+            _ => return Err((ErrorCode::WrongType, "input must be {\"tokens\": [...]} or {\"hidden\": tensor}".into())),
+        },
+        Some(v) => return Err((ErrorCode::WrongType, format!("input must be an object, got {}", kind(v)))),
+    };
+    let all = match params.get("all_logits") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err((ErrorCode::WrongType, format!("all_logits must be a boolean, got {}", kind(v)))),
+    };
+    let output = match params.get("output") {
+        None | Some(Value::Null) => TaskOutput::Logits { all },
+        Some(Value::String(o)) => match o.as_str() {
+            "hidden" => TaskOutput::Hidden,
+            "logits" => TaskOutput::Logits { all },
+            "top_k" => TaskOutput::TopK(u32_param(params, "k", 1000)?.unwrap_or(10).max(1) as usize),
+            other => {
+                return Err((ErrorCode::OutOfRange, format!("output {other:?} is not hidden, logits or top_k")));
+            }
+        },
+        Some(v) => return Err((ErrorCode::WrongType, format!("output must be a string, got {}", kind(v)))),
+    };
+    Ok(ExecuteTask { session_id, shard_id, pos, input, output })
 }
 
 fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, String)> {

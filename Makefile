@@ -11,7 +11,7 @@ DEMO     := $(MODELS)/demo-model.gguf
 BIN      := target/release
 PORT     := $(shell echo $$((51820 + $(NODE))))
 
-.PHONY: build run models test bench clean-models bindings static
+.PHONY: build run models test bench clean-models bindings static check-reference
 
 build:
 	cargo build --release --bins
@@ -59,3 +59,9 @@ static:
 	SHARDNET_PORTABLE=1 RUSTFLAGS="-C target-feature=+crt-static" \
 		cargo build --release --bins --target x86_64-unknown-linux-gnu
 	@file target/x86_64-unknown-linux-gnu/release/shard_listener target/x86_64-unknown-linux-gnu/release/shardctl
+
+# Checks the engine against llama.cpp on the same files (tokens, 64 greedy steps, logits);
+# builds llama.cpp from the crates.io llama-cpp-sys-2 tree with cmake first. Not part of `make test`.
+check-reference: build
+	sh scripts/reference/build.sh
+	python3 scripts/check_reference.py

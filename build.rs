@@ -117,7 +117,9 @@ fn main() {
     if cuda {
         build_cuda(&root, &src);
     }
-    println!("cargo:rustc-link-lib=dylib=stdc++");
+    // A static binary (`make static`: crt-static) takes libstdc++ statically too.
+    let static_crt = env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|f| f == "crt-static"));
+    println!("cargo:rustc-link-lib={}=stdc++", if static_crt { "static" } else { "dylib" });
     println!("cargo:rustc-link-lib=dylib=m");
 }
 

@@ -74,8 +74,11 @@ fn split_agrees(cfg: DemoConfig, tol: f32) {
     let model = demo_model(dir.path(), cfg.clone());
     let mut whole = engine();
     whole.load(0, map(&model)).unwrap();
-    let prefill = logits(whole.execute(0, "s", 0, &Input::Tokens(PROMPT.to_vec()), Want::Logits { all: true }).unwrap());
-    let decode = logits(whole.execute(0, "s", PROMPT.len() as u32, &Input::Tokens(vec![5]), Want::Logits { all: false }).unwrap());
+    let prefill =
+        logits(whole.execute(0, "s", 0, &Input::Tokens(PROMPT.to_vec()), Want::Logits { all: true }).unwrap());
+    let decode = logits(
+        whole.execute(0, "s", PROMPT.len() as u32, &Input::Tokens(vec![5]), Want::Logits { all: false }).unwrap(),
+    );
     assert!(prefill.iter().all(|v| v.is_finite()) && prefill.iter().any(|v| *v != 0.0));
 
     let mut cuts = Vec::new();
@@ -134,7 +137,8 @@ fn kv_cache_decode_matches_batched_prefill() {
     let mut pos = 0;
     let mut last = Vec::new();
     for chunk in PROMPT.chunks(4) {
-        last = logits(e.execute(0, "chunks", pos, &Input::Tokens(chunk.to_vec()), Want::Logits { all: false }).unwrap());
+        last =
+            logits(e.execute(0, "chunks", pos, &Input::Tokens(chunk.to_vec()), Want::Logits { all: false }).unwrap());
         pos += chunk.len() as u32;
     }
     assert!(rel_diff(&all[(PROMPT.len() - 1) * vocab..], &last) < 1e-3);
@@ -154,11 +158,14 @@ fn sessions_replay_evict_and_end() {
     let mut e = Engine::new(EngineConfig { threads: 2, ctx_size: 128, max_sessions: 2, ..Default::default() }).unwrap();
     e.load(0, map(&model)).unwrap();
     let first = logits(e.execute(0, "a", 0, &Input::Tokens(PROMPT.to_vec()), Want::Logits { all: false }).unwrap());
-    let next = logits(e.execute(0, "a", PROMPT.len() as u32, &Input::Tokens(vec![4]), Want::Logits { all: false }).unwrap());
+    let next =
+        logits(e.execute(0, "a", PROMPT.len() as u32, &Input::Tokens(vec![4]), Want::Logits { all: false }).unwrap());
     // Replaying from an earlier position (what a coordinator does after a failure) rewrites the cache.
-    let again = logits(e.execute(0, "a", 3, &Input::Tokens(PROMPT[3..].to_vec()), Want::Logits { all: false }).unwrap());
+    let again =
+        logits(e.execute(0, "a", 3, &Input::Tokens(PROMPT[3..].to_vec()), Want::Logits { all: false }).unwrap());
     assert!(rel_diff(&first, &again) < 1e-5);
-    let next2 = logits(e.execute(0, "a", PROMPT.len() as u32, &Input::Tokens(vec![4]), Want::Logits { all: false }).unwrap());
+    let next2 =
+        logits(e.execute(0, "a", PROMPT.len() as u32, &Input::Tokens(vec![4]), Want::Logits { all: false }).unwrap());
     assert!(rel_diff(&next, &next2) < 1e-5);
     // A gap is refused.
     let err = e.execute(0, "a", 40, &Input::Tokens(vec![4]), Want::Logits { all: false }).unwrap_err();
@@ -177,7 +184,8 @@ fn sessions_replay_evict_and_end() {
     assert_eq!(e.sessions().0, 1);
 
     // A byte budget below one session's cache refuses the session rather than overrunning.
-    let mut small = Engine::new(EngineConfig { threads: 1, ctx_size: 128, kv_budget: 1024, ..Default::default() }).unwrap();
+    let mut small =
+        Engine::new(EngineConfig { threads: 1, ctx_size: 128, kv_budget: 1024, ..Default::default() }).unwrap();
     small.load(0, map(&model)).unwrap();
     let err = small.execute(0, "x", 0, &Input::Tokens(vec![1]), Want::Logits { all: false }).unwrap_err();
     assert_eq!(err.code, ErrorCode::Busy, "{err}");
@@ -201,12 +209,33 @@ fn bad_inputs_are_refused_before_ggml_sees_them() {
         (0, "s", 0, Input::Tokens(vec![1, cfg.vocab]), ErrorCode::OutOfRange, "outside the vocabulary"),
         (0, "s", 60, Input::Tokens(vec![1; 5]), ErrorCode::ContextExceeded, "past the context"),
         (0, "s", 0, Input::Tokens(vec![]), ErrorCode::OutOfRange, "no tokens"),
-        (0, "s", 0, Input::Hidden { data: vec![0.0; width], n_tokens: 1, width }, ErrorCode::ShapeMismatch, "takes tokens"),
+        (
+            0,
+            "s",
+            0,
+            Input::Hidden { data: vec![0.0; width], n_tokens: 1, width },
+            ErrorCode::ShapeMismatch,
+            "takes tokens",
+        ),
         (1, "s", 0, Input::Tokens(vec![1]), ErrorCode::ShapeMismatch, "hidden state"),
-        (1, "s", 0, Input::Hidden { data: vec![0.0; 2 * 7], n_tokens: 2, width: 7 }, ErrorCode::ShapeMismatch, "hidden state is 2 x 7"),
+        (
+            1,
+            "s",
+            0,
+            Input::Hidden { data: vec![0.0; 2 * 7], n_tokens: 2, width: 7 },
+            ErrorCode::ShapeMismatch,
+            "hidden state is 2 x 7",
+        ),
         (1, "s", 0, Input::Hidden { data: vec![0.0; 5], n_tokens: 1, width }, ErrorCode::ShapeMismatch, "hidden state"),
         (1, "s", 0, Input::Hidden { data: vec![f32::NAN; width], n_tokens: 1, width }, ErrorCode::OutOfRange, "NaN"),
-        (1, "never-started", 5, Input::Hidden { data: vec![0.0; width], n_tokens: 1, width }, ErrorCode::UnknownSession, "unknown session"),
+        (
+            1,
+            "never-started",
+            5,
+            Input::Hidden { data: vec![0.0; width], n_tokens: 1, width },
+            ErrorCode::UnknownSession,
+            "unknown session",
+        ),
         (7, "s", 0, Input::Tokens(vec![1]), ErrorCode::ShardNotLoaded, "not loaded"),
         (0, "", 0, Input::Tokens(vec![1]), ErrorCode::OutOfRange, "session_id"),
     ];
@@ -373,10 +402,14 @@ fn shardctl_generate_runs_a_model_and_refuses_bad_flags() {
     let v: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["tokens"].as_array().unwrap().len(), 8);
     // Greedy is deterministic; sampling with a seed repeats.
-    let again: Value = serde_json::from_slice(&shardctl(&["--json", "generate", m, "--prompt", "hello world", "-n", "8"]).stdout).unwrap();
+    let again: Value =
+        serde_json::from_slice(&shardctl(&["--json", "generate", m, "--prompt", "hello world", "-n", "8"]).stdout)
+            .unwrap();
     assert_eq!(v["tokens"], again["tokens"]);
     let sample = |seed: &str| {
-        let o = shardctl(&["--json", "generate", m, "--prompt", "hi", "-n", "12", "--temp", "1.5", "--top-k", "0", "--seed", seed]);
+        let o = shardctl(&[
+            "--json", "generate", m, "--prompt", "hi", "-n", "12", "--temp", "1.5", "--top-k", "0", "--seed", seed,
+        ]);
         serde_json::from_slice::<Value>(&o.stdout).unwrap()["tokens"].clone()
     };
     assert_eq!(sample("1"), sample("1"));
@@ -416,14 +449,20 @@ fn execute_task_through_a_node_matches_the_engine() {
         let r = node.call("LOAD_SHARD", json!({"shard_id": i}));
         assert_eq!(r["status"], "success", "{r}");
     }
-    let r = execute(&node, json!({"task_type": "ai_inference", "session_id": "s", "shard_id": 0, "pos": 0,
-        "input": {"tokens": PROMPT}, "output": "hidden"}));
+    let r = execute(
+        &node,
+        json!({"task_type": "ai_inference", "session_id": "s", "shard_id": 0, "pos": 0,
+        "input": {"tokens": PROMPT}, "output": "hidden"}),
+    );
     assert_eq!(r["status"], "success", "{r}");
     let (h, rows, cols) = f32_from_json(&r["result"]["hidden"], 1 << 20).unwrap();
     assert_eq!((rows, cols), (PROMPT.len(), cfg.embd as usize));
     assert!(r["result"]["timings"]["compute_ms"].as_f64().is_some());
-    let r = execute(&node, json!({"session_id": "s", "shard_id": 1, "pos": 0,
-        "input": {"hidden": f32_to_json(&h, rows, cols)}, "output": "logits"}));
+    let r = execute(
+        &node,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        "input": {"hidden": f32_to_json(&h, rows, cols)}, "output": "logits"}),
+    );
     assert_eq!(r["status"], "success", "{r}");
     let (got, rows, vocab) = f32_from_json(&r["result"]["logits"], 1 << 20).unwrap();
     assert_eq!((rows, vocab), (1, cfg.vocab as usize));
@@ -434,8 +473,11 @@ fn execute_task_through_a_node_matches_the_engine() {
     assert!(rel_diff(&want, &got) < 1e-5);
 
     // top_k: sorted, and the best is the argmax.
-    let r = execute(&node, json!({"session_id": "s", "shard_id": 1, "pos": 0,
-        "input": {"hidden": f32_to_json(&h, PROMPT.len(), cols)}, "output": "top_k", "k": 5}));
+    let r = execute(
+        &node,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        "input": {"hidden": f32_to_json(&h, PROMPT.len(), cols)}, "output": "top_k", "k": 5}),
+    );
     let top = r["result"]["top_k"].as_array().unwrap();
     assert_eq!(top.len(), 5);
     assert_eq!(top[0]["id"], json!(shardnet::engine::sampler::argmax(&want)));
@@ -478,11 +520,26 @@ fn execute_task_bad_requests_get_errors_and_the_node_serves_on() {
         (json!({"session_id": "s", "shard_id": 0, "pos": 3, "input": {"tokens": [1]}}), "UNKNOWN_SESSION"),
         (json!({"session_id": "s", "shard_id": 0, "input": {"tokens": [1]}, "output": "poetry"}), "OUT_OF_RANGE"),
         (json!({"session_id": "s", "shard_id": 9, "input": {"tokens": [1]}}), "SHARD_NOT_LOADED"),
-        (json!({"session_id": "s", "shard_id": 2, "input": {"hidden": f32_to_json(&vec![0.0; width], 1, width)}}), "SHARD_INVALID"),
-        (json!({"session_id": "s", "shard_id": 1, "input": {"hidden": f32_to_json(&[0.0; 6], 2, 3)}}), "SHAPE_MISMATCH"),
-        (json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1000000, 1000000], "b64": "AAAA"}}}), "OUT_OF_RANGE"),
-        (json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1, width], "b64": "AAAA"}}}), "SHAPE_MISMATCH"),
-        (json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AA*AAA=="}}}), "WRONG_TYPE"),
+        (
+            json!({"session_id": "s", "shard_id": 2, "input": {"hidden": f32_to_json(&vec![0.0; width], 1, width)}}),
+            "SHARD_INVALID",
+        ),
+        (
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": f32_to_json(&[0.0; 6], 2, 3)}}),
+            "SHAPE_MISMATCH",
+        ),
+        (
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1000000, 1000000], "b64": "AAAA"}}}),
+            "OUT_OF_RANGE",
+        ),
+        (
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1, width], "b64": "AAAA"}}}),
+            "SHAPE_MISMATCH",
+        ),
+        (
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AA*AAA=="}}}),
+            "WRONG_TYPE",
+        ),
         (json!({"session_id": "x".repeat(200), "shard_id": 0, "input": {"tokens": [1]}}), "OUT_OF_RANGE"),
     ];
     let mut client = node.client();
@@ -494,7 +551,12 @@ fn execute_task_bad_requests_get_errors_and_the_node_serves_on() {
     let r = client.request("END_SESSION", json!({})).unwrap();
     assert_eq!(r["code"], "MISSING_FIELD");
     // The same connection, and the engine, still work.
-    let r = client.request("EXECUTE_TASK", json!({"session_id": "ok", "shard_id": 0, "input": {"tokens": [1, 2, 3]}, "output": "hidden"})).unwrap();
+    let r = client
+        .request(
+            "EXECUTE_TASK",
+            json!({"session_id": "ok", "shard_id": 0, "input": {"tokens": [1, 2, 3]}, "output": "hidden"}),
+        )
+        .unwrap();
     assert_eq!(r["status"], "success", "{r}");
     node.assert_serving();
 }

@@ -133,7 +133,7 @@ int main(int argc, char ** argv) {
         printf("}\n");
         llama_free(ctx);
     } else if (mode == "bench") {
-        if (argc < 8) die("usage: reference bench MODEL THREADS PP TG REPS");
+        if (argc < 7) die("usage: reference bench MODEL THREADS PP TG REPS");
         int threads = atoi(argv[3]), pp = atoi(argv[4]), tg = atoi(argv[5]), reps = atoi(argv[6]);
         llama_context * ctx = context(model, pp + tg + 16, threads, pp);
         std::mt19937 rng(42);

@@ -27,15 +27,16 @@ COMMANDS:
                                 cut a model into layer-range shards, with
                                 .torrent files and manifest.json
   demo-model --out FILE [--layers N] [--embd N] [--heads N] [--kv-heads N]
-             [--ffn N] [--vocab N] [--context N] [--type f32|f16|q8_0]
+             [--ffn N] [--vocab N] [--context N] [--type f32|f16|q8_0|q4_0]
              [--seed N] [--tied]
                                 write a small deterministic LLaMA model
   inspect FILE.gguf             print a GGUF file's metadata and tensors
   generate MODEL.gguf --prompt TEXT [-n N] [--temp T] [--top-k K] [--top-p P]
            [--seed S] [--threads N] [--ctx N] [--batch N] [--no-special]
-           [--prompt-ids ID,ID,...]
+           [--prompt-ids ID,ID,...] [--ignore-eos] [--logits]
                                 run a whole model in this process and stream
-                                the text (greedy unless --temp > 0)
+                                the text (greedy unless --temp > 0); with
+                                --json --logits also the logits (checks)
   tokenize MODEL.gguf [TEXT]    token ids of TEXT, or of each JSON string line
                                 on stdin (one JSON array per line)
   peers KEY | --shard N | --cluster
@@ -433,7 +434,8 @@ fn demo_model(o: &Opts, flags: &[&str]) -> Result<()> {
         "f32" => GgmlType::F32,
         "f16" => GgmlType::F16,
         "q8_0" => GgmlType::Q8_0,
-        other => return Err(usage(format!("--type {other:?} is not f32, f16 or q8_0"))),
+        "q4_0" => GgmlType::Q4_0,
+        other => return Err(usage(format!("--type {other:?} is not f32, f16, q8_0 or q4_0"))),
     };
     let c = DemoConfig {
         layers: num(&f, "--layers", d.layers),
@@ -681,7 +683,7 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     let f = flag_map(
         flags,
         &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
-        &["--no-special"],
+        &["--no-special", "--logits", "--ignore-eos"],
     );
     let d = SamplerConfig::default();
     let sampling = SamplerConfig {
@@ -725,19 +727,30 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     let mut out = std::io::stdout().lock();
     let json = o.json;
     let mut text = String::new();
-    let stats = generate(&mut engine, 0, "generate", Some(&tok), &prompt, n, batch, &mut Sampler::new(sampling), true, |id| {
-        let piece = stream.push(id);
-        text.push_str(&piece);
-        if !json {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }
-    })?;
+    let stats = generate(
+        &mut engine,
+        0,
+        "generate",
+        Some(&tok),
+        &prompt,
+        n,
+        batch,
+        &mut Sampler::new(sampling),
+        !f.contains_key("--ignore-eos"),
+        |id| {
+            let piece = stream.push(id);
+            text.push_str(&piece);
+            if !json {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
     let tail = stream.finish();
     text.push_str(&tail);
     let per_s = |count: usize, ms: f64| if ms > 0.0 { count as f64 * 1e3 / ms } else { 0.0 };
     if json {
-        print_json(&json!({
+        let mut v = json!({
             "prompt_tokens": prompt,
             "tokens": stats.generated,
             "text": text,
@@ -745,7 +758,13 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
             "decode_ms": stats.decode_ms,
             "prefill_tps": per_s(prompt.len(), stats.prefill_ms),
             "decode_tps": per_s(stats.generated.len(), stats.decode_ms),
-        }));
+        });
+        if f.contains_key("--logits") {
+            // For checks against a reference: the logits after the prompt and after the last token.
+            v["prefill_logits"] = json!(stats.prefill_logits);
+            v["final_logits"] = json!(stats.final_logits);
+        }
+        println!("{v}");
     } else {
         let _ = writeln!(out, "{tail}");
         eprintln!(

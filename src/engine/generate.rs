@@ -76,7 +76,13 @@ pub fn generate(
     let mut logits = Vec::new();
     let mut pos = 0u32;
     for chunk in prompt.chunks(batch.max(1)) {
-        logits = last_logits(engine.execute(shard_id, session, pos, &Input::Tokens(chunk.to_vec()), Want::Logits { all: false })?);
+        logits = last_logits(engine.execute(
+            shard_id,
+            session,
+            pos,
+            &Input::Tokens(chunk.to_vec()),
+            Want::Logits { all: false },
+        )?);
         pos += chunk.len() as u32;
     }
     stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
@@ -91,7 +97,13 @@ pub fn generate(
         }
         // Every token is fed back, the last one too, so final_logits compare with a reference
         // that does the same.
-        logits = last_logits(engine.execute(shard_id, session, pos, &Input::Tokens(vec![id]), Want::Logits { all: false })?);
+        logits = last_logits(engine.execute(
+            shard_id,
+            session,
+            pos,
+            &Input::Tokens(vec![id]),
+            Want::Logits { all: false },
+        )?);
         pos += 1;
     }
     stats.decode_ms = t1.elapsed().as_secs_f64() * 1e3;

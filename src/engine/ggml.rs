@@ -185,7 +185,8 @@ impl Cache {
         let ctx = Context::new(shapes.len(), 0);
         let tensors: Vec<_> = shapes.iter().map(|ne| NonNull::new(ctx.new_tensor(dtype, ne)).unwrap()).collect();
         // SAFETY: allocates every tensor of ctx in one buffer of the CPU buffer type.
-        let buffer = unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), sys::ggml_backend_cpu_buffer_type()) };
+        let buffer =
+            unsafe { sys::ggml_backend_alloc_ctx_tensors_from_buft(ctx.raw(), sys::ggml_backend_cpu_buffer_type()) };
         let buffer = NonNull::new(buffer).ok_or("out of memory for the KV cache")?;
         // SAFETY: a live buffer we own.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };

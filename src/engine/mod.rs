@@ -202,16 +202,25 @@ impl Engine {
                 if !model.first() {
                     return Err(err(
                         ErrorCode::ShapeMismatch,
-                        format!("shard {shard_id} starts at layer {}: it takes a hidden state, not tokens", model.begin),
+                        format!(
+                            "shard {shard_id} starts at layer {}: it takes a hidden state, not tokens",
+                            model.begin
+                        ),
                     ));
                 }
                 if let Some(bad) = ids.iter().find(|&&t| t >= hp.n_vocab) {
-                    return Err(err(ErrorCode::OutOfRange, format!("token id {bad} is outside the vocabulary (0..{})", hp.n_vocab)));
+                    return Err(err(
+                        ErrorCode::OutOfRange,
+                        format!("token id {bad} is outside the vocabulary (0..{})", hp.n_vocab),
+                    ));
                 }
             }
             Input::Hidden { data, n_tokens, width } => {
                 if model.first() {
-                    return Err(err(ErrorCode::ShapeMismatch, format!("shard {shard_id} starts at layer 0: it takes tokens")));
+                    return Err(err(
+                        ErrorCode::ShapeMismatch,
+                        format!("shard {shard_id} starts at layer 0: it takes tokens"),
+                    ));
                 }
                 if *width != hp.n_embd as usize || data.len() != n_tokens * width {
                     return Err(err(
@@ -248,7 +257,10 @@ impl Engine {
                 let layers = model.layers();
                 let bytes = 2 * layers as u64 * kv as u64 * n_ctx as u64 * 2;
                 if bytes > self.cfg.kv_budget {
-                    return Err(err(ErrorCode::Busy, format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget)));
+                    return Err(err(
+                        ErrorCode::Busy,
+                        format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
+                    ));
                 }
                 self.make_room(bytes);
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
@@ -264,8 +276,9 @@ impl Engine {
             Input::Hidden { data, .. } => StepInput::Hidden(data),
         };
         let all = matches!(want, Want::Logits { all: true });
-        let out = forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
-            .map_err(|e| err(ErrorCode::Internal, e))?;
+        let out =
+            forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
+                .map_err(|e| err(ErrorCode::Internal, e))?;
         session.n_past = pos + n as u32;
         Ok(match out {
             StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: model.hp.n_embd as usize },

@@ -100,7 +100,8 @@ impl Hparams {
 
 /// Weight types ggml's CPU backend multiplies (F32, F16, BF16, the legacy, K- and IQ-quants,
 /// ternary and MXFP4); others (integer types, Q8_K, ...) would make ggml abort.
-const COMPUTABLE: &[u32] = &[0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35, 39];
+const COMPUTABLE: &[u32] =
+    &[0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 16, 17, 18, 19, 20, 21, 22, 23, 29, 30, 34, 35, 39];
 
 /// A loaded shard: layers `[begin, end)` of the model, weights over the map.
 pub struct ShardModel {

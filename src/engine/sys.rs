@@ -1033,7 +1033,7 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn ggml_geglu_quick_split(ctx: *mut ggml_context, a: *mut ggml_tensor, b: *mut ggml_tensor)
-        -> *mut ggml_tensor;
+    -> *mut ggml_tensor;
 }
 unsafe extern "C" {
     pub fn ggml_swiglu_oai(
@@ -2122,7 +2122,7 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn ggml_dsv4_hc_pre(ctx: *mut ggml_context, x: *mut ggml_tensor, weights: *mut ggml_tensor)
-        -> *mut ggml_tensor;
+    -> *mut ggml_tensor;
 }
 unsafe extern "C" {
     pub fn ggml_dsv4_hc_pre_gated(
@@ -3038,7 +3038,7 @@ unsafe extern "C" {
 }
 unsafe extern "C" {
     pub fn ggml_backend_sched_get_tensor_backend(sched: ggml_backend_sched_t, node: *mut ggml_tensor)
-        -> ggml_backend_t;
+    -> ggml_backend_t;
 }
 unsafe extern "C" {
     pub fn ggml_backend_sched_split_graph(sched: ggml_backend_sched_t, graph: *mut ggml_cgraph);
@@ -3076,7 +3076,7 @@ pub const ggml_backend_meta_split_axis_GGML_BACKEND_SPLIT_AXIS_UNKNOWN: ggml_bac
 pub type ggml_backend_meta_split_axis = ::std::os::raw::c_uint;
 unsafe extern "C" {
     pub fn ggml_backend_meta_split_axis_name(split_axis: ggml_backend_meta_split_axis)
-        -> *const ::std::os::raw::c_char;
+    -> *const ::std::os::raw::c_char;
 }
 #[repr(C)]
 #[derive(Debug, Copy, Clone)]

@@ -101,7 +101,9 @@ impl Tokenizer {
             _ => vec![TYPE_NORMAL; n],
         };
         let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
-            Some(MetaValue::Array(a)) if a.len as usize == n => a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect(),
+            Some(MetaValue::Array(a)) if a.len as usize == n => {
+                a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()
+            }
             _ => vec![0.0; n],
         };
         let mut ids = HashMap::with_capacity(n);
@@ -313,7 +315,12 @@ impl Tokenizer {
             let (l, r) = (&syms[left as usize], &syms[right as usize]);
             let piece = &text[l.start..r.start + r.len];
             if let Some(&id) = self.ids.get(piece) {
-                queue.push(Bigram { score: self.scores[id as usize], left: left as usize, right: right as usize, size: piece.len() });
+                queue.push(Bigram {
+                    score: self.scores[id as usize],
+                    left: left as usize,
+                    right: right as usize,
+                    size: piece.len(),
+                });
             }
         };
         for i in 1..syms.len() {
@@ -448,7 +455,8 @@ fn pre_tokenize(text: &str, pre: Pre) -> Vec<&str> {
             pieces = split_each(pieces, &gpt2_split);
         }
         Pre::Default => {
-            pieces = split_each(pieces, &|p| runs(p, |c| c.is_ascii_punctuation() && c != '`' || is_punct(c), usize::MAX));
+            pieces =
+                split_each(pieces, &|p| runs(p, |c| c.is_ascii_punctuation() && c != '`' || is_punct(c), usize::MAX));
             pieces = split_each(pieces, &gpt2_split);
             pieces = split_each(pieces, &|p| runs(p, |c| c.is_numeric(), usize::MAX));
             pieces = split_each(pieces, &|p| runs(p, |c| c.is_ascii_digit(), 3));

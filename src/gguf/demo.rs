@@ -122,7 +122,7 @@ pub fn f32_to_f16(x: f32) -> u16 {
     sign | ((e as u16) << 10) | (rounded >> 13) as u16
 }
 
-/// Encodes `values` as `ty` (F32, F16 or Q8_0, as ggml's reference quantizer).
+/// Encodes `values` as `ty` (F32, F16, Q8_0 or Q4_0, as ggml's reference quantizers).
 pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
     match ty {
         GgmlType::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -138,7 +138,20 @@ pub fn encode(values: &[f32], ty: GgmlType) -> Vec<u8> {
             }
             out
         }
-        other => panic!("demo models are F32, F16 or Q8_0, not {other}"),
+        GgmlType::Q4_0 => {
+            let mut out = Vec::with_capacity(values.len() / 32 * 18);
+            for block in values.chunks(32) {
+                // The value of largest magnitude, sign kept, maps to -8.
+                let max = block.iter().fold(0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+                let d = max / -8.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                out.extend_from_slice(&f32_to_f16(d).to_le_bytes());
+                let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+                out.extend((0..16).map(|j| q(block[j]) | q(block[j + 16]) << 4));
+            }
+            out
+        }
+        other => panic!("demo models are F32, F16, Q8_0 or Q4_0, not {other}"),
     }
 }
 

@@ -77,7 +77,13 @@ impl Inference {
     }
 }
 
-fn worker(cfg: EngineConfig, jobs: Receiver<Job>, events: Sender<NodeEvent>, waker: Arc<Waker>, stats: Arc<InferStats>) {
+fn worker(
+    cfg: EngineConfig,
+    jobs: Receiver<Job>,
+    events: Sender<NodeEvent>,
+    waker: Arc<Waker>,
+    stats: Arc<InferStats>,
+) {
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
@@ -91,7 +97,9 @@ fn worker(cfg: EngineConfig, jobs: Receiver<Job>, events: Sender<NodeEvent>, wak
             Job::Execute { reply, task, map, queued } => {
                 let payload = match engine.as_mut() {
                     Ok(engine) => execute(engine, &mut loaded, &reply, task, map, queued, &stats),
-                    Err(e) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Internal, &e.message),
+                    Err(e) => {
+                        error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Internal, &e.message)
+                    }
                 };
                 (reply, payload)
             }

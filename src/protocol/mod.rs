@@ -100,7 +100,9 @@ pub enum TaskInput {
 pub enum TaskOutput {
     Hidden,
     /// Logits of the last token, or of every token (`all_logits`).
-    Logits { all: bool },
+    Logits {
+        all: bool,
+    },
     /// The k largest logits of the last token, as `[{id, logit}]`.
     TopK(usize),
 }
@@ -306,7 +308,9 @@ fn session_id(params: &Map<String, Value>) -> Result<String, (ErrorCode, String)
     match params.get("session_id") {
         None => Err((ErrorCode::MissingField, "missing param \"session_id\"".into())),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= MAX_SESSION_ID_LEN => Ok(s.clone()),
-        Some(Value::String(_)) => Err((ErrorCode::OutOfRange, format!("session_id must be 1..={MAX_SESSION_ID_LEN} bytes"))),
+        Some(Value::String(_)) => {
+            Err((ErrorCode::OutOfRange, format!("session_id must be 1..={MAX_SESSION_ID_LEN} bytes")))
+        }
         Some(v) => Err((ErrorCode::WrongType, format!("session_id must be a string, got {}", kind(v)))),
     }
 }
@@ -345,17 +349,25 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
                 if ids.is_empty() || ids.len() > MAX_TASK_TOKENS {
                     return Err((ErrorCode::OutOfRange, format!("input.tokens must hold 1..={MAX_TASK_TOKENS} ids")));
                 }
-                let ids: Option<Vec<u32>> = ids.iter().map(|t| t.as_u64().and_then(|v| u32::try_from(v).ok())).collect();
-                TaskInput::Tokens(ids.ok_or((ErrorCode::WrongType, "input.tokens must be token ids (integers >= 0)".to_string()))?)
+                let ids: Option<Vec<u32>> =
+                    ids.iter().map(|t| t.as_u64().and_then(|v| u32::try_from(v).ok())).collect();
+                TaskInput::Tokens(
+                    ids.ok_or((ErrorCode::WrongType, "input.tokens must be token ids (integers >= 0)".to_string()))?,
+                )
             }
             (None, Some(h)) => {
                 let (data, rows, cols) = tensor::f32_from_json(h, MAX_TASK_FLOATS)?;
                 if rows > MAX_TASK_TOKENS {
-                    return Err((ErrorCode::OutOfRange, format!("input.hidden holds {rows} tokens, at most {MAX_TASK_TOKENS}")));
+                    return Err((
+                        ErrorCode::OutOfRange,
+                        format!("input.hidden holds {rows} tokens, at most {MAX_TASK_TOKENS}"),
+                    ));
                 }
                 TaskInput::Hidden { data, rows, cols }
             }
-            _ => return Err((ErrorCode::WrongType, "input must be {\"tokens\": [...]} or {\"hidden\": tensor}".into())),
+            _ => {
+                return Err((ErrorCode::WrongType, "input must be {\"tokens\": [...]} or {\"hidden\": tensor}".into()));
+            }
         },
         Some(v) => return Err((ErrorCode::WrongType, format!("input must be an object, got {}", kind(v)))),
     };

@@ -72,20 +72,30 @@ pub fn f32_from_json(v: &Value, max_elems: usize) -> Result<(Vec<f32>, usize, us
         None => return Err(wrong("dtype must be \"f32\"")),
     }
     let shape = obj.get("shape").and_then(Value::as_array).ok_or_else(|| wrong("shape must be [rows, cols]"))?;
-    let dims: Vec<u64> = shape.iter().map(|d| d.as_u64()).collect::<Option<_>>().ok_or_else(|| wrong("shape holds non-integers"))?;
+    let dims: Vec<u64> =
+        shape.iter().map(|d| d.as_u64()).collect::<Option<_>>().ok_or_else(|| wrong("shape holds non-integers"))?;
     let [rows, cols] = dims[..] else { return Err(wrong("shape must have two dimensions [rows, cols]")) };
     let elems = rows.checked_mul(cols).filter(|&e| e as usize <= max_elems && e > 0);
     let Some(elems) = elems else {
-        return Err((ErrorCode::OutOfRange, format!("tensor: shape {rows} x {cols} is empty or over {max_elems} elements")));
+        return Err((
+            ErrorCode::OutOfRange,
+            format!("tensor: shape {rows} x {cols} is empty or over {max_elems} elements"),
+        ));
     };
     let b64 = obj.get("b64").and_then(Value::as_str).ok_or_else(|| wrong("b64 must be a string"))?;
     // Check the size the text declares before decoding it.
     if b64.len() != (elems as usize * 4).div_ceil(3) * 4 {
-        return Err((ErrorCode::ShapeMismatch, format!("tensor: {} base64 characters do not hold {rows} x {cols} f32", b64.len())));
+        return Err((
+            ErrorCode::ShapeMismatch,
+            format!("tensor: {} base64 characters do not hold {rows} x {cols} f32", b64.len()),
+        ));
     }
     let bytes = b64_decode(b64).ok_or_else(|| wrong("b64 is not valid base64"))?;
     if bytes.len() != elems as usize * 4 {
-        return Err((ErrorCode::ShapeMismatch, format!("tensor: {} bytes do not hold {rows} x {cols} f32", bytes.len())));
+        return Err((
+            ErrorCode::ShapeMismatch,
+            format!("tensor: {} bytes do not hold {rows} x {cols} f32", bytes.len()),
+        ));
     }
     let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
     Ok((data, rows as usize, cols as usize))

@@ -9,6 +9,9 @@
 //! Models: a ~250M-parameter LLaMA (16 layers, width 1024, GQA 16/4 heads, vocab 32000) in F16,
 //! Q8_0 and Q4_0, and SmolLM2-135M (Q4_1) when `make models` fetched it.
 //!
+//! Q4_0 runs twice: from the map as it is (our default), and with `--repack`, copying the
+//! matrices into ggml's interleaved CPU layout as llama.cpp does by default.
+//!
 //! Memory: anonymous and file-backed resident memory before and after loading the F16 model and
 //! running a step, against the shard's size: weights stay in the file's pages.
 
@@ -84,9 +87,11 @@ fn reference_once(reference: &Path, model: &Path, threads: usize) -> Option<(f64
     Some((v["pp_tps"].as_f64()?, v["tg_tps"].as_f64()?))
 }
 
-fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize) -> Value {
-    let mut e = Engine::new(EngineConfig { threads, ctx_size: (PP + TG + 16) as u32, ..Default::default() }).unwrap();
+fn bench_model(name: &str, path: &Path, repack: bool, reference: Option<&Path>, threads: usize) -> Value {
+    let cfg = EngineConfig { threads, ctx_size: (PP + TG + 16) as u32, repack, ..Default::default() };
+    let mut e = Engine::new(cfg).unwrap();
     let n_vocab = e.load(0, map(path)).unwrap().n_vocab;
+    let repacked = e.repacked_bytes(0);
     let mut rng = Rng(0x2545F4914F6CDD1D);
     ours_once(&mut e, n_vocab, &mut rng); // warm-up: page the weights in, size the buffers
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
@@ -101,6 +106,8 @@ fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize
     let mut v = json!({
         "model": name,
         "bytes": std::fs::metadata(path).unwrap().len(),
+        "repack": repack,
+        "repacked_bytes": repacked,
         "ours": {"pp512_tps": pp, "tg128_tps": tg},
     });
     if !theirs.is_empty() {
@@ -177,16 +184,20 @@ fn main() {
             };
             write(&cfg, &path).unwrap();
         }
-        models.push((format!("llama-250m-{tag}"), path));
+        models.push((format!("llama-250m-{tag}"), path.clone(), false));
+        if ty == GgmlType::Q4_0 {
+            // llama.cpp repacks Q4_0 for AVX2 by default (a copy of the weights); ours does with --repack.
+            models.push((format!("llama-250m-{tag}-repack"), path, true));
+        }
     }
     let smollm2 = PathBuf::from("models_cache/SmolLM2-135M-Instruct.Q4_1.gguf");
     if smollm2.exists() {
-        models.push(("smollm2-135m-q4_1".into(), smollm2));
+        models.push(("smollm2-135m-q4_1".into(), smollm2, false));
     }
     let t = Instant::now();
     let memory = memory(&models[0].1, threads);
     println!("memory {memory}");
-    let results: Vec<Value> = models.iter().map(|(n, p)| bench_model(n, p, reference, threads)).collect();
+    let results: Vec<Value> = models.iter().map(|(n, p, r)| bench_model(n, p, *r, reference, threads)).collect();
     let report = json!({
         "threads": threads,
         "pp_tokens": PP,

@@ -102,6 +102,8 @@ pub struct NodeConfig {
     pub max_sessions: usize,
     /// Bytes all KV caches may take together.
     pub kv_memory: u64,
+    /// Copy weights into ggml's faster CPU layouts (costs memory the size of those weights).
+    pub repack: bool,
 }
 
 impl Default for NodeConfig {
@@ -125,6 +127,7 @@ impl Default for NodeConfig {
             ctx_size: 2048,
             max_sessions: 16,
             kv_memory: 2 << 30,
+            repack: false,
         }
     }
 }
@@ -158,6 +161,9 @@ FLAGS:
   --max-sessions N       inference sessions kept; the least recently used is
                          dropped beyond it [default: 16]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
+  --repack               copy Q4_0-style weights into ggml's faster CPU layout
+                         (memory the size of those weights; default: compute
+                         from the mapped file as it is)
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
 ";
@@ -227,6 +233,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--repack" => {
+                if inline.is_some() {
+                    return Err("--repack takes no value".into());
+                }
+                c.repack = true;
+            }
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,

@@ -33,7 +33,7 @@ COMMANDS:
   inspect FILE.gguf             print a GGUF file's metadata and tensors
   generate MODEL.gguf --prompt TEXT [-n N] [--temp T] [--top-k K] [--top-p P]
            [--seed S] [--threads N] [--ctx N] [--batch N] [--no-special]
-           [--prompt-ids ID,ID,...] [--ignore-eos] [--logits]
+           [--prompt-ids ID,ID,...] [--ignore-eos] [--logits] [--repack]
                                 run a whole model in this process and stream
                                 the text (greedy unless --temp > 0); with
                                 --json --logits also the logits (checks)
@@ -683,7 +683,7 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     let f = flag_map(
         flags,
         &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
-        &["--no-special", "--logits", "--ignore-eos"],
+        &["--no-special", "--logits", "--ignore-eos", "--repack"],
     );
     let d = SamplerConfig::default();
     let sampling = SamplerConfig {
@@ -704,6 +704,7 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         ctx_size: num(&f, "--ctx", ec.ctx_size),
         max_sessions: 1,
         kv_budget: u64::MAX,
+        repack: f.contains_key("--repack"),
     };
     let map = open_model(model)?;
     let tok = load_tokenizer(&map, model)?;

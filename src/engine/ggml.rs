@@ -116,6 +116,8 @@ pub struct Weights {
     ctx: Context,
     buffer: NonNull<sys::ggml_backend_buffer>,
     tensors: Vec<(String, NonNull<sys::ggml_tensor>)>,
+    /// With `repack`: the matrices copied into ggml's CPU repack layout, in memory of their own.
+    repacked: Option<(Context, NonNull<sys::ggml_backend_buffer>)>,
 }
 
 /// One weight to wrap: its name, type, dims (GGUF order, innermost first) and its bytes in the map.
@@ -124,20 +126,101 @@ pub struct WeightSpec<'m> {
     pub dtype: RawType,
     pub ne: Vec<i64>,
     pub data: &'m [u8],
+    /// Used only as the left side of matrix products (may be repacked).
+    pub matmul_only: bool,
+}
+
+/// ggml's CPU "repack" buffer type (weights re-laid out for the CPU's SIMD kernels), if any.
+fn repack_buffer_type() -> Option<sys::ggml_backend_buffer_type_t> {
+    // SAFETY: registry queries; the proc address, when found, has the declared signature.
+    unsafe {
+        let reg = sys::ggml_backend_cpu_reg();
+        let dev = sys::ggml_backend_reg_dev_get(reg, 0);
+        let name = CString::new("ggml_backend_dev_get_extra_bufts").unwrap();
+        let f = sys::ggml_backend_reg_get_proc_address(reg, name.as_ptr());
+        if f.is_null() {
+            return None;
+        }
+        let f: sys::ggml_backend_dev_get_extra_bufts_t = std::mem::transmute(f);
+        let mut list = f?(dev);
+        while !list.is_null() && !(*list).is_null() {
+            if CStr::from_ptr(sys::ggml_backend_buft_name(*list)).to_bytes() == b"CPU_REPACK" {
+                return Some(*list);
+            }
+            list = list.add(1);
+        }
+        None
+    }
+}
+
+/// Whether the CPU backend would run `W x` from the repack layout for this weight shape.
+fn repackable(buft: sys::ggml_backend_buffer_type_t, dtype: RawType, ne: &[i64]) -> bool {
+    if ne.len() != 2 {
+        return false;
+    }
+    let probe = Context::new(3, 0);
+    // SAFETY: a zero-sized buffer of the type stands in for the real one while the CPU device
+    // is asked whether it supports the product (llama.cpp asks the same way).
+    unsafe {
+        let dummy = sys::ggml_backend_buft_alloc_buffer(buft, 0);
+        if dummy.is_null() {
+            return false;
+        }
+        let w = probe.new_tensor(dtype, ne);
+        (*w).buffer = dummy;
+        let x = probe.new_tensor(F32, &[ne[0], 1]);
+        let op = sys::ggml_mul_mat(probe.raw(), w, x);
+        let dev = sys::ggml_backend_reg_dev_get(sys::ggml_backend_cpu_reg(), 0);
+        let ok = sys::ggml_backend_dev_supports_op(dev, op);
+        sys::ggml_backend_buffer_free(dummy);
+        ok
+    }
 }
 
 impl Weights {
     /// Wraps `specs`, whose data must lie inside `map`. Sizes are checked against ggml's own
     /// arithmetic, so a tensor can never reach past the map.
-    pub fn over_map(map: &[u8], specs: &[WeightSpec]) -> Result<Weights, String> {
+    ///
+    /// With `repack`, matrices ggml's CPU backend has a faster layout for (Q4_0, Q4_K, IQ4_NL, ...
+    /// on this CPU) are copied into that layout instead: faster products, at the cost of
+    /// anonymous memory the size of those weights.
+    pub fn over_map(map: &[u8], specs: &[WeightSpec], repack: bool) -> Result<Weights, String> {
+        let buft = if repack { repack_buffer_type() } else { None };
+        let to_repack: Vec<bool> =
+            specs.iter().map(|s| s.matmul_only && buft.is_some_and(|b| repackable(b, s.dtype, &s.ne))).collect();
         let ctx = Context::new(specs.len(), 0);
         // SAFETY: the map is valid for map.len() bytes for as long as the caller keeps it (see
         // the type's doc); ggml only reads weights.
         let buffer = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(map.as_ptr() as *mut c_void, map.len()) };
         let buffer = NonNull::new(buffer).ok_or("ggml could not wrap the shard's map")?;
-        let mut weights = Weights { ctx, buffer, tensors: Vec::new() };
+        let mut weights = Weights { ctx, buffer, tensors: Vec::new(), repacked: None };
         let base = map.as_ptr() as usize;
-        for spec in specs {
+        let n_repack = to_repack.iter().filter(|r| **r).count();
+        let mut copies: Vec<(NonNull<sys::ggml_tensor>, &[u8])> = Vec::new();
+        if let (Some(buft), true) = (buft, n_repack > 0) {
+            let rctx = Context::new(n_repack, 0);
+            for (spec, _) in specs.iter().zip(&to_repack).filter(|(_, r)| **r) {
+                let t = rctx.new_tensor(spec.dtype, &spec.ne);
+                // SAFETY: a fresh header from rctx.
+                if unsafe { sys::ggml_nbytes(t) } != spec.data.len() {
+                    return Err(format!("tensor {}: data does not match its shape", spec.name));
+                }
+                set_name(t, spec.name);
+                weights.tensors.push((spec.name.to_string(), NonNull::new(t).unwrap()));
+                copies.push((NonNull::new(t).unwrap(), spec.data));
+            }
+            // SAFETY: allocates rctx's tensors in one repack buffer, then fills each (the buffer
+            // type's set_tensor rewrites the blocks into its layout).
+            unsafe {
+                let rbuf = sys::ggml_backend_alloc_ctx_tensors_from_buft(rctx.raw(), buft);
+                let rbuf = NonNull::new(rbuf).ok_or("out of memory for repacked weights")?;
+                for (t, data) in &copies {
+                    sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
+                }
+                weights.repacked = Some((rctx, rbuf));
+            }
+        }
+        for (spec, _) in specs.iter().zip(&to_repack).filter(|(_, r)| !**r) {
             let t = weights.ctx.new_tensor(spec.dtype, &spec.ne);
             // SAFETY: t is a fresh header from our context.
             let need = unsafe { sys::ggml_nbytes(t) };
@@ -161,10 +244,24 @@ impl Weights {
     }
 }
 
+impl Weights {
+    /// Bytes copied into the repack layout (0 without `repack`).
+    pub fn repacked_bytes(&self) -> usize {
+        // SAFETY: a live buffer we own.
+        self.repacked.as_ref().map_or(0, |(_, b)| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) })
+    }
+}
+
 impl Drop for Weights {
     fn drop(&mut self) {
         // SAFETY: the buffer wraps memory it does not own; freeing it frees only the wrapper.
-        unsafe { sys::ggml_backend_buffer_free(self.buffer.as_ptr()) }
+        // The repack buffer is ours and is freed before its context.
+        unsafe {
+            sys::ggml_backend_buffer_free(self.buffer.as_ptr());
+            if let Some((_, b)) = &self.repacked {
+                sys::ggml_backend_buffer_free(b.as_ptr());
+            }
+        }
     }
 }
 

@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub max_sessions: usize,
     /// KV-cache bytes over all sessions; the least recently used are evicted to make room.
     pub kv_budget: u64,
+    /// Copy matrices ggml has a faster CPU layout for into that layout (anonymous memory the size
+    /// of those weights) instead of computing from the map as it is.
+    pub repack: bool,
 }
 
 impl Default for EngineConfig {
@@ -48,6 +51,7 @@ impl Default for EngineConfig {
             ctx_size: 2048,
             max_sessions: 16,
             kv_budget: 2 << 30,
+            repack: false,
         }
     }
 }
@@ -136,7 +140,10 @@ impl Engine {
     /// Makes the shard in `map` runnable under `shard_id`, replacing what was there (and dropping
     /// the sessions that ran on the old one).
     pub fn load(&mut self, shard_id: u32, map: Arc<Mmap>) -> Result<&Hparams, EngineError> {
-        let model = ShardModel::load(map).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
+        let model = ShardModel::load(map, self.cfg.repack).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
+        if model.repacked_bytes() > 0 {
+            crate::debug!("shard {shard_id}: {} weight bytes repacked for this CPU", model.repacked_bytes());
+        }
         self.sessions.retain(|(_, s), _| *s != shard_id);
         self.shards.insert(shard_id, Loaded { model });
         Ok(&self.shards[&shard_id].model.hp)
@@ -149,6 +156,11 @@ impl Engine {
 
     pub fn is_loaded(&self, shard_id: u32) -> bool {
         self.shards.contains_key(&shard_id)
+    }
+
+    /// Weight bytes held outside the shard's map (repacked), 0 unless `repack`.
+    pub fn repacked_bytes(&self, shard_id: u32) -> usize {
+        self.shards.get(&shard_id).map_or(0, |l| l.model.repacked_bytes())
     }
 
     pub fn shard_info(&self, shard_id: u32) -> Option<(&Hparams, u32, u32)> {

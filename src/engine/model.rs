@@ -134,7 +134,7 @@ fn layer_specs(hp: &Hparams, l: u32) -> Vec<(String, Vec<u64>)> {
 impl ShardModel {
     /// Checks that the file holds every tensor its layer range needs, with the right shapes and
     /// types ggml can compute, and wraps them over `map`.
-    pub fn load(map: Arc<Mmap>) -> Result<ShardModel, String> {
+    pub fn load(map: Arc<Mmap>, repack: bool) -> Result<ShardModel, String> {
         let g = Gguf::parse(&map).map_err(|e| format!("not a valid GGUF file: {e}"))?;
         let hp = Hparams::from_gguf(&g)?;
         let begin = g.get_u64("shard.layer_begin").unwrap_or(0);
@@ -181,11 +181,18 @@ impl ShardModel {
                 dtype: t.ggml_type.0 as ggml::RawType,
                 ne: t.dims.iter().map(|&d| d as i64).collect(),
                 data: t.data,
+                // The embedding is read by row (get_rows), so it keeps the file's layout.
+                matmul_only: name.starts_with("blk.") && !*must_f32 || name == "output.weight",
             });
         }
-        let weights = Weights::over_map(&map, &specs)?;
+        let weights = Weights::over_map(&map, &specs, repack)?;
         drop(g);
         Ok(ShardModel { hp, begin, end, weights, _map: map })
+    }
+
+    /// Weight bytes copied out of the map (only with `repack`).
+    pub fn repacked_bytes(&self) -> usize {
+        self.weights.repacked_bytes()
     }
 
     pub fn first(&self) -> bool {

@@ -175,6 +175,7 @@ impl Node {
             ctx_size: config.ctx_size,
             max_sessions: config.max_sessions,
             kv_budget: config.kv_memory,
+            repack: config.repack,
         };
         let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
         Ok(Node {

@@ -8,6 +8,7 @@
 //! - [`dht`]       Kademlia (BEP 5): KRPC codec and routing table so far
 //! - [`torrent`]   BitTorrent v1 metainfo, info hashes and magnet links
 //! - [`gguf`]      GGUF v3 reader over a memory map, ggml type table
+//! - [`engine`]    vendored ggml running LLaMA layer ranges; tokenizers, sampler
 //! - [`protocol`]  command protocol: frame codec, requests, responses, error codes
 //! - [`node`]      the node: event loop, connections, shard catalog, workers
 //! - [`workers`]   the worker thread pool (hash workers)

@@ -56,7 +56,7 @@ bindings:
 
 # A static binary for bare-metal boxes: musl-free, glibc static, ggml built for x86-64-v3.
 static:
-	SHARDNET_PORTABLE=1 RUSTFLAGS="-C target-feature=+crt-static" \
+	SHARDNET_PORTABLE=1 RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
 		cargo build --release --bins --target x86_64-unknown-linux-gnu
 	@file target/x86_64-unknown-linux-gnu/release/shard_listener target/x86_64-unknown-linux-gnu/release/shardctl
 

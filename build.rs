@@ -119,6 +119,16 @@ fn main() {
     }
     // A static binary (`make static`: crt-static) takes libstdc++ statically too.
     let static_crt = env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|f| f == "crt-static"));
+    if static_crt {
+        // Where the C++ compiler keeps libstdc++.a.
+        let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());
+        if let Ok(out) = std::process::Command::new(&cxx).arg("-print-file-name=libstdc++.a").output() {
+            let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if let Some(dir) = path.parent().filter(|d| d.is_absolute()) {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+            }
+        }
+    }
     println!("cargo:rustc-link-lib={}=stdc++", if static_crt { "static" } else { "dylib" });
     println!("cargo:rustc-link-lib=dylib=m");
 }

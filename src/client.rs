@@ -44,9 +44,15 @@ impl Client {
 
     /// Sends a request and returns the whole response object.
     pub fn request(&mut self, command: &str, params: Value) -> Result<Value> {
+        self.request_from(command, params, "shardctl")
+    }
+
+    /// As `request`, naming the sender (`from`): sessions belong to the coordinator that
+    /// started them.
+    pub fn request_from(&mut self, command: &str, params: Value, from: &str) -> Result<Value> {
         let id = json!(format!("ctl-{}", self.next_id));
         self.next_id += 1;
-        self.send_payload(&request_payload(command, &id, "shardctl", params))?;
+        self.send_payload(&request_payload(command, &id, from, params))?;
         loop {
             let response = self.read_response()?;
             if response.get("request_id") == Some(&id) {
@@ -58,6 +64,18 @@ impl Client {
     /// Sends a request and returns its `result`, or its error as an `Err`.
     pub fn call(&mut self, command: &str, params: Value) -> Result<Value> {
         into_result(self.request(command, params)?)
+    }
+
+    /// The address this client is connected to.
+    pub fn peer_addr(&self) -> Result<std::net::SocketAddr> {
+        Ok(self.stream.peer_addr()?)
+    }
+
+    /// Bounds every later read and write by `timeout`.
+    pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        self.stream.set_read_timeout(Some(timeout))?;
+        self.stream.set_write_timeout(Some(timeout))?;
+        Ok(())
     }
 
     pub fn send_payload(&mut self, payload: &[u8]) -> Result<()> {

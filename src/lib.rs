@@ -13,10 +13,12 @@
 //! - [`node`]      the node: event loop, connections, shard catalog, workers
 //! - [`workers`]   the worker thread pool (hash workers)
 //! - [`client`]    blocking command-protocol client (shardctl, tests, benchmarks)
+//! - [`coordinator`] `shardctl infer`: places shards on a cluster, runs the chain, recovers
 
 pub mod bencode;
 pub mod client;
 pub mod config;
+pub mod coordinator;
 pub mod dht;
 pub mod engine;
 pub mod gguf;

@@ -564,7 +564,15 @@ fn execute_task_bad_requests_get_errors_and_the_node_serves_on() {
 #[test]
 fn repacked_weights_compute_the_same_logits() {
     let dir = TempDir::new("engine-repack");
-    let cfg = DemoConfig { weight_type: GgmlType::Q4_0, layers: 2, embd: 256, ffn: 512, heads: 8, kv_heads: 2, ..Default::default() };
+    let cfg = DemoConfig {
+        weight_type: GgmlType::Q4_0,
+        layers: 2,
+        embd: 256,
+        ffn: 512,
+        heads: 8,
+        kv_heads: 2,
+        ..Default::default()
+    };
     let model = demo_model(dir.path(), cfg);
     let run = |repack: bool| {
         let mut e = Engine::new(EngineConfig { threads: 2, ctx_size: 64, repack, ..Default::default() }).unwrap();

@@ -37,6 +37,13 @@ COMMANDS:
                                 run a whole model in this process and stream
                                 the text (greedy unless --temp > 0); with
                                 --json --logits also the logits (checks)
+  infer --prompt TEXT [--bootstrap ADDR] [--cluster NAME] [-n N] [--temp T]
+        [--top-k K] [--top-p P] [--seed S] [--batch N] [--session ID]
+        [--no-special] [--ignore-eos] [--pace-ms MS] [--load-timeout SECS]
+                                generate across the cluster: find its nodes,
+                                have one node per shard load it (downloading
+                                through the swarm), stream the text; a failed
+                                node's shard moves to another node
   tokenize MODEL.gguf [TEXT]    token ids of TEXT, or of each JSON string line
                                 on stdin (one JSON array per line)
   peers KEY | --shard N | --cluster
@@ -131,6 +138,7 @@ fn run(o: &Opts) -> Result<()> {
         ["demo-model", flags @ ..] => demo_model(o, flags),
         ["inspect", file] => inspect(o, file),
         ["generate", model, flags @ ..] => generate(o, model, flags),
+        ["infer", flags @ ..] => infer(o, flags),
         ["tokenize", model, rest @ ..] => tokenize(o, model, rest),
         ["fetch", target, flags @ ..] => fetch(o, target, flags),
         ["peers", "--shard", n] => peers(
@@ -798,5 +806,129 @@ fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
         _ => return Err(usage("tokenize takes at most one TEXT".into())),
     }
     let _ = o;
+    Ok(())
+}
+
+fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
+    use shardnet::coordinator::{Coordinator, Event, InferConfig};
+    use shardnet::engine::sampler::SamplerConfig;
+    use std::io::Write;
+    let f = flag_map(
+        flags,
+        &[
+            "--bootstrap",
+            "--cluster",
+            "--prompt",
+            "-n",
+            "--temp",
+            "--top-k",
+            "--top-p",
+            "--seed",
+            "--batch",
+            "--session",
+            "--pace-ms",
+            "--load-timeout",
+        ],
+        &["--no-special", "--ignore-eos"],
+    );
+    let d = SamplerConfig::default();
+    let sampling = SamplerConfig {
+        temperature: num(&f, "--temp", 0.0),
+        top_k: num(&f, "--top-k", d.top_k),
+        top_p: num(&f, "--top-p", d.top_p),
+        seed: num(&f, "--seed", d.seed),
+    };
+    sampling.validate().map_err(|e| usage(format!("infer: {e}")))?;
+    let prompt = f.get("--prompt").ok_or_else(|| usage("infer needs --prompt TEXT".into()))?;
+    let batch: usize = num(&f, "--batch", 128);
+    if batch == 0 {
+        return Err(usage("--batch must be at least 1".into()));
+    }
+    let session = f.get("--session").map(|s| s.to_string());
+    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
+        return Err(usage("--session must be 1-128 bytes".into()));
+    }
+    let cfg = InferConfig {
+        bootstrap: f.get("--bootstrap").map_or(o.node.clone(), |b| b.to_string()),
+        cluster: f.get("--cluster").unwrap_or(&"shardnet").to_string(),
+        prompt: prompt.to_string(),
+        n: num(&f, "-n", 32),
+        sampling,
+        batch,
+        timeout: o.timeout,
+        load_timeout: Duration::from_secs(num(&f, "--load-timeout", 600u64).max(1)),
+        pace: Duration::from_millis(num(&f, "--pace-ms", 0u64)),
+        parse_special: !f.contains_key("--no-special"),
+        stop_at_eog: !f.contains_key("--ignore-eos"),
+        session,
+        max_recoveries: 3,
+    };
+    let json_out = o.json;
+    let mut stdout = std::io::stdout();
+    let mut progress_open = false;
+    let events = move |ev: Event| {
+        let mut err = std::io::stderr();
+        if progress_open && !matches!(ev, Event::Loading { .. }) {
+            let _ = writeln!(err);
+            progress_open = false;
+        }
+        match ev {
+            Event::Nodes(n) => {
+                let list: Vec<String> = n.iter().map(|a| a.to_string()).collect();
+                let _ = writeln!(err, "nodes: {}", list.join(", "));
+            }
+            Event::Plan(p) => {
+                for (s, a) in p.iter().enumerate() {
+                    let _ = writeln!(err, "shard {s} -> {a}");
+                }
+            }
+            Event::Loading { shard, node, percent, rate, peers } => {
+                let _ = write!(
+                    err,
+                    "\r  shard {shard} on {node}: downloading {percent:5.1}%  {:.1} MB/s  {peers} peers   ",
+                    rate / 1e6
+                );
+                progress_open = true;
+            }
+            Event::Loaded { shard, node, source, ms } => {
+                let _ = writeln!(err, "  shard {shard} loaded on {node} ({source}, {ms:.0} ms)");
+            }
+            Event::Recovering { shard, from, to, why } => {
+                let _ = writeln!(
+                    err,
+                    "\nrecovering: shard {shard} moved from {from} to {to} ({why}); replaying the session"
+                );
+            }
+            Event::Text(t) => {
+                if !json_out {
+                    let _ = stdout.write_all(t.as_bytes());
+                    let _ = stdout.flush();
+                }
+            }
+        }
+    };
+    let mut c = Coordinator::discover(cfg, events)?;
+    let summary = c.generate()?;
+    if json_out {
+        print_json(&summary.to_json());
+        return Ok(());
+    }
+    println!();
+    let v = summary.to_json();
+    let hops: Vec<String> =
+        summary.hop_compute_ms.iter().enumerate().map(|(s, ms)| format!("shard {s} {ms:.2} ms")).collect();
+    eprintln!(
+        "prompt {} tokens, generated {}; load {:.0} ms; time to first token {:.1} ms; prefill {:.1} tok/s; \
+         decode {:.1} tok/s; compute per step: {}; chain overhead {:.0} us per hop; {} recoveries",
+        summary.prompt_tokens.len(),
+        summary.tokens.len(),
+        summary.load_ms,
+        summary.ttft_ms,
+        v["prefill_tps"].as_f64().unwrap_or(0.0),
+        v["decode_tps"].as_f64().unwrap_or(0.0),
+        hops.join(", "),
+        summary.overhead_per_hop_us,
+        summary.recoveries
+    );
     Ok(())
 }

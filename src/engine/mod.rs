@@ -106,6 +106,8 @@ pub enum Output {
 
 struct Session {
     cache: ggml::Cache,
+    /// The coordinator that started it (the request's `from`), if it said.
+    owner: Option<String>,
     /// Positions `0..n_past` hold keys and values.
     n_past: u32,
     n_ctx: u32,
@@ -186,6 +188,7 @@ impl Engine {
         &mut self,
         shard_id: u32,
         session_id: &str,
+        owner: Option<&str>,
         pos: u32,
         input: &Input,
         want: Want,
@@ -251,6 +254,15 @@ impl Engine {
         self.clock += 1;
         let clock = self.clock;
         match self.sessions.get(&key) {
+            Some(s) if owner.is_some() && s.owner.is_some() && s.owner.as_deref() != owner => {
+                return Err(err(
+                    ErrorCode::SessionConflict,
+                    format!(
+                        "session {session_id} belongs to another coordinator ({})",
+                        s.owner.as_deref().unwrap_or("")
+                    ),
+                ));
+            }
             Some(s) if pos > s.n_past => {
                 return Err(err(
                     ErrorCode::OutOfRange,
@@ -277,7 +289,10 @@ impl Engine {
                 self.make_room(bytes);
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
-                self.sessions.insert(key.clone(), Session { cache, n_past: 0, n_ctx, last_used: clock });
+                self.sessions.insert(
+                    key.clone(),
+                    Session { cache, owner: owner.map(str::to_string), n_past: 0, n_ctx, last_used: clock },
+                );
             }
         }
         let session = self.sessions.get_mut(&key).unwrap();

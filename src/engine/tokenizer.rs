@@ -41,6 +41,7 @@ enum Pre {
     Default,
 }
 
+#[derive(Clone)]
 pub struct Tokenizer {
     style: Style,
     pre: Pre,
@@ -77,54 +78,122 @@ fn byte_to_char() -> [char; 256] {
     table
 }
 
-fn strings(g: &Gguf, key: &str) -> Option<Vec<String>> {
-    match g.get(key)? {
-        MetaValue::Array(a) => a.iter().map(|v| v.as_str().map(str::to_string)).collect(),
-        _ => None,
+/// Where tokenizer keys come from: a GGUF file, or the JSON a node's `MODEL_INFO` carries.
+pub trait TokenizerSource {
+    fn str(&self, key: &str) -> Option<String>;
+    fn u64(&self, key: &str) -> Option<u64>;
+    fn bool(&self, key: &str) -> Option<bool>;
+    fn strings(&self, key: &str) -> Option<Vec<String>>;
+    fn f32s(&self, key: &str) -> Option<Vec<f32>>;
+    fn i32s(&self, key: &str) -> Option<Vec<i32>>;
+}
+
+impl TokenizerSource for Gguf<'_> {
+    fn str(&self, key: &str) -> Option<String> {
+        self.get_str(key).map(str::to_string)
+    }
+    fn u64(&self, key: &str) -> Option<u64> {
+        self.get_u64(key)
+    }
+    fn bool(&self, key: &str) -> Option<bool> {
+        match self.get(key)? {
+            MetaValue::Bool(b) => Some(*b),
+            _ => None,
+        }
+    }
+    fn strings(&self, key: &str) -> Option<Vec<String>> {
+        match self.get(key)? {
+            MetaValue::Array(a) => a.iter().map(|v| v.as_str().map(str::to_string)).collect(),
+            _ => None,
+        }
+    }
+    fn f32s(&self, key: &str) -> Option<Vec<f32>> {
+        match self.get(key)? {
+            MetaValue::Array(a) => a.iter().map(|v| v.as_f64().map(|f| f as f32)).collect(),
+            _ => None,
+        }
+    }
+    fn i32s(&self, key: &str) -> Option<Vec<i32>> {
+        match self.get(key)? {
+            MetaValue::Array(a) => a.iter().map(|v| if let MetaValue::I32(t) = v { Some(t) } else { None }).collect(),
+            _ => None,
+        }
     }
 }
 
+impl TokenizerSource for serde_json::Map<String, serde_json::Value> {
+    fn str(&self, key: &str) -> Option<String> {
+        self.get(key)?.as_str().map(str::to_string)
+    }
+    fn u64(&self, key: &str) -> Option<u64> {
+        self.get(key)?.as_u64()
+    }
+    fn bool(&self, key: &str) -> Option<bool> {
+        self.get(key)?.as_bool()
+    }
+    fn strings(&self, key: &str) -> Option<Vec<String>> {
+        self.get(key)?.as_array()?.iter().map(|v| v.as_str().map(str::to_string)).collect()
+    }
+    fn f32s(&self, key: &str) -> Option<Vec<f32>> {
+        self.get(key)?.as_array()?.iter().map(|v| v.as_f64().map(|f| f as f32)).collect()
+    }
+    fn i32s(&self, key: &str) -> Option<Vec<i32>> {
+        self.get(key)?.as_array()?.iter().map(|v| v.as_i64().and_then(|i| i32::try_from(i).ok())).collect()
+    }
+}
+
+/// The GGUF keys a tokenizer is built from (what `MODEL_INFO` sends).
+pub const KEYS: &[&str] = &[
+    "tokenizer.ggml.model",
+    "tokenizer.ggml.pre",
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.eot_token_id",
+    "tokenizer.ggml.eom_token_id",
+    "tokenizer.ggml.add_bos_token",
+    "tokenizer.ggml.add_space_prefix",
+];
+
 impl Tokenizer {
     pub fn from_gguf(g: &Gguf) -> Result<Tokenizer, String> {
-        let model = g.get_str("tokenizer.ggml.model").ok_or("the file has no tokenizer (tokenizer.ggml.model)")?;
-        let style = match model {
+        Tokenizer::from_source(g)
+    }
+
+    pub fn from_source(g: &impl TokenizerSource) -> Result<Tokenizer, String> {
+        let model = g.str("tokenizer.ggml.model").ok_or("the file has no tokenizer (tokenizer.ggml.model)")?;
+        let style = match model.as_str() {
             "llama" => Style::Spm,
             "gpt2" => Style::Bpe,
             other => return Err(format!("tokenizer model {other:?} is not supported (llama, gpt2)")),
         };
-        let tokens = strings(g, "tokenizer.ggml.tokens").ok_or("tokenizer.ggml.tokens is missing or not strings")?;
+        let tokens = g.strings("tokenizer.ggml.tokens").ok_or("tokenizer.ggml.tokens is missing or not strings")?;
         let n = tokens.len();
-        let types: Vec<i32> = match g.get("tokenizer.ggml.token_type") {
-            Some(MetaValue::Array(a)) if a.len as usize == n => {
-                a.iter().map(|v| if let MetaValue::I32(t) = v { t } else { TYPE_NORMAL }).collect()
-            }
-            _ => vec![TYPE_NORMAL; n],
-        };
-        let scores: Vec<f32> = match g.get("tokenizer.ggml.scores") {
-            Some(MetaValue::Array(a)) if a.len as usize == n => {
-                a.iter().map(|v| v.as_f64().unwrap_or(0.0) as f32).collect()
-            }
-            _ => vec![0.0; n],
-        };
+        let types =
+            g.i32s("tokenizer.ggml.token_type").filter(|t| t.len() == n).unwrap_or_else(|| vec![TYPE_NORMAL; n]);
+        let scores = g.f32s("tokenizer.ggml.scores").filter(|s| s.len() == n).unwrap_or_else(|| vec![0.0; n]);
         let mut ids = HashMap::with_capacity(n);
         for (i, t) in tokens.iter().enumerate() {
             ids.entry(t.clone()).or_insert(i as u32);
         }
         let mut ranks = HashMap::new();
         if style == Style::Bpe {
-            let merges = strings(g, "tokenizer.ggml.merges").ok_or("a gpt2 tokenizer needs tokenizer.ggml.merges")?;
+            let merges = g.strings("tokenizer.ggml.merges").ok_or("a gpt2 tokenizer needs tokenizer.ggml.merges")?;
             for (rank, m) in merges.into_iter().enumerate() {
                 ranks.entry(m).or_insert(rank as u32);
             }
         }
-        let pre = match g.get_str("tokenizer.ggml.pre").unwrap_or("default") {
+        let pre = match g.str("tokenizer.ggml.pre").as_deref().unwrap_or("default") {
             "gpt-2" | "gpt2" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" => Pre::Gpt2,
             "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" | "mellum2" => {
                 Pre::Digits
             }
             _ => Pre::Default,
         };
-        let id = |key: &str| g.get_u64(key).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < n);
+        let id = |key: &str| g.u64(key).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < n);
         let mut specials: Vec<(String, u32, bool)> = types
             .iter()
             .enumerate()
@@ -140,10 +209,7 @@ impl Tokenizer {
             };
         }
         let eog = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| id(k)).collect();
-        let flag = |key: &str, default: bool| match g.get(key) {
-            Some(MetaValue::Bool(b)) => *b,
-            _ => default,
-        };
+        let flag = |key: &str, default: bool| g.bool(key).unwrap_or(default);
         Ok(Tokenizer {
             style,
             pre,

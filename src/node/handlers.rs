@@ -8,10 +8,13 @@ use mio::Token;
 use serde_json::{Value, json};
 
 use super::catalog::{LoadedShard, load_shard};
+use super::inference::{Job, ReplyTo};
 use super::scan::ScanEvent;
 use super::{Node, NodeEvent, Waiter};
 use crate::hash::to_hex;
-use crate::protocol::{Command, ErrorCode, LoadShard, Request, RequestError, error_payload, success_payload};
+use crate::protocol::{
+    Command, ErrorCode, ExecuteTask, LoadShard, Request, RequestError, error_payload, success_payload,
+};
 use crate::{info, warn};
 
 impl Node {
@@ -50,10 +53,11 @@ impl Node {
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }
             }
-            Command::ExecuteTask(task) => self.execute_task_command(token, id, task),
+            Command::ExecuteTask(task) => self.execute_task_command(token, id, request.from, task),
+            Command::ModelInfo => self.model_info_command(token, id),
             Command::EndSession { session_id } => {
                 let Some(reply) = self.defer(token, id) else { return };
-                self.inference.submit(super::inference::Job::EndSession { reply, session_id });
+                self.inference.submit(Job::EndSession { reply, session_id });
             }
             Command::Download(params) => {
                 let payload = match self.download_command(params) {
@@ -65,24 +69,106 @@ impl Node {
         }
     }
 
-    /// Runs a task on the inference worker, which answers with `NodeEvent::Answer`.
-    fn execute_task_command(&mut self, token: Token, id: Value, task: crate::protocol::ExecuteTask) {
-        let Some(shard) = self.catalog.loaded.get(&task.shard_id) else {
-            let msg = format!("shard {} is not loaded on this node (send LOAD_SHARD first)", task.shard_id);
-            self.respond(token, &error_payload(json!("EXECUTE_TASK"), id, ErrorCode::ShardNotLoaded, &msg));
-            return;
+    /// Runs a task on the inference worker, which answers with `NodeEvent::Answer` (after the
+    /// rest of the chain, when the task names `next` hops). A shard not loaded is loaded first,
+    /// unless the task says `load: false`.
+    fn execute_task_command(&mut self, token: Token, id: Value, from: Option<String>, task: ExecuteTask) {
+        let fail = |node: &mut Node, id: Value, code, msg: &str| {
+            node.respond(token, &error_payload(json!("EXECUTE_TASK"), id, code, msg));
         };
-        let map = shard.map.clone();
+        if let Some(why) = self.route_loop(&task) {
+            return fail(self, id, ErrorCode::BadRoute, &why);
+        }
+        if !self.catalog.loaded.contains_key(&task.shard_id) {
+            if !task.load {
+                let msg = format!("shard {} is not loaded on this node (send LOAD_SHARD first)", task.shard_id);
+                return fail(self, id, ErrorCode::ShardNotLoaded, &msg);
+            }
+            let p =
+                LoadShard { shard_id: task.shard_id, info_hash: None, wait: true, filename: None, peers: Vec::new() };
+            if let Err((code, msg)) = self.begin_load(task.shard_id, &p) {
+                return fail(self, id, code, &msg);
+            }
+            let Some(reply) = self.defer(token, id) else { return };
+            self.pending_tasks.entry(task.shard_id).or_default().push((reply, from, task, Instant::now()));
+            return;
+        }
         let Some(reply) = self.defer(token, id) else { return };
-        let job = super::inference::Job::Execute { reply, task, map, queued: Instant::now() };
+        self.submit_task(reply, from, task, Instant::now());
+    }
+
+    fn submit_task(&mut self, reply: ReplyTo, from: Option<String>, task: ExecuteTask, queued: Instant) {
+        let Some(shard) = self.catalog.loaded.get(&task.shard_id) else {
+            let msg = format!("shard {} is not loaded on this node", task.shard_id);
+            let payload =
+                error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
+            return self.on_answer(reply.token, reply.conn_id, &payload);
+        };
+        let job = Job::Execute { reply, task, from, map: shard.map.clone(), queued, me: self.local_addr };
         self.inference.submit(job);
     }
 
+    /// Why a task's route would visit a hop twice (this node's hop included), if it would.
+    fn route_loop(&self, task: &ExecuteTask) -> Option<String> {
+        let mut seen = std::collections::HashSet::new();
+        let port = self.local_addr.port();
+        for hop in &task.next {
+            let me = hop.address.port() == port
+                && (hop.address.ip().is_loopback()
+                    || hop.address.ip().is_unspecified()
+                    || hop.address.ip() == self.local_addr.ip());
+            if me && hop.shard_id == task.shard_id {
+                return Some(format!("next sends shard {} back to this node: a loop", hop.shard_id));
+            }
+            if !seen.insert((hop.address, hop.shard_id)) {
+                return Some(format!("next names {} for shard {} twice: a loop", hop.address, hop.shard_id));
+            }
+        }
+        None
+    }
+
+    /// Tasks waiting for their shard's load: run them, or tell them why not.
+    fn run_pending_tasks(&mut self, shard_id: u32, error: Option<(ErrorCode, String)>) {
+        for (reply, from, task, queued) in self.pending_tasks.remove(&shard_id).unwrap_or_default() {
+            match &error {
+                None => self.submit_task(reply, from, task, queued),
+                Some((code, msg)) => {
+                    let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), *code, msg);
+                    self.on_answer(reply.token, reply.conn_id, &payload);
+                }
+            }
+        }
+    }
+
+    /// The model's shape and tokenizer, read from a loaded shard's map or a shard file on a worker.
+    fn model_info_command(&mut self, token: Token, id: Value) {
+        let source = match self.catalog.loaded.values().next() {
+            Some(s) => Ok(s.map.clone()),
+            None => match self.catalog.files.values().find(|f| f.gguf.is_ok()) {
+                Some(f) => Err(f.path.clone()),
+                None => {
+                    let msg = "this node has no GGUF file to describe the model from";
+                    return self.respond(token, &error_payload(json!("MODEL_INFO"), id, ErrorCode::ShardNotFound, msg));
+                }
+            },
+        };
+        let Some(reply) = self.defer(token, id) else { return };
+        let (tx, waker, ctx_size) = (self.events_tx.clone(), self.waker.clone(), self.config.ctx_size);
+        self.pool.handle().submit(move || {
+            let payload = match super::inference::model_info(source, ctx_size) {
+                Ok(result) => success_payload("MODEL_INFO", &reply.request_id, result),
+                Err(e) => error_payload(json!("MODEL_INFO"), reply.request_id.clone(), ErrorCode::ShardInvalid, &e),
+            };
+            let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+            let _ = waker.wake();
+        });
+    }
+
     /// Counts a request as in flight on its connection and says where its answer goes.
-    fn defer(&mut self, token: Token, request_id: Value) -> Option<super::inference::ReplyTo> {
+    fn defer(&mut self, token: Token, request_id: Value) -> Option<ReplyTo> {
         let conn = self.conn(token)?;
         conn.in_flight += 1;
-        Some(super::inference::ReplyTo { token, conn_id: conn.id, request_id })
+        Some(ReplyTo { token, conn_id: conn.id, request_id })
     }
 
     /// A worker's answer: sent if its connection is still the one that asked.
@@ -184,6 +270,26 @@ impl Node {
                 return self.respond(token, &success_payload("LOAD_SHARD", &request_id, result));
             }
         }
+        let started = Instant::now();
+        let path = match self.begin_load(id, &p) {
+            Ok(path) => path,
+            Err((code, msg)) => return reply_err(self, code, msg),
+        };
+        if !p.wait {
+            let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
+            self.respond(token, &success_payload("LOAD_SHARD", &request_id, result));
+            return;
+        }
+        let conn_id = self.conn(token).map_or(0, |c| c.id);
+        if let Some(c) = self.conn(token) {
+            c.in_flight += 1;
+        }
+        self.loading.entry(id).or_default().push(Waiter { token, conn_id, request_id, started });
+    }
+
+    /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
+    /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
+    fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -191,7 +297,7 @@ impl Node {
         let (path, local) = match entry {
             Some(f) => {
                 if let Err(e) = &f.gguf {
-                    return reply_err(self, ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename));
+                    return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
                 match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
@@ -210,27 +316,15 @@ impl Node {
                 (path, exists)
             }
         };
-
-        let waiter =
-            Waiter { token, conn_id: self.conn(token).map_or(0, |c| c.id), request_id, started: Instant::now() };
-        if !local && let Err((code, msg)) = self.download_shard(id, &p, &path) {
-            return self.respond(token, &error_payload(json!("LOAD_SHARD"), waiter.request_id, code, &msg));
-        }
-        if !p.wait {
-            let result = json!({"shard_id": id, "status": "loading", "path": path.display().to_string()});
-            self.respond(token, &success_payload("LOAD_SHARD", &waiter.request_id, result));
+        if !local {
+            self.download_shard(id, p, &path)?;
         }
         let first = !self.loading.contains_key(&id);
-        let waiters = self.loading.entry(id).or_default();
-        if p.wait {
-            if let Some(c) = self.conns.get_mut(token.0 - super::FIRST_CONN).and_then(Option::as_mut) {
-                c.in_flight += 1;
-            }
-            waiters.push(waiter);
-        }
+        self.loading.entry(id).or_default();
         if first && local {
-            self.start_load(id, path);
+            self.start_load(id, path.clone());
         }
+        Ok(path)
     }
 
     /// Starts (or joins) the download of shard `id`: its info hash from the
@@ -345,10 +439,12 @@ impl Node {
             self.respond(w.token, &payload);
             self.resume_or_settle(w.token, was_paused);
         }
+        let error = result.as_ref().err().cloned();
         if let Ok(s) = result {
             self.catalog.loaded.insert(shard_id, s);
             self.status_cache = None;
         }
+        self.run_pending_tasks(shard_id, error);
     }
 
     fn not_found_message(&self, id: u32) -> (ErrorCode, String) {

@@ -3,10 +3,12 @@
 //! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
 //! steps in order.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
 use memmap2::Mmap;
@@ -14,9 +16,12 @@ use mio::{Token, Waker};
 use serde_json::{Value, json};
 
 use super::NodeEvent;
+use crate::client::Client;
 use crate::engine::{Engine, EngineConfig, Input, Output, Want};
+use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::f32_to_json;
-use crate::protocol::{ErrorCode, ExecuteTask, TaskInput, TaskOutput, error_payload, success_payload};
+use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
+use crate::workers::WorkerPool;
 
 /// Where an answer goes: the connection (checked by id, as slots are reused) and the request.
 pub struct ReplyTo {
@@ -26,8 +31,20 @@ pub struct ReplyTo {
 }
 
 pub enum Job {
-    Execute { reply: ReplyTo, task: ExecuteTask, map: Arc<Mmap>, queued: Instant },
-    EndSession { reply: ReplyTo, session_id: String },
+    Execute {
+        reply: ReplyTo,
+        task: ExecuteTask,
+        /// The request's `from`: the coordinator a session belongs to.
+        from: Option<String>,
+        map: Arc<Mmap>,
+        queued: Instant,
+        /// This node's address, for the hop list of the answer.
+        me: SocketAddr,
+    },
+    EndSession {
+        reply: ReplyTo,
+        session_id: String,
+    },
 }
 
 /// Counters the worker keeps for STATUS.
@@ -77,6 +94,10 @@ impl Inference {
     }
 }
 
+/// Threads that carry results to next hops and wait for their answers, so neither the event
+/// loop nor the inference thread waits on another node.
+const RELAY_THREADS: usize = 4;
+
 fn worker(
     cfg: EngineConfig,
     jobs: Receiver<Job>,
@@ -84,6 +105,8 @@ fn worker(
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
 ) {
+    let relay_pool = WorkerPool::new("relay", RELAY_THREADS);
+    let relay = relay_pool.handle();
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
@@ -94,14 +117,37 @@ fn worker(
         stats.queued.fetch_sub(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, task, map, queued } => {
-                let payload = match engine.as_mut() {
-                    Ok(engine) => execute(engine, &mut loaded, &reply, task, map, queued, &stats),
-                    Err(e) => {
-                        error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Internal, &e.message)
-                    }
+            Job::Execute { reply, task, from, map, queued, me } => {
+                let outcome = match engine.as_mut() {
+                    Ok(engine) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
+                    Err(e) => Err((ErrorCode::Internal, e.message.clone())),
                 };
-                (reply, payload)
+                match outcome {
+                    Err((code, msg)) => {
+                        let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg);
+                        (reply, payload)
+                    }
+                    Ok(mut result) => {
+                        let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
+                            "timings": result["timings"].take()});
+                        result.as_object_mut().expect("an object").remove("timings");
+                        if task.next.is_empty() {
+                            result["hops"] = json!([hop]);
+                            let payload = success_payload("EXECUTE_TASK", &reply.request_id, result);
+                            (reply, payload)
+                        } else {
+                            let (tx, w) = (events.clone(), waker.clone());
+                            relay.submit(move || {
+                                let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
+                                let _ =
+                                    tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+                                let _ = w.wake();
+                            });
+                            record(&engine, &stats, started);
+                            continue;
+                        }
+                    }
+                }
             }
             Job::EndSession { reply, session_id } => {
                 let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
@@ -110,12 +156,7 @@ fn worker(
                 (reply, payload)
             }
         };
-        if let Ok(engine) = &engine {
-            let (n, bytes) = engine.sessions();
-            stats.sessions.store(n as u64, Ordering::Relaxed);
-            stats.kv_bytes.store(bytes, Ordering::Relaxed);
-        }
-        stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        record(&engine, &stats, started);
         if events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_err() {
             return; // the node is gone
         }
@@ -123,16 +164,27 @@ fn worker(
     }
 }
 
+/// Updates the counters STATUS shows after a job.
+fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
+    if let Ok(engine) = engine {
+        let (n, bytes) = engine.sessions();
+        stats.sessions.store(n as u64, Ordering::Relaxed);
+        stats.kv_bytes.store(bytes, Ordering::Relaxed);
+    }
+    stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// Runs one task on this node's shard: its result object (timings, and the output), or an error.
 fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
-    reply: &ReplyTo,
-    task: ExecuteTask,
+    task: &ExecuteTask,
+    from: Option<&str>,
     map: Arc<Mmap>,
     queued: Instant,
     stats: &InferStats,
-) -> Vec<u8> {
-    let fail = |code, msg: &str| error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, msg);
+) -> Result<Value, (ErrorCode, String)> {
+    let fail = |code, msg: &str| Err((code, msg.to_string()));
     let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
     let key = map.as_ptr() as usize;
     if loaded.get(&task.shard_id) != Some(&key) || !engine.is_loaded(task.shard_id) {
@@ -144,9 +196,13 @@ fn execute(
         crate::info!("shard {} ready for inference ({:.1} ms)", task.shard_id, t.elapsed().as_secs_f64() * 1e3);
         loaded.insert(task.shard_id, key);
     }
-    let input = match task.input {
-        TaskInput::Tokens(t) => Input::Tokens(t),
-        TaskInput::Hidden { data, rows, cols } => Input::Hidden { data, n_tokens: rows, width: cols },
+    if !task.next.is_empty() && engine.shard_info(task.shard_id).is_some_and(|(hp, _, end)| end == hp.n_layer) {
+        let msg = format!("shard {} ends the model: no hop can follow it", task.shard_id);
+        return fail(ErrorCode::BadRoute, &msg);
+    }
+    let input = match &task.input {
+        TaskInput::Tokens(t) => Input::Tokens(t.clone()),
+        TaskInput::Hidden { data, rows, cols } => Input::Hidden { data: data.clone(), n_tokens: *rows, width: *cols },
     };
     let n_tokens = input.n_tokens();
     let want = match task.output {
@@ -155,7 +211,7 @@ fn execute(
         TaskOutput::TopK(_) => Want::Logits { all: false },
     };
     let t = Instant::now();
-    let out = match engine.execute(task.shard_id, &task.session_id, task.pos, &input, want) {
+    let out = match engine.execute(task.shard_id, &task.session_id, from, task.pos, &input, want) {
         Ok(out) => out,
         Err(e) => return fail(e.code, &e.message),
     };
@@ -176,7 +232,7 @@ fn execute(
         (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": f32_to_json(&data, rows, n_vocab)}),
     };
     let mut result = json!({
-        "session_id": task.session_id,
+        "session_id": &task.session_id,
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
@@ -185,5 +241,125 @@ fn execute(
     if let (Value::Object(r), Value::Object(o)) = (&mut result, output) {
         r.extend(o);
     }
-    success_payload("EXECUTE_TASK", &reply.request_id, result)
+    Ok(result)
+}
+
+thread_local! {
+    /// Each relay thread's open connections to next hops.
+    static HOPS: RefCell<HashMap<SocketAddr, Client>> = RefCell::new(HashMap::new());
+}
+
+/// Sends this hop's hidden state to `task.next[0]` with the rest of the route, waits for the
+/// answer, and returns the frame for our caller: the chain's result with this hop's timings
+/// first in `hops`, or the error with the hop that failed (`failed_hop`).
+fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value, request_id: &Value) -> Vec<u8> {
+    let next = &task.next[0];
+    let (output, k, all) = match task.output {
+        TaskOutput::Hidden => ("hidden", 0, false),
+        TaskOutput::Logits { all } => ("logits", 0, all),
+        TaskOutput::TopK(k) => ("top_k", k, false),
+    };
+    let rest: Vec<Value> =
+        task.next[1..].iter().map(|h| json!({"address": h.address.to_string(), "shard_id": h.shard_id})).collect();
+    let mut params = json!({
+        "session_id": task.session_id,
+        "shard_id": next.shard_id,
+        "pos": task.pos,
+        "input": {"hidden": result["hidden"].take()},
+        "output": output,
+        "all_logits": all,
+        "next": rest,
+        "load": task.load,
+        "hop_timeout_ms": task.hop_timeout_ms,
+    });
+    if k > 0 {
+        params["k"] = json!(k);
+    }
+    let timeout = Duration::from_millis(task.hop_timeout_ms);
+    let sent = Instant::now();
+    let from = from.unwrap_or("relay");
+    let answer = HOPS.with(|hops| {
+        let mut hops = hops.borrow_mut();
+        let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
+            if !hops.contains_key(&next.address) {
+                hops.insert(next.address, Client::connect(&next.address.to_string(), timeout)?);
+            }
+            let client = hops.get_mut(&next.address).expect("just inserted");
+            client.set_timeout(timeout)?;
+            client.request_from("EXECUTE_TASK", params.clone(), from)
+        };
+        // A cached connection the other side has closed gets one fresh try.
+        let first = attempt(&mut hops);
+        if first.is_err() {
+            hops.remove(&next.address);
+            if sent.elapsed() < timeout / 2 {
+                let second = attempt(&mut hops);
+                if second.is_err() {
+                    hops.remove(&next.address);
+                }
+                return second;
+            }
+        }
+        first
+    });
+    let failed = |msg: String| {
+        let mut v = json!({"command": "EXECUTE_TASK", "request_id": request_id, "status": "error",
+            "error": msg, "code": ErrorCode::HopFailed.as_str()});
+        v["failed_hop"] = hop_json(next);
+        serde_json::to_vec(&v).expect("JSON values serialize")
+    };
+    let mut answer = match answer {
+        Ok(a) => a,
+        Err(e) => return failed(format!("next hop {} (shard {}) did not answer: {e:#}", next.address, next.shard_id)),
+    };
+    answer["request_id"] = request_id.clone();
+    if answer["status"] == "error" {
+        if answer.get("failed_hop").is_none() {
+            answer["failed_hop"] = hop_json(next);
+        }
+        return serde_json::to_vec(&answer).expect("JSON values serialize");
+    }
+    let rtt_ms = sent.elapsed().as_secs_f64() * 1e3;
+    if let Some(hops) = answer["result"]["hops"].as_array_mut() {
+        let mut me = hop;
+        me["next_rtt_ms"] = json!(rtt_ms);
+        hops.insert(0, me);
+    }
+    serde_json::to_vec(&answer).expect("JSON values serialize")
+}
+
+fn hop_json(h: &Hop) -> Value {
+    json!({"address": h.address.to_string(), "shard_id": h.shard_id})
+}
+
+/// `MODEL_INFO`: the model's shape and tokenizer from a shard's GGUF header (a loaded shard's map,
+/// or a file opened here, on a worker).
+pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) -> Result<Value, String> {
+    let map = match source {
+        Ok(m) => m,
+        Err(path) => {
+            let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            // SAFETY: shard files are read-only once complete.
+            Arc::new(unsafe { Mmap::map(&f) }.map_err(|e| format!("{}: {e}", path.display()))?)
+        }
+    };
+    let g = Gguf::parse(&map).map_err(|e| e.to_string())?;
+    let hp = crate::engine::Hparams::from_gguf(&g)?;
+    let mut tokenizer = serde_json::Map::new();
+    for key in crate::engine::tokenizer::KEYS {
+        if let Some(v) = g.get(key) {
+            tokenizer.insert(key.to_string(), v.to_json());
+        }
+    }
+    Ok(json!({
+        "architecture": g.get_str("general.architecture"),
+        "model_id": g.get_str("shard.model_id"),
+        "shard_count": g.get_u64("shard.count").unwrap_or(1),
+        "block_count": hp.n_layer,
+        "embedding_length": hp.n_embd,
+        "vocab_size": hp.n_vocab,
+        "context_length": hp.n_ctx_train,
+        "ctx_size": ctx_size.min(hp.n_ctx_train),
+        "tokenizer": tokenizer,
+    }))
 }

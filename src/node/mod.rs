@@ -84,6 +84,8 @@ pub enum NodeEvent {
     },
 }
 
+type PendingTask = (inference::ReplyTo, Option<String>, crate::protocol::ExecuteTask, Instant);
+
 /// A request waiting for a worker's answer.
 struct Waiter {
     token: Token,
@@ -109,6 +111,8 @@ pub struct Node {
     catalog: Catalog,
     /// Shard id -> requests waiting for its load.
     loading: HashMap<u32, Vec<Waiter>>,
+    /// Shard id -> EXECUTE_TASKs waiting for its load.
+    pending_tasks: HashMap<u32, Vec<PendingTask>>,
     scan: ScanProgress,
     pool: WorkerPool,
     /// One thread writing verified pieces, so writes to a file never contend.
@@ -193,6 +197,7 @@ impl Node {
             again: Vec::new(),
             catalog: Catalog::default(),
             loading: HashMap::new(),
+            pending_tasks: HashMap::new(),
             scan: ScanProgress::default(),
             pool,
             disk: WorkerPool::new("disk", 1),

@@ -38,6 +38,9 @@ pub enum ErrorCode {
     UnknownSession,
     ShapeMismatch,
     ContextExceeded,
+    BadRoute,
+    HopFailed,
+    SessionConflict,
 }
 
 impl ErrorCode {
@@ -61,13 +64,16 @@ impl ErrorCode {
             ErrorCode::UnknownSession => "UNKNOWN_SESSION",
             ErrorCode::ShapeMismatch => "SHAPE_MISMATCH",
             ErrorCode::ContextExceeded => "CONTEXT_EXCEEDED",
+            ErrorCode::BadRoute => "BAD_ROUTE",
+            ErrorCode::HopFailed => "HOP_FAILED",
+            ErrorCode::SessionConflict => "SESSION_CONFLICT",
         }
     }
 }
 
 /// The commands this node answers.
 pub const COMMANDS: &[&str] =
-    &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS", "EXECUTE_TASK", "END_SESSION"];
+    &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS", "EXECUTE_TASK", "END_SESSION", "MODEL_INFO"];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -77,8 +83,22 @@ pub enum Command {
     Download(Download),
     FindPeers(PeersKey),
     ExecuteTask(ExecuteTask),
-    EndSession { session_id: String },
+    EndSession {
+        session_id: String,
+    },
+    /// The model's shape and tokenizer, from any GGUF shard the node has.
+    ModelInfo,
 }
+
+/// One hop of a pipeline: the node at `address` runs `shard_id`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Hop {
+    pub address: std::net::SocketAddr,
+    pub shard_id: u32,
+}
+
+/// Most hops one EXECUTE_TASK may name.
+pub const MAX_HOPS: usize = 64;
 
 /// `EXECUTE_TASK`: run tokens (or a hidden state) at positions `pos..` of a session through a shard.
 #[derive(Clone, Debug, PartialEq)]
@@ -88,6 +108,13 @@ pub struct ExecuteTask {
     pub pos: u32,
     pub input: TaskInput,
     pub output: TaskOutput,
+    /// Hops after this one: the result goes to `next[0]` as its input, and so on; the last
+    /// hop's output comes back.
+    pub next: Vec<Hop>,
+    /// Load the shard (from disk or the swarm) if it is not loaded (default true).
+    pub load: bool,
+    /// How long to wait for the next hop's answer.
+    pub hop_timeout_ms: u64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -133,6 +160,7 @@ impl Command {
             Command::FindPeers(_) => "FIND_PEERS",
             Command::ExecuteTask(_) => "EXECUTE_TASK",
             Command::EndSession { .. } => "END_SESSION",
+            Command::ModelInfo => "MODEL_INFO",
         }
     }
 }
@@ -252,6 +280,7 @@ impl Request {
             "DOWNLOAD" => Command::Download(parse_download(params).map_err(|(c, m)| fail(c, m))?),
             "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
             "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params).map_err(|(c, m)| fail(c, m))?),
+            "MODEL_INFO" => Command::ModelInfo,
             "END_SESSION" => Command::EndSession { session_id: session_id(params).map_err(|(c, m)| fail(c, m))? },
             other => {
                 return Err(fail(
@@ -388,7 +417,35 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         },
         Some(v) => return Err((ErrorCode::WrongType, format!("output must be a string, got {}", kind(v)))),
     };
-    Ok(ExecuteTask { session_id, shard_id, pos, input, output })
+    let next = match params.get("next") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(hops)) => {
+            if hops.len() > MAX_HOPS {
+                return Err((ErrorCode::OutOfRange, format!("next names {} hops, at most {MAX_HOPS}", hops.len())));
+            }
+            hops.iter().map(parse_hop).collect::<Result<_, _>>()?
+        }
+        Some(v) => return Err((ErrorCode::WrongType, format!("next must be an array of hops, got {}", kind(v)))),
+    };
+    let load = match params.get("load") {
+        None | Some(Value::Null) => true,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => return Err((ErrorCode::WrongType, format!("load must be a boolean, got {}", kind(v)))),
+    };
+    let hop_timeout_ms = u32_param(params, "hop_timeout_ms", 3_600_000)?.unwrap_or(60_000).max(1) as u64;
+    Ok(ExecuteTask { session_id, shard_id, pos, input, output, next, load, hop_timeout_ms })
+}
+
+fn parse_hop(v: &Value) -> Result<Hop, (ErrorCode, String)> {
+    let wrong = || (ErrorCode::WrongType, format!("hop {v} must be {{\"address\": \"IP:PORT\", \"shard_id\": N}}"));
+    let obj = v.as_object().ok_or_else(wrong)?;
+    let address = obj
+        .get("address")
+        .and_then(Value::as_str)
+        .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+        .ok_or_else(wrong)?;
+    let shard_id = u32_param(obj, "shard_id", MAX_SHARD_ID)?.ok_or_else(wrong)?;
+    Ok(Hop { address, shard_id })
 }
 
 fn parse_download(params: &Map<String, Value>) -> Result<Download, (ErrorCode, String)> {

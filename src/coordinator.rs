@@ -1,0 +1,570 @@
+//! The coordinator behind `shardctl infer`: finds a cluster's nodes, picks one node per shard,
+//! makes them load their shards (downloading through the swarm where they lack them), then runs
+//! the prompt and the generated tokens down the chain with one `EXECUTE_TASK` per step (each node
+//! forwards to the next itself), sampling and streaming text here. When a hop fails it moves that
+//! shard to another node and replays the session there, so the text is what an uninterrupted run
+//! would have written.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+use crate::client::{Client, into_result};
+use crate::engine::generate::TextStream;
+use crate::engine::sampler::{Sampler, SamplerConfig};
+use crate::engine::tokenizer::Tokenizer;
+
+#[derive(Clone, Debug)]
+pub struct InferConfig {
+    pub bootstrap: String,
+    pub cluster: String,
+    pub prompt: String,
+    pub n: usize,
+    pub sampling: SamplerConfig,
+    /// Prompt tokens per EXECUTE_TASK.
+    pub batch: usize,
+    /// Bound on each request to a node (loads wait longer: `load_timeout`).
+    pub timeout: Duration,
+    pub load_timeout: Duration,
+    /// Pause between generated tokens (demos).
+    pub pace: Duration,
+    pub parse_special: bool,
+    pub stop_at_eog: bool,
+    /// Session id; random when `None`.
+    pub session: Option<String>,
+    /// How many hop failures to recover from before giving up.
+    pub max_recoveries: usize,
+}
+
+impl Default for InferConfig {
+    fn default() -> InferConfig {
+        InferConfig {
+            bootstrap: "127.0.0.1:51820".into(),
+            cluster: "shardnet".into(),
+            prompt: String::new(),
+            n: 32,
+            sampling: SamplerConfig::default(),
+            batch: 128,
+            timeout: Duration::from_secs(60),
+            load_timeout: Duration::from_secs(600),
+            pace: Duration::ZERO,
+            parse_special: true,
+            stop_at_eog: true,
+            session: None,
+            max_recoveries: 3,
+        }
+    }
+}
+
+/// What the coordinator tells its user as it goes (`shardctl` prints these on stderr).
+pub enum Event<'a> {
+    Nodes(&'a [SocketAddr]),
+    Plan(&'a [SocketAddr]),
+    Loading { shard: u32, node: SocketAddr, percent: f64, rate: f64, peers: u64 },
+    Loaded { shard: u32, node: SocketAddr, source: &'a str, ms: f64 },
+    Text(&'a str),
+    Recovering { shard: u32, from: SocketAddr, to: SocketAddr, why: &'a str },
+}
+
+/// The run's figures.
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub session: String,
+    pub plan: Vec<SocketAddr>,
+    pub prompt_tokens: Vec<u32>,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub load_ms: f64,
+    pub ttft_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    pub recoveries: usize,
+    /// Per shard: median compute ms per decode step, and the median round trip the hop waited on
+    /// the rest of the chain.
+    pub hop_compute_ms: Vec<f64>,
+    /// Median time of a decode step seen by the coordinator, less the hops' compute: the cost of
+    /// the chain itself (serialization, sockets, relays).
+    pub overhead_per_hop_us: f64,
+}
+
+impl Summary {
+    pub fn to_json(&self) -> Value {
+        let per_s = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+        json!({
+            "session": self.session,
+            "plan": self.plan.iter().enumerate().map(|(s, a)| json!({"shard_id": s, "address": a.to_string()})).collect::<Vec<_>>(),
+            "prompt_tokens": self.prompt_tokens,
+            "tokens": self.tokens,
+            "text": self.text,
+            "load_ms": self.load_ms,
+            "ttft_ms": self.ttft_ms,
+            "prefill_ms": self.prefill_ms,
+            "prefill_tps": per_s(self.prompt_tokens.len(), self.prefill_ms),
+            "decode_ms": self.decode_ms,
+            "decode_tps": per_s(self.tokens.len().saturating_sub(1), self.decode_ms),
+            "recoveries": self.recoveries,
+            "hop_compute_ms": self.hop_compute_ms,
+            "overhead_per_hop_us": self.overhead_per_hop_us,
+        })
+    }
+}
+
+/// A step that failed: recoverable ones name the node to replace.
+enum StepError {
+    Node(SocketAddr, String),
+    Fatal(anyhow::Error),
+}
+
+struct NodeView {
+    addr: SocketAddr,
+    loaded: HashSet<u32>,
+    files: HashSet<u32>,
+}
+
+pub struct Coordinator<'e> {
+    cfg: InferConfig,
+    from: String,
+    nodes: Vec<NodeView>,
+    dead: HashSet<SocketAddr>,
+    conns: HashMap<SocketAddr, Client>,
+    plan: Vec<SocketAddr>,
+    shard_count: u32,
+    ctx_size: u32,
+    n_vocab: usize,
+    tokenizer: Tokenizer,
+    events: Box<dyn FnMut(Event) + 'e>,
+}
+
+fn random_hex(n: usize) -> String {
+    let mut bytes = vec![0u8; n];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
+        bytes = crate::hash::sha1(seed.as_bytes())[..n.min(20)].to_vec();
+    }
+    crate::hash::to_hex(&bytes)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+impl<'e> Coordinator<'e> {
+    /// Finds the cluster's nodes and the model they serve.
+    pub fn discover(cfg: InferConfig, events: impl FnMut(Event) + 'e) -> Result<Coordinator<'e>> {
+        let mut boot = Client::connect(&cfg.bootstrap, cfg.timeout).context("the bootstrap node")?;
+        let key = crate::hash::to_hex(&crate::hash::sha1(format!("shardnet:{}", cfg.cluster).as_bytes()));
+        let mut addrs: Vec<SocketAddr> = Vec::new();
+        // The DHT knows the cluster's members; the bootstrap node is one even if it has not announced.
+        let boot_status = boot.call("STATUS", json!({}))?;
+        if let Ok(found) = boot.call("FIND_PEERS", json!({"key": key})) {
+            for p in found["peers"].as_array().into_iter().flatten() {
+                if let Some(a) = p.as_str().and_then(|s| s.parse().ok()) {
+                    addrs.push(a);
+                }
+            }
+        }
+        let boot_addr: SocketAddr = boot.peer_addr()?;
+        if boot_status["cluster"].as_str() == Some(cfg.cluster.as_str()) && !addrs.contains(&boot_addr) {
+            addrs.insert(0, boot_addr);
+        }
+        let mut nodes = Vec::new();
+        for addr in addrs {
+            let Ok(mut c) = Client::connect(&addr.to_string(), cfg.timeout) else { continue };
+            let (Ok(status), Ok(list)) = (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) else {
+                continue;
+            };
+            if status["cluster"].as_str() != Some(cfg.cluster.as_str()) {
+                continue;
+            }
+            let loaded = status["shards_loaded"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|s| s["shard_id"].as_u64().map(|v| v as u32))
+                .collect();
+            let files = list["files"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|f| f["complete"] != json!(false) && f.get("error").is_none())
+                .filter_map(|f| f["shard_id"].as_u64().map(|v| v as u32))
+                .collect();
+            nodes.push(NodeView { addr, loaded, files });
+        }
+        if nodes.is_empty() {
+            bail!("no node of cluster {:?} answered (bootstrap {})", cfg.cluster, cfg.bootstrap);
+        }
+        // The model's shape and tokenizer, from a node that has a shard file.
+        let mut info = None;
+        for n in nodes.iter().filter(|n| !n.files.is_empty()) {
+            if let Ok(v) =
+                Client::connect(&n.addr.to_string(), cfg.timeout).and_then(|mut c| c.call("MODEL_INFO", json!({})))
+            {
+                info = Some(v);
+                break;
+            }
+        }
+        let info = info.ok_or_else(|| anyhow!("no node of cluster {:?} has a shard of the model", cfg.cluster))?;
+        let tokenizer = info["tokenizer"]
+            .as_object()
+            .ok_or_else(|| anyhow!("MODEL_INFO carries no tokenizer"))
+            .and_then(|t| Tokenizer::from_source(t).map_err(|e| anyhow!("the model's tokenizer: {e}")))?;
+        let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
+        let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
+        let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
+        let from = format!("coordinator-{}", random_hex(6));
+        let mut me = Coordinator {
+            cfg,
+            from,
+            nodes,
+            dead: HashSet::new(),
+            conns: HashMap::new(),
+            plan: Vec::new(),
+            shard_count,
+            ctx_size,
+            n_vocab,
+            tokenizer,
+            events: Box::new(events),
+        };
+        let addrs: Vec<SocketAddr> = me.nodes.iter().map(|n| n.addr).collect();
+        (me.events)(Event::Nodes(&addrs));
+        Ok(me)
+    }
+
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// One node per shard, spreading shards over the nodes (the one given the fewest so far);
+    /// among those, one that has the shard loaded, else one that has the file, else any (which
+    /// downloads it from the swarm).
+    fn choose(&self, shard: u32, assigned: &HashMap<SocketAddr, usize>) -> Option<SocketAddr> {
+        self.nodes
+            .iter()
+            .filter(|n| !self.dead.contains(&n.addr))
+            .min_by_key(|n| {
+                let rank = if n.loaded.contains(&shard) {
+                    0
+                } else if n.files.contains(&shard) {
+                    1
+                } else {
+                    2
+                };
+                (assigned.get(&n.addr).copied().unwrap_or(0), rank, n.addr)
+            })
+            .map(|n| n.addr)
+    }
+
+    /// Makes `node` load `shard`, showing download progress; the answer's source and time.
+    fn load(&mut self, shard: u32, node: SocketAddr) -> Result<()> {
+        let t = Instant::now();
+        let (addr, timeout) = (node.to_string(), self.cfg.load_timeout);
+        let loader = std::thread::spawn(move || -> Result<Value> {
+            let mut c = Client::connect(&addr, timeout)?;
+            c.call("LOAD_SHARD", json!({"shard_id": shard}))
+        });
+        let mut status = Client::connect(&node.to_string(), self.cfg.timeout).ok();
+        let mut polls = 0u64;
+        while !loader.is_finished() {
+            std::thread::sleep(Duration::from_millis(20));
+            polls += 1;
+            let Some(c) = status.as_mut().filter(|_| polls % 10 == 0) else { continue };
+            let Ok(s) = c.call("STATUS", json!({})) else { continue };
+            for d in s["downloads"].as_array().into_iter().flatten() {
+                if d["shard_id"].as_u64() == Some(shard as u64) && d["complete"] != json!(true) {
+                    let total = d["bytes"].as_f64().unwrap_or(0.0).max(1.0);
+                    let percent = 100.0 * d["verified_bytes"].as_f64().unwrap_or(0.0) / total;
+                    let rate = d["rate_bytes_s"].as_f64().unwrap_or(0.0);
+                    let peers = d["peers"].as_u64().unwrap_or(0);
+                    (self.events)(Event::Loading { shard, node, percent, rate, peers });
+                }
+            }
+        }
+        let result = loader.join().map_err(|_| anyhow!("the load thread panicked"))??;
+        let source = result["source"].as_str().unwrap_or("?").to_string();
+        (self.events)(Event::Loaded { shard, node, source: &source, ms: t.elapsed().as_secs_f64() * 1e3 });
+        if let Some(n) = self.nodes.iter_mut().find(|n| n.addr == node) {
+            n.loaded.insert(shard);
+            n.files.insert(shard);
+        }
+        Ok(())
+    }
+
+    /// Assigns every shard (or the shards of `only`) and loads them, moving a shard to another node
+    /// when its load fails.
+    fn place(&mut self, only: Option<&[u32]>) -> Result<()> {
+        if self.plan.is_empty() {
+            self.plan = vec![SocketAddr::from(([0, 0, 0, 0], 0)); self.shard_count as usize];
+        }
+        let todo: Vec<u32> = match only {
+            Some(s) => s.to_vec(),
+            None => (0..self.shard_count).collect(),
+        };
+        let mut assigned: HashMap<SocketAddr, usize> = HashMap::new();
+        for (s, a) in self.plan.iter().enumerate() {
+            if !todo.contains(&(s as u32)) {
+                *assigned.entry(*a).or_default() += 1;
+            }
+        }
+        for &shard in &todo {
+            let mut tried = HashSet::new();
+            loop {
+                let Some(node) = self.choose(shard, &assigned).filter(|n| !tried.contains(n)) else {
+                    bail!("shard {shard}: no node of the cluster could load it (tried {})", tried.len());
+                };
+                tried.insert(node);
+                match self.load(shard, node) {
+                    Ok(()) => {
+                        self.plan[shard as usize] = node;
+                        *assigned.entry(node).or_default() += 1;
+                        break;
+                    }
+                    Err(e) => {
+                        let msg = format!("{e:#}");
+                        // A node that cannot reach the shard at all gives the same answer as any other.
+                        if tried.len() >= self.nodes.len() {
+                            bail!("shard {shard}: {msg}");
+                        }
+                        crate::warn!("shard {shard} on {node}: {msg}");
+                    }
+                }
+            }
+        }
+        let plan = self.plan.clone();
+        (self.events)(Event::Plan(&plan));
+        Ok(())
+    }
+
+    fn route(&self) -> Vec<Value> {
+        self.plan[1..].iter().enumerate().map(|(i, a)| json!({"address": a.to_string(), "shard_id": i + 1})).collect()
+    }
+
+    /// One step down the chain: `tokens` at `pos`; the last token's logits (sparse when the
+    /// sampler needs only the top k) and each hop's timings.
+    fn step(
+        &mut self,
+        session: &str,
+        pos: u32,
+        tokens: &[u32],
+        want: Option<usize>,
+    ) -> Result<(Vec<f32>, Value), StepError> {
+        let first = self.plan[0];
+        let mut params = json!({
+            "task_type": "ai_inference",
+            "session_id": session,
+            "shard_id": 0,
+            "pos": pos,
+            "input": {"tokens": tokens},
+            "next": self.route(),
+            "hop_timeout_ms": self.cfg.timeout.as_millis() as u64,
+            "load": false,
+        });
+        match want {
+            Some(k) => {
+                params["output"] = json!("top_k");
+                params["k"] = json!(k);
+            }
+            None => params["output"] = json!("logits"),
+        }
+        let response = (|| -> Result<Value> {
+            if !self.conns.contains_key(&first) {
+                self.conns.insert(first, Client::connect(&first.to_string(), self.cfg.timeout)?);
+            }
+            let c = self.conns.get_mut(&first).expect("just inserted");
+            c.request_from("EXECUTE_TASK", params, &self.from)
+        })();
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                self.conns.remove(&first);
+                return Err(StepError::Node(first, format!("{e:#}")));
+            }
+        };
+        if response["status"] != "success" {
+            let code = response["code"].as_str().unwrap_or("");
+            let msg = format!("{} ({code})", response["error"].as_str().unwrap_or("error"));
+            let failed = response["failed_hop"]["address"].as_str().and_then(|a| a.parse().ok());
+            return Err(match (code, failed) {
+                ("HOP_FAILED", Some(addr)) => StepError::Node(addr, msg),
+                // A hop that lost its shard (restarted empty) is replaced like a dead one.
+                ("SHARD_NOT_LOADED", _) => StepError::Node(failed.unwrap_or(first), msg),
+                _ => StepError::Fatal(anyhow!("{msg}")),
+            });
+        }
+        let result = &response["result"];
+        let mut logits = vec![f32::NEG_INFINITY; self.n_vocab];
+        if let Some(top) = result["top_k"].as_array() {
+            for t in top {
+                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64()) {
+                    if (id as usize) < logits.len() {
+                        logits[id as usize] = l as f32;
+                    }
+                }
+            }
+        } else {
+            let (data, rows, cols) = crate::protocol::tensor::f32_from_json(&result["logits"], 1 << 26)
+                .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
+            if cols != self.n_vocab || rows == 0 {
+                return Err(StepError::Fatal(anyhow!("logits of width {cols}, expected {}", self.n_vocab)));
+            }
+            logits = data[(rows - 1) * cols..].to_vec();
+        }
+        Ok((logits, result["hops"].clone()))
+    }
+
+    /// Runs `tokens` at `pos`, recovering from failed hops: the failed node's shards move to
+    /// other nodes and the session's `history` (every token before `pos`) is replayed first.
+    fn run(
+        &mut self,
+        session: &str,
+        history: &[u32],
+        pos: u32,
+        tokens: &[u32],
+        want: Option<usize>,
+        recoveries: &mut usize,
+    ) -> Result<(Vec<f32>, Value)> {
+        loop {
+            match self.step(session, pos, tokens, want) {
+                Ok(r) => return Ok(r),
+                Err(StepError::Fatal(e)) => return Err(e),
+                Err(StepError::Node(node, why)) => {
+                    if *recoveries >= self.cfg.max_recoveries {
+                        bail!("giving up after {recoveries} recoveries: {why}");
+                    }
+                    *recoveries += 1;
+                    self.dead.insert(node);
+                    self.conns.remove(&node);
+                    let moved: Vec<u32> = (0..self.shard_count).filter(|&s| self.plan[s as usize] == node).collect();
+                    self.place(Some(&moved)).with_context(|| format!("recovering from {node}: {why}"))?;
+                    for &s in &moved {
+                        let to = self.plan[s as usize];
+                        (self.events)(Event::Recovering { shard: s, from: node, to, why: &why });
+                    }
+                    // Replay the session on the new chain, from its first position.
+                    let mut p = 0;
+                    for chunk in history[..pos as usize].chunks(self.cfg.batch.max(1)) {
+                        if let Err(e) = self.step(session, p, chunk, Some(1)) {
+                            let msg = match e {
+                                StepError::Node(a, m) => format!("{a}: {m}"),
+                                StepError::Fatal(e) => format!("{e:#}"),
+                            };
+                            crate::warn!("replay failed ({msg}); trying again");
+                            break;
+                        }
+                        p += chunk.len() as u32;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Places the shards, then prefills and decodes, streaming text through `Event::Text`.
+    pub fn generate(&mut self) -> Result<Summary> {
+        let prompt = self.tokenizer.encode(&self.cfg.prompt, true, self.cfg.parse_special);
+        if prompt.is_empty() {
+            bail!("the prompt holds no tokens");
+        }
+        if prompt.len() + self.cfg.n > self.ctx_size as usize {
+            bail!(
+                "the prompt ({} tokens) and {} new tokens do not fit the nodes' context of {} tokens",
+                prompt.len(),
+                self.cfg.n,
+                self.ctx_size
+            );
+        }
+        let t_load = Instant::now();
+        self.place(None)?;
+        let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
+        let session = self.cfg.session.clone().unwrap_or_else(|| format!("s-{}", random_hex(8)));
+        let want = match (self.cfg.sampling.temperature, self.cfg.sampling.top_k) {
+            (t, _) if t == 0.0 => Some(1),
+            (_, 0) => None,
+            (_, k) => Some(k),
+        };
+        let mut sampler = Sampler::new(self.cfg.sampling.clone());
+        let mut history = prompt.clone();
+        let mut recoveries = 0;
+        let mut summary =
+            Summary { session: session.clone(), prompt_tokens: prompt.clone(), load_ms, ..Default::default() };
+
+        let t0 = Instant::now();
+        let mut logits = Vec::new();
+        let mut pos = 0u32;
+        for chunk in prompt.chunks(self.cfg.batch.max(1)) {
+            let (l, _) = self.run(&session, &history, pos, chunk, want, &mut recoveries)?;
+            logits = l;
+            pos += chunk.len() as u32;
+        }
+        summary.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+
+        let tokenizer = self.tokenizer.clone();
+        let mut stream = TextStream::new(&tokenizer);
+        let mut step_ms = Vec::new();
+        let mut hop_ms: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
+        let t1 = Instant::now();
+        let outcome = (|| -> Result<()> {
+            for i in 0..self.cfg.n {
+                let id = sampler.sample(&logits);
+                if i == 0 {
+                    summary.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
+                }
+                summary.tokens.push(id);
+                let piece = stream.push(id);
+                summary.text.push_str(&piece);
+                (self.events)(Event::Text(&piece));
+                if (self.cfg.stop_at_eog && tokenizer.is_eog(id)) || i + 1 == self.cfg.n {
+                    break;
+                }
+                history.push(id);
+                if !self.cfg.pace.is_zero() {
+                    std::thread::sleep(self.cfg.pace);
+                }
+                let t = Instant::now();
+                let (l, hops) = self.run(&session, &history, pos, &[id], want, &mut recoveries)?;
+                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+                for (h, hop) in hops.as_array().into_iter().flatten().enumerate() {
+                    if let Some(ms) = hop["timings"]["compute_ms"].as_f64() {
+                        hop_ms.entry(h).or_default().push(ms);
+                    }
+                }
+                logits = l;
+                pos += 1;
+            }
+            Ok(())
+        })();
+        let tail = stream.finish();
+        summary.text.push_str(&tail);
+        (self.events)(Event::Text(&tail));
+        outcome?;
+        summary.decode_ms = t1.elapsed().as_secs_f64() * 1e3 - self.cfg.pace.as_secs_f64() * 1e3 * step_ms.len() as f64;
+        summary.recoveries = recoveries;
+        summary.plan = self.plan.clone();
+        summary.hop_compute_ms = hop_ms.into_values().map(median).collect();
+        let hops = summary.hop_compute_ms.len().max(1) as f64;
+        summary.overhead_per_hop_us =
+            (median(step_ms) - summary.hop_compute_ms.iter().sum::<f64>()).max(0.0) * 1e3 / hops;
+        self.end_session(&session);
+        Ok(summary)
+    }
+
+    /// Frees the session's caches on every node of the plan (best effort).
+    fn end_session(&mut self, session: &str) {
+        let nodes: HashSet<SocketAddr> = self.plan.iter().copied().collect();
+        for n in nodes {
+            if let Some(c) = self.conns.get_mut(&n) {
+                let _ = c.request_from("END_SESSION", json!({"session_id": session}), &self.from);
+            } else if let Ok(mut c) = Client::connect(&n.to_string(), self.cfg.timeout) {
+                let _ = into_result(
+                    c.request_from("END_SESSION", json!({"session_id": session}), &self.from).unwrap_or_default(),
+                );
+            }
+        }
+    }
+}

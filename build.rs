@@ -82,6 +82,7 @@ fn main() {
         _ => arch_flags.push("-DGGML_CPU_GENERIC"),
     }
 
+    let static_crt = env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|f| f == "crt-static"));
     let configure = |build: &mut cc::Build| {
         build
             .include(root.join("include"))
@@ -117,8 +118,7 @@ fn main() {
     if cuda {
         build_cuda(&root, &src);
     }
-    // A static binary (`make static`: crt-static) takes libstdc++ statically too.
-    let static_crt = env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|f| f == "crt-static"));
+    // A static binary takes libstdc++ statically too.
     if static_crt {
         // Where the C++ compiler keeps libstdc++.a.
         let cxx = env::var("CXX").unwrap_or_else(|_| "c++".into());

@@ -245,10 +245,15 @@ impl<'e> Coordinator<'e> {
     /// One node per shard, spreading shards over the nodes (the one given the fewest so far);
     /// among those, one that has the shard loaded, else one that has the file, else any (which
     /// downloads it from the swarm).
-    fn choose(&self, shard: u32, assigned: &HashMap<SocketAddr, usize>) -> Option<SocketAddr> {
+    fn choose(
+        &self,
+        shard: u32,
+        assigned: &HashMap<SocketAddr, usize>,
+        tried: &HashSet<SocketAddr>,
+    ) -> Option<SocketAddr> {
         self.nodes
             .iter()
-            .filter(|n| !self.dead.contains(&n.addr))
+            .filter(|n| !self.dead.contains(&n.addr) && !tried.contains(&n.addr))
             .min_by_key(|n| {
                 let rank = if n.loaded.contains(&shard) {
                     0
@@ -268,7 +273,18 @@ impl<'e> Coordinator<'e> {
         let (addr, timeout) = (node.to_string(), self.cfg.load_timeout);
         let loader = std::thread::spawn(move || -> Result<Value> {
             let mut c = Client::connect(&addr, timeout)?;
-            c.call("LOAD_SHARD", json!({"shard_id": shard}))
+            // A cluster that has just started may not have announced every shard in the DHT yet:
+            // TORRENT_UNAVAILABLE is retried for a few seconds.
+            let mut tries = 0;
+            loop {
+                let r = c.request("LOAD_SHARD", json!({"shard_id": shard}))?;
+                if r["code"] == "TORRENT_UNAVAILABLE" && tries < 10 {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(500));
+                    continue;
+                }
+                return into_result(r);
+            }
         });
         let mut status = Client::connect(&node.to_string(), self.cfg.timeout).ok();
         let mut polls = 0u64;
@@ -316,7 +332,7 @@ impl<'e> Coordinator<'e> {
         for &shard in &todo {
             let mut tried = HashSet::new();
             loop {
-                let Some(node) = self.choose(shard, &assigned).filter(|n| !tried.contains(n)) else {
+                let Some(node) = self.choose(shard, &assigned, &tried) else {
                     bail!("shard {shard}: no node of the cluster could load it (tried {})", tried.len());
                 };
                 tried.insert(node);

@@ -473,6 +473,8 @@ pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
     galloc: NonNull<sys::ggml_gallocr>,
     threads: usize,
+    /// Threads kept between graphs, sleeping (not spinning) while there is no work.
+    pool: Option<NonNull<sys::ggml_threadpool>>,
 }
 
 // SAFETY: the backend is driven by one thread at a time (the inference worker owns it).
@@ -487,7 +489,13 @@ impl Backend {
             sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), threads.max(1) as i32);
             let galloc = NonNull::new(sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()))
                 .ok_or("ggml graph allocator failed")?;
-            Ok(Backend { raw, galloc, threads: threads.max(1) })
+            let mut params = sys::ggml_threadpool_params_default(threads.max(1) as i32);
+            params.poll = 0;
+            let pool = NonNull::new(sys::ggml_threadpool_new(&mut params));
+            if let Some(p) = pool {
+                sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), p.as_ptr());
+            }
+            Ok(Backend { raw, galloc, threads: threads.max(1), pool })
         }
     }
 
@@ -537,6 +545,9 @@ impl Drop for Backend {
         unsafe {
             sys::ggml_gallocr_free(self.galloc.as_ptr());
             sys::ggml_backend_free(self.raw.as_ptr());
+            if let Some(p) = self.pool {
+                sys::ggml_threadpool_free(p.as_ptr());
+            }
         }
     }
 }

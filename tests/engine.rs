@@ -442,8 +442,8 @@ fn execute_task_through_a_node_matches_the_engine() {
     let shards = dir.path().join("shards");
     split::split(&model, 2, &shards, None).unwrap();
     let node = NodeProc::start(&shards, &["--threads", "2", "--ctx-size", "64", "--max-sessions", "4"]);
-    // Not loaded yet: a clear error.
-    let r = execute(&node, json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2]}}));
+    // Not loaded yet, and told not to load: a clear error.
+    let r = execute(&node, json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2]}, "load": false}));
     assert_eq!(r["code"], "SHARD_NOT_LOADED", "{r}");
     for i in 0..2 {
         let r = node.call("LOAD_SHARD", json!({"shard_id": i}));
@@ -457,7 +457,7 @@ fn execute_task_through_a_node_matches_the_engine() {
     assert_eq!(r["status"], "success", "{r}");
     let (h, rows, cols) = f32_from_json(&r["result"]["hidden"], 1 << 20).unwrap();
     assert_eq!((rows, cols), (PROMPT.len(), cfg.embd as usize));
-    assert!(r["result"]["timings"]["compute_ms"].as_f64().is_some());
+    assert!(r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().is_some(), "{r}");
     let r = execute(
         &node,
         json!({"session_id": "s", "shard_id": 1, "pos": 0,
@@ -519,7 +519,8 @@ fn execute_task_bad_requests_get_errors_and_the_node_serves_on() {
         (json!({"session_id": "s", "shard_id": 0, "pos": 31, "input": {"tokens": [1, 2]}}), "CONTEXT_EXCEEDED"),
         (json!({"session_id": "s", "shard_id": 0, "pos": 3, "input": {"tokens": [1]}}), "UNKNOWN_SESSION"),
         (json!({"session_id": "s", "shard_id": 0, "input": {"tokens": [1]}, "output": "poetry"}), "OUT_OF_RANGE"),
-        (json!({"session_id": "s", "shard_id": 9, "input": {"tokens": [1]}}), "SHARD_NOT_LOADED"),
+        (json!({"session_id": "s", "shard_id": 9, "input": {"tokens": [1]}}), "SHARD_NOT_FOUND"),
+        (json!({"session_id": "s", "shard_id": 9, "input": {"tokens": [1]}, "load": false}), "SHARD_NOT_LOADED"),
         (
             json!({"session_id": "s", "shard_id": 2, "input": {"hidden": f32_to_json(&vec![0.0; width], 1, width)}}),
             "SHARD_INVALID",

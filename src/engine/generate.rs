@@ -79,7 +79,6 @@ pub fn generate(
         logits = last_logits(engine.execute(
             shard_id,
             session,
-            None,
             pos,
             &Input::Tokens(chunk.to_vec()),
             Want::Logits { all: false },
@@ -101,7 +100,6 @@ pub fn generate(
         logits = last_logits(engine.execute(
             shard_id,
             session,
-            None,
             pos,
             &Input::Tokens(vec![id]),
             Want::Logits { all: false },

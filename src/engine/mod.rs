@@ -188,6 +188,19 @@ impl Engine {
         &mut self,
         shard_id: u32,
         session_id: &str,
+        pos: u32,
+        input: &Input,
+        want: Want,
+    ) -> Result<Output, EngineError> {
+        self.execute_as(shard_id, session_id, None, pos, input, want)
+    }
+
+    /// As `execute`, for a session owned by `owner` (a coordinator): a session started by one
+    /// owner is refused to another (`SESSION_CONFLICT`).
+    pub fn execute_as(
+        &mut self,
+        shard_id: u32,
+        session_id: &str,
         owner: Option<&str>,
         pos: u32,
         input: &Input,

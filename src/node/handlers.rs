@@ -393,6 +393,7 @@ impl Node {
             self.respond(w.token, &error_payload(json!("LOAD_SHARD"), w.request_id, code, &msg));
             self.resume_or_settle(w.token, was_paused);
         }
+        self.run_pending_tasks(id, Some((code, msg)));
     }
 
     /// Maps and checks a shard on a worker; the answer comes as `NodeEvent::Loaded`.
@@ -439,7 +440,11 @@ impl Node {
             self.respond(w.token, &payload);
             self.resume_or_settle(w.token, was_paused);
         }
-        let error = result.as_ref().err().cloned();
+        let error = match &result {
+            Ok(_) => None,
+            Err((ErrorCode::ShardNotFound, _)) => Some(self.not_found_message(shard_id)),
+            Err(e) => Some(e.clone()),
+        };
         if let Ok(s) = result {
             self.catalog.loaded.insert(shard_id, s);
             self.status_cache = None;

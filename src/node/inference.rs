@@ -211,7 +211,7 @@ fn execute(
         TaskOutput::TopK(_) => Want::Logits { all: false },
     };
     let t = Instant::now();
-    let out = match engine.execute(task.shard_id, &task.session_id, from, task.pos, &input, want) {
+    let out = match engine.execute_as(task.shard_id, &task.session_id, from, task.pos, &input, want) {
         Ok(out) => out,
         Err(e) => return fail(e.code, &e.message),
     };

@@ -591,3 +591,42 @@ fn repacked_weights_compute_the_same_logits() {
     let d = rel_diff(&plain, &packed);
     assert!(d < 1e-2, "repacked logits differ by {d}");
 }
+
+/// The event loop answers while the inference thread computes: STATUS on another connection
+/// comes back long before a large prefill does.
+#[test]
+fn the_node_serves_while_a_model_computes() {
+    let dir = TempDir::new("engine-busy");
+    let cfg = DemoConfig { layers: 8, embd: 512, heads: 8, kv_heads: 4, ffn: 1536, context: 2048, ..Default::default() };
+    let model = demo_model(dir.path(), cfg);
+    let shards = dir.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    std::fs::copy(&model, shards.join("shard-0.gguf")).unwrap();
+    let node = NodeProc::start(&shards, &["--threads", "1", "--ctx-size", "2048"]);
+    assert_eq!(node.call("LOAD_SHARD", json!({"shard_id": 0}))["status"], "success");
+    let tokens: Vec<u32> = (0..1024).map(|i| (i * 7 % 300) as u32).collect();
+    let addr = node.addr.clone();
+    let started = std::time::Instant::now();
+    let big = std::thread::spawn(move || {
+        let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+        c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
+        let r = c.request("EXECUTE_TASK", json!({"session_id": "big", "shard_id": 0, "input": {"tokens": tokens}})).unwrap();
+        (r, started.elapsed())
+    });
+    // STATUS answers while the task computes (`running`), quickly.
+    let mut during = Vec::new();
+    while !big.is_finished() {
+        let t = std::time::Instant::now();
+        let s = node.call("STATUS", json!({}));
+        if s["result"]["inference"]["running"] == json!(1) {
+            during.push(t.elapsed());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let (r, big_time) = big.join().unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    assert!(during.len() >= 3, "only {} STATUS answers during a {big_time:?} prefill", during.len());
+    during.sort();
+    let median = during[during.len() / 2];
+    assert!(median < std::time::Duration::from_millis(100), "STATUS took {median:?} (median) during a prefill");
+}

@@ -56,6 +56,8 @@ pub struct InferStats {
     pub tokens: AtomicU64,
     pub busy_us: AtomicU64,
     pub queued: AtomicU64,
+    /// 1 while a task computes.
+    pub running: AtomicU64,
 }
 
 impl InferStats {
@@ -67,6 +69,7 @@ impl InferStats {
             "tokens": self.tokens.load(Ordering::Relaxed),
             "busy_ms": self.busy_us.load(Ordering::Relaxed) / 1000,
             "queued": self.queued.load(Ordering::Relaxed),
+            "running": self.running.load(Ordering::Relaxed),
         })
     }
 }
@@ -115,6 +118,7 @@ fn worker(
     let mut loaded: HashMap<u32, usize> = HashMap::new();
     for job in jobs {
         stats.queued.fetch_sub(1, Ordering::Relaxed);
+        stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
             Job::Execute { reply, task, from, map, queued, me } => {
@@ -166,6 +170,7 @@ fn worker(
 
 /// Updates the counters STATUS shows after a job.
 fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
+    stats.running.store(0, Ordering::Relaxed);
     if let Ok(engine) = engine {
         let (n, bytes) = engine.sessions();
         stats.sessions.store(n as u64, Ordering::Relaxed);

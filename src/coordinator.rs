@@ -291,7 +291,7 @@ impl<'e> Coordinator<'e> {
         while !loader.is_finished() {
             std::thread::sleep(Duration::from_millis(20));
             polls += 1;
-            let Some(c) = status.as_mut().filter(|_| polls % 10 == 0) else { continue };
+            let Some(c) = status.as_mut().filter(|_| polls.is_multiple_of(10)) else { continue };
             let Ok(s) = c.call("STATUS", json!({})) else { continue };
             for d in s["downloads"].as_array().into_iter().flatten() {
                 if d["shard_id"].as_u64() == Some(shard as u64) && d["complete"] != json!(true) {
@@ -418,10 +418,10 @@ impl<'e> Coordinator<'e> {
         let mut logits = vec![f32::NEG_INFINITY; self.n_vocab];
         if let Some(top) = result["top_k"].as_array() {
             for t in top {
-                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64()) {
-                    if (id as usize) < logits.len() {
-                        logits[id as usize] = l as f32;
-                    }
+                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64())
+                    && (id as usize) < logits.len()
+                {
+                    logits[id as usize] = l as f32;
                 }
             }
         } else {
@@ -499,8 +499,9 @@ impl<'e> Coordinator<'e> {
         self.place(None)?;
         let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
         let session = self.cfg.session.clone().unwrap_or_else(|| format!("s-{}", random_hex(8)));
+        // What the last hop returns: greedy needs the best id, top-k sampling the k best, else all.
         let want = match (self.cfg.sampling.temperature, self.cfg.sampling.top_k) {
-            (t, _) if t == 0.0 => Some(1),
+            (0.0, _) => Some(1),
             (_, 0) => None,
             (_, k) => Some(k),
         };

@@ -443,7 +443,8 @@ fn execute_task_through_a_node_matches_the_engine() {
     split::split(&model, 2, &shards, None).unwrap();
     let node = NodeProc::start(&shards, &["--threads", "2", "--ctx-size", "64", "--max-sessions", "4"]);
     // Not loaded yet, and told not to load: a clear error.
-    let r = execute(&node, json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2]}, "load": false}));
+    let r =
+        execute(&node, json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2]}, "load": false}));
     assert_eq!(r["code"], "SHARD_NOT_LOADED", "{r}");
     for i in 0..2 {
         let r = node.call("LOAD_SHARD", json!({"shard_id": i}));
@@ -597,7 +598,8 @@ fn repacked_weights_compute_the_same_logits() {
 #[test]
 fn the_node_serves_while_a_model_computes() {
     let dir = TempDir::new("engine-busy");
-    let cfg = DemoConfig { layers: 8, embd: 512, heads: 8, kv_heads: 4, ffn: 1536, context: 2048, ..Default::default() };
+    let cfg =
+        DemoConfig { layers: 8, embd: 512, heads: 8, kv_heads: 4, ffn: 1536, context: 2048, ..Default::default() };
     let model = demo_model(dir.path(), cfg);
     let shards = dir.path().join("shards");
     std::fs::create_dir_all(&shards).unwrap();
@@ -610,7 +612,9 @@ fn the_node_serves_while_a_model_computes() {
     let big = std::thread::spawn(move || {
         let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
         c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
-        let r = c.request("EXECUTE_TASK", json!({"session_id": "big", "shard_id": 0, "input": {"tokens": tokens}})).unwrap();
+        let r = c
+            .request("EXECUTE_TASK", json!({"session_id": "big", "shard_id": 0, "input": {"tokens": tokens}}))
+            .unwrap();
         (r, started.elapsed())
     });
     // STATUS answers while the task computes (`running`), quickly.

@@ -28,6 +28,7 @@ pub enum StepOutput {
 /// Runs `n_tokens` tokens at positions `pos..pos+n_tokens` through the shard, reading and extending
 /// `cache` (2 tensors per layer: keys then values, each [n_embd_kv, n_ctx]). Inputs were validated
 /// by the caller.
+#[allow(clippy::too_many_arguments)]
 pub fn step(
     backend: &mut Backend,
     model: &ShardModel,

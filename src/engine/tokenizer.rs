@@ -282,10 +282,10 @@ impl Tokenizer {
         }
         match self.style {
             Style::Spm => {
-                if ty == TYPE_BYTE {
-                    if let Some(b) = text.strip_prefix("<0x").and_then(|h| h.strip_suffix('>')) {
-                        return u8::from_str_radix(b, 16).map(|b| vec![b]).unwrap_or_default();
-                    }
+                if ty == TYPE_BYTE
+                    && let Some(b) = text.strip_prefix("<0x").and_then(|h| h.strip_suffix('>'))
+                {
+                    return u8::from_str_radix(b, 16).map(|b| vec![b]).unwrap_or_default();
                 }
                 text.replace('▁', " ").into_bytes()
             }
@@ -442,10 +442,10 @@ impl Tokenizer {
                     pair.push_str(&word[syms[i].0..syms[i].0 + syms[i].1]);
                     pair.push(' ');
                     pair.push_str(&word[syms[i + 1].0..syms[i + 1].0 + syms[i + 1].1]);
-                    if let Some(&rank) = self.ranks.get(pair.as_str()) {
-                        if best.is_none_or(|(r, _)| rank < r) {
-                            best = Some((rank, i));
-                        }
+                    if let Some(&rank) = self.ranks.get(pair.as_str())
+                        && best.is_none_or(|(r, _)| rank < r)
+                    {
+                        best = Some((rank, i));
                     }
                 }
                 let Some((_, i)) = best else { break };

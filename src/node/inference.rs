@@ -286,8 +286,8 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
     let answer = HOPS.with(|hops| {
         let mut hops = hops.borrow_mut();
         let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
-            if !hops.contains_key(&next.address) {
-                hops.insert(next.address, Client::connect(&next.address.to_string(), timeout)?);
+            if let std::collections::hash_map::Entry::Vacant(e) = hops.entry(next.address) {
+                e.insert(Client::connect(&next.address.to_string(), timeout)?);
             }
             let client = hops.get_mut(&next.address).expect("just inserted");
             client.set_timeout(timeout)?;

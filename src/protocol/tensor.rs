@@ -25,7 +25,7 @@ pub fn b64_encode(bytes: &[u8]) -> String {
 /// Decodes padded base64; `None` on any character outside the alphabet or a bad length.
 pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
     let s = text.as_bytes();
-    if s.len() % 4 != 0 {
+    if !s.len().is_multiple_of(4) {
         return None;
     }
     let mut table = [255u8; 256];

@@ -162,7 +162,12 @@ fn connect(o: &Opts) -> Result<Client> {
 }
 
 fn print_json(v: &Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON prints"));
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(v).expect("JSON prints");
+    // A reader that went away (`| head`) ends the output quietly rather than with a panic.
+    if writeln!(std::io::stdout().lock(), "{text}").is_err() {
+        std::process::exit(0);
+    }
 }
 
 fn list(o: &Opts) -> Result<()> {

@@ -138,13 +138,9 @@ pub struct Coordinator<'e> {
     events: Box<dyn FnMut(Event) + 'e>,
 }
 
+/// `n` (at most 20) random bytes in hex.
 fn random_hex(n: usize) -> String {
-    let mut bytes = vec![0u8; n];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
-        let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());
-        bytes = crate::hash::sha1(seed.as_bytes())[..n.min(20)].to_vec();
-    }
-    crate::hash::to_hex(&bytes)
+    crate::hash::to_hex(&crate::node::random_id()[..n.min(20)])
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -159,7 +155,7 @@ impl<'e> Coordinator<'e> {
     /// Finds the cluster's nodes and the model they serve.
     pub fn discover(cfg: InferConfig, events: impl FnMut(Event) + 'e) -> Result<Coordinator<'e>> {
         let mut boot = Client::connect(&cfg.bootstrap, cfg.timeout).context("the bootstrap node")?;
-        let key = crate::hash::to_hex(&crate::hash::sha1(format!("shardnet:{}", cfg.cluster).as_bytes()));
+        let key = crate::hash::to_hex(&crate::node::cluster_key(&cfg.cluster).0);
         let mut addrs: Vec<SocketAddr> = Vec::new();
         // The DHT knows the cluster's members; the bootstrap node is one even if it has not announced.
         let boot_status = boot.call("STATUS", json!({}))?;
@@ -575,13 +571,15 @@ impl<'e> Coordinator<'e> {
     fn end_session(&mut self, session: &str) {
         let nodes: HashSet<SocketAddr> = self.plan.iter().copied().collect();
         for n in nodes {
-            if let Some(c) = self.conns.get_mut(&n) {
-                let _ = c.request_from("END_SESSION", json!({"session_id": session}), &self.from);
-            } else if let Ok(mut c) = Client::connect(&n.to_string(), self.cfg.timeout) {
-                let _ = into_result(
-                    c.request_from("END_SESSION", json!({"session_id": session}), &self.from).unwrap_or_default(),
-                );
-            }
+            let mut fresh = None;
+            let c = match self.conns.get_mut(&n) {
+                Some(c) => c,
+                None => match Client::connect(&n.to_string(), self.cfg.timeout) {
+                    Ok(c) => fresh.insert(c),
+                    Err(_) => continue,
+                },
+            };
+            let _ = c.request_from("END_SESSION", json!({"session_id": session}), &self.from);
         }
     }
 }

@@ -8,6 +8,7 @@ use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
 use shardnet::client::{Client, into_result};
+use shardnet::engine::sampler::SamplerConfig;
 use shardnet::torrent::{Metainfo, create};
 use shardnet::workers::WorkerPool;
 
@@ -688,9 +689,22 @@ fn load_tokenizer(map: &[u8], path: &str) -> Result<shardnet::engine::tokenizer:
     shardnet::engine::tokenizer::Tokenizer::from_gguf(&g).map_err(|e| anyhow::anyhow!("{path}: {e}"))
 }
 
+/// `--temp`, `--top-k`, `--top-p`, `--seed` (generate and infer), checked.
+fn sampling_flags(f: &std::collections::HashMap<&str, &str>, command: &str) -> Result<SamplerConfig> {
+    let d = SamplerConfig::default();
+    let sampling = SamplerConfig {
+        temperature: num(f, "--temp", 0.0),
+        top_k: num(f, "--top-k", d.top_k),
+        top_p: num(f, "--top-p", d.top_p),
+        seed: num(f, "--seed", d.seed),
+    };
+    sampling.validate().map_err(|e| usage(format!("{command}: {e}")))?;
+    Ok(sampling)
+}
+
 fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     use shardnet::engine::generate::{TextStream, generate};
-    use shardnet::engine::sampler::{Sampler, SamplerConfig};
+    use shardnet::engine::sampler::Sampler;
     use shardnet::engine::{Engine, EngineConfig};
     use std::io::Write;
     let f = flag_map(
@@ -698,14 +712,7 @@ fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
         &["--no-special", "--logits", "--ignore-eos", "--repack"],
     );
-    let d = SamplerConfig::default();
-    let sampling = SamplerConfig {
-        temperature: num(&f, "--temp", 0.0),
-        top_k: num(&f, "--top-k", d.top_k),
-        top_p: num(&f, "--top-p", d.top_p),
-        seed: num(&f, "--seed", d.seed),
-    };
-    sampling.validate().map_err(|e| usage(format!("generate: {e}")))?;
+    let sampling = sampling_flags(&f, "generate")?;
     let n: usize = num(&f, "-n", 32);
     let batch: usize = num(&f, "--batch", 512);
     if batch == 0 {
@@ -816,7 +823,6 @@ fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
 
 fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     use shardnet::coordinator::{Coordinator, Event, InferConfig};
-    use shardnet::engine::sampler::SamplerConfig;
     use std::io::Write;
     let f = flag_map(
         flags,
@@ -836,14 +842,7 @@ fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         ],
         &["--no-special", "--ignore-eos"],
     );
-    let d = SamplerConfig::default();
-    let sampling = SamplerConfig {
-        temperature: num(&f, "--temp", 0.0),
-        top_k: num(&f, "--top-k", d.top_k),
-        top_p: num(&f, "--top-p", d.top_p),
-        seed: num(&f, "--seed", d.seed),
-    };
-    sampling.validate().map_err(|e| usage(format!("infer: {e}")))?;
+    let sampling = sampling_flags(&f, "infer")?;
     let prompt = f.get("--prompt").ok_or_else(|| usage("infer needs --prompt TEXT".into()))?;
     let batch: usize = num(&f, "--batch", 128);
     if batch == 0 {

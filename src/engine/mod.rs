@@ -114,14 +114,10 @@ struct Session {
     last_used: u64,
 }
 
-struct Loaded {
-    model: ShardModel,
-}
-
 pub struct Engine {
     backend: ggml::Backend,
     cfg: EngineConfig,
-    shards: HashMap<u32, Loaded>,
+    shards: HashMap<u32, ShardModel>,
     sessions: HashMap<(String, u32), Session>,
     clock: u64,
 }
@@ -147,8 +143,8 @@ impl Engine {
             crate::debug!("shard {shard_id}: {} weight bytes repacked for this CPU", model.repacked_bytes());
         }
         self.sessions.retain(|(_, s), _| *s != shard_id);
-        self.shards.insert(shard_id, Loaded { model });
-        Ok(&self.shards[&shard_id].model.hp)
+        self.shards.insert(shard_id, model);
+        Ok(&self.shards[&shard_id].hp)
     }
 
     pub fn unload(&mut self, shard_id: u32) {
@@ -162,11 +158,11 @@ impl Engine {
 
     /// Weight bytes held outside the shard's map (repacked), 0 unless `repack`.
     pub fn repacked_bytes(&self, shard_id: u32) -> usize {
-        self.shards.get(&shard_id).map_or(0, |l| l.model.repacked_bytes())
+        self.shards.get(&shard_id).map_or(0, |m| m.repacked_bytes())
     }
 
     pub fn shard_info(&self, shard_id: u32) -> Option<(&Hparams, u32, u32)> {
-        self.shards.get(&shard_id).map(|l| (&l.model.hp, l.model.begin, l.model.end))
+        self.shards.get(&shard_id).map(|m| (&m.hp, m.begin, m.end))
     }
 
     /// Sessions alive and the KV bytes they hold.
@@ -206,10 +202,9 @@ impl Engine {
         input: &Input,
         want: Want,
     ) -> Result<Output, EngineError> {
-        let Some(loaded) = self.shards.get(&shard_id) else {
+        let Some(model) = self.shards.get(&shard_id) else {
             return Err(err(ErrorCode::ShardNotLoaded, format!("shard {shard_id} is not loaded on this node")));
         };
-        let model = &loaded.model;
         let hp = &model.hp;
         if session_id.is_empty() || session_id.len() > MAX_SESSION_ID {
             return Err(err(ErrorCode::OutOfRange, format!("session_id must be 1..={MAX_SESSION_ID} bytes")));
@@ -310,7 +305,7 @@ impl Engine {
         }
         let session = self.sessions.get_mut(&key).unwrap();
         session.last_used = clock;
-        let model = &self.shards[&shard_id].model;
+        let model = &self.shards[&shard_id];
         let step_input = match input {
             Input::Tokens(ids) => StepInput::Tokens(ids),
             Input::Hidden { data, .. } => StepInput::Hidden(data),

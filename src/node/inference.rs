@@ -264,8 +264,7 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
         TaskOutput::Logits { all } => ("logits", 0, all),
         TaskOutput::TopK(k) => ("top_k", k, false),
     };
-    let rest: Vec<Value> =
-        task.next[1..].iter().map(|h| json!({"address": h.address.to_string(), "shard_id": h.shard_id})).collect();
+    let rest: Vec<Value> = task.next[1..].iter().map(hop_json).collect();
     let mut params = json!({
         "session_id": task.session_id,
         "shard_id": next.shard_id,

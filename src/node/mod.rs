@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod conn;
 mod dht_glue;
+pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
 mod peer_wire;
@@ -557,8 +558,8 @@ fn peer_id() -> [u8; 20] {
     id
 }
 
-/// 20 random bytes for the node id (the DHT's id space).
-fn random_id() -> [u8; 20] {
+/// 20 random bytes for the node id (the DHT's id space), session ids and the like.
+pub(crate) fn random_id() -> [u8; 20] {
     let mut id = [0u8; 20];
     if std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut id)).is_err() {
         let seed = format!("{:?}{}", std::time::SystemTime::now(), std::process::id());

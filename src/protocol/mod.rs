@@ -316,11 +316,7 @@ fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode
         ),
         Some(v) => return Err((ErrorCode::WrongType, format!("info_hash must be a string, got {}", kind(v)))),
     };
-    let wait = match params.get("wait") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => return Err((ErrorCode::WrongType, format!("wait must be a boolean, got {}", kind(v)))),
-    };
+    let wait = bool_param(params, "wait", true)?;
     let filename = match params.get("filename") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
@@ -346,6 +342,14 @@ fn session_id(params: &Map<String, Value>) -> Result<String, (ErrorCode, String)
 
 /// Longest session id.
 pub const MAX_SESSION_ID_LEN: usize = 128;
+
+fn bool_param(params: &Map<String, Value>, key: &str, default: bool) -> Result<bool, (ErrorCode, String)> {
+    match params.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => Err((ErrorCode::WrongType, format!("{key} must be a boolean, got {}", kind(v)))),
+    }
+}
 
 fn u32_param(params: &Map<String, Value>, key: &str, max: u64) -> Result<Option<u32>, (ErrorCode, String)> {
     match params.get(key) {
@@ -400,11 +404,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         },
         Some(v) => return Err((ErrorCode::WrongType, format!("input must be an object, got {}", kind(v)))),
     };
-    let all = match params.get("all_logits") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => return Err((ErrorCode::WrongType, format!("all_logits must be a boolean, got {}", kind(v)))),
-    };
+    let all = bool_param(params, "all_logits", false)?;
     let output = match params.get("output") {
         None | Some(Value::Null) => TaskOutput::Logits { all },
         Some(Value::String(o)) => match o.as_str() {
@@ -427,11 +427,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         }
         Some(v) => return Err((ErrorCode::WrongType, format!("next must be an array of hops, got {}", kind(v)))),
     };
-    let load = match params.get("load") {
-        None | Some(Value::Null) => true,
-        Some(Value::Bool(b)) => *b,
-        Some(v) => return Err((ErrorCode::WrongType, format!("load must be a boolean, got {}", kind(v)))),
-    };
+    let load = bool_param(params, "load", true)?;
     let hop_timeout_ms = u32_param(params, "hop_timeout_ms", 3_600_000)?.unwrap_or(60_000).max(1) as u64;
     Ok(ExecuteTask { session_id, shard_id, pos, input, output, next, load, hop_timeout_ms })
 }

@@ -94,6 +94,9 @@ pub struct NodeConfig {
     pub upload_limit: u64,
     /// Bytes per second read from peers, all torrents together; 0: no limit.
     pub download_limit: u64,
+    /// Write downloaded pieces with direct I/O (not through the page cache)
+    /// where the filesystem allows; `--cached-writes` turns it off.
+    pub direct_io: bool,
     /// ggml compute threads of the inference worker.
     pub threads: usize,
     /// Tokens of context per inference session.
@@ -123,6 +126,7 @@ impl Default for NodeConfig {
             io_timeout: Duration::from_secs(30),
             upload_limit: 0,
             download_limit: 0,
+            direct_io: true,
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ctx_size: 2048,
             max_sessions: 16,
@@ -155,6 +159,8 @@ FLAGS:
                          responses for this long [default: 30]
   --upload-limit BYTES   bytes/s sent to peers, all torrents [default: 0, no limit]
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
+  --cached-writes        write downloaded pieces through the page cache (default:
+                         direct I/O where the filesystem allows it)
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
@@ -238,6 +244,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                     return Err("--repack takes no value".into());
                 }
                 c.repack = true;
+            }
+            "--cached-writes" => {
+                if inline.is_some() {
+                    return Err("--cached-writes takes no value".into());
+                }
+                c.direct_io = false;
             }
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,

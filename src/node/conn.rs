@@ -7,7 +7,7 @@
 //! until it drains below [`OUT_LOW_WATER`]), and at most [`MAX_IN_FLIGHT`]
 //! deferred answers can be added on top.
 
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -22,6 +22,8 @@ pub const OUT_HIGH_WATER: usize = 1024 * 1024;
 pub const OUT_LOW_WATER: usize = 256 * 1024;
 /// Deferred requests (answered by a worker) per connection at most.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Input buffer kept across reads; a larger one (a big frame) is freed when empty.
+const INPUT_KEEP: usize = 1024 * 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
@@ -40,9 +42,11 @@ pub struct Conn {
     /// a worker's answer was meant for.
     pub id: u64,
     pub kind: Kind,
+    /// Received bytes: `input[start..end]` are not yet consumed; the rest is
+    /// room that reads fill in place (initialised once, reused).
     input: Vec<u8>,
-    /// Bytes of `input` already consumed as frames.
-    consumed: usize,
+    start: usize,
+    end: usize,
     output: Vec<u8>,
     written: usize,
     pub in_flight: usize,
@@ -81,7 +85,8 @@ impl Conn {
             id,
             kind: Kind::Unknown,
             input: Vec::new(),
-            consumed: 0,
+            start: 0,
+            end: 0,
             output: Vec::new(),
             written: 0,
             in_flight: 0,
@@ -109,13 +114,38 @@ impl Conn {
 
     /// Unconsumed input (peer wire).
     pub fn input(&self) -> &[u8] {
-        &self.input[self.consumed..]
+        &self.input[self.start..self.end]
     }
 
     /// Marks `n` bytes of input used (peer wire).
     pub fn consume_raw(&mut self, n: usize, now: Instant) {
-        self.consumed += n;
+        self.start += n;
+        debug_assert!(self.start <= self.end);
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
         self.frame_started = self.has_partial_input().then_some(now);
+    }
+
+    /// Reads at most `max` bytes from the socket straight into the input
+    /// buffer (no intermediate copy). `Ok(0)`: the peer closed its side.
+    pub fn read_input(&mut self, max: usize, now: Instant) -> io::Result<usize> {
+        if self.input.len() - self.end < max {
+            // Move the partial frame to the front, then grow only if needed.
+            if self.start > 0 {
+                self.input.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            }
+            if self.input.len() - self.end < max {
+                self.input.resize(self.end + max, 0);
+            }
+        }
+        let n = self.stream.read(&mut self.input[self.end..self.end + max])?;
+        if n > 0 && self.start == self.end {
+            self.frame_started = Some(now);
+        }
+        self.end += n;
+        Ok(n)
     }
 
     /// Queues raw bytes (peer wire).
@@ -149,21 +179,14 @@ impl Conn {
         self.pending_output() < OUT_LOW_WATER && self.in_flight < MAX_IN_FLIGHT
     }
 
-    pub fn push_input(&mut self, bytes: &[u8], now: Instant) {
-        if self.input.len() == self.consumed && !bytes.is_empty() {
-            self.frame_started = Some(now);
-        }
-        self.input.extend_from_slice(bytes);
-    }
-
     /// Whether bytes of an incomplete frame are buffered.
     pub fn has_partial_input(&self) -> bool {
-        self.input.len() > self.consumed
+        self.end > self.start
     }
 
     /// Looks at the next buffered frame; call [`Conn::consume`] after using it.
     pub fn next(&mut self, max_frame: u32) -> Next<'_> {
-        let rest = &self.input[self.consumed..];
+        let rest = &self.input[self.start..self.end];
         if self.kind == Kind::Unknown {
             match rest.first() {
                 None => return Next::NeedMore,
@@ -183,22 +206,22 @@ impl Conn {
 
     /// Marks the frame returned by `next` as used.
     pub fn consume(&mut self, payload_len: usize, now: Instant) {
-        self.consumed += frame::HEADER_LEN + payload_len;
-        self.frame_started = self.has_partial_input().then_some(now);
+        self.consume_raw(frame::HEADER_LEN + payload_len, now);
     }
 
-    /// Drops consumed input so the buffer holds at most one partial frame.
-    pub fn compact_input(&mut self) {
-        if self.consumed > 0 {
-            self.input.drain(..self.consumed);
-            self.consumed = 0;
+    /// Frees a large input buffer once nothing is buffered (after a big
+    /// command frame), so an idle connection holds little memory.
+    pub fn trim_input(&mut self) {
+        if self.start == self.end && self.input.len() > INPUT_KEEP {
+            self.input = Vec::new();
+            (self.start, self.end) = (0, 0);
         }
     }
 
     /// Discards all buffered input (after a fatal framing error).
     pub fn discard_input(&mut self) {
         self.input = Vec::new();
-        self.consumed = 0;
+        (self.start, self.end) = (0, 0);
         self.frame_started = None;
     }
 

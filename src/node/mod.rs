@@ -44,7 +44,7 @@ const UDP: Token = Token(2);
 const FIRST_CONN: usize = 3;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
-/// One read's buffer.
+/// Most bytes one read takes (into the connection's input buffer).
 const READ_CHUNK: usize = 64 * 1024;
 /// How often stalled connections are looked for and swarms ticked.
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
@@ -65,6 +65,8 @@ pub enum NodeEvent {
         ok: bool,
         blocks: Vec<crate::hash::Digest>,
         write_error: Option<String>,
+        /// The piece's buffer, back for reuse (pieces gathered in memory).
+        buffer: Option<crate::torrent::storage::PieceBuf>,
     },
     /// A finished download was synced and renamed (or why not).
     Finished {
@@ -120,7 +122,6 @@ pub struct Node {
     disk: WorkerPool,
     node_id: [u8; 20],
     started: Instant,
-    scratch: Vec<u8>,
     /// Serialized STATUS result less its live fields; `None` after a change.
     status_cache: Option<Vec<u8>>,
     /// Connection id -> token, for swarms (which know peers by connection id).
@@ -204,7 +205,6 @@ impl Node {
             disk: WorkerPool::new("disk", 1),
             node_id,
             started: Instant::now(),
-            scratch: vec![0; READ_CHUNK],
             status_cache: None,
             conn_ids: HashMap::new(),
             swarms: HashMap::new(),
@@ -324,7 +324,6 @@ impl Node {
 
     fn on_readable(&mut self, token: Token) {
         let mut budget = READ_BUDGET;
-        let mut scratch = std::mem::take(&mut self.scratch);
         loop {
             let Some(conn) = self.conn(token) else { break };
             if !conn.may_read() {
@@ -334,7 +333,7 @@ impl Node {
                 self.again.push(token);
                 break;
             }
-            let mut chunk = scratch.len();
+            let mut chunk = READ_CHUNK;
             if conn.kind == conn::Kind::PeerWire && self.download_bucket.limited() {
                 let allowed = self.download_bucket.available(Instant::now());
                 if allowed == 0 {
@@ -344,13 +343,12 @@ impl Node {
                 chunk = chunk.min(allowed as usize);
             }
             let Some(conn) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) else { break };
-            match conn.stream.read(&mut scratch[..chunk]) {
+            match conn.read_input(chunk, Instant::now()) {
                 Ok(0) => {
                     conn.read_closed = true;
                     break;
                 }
                 Ok(n) => {
-                    conn.push_input(&scratch[..n], Instant::now());
                     if conn.kind == conn::Kind::PeerWire {
                         self.download_bucket.take(n as u64);
                     }
@@ -360,13 +358,11 @@ impl Node {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    self.scratch = scratch;
                     self.close(token, &format!("read error: {e}"));
                     return;
                 }
             }
         }
-        self.scratch = scratch;
         self.after_io(token);
     }
 
@@ -424,7 +420,7 @@ impl Node {
             self.dispatch(token, request);
         }
         if let Some(conn) = self.conn(token) {
-            conn.compact_input();
+            conn.trim_input();
         }
     }
 
@@ -538,8 +534,8 @@ impl Node {
             match ev {
                 NodeEvent::Scan(ev) => self.on_scan_event(ev),
                 NodeEvent::Loaded { shard_id, result } => self.on_loaded(shard_id, result),
-                NodeEvent::Hashed { info_hash, piece, ok, blocks, write_error } => {
-                    self.on_hashed(info_hash, piece, ok, blocks, write_error)
+                NodeEvent::Hashed { info_hash, piece, ok, blocks, write_error, buffer } => {
+                    self.on_hashed(info_hash, piece, ok, blocks, write_error, buffer)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),

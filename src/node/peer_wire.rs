@@ -116,7 +116,6 @@ impl Node {
             }
         }
         if let Some(conn) = self.conn(token) {
-            conn.compact_input();
             if let Some(h) = conn.torrent {
                 self.pump(h);
             }
@@ -206,18 +205,22 @@ impl Node {
                     } else {
                         bytes.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect()
                     };
-                    let report = move |ok: bool, write_error: Option<String>| {
-                        let _ = tx.send(NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests, write_error });
+                    let report = move |ok: bool, write_error: Option<String>, buffer| {
+                        let event = NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests, write_error, buffer };
+                        let _ = tx.send(event);
                         let _ = waker.wake();
                     };
                     match data {
                         // Only verified bytes reach the file, written by the
                         // one disk thread (writers to one file contend).
-                        PieceData::Memory(buf, writer) if ok => disk.submit(move || match writer.write(offset, &buf) {
-                            Ok(()) => report(true, None),
-                            Err(e) => report(false, Some(format!("writing piece {piece}: {e}"))),
-                        }),
-                        _ => report(ok, None),
+                        PieceData::Memory(buf, writer) if ok => {
+                            disk.submit(move || match writer.write(offset, buf.as_slice()) {
+                                Ok(()) => report(true, None, Some(buf)),
+                                Err(e) => report(false, Some(format!("writing piece {piece}: {e}")), Some(buf)),
+                            })
+                        }
+                        PieceData::Memory(buf, _) => report(false, None, Some(buf)),
+                        PieceData::Disk(_) => report(ok, None, None),
                     }
                 });
             }
@@ -248,7 +251,11 @@ impl Node {
         ok: bool,
         blocks: Vec<Digest>,
         write_error: Option<String>,
+        buffer: Option<crate::torrent::storage::PieceBuf>,
     ) {
+        if let (Some(buf), Some(swarm)) = (buffer, self.swarms.get_mut(&h)) {
+            swarm.recycle(buf);
+        }
         if let Some(e) = write_error {
             // The disk, not the peers: stop this download with the reason.
             return self.fail_download(h, e);
@@ -338,7 +345,7 @@ impl Node {
     ) -> anyhow::Result<()> {
         if !self.swarms.contains_key(&h) {
             let dir = self.config.shards_dir.clone();
-            let swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now())?;
+            let swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
         }

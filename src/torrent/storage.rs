@@ -1,9 +1,14 @@
 //! A torrent's bytes on disk.
 //!
 //! A download lives in `NAME.part`, created at full size (sparse). A piece is
-//! gathered in memory, verified, and only then written in place with one
-//! `pwrite` (a full disk is an error, where a store into a map would be
-//! SIGBUS; and one large write costs a fraction of sixteen small ones). Pieces
+//! gathered in memory (a [`PieceBuf`]), verified, and only then written in
+//! place with one `pwrite` (a full disk is an error, where a store into a map
+//! would be SIGBUS; and one large write costs a fraction of sixteen small
+//! ones). Whole aligned pieces are written with direct I/O (`O_DIRECT`): the
+//! data goes from the reused piece buffer to the disk without being copied
+//! into fresh page-cache pages, which was most of a download's CPU time (see
+//! docs/ARCHITECTURE.md); a filesystem that refuses direct I/O, and the short
+//! last piece, are written through the page cache as before. Pieces
 //! are read for rechecking and serving through a shared read-only map of the
 //! same file (the page cache keeps both views coherent). `NAME.part.resume` records the verified pieces, written after
 //! the data is synced, so a restart trusts it without rehashing. When every
@@ -40,15 +45,94 @@ impl View {
     }
 }
 
+/// Alignment of direct I/O: buffer address, file offset and length.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// `O_DIRECT` for `open(2)`, where direct I/O is used.
+#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "x86")))]
+const O_DIRECT: Option<i32> = Some(0o40000);
+#[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
+const O_DIRECT: Option<i32> = Some(0o200000);
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64", target_arch = "arm")
+)))]
+const O_DIRECT: Option<i32> = None;
+
+/// `EINVAL`: what `write(2)` answers where the filesystem refuses direct I/O.
+const EINVAL: i32 = 22;
+
+/// One piece's bytes gathered in memory, starting on a [`DIRECT_ALIGN`]
+/// boundary so that it can be written with direct I/O. Buffers are reused
+/// from piece to piece: their memory is touched once, not once per piece.
+pub struct PieceBuf {
+    raw: Vec<u8>,
+    start: usize,
+    len: usize,
+}
+
+impl PieceBuf {
+    pub fn new(len: usize) -> PieceBuf {
+        let raw = vec![0u8; len + DIRECT_ALIGN];
+        // Where the allocator gave an aligned block already, or (in theory)
+        // no offset could align it, the buffer starts at 0: still correct,
+        // written through the page cache if unaligned.
+        let start = raw.as_ptr().align_offset(DIRECT_ALIGN).min(DIRECT_ALIGN);
+        PieceBuf { raw, start, len }
+    }
+
+    /// Bytes this buffer can hold.
+    pub fn capacity(&self) -> usize {
+        self.raw.len() - self.start
+    }
+
+    /// Reuses the buffer for a piece of `len` bytes (at most its capacity);
+    /// the old contents stay until overwritten.
+    pub fn reuse(mut self, len: usize) -> PieceBuf {
+        assert!(len <= self.capacity(), "piece of {len} bytes in a buffer of {}", self.capacity());
+        self.len = len;
+        self
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len]
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.raw[self.start..self.start + self.len]
+    }
+}
+
 /// Writes verified pieces into a `.part` file; hash workers hold one.
 #[derive(Clone)]
 pub struct PieceWriter {
     file: Arc<File>,
+    /// The same file opened for direct I/O, where the system allows it.
+    direct: Option<Arc<File>>,
 }
 
 impl PieceWriter {
     pub fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        let aligned = |x: usize| x.is_multiple_of(DIRECT_ALIGN);
+        if let Some(direct) = &self.direct
+            && aligned(offset as usize)
+            && aligned(data.len())
+            && aligned(data.as_ptr() as usize)
+        {
+            match direct.write_all_at(data, offset) {
+                Ok(()) => return Ok(()),
+                // This filesystem (or this range) takes no direct I/O:
+                // the whole piece goes through the page cache instead.
+                Err(e) if e.raw_os_error() == Some(EINVAL) => {}
+                Err(e) => return Err(e),
+            }
+        }
         self.file.write_all_at(data, offset)
+    }
+
+    /// Whether aligned pieces go to the disk directly.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
     }
 }
 
@@ -56,8 +140,16 @@ pub struct Storage {
     pub path: PathBuf,
     part: Option<PathBuf>,
     file: Arc<File>,
+    direct: Option<Arc<File>>,
     view: View,
     lengths: Lengths,
+}
+
+/// `path` opened for direct writes, or `None` where the system has no
+/// direct I/O or the filesystem refuses it (tmpfs before Linux 6.6, say).
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new().write(true).custom_flags(O_DIRECT?).open(path).ok()
 }
 
 fn map(file: &File, len: u64) -> Result<View> {
@@ -65,7 +157,8 @@ fn map(file: &File, len: u64) -> Result<View> {
         return Ok(View { map: None });
     }
     // SAFETY: a shared read-only map. Complete files are never written; a
-    // .part file is written only by this node, by pwrite, into blocks that
+    // .part file is written only by this node, by pwrite (direct or through
+    // the page cache, which the kernel keeps coherent), into blocks that
     // are not being read (a piece is hashed and served only once all of its
     // blocks are in, and never written again after).
     let m = unsafe { Mmap::map(file) }?;
@@ -87,17 +180,19 @@ impl Storage {
         let len = file.metadata()?.len();
         ensure!(len == lengths.total, "{} is {len} bytes, the torrent says {}", path.display(), lengths.total);
         let view = map(&file, len)?;
-        Ok(Storage { path: path.to_path_buf(), part: None, file: Arc::new(file), view, lengths })
+        Ok(Storage { path: path.to_path_buf(), part: None, file: Arc::new(file), direct: None, view, lengths })
     }
 
     /// Opens or creates `NAME.part` in `dir`; returns the storage, the pieces
     /// a previous run verified (from the resume file), and whether the file
     /// has data but no usable resume file, so its pieces must be rechecked.
+    /// `direct_io`: write whole aligned pieces with direct I/O where possible.
     pub fn open_part(
         dir: &Path,
         name: &str,
         info_hash: InfoHash,
         lengths: Lengths,
+        direct_io: bool,
     ) -> Result<(Storage, Bitfield, bool)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let part = part_path(dir, name);
@@ -120,7 +215,8 @@ impl Storage {
             file.set_len(lengths.total).with_context(|| format!("allocating {}", part.display()))?;
         }
         let view = map(&file, lengths.total)?;
-        let storage = Storage { path: dir.join(name), part: Some(part), file: Arc::new(file), view, lengths };
+        let direct = if direct_io { open_direct(&part).map(Arc::new) } else { None };
+        let storage = Storage { path: dir.join(name), part: Some(part), file: Arc::new(file), direct, view, lengths };
         Ok((storage, have, recheck))
     }
 
@@ -134,7 +230,7 @@ impl Storage {
 
     /// A handle for writing verified pieces from a worker.
     pub fn writer(&self) -> PieceWriter {
-        PieceWriter { file: self.file.clone() }
+        PieceWriter { file: self.file.clone(), direct: self.direct.clone() }
     }
 
     /// A job that syncs the data and writes the resume file, for a worker.
@@ -182,6 +278,7 @@ impl Storage {
     /// The file now lives under its final name and is never written again.
     pub fn finished(&mut self) {
         self.part = None;
+        self.direct = None;
     }
 }
 
@@ -207,7 +304,7 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         let lengths = Lengths::new(100_000, 32768);
         let h = InfoHash([3; 20]);
-        let (s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        let (s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths, true).unwrap();
         assert_eq!(have.count(), 0);
         assert!(!recheck, "a new file has nothing to check");
         s.writer().write(32768, &[7u8; 32768]).unwrap();
@@ -217,16 +314,53 @@ mod tests {
         bits.set(1);
         s.resume_job(h, &bits).unwrap().expect("a part file")().unwrap();
         drop(s);
-        let (mut s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths).unwrap();
+        let (mut s, have, recheck) = Storage::open_part(&dir, "f.bin", h, lengths, true).unwrap();
         assert_eq!(have, bits, "resume data trusted");
         assert!(!recheck);
-        let (_, other, recheck) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths).unwrap();
+        let (_, other, recheck) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths, false).unwrap();
         assert_eq!(other.count(), 0, "resume data of another torrent ignored");
         assert!(recheck, "data without resume data is rechecked");
         s.finish_job().unwrap()().unwrap();
         s.finished();
         assert!(dir.join("f.bin").exists() && !dir.join("f.bin.part").exists());
         assert!(!dir.join("f.bin.part.resume").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn aligned_pieces_are_written_directly_and_read_back_through_the_map() {
+        let dir = std::env::temp_dir().join(format!("shardnet-direct-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        // Three whole 64 KiB pieces and a short last one (not a multiple of 4096).
+        let lengths = Lengths::new(3 * 65536 + 1000, 65536);
+        let (s, _, _) = Storage::open_part(&dir, "d.bin", InfoHash([5; 20]), lengths, true).unwrap();
+        let w = s.writer();
+        if O_DIRECT.is_some() {
+            assert!(w.is_direct(), "this filesystem takes O_DIRECT ({})", dir.display());
+        }
+        let mut buf = PieceBuf::new(65536);
+        assert!((buf.as_slice().as_ptr() as usize).is_multiple_of(DIRECT_ALIGN));
+        for piece in [2u64, 0, 1] {
+            buf.as_mut_slice().fill(piece as u8 + 1);
+            w.write(piece * 65536, buf.as_slice()).unwrap();
+        }
+        let last = buf.reuse(1000);
+        assert_eq!(last.as_slice()[..3], [2, 2, 2], "reuse keeps the bytes until overwritten");
+        let mut last = last;
+        last.as_mut_slice().fill(9);
+        w.write(3 * 65536, last.as_slice()).unwrap();
+        // Unaligned data (an offset into a buffer) falls back to the page cache.
+        w.write(65536 + 1, &[0xee; 10]).unwrap();
+        let v = s.view();
+        assert!(v.bytes(0, 65536).iter().all(|&b| b == 1));
+        assert_eq!(v.bytes(65536, 2), &[2, 0xee]);
+        assert!(v.bytes(2 * 65536, 65536).iter().all(|&b| b == 3));
+        assert!(v.bytes(3 * 65536, 1000).iter().all(|&b| b == 9));
+        s.file.sync_all().unwrap();
+        let on_disk = std::fs::read(dir.join("d.bin.part")).unwrap();
+        assert_eq!(on_disk.len() as u64, lengths.total);
+        assert_eq!(&on_disk[65536..65538], &[2, 0xee]);
+        assert!(on_disk[3 * 65536..].iter().all(|&b| b == 9));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

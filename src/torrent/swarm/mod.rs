@@ -13,7 +13,7 @@ use anyhow::{Result, anyhow};
 
 use super::metainfo::{InfoHash, Metainfo};
 use super::picker::{BlockResult, Lengths, NO_PEER, PeerKey, Picker};
-use super::storage::{PieceWriter, Storage, View};
+use super::storage::{PieceBuf, PieceWriter, Storage, View};
 use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
 use crate::hash::Digest;
@@ -62,8 +62,9 @@ pub const MAX_BUFFERED: u64 = 32 * 1024 * 1024;
 pub enum PieceData {
     /// On disk (a recheck): read through the map.
     Disk(View),
-    /// Gathered in memory from peers: written at `offset` if it verifies.
-    Memory(Vec<u8>, PieceWriter),
+    /// Gathered in memory from peers: written at `offset` if it verifies,
+    /// then handed back with [`Swarm::recycle`].
+    Memory(PieceBuf, PieceWriter),
 }
 
 /// Work the node does for the swarm.
@@ -160,9 +161,13 @@ pub struct Swarm {
     pub rechecking: u32,
     /// Pieces being gathered from peers, and the bytes they hold (with those
     /// handed to the hash workers and not yet answered).
-    buffers: HashMap<u32, Vec<u8>>,
+    buffers: HashMap<u32, PieceBuf>,
     buffered: u64,
+    /// Piece buffers handed back after their piece was written, for reuse.
+    spare: Vec<PieceBuf>,
     dir: std::path::PathBuf,
+    /// Write verified pieces with direct I/O where the filesystem allows.
+    direct_io: bool,
 }
 
 impl Swarm {
@@ -180,6 +185,7 @@ impl Swarm {
     }
 
     /// A file to download into `dir`; without metadata it is fetched from peers.
+    /// `direct_io`: write verified pieces with direct I/O where possible.
     pub fn download(
         info_hash: InfoHash,
         meta: Option<Arc<Metainfo>>,
@@ -187,8 +193,10 @@ impl Swarm {
         dir: &std::path::Path,
         my_id: [u8; 20],
         now: Instant,
+        direct_io: bool,
     ) -> Result<Swarm> {
         let mut s = Swarm::empty(info_hash, name.to_string(), my_id, dir.to_path_buf(), now);
+        s.direct_io = direct_io;
         if let Some(m) = meta {
             if m.info_hash != info_hash {
                 return Err(anyhow!("metadata is for {}, not {info_hash}", m.info_hash));
@@ -220,13 +228,16 @@ impl Swarm {
             rechecking: 0,
             buffers: HashMap::new(),
             buffered: 0,
+            spare: Vec::new(),
             dir,
+            direct_io: false,
         }
     }
 
     fn open_storage(&mut self, m: Arc<Metainfo>) -> Result<()> {
         let lengths = Lengths::new(m.info.length, m.info.piece_length);
-        let (storage, have, recheck) = Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths)?;
+        let (storage, have, recheck) =
+            Storage::open_part(&self.dir, &m.info.name, self.info_hash, lengths, self.direct_io)?;
         self.name = m.info.name.clone();
         let seed = u32::from_le_bytes(self.my_id[16..20].try_into().expect("4 bytes"));
         self.picker = Some(Picker::new(lengths, have, seed));
@@ -479,12 +490,17 @@ impl Swarm {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
             BlockResult::Accepted { complete, cancel } => {
                 let size = picker.lengths().piece_size(index) as usize;
-                let buffered = &mut self.buffered;
+                let (buffered, spare) = (&mut self.buffered, &mut self.spare);
                 let buf = self.buffers.entry(index).or_insert_with(|| {
                     *buffered += size as u64;
-                    vec![0; size]
+                    // A spare buffer's old bytes are all overwritten: the
+                    // piece is hashed only once every block has arrived.
+                    match spare.pop() {
+                        Some(b) if b.capacity() >= size => b.reuse(size),
+                        _ => PieceBuf::new(size),
+                    }
                 });
-                buf[begin as usize..begin as usize + data.len()].copy_from_slice(data);
+                buf.as_mut_slice()[begin as usize..begin as usize + data.len()].copy_from_slice(data);
                 self.downloaded += data.len() as u64;
                 for other in cancel {
                     if let Some(p) = self.peers.get_mut(&other) {
@@ -736,9 +752,25 @@ impl Swarm {
         self.request_metadata(now);
     }
 
+    /// A piece buffer back from the workers: kept for the next piece while
+    /// the download runs (at most [`MAX_BUFFERED`] bytes of them).
+    pub fn recycle(&mut self, buf: PieceBuf) {
+        let Some(picker) = &self.picker else { return };
+        let piece_length = picker.lengths().piece_length as usize;
+        let room = (MAX_BUFFERED as usize / piece_length.max(1)).max(1);
+        if self.completed.is_none()
+            && !picker.is_complete()
+            && buf.capacity() >= piece_length
+            && self.spare.len() < room
+        {
+            self.spare.push(buf);
+        }
+    }
+
     /// The node renamed the finished file.
     pub fn mark_complete(&mut self, now: Instant) {
         self.completed.get_or_insert(now);
+        self.spare = Vec::new();
         let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
         for k in keys {
             self.update_interest(k);

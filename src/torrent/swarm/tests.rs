@@ -33,11 +33,12 @@ fn run_actions(s: &mut Swarm) -> bool {
             Action::Hash { piece, data, offset, len, expected, .. } => {
                 let (ok, buf) = match &data {
                     PieceData::Memory(buf, w) => {
+                        let buf = buf.as_slice();
                         let ok = hash::sha1(buf) == expected && buf.len() as u64 == len;
                         if ok {
                             w.write(offset, buf).unwrap();
                         }
-                        (ok, buf.clone())
+                        (ok, buf.to_vec())
                     }
                     PieceData::Disk(view) => (hash::sha1(view.bytes(offset, len)) == expected, Vec::new()),
                 };
@@ -65,7 +66,7 @@ fn a_seed_and_a_leech_exchange_a_file_without_sockets() {
     let mut seed = Swarm::seed(m.clone(), &src, *b"-SN0001-seedseedseed", now).unwrap();
     // The leech has only the info hash: the metadata comes over ut_metadata.
     let mut leech =
-        Swarm::download(m.info_hash, None, "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now).unwrap();
+        Swarm::download(m.info_hash, None, "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now, true).unwrap();
     let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
     leech.add_peer(1, addr, true, now).unwrap();
     seed.add_peer(2, addr, false, now).unwrap();

@@ -7,14 +7,16 @@
 //! until it drains below [`OUT_LOW_WATER`]), and at most [`MAX_IN_FLIGHT`]
 //! deferred answers can be added on top.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use mio::net::TcpStream;
 
+use super::outq::{OutQueue, PieceHeader};
 use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
 use crate::torrent::InfoHash;
+use crate::torrent::storage::View;
 
 /// Stop reading requests while this much output is unsent.
 pub const OUT_HIGH_WATER: usize = 1024 * 1024;
@@ -47,8 +49,7 @@ pub struct Conn {
     input: Vec<u8>,
     start: usize,
     end: usize,
-    output: Vec<u8>,
-    written: usize,
+    output: OutQueue,
     pub in_flight: usize,
     /// When the partial frame now buffered began arriving.
     pub frame_started: Option<Instant>,
@@ -87,8 +88,7 @@ impl Conn {
             input: Vec::new(),
             start: 0,
             end: 0,
-            output: Vec::new(),
-            written: 0,
+            output: OutQueue::default(),
             in_flight: 0,
             frame_started: None,
             write_progress: Instant::now(),
@@ -153,11 +153,20 @@ impl Conn {
         if self.pending_output() == 0 {
             self.write_progress = now;
         }
-        self.output.extend_from_slice(bytes);
+        self.output.push_bytes(bytes);
+    }
+
+    /// Queues a `piece` message whose data stays in `view` until the socket
+    /// takes it (peer wire). False if `view` lacks the range.
+    pub fn queue_block(&mut self, header: PieceHeader, view: View, offset: u64, len: usize, now: Instant) -> bool {
+        if self.pending_output() == 0 {
+            self.write_progress = now;
+        }
+        self.output.push_block(header, view, offset, len)
     }
 
     pub fn pending_output(&self) -> usize {
-        self.output.len() - self.written
+        self.output.pending()
     }
 
     /// Whether new requests must wait for the client to read its answers.
@@ -230,7 +239,7 @@ impl Conn {
         if self.pending_output() == 0 {
             self.write_progress = now;
         }
-        frame::encode(payload, &mut self.output);
+        self.output.push_with(|out| frame::encode(payload, out));
     }
 
     /// Writes as much output as the socket takes. `Ok(true)` when all is sent.
@@ -238,32 +247,16 @@ impl Conn {
         if self.connecting {
             return Ok(false);
         }
-        while self.written < self.output.len() {
-            match self.stream.write(&self.output[self.written..]) {
+        while self.output.pending() > 0 {
+            match self.output.write_to(&mut self.stream) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.written += n;
-                    self.write_progress = now;
-                }
+                Ok(_) => self.write_progress = now,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
         }
-        if self.written == self.output.len() {
-            self.output.clear();
-            self.written = 0;
-            if self.output.capacity() > OUT_HIGH_WATER {
-                self.output.shrink_to(64 * 1024);
-            }
-            Ok(true)
-        } else {
-            if self.written > self.output.len() / 2 {
-                self.output.drain(..self.written);
-                self.written = 0;
-            }
-            Ok(false)
-        }
+        Ok(self.output.pending() == 0)
     }
 
     /// Whether nothing more will happen on this connection.

@@ -10,6 +10,7 @@
 pub mod catalog;
 pub mod conn;
 mod dht_glue;
+mod outq;
 pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
@@ -122,6 +123,8 @@ pub struct Node {
     disk: WorkerPool,
     node_id: [u8; 20],
     started: Instant,
+    /// Blocks a swarm hands out to serve, reused from call to call.
+    served: Vec<crate::torrent::swarm::Served>,
     /// Serialized STATUS result less its live fields; `None` after a change.
     status_cache: Option<Vec<u8>>,
     /// Connection id -> token, for swarms (which know peers by connection id).
@@ -205,6 +208,7 @@ impl Node {
             disk: WorkerPool::new("disk", 1),
             node_id,
             started: Instant::now(),
+            served: Vec::new(),
             status_cache: None,
             conn_ids: HashMap::new(),
             swarms: HashMap::new(),

@@ -160,22 +160,33 @@ impl Node {
         }
         let waiting = keys.iter().filter(|k| swarm.has_queued(**k)).count().max(1) as u64;
         let share = if budget == u64::MAX { u64::MAX } else { (budget / waiting).max(BLOCK_SIZE as u64) };
+        let view = swarm.view();
+        let mut blocks = std::mem::take(&mut self.served);
         for key in keys {
             let Some(&token) = self.conn_ids.get(&key) else { continue };
             let Some(conn) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) else { continue };
+            blocks.clear();
             if swarm.has_queued(key) && !conn.connecting {
                 let room = PEER_OUT_HIGH.saturating_sub(conn.pending_output());
                 let mut mine = share.min(budget);
-                let served = swarm.serve(key, room, &mut mine);
+                let served = swarm.serve(key, room, &mut mine, &mut blocks);
                 budget = budget.saturating_sub(served);
             }
             let peer = swarm.peers.get_mut(&key).expect("listed");
-            if !peer.out.is_empty() {
+            if !peer.out.is_empty() || !blocks.is_empty() {
                 conn.queue_raw(&peer.out, now);
                 peer.out.clear();
+                if let Some(view) = &view {
+                    for b in &blocks {
+                        // Requests were checked against the file's length.
+                        let queued = conn.queue_block(b.header, view.clone(), b.offset, b.len as usize, now);
+                        debug_assert!(queued, "block in range");
+                    }
+                }
                 touched.push(token);
             }
         }
+        self.served = blocks;
         self.upload_bucket.take(start_budget.saturating_sub(budget).min(start_budget));
         if swarm.peers.keys().any(|k| swarm.has_queued(*k)) && self.upload_bucket.limited() {
             self.throttled_swarms.insert(h);

@@ -34,6 +34,11 @@ pub struct View {
 }
 
 impl View {
+    /// A read-only map of all of `file`.
+    pub fn of_file(file: &File) -> Result<View> {
+        map(file, file.metadata()?.len())
+    }
+
     /// Bytes `[offset, offset + len)`; empty if out of range.
     pub fn bytes(&self, offset: u64, len: u64) -> &[u8] {
         match &self.map {

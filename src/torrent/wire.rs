@@ -197,6 +197,17 @@ fn check_length(id: u8, len: u32) -> Result<(), WireError> {
     if ok { Ok(()) } else { Err(WireError::BadLength { id, len }) }
 }
 
+/// The first 13 bytes of a `piece` message carrying `len` bytes of data;
+/// the data follows.
+pub fn piece_header(index: u32, begin: u32, len: u32) -> [u8; 13] {
+    let mut h = [0u8; 13];
+    h[..4].copy_from_slice(&(9 + len).to_be_bytes());
+    h[4] = id::PIECE;
+    h[5..9].copy_from_slice(&index.to_be_bytes());
+    h[9..].copy_from_slice(&begin.to_be_bytes());
+    h
+}
+
 /// Appends the encoding of `msg` to `out`.
 pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
     let header = |len: usize, id: u8, out: &mut Vec<u8>| {
@@ -361,6 +372,13 @@ mod tests {
             pos += used;
         }
         assert_eq!(got, all_messages());
+    }
+
+    #[test]
+    fn piece_header_is_the_start_of_a_piece_message() {
+        let mut wire = Vec::new();
+        encode(&Message::Piece { index: 0x01020304, begin: 0x4000, data: &[9; 300] }, &mut wire);
+        assert_eq!(piece_header(0x01020304, 0x4000, 300), wire[..13]);
     }
 
     #[test]

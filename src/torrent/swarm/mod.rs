@@ -67,6 +67,14 @@ pub enum PieceData {
     Memory(PieceBuf, PieceWriter),
 }
 
+/// A block to send: the `piece` message header, then `len` bytes of the
+/// file at `offset`.
+pub struct Served {
+    pub header: [u8; 13],
+    pub offset: u64,
+    pub len: u32,
+}
+
 /// Work the node does for the swarm.
 pub enum Action {
     /// Hash a complete piece; `blocks`: also return each block's digest.
@@ -677,24 +685,34 @@ impl Swarm {
         }
     }
 
-    /// Serves queued requests of `key` into its `out`, while it stays under
-    /// `room` bytes and `budget` allows; returns the bytes served.
-    pub fn serve(&mut self, key: PeerKey, room: usize, budget: &mut u64) -> u64 {
-        let (Some(storage), Some(picker)) = (&self.storage, &self.picker) else { return 0 };
+    /// Takes queued requests of `key` to serve, while they add up to under
+    /// `room` bytes and `budget` allows: each goes to `out` as a `piece`
+    /// message header and where its data is in [`Swarm::view`] (the node
+    /// sends the bytes from the map, after the peer's `out`). Returns the
+    /// bytes served.
+    pub fn serve(&mut self, key: PeerKey, room: usize, budget: &mut u64, out: &mut Vec<Served>) -> u64 {
+        let (Some(_), Some(picker)) = (&self.storage, &self.picker) else { return 0 };
         let Some(peer) = self.peers.get_mut(&key) else { return 0 };
-        let view = storage.view();
         let l = picker.lengths();
         let mut served = 0u64;
-        while peer.out.len() < room && *budget >= BLOCK_SIZE as u64 {
+        while (served as usize) < room && *budget >= BLOCK_SIZE as u64 {
             let Some(b) = peer.queue.pop_front() else { break };
-            let data = view.bytes(l.offset(&b), b.length as u64);
-            wire::encode(&Message::Piece { index: b.index, begin: b.begin, data }, &mut peer.out);
+            out.push(Served {
+                header: wire::piece_header(b.index, b.begin, b.length),
+                offset: l.offset(&b),
+                len: b.length,
+            });
             served += b.length as u64;
             *budget -= b.length as u64;
         }
         peer.uploaded += served;
         self.uploaded += served;
         served
+    }
+
+    /// The file's bytes, for serving blocks.
+    pub fn view(&self) -> Option<View> {
+        self.storage.as_ref().map(Storage::view)
     }
 
     /// Whether `key` has requests waiting to be served.

@@ -74,8 +74,14 @@ fn a_seed_and_a_leech_exchange_a_file_without_sockets() {
     let mut complete = false;
     for _ in 0..10_000 {
         deliver(&mut leech, 1, &mut seed, 2, &mut to_seed, false);
-        let mut budget = u64::MAX;
-        seed.serve(2, 1 << 20, &mut budget);
+        let (mut budget, mut served) = (u64::MAX, Vec::new());
+        seed.serve(2, 1 << 20, &mut budget, &mut served);
+        let view = seed.view().unwrap();
+        let out = &mut seed.peers.get_mut(&2).unwrap().out;
+        for b in served {
+            out.extend_from_slice(&b.header);
+            out.extend_from_slice(view.bytes(b.offset, b.len as u64));
+        }
         deliver(&mut seed, 2, &mut leech, 1, &mut to_leech, true);
         complete |= run_actions(&mut leech);
         if complete {

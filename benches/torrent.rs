@@ -3,7 +3,8 @@
 //!
 //! (a) a 1 GiB file, one seed to one leech, every piece verified: GB/s and
 //!     CPU-seconds per GB, against `aria2c` downloading the same file from the
-//!     node (alternating, medians of 3);
+//!     node, and against our leech writing through the page cache
+//!     (`--cached-writes`) (alternating, medians of 3);
 //! (b) one seed and seven leeches, every node's upload limited to R: time for
 //!     all seven to finish over the time one seed needs to send the file once;
 //! (c) a full recheck of the 1 GiB file (page cache warm) against one core's
@@ -86,6 +87,8 @@ fn seed_node(dir: &Path, extra: &[&str]) -> (NodeProc, Metainfo) {
     (node, m)
 }
 
+/// Starts a DOWNLOAD of `m` from `peers` and waits for it; returns its
+/// STATUS entry (`seconds`: the node's own time from start to last piece).
 fn download(leech: &NodeProc, m: &Metainfo, peers: &[&str]) -> Value {
     let hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let r = leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": hex, "peers": peers}));
@@ -99,9 +102,11 @@ fn download(leech: &NodeProc, m: &Metainfo, peers: &[&str]) -> Value {
 }
 
 /// One seed to one leech: seconds, leech CPU-s, seed CPU-s, peak anon KiB.
-fn one_transfer(seed: &NodeProc, m: &Metainfo) -> (f64, f64, f64, u64) {
+fn one_transfer(seed: &NodeProc, m: &Metainfo, leech_flags: &[&str]) -> (f64, f64, f64, u64) {
     let ld = TempDir::new("bench-leech");
-    let leech = NodeProc::start(ld.path(), &["--enable-torrent", "--log-level", "warn"]);
+    let mut flags = vec!["--enable-torrent", "--log-level", "warn"];
+    flags.extend_from_slice(leech_flags);
+    let leech = NodeProc::start(ld.path(), &flags);
     let (c0l, c0s) = (cpu_seconds(leech.child.id()), cpu_seconds(seed.child.id()));
     let (stop, rss) = watch_rss(leech.child.id());
     let t = Instant::now();
@@ -170,8 +175,9 @@ fn main() {
 
     // (a) and (d)
     let (mut ours, mut aria, mut cpu_leech, mut cpu_seed, mut peaks) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut cached, mut cpu_cached) = (vec![], vec![]);
     for _ in 0..3 {
-        let (secs, cl, cs, peak) = one_transfer(&seed, &m);
+        let (secs, cl, cs, peak) = one_transfer(&seed, &m, &[]);
         ours.push(GIB as f64 / secs / 1e9);
         cpu_leech.push(cl / (GIB as f64 / 1e9));
         cpu_seed.push(cs / (GIB as f64 / 1e9));
@@ -179,24 +185,34 @@ fn main() {
         if let Some(s) = aria2_transfer(&torrent, &announce) {
             aria.push(GIB as f64 / s / 1e9);
         }
+        let (secs, cl, _, _) = one_transfer(&seed, &m, &["--cached-writes"]);
+        cached.push(GIB as f64 / secs / 1e9);
+        cpu_cached.push(cl / (GIB as f64 / 1e9));
     }
+    let (cached_m, cpu_cached_m) = (median(cached.clone()), median(cpu_cached));
     let (ours_m, cl_m, cs_m) = (median(ours.clone()), median(cpu_leech.clone()), median(cpu_seed.clone()));
     let aria_m = (!aria.is_empty()).then(|| median(aria.clone()));
     println!(
         "(a) 1 GiB seed -> leech: {ours_m:.2} GB/s; leech {cl_m:.2} CPU-s/GB, seed {cs_m:.2} CPU-s/GB; aria2c from the node: {}",
         aria_m.map_or("n/a".into(), |a| format!("{a:.2} GB/s, ratio {:.2}x", ours_m / a))
     );
+    println!(
+        "    the leech with --cached-writes: {cached_m:.2} GB/s, {cpu_cached_m:.2} CPU-s/GB; direct I/O is {:.2}x faster",
+        ours_m / cached_m
+    );
     report.insert(
         "a_one_seed_one_leech_1gib".into(),
         json!({"gb_s": ours_m, "gb_s_all": ours, "leech_cpu_s_per_gb": cl_m, "seed_cpu_s_per_gb": cs_m,
-               "aria2c_gb_s": aria_m, "aria2c_gb_s_all": aria, "ours_over_aria2c": aria_m.map(|a| ours_m / a)}),
+               "aria2c_gb_s": aria_m, "aria2c_gb_s_all": aria, "ours_over_aria2c": aria_m.map(|a| ours_m / a),
+               "cached_writes_gb_s": cached_m, "cached_writes_gb_s_all": cached,
+               "cached_writes_leech_cpu_s_per_gb": cpu_cached_m, "direct_over_cached": ours_m / cached_m}),
     );
 
     // (d) a smaller file too: memory should not grow with the file.
     let small_dir = TempDir::new("bench-small");
     write_random(&small_dir.path().join("small.gguf"), GIB / 4, 2);
     let (small_seed, small_m) = seed_node(small_dir.path(), &[]);
-    let (_, _, _, small_peak) = one_transfer(&small_seed, &small_m);
+    let (_, _, _, small_peak) = one_transfer(&small_seed, &small_m, &[]);
     drop(small_seed);
     let big_peak = *peaks.iter().max().unwrap();
     println!(

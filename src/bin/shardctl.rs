@@ -633,6 +633,8 @@ fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
             eprint!("\r{}", progress_line(&d, started));
         }
         if d["complete"] == json!(true) {
+            // The node's own clock: from the download's start to its last piece.
+            let secs = d["seconds"].as_f64().unwrap_or(secs);
             if o.json {
                 print_json(
                     &json!({"info_hash": info_hash.to_hex(), "name": d["name"], "bytes": total, "seconds": secs, "path": format!("{out}/{}", d["name"].as_str().unwrap_or("?"))}),

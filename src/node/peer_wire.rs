@@ -568,6 +568,7 @@ impl Node {
                     "uploaded": s.uploaded,
                     "wasted": s.wasted,
                     "rate_bytes_s": if s.is_complete() { 0.0 } else { s.downloaded as f64 / secs },
+                    "seconds": s.completed.unwrap_or_else(Instant::now).duration_since(s.started).as_secs_f64(),
                     "complete": s.is_complete(),
                     "banned": s.banned.len(),
                     "error": d.failed,

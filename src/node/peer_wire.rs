@@ -115,10 +115,8 @@ impl Node {
                 return self.close(token, &why);
             }
         }
-        if let Some(conn) = self.conn(token) {
-            if let Some(h) = conn.torrent {
-                self.pump(h);
-            }
+        if let Some(h) = self.conn(token).and_then(|c| c.torrent) {
+            self.pump(h);
         }
     }
 

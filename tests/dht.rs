@@ -219,14 +219,7 @@ fn bad_dht_packets_are_answered_or_dropped_and_the_node_serves_on() {
 
 #[test]
 fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
-    let lt =
-        Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
-    if !lt {
-        assert!(
-            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
-            "python3-libtorrent is required (apt-get install python3-libtorrent)"
-        );
-        eprintln!("SKIPPED: Debian's python3-libtorrent not installed");
+    if !have_libtorrent() {
         return;
     }
     let tmp = TempDir::new("dht-lt");

@@ -322,6 +322,94 @@ fn a_node_downloads_a_shard_that_aria2_seeds() {
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }
 
+fn lt_peer() -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["90", "/usr/bin/python3"]).arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_peer.py"));
+    c
+}
+
+#[test]
+fn libtorrent_downloads_a_shard_from_a_node() {
+    if !have_libtorrent() {
+        return;
+    }
+    let (sd, src, _m) = seed_dir(5 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let out = TempDir::new("lt-dl");
+    let r = lt_peer()
+        .arg("leech")
+        .arg(sd.path().join("shard-0.gguf.torrent"))
+        .arg(out.path())
+        .args([&seed.addr, "60"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&r.stdout).contains("complete"),
+        "libtorrent: {}{}",
+        String::from_utf8_lossy(&r.stdout),
+        String::from_utf8_lossy(&r.stderr)
+    );
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+    seed.assert_serving();
+}
+
+#[test]
+fn a_node_downloads_a_shard_that_libtorrent_seeds() {
+    if !have_libtorrent() {
+        return;
+    }
+    let (sd, src, m) = seed_dir(5 * MB);
+    let torrent = sd.path().join("shard-0.gguf.torrent");
+    std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
+    let mut lt = lt_peer()
+        .arg("seed")
+        .arg(&torrent)
+        .arg(sd.path())
+        .arg("60")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(lt.stdout.take().unwrap()), &mut line).unwrap();
+    let port = line.trim().strip_prefix("port ").unwrap_or_else(|| panic!("libtorrent said {line:?}"));
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
+    drop(lt.stdin.take());
+    let _ = lt.wait();
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+#[test]
+fn a_utp_connection_attempt_is_reset_so_clients_fall_back_to_tcp() {
+    let (sd, _src, _m) = seed_dir(MB);
+    let seed = start_seed(sd.path(), &[]);
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // BEP 29 ST_SYN, version 1: connection id 0x5151, seq 7.
+    let mut syn = [0u8; 20];
+    syn[0] = 0x41;
+    syn[2..4].copy_from_slice(&0x5151u16.to_be_bytes());
+    syn[12..16].copy_from_slice(&65536u32.to_be_bytes());
+    syn[16..18].copy_from_slice(&7u16.to_be_bytes());
+    sock.send_to(&syn, &seed.addr).unwrap();
+    let mut buf = [0u8; 64];
+    let (n, _) = sock.recv_from(&mut buf).expect("an answer to the SYN");
+    assert_eq!(n, 20);
+    assert_eq!(buf[0], 0x31, "ST_RESET, version 1");
+    assert_eq!(&buf[2..4], &0x5151u16.to_be_bytes(), "for the SYN's connection");
+    assert_eq!(&buf[18..20], &7u16.to_be_bytes(), "acknowledging its seq_nr");
+    // A reset is never answered (no ping-pong), and the node serves on.
+    buf[..20].copy_from_slice(&syn);
+    buf[0] = 0x31;
+    sock.send_to(&buf[..20], &seed.addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    assert!(sock.recv_from(&mut buf).is_err(), "no answer to a reset");
+    seed.assert_serving();
+}
+
 // ---- bad peer input: each closes (or ignores) one peer; the node serves on ----
 
 /// A raw peer connected and handshaken to `node` for `m`.

@@ -23,7 +23,7 @@ use crate::dht::node::{Dht, DhtConfig, Event, LookupKind, LookupResult};
 use crate::dht::routing::K;
 use crate::hash;
 use crate::protocol::{ErrorCode, success_payload};
-use crate::torrent::InfoHash;
+use crate::torrent::{InfoHash, utp};
 use crate::{debug, info, warn};
 
 /// Re-announce every key this often (stored peers expire after 30 min).
@@ -146,9 +146,17 @@ impl Node {
         let Some(d) = self.dht.as_mut() else { return };
         let mut buf = [0u8; 2048];
         for _ in 0..1024 {
+            let now_us = self.started.elapsed().as_micros() as u32;
             match d.socket.recv_from(&mut buf) {
-                Ok((n, SocketAddr::V4(from))) => d.dht.handle_packet(from, &buf[..n], Instant::now()),
-                Ok(_) => {}
+                Ok((n, from)) => {
+                    if let Some(reset) = utp::reset_for_syn(&buf[..n], now_us) {
+                        // A uTP connection attempt: refused, so the peer uses TCP.
+                        debug!("uTP SYN from {from}: answered ST_RESET (the peer wire is TCP only)");
+                        let _ = d.socket.send_to(&reset, from);
+                    } else if let SocketAddr::V4(from) = from {
+                        d.dht.handle_packet(from, &buf[..n], Instant::now());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {

@@ -5,6 +5,7 @@ pub mod metainfo;
 pub mod picker;
 pub mod storage;
 pub mod swarm;
+pub mod utp;
 pub mod wire;
 
 pub use metainfo::{Info, InfoHash, Magnet, Metainfo};

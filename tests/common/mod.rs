@@ -187,6 +187,21 @@ pub fn closed_by_peer(s: &mut TcpStream) -> bool {
 
 /// Whether an external tool is on PATH; CI sets SHARDNET_REQUIRE_TOOLS=1 so a
 /// missing tool fails there instead of skipping.
+/// Whether Debian's python3-libtorrent is importable by /usr/bin/python3
+/// (required under `SHARDNET_REQUIRE_TOOLS`, else the caller skips).
+pub fn have_libtorrent() -> bool {
+    let found =
+        Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
+    if !found {
+        assert!(
+            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
+            "python3-libtorrent is required (apt-get install python3-libtorrent)"
+        );
+        eprintln!("SKIPPED: Debian's python3-libtorrent not installed");
+    }
+    found
+}
+
 pub fn have_tool(name: &str) -> bool {
     let found =
         Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());

@@ -123,6 +123,9 @@ pub struct Node {
     disk: WorkerPool,
     node_id: [u8; 20],
     started: Instant,
+    /// In `on_readable`: peer input defers its pump to the end of the turn.
+    reading: bool,
+    pump_after_read: Option<InfoHash>,
     /// Blocks a swarm hands out to serve, reused from call to call.
     served: Vec<crate::torrent::swarm::Served>,
     /// Serialized STATUS result less its live fields; `None` after a change.
@@ -209,6 +212,8 @@ impl Node {
             node_id,
             started: Instant::now(),
             served: Vec::new(),
+            reading: false,
+            pump_after_read: None,
             status_cache: None,
             conn_ids: HashMap::new(),
             swarms: HashMap::new(),
@@ -327,6 +332,23 @@ impl Node {
     }
 
     fn on_readable(&mut self, token: Token) {
+        // Peer-wire input read in this turn is handled message by message,
+        // but the swarm is pumped (requests and blocks written) once after:
+        // one write per turn, not one per 64 KiB read.
+        self.reading = true;
+        let open = self.read_turn(token);
+        self.reading = false;
+        if let Some(h) = self.pump_after_read.take() {
+            self.pump(h);
+        }
+        if open {
+            self.after_io(token);
+        }
+    }
+
+    /// Reads and handles input until the socket is drained, the turn's budget
+    /// is spent or the connection may not read; false if it was closed.
+    fn read_turn(&mut self, token: Token) -> bool {
         let mut budget = READ_BUDGET;
         loop {
             let Some(conn) = self.conn(token) else { break };
@@ -363,11 +385,11 @@ impl Node {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     self.close(token, &format!("read error: {e}"));
-                    return;
+                    return false;
                 }
             }
         }
-        self.after_io(token);
+        true
     }
 
     /// Handles every whole frame buffered, while the connection may take more.

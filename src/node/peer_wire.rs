@@ -116,7 +116,15 @@ impl Node {
             }
         }
         if let Some(h) = self.conn(token).and_then(|c| c.torrent) {
-            self.pump(h);
+            if self.reading {
+                if self.pump_after_read.is_some_and(|p| p != h) {
+                    self.pump(h);
+                } else {
+                    self.pump_after_read = Some(h);
+                }
+            } else {
+                self.pump(h);
+            }
         }
     }
 

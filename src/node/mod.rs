@@ -135,7 +135,7 @@ pub struct Node {
     /// One swarm per torrent seeded or downloaded.
     swarms: HashMap<InfoHash, Swarm>,
     downloads: HashMap<InfoHash, Download>,
-    /// Our BitTorrent peer id: "-SN0001-" and 12 random bytes.
+    /// Our BitTorrent peer id: "-SH0100-" (shardnet 0.1.0) and 12 random bytes.
     peer_id: [u8; 20],
     upload_bucket: Bucket,
     download_bucket: Bucket,
@@ -573,10 +573,11 @@ impl Node {
     }
 }
 
-/// A BitTorrent peer id in the common Azureus style: "-SN0001-" + 12 random bytes.
+/// A BitTorrent peer id in the common Azureus style: "-SH0100-" + 12 random bytes (`SN`, the
+/// first choice, is ShareNet's in clients' tables).
 fn peer_id() -> [u8; 20] {
     let mut id = random_id();
-    id[..8].copy_from_slice(b"-SN0001-");
+    id[..8].copy_from_slice(b"-SH0100-");
     id
 }
 

@@ -152,9 +152,12 @@ fn single_thread_sha1_gb_s(f: fn(&[u8]) -> shardnet::hash::Digest) -> f64 {
 }
 
 /// Touches and frees `bytes` of memory. On a VM, guest memory touched for the
-/// first time costs a hypervisor fault per page (here: 0.4 GB/s writing into
-/// fresh page cache, against 3.3 GB/s into memory used before); touching it
-/// once makes the transfers measure the node, not the first use of the VM.
+/// first time costs a hypervisor fault per page (here: 0.27-0.44 GB/s writing
+/// into new page cache, 7.4 GB/s over cached pages), and this VM's balloon
+/// reports freed pages back to the host (virtio free page reporting), so they
+/// are new again a few seconds after being freed. Touching memory first gives
+/// the page-cache writes of `--cached-writes` their best case; the default
+/// leech writes with direct I/O and hardly depends on it.
 fn warm_guest_memory(bytes: usize) {
     let mut v: Vec<u8> = vec![0; bytes];
     for i in (0..bytes).step_by(4096) {

@@ -313,6 +313,8 @@ mod tests {
         assert_eq!(c.cluster, "llama-cluster");
         assert_eq!((c.shard_id, c.total_shards, c.enable_torrent), (Some(0), Some(8), true));
         assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
+        assert!(c.direct_io, "direct I/O by default");
+        assert!(!run(&["--cached-writes"]).unwrap().direct_io);
     }
 
     #[test]
@@ -338,6 +340,7 @@ mod tests {
             (&["--threads", "0"], "--threads"),
             (&["--ctx-size", "8"], "--ctx-size"),
             (&["--kv-memory", "lots"], "--kv-memory"),
+            (&["--cached-writes=no"], "--cached-writes takes no value"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

@@ -64,10 +64,22 @@ fn same_bytes(a: &Path, b: &Path) {
 
 #[test]
 fn one_seed_to_one_leech_byte_identical() {
-    let (sd, src, m) = seed_dir(3 * MB);
+    one_seed_to_one_leech(&[]);
+}
+
+#[test]
+fn a_leech_writing_through_the_page_cache_gets_the_same_bytes() {
+    one_seed_to_one_leech(&["--cached-writes"]);
+}
+
+/// A 3 MB shard plus a short last piece (not a multiple of 4 KiB, so
+/// written through the page cache even with direct I/O).
+fn one_seed_to_one_leech(leech_flags: &[&str]) {
+    let (sd, src, m) = seed_dir(3 * MB + 1234);
+    assert!(m.info.length % m.info.piece_length % 4096 != 0, "a short, unaligned last piece");
     let seed = start_seed(sd.path(), &[]);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
+    let leech = start_seed(ld.path(), leech_flags);
     let r = load(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     assert_eq!(r["result"]["source"], "torrent");

@@ -112,6 +112,12 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
     {
         return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
     }
+    // Every weight will be read at the first step: start reading the file
+    // into the page cache now, in the background. A shard just downloaded
+    // with direct I/O is on disk only; one already cached costs nothing.
+    if let Err(e) = map.advise(memmap2::Advice::WillNeed) {
+        crate::debug!("{name}: madvise(WILLNEED): {e}");
+    }
     Ok(LoadedShard {
         shard_id,
         filename: name,

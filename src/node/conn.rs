@@ -264,3 +264,52 @@ impl Conn {
         self.pending_output() == 0 && (self.close_after_flush || (self.read_closed && self.in_flight == 0))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Reads of every size into the reused input buffer, consumed in uneven
+    /// pieces, give back exactly the bytes sent, and the buffer stays bounded.
+    #[test]
+    fn input_read_in_place_keeps_every_byte_in_order() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, peer) = listener.accept().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let mut conn = Conn::new(TcpStream::from_std(rx), peer, 1);
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        let writer = std::thread::spawn(move || {
+            for chunk in data.chunks(7919) {
+                tx.write_all(chunk).unwrap();
+            }
+            data
+        });
+        let now = Instant::now();
+        let (mut got, mut take, mut max_len) = (Vec::new(), 1usize, 0usize);
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        while got.len() < 300_000 && Instant::now() < deadline {
+            let max = [1, 13, 4096, 65536][got.len() % 4];
+            match conn.read_input(max, now) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+            // Consume like a parser: whole "messages" of a growing size,
+            // leaving a partial one behind.
+            while conn.input().len() >= take {
+                got.extend_from_slice(&conn.input()[..take]);
+                conn.consume_raw(take, now);
+                take = take % 20_000 + 977;
+            }
+            assert_eq!(conn.has_partial_input(), !conn.input().is_empty());
+            max_len = max_len.max(conn.input.len());
+        }
+        got.extend_from_slice(conn.input());
+        let data = writer.join().unwrap();
+        assert_eq!(got, data);
+        assert!(max_len <= 20_977 + 65536, "the buffer holds one partial message and one read ({max_len})");
+    }
+}

@@ -177,7 +177,7 @@ FLAGS:
 /// What the command line asks for.
 #[derive(Debug)]
 pub enum NodeArgs {
-    Run(NodeConfig),
+    Run(Box<NodeConfig>),
     Help,
 }
 
@@ -272,7 +272,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     {
         return Err(format!("--shard-id {id} must be below --total-shards {total}"));
     }
-    Ok(NodeArgs::Run(c))
+    Ok(NodeArgs::Run(Box::new(c)))
 }
 
 fn number(flag: &str, v: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -288,7 +288,7 @@ mod tests {
 
     fn run(args: &[&str]) -> Result<NodeConfig, String> {
         match parse_node_args(args)? {
-            NodeArgs::Run(c) => Ok(c),
+            NodeArgs::Run(c) => Ok(*c),
             NodeArgs::Help => panic!("help"),
         }
     }

@@ -9,7 +9,7 @@ use shardnet::node::Node;
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let config = match parse_node_args(&args) {
-        Ok(NodeArgs::Run(c)) => c,
+        Ok(NodeArgs::Run(c)) => *c,
         Ok(NodeArgs::Help) => {
             print!("{NODE_USAGE}");
             return ExitCode::SUCCESS;

@@ -350,8 +350,7 @@ impl Node {
     /// is spent or the connection may not read; false if it was closed.
     fn read_turn(&mut self, token: Token) -> bool {
         let mut budget = READ_BUDGET;
-        loop {
-            let Some(conn) = self.conn(token) else { break };
+        while let Some(conn) = self.conn(token) {
             if !conn.may_read() {
                 break;
             }

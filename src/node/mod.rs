@@ -428,7 +428,14 @@ impl Node {
                         error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::FrameTooLarge, &msg);
                     conn.queue_frame(&payload, Instant::now());
                     conn.close_after_flush = true;
-                    warn!("conn from {peer}: {msg}");
+                    if torrent_enabled && declared >= crate::protocol::frame::MAX_FRAME_LIMIT {
+                        // No command frame is that long: most likely a BitTorrent
+                        // client opening with an encrypted (MSE) handshake, which
+                        // then retries in plaintext. Not worth a warning each time.
+                        info!("conn from {peer}: {msg} (an encrypted BitTorrent handshake? the peer wire is plaintext)");
+                    } else {
+                        warn!("conn from {peer}: {msg}");
+                    }
                     break;
                 }
                 Next::PeerWire => {

@@ -432,7 +432,9 @@ impl Node {
                         // No command frame is that long: most likely a BitTorrent
                         // client opening with an encrypted (MSE) handshake, which
                         // then retries in plaintext. Not worth a warning each time.
-                        info!("conn from {peer}: {msg} (an encrypted BitTorrent handshake? the peer wire is plaintext)");
+                        info!(
+                            "conn from {peer}: {msg} (an encrypted BitTorrent handshake? the peer wire is plaintext)"
+                        );
                     } else {
                         warn!("conn from {peer}: {msg}");
                     }

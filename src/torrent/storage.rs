@@ -53,14 +53,32 @@ impl View {
 /// Alignment of direct I/O: buffer address, file offset and length.
 pub const DIRECT_ALIGN: usize = 4096;
 
-/// `O_DIRECT` for `open(2)`, where direct I/O is used.
-#[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "x86")))]
+/// `O_DIRECT` for `open(2)` on Linux (its value differs by architecture);
+/// elsewhere direct I/O is not used.
+#[cfg(all(
+    target_os = "linux",
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x"
+    )
+))]
 const O_DIRECT: Option<i32> = Some(0o40000);
 #[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
 const O_DIRECT: Option<i32> = Some(0o200000);
 #[cfg(not(all(
     target_os = "linux",
-    any(target_arch = "x86_64", target_arch = "x86", target_arch = "aarch64", target_arch = "arm")
+    any(
+        target_arch = "x86_64",
+        target_arch = "x86",
+        target_arch = "riscv64",
+        target_arch = "loongarch64",
+        target_arch = "s390x",
+        target_arch = "aarch64",
+        target_arch = "arm"
+    )
 )))]
 const O_DIRECT: Option<i32> = None;
 

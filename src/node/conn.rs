@@ -13,10 +13,11 @@ use std::time::Instant;
 
 use mio::net::TcpStream;
 
-use super::outq::{OutQueue, PieceHeader};
+use super::outq::OutQueue;
 use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
 use crate::torrent::InfoHash;
 use crate::torrent::storage::View;
+use crate::torrent::wire::PieceHeader;
 
 /// Stop reading requests while this much output is unsent.
 pub const OUT_HIGH_WATER: usize = 1024 * 1024;
@@ -150,19 +151,23 @@ impl Conn {
 
     /// Queues raw bytes (peer wire).
     pub fn queue_raw(&mut self, bytes: &[u8], now: Instant) {
-        if self.pending_output() == 0 {
-            self.write_progress = now;
-        }
+        self.mark_queued(now);
         self.output.push_bytes(bytes);
     }
 
     /// Queues a `piece` message whose data stays in `view` until the socket
     /// takes it (peer wire). False if `view` lacks the range.
     pub fn queue_block(&mut self, header: PieceHeader, view: View, offset: u64, len: usize, now: Instant) -> bool {
+        self.mark_queued(now);
+        self.output.push_block(header, view, offset, len)
+    }
+
+    /// Output about to be queued: if none was waiting, the clock for a peer
+    /// that does not read starts now.
+    fn mark_queued(&mut self, now: Instant) {
         if self.pending_output() == 0 {
             self.write_progress = now;
         }
-        self.output.push_block(header, view, offset, len)
     }
 
     pub fn pending_output(&self) -> usize {
@@ -236,9 +241,7 @@ impl Conn {
 
     /// Queues one response frame.
     pub fn queue_frame(&mut self, payload: &[u8], now: Instant) {
-        if self.pending_output() == 0 {
-            self.write_progress = now;
-        }
+        self.mark_queued(now);
         self.output.push_with(|out| frame::encode(payload, out));
     }
 

@@ -8,15 +8,13 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
 use crate::torrent::storage::View;
+use crate::torrent::wire::PieceHeader;
 
 /// Segments given to one `writev` at most (Linux allows 1024).
 const MAX_IOV: usize = 128;
 /// A sent byte buffer up to this capacity is kept for the next bytes;
 /// a larger one (a big command answer) is freed.
 const KEEP: usize = 256 * 1024;
-
-/// A BitTorrent `piece` message's header: length, id, index, begin.
-pub type PieceHeader = [u8; 13];
 
 enum Segment {
     Bytes(Vec<u8>),

@@ -116,12 +116,10 @@ impl Node {
             }
         }
         if let Some(h) = self.conn(token).and_then(|c| c.torrent) {
+            // In a read turn (one connection, so one torrent) the pump waits
+            // for the turn's end.
             if self.reading {
-                if self.pump_after_read.is_some_and(|p| p != h) {
-                    self.pump(h);
-                } else {
-                    self.pump_after_read = Some(h);
-                }
+                self.pump_after_read = Some(h);
             } else {
                 self.pump(h);
             }

@@ -55,32 +55,21 @@ pub const DIRECT_ALIGN: usize = 4096;
 
 /// `O_DIRECT` for `open(2)` on Linux (its value differs by architecture);
 /// elsewhere direct I/O is not used.
-#[cfg(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x"
-    )
-))]
-const O_DIRECT: Option<i32> = Some(0o40000);
-#[cfg(all(target_os = "linux", any(target_arch = "aarch64", target_arch = "arm")))]
-const O_DIRECT: Option<i32> = Some(0o200000);
-#[cfg(not(all(
-    target_os = "linux",
-    any(
-        target_arch = "x86_64",
-        target_arch = "x86",
-        target_arch = "riscv64",
-        target_arch = "loongarch64",
-        target_arch = "s390x",
-        target_arch = "aarch64",
-        target_arch = "arm"
-    )
-)))]
-const O_DIRECT: Option<i32> = None;
+const O_DIRECT: Option<i32> = if !cfg!(target_os = "linux") {
+    None
+} else if cfg!(any(target_arch = "aarch64", target_arch = "arm")) {
+    Some(0o200000)
+} else if cfg!(any(
+    target_arch = "x86_64",
+    target_arch = "x86",
+    target_arch = "riscv64",
+    target_arch = "loongarch64",
+    target_arch = "s390x"
+)) {
+    Some(0o40000)
+} else {
+    None
+};
 
 /// `EINVAL`: what `write(2)` answers where the filesystem refuses direct I/O.
 const EINVAL: i32 = 22;

@@ -197,9 +197,11 @@ fn check_length(id: u8, len: u32) -> Result<(), WireError> {
     if ok { Ok(()) } else { Err(WireError::BadLength { id, len }) }
 }
 
-/// The first 13 bytes of a `piece` message carrying `len` bytes of data;
-/// the data follows.
-pub fn piece_header(index: u32, begin: u32, len: u32) -> [u8; 13] {
+/// A `piece` message's header: length, id, index, begin; the data follows.
+pub type PieceHeader = [u8; 13];
+
+/// The header of a `piece` message carrying `len` bytes of data.
+pub fn piece_header(index: u32, begin: u32, len: u32) -> PieceHeader {
     let mut h = [0u8; 13];
     h[..4].copy_from_slice(&(9 + len).to_be_bytes());
     h[4] = id::PIECE;

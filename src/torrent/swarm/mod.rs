@@ -70,7 +70,7 @@ pub enum PieceData {
 /// A block to send: the `piece` message header, then `len` bytes of the
 /// file at `offset`.
 pub struct Served {
-    pub header: [u8; 13],
+    pub header: wire::PieceHeader,
     pub offset: u64,
     pub len: u32,
 }

@@ -194,9 +194,10 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
             self.started.elapsed().as_millis(),
-            self.open_conns,
+            self.census.total(),
+            self.census.to_json(),
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
@@ -243,6 +244,7 @@ impl Node {
             },
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
+            "limits": self.config.limits_json(),
         })
     }
 

@@ -41,6 +41,12 @@ pub enum ErrorCode {
     BadRoute,
     HopFailed,
     SessionConflict,
+    /// A connection cap is reached and nothing idle could be shed (`--max-*-connections*`).
+    TooManyConnections,
+    /// A frame was not whole `--frame-timeout` seconds after its first byte.
+    FrameTimeout,
+    /// Partial frames went over `--frame-memory`; this connection held the largest.
+    FrameMemoryExceeded,
 }
 
 impl ErrorCode {
@@ -67,6 +73,9 @@ impl ErrorCode {
             ErrorCode::BadRoute => "BAD_ROUTE",
             ErrorCode::HopFailed => "HOP_FAILED",
             ErrorCode::SessionConflict => "SESSION_CONFLICT",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::FrameTimeout => "FRAME_TIMEOUT",
+            ErrorCode::FrameMemoryExceeded => "FRAME_MEMORY_EXCEEDED",
         }
     }
 }

@@ -206,7 +206,13 @@ impl Node {
         self.accept_retry = None;
         loop {
             match self.listener.accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+                Ok((stream, peer)) => {
+                    // Read at once: a newcomer whose first bytes are already here is classified
+                    // now, not taken for an idle connection by the next shedding.
+                    if let Some(token) = self.admit(stream, peer) {
+                        self.on_readable(token);
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
@@ -229,7 +235,7 @@ impl Node {
     }
 
     /// Takes in one accepted connection, making room under the unclassified and total caps.
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) {
+    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) -> Option<Token> {
         if self.census.count(Kind::Unknown) >= self.config.max_unclassified {
             self.shed_oldest_idle(|c| c.kind == Kind::Unknown, "--max-unclassified");
         }
@@ -242,7 +248,7 @@ impl Node {
             let mut frame = Vec::with_capacity(payload.len() + 4);
             crate::protocol::frame::encode(&payload, &mut frame);
             let _ = stream.write(&frame); // best effort: a fresh socket takes a small frame
-            return; // dropping the stream closes it
+            return None; // dropping the stream closes it
         }
         let _ = stream.set_nodelay(true);
         let slot = self.free.pop().unwrap_or_else(|| {
@@ -253,7 +259,7 @@ impl Node {
         if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
             warn!("registering {peer}: {e}");
             self.free.push(slot);
-            return;
+            return None;
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
@@ -261,6 +267,7 @@ impl Node {
         self.conn_ids.insert(id, token);
         self.census.opened(peer.ip(), Kind::Unknown, true);
         debug!("conn {id} from {peer}");
+        Some(token)
     }
 
     /// The first byte of an unclassified connection arrived: count it as a command or

@@ -153,7 +153,8 @@ fn infer_matches_generate_on_smollm2() {
     let model = PathBuf::from(SMOLLM2);
     let want = reference_tokens(&model, 16);
     let nodes = cluster(dir.path(), &model, 4, &[]);
-    let o = shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
+    let o =
+        shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
     assert_eq!(json_of(&o)["tokens"], want, "pipeline and whole model disagree on SmolLM2");
 }
 

@@ -62,6 +62,11 @@ pub(super) enum Purpose {
         shard_id: u32,
         filename: String,
     },
+    /// Holders of the pinned manifest (a shard's load waits for it).
+    Manifest {
+        shard_id: u32,
+        filename: String,
+    },
     /// Peers for a torrent to download (and the shard waiting for it).
     PeersFor {
         info_hash: InfoHash,
@@ -207,7 +212,7 @@ impl Node {
         self.dht.as_ref().map(|d| d.next_tick)
     }
 
-    fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose) -> bool {
+    pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose) -> bool {
         let Some(d) = self.dht.as_mut() else { return false };
         let l = d.dht.start_lookup(key, kind, Instant::now());
         d.purposes.insert(l, purpose);
@@ -226,6 +231,9 @@ impl Node {
         let port = self.local_addr.port();
         let cluster = self.config.cluster.clone();
         let mut keys = vec![cluster_key(&cluster)];
+        if let Some((_, h)) = &self.catalog.manifest_bytes {
+            keys.push(Id(crate::gguf::manifest::manifest_dht_key(h)));
+        }
         for s in self.swarms.values().filter(|s| s.is_complete()) {
             keys.push(Id(s.info_hash.0));
             keys.push(name_key(&cluster, &s.name));
@@ -309,13 +317,14 @@ impl Node {
                     return self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, msg);
                 }
                 // Ask a few holders, on a worker (blocking clients, bounded waits).
-                let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
+                let (tx, waker, key) = (self.events_tx.clone(), self.waker.clone(), self.config.cluster_key.clone());
                 self.pool.handle().submit(move || {
-                    let result = ask_info_hash(&peers, &filename);
+                    let result = ask_info_hash(&peers, &filename, key.as_ref());
                     let _ = tx.send(NodeEvent::ShardResolved { shard_id, filename, result });
                     let _ = waker.wake();
                 });
             }
+            Purpose::Manifest { shard_id, filename } => self.on_manifest_holders(shard_id, filename, peers),
             Purpose::PeersFor { info_hash, shard_id, name } => {
                 let addrs: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::V4(*p)).collect();
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {
@@ -372,12 +381,16 @@ impl Node {
 
 /// Asks holders for their file list; the info hash most of them give for
 /// `filename` wins (a lone liar is outvoted).
-fn ask_info_hash(peers: &[SocketAddrV4], filename: &str) -> Result<InfoHash, String> {
+fn ask_info_hash(
+    peers: &[SocketAddrV4],
+    filename: &str,
+    key: Option<&crate::protocol::auth::ClusterKey>,
+) -> Result<InfoHash, String> {
     let mut votes: HashMap<InfoHash, usize> = HashMap::new();
     let mut errors = Vec::new();
     for p in peers.iter().take(RESOLVE_ASK) {
-        let answer =
-            Client::connect(&p.to_string(), Duration::from_secs(2)).and_then(|mut c| c.call("LIST_FILES", json!({})));
+        let answer = Client::connect_with_key(&p.to_string(), Duration::from_secs(2), key)
+            .and_then(|mut c| c.call("LIST_FILES", json!({})));
         match answer {
             Ok(r) => {
                 let found = r["files"].as_array().into_iter().flatten().find(|f| f["filename"] == filename);

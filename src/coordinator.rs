@@ -189,10 +189,21 @@ impl<'e> Coordinator<'e> {
             addrs.insert(0, boot_addr);
         }
         let mut nodes = Vec::new();
+        let mut last_error = None;
         for addr in addrs {
-            let Ok(mut c) = Client::connect(&addr.to_string(), cfg.timeout) else { continue };
-            let (Ok(status), Ok(list)) = (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) else {
-                continue;
+            let mut c = match Client::connect(&addr.to_string(), cfg.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let (status, list) = match (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) {
+                (Ok(s), Ok(l)) => (s, l),
+                (Err(e), _) | (_, Err(e)) => {
+                    last_error = Some(format!("{addr}: {e:#}"));
+                    continue;
+                }
             };
             if status["cluster"].as_str() != Some(cfg.cluster.as_str()) {
                 continue;
@@ -213,7 +224,12 @@ impl<'e> Coordinator<'e> {
             nodes.push(NodeView { addr, loaded, files });
         }
         if nodes.is_empty() {
-            bail!("no node of cluster {:?} answered (bootstrap {})", cfg.cluster, cfg.bootstrap);
+            bail!(
+                "no node of cluster {:?} answered (bootstrap {}){}",
+                cfg.cluster,
+                cfg.bootstrap,
+                last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+            );
         }
         // The model's shape and tokenizer, from a node that has a shard file.
         let mut info = None;

@@ -87,8 +87,11 @@ fn costly_requests() -> Vec<(&'static str, Value)> {
         ("LOAD_SHARD", json!({"shard_id": 0})),
         ("DOWNLOAD", json!({"info_hash": "00".repeat(20), "peers": ["127.0.0.1:9"]})),
         ("FIND_PEERS", json!({"cluster": true})),
-        ("EXECUTE_TASK", json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1]},
-            "next": [{"address": "127.0.0.1:9", "shard_id": 1}]})),
+        (
+            "EXECUTE_TASK",
+            json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1]},
+            "next": [{"address": "127.0.0.1:9", "shard_id": 1}]}),
+        ),
         ("END_SESSION", json!({"session_id": "s"})),
         ("MODEL_INFO", json!({})),
         ("GET_MANIFEST", json!({"hash": "00".repeat(32)})),
@@ -254,15 +257,15 @@ fn key_files_that_are_empty_unreadable_or_open_to_others() {
     wait_for(WAIT, || node.stderr().contains("group and others may read it").then_some(()));
     let mut c = Client::connect_with_key(&node.addr, WAIT, Some(&key(KEY))).unwrap();
     assert_eq!(c.request("LIST_FILES", json!({})).unwrap()["status"], "success");
-    let (_, err) = run_bin(ctl_bin, &["--cluster-key-file", loose.to_str().unwrap(), "--node", &node.addr, "list"], &[]);
+    let (_, err) =
+        run_bin(ctl_bin, &["--cluster-key-file", loose.to_str().unwrap(), "--node", &node.addr, "list"], &[]);
     assert!(err.contains("group and others may read it"), "{err}");
 }
 
 /// One node serving a whole demo model as a single shard.
 fn one_shard_node(dir: &Path, extra: &[&str]) -> NodeProc {
     let model = dir.join("demo.gguf");
-    shardnet::gguf::demo::write(&shardnet::gguf::demo::DemoConfig { layers: 2, ..Default::default() }, &model)
-        .unwrap();
+    shardnet::gguf::demo::write(&shardnet::gguf::demo::DemoConfig { layers: 2, ..Default::default() }, &model).unwrap();
     let shards = dir.join("shards");
     shardnet::gguf::split::split(&model, 1, &shards, None).unwrap();
     let mut args = vec!["--threads", "1", "--ctx-size", "64"];

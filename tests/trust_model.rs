@@ -240,3 +240,60 @@ fn manifests_that_do_not_hash_to_the_pin_or_do_not_add_up_are_refused() {
         (s["result"]["model"]["manifest"] == json!(pin)).then_some(())
     });
 }
+
+#[test]
+#[ignore = "needs aria2c"]
+fn a_private_swarm_serves_keyed_nodes_and_not_aria2() {
+    require("aria2c");
+    let dir = TempDir::new("trust-private");
+    let seed_dir = dir.path().join("seed");
+    split_model(dir.path(), 42, &seed_dir);
+    let kf = key_file(dir.path());
+    let k = kf.to_str().unwrap();
+    let seed = NodeProc::start(&seed_dir, &["--enable-torrent", "--cluster-key-file", k, "--private"]);
+    let key = shardnet::protocol::auth::ClusterKey::load(&kf).unwrap().key;
+    let call = |node: &NodeProc, cmd: &str, params: Value| {
+        let mut c = shardnet::client::Client::connect_with_key(&node.addr, WAIT, Some(&key)).unwrap();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        c.request(cmd, params).unwrap()
+    };
+    wait_for(WAIT, || {
+        let s = call(&seed, "STATUS", json!({}));
+        (s["result"]["metadata"]["scan_done"] == json!(true)).then_some(())
+    });
+    assert_eq!(call(&seed, "STATUS", json!({}))["result"]["auth"]["private_swarms"], true);
+
+    // An ordinary BitTorrent client, pointed straight at the seed: nothing.
+    let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let announce = tracker(port);
+    let out = TempDir::new("trust-private-aria");
+    let status = Command::new("timeout")
+        .args(["30", "aria2c", "--enable-dht=false", "--bt-enable-lpd=false", "--seed-time=0", "--quiet=true"])
+        .args(["--bt-stop-timeout=10", "--file-allocation=none"])
+        .arg(format!("--bt-tracker={announce}"))
+        .arg(format!("--dir={}", out.path().display()))
+        .arg(seed_dir.join("shard-0.gguf.torrent"))
+        .status()
+        .unwrap();
+    assert!(!status.success(), "aria2c finished a download from a private swarm");
+    let original = std::fs::read(seed_dir.join("shard-0.gguf")).unwrap();
+    let got = std::fs::read(out.path().join("shard-0.gguf")).unwrap_or_default();
+    assert_ne!(got, original, "aria2c got the shard");
+    let s = call(&seed, "STATUS", json!({}));
+    assert_eq!(s["result"]["uploaded"], 0, "{s}");
+
+    // A node with the key, also private: the shard, byte for byte.
+    let leech_dir = dir.path().join("leech");
+    std::fs::create_dir_all(&leech_dir).unwrap();
+    let leech = NodeProc::start(&leech_dir, &["--enable-torrent", "--cluster-key-file", k, "--private"]);
+    let manifest: Value = serde_json::from_slice(&std::fs::read(seed_dir.join("manifest.json")).unwrap()).unwrap();
+    let r = call(
+        &leech,
+        "LOAD_SHARD",
+        json!({"shard_id": 0, "info_hash": manifest["shards"][0]["info_hash"],
+        "peers": [seed.addr]}),
+    );
+    assert_eq!(r["status"], "success", "{r}\n{}", leech.stderr());
+    assert_eq!(std::fs::read(leech_dir.join("shard-0.gguf")).unwrap(), original);
+    seed.assert_serving();
+}

@@ -49,30 +49,16 @@ pub fn cluster_key(cluster: &str) -> Id {
 
 /// Why a lookup runs.
 pub(super) enum Purpose {
-    Announce,
+    /// Our key (before any keyed naming), for the retry bookkeeping.
+    Announce { key: Id },
     /// A FIND_PEERS request waiting for the answer.
-    FindPeers {
-        token: Token,
-        conn_id: u64,
-        request_id: Value,
-        key: Id,
-    },
+    FindPeers { token: Token, conn_id: u64, request_id: Value, key: Id },
     /// Peers under a shard's name key: ask them its info hash.
-    ShardByName {
-        shard_id: u32,
-        filename: String,
-    },
+    ShardByName { shard_id: u32, filename: String },
     /// Holders of the pinned manifest (a shard's load waits for it).
-    Manifest {
-        shard_id: u32,
-        filename: String,
-    },
+    Manifest { shard_id: u32, filename: String },
     /// Peers for a torrent to download (and the shard waiting for it).
-    PeersFor {
-        info_hash: InfoHash,
-        shard_id: Option<u32>,
-        name: String,
-    },
+    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String },
 }
 
 pub(super) struct DhtState {
@@ -212,7 +198,13 @@ impl Node {
         self.dht.as_ref().map(|d| d.next_tick)
     }
 
+    /// Starts a lookup (or an announce) of `key`; a `--private` node uses the keyed name of
+    /// every key instead (`auth::dht_name`), so outsiders find none of its shards or members.
     pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose) -> bool {
+        let key = match (&self.config.cluster_key, self.config.private) {
+            (Some(k), true) => Id(crate::protocol::auth::dht_name(k, &key.0)),
+            _ => key,
+        };
         let Some(d) = self.dht.as_mut() else { return false };
         let l = d.dht.start_lookup(key, kind, Instant::now());
         d.purposes.insert(l, purpose);
@@ -246,7 +238,7 @@ impl Node {
                 continue;
             }
             d.announced.insert(key, (now, nodes));
-            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce);
+            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce { key });
         }
     }
 
@@ -282,13 +274,13 @@ impl Node {
     fn on_lookup_done(&mut self, purpose: Purpose, r: LookupResult) {
         let peers: Vec<SocketAddrV4> = r.peers.iter().copied().filter(|p| !self.own_addr(p)).collect();
         match purpose {
-            Purpose::Announce => {
-                debug!("announced {:?} to {} nodes", r.target, r.responded);
+            Purpose::Announce { key } => {
+                debug!("announced {:?} to {} nodes", key, r.responded);
                 if r.responded < K / 2 {
                     // Too few nodes known yet (joining): try again soon.
                     if let Some(d) = self.dht.as_mut() {
                         let nodes = d.dht.table.len();
-                        d.announced.insert(r.target, (Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY, nodes));
+                        d.announced.insert(key, (Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY, nodes));
                     }
                 }
             }

@@ -360,7 +360,8 @@ impl Node {
     ) -> anyhow::Result<()> {
         if !self.swarms.contains_key(&h) {
             let dir = self.config.shards_dir.clone();
-            let swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
+            let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
+            self.make_private(&mut swarm)?;
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
         }
@@ -535,13 +536,25 @@ impl Node {
         }
     }
 
+    /// With `--private`, only peers proving the cluster key are served by `swarm`.
+    fn make_private(&self, swarm: &mut Swarm) -> anyhow::Result<()> {
+        if let (true, Some(key)) = (self.config.private, &self.config.cluster_key) {
+            let seed = crate::protocol::auth::random_bytes::<32>()
+                .map_err(|e| anyhow::anyhow!("no randomness for a private swarm's nonces: {e}"))?;
+            swarm.set_private(key.clone(), seed);
+        }
+        Ok(())
+    }
+
     /// Starts seeding a complete file the scan found.
     pub(super) fn seed_file(&mut self, entry: &FileEntry) {
         let Some(meta) = entry.meta.clone() else { return };
         if !self.config.enable_torrent || self.swarms.contains_key(&meta.info_hash) {
             return;
         }
-        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now()) {
+        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now())
+            .and_then(|mut s| self.make_private(&mut s).map(|()| s))
+        {
             Ok(s) => {
                 self.swarms.insert(meta.info_hash, s);
             }

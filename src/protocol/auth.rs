@@ -406,6 +406,29 @@ pub fn parse_step(params: &serde_json::Map<String, Value>) -> Result<AuthStep, S
     }
 }
 
+/// The private-swarm proof a peer sends in the BEP 10 extension `shardnet_auth`:
+/// `HMAC-SHA-256(K, "shardnet-peer-v1" || info_hash || verifier_nonce || prover_nonce || prover_peer_id)`.
+/// Bound to the verifier's fresh nonce (no replay) and to the prover's peer id (a peer that
+/// reflects our own proof back must claim our peer id, which is refused as a connection to
+/// ourselves).
+pub fn peer_proof(
+    key: &ClusterKey,
+    info_hash: &[u8; 20],
+    verifier_nonce: &[u8; NONCE_LEN],
+    prover_nonce: &[u8; NONCE_LEN],
+    prover_peer_id: &[u8; 20],
+) -> [u8; TAG_LEN] {
+    key.mac(&[b"shardnet-peer-v1", info_hash, verifier_nonce, prover_nonce, prover_peer_id])
+}
+
+/// The keyed DHT name a `--private` node announces and looks up instead of `id` (an info hash,
+/// a shard's name key, the cluster key): the first 20 bytes of
+/// `HMAC-SHA-256(K, "shardnet-dht-v1" || id)`. Without the key the name says nothing.
+pub fn dht_name(key: &ClusterKey, id: &[u8; 20]) -> [u8; 20] {
+    let mac = key.mac(&[b"shardnet-dht-v1", id]);
+    mac[..20].try_into().expect("20 of 32 bytes")
+}
+
 /// `N` bytes from the kernel's CSPRNG (`/dev/urandom`); never a weaker fallback.
 pub fn random_bytes<const N: usize>() -> std::io::Result<[u8; N]> {
     use std::io::Read;

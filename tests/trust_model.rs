@@ -193,6 +193,10 @@ fn hostile_seeds_of_another_models_shard_cannot_outvote_the_pin() {
     assert!(r["error"].as_str().unwrap().contains("not of this node's model"), "{r}");
     let s = unpinned.call("STATUS", json!({}));
     assert!(s["result"]["shards_loaded"].as_array().unwrap().is_empty(), "{s}");
+    // The refused file is neither kept nor seeded: it adds no vote for itself.
+    wait_for(WAIT, || (!unpinned_dir.join("shard-0.gguf").exists()).then_some(()));
+    let files = unpinned.call("LIST_FILES", json!({}));
+    assert_eq!(files["result"]["files"].as_array().unwrap().len(), 1, "{files}");
     seed.assert_serving();
 }
 

@@ -543,6 +543,9 @@ impl Node {
             self.respond(w.token, &payload);
             self.resume_or_settle(w.token, was_paused);
         }
+        if let (Err((ErrorCode::ShardInvalid, msg)), Some(_)) = (&result, downloaded) {
+            self.discard_download(shard_id, msg);
+        }
         let error = match &result {
             Ok(_) => None,
             Err((ErrorCode::ShardNotFound, _)) => Some(self.not_found_message(shard_id)),

@@ -142,3 +142,81 @@ impl Swarm {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::torrent::create;
+    use crate::torrent::wire::Handshake;
+    use crate::workers::WorkerPool;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    fn ext_handshake(nonce: &[u8; 32]) -> Vec<u8> {
+        let m = bencode::dict([("shardnet_auth", Value::Int(2)), ("ut_metadata", Value::Int(1))]);
+        bencode::dict([("m", m), ("shardnet_nonce", Value::bytes(&nonce[..]))]).encode()
+    }
+
+    fn proof_msg(mac: [u8; 32]) -> Vec<u8> {
+        bencode::dict([("proof", Value::bytes(mac.to_vec()))]).encode()
+    }
+
+    /// A private seed: a peer sees nothing until its proof verifies; a proof made for one
+    /// connection (or with another key) opens no other; silence is closed after the timeout.
+    #[test]
+    fn only_a_fresh_proof_of_the_key_admits_a_peer() {
+        let dir = std::env::temp_dir().join(format!("shardnet-private-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let src = dir.join("f.gguf");
+        std::fs::write(&src, vec![7u8; 300_000]).unwrap();
+        let pool = WorkerPool::new("t", 1);
+        let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
+        let now = Instant::now();
+        let key = ClusterKey::from_bytes(b"0123456789abcdef").unwrap();
+        let mut seed = Swarm::seed(m.clone(), &src, [1; 20], now).unwrap();
+        seed.set_private(key.clone(), [9; 32]);
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let them = [2u8; 20];
+        let their_nonce = [5u8; 32];
+        let connect = |seed: &mut Swarm, k: PeerKey| {
+            seed.add_peer(k, addr, false, now).unwrap();
+            seed.on_handshake(k, &Handshake::new(m.info_hash, them), false).unwrap();
+            seed.on_message(k, Message::Extended { id: 0, payload: &ext_handshake(&their_nonce) }, now).unwrap();
+            seed.on_message(k, Message::Interested, now).unwrap();
+            seed.private_handshake_fields(k).unwrap()
+        };
+        let mut bitfield = Vec::new();
+        wire::encode(&Message::Bitfield(seed.have().unwrap().as_bytes()), &mut bitfield);
+        let ours = connect(&mut seed, 2);
+        let out = std::mem::take(&mut seed.peers.get_mut(&2).unwrap().out);
+        assert!(!out.windows(bitfield.len()).any(|w| w == bitfield), "no bitfield before the proof");
+        assert!(!seed.admitted(2));
+        assert!(seed.peers[&2].am_choking, "no unchoke before the proof");
+        // The seed proved itself to the peer with the peer's nonce.
+        let seed_proof = auth::peer_proof(&key, &m.info_hash.0, &their_nonce, &ours, &[1; 20]);
+        assert!(out.windows(32).any(|w| w == seed_proof), "the seed's proof is in its output");
+        // A proof under another key: closed.
+        let other = ClusterKey::from_bytes(b"another key 12345").unwrap();
+        let bad = auth::peer_proof(&other, &m.info_hash.0, &ours, &their_nonce, &them);
+        assert!(seed.on_message(2, Message::Extended { id: SHARDNET_AUTH, payload: &proof_msg(bad) }, now).is_err());
+        // The right proof: admitted, bitfield sent, unchoked.
+        let good = auth::peer_proof(&key, &m.info_hash.0, &ours, &their_nonce, &them);
+        seed.on_message(2, Message::Extended { id: SHARDNET_AUTH, payload: &proof_msg(good) }, now).unwrap();
+        assert!(seed.admitted(2));
+        assert!(!seed.peers[&2].am_choking);
+        assert!(seed.peers[&2].out.windows(bitfield.len()).any(|w| w == bitfield));
+        // The same proof replayed on a new connection (same peer id, same nonce): refused.
+        seed.remove_peer(2);
+        connect(&mut seed, 3);
+        let replay = Message::Extended { id: SHARDNET_AUTH, payload: &proof_msg(good) };
+        assert!(seed.on_message(3, replay, now).is_err());
+        assert!(!seed.admitted(3));
+        // A peer that never proves anything is closed after the timeout.
+        seed.remove_peer(3);
+        connect(&mut seed, 4);
+        assert!(seed.unproved_expired(now + PROOF_TIMEOUT / 2).is_empty());
+        assert!(seed.unproved_expired(now + PROOF_TIMEOUT * 2).contains(&4));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -177,8 +177,10 @@ fn hostile_seeds_of_another_models_shard_cannot_outvote_the_pin() {
     let r = pinned.call("LOAD_SHARD", json!({"shard_id": 1, "info_hash": "ab".repeat(20)}));
     assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
 
-    // Unpinned, holding shard 1 of the real model: the vote picks the hostile file, which is
-    // refused for its model id.
+    // Unpinned, holding shard 1 of the real model: the vote (two hostile holders, one honest; the
+    // pinned node, now an honest holder too, is stopped) picks the hostile file, which is refused
+    // for its model id.
+    drop(pinned);
     let unpinned_dir = dir.path().join("unpinned");
     std::fs::create_dir_all(&unpinned_dir).unwrap();
     for f in ["shard-1.gguf", "shard-1.gguf.torrent"] {

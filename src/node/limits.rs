@@ -146,13 +146,28 @@ fn oldest(candidates: impl Iterator<Item = (Token, Instant)>) -> Option<Token> {
 /// What the sweep closes a connection for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Deadline {
+    /// The cluster-key handshake was not finished within `--auth-timeout`.
+    Auth,
     Frame,
     Write,
     Idle,
 }
 
+/// The deadlines the sweep applies.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    auth: Duration,
+    frame: Duration,
+    write: Duration,
+    idle: Option<Duration>,
+}
+
 /// Which deadline, if any, a connection has passed at `now`.
-fn passed(c: &Conn, now: Instant, frame: Duration, write: Duration, idle: Option<Duration>) -> Option<Deadline> {
+fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+    let Deadlines { auth, frame, write, idle } = d;
+    if c.auth.expired(now, auth) {
+        return Some(Deadline::Auth);
+    }
     if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
         return Some(Deadline::Frame);
     }
@@ -263,7 +278,9 @@ impl Node {
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
-        self.conns[slot] = Some(Conn::new(stream, peer, id));
+        let mut conn = Conn::new(stream, peer, id);
+        conn.auth = crate::protocol::auth::NodeAuth::new(self.config.cluster_key.is_some());
+        self.conns[slot] = Some(conn);
         self.conn_ids.insert(id, token);
         self.census.opened(peer.ip(), Kind::Unknown, true);
         debug!("conn {id} from {peer}");
@@ -395,19 +412,30 @@ impl Node {
     pub(super) fn sweep_deadlines(&mut self) {
         let now = Instant::now();
         let c = &self.config;
-        let (frame, write, idle) = (c.frame_timeout, c.io_timeout, c.idle_timeout);
+        let d = Deadlines { auth: c.auth_timeout, frame: c.frame_timeout, write: c.io_timeout, idle: c.idle_timeout };
         let due: Vec<(Token, Deadline)> = self
             .conns
             .iter()
             .enumerate()
-            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_ref()?, now, frame, write, idle)?)))
+            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_ref()?, now, d)?)))
             .collect();
         if due.is_empty() {
             return;
         }
+        let (frame, auth) = (d.frame, d.auth);
         let mut counts = [0usize; 3];
         for (token, deadline) in due {
             match deadline {
+                Deadline::Auth => {
+                    let Some(c) = self.conn(token) else { continue };
+                    info!("closing connection from {}: handshake unfinished for over {}s", c.peer, auth.as_secs());
+                    c.auth = crate::protocol::auth::NodeAuth::Unauthenticated;
+                    let msg = format!(
+                        "the cluster-key handshake did not finish within {}s (--auth-timeout); closing",
+                        auth.as_secs()
+                    );
+                    self.close_with_error(token, ErrorCode::AuthTimeout, &msg);
+                }
                 Deadline::Frame => {
                     counts[0] += 1;
                     self.census.stats.frame_timeouts += 1;
@@ -489,13 +517,18 @@ mod tests {
         let (rx, peer) = listener.accept().unwrap();
         rx.set_nonblocking(true).unwrap();
         let mut conn = Conn::new(TcpStream::from_std(rx), peer, 1);
-        let (frame, write, idle) = (Duration::from_secs(10), Duration::from_secs(20), Some(Duration::from_secs(30)));
+        let d = Deadlines {
+            auth: Duration::from_secs(5),
+            frame: Duration::from_secs(10),
+            write: Duration::from_secs(20),
+            idle: Some(Duration::from_secs(30)),
+        };
         let t0 = conn.last_activity;
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(conn.is_idle(), "unclassified is idle");
-        assert_eq!(passed(&conn, at(29), frame, write, idle), None);
-        assert_eq!(passed(&conn, at(31), frame, write, idle), Some(Deadline::Idle));
-        assert_eq!(passed(&conn, at(31), frame, write, None), None, "--idle-timeout 0: never");
+        assert_eq!(passed(&conn, at(29), d), None);
+        assert_eq!(passed(&conn, at(31), d), Some(Deadline::Idle));
+        assert_eq!(passed(&conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
         // Part of a frame: no longer idle; the frame deadline runs from its first byte.
         tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -505,13 +538,13 @@ mod tests {
         assert_eq!(conn.classify(), Kind::Command);
         assert!(!conn.is_idle());
         assert!(conn.input_held() >= 5);
-        assert_eq!(passed(&conn, at(9), frame, write, idle), None);
-        assert_eq!(passed(&conn, at(11), frame, write, idle), Some(Deadline::Frame));
+        assert_eq!(passed(&conn, at(9), d), None);
+        assert_eq!(passed(&conn, at(11), d), Some(Deadline::Frame));
         // Consumed: idle again, nothing charged.
         conn.consume_raw(5, at(12));
         assert_eq!((conn.is_idle(), conn.input_held()), (true, 0));
         // A request in flight is never idle.
         conn.in_flight = 1;
-        assert_eq!(passed(&conn, at(100), frame, write, idle), None);
+        assert_eq!(passed(&conn, at(100), d), None);
     }
 }

@@ -16,6 +16,7 @@ mod handlers;
 mod inference;
 pub mod limits;
 mod peer_wire;
+mod pin;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};
@@ -52,6 +53,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// How often rate-limited transfers are resumed.
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
+/// Largest frame a connection may send before it proves the cluster key (STATUS and AUTH fit).
+pub const UNAUTHENTICATED_MAX_FRAME: u32 = 64 * 1024;
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
@@ -80,6 +83,12 @@ pub enum NodeEvent {
         token: Token,
         conn_id: u64,
         payload: Vec<u8>,
+    },
+    /// The pinned manifest's bytes, fetched from a holder and checked against the pin (or why not).
+    ManifestFetched {
+        shard_id: u32,
+        filename: String,
+        result: Result<Vec<u8>, String>,
     },
     /// A shard's info hash, as its holders listed it (or why not).
     ShardResolved {
@@ -201,10 +210,25 @@ impl Node {
             threads: config.threads,
             ctx_size: config.ctx_size,
             max_sessions: config.max_sessions,
+            max_sessions_per_client: config.max_sessions_per_client,
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
+        let inference =
+            inference::Inference::spawn(engine_config, config.cluster_key.clone(), events_tx.clone(), waker.clone());
+        match (&config.cluster_key_file, &config.key_warning) {
+            (None, _) => warn!(
+                "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
+                 compute); start it with --cluster-key-file",
+                local_addr.port()
+            ),
+            (Some(path), warning) => {
+                info!("cluster key from {}: every command but STATUS needs proof of it", path.display());
+                if let Some(w) = warning {
+                    warn!("{w}");
+                }
+            }
+        }
         Ok(Node {
             config,
             poll,
@@ -406,13 +430,25 @@ impl Node {
                 }
             }
             let Some(conn) = self.conn(token) else { return };
-            let request = match conn.next(max_frame) {
+            // Before the key is proved only STATUS and AUTH are served: small frames suffice.
+            let limit = if conn.auth.authorized() { max_frame } else { max_frame.min(UNAUTHENTICATED_MAX_FRAME) };
+            let request = match conn.next(limit) {
                 Next::NeedMore => break,
-                Next::Frame(payload) => {
-                    let len = payload.len();
+                Next::Frame(payload, len) => {
                     let parsed = Request::parse(payload);
                     conn.consume(len, Instant::now());
                     parsed
+                }
+                Next::BadMac(e) => {
+                    let peer = conn.peer;
+                    conn.discard_input();
+                    let msg = format!("{e}; closing");
+                    let payload =
+                        error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::AuthFailed, &msg);
+                    conn.queue_frame(&payload, Instant::now());
+                    conn.close_after_flush = true;
+                    warn!("conn from {peer}: {msg}");
+                    break;
                 }
                 Next::TooLarge { declared, limit } => {
                     let peer = conn.peer;
@@ -548,6 +584,9 @@ impl Node {
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::ManifestFetched { shard_id, filename, result } => {
+                    self.on_manifest_fetched(shard_id, filename, result)
+                }
                 NodeEvent::ShardResolved { shard_id, filename, result } => {
                     self.on_shard_resolved(shard_id, filename, result)
                 }

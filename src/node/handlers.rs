@@ -382,6 +382,13 @@ impl Node {
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
     fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
+        // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
+        // here yet is fetched first, see `download_shard`).
+        let pinned = self.config.model_pin.is_some();
+        if pinned && !self.pin_unsatisfied() && self.catalog.manifest_hash(id).is_none() {
+            return Err((ErrorCode::OutOfRange, format!("the pinned model has no shard {id}")));
+        }
+        let want = if pinned { self.catalog.manifest_hash(id) } else { p.info_hash };
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -391,8 +398,16 @@ impl Node {
                 if let Err(e) = &f.gguf {
                     return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
-                match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                match (want, f.meta.as_ref().map(|m| m.info_hash)) {
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
+                    (None, _) if pinned => (f.path.clone(), false),
+                    (Some(_), None) if pinned => {
+                        let msg = format!(
+                            "{} is still being hashed; it loads once its info hash is checked against the pinned manifest: try again",
+                            f.filename
+                        );
+                        return Err((ErrorCode::Busy, msg));
+                    }
                     _ => (f.path.clone(), true),
                 }
             }
@@ -404,7 +419,8 @@ impl Node {
                     .or_else(|| self.catalog.manifest_name(id))
                     .unwrap_or_else(|| format!("shard-{id}.gguf"));
                 let path = self.config.shards_dir.join(name);
-                let exists = path.is_file();
+                // Pinned, an unhashed file is not trusted: it is downloaded (and replaced).
+                let exists = path.is_file() && !pinned;
                 (path, exists)
             }
         };
@@ -619,6 +635,9 @@ impl Node {
                     stats.elapsed.as_secs_f64() * 1e3
                 );
                 self.scan.done = Some(stats);
+                if let (Some(id), Some(_)) = (self.config.shard_id, self.config.model_pin) {
+                    self.preload(id);
+                }
             }
         }
     }
@@ -629,8 +648,16 @@ impl Node {
             info!("shard {id} (--shard-id) is not in the shards dir; it loads on LOAD_SHARD");
             return;
         };
-        if self.loading.contains_key(&id) || f.gguf.is_err() {
+        if self.loading.contains_key(&id) || f.gguf.is_err() || self.catalog.loaded.contains_key(&id) {
             return;
+        }
+        // Pinned: only once the file's info hash is known and is the manifest's (tried again when
+        // the scan is done).
+        if self.config.model_pin.is_some() {
+            let have = f.meta.as_ref().map(|m| m.info_hash);
+            if have.is_none() || have != self.catalog.manifest_hash(id) {
+                return;
+            }
         }
         let path = f.path.clone();
         self.start_load(id, path);

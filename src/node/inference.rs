@@ -37,6 +37,8 @@ pub enum Job {
         /// The request's `from`: the coordinator a session belongs to.
         from: Option<String>,
         map: Arc<Mmap>,
+        /// The file behind `map`, checked (one `fstat`) before the task computes.
+        file: Arc<std::fs::File>,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
@@ -121,10 +123,11 @@ fn worker(
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, task, from, map, queued, me } => {
-                let outcome = match engine.as_mut() {
-                    Ok(engine) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
-                    Err(e) => Err((ErrorCode::Internal, e.message.clone())),
+            Job::Execute { reply, task, from, map, file, queued, me } => {
+                let outcome = match (engine.as_mut(), unchanged(&file, &map, task.shard_id)) {
+                    (_, Err(e)) => Err(e),
+                    (Ok(engine), Ok(())) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
+                    (Err(e), _) => Err((ErrorCode::Internal, e.message.clone())),
                 };
                 match outcome {
                     Err((code, msg)) => {
@@ -165,6 +168,25 @@ fn worker(
             return; // the node is gone
         }
         let _ = waker.wake();
+    }
+}
+
+/// Whether the shard's file still has the length of its map. A file cut short under the map
+/// would raise SIGBUS at the first read past its new end; a shard whose file changed is refused
+/// here, before compute (one `fstat` per task). A truncation during a computation is not caught
+/// (see docs/ARCHITECTURE.md, threat model).
+fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (ErrorCode, String)> {
+    match file.metadata() {
+        Ok(m) if m.len() == map.len() as u64 => Ok(()),
+        Ok(m) => Err((
+            ErrorCode::ShardChanged,
+            format!(
+                "shard {shard_id}'s file changed on disk ({} bytes, {} when loaded): load it again",
+                m.len(),
+                map.len()
+            ),
+        )),
+        Err(e) => Err((ErrorCode::ShardChanged, format!("shard {shard_id}'s file: {e}"))),
     }
 }
 

@@ -41,6 +41,16 @@ pub enum ErrorCode {
     BadRoute,
     HopFailed,
     SessionConflict,
+    /// A computation produced NaN or infinity (a hostile or broken model).
+    NumericError,
+    /// A loaded shard's file changed under the node (its length differs from the map's).
+    ShardChanged,
+    /// `--max-downloads` downloads are under way.
+    DownloadLimit,
+    /// The torrent's declared length does not fit the download disk budget.
+    DiskBudget,
+    /// Another download or file already holds the target name.
+    NameConflict,
 }
 
 impl ErrorCode {
@@ -67,6 +77,11 @@ impl ErrorCode {
             ErrorCode::BadRoute => "BAD_ROUTE",
             ErrorCode::HopFailed => "HOP_FAILED",
             ErrorCode::SessionConflict => "SESSION_CONFLICT",
+            ErrorCode::NumericError => "NUMERIC_ERROR",
+            ErrorCode::ShardChanged => "SHARD_CHANGED",
+            ErrorCode::DownloadLimit => "DOWNLOAD_LIMIT",
+            ErrorCode::DiskBudget => "DISK_BUDGET",
+            ErrorCode::NameConflict => "NAME_CONFLICT",
         }
     }
 }

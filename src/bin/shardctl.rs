@@ -824,7 +824,7 @@ fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
 }
 
 fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
-    use shardnet::coordinator::{Coordinator, Event, InferConfig};
+    use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
     use std::io::Write;
     let f = flag_map(
         flags,
@@ -854,23 +854,15 @@ fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
         return Err(usage("--session must be 1-128 bytes".into()));
     }
-    let cfg = InferConfig {
+    let cfg = ClusterConfig {
         bootstrap: f.get("--bootstrap").map_or(o.node.clone(), |b| b.to_string()),
         cluster: f.get("--cluster").unwrap_or(&"shardnet").to_string(),
-        prompt: prompt.to_string(),
-        n: num(&f, "-n", 32),
-        sampling,
         batch,
         timeout: o.timeout,
         load_timeout: Duration::from_secs(num(&f, "--load-timeout", 600u64).max(1)),
-        pace: Duration::from_millis(num(&f, "--pace-ms", 0u64)),
-        parse_special: !f.contains_key("--no-special"),
-        stop_at_eog: !f.contains_key("--ignore-eos"),
-        session,
         max_recoveries: 3,
     };
     let json_out = o.json;
-    let mut stdout = std::io::stdout();
     let mut progress_open = false;
     let events = move |ev: Event| {
         let mut err = std::io::stderr();
@@ -905,16 +897,25 @@ fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
                     "\nrecovering: shard {shard} moved from {from} to {to} ({why}); replaying the session"
                 );
             }
-            Event::Text(t) => {
-                if !json_out {
-                    let _ = stdout.write_all(t.as_bytes());
-                    let _ = stdout.flush();
-                }
-            }
         }
     };
     let mut c = Coordinator::discover(cfg, events)?;
-    let summary = c.generate()?;
+    let req = GenRequest {
+        prompt: c.tokenizer().encode(prompt, true, !f.contains_key("--no-special")),
+        max_tokens: num(&f, "-n", 32),
+        sampling,
+        stop_at_eog: !f.contains_key("--ignore-eos"),
+        session,
+        pace: Duration::from_millis(num(&f, "--pace-ms", 0u64)),
+    };
+    let mut stdout = std::io::stdout();
+    let summary = c.generate(&req, |_, text| {
+        if !json_out {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
     if json_out {
         print_json(&summary.to_json());
         return Ok(());

@@ -239,7 +239,9 @@ fn connection(s: &Shared, id: u64, stream: TcpStream) {
             Err(ReadError::Bad(status, msg)) => {
                 let e = ApiError::new(status, "invalid_request_error", None, msg);
                 s.metrics.request("other", status);
-                let _ = respond_error(&mut conn.stream, &e, false);
+                if respond_error(&mut conn.stream, &e, false).is_ok() {
+                    linger_close(&conn.stream);
+                }
                 return;
             }
             Err(ReadError::Closed) | Err(ReadError::Io(_)) => return,
@@ -252,6 +254,29 @@ fn connection(s: &Shared, id: u64, stream: TcpStream) {
         }
     }
 }
+
+/// Closes a connection whose request was refused unread: the write side first, then what the
+/// client still sends is read and dropped (at most `LINGER_BYTES` for `LINGER`), so the kernel
+/// does not answer unread input with a reset that could destroy the error response in flight.
+fn linger_close(stream: &TcpStream) {
+    let _ = stream.shutdown(Shutdown::Write);
+    let deadline = Instant::now() + LINGER;
+    let mut buf = [0u8; 16 << 10];
+    let mut left = LINGER_BYTES;
+    while left > 0 {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || stream.set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match std::io::Read::read(&mut &*stream, &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => left = left.saturating_sub(n),
+        }
+    }
+}
+
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
 
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
@@ -394,7 +419,8 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
         return Err(ApiError::bad("penalties are not supported by this build", Some("repeat_penalty")));
     }
     sampling.validate().map_err(|e| ApiError::bad(e, None))?;
-    let request = GenRequest { prompt, max_tokens, sampling, stop_at_eog: true, session: None, pace: Duration::ZERO };
+    let request =
+        GenRequest { prompt, max_tokens, sampling, stop_at_eog: !p.ignore_eos, session: None, pace: Duration::ZERO };
     let stop = p.stop.clone();
     Ok((p, Prepared { request, stop, model: model.name.clone() }))
 }

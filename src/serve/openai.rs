@@ -86,6 +86,8 @@ pub struct Params {
     pub repeat_penalty: Option<f32>,
     /// llama.cpp's: -1 the whole context, 0 off.
     pub repeat_last_n: Option<i64>,
+    /// llama.cpp's: generate past end-of-generation tokens.
+    pub ignore_eos: bool,
 }
 
 /// Roles a chat template knows.
@@ -265,6 +267,7 @@ impl Params {
             frequency_penalty: f(number(o, "frequency_penalty", -2.0, 2.0)?),
             repeat_penalty: f(number(o, "repeat_penalty", 0.0, 10.0)?),
             repeat_last_n: integer(o, "repeat_last_n", -1, 1 << 20)?,
+            ignore_eos: flag("ignore_eos")?,
         })
     }
 }

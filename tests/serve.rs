@@ -16,20 +16,6 @@ use std::time::{Duration, Instant};
 
 const SMOLLM2: &str = "models_cache/SmolLM2-135M-Instruct.Q4_1.gguf";
 
-/// Panics unless every need (comma-separated: `pip:MODULE`, a path, or a program) is met.
-fn require(needs: &str) {
-    for need in needs.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-        let met = if let Some(m) = need.strip_prefix("pip:") {
-            Command::new("python3").args(["-c", &format!("import {m}")]).output().is_ok_and(|o| o.status.success())
-        } else if need.contains('/') {
-            Path::new(env!("CARGO_MANIFEST_DIR")).join(need).is_file()
-        } else {
-            Command::new("sh").args(["-c", &format!("command -v {need}")]).output().is_ok_and(|o| o.status.success())
-        };
-        assert!(met, "this test needs {need}, which is missing (pip install openai; apt-get install chromium chromium-driver; make models)");
-    }
-}
-
 /// Three nodes (node 0 holds the three shards, 1 and 2 download theirs) and `shardctl serve`.
 struct Cluster {
     nodes: Vec<NodeProc>,

@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use shardnet::gguf::split;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -416,4 +416,98 @@ fn a_full_queue_is_503_with_retry_after_and_health_still_answers() {
     drop(running);
     let r = read_response(&mut BufReader::new(waiting));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A WebDriver command to chromedriver: the response's `value`.
+fn webdriver(driver: &str, method: &str, path: &str, body: Value) -> Value {
+    let body = if method == "GET" { String::new() } else { body.to_string() };
+    let r = request(driver, method, path, body.as_bytes());
+    let v = r.json();
+    assert!(r.status == 200, "WebDriver {method} {path}: {} {v}", r.status);
+    v["value"].clone()
+}
+
+/// chromedriver on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    addr: String,
+    session: Option<String>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            let _ = request(&self.addr, "DELETE", &format!("/session/{s}"), b"");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs chromium, chromedriver, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn the_chat_page_streams_an_answer_in_headless_chromium() {
+    require("chromium, chromedriver");
+    let c = cluster("serve-browser", &[], &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("chromedriver")
+        .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Driver { child, addr: format!("127.0.0.1:{port}"), session: None };
+    wait_for(WAIT, || (get(&d.addr, "/status").0 == 200).then_some(()));
+    let profile = TempDir::new("chromium-profile");
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", format!("--user-data-dir={}", profile.path().display())],
+        },
+    }}});
+    let session = webdriver(&d.addr, "POST", "/session", caps)["sessionId"].as_str().unwrap().to_string();
+    d.session = Some(session.clone());
+    let s = format!("/session/{session}");
+    webdriver(&d.addr, "POST", &format!("{s}/url"), json!({"url": format!("http://{}/", c.http)}));
+    let find = |css: &str| -> Option<String> {
+        let r = request(&d.addr, "POST", &format!("{s}/elements"), json!({"using": "css selector", "value": css}).to_string().as_bytes());
+        let v = r.json()["value"].clone();
+        v.as_array()?.first()?.as_object()?.values().next()?.as_str().map(str::to_string)
+    };
+    let text = |el: &str| webdriver(&d.addr, "GET", &format!("{s}/element/{el}/text"), json!({})).as_str().unwrap().to_string();
+    // The page found the model.
+    let model = find("#model").unwrap();
+    wait_for(WAIT, || (!text(&model).starts_with("connecting") && !text(&model).starts_with("not ready")).then_some(()));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#temperature").unwrap()), json!({}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#temperature").unwrap()), json!({"text": "0"}));
+    let input = find("#input").unwrap();
+    webdriver(&d.addr, "POST", &format!("{s}/element/{input}/value"), json!({"text": "What is the capital of France?"}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/click", find("#send").unwrap()), json!({}));
+    // The answer streams into the page: seen partly written before it is done.
+    let mut partial = false;
+    wait_for(Duration::from_secs(60), || {
+        if find(".msg[data-done]").is_some() {
+            return Some(());
+        }
+        partial |= find(".msg.assistant").is_some_and(|el| !text(&el).is_empty());
+        None
+    });
+    if let Some(e) = find(".msg.error") {
+        panic!("the page shows an error: {}", text(&e));
+    }
+    let answer = text(&find(".msg.assistant").unwrap());
+    let stats = text(&find("#stats").unwrap());
+    // The same conversation through the API, greedy: the page shows the same text.
+    let api = post(&c.http, "/v1/chat/completions", &json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0, "max_tokens": 256,
+    }))
+    .json();
+    assert_eq!(answer, api["choices"][0]["message"]["content"].as_str().unwrap(), "{api}");
+    assert!(!answer.is_empty());
+    assert!(stats.contains("tokens/s"), "{stats}");
+    assert!(partial, "the answer appeared only whole, not streamed");
 }

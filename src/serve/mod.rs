@@ -210,12 +210,22 @@ impl Server {
             .name(format!("http-{id}"))
             .stack_size(256 << 10)
             .spawn(move || {
+                // Untracked (and so closed) when the thread ends, even by a panic.
+                let _untrack = Untrack(&shared, id);
                 connection(&shared, id, stream);
-                shared.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
             });
         if spawned.is_err() {
             s.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
+    }
+}
+
+/// Removes a connection from the table when dropped: the table's handle is the socket's last.
+struct Untrack<'a>(&'a Shared, u64);
+
+impl Drop for Untrack<'_> {
+    fn drop(&mut self) {
+        self.0.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
     }
 }
 

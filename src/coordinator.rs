@@ -16,6 +16,7 @@ use crate::client::{Client, into_result};
 use crate::engine::generate::TextStream;
 use crate::engine::sampler::{Sampler, SamplerConfig};
 use crate::engine::tokenizer::Tokenizer;
+use crate::protocol::MAX_TOP_K;
 
 #[derive(Clone, Debug)]
 pub struct InferConfig {
@@ -495,13 +496,11 @@ impl<'e> Coordinator<'e> {
         self.place(None)?;
         let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
         let session = self.cfg.session.clone().unwrap_or_else(|| format!("s-{}", random_hex(8)));
-        // What the last hop returns: greedy needs the best id, top-k sampling the k best, else all.
-        let want = match (self.cfg.sampling.temperature, self.cfg.sampling.top_k) {
-            (0.0, _) => Some(1),
-            (_, 0) => None,
-            (_, k) => Some(k),
-        };
         let mut sampler = Sampler::new(self.cfg.sampling.clone());
+        sampler.accept_prompt(&prompt);
+        // What the last hop returns: as many of the best logits as the sampler needs (greedy: the
+        // best one; top-k: the k best plus any a penalty lowers), else all of them.
+        let want = |sampler: &Sampler| sampler.logits_needed().filter(|&k| k <= MAX_TOP_K as usize);
         let mut history = prompt.clone();
         let mut recoveries = 0;
         let mut summary =
@@ -511,7 +510,7 @@ impl<'e> Coordinator<'e> {
         let mut logits = Vec::new();
         let mut pos = 0u32;
         for chunk in prompt.chunks(self.cfg.batch.max(1)) {
-            let (l, _) = self.run(&session, &history, pos, chunk, want, &mut recoveries)?;
+            let (l, _) = self.run(&session, &history, pos, chunk, want(&sampler), &mut recoveries)?;
             logits = l;
             pos += chunk.len() as u32;
         }
@@ -540,7 +539,7 @@ impl<'e> Coordinator<'e> {
                     std::thread::sleep(self.cfg.pace);
                 }
                 let t = Instant::now();
-                let (l, hops) = self.run(&session, &history, pos, &[id], want, &mut recoveries)?;
+                let (l, hops) = self.run(&session, &history, pos, &[id], want(&sampler), &mut recoveries)?;
                 step_ms.push(t.elapsed().as_secs_f64() * 1e3);
                 for (h, hop) in hops.as_array().into_iter().flatten().enumerate() {
                     if let Some(ms) = hop["timings"]["compute_ms"].as_f64() {

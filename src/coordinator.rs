@@ -18,6 +18,7 @@ use crate::client::{Client, into_result};
 use crate::engine::generate::TextStream;
 use crate::engine::sampler::{Sampler, SamplerConfig};
 use crate::engine::tokenizer::Tokenizer;
+use crate::protocol::MAX_TOP_K;
 
 /// How to reach the cluster and how long to wait on it: fixed for a coordinator's life.
 #[derive(Clone, Debug)]
@@ -583,19 +584,17 @@ impl<'e> Coordinator<'e> {
         summary: &mut Summary,
         on_token: &mut dyn FnMut(u32, &str) -> bool,
     ) -> Result<()> {
-        // What the last hop returns: greedy needs the best id, top-k sampling the k best, else all.
-        let want = match (req.sampling.temperature, req.sampling.top_k) {
-            (0.0, _) => Some(1),
-            (_, 0) => None,
-            (_, k) => Some(k),
-        };
         let mut sampler = Sampler::new(req.sampling.clone());
+        sampler.accept_prompt(&req.prompt);
+        // What the last hop returns: as many of the best logits as the sampler needs (greedy: the
+        // best one; top-k: the k best plus any a penalty lowers), else all of them.
+        let want = |sampler: &Sampler| sampler.logits_needed().filter(|&k| k <= MAX_TOP_K as usize);
         let mut history = req.prompt.clone();
         let t0 = Instant::now();
         let mut logits = Vec::new();
         let mut pos = 0u32;
         for chunk in req.prompt.chunks(self.cfg.batch.max(1)) {
-            let (l, _) = self.run(session, &history, pos, chunk, want, &mut summary.recoveries)?;
+            let (l, _) = self.run(session, &history, pos, chunk, want(&sampler), &mut summary.recoveries)?;
             logits = l;
             pos += chunk.len() as u32;
         }
@@ -635,7 +634,7 @@ impl<'e> Coordinator<'e> {
                 std::thread::sleep(req.pace);
             }
             let t = Instant::now();
-            let (l, hops) = self.run(session, &history, pos, &[id], want, &mut summary.recoveries)?;
+            let (l, hops) = self.run(session, &history, pos, &[id], want(&sampler), &mut summary.recoveries)?;
             step_ms.push(t.elapsed().as_secs_f64() * 1e3);
             for (h, hop) in hops.as_array().into_iter().flatten().enumerate() {
                 if let Some(ms) = hop["timings"]["compute_ms"].as_f64() {

@@ -38,35 +38,20 @@ use openai::{ApiError, Endpoint, Input, Params};
 /// The chat page served at `/`.
 const PAGE: &str = include_str!("page.html");
 
-/// Server-side defaults for what a request leaves out (llama.cpp's server defaults, except the
-/// seed: a fresh one per request unless `--seed` is given).
+/// Server-side defaults for what a request leaves out: `shardctl serve`'s sampling flags (greedy
+/// unless `--temp`), a fresh seed per request unless `--seed` was given, and `-n`.
 #[derive(Clone, Debug)]
 pub struct Defaults {
-    pub temperature: f32,
-    pub top_k: usize,
-    pub top_p: f32,
-    pub seed: Option<u64>,
+    pub sampling: SamplerConfig,
+    /// A new random seed for each request that gives none (OpenAI's behaviour).
+    pub random_seed: bool,
     /// New tokens when a request gives no `max_tokens` (also bounded by the context).
     pub max_tokens: usize,
-    pub presence_penalty: f32,
-    pub frequency_penalty: f32,
-    pub repeat_penalty: f32,
-    pub repeat_last_n: i64,
 }
 
 impl Default for Defaults {
     fn default() -> Defaults {
-        Defaults {
-            temperature: 0.8,
-            top_k: 40,
-            top_p: 0.95,
-            seed: None,
-            max_tokens: 512,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            repeat_penalty: 1.0,
-            repeat_last_n: 64,
-        }
+        Defaults { sampling: SamplerConfig::default(), random_seed: true, max_tokens: 512 }
     }
 }
 
@@ -414,21 +399,23 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
     let d = &s.cfg.defaults;
     // Generation ends at the context's end as well as at max_tokens (llama.cpp's n_predict).
     let max_tokens = p.max_tokens.unwrap_or(d.max_tokens).min(ctx - prompt.len());
-    let sampling = SamplerConfig {
-        temperature: p.temperature.unwrap_or(d.temperature),
-        top_k: p.top_k.unwrap_or(d.top_k),
-        top_p: p.top_p.unwrap_or(d.top_p),
-        seed: p.seed.or(d.seed).unwrap_or_else(|| u64::from_le_bytes(crate::node::random_id()[..8].try_into().unwrap())),
+    let seed = match (p.seed, d.random_seed) {
+        (Some(seed), _) => seed,
+        (None, true) => u64::from_le_bytes(crate::node::random_id()[..8].try_into().expect("8 bytes")),
+        (None, false) => d.sampling.seed,
     };
-    let penalties = (
-        p.presence_penalty.unwrap_or(d.presence_penalty),
-        p.frequency_penalty.unwrap_or(d.frequency_penalty),
-        p.repeat_penalty.unwrap_or(d.repeat_penalty),
-    );
-    if penalties != (0.0, 0.0, 1.0) {
-        return Err(ApiError::bad("penalties are not supported by this build", Some("repeat_penalty")));
-    }
-    sampling.validate().map_err(|e| ApiError::bad(e, None))?;
+    let ds = &d.sampling;
+    let sampling = SamplerConfig {
+        temperature: p.temperature.unwrap_or(ds.temperature),
+        top_k: p.top_k.unwrap_or(ds.top_k),
+        top_p: p.top_p.unwrap_or(ds.top_p),
+        seed,
+        repeat_penalty: p.repeat_penalty.unwrap_or(ds.repeat_penalty),
+        repeat_last_n: p.repeat_last_n.unwrap_or(ds.repeat_last_n),
+        presence_penalty: p.presence_penalty.unwrap_or(ds.presence_penalty),
+        frequency_penalty: p.frequency_penalty.unwrap_or(ds.frequency_penalty),
+    };
+    sampling.validate().map_err(|e| ApiError::bad(e.to_string(), Some(e.param)))?;
     let request =
         GenRequest { prompt, max_tokens, sampling, stop_at_eog: !p.ignore_eos, session: None, pace: Duration::ZERO };
     let stop = p.stop.clone();

@@ -352,6 +352,6 @@ mod tests {
         s.finish().unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(text.contains("Transfer-Encoding: chunked\r\n"), "{text}");
-        assert!(text.ends_with("\r\n\r\ne\r\ndata: {\"a\":1}\n\n\r\n0\r\n\r\n"), "{text:?}");
+        assert!(text.ends_with("\r\n\r\nf\r\ndata: {\"a\":1}\n\n\r\n0\r\n\r\n"), "{text:?}");
     }
 }

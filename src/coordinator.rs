@@ -165,7 +165,6 @@ pub struct Coordinator<'e> {
     n_vocab: usize,
     model_id: String,
     model_name: Option<String>,
-    chat_template: Option<String>,
     tokenizer: Tokenizer,
     events: Box<dyn FnMut(Event) + 'e>,
 }
@@ -249,7 +248,6 @@ impl<'e> Coordinator<'e> {
         let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
         let model_id = info["model_id"].as_str().unwrap_or("shardnet").to_string();
         let model_name = info["name"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
-        let chat_template = info["chat_template"].as_str().map(str::to_string);
         let from = format!("coordinator-{}", random_hex(6));
         let mut me = Coordinator {
             cfg,
@@ -263,7 +261,6 @@ impl<'e> Coordinator<'e> {
             n_vocab,
             model_id,
             model_name,
-            chat_template,
             tokenizer,
             events: Box::new(events),
         };
@@ -289,11 +286,6 @@ impl<'e> Coordinator<'e> {
     /// The model's `general.name`, else its id.
     pub fn model_name(&self) -> &str {
         self.model_name.as_deref().unwrap_or(&self.model_id)
-    }
-
-    /// The GGUF's `tokenizer.chat_template`, if the model has one.
-    pub fn chat_template(&self) -> Option<&str> {
-        self.chat_template.as_deref()
     }
 
     /// The node serving each shard, in order; empty before `place_all`.

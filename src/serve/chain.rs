@@ -179,8 +179,7 @@ pub fn run(
 fn connect(cluster: &ClusterConfig) -> anyhow::Result<(Coordinator<'static>, Option<String>)> {
     let mut c = Coordinator::discover(cluster.clone(), log_event)?;
     c.place_all()?;
-    let template = c.chat_template().map(str::to_string);
-    Ok((c, template))
+    Ok((c, None))
 }
 
 fn log_event(ev: Event) {

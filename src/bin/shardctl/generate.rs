@@ -70,6 +70,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         threads: f.num("--threads", ec.threads).max(1),
         ctx_size: f.num("--ctx", ec.ctx_size),
         max_sessions: 1,
+        max_sessions_per_client: 1,
         kv_budget: u64::MAX,
         repack: f.has("--repack"),
     };
@@ -161,7 +162,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         flags,
         &[
             &SAMPLING_FLAGS[..],
-            &["--bootstrap", "--cluster", "--prompt", "--batch", "--session", "--pace-ms", "--load-timeout"],
+            &["--bootstrap", "--cluster", "--prompt", "--batch", "--session", "--pace-ms", "--load-timeout", "--model"],
         ]
         .concat(),
         &["--no-special", "--ignore-eos"],
@@ -189,6 +190,10 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         timeout: o.timeout,
         load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
         max_recoveries: 3,
+        model_pin: match f.get("--model") {
+            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
+            None => None,
+        },
     };
     let json_out = o.json;
     let mut progress_open = false;

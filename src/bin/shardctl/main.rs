@@ -12,6 +12,7 @@ mod node;
 mod serve;
 mod torrent;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -53,6 +54,9 @@ GENERATION:
       --session ID              session id on the nodes [default: random]
       --pace-ms MS              pause between tokens (demos) [default: 0]
       --load-timeout SECS       bound on each shard's load [default: 600]
+      --model HASH              pin the model: the SHA-256 of its manifest.json
+                                (as split prints it); shards load by its info
+                                hashes only [default: no pin]
       --no-special, --ignore-eos   as for generate
 
   serve [FLAGS] [SAMPLING]      an OpenAI-compatible HTTP/1.1 endpoint over the
@@ -62,7 +66,7 @@ GENERATION:
                                 what a request leaves out [default seed:
                                 random per request]
       --listen IP:PORT          [default: 127.0.0.1:8080]
-      --bootstrap, --cluster, --batch, --load-timeout   as for infer
+      --bootstrap, --cluster, --batch, --load-timeout, --model   as for infer
       --chat-template FILE      a Jinja chat template [default: the model's
                                 tokenizer.chat_template]
       --model-name NAME         the id /v1/models lists and requests name
@@ -135,6 +139,10 @@ FLAGS:
                    [default: 127.0.0.1:51820]
   --json           print the raw JSON result (for scripts)
   --timeout SECS   bound on connecting and on each response [default: 30]
+  --cluster-key-file PATH
+                   prove this cluster key to every node (HMAC-SHA-256
+                   handshake, every frame MACed) [default: the file named by
+                   SHARDNET_CLUSTER_KEY_FILE; none: no key]
   -h, --help       print this help
 
 Exit status: 0 on success, 1 when the node answers an error or cannot be
@@ -142,6 +150,7 @@ reached (or a file cannot be read), 2 for a usage error.
 ";
 
 struct Opts {
+    key_file: Option<PathBuf>,
     node: String,
     json: bool,
     timeout: Duration,
@@ -161,6 +170,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let key_file = opts.key_file.clone().or_else(shardnet::config::key_file_from_env);
+    if let Some(path) = key_file {
+        match shardnet::protocol::auth::ClusterKey::load(&path) {
+            Ok(loaded) => {
+                if let Some(w) = loaded.warning {
+                    eprintln!("shardctl: warning: {w}");
+                }
+                shardnet::client::set_default_key(Some(loaded.key));
+            }
+            Err(e) => {
+                eprintln!("shardctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match run(&opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -171,8 +195,13 @@ fn main() -> ExitCode {
 }
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
-    let mut o =
-        Opts { node: "127.0.0.1:51820".into(), json: false, timeout: Duration::from_secs(30), rest: Vec::new() };
+    let mut o = Opts {
+        key_file: None,
+        node: "127.0.0.1:51820".into(),
+        json: false,
+        timeout: Duration::from_secs(30),
+        rest: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -182,6 +211,9 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                 let v = it.next().ok_or("--node needs a value")?;
                 shardnet::config::parse_peer_addr(v).map_err(|e| format!("--node: {e}"))?;
                 o.node = v.clone();
+            }
+            "--cluster-key-file" => {
+                o.key_file = Some(PathBuf::from(it.next().ok_or("--cluster-key-file needs a value")?));
             }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a value")?;

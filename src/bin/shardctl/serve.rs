@@ -30,6 +30,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--max-body",
                 "--batch",
                 "--load-timeout",
+                "--model",
             ],
         ]
         .concat(),
@@ -64,6 +65,10 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
             timeout: o.timeout,
             load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
             max_recoveries: 3,
+            model_pin: match f.get("--model") {
+                Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
+                None => None,
+            },
         },
         listen: listen.parse().map_err(|_| f.usage(format!("--listen {listen:?} is not IP:PORT")))?,
         defaults,

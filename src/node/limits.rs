@@ -224,7 +224,7 @@ impl Node {
                 Ok((stream, peer)) => {
                     // Read at once: a newcomer whose first bytes are already here is classified
                     // now, not taken for an idle connection by the next shedding.
-                    if let Some(token) = self.admit(stream, peer) {
+                    if let Some(token) = self.admit_connection(stream, peer) {
                         self.on_readable(token);
                     }
                 }
@@ -250,7 +250,7 @@ impl Node {
     }
 
     /// Takes in one accepted connection, making room under the unclassified and total caps.
-    fn admit(&mut self, mut stream: TcpStream, peer: SocketAddr) -> Option<Token> {
+    fn admit_connection(&mut self, mut stream: TcpStream, peer: SocketAddr) -> Option<Token> {
         if self.census.count(Kind::Unknown) >= self.config.max_unclassified {
             self.shed_oldest_idle(|c| c.kind == Kind::Unknown, "--max-unclassified");
         }

@@ -75,8 +75,8 @@ impl Client {
         })
     }
 
-    /// The cluster-key handshake: hello, check the node's proof, send ours; every frame after
-    /// is sealed.
+    /// The cluster-key handshake: hello, send our proof, check the node's in its sealed answer;
+    /// every frame after the hello's answer is sealed.
     fn authenticate(&mut self, key: &ClusterKey) -> Result<()> {
         let nonce = auth::random_bytes::<{ auth::NONCE_LEN }>().context("reading /dev/urandom")?;
         let hs = ClientHandshake::new(key.clone(), nonce);
@@ -88,9 +88,14 @@ impl Client {
         let proof = hs.answer(&challenge).map_err(|e| anyhow!("{e}"))?;
         let id = json!(format!("ctl-{}", self.next_id));
         self.next_id += 1;
-        self.send_payload(&request_payload("AUTH", &id, "shardctl", proof.params))?;
-        (self.tx, self.rx) = (Some(proof.tx), Some(proof.rx));
-        into_result(self.read_response()?).context("the node refused our proof")?;
+        self.send_payload(&request_payload("AUTH", &id, "shardctl", proof.params.clone()))?;
+        (self.tx, self.rx) = (Some(proof.tx.clone()), Some(proof.rx.clone()));
+        let answer = into_result(self.read_proof_answer()?).context("the node refused our proof")?;
+        // The node proves the key only now, after us: nothing is trusted before this check.
+        if let Err(e) = proof.check_node(&answer) {
+            (self.tx, self.rx) = (None, None);
+            bail!("the node did not prove the cluster key: {e}");
+        }
         Ok(())
     }
 
@@ -146,6 +151,30 @@ impl Client {
 
     /// Reads one response frame.
     pub fn read_response(&mut self) -> Result<Value> {
+        let payload = self.read_frame_body()?;
+        let payload = match &mut self.rx {
+            Some(rx) => rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?,
+            None => &payload[..],
+        };
+        serde_json::from_slice(payload).context("response is not JSON")
+    }
+
+    /// The answer to our `AUTH` proof: sealed when the node accepted it; a refusal comes plain
+    /// (the node has no keys for a client that did not prove the key), and only a refusal is
+    /// taken plain.
+    fn read_proof_answer(&mut self) -> Result<Value> {
+        let payload = self.read_frame_body()?;
+        let rx = self.rx.as_mut().expect("set before the proof is sent");
+        if let Ok(opened) = rx.open(&payload) {
+            return serde_json::from_slice(opened).context("response is not JSON");
+        }
+        match serde_json::from_slice::<Value>(&payload) {
+            Ok(v) if v["status"] == "error" => Ok(v),
+            _ => bail!("response from the node: {}", auth::AuthError::BadMac),
+        }
+    }
+
+    fn read_frame_body(&mut self) -> Result<Vec<u8>> {
         let mut len = [0u8; 4];
         self.stream.read_exact(&mut len).context("reading a response (did the node close the connection?)")?;
         let len = u32::from_be_bytes(len);
@@ -154,11 +183,7 @@ impl Client {
         }
         let mut payload = vec![0u8; len as usize];
         self.stream.read_exact(&mut payload).context("reading a response body")?;
-        let payload = match &mut self.rx {
-            Some(rx) => rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?,
-            None => &payload[..],
-        };
-        serde_json::from_slice(payload).context("response is not JSON")
+        Ok(payload)
     }
 }
 

@@ -59,11 +59,13 @@ impl Keyed {
         let hs = ClientHandshake::new(k.clone(), shardnet::protocol::auth::random_bytes::<NONCE_LEN>().unwrap());
         s.write_all(&frame_bytes(&request("AUTH", 1, hs.hello_params()))).unwrap();
         let challenge = read_frame(&mut s);
-        let proof = hs.answer(&challenge["result"]).expect("the node proves the key");
-        s.write_all(&frame_bytes(&request("AUTH", 2, proof.params))).unwrap();
-        let mut k = Keyed { s, tx: proof.tx, rx: proof.rx };
+        assert_eq!(challenge["result"].get("node_proof"), None, "the node proves the key only after us: {challenge}");
+        let proof = hs.answer(&challenge["result"]).expect("a well-formed challenge");
+        s.write_all(&frame_bytes(&request("AUTH", 2, proof.params.clone()))).unwrap();
+        let mut k = Keyed { s, tx: proof.tx.clone(), rx: proof.rx.clone() };
         let ok = k.read();
         assert_eq!(ok["result"]["authenticated"], true, "{ok}");
+        proof.check_node(&ok["result"]).expect("the node proves the key after us");
         k
     }
 
@@ -112,6 +114,13 @@ fn without_the_key_only_status_is_served_and_forged_frames_are_refused() {
     let s = open.call("STATUS", json!({})).unwrap();
     assert_eq!(s["auth"]["cluster_key"], true, "{s}");
     assert_eq!(s["auth"]["open_to_anyone"], false, "{s}");
+    // ... only its non-sensitive part: no paths, downloads, peers' addresses or counters.
+    for shown in ["node_id", "cluster", "version", "limits", "uptime_ms"] {
+        assert!(s.get(shown).is_some(), "{shown} missing: {s}");
+    }
+    for hidden in ["shards_dir", "downloads", "bootstrap", "address", "dht", "inference", "sessions", "connections"] {
+        assert!(s.get(hidden).is_none(), "{hidden} shown without the key: {s}");
+    }
     for (cmd, params) in costly_requests() {
         let r = open.request(cmd, params).unwrap();
         assert_eq!(r["code"], "AUTH_REQUIRED", "{cmd} without the key: {r}");
@@ -128,7 +137,7 @@ fn without_the_key_only_status_is_served_and_forged_frames_are_refused() {
     s.write_all(&frame_bytes(&request("AUTH", 1, hello))).unwrap();
     let challenge = read_frame(&mut s);
     let nn = shardnet::hash::from_hex_vec(challenge["result"]["node_nonce"].as_str().unwrap()).unwrap();
-    let forged = wrong.mac(&[b"client proof", b"shardnet-auth-v1", &cn, &nn]);
+    let forged = wrong.mac(&[b"client proof", b"shardnet-auth-v2", &cn, &nn]);
     let proof = json!({"step": "proof", "client_proof": shardnet::hash::to_hex(&forged)});
     s.write_all(&frame_bytes(&request("AUTH", 2, proof))).unwrap();
     let r = read_frame(&mut s);
@@ -188,6 +197,11 @@ fn without_the_key_only_status_is_served_and_forged_frames_are_refused() {
     let mut good = Client::connect_with_key(&node.addr, WAIT, Some(&right)).unwrap();
     assert!(good.authenticated());
     assert_eq!(good.request("LIST_FILES", json!({})).unwrap()["status"], "success");
+    // An authenticated caller gets the full STATUS.
+    let full = good.call("STATUS", json!({})).unwrap();
+    for shown in ["shards_dir", "downloads", "bootstrap", "inference", "sessions"] {
+        assert!(full.get(shown).is_some(), "{shown} missing for a keyed caller: {full}");
+    }
     let log = node.stderr();
     assert!(log.contains("every command but STATUS needs proof of it"), "{log}");
 }
@@ -225,11 +239,14 @@ fn key_files_that_are_empty_unreadable_or_open_to_others() {
     let ctl_bin = env!("CARGO_BIN_EXE_shardctl");
     let empty = key_file(dir.path(), "empty.key", "\n", 0o600);
     let short = key_file(dir.path(), "short.key", "abc", 0o600);
+    // 31 bytes: a passphrase-sized key (16 bytes were accepted before).
+    let passphrase = key_file(dir.path(), "passphrase.key", "correct horse battery staple 12\n", 0o600);
     let missing = dir.path().join("missing.key");
     let unreadable = key_file(dir.path(), "locked.key", KEY, 0o000);
     for (path, needle) in [
         (&empty, "is empty"),
-        (&short, "at least 16"),
+        (&short, "at least 32"),
+        (&passphrase, "at least 32"),
         (&missing, "No such file"),
         (&dir.path().to_path_buf(), "not a regular file"),
     ] {
@@ -304,8 +321,13 @@ fn another_clients_session_cannot_be_ended_or_driven() {
     let mut attacker = node.client();
     let wrong = json!("0123456789abcdef0123456789abcdef");
     for t in [Value::Null, wrong.clone(), ref_token.clone()] {
+        // Ending it frees nothing and answers as for a session that does not exist.
         let r = attacker.request("END_SESSION", json!({"session_id": "victim", "session_token": t})).unwrap();
-        assert_eq!(r["code"], "SESSION_FORBIDDEN", "{r}");
+        let unknown = attacker.request("END_SESSION", json!({"session_id": "no-such", "session_token": t})).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        assert_eq!(r["result"]["freed"], 0, "{r}");
+        assert_eq!(r["result"]["freed"], unknown["result"]["freed"], "{r} vs {unknown}");
+        assert_eq!(r["status"], unknown["status"], "{r} vs {unknown}");
         let r = step(&mut attacker, "victim", 0, &[7, 7, 7, 7], &t);
         assert_eq!(r["code"], "SESSION_FORBIDDEN", "{r}");
         let text = r["error"].as_str().unwrap();
@@ -344,4 +366,110 @@ fn one_client_opening_500_sessions_evicts_only_its_own() {
     // The victim's session is still there.
     let r = step(&mut victim, "kept", 2, &[4], &token);
     assert_eq!(r["status"], "success", "{r}");
+}
+
+/// One node holding both shards of a 2-shard demo model, loaded.
+fn two_shard_node(dir: &Path, extra: &[&str]) -> NodeProc {
+    let model = dir.join("demo.gguf");
+    shardnet::gguf::demo::write(&shardnet::gguf::demo::DemoConfig { layers: 2, ..Default::default() }, &model).unwrap();
+    let shards = dir.join("shards");
+    shardnet::gguf::split::split(&model, 2, &shards, None).unwrap();
+    let mut args = vec!["--threads", "1", "--ctx-size", "64"];
+    args.extend_from_slice(extra);
+    let node = NodeProc::start(&shards, &args);
+    for id in 0..2 {
+        let r = node.call("LOAD_SHARD", json!({"shard_id": id}));
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    node
+}
+
+fn infer(node: &NodeProc) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--timeout", "30", "infer", "--bootstrap", &node.addr, "--prompt", "hello", "-n", "4"])
+        .output()
+        .unwrap()
+}
+
+/// The red team's a13: `--max-sessions` sessions opened from as many connections (one each,
+/// each its own client) fill the table. A new session spans two shards of this node, so its
+/// second shard's creation needs room too: it must evict one of the idle fills, never the new
+/// session's own first shard (which left every later step UNKNOWN_SESSION).
+#[test]
+fn a_table_full_of_one_session_clients_does_not_stop_new_inference() {
+    let dir = TempDir::new("trust-fill");
+    let node = two_shard_node(dir.path(), &["--max-sessions", "16"]);
+    let o = infer(&node);
+    assert!(o.status.success(), "before the fill: {}", String::from_utf8_lossy(&o.stderr));
+    for i in 0..16 {
+        let mut c = node.client();
+        let r = step(&mut c, &format!("fill-{i}"), 0, &[1], &Value::Null);
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    for round in 0..3 {
+        let o = infer(&node);
+        assert!(o.status.success(), "after the fill, run {round}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    let s = node.call("STATUS", json!({}));
+    assert_eq!(s["result"]["sessions"], s["result"]["inference"]["sessions"], "{s}");
+    assert!(s["result"]["sessions"].as_u64().unwrap() <= 16, "{s}");
+}
+
+/// A session decoding step after step survives 500 sessions opened meanwhile by other clients
+/// over 50 connections (10 each, over the per-client quota of 8), and its tokens are those of
+/// an undisturbed run.
+#[test]
+fn a_decoding_session_survives_500_sessions_of_many_other_clients() {
+    let dir = TempDir::new("trust-decoding");
+    let node = one_shard_node(dir.path(), &["--max-sessions", "16"]);
+    // The undisturbed run: 40 greedy steps.
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    let decoding = AtomicBool::new(false);
+    let decode = |c: &mut Client, name: &str, steps: u32, stop: Option<&AtomicBool>| {
+        let r = step(c, name, 0, &[1, 2], &Value::Null);
+        assert_eq!(r["status"], "success", "{r}");
+        let token = r["result"]["session_token"].clone();
+        let mut ids = vec![r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32];
+        for i in 0..steps {
+            let r = step(c, name, 2 + i, &[*ids.last().unwrap()], &token);
+            assert_eq!(r["status"], "success", "step {i} of {name}: {r}");
+            ids.push(r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32);
+            if i == 4 {
+                decoding.store(true, Relaxed);
+            }
+            if stop.is_some_and(|s| s.load(Relaxed)) && i >= 40 {
+                break;
+            }
+        }
+        ids
+    };
+    let expected = decode(&mut node.client(), "reference", 40, None);
+    let _ = node.call("END_SESSION", json!({"session_id": "reference"}));
+    decoding.store(false, Relaxed);
+    let flooded = AtomicBool::new(false);
+    let got = std::thread::scope(|sc| {
+        let victim = sc.spawn(|| decode(&mut node.client(), "victim", 60, Some(&flooded)));
+        let floods: Vec<_> = (0..50)
+            .map(|c| {
+                let node = &node;
+                let decoding = &decoding;
+                sc.spawn(move || {
+                    // The flood starts once the victim is decoding.
+                    wait_for(WAIT, || decoding.load(Relaxed).then_some(()));
+                    let mut conn = node.client();
+                    for i in 0..10 {
+                        let r = step(&mut conn, &format!("flood-{c}-{i}"), 0, &[3], &Value::Null);
+                        assert_eq!(r["status"], "success", "{r}");
+                    }
+                })
+            })
+            .collect();
+        for f in floods {
+            f.join().unwrap();
+        }
+        flooded.store(true, Relaxed);
+        victim.join().unwrap()
+    });
+    assert_eq!(got[..=40], expected[..], "the victim's tokens changed");
+    node.assert_serving();
 }

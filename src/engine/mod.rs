@@ -25,8 +25,9 @@ use crate::protocol::ErrorCode;
 use forward::{StepInput, StepOutput};
 use memmap2::Mmap;
 use model::ShardModel;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use model::Hparams;
 
@@ -135,7 +136,16 @@ struct Session {
     n_past: u32,
     n_ctx: u32,
     last_used: u64,
+    /// When its last step ran: idle for [`SESSION_IDLE_AFTER`] makes it the first to go.
+    used_at: Instant,
+    /// Steps run on it: among recently used sessions, one opened and barely used goes before
+    /// one that is decoding.
+    steps: u64,
 }
+
+/// A session not stepped for this long is idle: when room is needed, idle sessions go before
+/// recently used ones.
+pub const SESSION_IDLE_AFTER: Duration = Duration::from_secs(10);
 
 pub struct Engine {
     backend: ggml::Backend,
@@ -143,6 +153,8 @@ pub struct Engine {
     shards: HashMap<u32, ShardModel>,
     sessions: HashMap<(String, u32), Session>,
     clock: u64,
+    /// Session ids with a step waiting in the worker's queue: never evicted.
+    queued: HashSet<String>,
 }
 
 /// Session ids are short printable names chosen by the coordinator.
@@ -151,7 +163,7 @@ pub const MAX_SESSION_ID: usize = 128;
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let backend = ggml::Backend::cpu(cfg.threads).map_err(|e| err(ErrorCode::Internal, e))?;
-        Ok(Engine { backend, cfg, shards: HashMap::new(), sessions: HashMap::new(), clock: 0 })
+        Ok(Engine { backend, cfg, shards: HashMap::new(), sessions: HashMap::new(), clock: 0, queued: HashSet::new() })
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -188,16 +200,26 @@ impl Engine {
         self.shards.get(&shard_id).map(|m| (&m.hp, m.begin, m.end))
     }
 
+    /// The session ids that have a step queued (the node's worker sets it before each step):
+    /// making room never evicts them, nor the session being stepped.
+    pub fn set_queued(&mut self, ids: impl IntoIterator<Item = String>) {
+        self.queued.clear();
+        self.queued.extend(ids);
+    }
+
     /// Sessions alive and the KV bytes they hold.
     pub fn sessions(&self) -> (usize, u64) {
         (self.sessions.len(), self.sessions.values().map(|s| s.cache.bytes() as u64).sum())
     }
 
     /// Frees every cache of `session_id` if `token` is its owner's; returns how many there were.
-    /// Another owner's session is `SESSION_FORBIDDEN` (the owner is not named).
-    pub fn end_session_as(&mut self, session_id: &str, token: Option<&str>) -> Result<usize, EngineError> {
-        self.check_owner(session_id, token)?;
-        Ok(self.end_session(session_id))
+    /// Another owner's session frees nothing and answers 0, as an unknown one does, so a
+    /// non-owner cannot tell whether a session id exists.
+    pub fn end_session_as(&mut self, session_id: &str, token: Option<&str>) -> usize {
+        if self.check_owner(session_id, token).is_err() {
+            return 0;
+        }
+        self.end_session(session_id)
     }
 
     /// Refuses a claim on a session owned by another token.
@@ -331,7 +353,7 @@ impl Engine {
                         format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
                     ));
                 }
-                self.make_room(bytes, claim.map_or("", |c| c.origin));
+                self.make_room(bytes, claim.map_or("", |c| c.origin), session_id)?;
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
                 self.sessions.insert(
@@ -342,12 +364,16 @@ impl Engine {
                         n_past: 0,
                         n_ctx,
                         last_used: clock,
+                        used_at: Instant::now(),
+                        steps: 0,
                     },
                 );
             }
         }
         let session = self.sessions.get_mut(&key).unwrap();
         session.last_used = clock;
+        session.used_at = Instant::now();
+        session.steps += 1;
         let model = &self.shards[&shard_id];
         let step_input = match input {
             Input::Tokens(ids) => StepInput::Tokens(ids),
@@ -379,41 +405,59 @@ impl Engine {
         })
     }
 
-    /// Makes room for a new session of `origin` taking `bytes`. A client at its quota loses its
-    /// own least recently used session; otherwise, while the count or the KV budget is exceeded,
-    /// the least recently used session of the client holding the most goes. So one client
-    /// opening many sessions evicts only its own, never another's.
-    fn make_room(&mut self, bytes: u64, origin: &str) {
+    /// Makes room for a new session `session_id` of `origin` taking `bytes`. Never evicted:
+    /// `session_id` itself (on any shard: a session created on shard 0 survives its creation on
+    /// shard 1) and sessions with a step queued. A client at its quota loses its own least
+    /// recently used session. Otherwise, while the count or the KV budget is exceeded, one
+    /// session goes: idle ones ([`SESSION_IDLE_AFTER`]) before recently used ones; among them
+    /// one of the client holding the most sessions (the most KV bytes when only the budget is
+    /// exceeded); among those the one with the fewest steps (a session opened and left goes
+    /// before one that is decoding), then the least recently used. With nothing left to evict the new session is
+    /// refused (`BUSY`), never another's step.
+    fn make_room(&mut self, bytes: u64, origin: &str, session_id: &str) -> Result<(), EngineError> {
         let origin_of = |s: &Session| s.owner.as_ref().map_or("", |o| o.origin.as_str()).to_string();
+        let quota = self.cfg.max_sessions_per_client.clamp(1, self.cfg.max_sessions.max(1));
+        let now = Instant::now();
         loop {
             let (count, used) = self.sessions();
-            let mut per: HashMap<String, usize> = HashMap::new();
+            let mut per: HashMap<String, (usize, u64)> = HashMap::new();
             for s in self.sessions.values() {
-                *per.entry(origin_of(s)).or_default() += 1;
+                let e = per.entry(origin_of(s)).or_default();
+                e.0 += 1;
+                e.1 += s.cache.bytes() as u64;
             }
-            let mine = per.get(origin).copied().unwrap_or(0);
-            let quota = self.cfg.max_sessions_per_client.clamp(1, self.cfg.max_sessions.max(1));
-            let victim_origin = if mine >= quota {
-                origin.to_string()
-            } else if count >= self.cfg.max_sessions || used + bytes > self.cfg.kv_budget {
-                match per.iter().max_by_key(|(o, n)| (**n, o.as_str() == origin)) {
-                    Some((o, _)) => o.clone(),
-                    None => return,
-                }
-            } else {
-                return;
-            };
-            let Some(oldest) = self
+            let mine = per.get(origin).map_or(0, |e| e.0);
+            let over_quota = mine >= quota;
+            let over_count = count >= self.cfg.max_sessions;
+            if !over_quota && !over_count && used + bytes <= self.cfg.kv_budget {
+                return Ok(());
+            }
+            let by_bytes = !over_quota && !over_count;
+            let victim = self
                 .sessions
                 .iter()
-                .filter(|(_, s)| origin_of(s) == victim_origin)
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(k, _)| k.clone())
-            else {
-                return;
+                .filter(|((id, _), s)| {
+                    id != session_id && !self.queued.contains(id) && (!over_quota || origin_of(s) == origin)
+                })
+                .max_by_key(|(_, s)| {
+                    let idle = now.saturating_duration_since(s.used_at) >= SESSION_IDLE_AFTER;
+                    let (n, b) = per[&origin_of(s)];
+                    let weight = if by_bytes { b } else { n as u64 };
+                    (idle, weight, std::cmp::Reverse(s.steps), std::cmp::Reverse(s.last_used))
+                })
+                .map(|(k, _)| k.clone());
+            let Some(victim) = victim else {
+                return Err(err(
+                    ErrorCode::Busy,
+                    format!(
+                        "no room for session {session_id}: {count} sessions ({used} KV bytes) are held, \
+                         none of them evictable (each has a step queued{})",
+                        if over_quota { ", or this client holds its quota" } else { "" }
+                    ),
+                ));
             };
-            crate::debug!("evicting session {} on shard {} (least recently used of its client)", oldest.0, oldest.1);
-            self.sessions.remove(&oldest);
+            crate::debug!("evicting session {} on shard {} to make room for {session_id}", victim.0, victim.1);
+            self.sessions.remove(&victim);
         }
     }
 }

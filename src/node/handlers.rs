@@ -42,6 +42,10 @@ impl Node {
                 let files: Vec<Value> = self.catalog.files.values().map(|f| f.to_json()).collect();
                 self.respond(token, &success_payload(name, &id, json!({ "files": files })));
             }
+            Command::Status if !conn.auth.authorized() => {
+                let payload = success_payload(name, &id, self.public_status());
+                self.respond(token, &payload);
+            }
             Command::Status => {
                 let payload = self.status_payload(&id);
                 self.respond(token, &payload);
@@ -221,7 +225,7 @@ impl Node {
                 Err(e) => Err(format!("no randomness for a nonce: {e}")),
             },
             AuthStep::Proof { client_proof } => {
-                conn.auth.proof(&key, &client_proof).map(|()| json!({"authenticated": true})).map_err(|e| e.to_string())
+                conn.auth.proof(&key, &client_proof).map_err(|e| e.to_string())
             }
         };
         let peer = conn.peer;
@@ -270,18 +274,44 @@ impl Node {
         let mut out = Vec::with_capacity(fixed.len() + 128);
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
+        // One read of the counters: the top-level `sessions` is `inference.sessions`.
+        let inference = self.inference.stats.to_json();
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
             self.started.elapsed().as_millis(),
+            inference["sessions"],
             self.census.total(),
             self.census.to_json(),
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
-            self.inference.stats.to_json()
+            inference
         );
         out.extend_from_slice(live.as_bytes());
         out
+    }
+
+    /// STATUS for a connection that has not proved the cluster key of a keyed node: only what
+    /// identifies the node and what a client needs to connect (no paths, downloads, peers,
+    /// addresses or counters).
+    fn public_status(&self) -> Value {
+        let mut limits = self.config.limits_json();
+        limits["unauthenticated_max_frame"] = json!(super::UNAUTHENTICATED_MAX_FRAME);
+        json!({
+            "node_id": to_hex(&self.node_id),
+            "cluster": self.config.cluster,
+            "version": env!("CARGO_PKG_VERSION"),
+            "auth": {
+                "cluster_key": self.config.cluster_key.is_some(),
+                "open_to_anyone": self.config.cluster_key.is_none(),
+                "scheme": self.config.cluster_key.as_ref().map(|_| crate::protocol::auth::SCHEME),
+                "private_swarms": self.config.private,
+                "required": true,
+            },
+            "limits": limits,
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "partial": "authenticate (AUTH) for the full STATUS",
+        })
     }
 
     /// The parts of STATUS that change only with the node's state.
@@ -321,7 +351,6 @@ impl Node {
                 "scan_done": self.scan.done.is_some(),
                 "scan": scan,
             },
-            "sessions": 0,
             "hash_workers": self.config.hash_workers,
             "download_limits": {
                 "max_downloads": self.config.max_downloads,

@@ -83,7 +83,11 @@ impl InferStats {
 pub struct Inference {
     jobs: Sender<Job>,
     pub stats: Arc<InferStats>,
+    /// Session id -> steps of it waiting in `jobs`: the engine never evicts these.
+    queued: Queued,
 }
+
+type Queued = Arc<std::sync::Mutex<HashMap<String, usize>>>;
 
 impl Inference {
     /// Starts the thread; relays to next hops authenticate with `key` when the node has one.
@@ -96,15 +100,20 @@ impl Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
         let s = stats.clone();
+        let queued = Queued::default();
+        let q = queued.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, key, rx, events, waker, s))
+            .spawn(move || worker(cfg, key, rx, events, waker, s, q))
             .expect("spawning the inference thread");
-        Inference { jobs, stats }
+        Inference { jobs, stats, queued }
     }
 
     pub fn submit(&self, job: Job) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if let Job::Execute { task, .. } = &job {
+            *self.queued.lock().unwrap_or_else(|e| e.into_inner()).entry(task.session_id.clone()).or_default() += 1;
+        }
         let _ = self.jobs.send(job);
     }
 }
@@ -120,6 +129,7 @@ fn worker(
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
+    queued: Queued,
 ) {
     let relay_pool = WorkerPool::new("relay", RELAY_THREADS);
     let relay = relay_pool.handle();
@@ -134,7 +144,20 @@ fn worker(
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, mut task, from, origin, map, file, queued, me } => {
+            Job::Execute { reply, mut task, from, origin, map, file, queued: queued_at, me } => {
+                // This step leaves the queue; the sessions still queued are kept from eviction.
+                {
+                    let mut q = queued.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(n) = q.get_mut(&task.session_id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            q.remove(&task.session_id);
+                        }
+                    }
+                    if let Ok(engine) = engine.as_mut() {
+                        engine.set_queued(q.keys().cloned());
+                    }
+                }
                 // A new session without a token gets one; a relay passes it down the chain.
                 if task.session_token.is_none() {
                     match crate::protocol::auth::random_bytes::<16>() {
@@ -146,7 +169,7 @@ fn worker(
                 let outcome = match (engine.as_mut(), claim, unchanged(&file, &map, task.shard_id)) {
                     (_, _, Err(e)) => Err(e),
                     (Ok(engine), Some(claim), Ok(())) => {
-                        execute(engine, &mut loaded, &task, claim, map, queued, &stats)
+                        execute(engine, &mut loaded, &task, claim, map, queued_at, &stats)
                     }
                     (Ok(_), None, _) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
                     (Err(e), _, _) => Err((ErrorCode::Internal, e.message.clone())),
@@ -187,15 +210,12 @@ fn worker(
                 }
             }
             Job::EndSession { reply, session_id, session_token } => {
-                let freed = engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
-                let payload = match freed {
-                    Ok(freed) => success_payload(
-                        "END_SESSION",
-                        &reply.request_id,
-                        json!({"session_id": session_id, "freed": freed}),
-                    ),
-                    Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
-                };
+                let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
+                let payload = success_payload(
+                    "END_SESSION",
+                    &reply.request_id,
+                    json!({"session_id": session_id, "freed": freed}),
+                );
                 (reply, payload)
             }
         };

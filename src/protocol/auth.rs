@@ -3,15 +3,18 @@
 //! A node started with `--cluster-key-file` accepts no command but `STATUS` (and `AUTH`) until
 //! the connection has proved that it holds the key. The proof is a challenge-response at
 //! connection start, and from then on every frame in both directions carries a MAC under keys
-//! derived for that connection alone:
+//! derived for that connection alone. The client proves the key first: the node sends nothing
+//! computed from the key to a peer that has not proved it, so a stranger cannot collect MACs
+//! under `K` to test guesses of a weak key offline. The node's proof follows, in the first
+//! sealed frame, and the client checks it before trusting any answer:
 //!
 //! ```text
 //! client -> node  AUTH {"step":"hello", "client_nonce": hex(32 random bytes)}        (plain)
-//! node -> client  {"scheme":"hmac-sha256-v1", "node_nonce": hex(32), "node_proof": hex(32)}
+//! node -> client  {"scheme":"hmac-sha256-v2", "node_nonce": hex(32)}                 (plain)
 //! client -> node  AUTH {"step":"proof", "client_proof": hex(32)}                      (plain)
-//! node -> client  {"authenticated": true}                     (the first MACed frame, seq 0)
+//! node -> client  {"authenticated": true, "node_proof": hex(32)}  (the first MACed frame, seq 0)
 //!
-//! T            = "shardnet-auth-v1" || client_nonce || node_nonce       (16 + 32 + 32 bytes)
+//! T            = "shardnet-auth-v2" || client_nonce || node_nonce       (16 + 32 + 32 bytes)
 //! node_proof   = HMAC-SHA-256(K, "node proof" || T)
 //! client_proof = HMAC-SHA-256(K, "client proof" || T)
 //! k_c2n        = HMAC-SHA-256(K, "client to node" || T)
@@ -23,8 +26,15 @@
 //! `seq` counts the sealed frames sent in one direction on the connection, from 0, and is not
 //! sent: a frame replayed on the same connection arrives under another `seq`, one replayed on
 //! another connection under other keys (other nonces), and an edited one fails its MAC. Every
-//! MAC is checked with `hmac`'s constant-time `verify_slice`. The node's proof lets a client
-//! (or a relaying node) know it talks to a member of the cluster before sending anything.
+//! MAC is checked with `hmac`'s constant-time `verify_slice`. The node's proof (and the MAC of
+//! the frame carrying it) lets a client (or a relaying node) know it talks to a member of the
+//! cluster before it sends any command. A wrong client proof closes the connection with no MAC
+//! under `K` sent.
+//!
+//! What the key's strength must carry: anyone who records one complete handshake (a passive
+//! observer of the network) holds `client_proof`, a MAC under `K` over nonces it saw, and can
+//! test guesses of `K` offline. Hence keys are 32 random bytes ([`MIN_KEY_LEN`]; `make run`
+//! writes them as 64 hex digits), never a passphrase.
 //!
 //! Nothing here touches a socket or reads the clock: nonces and `now` are arguments, so the
 //! state machines are tested with plain bytes. [`random_bytes`] (reads `/dev/urandom`) and
@@ -41,7 +51,7 @@ use super::frame;
 type HmacSha256 = Hmac<Sha256>;
 
 /// The scheme's name, as the node's challenge states it.
-pub const SCHEME: &str = "hmac-sha256-v1";
+pub const SCHEME: &str = "hmac-sha256-v2";
 /// Bytes of each side's nonce.
 pub const NONCE_LEN: usize = 32;
 /// Bytes of every MAC (HMAC-SHA-256's output).
@@ -49,13 +59,15 @@ pub const TAG_LEN: usize = 32;
 /// The environment variable naming the key file when `--cluster-key-file` is not given
 /// (`shard_listener` and `shardctl` alike).
 pub const KEY_ENV: &str = "SHARDNET_CLUSTER_KEY_FILE";
-/// Shortest key accepted, in bytes: 128 bits.
-pub const MIN_KEY_LEN: usize = 16;
+/// Shortest key accepted, in bytes (of the key file, whitespace trimmed). Length alone cannot
+/// show entropy: the key must be random (`head -c 32 /dev/urandom | xxd -p -c 64`), since a
+/// recorded handshake lets guesses be tested offline.
+pub const MIN_KEY_LEN: usize = 32;
 /// Largest key file read.
 pub const MAX_KEY_FILE: u64 = 4096;
 /// Default `--auth-timeout`: a handshake not finished this long after its hello is closed.
 pub const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(10);
-const TRANSCRIPT_LABEL: &[u8; 16] = b"shardnet-auth-v1";
+const TRANSCRIPT_LABEL: &[u8; 16] = b"shardnet-auth-v2";
 
 /// The cluster key: an HMAC-SHA-256 instance keyed once, cloned per MAC.
 #[derive(Clone)]
@@ -79,7 +91,11 @@ impl ClusterKey {
     /// A key from raw bytes (at least [`MIN_KEY_LEN`]).
     pub fn from_bytes(bytes: &[u8]) -> Result<ClusterKey, String> {
         if bytes.len() < MIN_KEY_LEN {
-            return Err(format!("the key is {} bytes; at least {MIN_KEY_LEN} are needed", bytes.len()));
+            return Err(format!(
+                "the key is {} bytes; at least {MIN_KEY_LEN} random bytes are needed \
+                 (make one: head -c 32 /dev/urandom | xxd -p -c 64)",
+                bytes.len()
+            ));
         }
         let mac = HmacSha256::new_from_slice(bytes).map_err(|e| format!("HMAC key: {e}"))?;
         Ok(ClusterKey { mac })
@@ -261,7 +277,8 @@ impl NodeAuth {
         matches!(self, NodeAuth::Established { .. })
     }
 
-    /// AUTH hello: records both nonces and returns the challenge (the `AUTH` result).
+    /// AUTH hello: records both nonces and returns the challenge (the `AUTH` result): the
+    /// scheme and the node's nonce, nothing computed from the key.
     pub fn hello(
         &mut self,
         key: &ClusterKey,
@@ -272,15 +289,15 @@ impl NodeAuth {
         if !matches!(self, NodeAuth::Unauthenticated) {
             return Err(AuthError::OutOfOrder("AUTH hello is the first step, once per connection"));
         }
+        let _ = key; // the key is used only once the client has proved it (`proof`)
         let t = Transcript::new(client_nonce, node_nonce);
-        let proof = key.derive(b"node proof", &t);
         *self = NodeAuth::Challenged { transcript: Box::new(t.0), since: now };
-        Ok(json!({"scheme": SCHEME, "node_nonce": to_hex(node_nonce), "node_proof": to_hex(&proof)}))
+        Ok(json!({"scheme": SCHEME, "node_nonce": to_hex(node_nonce)}))
     }
 
-    /// AUTH proof: checks the client's proof; on success every later frame is sealed (the
-    /// answer to this step is the first).
-    pub fn proof(&mut self, key: &ClusterKey, client_proof: &[u8]) -> Result<(), AuthError> {
+    /// AUTH proof: checks the client's proof; on success returns the answer (`authenticated`
+    /// and the node's proof), which goes out sealed, as every later frame.
+    pub fn proof(&mut self, key: &ClusterKey, client_proof: &[u8]) -> Result<Value, AuthError> {
         let NodeAuth::Challenged { transcript, .. } = self else {
             return Err(AuthError::OutOfOrder("AUTH proof must follow AUTH hello on the same connection"));
         };
@@ -291,9 +308,10 @@ impl NodeAuth {
         if !key.verify(&[b"client proof", &t.0], client_proof) {
             return Err(AuthError::BadProof);
         }
+        let node_proof = key.derive(b"node proof", &t);
         let (rx, tx) = key.frame_macs(&t);
         *self = NodeAuth::Established { rx: Box::new(rx), tx: Box::new(tx) };
-        Ok(())
+        Ok(json!({"authenticated": true, "node_proof": to_hex(&node_proof)}))
     }
 
     /// Whether a handshake begun has been waiting for its proof longer than `timeout`.
@@ -324,7 +342,8 @@ pub struct ClientHandshake {
     client_nonce: [u8; NONCE_LEN],
 }
 
-/// What the client sends after checking the node's challenge, and its frame MACs.
+/// What the client sends after the node's challenge, its frame MACs, and what the node must
+/// prove in its answer.
 pub struct ClientProof {
     /// The `params` of `AUTH` proof.
     pub params: Value,
@@ -332,6 +351,27 @@ pub struct ClientProof {
     pub tx: FrameMac,
     /// Opens the node's frames (the answer to the proof is the first).
     pub rx: FrameMac,
+    key: ClusterKey,
+    transcript: Transcript,
+}
+
+impl ClientProof {
+    /// Checks the node's answer to the proof (its `result`, already opened with `rx`): it must
+    /// say `authenticated` and carry `node_proof`, which only a holder of the key can make.
+    pub fn check_node(&self, answer: &Value) -> Result<(), AuthError> {
+        if answer["authenticated"] != true {
+            return Err(AuthError::BadChallenge("the answer to the proof does not say authenticated".into()));
+        }
+        let s = answer["node_proof"].as_str().ok_or_else(|| AuthError::BadChallenge("no node_proof".into()))?;
+        let node_proof = from_hex(s).ok_or_else(|| AuthError::BadChallenge("node_proof is not hex".into()))?;
+        if node_proof.len() != TAG_LEN {
+            return Err(AuthError::BadLength { what: "node_proof", len: node_proof.len() });
+        }
+        if !self.key.verify(&[b"node proof", &self.transcript.0], &node_proof) {
+            return Err(AuthError::BadProof);
+        }
+        Ok(())
+    }
 }
 
 impl ClientHandshake {
@@ -344,8 +384,9 @@ impl ClientHandshake {
         json!({"step": "hello", "client_nonce": to_hex(&self.client_nonce)})
     }
 
-    /// Checks the node's challenge (the hello's `result`): a node without the key cannot make
-    /// its proof. Returns the proof to send and the connection's frame MACs.
+    /// Reads the node's challenge (the hello's `result`). Returns the proof to send, the
+    /// connection's frame MACs, and the check of the node's proof ([`ClientProof::check_node`]),
+    /// which comes in the answer to ours.
     pub fn answer(&self, challenge: &Value) -> Result<ClientProof, AuthError> {
         let field = |name: &str| -> Result<Vec<u8>, AuthError> {
             let s = challenge[name].as_str().ok_or_else(|| AuthError::BadChallenge(format!("no {name}")))?;
@@ -357,17 +398,16 @@ impl ClientHandshake {
         let node_nonce: [u8; NONCE_LEN] = field("node_nonce")?
             .try_into()
             .map_err(|v: Vec<u8>| AuthError::BadLength { what: "node_nonce", len: v.len() })?;
-        let node_proof = field("node_proof")?;
-        if node_proof.len() != TAG_LEN {
-            return Err(AuthError::BadLength { what: "node_proof", len: node_proof.len() });
-        }
         let t = Transcript::new(&self.client_nonce, &node_nonce);
-        if !self.key.verify(&[b"node proof", &t.0], &node_proof) {
-            return Err(AuthError::BadProof);
-        }
         let proof = self.key.derive(b"client proof", &t);
         let (tx, rx) = self.key.frame_macs(&t);
-        Ok(ClientProof { params: json!({"step": "proof", "client_proof": to_hex(&proof)}), tx, rx })
+        Ok(ClientProof {
+            params: json!({"step": "proof", "client_proof": to_hex(&proof)}),
+            tx,
+            rx,
+            key: self.key.clone(),
+            transcript: t,
+        })
     }
 }
 
@@ -443,6 +483,9 @@ use crate::hash::{from_hex_vec as from_hex, to_hex};
 mod tests {
     use super::*;
 
+    const K1: &[u8] = b"0123456789abcdef0123456789abcdef-k";
+    const K2: &[u8] = b"0123456789abcdef0123456789abcdef-X";
+
     fn key(b: &[u8]) -> ClusterKey {
         ClusterKey::from_bytes(b).unwrap()
     }
@@ -462,7 +505,8 @@ mod tests {
         let challenge = node.hello(&key(node_key), &client_nonce, &[nonce; NONCE_LEN], now)?;
         let proof = client.answer(&challenge)?;
         let AuthStep::Proof { client_proof } = parse_step(proof.params.as_object().unwrap()).unwrap() else { panic!() };
-        node.proof(&key(node_key), &client_proof)?;
+        let answer = node.proof(&key(node_key), &client_proof)?;
+        proof.check_node(&answer)?;
         Ok((node, proof))
     }
 
@@ -473,7 +517,7 @@ mod tests {
 
     #[test]
     fn same_key_authenticates_and_seals_both_ways() {
-        let (mut node, mut client) = handshake(b"0123456789abcdef-k", b"0123456789abcdef-k").unwrap();
+        let (mut node, mut client) = handshake(K1, K1).unwrap();
         assert!(node.authorized());
         for i in 0..3u8 {
             let mut wire = Vec::new();
@@ -486,13 +530,56 @@ mod tests {
     }
 
     #[test]
-    fn a_node_with_another_key_cannot_prove_itself() {
-        assert_eq!(handshake(b"0123456789abcdef-k", b"0123456789abcdef-X").err(), Some(AuthError::BadProof));
+    fn a_node_with_another_key_refuses_the_client_first() {
+        // The node checks the client's proof before it computes anything under its key.
+        assert_eq!(handshake(K1, K2).err(), Some(AuthError::BadProof));
+    }
+
+    #[test]
+    fn a_node_without_the_key_cannot_prove_itself() {
+        // A node that answers "authenticated" with a proof under another key, or with none.
+        let k = key(K1);
+        let client = ClientHandshake::new(k.clone(), [7; NONCE_LEN]);
+        let proof = client.answer(&json!({"scheme": SCHEME, "node_nonce": to_hex(&[3; NONCE_LEN])})).unwrap();
+        let mut impostor = NodeAuth::new(true);
+        impostor.hello(&key(K2), &[7; NONCE_LEN], &[3; NONCE_LEN], Instant::now()).unwrap();
+        // The impostor cannot check our proof either; say it pretends to.
+        let forged = json!({"authenticated": true, "node_proof": to_hex(&key(K2).mac(&[b"node proof"]))});
+        assert_eq!(proof.check_node(&forged), Err(AuthError::BadProof));
+        assert!(matches!(proof.check_node(&json!({"authenticated": true})), Err(AuthError::BadChallenge(_))));
+        let short = json!({"authenticated": true, "node_proof": "00".repeat(31)});
+        assert_eq!(proof.check_node(&short), Err(AuthError::BadLength { what: "node_proof", len: 31 }));
+    }
+
+    /// A hello alone (what a stranger can get) carries nothing computed from the key: the same
+    /// nonces under two different keys give the same challenge, and no MAC under `K` of any
+    /// label the scheme uses over these nonces appears in it.
+    #[test]
+    fn a_hello_alone_yields_no_mac_under_the_key() {
+        let (cn, nn) = ([1; NONCE_LEN], [2; NONCE_LEN]);
+        let a = NodeAuth::new(true).hello(&key(K1), &cn, &nn, Instant::now()).unwrap();
+        let b = NodeAuth::new(true).hello(&key(K2), &cn, &nn, Instant::now()).unwrap();
+        assert_eq!(a, b, "the challenge does not depend on the key");
+        let text = a.to_string();
+        let t = Transcript::new(&cn, &nn);
+        for label in [&b"node proof"[..], b"client proof", b"client to node", b"node to client"] {
+            assert!(!text.contains(&to_hex(&key(K1).derive(label, &t))), "{text}");
+        }
+        assert_eq!(a.as_object().unwrap().len(), 2, "scheme and node_nonce only: {a}");
+    }
+
+    #[test]
+    fn a_wrong_client_proof_gets_no_node_proof() {
+        let k = key(K1);
+        let mut node = NodeAuth::new(true);
+        node.hello(&k, &[1; NONCE_LEN], &[2; NONCE_LEN], Instant::now()).unwrap();
+        assert_eq!(node.proof(&k, &[9; TAG_LEN]), Err(AuthError::BadProof));
+        assert!(!node.authorized());
     }
 
     #[test]
     fn a_client_proof_of_the_wrong_length_or_value_is_refused() {
-        let k = key(b"0123456789abcdef-k");
+        let k = key(K1);
         let mut node = NodeAuth::new(true);
         node.hello(&k, &[1; NONCE_LEN], &[2; NONCE_LEN], Instant::now()).unwrap();
         assert_eq!(node.proof(&k, &[0; 31]), Err(AuthError::BadLength { what: "client_proof", len: 31 }));
@@ -502,7 +589,7 @@ mod tests {
 
     #[test]
     fn replayed_and_altered_frames_are_refused() {
-        let (mut node, mut client) = handshake(b"0123456789abcdef-k", b"0123456789abcdef-k").unwrap();
+        let (mut node, mut client) = handshake(K1, K1).unwrap();
         let mut wire = Vec::new();
         client.tx.seal_frame(br#"{"command":"LIST_FILES"}"#, &mut wire);
         let sealed = strip(&wire).to_vec();
@@ -510,7 +597,7 @@ mod tests {
         // The same bytes again: the count moved on.
         assert_eq!(node.open(&sealed), Err(AuthError::BadMac));
         // On another connection (another node nonce): other keys, even at seq 0.
-        let (mut other, _) = handshake_with(b"0123456789abcdef-k", b"0123456789abcdef-k", 10).unwrap();
+        let (mut other, _) = handshake_with(K1, K1, 10).unwrap();
         assert_eq!(other.open(&sealed), Err(AuthError::BadMac));
         // One flipped bit anywhere.
         let mut next = Vec::new();
@@ -527,7 +614,7 @@ mod tests {
 
     #[test]
     fn a_proof_is_bound_to_its_connections_nonces() {
-        let k = key(b"0123456789abcdef-k");
+        let k = key(K1);
         let (now, client) = (Instant::now(), ClientHandshake::new(k.clone(), [1; NONCE_LEN]));
         let mut a = NodeAuth::new(true);
         let challenge = a.hello(&k, &[1; NONCE_LEN], &[2; NONCE_LEN], now).unwrap();
@@ -541,7 +628,7 @@ mod tests {
 
     #[test]
     fn a_handshake_waits_only_so_long() {
-        let k = key(b"0123456789abcdef-k");
+        let k = key(K1);
         let t0 = Instant::now();
         let mut node = NodeAuth::new(true);
         assert!(!node.expired(t0 + Duration::from_secs(100), Duration::from_secs(1)), "no handshake begun");
@@ -552,7 +639,7 @@ mod tests {
 
     #[test]
     fn steps_out_of_order_are_refused() {
-        let k = key(b"0123456789abcdef-k");
+        let k = key(K1);
         let mut node = NodeAuth::new(true);
         assert!(matches!(node.proof(&k, &[0; 32]), Err(AuthError::OutOfOrder(_))));
         node.hello(&k, &[1; NONCE_LEN], &[2; NONCE_LEN], Instant::now()).unwrap();
@@ -564,8 +651,10 @@ mod tests {
     }
 
     #[test]
-    fn keys_shorter_than_128_bits_are_refused() {
+    fn keys_shorter_than_256_bits_are_refused() {
         assert!(ClusterKey::from_bytes(b"short").is_err());
+        assert!(ClusterKey::from_bytes(&[0; MIN_KEY_LEN - 1]).is_err());
+        assert!(ClusterKey::from_bytes(b"0123456789abcdef").is_err(), "16 bytes were enough before");
         assert!(ClusterKey::from_bytes(&[0; MIN_KEY_LEN]).is_ok());
     }
 

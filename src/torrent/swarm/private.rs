@@ -173,7 +173,7 @@ mod tests {
         let pool = WorkerPool::new("t", 1);
         let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
         let now = Instant::now();
-        let key = ClusterKey::from_bytes(b"0123456789abcdef").unwrap();
+        let key = ClusterKey::from_bytes(b"0123456789abcdef0123456789abcdef").unwrap();
         let mut seed = Swarm::seed(m.clone(), &src, [1; 20], now).unwrap();
         seed.set_private(key.clone(), [9; 32]);
         let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
@@ -197,7 +197,7 @@ mod tests {
         let seed_proof = auth::peer_proof(&key, &m.info_hash.0, &their_nonce, &ours, &[1; 20]);
         assert!(out.windows(32).any(|w| w == seed_proof), "the seed's proof is in its output");
         // A proof under another key: closed.
-        let other = ClusterKey::from_bytes(b"another key 12345").unwrap();
+        let other = ClusterKey::from_bytes(b"another key 12345 another key 12345").unwrap();
         let bad = auth::peer_proof(&other, &m.info_hash.0, &ours, &their_nonce, &them);
         assert!(seed.on_message(2, Message::Extended { id: SHARDNET_AUTH, payload: &proof_msg(bad) }, now).is_err());
         // The right proof: admitted, bitfield sent, unchoked.

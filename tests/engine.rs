@@ -454,12 +454,14 @@ fn execute_task_through_a_node_matches_the_engine() {
         "input": {"tokens": PROMPT}, "output": "hidden"}),
     );
     assert_eq!(r["status"], "success", "{r}");
+    // The session is the token's: every later call on it sends the token.
+    let token = r["result"]["session_token"].clone();
     let (h, rows, cols) = f32_from_json(&r["result"]["hidden"], 1 << 20).unwrap();
     assert_eq!((rows, cols), (PROMPT.len(), cfg.embd as usize));
     assert!(r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().is_some(), "{r}");
     let r = execute(
         &node,
-        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0, "session_token": token,
         "input": {"hidden": f32_to_json(&h, rows, cols)}, "output": "logits"}),
     );
     assert_eq!(r["status"], "success", "{r}");
@@ -474,7 +476,7 @@ fn execute_task_through_a_node_matches_the_engine() {
     // top_k: sorted, and the best is the argmax.
     let r = execute(
         &node,
-        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0, "session_token": token,
         "input": {"hidden": f32_to_json(&h, PROMPT.len(), cols)}, "output": "top_k", "k": 5}),
     );
     let top = r["result"]["top_k"].as_array().unwrap();
@@ -483,6 +485,8 @@ fn execute_task_through_a_node_matches_the_engine() {
     let status = node.call("STATUS", json!({}));
     assert_eq!(status["result"]["inference"]["sessions"], json!(2), "{status}");
     let r = node.call("END_SESSION", json!({"session_id": "s"}));
+    assert_eq!(r["code"], "SESSION_FORBIDDEN", "{r}");
+    let r = node.call("END_SESSION", json!({"session_id": "s", "session_token": token}));
     assert_eq!(r["result"]["freed"], json!(2), "{r}");
     let r = node.call("END_SESSION", json!({"session_id": "s"}));
     assert_eq!(r["result"]["freed"], json!(0), "{r}");

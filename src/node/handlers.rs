@@ -136,7 +136,16 @@ impl Node {
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
         let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute { reply, task, from, origin, map: shard.map.clone(), queued, me: self.local_addr };
+        let job = Job::Execute {
+            reply,
+            task,
+            from,
+            origin,
+            map: shard.map.clone(),
+            file: shard.file.clone(),
+            queued,
+            me: self.local_addr,
+        };
         self.inference.submit(job);
     }
 
@@ -311,6 +320,14 @@ impl Node {
             },
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
+            "download_limits": {
+                "max_downloads": self.config.max_downloads,
+                "max_download_peers": self.config.max_download_peers,
+                "disk_budget": self.config.disk_budget,
+                "disk_reserve": self.config.disk_reserve,
+                "part_expiry_s": self.config.part_expiry.as_secs(),
+                "redial_give_up_s": self.config.redial_give_up.as_secs(),
+            },
             "auth": {
                 "cluster_key": self.config.cluster_key.is_some(),
                 "open_to_anyone": self.config.cluster_key.is_none(),
@@ -351,6 +368,17 @@ impl Node {
                 ErrorCode::OutOfRange,
                 format!("shard_id {id} is not below --total-shards {total}"),
             );
+        }
+        // A loaded shard whose file changed length is dropped and loaded again.
+        if self
+            .catalog
+            .loaded
+            .get(&id)
+            .is_some_and(|l| l.file.metadata().map(|m| m.len()).ok() != Some(l.map.len() as u64))
+        {
+            warn!("shard {id}: its file changed on disk; loading it again");
+            self.catalog.loaded.remove(&id);
+            self.status_cache = None;
         }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
@@ -467,7 +495,6 @@ impl Node {
             return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
         }
         self.start_download(h, None, &name, &p.peers, Some(id))
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
@@ -495,8 +522,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None)
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download: {e:#}")))?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None)?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 

@@ -166,7 +166,7 @@ fn first_execute_task_downloads_missing_shards() {
     // Shards 0..3 on nodes 1, 2, 3 and 0: only node 0 has any file. No LOAD_SHARD is sent.
     let order = [1usize, 2, 3, 0];
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
-    let prompt: Vec<u32> = vec![1, 504, 3575, 282, 4649, 314];
+    let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();
     c.set_timeout(Duration::from_secs(120)).unwrap();
     let r = c
@@ -185,7 +185,7 @@ fn first_execute_task_downloads_missing_shards() {
         "generate",
         model.to_str().unwrap(),
         "--prompt-ids",
-        "1,504,3575,282,4649,314",
+        "1,504,357,282,464,314",
         "-n",
         "1",
     ]);
@@ -203,8 +203,9 @@ fn bad_routes_and_requests_get_errors() {
     let nodes = cluster(dir.path(), &model, 2, &["--ctx-size", "64"]);
     let (a, b) = (&nodes[0], &nodes[1]);
     let task = |next: Value| {
+        // One token for all of them: each restarts session "s", which is the token's.
         json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]}, "next": next,
-            "output": "top_k", "k": 1, "hop_timeout_ms": 500})
+            "output": "top_k", "k": 1, "hop_timeout_ms": 500, "session_token": "5e55".repeat(8)})
     };
     // A next hop that never answers: HOP_FAILED naming it, within the hop timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

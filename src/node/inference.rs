@@ -425,6 +425,7 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
     Ok(json!({
         "architecture": g.get_str("general.architecture"),
         "model_id": g.get_str("shard.model_id"),
+        "name": g.get_str("general.name"),
         "shard_count": g.get_u64("shard.count").unwrap_or(1),
         "block_count": hp.n_layer,
         "embedding_length": hp.n_embd,

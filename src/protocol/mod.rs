@@ -13,6 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::torrent::metainfo::{InfoHash, check_file_name};
 
+/// The most logits an `EXECUTE_TASK` with `output: "top_k"` returns (`k`).
+pub const MAX_TOP_K: u64 = 1000;
 /// Largest shard id a request may name; real models have far fewer shards.
 pub const MAX_SHARD_ID: u64 = 4095;
 /// Longest string `request_id` echoed back.
@@ -477,7 +479,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(Value::String(o)) => match o.as_str() {
             "hidden" => TaskOutput::Hidden,
             "logits" => TaskOutput::Logits { all },
-            "top_k" => TaskOutput::TopK(u32_param(params, "k", 1000)?.unwrap_or(10).max(1) as usize),
+            "top_k" => TaskOutput::TopK(u32_param(params, "k", MAX_TOP_K)?.unwrap_or(10).max(1) as usize),
             other => {
                 return Err((ErrorCode::OutOfRange, format!("output {other:?} is not hidden, logits or top_k")));
             }

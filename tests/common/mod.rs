@@ -265,6 +265,7 @@ fn install_hint(need: &str) -> String {
     match need {
         "aria2c" => "apt-get install aria2".into(),
         "transmission-show" => "apt-get install transmission-cli".into(),
+        "chromedriver" => "apt-get install chromium-driver".into(),
         n if n.starts_with("pip:") => format!("python3 -m pip install {}", &n[4..]),
         n if n.starts_with("python3-") || !n.contains('/') => format!("apt-get install {n}"),
         _ => "make models".into(),

@@ -165,6 +165,13 @@ fn first_execute_task_downloads_missing_shards() {
     let nodes = cluster(dir.path(), &model, 4, &[]);
     // Shards 0..3 on nodes 1, 2, 3 and 0: only node 0 has any file. No LOAD_SHARD is sent.
     let order = [1usize, 2, 3, 0];
+    // Node 0 announces each shard's name once it has hashed the file: wait for that first.
+    for s in 0..4 {
+        wait_for(Duration::from_secs(60), || {
+            let r = nodes[1].call("FIND_PEERS", json!({"shard_id": s}));
+            r["result"]["peers"].as_array()?.contains(&json!(nodes[0].addr)).then_some(())
+        });
+    }
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
     let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();

@@ -17,8 +17,9 @@ use serde_json::{Value, json};
 
 use super::NodeEvent;
 use crate::client::Client;
-use crate::engine::{Engine, EngineConfig, Input, Output, Want};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Want};
 use crate::gguf::reader::Gguf;
+use crate::protocol::auth::ClusterKey;
 use crate::protocol::tensor::f32_to_json;
 use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
 use crate::workers::WorkerPool;
@@ -34,8 +35,10 @@ pub enum Job {
     Execute {
         reply: ReplyTo,
         task: ExecuteTask,
-        /// The request's `from`: the coordinator a session belongs to.
+        /// The request's `from` (logged and relayed; it grants nothing).
         from: Option<String>,
+        /// The client as the node identifies it: keys the per-client session quota.
+        origin: String,
         map: Arc<Mmap>,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
@@ -44,6 +47,7 @@ pub enum Job {
     EndSession {
         reply: ReplyTo,
         session_id: String,
+        session_token: Option<String>,
     },
 }
 
@@ -80,13 +84,19 @@ pub struct Inference {
 }
 
 impl Inference {
-    pub fn spawn(cfg: EngineConfig, events: Sender<NodeEvent>, waker: Arc<Waker>) -> Inference {
+    /// Starts the thread; relays to next hops authenticate with `key` when the node has one.
+    pub fn spawn(
+        cfg: EngineConfig,
+        key: Option<ClusterKey>,
+        events: Sender<NodeEvent>,
+        waker: Arc<Waker>,
+    ) -> Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, rx, events, waker, s))
+            .spawn(move || worker(cfg, key, rx, events, waker, s))
             .expect("spawning the inference thread");
         Inference { jobs, stats }
     }
@@ -103,6 +113,7 @@ const RELAY_THREADS: usize = 4;
 
 fn worker(
     cfg: EngineConfig,
+    key: Option<ClusterKey>,
     jobs: Receiver<Job>,
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
@@ -121,10 +132,19 @@ fn worker(
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, task, from, map, queued, me } => {
-                let outcome = match engine.as_mut() {
-                    Ok(engine) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
-                    Err(e) => Err((ErrorCode::Internal, e.message.clone())),
+            Job::Execute { reply, mut task, from, origin, map, queued, me } => {
+                // A new session without a token gets one; a relay passes it down the chain.
+                if task.session_token.is_none() {
+                    match crate::protocol::auth::random_bytes::<16>() {
+                        Ok(b) => task.session_token = Some(crate::hash::to_hex(&b)),
+                        Err(e) => crate::error!("no randomness for a session token: {e}"),
+                    }
+                }
+                let claim = task.session_token.as_deref().map(|token| Claim { token, origin: &origin });
+                let outcome = match (engine.as_mut(), claim) {
+                    (Ok(engine), Some(claim)) => execute(engine, &mut loaded, &task, claim, map, queued, &stats),
+                    (Ok(_), None) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
+                    (Err(e), _) => Err((ErrorCode::Internal, e.message.clone())),
                 };
                 match outcome {
                     Err((code, msg)) => {
@@ -140,9 +160,17 @@ fn worker(
                             let payload = success_payload("EXECUTE_TASK", &reply.request_id, result);
                             (reply, payload)
                         } else {
-                            let (tx, w) = (events.clone(), waker.clone());
+                            let (tx, w, key) = (events.clone(), waker.clone(), key.clone());
                             relay.submit(move || {
-                                let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
+                                let payload = forward(
+                                    &task,
+                                    from.as_deref(),
+                                    &origin,
+                                    key.as_ref(),
+                                    result,
+                                    hop,
+                                    &reply.request_id,
+                                );
                                 let _ =
                                     tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
                                 let _ = w.wake();
@@ -153,10 +181,16 @@ fn worker(
                     }
                 }
             }
-            Job::EndSession { reply, session_id } => {
-                let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
-                let result = json!({"session_id": session_id, "freed": freed});
-                let payload = success_payload("END_SESSION", &reply.request_id, result);
+            Job::EndSession { reply, session_id, session_token } => {
+                let freed = engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
+                let payload = match freed {
+                    Ok(freed) => success_payload(
+                        "END_SESSION",
+                        &reply.request_id,
+                        json!({"session_id": session_id, "freed": freed}),
+                    ),
+                    Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
+                };
                 (reply, payload)
             }
         };
@@ -184,7 +218,7 @@ fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
     task: &ExecuteTask,
-    from: Option<&str>,
+    claim: Claim,
     map: Arc<Mmap>,
     queued: Instant,
     stats: &InferStats,
@@ -216,7 +250,7 @@ fn execute(
         TaskOutput::TopK(_) => Want::Logits { all: false },
     };
     let t = Instant::now();
-    let out = match engine.execute_as(task.shard_id, &task.session_id, from, task.pos, &input, want) {
+    let out = match engine.execute_as(task.shard_id, &task.session_id, Some(claim), task.pos, &input, want) {
         Ok(out) => out,
         Err(e) => return fail(e.code, &e.message),
     };
@@ -238,6 +272,7 @@ fn execute(
     };
     let mut result = json!({
         "session_id": &task.session_id,
+        "session_token": claim.token,
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
@@ -257,7 +292,15 @@ thread_local! {
 /// Sends this hop's hidden state to `task.next[0]` with the rest of the route, waits for the
 /// answer, and returns the frame for our caller: the chain's result with this hop's timings
 /// first in `hops`, or the error with the hop that failed (`failed_hop`).
-fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value, request_id: &Value) -> Vec<u8> {
+fn forward(
+    task: &ExecuteTask,
+    from: Option<&str>,
+    origin: &str,
+    key: Option<&ClusterKey>,
+    mut result: Value,
+    hop: Value,
+    request_id: &Value,
+) -> Vec<u8> {
     let next = &task.next[0];
     let (output, k, all) = match task.output {
         TaskOutput::Hidden => ("hidden", 0, false),
@@ -275,6 +318,8 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
         "next": rest,
         "load": task.load,
         "hop_timeout_ms": task.hop_timeout_ms,
+        "session_token": task.session_token,
+        "origin": origin,
     });
     if k > 0 {
         params["k"] = json!(k);
@@ -286,7 +331,7 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
         let mut hops = hops.borrow_mut();
         let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
             if let std::collections::hash_map::Entry::Vacant(e) = hops.entry(next.address) {
-                e.insert(Client::connect(&next.address.to_string(), timeout)?);
+                e.insert(Client::connect_with_key(&next.address.to_string(), timeout, key)?);
             }
             let client = hops.get_mut(&next.address).expect("just inserted");
             client.set_timeout(timeout)?;

@@ -146,6 +146,7 @@ pub fn chat(o: &Opts, flags: &[&str]) -> Result<()> {
                 threads: f.num("--threads", ec.threads).max(1),
                 ctx_size: f.num("--ctx", ec.ctx_size),
                 max_sessions: 1,
+                max_sessions_per_client: 1,
                 kv_budget: u64::MAX,
                 repack: f.has("--repack"),
             };

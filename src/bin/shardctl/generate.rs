@@ -124,6 +124,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         threads: f.num("--threads", ec.threads).max(1),
         ctx_size: f.num("--ctx", ec.ctx_size),
         max_sessions: 1,
+        max_sessions_per_client: 1,
         kv_budget: u64::MAX,
         repack: f.has("--repack"),
     };
@@ -228,6 +229,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--session",
                 "--pace-ms",
                 "--load-timeout",
+                "--model",
                 "--system",
                 "--chat-template",
             ],
@@ -310,6 +312,11 @@ pub fn infer_config(
         stop_at_eog: !f.has("--ignore-eos"),
         session,
         max_recoveries: 3,
+        // `chat --model` names a model file (one process), not a pin.
+        model_pin: match f.get("--model").filter(|_| f.cmd() == "infer") {
+            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
+            None => None,
+        },
     })
 }
 

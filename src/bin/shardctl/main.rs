@@ -12,6 +12,7 @@ mod model;
 mod node;
 mod torrent;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -59,6 +60,9 @@ GENERATION:
       --session ID              session id on the nodes [default: random]
       --pace-ms MS              pause between tokens (demos) [default: 0]
       --load-timeout SECS       bound on each shard's load [default: 600]
+      --model HASH              pin the manifest (its SHA-256, as split prints
+                                it): shards load by its info hashes [default:
+                                none, info hashes from the DHT's holders]
       --no-special, --ignore-eos, --chat, --system, --chat-template
                                 as for generate
   chat [--model FILE] [FLAGS] [SAMPLING]
@@ -132,6 +136,10 @@ FLAGS:
                    [default: 127.0.0.1:51820]
   --json           print the raw JSON result (for scripts)
   --timeout SECS   bound on connecting and on each response [default: 30]
+  --cluster-key-file PATH
+                   prove this cluster key to every node (HMAC-SHA-256
+                   handshake, every frame MACed) [default: the file named by
+                   SHARDNET_CLUSTER_KEY_FILE; none: no key]
   -h, --help       print this help
 
 Exit status: 0 on success, 1 when the node answers an error or cannot be
@@ -139,6 +147,7 @@ reached (or a file cannot be read), 2 for a usage error.
 ";
 
 struct Opts {
+    key_file: Option<PathBuf>,
     node: String,
     json: bool,
     timeout: Duration,
@@ -158,6 +167,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let key_file = opts.key_file.clone().or_else(shardnet::config::key_file_from_env);
+    if let Some(path) = key_file {
+        match shardnet::protocol::auth::ClusterKey::load(&path) {
+            Ok(loaded) => {
+                if let Some(w) = loaded.warning {
+                    eprintln!("shardctl: warning: {w}");
+                }
+                shardnet::client::set_default_key(Some(loaded.key));
+            }
+            Err(e) => {
+                eprintln!("shardctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match run(&opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -168,8 +192,13 @@ fn main() -> ExitCode {
 }
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
-    let mut o =
-        Opts { node: "127.0.0.1:51820".into(), json: false, timeout: Duration::from_secs(30), rest: Vec::new() };
+    let mut o = Opts {
+        key_file: None,
+        node: "127.0.0.1:51820".into(),
+        json: false,
+        timeout: Duration::from_secs(30),
+        rest: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -179,6 +208,9 @@ fn parse(args: &[String]) -> Result<Option<Opts>, String> {
                 let v = it.next().ok_or("--node needs a value")?;
                 shardnet::config::parse_peer_addr(v).map_err(|e| format!("--node: {e}"))?;
                 o.node = v.clone();
+            }
+            "--cluster-key-file" => {
+                o.key_file = Some(PathBuf::from(it.next().ok_or("--cluster-key-file needs a value")?));
             }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a value")?;

@@ -65,11 +65,6 @@ impl<'a> Flags<'a> {
         Flags { cmd, map }
     }
 
-    /// The command these flags belong to.
-    pub fn cmd(&self) -> &'a str {
-        self.cmd
-    }
-
     pub fn get(&self, name: &str) -> Option<&'a str> {
         self.map.get(name).copied()
     }

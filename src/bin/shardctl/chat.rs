@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
 use shardnet::chat::{ChatTemplate, Message};
-use shardnet::coordinator::Coordinator;
+use shardnet::coordinator::{Coordinator, GenRequest};
 use shardnet::engine::generate::{TextStream, generate};
 use shardnet::engine::sampler::{Sampler, SamplerConfig};
 use shardnet::engine::tokenizer::Tokenizer;
@@ -17,7 +17,9 @@ use shardnet::engine::{Engine, EngineConfig};
 
 use crate::Opts;
 use crate::args::Flags;
-use crate::generate::{SAMPLING_FLAGS, chat_template, finish_reason, infer_config, progress_events, sampling_flags};
+use crate::generate::{
+    SAMPLING_FLAGS, chat_template, finish_reason, infer_config, print_text, progress_events, sampling_flags,
+};
 use crate::model::{load_tokenizer, open_model};
 
 /// Tokens per reply at most, unless `-n` says otherwise.
@@ -89,8 +91,9 @@ impl Backend<'_> {
                 Ok(Reply { text, prompt_tokens: ids.len(), tokens: stats.generated })
             }
             Backend::Cluster(c) => {
-                c.set_prompt(prompt);
-                let s = c.generate()?;
+                let ids = c.tokenizer().encode(&prompt, true, true);
+                let req = GenRequest { prompt: ids, max_tokens: n, sampling: sampling.clone(), ..GenRequest::default() };
+                let s = c.generate(&req, print_text(json_out))?;
                 Ok(Reply { text: s.text, prompt_tokens: s.prompt_tokens.len(), tokens: s.tokens })
             }
         }
@@ -164,9 +167,8 @@ pub fn chat(o: &Opts, flags: &[&str]) -> Result<()> {
             (Backend::Local { engine, tok, ctx, batch }, template)
         }
         None => {
-            let mut cfg = infer_config(o, &f, String::new(), n, sampling.clone(), batch)?;
-            cfg.parse_special = true;
-            let c = Coordinator::discover(cfg, progress_events(o.json, show.clone()))?;
+            let cfg = infer_config(o, &f, batch)?;
+            let c = Coordinator::discover(cfg, progress_events(show.clone()))?;
             let template = chat_template(&f, c.tokenizer(), || {
                 c.chat_template().map_err(|e| anyhow!("the cluster's model: {e}"))
             })?;

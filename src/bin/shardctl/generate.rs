@@ -10,7 +10,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
 use shardnet::chat::{ChatTemplate, Message};
-use shardnet::coordinator::{Coordinator, Event, InferConfig};
+use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
 use shardnet::engine::sampler::SamplerConfig;
 use shardnet::engine::tokenizer::Tokenizer;
 
@@ -244,14 +244,18 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
-    let cfg = infer_config(o, &f, prompt.to_string(), f.num("-n", 32), sampling, batch)?;
-    let mut c = Coordinator::discover(cfg, progress_events(o.json, Rc::new(Cell::new(true))))?;
-    if chat {
+    let cfg = infer_config(o, &f, batch)?;
+    let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
+    let text = if chat {
         let template =
             chat_template(&f, c.tokenizer(), || c.chat_template().map_err(|e| anyhow!("the cluster's model: {e}")))?;
-        c.set_prompt(template.prompt(&one_turn(&f, prompt), true, c.tokenizer())?);
-    }
-    let summary = c.generate()?;
+        template.prompt(&one_turn(&f, prompt), true, c.tokenizer())?
+    } else {
+        prompt.to_string()
+    };
+    let ids = c.tokenizer().encode(&text, true, chat || !f.has("--no-special"));
+    let req = gen_request(&f, ids, f.num("-n", 32), sampling)?;
+    let summary = c.generate(&req, print_text(o.json))?;
     if o.json {
         let mut v = summary.to_json();
         v["finish_reason"] = json!(finish_reason(c.tokenizer(), &summary.tokens));
@@ -279,20 +283,9 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
 }
 
 /// The coordinator's settings from the flags `infer` and `chat` share (`--bootstrap`,
-/// `--cluster`, `--session`, `--pace-ms`, `--load-timeout`, `--no-special`, `--ignore-eos`).
-pub fn infer_config(
-    o: &Opts,
-    f: &Flags,
-    prompt: String,
-    n: usize,
-    sampling: SamplerConfig,
-    batch: usize,
-) -> Result<InferConfig> {
-    let session = f.get("--session").map(|s| s.to_string());
-    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
-        return Err(f.usage("--session must be 1-128 bytes".into()));
-    }
-    Ok(InferConfig {
+/// `--cluster`, `--load-timeout`, `--model`).
+pub fn infer_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> {
+    Ok(ClusterConfig {
         bootstrap: match f.get("--bootstrap") {
             None => o.node.clone(),
             Some(b) => {
@@ -301,29 +294,49 @@ pub fn infer_config(
             }
         },
         cluster: f.get("--cluster").unwrap_or("shardnet").to_string(),
-        prompt,
-        n,
-        sampling,
         batch,
         timeout: o.timeout,
         load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
-        pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
-        parse_special: !f.has("--no-special"),
-        stop_at_eog: !f.has("--ignore-eos"),
-        session,
         max_recoveries: 3,
-        // `chat --model` names a model file (one process), not a pin.
-        model_pin: match f.get("--model").filter(|_| f.cmd() == "infer") {
+        model_pin: match f.get("--model") {
             Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
             None => None,
         },
     })
 }
 
-/// Prints the coordinator's events: progress on stderr while `show` is set, the text on stdout
-/// (unless `json_out`).
-pub fn progress_events(json_out: bool, show: Rc<Cell<bool>>) -> impl FnMut(Event) {
+/// One generation's request from the flags `infer` and `chat` share (`--session`, `--pace-ms`,
+/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens.
+pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig) -> Result<GenRequest> {
+    let session = f.get("--session").map(|s| s.to_string());
+    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
+        return Err(f.usage("--session must be 1-128 bytes".into()));
+    }
+    Ok(GenRequest {
+        prompt,
+        max_tokens: n,
+        sampling,
+        stop_at_eog: !f.has("--ignore-eos"),
+        session,
+        pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
+    })
+}
+
+/// Writes generated text to stdout as it comes (unless `json_out`): the `generate` callback of
+/// `infer` and `chat`.
+pub fn print_text(json_out: bool) -> impl FnMut(u32, &str) -> bool {
     let mut stdout = std::io::stdout();
+    move |_, text| {
+        if !json_out {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    }
+}
+
+/// Prints the coordinator's progress events on stderr while `show` is set.
+pub fn progress_events(show: Rc<Cell<bool>>) -> impl FnMut(Event) {
     let mut progress_open = false;
     move |ev: Event| {
         let mut err = std::io::stderr();
@@ -332,12 +345,6 @@ pub fn progress_events(json_out: bool, show: Rc<Cell<bool>>) -> impl FnMut(Event
             progress_open = false;
         }
         match ev {
-            Event::Text(t) => {
-                if !json_out {
-                    let _ = stdout.write_all(t.as_bytes());
-                    let _ = stdout.flush();
-                }
-            }
             _ if !show.get() => {}
             Event::Nodes(n) => {
                 let list: Vec<String> = n.iter().map(|a| a.to_string()).collect();

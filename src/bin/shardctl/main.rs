@@ -10,6 +10,7 @@ mod chat;
 mod generate;
 mod model;
 mod node;
+mod serve;
 mod torrent;
 
 use std::path::PathBuf;
@@ -60,9 +61,9 @@ GENERATION:
       --session ID              session id on the nodes [default: random]
       --pace-ms MS              pause between tokens (demos) [default: 0]
       --load-timeout SECS       bound on each shard's load [default: 600]
-      --model HASH              pin the manifest (its SHA-256, as split prints
-                                it): shards load by its info hashes [default:
-                                none, info hashes from the DHT's holders]
+      --model HASH              pin the model: the SHA-256 of its manifest.json
+                                (as split prints it); shards load by its info
+                                hashes only [default: no pin]
       --no-special, --ignore-eos, --chat, --system, --chat-template
                                 as for generate
   chat [--model FILE] [FLAGS] [SAMPLING]
@@ -75,8 +76,26 @@ GENERATION:
                                 turn; -n is per reply [default: 512]
       as for generate: --system, --chat-template; with --model also
       --threads, --ctx, --repack
+  serve [FLAGS] [SAMPLING]      an OpenAI-compatible HTTP/1.1 endpoint over the
+                                cluster's chain: /v1/chat/completions,
+                                /v1/completions, /v1/models, /health,
+                                /metrics, and a chat page at /; SAMPLING gives
+                                what a request leaves out [default seed:
+                                random per request]
+      --listen IP:PORT          [default: 127.0.0.1:8080]
+      --bootstrap, --cluster, --batch, --load-timeout, --model   as for infer
+      --chat-template FILE      a Jinja chat template [default: the model's
+                                tokenizer.chat_template]
+      --model-name NAME         the id /v1/models lists and requests name
+                                [default: the model's general.name]
+      --max-connections N       open connections; at the limit the longest
+                                idle one is closed [default: 256]
+      --queue N                 requests waiting for the chain; over it: 503
+                                [default: 16]
+      --max-body BYTES          request body bound; over it: 413
+                                [default: 1048576]
 
-SAMPLING (generate, infer, chat):
+SAMPLING (generate, infer, chat, serve; serve's -n [default: 512]):
   -n N                          tokens to generate at most [default: 32]
   --temp T                      temperature; 0 is greedy [default: 0]
   --top-k K                     keep the K most likely tokens; 0: all
@@ -272,6 +291,7 @@ fn run(o: &Opts) -> Result<()> {
         }
         "infer" => generate::infer(o, rest),
         "chat" => chat::chat(o, rest),
+        "serve" => serve::serve(o, rest),
         "fetch" => {
             let (target, flags) = positional("fetch", "TORRENT or MAGNET", rest);
             torrent::fetch(o, target, flags)

@@ -244,6 +244,8 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
+    // Every flag is checked before the network is touched; the prompt's ids come after discovery.
+    let req = gen_request(&f, Vec::new(), f.num("-n", 32), sampling)?;
     let cfg = infer_config(o, &f, batch)?;
     let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
     let text = if chat {
@@ -254,7 +256,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         prompt.to_string()
     };
     let ids = c.tokenizer().encode(&text, true, chat || !f.has("--no-special"));
-    let req = gen_request(&f, ids, f.num("-n", 32), sampling)?;
+    let req = GenRequest { prompt: ids, ..req };
     let summary = c.generate(&req, print_text(o.json))?;
     if o.json {
         let mut v = summary.to_json();

@@ -185,3 +185,17 @@ fn every_shard_key_at_hostile_values_is_refused_by_the_one_shard_check() {
     let (_d, map) = model("shard-none", |_, _| {});
     assert!(check_shard(&Gguf::parse(&map).unwrap(), 0, None).unwrap_err().contains("not a shard"));
 }
+
+#[test]
+fn shardctl_generate_refuses_a_model_with_a_nan_epsilon_without_aborting() {
+    for eps in [f32::NAN, -1.0] {
+        let (dir, _map) = model("gen", |b, _| set_key(b, "llama.attention.layer_norm_rms_epsilon", Meta::F32(eps)));
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_shardctl"))
+            .args(["generate", dir.path().join("m.gguf").to_str().unwrap(), "--prompt", "hello", "-n", "2"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "eps {eps}: an error exit, not a signal: {stderr}");
+        assert!(stderr.contains("layer_norm_rms_epsilon"), "eps {eps}: {stderr}");
+    }
+}

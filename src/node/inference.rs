@@ -145,7 +145,9 @@ fn worker(
                 let claim = task.session_token.as_deref().map(|token| Claim { token, origin: &origin });
                 let outcome = match (engine.as_mut(), claim, unchanged(&file, &map, task.shard_id)) {
                     (_, _, Err(e)) => Err(e),
-                    (Ok(engine), Some(claim), Ok(())) => execute(engine, &mut loaded, &task, claim, map, queued, &stats),
+                    (Ok(engine), Some(claim), Ok(())) => {
+                        execute(engine, &mut loaded, &task, claim, map, queued, &stats)
+                    }
                     (Ok(_), None, _) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
                     (Err(e), _, _) => Err((ErrorCode::Internal, e.message.clone())),
                 };

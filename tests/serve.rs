@@ -191,6 +191,9 @@ fn metric(addr: &str, name: &str) -> f64 {
 }
 
 const PROMPT: &str = "The capital of France is";
+/// The chat the openai client sends (tests/openai_client.py).
+const SYSTEM: &str = "You are a helpful assistant.";
+const QUESTION: &str = "What is the capital of France?";
 
 #[test]
 #[ignore = "needs pip:openai, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -229,9 +232,27 @@ fn the_openai_client_completes_streams_stops_and_counts() {
     assert_eq!(r["stop_stream"]["text"], cut, "{r}");
     assert_eq!(r["stop_stream"]["finish_reason"], "stop", "{r}");
 
-    // Chat: an answer, the stream joins to the same text, usage adds up.
+    // Chat, greedy: the text and the token counts of `shardctl generate --chat` on the whole model
+    // in one process; the stream joins to the same text.
+    let want = shardctl_json(&[
+        "--json",
+        "generate",
+        SMOLLM2,
+        "--chat",
+        "--system",
+        SYSTEM,
+        "--prompt",
+        QUESTION,
+        "-n",
+        "24",
+    ]);
     let chat = &r["chat"];
     assert!(!chat["text"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(chat["text"], want["text"], "HTTP chat and generate --chat disagree: {r}");
+    assert_eq!(chat["usage"]["prompt_tokens"], json!(want["prompt_tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(chat["usage"]["completion_tokens"], json!(want["tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(chat["finish_reason"], want["finish_reason"], "{r} {want}");
+    assert_eq!(r["chat_stream"]["roles"], json!(["assistant"]), "{r}");
     assert_eq!(r["chat_stream"]["text"], chat["text"], "{r}");
     assert_eq!(r["chat_stream"]["usage"], chat["usage"], "{r}");
     let u = &chat["usage"];

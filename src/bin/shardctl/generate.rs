@@ -244,6 +244,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
+    let session = session_flag(&f)?;
     let cfg = infer_config(o, &f, batch)?;
     let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
     let text = if chat {
@@ -254,7 +255,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         prompt.to_string()
     };
     let ids = c.tokenizer().encode(&text, true, chat || !f.has("--no-special"));
-    let req = gen_request(&f, ids, f.num("-n", 32), sampling)?;
+    let req = gen_request(&f, ids, f.num("-n", 32), sampling, session);
     let summary = c.generate(&req, print_text(o.json))?;
     if o.json {
         let mut v = summary.to_json();
@@ -305,21 +306,26 @@ pub fn infer_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> 
     })
 }
 
-/// One generation's request from the flags `infer` and `chat` share (`--session`, `--pace-ms`,
-/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens.
-pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig) -> Result<GenRequest> {
+/// `--session`, checked (before the cluster is asked anything).
+pub fn session_flag(f: &Flags) -> Result<Option<String>> {
     let session = f.get("--session").map(|s| s.to_string());
     if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
         return Err(f.usage("--session must be 1-128 bytes".into()));
     }
-    Ok(GenRequest {
+    Ok(session)
+}
+
+/// One generation's request from the flags `infer` and `chat` share (`--pace-ms`,
+/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens, in `session`.
+pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig, session: Option<String>) -> GenRequest {
+    GenRequest {
         prompt,
         max_tokens: n,
         sampling,
         stop_at_eog: !f.has("--ignore-eos"),
         session,
         pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
-    })
+    }
 }
 
 /// Writes generated text to stdout as it comes (unless `json_out`): the `generate` callback of

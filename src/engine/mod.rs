@@ -358,6 +358,21 @@ impl Engine {
             forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
                 .map_err(|e| err(ErrorCode::Internal, e))?;
         session.n_past = pos + n as u32;
+        // A model's values (weights, norms) can still drive the arithmetic to NaN or infinity:
+        // that is an error, never a number sent on.
+        let values = match &out {
+            StepOutput::Hidden(data) => data,
+            StepOutput::Logits { data, .. } => data,
+        };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(err(
+                ErrorCode::NumericError,
+                format!(
+                    "shard {shard_id} computed a non-finite value ({} at index {i}): the model's values are broken",
+                    values[i]
+                ),
+            ));
+        }
         Ok(match out {
             StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: model.hp.n_embd as usize },
             StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab: model.hp.n_vocab as usize },

@@ -136,7 +136,16 @@ impl Node {
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
         let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute { reply, task, from, origin, map: shard.map.clone(), queued, me: self.local_addr };
+        let job = Job::Execute {
+            reply,
+            task,
+            from,
+            origin,
+            map: shard.map.clone(),
+            file: shard.file.clone(),
+            queued,
+            me: self.local_addr,
+        };
         self.inference.submit(job);
     }
 
@@ -262,9 +271,10 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
             self.started.elapsed().as_millis(),
-            self.open_conns,
+            self.census.total(),
+            self.census.to_json(),
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
@@ -284,6 +294,8 @@ impl Node {
                 "hash_rate_mb_s": if s.elapsed.is_zero() { 0.0 } else { s.bytes_hashed as f64 / 1e6 / s.elapsed.as_secs_f64() },
             })
         });
+        let mut limits = self.config.limits_json();
+        limits["unauthenticated_max_frame"] = json!(super::UNAUTHENTICATED_MAX_FRAME);
         json!({
             "node_id": to_hex(&self.node_id),
             "address": self.local_addr.to_string(),
@@ -311,6 +323,14 @@ impl Node {
             },
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
+            "download_limits": {
+                "max_downloads": self.config.max_downloads,
+                "max_download_peers": self.config.max_download_peers,
+                "disk_budget": self.config.disk_budget,
+                "disk_reserve": self.config.disk_reserve,
+                "part_expiry_s": self.config.part_expiry.as_secs(),
+                "redial_give_up_s": self.config.redial_give_up.as_secs(),
+            },
             "auth": {
                 "cluster_key": self.config.cluster_key.is_some(),
                 "open_to_anyone": self.config.cluster_key.is_none(),
@@ -318,13 +338,7 @@ impl Node {
                 "private_swarms": self.config.private,
             },
             "model": self.model_status(),
-            "limits": {
-                "max_sessions": self.config.max_sessions,
-                "max_sessions_per_client": self.config.max_sessions_per_client,
-                "auth_timeout_s": self.config.auth_timeout.as_secs(),
-                "unauthenticated_max_frame": super::UNAUTHENTICATED_MAX_FRAME,
-                "max_frame": self.config.max_frame,
-            },
+            "limits": limits,
         })
     }
 
@@ -351,6 +365,17 @@ impl Node {
                 ErrorCode::OutOfRange,
                 format!("shard_id {id} is not below --total-shards {total}"),
             );
+        }
+        // A loaded shard whose file changed length is dropped and loaded again.
+        if self
+            .catalog
+            .loaded
+            .get(&id)
+            .is_some_and(|l| l.file.metadata().map(|m| m.len()).ok() != Some(l.map.len() as u64))
+        {
+            warn!("shard {id}: its file changed on disk; loading it again");
+            self.catalog.loaded.remove(&id);
+            self.status_cache = None;
         }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
@@ -382,6 +407,13 @@ impl Node {
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
     fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
+        // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
+        // here yet is fetched first, see `download_shard`).
+        let pinned = self.config.model_pin.is_some();
+        if pinned && !self.pin_unsatisfied() && self.catalog.manifest_hash(id).is_none() {
+            return Err((ErrorCode::OutOfRange, format!("the pinned model has no shard {id}")));
+        }
+        let want = if pinned { self.catalog.manifest_hash(id) } else { p.info_hash };
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -391,8 +423,16 @@ impl Node {
                 if let Err(e) = &f.gguf {
                     return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
-                match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                match (want, f.meta.as_ref().map(|m| m.info_hash)) {
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
+                    (None, _) if pinned => (f.path.clone(), false),
+                    (Some(_), None) if pinned => {
+                        let msg = format!(
+                            "{} is still being hashed; it loads once its info hash is checked against the pinned manifest: try again",
+                            f.filename
+                        );
+                        return Err((ErrorCode::Busy, msg));
+                    }
                     _ => (f.path.clone(), true),
                 }
             }
@@ -404,7 +444,8 @@ impl Node {
                     .or_else(|| self.catalog.manifest_name(id))
                     .unwrap_or_else(|| format!("shard-{id}.gguf"));
                 let path = self.config.shards_dir.join(name);
-                let exists = path.is_file();
+                // Pinned, an unhashed file is not trusted: it is downloaded (and replaced).
+                let exists = path.is_file() && !pinned;
                 (path, exists)
             }
         };
@@ -451,7 +492,6 @@ impl Node {
             return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
         }
         self.start_download(h, None, &name, &p.peers, Some(id))
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
@@ -479,8 +519,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None)
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download: {e:#}")))?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None)?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
@@ -619,6 +658,9 @@ impl Node {
                     stats.elapsed.as_secs_f64() * 1e3
                 );
                 self.scan.done = Some(stats);
+                if let (Some(id), Some(_)) = (self.config.shard_id, self.config.model_pin) {
+                    self.preload(id);
+                }
             }
         }
     }
@@ -629,8 +671,16 @@ impl Node {
             info!("shard {id} (--shard-id) is not in the shards dir; it loads on LOAD_SHARD");
             return;
         };
-        if self.loading.contains_key(&id) || f.gguf.is_err() {
+        if self.loading.contains_key(&id) || f.gguf.is_err() || self.catalog.loaded.contains_key(&id) {
             return;
+        }
+        // Pinned: only once the file's info hash is known and is the manifest's (tried again when
+        // the scan is done).
+        if self.config.model_pin.is_some() {
+            let have = f.meta.as_ref().map(|m| m.info_hash);
+            if have.is_none() || have != self.catalog.manifest_hash(id) {
+                return;
+            }
         }
         let path = f.path.clone();
         self.start_load(id, path);

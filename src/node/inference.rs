@@ -40,6 +40,8 @@ pub enum Job {
         /// The client as the node identifies it: keys the per-client session quota.
         origin: String,
         map: Arc<Mmap>,
+        /// The file behind `map`, checked (one `fstat`) before the task computes.
+        file: Arc<std::fs::File>,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
@@ -132,7 +134,7 @@ fn worker(
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, mut task, from, origin, map, queued, me } => {
+            Job::Execute { reply, mut task, from, origin, map, file, queued, me } => {
                 // A new session without a token gets one; a relay passes it down the chain.
                 if task.session_token.is_none() {
                     match crate::protocol::auth::random_bytes::<16>() {
@@ -141,10 +143,13 @@ fn worker(
                     }
                 }
                 let claim = task.session_token.as_deref().map(|token| Claim { token, origin: &origin });
-                let outcome = match (engine.as_mut(), claim) {
-                    (Ok(engine), Some(claim)) => execute(engine, &mut loaded, &task, claim, map, queued, &stats),
-                    (Ok(_), None) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
-                    (Err(e), _) => Err((ErrorCode::Internal, e.message.clone())),
+                let outcome = match (engine.as_mut(), claim, unchanged(&file, &map, task.shard_id)) {
+                    (_, _, Err(e)) => Err(e),
+                    (Ok(engine), Some(claim), Ok(())) => {
+                        execute(engine, &mut loaded, &task, claim, map, queued, &stats)
+                    }
+                    (Ok(_), None, _) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
+                    (Err(e), _, _) => Err((ErrorCode::Internal, e.message.clone())),
                 };
                 match outcome {
                     Err((code, msg)) => {
@@ -199,6 +204,25 @@ fn worker(
             return; // the node is gone
         }
         let _ = waker.wake();
+    }
+}
+
+/// Whether the shard's file still has the length of its map. A file cut short under the map
+/// would raise SIGBUS at the first read past its new end; a shard whose file changed is refused
+/// here, before compute (one `fstat` per task). A truncation during a computation is not caught
+/// (see docs/ARCHITECTURE.md, threat model).
+fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (ErrorCode, String)> {
+    match file.metadata() {
+        Ok(m) if m.len() == map.len() as u64 => Ok(()),
+        Ok(m) => Err((
+            ErrorCode::ShardChanged,
+            format!(
+                "shard {shard_id}'s file changed on disk ({} bytes, {} when loaded): load it again",
+                m.len(),
+                map.len()
+            ),
+        )),
+        Err(e) => Err((ErrorCode::ShardChanged, format!("shard {shard_id}'s file: {e}"))),
     }
 }
 

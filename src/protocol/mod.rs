@@ -49,6 +49,22 @@ pub enum ErrorCode {
     AuthUnavailable,
     AuthTimeout,
     ManifestMismatch,
+    /// A computation produced NaN or infinity (a hostile or broken model).
+    NumericError,
+    /// A loaded shard's file changed under the node (its length differs from the map's).
+    ShardChanged,
+    /// `--max-downloads` downloads are under way.
+    DownloadLimit,
+    /// The torrent's declared length does not fit the download disk budget.
+    DiskBudget,
+    /// Another download or file already holds the target name.
+    NameConflict,
+    /// A connection cap is reached and nothing idle could be shed (`--max-*-connections*`).
+    TooManyConnections,
+    /// A frame was not whole `--frame-timeout` seconds after its first byte.
+    FrameTimeout,
+    /// Partial frames went over `--frame-memory`; this connection held the largest.
+    FrameMemoryExceeded,
 }
 
 impl ErrorCode {
@@ -80,6 +96,14 @@ impl ErrorCode {
             ErrorCode::AuthUnavailable => "AUTH_UNAVAILABLE",
             ErrorCode::AuthTimeout => "AUTH_TIMEOUT",
             ErrorCode::ManifestMismatch => "MANIFEST_MISMATCH",
+            ErrorCode::NumericError => "NUMERIC_ERROR",
+            ErrorCode::ShardChanged => "SHARD_CHANGED",
+            ErrorCode::DownloadLimit => "DOWNLOAD_LIMIT",
+            ErrorCode::DiskBudget => "DISK_BUDGET",
+            ErrorCode::NameConflict => "NAME_CONFLICT",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::FrameTimeout => "FRAME_TIMEOUT",
+            ErrorCode::FrameMemoryExceeded => "FRAME_MEMORY_EXCEEDED",
         }
     }
 }

@@ -244,7 +244,8 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
-    let session = session_flag(&f)?;
+    // Every flag is checked before the network is touched; the prompt's ids come after discovery.
+    let req = gen_request(&f, Vec::new(), f.num("-n", 32), sampling)?;
     let cfg = infer_config(o, &f, batch)?;
     let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
     let text = if chat {
@@ -255,7 +256,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         prompt.to_string()
     };
     let ids = c.tokenizer().encode(&text, true, chat || !f.has("--no-special"));
-    let req = gen_request(&f, ids, f.num("-n", 32), sampling, session);
+    let req = GenRequest { prompt: ids, ..req };
     let summary = c.generate(&req, print_text(o.json))?;
     if o.json {
         let mut v = summary.to_json();
@@ -306,26 +307,21 @@ pub fn infer_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> 
     })
 }
 
-/// `--session`, checked (before the cluster is asked anything).
-pub fn session_flag(f: &Flags) -> Result<Option<String>> {
+/// One generation's request from the flags `infer` and `chat` share (`--session`, `--pace-ms`,
+/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens.
+pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig) -> Result<GenRequest> {
     let session = f.get("--session").map(|s| s.to_string());
     if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
         return Err(f.usage("--session must be 1-128 bytes".into()));
     }
-    Ok(session)
-}
-
-/// One generation's request from the flags `infer` and `chat` share (`--pace-ms`,
-/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens, in `session`.
-pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig, session: Option<String>) -> GenRequest {
-    GenRequest {
+    Ok(GenRequest {
         prompt,
         max_tokens: n,
         sampling,
         stop_at_eog: !f.has("--ignore-eos"),
         session,
         pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
-    }
+    })
 }
 
 /// Writes generated text to stdout as it comes (unless `json_out`): the `generate` callback of

@@ -131,7 +131,7 @@ fn read_response(s: &mut impl BufRead) -> Response {
 
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
     s.set_write_timeout(Some(WAIT)).unwrap();
     s
 }
@@ -191,6 +191,9 @@ fn metric(addr: &str, name: &str) -> f64 {
 }
 
 const PROMPT: &str = "The capital of France is";
+/// The chat the openai client sends (tests/openai_client.py).
+const SYSTEM: &str = "You are a helpful assistant.";
+const QUESTION: &str = "What is the capital of France?";
 
 #[test]
 #[ignore = "needs pip:openai, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
@@ -229,9 +232,27 @@ fn the_openai_client_completes_streams_stops_and_counts() {
     assert_eq!(r["stop_stream"]["text"], cut, "{r}");
     assert_eq!(r["stop_stream"]["finish_reason"], "stop", "{r}");
 
-    // Chat: an answer, the stream joins to the same text, usage adds up.
+    // Chat, greedy: the text and the token counts of `shardctl generate --chat` on the whole model
+    // in one process; the stream joins to the same text.
+    let want = shardctl_json(&[
+        "--json",
+        "generate",
+        SMOLLM2,
+        "--chat",
+        "--system",
+        SYSTEM,
+        "--prompt",
+        QUESTION,
+        "-n",
+        "24",
+    ]);
     let chat = &r["chat"];
     assert!(!chat["text"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(chat["text"], want["text"], "HTTP chat and generate --chat disagree: {r}");
+    assert_eq!(chat["usage"]["prompt_tokens"], json!(want["prompt_tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(chat["usage"]["completion_tokens"], json!(want["tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(chat["finish_reason"], want["finish_reason"], "{r} {want}");
+    assert_eq!(r["chat_stream"]["roles"], json!(["assistant"]), "{r}");
     assert_eq!(r["chat_stream"]["text"], chat["text"], "{r}");
     assert_eq!(r["chat_stream"]["usage"], chat["usage"], "{r}");
     let u = &chat["usage"];
@@ -483,12 +504,14 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     wait_for(WAIT, || (!text(&model).starts_with("connecting") && !text(&model).starts_with("not ready")).then_some(()));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#temperature").unwrap()), json!({}));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#temperature").unwrap()), json!({"text": "0"}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#max_tokens").unwrap()), json!({}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#max_tokens").unwrap()), json!({"text": "48"}));
     let input = find("#input").unwrap();
     webdriver(&d.addr, "POST", &format!("{s}/element/{input}/value"), json!({"text": "What is the capital of France?"}));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/click", find("#send").unwrap()), json!({}));
     // The answer streams into the page: seen partly written before it is done.
     let mut partial = false;
-    wait_for(Duration::from_secs(60), || {
+    wait_for(Duration::from_secs(120), || {
         if find(".msg[data-done]").is_some() {
             return Some(());
         }
@@ -503,7 +526,7 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     // The same conversation through the API, greedy: the page shows the same text.
     let api = post(&c.http, "/v1/chat/completions", &json!({
         "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "temperature": 0, "max_tokens": 256,
+        "temperature": 0, "max_tokens": 48,
     }))
     .json();
     assert_eq!(answer, api["choices"][0]["message"]["content"].as_str().unwrap(), "{api}");

@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded, unbounded};
 use serde_json::{Value, json};
 
+use crate::chat::ChatError;
 use crate::coordinator::{ClusterConfig, GenRequest, Summary};
 use crate::engine::sampler::SamplerConfig;
 use chain::{ChainEvent, ChainState, Health, Job, ModelView};
@@ -334,10 +335,21 @@ fn not_ready(s: &Shared) -> String {
     }
 }
 
-/// Renders a chat's messages to the prompt text with the model's chat template.
+/// Renders a chat's messages to the prompt text with the model's chat template (OpenAI's
+/// `developer` role is the templates' `system`).
 fn render_chat(model: &ModelView, messages: &[openai::Message]) -> Result<String, ApiError> {
-    let _ = (model, messages);
-    Err(ApiError::new(500, "server_error", None, "chat templates are not available in this build"))
+    let template = model.chat_template.as_ref().map_err(|e| {
+        ApiError::bad(format!("chat completions are not available: {e} (use /v1/completions)"), Some("messages"))
+    })?;
+    let list: Vec<crate::chat::Message> = messages
+        .iter()
+        .map(|m| crate::chat::Message::new(if m.role == "developer" { "system" } else { &m.role }, &m.content))
+        .collect();
+    template.prompt(&list, true, &model.tokenizer).map_err(|e| match e {
+        ChatError::Syntax(_) => ApiError::new(500, "server_error", None, e.to_string()),
+        // The template's own refusal (`raise_exception`: roles out of order, ...) is the request's fault.
+        _ => ApiError::bad(e.to_string(), Some("messages")),
+    })
 }
 
 /// A checked request, ready for the chain.

@@ -90,7 +90,8 @@ pub struct Params {
     pub ignore_eos: bool,
 }
 
-/// Roles a chat template knows.
+/// Roles a chat may hold: the chat templates' (`crate::chat::ROLES`) and OpenAI's `developer`
+/// (rendered as `system`).
 pub const ROLES: &[&str] = &["system", "developer", "user", "assistant", "tool"];
 /// OpenAI's bound on `stop` sequences.
 pub const MAX_STOP: usize = 4;

@@ -16,6 +16,7 @@ pub mod generate;
 pub mod ggml;
 pub mod model;
 pub mod sampler;
+pub mod sidecar;
 pub mod tokenizer;
 
 #[allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code, unsafe_op_in_unsafe_fn, clippy::all)]
@@ -28,7 +29,7 @@ use model::ShardModel;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use model::Hparams;
+pub use model::{Hparams, WeightsSource};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -39,8 +40,9 @@ pub struct EngineConfig {
     pub max_sessions: usize,
     /// KV-cache bytes over all sessions; the least recently used are evicted to make room.
     pub kv_budget: u64,
-    /// Copy matrices ggml has a faster CPU layout for into that layout (anonymous memory the size
-    /// of those weights) instead of computing from the map as it is.
+    /// Run matrices ggml has a faster CPU layout for from that layout: from a sidecar file beside
+    /// the shard when [`Engine::load_file`] names the shard's file, else (or when the sidecar
+    /// cannot be written) from a copy in anonymous memory the size of those weights.
     pub repack: bool,
 }
 
@@ -125,6 +127,22 @@ pub struct Engine {
 /// Session ids are short printable names chosen by the coordinator.
 pub const MAX_SESSION_ID: usize = 128;
 
+/// Tokens in one batched graph, as llama.cpp's default `n_batch`: steps beyond it go to the next
+/// graph (a single larger step still runs whole, in a graph of its own).
+pub const MAX_BATCH_TOKENS: usize = 512;
+
+/// One session's step for [`Engine::execute_batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub session_id: &'a str,
+    /// The coordinator that owns the session (the request's `from`), if known.
+    pub owner: Option<&'a str>,
+    /// First position of `input`.
+    pub pos: u32,
+    pub input: &'a Input,
+    pub want: Want,
+}
+
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let backend = ggml::Backend::cpu(cfg.threads).map_err(|e| err(ErrorCode::Internal, e))?;
@@ -138,7 +156,34 @@ impl Engine {
     /// Makes the shard in `map` runnable under `shard_id`, replacing what was there (and dropping
     /// the sessions that ran on the old one).
     pub fn load(&mut self, shard_id: u32, map: Arc<Mmap>) -> Result<&Hparams, EngineError> {
-        let model = ShardModel::load(map, self.cfg.repack).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
+        self.load_inner(shard_id, map, None)
+    }
+
+    /// As [`Engine::load`], for the shard file at `path` (mapped as `map`): with `repack`, the
+    /// repacked matrices live in the sidecar `path.repack`, keyed by `info_hash` (hex; a SHA-1
+    /// of the whole file when it is `None`) and the ggml build, and rebuilt when either changed
+    /// or the file is corrupt (see [`sidecar`]).
+    pub fn load_file(
+        &mut self,
+        shard_id: u32,
+        map: Arc<Mmap>,
+        path: &std::path::Path,
+        info_hash: Option<String>,
+    ) -> Result<&Hparams, EngineError> {
+        let place = self.cfg.repack.then(|| {
+            let key = info_hash.unwrap_or_else(|| sidecar::content_key(&map));
+            sidecar::Place::beside(path, key)
+        });
+        self.load_inner(shard_id, map, place.as_ref())
+    }
+
+    fn load_inner(
+        &mut self,
+        shard_id: u32,
+        map: Arc<Mmap>,
+        place: Option<&sidecar::Place>,
+    ) -> Result<&Hparams, EngineError> {
+        let model = ShardModel::load(map, self.cfg.repack, place).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
         if model.repacked_bytes() > 0 {
             crate::debug!("shard {shard_id}: {} weight bytes repacked for this CPU", model.repacked_bytes());
         }
@@ -150,6 +195,11 @@ impl Engine {
     pub fn unload(&mut self, shard_id: u32) {
         self.sessions.retain(|(_, s), _| *s != shard_id);
         self.shards.remove(&shard_id);
+    }
+
+    /// Where a loaded shard's repackable matrices are read from.
+    pub fn weights_source(&self, shard_id: u32) -> Option<WeightsSource> {
+        self.shards.get(&shard_id).map(|m| m.source)
     }
 
     pub fn is_loaded(&self, shard_id: u32) -> bool {
@@ -202,6 +252,48 @@ impl Engine {
         input: &Input,
         want: Want,
     ) -> Result<Output, EngineError> {
+        let step = Step { session_id, owner, pos, input, want };
+        self.execute_batch(shard_id, &[step]).pop().expect("one result per step")
+    }
+
+    /// Runs the steps of several sessions on `shard_id`, as few ggml graphs as possible (one
+    /// matrix multiply per weight for all of them; see [`forward::step_batch`]): continuous
+    /// batching. Each step is validated on its own and gets its own result, in order; a step that
+    /// fails validation does not hold back the others. Steps of one session run in the order
+    /// given (a later step of a session already in the batch starts the next graph), and a batch
+    /// is cut where it would pass [`MAX_BATCH_TOKENS`]. Results equal running the steps one by
+    /// one with [`Engine::execute_as`], up to the rounding of batched matrix products.
+    pub fn execute_batch(&mut self, shard_id: u32, steps: &[Step]) -> Vec<Result<Output, EngineError>> {
+        let mut results: Vec<Option<Result<Output, EngineError>>> = (0..steps.len()).map(|_| None).collect();
+        // Steps admitted to the graph being gathered: (index in `steps`, session key).
+        let mut batch: Vec<(usize, (String, u32))> = Vec::new();
+        let mut batch_tokens = 0usize;
+        for (i, step) in steps.iter().enumerate() {
+            let n = step.input.n_tokens();
+            let key = (step.session_id.to_string(), shard_id);
+            let again = batch.iter().any(|(_, k)| *k == key);
+            if again || (!batch.is_empty() && batch_tokens + n > MAX_BATCH_TOKENS) {
+                self.run_batch(shard_id, steps, &batch, &mut results);
+                batch.clear();
+                batch_tokens = 0;
+            }
+            let protect: Vec<&(String, u32)> = batch.iter().map(|(_, k)| k).collect();
+            match self.admit(shard_id, step, &protect) {
+                Ok(()) => {
+                    batch.push((i, key));
+                    batch_tokens += n;
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        self.run_batch(shard_id, steps, &batch, &mut results);
+        results.into_iter().map(|r| r.expect("every step gets a result")).collect()
+    }
+
+    /// Checks one step and finds (or starts) its session's cache; `protect` are sessions of the
+    /// batch being gathered, which eviction must not take.
+    fn admit(&mut self, shard_id: u32, step: &Step, protect: &[&(String, u32)]) -> Result<(), EngineError> {
+        let Step { session_id, owner, pos, input, .. } = *step;
         let Some(model) = self.shards.get(&shard_id) else {
             return Err(err(ErrorCode::ShardNotLoaded, format!("shard {shard_id} is not loaded on this node")));
         };
@@ -261,7 +353,7 @@ impl Engine {
         let key = (session_id.to_string(), shard_id);
         self.clock += 1;
         let clock = self.clock;
-        match self.sessions.get(&key) {
+        match self.sessions.get_mut(&key) {
             Some(s) if owner.is_some() && s.owner.is_some() && s.owner.as_deref() != owner => {
                 return Err(err(
                     ErrorCode::SessionConflict,
@@ -277,7 +369,7 @@ impl Engine {
                     format!("session {session_id} holds {} positions; pos {pos} would leave a gap", s.n_past),
                 ));
             }
-            Some(_) => {}
+            Some(s) => s.last_used = clock,
             None if pos != 0 => {
                 return Err(err(
                     ErrorCode::UnknownSession,
@@ -294,42 +386,93 @@ impl Engine {
                         format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
                     ));
                 }
-                self.make_room(bytes);
+                if !self.make_room(bytes, protect) {
+                    return Err(err(
+                        ErrorCode::Busy,
+                        "every session's cache is in use by this batch; no room for another".to_string(),
+                    ));
+                }
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
                 self.sessions.insert(
-                    key.clone(),
+                    key,
                     Session { cache, owner: owner.map(str::to_string), n_past: 0, n_ctx, last_used: clock },
                 );
             }
         }
-        let session = self.sessions.get_mut(&key).unwrap();
-        session.last_used = clock;
-        let model = &self.shards[&shard_id];
-        let step_input = match input {
-            Input::Tokens(ids) => StepInput::Tokens(ids),
-            Input::Hidden { data, .. } => StepInput::Hidden(data),
-        };
-        let all = matches!(want, Want::Logits { all: true });
-        let out =
-            forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
-                .map_err(|e| err(ErrorCode::Internal, e))?;
-        session.n_past = pos + n as u32;
-        Ok(match out {
-            StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: model.hp.n_embd as usize },
-            StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab: model.hp.n_vocab as usize },
-        })
+        Ok(())
     }
 
-    /// Evicts least recently used sessions until `bytes` more fit the budget and the count bound.
-    fn make_room(&mut self, bytes: u64) {
+    /// Computes the admitted steps `batch` in one graph and stores their results.
+    fn run_batch(
+        &mut self,
+        shard_id: u32,
+        steps: &[Step],
+        batch: &[(usize, (String, u32))],
+        results: &mut [Option<Result<Output, EngineError>>],
+    ) {
+        if batch.is_empty() {
+            return;
+        }
+        let model = &self.shards[&shard_id];
+        let seqs: Vec<forward::Seq> = batch
+            .iter()
+            .map(|(i, key)| {
+                let step = &steps[*i];
+                let session = &self.sessions[key];
+                forward::Seq {
+                    cache: &session.cache,
+                    n_ctx: session.n_ctx,
+                    pos: step.pos,
+                    n_tokens: step.input.n_tokens() as u32,
+                    input: match step.input {
+                        Input::Tokens(ids) => StepInput::Tokens(ids),
+                        Input::Hidden { data, .. } => StepInput::Hidden(data),
+                    },
+                    all_logits: matches!(step.want, Want::Logits { all: true }),
+                }
+            })
+            .collect();
+        let outs = forward::step_batch(&mut self.backend, model, &seqs);
+        let (n_embd, n_vocab) = (model.hp.n_embd as usize, model.hp.n_vocab as usize);
+        drop(seqs);
+        match outs {
+            Err(e) => {
+                for (i, _) in batch {
+                    results[*i] = Some(Err(err(ErrorCode::Internal, e.clone())));
+                }
+            }
+            Ok(outs) => {
+                for ((i, key), out) in batch.iter().zip(outs) {
+                    let n = steps[*i].input.n_tokens();
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        s.n_past = steps[*i].pos + n as u32;
+                    }
+                    results[*i] = Some(Ok(match out {
+                        StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: n_embd },
+                        StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab },
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Evicts least recently used sessions (never those in `protect`) until `bytes` more fit the
+    /// budget and the count bound; false when that cannot be done.
+    fn make_room(&mut self, bytes: u64, protect: &[&(String, u32)]) -> bool {
         loop {
             let (count, used) = self.sessions();
             if count < self.cfg.max_sessions && used + bytes <= self.cfg.kv_budget {
-                return;
+                return true;
             }
-            let Some(oldest) = self.sessions.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone()) else {
-                return;
+            let Some(oldest) = self
+                .sessions
+                .iter()
+                .filter(|(k, _)| !protect.contains(k))
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                return false;
             };
             crate::debug!("evicting session {} on shard {} (least recently used)", oldest.0, oldest.1);
             self.sessions.remove(&oldest);

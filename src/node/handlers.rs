@@ -8,7 +8,7 @@ use mio::Token;
 use serde_json::{Value, json};
 
 use super::catalog::{LoadedShard, load_shard};
-use super::inference::{Job, ReplyTo};
+use super::inference::{Job, ReplyTo, ShardFile};
 use super::scan::ScanEvent;
 use super::{Node, NodeEvent, Waiter};
 use crate::hash::to_hex;
@@ -104,7 +104,9 @@ impl Node {
                 error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
-        let job = Job::Execute { reply, task, from, map: shard.map.clone(), queued, me: self.local_addr };
+        let info_hash = self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
+        let weights = ShardFile { map: shard.map.clone(), path: shard.path.clone(), info_hash };
+        let job = Job::Execute { reply, task, from, shard: weights, queued, me: self.local_addr };
         self.inference.submit(job);
     }
 

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use super::NodeEvent;
 use crate::client::Client;
-use crate::engine::{Engine, EngineConfig, Input, Output, Want};
+use crate::engine::{Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::f32_to_json;
 use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
@@ -30,13 +30,21 @@ pub struct ReplyTo {
     pub request_id: Value,
 }
 
+/// The loaded shard a task runs on: its map, its file (the repack sidecar goes beside it) and its
+/// info hash when the node has computed it (the sidecar's key).
+pub struct ShardFile {
+    pub map: Arc<Mmap>,
+    pub path: std::path::PathBuf,
+    pub info_hash: Option<String>,
+}
+
 pub enum Job {
     Execute {
         reply: ReplyTo,
         task: ExecuteTask,
         /// The request's `from`: the coordinator a session belongs to.
         from: Option<String>,
-        map: Arc<Mmap>,
+        shard: ShardFile,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
@@ -101,6 +109,9 @@ impl Inference {
 /// loop nor the inference thread waits on another node.
 const RELAY_THREADS: usize = 4;
 
+/// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
+const MAX_JOBS_PER_ROUND: usize = 64;
+
 fn worker(
     cfg: EngineConfig,
     jobs: Receiver<Job>,
@@ -116,59 +127,108 @@ fn worker(
     }
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
-    for job in jobs {
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
+    let send = |reply: ReplyTo, payload: Vec<u8>| {
+        let ok = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_ok();
+        let _ = waker.wake();
+        ok
+    };
+    while let Ok(first) = jobs.recv() {
+        // Continuous batching: whatever queued while the last graph ran goes into this round.
+        let mut round = vec![first];
+        while round.len() < MAX_JOBS_PER_ROUND {
+            match jobs.try_recv() {
+                Ok(job) => round.push(job),
+                Err(_) => break,
+            }
+        }
+        stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (reply, payload) = match job {
-            Job::Execute { reply, task, from, map, queued, me } => {
-                let outcome = match engine.as_mut() {
-                    Ok(engine) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
-                    Err(e) => Err((ErrorCode::Internal, e.message.clone())),
-                };
-                match outcome {
-                    Err((code, msg)) => {
-                        let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg);
-                        (reply, payload)
+        // Steps gathered per (shard, map) until an END_SESSION, which must see the steps before it.
+        let mut groups: Vec<Vec<ExecuteJob>> = Vec::new();
+        for job in round {
+            match job {
+                Job::Execute { reply, task, from, shard, queued, me } => {
+                    let key = (task.shard_id, shard.map.as_ptr() as usize);
+                    let job = ExecuteJob { reply, task, from, shard, queued, me };
+                    match groups.iter_mut().find(|g| (g[0].task.shard_id, g[0].shard.map.as_ptr() as usize) == key) {
+                        Some(g) => g.push(job),
+                        None => groups.push(vec![job]),
                     }
-                    Ok(mut result) => {
-                        let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
-                            "timings": result["timings"].take()});
-                        result.as_object_mut().expect("an object").remove("timings");
-                        if task.next.is_empty() {
-                            result["hops"] = json!([hop]);
-                            let payload = success_payload("EXECUTE_TASK", &reply.request_id, result);
-                            (reply, payload)
-                        } else {
-                            let (tx, w) = (events.clone(), waker.clone());
-                            relay.submit(move || {
-                                let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
-                                let _ =
-                                    tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
-                                let _ = w.wake();
-                            });
-                            record(&engine, &stats, started);
-                            continue;
-                        }
+                }
+                Job::EndSession { reply, session_id } => {
+                    for group in groups.drain(..) {
+                        run_group(&mut engine, &mut loaded, group, &stats, &relay, &events, &waker);
+                    }
+                    let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
+                    let result = json!({"session_id": session_id, "freed": freed});
+                    let payload = success_payload("END_SESSION", &reply.request_id, result);
+                    if !send(reply, payload) {
+                        return;
                     }
                 }
             }
-            Job::EndSession { reply, session_id } => {
-                let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
-                let result = json!({"session_id": session_id, "freed": freed});
-                let payload = success_payload("END_SESSION", &reply.request_id, result);
-                (reply, payload)
+        }
+        for group in groups {
+            run_group(&mut engine, &mut loaded, group, &stats, &relay, &events, &waker);
+        }
+        record(&engine, &stats, started);
+    }
+}
+
+/// An `EXECUTE_TASK` taken off the queue.
+struct ExecuteJob {
+    reply: ReplyTo,
+    task: ExecuteTask,
+    from: Option<String>,
+    shard: ShardFile,
+    queued: Instant,
+    me: SocketAddr,
+}
+
+/// Runs the steps of one shard in as few graphs as the engine can, then answers each (or hands
+/// it to a relay thread when the route goes on).
+fn run_group(
+    engine: &mut Result<Engine, crate::engine::EngineError>,
+    loaded: &mut HashMap<u32, usize>,
+    group: Vec<ExecuteJob>,
+    stats: &InferStats,
+    relay: &crate::workers::PoolHandle,
+    events: &Sender<NodeEvent>,
+    waker: &Arc<Waker>,
+) {
+    let outcomes: Vec<Result<Value, (ErrorCode, String)>> = match engine.as_mut() {
+        Ok(engine) => execute(engine, loaded, &group, stats),
+        Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
+    };
+    for (job, outcome) in group.into_iter().zip(outcomes) {
+        let ExecuteJob { reply, task, from, me, .. } = job;
+        let payload = match outcome {
+            Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
+            Ok(mut result) => {
+                let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
+                    "timings": result["timings"].take()});
+                result.as_object_mut().expect("an object").remove("timings");
+                if task.next.is_empty() {
+                    result["hops"] = json!([hop]);
+                    success_payload("EXECUTE_TASK", &reply.request_id, result)
+                } else {
+                    let (tx, w) = (events.clone(), waker.clone());
+                    relay.submit(move || {
+                        let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
+                        let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+                        let _ = w.wake();
+                    });
+                    continue;
+                }
             }
         };
-        record(&engine, &stats, started);
-        if events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_err() {
-            return; // the node is gone
-        }
+        let _ = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
         let _ = waker.wake();
     }
 }
 
-/// Updates the counters STATUS shows after a job.
+/// Updates the counters STATUS shows after a round of jobs.
 fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.running.store(0, Ordering::Relaxed);
     if let Ok(engine) = engine {
@@ -179,50 +239,89 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
-/// Runs one task on this node's shard: its result object (timings, and the output), or an error.
+/// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
+/// and the output), or its error.
 fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
-    task: &ExecuteTask,
-    from: Option<&str>,
-    map: Arc<Mmap>,
-    queued: Instant,
+    group: &[ExecuteJob],
     stats: &InferStats,
-) -> Result<Value, (ErrorCode, String)> {
-    let fail = |code, msg: &str| Err((code, msg.to_string()));
-    let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
-    let key = map.as_ptr() as usize;
-    if loaded.get(&task.shard_id) != Some(&key) || !engine.is_loaded(task.shard_id) {
+) -> Vec<Result<Value, (ErrorCode, String)>> {
+    let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
+    let key = shard.map.as_ptr() as usize;
+    if loaded.get(&shard_id) != Some(&key) || !engine.is_loaded(shard_id) {
         let t = Instant::now();
-        if let Err(e) = engine.load(task.shard_id, map) {
-            loaded.remove(&task.shard_id);
-            return fail(e.code, &format!("shard {}: {}", task.shard_id, e.message));
+        if let Err(e) = engine.load_file(shard_id, shard.map.clone(), &shard.path, shard.info_hash.clone()) {
+            loaded.remove(&shard_id);
+            let msg = format!("shard {shard_id}: {}", e.message);
+            return group.iter().map(|_| Err((e.code, msg.clone()))).collect();
         }
-        crate::info!("shard {} ready for inference ({:.1} ms)", task.shard_id, t.elapsed().as_secs_f64() * 1e3);
-        loaded.insert(task.shard_id, key);
+        crate::info!(
+            "shard {shard_id} ready for inference ({:.1} ms, weights from {:?})",
+            t.elapsed().as_secs_f64() * 1e3,
+            engine.weights_source(shard_id)
+        );
+        loaded.insert(shard_id, key);
     }
-    if !task.next.is_empty() && engine.shard_info(task.shard_id).is_some_and(|(hp, _, end)| end == hp.n_layer) {
-        let msg = format!("shard {} ends the model: no hop can follow it", task.shard_id);
-        return fail(ErrorCode::BadRoute, &msg);
-    }
-    let input = match &task.input {
-        TaskInput::Tokens(t) => Input::Tokens(t.clone()),
-        TaskInput::Hidden { data, rows, cols } => Input::Hidden { data: data.clone(), n_tokens: *rows, width: *cols },
-    };
-    let n_tokens = input.n_tokens();
-    let want = match task.output {
-        TaskOutput::Hidden => Want::Hidden,
-        TaskOutput::Logits { all } => Want::Logits { all },
-        TaskOutput::TopK(_) => Want::Logits { all: false },
-    };
+    let ends_model = engine.shard_info(shard_id).is_some_and(|(hp, _, end)| end == hp.n_layer);
+    let inputs: Vec<(Input, Want)> = group
+        .iter()
+        .map(|j| {
+            let input = match &j.task.input {
+                TaskInput::Tokens(t) => Input::Tokens(t.clone()),
+                TaskInput::Hidden { data, rows, cols } => {
+                    Input::Hidden { data: data.clone(), n_tokens: *rows, width: *cols }
+                }
+            };
+            let want = match j.task.output {
+                TaskOutput::Hidden => Want::Hidden,
+                TaskOutput::Logits { all } => Want::Logits { all },
+                TaskOutput::TopK(_) => Want::Logits { all: false },
+            };
+            (input, want)
+        })
+        .collect();
+    // Steps that can run: a route past the model's last shard is refused before computing.
+    let runnable: Vec<usize> = (0..group.len()).filter(|&i| !(ends_model && !group[i].task.next.is_empty())).collect();
+    let steps: Vec<Step> = runnable
+        .iter()
+        .map(|&i| Step {
+            session_id: &group[i].task.session_id,
+            owner: group[i].from.as_deref(),
+            pos: group[i].task.pos,
+            input: &inputs[i].0,
+            want: inputs[i].1,
+        })
+        .collect();
     let t = Instant::now();
-    let out = match engine.execute_as(task.shard_id, &task.session_id, from, task.pos, &input, want) {
-        Ok(out) => out,
-        Err(e) => return fail(e.code, &e.message),
-    };
+    let mut outs = engine.execute_batch(shard_id, &steps).into_iter();
     let compute_ms = t.elapsed().as_secs_f64() * 1e3;
-    stats.tasks.fetch_add(1, Ordering::Relaxed);
-    stats.tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
+    let batch = steps.len();
+    let mut results = Vec::with_capacity(group.len());
+    for (i, job) in group.iter().enumerate() {
+        if !runnable.contains(&i) {
+            let msg = format!("shard {shard_id} ends the model: no hop can follow it");
+            results.push(Err((ErrorCode::BadRoute, msg)));
+            continue;
+        }
+        let out = match outs.next().expect("one output per step") {
+            Ok(out) => out,
+            Err(e) => {
+                results.push(Err((e.code, e.message)));
+                continue;
+            }
+        };
+        let queue_ms = t.duration_since(job.queued).as_secs_f64() * 1e3;
+        results.push(Ok(result_json(&job.task, out, inputs[i].0.n_tokens(), queue_ms, compute_ms, batch)));
+        stats.tasks.fetch_add(1, Ordering::Relaxed);
+        stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);
+    }
+    results
+}
+
+/// A computed step's result object: its output as the task asked (hidden state, logits or top k)
+/// and its timings (`batch`: steps computed in the same round).
+fn result_json(task: &ExecuteTask, out: Output, n_tokens: usize, queue_ms: f64, compute_ms: f64, batch: usize) -> Value {
     let output = match (out, task.output) {
         (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {
@@ -241,12 +340,12 @@ fn execute(
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
-        "timings": {"queue_ms": queue_ms, "compute_ms": compute_ms},
+        "timings": {"queue_ms": queue_ms, "compute_ms": compute_ms, "batch": batch},
     });
     if let (Value::Object(r), Value::Object(o)) = (&mut result, output) {
         r.extend(o);
     }
-    Ok(result)
+    result
 }
 
 thread_local! {

@@ -218,10 +218,9 @@ fn bad_dht_packets_are_answered_or_dropped_and_the_node_serves_on() {
 }
 
 #[test]
+#[ignore = "needs python3-libtorrent"]
 fn libtorrents_dht_bootstrapped_from_a_node_finds_what_it_announced() {
-    if !have_libtorrent() {
-        return;
-    }
+    require("python3-libtorrent");
     let tmp = TempDir::new("dht-lt");
     write_shard(&tmp.path().join("shard-0.gguf"), 0, 1, (0, 1), 10_000);
     let n = node(tmp.path(), None, &[]);

@@ -277,3 +277,121 @@ fn a_shard_no_node_serves_is_a_clear_error() {
     assert!(err.contains("shard 3"), "{err}");
     node.assert_serving();
 }
+
+/// One node holding six shards: a chain through it six times (every relay to itself) completes
+/// and equals the whole model in one process. With a thread per waiting relay (four of them) the
+/// fifth relay waited for a thread that only the chain's own end could free.
+#[test]
+fn chain_through_one_node_six_times_completes() {
+    let dir = TempDir::new("pipeline-six");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 6, &shards, None).unwrap();
+    let node = NodeProc::start(&shards, &["--threads", "1"]);
+    let next: Vec<Value> = (1..6).map(|s| json!({"address": node.addr, "shard_id": s})).collect();
+    let prompt: Vec<u32> = vec![1, 17, 42, 99, 3, 250];
+    let mut c = node.client();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    let mut tokens = Vec::new();
+    let mut input = prompt.clone();
+    for step in 0..4 {
+        let pos = if step == 0 { 0 } else { prompt.len() + step - 1 };
+        let r = c
+            .request(
+                "EXECUTE_TASK",
+                json!({"session_id": "six", "shard_id": 0, "pos": pos, "input": {"tokens": input},
+                "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000}),
+            )
+            .unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        assert_eq!(r["result"]["hops"].as_array().unwrap().len(), 6, "{r}");
+        let t = r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32;
+        tokens.push(t);
+        input = vec![t];
+    }
+    let o = shardctl(&[
+        "--json",
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42,99,3,250",
+        "-n",
+        "4",
+        "--ignore-eos",
+        "--threads",
+        "1",
+    ]);
+    let want: Vec<u32> =
+        json_of(&o)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(tokens, want);
+    let s = node.call("STATUS", json!({}));
+    assert_eq!(s["result"]["relays"]["in_flight"], json!(0), "{s}");
+    assert_eq!(s["result"]["relays"]["links"], json!(1), "one connection for every relay to one address: {s}");
+}
+
+/// Four chains whose next hop accepts and never answers do not hold up another client's chain
+/// through the same node: it takes at most 100 ms longer than with nothing stuck (best of
+/// three each way), and the stuck ones end as HOP_FAILED naming the silent hop.
+#[test]
+fn silent_next_hops_do_not_delay_other_chains() {
+    let dir = TempDir::new("pipeline-silent");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 4, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 2, &shards, None).unwrap();
+    let a = NodeProc::start(&shards, &["--threads", "1"]);
+    let b = NodeProc::start(&shards, &["--threads", "1"]);
+    // A hop that takes connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end && conns.len() < 8 {
+            if let Ok((s, _)) = silent.accept() {
+                conns.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        conns
+    });
+    let chain = |session: &str, next: &str, timeout_ms: u64| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": next, "shard_id": 1}], "output": "top_k", "k": 1, "hop_timeout_ms": timeout_ms})
+    };
+    let timed = |session: &str| {
+        let mut c = a.client();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        let t = Instant::now();
+        let r = c.request("EXECUTE_TASK", chain(session, &b.addr, 30000)).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        t.elapsed()
+    };
+    let before = (0..3).map(|i| timed(&format!("warm{i}"))).min().unwrap();
+    // Four chains into the silent hop, each on its own connection.
+    let stuck: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, params) = (a.addr.clone(), chain(&format!("stuck{i}"), &silent_addr, 4000));
+            std::thread::spawn(move || {
+                let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+                c.set_timeout(Duration::from_secs(60)).unwrap();
+                c.request("EXECUTE_TASK", params).unwrap()
+            })
+        })
+        .collect();
+    wait_for(WAIT, || (a.call("STATUS", json!({}))["result"]["relays"]["in_flight"] == json!(4)).then_some(()));
+    let during = (0..3).map(|i| timed(&format!("during{i}"))).min().unwrap();
+    assert_eq!(a.call("STATUS", json!({}))["result"]["relays"]["in_flight"], json!(4), "the stuck chains ended early");
+    assert!(
+        during <= before + Duration::from_millis(100),
+        "with four chains stuck, a chain took {during:?} (best of 3), {before:?} without"
+    );
+    for t in stuck {
+        let r = t.join().unwrap();
+        assert_eq!(r["code"], "HOP_FAILED", "{r}");
+        assert_eq!(r["failed_hop"]["address"], json!(silent_addr), "{r}");
+    }
+    drop(held);
+}

@@ -196,13 +196,16 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{},\
+            \"relays\":{{\"in_flight\":{},\"links\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             self.open_conns,
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
-            self.inference.stats.to_json()
+            self.inference.stats.to_json(),
+            self.relays.counts().0,
+            self.relays.counts().1,
         );
         out.extend_from_slice(live.as_bytes());
         out

@@ -3,7 +3,6 @@
 //! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
 //! steps in order.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,13 +14,13 @@ use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
 
-use super::NodeEvent;
-use crate::client::Client;
+use super::{NodeEvent, relay};
 use crate::engine::{Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::f32_to_json;
-use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
-use crate::workers::WorkerPool;
+use crate::protocol::{
+    ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, request_payload, success_payload,
+};
 
 /// Where an answer goes: the connection (checked by id, as slots are reused) and the request.
 pub struct ReplyTo {
@@ -105,10 +104,6 @@ impl Inference {
     }
 }
 
-/// Threads that carry results to next hops and wait for their answers, so neither the event
-/// loop nor the inference thread waits on another node.
-const RELAY_THREADS: usize = 4;
-
 /// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
 const MAX_JOBS_PER_ROUND: usize = 64;
 
@@ -119,8 +114,7 @@ fn worker(
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
 ) {
-    let relay_pool = WorkerPool::new("relay", RELAY_THREADS);
-    let relay = relay_pool.handle();
+    let mut relay_ids = 0u64;
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
@@ -158,7 +152,7 @@ fn worker(
                 }
                 Job::EndSession { reply, session_id } => {
                     for group in groups.drain(..) {
-                        run_group(&mut engine, &mut loaded, group, &stats, &relay, &events, &waker);
+                        run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
                     }
                     let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
                     let result = json!({"session_id": session_id, "freed": freed});
@@ -170,7 +164,7 @@ fn worker(
             }
         }
         for group in groups {
-            run_group(&mut engine, &mut loaded, group, &stats, &relay, &events, &waker);
+            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
         }
         record(&engine, &stats, started);
     }
@@ -186,14 +180,14 @@ struct ExecuteJob {
     me: SocketAddr,
 }
 
-/// Runs the steps of one shard in as few graphs as the engine can, then answers each (or hands
-/// it to a relay thread when the route goes on).
+/// Runs the steps of one shard in as few graphs as the engine can, then answers each, or, when
+/// the route goes on, hands the event loop the request frame for the next hop.
 fn run_group(
     engine: &mut Result<Engine, crate::engine::EngineError>,
     loaded: &mut HashMap<u32, usize>,
     group: Vec<ExecuteJob>,
     stats: &InferStats,
-    relay: &crate::workers::PoolHandle,
+    relay_ids: &mut u64,
     events: &Sender<NodeEvent>,
     waker: &Arc<Waker>,
 ) {
@@ -213,12 +207,10 @@ fn run_group(
                     result["hops"] = json!([hop]);
                     success_payload("EXECUTE_TASK", &reply.request_id, result)
                 } else {
-                    let (tx, w) = (events.clone(), waker.clone());
-                    relay.submit(move || {
-                        let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
-                        let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
-                        let _ = w.wake();
-                    });
+                    *relay_ids += 1;
+                    let out = relay_request(&task, from.as_deref(), result, hop, reply, *relay_ids);
+                    let _ = events.send(NodeEvent::Relay(out));
+                    let _ = waker.wake();
                     continue;
                 }
             }
@@ -348,16 +340,17 @@ fn result_json(task: &ExecuteTask, out: Output, n_tokens: usize, queue_ms: f64, 
     result
 }
 
-thread_local! {
-    /// Each relay thread's open connections to next hops.
-    static HOPS: RefCell<HashMap<SocketAddr, Client>> = RefCell::new(HashMap::new());
-}
-
-/// Sends this hop's hidden state to `task.next[0]` with the rest of the route, waits for the
-/// answer, and returns the frame for our caller: the chain's result with this hop's timings
-/// first in `hops`, or the error with the hop that failed (`failed_hop`).
-fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value, request_id: &Value) -> Vec<u8> {
-    let next = &task.next[0];
+/// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
+/// session, position, output and `from`), as the frame the event loop's relay sends.
+fn relay_request(
+    task: &ExecuteTask,
+    from: Option<&str>,
+    mut result: Value,
+    hop: Value,
+    reply: ReplyTo,
+    id: u64,
+) -> relay::Outgoing {
+    let next = task.next[0].clone();
     let (output, k, all) = match task.output {
         TaskOutput::Hidden => ("hidden", 0, false),
         TaskOutput::Logits { all } => ("logits", 0, all),
@@ -378,57 +371,10 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
     if k > 0 {
         params["k"] = json!(k);
     }
-    let timeout = Duration::from_millis(task.hop_timeout_ms);
-    let sent = Instant::now();
-    let from = from.unwrap_or("relay");
-    let answer = HOPS.with(|hops| {
-        let mut hops = hops.borrow_mut();
-        let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
-            if let std::collections::hash_map::Entry::Vacant(e) = hops.entry(next.address) {
-                e.insert(Client::connect(&next.address.to_string(), timeout)?);
-            }
-            let client = hops.get_mut(&next.address).expect("just inserted");
-            client.set_timeout(timeout)?;
-            client.request_from("EXECUTE_TASK", params.clone(), from)
-        };
-        // A cached connection the other side has closed gets one fresh try.
-        let first = attempt(&mut hops);
-        if first.is_err() {
-            hops.remove(&next.address);
-            if sent.elapsed() < timeout / 2 {
-                let second = attempt(&mut hops);
-                if second.is_err() {
-                    hops.remove(&next.address);
-                }
-                return second;
-            }
-        }
-        first
-    });
-    let failed = |msg: String| {
-        let mut v = json!({"command": "EXECUTE_TASK", "request_id": request_id, "status": "error",
-            "error": msg, "code": ErrorCode::HopFailed.as_str()});
-        v["failed_hop"] = hop_json(next);
-        serde_json::to_vec(&v).expect("JSON values serialize")
-    };
-    let mut answer = match answer {
-        Ok(a) => a,
-        Err(e) => return failed(format!("next hop {} (shard {}) did not answer: {e:#}", next.address, next.shard_id)),
-    };
-    answer["request_id"] = request_id.clone();
-    if answer["status"] == "error" {
-        if answer.get("failed_hop").is_none() {
-            answer["failed_hop"] = hop_json(next);
-        }
-        return serde_json::to_vec(&answer).expect("JSON values serialize");
-    }
-    let rtt_ms = sent.elapsed().as_secs_f64() * 1e3;
-    if let Some(hops) = answer["result"]["hops"].as_array_mut() {
-        let mut me = hop;
-        me["next_rtt_ms"] = json!(rtt_ms);
-        hops.insert(0, me);
-    }
-    serde_json::to_vec(&answer).expect("JSON values serialize")
+    let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    let mut frame = Vec::with_capacity(payload.len() + 4);
+    crate::protocol::frame::encode(&payload, &mut frame);
+    relay::Outgoing { reply, next, id, frame, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
 }
 
 fn hop_json(h: &Hop) -> Value {

@@ -15,6 +15,7 @@ pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
 mod peer_wire;
+mod relay;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};
@@ -80,6 +81,8 @@ pub enum NodeEvent {
         conn_id: u64,
         payload: Vec<u8>,
     },
+    /// A hop's result to carry to the next hop (from the inference thread).
+    Relay(relay::Outgoing),
     /// A shard's info hash, as its holders listed it (or why not).
     ShardResolved {
         shard_id: u32,
@@ -151,6 +154,8 @@ pub struct Node {
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
     inference: inference::Inference,
+    /// Outbound connections to next hops and the relays waiting on them.
+    relays: relay::Relays,
 }
 
 #[derive(Default)]
@@ -180,6 +185,7 @@ impl Node {
         });
 
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
+        let max_frame = config.max_frame;
         let node_id = random_id();
         let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
         let engine_config = crate::engine::EngineConfig {
@@ -227,6 +233,7 @@ impl Node {
             pump_round: 0,
             dht,
             inference,
+            relays: relay::Relays::new(max_frame),
         })
     }
 
@@ -241,6 +248,7 @@ impl Node {
         loop {
             let now = Instant::now();
             let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
+            let next_dht = self.relays.next_deadline().map_or(next_dht, |d| d.min(next_dht));
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
             } else if !self.throttled_swarms.is_empty() || !self.throttled_reads.is_empty() {
@@ -258,6 +266,11 @@ impl Node {
                     LISTENER => self.accept(),
                     WAKER => {}
                     UDP => self.on_udp_readable(),
+                    token if token.0 >= relay::TOKEN_BASE => {
+                        let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
+                        let answers = self.relays.on_event(self.poll.registry(), token, w, r, Instant::now());
+                        self.deliver(answers);
+                    }
                     token => {
                         if ev.is_error() {
                             self.close(token, "socket error");
@@ -273,6 +286,8 @@ impl Node {
                 }
             }
             self.drain_worker_events();
+            let expired = self.relays.expire(self.poll.registry(), Instant::now());
+            self.deliver(expired);
             for token in std::mem::take(&mut self.again) {
                 self.on_readable(token);
             }
@@ -573,10 +588,23 @@ impl Node {
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::Relay(out) => {
+                    let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
+                    self.deliver(answers);
+                }
                 NodeEvent::ShardResolved { shard_id, filename, result } => {
                     self.on_shard_resolved(shard_id, filename, result)
                 }
             }
+        }
+    }
+}
+
+impl Node {
+    /// Hands finished relay answers to the connections that asked.
+    fn deliver(&mut self, answers: Vec<relay::Answer>) {
+        for a in answers {
+            self.on_answer(a.reply.token, a.reply.conn_id, &a.payload);
         }
     }
 }

@@ -375,7 +375,8 @@ impl<'e> Coordinator<'e> {
             "pos": pos,
             "input": {"tokens": tokens},
             "next": self.route(),
-            "hop_timeout_ms": self.cfg.timeout.as_millis() as u64,
+            // Shorter than our own wait, so the hop nearest a silent host reports it.
+            "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(self.cfg.timeout.as_millis() as u64),
             "load": false,
         });
         match want {

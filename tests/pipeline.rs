@@ -395,3 +395,80 @@ fn silent_next_hops_do_not_delay_other_chains() {
     }
     drop(held);
 }
+
+/// A userspace TCP relay (this kernel has no netem): forwards both ways between its clients and
+/// `target` until `stall` is set, then stops forwarding without closing anything.
+fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+            for (mut from, mut to) in
+                [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
+            {
+                let stall = stall.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        if stall.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue; // holds both sockets open, forwards nothing
+                        }
+                        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        match from.read(&mut buf) {
+                            Ok(0) => return,
+                            // Read just as the stall began: swallowed, like everything after.
+                            Ok(_) if stall.load(Ordering::SeqCst) => {}
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A host that goes silent behind a proxy (no reset) two hops down the chain: the hop in front of
+/// it gives up first (each hop passes on a shorter deadline) and HOP_FAILED names the silent
+/// hop, not the healthy first node. Hops report the address they were reached at.
+#[test]
+fn hop_failed_names_the_hop_that_went_silent() {
+    let dir = TempDir::new("pipeline-blame");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 3, &shards, None).unwrap();
+    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::start(&shards, &["--threads", "1"])).collect();
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = stalling_proxy(nodes[2].addr.clone(), stall.clone());
+    let params = |session: &str| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": nodes[1].addr, "shard_id": 1}, {"address": proxy, "shard_id": 2}],
+            "output": "top_k", "k": 1, "hop_timeout_ms": 3000})
+    };
+    let mut c = nodes[0].client();
+    c.set_timeout(Duration::from_secs(30)).unwrap();
+    let r = c.request("EXECUTE_TASK", params("ok")).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let hops: Vec<String> =
+        r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap().to_string()).collect();
+    let reached: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    assert_eq!(hops, reached, "each hop reports the address it was reached at");
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = c.request("EXECUTE_TASK", params("stalled")).unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{r}");
+    assert_eq!(r["failed_hop"]["address"], json!(proxy), "the silent hop is the one blamed: {r}");
+    assert_eq!(r["failed_hop"]["shard_id"], json!(2), "{r}");
+    nodes[0].assert_serving();
+}

@@ -106,7 +106,9 @@ impl Node {
         };
         let info_hash = self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
         let weights = ShardFile { map: shard.map.clone(), path: shard.path.clone(), info_hash };
-        let job = Job::Execute { reply, task, from, shard: weights, queued, me: self.local_addr };
+        // The address the caller reached us at (the bind address may be 0.0.0.0).
+        let me = self.conn(reply.token).and_then(|c| c.stream.local_addr().ok()).unwrap_or(self.local_addr);
+        let job = Job::Execute { reply, task, from, shard: weights, queued, me };
         self.inference.submit(job);
     }
 

@@ -366,7 +366,8 @@ fn relay_request(
         "all_logits": all,
         "next": rest,
         "load": task.load,
-        "hop_timeout_ms": task.hop_timeout_ms,
+        // Shorter than our own wait: the hop nearest a silent host reports it.
+        "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(task.hop_timeout_ms),
     });
     if k > 0 {
         params["k"] = json!(k);

@@ -37,6 +37,8 @@ pub struct InferConfig {
     pub session: Option<String>,
     /// How many hop failures to recover from before giving up.
     pub max_recoveries: usize,
+    /// The SHA-256 of the model's `manifest.json`: shards are loaded by its info hashes only.
+    pub model_pin: Option<[u8; 32]>,
 }
 
 impl Default for InferConfig {
@@ -55,6 +57,7 @@ impl Default for InferConfig {
             stop_at_eog: true,
             session: None,
             max_recoveries: 3,
+            model_pin: None,
         }
     }
 }
@@ -127,6 +130,10 @@ struct NodeView {
 pub struct Coordinator<'e> {
     cfg: InferConfig,
     from: String,
+    /// Owns this run's sessions on every node: sent with every EXECUTE_TASK and END_SESSION.
+    session_token: String,
+    /// The pinned manifest, checked against `cfg.model_pin`.
+    manifest: Option<crate::gguf::manifest::Manifest>,
     nodes: Vec<NodeView>,
     dead: HashSet<SocketAddr>,
     conns: HashMap<SocketAddr, Client>,
@@ -159,6 +166,17 @@ impl<'e> Coordinator<'e> {
         let mut addrs: Vec<SocketAddr> = Vec::new();
         // The DHT knows the cluster's members; the bootstrap node is one even if it has not announced.
         let boot_status = boot.call("STATUS", json!({}))?;
+        let manifest = match &cfg.model_pin {
+            None => None,
+            Some(pin) => {
+                let hex = crate::hash::to_hex(pin);
+                let r = boot.call("GET_MANIFEST", json!({"hash": hex})).context("the pinned manifest")?;
+                let text = r["manifest"].as_str().ok_or_else(|| anyhow!("GET_MANIFEST answered no manifest"))?;
+                let m = crate::gguf::manifest::Manifest::parse_pinned(text.as_bytes(), pin)
+                    .map_err(|e| anyhow!("the bootstrap node's manifest: {e}"))?;
+                Some(m)
+            }
+        };
         if let Ok(found) = boot.call("FIND_PEERS", json!({"key": key})) {
             for p in found["peers"].as_array().into_iter().flatten() {
                 if let Some(a) = p.as_str().and_then(|s| s.parse().ok()) {
@@ -171,10 +189,21 @@ impl<'e> Coordinator<'e> {
             addrs.insert(0, boot_addr);
         }
         let mut nodes = Vec::new();
+        let mut last_error = None;
         for addr in addrs {
-            let Ok(mut c) = Client::connect(&addr.to_string(), cfg.timeout) else { continue };
-            let (Ok(status), Ok(list)) = (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) else {
-                continue;
+            let mut c = match Client::connect(&addr.to_string(), cfg.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let (status, list) = match (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) {
+                (Ok(s), Ok(l)) => (s, l),
+                (Err(e), _) | (_, Err(e)) => {
+                    last_error = Some(format!("{addr}: {e:#}"));
+                    continue;
+                }
             };
             if status["cluster"].as_str() != Some(cfg.cluster.as_str()) {
                 continue;
@@ -195,7 +224,12 @@ impl<'e> Coordinator<'e> {
             nodes.push(NodeView { addr, loaded, files });
         }
         if nodes.is_empty() {
-            bail!("no node of cluster {:?} answered (bootstrap {})", cfg.cluster, cfg.bootstrap);
+            bail!(
+                "no node of cluster {:?} answered (bootstrap {}){}",
+                cfg.cluster,
+                cfg.bootstrap,
+                last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+            );
         }
         // The model's shape and tokenizer, from a node that has a shard file.
         let mut info = None;
@@ -215,10 +249,25 @@ impl<'e> Coordinator<'e> {
         let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
         let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
         let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
+        if let Some(m) = &manifest {
+            if info["model_id"].as_str() != Some(m.model_id.as_str()) || m.shards.len() != shard_count as usize {
+                bail!(
+                    "the cluster serves model {} in {shard_count} shards, the pinned manifest names {} in {}",
+                    info["model_id"],
+                    m.model_id,
+                    m.shards.len()
+                );
+            }
+        }
+        let session_token = crate::protocol::auth::random_bytes::<16>()
+            .map(|b| crate::hash::to_hex(&b))
+            .context("reading /dev/urandom for the session token")?;
         let from = format!("coordinator-{}", random_hex(6));
         let mut me = Coordinator {
             cfg,
             from,
+            session_token,
+            manifest,
             nodes,
             dead: HashSet::new(),
             conns: HashMap::new(),
@@ -272,13 +321,17 @@ impl<'e> Coordinator<'e> {
         let loaders: Vec<_> = batch
             .iter()
             .map(|&(shard, node)| {
+                let mut params = json!({"shard_id": shard});
+                if let Some(s) = self.manifest.as_ref().and_then(|m| m.shard(shard)) {
+                    params["info_hash"] = json!(s.info_hash.to_hex());
+                }
                 std::thread::spawn(move || -> Result<Value> {
                     let mut c = Client::connect(&node.to_string(), timeout)?;
                     // A cluster that has just started may not have announced every shard in the
                     // DHT yet: TORRENT_UNAVAILABLE is retried for a few seconds.
                     let mut tries = 0;
                     loop {
-                        let r = c.request("LOAD_SHARD", json!({"shard_id": shard}))?;
+                        let r = c.request("LOAD_SHARD", params.clone())?;
                         if r["code"] == "TORRENT_UNAVAILABLE" && tries < 10 {
                             tries += 1;
                             std::thread::sleep(Duration::from_millis(500));
@@ -410,6 +463,7 @@ impl<'e> Coordinator<'e> {
             // Shorter than our own wait, so the hop nearest a silent host reports it.
             "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(self.cfg.timeout.as_millis() as u64),
             "load": false,
+            "session_token": self.session_token,
         });
         match want {
             Some(k) => {
@@ -612,7 +666,8 @@ impl<'e> Coordinator<'e> {
                     Err(_) => continue,
                 },
             };
-            let _ = c.request_from("END_SESSION", json!({"session_id": session}), &self.from);
+            let params = json!({"session_id": session, "session_token": self.session_token});
+            let _ = c.request_from("END_SESSION", params, &self.from);
         }
     }
 }

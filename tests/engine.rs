@@ -457,9 +457,11 @@ fn execute_task_through_a_node_matches_the_engine() {
     let (h, rows, cols) = f32_from_json(&r["result"]["hidden"], 1 << 20).unwrap();
     assert_eq!((rows, cols), (PROMPT.len(), cfg.embd as usize));
     assert!(r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().is_some(), "{r}");
+    // The session belongs to the token its first step returned.
+    let token = r["result"]["session_token"].clone();
     let r = execute(
         &node,
-        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0, "session_token": token,
         "input": {"hidden": f32_to_json(&h, rows, cols)}, "output": "logits"}),
     );
     assert_eq!(r["status"], "success", "{r}");
@@ -474,7 +476,7 @@ fn execute_task_through_a_node_matches_the_engine() {
     // top_k: sorted, and the best is the argmax.
     let r = execute(
         &node,
-        json!({"session_id": "s", "shard_id": 1, "pos": 0,
+        json!({"session_id": "s", "shard_id": 1, "pos": 0, "session_token": token,
         "input": {"hidden": f32_to_json(&h, PROMPT.len(), cols)}, "output": "top_k", "k": 5}),
     );
     let top = r["result"]["top_k"].as_array().unwrap();
@@ -482,9 +484,9 @@ fn execute_task_through_a_node_matches_the_engine() {
     assert_eq!(top[0]["id"], json!(shardnet::engine::sampler::argmax(&want)));
     let status = node.call("STATUS", json!({}));
     assert_eq!(status["result"]["inference"]["sessions"], json!(2), "{status}");
-    let r = node.call("END_SESSION", json!({"session_id": "s"}));
+    let r = node.call("END_SESSION", json!({"session_id": "s", "session_token": token}));
     assert_eq!(r["result"]["freed"], json!(2), "{r}");
-    let r = node.call("END_SESSION", json!({"session_id": "s"}));
+    let r = node.call("END_SESSION", json!({"session_id": "s", "session_token": token}));
     assert_eq!(r["result"]["freed"], json!(0), "{r}");
     node.assert_serving();
 }
@@ -652,7 +654,14 @@ fn batched_decode_matches_one_by_one(weight_type: GgmlType, tol: f32) {
     split::split(&model, 2, &shards, None).unwrap();
     let load = || {
         let mut e =
-            Engine::new(EngineConfig { threads: 2, ctx_size: 512, max_sessions: 32, ..Default::default() }).unwrap();
+            Engine::new(EngineConfig {
+                threads: 2,
+                ctx_size: 512,
+                max_sessions: 32,
+                max_sessions_per_client: 32,
+                ..Default::default()
+            })
+            .unwrap();
         e.load(0, map(&shards.join("shard-0.gguf"))).unwrap();
         e.load(1, map(&shards.join("shard-1.gguf"))).unwrap();
         e
@@ -678,13 +687,13 @@ fn batched_decode_matches_one_by_one(weight_type: GgmlType, tol: f32) {
         // All 8 at once, shard by shard.
         let inputs: Vec<Input> = next.iter().map(|&t| Input::Tokens(vec![t])).collect();
         let steps: Vec<Step> = (0..8)
-            .map(|i| Step { session_id: &ids[i], owner: None, pos: pos[i], input: &inputs[i], want: Want::Hidden })
+            .map(|i| Step { session_id: &ids[i], claim: None, pos: pos[i], input: &inputs[i], want: Want::Hidden })
             .collect();
         let hidden_states: Vec<Input> = many.execute_batch(0, &steps).into_iter().map(|r| hidden(r.unwrap())).collect();
         let steps: Vec<Step> = (0..8)
             .map(|i| Step {
                 session_id: &ids[i],
-                owner: None,
+                claim: None,
                 pos: pos[i],
                 input: &hidden_states[i],
                 want: Want::Logits { all: false },
@@ -705,15 +714,15 @@ fn batched_decode_matches_one_by_one(weight_type: GgmlType, tol: f32) {
     let fresh: Vec<u32> = (0..9).map(|t| t * 5 + 2).collect();
     let steps_in = [Input::Tokens(fresh.clone()), Input::Tokens(vec![next[0]]), Input::Tokens(vec![7])];
     let steps = [
-        Step { session_id: "fresh", owner: None, pos: 0, input: &steps_in[0], want: Want::Hidden },
-        Step { session_id: &ids[0], owner: None, pos: pos[0], input: &steps_in[1], want: Want::Hidden },
-        Step { session_id: &ids[0], owner: None, pos: pos[0] + 1, input: &steps_in[2], want: Want::Hidden },
+        Step { session_id: "fresh", claim: None, pos: 0, input: &steps_in[0], want: Want::Hidden },
+        Step { session_id: &ids[0], claim: None, pos: pos[0], input: &steps_in[1], want: Want::Hidden },
+        Step { session_id: &ids[0], claim: None, pos: pos[0] + 1, input: &steps_in[2], want: Want::Hidden },
     ];
     let h: Vec<Input> = many.execute_batch(0, &steps).into_iter().map(|r| hidden(r.unwrap())).collect();
     let steps = [
-        Step { session_id: "fresh", owner: None, pos: 0, input: &h[0], want: Want::Logits { all: true } },
-        Step { session_id: &ids[0], owner: None, pos: pos[0], input: &h[1], want: Want::Logits { all: false } },
-        Step { session_id: &ids[0], owner: None, pos: pos[0] + 1, input: &h[2], want: Want::Logits { all: false } },
+        Step { session_id: "fresh", claim: None, pos: 0, input: &h[0], want: Want::Logits { all: true } },
+        Step { session_id: &ids[0], claim: None, pos: pos[0], input: &h[1], want: Want::Logits { all: false } },
+        Step { session_id: &ids[0], claim: None, pos: pos[0] + 1, input: &h[2], want: Want::Logits { all: false } },
     ];
     let got: Vec<Vec<f32>> = many.execute_batch(1, &steps).into_iter().map(|r| logits(r.unwrap())).collect();
     let want_fresh = through(&mut one, 2, "fresh", 0, fresh, true);
@@ -758,11 +767,11 @@ fn batch_refuses_bad_steps_alone_and_never_evicts_its_own_sessions() {
     let bad = Input::Tokens(vec![1, 1 << 30]);
     let want = Want::Logits { all: false };
     let steps = [
-        Step { session_id: "a", owner: None, pos: 0, input: &good, want },
-        Step { session_id: "b", owner: None, pos: 0, input: &bad, want },
-        Step { session_id: "c", owner: None, pos: 0, input: &good, want },
+        Step { session_id: "a", claim: None, pos: 0, input: &good, want },
+        Step { session_id: "b", claim: None, pos: 0, input: &bad, want },
+        Step { session_id: "c", claim: None, pos: 0, input: &good, want },
         // A third new session: the bound is two, and both are in this batch.
-        Step { session_id: "d", owner: None, pos: 0, input: &good, want },
+        Step { session_id: "d", claim: None, pos: 0, input: &good, want },
     ];
     let r = e.execute_batch(0, &steps);
     let alone = logits(engine_with(&model).execute(0, "x", 0, &good, want).unwrap());
@@ -800,15 +809,20 @@ fn queued_steps_of_8_sessions_run_as_one_batch_in_a_node() {
     let shards = dir.path().join("shards");
     std::fs::create_dir_all(&shards).unwrap();
     std::fs::copy(&model, shards.join("shard-0.gguf")).unwrap();
-    let node = NodeProc::start(&shards, &["--threads", "2", "--ctx-size", "2048", "--max-sessions", "16"]);
+    let node = NodeProc::start(
+        &shards,
+        &["--threads", "2", "--ctx-size", "2048", "--max-sessions", "16", "--max-sessions-per-client", "16"],
+    );
     assert_eq!(node.call("LOAD_SHARD", json!({"shard_id": 0}))["status"], "success");
     // The node runs Q4_0 from ggml's repack layout (a sidecar beside the shard); so does this engine.
     let mut e = Engine::new(EngineConfig { threads: 2, ctx_size: 2048, repack: true, ..Default::default() }).unwrap();
     e.load(0, map(&model)).unwrap();
     let prompt = |i: u32| -> Vec<u32> { (0..4 + i).map(|t| (t * 13 + i) % 300 + 1).collect() };
+    let mut tokens = Vec::new();
     for i in 0..8u32 {
         let r = execute(&node, json!({"session_id": format!("s{i}"), "shard_id": 0, "input": {"tokens": prompt(i)}}));
         assert_eq!(r["status"], "success", "{r}");
+        tokens.push(r["result"]["session_token"].clone());
         e.execute(0, &format!("s{i}"), 0, &Input::Tokens(prompt(i)), Want::Hidden).unwrap();
     }
     // Keep the inference thread busy with a long prefill, then queue one decode step per session.
@@ -828,11 +842,12 @@ fn queued_steps_of_8_sessions_run_as_one_batch_in_a_node() {
         .map(|i| {
             let addr = node.addr.clone();
             let pos = prompt(i).len();
+            let token = tokens[i as usize].clone();
             std::thread::spawn(move || {
                 let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
                 c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
                 let params = json!({"session_id": format!("s{i}"), "shard_id": 0, "pos": pos,
-                    "input": {"tokens": [i + 5]}, "output": "logits"});
+                    "session_token": token, "input": {"tokens": [i + 5]}, "output": "logits"});
                 c.request("EXECUTE_TASK", params).unwrap()
             })
         })

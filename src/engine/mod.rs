@@ -38,6 +38,9 @@ pub struct EngineConfig {
     /// Context length of a session (clamped to the model's training context).
     pub ctx_size: u32,
     pub max_sessions: usize,
+    /// Sessions one client (one `origin`) may hold; beyond it the client's own least recently
+    /// used session goes, never another client's. At most `max_sessions`.
+    pub max_sessions_per_client: usize,
     /// KV-cache bytes over all sessions; the least recently used are evicted to make room.
     pub kv_budget: u64,
     /// Run matrices ggml has a faster CPU layout for from that layout: from a sidecar file beside
@@ -52,6 +55,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ctx_size: 2048,
             max_sessions: 16,
+            max_sessions_per_client: 8,
             kv_budget: 2 << 30,
             repack: false,
         }
@@ -106,10 +110,29 @@ pub enum Output {
     Logits { data: Vec<f32>, rows: usize, n_vocab: usize },
 }
 
+/// Who may use a session: the holder of `token`; `origin` (the client, as the node identifies
+/// it) keys the per-client quota.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    pub token: &'a str,
+    pub origin: &'a str,
+}
+
+struct Owner {
+    /// SHA-256 of the token: compared whole, so timing says nothing about the token itself.
+    token: [u8; 32],
+    origin: String,
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 struct Session {
     cache: ggml::Cache,
-    /// The coordinator that started it (the request's `from`), if it said.
-    owner: Option<String>,
+    /// The token holder it belongs to (`None`: a local session, as `generate` runs).
+    owner: Option<Owner>,
     /// Positions `0..n_past` hold keys and values.
     n_past: u32,
     n_ctx: u32,
@@ -135,8 +158,8 @@ pub const MAX_BATCH_TOKENS: usize = 512;
 #[derive(Clone, Copy, Debug)]
 pub struct Step<'a> {
     pub session_id: &'a str,
-    /// The coordinator that owns the session (the request's `from`), if known.
-    pub owner: Option<&'a str>,
+    /// Who may use the session (its token) and whose quota it counts against, if known.
+    pub claim: Option<Claim<'a>>,
     /// First position of `input`.
     pub pos: u32,
     pub input: &'a Input,
@@ -220,7 +243,29 @@ impl Engine {
         (self.sessions.len(), self.sessions.values().map(|s| s.cache.bytes() as u64).sum())
     }
 
-    /// Frees every cache of `session_id`; returns how many there were.
+    /// Frees every cache of `session_id` if `token` is its owner's; returns how many there were.
+    /// Another owner's session is `SESSION_FORBIDDEN` (the owner is not named).
+    pub fn end_session_as(&mut self, session_id: &str, token: Option<&str>) -> Result<usize, EngineError> {
+        self.check_owner(session_id, token)?;
+        Ok(self.end_session(session_id))
+    }
+
+    /// Refuses a claim on a session owned by another token.
+    fn check_owner(&self, session_id: &str, token: Option<&str>) -> Result<(), EngineError> {
+        let owner = self.sessions.iter().find_map(|((id, _), s)| (id == session_id).then_some(s.owner.as_ref()));
+        match owner {
+            Some(Some(o)) if token.map(token_digest) != Some(o.token) => Err(err(
+                ErrorCode::SessionForbidden,
+                format!(
+                    "session {session_id} belongs to another client: send the session_token its first \
+                     EXECUTE_TASK returned"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Frees every cache of `session_id`, whoever owns it; returns how many there were.
     pub fn end_session(&mut self, session_id: &str) -> usize {
         let before = self.sessions.len();
         self.sessions.retain(|(id, _), _| id != session_id);
@@ -241,18 +286,18 @@ impl Engine {
         self.execute_as(shard_id, session_id, None, pos, input, want)
     }
 
-    /// As `execute`, for a session owned by `owner` (a coordinator): a session started by one
-    /// owner is refused to another (`SESSION_CONFLICT`).
+    /// As `execute`, for the holder of `claim`: a new session belongs to the claim's token, and
+    /// a session of another token is refused (`SESSION_FORBIDDEN`, the owner not named).
     pub fn execute_as(
         &mut self,
         shard_id: u32,
         session_id: &str,
-        owner: Option<&str>,
+        claim: Option<Claim>,
         pos: u32,
         input: &Input,
         want: Want,
     ) -> Result<Output, EngineError> {
-        let step = Step { session_id, owner, pos, input, want };
+        let step = Step { session_id, claim, pos, input, want };
         self.execute_batch(shard_id, &[step]).pop().expect("one result per step")
     }
 
@@ -293,7 +338,7 @@ impl Engine {
     /// Checks one step and finds (or starts) its session's cache; `protect` are sessions of the
     /// batch being gathered, which eviction must not take.
     fn admit(&mut self, shard_id: u32, step: &Step, protect: &[&(String, u32)]) -> Result<(), EngineError> {
-        let Step { session_id, owner, pos, input, .. } = *step;
+        let Step { session_id, claim, pos, input, .. } = *step;
         let Some(model) = self.shards.get(&shard_id) else {
             return Err(err(ErrorCode::ShardNotLoaded, format!("shard {shard_id} is not loaded on this node")));
         };
@@ -353,16 +398,8 @@ impl Engine {
         let key = (session_id.to_string(), shard_id);
         self.clock += 1;
         let clock = self.clock;
+        self.check_owner(session_id, claim.map(|c| c.token))?;
         match self.sessions.get_mut(&key) {
-            Some(s) if owner.is_some() && s.owner.is_some() && s.owner.as_deref() != owner => {
-                return Err(err(
-                    ErrorCode::SessionConflict,
-                    format!(
-                        "session {session_id} belongs to another coordinator ({})",
-                        s.owner.as_deref().unwrap_or("")
-                    ),
-                ));
-            }
             Some(s) if pos > s.n_past => {
                 return Err(err(
                     ErrorCode::OutOfRange,
@@ -386,7 +423,7 @@ impl Engine {
                         format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
                     ));
                 }
-                if !self.make_room(bytes, protect) {
+                if !self.make_room(bytes, claim.map_or("", |c| c.origin), protect) {
                     return Err(err(
                         ErrorCode::Busy,
                         "every session's cache is in use by this batch; no room for another".to_string(),
@@ -396,7 +433,13 @@ impl Engine {
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
                 self.sessions.insert(
                     key,
-                    Session { cache, owner: owner.map(str::to_string), n_past: 0, n_ctx, last_used: clock },
+                    Session {
+                        cache,
+                        owner: claim.map(|c| Owner { token: token_digest(c.token), origin: c.origin.to_string() }),
+                        n_past: 0,
+                        n_ctx,
+                        last_used: clock,
+                    },
                 );
             }
         }
@@ -457,24 +500,41 @@ impl Engine {
         }
     }
 
-    /// Evicts least recently used sessions (never those in `protect`) until `bytes` more fit the
-    /// budget and the count bound; false when that cannot be done.
-    fn make_room(&mut self, bytes: u64, protect: &[&(String, u32)]) -> bool {
+    /// Makes room for a new session of `origin` taking `bytes`. A client at its quota loses its
+    /// own least recently used session; otherwise, while the count or the KV budget is exceeded,
+    /// the least recently used session of the client holding the most goes. So one client
+    /// opening many sessions evicts only its own, never another's. Sessions in `protect` (the
+    /// batch being gathered) are never evicted; false when no room can be made without them.
+    fn make_room(&mut self, bytes: u64, origin: &str, protect: &[&(String, u32)]) -> bool {
+        let origin_of = |s: &Session| s.owner.as_ref().map_or("", |o| o.origin.as_str()).to_string();
         loop {
             let (count, used) = self.sessions();
-            if count < self.cfg.max_sessions && used + bytes <= self.cfg.kv_budget {
-                return true;
+            let mut per: HashMap<String, usize> = HashMap::new();
+            for s in self.sessions.values() {
+                *per.entry(origin_of(s)).or_default() += 1;
             }
+            let mine = per.get(origin).copied().unwrap_or(0);
+            let quota = self.cfg.max_sessions_per_client.clamp(1, self.cfg.max_sessions.max(1));
+            let victim_origin = if mine >= quota {
+                origin.to_string()
+            } else if count >= self.cfg.max_sessions || used + bytes > self.cfg.kv_budget {
+                match per.iter().max_by_key(|(o, n)| (**n, o.as_str() == origin)) {
+                    Some((o, _)) => o.clone(),
+                    None => return true,
+                }
+            } else {
+                return true;
+            };
             let Some(oldest) = self
                 .sessions
                 .iter()
-                .filter(|(k, _)| !protect.contains(k))
+                .filter(|(k, s)| origin_of(s) == victim_origin && !protect.contains(k))
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(k, _)| k.clone())
             else {
                 return false;
             };
-            crate::debug!("evicting session {} on shard {} (least recently used)", oldest.0, oldest.1);
+            crate::debug!("evicting session {} on shard {} (least recently used of its client)", oldest.0, oldest.1);
             self.sessions.remove(&oldest);
         }
     }

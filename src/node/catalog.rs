@@ -134,14 +134,26 @@ pub struct Catalog {
     pub loaded: BTreeMap<u32, LoadedShard>,
     /// `manifest.json` of the shards dir: shard id -> (filename, info hash).
     pub manifest: BTreeMap<u32, (String, InfoHash)>,
+    /// That manifest's bytes and SHA-256 (served by GET_MANIFEST, announced under its DHT key);
+    /// with `--model`, only a manifest of the pinned hash is kept.
+    pub manifest_bytes: Option<(Vec<u8>, [u8; 32])>,
+    /// The manifest's `model_id`: every shard loaded must be of it.
+    pub manifest_model: Option<String>,
 }
 
-/// Reads the shard table of a `manifest.json` (bounded; bad entries skipped).
-pub fn read_manifest(path: &Path) -> Option<BTreeMap<u32, (String, InfoHash)>> {
-    if std::fs::metadata(path).ok()?.len() > 4 * 1024 * 1024 {
+/// Reads a `manifest.json`: its bytes and its shard table (bounded; bad entries skipped).
+pub fn read_manifest(path: &Path) -> Option<(Vec<u8>, BTreeMap<u32, (String, InfoHash)>)> {
+    if std::fs::metadata(path).ok()?.len() > crate::gguf::manifest::MAX_MANIFEST_BYTES as u64 {
         return None;
     }
-    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    let table = manifest_table(&bytes)?;
+    Some((bytes, table))
+}
+
+/// The shard table of a manifest's bytes (bad entries skipped).
+pub fn manifest_table(bytes: &[u8]) -> Option<BTreeMap<u32, (String, InfoHash)>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
     let mut out = BTreeMap::new();
     for s in v.get("shards")?.as_array()? {
         let id = s.get("shard_id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok());

@@ -15,7 +15,7 @@ use mio::{Token, Waker};
 use serde_json::{Value, json};
 
 use super::{NodeEvent, relay};
-use crate::engine::{Engine, EngineConfig, Input, Output, Step, Want};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::f32_to_json;
 use crate::protocol::{
@@ -41,8 +41,10 @@ pub enum Job {
     Execute {
         reply: ReplyTo,
         task: ExecuteTask,
-        /// The request's `from`: the coordinator a session belongs to.
+        /// The request's `from` (logged and relayed; it grants nothing).
         from: Option<String>,
+        /// The client as the node identifies it: keys the per-client session quota.
+        origin: String,
         shard: ShardFile,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
@@ -51,6 +53,7 @@ pub enum Job {
     EndSession {
         reply: ReplyTo,
         session_id: String,
+        session_token: Option<String>,
     },
 }
 
@@ -142,21 +145,35 @@ fn worker(
         let mut groups: Vec<Vec<ExecuteJob>> = Vec::new();
         for job in round {
             match job {
-                Job::Execute { reply, task, from, shard, queued, me } => {
+                Job::Execute { reply, mut task, from, origin, shard, queued, me } => {
+                    // A new session without a token gets one; a relay passes it down the chain.
+                    if task.session_token.is_none() {
+                        match crate::protocol::auth::random_bytes::<16>() {
+                            Ok(b) => task.session_token = Some(crate::hash::to_hex(&b)),
+                            Err(e) => crate::error!("no randomness for a session token: {e}"),
+                        }
+                    }
                     let key = (task.shard_id, shard.map.as_ptr() as usize);
-                    let job = ExecuteJob { reply, task, from, shard, queued, me };
+                    let job = ExecuteJob { reply, task, from, origin, shard, queued, me };
                     match groups.iter_mut().find(|g| (g[0].task.shard_id, g[0].shard.map.as_ptr() as usize) == key) {
                         Some(g) => g.push(job),
                         None => groups.push(vec![job]),
                     }
                 }
-                Job::EndSession { reply, session_id } => {
+                Job::EndSession { reply, session_id, session_token } => {
                     for group in groups.drain(..) {
                         run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
                     }
-                    let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
-                    let result = json!({"session_id": session_id, "freed": freed});
-                    let payload = success_payload("END_SESSION", &reply.request_id, result);
+                    let freed =
+                        engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
+                    let payload = match freed {
+                        Ok(freed) => success_payload(
+                            "END_SESSION",
+                            &reply.request_id,
+                            json!({"session_id": session_id, "freed": freed}),
+                        ),
+                        Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
+                    };
                     if !send(reply, payload) {
                         return;
                     }
@@ -175,6 +192,7 @@ struct ExecuteJob {
     reply: ReplyTo,
     task: ExecuteTask,
     from: Option<String>,
+    origin: String,
     shard: ShardFile,
     queued: Instant,
     me: SocketAddr,
@@ -196,7 +214,7 @@ fn run_group(
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
     for (job, outcome) in group.into_iter().zip(outcomes) {
-        let ExecuteJob { reply, task, from, me, .. } = job;
+        let ExecuteJob { reply, task, from, origin, me, .. } = job;
         let payload = match outcome {
             Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
             Ok(mut result) => {
@@ -208,7 +226,7 @@ fn run_group(
                     success_payload("EXECUTE_TASK", &reply.request_id, result)
                 } else {
                     *relay_ids += 1;
-                    let out = relay_request(&task, from.as_deref(), result, hop, reply, *relay_ids);
+                    let out = relay_request(&task, from.as_deref(), &origin, result, hop, reply, *relay_ids);
                     let _ = events.send(NodeEvent::Relay(out));
                     let _ = waker.wake();
                     continue;
@@ -274,12 +292,14 @@ fn execute(
         })
         .collect();
     // Steps that can run: a route past the model's last shard is refused before computing.
-    let runnable: Vec<usize> = (0..group.len()).filter(|&i| !(ends_model && !group[i].task.next.is_empty())).collect();
+    let runnable: Vec<usize> = (0..group.len())
+        .filter(|&i| !(ends_model && !group[i].task.next.is_empty()) && group[i].task.session_token.is_some())
+        .collect();
     let steps: Vec<Step> = runnable
         .iter()
         .map(|&i| Step {
             session_id: &group[i].task.session_id,
-            owner: group[i].from.as_deref(),
+            claim: group[i].task.session_token.as_deref().map(|token| Claim { token, origin: &group[i].origin }),
             pos: group[i].task.pos,
             input: &inputs[i].0,
             want: inputs[i].1,
@@ -292,8 +312,11 @@ fn execute(
     let mut results = Vec::with_capacity(group.len());
     for (i, job) in group.iter().enumerate() {
         if !runnable.contains(&i) {
-            let msg = format!("shard {shard_id} ends the model: no hop can follow it");
-            results.push(Err((ErrorCode::BadRoute, msg)));
+            results.push(Err(if job.task.session_token.is_none() {
+                (ErrorCode::Internal, "no session token could be made".to_string())
+            } else {
+                (ErrorCode::BadRoute, format!("shard {shard_id} ends the model: no hop can follow it"))
+            }));
             continue;
         }
         let out = match outs.next().expect("one output per step") {
@@ -329,6 +352,7 @@ fn result_json(task: &ExecuteTask, out: Output, n_tokens: usize, queue_ms: f64, 
     };
     let mut result = json!({
         "session_id": &task.session_id,
+        "session_token": task.session_token,
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
@@ -342,9 +366,11 @@ fn result_json(task: &ExecuteTask, out: Output, n_tokens: usize, queue_ms: f64, 
 
 /// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
 /// session, position, output and `from`), as the frame the event loop's relay sends.
+#[allow(clippy::too_many_arguments)]
 fn relay_request(
     task: &ExecuteTask,
     from: Option<&str>,
+    origin: &str,
     mut result: Value,
     hop: Value,
     reply: ReplyTo,
@@ -368,14 +394,14 @@ fn relay_request(
         "load": task.load,
         // Shorter than our own wait: the hop nearest a silent host reports it.
         "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(task.hop_timeout_ms),
+        "session_token": task.session_token,
+        "origin": origin,
     });
     if k > 0 {
         params["k"] = json!(k);
     }
     let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
-    let mut frame = Vec::with_capacity(payload.len() + 4);
-    crate::protocol::frame::encode(&payload, &mut frame);
-    relay::Outgoing { reply, next, id, frame, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
+    relay::Outgoing { reply, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
 }
 
 fn hop_json(h: &Hop) -> Value {

@@ -339,6 +339,41 @@ impl Node {
         self.pump(h);
     }
 
+    /// A shard downloaded for `shard_id` was refused at load (another model, another index): it
+    /// is neither kept nor seeded, so it cannot become one more vote for itself under the name.
+    pub(super) fn discard_download(&mut self, shard_id: u32, why: &str) {
+        let Some(h) = self.downloads.iter().find(|(_, d)| d.shard_id == Some(shard_id)).map(|(h, _)| *h) else {
+            return;
+        };
+        self.downloads.remove(&h);
+        self.swarms.remove(&h);
+        let tokens: Vec<mio::Token> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.kind == Kind::PeerWire && c.torrent == Some(h))
+            .filter_map(|c| self.conn_ids.get(&c.id).copied())
+            .collect();
+        for t in tokens {
+            self.close(t, "its torrent was discarded");
+        }
+        let name = self
+            .catalog
+            .files
+            .values()
+            .find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == h))
+            .map(|f| f.filename.clone());
+        let Some(name) = name else { return };
+        let entry = self.catalog.files.remove(&name).expect("just found");
+        self.status_cache = None;
+        warn!("removing {name} ({h}), downloaded for shard {shard_id}: {why}");
+        let torrent = crate::node::scan::torrent_path(&self.config.shards_dir, &name);
+        self.pool.handle().submit(move || {
+            let _ = std::fs::remove_file(&entry.path);
+            let _ = std::fs::remove_file(torrent);
+        });
+    }
+
     fn fail_download(&mut self, h: InfoHash, why: String) {
         warn!("download {h} failed: {why}");
         if let Some(d) = self.downloads.get_mut(&h) {
@@ -360,7 +395,8 @@ impl Node {
     ) -> anyhow::Result<()> {
         if !self.swarms.contains_key(&h) {
             let dir = self.config.shards_dir.clone();
-            let swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
+            let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
+            self.make_private(&mut swarm)?;
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
         }
@@ -535,13 +571,25 @@ impl Node {
         }
     }
 
+    /// With `--private`, only peers proving the cluster key are served by `swarm`.
+    fn make_private(&self, swarm: &mut Swarm) -> anyhow::Result<()> {
+        if let (true, Some(key)) = (self.config.private, &self.config.cluster_key) {
+            let seed = crate::protocol::auth::random_bytes::<32>()
+                .map_err(|e| anyhow::anyhow!("no randomness for a private swarm's nonces: {e}"))?;
+            swarm.set_private(key.clone(), seed);
+        }
+        Ok(())
+    }
+
     /// Starts seeding a complete file the scan found.
     pub(super) fn seed_file(&mut self, entry: &FileEntry) {
         let Some(meta) = entry.meta.clone() else { return };
         if !self.config.enable_torrent || self.swarms.contains_key(&meta.info_hash) {
             return;
         }
-        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now()) {
+        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now())
+            .and_then(|mut s| self.make_private(&mut s).map(|()| s))
+        {
             Ok(s) => {
                 self.swarms.insert(meta.info_hash, s);
             }

@@ -9,6 +9,10 @@
 //! for our own caller: the next hop's result with this hop's entry put first in `hops`, or its
 //! error with the hop that failed (`failed_hop`). A next hop that cannot be reached, closes, or
 //! does not answer by the request's deadline becomes `HOP_FAILED` naming it.
+//!
+//! When the node has a cluster key, a link first runs the key handshake as a client
+//! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
+//! seals every request after it; requests submitted meanwhile wait on the link.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -20,8 +24,9 @@ use mio::{Interest, Registry, Token};
 use serde_json::{Value, json};
 
 use super::inference::ReplyTo;
+use crate::protocol::auth::{ClientHandshake, ClusterKey, FrameMac, NONCE_LEN, random_bytes};
 use crate::protocol::frame::{self, Decoded};
-use crate::protocol::{ErrorCode, Hop};
+use crate::protocol::{ErrorCode, Hop, request_payload};
 
 /// Tokens at and above this are relay links (below: the listener, the waker, the UDP socket and
 /// accepted connections).
@@ -34,10 +39,10 @@ pub struct Outgoing {
     /// Our caller, who gets the chain's answer.
     pub reply: ReplyTo,
     pub next: Hop,
-    /// The `request_id` inside `frame`: unique among this node's relays.
+    /// The `request_id` inside `payload`: unique among this node's relays.
     pub id: u64,
-    /// The whole frame (length prefix included) of the `EXECUTE_TASK` for `next`.
-    pub frame: Vec<u8>,
+    /// The `EXECUTE_TASK` for `next` (JSON; the link frames it, and seals it on a keyed link).
+    pub payload: Vec<u8>,
     /// This hop's entry for the answer's `hops`.
     pub hop: Value,
     /// How long the next hop has to answer.
@@ -50,11 +55,29 @@ pub struct Answer {
     pub payload: Vec<u8>,
 }
 
+/// Where a link stands with the cluster-key handshake.
+enum LinkAuth {
+    /// No key: frames go plain.
+    Open,
+    /// Hello sent; waiting for the next node's challenge.
+    Hello(ClientHandshake),
+    /// Proof sent; waiting for the first sealed answer.
+    Proof { tx: FrameMac, rx: FrameMac },
+    /// Every frame sealed both ways.
+    Ready { tx: FrameMac, rx: FrameMac },
+}
+
+const AUTH_HELLO_ID: &str = "relay-auth-hello";
+const AUTH_PROOF_ID: &str = "relay-auth-proof";
+
 /// One outbound connection to a next hop.
 struct Link {
     addr: SocketAddr,
     stream: TcpStream,
     connected: bool,
+    auth: LinkAuth,
+    /// Requests waiting for the handshake to finish.
+    held: Vec<Vec<u8>>,
     out: Vec<u8>,
     input: Vec<u8>,
     /// Relay ids waiting on this link.
@@ -78,16 +101,19 @@ pub struct Relays {
     pending: HashMap<u64, Pending>,
     next_token: usize,
     max_frame: u32,
+    key: Option<ClusterKey>,
 }
 
 impl Relays {
-    pub fn new(max_frame: u32) -> Relays {
+    /// Relays whose links authenticate with `key` when the node has one.
+    pub fn new(max_frame: u32, key: Option<ClusterKey>) -> Relays {
         Relays {
             by_addr: HashMap::new(),
             links: HashMap::new(),
             pending: HashMap::new(),
             next_token: TOKEN_BASE,
             max_frame,
+            key,
         }
     }
 
@@ -114,11 +140,26 @@ impl Relays {
                         return vec![hop_failed(out.reply, &out.next, &format!("registering: {e}"))];
                     }
                     let _ = stream.set_nodelay(true);
+                    let mut first = Vec::new();
+                    let auth = match &self.key {
+                        None => LinkAuth::Open,
+                        Some(key) => match random_bytes::<NONCE_LEN>() {
+                            Ok(nonce) => {
+                                let hs = ClientHandshake::new(key.clone(), nonce);
+                                let hello = request_payload("AUTH", &json!(AUTH_HELLO_ID), "relay", hs.hello_params());
+                                frame::encode(&hello, &mut first);
+                                LinkAuth::Hello(hs)
+                            }
+                            Err(e) => return vec![hop_failed(out.reply, &out.next, &format!("no nonce: {e}"))],
+                        },
+                    };
                     let link = Link {
                         addr: out.next.address,
                         stream,
                         connected: false,
-                        out: Vec::new(),
+                        auth,
+                        held: Vec::new(),
+                        out: first,
                         input: Vec::new(),
                         waiting: Vec::new(),
                         last_answer: None,
@@ -134,7 +175,11 @@ impl Relays {
             },
         };
         let link = self.links.get_mut(&token).expect("indexed");
-        link.out.extend_from_slice(&out.frame);
+        match &mut link.auth {
+            LinkAuth::Open => frame::encode(&out.payload, &mut link.out),
+            LinkAuth::Ready { tx, .. } => tx.seal_frame(&out.payload, &mut link.out),
+            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(out.payload),
+        }
         link.waiting.push(out.id);
         let pending = Pending {
             reply: out.reply,
@@ -239,12 +284,29 @@ impl Relays {
                     break;
                 }
                 Decoded::Frame { len } => {
-                    let payload: Vec<u8> = link.input.drain(..frame::HEADER_LEN + len).skip(frame::HEADER_LEN).collect();
-                    link.last_answer = Some(now);
+                    let body: Vec<u8> = link.input.drain(..frame::HEADER_LEN + len).skip(frame::HEADER_LEN).collect();
+                    let payload = match &mut link.auth {
+                        LinkAuth::Open | LinkAuth::Hello(_) => body,
+                        LinkAuth::Proof { rx, .. } | LinkAuth::Ready { rx, .. } => match rx.open(&body) {
+                            Ok(p) => p.to_vec(),
+                            Err(e) => {
+                                closed = Some(format!("an answer failed its MAC: {e}"));
+                                break;
+                            }
+                        },
+                    };
                     let Ok(answer) = serde_json::from_slice::<Value>(&payload) else {
                         closed = Some("the next hop sent a frame that is not JSON".into());
                         break;
                     };
+                    if !matches!(link.auth, LinkAuth::Open | LinkAuth::Ready { .. }) {
+                        if let Err(why) = link.handshake(&answer) {
+                            closed = Some(why);
+                            break;
+                        }
+                        continue;
+                    }
+                    link.last_answer = Some(now);
                     let Some(id) = answer["request_id"].as_u64() else { continue };
                     link.waiting.retain(|w| *w != id);
                     if let Some(p) = self.pending.remove(&id) {
@@ -255,6 +317,8 @@ impl Relays {
         }
         if let Some(why) = closed {
             answers.extend(self.close(registry, token, &why));
+        } else {
+            answers.extend(self.flush(registry, token, now));
         }
         answers
     }
@@ -275,6 +339,47 @@ impl Relays {
                 hop_failed(p.reply, &p.next, &msg)
             })
             .collect()
+    }
+}
+
+impl Link {
+    /// The next step of the key handshake, on the answer `answer`.
+    fn handshake(&mut self, answer: &Value) -> Result<(), String> {
+        let refused = |what: &str| {
+            format!("the next node refused the cluster-key {what}: {}", answer["error"].as_str().unwrap_or("?"))
+        };
+        match std::mem::replace(&mut self.auth, LinkAuth::Open) {
+            LinkAuth::Hello(hs) => {
+                if answer["request_id"] != AUTH_HELLO_ID {
+                    return Err("an answer arrived before the handshake".into());
+                }
+                if answer["code"] == "AUTH_UNAVAILABLE" {
+                    return Err("the next node has no cluster key (it is open to anyone); not relaying to it".into());
+                }
+                if answer["status"] != "success" {
+                    return Err(refused("handshake"));
+                }
+                let proof = hs.answer(&answer["result"]).map_err(|e| format!("the next node's proof: {e}"))?;
+                let params = request_payload("AUTH", &json!(AUTH_PROOF_ID), "relay", proof.params);
+                frame::encode(&params, &mut self.out);
+                self.auth = LinkAuth::Proof { tx: proof.tx, rx: proof.rx };
+                Ok(())
+            }
+            LinkAuth::Proof { mut tx, rx } => {
+                if answer["request_id"] != AUTH_PROOF_ID || answer["status"] != "success" {
+                    return Err(refused("proof"));
+                }
+                for payload in self.held.drain(..) {
+                    tx.seal_frame(&payload, &mut self.out);
+                }
+                self.auth = LinkAuth::Ready { tx, rx };
+                Ok(())
+            }
+            other => {
+                self.auth = other;
+                Ok(())
+            }
+        }
     }
 }
 

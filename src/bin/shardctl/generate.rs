@@ -47,6 +47,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         threads: num(&f, "--threads", ec.threads).max(1),
         ctx_size: num(&f, "--ctx", ec.ctx_size),
         max_sessions: 1,
+        max_sessions_per_client: 1,
         kv_budget: u64::MAX,
         repack: f.contains_key("--repack"),
     };
@@ -144,6 +145,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
             "--session",
             "--pace-ms",
             "--load-timeout",
+            "--model",
         ],
         &["--no-special", "--ignore-eos"],
     );
@@ -171,6 +173,10 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         stop_at_eog: !f.contains_key("--ignore-eos"),
         session,
         max_recoveries: 3,
+        model_pin: match f.get("--model") {
+            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| usage(format!("--model: {e}")))?),
+            None => None,
+        },
     };
     let json_out = o.json;
     let mut stdout = std::io::stdout();

@@ -11,6 +11,7 @@ mod model;
 mod node;
 mod torrent;
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -50,10 +51,13 @@ COMMANDS:
   infer --prompt TEXT [--bootstrap ADDR] [--cluster NAME] [-n N] [--temp T]
         [--top-k K] [--top-p P] [--seed S] [--batch N] [--session ID]
         [--no-special] [--ignore-eos] [--pace-ms MS] [--load-timeout SECS]
+        [--model HASH]
                                 generate across the cluster: find its nodes,
                                 have one node per shard load it (downloading
                                 through the swarm), stream the text; a failed
-                                node's shard moves to another node
+                                node's shard moves to another node; --model
+                                pins the manifest (its SHA-256, as split
+                                prints it): shards load by its info hashes
   tokenize MODEL.gguf [TEXT]    token ids of TEXT, or of each JSON string line
                                 on stdin (one JSON array per line)
   peers KEY | --shard N | --cluster
@@ -72,10 +76,15 @@ FLAGS:
                    [default: 127.0.0.1:51820]
   --json           print the raw JSON result (for scripts)
   --timeout SECS   bound on connecting and on each response [default: 30]
+  --cluster-key-file PATH
+                   prove this cluster key to every node (HMAC-SHA-256
+                   handshake, every frame MACed) [default: the file named by
+                   SHARDNET_CLUSTER_KEY_FILE; none: no key]
   -h, --help       print this help
 ";
 
 struct Opts {
+    key_file: Option<PathBuf>,
     node: String,
     json: bool,
     timeout: Duration,
@@ -95,6 +104,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let key_file = opts.key_file.clone().or_else(shardnet::config::key_file_from_env);
+    if let Some(path) = key_file {
+        match shardnet::protocol::auth::ClusterKey::load(&path) {
+            Ok(loaded) => {
+                if let Some(w) = loaded.warning {
+                    eprintln!("shardctl: warning: {w}");
+                }
+                shardnet::client::set_default_key(Some(loaded.key));
+            }
+            Err(e) => {
+                eprintln!("shardctl: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     match run(&opts) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,14 +129,22 @@ fn main() -> ExitCode {
 }
 
 fn parse(args: &[String]) -> Result<Option<Opts>, String> {
-    let mut o =
-        Opts { node: "127.0.0.1:51820".into(), json: false, timeout: Duration::from_secs(30), rest: Vec::new() };
+    let mut o = Opts {
+        key_file: None,
+        node: "127.0.0.1:51820".into(),
+        json: false,
+        timeout: Duration::from_secs(30),
+        rest: Vec::new(),
+    };
     let mut it = args.iter();
     while let Some(a) = it.next() {
         match a.as_str() {
             "-h" | "--help" => return Ok(None),
             "--json" => o.json = true,
             "--node" => o.node = it.next().ok_or("--node needs a value")?.clone(),
+            "--cluster-key-file" => {
+                o.key_file = Some(PathBuf::from(it.next().ok_or("--cluster-key-file needs a value")?));
+            }
             "--timeout" => {
                 let v = it.next().ok_or("--timeout needs a value")?;
                 let secs: u64 = v

@@ -22,11 +22,16 @@ pub fn split(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     let pool = WorkerPool::new("hash", threads);
     let t = std::time::Instant::now();
     let report = shardnet::gguf::split::split(Path::new(model), n, Path::new(out), Some(&pool.handle()))?;
+    let manifest_bytes = std::fs::read(Path::new(out).join(shardnet::gguf::split::MANIFEST))?;
+    let hash = shardnet::hash::to_hex(&shardnet::gguf::manifest::manifest_hash(&manifest_bytes));
     if o.json {
-        print_json(&report.manifest);
+        let mut m = report.manifest.clone();
+        m["manifest_sha256"] = json!(hash);
+        print_json(&m);
         return Ok(());
     }
     println!("model id {}", report.model_id);
+    println!("manifest {hash}  (pin it: shard_listener --model {hash})");
     for s in report.manifest["shards"].as_array().into_iter().flatten() {
         println!(
             "  {}  layers {}..{}  {:>12} bytes  info hash {}",

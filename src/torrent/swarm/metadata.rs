@@ -30,6 +30,7 @@ impl Swarm {
             if let Some(q) = reqq {
                 peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
             }
+            self.on_private_handshake(key, &v)?;
             if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
                 if size <= 0 || size as u64 > MAX_METADATA {
                     return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));
@@ -39,6 +40,9 @@ impl Swarm {
             }
             self.request_metadata(now);
             return Ok(());
+        }
+        if id == super::private::SHARDNET_AUTH && self.is_private() {
+            return self.on_private_proof(key, payload);
         }
         if id != UT_METADATA {
             return Ok(()); // an extension we did not announce: ignored
@@ -60,6 +64,9 @@ impl Swarm {
     }
 
     fn serve_metadata(&mut self, key: PeerKey, piece: u32) {
+        if !self.admitted(key) {
+            return; // private swarm: not before the peer proved the key
+        }
         let raw = match &self.meta {
             Metadata::Known(m) => Some(m.raw_info.clone()),
             _ => None,

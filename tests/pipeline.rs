@@ -202,9 +202,12 @@ fn bad_routes_and_requests_get_errors() {
     let model = model(dir.path());
     let nodes = cluster(dir.path(), &model, 2, &["--ctx-size", "64"]);
     let (a, b) = (&nodes[0], &nodes[1]);
+    // Each request a session of its own: a session belongs to the token its first step got.
+    let n = std::cell::Cell::new(0);
     let task = |next: Value| {
-        json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]}, "next": next,
-            "output": "top_k", "k": 1, "hop_timeout_ms": 500})
+        n.set(n.get() + 1);
+        json!({"session_id": format!("s{}", n.get()), "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 500})
     };
     // A next hop that never answers: HOP_FAILED naming it, within the hop timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -301,16 +304,18 @@ fn chain_through_one_node_six_times_completes() {
     c.set_timeout(Duration::from_secs(60)).unwrap();
     let mut tokens = Vec::new();
     let mut input = prompt.clone();
+    let mut session_token = Value::Null;
     for step in 0..4 {
         let pos = if step == 0 { 0 } else { prompt.len() + step - 1 };
         let r = c
             .request(
                 "EXECUTE_TASK",
-                json!({"session_id": "six", "shard_id": 0, "pos": pos, "input": {"tokens": input},
-                "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000}),
+                json!({"session_id": "six", "session_token": session_token, "shard_id": 0, "pos": pos,
+                "input": {"tokens": input}, "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000}),
             )
             .unwrap();
         assert_eq!(r["status"], "success", "{r}");
+        session_token = r["result"]["session_token"].clone();
         assert_eq!(r["result"]["hops"].as_array().unwrap().len(), 6, "{r}");
         let t = r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32;
         tokens.push(t);

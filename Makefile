@@ -12,8 +12,9 @@ BIN      := target/release
 PORT     := $(shell echo $$((51820 + $(NODE))))
 # The cluster key every node and shardctl of `make run` / `make demo` prove (made once).
 KEY      ?= $(MODELS)/cluster.key
+HTTP_PORT ?= 8080
 
-.PHONY: build run models shards test bench clean-models bindings static check-reference demo key
+.PHONY: build run models shards test bench clean-models bindings static check-reference demo key serve
 
 build:
 	cargo build --release --bins
@@ -55,6 +56,12 @@ endif
 # shardctl read the cluster key from SHARDNET_CLUSTER_KEY_FILE.
 demo: shards key
 	SHARDNET_CLUSTER_KEY_FILE=$(KEY) sh scripts/demo.sh
+
+# The OpenAI-compatible endpoint on http://127.0.0.1:$(HTTP_PORT) over the cluster `make run` started
+# (node 0; start NODE=1.. too so that the shards spread over several nodes).
+serve: build key
+	$(BIN)/shardctl --cluster-key-file $(KEY) serve --bootstrap 127.0.0.1:51820 --cluster $(CLUSTER) \
+		--listen 127.0.0.1:$(HTTP_PORT) $(ARGS)
 
 # Every test, in the release profile `make build` compiled (one build for both). Tests needing an
 # outside tool or the fetched model run where it is present; the last line names those that did not.

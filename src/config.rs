@@ -109,6 +109,21 @@ pub struct NodeConfig {
     /// Run Q4_0-style weights from ggml's faster CPU layout, kept in a sidecar file beside each
     /// shard (`NAME.gguf.repack`, mapped read-only); an anonymous copy where it cannot be written.
     pub repack: bool,
+    /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
+    pub max_downloads: usize,
+    /// Peers one download knows and dials at most; more are ignored.
+    pub max_download_peers: usize,
+    /// Bytes the shards dir may hold (GGUF and `.part` files); 0: no fixed budget. A download
+    /// whose declared length would pass it is refused before any file is created.
+    pub disk_budget: u64,
+    /// Free space kept on the shards dir's filesystem: a download is refused when its remaining
+    /// bytes, with those of the downloads under way, would eat into it.
+    pub disk_reserve: u64,
+    /// A `.part` file no download has used for this long is removed (checked at startup and
+    /// every minute).
+    pub part_expiry: Duration,
+    /// A peer whose dials have failed for this long is dropped from its download.
+    pub redial_give_up: Duration,
     /// Sessions one client may hold (its own least recently used goes beyond it).
     pub max_sessions_per_client: usize,
     /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
@@ -149,6 +164,12 @@ impl Default for NodeConfig {
             max_sessions: 16,
             kv_memory: 2 << 30,
             repack: true,
+            max_downloads: 8,
+            max_download_peers: 32,
+            disk_budget: 0,
+            disk_reserve: 1 << 30,
+            part_expiry: Duration::from_secs(3600),
+            redial_give_up: Duration::from_secs(300),
             max_sessions_per_client: 8,
             cluster_key: None,
             cluster_key_file: None,
@@ -185,6 +206,17 @@ FLAGS:
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --cached-writes        write downloaded pieces through the page cache (default:
                          direct I/O where the filesystem allows it)
+  --max-downloads N      downloads under way at once; more are refused
+                         (DOWNLOAD_LIMIT) [default: 8]
+  --max-download-peers N peers one download knows and dials [default: 32]
+  --disk-budget BYTES    bytes the shards dir may hold (GGUF and .part files); a
+                         download that would pass it is refused before any file is
+                         created (DISK_BUDGET) [default: 0, no fixed budget]
+  --disk-reserve BYTES   free space a download may not eat into (statvfs)
+                         [default: 1073741824]
+  --part-expiry SECS     remove a .part file no download used for this long
+                         [default: 3600]
+  --redial-give-up SECS  drop a peer whose dials failed for this long [default: 300]
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
@@ -302,6 +334,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 }
                 c.direct_io = false;
             }
+            "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
+            "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
+            "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--disk-reserve" => c.disk_reserve = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--part-expiry" => c.part_expiry = Duration::from_secs(number(flag, value()?, 1, 365 * 86_400)?),
+            "--redial-give-up" => c.redial_give_up = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
@@ -445,6 +483,10 @@ mod tests {
             (&["--ctx-size", "8"], "--ctx-size"),
             (&["--kv-memory", "lots"], "--kv-memory"),
             (&["--cached-writes=no"], "--cached-writes takes no value"),
+            (&["--max-downloads", "0"], "--max-downloads"),
+            (&["--max-download-peers", "x"], "--max-download-peers"),
+            (&["--part-expiry", "0"], "--part-expiry"),
+            (&["--redial-give-up", "-1"], "--redial-give-up"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

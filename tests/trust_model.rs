@@ -216,6 +216,13 @@ fn manifests_that_do_not_hash_to_the_pin_or_do_not_add_up_are_refused() {
     let s = node.call("STATUS", json!({}));
     assert_eq!(s["result"]["model"]["manifest"], Value::Null, "{s}");
     assert_eq!(s["result"]["model"]["pin"], json!(wrong_pin), "{s}");
+    // Nor is a shard file the pin cannot vouch for loaded, here or through EXECUTE_TASK.
+    let r = node.call("LOAD_SHARD", json!({"shard_id": 0}));
+    assert_eq!(r["status"], "error", "{r}");
+    let r = node.call("EXECUTE_TASK", json!({"session_id": "s", "shard_id": 0, "input": {"tokens": [1]}}));
+    assert_eq!(r["status"], "error", "{r}");
+    let s = node.call("STATUS", json!({}));
+    assert!(s["result"]["shards_loaded"].as_array().unwrap().is_empty(), "{s}");
     drop(node);
     // The coordinator checks the pin as well.
     let node = NodeProc::start(&shards, &[]);
@@ -240,11 +247,21 @@ fn manifests_that_do_not_hash_to_the_pin_or_do_not_add_up_are_refused() {
     }
     // The manifest as split wrote it, under its own hash, is taken.
     std::fs::write(shards.join("manifest.json"), &good).unwrap();
-    let node = NodeProc::start(&shards, &["--model", &pin]);
+    let node = NodeProc::start(&shards, &["--model", &pin, "--shard-id", "1"]);
     wait_for(WAIT, || {
         let s = node.call("STATUS", json!({}));
         (s["result"]["model"]["manifest"] == json!(pin)).then_some(())
     });
+    // Its files load once their info hashes are checked: --shard-id at startup, others on demand.
+    wait_for(WAIT, || {
+        let s = node.call("STATUS", json!({}));
+        (s["result"]["shards_loaded"][0]["shard_id"] == 1).then_some(())
+    });
+    let r = wait_for(WAIT, || {
+        let r = node.call("LOAD_SHARD", json!({"shard_id": 2}));
+        (r["code"] != "BUSY").then_some(r)
+    });
+    assert_eq!(r["status"], "success", "{r}");
 }
 
 #[test]

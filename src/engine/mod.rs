@@ -491,6 +491,23 @@ impl Engine {
                     if let Some(s) = self.sessions.get_mut(key) {
                         s.n_past = steps[*i].pos + n as u32;
                     }
+                    // A model's values (weights, norms) can still drive the arithmetic to NaN or
+                    // infinity: that is an error, never a number sent on.
+                    let values = match &out {
+                        StepOutput::Hidden(data) => data,
+                        StepOutput::Logits { data, .. } => data,
+                    };
+                    if let Some(j) = values.iter().position(|v| !v.is_finite()) {
+                        results[*i] = Some(Err(err(
+                            ErrorCode::NumericError,
+                            format!(
+                                "shard {shard_id} computed a non-finite value ({} at index {j}): the model's values \
+                                 are broken",
+                                values[j]
+                            ),
+                        )));
+                        continue;
+                    }
                     results[*i] = Some(Ok(match out {
                         StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: n_embd },
                         StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab },

@@ -327,10 +327,11 @@ impl Node {
                     };
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
-                if let Err(e) = self.start_download(info_hash, None, &name, &addrs, shard_id)
-                    && let Some(id) = shard_id
-                {
-                    self.fail_waiters(id, ErrorCode::Internal, format!("starting the download: {e:#}"));
+                if let Err((code, msg)) = self.start_download(info_hash, None, &name, &addrs, shard_id) {
+                    match shard_id {
+                        Some(id) => self.fail_waiters(id, code, msg),
+                        None => warn!("{msg}"),
+                    }
                 }
             }
         }

@@ -136,7 +136,8 @@ impl Node {
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
         let info_hash = self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
-        let weights = ShardFile { map: shard.map.clone(), path: shard.path.clone(), info_hash };
+        let weights =
+            ShardFile { map: shard.map.clone(), file: shard.file.clone(), path: shard.path.clone(), info_hash };
         // The address the caller reached us at (the bind address may be 0.0.0.0).
         let me = self.conn(reply.token).and_then(|c| c.stream.local_addr().ok()).unwrap_or(self.local_addr);
         let origin = task.origin.clone().unwrap_or_default();
@@ -318,6 +319,14 @@ impl Node {
             },
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
+            "download_limits": {
+                "max_downloads": self.config.max_downloads,
+                "max_download_peers": self.config.max_download_peers,
+                "disk_budget": self.config.disk_budget,
+                "disk_reserve": self.config.disk_reserve,
+                "part_expiry_s": self.config.part_expiry.as_secs(),
+                "redial_give_up_s": self.config.redial_give_up.as_secs(),
+            },
             "auth": {
                 "cluster_key": self.config.cluster_key.is_some(),
                 "open_to_anyone": self.config.cluster_key.is_none(),
@@ -359,6 +368,17 @@ impl Node {
                 format!("shard_id {id} is not below --total-shards {total}"),
             );
         }
+        // A loaded shard whose file changed length is dropped and loaded again.
+        if self
+            .catalog
+            .loaded
+            .get(&id)
+            .is_some_and(|l| l.file.metadata().map(|m| m.len()).ok() != Some(l.map.len() as u64))
+        {
+            warn!("shard {id}: its file changed on disk; loading it again");
+            self.catalog.loaded.remove(&id);
+            self.status_cache = None;
+        }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
             let loaded_hash =
@@ -389,6 +409,13 @@ impl Node {
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
     fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
+        // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
+        // here yet is fetched first, see `download_shard`).
+        let pinned = self.config.model_pin.is_some();
+        if pinned && !self.pin_unsatisfied() && self.catalog.manifest_hash(id).is_none() {
+            return Err((ErrorCode::OutOfRange, format!("the pinned model has no shard {id}")));
+        }
+        let want = if pinned { self.catalog.manifest_hash(id) } else { p.info_hash };
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -398,8 +425,16 @@ impl Node {
                 if let Err(e) = &f.gguf {
                     return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
-                match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                match (want, f.meta.as_ref().map(|m| m.info_hash)) {
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
+                    (None, _) if pinned => (f.path.clone(), false),
+                    (Some(_), None) if pinned => {
+                        let msg = format!(
+                            "{} is still being hashed; it loads once its info hash is checked against the pinned manifest: try again",
+                            f.filename
+                        );
+                        return Err((ErrorCode::Busy, msg));
+                    }
                     _ => (f.path.clone(), true),
                 }
             }
@@ -411,7 +446,8 @@ impl Node {
                     .or_else(|| self.catalog.manifest_name(id))
                     .unwrap_or_else(|| format!("shard-{id}.gguf"));
                 let path = self.config.shards_dir.join(name);
-                let exists = path.is_file();
+                // Pinned, an unhashed file is not trusted: it is downloaded (and replaced).
+                let exists = path.is_file() && !pinned;
                 (path, exists)
             }
         };
@@ -458,7 +494,6 @@ impl Node {
             return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
         }
         self.start_download(h, None, &name, &p.peers, Some(id))
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
@@ -486,8 +521,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None)
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download: {e:#}")))?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None)?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
@@ -626,6 +660,9 @@ impl Node {
                     stats.elapsed.as_secs_f64() * 1e3
                 );
                 self.scan.done = Some(stats);
+                if let (Some(id), Some(_)) = (self.config.shard_id, self.config.model_pin) {
+                    self.preload(id);
+                }
             }
         }
     }
@@ -636,8 +673,16 @@ impl Node {
             info!("shard {id} (--shard-id) is not in the shards dir; it loads on LOAD_SHARD");
             return;
         };
-        if self.loading.contains_key(&id) || f.gguf.is_err() {
+        if self.loading.contains_key(&id) || f.gguf.is_err() || self.catalog.loaded.contains_key(&id) {
             return;
+        }
+        // Pinned: only once the file's info hash is known and is the manifest's (tried again when
+        // the scan is done).
+        if self.config.model_pin.is_some() {
+            let have = f.meta.as_ref().map(|m| m.info_hash);
+            if have.is_none() || have != self.catalog.manifest_hash(id) {
+                return;
+            }
         }
         let path = f.path.clone();
         self.start_load(id, path);

@@ -33,6 +33,8 @@ pub struct ReplyTo {
 /// info hash when the node has computed it (the sidecar's key).
 pub struct ShardFile {
     pub map: Arc<Mmap>,
+    /// The file behind `map`, checked (one `fstat`) before each round of its tasks computes.
+    pub file: Arc<std::fs::File>,
     pub path: std::path::PathBuf,
     pub info_hash: Option<String>,
 }
@@ -238,6 +240,25 @@ fn run_group(
     }
 }
 
+/// Whether the shard's file still has the length of its map. A file cut short under the map
+/// would raise SIGBUS at the first read past its new end; a shard whose file changed is refused
+/// here, before compute (one `fstat` per task). A truncation during a computation is not caught
+/// (see docs/ARCHITECTURE.md, threat model).
+fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (ErrorCode, String)> {
+    match file.metadata() {
+        Ok(m) if m.len() == map.len() as u64 => Ok(()),
+        Ok(m) => Err((
+            ErrorCode::ShardChanged,
+            format!(
+                "shard {shard_id}'s file changed on disk ({} bytes, {} when loaded): load it again",
+                m.len(),
+                map.len()
+            ),
+        )),
+        Err(e) => Err((ErrorCode::ShardChanged, format!("shard {shard_id}'s file: {e}"))),
+    }
+}
+
 /// Updates the counters STATUS shows after a round of jobs.
 fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.running.store(0, Ordering::Relaxed);
@@ -258,6 +279,9 @@ fn execute(
     stats: &InferStats,
 ) -> Vec<Result<Value, (ErrorCode, String)>> {
     let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
+    if let Err(e) = unchanged(&shard.file, &shard.map, shard_id) {
+        return group.iter().map(|_| Err(e.clone())).collect();
+    }
     let key = shard.map.as_ptr() as usize;
     if loaded.get(&shard_id) != Some(&key) || !engine.is_loaded(shard_id) {
         let t = Instant::now();
@@ -430,6 +454,7 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
     Ok(json!({
         "architecture": g.get_str("general.architecture"),
         "model_id": g.get_str("shard.model_id"),
+        "name": g.get_str("general.name"),
         "shard_count": g.get_u64("shard.count").unwrap_or(1),
         "block_count": hp.n_layer,
         "embedding_length": hp.n_embd,

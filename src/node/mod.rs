@@ -159,6 +159,8 @@ pub struct Node {
     download_bytes: HashMap<u32, u64>,
     /// Turns of `pump`, rotating which peer is served first.
     pump_round: usize,
+    /// When stale `.part` files were last looked for (`None`: not yet).
+    parts_swept: Option<Instant>,
     /// The DHT on the node's UDP port (None if it could not bind).
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
@@ -256,6 +258,7 @@ impl Node {
             throttled_reads: Vec::new(),
             download_bytes: HashMap::new(),
             pump_round: 0,
+            parts_swept: None,
             dht,
             inference,
             relays: relay::Relays::new(max_frame, relay_key),

@@ -115,6 +115,11 @@ impl Node {
             let msg = format!("the pinned manifest has no shard {shard_id}");
             return self.fail_waiters(shard_id, ErrorCode::OutOfRange, msg);
         };
+        // The right file may be here already.
+        let here = self.catalog.files.values().find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == h));
+        if let Some(path) = here.map(|f| f.path.clone()) {
+            return self.start_load(shard_id, path);
+        }
         let name = self.catalog.manifest_name(shard_id).unwrap_or(filename);
         if !self.dht_find_peers(h, Some(shard_id), name) {
             self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, "the DHT is not running".into());

@@ -13,6 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::torrent::metainfo::{InfoHash, check_file_name};
 
+/// The most logits an `EXECUTE_TASK` with `output: "top_k"` returns (`k`).
+pub const MAX_TOP_K: u64 = 1000;
 /// Largest shard id a request may name; real models have far fewer shards.
 pub const MAX_SHARD_ID: u64 = 4095;
 /// Longest string `request_id` echoed back.
@@ -47,6 +49,16 @@ pub enum ErrorCode {
     AuthUnavailable,
     AuthTimeout,
     ManifestMismatch,
+    /// A computation produced NaN or infinity (a hostile or broken model).
+    NumericError,
+    /// A loaded shard's file changed under the node (its length differs from the map's).
+    ShardChanged,
+    /// `--max-downloads` downloads are under way.
+    DownloadLimit,
+    /// The torrent's declared length does not fit the download disk budget.
+    DiskBudget,
+    /// Another download or file already holds the target name.
+    NameConflict,
 }
 
 impl ErrorCode {
@@ -78,6 +90,11 @@ impl ErrorCode {
             ErrorCode::AuthUnavailable => "AUTH_UNAVAILABLE",
             ErrorCode::AuthTimeout => "AUTH_TIMEOUT",
             ErrorCode::ManifestMismatch => "MANIFEST_MISMATCH",
+            ErrorCode::NumericError => "NUMERIC_ERROR",
+            ErrorCode::ShardChanged => "SHARD_CHANGED",
+            ErrorCode::DownloadLimit => "DOWNLOAD_LIMIT",
+            ErrorCode::DiskBudget => "DISK_BUDGET",
+            ErrorCode::NameConflict => "NAME_CONFLICT",
         }
     }
 }
@@ -472,7 +489,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(Value::String(o)) => match o.as_str() {
             "hidden" => TaskOutput::Hidden,
             "logits" => TaskOutput::Logits { all },
-            "top_k" => TaskOutput::TopK(u32_param(params, "k", 1000)?.unwrap_or(10).max(1) as usize),
+            "top_k" => TaskOutput::TopK(u32_param(params, "k", MAX_TOP_K)?.unwrap_or(10).max(1) as usize),
             other => {
                 return Err((ErrorCode::OutOfRange, format!("output {other:?} is not hidden, logits or top_k")));
             }

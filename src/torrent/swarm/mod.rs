@@ -82,7 +82,8 @@ pub enum Action {
     Hash { piece: u32, data: PieceData, offset: u64, len: u64, expected: Digest, blocks: bool },
     /// Every piece verified: sync and rename the file.
     Complete,
-    /// The info dict arrived and verified (magnet): storage is open.
+    /// The info dict arrived and verified (magnet): the node admits it (name, disk budget) and
+    /// calls [`Swarm::accept_metadata`], or drops the download.
     MetadataReady,
     /// Close this peer's connection.
     Disconnect(PeerKey, String),
@@ -143,7 +144,13 @@ impl Peer {
 
 enum Metadata {
     Known(Arc<Metainfo>),
-    Fetching { size: usize, pieces: Vec<Option<Vec<u8>>>, asked: HashMap<u32, Instant> },
+    Fetching {
+        size: usize,
+        pieces: Vec<Option<Vec<u8>>>,
+        asked: HashMap<u32, Instant>,
+    },
+    /// Fetched and verified against the info hash; the node has not admitted it yet.
+    Received(Arc<Metainfo>),
     Unknown,
 }
 

@@ -115,8 +115,7 @@ fn main() {
 
     // One process: one node holding the whole model as shard 0.
     let whole = dir.path().join("whole");
-    std::fs::create_dir_all(&whole).unwrap();
-    std::fs::copy(&model, whole.join("shard-0.gguf")).unwrap();
+    split::split(&model, 1, &whole, None).unwrap();
     let one = NodeProc::start(&whole, &node_args);
     assert_eq!(one.call("LOAD_SHARD", json!({"shard_id": 0}))["status"], "success");
     let vocab = one.call("MODEL_INFO", json!({}))["result"]["vocab_size"].as_u64().unwrap() as u32;

@@ -154,6 +154,10 @@ pub const MAX_SESSION_ID: usize = 128;
 /// graph (a single larger step still runs whole, in a graph of its own).
 pub const MAX_BATCH_TOKENS: usize = 512;
 
+/// Why a new session cannot join the batch being gathered (only its own sessions could make
+/// room); `execute_batch` then runs that batch first.
+const NO_ROOM_IN_BATCH: &str = "every session's cache is in use by this batch; no room for another";
+
 /// One session's step for [`Engine::execute_batch`].
 #[derive(Clone, Copy, Debug)]
 pub struct Step<'a> {
@@ -323,7 +327,15 @@ impl Engine {
                 batch_tokens = 0;
             }
             let protect: Vec<&(String, u32)> = batch.iter().map(|(_, k)| k).collect();
-            match self.admit(shard_id, step, &protect) {
+            let mut admitted = self.admit(shard_id, step, &protect);
+            if matches!(&admitted, Err(e) if e.message == NO_ROOM_IN_BATCH) && !batch.is_empty() {
+                // Room only by evicting a session of this batch: run the batch first.
+                self.run_batch(shard_id, steps, &batch, &mut results);
+                batch.clear();
+                batch_tokens = 0;
+                admitted = self.admit(shard_id, step, &[]);
+            }
+            match admitted {
                 Ok(()) => {
                     batch.push((i, key));
                     batch_tokens += n;
@@ -424,10 +436,7 @@ impl Engine {
                     ));
                 }
                 if !self.make_room(bytes, claim.map_or("", |c| c.origin), protect) {
-                    return Err(err(
-                        ErrorCode::Busy,
-                        "every session's cache is in use by this batch; no room for another".to_string(),
-                    ));
+                    return Err(err(ErrorCode::Busy, NO_ROOM_IN_BATCH));
                 }
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;

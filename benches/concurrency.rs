@@ -142,7 +142,9 @@ fn main() {
             let agg = median(runs.iter().map(|r| r.0).collect());
             let p50 = median(runs.iter().map(|r| r.1).collect());
             let p99 = median(runs.iter().map(|r| r.2).collect());
-            eprintln!("{setup:12} {n:2} streams: {agg:7.1} tok/s aggregate, p50 {p50:6.2} ms, p99 {p99:6.2} ms per token");
+            eprintln!(
+                "{setup:12} {n:2} streams: {agg:7.1} tok/s aggregate, p50 {p50:6.2} ms, p99 {p99:6.2} ms per token"
+            );
             if n == 16 {
                 if setup == "one_process" { agg16.0 = agg } else { agg16.1 = agg }
             }
@@ -163,7 +165,11 @@ fn main() {
         "goal": "aggregate decode with 16 streams >= 0.7 x pp512",
         "note": "one run on a shared 2-core machine: the four nodes and the clients share the same two cores",
     });
-    eprintln!("pp512 {pp:.1} tok/s; 16 streams: one process {:.2}x, 4-node pipeline {:.2}x of it", agg16.0 / pp, agg16.1 / pp);
+    eprintln!(
+        "pp512 {pp:.1} tok/s; 16 streams: one process {:.2}x, 4-node pipeline {:.2}x of it",
+        agg16.0 / pp,
+        agg16.1 / pp
+    );
     std::fs::create_dir_all("target/bench").unwrap();
     std::fs::write("target/bench/concurrency.json", serde_json::to_string_pretty(&report).unwrap()).unwrap();
 }

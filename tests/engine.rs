@@ -656,15 +656,14 @@ fn batched_decode_matches_one_by_one(weight_type: GgmlType, tol: f32) {
     let shards = dir.path().join("shards");
     split::split(&model, 2, &shards, None).unwrap();
     let load = || {
-        let mut e =
-            Engine::new(EngineConfig {
-                threads: 2,
-                ctx_size: 512,
-                max_sessions: 32,
-                max_sessions_per_client: 32,
-                ..Default::default()
-            })
-            .unwrap();
+        let mut e = Engine::new(EngineConfig {
+            threads: 2,
+            ctx_size: 512,
+            max_sessions: 32,
+            max_sessions_per_client: 32,
+            ..Default::default()
+        })
+        .unwrap();
         e.load(0, map(&shards.join("shard-0.gguf"))).unwrap();
         e.load(1, map(&shards.join("shard-1.gguf"))).unwrap();
         e
@@ -866,7 +865,8 @@ fn queued_steps_of_8_sessions_run_as_one_batch_in_a_node() {
         let (got, _, _) = f32_from_json(&r["result"]["logits"], 1 << 20).unwrap();
         let pos = prompt(i as u32).len() as u32;
         let want = logits(
-            e.execute(0, &format!("s{i}"), pos, &Input::Tokens(vec![i as u32 + 5]), Want::Logits { all: false }).unwrap(),
+            e.execute(0, &format!("s{i}"), pos, &Input::Tokens(vec![i as u32 + 5]), Want::Logits { all: false })
+                .unwrap(),
         );
         let d = rel_diff(&want, &got);
         assert!(d <= 1e-4, "session {i}: batched answer differs by {d}");

@@ -333,8 +333,7 @@ fn chain_through_one_node_six_times_completes() {
         "--threads",
         "1",
     ]);
-    let want: Vec<u32> =
-        json_of(&o)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    let want: Vec<u32> = json_of(&o)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
     assert_eq!(tokens, want);
     let s = node.call("STATUS", json!({}));
     assert_eq!(s["result"]["relays"]["in_flight"], json!(0), "{s}");
@@ -418,9 +417,7 @@ fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::Atomi
         for client in listener.incoming() {
             let Ok(client) = client else { return };
             let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
-            for (mut from, mut to) in
-                [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)]
-            {
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
                 let stall = stall.clone();
                 std::thread::spawn(move || {
                     let mut buf = vec![0u8; 64 * 1024];
@@ -439,7 +436,11 @@ fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::Atomi
                                     return;
                                 }
                             }
-                            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
                             Err(_) => return,
                         }
                     }

@@ -67,11 +67,14 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
     let total: u32 = seqs.iter().map(|s| s.n_tokens).sum();
     let n = total as i64;
     // First token of each sequence within the batch.
-    let starts: Vec<i64> = seqs.iter().scan(0i64, |acc, s| {
-        let start = *acc;
-        *acc += s.n_tokens as i64;
-        Some(start)
-    }).collect();
+    let starts: Vec<i64> = seqs
+        .iter()
+        .scan(0i64, |acc, s| {
+            let start = *acc;
+            *acc += s.n_tokens as i64;
+            Some(start)
+        })
+        .collect();
 
     let g = Graph::new(graph_size(model.layers(), seqs.len()));
     // Inputs first: positions, causal masks, then tokens or the incoming hidden states.
@@ -97,7 +100,9 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
         StepInput::Tokens(_) => {
             let mut bytes = Vec::with_capacity(total as usize * 4);
             for s in seqs {
-                let StepInput::Tokens(ids) = s.input else { return Err("a batch mixes tokens and hidden states".into()) };
+                let StepInput::Tokens(ids) = s.input else {
+                    return Err("a batch mixes tokens and hidden states".into());
+                };
                 bytes.extend(ids.iter().flat_map(|&t| (t as i32).to_le_bytes()));
             }
             g.input("tokens", ggml::I32, &[n], bytes)
@@ -143,7 +148,8 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
         for ((s, &start), &(n_kv, mask)) in seqs.iter().zip(&starts).zip(&masks) {
             let ni = s.n_tokens as i64;
             let whole = seqs.len() == 1;
-            let (qi, ki, vi) = (cols(&g, q, ni, start, whole), cols(&g, k, ni, start, whole), cols(&g, v, ni, start, whole));
+            let (qi, ki, vi) =
+                (cols(&g, q, ni, start, whole), cols(&g, k, ni, start, whole), cols(&g, v, ni, start, whole));
             let (k_cache, v_cache) = (s.cache.get(2 * li), s.cache.get(2 * li + 1));
             // Write this step's keys and values into rows pos..pos+n of the cache, before anything reads it.
             let row = k_cache.nb()[1];

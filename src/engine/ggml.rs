@@ -290,8 +290,7 @@ impl Weights {
         let n_repack = to_repack.iter().filter(|r| **r).count();
         if let (Some(buft), true) = (buft, n_repack > 0) {
             let rctx = Context::new(n_repack, 0);
-            let picked: Vec<(usize, &WeightSpec)> =
-                specs.iter().enumerate().filter(|(i, _)| to_repack[*i]).collect();
+            let picked: Vec<(usize, &WeightSpec)> = specs.iter().enumerate().filter(|(i, _)| to_repack[*i]).collect();
             let mut headers = Vec::with_capacity(picked.len());
             for (_, spec) in &picked {
                 let t = rctx.new_tensor(spec.dtype, &spec.ne);

@@ -364,6 +364,7 @@ fn open_or_build(
         place.path.display(),
         t.elapsed().as_secs_f64() * 1e3
     );
-    let m = sidecar::open(place, specs, plan).map_err(|e| format!("the sidecar just written does not read back: {e}"))?;
+    let m =
+        sidecar::open(place, specs, plan).map_err(|e| format!("the sidecar just written does not read back: {e}"))?;
     Ok((m, true))
 }

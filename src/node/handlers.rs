@@ -135,7 +135,8 @@ impl Node {
                 error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
-        let info_hash = self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
+        let info_hash =
+            self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
         let weights =
             ShardFile { map: shard.map.clone(), file: shard.file.clone(), path: shard.path.clone(), info_hash };
         // The address the caller reached us at (the bind address may be 0.0.0.0).

@@ -360,7 +360,14 @@ fn execute(
 
 /// A computed step's result object: its output as the task asked (hidden state, logits or top k)
 /// and its timings (`batch`: steps computed in the same round).
-fn result_json(task: &ExecuteTask, out: Output, n_tokens: usize, queue_ms: f64, compute_ms: f64, batch: usize) -> Value {
+fn result_json(
+    task: &ExecuteTask,
+    out: Output,
+    n_tokens: usize,
+    queue_ms: f64,
+    compute_ms: f64,
+    batch: usize,
+) -> Value {
     let output = match (out, task.output) {
         (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {

@@ -15,8 +15,8 @@ pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
 mod peer_wire;
-mod relay;
 mod pin;
+mod relay;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};
@@ -208,8 +208,7 @@ impl Node {
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference =
-            inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
+        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \

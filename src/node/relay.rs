@@ -169,7 +169,8 @@ impl Relays {
                     token
                 }
                 Err(e) => {
-                    let msg = format!("next hop {} (shard {}) cannot be reached: {e}", out.next.address, out.next.shard_id);
+                    let msg =
+                        format!("next hop {} (shard {}) cannot be reached: {e}", out.next.address, out.next.shard_id);
                     return vec![hop_failed(out.reply, &out.next, &msg)];
                 }
             },
@@ -194,7 +195,14 @@ impl Relays {
     }
 
     /// Readiness of a link's socket: finishes a connect, writes queued requests, reads answers.
-    pub fn on_event(&mut self, registry: &Registry, token: Token, writable: bool, readable: bool, now: Instant) -> Vec<Answer> {
+    pub fn on_event(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        writable: bool,
+        readable: bool,
+        now: Instant,
+    ) -> Vec<Answer> {
         let Some(link) = self.links.get_mut(&token) else { return Vec::new() };
         if !link.connected && (writable || readable) {
             match link.stream.take_error() {
@@ -223,7 +231,8 @@ impl Relays {
         for id in late {
             let Some(p) = self.pending.remove(&id) else { continue };
             let waited = now.duration_since(p.sent).as_millis();
-            let msg = format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
+            let msg =
+                format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
             let dead = self.links.get_mut(&p.link).is_some_and(|l| {
                 l.waiting.retain(|w| *w != id);
                 l.last_answer.is_none_or(|t| t < p.sent)

@@ -165,7 +165,8 @@ fn first_execute_task_downloads_missing_shards() {
     // Shards 0..3 on nodes 1, 2, 3 and 0: only node 0 has any file. No LOAD_SHARD is sent.
     let order = [1usize, 2, 3, 0];
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
-    let prompt: Vec<u32> = vec![1, 504, 3575, 282, 4649, 314];
+    // Token ids inside every model's vocabulary (the demo model has 512).
+    let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();
     c.set_timeout(Duration::from_secs(120)).unwrap();
     let r = c
@@ -184,7 +185,7 @@ fn first_execute_task_downloads_missing_shards() {
         "generate",
         model.to_str().unwrap(),
         "--prompt-ids",
-        "1,504,3575,282,4649,314",
+        "1,504,357,282,464,314",
         "-n",
         "1",
     ]);
@@ -222,20 +223,27 @@ fn bad_routes_and_requests_get_errors() {
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
     let r = a.call("EXECUTE_TASK", task(json!([{"address": a.addr, "shard_id": 0}])));
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
-    // Malformed hops.
-    for bad in [
-        json!([{"address": "nowhere", "shard_id": 1}]),
-        json!([{"shard_id": 1}]),
-        json!("x"),
-        json!([{"address": b.addr, "shard_id": -1}]),
+    // Malformed hops: each refused with its code before anything runs.
+    for (bad, code) in [
+        (json!([{"address": "nowhere", "shard_id": 1}]), "WRONG_TYPE"),
+        (json!([{"shard_id": 1}]), "WRONG_TYPE"),
+        (json!("x"), "WRONG_TYPE"),
+        (json!([{"address": b.addr, "shard_id": -1}]), "OUT_OF_RANGE"),
+        (json!([{"address": b.addr, "shard_id": 4096}]), "OUT_OF_RANGE"),
     ] {
         let r = a.call("EXECUTE_TASK", task(bad.clone()));
-        assert_eq!(r["status"], "error", "{bad}: {r}");
+        assert_eq!(r["code"], code, "{bad}: {r}");
     }
-    // Hops after the last shard.
+    // A hop after the last shard (the input is right for shard 3: one row of the model's width).
+    let row = shardnet::protocol::tensor::f32_to_json(&[0.5; 128], 1, 128);
     let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
-        "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AAAAAA=="}}, "next": [{"address": b.addr, "shard_id": 0}]}));
-    assert_eq!(r["status"], "error", "{r}");
+        "input": {"hidden": row}, "next": [{"address": b.addr, "shard_id": 0}]}));
+    assert_eq!(r["code"], "BAD_ROUTE", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("shard 3 ends the model"), "{r}");
+    // The same input without the hop runs: only the route was wrong.
+    let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "output": "top_k", "k": 1}));
+    assert_eq!(r["status"], "success", "{r}");
 
     // Two coordinators on one session id: the second is refused, the first goes on.
     let mut first = a.client();

@@ -16,6 +16,7 @@ mod handlers;
 mod inference;
 mod peer_wire;
 pub mod scan;
+mod shutdown;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -42,7 +43,9 @@ use scan::{ScanEvent, ScanStats};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const UDP: Token = Token(2);
-const FIRST_CONN: usize = 3;
+/// The read end of the socket SIGINT/SIGTERM handlers write to (`shutdown.rs`).
+const SIGNAL: Token = Token(3);
+const FIRST_CONN: usize = 4;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
 /// Most bytes one read takes (into the connection's input buffer).
@@ -51,6 +54,20 @@ const READ_CHUNK: usize = 64 * 1024;
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// How often rate-limited transfers are resumed.
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
+
+/// `--shards-dir` must exist and be a directory.
+fn check_shards_dir(dir: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!("--shards-dir {}: not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+            "--shards-dir {}: no such directory (create it first: mkdir -p {})",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("--shards-dir {}", dir.display())),
+    }
+}
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
@@ -151,6 +168,8 @@ pub struct Node {
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
     inference: inference::Inference,
+    /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
+    signals: Option<mio::net::UnixStream>,
 }
 
 #[derive(Default)]
@@ -163,7 +182,11 @@ struct ScanProgress {
 
 impl Node {
     /// Binds the listener and starts the scan; serving begins with [`Node::run`].
+    ///
+    /// Errors: `--shards-dir` missing or not a directory (the node never creates it: a typo would
+    /// otherwise serve an empty directory), the listen address taken, or the poll not created.
     pub fn bind(config: NodeConfig) -> Result<Node> {
+        check_shards_dir(&config.shards_dir)?;
         let poll = Poll::new().context("creating the poll")?;
         let mut listener =
             TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
@@ -227,6 +250,7 @@ impl Node {
             pump_round: 0,
             dht,
             inference,
+            signals: None,
         })
     }
 
@@ -234,7 +258,8 @@ impl Node {
         self.local_addr
     }
 
-    /// Runs the event loop until an unrecoverable poll error.
+    /// Runs the event loop until an unrecoverable poll error, or (after
+    /// [`Node::stop_on_signals`]) until SIGINT or SIGTERM, then saves state and returns `Ok`.
     pub fn run(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
@@ -257,6 +282,12 @@ impl Node {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
+                    SIGNAL => {
+                        if self.signalled() {
+                            self.shut_down();
+                            return Ok(());
+                        }
+                    }
                     UDP => self.on_udp_readable(),
                     token => {
                         if ev.is_error() {

@@ -566,6 +566,7 @@ impl Node {
                     "verified_bytes": s.verified_bytes(),
                     "pieces": pieces,
                     "pieces_verified": have,
+                    "pieces_rechecked": s.rechecked,
                     "peers": s.peers.len(),
                     "known_peers": d.peers.len(),
                     "downloaded": s.downloaded,

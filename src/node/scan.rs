@@ -62,9 +62,6 @@ pub fn spawn(dir: PathBuf, pool: PoolHandle, notify: impl Fn(ScanEvent) + Send +
 fn scan(dir: &Path, pool: &PoolHandle, notify: &dyn Fn(ScanEvent)) {
     let started = Instant::now();
     let mut stats = ScanStats::default();
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        warn!("shards dir {}: {e}", dir.display());
-    }
     let mut names: Vec<String> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())

@@ -167,6 +167,8 @@ pub struct Swarm {
     pub completed: Option<Instant>,
     /// Pieces of a recheck still being hashed.
     pub rechecking: u32,
+    /// Pieces read back from disk and hashed because no resume data vouched for them.
+    pub rechecked: u32,
     /// Pieces being gathered from peers, and the bytes they hold (with those
     /// handed to the hash workers and not yet answered).
     buffers: HashMap<u32, PieceBuf>,
@@ -234,6 +236,7 @@ impl Swarm {
             started: now,
             completed: None,
             rechecking: 0,
+            rechecked: 0,
             buffers: HashMap::new(),
             buffered: 0,
             spare: Vec::new(),
@@ -255,6 +258,7 @@ impl Swarm {
             // Data on disk without resume data: every piece is hashed before
             // it counts, and only those that fail are fetched.
             self.rechecking = lengths.pieces;
+            self.rechecked += lengths.pieces;
             for piece in 0..lengths.pieces {
                 self.picker.as_mut().expect("just set").mark_checking(piece);
                 self.queue_hash(piece);

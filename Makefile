@@ -26,22 +26,29 @@ models: build
 shards: models
 	@if ! ls $(MODELS)/shards/*.gguf >/dev/null 2>&1; then \
 		model=$$(ls $(SMOLLM2) 2>/dev/null || echo $(DEMO)); \
-		echo "splitting $$model into $(SHARDS) shards"; \
+		echo "splitting $$model into $(SHARDS) shards in $(MODELS)/shards (node 0's shards dir)"; \
 		$(BIN)/shardctl split $$model --shards $(SHARDS) --out $(MODELS)/shards; \
 	fi
 
+# Stop a node with Ctrl-C (SIGINT) or `kill PID` (SIGTERM): it saves its downloads' resume data
+# and its DHT table, logs one line and exits 0.
 run: build
 ifeq ($(NODE),0)
 	@$(MAKE) --no-print-directory shards
 	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/shards --cluster $(CLUSTER) --enable-torrent $(ARGS)
 else
+	@if [ ! -d $(MODELS)/node-$(NODE)/shards ]; then \
+		mkdir -p $(MODELS)/node-$(NODE)/shards; \
+		echo "created $(MODELS)/node-$(NODE)/shards (node $(NODE)'s shards dir; it starts empty)"; \
+	fi
 	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/node-$(NODE)/shards --cluster $(CLUSTER) \
 		--bootstrap /ip4/127.0.0.1/tcp/51820 --enable-torrent $(ARGS)
 endif
 
-# Four nodes on loopback, a generation through them, then every node stopped.
+# Four nodes on loopback, a generation through them, then every node stopped. Ports DEMO_PORT..+3
+# (default 51920; taken ones are replaced by free ones); logs in $(MODELS)/demo.
 demo: shards
-	sh scripts/demo.sh
+	BIN=$(BIN) MODELS=$(MODELS) sh scripts/demo.sh
 
 # Every test, in the release profile `make build` compiled (one build for both). Tests needing an
 # outside tool or the fetched model run where it is present; the last line names those that did not.

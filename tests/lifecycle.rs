@@ -164,7 +164,8 @@ fn sigterm_during_a_download_saves_resume_data_that_a_restart_uses_without_rehas
     leech.wait_metadata();
     let dead = format!("127.0.0.1:{}", free_port());
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
-    let r = leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [dead]}));
+    let r =
+        leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [dead]}));
     assert_eq!(r["status"], "success", "{r}");
     let d = download_status(&leech, &m);
     assert!(d["pieces_verified"].as_u64().unwrap() >= verified, "{verified} verified before the signal: {d}");
@@ -208,8 +209,7 @@ fn sigint_stops_a_node_in_order_and_saves_its_dht_table() {
 fn make_demo_runs_while_its_default_ports_are_taken() {
     let tmp = TempDir::new("demo");
     let model = tmp.path().join("demo.gguf");
-    shardnet::gguf::demo::write(&shardnet::gguf::demo::DemoConfig { layers: 4, ..Default::default() }, &model)
-        .unwrap();
+    shardnet::gguf::demo::write(&shardnet::gguf::demo::DemoConfig { layers: 4, ..Default::default() }, &model).unwrap();
     shardnet::gguf::split::split(&model, 4, &tmp.path().join("shards"), None).unwrap();
     // Hold the default ports (those another process does not hold already).
     let mut held = Vec::new();

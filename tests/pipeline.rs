@@ -96,6 +96,8 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
     }
 
     // Again, killing the node that serves shard 2 while tokens are being generated.
+    let tasks = |n: &NodeProc| n.call("STATUS", json!({}))["result"]["inference"]["tasks"].as_u64().unwrap();
+    let before: Vec<u64> = nodes.iter().map(tasks).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args([
             "--json",
@@ -132,8 +134,9 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
         log.push(line);
     }
     let middle = middle.unwrap_or_else(|| panic!("no plan line: {log:?}"));
-    std::thread::sleep(Duration::from_millis(400)); // a few tokens in
     let victim = nodes.iter().position(|n| n.addr == middle).expect("the plan names one of our nodes");
+    // A few tokens in: the victim has run the prefill and two decode steps of this run.
+    wait_for(Duration::from_secs(60), || (tasks(&nodes[victim]) >= before[victim] + 3).then_some(()));
     nodes[victim].kill();
     let out = child.wait_with_output().unwrap();
     let log: Vec<String> = log.into_iter().chain(rx.try_iter()).collect();
@@ -153,7 +156,8 @@ fn infer_matches_generate_on_smollm2() {
     let model = PathBuf::from(SMOLLM2);
     let want = reference_tokens(&model, 16);
     let nodes = cluster(dir.path(), &model, 4, &[]);
-    let o = shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
+    let o =
+        shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
     assert_eq!(json_of(&o)["tokens"], want, "pipeline and whole model disagree on SmolLM2");
 }
 
@@ -180,15 +184,8 @@ fn first_execute_task_downloads_missing_shards() {
     let hops = r["result"]["hops"].as_array().unwrap();
     assert_eq!(hops.len(), 4);
     // The same answer as the whole model in one process.
-    let o = shardctl(&[
-        "--json",
-        "generate",
-        model.to_str().unwrap(),
-        "--prompt-ids",
-        "1,504,357,282,464,314",
-        "-n",
-        "1",
-    ]);
+    let o =
+        shardctl(&["--json", "generate", model.to_str().unwrap(), "--prompt-ids", "1,504,357,282,464,314", "-n", "1"]);
     assert_eq!(r["result"]["top_k"][0]["id"], json_of(&o)["tokens"][0]);
     for n in &nodes[1..] {
         let files = n.call("LIST_FILES", json!({}));
@@ -236,13 +233,19 @@ fn bad_routes_and_requests_get_errors() {
     }
     // A hop after the last shard (the input is right for shard 3: one row of the model's width).
     let row = shardnet::protocol::tensor::f32_to_json(&[0.5; 128], 1, 128);
-    let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
-        "input": {"hidden": row}, "next": [{"address": b.addr, "shard_id": 0}]}));
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "next": [{"address": b.addr, "shard_id": 0}]}),
+    );
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
     assert!(r["error"].as_str().unwrap().contains("shard 3 ends the model"), "{r}");
     // The same input without the hop runs: only the route was wrong.
-    let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
-        "input": {"hidden": row}, "output": "top_k", "k": 1}));
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "output": "top_k", "k": 1}),
+    );
     assert_eq!(r["status"], "success", "{r}");
 
     // Two coordinators on one session id: the second is refused, the first goes on.

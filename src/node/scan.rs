@@ -47,10 +47,7 @@ pub struct ScanStats {
     pub elapsed: Duration,
 }
 
-/// Where the cached metadata of `filename` lives.
-pub fn torrent_path(dir: &Path, filename: &str) -> PathBuf {
-    dir.join(format!("{filename}.torrent"))
-}
+pub use crate::torrent::torrent_path;
 
 pub fn spawn(dir: PathBuf, pool: PoolHandle, notify: impl Fn(ScanEvent) + Send + 'static) {
     std::thread::Builder::new()

@@ -67,6 +67,22 @@ pub enum PieceData {
     Memory(PieceBuf, PieceWriter),
 }
 
+impl PieceData {
+    /// Checks the piece (`len` bytes at file `offset`) against its SHA-1, `expected`: whether it
+    /// verified, and each 16 KiB block's digest when `blocks` is asked for or the piece failed
+    /// (the smart ban compares them). The node's hash workers run this; CPU-bound.
+    pub fn verify(&self, offset: u64, len: u64, expected: Digest, blocks: bool) -> (bool, Vec<Digest>) {
+        let bytes = match self {
+            PieceData::Disk(view) => view.bytes(offset, len),
+            PieceData::Memory(buf, _) => buf.as_slice(),
+        };
+        let ok = bytes.len() as u64 == len && crate::hash::sha1(bytes) == expected;
+        let digests =
+            if ok && !blocks { Vec::new() } else { bytes.chunks(BLOCK_SIZE as usize).map(crate::hash::sha1).collect() };
+        (ok, digests)
+    }
+}
+
 /// A block to send: the `piece` message header, then `len` bytes of the
 /// file at `offset`.
 pub struct Served {

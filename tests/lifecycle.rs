@@ -36,15 +36,22 @@ fn wait_exit(child: &mut Child, limit: Duration) -> ExitStatus {
     panic!("still running after {limit:?}");
 }
 
+/// Runs `cmd` to its end, output captured; one still running after 10 s is stopped and fails.
+fn run_bounded(cmd: &mut Command) -> std::process::Output {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    wait_exit(&mut child, Duration::from_secs(10));
+    child.wait_with_output().unwrap()
+}
+
 #[test]
 fn a_missing_shards_dir_is_a_clear_error_and_is_not_created() {
     let tmp = TempDir::new("nodir");
     let missing = tmp.path().join("no/such/dir");
-    let out = Command::new(env!("CARGO_BIN_EXE_shard_listener"))
-        .args(["--listen", "127.0.0.1:0", "--shards-dir"])
-        .arg(&missing)
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_shard_listener"))
+            .args(["--listen", "127.0.0.1:0", "--shards-dir"])
+            .arg(&missing),
+    );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -59,11 +66,9 @@ fn a_missing_shards_dir_is_a_clear_error_and_is_not_created() {
     // A file where the directory should be.
     let file = tmp.path().join("file");
     std::fs::write(&file, b"x").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_shard_listener"))
-        .args(["--listen", "127.0.0.1:0", "--shards-dir"])
-        .arg(&file)
-        .output()
-        .unwrap();
+    let out = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_shard_listener")).args(["--listen", "127.0.0.1:0", "--shards-dir"]).arg(&file),
+    );
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a directory"));
 }

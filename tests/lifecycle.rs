@@ -162,7 +162,7 @@ fn sigterm_during_a_download_saves_resume_data_that_a_restart_uses_without_rehas
     let lines: Vec<&str> = stderr.lines().filter(|l| l.contains("stopping on a signal")).collect();
     assert_eq!(lines.len(), 1, "{stderr}");
     assert!(lines[0].contains("resume data of 1 downloads saved"), "{stderr}");
-    assert!(ld.path().join("shard-0.gguf.part.resume").exists());
+    assert!(ld.path().join(format!("shard-0.gguf.{}.part.resume", m.info_hash.to_hex())).exists());
 
     // Restarted with no peer: the pieces verified before the signal count at once, unhashed.
     let leech = NodeProc::start(ld.path(), &["--enable-torrent"]);

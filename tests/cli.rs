@@ -27,6 +27,14 @@ fn shard_listener_help_lists_every_flag() {
         "--log-level",
         "--io-timeout",
         "--max-connections",
+        "--max-unclassified",
+        "--max-command-connections",
+        "--max-command-connections-per-ip",
+        "--max-peer-connections",
+        "--max-peer-connections-per-ip",
+        "--idle-timeout",
+        "--frame-timeout",
+        "--frame-memory",
         "--hash-workers",
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
@@ -46,6 +54,8 @@ fn shard_listener_bad_flags_exit_2_with_one_line() {
         (&["--max-frame", "12"], "--max-frame"),
         (&["--log-level"], "--log-level"),
         (&["--io-timeout", "0"], "--io-timeout"),
+        (&["--frame-memory", "1048576"], "--frame-memory"),
+        (&["--max-peer-connections-per-ip", "0"], "--max-peer-connections-per-ip"),
     ] {
         let (code, out, err) = run(env!("CARGO_BIN_EXE_shard_listener"), args);
         assert_eq!(code, Some(2), "{args:?}: {err}");

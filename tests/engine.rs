@@ -191,6 +191,35 @@ fn sessions_replay_evict_and_end() {
     assert_eq!(err.code, ErrorCode::Busy, "{err}");
 }
 
+/// `--kv-memory` bounds all sessions' caches together: a session that would pass it evicts the
+/// least recently used, even while the session count is far under `--max-sessions`.
+#[test]
+fn the_kv_byte_budget_holds_across_sessions() {
+    let dir = TempDir::new("engine-kv-budget");
+    let model = demo_model(dir.path(), DemoConfig::default());
+    let step = |e: &mut Engine, s: &str, pos: u32| e.execute(0, s, pos, &Input::Tokens(vec![1]), Want::Hidden);
+    let mut probe = Engine::new(EngineConfig { threads: 1, ctx_size: 128, ..Default::default() }).unwrap();
+    probe.load(0, map(&model)).unwrap();
+    step(&mut probe, "p", 0).unwrap();
+    let one = probe.sessions().1;
+    assert!(one > 0);
+    // Room for two and a half sessions' caches, and sixteen sessions by count.
+    let budget = 2 * one + one / 2;
+    let cfg = EngineConfig { threads: 1, ctx_size: 128, max_sessions: 16, kv_budget: budget, ..Default::default() };
+    let mut e = Engine::new(cfg).unwrap();
+    e.load(0, map(&model)).unwrap();
+    step(&mut e, "a", 0).unwrap();
+    step(&mut e, "b", 0).unwrap();
+    step(&mut e, "a", 1).unwrap(); // "b" is now the least recently used
+    step(&mut e, "c", 0).unwrap();
+    let (count, bytes) = e.sessions();
+    assert_eq!(count, 2);
+    assert!(bytes <= budget, "{bytes} KV bytes held under a budget of {budget}");
+    assert_eq!(step(&mut e, "b", 1).unwrap_err().code, ErrorCode::UnknownSession);
+    step(&mut e, "a", 2).unwrap();
+    step(&mut e, "c", 1).unwrap();
+}
+
 #[test]
 fn bad_inputs_are_refused_before_ggml_sees_them() {
     let dir = TempDir::new("engine-bad");
@@ -627,19 +656,17 @@ fn the_node_serves_while_a_model_computes() {
     // STATUS answers while the task computes (`running`), quickly.
     let mut during = Vec::new();
     while !big.is_finished() {
-        let t = std::time::Instant::now();
         let s = node.call("STATUS", json!({}));
         if s["result"]["inference"]["running"] == json!(1) {
-            during.push(t.elapsed());
+            during.push(());
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
     let (r, big_time) = big.join().unwrap();
     assert_eq!(r["status"], "success", "{r}");
+    // A loop blocked by the compute would answer at most once while it runs. (How fast STATUS
+    // answers then is a timing: `make bench`, not an assert here.)
     assert!(during.len() >= 3, "only {} STATUS answers during a {big_time:?} prefill", during.len());
-    during.sort();
-    let median = during[during.len() / 2];
-    assert!(median < std::time::Duration::from_millis(100), "STATUS took {median:?} (median) during a prefill");
 }
 
 /// Greedy pick: the largest logit (lowest id on ties).

@@ -96,6 +96,8 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
     }
 
     // Again, killing the node that serves shard 2 while tokens are being generated.
+    let tasks = |n: &NodeProc| n.call("STATUS", json!({}))["result"]["inference"]["tasks"].as_u64().unwrap();
+    let before: Vec<u64> = nodes.iter().map(tasks).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args([
             "--json",
@@ -132,8 +134,9 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
         log.push(line);
     }
     let middle = middle.unwrap_or_else(|| panic!("no plan line: {log:?}"));
-    std::thread::sleep(Duration::from_millis(400)); // a few tokens in
     let victim = nodes.iter().position(|n| n.addr == middle).expect("the plan names one of our nodes");
+    // A few tokens in: the victim has run the prefill and two decode steps of this run.
+    wait_for(Duration::from_secs(60), || (tasks(&nodes[victim]) >= before[victim] + 3).then_some(()));
     nodes[victim].kill();
     let out = child.wait_with_output().unwrap();
     let log: Vec<String> = log.into_iter().chain(rx.try_iter()).collect();
@@ -173,6 +176,7 @@ fn first_execute_task_downloads_missing_shards() {
         });
     }
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
+    // Token ids inside every model's vocabulary (the demo model has 512).
     let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();
     c.set_timeout(Duration::from_secs(120)).unwrap();
@@ -187,15 +191,8 @@ fn first_execute_task_downloads_missing_shards() {
     let hops = r["result"]["hops"].as_array().unwrap();
     assert_eq!(hops.len(), 4);
     // The same answer as the whole model in one process.
-    let o = shardctl(&[
-        "--json",
-        "generate",
-        model.to_str().unwrap(),
-        "--prompt-ids",
-        "1,504,357,282,464,314",
-        "-n",
-        "1",
-    ]);
+    let o =
+        shardctl(&["--json", "generate", model.to_str().unwrap(), "--prompt-ids", "1,504,357,282,464,314", "-n", "1"]);
     assert_eq!(r["result"]["top_k"][0]["id"], json_of(&o)["tokens"][0]);
     for n in &nodes[1..] {
         let files = n.call("LIST_FILES", json!({}));
@@ -233,20 +230,33 @@ fn bad_routes_and_requests_get_errors() {
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
     let r = a.call("EXECUTE_TASK", task(json!([{"address": a.addr, "shard_id": 0}])));
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
-    // Malformed hops.
-    for bad in [
-        json!([{"address": "nowhere", "shard_id": 1}]),
-        json!([{"shard_id": 1}]),
-        json!("x"),
-        json!([{"address": b.addr, "shard_id": -1}]),
+    // Malformed hops: each refused with its code before anything runs.
+    for (bad, code) in [
+        (json!([{"address": "nowhere", "shard_id": 1}]), "WRONG_TYPE"),
+        (json!([{"shard_id": 1}]), "WRONG_TYPE"),
+        (json!("x"), "WRONG_TYPE"),
+        (json!([{"address": b.addr, "shard_id": -1}]), "OUT_OF_RANGE"),
+        (json!([{"address": b.addr, "shard_id": 4096}]), "OUT_OF_RANGE"),
     ] {
         let r = a.call("EXECUTE_TASK", task(bad.clone()));
-        assert_eq!(r["status"], "error", "{bad}: {r}");
+        assert_eq!(r["code"], code, "{bad}: {r}");
     }
-    // Hops after the last shard.
-    let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
-        "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AAAAAA=="}}, "next": [{"address": b.addr, "shard_id": 0}]}));
-    assert_eq!(r["status"], "error", "{r}");
+    // A hop after the last shard (the input is right for shard 3: one row of the model's width).
+    let row = shardnet::protocol::tensor::f32_to_json(&[0.5; 128], 1, 128);
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "next": [{"address": b.addr, "shard_id": 0}]}),
+    );
+    assert_eq!(r["code"], "BAD_ROUTE", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("shard 3 ends the model"), "{r}");
+    // The same input without the hop runs: only the route was wrong.
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "output": "top_k", "k": 1}),
+    );
+    assert_eq!(r["status"], "success", "{r}");
 
     // Two coordinators on one session id: the second (even naming the first's `from`) is
     // refused without learning who owns it, the first goes on with its token.

@@ -19,6 +19,7 @@ mod peer_wire;
 mod pin;
 mod relay;
 pub mod scan;
+mod shutdown;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -45,7 +46,9 @@ use scan::{ScanEvent, ScanStats};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const UDP: Token = Token(2);
-const FIRST_CONN: usize = 3;
+/// The read end of the socket SIGINT/SIGTERM handlers write to (`shutdown.rs`).
+const SIGNAL: Token = Token(3);
+const FIRST_CONN: usize = 4;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
 /// Most bytes one read takes (into the connection's input buffer).
@@ -56,6 +59,20 @@ const SWEEP_EVERY: Duration = Duration::from_millis(200);
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
 /// Largest frame a connection may send before it proves the cluster key (STATUS and AUTH fit).
 pub const UNAUTHENTICATED_MAX_FRAME: u32 = 64 * 1024;
+
+/// `--shards-dir` must exist and be a directory.
+fn check_shards_dir(dir: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!("--shards-dir {}: not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+            "--shards-dir {}: no such directory (create it first: mkdir -p {})",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("--shards-dir {}", dir.display())),
+    }
+}
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
@@ -172,6 +189,8 @@ pub struct Node {
     inference: inference::Inference,
     /// Outbound connections to next hops and the relays waiting on them.
     relays: relay::Relays,
+    /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
+    signals: Option<mio::net::UnixStream>,
 }
 
 #[derive(Default)]
@@ -184,7 +203,11 @@ struct ScanProgress {
 
 impl Node {
     /// Binds the listener and starts the scan; serving begins with [`Node::run`].
+    ///
+    /// Errors: `--shards-dir` missing or not a directory (the node never creates it: a typo would
+    /// otherwise serve an empty directory), the listen address taken, or the poll not created.
     pub fn bind(config: NodeConfig) -> Result<Node> {
+        check_shards_dir(&config.shards_dir)?;
         match limits::raise_fd_limit() {
             Ok((soft, _)) if soft < config.max_connections as u64 + 64 => warn!(
                 "the open-file limit {soft} is below --max-connections {} plus the node's own files: \
@@ -278,6 +301,7 @@ impl Node {
             dht,
             inference,
             relays: relay::Relays::new(max_frame, relay_key),
+            signals: None,
         })
     }
 
@@ -285,7 +309,8 @@ impl Node {
         self.local_addr
     }
 
-    /// Runs the event loop until an unrecoverable poll error.
+    /// Runs the event loop until an unrecoverable poll error, or (after
+    /// [`Node::stop_on_signals`]) until SIGINT or SIGTERM, then saves state and returns `Ok`.
     pub fn run(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
@@ -310,6 +335,12 @@ impl Node {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
+                    SIGNAL => {
+                        if self.signalled() {
+                            self.shut_down();
+                            return Ok(());
+                        }
+                    }
                     UDP => self.on_udp_readable(),
                     token if token.0 >= relay::TOKEN_BASE => {
                         let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());

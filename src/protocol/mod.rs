@@ -608,7 +608,7 @@ fn parse_peers(params: &Map<String, Value>) -> Result<Vec<std::net::SocketAddr>,
     list.iter()
         .map(|p| {
             let s = p.as_str().ok_or_else(|| (ErrorCode::WrongType, format!("peer {p} is not a string")))?;
-            let a = crate::config::parse_peer_addr(s).map_err(|e| (ErrorCode::WrongType, format!("peer: {e}")))?;
+            let a = crate::addr::parse_peer_addr(s).map_err(|e| (ErrorCode::WrongType, format!("peer: {e}")))?;
             a.host
                 .parse::<std::net::IpAddr>()
                 .map(|ip| std::net::SocketAddr::new(ip, a.port))

@@ -604,6 +604,12 @@ impl Engine {
                     ),
                 ));
             };
+            // While a batch is gathered its sessions cannot be chosen, so the choice among the
+            // rest is not a fair one: a recently used session is evicted only with the whole
+            // table to choose from (the batch runs first, then this step retries).
+            if !protect.is_empty() && now.saturating_duration_since(self.sessions[&victim].used_at) < SESSION_IDLE_AFTER {
+                return Err(err(ErrorCode::Busy, NO_ROOM_IN_BATCH));
+            }
             crate::debug!("evicting session {} on shard {} to make room for {session_id}", victim.0, victim.1);
             self.sessions.remove(&victim);
         }

@@ -515,8 +515,9 @@ fn execute_task_through_a_node_matches_the_engine() {
     assert_eq!(top[0]["id"], json!(shardnet::engine::sampler::argmax(&want)));
     let status = node.call("STATUS", json!({}));
     assert_eq!(status["result"]["inference"]["sessions"], json!(2), "{status}");
+    // Without its token: nothing freed, answered as for an unknown session.
     let r = node.call("END_SESSION", json!({"session_id": "s"}));
-    assert_eq!(r["code"], "SESSION_FORBIDDEN", "{r}");
+    assert_eq!(r["result"]["freed"], json!(0), "{r}");
     let r = node.call("END_SESSION", json!({"session_id": "s", "session_token": token}));
     assert_eq!(r["result"]["freed"], json!(2), "{r}");
     let r = node.call("END_SESSION", json!({"session_id": "s", "session_token": token}));

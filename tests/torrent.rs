@@ -171,9 +171,13 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
         (v > m.info.length * 2 / 5).then_some(v)
     });
     // Resume data is saved every second while pieces come: killed (SIGKILL, no orderly stop)
-    // once it is on disk.
+    // once a save made after `before` was counted is on disk (an earlier save holds fewer pieces).
+    let counted = std::time::SystemTime::now();
     let resume = ld.path().join(format!("shard-0.gguf.{}.part.resume", m.info_hash.to_hex()));
-    wait_for(WAIT, || resume.exists().then_some(()));
+    wait_for(WAIT, || {
+        let saved = std::fs::metadata(&resume).and_then(|m| m.modified()).ok()?;
+        (saved > counted).then_some(())
+    });
     leech.kill();
     let leech = start_seed(ld.path(), &[]);
     let r = load(&leech, &m, &[&seed.addr], true);
@@ -484,13 +488,22 @@ fn a_utp_connection_attempt_is_reset_so_clients_fall_back_to_tcp() {
 // ---- bad peer input: each closes (or ignores) one peer; the node serves on ----
 
 /// A raw peer connected and handshaken to `node` for `m`.
+#[track_caller]
 fn raw_peer(node: &NodeProc, m: &Metainfo) -> TcpStream {
     let mut s = node.raw();
+    // A peer id of its own per connection, as a client's per session: the node refuses a second
+    // connection of one peer id while it still holds the first (which the test may just have closed).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut id = *b"-TT0001-test00000000";
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    id[12..].copy_from_slice(format!("{n:08}").as_bytes());
     let mut out = Vec::new();
-    Handshake::new(m.info_hash, *b"-TT0001-testtesttest").encode(&mut out);
+    Handshake::new(m.info_hash, id).encode(&mut out);
     s.write_all(&out).unwrap();
     let mut hs = [0u8; 68];
-    s.read_exact(&mut hs).unwrap();
+    if let Err(e) = s.read_exact(&mut hs) {
+        panic!("no handshake back: {e}; node log:\n{}", node.stderr());
+    }
     assert_eq!(Handshake::decode(&hs).unwrap().unwrap().info_hash, m.info_hash);
     s
 }
@@ -529,6 +542,7 @@ fn still_serving(node: &NodeProc, m: &Metainfo) {
     node.assert_serving();
 }
 
+#[track_caller]
 fn closes(node: &NodeProc, m: &Metainfo, bad: &[u8]) {
     let mut s = raw_peer(node, m);
     s.write_all(bad).unwrap();

@@ -129,7 +129,8 @@ pub struct NodeConfig {
     pub max_sessions: usize,
     /// Bytes all KV caches may take together.
     pub kv_memory: u64,
-    /// Copy weights into ggml's faster CPU layouts (costs memory the size of those weights).
+    /// Run Q4_0-style weights from ggml's faster CPU layout, kept in a sidecar file beside each
+    /// shard (`NAME.gguf.repack`, mapped read-only); an anonymous copy where it cannot be written.
     pub repack: bool,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
@@ -193,7 +194,7 @@ impl Default for NodeConfig {
             ctx_size: 2048,
             max_sessions: 16,
             kv_memory: 2 << 30,
-            repack: false,
+            repack: true,
             max_downloads: 8,
             max_download_peers: 32,
             disk_budget: 0,
@@ -289,9 +290,12 @@ FLAGS:
                          handshake) and announce them under keyed DHT names only;
                          needs a cluster key
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
-  --repack               copy Q4_0-style weights into ggml's faster CPU layout
-                         (memory the size of those weights; default: compute
-                         from the mapped file as it is)
+  --no-repack            compute Q4_0-style weights from the shard's own layout
+                         (slower) instead of ggml's faster CPU layout, which is
+                         kept in a sidecar file beside each shard
+                         (NAME.gguf.repack, written once, mapped read-only; an
+                         anonymous copy where it cannot be written) [default:
+                         repack; --repack says so explicitly]
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
 
@@ -403,6 +407,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                     return Err("--repack takes no value".into());
                 }
                 c.repack = true;
+            }
+            "--no-repack" => {
+                if inline.is_some() {
+                    return Err("--no-repack takes no value".into());
+                }
+                c.repack = false;
             }
             "--cached-writes" => {
                 if inline.is_some() {

@@ -165,8 +165,15 @@ fn first_execute_task_downloads_missing_shards() {
     let nodes = cluster(dir.path(), &model, 4, &[]);
     // Shards 0..3 on nodes 1, 2, 3 and 0: only node 0 has any file. No LOAD_SHARD is sent.
     let order = [1usize, 2, 3, 0];
+    // Node 0 announces each shard's name once it has hashed the file: wait for that first.
+    for s in 0..4 {
+        wait_for(Duration::from_secs(60), || {
+            let r = nodes[1].call("FIND_PEERS", json!({"shard_id": s}));
+            r["result"]["peers"].as_array()?.contains(&json!(nodes[0].addr)).then_some(())
+        });
+    }
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
-    let prompt: Vec<u32> = vec![1, 504, 3575, 282, 4649, 314];
+    let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();
     c.set_timeout(Duration::from_secs(120)).unwrap();
     let r = c
@@ -185,7 +192,7 @@ fn first_execute_task_downloads_missing_shards() {
         "generate",
         model.to_str().unwrap(),
         "--prompt-ids",
-        "1,504,3575,282,4649,314",
+        "1,504,357,282,464,314",
         "-n",
         "1",
     ]);
@@ -202,9 +209,12 @@ fn bad_routes_and_requests_get_errors() {
     let model = model(dir.path());
     let nodes = cluster(dir.path(), &model, 2, &["--ctx-size", "64"]);
     let (a, b) = (&nodes[0], &nodes[1]);
+    // Each request a session of its own: a session belongs to the token its first step got.
+    let n = std::cell::Cell::new(0);
     let task = |next: Value| {
-        json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]}, "next": next,
-            "output": "top_k", "k": 1, "hop_timeout_ms": 500})
+        n.set(n.get() + 1);
+        json!({"session_id": format!("s{}", n.get()), "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 500})
     };
     // A next hop that never answers: HOP_FAILED naming it, within the hop timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -282,4 +292,202 @@ fn a_shard_no_node_serves_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("shard 3"), "{err}");
     node.assert_serving();
+}
+
+/// One node holding six shards: a chain through it six times (every relay to itself) completes
+/// and equals the whole model in one process. With a thread per waiting relay (four of them) the
+/// fifth relay waited for a thread that only the chain's own end could free.
+#[test]
+fn chain_through_one_node_six_times_completes() {
+    let dir = TempDir::new("pipeline-six");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 6, &shards, None).unwrap();
+    let node = NodeProc::start(&shards, &["--threads", "1"]);
+    let next: Vec<Value> = (1..6).map(|s| json!({"address": node.addr, "shard_id": s})).collect();
+    let prompt: Vec<u32> = vec![1, 17, 42, 99, 3, 250];
+    let mut c = node.client();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    let mut tokens = Vec::new();
+    let mut input = prompt.clone();
+    let mut session_token = Value::Null;
+    for step in 0..4 {
+        let pos = if step == 0 { 0 } else { prompt.len() + step - 1 };
+        let r = c
+            .request(
+                "EXECUTE_TASK",
+                json!({"session_id": "six", "session_token": session_token, "shard_id": 0, "pos": pos,
+                "input": {"tokens": input}, "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000}),
+            )
+            .unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        session_token = r["result"]["session_token"].clone();
+        assert_eq!(r["result"]["hops"].as_array().unwrap().len(), 6, "{r}");
+        let t = r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32;
+        tokens.push(t);
+        input = vec![t];
+    }
+    let o = shardctl(&[
+        "--json",
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42,99,3,250",
+        "-n",
+        "4",
+        "--ignore-eos",
+        "--threads",
+        "1",
+    ]);
+    let want: Vec<u32> = json_of(&o)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(tokens, want);
+    let s = node.call("STATUS", json!({}));
+    assert_eq!(s["result"]["relays"]["in_flight"], json!(0), "{s}");
+    assert_eq!(s["result"]["relays"]["links"], json!(1), "one connection for every relay to one address: {s}");
+}
+
+/// Four chains whose next hop accepts and never answers do not hold up another client's chain
+/// through the same node: it takes at most 100 ms longer than with nothing stuck (best of
+/// three each way), and the stuck ones end as HOP_FAILED naming the silent hop.
+#[test]
+fn silent_next_hops_do_not_delay_other_chains() {
+    let dir = TempDir::new("pipeline-silent");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 4, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 2, &shards, None).unwrap();
+    let a = NodeProc::start(&shards, &["--threads", "1"]);
+    let b = NodeProc::start(&shards, &["--threads", "1"]);
+    // A hop that takes connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end && conns.len() < 8 {
+            if let Ok((s, _)) = silent.accept() {
+                conns.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        conns
+    });
+    let chain = |session: &str, next: &str, timeout_ms: u64| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": next, "shard_id": 1}], "output": "top_k", "k": 1, "hop_timeout_ms": timeout_ms})
+    };
+    let timed = |session: &str| {
+        let mut c = a.client();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        let t = Instant::now();
+        let r = c.request("EXECUTE_TASK", chain(session, &b.addr, 30000)).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        t.elapsed()
+    };
+    let before = (0..3).map(|i| timed(&format!("warm{i}"))).min().unwrap();
+    // Four chains into the silent hop, each on its own connection.
+    let stuck: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, params) = (a.addr.clone(), chain(&format!("stuck{i}"), &silent_addr, 4000));
+            std::thread::spawn(move || {
+                let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+                c.set_timeout(Duration::from_secs(60)).unwrap();
+                c.request("EXECUTE_TASK", params).unwrap()
+            })
+        })
+        .collect();
+    wait_for(WAIT, || (a.call("STATUS", json!({}))["result"]["relays"]["in_flight"] == json!(4)).then_some(()));
+    let during = (0..3).map(|i| timed(&format!("during{i}"))).min().unwrap();
+    assert_eq!(a.call("STATUS", json!({}))["result"]["relays"]["in_flight"], json!(4), "the stuck chains ended early");
+    assert!(
+        during <= before + Duration::from_millis(100),
+        "with four chains stuck, a chain took {during:?} (best of 3), {before:?} without"
+    );
+    for t in stuck {
+        let r = t.join().unwrap();
+        assert_eq!(r["code"], "HOP_FAILED", "{r}");
+        assert_eq!(r["failed_hop"]["address"], json!(silent_addr), "{r}");
+    }
+    drop(held);
+}
+
+/// A userspace TCP relay (this kernel has no netem): forwards both ways between its clients and
+/// `target` until `stall` is set, then stops forwarding without closing anything.
+fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                let stall = stall.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        if stall.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue; // holds both sockets open, forwards nothing
+                        }
+                        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        match from.read(&mut buf) {
+                            Ok(0) => return,
+                            // Read just as the stall began: swallowed, like everything after.
+                            Ok(_) if stall.load(Ordering::SeqCst) => {}
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A host that goes silent behind a proxy (no reset) two hops down the chain: the hop in front of
+/// it gives up first (each hop passes on a shorter deadline) and HOP_FAILED names the silent
+/// hop, not the healthy first node. Hops report the address they were reached at.
+#[test]
+fn hop_failed_names_the_hop_that_went_silent() {
+    let dir = TempDir::new("pipeline-blame");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 3, &shards, None).unwrap();
+    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::start(&shards, &["--threads", "1"])).collect();
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = stalling_proxy(nodes[2].addr.clone(), stall.clone());
+    let params = |session: &str| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": nodes[1].addr, "shard_id": 1}, {"address": proxy, "shard_id": 2}],
+            "output": "top_k", "k": 1, "hop_timeout_ms": 3000})
+    };
+    let mut c = nodes[0].client();
+    c.set_timeout(Duration::from_secs(30)).unwrap();
+    let r = c.request("EXECUTE_TASK", params("ok")).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let hops: Vec<String> =
+        r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap().to_string()).collect();
+    let reached: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    assert_eq!(hops, reached, "each hop reports the address it was reached at");
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = c.request("EXECUTE_TASK", params("stalled")).unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{r}");
+    assert_eq!(r["failed_hop"]["address"], json!(proxy), "the silent hop is the one blamed: {r}");
+    assert_eq!(r["failed_hop"]["shard_id"], json!(2), "{r}");
+    nodes[0].assert_serving();
 }

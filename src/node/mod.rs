@@ -17,6 +17,7 @@ mod inference;
 pub mod limits;
 mod peer_wire;
 mod pin;
+mod relay;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};
@@ -84,6 +85,8 @@ pub enum NodeEvent {
         conn_id: u64,
         payload: Vec<u8>,
     },
+    /// A hop's result to carry to the next hop (from the inference thread).
+    Relay(relay::Outgoing),
     /// The pinned manifest's bytes, fetched from a holder and checked against the pin (or why not).
     ManifestFetched {
         shard_id: u32,
@@ -167,6 +170,8 @@ pub struct Node {
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
     inference: inference::Inference,
+    /// Outbound connections to next hops and the relays waiting on them.
+    relays: relay::Relays,
 }
 
 #[derive(Default)]
@@ -206,6 +211,8 @@ impl Node {
         });
 
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
+        let max_frame = config.max_frame;
+        let relay_key = config.cluster_key.clone();
         let node_id = random_id();
         let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
         let engine_config = crate::engine::EngineConfig {
@@ -216,8 +223,7 @@ impl Node {
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference =
-            inference::Inference::spawn(engine_config, config.cluster_key.clone(), events_tx.clone(), waker.clone());
+        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
@@ -271,6 +277,7 @@ impl Node {
             parts_swept: None,
             dht,
             inference,
+            relays: relay::Relays::new(max_frame, relay_key),
         })
     }
 
@@ -285,6 +292,7 @@ impl Node {
         loop {
             let now = Instant::now();
             let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
+            let next_dht = self.relays.next_deadline().map_or(next_dht, |d| d.min(next_dht));
             let next_accept = self.accept_retry.unwrap_or(next_sweep);
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
@@ -303,6 +311,11 @@ impl Node {
                     LISTENER => self.accept(),
                     WAKER => {}
                     UDP => self.on_udp_readable(),
+                    token if token.0 >= relay::TOKEN_BASE => {
+                        let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
+                        let answers = self.relays.on_event(self.poll.registry(), token, w, r, Instant::now());
+                        self.deliver(answers);
+                    }
                     token => {
                         if ev.is_error() {
                             self.close(token, "socket error");
@@ -318,6 +331,8 @@ impl Node {
                 }
             }
             self.drain_worker_events();
+            let expired = self.relays.expire(self.poll.registry(), Instant::now());
+            self.deliver(expired);
             for token in std::mem::take(&mut self.again) {
                 self.on_readable(token);
             }
@@ -587,6 +602,10 @@ impl Node {
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::Relay(out) => {
+                    let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
+                    self.deliver(answers);
+                }
                 NodeEvent::ManifestFetched { shard_id, filename, result } => {
                     self.on_manifest_fetched(shard_id, filename, result)
                 }
@@ -594,6 +613,15 @@ impl Node {
                     self.on_shard_resolved(shard_id, filename, result)
                 }
             }
+        }
+    }
+}
+
+impl Node {
+    /// Hands finished relay answers to the connections that asked.
+    fn deliver(&mut self, answers: Vec<relay::Answer>) {
+        for a in answers {
+            self.on_answer(a.reply.token, a.reply.conn_id, &a.payload);
         }
     }
 }

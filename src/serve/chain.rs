@@ -15,6 +15,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use super::metrics::Metrics;
 use super::openai::StopMatcher;
 use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, GenRequest, Summary};
+use crate::chat::{ChatError, ChatTemplate};
 use crate::engine::tokenizer::Tokenizer;
 
 /// What the connection threads need to know of the model the chain serves.
@@ -27,8 +28,9 @@ pub struct ModelView {
     pub tokenizer: Tokenizer,
     /// The nodes' context in tokens.
     pub ctx_size: u32,
-    /// The GGUF's `tokenizer.chat_template`, if it has one.
-    pub chat_template: Option<String>,
+    /// The chat template (`--chat-template FILE`, else the GGUF's `tokenizer.chat_template`), or
+    /// why there is none.
+    pub chat_template: Result<ChatTemplate, ChatError>,
 }
 
 /// Whether the chain can serve: `Ready`, or why not.
@@ -100,13 +102,20 @@ pub fn run(
         if coordinator.is_none() && last_try.is_none_or(|t| t.elapsed() >= REDISCOVER_EVERY) {
             last_try = Some(Instant::now());
             match connect(&cluster) {
-                Ok((c, template)) => {
+                Ok(c) => {
+                    let chat_template = match &chat_template_override {
+                        Some(source) => ChatTemplate::for_tokenizer(source, c.tokenizer()),
+                        None => c.chat_template(),
+                    };
+                    if let Err(e) = &chat_template {
+                        crate::warn!("no chat completions: {e}");
+                    }
                     let view = ModelView {
                         name: model_name.clone().unwrap_or_else(|| c.model_name().to_string()),
                         model_id: c.model_id().to_string(),
                         tokenizer: c.tokenizer().clone(),
                         ctx_size: c.ctx_size(),
-                        chat_template: chat_template_override.clone().or(template),
+                        chat_template,
                     };
                     crate::info!("serving {} over {} shards: {:?}", view.name, c.plan().len(), c.plan());
                     state.set(Some(Arc::new(view)), Health::Ready);
@@ -147,7 +156,11 @@ pub fn run(
             Ok((summary, reason)) => {
                 if summary.finish == Finish::Stopped && reason.is_none() {
                     metrics.disconnect();
-                    crate::info!("session {}: the client went away after {} tokens", summary.session, summary.tokens.len());
+                    crate::info!(
+                        "session {}: the client went away after {} tokens",
+                        summary.session,
+                        summary.tokens.len()
+                    );
                     continue;
                 }
                 let decode_tps = (summary.tokens.len() > 1 && summary.decode_ms > 0.0)
@@ -175,11 +188,11 @@ pub fn run(
     }
 }
 
-/// Discovery and placement: a chain ready to serve, and the model's chat template.
-fn connect(cluster: &ClusterConfig) -> anyhow::Result<(Coordinator<'static>, Option<String>)> {
+/// Discovery and placement: a chain ready to serve.
+fn connect(cluster: &ClusterConfig) -> anyhow::Result<Coordinator<'static>> {
     let mut c = Coordinator::discover(cluster.clone(), log_event)?;
     c.place_all()?;
-    Ok((c, None))
+    Ok(c)
 }
 
 fn log_event(ev: Event) {
@@ -187,7 +200,9 @@ fn log_event(ev: Event) {
         Event::Nodes(n) => crate::info!("cluster nodes: {n:?}"),
         Event::Plan(p) => crate::info!("chain: {p:?}"),
         Event::Loading { .. } => {}
-        Event::Loaded { shard, node, source, ms } => crate::info!("shard {shard} loaded on {node} ({source}, {ms:.0} ms)"),
+        Event::Loaded { shard, node, source, ms } => {
+            crate::info!("shard {shard} loaded on {node} ({source}, {ms:.0} ms)")
+        }
         Event::Recovering { shard, from, to, why } => {
             crate::warn!("shard {shard} moved from {from} to {to} ({why}); replaying the session")
         }

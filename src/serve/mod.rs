@@ -28,6 +28,7 @@ use anyhow::{Context, Result};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError, bounded, unbounded};
 use serde_json::{Value, json};
 
+use crate::chat::ChatError;
 use crate::coordinator::{ClusterConfig, GenRequest, Summary};
 use crate::engine::sampler::SamplerConfig;
 use chain::{ChainEvent, ChainState, Health, Job, ModelView};
@@ -191,14 +192,11 @@ impl Server {
             conns.insert(id, Tracked { stream: handle, idle_since: Some(Instant::now()) });
         }
         let shared = s.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("http-{id}"))
-            .stack_size(256 << 10)
-            .spawn(move || {
-                // Untracked (and so closed) when the thread ends, even by a panic.
-                let _untrack = Untrack(&shared, id);
-                connection(&shared, id, stream);
-            });
+        let spawned = std::thread::Builder::new().name(format!("http-{id}")).stack_size(256 << 10).spawn(move || {
+            // Untracked (and so closed) when the thread ends, even by a panic.
+            let _untrack = Untrack(&shared, id);
+            connection(&shared, id, stream);
+        });
         if spawned.is_err() {
             s.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
@@ -276,12 +274,13 @@ const LINGER_BYTES: usize = 4 << 20;
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     let path = req.path.trim_end_matches('/');
-    let endpoint = match path {
-        "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
-            if path.is_empty() { "/" } else { path }
-        }
-        _ => "other",
-    };
+    let endpoint =
+        match path {
+            "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
+                if path.is_empty() { "/" } else { path }
+            }
+            _ => "other",
+        };
     let ka = req.keep_alive;
     let w = &mut conn.stream;
     let (status, ok) = match (req.method.as_str(), path) {
@@ -296,7 +295,9 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
         ("GET", "/health") => {
             let (status, body) = match s.chain.health() {
                 Health::Ready => (200, json!({"status": "ok"})),
-                Health::Starting => (503, json!({"status": "loading", "error": "the chain is being placed and loaded"})),
+                Health::Starting => {
+                    (503, json!({"status": "loading", "error": "the chain is being placed and loaded"}))
+                }
                 Health::Unavailable(e) => (503, json!({"status": "unavailable", "error": e})),
             };
             (status, respond_json(w, status, &body, ka).is_ok())
@@ -315,7 +316,12 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
         ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat),
         ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text),
         (_, "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            let e = ApiError::new(405, "invalid_request_error", None, format!("{} is not allowed on {}", req.method, req.path));
+            let e = ApiError::new(
+                405,
+                "invalid_request_error",
+                None,
+                format!("{} is not allowed on {}", req.method, req.path),
+            );
             (405, respond_error(w, &e, ka).is_ok())
         }
         _ => {
@@ -334,10 +340,21 @@ fn not_ready(s: &Shared) -> String {
     }
 }
 
-/// Renders a chat's messages to the prompt text with the model's chat template.
+/// Renders a chat's messages to the prompt text with the model's chat template (OpenAI's
+/// `developer` role is the templates' `system`).
 fn render_chat(model: &ModelView, messages: &[openai::Message]) -> Result<String, ApiError> {
-    let _ = (model, messages);
-    Err(ApiError::new(500, "server_error", None, "chat templates are not available in this build"))
+    let template = model.chat_template.as_ref().map_err(|e| {
+        ApiError::bad(format!("chat completions are not available: {e} (use /v1/completions)"), Some("messages"))
+    })?;
+    let list: Vec<crate::chat::Message> = messages
+        .iter()
+        .map(|m| crate::chat::Message::new(if m.role == "developer" { "system" } else { &m.role }, &m.content))
+        .collect();
+    template.prompt(&list, true, &model.tokenizer).map_err(|e| match e {
+        ChatError::Syntax(_) => ApiError::new(500, "server_error", None, e.to_string()),
+        // The template's own refusal (`raise_exception`: roles out of order, ...) is the request's fault.
+        _ => ApiError::bad(e.to_string(), Some("messages")),
+    })
 }
 
 /// A checked request, ready for the chain.
@@ -373,7 +390,10 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
         Input::Tokens(ids) => {
             let n = model.tokenizer.n_vocab();
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= n) {
-                return Err(ApiError::bad(format!("token id {bad} is not below the vocabulary size {n}"), Some("prompt")));
+                return Err(ApiError::bad(
+                    format!("token id {bad} is not below the vocabulary size {n}"),
+                    Some("prompt"),
+                ));
             }
             ids.clone()
         }
@@ -460,10 +480,18 @@ fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint) ->
         let e = ApiError::unavailable(msg);
         return (503, respond_error(&mut conn.stream, &e, ka).is_ok());
     }
-    let id = format!("{}-{}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, crate::hash::to_hex(&crate::node::random_id()[..12]));
+    let id = format!(
+        "{}-{}",
+        if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+        crate::hash::to_hex(&crate::node::random_id()[..12])
+    );
     let created = unix_now();
     let answer = Answer { endpoint, id: &id, created, model: &prep.model, include_usage: params.include_usage };
-    let result = if params.stream { stream(conn, &rx, &cancel, &answer, req.minor_version, ka) } else { whole(conn, &rx, &cancel, &answer, ka) };
+    let result = if params.stream {
+        stream(conn, &rx, &cancel, &answer, req.minor_version, ka)
+    } else {
+        whole(conn, &rx, &cancel, &answer, ka)
+    };
     if result.1 == 0 {
         cancel.store(true, Ordering::Relaxed);
     }

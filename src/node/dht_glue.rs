@@ -253,7 +253,11 @@ impl Node {
         }
         for s in self.swarms.values().filter(|s| s.is_complete()) {
             keys.push(Id(s.info_hash.0));
-            keys.push(name_key(&cluster, &s.name));
+            // A file the manifest lists under another info hash is not that shard: never
+            // announced under its name.
+            if self.catalog.manifest_mismatch(&s.name, s.info_hash).is_none() {
+                keys.push(name_key(&cluster, &s.name));
+            }
         }
         for key in keys {
             let d = self.dht.as_mut().expect("checked");
@@ -412,7 +416,12 @@ fn ask_info_hash(
             .and_then(|mut c| c.call("LIST_FILES", json!({})));
         match answer {
             Ok(r) => {
-                let found = r["files"].as_array().into_iter().flatten().find(|f| f["filename"] == filename);
+                // A holder's file that its own manifest calls a mismatch is no vote.
+                let found = r["files"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|f| f["filename"] == filename && f.get("mismatch").is_none_or(Value::is_null));
                 if let Some(h) = found.and_then(|f| f["info_hash"].as_str()).and_then(InfoHash::from_hex) {
                     *votes.entry(h).or_default() += 1;
                 }

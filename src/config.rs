@@ -107,6 +107,10 @@ pub struct NodeConfig {
     pub kv_memory: u64,
     /// Copy weights into ggml's faster CPU layouts (costs memory the size of those weights).
     pub repack: bool,
+    /// A read-only DHT node (BEP 43): asks, never answers, never routed to.
+    pub dht_read_only: bool,
+    /// DHT packets a second to any one address (libtorrent bans a source over 5).
+    pub dht_query_rate: u32,
 }
 
 impl Default for NodeConfig {
@@ -132,6 +136,8 @@ impl Default for NodeConfig {
             max_sessions: 16,
             kv_memory: 2 << 30,
             repack: false,
+            dht_read_only: false,
+            dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
         }
     }
 }
@@ -161,6 +167,11 @@ FLAGS:
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --cached-writes        write downloaded pieces through the page cache (default:
                          direct I/O where the filesystem allows it)
+  --dht-read-only        a read-only DHT node (BEP 43): it looks up and announces
+                         but answers no query, and others keep it out of their
+                         routing tables (for a node that cannot take queries)
+  --dht-query-rate N     DHT packets a second to any one address, queries and
+                         answers together [default: 3; libtorrent bans over 5]
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
@@ -251,6 +262,13 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 }
                 c.direct_io = false;
             }
+            "--dht-read-only" => {
+                if inline.is_some() {
+                    return Err("--dht-read-only takes no value".into());
+                }
+                c.dht_read_only = true;
+            }
+            "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
@@ -315,6 +333,10 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
         assert!(c.direct_io, "direct I/O by default");
         assert!(!run(&["--cached-writes"]).unwrap().direct_io);
+        assert!(!c.dht_read_only);
+        assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
+        assert_eq!(c.dht_query_rate, 3);
+        assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
     }
 
     #[test]
@@ -341,6 +363,8 @@ mod tests {
             (&["--ctx-size", "8"], "--ctx-size"),
             (&["--kv-memory", "lots"], "--kv-memory"),
             (&["--cached-writes=no"], "--cached-writes takes no value"),
+            (&["--dht-read-only=1"], "--dht-read-only takes no value"),
+            (&["--dht-query-rate", "0"], "--dht-query-rate"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

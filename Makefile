@@ -43,8 +43,10 @@ endif
 demo: shards
 	sh scripts/demo.sh
 
-test:
-	cargo test
+# Every test, in the release profile `make build` compiled (one build for both). Tests needing an
+# outside tool or the fetched model run where it is present; the last line names those that did not.
+test: build
+	bash scripts/test.sh
 
 bench:
 	cargo bench

@@ -131,6 +131,40 @@ fn main() {
     }
     println!("cargo:rustc-link-lib={}=stdc++", if static_crt { "static" } else { "dylib" });
     println!("cargo:rustc-link-lib=dylib=m");
+
+    // `ggml_repack_q4_0`: ggml has a Q4_0 repack layout for the CPU this build targets (its
+    // `ggml_repack_get_optimal_repack_type`: AVX2 on x86, dotprod or i8mm on Arm). The repack
+    // test runs only then and is reported ignored elsewhere, never passed.
+    println!("cargo::rustc-check-cfg=cfg(ggml_repack_q4_0)");
+    if has_q4_0_repack(&target_arch, portable) {
+        println!("cargo:rustc-cfg=ggml_repack_q4_0");
+    }
+}
+
+/// Whether ggml, built with this build's `-march`, repacks Q4_0 weights. `-march=native` means
+/// the building CPU's features, so they are read here (a cross build is not native).
+fn has_q4_0_repack(target_arch: &str, portable: bool) -> bool {
+    let native = env::var("HOST") == env::var("TARGET");
+    match target_arch {
+        "x86_64" => portable || (native && host_has("avx2")),
+        "aarch64" => portable || (native && (host_has("dotprod") || host_has("i8mm"))),
+        _ => false,
+    }
+}
+
+#[allow(unused_variables)]
+fn host_has(feature: &str) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if feature == "avx2" {
+        return std::arch::is_x86_feature_detected!("avx2");
+    }
+    #[cfg(target_arch = "aarch64")]
+    match feature {
+        "dotprod" => return std::arch::is_aarch64_feature_detected!("dotprod"),
+        "i8mm" => return std::arch::is_aarch64_feature_detected!("i8mm"),
+        _ => {}
+    }
+    false
 }
 
 /// ggml's CUDA backend: every `.cu` under `ggml-cuda/` (templates instances included) through

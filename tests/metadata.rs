@@ -22,10 +22,9 @@ fn node_hashes(node: &NodeProc) -> Vec<(String, String)> {
 }
 
 #[test]
+#[ignore = "needs transmission-show"]
 fn transmission_show_reads_the_nodes_torrents_with_the_same_info_hash() {
-    if !have_tool("transmission-show") {
-        return;
-    }
+    require("transmission-show");
     let dir = TempDir::new("meta");
     // Sizes on and off piece boundaries, one piece, and a multi-piece file.
     write_shard(&dir.path().join("shard-0.gguf"), 0, 3, (0, 1), 10);
@@ -46,10 +45,9 @@ fn transmission_show_reads_the_nodes_torrents_with_the_same_info_hash() {
 }
 
 #[test]
+#[ignore = "needs mktorrent"]
 fn mktorrent_builds_the_same_info_hash_as_the_node() {
-    if !have_tool("mktorrent") {
-        return;
-    }
+    require("mktorrent");
     let dir = TempDir::new("meta");
     write_shard(&dir.path().join("shard-0.gguf"), 0, 2, (0, 1), 1_000_000);
     write_shard(&dir.path().join("shard-1.gguf"), 1, 2, (1, 2), 12_345);
@@ -73,10 +71,9 @@ fn mktorrent_builds_the_same_info_hash_as_the_node() {
 }
 
 #[test]
+#[ignore = "needs aria2c"]
 fn aria2_lists_the_files_of_the_nodes_torrents() {
-    if !have_tool("aria2c") {
-        return;
-    }
+    require("aria2c");
     let dir = TempDir::new("meta");
     write_shard(&dir.path().join("shard-0.gguf"), 0, 1, (0, 1), 700_000);
     let node = NodeProc::start(dir.path(), &[]);

@@ -281,10 +281,9 @@ fn a_peer_sending_corrupt_blocks_is_banned_and_the_file_still_completes() {
 }
 
 #[test]
+#[ignore = "needs aria2c"]
 fn aria2_downloads_a_shard_from_a_node() {
-    if !have_tool("aria2c") {
-        return;
-    }
+    require("aria2c");
     let (sd, src, _m) = seed_dir(3 * MB);
     let seed = start_seed(sd.path(), &[]);
     let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
@@ -302,10 +301,9 @@ fn aria2_downloads_a_shard_from_a_node() {
 }
 
 #[test]
+#[ignore = "needs aria2c"]
 fn a_node_downloads_a_shard_that_aria2_seeds() {
-    if !have_tool("aria2c") {
-        return;
-    }
+    require("aria2c");
     let (sd, src, m) = seed_dir(3 * MB);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
@@ -341,10 +339,9 @@ fn lt_peer() -> Command {
 }
 
 #[test]
+#[ignore = "needs python3-libtorrent"]
 fn libtorrent_downloads_a_shard_from_a_node() {
-    if !have_libtorrent() {
-        return;
-    }
+    require("python3-libtorrent");
     let (sd, src, _m) = seed_dir(5 * MB);
     let seed = start_seed(sd.path(), &[]);
     let out = TempDir::new("lt-dl");
@@ -366,10 +363,9 @@ fn libtorrent_downloads_a_shard_from_a_node() {
 }
 
 #[test]
+#[ignore = "needs python3-libtorrent"]
 fn a_node_downloads_a_shard_that_libtorrent_seeds() {
-    if !have_libtorrent() {
-        return;
-    }
+    require("python3-libtorrent");
     let (sd, src, m) = seed_dir(5 * MB);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();

@@ -185,36 +185,57 @@ pub fn closed_by_peer(s: &mut TcpStream) -> bool {
         || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
 }
 
-/// Whether an external tool is on PATH; CI sets SHARDNET_REQUIRE_TOOLS=1 so a
-/// missing tool fails there instead of skipping.
-/// Whether Debian's python3-libtorrent is importable by /usr/bin/python3
-/// (required under `SHARDNET_REQUIRE_TOOLS`, else the caller skips).
-pub fn have_libtorrent() -> bool {
-    let found =
-        Command::new("/usr/bin/python3").args(["-c", "import libtorrent"]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
-            "python3-libtorrent is required (apt-get install python3-libtorrent)"
-        );
-        eprintln!("SKIPPED: Debian's python3-libtorrent not installed");
+/// Panics unless every need in `needs` (comma-separated) is met; see [`need_met`] for the forms.
+///
+/// A test that needs something outside the crate (a program, a Python package, a fetched model)
+/// is written
+///
+/// ```ignore
+/// #[test]
+/// #[ignore = "needs aria2c"]
+/// fn aria2_downloads_a_shard_from_a_node() {
+///     require("aria2c");
+///     ...
+/// }
+/// ```
+///
+/// so that it never looks passed when the need is missing: plain `cargo test` reports it
+/// `ignored, needs aria2c`; `make test` (scripts/test.sh) runs it with `--ignored` where its needs
+/// are met and ends with one line naming every test that did not run; `.ci/run` makes every need
+/// mandatory, and a test run without its need fails here with the way to install it.
+pub fn require(needs: &str) {
+    for need in needs.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+        assert!(need_met(need), "this test needs {need}, which is missing: {}", install_hint(need));
     }
-    found
 }
 
-pub fn have_tool(name: &str) -> bool {
-    let found =
-        Command::new("sh").args(["-c", &format!("command -v {name}")]).output().is_ok_and(|o| o.status.success());
-    if !found {
-        assert!(
-            std::env::var("SHARDNET_REQUIRE_TOOLS").is_err(),
-            "{name} is required (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)"
-        );
-        eprintln!(
-            "SKIPPED: {name} not installed (apt-get install mktorrent transmission-cli aria2 python3-libtorrent)"
-        );
+/// Whether one need is met. The forms (scripts/test.sh reads the same ones from the ignore
+/// reasons): `pip:MODULE`, a module `python3` (first on PATH) imports; `python3-MODULE`, a
+/// Debian package that `/usr/bin/python3` imports; a path with a `/`, a file under the
+/// repository root; anything else, a program on PATH.
+pub fn need_met(need: &str) -> bool {
+    let import = |python: &str, module: &str| {
+        Command::new(python).args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success())
+    };
+    if let Some(module) = need.strip_prefix("pip:") {
+        import("python3", module)
+    } else if let Some(module) = need.strip_prefix("python3-") {
+        import("/usr/bin/python3", module)
+    } else if need.contains('/') {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(need).is_file()
+    } else {
+        Command::new("sh").args(["-c", &format!("command -v {need}")]).output().is_ok_and(|o| o.status.success())
     }
-    found
+}
+
+fn install_hint(need: &str) -> String {
+    match need {
+        "aria2c" => "apt-get install aria2".into(),
+        "transmission-show" => "apt-get install transmission-cli".into(),
+        n if n.starts_with("pip:") => format!("python3 -m pip install {}", &n[4..]),
+        n if n.starts_with("python3-") || !n.contains('/') => format!("apt-get install {n}"),
+        _ => "make models".into(),
+    }
 }
 
 /// Writes `size` pseudo-random bytes (xorshift64 from `state`) to `w`.

@@ -1,0 +1,243 @@
+//! Text generation: `generate` (a whole model in this process) and `infer`
+//! (across a cluster, through the coordinator).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::{Result, bail};
+use serde_json::json;
+
+use shardnet::engine::sampler::SamplerConfig;
+
+use crate::args::{flag_map, num, usage};
+use crate::model::{load_tokenizer, open_model};
+use crate::{Opts, print_json};
+
+/// `--temp`, `--top-k`, `--top-p`, `--seed` (generate and infer), checked.
+pub fn sampling_flags(f: &HashMap<&str, &str>, command: &str) -> Result<SamplerConfig> {
+    let d = SamplerConfig::default();
+    let sampling = SamplerConfig {
+        temperature: num(f, "--temp", 0.0),
+        top_k: num(f, "--top-k", d.top_k),
+        top_p: num(f, "--top-p", d.top_p),
+        seed: num(f, "--seed", d.seed),
+    };
+    sampling.validate().map_err(|e| usage(format!("{command}: {e}")))?;
+    Ok(sampling)
+}
+
+pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
+    use shardnet::engine::generate::{TextStream, generate};
+    use shardnet::engine::sampler::Sampler;
+    use shardnet::engine::{Engine, EngineConfig};
+    use std::io::Write;
+    let f = flag_map(
+        flags,
+        &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
+        &["--no-special", "--logits", "--ignore-eos", "--repack"],
+    );
+    let sampling = sampling_flags(&f, "generate")?;
+    let n: usize = num(&f, "-n", 32);
+    let batch: usize = num(&f, "--batch", 512);
+    if batch == 0 {
+        return Err(usage("--batch must be at least 1".into()));
+    }
+    let ec = EngineConfig::default();
+    let cfg = EngineConfig {
+        threads: num(&f, "--threads", ec.threads).max(1),
+        ctx_size: num(&f, "--ctx", ec.ctx_size),
+        max_sessions: 1,
+        kv_budget: u64::MAX,
+        repack: f.contains_key("--repack"),
+    };
+    let map = open_model(model)?;
+    let tok = load_tokenizer(&map, model)?;
+    let prompt: Vec<u32> = match (f.get("--prompt-ids"), f.get("--prompt")) {
+        (Some(ids), _) => ids
+            .split(',')
+            .map(|s| s.trim().parse().map_err(|_| usage(format!("--prompt-ids: {s:?} is not a token id"))))
+            .collect::<Result<_>>()?,
+        (None, Some(text)) => tok.encode(text, true, !f.contains_key("--no-special")),
+        (None, None) => return Err(usage("generate needs --prompt TEXT (or --prompt-ids)".into())),
+    };
+    if prompt.is_empty() {
+        return Err(usage("the prompt holds no tokens".into()));
+    }
+    let mut engine = Engine::new(cfg)?;
+    let hp = engine.load(0, map)?.clone();
+    if !engine.shard_info(0).is_some_and(|(_, b, e)| b == 0 && e == hp.n_layer) {
+        bail!("{model} is a shard, not a whole model: generate runs whole models");
+    }
+    let mut stream = TextStream::new(&tok);
+    let mut out = std::io::stdout().lock();
+    let json = o.json;
+    let mut text = String::new();
+    let stats = generate(
+        &mut engine,
+        0,
+        "generate",
+        Some(&tok),
+        &prompt,
+        n,
+        batch,
+        &mut Sampler::new(sampling),
+        !f.contains_key("--ignore-eos"),
+        |id| {
+            let piece = stream.push(id);
+            text.push_str(&piece);
+            if !json {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            }
+        },
+    )?;
+    let tail = stream.finish();
+    text.push_str(&tail);
+    let per_s = |count: usize, ms: f64| if ms > 0.0 { count as f64 * 1e3 / ms } else { 0.0 };
+    if json {
+        let mut v = json!({
+            "prompt_tokens": prompt,
+            "tokens": stats.generated,
+            "text": text,
+            "prefill_ms": stats.prefill_ms,
+            "decode_ms": stats.decode_ms,
+            "prefill_tps": per_s(prompt.len(), stats.prefill_ms),
+            "decode_tps": per_s(stats.generated.len(), stats.decode_ms),
+        });
+        if f.contains_key("--logits") {
+            // For checks against a reference: the logits after the prompt and after the last token.
+            v["prefill_logits"] = json!(stats.prefill_logits);
+            v["final_logits"] = json!(stats.final_logits);
+        }
+        println!("{v}");
+    } else {
+        let _ = writeln!(out, "{tail}");
+        eprintln!(
+            "prompt {} tokens in {:.1} ms ({:.1} tok/s); generated {} tokens in {:.1} ms ({:.1} tok/s); {} threads",
+            prompt.len(),
+            stats.prefill_ms,
+            per_s(prompt.len(), stats.prefill_ms),
+            stats.generated.len(),
+            stats.decode_ms,
+            per_s(stats.generated.len(), stats.decode_ms),
+            engine.config().threads
+        );
+    }
+    Ok(())
+}
+
+pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
+    use shardnet::coordinator::{Coordinator, Event, InferConfig};
+    use std::io::Write;
+    let f = flag_map(
+        flags,
+        &[
+            "--bootstrap",
+            "--cluster",
+            "--prompt",
+            "-n",
+            "--temp",
+            "--top-k",
+            "--top-p",
+            "--seed",
+            "--batch",
+            "--session",
+            "--pace-ms",
+            "--load-timeout",
+        ],
+        &["--no-special", "--ignore-eos"],
+    );
+    let sampling = sampling_flags(&f, "infer")?;
+    let prompt = f.get("--prompt").ok_or_else(|| usage("infer needs --prompt TEXT".into()))?;
+    let batch: usize = num(&f, "--batch", 128);
+    if batch == 0 {
+        return Err(usage("--batch must be at least 1".into()));
+    }
+    let session = f.get("--session").map(|s| s.to_string());
+    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
+        return Err(usage("--session must be 1-128 bytes".into()));
+    }
+    let cfg = InferConfig {
+        bootstrap: f.get("--bootstrap").map_or(o.node.clone(), |b| b.to_string()),
+        cluster: f.get("--cluster").unwrap_or(&"shardnet").to_string(),
+        prompt: prompt.to_string(),
+        n: num(&f, "-n", 32),
+        sampling,
+        batch,
+        timeout: o.timeout,
+        load_timeout: Duration::from_secs(num(&f, "--load-timeout", 600u64).max(1)),
+        pace: Duration::from_millis(num(&f, "--pace-ms", 0u64)),
+        parse_special: !f.contains_key("--no-special"),
+        stop_at_eog: !f.contains_key("--ignore-eos"),
+        session,
+        max_recoveries: 3,
+    };
+    let json_out = o.json;
+    let mut stdout = std::io::stdout();
+    let mut progress_open = false;
+    let events = move |ev: Event| {
+        let mut err = std::io::stderr();
+        if progress_open && !matches!(ev, Event::Loading { .. }) {
+            let _ = writeln!(err);
+            progress_open = false;
+        }
+        match ev {
+            Event::Nodes(n) => {
+                let list: Vec<String> = n.iter().map(|a| a.to_string()).collect();
+                let _ = writeln!(err, "nodes: {}", list.join(", "));
+            }
+            Event::Plan(p) => {
+                for (s, a) in p.iter().enumerate() {
+                    let _ = writeln!(err, "shard {s} -> {a}");
+                }
+            }
+            Event::Loading { shard, node, percent, rate, peers } => {
+                let _ = write!(
+                    err,
+                    "\r  shard {shard} on {node}: downloading {percent:5.1}%  {:.1} MB/s  {peers} peers   ",
+                    rate / 1e6
+                );
+                progress_open = true;
+            }
+            Event::Loaded { shard, node, source, ms } => {
+                let _ = writeln!(err, "  shard {shard} loaded on {node} ({source}, {ms:.0} ms)");
+            }
+            Event::Recovering { shard, from, to, why } => {
+                let _ = writeln!(
+                    err,
+                    "\nrecovering: shard {shard} moved from {from} to {to} ({why}); replaying the session"
+                );
+            }
+            Event::Text(t) => {
+                if !json_out {
+                    let _ = stdout.write_all(t.as_bytes());
+                    let _ = stdout.flush();
+                }
+            }
+        }
+    };
+    let mut c = Coordinator::discover(cfg, events)?;
+    let summary = c.generate()?;
+    if json_out {
+        print_json(&summary.to_json());
+        return Ok(());
+    }
+    println!();
+    let v = summary.to_json();
+    let hops: Vec<String> =
+        summary.hop_compute_ms.iter().enumerate().map(|(s, ms)| format!("shard {s} {ms:.2} ms")).collect();
+    eprintln!(
+        "prompt {} tokens, generated {}; load {:.0} ms; time to first token {:.1} ms; prefill {:.1} tok/s; \
+         decode {:.1} tok/s; compute per step: {}; chain overhead {:.0} us per hop; {} recoveries",
+        summary.prompt_tokens.len(),
+        summary.tokens.len(),
+        summary.load_ms,
+        summary.ttft_ms,
+        v["prefill_tps"].as_f64().unwrap_or(0.0),
+        v["decode_tps"].as_f64().unwrap_or(0.0),
+        hops.join(", "),
+        summary.overhead_per_hop_us,
+        summary.recoveries
+    );
+    Ok(())
+}

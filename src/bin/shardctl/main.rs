@@ -59,9 +59,10 @@ COMMANDS:
   peers KEY | --shard N | --cluster
                                 peers the DHT knows for an info hash (or any
                                 key), a shard's name, or the cluster (FIND_PEERS)
-  fetch TORRENT|MAGNET --peer IP:PORT... --out DIR [--listen IP:PORT]
-                                download a torrent from the given peers (a
-                                node of its own, seeding while it runs)
+  fetch TORRENT|MAGNET [--peer IP:PORT...] --out DIR [--listen IP:PORT]
+                                download a torrent from the given peers and a
+                                magnet's x.pe hints (a node of its own,
+                                seeding while it runs)
   torrent create FILE [--out PATH] [--piece-length BYTES]
                                 hash FILE and write FILE.torrent (or PATH)
   torrent info FILE.torrent     print a .torrent's contents

@@ -103,16 +103,18 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         }
     }
     let out = out.ok_or_else(|| usage("fetch needs --out DIR".into()))?;
-    if peers.is_empty() {
-        return Err(usage("fetch needs at least one --peer IP:PORT".into()));
-    }
     let (info_hash, torrent_hex) = if target.starts_with("magnet:") {
-        (Magnet::parse(target)?.info_hash, None)
+        let m = Magnet::parse(target)?;
+        peers.extend(m.peers); // x.pe hints
+        (m.info_hash, None)
     } else {
         let bytes = std::fs::read(target).with_context(|| format!("reading {target}"))?;
         let m = Metainfo::parse(&bytes).with_context(|| format!("parsing {target}"))?;
         (m.info_hash, Some(shardnet::hash::to_hex(&bytes)))
     };
+    if peers.is_empty() {
+        return Err(usage("fetch needs at least one --peer IP:PORT (or a magnet link with x.pe)".into()));
+    }
     let config = NodeConfig {
         listen: listen.parse().map_err(|_| usage(format!("--listen {listen:?} is not IP:PORT")))?,
         shards_dir: PathBuf::from(&out),

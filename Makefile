@@ -10,8 +10,11 @@ SMOLLM2  := $(MODELS)/SmolLM2-135M-Instruct.Q4_1.gguf
 DEMO     := $(MODELS)/demo-model.gguf
 BIN      := target/release
 PORT     := $(shell echo $$((51820 + $(NODE))))
+# The cluster key every node and shardctl of `make run` / `make demo` prove (made once).
+KEY      ?= $(MODELS)/cluster.key
+HTTP_PORT ?= 8080
 
-.PHONY: build run models shards test bench clean-models bindings static check-reference demo
+.PHONY: build run models shards test bench clean-models bindings static check-reference demo key serve
 
 build:
 	cargo build --release --bins
@@ -30,18 +33,35 @@ shards: models
 		$(BIN)/shardctl split $$model --shards $(SHARDS) --out $(MODELS)/shards; \
 	fi
 
-run: build
+# 32 random bytes as hex, mode 0600, made on first use and kept: copy the file to every box of
+# the cluster (README, "Cluster key"), and give shardctl the same file.
+key: $(KEY)
+$(KEY):
+	@mkdir -p $(dir $(KEY))
+	@(umask 077 && head -c 32 /dev/urandom | od -An -v -tx1 | tr -d ' \n' > $(KEY).tmp && echo >> $(KEY).tmp \
+		&& mv $(KEY).tmp $(KEY))
+	@echo "made the cluster key $(KEY) (mode 0600); every node and shardctl of this cluster needs it"
+
+run: build key
 ifeq ($(NODE),0)
 	@$(MAKE) --no-print-directory shards
-	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/shards --cluster $(CLUSTER) --enable-torrent $(ARGS)
+	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/shards --cluster $(CLUSTER) --enable-torrent \
+		--cluster-key-file $(KEY) $(ARGS)
 else
 	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/node-$(NODE)/shards --cluster $(CLUSTER) \
-		--bootstrap /ip4/127.0.0.1/tcp/51820 --enable-torrent $(ARGS)
+		--bootstrap /ip4/127.0.0.1/tcp/51820 --enable-torrent --cluster-key-file $(KEY) $(ARGS)
 endif
 
-# Four nodes on loopback, a generation through them, then every node stopped.
-demo: shards
-	sh scripts/demo.sh
+# Four nodes on loopback, a generation through them, then every node stopped; the nodes and
+# shardctl read the cluster key from SHARDNET_CLUSTER_KEY_FILE.
+demo: shards key
+	SHARDNET_CLUSTER_KEY_FILE=$(KEY) sh scripts/demo.sh
+
+# The OpenAI-compatible endpoint on http://127.0.0.1:$(HTTP_PORT) over the cluster `make run` started
+# (node 0; start NODE=1.. too so that the shards spread over several nodes).
+serve: build key
+	$(BIN)/shardctl --cluster-key-file $(KEY) serve --bootstrap 127.0.0.1:51820 --cluster $(CLUSTER) \
+		--listen 127.0.0.1:$(HTTP_PORT) $(ARGS)
 
 # Every test, in the release profile `make build` compiled (one build for both). Tests needing an
 # outside tool or the fetched model run where it is present; the last line names those that did not.

@@ -2,6 +2,8 @@
 //! Writes `target/bench/commands.json`.
 //!
 //! - STATUS round trips per second and p50/p99 latency, 1 and 16 clients;
+//! - the same with a cluster key (every frame MACed both ways) against without, alternating
+//!   rounds on two nodes in the same run (medians; goal: at most 10% slower);
 //! - first-start hashing rate against this machine's single-thread SHA-1
 //!   rate measured in the same run;
 //! - time until a restarted node has all metadata, with 8 x 512 MiB shards.
@@ -41,6 +43,12 @@ fn main() {
     }
     drop(node);
 
+    report.insert("status_keyed_vs_open".into(), keyed_vs_open(&dir));
+    // Saved now too: the hashing runs below take minutes on a loaded machine.
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(out.join("commands.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
+
     report.insert("startup_hashing".into(), startup_hashing());
     report.insert("cached_restart".into(), cached_restart());
 
@@ -56,14 +64,111 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1e6
 }
 
+/// STATUS round trips per second of one client, on a node with a cluster key (the client
+/// proves it; every frame is MACed) and on one without, in alternating 1 s rounds.
+fn keyed_vs_open(dir: &TempDir) -> Value {
+    use std::os::unix::fs::PermissionsExt;
+    let key_path = dir.path().join("bench.key");
+    std::fs::write(&key_path, "0f1e2d3c4b5a69788796a5b4c3d2e1f0").unwrap();
+    std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let key = shardnet::protocol::auth::ClusterKey::load(&key_path).unwrap().key;
+    let (open_dir, keyed_dir) = (dir.path().join("open"), dir.path().join("keyed"));
+    let open = NodeProc::start(&open_dir, &["--log-level", "warn"]);
+    let keyed = NodeProc::start(&keyed_dir, &["--log-level", "warn", "--cluster-key-file", key_path.to_str().unwrap()]);
+    let (mut open_rates, mut keyed_rates) = (Vec::new(), Vec::new());
+    let (mut open_cpu, mut keyed_cpu) = (Vec::new(), Vec::new());
+    for _ in 0..7 {
+        let c = shardnet::client::Client::connect_with_key(&open.addr, common::WAIT, None).unwrap();
+        let (wall, cpu) = timed_round_trips(&open, c);
+        open_rates.push(wall);
+        open_cpu.push(cpu);
+        let c = shardnet::client::Client::connect_with_key(&keyed.addr, common::WAIT, Some(&key)).unwrap();
+        assert!(c.authenticated());
+        let (wall, cpu) = timed_round_trips(&keyed, c);
+        keyed_rates.push(wall);
+        keyed_cpu.push(cpu);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (o, k) = (median(&mut open_rates), median(&mut keyed_rates));
+    let (oc, kc) = (median(&mut open_cpu), median(&mut keyed_cpu));
+    // The MACs' CPU time alone, without the machine's noise: a round trip seals and opens a
+    // request and a STATUS answer once each.
+    let mut status = shardnet::client::Client::connect_with_key(&open.addr, common::WAIT, None).unwrap();
+    let answer = serde_json::to_vec(&status.request("STATUS", json!({})).unwrap()).unwrap();
+    let request = br#"{"command":"STATUS","request_id":"ctl-1","from":"shardctl","params":{}}"#;
+    let mac_us = mac_cost_us(&key, request, &answer);
+    println!(
+        "STATUS, 1 client: {o:.0} round trips/s without a key, {k:.0} with one ({:+.1}%); per CPU second \
+         (node loop + client): {oc:.0} vs {kc:.0} ({:+.1}%); the MACs' CPU {mac_us:.2} us per round trip",
+        (k / o - 1.0) * 100.0,
+        (kc / oc - 1.0) * 100.0,
+    );
+    json!({"open_per_s": o, "keyed_per_s": k, "keyed_over_open": k / o,
+        "open_per_cpu_s": oc, "keyed_per_cpu_s": kc, "keyed_over_open_cpu": kc / oc,
+        "open_rounds": open_rates, "keyed_rounds": keyed_rates, "open_cpu_rounds": open_cpu,
+        "keyed_cpu_rounds": keyed_cpu, "goal": "keyed_over_open >= 0.9",
+        "mac_cpu_us_per_round_trip": mac_us, "status_answer_bytes": answer.len()})
+}
+
+/// Nanoseconds a thread has run on a CPU (`/proc/.../schedstat`, first field).
+fn cpu_ns(schedstat: &str) -> u64 {
+    std::fs::read_to_string(schedstat).ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(0)
+}
+
+/// One second of STATUS round trips on `c`: (round trips per wall second, round trips per CPU
+/// second of the node's event loop and the client thread together). The CPU figure is what a
+/// loaded, shared machine cannot skew: both sides' work per round trip.
+fn timed_round_trips(node: &NodeProc, c: shardnet::client::Client) -> (f64, f64) {
+    let loop_stat = format!("/proc/{}/schedstat", node.child.id());
+    let node0 = cpu_ns(&loop_stat);
+    let r = round_trips_with(vec![c], 1.0);
+    // The client ran in its own thread, which read its CPU time itself.
+    let client_ns = r["client_cpu_ns"].as_u64().unwrap_or(0);
+    let node_ns = cpu_ns(&loop_stat) - node0;
+    let n = r["round_trips"].as_f64().unwrap();
+    (r["round_trips_per_s"].as_f64().unwrap(), n / ((node_ns + client_ns) as f64 / 1e9))
+}
+
+/// Microseconds to seal and open `request` and `answer` once each (both directions' MACs).
+fn mac_cost_us(key: &shardnet::protocol::auth::ClusterKey, request: &[u8], answer: &[u8]) -> f64 {
+    use shardnet::protocol::auth::{ClientHandshake, NodeAuth};
+    let client = ClientHandshake::new(key.clone(), [1; 32]);
+    let mut node = NodeAuth::new(true);
+    let challenge = node.hello(key, &[1; 32], &[2; 32], Instant::now()).unwrap();
+    let mut c = client.answer(&challenge).unwrap();
+    let proof = shardnet::hash::from_hex_vec(c.params["client_proof"].as_str().unwrap()).unwrap();
+    node.proof(key, &proof).unwrap();
+    let n = 20_000;
+    let (mut wire, mut back) = (Vec::new(), Vec::new());
+    let cpu0 = cpu_ns("/proc/thread-self/schedstat");
+    for _ in 0..n {
+        wire.clear();
+        c.tx.seal_frame(request, &mut wire);
+        node.open(&wire[4..]).unwrap();
+        back.clear();
+        node.encode(answer, &mut back);
+        c.rx.open(&back[4..]).unwrap();
+    }
+    (cpu_ns("/proc/thread-self/schedstat") - cpu0) as f64 / 1e3 / n as f64
+}
+
 /// Each client sends STATUS, waits for the answer, and repeats.
 fn round_trips(node: &NodeProc, clients: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs_f64(ROUND_TRIP_SECS);
+    round_trips_with((0..clients).map(|_| node.client()).collect(), ROUND_TRIP_SECS)
+}
+
+fn round_trips_with(clients: Vec<shardnet::client::Client>, secs: f64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let started = Instant::now();
-    let handles: Vec<_> = (0..clients)
-        .map(|_| {
-            let mut c = node.client();
+    let n = clients.len();
+    let handles: Vec<_> = clients
+        .into_iter()
+        .map(|mut c| {
             std::thread::spawn(move || {
+                let cpu0 = cpu_ns("/proc/thread-self/schedstat");
                 let mut lat = Vec::with_capacity(200_000);
                 while Instant::now() < deadline {
                     let t = Instant::now();
@@ -71,20 +176,27 @@ fn round_trips(node: &NodeProc, clients: usize) -> Value {
                     lat.push(t.elapsed());
                     assert_eq!(r["status"], "success");
                 }
-                lat
+                (lat, cpu_ns("/proc/thread-self/schedstat") - cpu0)
             })
         })
         .collect();
-    let mut all: Vec<Duration> = handles.into_iter().flat_map(|h| h.join().unwrap()).collect();
+    let mut client_cpu_ns = 0;
+    let mut all: Vec<Duration> = Vec::new();
+    for h in handles {
+        let (lat, cpu) = h.join().unwrap();
+        all.extend(lat);
+        client_cpu_ns += cpu;
+    }
     let elapsed = started.elapsed().as_secs_f64();
     all.sort();
     json!({
-        "clients": clients,
+        "clients": n,
         "round_trips": all.len(),
         "seconds": elapsed,
         "round_trips_per_s": all.len() as f64 / elapsed,
         "p50_us": percentile(&all, 0.50),
         "p99_us": percentile(&all, 0.99),
+        "client_cpu_ns": client_cpu_ns,
     })
 }
 

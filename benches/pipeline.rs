@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use common::{NodeProc, TempDir, wait_for};
 use memmap2::Mmap;
 use serde_json::json;
-use shardnet::coordinator::{Coordinator, InferConfig};
+use shardnet::coordinator::{ClusterConfig, Coordinator, GenRequest};
 use shardnet::engine::generate::generate;
 use shardnet::engine::sampler::{Sampler, SamplerConfig};
 use shardnet::engine::tokenizer::Tokenizer;
@@ -38,16 +38,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn infer(boot: &str, n: usize) -> shardnet::coordinator::Summary {
-    let cfg = InferConfig {
-        bootstrap: boot.to_string(),
-        prompt: PROMPT.into(),
-        n,
-        stop_at_eog: false,
-        timeout: Duration::from_secs(120),
-        ..Default::default()
-    };
+    let cfg = ClusterConfig { bootstrap: boot.to_string(), timeout: Duration::from_secs(120), ..Default::default() };
     let mut c = Coordinator::discover(cfg, |_| {}).unwrap();
-    c.generate().unwrap()
+    let prompt = c.tokenizer().encode(PROMPT, true, true);
+    c.generate(&GenRequest { prompt, max_tokens: n, stop_at_eog: false, ..Default::default() }, |_, _| true).unwrap()
 }
 
 fn main() {

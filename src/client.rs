@@ -1,4 +1,5 @@
-//! A blocking command-protocol client, for `shardctl`, tests and benchmarks.
+//! A blocking command-protocol client, for `shardctl`, tests and benchmarks. With a cluster
+//! key it runs the handshake of [`crate::protocol::auth`] at connect and seals every frame.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -8,6 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::config::parse_peer_addr;
+use crate::protocol::auth::{self, ClientHandshake, ClusterKey, FrameMac};
 use crate::protocol::frame::{self, DEFAULT_MAX_FRAME};
 use crate::protocol::request_payload;
 
@@ -15,12 +17,43 @@ pub struct Client {
     stream: TcpStream,
     next_id: u64,
     max_frame: u32,
+    /// Seals our frames and opens the node's, once the handshake is done.
+    tx: Option<FrameMac>,
+    rx: Option<FrameMac>,
+}
+
+static DEFAULT_KEY: std::sync::OnceLock<Option<ClusterKey>> = std::sync::OnceLock::new();
+
+/// Sets the key [`Client::connect`] authenticates with, once per process (`shardctl` sets it
+/// from `--cluster-key-file` or the environment). False if it was set already.
+pub fn set_default_key(key: Option<ClusterKey>) -> bool {
+    DEFAULT_KEY.set(key).is_ok()
+}
+
+/// The key [`Client::connect`] uses, if any.
+pub fn default_key() -> Option<&'static ClusterKey> {
+    DEFAULT_KEY.get().and_then(Option::as_ref)
 }
 
 impl Client {
     /// Connects to `addr` (`HOST:PORT` or a multiaddr); every read and write
-    /// is bounded by `timeout`.
+    /// is bounded by `timeout`. Authenticates with the process's default key, if set.
     pub fn connect(addr: &str, timeout: Duration) -> Result<Client> {
+        Client::connect_with_key(addr, timeout, default_key())
+    }
+
+    /// As `connect`, proving `key` (none: an unauthenticated connection, which a keyed node
+    /// serves `STATUS` only). Errors: the node lacks the key, or has none (open to anyone:
+    /// a keyed client does not talk to it).
+    pub fn connect_with_key(addr: &str, timeout: Duration, key: Option<&ClusterKey>) -> Result<Client> {
+        let mut client = Client::connect_plain(addr, timeout)?;
+        if let Some(key) = key {
+            client.authenticate(key).with_context(|| format!("authenticating to {addr}"))?;
+        }
+        Ok(client)
+    }
+
+    fn connect_plain(addr: &str, timeout: Duration) -> Result<Client> {
         let peer = parse_peer_addr(addr).map_err(|e| anyhow!(e))?;
         let addrs: Vec<_> =
             (peer.host.as_str(), peer.port).to_socket_addrs().with_context(|| format!("resolving {peer}"))?.collect();
@@ -31,7 +64,7 @@ impl Client {
                     stream.set_read_timeout(Some(timeout))?;
                     stream.set_write_timeout(Some(timeout))?;
                     let _ = stream.set_nodelay(true);
-                    return Ok(Client { stream, next_id: 1, max_frame: DEFAULT_MAX_FRAME });
+                    return Ok(Client { stream, next_id: 1, max_frame: DEFAULT_MAX_FRAME, tx: None, rx: None });
                 }
                 Err(e) => last = Some(e),
             }
@@ -40,6 +73,30 @@ impl Client {
             Some(e) => anyhow!("connecting to {peer}: {e} (is shard_listener running there?)"),
             None => anyhow!("{peer} resolves to no address"),
         })
+    }
+
+    /// The cluster-key handshake: hello, check the node's proof, send ours; every frame after
+    /// is sealed.
+    fn authenticate(&mut self, key: &ClusterKey) -> Result<()> {
+        let nonce = auth::random_bytes::<{ auth::NONCE_LEN }>().context("reading /dev/urandom")?;
+        let hs = ClientHandshake::new(key.clone(), nonce);
+        let hello = self.request_from("AUTH", hs.hello_params(), "shardctl")?;
+        if hello["code"] == "AUTH_UNAVAILABLE" {
+            bail!("the node has no cluster key (it is open to anyone); refusing to use it with a key");
+        }
+        let challenge = into_result(hello).context("the node refused the handshake")?;
+        let proof = hs.answer(&challenge).map_err(|e| anyhow!("{e}"))?;
+        let id = json!(format!("ctl-{}", self.next_id));
+        self.next_id += 1;
+        self.send_payload(&request_payload("AUTH", &id, "shardctl", proof.params))?;
+        (self.tx, self.rx) = (Some(proof.tx), Some(proof.rx));
+        into_result(self.read_response()?).context("the node refused our proof")?;
+        Ok(())
+    }
+
+    /// Whether this connection proved the cluster key.
+    pub fn authenticated(&self) -> bool {
+        self.tx.is_some()
     }
 
     /// Sends a request and returns the whole response object.
@@ -79,8 +136,11 @@ impl Client {
     }
 
     pub fn send_payload(&mut self, payload: &[u8]) -> Result<()> {
-        let mut wire = Vec::with_capacity(payload.len() + 4);
-        frame::encode(payload, &mut wire);
+        let mut wire = Vec::with_capacity(payload.len() + 4 + auth::TAG_LEN);
+        match &mut self.tx {
+            Some(tx) => tx.seal_frame(payload, &mut wire),
+            None => frame::encode(payload, &mut wire),
+        }
         self.stream.write_all(&wire).context("sending the request")
     }
 
@@ -94,7 +154,11 @@ impl Client {
         }
         let mut payload = vec![0u8; len as usize];
         self.stream.read_exact(&mut payload).context("reading a response body")?;
-        serde_json::from_slice(&payload).context("response is not JSON")
+        let payload = match &mut self.rx {
+            Some(rx) => rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?,
+            None => &payload[..],
+        };
+        serde_json::from_slice(payload).context("response is not JSON")
     }
 }
 

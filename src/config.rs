@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::log::Level;
+use crate::protocol::auth::{self, ClusterKey};
 use crate::protocol::{MAX_SHARD_ID, frame};
 
 pub const DEFAULT_PORT: u16 = 51820;
@@ -111,6 +112,36 @@ pub struct NodeConfig {
     pub dht_read_only: bool,
     /// DHT packets a second to any one address (libtorrent bans a source over 5).
     pub dht_query_rate: u32,
+    /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
+    pub max_downloads: usize,
+    /// Peers one download knows and dials at most; more are ignored.
+    pub max_download_peers: usize,
+    /// Bytes the shards dir may hold (GGUF and `.part` files); 0: no fixed budget. A download
+    /// whose declared length would pass it is refused before any file is created.
+    pub disk_budget: u64,
+    /// Free space kept on the shards dir's filesystem: a download is refused when its remaining
+    /// bytes, with those of the downloads under way, would eat into it.
+    pub disk_reserve: u64,
+    /// A `.part` file no download has used for this long is removed (checked at startup and
+    /// every minute).
+    pub part_expiry: Duration,
+    /// A peer whose dials have failed for this long is dropped from its download.
+    pub redial_give_up: Duration,
+    /// Sessions one client may hold (its own least recently used goes beyond it).
+    pub max_sessions_per_client: usize,
+    /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
+    /// STATUS need proof of it. `None`: the node is open to anyone.
+    pub cluster_key: Option<ClusterKey>,
+    /// Where the key came from, for the startup log.
+    pub cluster_key_file: Option<PathBuf>,
+    /// Set when the key file may be read by group or others.
+    pub key_warning: Option<String>,
+    /// A handshake begun and not finished this long is closed.
+    pub auth_timeout: Duration,
+    /// `--model HASH`: the SHA-256 of the cluster's `manifest.json`.
+    pub model_pin: Option<[u8; 32]>,
+    /// `--private`: serve the peer wire only to peers proving the cluster key.
+    pub private: bool,
 }
 
 impl Default for NodeConfig {
@@ -138,6 +169,19 @@ impl Default for NodeConfig {
             repack: false,
             dht_read_only: false,
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
+            max_downloads: 8,
+            max_download_peers: 32,
+            disk_budget: 0,
+            disk_reserve: 1 << 30,
+            part_expiry: Duration::from_secs(3600),
+            redial_give_up: Duration::from_secs(300),
+            max_sessions_per_client: 8,
+            cluster_key: None,
+            cluster_key_file: None,
+            key_warning: None,
+            auth_timeout: auth::DEFAULT_AUTH_TIMEOUT,
+            model_pin: None,
+            private: false,
         }
     }
 }
@@ -172,11 +216,39 @@ FLAGS:
                          routing tables (for a node that cannot take queries)
   --dht-query-rate N     DHT packets a second to any one address, queries and
                          answers together [default: 3; libtorrent bans over 5]
+  --max-downloads N      downloads under way at once; more are refused
+                         (DOWNLOAD_LIMIT) [default: 8]
+  --max-download-peers N peers one download knows and dials [default: 32]
+  --disk-budget BYTES    bytes the shards dir may hold (GGUF and .part files); a
+                         download that would pass it is refused before any file is
+                         created (DISK_BUDGET) [default: 0, no fixed budget]
+  --disk-reserve BYTES   free space a download may not eat into (statvfs)
+                         [default: 1073741824]
+  --part-expiry SECS     remove a .part file no download used for this long
+                         [default: 3600]
+  --redial-give-up SECS  drop a peer whose dials failed for this long [default: 300]
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
-  --max-sessions N       inference sessions kept; the least recently used is
-                         dropped beyond it [default: 16]
+  --max-sessions N       inference sessions kept; the least recently used of the
+                         client holding the most is dropped beyond it [default: 16]
+  --max-sessions-per-client N
+                         sessions one client (IP address; IP and port on
+                         loopback) may hold; its own least recently used is
+                         dropped beyond it [default: 8, at most --max-sessions]
+  --cluster-key-file PATH
+                         the cluster key (at least 16 bytes; mode 600): every
+                         command but STATUS needs proof of it (HMAC-SHA-256
+                         handshake, every frame MACed) [default: the file named
+                         by SHARDNET_CLUSTER_KEY_FILE; none: open to anyone]
+  --auth-timeout SECS    close a connection whose key handshake has not finished
+                         this long after its hello [default: 10]
+  --model HASH           pin the model: the SHA-256 of its manifest.json (as
+                         `shardctl split` prints it); shard info hashes come from
+                         that manifest alone, fetched from peers if not here
+  --private              serve shards only to peers proving the cluster key (BEP 10
+                         handshake) and announce them under keyed DHT names only;
+                         needs a cluster key
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --repack               copy Q4_0-style weights into ggml's faster CPU layout
                          (memory the size of those weights; default: compute
@@ -196,6 +268,7 @@ pub enum NodeArgs {
 pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     let mut c = NodeConfig::default();
     let mut port: Option<u16> = None;
+    let mut per_client_given = false;
     let mut it = args.iter().map(|s| s.as_ref());
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -269,10 +342,38 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.dht_read_only = true;
             }
             "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
+            "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
+            "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
+            "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--disk-reserve" => c.disk_reserve = number(flag, value()?, 0, u64::MAX / 2)?,
+            "--part-expiry" => c.part_expiry = Duration::from_secs(number(flag, value()?, 1, 365 * 86_400)?),
+            "--redial-give-up" => c.redial_give_up = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
             "--kv-memory" => c.kv_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
+            "--max-sessions-per-client" => {
+                c.max_sessions_per_client = number(flag, value()?, 1, 100_000)? as usize;
+                per_client_given = true;
+            }
+            "--cluster-key-file" => {
+                let v = value()?;
+                if v.is_empty() {
+                    return Err("--cluster-key-file must not be empty".into());
+                }
+                c.cluster_key_file = Some(PathBuf::from(v));
+            }
+            "--auth-timeout" => c.auth_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
+            "--model" => {
+                let v = value()?;
+                c.model_pin = Some(parse_model_hash(v).map_err(|e| format!("--model: {e}"))?);
+            }
+            "--private" => {
+                if inline.is_some() {
+                    return Err("--private takes no value".into());
+                }
+                c.private = true;
+            }
             "--log-level" => {
                 let v = value()?;
                 c.log_level =
@@ -285,12 +386,43 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     if let Some(p) = port {
         c.listen.set_port(p);
     }
+    if !per_client_given {
+        c.max_sessions_per_client = c.max_sessions_per_client.min(c.max_sessions.div_ceil(2));
+    }
+    if c.max_sessions_per_client > c.max_sessions {
+        return Err(format!(
+            "--max-sessions-per-client {} must not exceed --max-sessions {}",
+            c.max_sessions_per_client, c.max_sessions
+        ));
+    }
+    if c.cluster_key_file.is_none() {
+        c.cluster_key_file = key_file_from_env();
+    }
+    if let Some(path) = &c.cluster_key_file {
+        let loaded = ClusterKey::load(path)?;
+        c.cluster_key = Some(loaded.key);
+        c.key_warning = loaded.warning;
+    }
+    if c.private && c.cluster_key.is_none() {
+        return Err("--private needs a cluster key (--cluster-key-file or SHARDNET_CLUSTER_KEY_FILE)".into());
+    }
     if let (Some(id), Some(total)) = (c.shard_id, c.total_shards)
         && id >= total
     {
         return Err(format!("--shard-id {id} must be below --total-shards {total}"));
     }
     Ok(NodeArgs::Run(Box::new(c)))
+}
+
+/// The key file named by `SHARDNET_CLUSTER_KEY_FILE`, if set and not empty.
+pub fn key_file_from_env() -> Option<PathBuf> {
+    std::env::var_os(auth::KEY_ENV).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// A manifest hash as `--model` takes it: 64 hex digits (SHA-256).
+pub fn parse_model_hash(v: &str) -> Result<[u8; 32], String> {
+    crate::hash::from_hex::<32>(v)
+        .ok_or_else(|| format!("{v:?} is not 64 hex digits (the SHA-256 `shardctl split` prints)"))
 }
 
 fn number(flag: &str, v: &str, min: u64, max: u64) -> Result<u64, String> {
@@ -365,6 +497,10 @@ mod tests {
             (&["--cached-writes=no"], "--cached-writes takes no value"),
             (&["--dht-read-only=1"], "--dht-read-only takes no value"),
             (&["--dht-query-rate", "0"], "--dht-query-rate"),
+            (&["--max-downloads", "0"], "--max-downloads"),
+            (&["--max-download-peers", "x"], "--max-download-peers"),
+            (&["--part-expiry", "0"], "--part-expiry"),
+            (&["--redial-give-up", "-1"], "--redial-give-up"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");

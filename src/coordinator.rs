@@ -1,7 +1,9 @@
-//! The coordinator behind `shardctl infer`: finds a cluster's nodes, picks one node per shard,
-//! makes them load their shards (downloading through the swarm where they lack them), then runs
-//! the prompt and the generated tokens down the chain with one `EXECUTE_TASK` per step (each node
-//! forwards to the next itself), sampling and streaming text here. When a hop fails it moves that
+//! The coordinator behind `shardctl infer` and `shardctl serve`: finds a cluster's nodes, picks
+//! one node per shard, makes them load their shards (downloading through the swarm where they lack
+//! them), then runs each request's prompt and generated tokens down the chain with one
+//! `EXECUTE_TASK` per step (each node forwards to the next itself), sampling and streaming text
+//! here. One `Coordinator` keeps its chain across requests: every request is a session of its own,
+//! ended on every node (`END_SESSION`) however the request ends. When a hop fails it moves that
 //! shard to another node and replays the session there, so the text is what an uninterrupted run
 //! would have written.
 
@@ -16,47 +18,77 @@ use crate::client::{Client, into_result};
 use crate::engine::generate::TextStream;
 use crate::engine::sampler::{Sampler, SamplerConfig};
 use crate::engine::tokenizer::Tokenizer;
+use crate::protocol::MAX_TOP_K;
 
+/// How to reach the cluster and how long to wait on it: fixed for a coordinator's life.
 #[derive(Clone, Debug)]
-pub struct InferConfig {
+pub struct ClusterConfig {
     pub bootstrap: String,
     pub cluster: String,
-    pub prompt: String,
-    pub n: usize,
-    pub sampling: SamplerConfig,
     /// Prompt tokens per EXECUTE_TASK.
     pub batch: usize,
     /// Bound on each request to a node (loads wait longer: `load_timeout`).
     pub timeout: Duration,
     pub load_timeout: Duration,
-    /// Pause between generated tokens (demos).
-    pub pace: Duration,
-    pub parse_special: bool,
-    pub stop_at_eog: bool,
-    /// Session id; random when `None`.
-    pub session: Option<String>,
-    /// How many hop failures to recover from before giving up.
+    /// How many hop failures one request may recover from before giving up.
     pub max_recoveries: usize,
+    /// The SHA-256 of the model's `manifest.json`: shards are loaded by its info hashes only.
+    pub model_pin: Option<[u8; 32]>,
 }
 
-impl Default for InferConfig {
-    fn default() -> InferConfig {
-        InferConfig {
+impl Default for ClusterConfig {
+    fn default() -> ClusterConfig {
+        ClusterConfig {
             bootstrap: "127.0.0.1:51820".into(),
             cluster: "shardnet".into(),
-            prompt: String::new(),
-            n: 32,
-            sampling: SamplerConfig::default(),
             batch: 128,
             timeout: Duration::from_secs(60),
             load_timeout: Duration::from_secs(600),
-            pace: Duration::ZERO,
-            parse_special: true,
-            stop_at_eog: true,
-            session: None,
             max_recoveries: 3,
+            model_pin: None,
         }
     }
+}
+
+/// One generation: the prompt as token ids (the caller tokenizes, so it can count and check
+/// them), and how to sample.
+#[derive(Clone, Debug)]
+pub struct GenRequest {
+    pub prompt: Vec<u32>,
+    /// At most this many new tokens.
+    pub max_tokens: usize,
+    pub sampling: SamplerConfig,
+    /// Stop at the model's end-of-generation tokens (EOS, end of turn).
+    pub stop_at_eog: bool,
+    /// Session id; random when `None`.
+    pub session: Option<String>,
+    /// Pause between generated tokens (demos).
+    pub pace: Duration,
+}
+
+impl Default for GenRequest {
+    fn default() -> GenRequest {
+        GenRequest {
+            prompt: Vec::new(),
+            max_tokens: 32,
+            sampling: SamplerConfig::default(),
+            stop_at_eog: true,
+            session: None,
+            pace: Duration::ZERO,
+        }
+    }
+}
+
+/// Why a generation ended (OpenAI's `finish_reason`: `stop` for the first two, `length`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Finish {
+    /// An end-of-generation token was sampled.
+    #[default]
+    EndOfGeneration,
+    /// The caller's token callback asked to stop (a stop string, or the client went away).
+    Stopped,
+    /// `max_tokens` were generated.
+    Length,
 }
 
 /// What the coordinator tells its user as it goes (`shardctl` prints these on stderr).
@@ -65,7 +97,6 @@ pub enum Event<'a> {
     Plan(&'a [SocketAddr]),
     Loading { shard: u32, node: SocketAddr, percent: f64, rate: f64, peers: u64 },
     Loaded { shard: u32, node: SocketAddr, source: &'a str, ms: f64 },
-    Text(&'a str),
     Recovering { shard: u32, from: SocketAddr, to: SocketAddr, why: &'a str },
 }
 
@@ -82,6 +113,7 @@ pub struct Summary {
     pub prefill_ms: f64,
     pub decode_ms: f64,
     pub recoveries: usize,
+    pub finish: Finish,
     /// Per shard: median compute ms per decode step, and the median round trip the hop waited on
     /// the rest of the chain.
     pub hop_compute_ms: Vec<f64>,
@@ -125,8 +157,12 @@ struct NodeView {
 }
 
 pub struct Coordinator<'e> {
-    cfg: InferConfig,
+    cfg: ClusterConfig,
     from: String,
+    /// Owns this run's sessions on every node: sent with every EXECUTE_TASK and END_SESSION.
+    session_token: String,
+    /// The pinned manifest, checked against `cfg.model_pin`.
+    manifest: Option<crate::gguf::manifest::Manifest>,
     nodes: Vec<NodeView>,
     dead: HashSet<SocketAddr>,
     conns: HashMap<SocketAddr, Client>,
@@ -134,6 +170,8 @@ pub struct Coordinator<'e> {
     shard_count: u32,
     ctx_size: u32,
     n_vocab: usize,
+    model_id: String,
+    model_name: Option<String>,
     tokenizer: Tokenizer,
     events: Box<dyn FnMut(Event) + 'e>,
 }
@@ -153,12 +191,23 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 impl<'e> Coordinator<'e> {
     /// Finds the cluster's nodes and the model they serve.
-    pub fn discover(cfg: InferConfig, events: impl FnMut(Event) + 'e) -> Result<Coordinator<'e>> {
+    pub fn discover(cfg: ClusterConfig, events: impl FnMut(Event) + 'e) -> Result<Coordinator<'e>> {
         let mut boot = Client::connect(&cfg.bootstrap, cfg.timeout).context("the bootstrap node")?;
         let key = crate::hash::to_hex(&crate::node::cluster_key(&cfg.cluster).0);
         let mut addrs: Vec<SocketAddr> = Vec::new();
         // The DHT knows the cluster's members; the bootstrap node is one even if it has not announced.
         let boot_status = boot.call("STATUS", json!({}))?;
+        let manifest = match &cfg.model_pin {
+            None => None,
+            Some(pin) => {
+                let hex = crate::hash::to_hex(pin);
+                let r = boot.call("GET_MANIFEST", json!({"hash": hex})).context("the pinned manifest")?;
+                let text = r["manifest"].as_str().ok_or_else(|| anyhow!("GET_MANIFEST answered no manifest"))?;
+                let m = crate::gguf::manifest::Manifest::parse_pinned(text.as_bytes(), pin)
+                    .map_err(|e| anyhow!("the bootstrap node's manifest: {e}"))?;
+                Some(m)
+            }
+        };
         if let Ok(found) = boot.call("FIND_PEERS", json!({"key": key})) {
             for p in found["peers"].as_array().into_iter().flatten() {
                 if let Some(a) = p.as_str().and_then(|s| s.parse().ok()) {
@@ -171,10 +220,21 @@ impl<'e> Coordinator<'e> {
             addrs.insert(0, boot_addr);
         }
         let mut nodes = Vec::new();
+        let mut last_error = None;
         for addr in addrs {
-            let Ok(mut c) = Client::connect(&addr.to_string(), cfg.timeout) else { continue };
-            let (Ok(status), Ok(list)) = (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) else {
-                continue;
+            let mut c = match Client::connect(&addr.to_string(), cfg.timeout) {
+                Ok(c) => c,
+                Err(e) => {
+                    last_error = Some(format!("{e:#}"));
+                    continue;
+                }
+            };
+            let (status, list) = match (c.call("STATUS", json!({})), c.call("LIST_FILES", json!({}))) {
+                (Ok(s), Ok(l)) => (s, l),
+                (Err(e), _) | (_, Err(e)) => {
+                    last_error = Some(format!("{addr}: {e:#}"));
+                    continue;
+                }
             };
             if status["cluster"].as_str() != Some(cfg.cluster.as_str()) {
                 continue;
@@ -195,7 +255,12 @@ impl<'e> Coordinator<'e> {
             nodes.push(NodeView { addr, loaded, files });
         }
         if nodes.is_empty() {
-            bail!("no node of cluster {:?} answered (bootstrap {})", cfg.cluster, cfg.bootstrap);
+            bail!(
+                "no node of cluster {:?} answered (bootstrap {}){}",
+                cfg.cluster,
+                cfg.bootstrap,
+                last_error.map(|e| format!("; last error: {e}")).unwrap_or_default()
+            );
         }
         // The model's shape and tokenizer, from a node that has a shard file.
         let mut info = None;
@@ -215,10 +280,27 @@ impl<'e> Coordinator<'e> {
         let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
         let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
         let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
+        if let Some(m) = &manifest {
+            if info["model_id"].as_str() != Some(m.model_id.as_str()) || m.shards.len() != shard_count as usize {
+                bail!(
+                    "the cluster serves model {} in {shard_count} shards, the pinned manifest names {} in {}",
+                    info["model_id"],
+                    m.model_id,
+                    m.shards.len()
+                );
+            }
+        }
+        let session_token = crate::protocol::auth::random_bytes::<16>()
+            .map(|b| crate::hash::to_hex(&b))
+            .context("reading /dev/urandom for the session token")?;
+        let model_id = info["model_id"].as_str().unwrap_or("shardnet").to_string();
+        let model_name = info["name"].as_str().filter(|n| !n.is_empty()).map(str::to_string);
         let from = format!("coordinator-{}", random_hex(6));
         let mut me = Coordinator {
             cfg,
             from,
+            session_token,
+            manifest,
             nodes,
             dead: HashSet::new(),
             conns: HashMap::new(),
@@ -226,6 +308,8 @@ impl<'e> Coordinator<'e> {
             shard_count,
             ctx_size,
             n_vocab,
+            model_id,
+            model_name,
             tokenizer,
             events: Box::new(events),
         };
@@ -236,6 +320,31 @@ impl<'e> Coordinator<'e> {
 
     pub fn tokenizer(&self) -> &Tokenizer {
         &self.tokenizer
+    }
+
+    /// The nodes' context size in tokens (prompt and generated tokens together).
+    pub fn ctx_size(&self) -> u32 {
+        self.ctx_size
+    }
+
+    /// The model's id (`shard.model_id` of its shards).
+    pub fn model_id(&self) -> &str {
+        &self.model_id
+    }
+
+    /// The model's `general.name`, else its id.
+    pub fn model_name(&self) -> &str {
+        self.model_name.as_deref().unwrap_or(&self.model_id)
+    }
+
+    /// The node serving each shard, in order; empty before `place_all`.
+    pub fn plan(&self) -> &[SocketAddr] {
+        &self.plan
+    }
+
+    /// Places and loads every shard unless a plan is already in place.
+    pub fn place_all(&mut self) -> Result<()> {
+        if self.plan.is_empty() { self.place(None) } else { Ok(()) }
     }
 
     /// One node per shard, spreading shards over the nodes (the one given the fewest so far);
@@ -267,13 +376,17 @@ impl<'e> Coordinator<'e> {
     fn load(&mut self, shard: u32, node: SocketAddr) -> Result<()> {
         let t = Instant::now();
         let (addr, timeout) = (node.to_string(), self.cfg.load_timeout);
+        let mut params = json!({"shard_id": shard});
+        if let Some(s) = self.manifest.as_ref().and_then(|m| m.shard(shard)) {
+            params["info_hash"] = json!(s.info_hash.to_hex());
+        }
         let loader = std::thread::spawn(move || -> Result<Value> {
             let mut c = Client::connect(&addr, timeout)?;
             // A cluster that has just started may not have announced every shard in the DHT yet:
             // TORRENT_UNAVAILABLE is retried for a few seconds.
             let mut tries = 0;
             loop {
-                let r = c.request("LOAD_SHARD", json!({"shard_id": shard}))?;
+                let r = c.request("LOAD_SHARD", params.clone())?;
                 if r["code"] == "TORRENT_UNAVAILABLE" && tries < 10 {
                     tries += 1;
                     std::thread::sleep(Duration::from_millis(500));
@@ -377,6 +490,7 @@ impl<'e> Coordinator<'e> {
             "next": self.route(),
             "hop_timeout_ms": self.cfg.timeout.as_millis() as u64,
             "load": false,
+            "session_token": self.session_token,
         });
         match want {
             Some(k) => {
@@ -477,41 +591,56 @@ impl<'e> Coordinator<'e> {
         }
     }
 
-    /// Places the shards, then prefills and decodes, streaming text through `Event::Text`.
-    pub fn generate(&mut self) -> Result<Summary> {
-        let prompt = self.tokenizer.encode(&self.cfg.prompt, true, self.cfg.parse_special);
+    /// Runs one request: places the shards if no plan is in place yet, prefills `req.prompt`,
+    /// then samples up to `req.max_tokens` tokens, calling `on_token(id, text)` for each (`text`
+    /// is the UTF-8 it completes, possibly empty). `on_token` returning false ends the generation
+    /// (`Finish::Stopped`). The session is ended on every node of the chain however this returns.
+    /// Errors: a prompt that is empty or does not fit the context with `max_tokens`, a cluster
+    /// that cannot place or recover the chain, a node's refusal.
+    pub fn generate(&mut self, req: &GenRequest, mut on_token: impl FnMut(u32, &str) -> bool) -> Result<Summary> {
+        let prompt = &req.prompt;
         if prompt.is_empty() {
             bail!("the prompt holds no tokens");
         }
-        if prompt.len() + self.cfg.n > self.ctx_size as usize {
+        if prompt.len() + req.max_tokens > self.ctx_size as usize {
             bail!(
                 "the prompt ({} tokens) and {} new tokens do not fit the nodes' context of {} tokens",
                 prompt.len(),
-                self.cfg.n,
+                req.max_tokens,
                 self.ctx_size
             );
         }
         let t_load = Instant::now();
-        self.place(None)?;
+        self.place_all()?;
         let load_ms = t_load.elapsed().as_secs_f64() * 1e3;
-        let session = self.cfg.session.clone().unwrap_or_else(|| format!("s-{}", random_hex(8)));
-        // What the last hop returns: greedy needs the best id, top-k sampling the k best, else all.
-        let want = match (self.cfg.sampling.temperature, self.cfg.sampling.top_k) {
-            (0.0, _) => Some(1),
-            (_, 0) => None,
-            (_, k) => Some(k),
-        };
-        let mut sampler = Sampler::new(self.cfg.sampling.clone());
-        let mut history = prompt.clone();
-        let mut recoveries = 0;
+        let session = req.session.clone().unwrap_or_else(|| format!("s-{}", random_hex(8)));
         let mut summary =
             Summary { session: session.clone(), prompt_tokens: prompt.clone(), load_ms, ..Default::default() };
+        let outcome = self.prefill_and_decode(req, &session, &mut summary, &mut on_token);
+        self.end_session(&session);
+        outcome?;
+        summary.plan = self.plan.clone();
+        Ok(summary)
+    }
 
+    fn prefill_and_decode(
+        &mut self,
+        req: &GenRequest,
+        session: &str,
+        summary: &mut Summary,
+        on_token: &mut dyn FnMut(u32, &str) -> bool,
+    ) -> Result<()> {
+        let mut sampler = Sampler::new(req.sampling.clone());
+        sampler.accept_prompt(&req.prompt);
+        // What the last hop returns: as many of the best logits as the sampler needs (greedy: the
+        // best one; top-k: the k best plus any a penalty lowers), else all of them.
+        let want = |sampler: &Sampler| sampler.logits_needed().filter(|&k| k <= MAX_TOP_K as usize);
+        let mut history = req.prompt.clone();
         let t0 = Instant::now();
         let mut logits = Vec::new();
         let mut pos = 0u32;
-        for chunk in prompt.chunks(self.cfg.batch.max(1)) {
-            let (l, _) = self.run(&session, &history, pos, chunk, want, &mut recoveries)?;
+        for chunk in req.prompt.chunks(self.cfg.batch.max(1)) {
+            let (l, _) = self.run(session, &history, pos, chunk, want(&sampler), &mut summary.recoveries)?;
             logits = l;
             pos += chunk.len() as u32;
         }
@@ -522,49 +651,51 @@ impl<'e> Coordinator<'e> {
         let mut step_ms = Vec::new();
         let mut hop_ms: BTreeMap<usize, Vec<f64>> = BTreeMap::new();
         let t1 = Instant::now();
-        let outcome = (|| -> Result<()> {
-            for i in 0..self.cfg.n {
-                let id = sampler.sample(&logits);
-                if i == 0 {
-                    summary.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
-                }
-                summary.tokens.push(id);
-                let piece = stream.push(id);
-                summary.text.push_str(&piece);
-                (self.events)(Event::Text(&piece));
-                if (self.cfg.stop_at_eog && tokenizer.is_eog(id)) || i + 1 == self.cfg.n {
-                    break;
-                }
-                history.push(id);
-                if !self.cfg.pace.is_zero() {
-                    std::thread::sleep(self.cfg.pace);
-                }
-                let t = Instant::now();
-                let (l, hops) = self.run(&session, &history, pos, &[id], want, &mut recoveries)?;
-                step_ms.push(t.elapsed().as_secs_f64() * 1e3);
-                for (h, hop) in hops.as_array().into_iter().flatten().enumerate() {
-                    if let Some(ms) = hop["timings"]["compute_ms"].as_f64() {
-                        hop_ms.entry(h).or_default().push(ms);
-                    }
-                }
-                logits = l;
-                pos += 1;
+        summary.finish = Finish::Length;
+        for i in 0..req.max_tokens {
+            let id = sampler.sample(&logits);
+            if i == 0 {
+                summary.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
             }
-            Ok(())
-        })();
-        let tail = stream.finish();
-        summary.text.push_str(&tail);
-        (self.events)(Event::Text(&tail));
-        outcome?;
-        summary.decode_ms = t1.elapsed().as_secs_f64() * 1e3 - self.cfg.pace.as_secs_f64() * 1e3 * step_ms.len() as f64;
-        summary.recoveries = recoveries;
-        summary.plan = self.plan.clone();
+            summary.tokens.push(id);
+            let eog = req.stop_at_eog && tokenizer.is_eog(id);
+            let mut piece = stream.push(id);
+            if eog || i + 1 == req.max_tokens {
+                piece.push_str(&stream.finish());
+            }
+            summary.text.push_str(&piece);
+            if !on_token(id, &piece) {
+                summary.finish = Finish::Stopped;
+                break;
+            }
+            if eog {
+                summary.finish = Finish::EndOfGeneration;
+                break;
+            }
+            if i + 1 == req.max_tokens {
+                break;
+            }
+            history.push(id);
+            if !req.pace.is_zero() {
+                std::thread::sleep(req.pace);
+            }
+            let t = Instant::now();
+            let (l, hops) = self.run(session, &history, pos, &[id], want(&sampler), &mut summary.recoveries)?;
+            step_ms.push(t.elapsed().as_secs_f64() * 1e3);
+            for (h, hop) in hops.as_array().into_iter().flatten().enumerate() {
+                if let Some(ms) = hop["timings"]["compute_ms"].as_f64() {
+                    hop_ms.entry(h).or_default().push(ms);
+                }
+            }
+            logits = l;
+            pos += 1;
+        }
+        summary.decode_ms = t1.elapsed().as_secs_f64() * 1e3 - req.pace.as_secs_f64() * 1e3 * step_ms.len() as f64;
         summary.hop_compute_ms = hop_ms.into_values().map(median).collect();
         let hops = summary.hop_compute_ms.len().max(1) as f64;
         summary.overhead_per_hop_us =
             (median(step_ms) - summary.hop_compute_ms.iter().sum::<f64>()).max(0.0) * 1e3 / hops;
-        self.end_session(&session);
-        Ok(summary)
+        Ok(())
     }
 
     /// Frees the session's caches on every node of the plan (best effort).
@@ -579,7 +710,8 @@ impl<'e> Coordinator<'e> {
                     Err(_) => continue,
                 },
             };
-            let _ = c.request_from("END_SESSION", json!({"session_id": session}), &self.from);
+            let params = json!({"session_id": session, "session_token": self.session_token});
+            let _ = c.request_from("END_SESSION", params, &self.from);
         }
     }
 }

@@ -13,7 +13,8 @@
 //! - [`node`]      the node: event loop, connections, shard catalog, workers
 //! - [`workers`]   the worker thread pool (hash workers)
 //! - [`client`]    blocking command-protocol client (shardctl, tests, benchmarks)
-//! - [`coordinator`] `shardctl infer`: places shards on a cluster, runs the chain, recovers
+//! - [`coordinator`] `shardctl infer`/`serve`: places shards on a cluster, runs the chain, recovers
+//! - [`serve`]     `shardctl serve`: the OpenAI-compatible HTTP/1.1 endpoint and chat page
 
 pub mod bencode;
 pub mod client;
@@ -26,5 +27,6 @@ pub mod hash;
 pub mod log;
 pub mod node;
 pub mod protocol;
+pub mod serve;
 pub mod torrent;
 pub mod workers;

@@ -496,17 +496,20 @@ fn execute_task_bad_requests_get_errors_and_the_node_serves_on() {
     let model = demo_model(dir.path(), cfg.clone());
     let shards = dir.path().join("shards");
     split::split(&model, 3, &shards, None).unwrap();
-    // A shard file that lacks a tensor: loads as a file, refused by the engine.
+    // A shard file that lacks a tensor: refused at load (and by a task that would load it).
     let last = shards.join("shard-2.gguf");
     let broken = dir.path().join("broken.gguf");
     rewrite(&last, &broken, |n, d| (!n.ends_with("ffn_down.weight")).then(|| d.to_vec()));
     std::fs::rename(&broken, &last).unwrap();
     std::fs::remove_file(shards.join("manifest.json")).unwrap();
     let node = NodeProc::start(&shards, &["--ctx-size", "32"]);
-    for i in [0, 1, 2] {
+    for i in [0, 1] {
         let r = node.call("LOAD_SHARD", json!({"shard_id": i}));
         assert_eq!(r["status"], "success", "{r}");
     }
+    let r = node.call("LOAD_SHARD", json!({"shard_id": 2}));
+    assert_eq!(r["code"], "SHARD_INVALID", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("ffn_down"), "{r}");
     let width = cfg.embd as usize;
     let cases = [
         (json!({"shard_id": 0, "pos": 0, "input": {"tokens": [1]}}), "MISSING_FIELD"),
@@ -600,8 +603,8 @@ fn the_node_serves_while_a_model_computes() {
         DemoConfig { layers: 8, embd: 512, heads: 8, kv_heads: 4, ffn: 1536, context: 2048, ..Default::default() };
     let model = demo_model(dir.path(), cfg);
     let shards = dir.path().join("shards");
-    std::fs::create_dir_all(&shards).unwrap();
-    std::fs::copy(&model, shards.join("shard-0.gguf")).unwrap();
+    // One shard holding the whole model (a node loads only files with shard keys).
+    split::split(&model, 1, &shards, None).unwrap();
     let node = NodeProc::start(&shards, &["--threads", "1", "--ctx-size", "2048"]);
     assert_eq!(node.call("LOAD_SHARD", json!({"shard_id": 0}))["status"], "success");
     let tokens: Vec<u32> = (0..1024).map(|i| (i * 7 % 300) as u32).collect();

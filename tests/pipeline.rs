@@ -153,7 +153,8 @@ fn infer_matches_generate_on_smollm2() {
     let model = PathBuf::from(SMOLLM2);
     let want = reference_tokens(&model, 16);
     let nodes = cluster(dir.path(), &model, 4, &[]);
-    let o = shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
+    let o =
+        shardctl(&["--json", "infer", "--bootstrap", &nodes[0].addr, "--prompt", PROMPT, "-n", "16", "--ignore-eos"]);
     assert_eq!(json_of(&o)["tokens"], want, "pipeline and whole model disagree on SmolLM2");
 }
 
@@ -237,21 +238,26 @@ fn bad_routes_and_requests_get_errors() {
         "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AAAAAA=="}}, "next": [{"address": b.addr, "shard_id": 0}]}));
     assert_eq!(r["status"], "error", "{r}");
 
-    // Two coordinators on one session id: the second is refused, the first goes on.
+    // Two coordinators on one session id: the second (even naming the first's `from`) is
+    // refused without learning who owns it, the first goes on with its token.
     let mut first = a.client();
-    let step = |c: &mut shardnet::client::Client, from: &str, pos: u32| {
+    let step = |c: &mut shardnet::client::Client, from: &str, pos: u32, token: &Value| {
         c.request_from(
             "EXECUTE_TASK",
             json!({"session_id": "shared", "shard_id": 0, "pos": pos,
-            "input": {"tokens": [1]}, "output": "hidden"}),
+            "input": {"tokens": [1]}, "output": "hidden", "session_token": token}),
             from,
         )
         .unwrap()
     };
-    assert_eq!(step(&mut first, "coordinator-a", 0)["status"], "success");
-    let r = step(&mut a.client(), "coordinator-b", 0);
-    assert_eq!(r["code"], "SESSION_CONFLICT", "{r}");
-    assert_eq!(step(&mut first, "coordinator-a", 1)["status"], "success");
+    let r = step(&mut first, "coordinator-a", 0, &Value::Null);
+    assert_eq!(r["status"], "success", "{r}");
+    let token = r["result"]["session_token"].clone();
+    assert_eq!(token.as_str().map(str::len), Some(32), "{r}");
+    let r = step(&mut a.client(), "coordinator-a", 0, &Value::Null);
+    assert_eq!(r["code"], "SESSION_FORBIDDEN", "{r}");
+    assert!(!r["error"].as_str().unwrap().contains("coordinator-a"), "{r}");
+    assert_eq!(step(&mut first, "coordinator-a", 1, &token)["status"], "success");
 
     // A prompt longer than the nodes' context: refused before anything runs.
     let long = "word ".repeat(200);

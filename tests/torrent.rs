@@ -85,7 +85,7 @@ fn one_seed_to_one_leech(leech_flags: &[&str]) {
     assert_eq!(r["result"]["source"], "torrent");
     assert_eq!(r["result"]["bytes_downloaded"], m.info.length);
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
-    assert!(!ld.path().join("shard-0.gguf.part").exists());
+    assert!(!ld.path().join(format!("shard-0.gguf.{}.part", m.info_hash.to_hex())).exists());
     // The leech now seeds it, with the same info hash.
     let files = leech.call("LIST_FILES", json!({}))["result"]["files"].clone();
     assert_eq!(files[0]["info_hash"], m.info_hash.to_hex().as_str());
@@ -213,7 +213,7 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
     });
     std::thread::sleep(Duration::from_millis(1500)); // resume data is saved every second
     leech.kill();
-    assert!(ld.path().join("shard-0.gguf.part.resume").exists());
+    assert!(ld.path().join(format!("shard-0.gguf.{}.part.resume", m.info_hash.to_hex())).exists());
     let leech = start_seed(ld.path(), &[]);
     let r = load(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["result"]["source"], "torrent", "{r}");
@@ -232,12 +232,12 @@ fn a_part_file_without_resume_data_is_rechecked_and_only_the_rest_fetched() {
     let (sd, src, m) = seed_dir(4 * MB);
     let seed = start_seed(sd.path(), &[]);
     let ld = TempDir::new("leech");
-    // Half the file already on disk as NAME.part, the rest zeros, no resume data.
+    // Half the file already on disk as NAME.<info hash>.part, the rest zeros, no resume data.
     let bytes = std::fs::read(&src).unwrap();
     let mut part = vec![0u8; bytes.len()];
     let half = bytes.len() / 2;
     part[..half].copy_from_slice(&bytes[..half]);
-    std::fs::write(ld.path().join("shard-0.gguf.part"), &part).unwrap();
+    std::fs::write(ld.path().join(format!("shard-0.gguf.{}.part", m.info_hash.to_hex())), &part).unwrap();
     let leech = start_seed(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let r = leech

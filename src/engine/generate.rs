@@ -87,6 +87,7 @@ pub fn generate(
     }
     stats.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
     stats.prefill_logits = logits.clone();
+    sampler.accept_prompt(prompt);
     let t1 = Instant::now();
     for i in 0..n {
         let id = sampler.sample(&logits);

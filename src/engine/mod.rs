@@ -37,6 +37,9 @@ pub struct EngineConfig {
     /// Context length of a session (clamped to the model's training context).
     pub ctx_size: u32,
     pub max_sessions: usize,
+    /// Sessions one client (one `origin`) may hold; beyond it the client's own least recently
+    /// used session goes, never another client's. At most `max_sessions`.
+    pub max_sessions_per_client: usize,
     /// KV-cache bytes over all sessions; the least recently used are evicted to make room.
     pub kv_budget: u64,
     /// Copy matrices ggml has a faster CPU layout for into that layout (anonymous memory the size
@@ -50,6 +53,7 @@ impl Default for EngineConfig {
             threads: std::thread::available_parallelism().map_or(1, |n| n.get()),
             ctx_size: 2048,
             max_sessions: 16,
+            max_sessions_per_client: 8,
             kv_budget: 2 << 30,
             repack: false,
         }
@@ -104,10 +108,29 @@ pub enum Output {
     Logits { data: Vec<f32>, rows: usize, n_vocab: usize },
 }
 
+/// Who may use a session: the holder of `token`; `origin` (the client, as the node identifies
+/// it) keys the per-client quota.
+#[derive(Clone, Copy, Debug)]
+pub struct Claim<'a> {
+    pub token: &'a str,
+    pub origin: &'a str,
+}
+
+struct Owner {
+    /// SHA-256 of the token: compared whole, so timing says nothing about the token itself.
+    token: [u8; 32],
+    origin: String,
+}
+
+fn token_digest(token: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
 struct Session {
     cache: ggml::Cache,
-    /// The coordinator that started it (the request's `from`), if it said.
-    owner: Option<String>,
+    /// The token holder it belongs to (`None`: a local session, as `generate` runs).
+    owner: Option<Owner>,
     /// Positions `0..n_past` hold keys and values.
     n_past: u32,
     n_ctx: u32,
@@ -170,7 +193,29 @@ impl Engine {
         (self.sessions.len(), self.sessions.values().map(|s| s.cache.bytes() as u64).sum())
     }
 
-    /// Frees every cache of `session_id`; returns how many there were.
+    /// Frees every cache of `session_id` if `token` is its owner's; returns how many there were.
+    /// Another owner's session is `SESSION_FORBIDDEN` (the owner is not named).
+    pub fn end_session_as(&mut self, session_id: &str, token: Option<&str>) -> Result<usize, EngineError> {
+        self.check_owner(session_id, token)?;
+        Ok(self.end_session(session_id))
+    }
+
+    /// Refuses a claim on a session owned by another token.
+    fn check_owner(&self, session_id: &str, token: Option<&str>) -> Result<(), EngineError> {
+        let owner = self.sessions.iter().find_map(|((id, _), s)| (id == session_id).then_some(s.owner.as_ref()));
+        match owner {
+            Some(Some(o)) if token.map(token_digest) != Some(o.token) => Err(err(
+                ErrorCode::SessionForbidden,
+                format!(
+                    "session {session_id} belongs to another client: send the session_token its first \
+                     EXECUTE_TASK returned"
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Frees every cache of `session_id`, whoever owns it; returns how many there were.
     pub fn end_session(&mut self, session_id: &str) -> usize {
         let before = self.sessions.len();
         self.sessions.retain(|(id, _), _| id != session_id);
@@ -191,13 +236,13 @@ impl Engine {
         self.execute_as(shard_id, session_id, None, pos, input, want)
     }
 
-    /// As `execute`, for a session owned by `owner` (a coordinator): a session started by one
-    /// owner is refused to another (`SESSION_CONFLICT`).
+    /// As `execute`, for the holder of `claim`: a new session belongs to the claim's token, and
+    /// a session of another token is refused (`SESSION_FORBIDDEN`, the owner not named).
     pub fn execute_as(
         &mut self,
         shard_id: u32,
         session_id: &str,
-        owner: Option<&str>,
+        claim: Option<Claim>,
         pos: u32,
         input: &Input,
         want: Want,
@@ -261,16 +306,8 @@ impl Engine {
         let key = (session_id.to_string(), shard_id);
         self.clock += 1;
         let clock = self.clock;
+        self.check_owner(session_id, claim.map(|c| c.token))?;
         match self.sessions.get(&key) {
-            Some(s) if owner.is_some() && s.owner.is_some() && s.owner.as_deref() != owner => {
-                return Err(err(
-                    ErrorCode::SessionConflict,
-                    format!(
-                        "session {session_id} belongs to another coordinator ({})",
-                        s.owner.as_deref().unwrap_or("")
-                    ),
-                ));
-            }
             Some(s) if pos > s.n_past => {
                 return Err(err(
                     ErrorCode::OutOfRange,
@@ -294,12 +331,18 @@ impl Engine {
                         format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
                     ));
                 }
-                self.make_room(bytes);
+                self.make_room(bytes, claim.map_or("", |c| c.origin));
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
                 self.sessions.insert(
                     key.clone(),
-                    Session { cache, owner: owner.map(str::to_string), n_past: 0, n_ctx, last_used: clock },
+                    Session {
+                        cache,
+                        owner: claim.map(|c| Owner { token: token_digest(c.token), origin: c.origin.to_string() }),
+                        n_past: 0,
+                        n_ctx,
+                        last_used: clock,
+                    },
                 );
             }
         }
@@ -315,23 +358,61 @@ impl Engine {
             forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
                 .map_err(|e| err(ErrorCode::Internal, e))?;
         session.n_past = pos + n as u32;
+        // A model's values (weights, norms) can still drive the arithmetic to NaN or infinity:
+        // that is an error, never a number sent on.
+        let values = match &out {
+            StepOutput::Hidden(data) => data,
+            StepOutput::Logits { data, .. } => data,
+        };
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(err(
+                ErrorCode::NumericError,
+                format!(
+                    "shard {shard_id} computed a non-finite value ({} at index {i}): the model's values are broken",
+                    values[i]
+                ),
+            ));
+        }
         Ok(match out {
             StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: model.hp.n_embd as usize },
             StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab: model.hp.n_vocab as usize },
         })
     }
 
-    /// Evicts least recently used sessions until `bytes` more fit the budget and the count bound.
-    fn make_room(&mut self, bytes: u64) {
+    /// Makes room for a new session of `origin` taking `bytes`. A client at its quota loses its
+    /// own least recently used session; otherwise, while the count or the KV budget is exceeded,
+    /// the least recently used session of the client holding the most goes. So one client
+    /// opening many sessions evicts only its own, never another's.
+    fn make_room(&mut self, bytes: u64, origin: &str) {
+        let origin_of = |s: &Session| s.owner.as_ref().map_or("", |o| o.origin.as_str()).to_string();
         loop {
             let (count, used) = self.sessions();
-            if count < self.cfg.max_sessions && used + bytes <= self.cfg.kv_budget {
-                return;
+            let mut per: HashMap<String, usize> = HashMap::new();
+            for s in self.sessions.values() {
+                *per.entry(origin_of(s)).or_default() += 1;
             }
-            let Some(oldest) = self.sessions.iter().min_by_key(|(_, s)| s.last_used).map(|(k, _)| k.clone()) else {
+            let mine = per.get(origin).copied().unwrap_or(0);
+            let quota = self.cfg.max_sessions_per_client.clamp(1, self.cfg.max_sessions.max(1));
+            let victim_origin = if mine >= quota {
+                origin.to_string()
+            } else if count >= self.cfg.max_sessions || used + bytes > self.cfg.kv_budget {
+                match per.iter().max_by_key(|(o, n)| (**n, o.as_str() == origin)) {
+                    Some((o, _)) => o.clone(),
+                    None => return,
+                }
+            } else {
                 return;
             };
-            crate::debug!("evicting session {} on shard {} (least recently used)", oldest.0, oldest.1);
+            let Some(oldest) = self
+                .sessions
+                .iter()
+                .filter(|(_, s)| origin_of(s) == victim_origin)
+                .min_by_key(|(_, s)| s.last_used)
+                .map(|(k, _)| k.clone())
+            else {
+                return;
+            };
+            crate::debug!("evicting session {} on shard {} (least recently used of its client)", oldest.0, oldest.1);
             self.sessions.remove(&oldest);
         }
     }

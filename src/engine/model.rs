@@ -23,73 +23,129 @@ pub struct Hparams {
     pub rope: RopeParams,
 }
 
+/// Bounds on the hyper-parameters a shard may declare. Each is far above any released LLaMA-family
+/// model and far below what would overflow a size computed from it; a value outside them is
+/// refused at load, before anything reaches ggml (whose asserts abort the process).
+pub mod limits {
+    /// `block_count`.
+    pub const MAX_LAYERS: u32 = 4096;
+    /// `embedding_length`.
+    pub const MAX_EMBD: u32 = 1 << 16;
+    /// `feed_forward_length`.
+    pub const MAX_FF: u32 = 1 << 20;
+    /// `attention.head_count` (and `head_count_kv`).
+    pub const MAX_HEADS: u32 = 1024;
+    /// `attention.key_length` / `value_length`: the head size.
+    pub const MAX_HEAD_DIM: u32 = 1024;
+    /// `vocab_size` (or the tokenizer's token count).
+    pub const MAX_VOCAB: u32 = 1 << 24;
+    /// `context_length` and `rope.scaling.original_context_length`.
+    pub const MAX_CONTEXT: u32 = 1 << 24;
+    /// `attention.layer_norm_rms_epsilon`: in `(0, MAX_RMS_EPS]` (models use 1e-6..1e-5).
+    pub const MAX_RMS_EPS: f32 = 1.0;
+    /// `rope.freq_base`: in `(1, MAX_ROPE_BASE]` (LLaMA 2: 1e4, LLaMA 3: 5e5).
+    pub const MAX_ROPE_BASE: f32 = 1e12;
+    /// `rope.scaling.factor`: in `(0, MAX_ROPE_FACTOR]`.
+    pub const MAX_ROPE_FACTOR: f32 = 1024.0;
+}
+
+/// Reads `llama.*` keys, each checked for its type and range: a key that is present must be what
+/// llama.cpp expects, never silently replaced by a default.
+struct Keys<'g, 'a> {
+    g: &'g Gguf<'a>,
+}
+
+impl Keys<'_, '_> {
+    fn opt_int(&self, key: &str, min: u32, max: u32) -> Result<Option<u32>, String> {
+        let full = format!("llama.{key}");
+        let Some(v) = self.g.get(&full) else { return Ok(None) };
+        let n = v.as_u64().ok_or_else(|| format!("{full} must be a non-negative integer, it is {v:?}"))?;
+        match u32::try_from(n) {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(format!("{full} = {n} is outside {min}..={max}")),
+        }
+    }
+
+    fn int(&self, key: &str, min: u32, max: u32) -> Result<u32, String> {
+        self.opt_int(key, min, max)?.ok_or_else(|| format!("missing llama.{key}"))
+    }
+
+    /// A float key, finite and in `(above, max]`.
+    fn opt_float(&self, key: &str, above: f32, max: f32) -> Result<Option<f32>, String> {
+        let full = format!("llama.{key}");
+        let Some(v) = self.g.get(&full) else { return Ok(None) };
+        let x = v.as_f64().ok_or_else(|| format!("{full} must be a number, it is {v:?}"))? as f32;
+        if !x.is_finite() || x <= above || x > max {
+            return Err(format!("{full} = {x} is outside ({above}, {max}] or not finite"));
+        }
+        Ok(Some(x))
+    }
+}
+
 impl Hparams {
+    /// The hyper-parameters of a LLaMA GGUF, every one checked for type and range (see
+    /// [`limits`]) and for consistency (heads dividing the embedding, KV heads dividing the
+    /// heads, an even head size equal to the RoPE dimension). The error names the key and value.
     pub fn from_gguf(g: &Gguf) -> Result<Hparams, String> {
+        use limits::*;
         let arch = g.get_str("general.architecture").ok_or("no general.architecture")?;
         if arch != "llama" {
             return Err(format!("architecture {arch:?} is not supported (llama only)"));
         }
-        let int = |key: &str| -> Result<u32, String> {
-            let v = g.get_u64(&format!("llama.{key}")).ok_or_else(|| format!("missing llama.{key}"))?;
-            u32::try_from(v).ok().filter(|&v| v > 0).ok_or_else(|| format!("llama.{key} = {v} is out of range"))
-        };
-        let opt_int = |key: &str| g.get_u64(&format!("llama.{key}")).map(|v| v as u32);
-        let float = |key: &str| g.get(&format!("llama.{key}")).and_then(|v| v.as_f64()).map(|v| v as f32);
-        let n_embd = int("embedding_length")?;
-        let n_head = int("attention.head_count")?;
-        let n_head_kv = opt_int("attention.head_count_kv").unwrap_or(n_head);
-        if n_head_kv == 0 || n_head % n_head_kv != 0 {
+        let k = Keys { g };
+        let n_layer = k.int("block_count", 1, MAX_LAYERS)?;
+        let n_embd = k.int("embedding_length", 1, MAX_EMBD)?;
+        let n_ff = k.int("feed_forward_length", 1, MAX_FF)?;
+        let n_head = k.int("attention.head_count", 1, MAX_HEADS)?;
+        let n_head_kv = k.opt_int("attention.head_count_kv", 1, MAX_HEADS)?.unwrap_or(n_head);
+        if n_head % n_head_kv != 0 {
             return Err(format!("head_count {n_head} is not a multiple of head_count_kv {n_head_kv}"));
         }
         if n_embd % n_head != 0 {
             return Err(format!("embedding_length {n_embd} is not a multiple of head_count {n_head}"));
         }
-        let head_dim = opt_int("attention.key_length").unwrap_or(n_embd / n_head);
-        if opt_int("attention.value_length").is_some_and(|v| v != head_dim) || head_dim == 0 || head_dim % 2 != 0 {
-            return Err("key and value head sizes must be equal and even".into());
+        let head_dim = k.opt_int("attention.key_length", 2, MAX_HEAD_DIM)?.unwrap_or(n_embd / n_head);
+        let value_dim = k.opt_int("attention.value_length", 2, MAX_HEAD_DIM)?.unwrap_or(head_dim);
+        if value_dim != head_dim || head_dim % 2 != 0 {
+            return Err(format!("key and value head sizes ({head_dim}, {value_dim}) must be equal and even"));
         }
-        let n_rot = opt_int("rope.dimension_count").unwrap_or(head_dim);
+        let n_rot = k.opt_int("rope.dimension_count", 2, MAX_HEAD_DIM)?.unwrap_or(head_dim);
         if n_rot != head_dim {
             return Err(format!("rope.dimension_count {n_rot} differs from the head size {head_dim}"));
         }
-        let n_vocab = match opt_int("vocab_size") {
+        let n_vocab = match k.opt_int("vocab_size", 1, MAX_VOCAB)? {
             Some(v) => v,
             None => match g.get("tokenizer.ggml.tokens") {
-                Some(crate::gguf::reader::MetaValue::Array(a)) => a.len as u32,
-                _ => return Err("no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)".into()),
+                Some(crate::gguf::reader::MetaValue::Array(a)) if a.len >= 1 && a.len <= MAX_VOCAB as u64 => {
+                    a.len as u32
+                }
+                Some(_) => return Err(format!("tokenizer.ggml.tokens must be an array of 1..={MAX_VOCAB} tokens")),
+                None => return Err("no vocabulary size (llama.vocab_size or tokenizer.ggml.tokens)".into()),
             },
         };
-        let n_ctx_train = int("context_length")?;
+        let n_ctx_train = k.int("context_length", 1, MAX_CONTEXT)?;
+        let rms_eps = k.opt_float("attention.layer_norm_rms_epsilon", 0.0, MAX_RMS_EPS)?.unwrap_or(1e-5);
         // RoPE scaling, as llama.cpp: linear divides positions; YaRN needs its extra keys.
-        let scaling = g.get_str("llama.rope.scaling.type").unwrap_or("none");
-        let factor = float("rope.scaling.factor").filter(|f| *f > 0.0).unwrap_or(1.0);
+        let scaling = match g.get("llama.rope.scaling.type") {
+            None => "none",
+            Some(v) => v.as_str().ok_or("llama.rope.scaling.type must be a string")?,
+        };
+        let factor = k.opt_float("rope.scaling.factor", 0.0, MAX_ROPE_FACTOR)?.unwrap_or(1.0);
         let freq_scale = match scaling {
             "none" | "linear" | "yarn" => 1.0 / factor,
             other => return Err(format!("rope scaling {other:?} is not supported")),
         };
-        let n_ctx_orig = opt_int("rope.scaling.original_context_length").unwrap_or(n_ctx_train);
+        let n_ctx_orig = k.opt_int("rope.scaling.original_context_length", 1, MAX_CONTEXT)?.unwrap_or(n_ctx_train);
         let rope = RopeParams {
             n_ctx_orig: n_ctx_orig as i32,
-            freq_base: float("rope.freq_base").unwrap_or(10000.0),
+            freq_base: k.opt_float("rope.freq_base", 1.0, MAX_ROPE_BASE)?.unwrap_or(10000.0),
             freq_scale,
             ext_factor: if scaling == "yarn" { 1.0 } else { 0.0 },
             attn_factor: 1.0,
             beta_fast: 32.0,
             beta_slow: 1.0,
         };
-        Ok(Hparams {
-            n_layer: int("block_count")?,
-            n_embd,
-            n_ff: int("feed_forward_length")?,
-            n_head,
-            n_head_kv,
-            head_dim,
-            n_rot,
-            n_vocab,
-            n_ctx_train,
-            rms_eps: float("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
-            rope,
-        })
+        Ok(Hparams { n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, n_rot, n_vocab, n_ctx_train, rms_eps, rope })
     }
 
     /// Width of one token's keys (or values) across the KV heads.
@@ -131,60 +187,91 @@ fn layer_specs(hp: &Hparams, l: u32) -> Vec<(String, Vec<u64>)> {
     .collect()
 }
 
+/// The layer range `[shard.layer_begin, shard.layer_end)` of a file (all layers without the keys),
+/// checked against the model's layer count and against the `blk.N` tensors present: none may lie
+/// outside the range.
+fn layer_range(g: &Gguf, hp: &Hparams) -> Result<(u32, u32), String> {
+    let key = |k: &str, default: u32| -> Result<u32, String> {
+        match g.get(k) {
+            None => Ok(default),
+            Some(v) => v
+                .as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or_else(|| format!("{k} must be a u32, it is {}", v.to_json())),
+        }
+    };
+    let (begin, end) = (key("shard.layer_begin", 0)?, key("shard.layer_end", hp.n_layer)?);
+    if begin >= end || end > hp.n_layer {
+        return Err(format!("layer range [{begin}, {end}) does not fit a {}-layer model", hp.n_layer));
+    }
+    for t in &g.tensors {
+        let layer = t.name.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|n| n.parse::<u64>().ok());
+        if let Some(l) = layer
+            && !(begin as u64..end as u64).contains(&l)
+        {
+            return Err(format!("tensor {} is outside the shard's layer range [{begin}, {end})", t.name));
+        }
+    }
+    Ok((begin, end))
+}
+
+/// Every check a shard's file must pass before ggml sees it: the hyper-parameters
+/// ([`Hparams::from_gguf`]), the layer range, and each weight the range needs (present, with its
+/// shape, of a type ggml computes, norms in F32). Returns the hyper-parameters, the range and the
+/// weights to wrap. Pure: the node runs it when a shard loads, the engine again when it wraps one.
+pub fn check<'a>(g: &Gguf<'a>) -> Result<(Hparams, u32, u32, Vec<WeightSpec<'a>>), String> {
+    let hp = Hparams::from_gguf(g)?;
+    let (begin, end) = layer_range(g, &hp)?;
+    let (e, v) = (hp.n_embd as u64, hp.n_vocab as u64);
+    let mut wanted: Vec<(String, Vec<u64>, bool)> = Vec::new(); // name, shape, must be F32
+    if begin == 0 {
+        wanted.push(("token_embd.weight".into(), vec![e, v], false));
+    }
+    for l in begin..end {
+        for (name, dims) in layer_specs(&hp, l) {
+            let norm = name.ends_with("norm.weight");
+            wanted.push((name, dims, norm));
+        }
+    }
+    if end == hp.n_layer {
+        wanted.push(("output_norm.weight".into(), vec![e], true));
+        let head = if g.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
+        if !(head == "token_embd.weight" && begin == 0) {
+            wanted.push((head.into(), vec![e, v], false));
+        }
+    }
+    if g.tensor("rope_freqs.weight").is_some() {
+        wanted.push(("rope_freqs.weight".into(), vec![(hp.n_rot / 2) as u64], true));
+    }
+    let mut specs = Vec::with_capacity(wanted.len());
+    for (name, dims, must_f32) in &wanted {
+        let t = g.tensor(name).ok_or_else(|| format!("tensor {name} is missing"))?;
+        if &t.dims != dims {
+            return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", t.dims));
+        }
+        if *must_f32 && t.ggml_type != GgmlType::F32 {
+            return Err(format!("tensor {name} must be F32, it is {}", t.ggml_type.name()));
+        }
+        if !COMPUTABLE.contains(&t.ggml_type.0) {
+            return Err(format!("tensor {name} has type {} which ggml cannot compute", t.ggml_type.name()));
+        }
+        specs.push(WeightSpec {
+            name: t.name,
+            dtype: t.ggml_type.0 as ggml::RawType,
+            ne: t.dims.iter().map(|&d| d as i64).collect(),
+            data: t.data,
+            // The embedding is read by row (get_rows), so it keeps the file's layout.
+            matmul_only: name.starts_with("blk.") && !*must_f32 || name == "output.weight",
+        });
+    }
+    Ok((hp, begin, end, specs))
+}
+
 impl ShardModel {
-    /// Checks that the file holds every tensor its layer range needs, with the right shapes and
-    /// types ggml can compute, and wraps them over `map`.
+    /// Checks the file ([`check`]) and wraps its weights over `map`.
     pub fn load(map: Arc<Mmap>, repack: bool) -> Result<ShardModel, String> {
         let g = Gguf::parse(&map).map_err(|e| format!("not a valid GGUF file: {e}"))?;
-        let hp = Hparams::from_gguf(&g)?;
-        let begin = g.get_u64("shard.layer_begin").unwrap_or(0);
-        let end = g.get_u64("shard.layer_end").unwrap_or(hp.n_layer as u64);
-        if begin >= end || end > hp.n_layer as u64 {
-            return Err(format!("layer range [{begin}, {end}) does not fit a {}-layer model", hp.n_layer));
-        }
-        let (begin, end) = (begin as u32, end as u32);
-        let (e, v) = (hp.n_embd as u64, hp.n_vocab as u64);
-        let mut wanted: Vec<(String, Vec<u64>, bool)> = Vec::new(); // name, shape, must be F32
-        if begin == 0 {
-            wanted.push(("token_embd.weight".into(), vec![e, v], false));
-        }
-        for l in begin..end {
-            for (name, dims) in layer_specs(&hp, l) {
-                let norm = name.ends_with("norm.weight");
-                wanted.push((name, dims, norm));
-            }
-        }
-        if end == hp.n_layer {
-            wanted.push(("output_norm.weight".into(), vec![e], true));
-            let head = if g.tensor("output.weight").is_some() { "output.weight" } else { "token_embd.weight" };
-            if !(head == "token_embd.weight" && begin == 0) {
-                wanted.push((head.into(), vec![e, v], false));
-            }
-        }
-        if g.tensor("rope_freqs.weight").is_some() {
-            wanted.push(("rope_freqs.weight".into(), vec![(hp.n_rot / 2) as u64], true));
-        }
-        let mut specs = Vec::with_capacity(wanted.len());
-        for (name, dims, must_f32) in &wanted {
-            let t = g.tensor(name).ok_or_else(|| format!("tensor {name} is missing"))?;
-            if &t.dims != dims {
-                return Err(format!("tensor {name} has shape {:?}, expected {dims:?}", t.dims));
-            }
-            if *must_f32 && t.ggml_type != GgmlType::F32 {
-                return Err(format!("tensor {name} must be F32, it is {}", t.ggml_type.name()));
-            }
-            if !COMPUTABLE.contains(&t.ggml_type.0) {
-                return Err(format!("tensor {name} has type {} which ggml cannot compute", t.ggml_type.name()));
-            }
-            specs.push(WeightSpec {
-                name: t.name,
-                dtype: t.ggml_type.0 as ggml::RawType,
-                ne: t.dims.iter().map(|&d| d as i64).collect(),
-                data: t.data,
-                // The embedding is read by row (get_rows), so it keeps the file's layout.
-                matmul_only: name.starts_with("blk.") && !*must_f32 || name == "output.weight",
-            });
-        }
+        let (hp, begin, end, specs) = check(&g)?;
         let weights = Weights::over_map(&map, &specs, repack)?;
         drop(g);
         Ok(ShardModel { hp, begin, end, weights, _map: map })

@@ -1,5 +1,15 @@
-//! Picking the next token from logits: greedy, or temperature with top-k and top-p, from a seeded
-//! generator so a run can be repeated exactly.
+//! Picking the next token from logits: penalties for repeated tokens, then greedy, or temperature
+//! with top-k and top-p, from a seeded generator so a run can be repeated exactly.
+//!
+//! Penalties, in llama.cpp's order (before top-k):
+//! - `repeat_penalty` over the last `repeat_last_n` tokens of the prompt and the generated text
+//!   (llama.cpp's `penalty_repeat` / `penalty_last_n`): a positive logit is divided by it, a
+//!   negative one multiplied, once per distinct token in the window;
+//! - `presence_penalty` and `frequency_penalty` (OpenAI's): `logit -= count * frequency_penalty
+//!   + (count > 0) * presence_penalty`, where `count` is how often the token was sampled so far
+//!   (the prompt does not count), as OpenAI's API reference defines them.
+
+use std::collections::{HashMap, VecDeque};
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct SamplerConfig {
@@ -10,35 +20,151 @@ pub struct SamplerConfig {
     /// Keep the smallest set of tokens whose probability reaches p (1.0: all).
     pub top_p: f32,
     pub seed: u64,
+    /// llama.cpp's `repeat_penalty`: > 0; 1.0 is off, above 1 discourages repeats.
+    pub repeat_penalty: f32,
+    /// llama.cpp's `repeat_last_n`: the tokens `repeat_penalty` looks back over; 0 is off, -1 the
+    /// whole context.
+    pub repeat_last_n: i64,
+    /// OpenAI's `presence_penalty`, -2.0..=2.0: subtracted once from a token already sampled.
+    pub presence_penalty: f32,
+    /// OpenAI's `frequency_penalty`, -2.0..=2.0: subtracted per time a token was sampled.
+    pub frequency_penalty: f32,
 }
 
 impl Default for SamplerConfig {
+    /// Greedy, no penalties; llama.cpp's defaults for the rest (`top_k` 40, `top_p` 0.95,
+    /// `repeat_last_n` 64).
     fn default() -> SamplerConfig {
-        SamplerConfig { temperature: 0.0, top_k: 40, top_p: 0.95, seed: 0x5eed }
+        SamplerConfig {
+            temperature: 0.0,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 0x5eed,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+        }
     }
 }
 
+/// A sampling parameter out of its range: `param` is the API name (`temperature`, `top_p`,
+/// `repeat_penalty`, ...), `reason` says what it must be and what it was.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SamplerError {
+    pub param: &'static str,
+    pub reason: String,
+}
+
+impl std::fmt::Display for SamplerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.param, self.reason)
+    }
+}
+
+impl std::error::Error for SamplerError {}
+
 impl SamplerConfig {
-    pub fn validate(&self) -> Result<(), String> {
+    /// Checks every parameter's range (NaN and infinities are refused).
+    pub fn validate(&self) -> Result<(), SamplerError> {
+        let err = |param, reason: String| Err(SamplerError { param, reason });
         if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
-            return Err(format!("temperature must be >= 0, got {}", self.temperature));
+            return err("temperature", format!("must be >= 0, got {}", self.temperature));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(format!("top-p must be in (0, 1], got {}", self.top_p));
+            return err("top_p", format!("must be in (0, 1], got {}", self.top_p));
+        }
+        if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
+            return err("repeat_penalty", format!("must be > 0 (1 is off), got {}", self.repeat_penalty));
+        }
+        if self.repeat_last_n < -1 {
+            return err("repeat_last_n", format!("must be >= -1 (-1: the whole context), got {}", self.repeat_last_n));
+        }
+        for (param, v) in [("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)] {
+            if !(-2.0..=2.0).contains(&v) {
+                return err(param, format!("must be in [-2, 2], got {v}"));
+            }
         }
         Ok(())
+    }
+
+    fn repeat_active(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_last_n != 0
+    }
+
+    fn counts_active(&self) -> bool {
+        self.presence_penalty != 0.0 || self.frequency_penalty != 0.0
     }
 }
 
 pub struct Sampler {
     cfg: SamplerConfig,
     state: u64,
+    /// The last `repeat_last_n` tokens, prompt and generated (only while `repeat_penalty` is on).
+    recent: VecDeque<u32>,
+    /// How often each token in `recent` occurs there.
+    recent_count: HashMap<u32, u32>,
+    /// How often each token was sampled (only while presence or frequency penalties are on).
+    sampled: HashMap<u32, u32>,
 }
 
 impl Sampler {
     pub fn new(cfg: SamplerConfig) -> Sampler {
         let state = cfg.seed ^ 0x9E37_79B9_7F4A_7C15;
-        Sampler { cfg, state }
+        Sampler { cfg, state, recent: VecDeque::new(), recent_count: HashMap::new(), sampled: HashMap::new() }
+    }
+
+    pub fn config(&self) -> &SamplerConfig {
+        &self.cfg
+    }
+
+    /// Feeds the prompt's tokens into the `repeat_last_n` window (as llama.cpp does), before the
+    /// first `sample`.
+    pub fn accept_prompt(&mut self, tokens: &[u32]) {
+        for &t in tokens {
+            self.push_recent(t);
+        }
+    }
+
+    fn push_recent(&mut self, t: u32) {
+        if !self.cfg.repeat_active() {
+            return;
+        }
+        // -1: the whole context; a session never holds more tokens than that.
+        let cap = usize::try_from(self.cfg.repeat_last_n).unwrap_or(usize::MAX);
+        if self.recent.len() == cap
+            && let Some(old) = self.recent.pop_front()
+            && let Some(c) = self.recent_count.get_mut(&old)
+        {
+            *c -= 1;
+            if *c == 0 {
+                self.recent_count.remove(&old);
+            }
+        }
+        self.recent.push_back(t);
+        *self.recent_count.entry(t).or_default() += 1;
+    }
+
+    /// How many of the best logits `sample` needs to see to pick exactly as it would from all of
+    /// them: `Some(k)` when the top k suffice (greedy: 1; top-k sampling: k, plus every token a
+    /// penalty may lower, since it can drop out of the top), `None` when it needs every logit
+    /// (`top_k` 0, or a penalty that can raise a token: `repeat_penalty` < 1, a negative
+    /// presence or frequency penalty). A coordinator asks the last node for that many.
+    pub fn logits_needed(&self) -> Option<usize> {
+        let base = if self.cfg.temperature == 0.0 {
+            1
+        } else if self.cfg.top_k == 0 {
+            return None;
+        } else {
+            self.cfg.top_k
+        };
+        let c = &self.cfg;
+        if (c.repeat_active() && c.repeat_penalty < 1.0) || c.presence_penalty < 0.0 || c.frequency_penalty < 0.0 {
+            return None;
+        }
+        let mut penalized: std::collections::HashSet<u32> = self.recent_count.keys().copied().collect();
+        penalized.extend(self.sampled.keys().copied());
+        Some(base + penalized.len())
     }
 
     /// splitmix64: small, fast, and the same on every platform.
@@ -54,7 +180,39 @@ impl Sampler {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
+    /// The penalties applied to `logits` (a copy; `logits` untouched when none is on).
+    fn penalized<'l>(&self, logits: &'l [f32]) -> std::borrow::Cow<'l, [f32]> {
+        if self.recent_count.is_empty() && self.sampled.is_empty() {
+            return std::borrow::Cow::Borrowed(logits);
+        }
+        let mut out = logits.to_vec();
+        for &t in self.recent_count.keys() {
+            if let Some(l) = out.get_mut(t as usize) {
+                // llama.cpp: dividing a negative logit would raise it, so it is multiplied.
+                *l = if *l <= 0.0 { *l * self.cfg.repeat_penalty } else { *l / self.cfg.repeat_penalty };
+            }
+        }
+        for (&t, &count) in &self.sampled {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l -= count as f32 * self.cfg.frequency_penalty + self.cfg.presence_penalty;
+            }
+        }
+        std::borrow::Cow::Owned(out)
+    }
+
+    /// Picks the next token from one row of logits (`[n_vocab]`; tokens a node did not send are
+    /// `-inf`), and records it for the penalties.
     pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let logits = self.penalized(logits);
+        let id = self.pick(&logits);
+        self.push_recent(id);
+        if self.cfg.counts_active() {
+            *self.sampled.entry(id).or_default() += 1;
+        }
+        id
+    }
+
+    fn pick(&mut self, logits: &[f32]) -> u32 {
         if self.cfg.temperature == 0.0 || logits.len() < 2 {
             return argmax(logits);
         }
@@ -62,7 +220,8 @@ impl Sampler {
         let mut cand: Vec<(u32, f32)> = logits.iter().enumerate().map(|(i, &l)| (i as u32, l)).collect();
         let k = if self.cfg.top_k == 0 { cand.len() } else { self.cfg.top_k.min(cand.len()) };
         if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+            // Ties broken by id, so the kept set does not depend on where the ties sit.
+            cand.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
             cand.truncate(k);
         }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
@@ -121,7 +280,7 @@ mod tests {
         let logits: Vec<f32> = (0..100).map(|i| ((i * 37) % 100) as f32 / 10.0).collect();
         let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 1, ..Default::default() });
         assert_eq!(s.sample(&logits), argmax(&logits));
-        let cfg = SamplerConfig { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 7 };
+        let cfg = SamplerConfig { temperature: 0.8, top_k: 0, top_p: 1.0, seed: 7, ..Default::default() };
         let run = |cfg: &SamplerConfig| {
             let mut s = Sampler::new(cfg.clone());
             (0..50).map(|_| s.sample(&logits)).collect::<Vec<u32>>()
@@ -136,7 +295,8 @@ mod tests {
         // One token holds ~99.9% of the mass: top-p 0.9 must always pick it.
         let mut logits = vec![0.0f32; 50];
         logits[13] = 10.0;
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 1 });
+        let mut s =
+            Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 0.9, seed: 1, ..Default::default() });
         assert!((0..200).all(|_| s.sample(&logits) == 13));
     }
 
@@ -144,9 +304,148 @@ mod tests {
     fn frequencies_follow_the_distribution() {
         // Two tokens with logits ln(3) and 0: picked about 3:1.
         let logits = [3f32.ln(), 0.0];
-        let mut s = Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3 });
+        let mut s =
+            Sampler::new(SamplerConfig { temperature: 1.0, top_k: 0, top_p: 1.0, seed: 3, ..Default::default() });
         let n = 20_000;
         let zeros = (0..n).filter(|_| s.sample(&logits) == 0).count() as f64 / n as f64;
         assert!((zeros - 0.75).abs() < 0.02, "{zeros}");
+    }
+
+    fn greedy(repeat_penalty: f32, repeat_last_n: i64) -> Sampler {
+        Sampler::new(SamplerConfig { repeat_penalty, repeat_last_n, ..Default::default() })
+    }
+
+    #[test]
+    fn repeat_penalty_divides_positive_and_multiplies_negative_logits() {
+        // Token 0 leads by 0.1; seen in the prompt, 2.0 / 1.1 = 1.82 < 1.9.
+        let mut s = greedy(1.1, 64);
+        s.accept_prompt(&[0]);
+        assert_eq!(s.sample(&[2.0, 1.9, -5.0]), 1);
+        // A negative logit is multiplied (made more negative), never divided toward 0.
+        let mut s = greedy(2.0, 64);
+        s.accept_prompt(&[0]);
+        assert_eq!(s.sample(&[-1.0, -1.5]), 1, "-1.0 * 2 = -2.0 < -1.5");
+        let mut s = greedy(2.0, 64);
+        s.accept_prompt(&[0]);
+        assert_eq!(s.sample(&[-1.0, -2.5]), 0, "-2.0 > -2.5");
+        // Once per distinct token, however often it occurs (llama.cpp).
+        let mut s = greedy(1.1, 64);
+        s.accept_prompt(&[0, 0, 0, 0]);
+        assert_eq!(s.sample(&[2.0, 1.85]), 1);
+        let mut s = greedy(1.1, 64);
+        s.accept_prompt(&[0, 0, 0, 0]);
+        assert_eq!(s.sample(&[2.0, 1.8]), 0, "2.0 / 1.1 = 1.818 > 1.8");
+    }
+
+    #[test]
+    fn repeat_last_n_bounds_the_window() {
+        let logits = [2.0, 1.9, 0.0, 0.0];
+        // Token 0 was 3 tokens back: inside a window of 3, outside one of 2.
+        let mut s = greedy(1.5, 3);
+        s.accept_prompt(&[0, 2, 3]);
+        assert_eq!(s.sample(&logits), 1);
+        let mut s = greedy(1.5, 2);
+        s.accept_prompt(&[0, 2, 3]);
+        assert_eq!(s.sample(&logits), 0);
+        // 0 turns the penalty off; -1 is the whole history.
+        let mut s = greedy(1.5, 0);
+        s.accept_prompt(&[0]);
+        assert_eq!(s.sample(&logits), 0);
+        let mut s = greedy(1.5, -1);
+        s.accept_prompt(&[0]);
+        s.accept_prompt(&[3; 1000]);
+        assert_eq!(s.sample(&logits), 1);
+        // Sampled tokens enter the window too: greedy alternates instead of repeating.
+        let mut s = greedy(1.5, 1);
+        let picks: Vec<u32> = (0..4).map(|_| s.sample(&logits)).collect();
+        assert_eq!(picks, [0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_count_sampled_tokens_only() {
+        let base = SamplerConfig { presence_penalty: 0.5, ..Default::default() };
+        // The prompt does not count (OpenAI: tokens sampled so far).
+        let mut s = Sampler::new(base.clone());
+        s.accept_prompt(&[0, 0, 0]);
+        assert_eq!(s.sample(&[1.0, 0.8]), 0);
+        // Sampled once: 1.0 - 0.5 < 0.8.
+        assert_eq!(s.sample(&[1.0, 0.8]), 1);
+        // Presence is once per token: 0 (0.5) vs 1 (0.75 - 0.5 = 0.25).
+        assert_eq!(s.sample(&[1.0, 0.75]), 0);
+        // Frequency grows with the count: after 0 sampled twice, 3.0 - 2 * 0.8 = 1.4 < 1.5.
+        let mut s = Sampler::new(SamplerConfig { frequency_penalty: 0.8, ..Default::default() });
+        assert_eq!(s.sample(&[3.0, 1.5]), 0);
+        assert_eq!(s.sample(&[3.0, 1.5]), 0, "3.0 - 0.8 = 2.2 > 1.5");
+        assert_eq!(s.sample(&[3.0, 1.5]), 1, "3.0 - 1.6 = 1.4 < 1.5");
+        // A negative penalty raises what was sampled.
+        let mut s = Sampler::new(SamplerConfig { presence_penalty: -1.0, ..Default::default() });
+        assert_eq!(s.sample(&[0.0, 0.5]), 1);
+        assert_eq!(s.sample(&[0.9, 0.5]), 1, "0.5 + 1 > 0.9");
+    }
+
+    /// What a coordinator relies on: sampling from only the `logits_needed()` best logits (the
+    /// rest -inf, as a node's top_k answer gives them) picks what sampling from all would.
+    #[test]
+    fn logits_needed_suffice_to_sample_exactly() {
+        let mut rng = Sampler::new(SamplerConfig { seed: 99, ..Default::default() });
+        let configs = [
+            SamplerConfig { repeat_penalty: 1.3, repeat_last_n: 8, ..Default::default() },
+            SamplerConfig { presence_penalty: 1.5, frequency_penalty: 0.7, ..Default::default() },
+            SamplerConfig {
+                temperature: 0.9,
+                top_k: 5,
+                repeat_penalty: 2.0,
+                frequency_penalty: 1.0,
+                ..Default::default()
+            },
+        ];
+        for cfg in configs {
+            let (mut full, mut sparse) = (Sampler::new(cfg.clone()), Sampler::new(cfg.clone()));
+            let prompt: Vec<u32> = (0..6).map(|_| (rng.next_u64() % 30) as u32).collect();
+            full.accept_prompt(&prompt);
+            sparse.accept_prompt(&prompt);
+            for step in 0..200 {
+                // Few distinct values, so the penalised tokens often sit just above the cut.
+                let logits: Vec<f32> = (0..30).map(|_| (rng.next_u64() % 12) as f32 * 0.25).collect();
+                let k = sparse.logits_needed().expect("these penalties only lower logits");
+                let mut order: Vec<usize> = (0..logits.len()).collect();
+                order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+                let mut top = vec![f32::NEG_INFINITY; logits.len()];
+                for &i in order.iter().take(k) {
+                    top[i] = logits[i];
+                }
+                assert_eq!(full.sample(&logits), sparse.sample(&top), "{cfg:?}, step {step}, k {k}");
+            }
+        }
+        // Penalties that can raise a token need every logit, as does top_k 0.
+        for cfg in [
+            SamplerConfig { repeat_penalty: 0.9, ..Default::default() },
+            SamplerConfig { presence_penalty: -0.1, ..Default::default() },
+            SamplerConfig { temperature: 1.0, top_k: 0, ..Default::default() },
+        ] {
+            assert_eq!(Sampler::new(cfg).logits_needed(), None);
+        }
+        assert_eq!(Sampler::new(SamplerConfig::default()).logits_needed(), Some(1));
+    }
+
+    #[test]
+    fn out_of_range_parameters_are_named() {
+        let bad = [
+            (SamplerConfig { temperature: -1.0, ..Default::default() }, "temperature"),
+            (SamplerConfig { temperature: f32::NAN, ..Default::default() }, "temperature"),
+            (SamplerConfig { top_p: 0.0, ..Default::default() }, "top_p"),
+            (SamplerConfig { repeat_penalty: 0.0, ..Default::default() }, "repeat_penalty"),
+            (SamplerConfig { repeat_penalty: f32::INFINITY, ..Default::default() }, "repeat_penalty"),
+            (SamplerConfig { repeat_last_n: -2, ..Default::default() }, "repeat_last_n"),
+            (SamplerConfig { presence_penalty: 2.5, ..Default::default() }, "presence_penalty"),
+            (SamplerConfig { frequency_penalty: -2.01, ..Default::default() }, "frequency_penalty"),
+            (SamplerConfig { frequency_penalty: f32::NAN, ..Default::default() }, "frequency_penalty"),
+        ];
+        for (cfg, param) in bad {
+            assert_eq!(cfg.validate().unwrap_err().param, param, "{cfg:?}");
+        }
+        assert!(
+            SamplerConfig { presence_penalty: -2.0, frequency_penalty: 2.0, ..Default::default() }.validate().is_ok()
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! node needs to know about a shard file.
 
 pub mod demo;
+pub mod manifest;
 pub mod reader;
 pub mod split;
 pub mod types;

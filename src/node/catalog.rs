@@ -70,6 +70,8 @@ pub struct LoadedShard {
     pub filename: String,
     pub path: PathBuf,
     pub map: Arc<Mmap>,
+    /// The open file behind `map`: one `fstat` before each task checks it was not cut short.
+    pub file: Arc<File>,
     pub summary: ShardSummary,
     pub loaded_at: Instant,
 }
@@ -80,8 +82,45 @@ impl std::fmt::Debug for LoadedShard {
     }
 }
 
-/// Opens, maps and checks a shard file: its `shard.index` must be `shard_id`
-/// and, when `model` is given, its `shard.model_id` that model. Runs on a worker.
+/// The one check of every shard the node loads, whichever path brought it (a local file, a
+/// download, `LOAD_SHARD`'s `filename`, the manifest): `shard.index` is `shard_id`, `shard.count`
+/// is above it, `shard.model_id` is present (and is `model` when the node already holds a shard
+/// of a model), and the engine's own checks pass ([`crate::engine::model::check`]: every
+/// hyper-parameter finite and in range, the layer range within the model and matching the
+/// `blk.N` tensors present, each weight of the range present with its shape and a type ggml
+/// computes). A GGUF without `shard.*` keys (a whole model) is refused: split it first.
+pub fn check_shard(g: &Gguf, shard_id: u32, model: Option<&str>) -> Result<ShardSummary, String> {
+    let summary = ShardSummary::of(g);
+    let (Some(index), Some(count), Some(have)) =
+        (summary.shard_index, summary.shard_count, summary.model_id.as_deref())
+    else {
+        return Err(
+            "it has no shard.index, shard.count or shard.model_id: not a shard (split the model with `shardctl split`)"
+                .into(),
+        );
+    };
+    if g.get("shard.layer_begin").is_none() || g.get("shard.layer_end").is_none() {
+        return Err("it has no shard.layer_begin or shard.layer_end".into());
+    }
+    if index != shard_id {
+        return Err(format!("it holds shard.index {index}, not shard {shard_id}"));
+    }
+    if index >= count || count as u64 > crate::protocol::MAX_SHARD_ID + 1 {
+        return Err(format!("shard.index {index} does not fit shard.count {count}"));
+    }
+    if have.is_empty() || have.len() > 256 {
+        return Err("shard.model_id must be 1..=256 bytes".into());
+    }
+    if let Some(want) = model
+        && want != have
+    {
+        return Err(format!("it is of model {have}, not of this node's model {want}"));
+    }
+    crate::engine::model::check(g)?;
+    Ok(summary)
+}
+
+/// Opens, maps and checks a shard file ([`check_shard`]). Runs on a worker.
 pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<LoadedShard, (ErrorCode, String)> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
     let file = match File::open(path) {
@@ -96,22 +135,14 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
         return Err((ErrorCode::ShardInvalid, format!("{name} is empty, not a GGUF file")));
     }
     // SAFETY: read-only map of a file the node never writes in place (see
-    // torrent::create); weights are read through it, never copied.
+    // torrent::create); weights are read through it, never copied. A file
+    // truncated by someone else is caught before each task (`file` is kept
+    // for that fstat; docs/ARCHITECTURE.md says what remains).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| (ErrorCode::Internal, format!("mapping {name}: {e}")))?;
     let summary = match Gguf::parse(&map) {
-        Ok(g) => ShardSummary::of(&g),
+        Ok(g) => check_shard(&g, shard_id, model).map_err(|e| (ErrorCode::ShardInvalid, format!("{name}: {e}")))?,
         Err(e) => return Err((ErrorCode::ShardInvalid, format!("{name} is not a valid GGUF file: {e}"))),
     };
-    if let Some(index) = summary.shard_index
-        && index != shard_id
-    {
-        return Err((ErrorCode::ShardInvalid, format!("{name} holds shard.index {index}, not shard {shard_id}")));
-    }
-    if let (Some(want), Some(have)) = (model, summary.model_id.as_deref())
-        && want != have
-    {
-        return Err((ErrorCode::ShardInvalid, format!("{name} is of model {have}, not of this node's model {want}")));
-    }
     // Every weight will be read at the first step: start reading the file
     // into the page cache now, in the background. A shard just downloaded
     // with direct I/O is on disk only; one already cached costs nothing.
@@ -123,6 +154,7 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
         filename: name,
         path: path.to_path_buf(),
         map: Arc::new(map),
+        file: Arc::new(file),
         summary,
         loaded_at: Instant::now(),
     })
@@ -134,14 +166,26 @@ pub struct Catalog {
     pub loaded: BTreeMap<u32, LoadedShard>,
     /// `manifest.json` of the shards dir: shard id -> (filename, info hash).
     pub manifest: BTreeMap<u32, (String, InfoHash)>,
+    /// That manifest's bytes and SHA-256 (served by GET_MANIFEST, announced under its DHT key);
+    /// with `--model`, only a manifest of the pinned hash is kept.
+    pub manifest_bytes: Option<(Vec<u8>, [u8; 32])>,
+    /// The manifest's `model_id`: every shard loaded must be of it.
+    pub manifest_model: Option<String>,
 }
 
-/// Reads the shard table of a `manifest.json` (bounded; bad entries skipped).
-pub fn read_manifest(path: &Path) -> Option<BTreeMap<u32, (String, InfoHash)>> {
-    if std::fs::metadata(path).ok()?.len() > 4 * 1024 * 1024 {
+/// Reads a `manifest.json`: its bytes and its shard table (bounded; bad entries skipped).
+pub fn read_manifest(path: &Path) -> Option<(Vec<u8>, BTreeMap<u32, (String, InfoHash)>)> {
+    if std::fs::metadata(path).ok()?.len() > crate::gguf::manifest::MAX_MANIFEST_BYTES as u64 {
         return None;
     }
-    let v: Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let bytes = std::fs::read(path).ok()?;
+    let table = manifest_table(&bytes)?;
+    Some((bytes, table))
+}
+
+/// The shard table of a manifest's bytes (bad entries skipped).
+pub fn manifest_table(bytes: &[u8]) -> Option<BTreeMap<u32, (String, InfoHash)>> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
     let mut out = BTreeMap::new();
     for s in v.get("shards")?.as_array()? {
         let id = s.get("shard_id").and_then(Value::as_u64).and_then(|i| u32::try_from(i).ok());

@@ -14,6 +14,7 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::outq::OutQueue;
+use crate::protocol::auth::{AuthError, NodeAuth};
 use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
 use crate::torrent::InfoHash;
 use crate::torrent::storage::View;
@@ -69,13 +70,22 @@ pub struct Conn {
     pub outgoing: bool,
     /// Peer wire: a non-blocking connect not yet complete.
     pub connecting: bool,
+    /// Commands: the cluster-key handshake's state; frames are opened and sealed through it.
+    pub auth: NodeAuth,
 }
 
 /// What the next buffered bytes are.
 pub enum Next<'a> {
-    Frame(&'a [u8]),
+    /// A frame's payload (its MAC checked and removed on an authenticated connection), and the
+    /// frame's length less its prefix, for [`Conn::consume`].
+    Frame(&'a [u8], usize),
+    /// A frame on an authenticated connection whose MAC does not verify.
+    BadMac(AuthError),
     NeedMore,
-    TooLarge { declared: u32, limit: u32 },
+    TooLarge {
+        declared: u32,
+        limit: u32,
+    },
     PeerWire,
 }
 
@@ -100,6 +110,7 @@ impl Conn {
             handshaken: false,
             outgoing: false,
             connecting: false,
+            auth: NodeAuth::Open,
         }
     }
 
@@ -212,15 +223,18 @@ impl Conn {
             return Next::PeerWire;
         }
         match frame::decode(rest, max_frame) {
-            Decoded::Frame { len } => Next::Frame(&rest[frame::HEADER_LEN..frame::HEADER_LEN + len]),
+            Decoded::Frame { len } => match self.auth.open(&rest[frame::HEADER_LEN..frame::HEADER_LEN + len]) {
+                Ok(payload) => Next::Frame(payload, len),
+                Err(e) => Next::BadMac(e),
+            },
             Decoded::NeedMore(_) => Next::NeedMore,
             Decoded::TooLarge { declared, limit } => Next::TooLarge { declared, limit },
         }
     }
 
-    /// Marks the frame returned by `next` as used.
-    pub fn consume(&mut self, payload_len: usize, now: Instant) {
-        self.consume_raw(frame::HEADER_LEN + payload_len, now);
+    /// Marks the frame returned by `next` as used (`len`: the frame less its prefix).
+    pub fn consume(&mut self, len: usize, now: Instant) {
+        self.consume_raw(frame::HEADER_LEN + len, now);
     }
 
     /// Frees a large input buffer once nothing is buffered (after a big
@@ -239,10 +253,11 @@ impl Conn {
         self.frame_started = None;
     }
 
-    /// Queues one response frame.
+    /// Queues one response frame (sealed on an authenticated connection).
     pub fn queue_frame(&mut self, payload: &[u8], now: Instant) {
         self.mark_queued(now);
-        self.output.push_with(|out| frame::encode(payload, out));
+        let auth = &mut self.auth;
+        self.output.push_with(|out| auth.encode(payload, out));
     }
 
     /// Writes as much output as the socket takes. `Ok(true)` when all is sent.

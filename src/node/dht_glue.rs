@@ -52,25 +52,16 @@ pub fn cluster_key(cluster: &str) -> Id {
 
 /// Why a lookup runs.
 pub(super) enum Purpose {
-    Announce,
+    /// Our key (before any keyed naming), for the retry bookkeeping.
+    Announce { key: Id },
     /// A FIND_PEERS request waiting for the answer.
-    FindPeers {
-        token: Token,
-        conn_id: u64,
-        request_id: Value,
-        key: Id,
-    },
+    FindPeers { token: Token, conn_id: u64, request_id: Value, key: Id },
     /// Peers under a shard's name key: ask them its info hash.
-    ShardByName {
-        shard_id: u32,
-        filename: String,
-    },
+    ShardByName { shard_id: u32, filename: String },
+    /// Holders of the pinned manifest (a shard's load waits for it).
+    Manifest { shard_id: u32, filename: String },
     /// Peers for a torrent to download (and the shard waiting for it).
-    PeersFor {
-        info_hash: InfoHash,
-        shard_id: Option<u32>,
-        name: String,
-    },
+    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String },
 }
 
 /// One key's last announce.
@@ -230,9 +221,15 @@ impl Node {
         self.dht.as_ref().map(|d| d.next_tick)
     }
 
-    /// Starts a lookup; `secure` for the cluster's and shards' name keys,
-    /// which only nodes with BEP 42-valid ids are trusted to hold.
-    fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose, secure: bool) -> bool {
+    /// Starts a lookup (or an announce) of `key`; `secure` for the cluster's and shards'
+    /// name keys, which only nodes with BEP 42-valid ids are trusted to hold. A `--private`
+    /// node uses the keyed name of every key instead (`auth::dht_name`), so outsiders find
+    /// none of its shards or members.
+    pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose, secure: bool) -> bool {
+        let key = match (&self.config.cluster_key, self.config.private) {
+            (Some(k), true) => Id(crate::protocol::auth::dht_name(k, &key.0)),
+            _ => key,
+        };
         let Some(d) = self.dht.as_mut() else { return false };
         let now = Instant::now();
         let l = if secure { d.dht.start_lookup_secure(key, kind, now) } else { d.dht.start_lookup(key, kind, now) };
@@ -253,6 +250,9 @@ impl Node {
         let cluster = self.config.cluster.clone();
         // (key, secure): name keys only on BEP 42-valid nodes.
         let mut keys = vec![(cluster_key(&cluster), true)];
+        if let Some((_, h)) = &self.catalog.manifest_bytes {
+            keys.push((Id(crate::gguf::manifest::manifest_dht_key(h)), true));
+        }
         for s in self.swarms.values().filter(|s| s.is_complete()) {
             keys.push((Id(s.info_hash.0), false));
             keys.push((name_key(&cluster, &s.name), true));
@@ -266,7 +266,7 @@ impl Node {
             }
             let retries = d.announced.get(&key).map_or(0, |a| a.retries);
             d.announced.insert(key, Announced { at: now, nodes, retries });
-            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce, secure);
+            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce { key }, secure);
         }
     }
 
@@ -302,10 +302,10 @@ impl Node {
     fn on_lookup_done(&mut self, purpose: Purpose, r: LookupResult) {
         let peers: Vec<SocketAddrV4> = r.peers.iter().copied().filter(|p| !self.own_addr(p)).collect();
         match purpose {
-            Purpose::Announce => {
-                debug!("announced {:?} to {} nodes", r.target, r.responded);
+            Purpose::Announce { key } => {
+                debug!("announced {:?} to {} nodes", key, r.responded);
                 if let Some(d) = self.dht.as_mut()
-                    && let Some(a) = d.announced.get_mut(&r.target)
+                    && let Some(a) = d.announced.get_mut(&key)
                 {
                     if r.responded < K / 2 {
                         // Too few nodes known yet (joining, or a small network):
@@ -343,13 +343,14 @@ impl Node {
                     return self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, msg);
                 }
                 // Ask a few holders, on a worker (blocking clients, bounded waits).
-                let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
+                let (tx, waker, key) = (self.events_tx.clone(), self.waker.clone(), self.config.cluster_key.clone());
                 self.pool.handle().submit(move || {
-                    let result = ask_info_hash(&peers, &filename);
+                    let result = ask_info_hash(&peers, &filename, key.as_ref());
                     let _ = tx.send(NodeEvent::ShardResolved { shard_id, filename, result });
                     let _ = waker.wake();
                 });
             }
+            Purpose::Manifest { shard_id, filename } => self.on_manifest_holders(shard_id, filename, peers),
             Purpose::PeersFor { info_hash, shard_id, name } => {
                 let addrs: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::V4(*p)).collect();
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {
@@ -360,10 +361,11 @@ impl Node {
                     };
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
-                if let Err(e) = self.start_download(info_hash, None, &name, &addrs, shard_id)
-                    && let Some(id) = shard_id
-                {
-                    self.fail_waiters(id, ErrorCode::Internal, format!("starting the download: {e:#}"));
+                if let Err((code, msg)) = self.start_download(info_hash, None, &name, &addrs, shard_id) {
+                    match shard_id {
+                        Some(id) => self.fail_waiters(id, code, msg),
+                        None => warn!("{msg}"),
+                    }
                 }
             }
         }
@@ -412,12 +414,16 @@ impl Node {
 
 /// Asks holders for their file list; the info hash most of them give for
 /// `filename` wins (a lone liar is outvoted).
-fn ask_info_hash(peers: &[SocketAddrV4], filename: &str) -> Result<InfoHash, String> {
+fn ask_info_hash(
+    peers: &[SocketAddrV4],
+    filename: &str,
+    key: Option<&crate::protocol::auth::ClusterKey>,
+) -> Result<InfoHash, String> {
     let mut votes: HashMap<InfoHash, usize> = HashMap::new();
     let mut errors = Vec::new();
     for p in peers.iter().take(RESOLVE_ASK) {
-        let answer =
-            Client::connect(&p.to_string(), Duration::from_secs(2)).and_then(|mut c| c.call("LIST_FILES", json!({})));
+        let answer = Client::connect_with_key(&p.to_string(), Duration::from_secs(2), key)
+            .and_then(|mut c| c.call("LIST_FILES", json!({})));
         match answer {
             Ok(r) => {
                 let found = r["files"].as_array().into_iter().flatten().find(|f| f["filename"] == filename);

@@ -29,6 +29,14 @@ impl Node {
         };
         let name = request.command.name();
         let id = request.request_id;
+        let Some(conn) = self.conn(token) else { return };
+        if !conn.auth.authorized() && !matches!(request.command, Command::Status | Command::Auth(_)) {
+            let msg = format!(
+                "{name} needs the cluster key: this node runs with --cluster-key-file, so every command but \
+                 STATUS must come on a connection that proved it (AUTH handshake; shardctl: --cluster-key-file)"
+            );
+            return self.respond(token, &error_payload(json!(name), id, ErrorCode::AuthRequired, &msg));
+        }
         match request.command {
             Command::ListFiles => {
                 let files: Vec<Value> = self.catalog.files.values().map(|f| f.to_json()).collect();
@@ -55,11 +63,34 @@ impl Node {
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }
             }
-            Command::ExecuteTask(task) => self.execute_task_command(token, id, request.from, task),
+            Command::ExecuteTask(mut task) => {
+                // The per-client quota's key: a keyed relay names its caller; anyone else is
+                // known by address (and port on loopback, where every test client shares the IP).
+                let conn = self.conn(token).expect("checked above");
+                if !(conn.auth.established() && task.origin.is_some()) {
+                    let peer = conn.peer;
+                    task.origin = Some(if peer.ip().is_loopback() { peer.to_string() } else { peer.ip().to_string() });
+                }
+                self.execute_task_command(token, id, request.from, task)
+            }
+            Command::Auth(step) => self.auth_command(token, id, step),
+            Command::GetManifest { hash } => {
+                let payload = match &self.catalog.manifest_bytes {
+                    Some((bytes, h)) if *h == hash => {
+                        let text = String::from_utf8_lossy(bytes);
+                        success_payload(name, &id, json!({"hash": to_hex(h), "manifest": text}))
+                    }
+                    _ => {
+                        let msg = format!("this node holds no manifest with SHA-256 {}", to_hex(&hash));
+                        error_payload(json!(name), id, ErrorCode::ShardNotFound, &msg)
+                    }
+                };
+                self.respond(token, &payload);
+            }
             Command::ModelInfo => self.model_info_command(token, id),
-            Command::EndSession { session_id } => {
+            Command::EndSession { session_id, session_token } => {
                 let Some(reply) = self.defer(token, id) else { return };
-                self.inference.submit(Job::EndSession { reply, session_id });
+                self.inference.submit(Job::EndSession { reply, session_id, session_token });
             }
             Command::Download(params) => {
                 let payload = match self.download_command(params) {
@@ -106,7 +137,17 @@ impl Node {
                 error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
-        let job = Job::Execute { reply, task, from, map: shard.map.clone(), queued, me: self.local_addr };
+        let origin = task.origin.clone().unwrap_or_default();
+        let job = Job::Execute {
+            reply,
+            task,
+            from,
+            origin,
+            map: shard.map.clone(),
+            file: shard.file.clone(),
+            queued,
+            me: self.local_addr,
+        };
         self.inference.submit(job);
     }
 
@@ -164,6 +205,42 @@ impl Node {
             let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
             let _ = waker.wake();
         });
+    }
+
+    /// A step of the cluster-key handshake (`protocol::auth`). A failed step closes the
+    /// connection; a node without a key says so and keeps it open.
+    fn auth_command(&mut self, token: Token, id: Value, step: crate::protocol::auth::AuthStep) {
+        use crate::protocol::auth::{AuthStep, NONCE_LEN, random_bytes};
+        let Some(key) = self.config.cluster_key.clone() else {
+            let msg = "this node has no cluster key: it is open to anyone (no AUTH needed)";
+            return self.respond(token, &error_payload(json!("AUTH"), id, ErrorCode::AuthUnavailable, msg));
+        };
+        let now = Instant::now();
+        let Some(conn) = self.conn(token) else { return };
+        let outcome = match step {
+            AuthStep::Hello { client_nonce } => match random_bytes::<NONCE_LEN>() {
+                Ok(node_nonce) => conn.auth.hello(&key, &client_nonce, &node_nonce, now).map_err(|e| e.to_string()),
+                Err(e) => Err(format!("no randomness for a nonce: {e}")),
+            },
+            AuthStep::Proof { client_proof } => {
+                conn.auth.proof(&key, &client_proof).map(|()| json!({"authenticated": true})).map_err(|e| e.to_string())
+            }
+        };
+        let peer = conn.peer;
+        match outcome {
+            Ok(result) => self.respond(token, &success_payload("AUTH", &id, result)),
+            Err(msg) => {
+                warn!("conn from {peer}: cluster-key handshake failed: {msg}; closing");
+                self.respond(
+                    token,
+                    &error_payload(json!("AUTH"), id, ErrorCode::AuthFailed, &format!("{msg}; closing")),
+                );
+                if let Some(conn) = self.conn(token) {
+                    conn.discard_input();
+                    conn.close_after_flush = true;
+                }
+            }
+        }
     }
 
     /// Counts a request as in flight on its connection and says where its answer goes.
@@ -245,14 +322,46 @@ impl Node {
             },
             "sessions": 0,
             "hash_workers": self.config.hash_workers,
+            "download_limits": {
+                "max_downloads": self.config.max_downloads,
+                "max_download_peers": self.config.max_download_peers,
+                "disk_budget": self.config.disk_budget,
+                "disk_reserve": self.config.disk_reserve,
+                "part_expiry_s": self.config.part_expiry.as_secs(),
+                "redial_give_up_s": self.config.redial_give_up.as_secs(),
+            },
+            "auth": {
+                "cluster_key": self.config.cluster_key.is_some(),
+                "open_to_anyone": self.config.cluster_key.is_none(),
+                "scheme": self.config.cluster_key.as_ref().map(|_| crate::protocol::auth::SCHEME),
+                "private_swarms": self.config.private,
+            },
+            "model": self.model_status(),
+            "limits": {
+                "max_sessions": self.config.max_sessions,
+                "max_sessions_per_client": self.config.max_sessions_per_client,
+                "auth_timeout_s": self.config.auth_timeout.as_secs(),
+                "unauthenticated_max_frame": super::UNAUTHENTICATED_MAX_FRAME,
+                "max_frame": self.config.max_frame,
+            },
         })
     }
 
-    fn load_shard_command(&mut self, token: Token, request_id: Value, p: LoadShard) {
+    fn load_shard_command(&mut self, token: Token, request_id: Value, mut p: LoadShard) {
         let reply_err = |node: &mut Node, code: ErrorCode, msg: String| {
             node.respond(token, &error_payload(json!("LOAD_SHARD"), request_id.clone(), code, &msg));
         };
         let id = p.shard_id;
+        // Pinned: the manifest's info hash is the only one this shard may have.
+        if self.config.model_pin.is_some()
+            && let Some(pinned) = self.catalog.manifest_hash(id)
+        {
+            if let Some(asked) = p.info_hash.filter(|h| *h != pinned) {
+                let msg = format!("info_hash {asked} is not shard {id} of the pinned model ({pinned})");
+                return reply_err(self, ErrorCode::ManifestMismatch, msg);
+            }
+            p.info_hash = Some(pinned);
+        }
         if let Some(total) = self.config.total_shards
             && id >= total
         {
@@ -261,6 +370,17 @@ impl Node {
                 ErrorCode::OutOfRange,
                 format!("shard_id {id} is not below --total-shards {total}"),
             );
+        }
+        // A loaded shard whose file changed length is dropped and loaded again.
+        if self
+            .catalog
+            .loaded
+            .get(&id)
+            .is_some_and(|l| l.file.metadata().map(|m| m.len()).ok() != Some(l.map.len() as u64))
+        {
+            warn!("shard {id}: its file changed on disk; loading it again");
+            self.catalog.loaded.remove(&id);
+            self.status_cache = None;
         }
         if let Some(loaded) = self.catalog.loaded.get(&id) {
             let same_file = p.filename.as_ref().is_none_or(|f| *f == loaded.filename);
@@ -292,6 +412,13 @@ impl Node {
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
     fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
+        // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
+        // here yet is fetched first, see `download_shard`).
+        let pinned = self.config.model_pin.is_some();
+        if pinned && !self.pin_unsatisfied() && self.catalog.manifest_hash(id).is_none() {
+            return Err((ErrorCode::OutOfRange, format!("the pinned model has no shard {id}")));
+        }
+        let want = if pinned { self.catalog.manifest_hash(id) } else { p.info_hash };
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -301,8 +428,16 @@ impl Node {
                 if let Err(e) = &f.gguf {
                     return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
-                match (p.info_hash, f.meta.as_ref().map(|m| m.info_hash)) {
+                match (want, f.meta.as_ref().map(|m| m.info_hash)) {
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
+                    (None, _) if pinned => (f.path.clone(), false),
+                    (Some(_), None) if pinned => {
+                        let msg = format!(
+                            "{} is still being hashed; it loads once its info hash is checked against the pinned manifest: try again",
+                            f.filename
+                        );
+                        return Err((ErrorCode::Busy, msg));
+                    }
                     _ => (f.path.clone(), true),
                 }
             }
@@ -314,7 +449,8 @@ impl Node {
                     .or_else(|| self.catalog.manifest_name(id))
                     .unwrap_or_else(|| format!("shard-{id}.gguf"));
                 let path = self.config.shards_dir.join(name);
-                let exists = path.is_file();
+                // Pinned, an unhashed file is not trusted: it is downloaded (and replaced).
+                let exists = path.is_file() && !pinned;
                 (path, exists)
             }
         };
@@ -342,6 +478,14 @@ impl Node {
                 format!("Shard {id} not found locally, {what}, and the DHT is not running."),
             )
         };
+        if self.pin_unsatisfied() {
+            // Pinned: the manifest first (from the peers holding it), then the shard it names.
+            return if self.dht_fetch_manifest(id, name) {
+                Ok(())
+            } else {
+                Err(no_dht("the pinned manifest is not here"))
+            };
+        }
         let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
             // Unknown info hash: ask the peers holding the shard's name.
             return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
@@ -353,7 +497,6 @@ impl Node {
             return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
         }
         self.start_download(h, None, &name, &p.peers, Some(id))
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download of shard {id}: {e:#}")))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
@@ -381,8 +524,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None)
-            .map_err(|e| (ErrorCode::Internal, format!("starting the download: {e:#}")))?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None)?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
@@ -403,12 +545,15 @@ impl Node {
         self.loading.entry(id).or_default();
         // Another shard of the model here names the model the new one must be of.
         let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_string();
-        let model = self
-            .catalog
-            .files
-            .values()
-            .filter(|f| f.filename != name)
-            .find_map(|f| f.gguf.as_ref().ok().and_then(|s| s.model_id.clone()));
+        // The manifest's model comes first: a shard of another model is refused even on a node
+        // that has no other shard yet.
+        let model = self.catalog.manifest_model.clone().or_else(|| {
+            self.catalog
+                .files
+                .values()
+                .filter(|f| f.filename != name)
+                .find_map(|f| f.gguf.as_ref().ok().and_then(|s| s.model_id.clone()))
+        });
         let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
         self.pool.handle().submit(move || {
             let _ = tx.send(NodeEvent::Loaded { shard_id: id, result: load_shard(id, &path, model.as_deref()) });
@@ -442,6 +587,9 @@ impl Node {
             self.respond(w.token, &payload);
             self.resume_or_settle(w.token, was_paused);
         }
+        if let (Err((ErrorCode::ShardInvalid, msg)), Some(_)) = (&result, downloaded) {
+            self.discard_download(shard_id, msg);
+        }
         let error = match &result {
             Ok(_) => None,
             Err((ErrorCode::ShardNotFound, _)) => Some(self.not_found_message(shard_id)),
@@ -471,7 +619,7 @@ impl Node {
             ScanEvent::Found(entry) => {
                 self.catalog.files.insert(entry.filename.clone(), entry);
             }
-            ScanEvent::Manifest(m) => self.catalog.manifest = m,
+            ScanEvent::Manifest(bytes, _) => self.on_scan_manifest(bytes),
             ScanEvent::Listed => {
                 self.scan.listed = true;
                 info!("shards dir {}: {} GGUF files", self.config.shards_dir.display(), self.catalog.files.len());
@@ -515,6 +663,9 @@ impl Node {
                     stats.elapsed.as_secs_f64() * 1e3
                 );
                 self.scan.done = Some(stats);
+                if let (Some(id), Some(_)) = (self.config.shard_id, self.config.model_pin) {
+                    self.preload(id);
+                }
             }
         }
     }
@@ -525,8 +676,16 @@ impl Node {
             info!("shard {id} (--shard-id) is not in the shards dir; it loads on LOAD_SHARD");
             return;
         };
-        if self.loading.contains_key(&id) || f.gguf.is_err() {
+        if self.loading.contains_key(&id) || f.gguf.is_err() || self.catalog.loaded.contains_key(&id) {
             return;
+        }
+        // Pinned: only once the file's info hash is known and is the manifest's (tried again when
+        // the scan is done).
+        if self.config.model_pin.is_some() {
+            let have = f.meta.as_ref().map(|m| m.info_hash);
+            if have.is_none() || have != self.catalog.manifest_hash(id) {
+                return;
+            }
         }
         let path = f.path.clone();
         self.start_load(id, path);

@@ -17,8 +17,9 @@ use serde_json::{Value, json};
 
 use super::NodeEvent;
 use crate::client::Client;
-use crate::engine::{Engine, EngineConfig, Input, Output, Want};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Want};
 use crate::gguf::reader::Gguf;
+use crate::protocol::auth::ClusterKey;
 use crate::protocol::tensor::f32_to_json;
 use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
 use crate::workers::WorkerPool;
@@ -34,9 +35,13 @@ pub enum Job {
     Execute {
         reply: ReplyTo,
         task: ExecuteTask,
-        /// The request's `from`: the coordinator a session belongs to.
+        /// The request's `from` (logged and relayed; it grants nothing).
         from: Option<String>,
+        /// The client as the node identifies it: keys the per-client session quota.
+        origin: String,
         map: Arc<Mmap>,
+        /// The file behind `map`, checked (one `fstat`) before the task computes.
+        file: Arc<std::fs::File>,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
@@ -44,6 +49,7 @@ pub enum Job {
     EndSession {
         reply: ReplyTo,
         session_id: String,
+        session_token: Option<String>,
     },
 }
 
@@ -80,13 +86,19 @@ pub struct Inference {
 }
 
 impl Inference {
-    pub fn spawn(cfg: EngineConfig, events: Sender<NodeEvent>, waker: Arc<Waker>) -> Inference {
+    /// Starts the thread; relays to next hops authenticate with `key` when the node has one.
+    pub fn spawn(
+        cfg: EngineConfig,
+        key: Option<ClusterKey>,
+        events: Sender<NodeEvent>,
+        waker: Arc<Waker>,
+    ) -> Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, rx, events, waker, s))
+            .spawn(move || worker(cfg, key, rx, events, waker, s))
             .expect("spawning the inference thread");
         Inference { jobs, stats }
     }
@@ -103,6 +115,7 @@ const RELAY_THREADS: usize = 4;
 
 fn worker(
     cfg: EngineConfig,
+    key: Option<ClusterKey>,
     jobs: Receiver<Job>,
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
@@ -121,10 +134,22 @@ fn worker(
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         let (reply, payload) = match job {
-            Job::Execute { reply, task, from, map, queued, me } => {
-                let outcome = match engine.as_mut() {
-                    Ok(engine) => execute(engine, &mut loaded, &task, from.as_deref(), map, queued, &stats),
-                    Err(e) => Err((ErrorCode::Internal, e.message.clone())),
+            Job::Execute { reply, mut task, from, origin, map, file, queued, me } => {
+                // A new session without a token gets one; a relay passes it down the chain.
+                if task.session_token.is_none() {
+                    match crate::protocol::auth::random_bytes::<16>() {
+                        Ok(b) => task.session_token = Some(crate::hash::to_hex(&b)),
+                        Err(e) => crate::error!("no randomness for a session token: {e}"),
+                    }
+                }
+                let claim = task.session_token.as_deref().map(|token| Claim { token, origin: &origin });
+                let outcome = match (engine.as_mut(), claim, unchanged(&file, &map, task.shard_id)) {
+                    (_, _, Err(e)) => Err(e),
+                    (Ok(engine), Some(claim), Ok(())) => {
+                        execute(engine, &mut loaded, &task, claim, map, queued, &stats)
+                    }
+                    (Ok(_), None, _) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
+                    (Err(e), _, _) => Err((ErrorCode::Internal, e.message.clone())),
                 };
                 match outcome {
                     Err((code, msg)) => {
@@ -140,9 +165,17 @@ fn worker(
                             let payload = success_payload("EXECUTE_TASK", &reply.request_id, result);
                             (reply, payload)
                         } else {
-                            let (tx, w) = (events.clone(), waker.clone());
+                            let (tx, w, key) = (events.clone(), waker.clone(), key.clone());
                             relay.submit(move || {
-                                let payload = forward(&task, from.as_deref(), result, hop, &reply.request_id);
+                                let payload = forward(
+                                    &task,
+                                    from.as_deref(),
+                                    &origin,
+                                    key.as_ref(),
+                                    result,
+                                    hop,
+                                    &reply.request_id,
+                                );
                                 let _ =
                                     tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
                                 let _ = w.wake();
@@ -153,10 +186,16 @@ fn worker(
                     }
                 }
             }
-            Job::EndSession { reply, session_id } => {
-                let freed = engine.as_mut().map_or(0, |e| e.end_session(&session_id));
-                let result = json!({"session_id": session_id, "freed": freed});
-                let payload = success_payload("END_SESSION", &reply.request_id, result);
+            Job::EndSession { reply, session_id, session_token } => {
+                let freed = engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
+                let payload = match freed {
+                    Ok(freed) => success_payload(
+                        "END_SESSION",
+                        &reply.request_id,
+                        json!({"session_id": session_id, "freed": freed}),
+                    ),
+                    Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
+                };
                 (reply, payload)
             }
         };
@@ -165,6 +204,25 @@ fn worker(
             return; // the node is gone
         }
         let _ = waker.wake();
+    }
+}
+
+/// Whether the shard's file still has the length of its map. A file cut short under the map
+/// would raise SIGBUS at the first read past its new end; a shard whose file changed is refused
+/// here, before compute (one `fstat` per task). A truncation during a computation is not caught
+/// (see docs/ARCHITECTURE.md, threat model).
+fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (ErrorCode, String)> {
+    match file.metadata() {
+        Ok(m) if m.len() == map.len() as u64 => Ok(()),
+        Ok(m) => Err((
+            ErrorCode::ShardChanged,
+            format!(
+                "shard {shard_id}'s file changed on disk ({} bytes, {} when loaded): load it again",
+                m.len(),
+                map.len()
+            ),
+        )),
+        Err(e) => Err((ErrorCode::ShardChanged, format!("shard {shard_id}'s file: {e}"))),
     }
 }
 
@@ -184,7 +242,7 @@ fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
     task: &ExecuteTask,
-    from: Option<&str>,
+    claim: Claim,
     map: Arc<Mmap>,
     queued: Instant,
     stats: &InferStats,
@@ -216,7 +274,7 @@ fn execute(
         TaskOutput::TopK(_) => Want::Logits { all: false },
     };
     let t = Instant::now();
-    let out = match engine.execute_as(task.shard_id, &task.session_id, from, task.pos, &input, want) {
+    let out = match engine.execute_as(task.shard_id, &task.session_id, Some(claim), task.pos, &input, want) {
         Ok(out) => out,
         Err(e) => return fail(e.code, &e.message),
     };
@@ -238,6 +296,7 @@ fn execute(
     };
     let mut result = json!({
         "session_id": &task.session_id,
+        "session_token": claim.token,
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
@@ -257,7 +316,15 @@ thread_local! {
 /// Sends this hop's hidden state to `task.next[0]` with the rest of the route, waits for the
 /// answer, and returns the frame for our caller: the chain's result with this hop's timings
 /// first in `hops`, or the error with the hop that failed (`failed_hop`).
-fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value, request_id: &Value) -> Vec<u8> {
+fn forward(
+    task: &ExecuteTask,
+    from: Option<&str>,
+    origin: &str,
+    key: Option<&ClusterKey>,
+    mut result: Value,
+    hop: Value,
+    request_id: &Value,
+) -> Vec<u8> {
     let next = &task.next[0];
     let (output, k, all) = match task.output {
         TaskOutput::Hidden => ("hidden", 0, false),
@@ -275,6 +342,8 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
         "next": rest,
         "load": task.load,
         "hop_timeout_ms": task.hop_timeout_ms,
+        "session_token": task.session_token,
+        "origin": origin,
     });
     if k > 0 {
         params["k"] = json!(k);
@@ -286,7 +355,7 @@ fn forward(task: &ExecuteTask, from: Option<&str>, mut result: Value, hop: Value
         let mut hops = hops.borrow_mut();
         let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
             if let std::collections::hash_map::Entry::Vacant(e) = hops.entry(next.address) {
-                e.insert(Client::connect(&next.address.to_string(), timeout)?);
+                e.insert(Client::connect_with_key(&next.address.to_string(), timeout, key)?);
             }
             let client = hops.get_mut(&next.address).expect("just inserted");
             client.set_timeout(timeout)?;
@@ -358,6 +427,7 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
     Ok(json!({
         "architecture": g.get_str("general.architecture"),
         "model_id": g.get_str("shard.model_id"),
+        "name": g.get_str("general.name"),
         "shard_count": g.get_u64("shard.count").unwrap_or(1),
         "block_count": hp.n_layer,
         "embedding_length": hp.n_embd,

@@ -15,6 +15,7 @@ pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
 mod peer_wire;
+mod pin;
 pub mod scan;
 
 use std::collections::{HashMap, HashSet};
@@ -51,6 +52,8 @@ const READ_CHUNK: usize = 64 * 1024;
 const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// How often rate-limited transfers are resumed.
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
+/// Largest frame a connection may send before it proves the cluster key (STATUS and AUTH fit).
+pub const UNAUTHENTICATED_MAX_FRAME: u32 = 64 * 1024;
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
@@ -79,6 +82,12 @@ pub enum NodeEvent {
         token: Token,
         conn_id: u64,
         payload: Vec<u8>,
+    },
+    /// The pinned manifest's bytes, fetched from a holder and checked against the pin (or why not).
+    ManifestFetched {
+        shard_id: u32,
+        filename: String,
+        result: Result<Vec<u8>, String>,
     },
     /// A shard's info hash, as its holders listed it (or why not).
     ShardResolved {
@@ -147,6 +156,8 @@ pub struct Node {
     download_bytes: HashMap<u32, u64>,
     /// Turns of `pump`, rotating which peer is served first.
     pump_round: usize,
+    /// When stale `.part` files were last looked for (`None`: not yet).
+    parts_swept: Option<Instant>,
     /// The DHT on the node's UDP port (None if it could not bind).
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
@@ -186,10 +197,25 @@ impl Node {
             threads: config.threads,
             ctx_size: config.ctx_size,
             max_sessions: config.max_sessions,
+            max_sessions_per_client: config.max_sessions_per_client,
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
+        let inference =
+            inference::Inference::spawn(engine_config, config.cluster_key.clone(), events_tx.clone(), waker.clone());
+        match (&config.cluster_key_file, &config.key_warning) {
+            (None, _) => warn!(
+                "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
+                 compute); start it with --cluster-key-file",
+                local_addr.port()
+            ),
+            (Some(path), warning) => {
+                info!("cluster key from {}: every command but STATUS needs proof of it", path.display());
+                if let Some(w) = warning {
+                    warn!("{w}");
+                }
+            }
+        }
         Ok(Node {
             config,
             poll,
@@ -225,6 +251,7 @@ impl Node {
             throttled_reads: Vec::new(),
             download_bytes: HashMap::new(),
             pump_round: 0,
+            parts_swept: None,
             dht,
             inference,
         })
@@ -311,7 +338,9 @@ impl Node {
                     }
                     let id = self.next_conn_id;
                     self.next_conn_id += 1;
-                    self.conns[slot] = Some(Conn::new(stream, peer, id));
+                    let mut conn = Conn::new(stream, peer, id);
+                    conn.auth = crate::protocol::auth::NodeAuth::new(self.config.cluster_key.is_some());
+                    self.conns[slot] = Some(conn);
                     self.conn_ids.insert(id, token);
                     self.open_conns += 1;
                     debug!("conn {id} from {peer}");
@@ -412,13 +441,25 @@ impl Node {
                 }
             }
             let Some(conn) = self.conn(token) else { return };
-            let request = match conn.next(max_frame) {
+            // Before the key is proved only STATUS and AUTH are served: small frames suffice.
+            let limit = if conn.auth.authorized() { max_frame } else { max_frame.min(UNAUTHENTICATED_MAX_FRAME) };
+            let request = match conn.next(limit) {
                 Next::NeedMore => break,
-                Next::Frame(payload) => {
-                    let len = payload.len();
+                Next::Frame(payload, len) => {
                     let parsed = Request::parse(payload);
                     conn.consume(len, Instant::now());
                     parsed
+                }
+                Next::BadMac(e) => {
+                    let peer = conn.peer;
+                    conn.discard_input();
+                    let msg = format!("{e}; closing");
+                    let payload =
+                        error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::AuthFailed, &msg);
+                    conn.queue_frame(&payload, Instant::now());
+                    conn.close_after_flush = true;
+                    warn!("conn from {peer}: {msg}");
+                    break;
                 }
                 Next::TooLarge { declared, limit } => {
                     let peer = conn.peer;
@@ -548,14 +589,31 @@ impl Node {
         let now = Instant::now();
         let limit = self.config.io_timeout;
         let mut stalled = Vec::new();
+        let mut handshakes = Vec::new();
         for (slot, conn) in self.conns.iter().enumerate() {
             let Some(c) = conn else { continue };
+            if c.auth.expired(now, self.config.auth_timeout) {
+                handshakes.push(Token(slot + FIRST_CONN));
+                continue;
+            }
             let mid_frame = c.frame_started.is_some_and(|t| now.duration_since(t) > limit);
             let not_reading = c.pending_output() > 0 && now.duration_since(c.write_progress) > limit;
             if mid_frame || not_reading {
                 let why = if mid_frame { "stalled mid-frame" } else { "not reading its responses" };
                 stalled.push((Token(slot + FIRST_CONN), why, c.peer));
             }
+        }
+        for token in handshakes {
+            let secs = self.config.auth_timeout.as_secs();
+            let Some(c) = self.conn(token) else { continue };
+            let msg = format!("the cluster-key handshake did not finish within {secs}s (--auth-timeout); closing");
+            let payload = error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::AuthTimeout, &msg);
+            c.auth = crate::protocol::auth::NodeAuth::Unauthenticated;
+            c.discard_input();
+            c.queue_frame(&payload, now);
+            c.close_after_flush = true;
+            info!("closing connection from {}: handshake unfinished for over {secs}s", c.peer);
+            self.after_io(token);
         }
         for (token, why, peer) in stalled {
             info!("closing connection from {peer}: {why} for over {}s", limit.as_secs());
@@ -573,6 +631,9 @@ impl Node {
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::ManifestFetched { shard_id, filename, result } => {
+                    self.on_manifest_fetched(shard_id, filename, result)
+                }
                 NodeEvent::ShardResolved { shard_id, filename, result } => {
                     self.on_shard_resolved(shard_id, filename, result)
                 }

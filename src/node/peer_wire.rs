@@ -31,11 +31,28 @@ const REQUERY_EVERY: Duration = Duration::from_secs(10);
 /// How often verified pieces are recorded in the resume file.
 const RESUME_EVERY: Duration = Duration::from_secs(1);
 
+/// How often stale `.part` files are looked for (`--part-expiry`).
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
+/// Failed downloads kept for STATUS; older ones are forgotten.
+const FAILED_KEPT: usize = 64;
+
+/// One peer's dialling record in a download.
+struct Dial {
+    last: Instant,
+    /// Dials since the peer last handshook with us.
+    attempts: u32,
+    /// The first of those dials: `--redial-give-up` counts from here.
+    failing_since: Instant,
+}
+
 /// A download the node runs, and who waits for it.
 pub struct Download {
+    /// Known peers, at most `--max-download-peers`.
     pub peers: Vec<SocketAddr>,
-    /// When each peer was last dialled, and how many times in a row.
-    dialled: HashMap<SocketAddr, (Instant, u32)>,
+    dialled: HashMap<SocketAddr, Dial>,
+    /// The target name (the info hash in hex until a magnet's metadata arrives).
+    name: String,
+    started: Instant,
     pub shard_id: Option<u32>,
     resume_dirty: bool,
     resume_saved: Instant,
@@ -144,6 +161,10 @@ impl Node {
             return Err(e);
         }
         debug!("peer {} handshaken for {}", conn.peer, hs.info_hash);
+        if conn.outgoing {
+            let peer = conn.peer;
+            self.dial_succeeded(hs.info_hash, peer);
+        }
         Ok(())
     }
 
@@ -245,9 +266,20 @@ impl Node {
                 }
             }
             Action::MetadataReady => {
-                if let Some(s) = self.swarms.get(&h) {
-                    info!("metadata for {h} received from peers: {} ({} bytes)", s.name, s.total_length().unwrap_or(0));
+                let Some(m) = self.swarms.get(&h).and_then(|s| s.received_metadata()).cloned() else { return };
+                info!("metadata for {h} received from peers: {} ({} bytes)", m.info.name, m.info.length);
+                // The name and the disk budget are checked before any file is created.
+                if let Err((code, why)) = self.admit(h, Some(&m.info.name), Some(m.info.length)) {
+                    return self.abort_download(h, code, why);
                 }
+                if let Some(d) = self.downloads.get_mut(&h) {
+                    d.name = m.info.name.clone();
+                }
+                let opened = self.swarms.get_mut(&h).map(|s| s.accept_metadata());
+                if let Some(Err(e)) = opened {
+                    return self.abort_download(h, crate::protocol::ErrorCode::Internal, format!("{e:#}"));
+                }
+                self.status_cache = None;
             }
             Action::Disconnect(key, why) => {
                 if let Some(&token) = self.conn_ids.get(&key) {
@@ -339,6 +371,41 @@ impl Node {
         self.pump(h);
     }
 
+    /// A shard downloaded for `shard_id` was refused at load (another model, another index): it
+    /// is neither kept nor seeded, so it cannot become one more vote for itself under the name.
+    pub(super) fn discard_download(&mut self, shard_id: u32, why: &str) {
+        let Some(h) = self.downloads.iter().find(|(_, d)| d.shard_id == Some(shard_id)).map(|(h, _)| *h) else {
+            return;
+        };
+        self.downloads.remove(&h);
+        self.swarms.remove(&h);
+        let tokens: Vec<mio::Token> = self
+            .conns
+            .iter()
+            .flatten()
+            .filter(|c| c.kind == Kind::PeerWire && c.torrent == Some(h))
+            .filter_map(|c| self.conn_ids.get(&c.id).copied())
+            .collect();
+        for t in tokens {
+            self.close(t, "its torrent was discarded");
+        }
+        let name = self
+            .catalog
+            .files
+            .values()
+            .find(|f| f.meta.as_ref().is_some_and(|m| m.info_hash == h))
+            .map(|f| f.filename.clone());
+        let Some(name) = name else { return };
+        let entry = self.catalog.files.remove(&name).expect("just found");
+        self.status_cache = None;
+        warn!("removing {name} ({h}), downloaded for shard {shard_id}: {why}");
+        let torrent = crate::node::scan::torrent_path(&self.config.shards_dir, &name);
+        self.pool.handle().submit(move || {
+            let _ = std::fs::remove_file(&entry.path);
+            let _ = std::fs::remove_file(torrent);
+        });
+    }
+
     fn fail_download(&mut self, h: InfoHash, why: String) {
         warn!("download {h} failed: {why}");
         if let Some(d) = self.downloads.get_mut(&h) {
@@ -349,7 +416,99 @@ impl Node {
         }
     }
 
-    /// Starts (or joins) a download of `h` into the shards dir from `peers`.
+    /// Stops download `h` for good: its waiters get `code`, its peers are closed and its swarm
+    /// dropped (it never created a file, or its `.part` stays for `--part-expiry`); STATUS keeps
+    /// the reason.
+    fn abort_download(&mut self, h: InfoHash, code: crate::protocol::ErrorCode, why: String) {
+        warn!("download {h} refused: {why}");
+        let shard_id = self.downloads.get_mut(&h).and_then(|d| {
+            d.failed = Some(why.clone());
+            d.shard_id
+        });
+        if let Some(id) = shard_id {
+            self.fail_waiters(id, code, why);
+        }
+        let keys: Vec<u64> = self.swarms.get(&h).map(|s| s.peers.keys().copied().collect()).unwrap_or_default();
+        for key in keys {
+            if let Some(&token) = self.conn_ids.get(&key) {
+                self.close(token, "download refused");
+            }
+        }
+        self.swarms.remove(&h);
+        self.status_cache = None;
+    }
+
+    /// Downloads under way (not finished, not failed), other than `except`.
+    fn active_downloads(&self, except: InfoHash) -> impl Iterator<Item = (&InfoHash, &Download)> {
+        self.downloads.iter().filter(move |(h, d)| {
+            **h != except && d.failed.is_none() && self.swarms.get(h).is_some_and(|s| !s.is_complete())
+        })
+    }
+
+    /// Whether download `h` may go on with target `name` and `length` bytes (each when known):
+    /// the name is a plain `*.gguf` file name held by no other file or download, and the bytes
+    /// fit `--disk-budget` and the free space above `--disk-reserve` (with the bytes the other
+    /// downloads under way still need). Checked before any file of the download is created.
+    pub(super) fn admit(
+        &self,
+        h: InfoHash,
+        name: Option<&str>,
+        length: Option<u64>,
+    ) -> Result<(), (crate::protocol::ErrorCode, String)> {
+        use crate::protocol::ErrorCode;
+        if let Some(name) = name {
+            check_download_name(name).map_err(|e| (ErrorCode::BadPath, e))?;
+            if self.catalog.files.contains_key(name) {
+                return Err((
+                    ErrorCode::NameConflict,
+                    format!("the shards dir already holds {name} (another torrent than {h}); remove it first"),
+                ));
+            }
+            if let Some((other, _)) = self.active_downloads(h).find(|(o, _)| self.swarms[o].name == name) {
+                return Err((
+                    ErrorCode::NameConflict,
+                    format!("{name} is being downloaded already, as torrent {other}"),
+                ));
+            }
+        }
+        let Some(length) = length else { return Ok(()) };
+        let dir = &self.config.shards_dir;
+        let pending: u64 = self
+            .active_downloads(h)
+            .filter_map(|(o, _)| {
+                self.swarms[o].total_length().map(|t| t.saturating_sub(self.swarms[o].verified_bytes()))
+            })
+            .sum();
+        let free = crate::torrent::storage::free_space(dir)
+            .map_err(|e| (ErrorCode::Internal, format!("free space of {}: {e}", dir.display())))?;
+        let usable = free.saturating_sub(self.config.disk_reserve).saturating_sub(pending);
+        if length > usable {
+            return Err((
+                ErrorCode::DiskBudget,
+                format!(
+                    "the torrent declares {length} bytes; {free} are free, {} reserved (--disk-reserve) and {pending} owed to downloads under way",
+                    self.config.disk_reserve
+                ),
+            ));
+        }
+        if self.config.disk_budget > 0 {
+            let used = shards_dir_bytes(dir, h);
+            if used.saturating_add(length) > self.config.disk_budget {
+                return Err((
+                    ErrorCode::DiskBudget,
+                    format!(
+                        "the torrent declares {length} bytes; the shards dir holds {used} of its --disk-budget {}",
+                        self.config.disk_budget
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts (or joins) a download of `h` into the shards dir from `peers`. A new download must
+    /// pass [`Node::admit`] (with the name and length when the metadata or the target name is
+    /// known; a magnet's are checked when its metadata arrives) and `--max-downloads`.
     pub(super) fn start_download(
         &mut self,
         h: InfoHash,
@@ -357,16 +516,35 @@ impl Node {
         name: &str,
         peers: &[SocketAddr],
         shard_id: Option<u32>,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), (crate::protocol::ErrorCode, String)> {
+        use crate::protocol::ErrorCode;
         if !self.swarms.contains_key(&h) {
+            let running = self.active_downloads(h).count();
+            if running >= self.config.max_downloads {
+                return Err((
+                    ErrorCode::DownloadLimit,
+                    format!(
+                        "{running} downloads are under way (--max-downloads {}); try again later",
+                        self.config.max_downloads
+                    ),
+                ));
+            }
+            let known_name = meta.as_ref().map(|m| m.info.name.as_str()).or(shard_id.map(|_| name));
+            self.admit(h, known_name, meta.as_ref().map(|m| m.info.length))?;
             let dir = self.config.shards_dir.clone();
-            let swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)?;
+            let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)
+                .map_err(|e| (ErrorCode::Internal, format!("starting the download of {name}: {e:#}")))?;
+            self.make_private(&mut swarm).map_err(|e| (ErrorCode::Internal, format!("{e:#}")))?;
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
+            self.forget_failed();
         }
+        let name = self.swarms[&h].name.clone();
         let d = self.downloads.entry(h).or_insert_with(|| Download {
             peers: Vec::new(),
             dialled: HashMap::new(),
+            name,
+            started: Instant::now(),
             shard_id,
             resume_dirty: false,
             resume_saved: Instant::now(),
@@ -375,6 +553,9 @@ impl Node {
         });
         d.failed = None;
         for p in peers {
+            if d.peers.len() >= self.config.max_download_peers {
+                break;
+            }
             if !d.peers.contains(p) && *p != self.local_addr {
                 d.peers.push(*p);
             }
@@ -388,34 +569,90 @@ impl Node {
         Ok(())
     }
 
-    /// Dials the download's known peers it is not connected to.
+    /// Keeps the newest [`FAILED_KEPT`] failed downloads (for STATUS), forgets older ones.
+    fn forget_failed(&mut self) {
+        let mut failed: Vec<(Instant, InfoHash)> = self
+            .downloads
+            .iter()
+            .filter(|(h, d)| d.failed.is_some() && !self.swarms.contains_key(h))
+            .map(|(h, d)| (d.started, *h))
+            .collect();
+        if failed.len() > FAILED_KEPT {
+            failed.sort();
+            for (_, h) in &failed[..failed.len() - FAILED_KEPT] {
+                self.downloads.remove(h);
+            }
+        }
+    }
+
+    /// Dials the download's known peers it is not connected to; a peer whose dials have failed
+    /// for `--redial-give-up` is dropped.
     pub(super) fn dial_peers(&mut self, h: InfoHash) {
         let now = Instant::now();
+        let give_up = self.config.redial_give_up;
         let Some(d) = self.downloads.get_mut(&h) else { return };
         let Some(swarm) = self.swarms.get(&h) else { return };
-        if swarm.is_complete() {
+        if swarm.is_complete() || d.failed.is_some() {
             return;
         }
         let connected: Vec<SocketAddr> = swarm.peers.values().map(|p| p.addr).collect();
+        let dialled = &mut d.dialled;
+        d.peers.retain(|p| {
+            let dead = !connected.contains(p)
+                && dialled.get(p).is_some_and(|r| r.attempts > 0 && now.duration_since(r.failing_since) >= give_up);
+            if dead {
+                info!("download {h}: giving up on peer {p} (no connection for {} s)", give_up.as_secs());
+                dialled.remove(p);
+            }
+            !dead
+        });
         let mut to_dial = Vec::new();
         for p in &d.peers {
-            let recent = d.dialled.get(p).is_some_and(|(t, n)| {
-                let wait = REDIAL_FIRST.saturating_mul(1 << (*n).min(8)).min(REDIAL_MAX);
-                now.duration_since(*t) < wait
+            let recent = d.dialled.get(p).is_some_and(|r| {
+                let wait = REDIAL_FIRST.saturating_mul(1 << r.attempts.min(8)).min(REDIAL_MAX);
+                now.duration_since(r.last) < wait
             });
             if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
                 to_dial.push(*p);
             }
         }
         for p in &to_dial {
-            let attempts = d.dialled.get(p).map_or(0, |(_, n)| n + 1);
-            d.dialled.insert(*p, (now, attempts));
+            let r = d.dialled.entry(*p).or_insert(Dial { last: now, attempts: 0, failing_since: now });
+            if r.attempts == 0 {
+                r.failing_since = now;
+            }
+            r.last = now;
+            r.attempts += 1;
         }
         for p in to_dial {
             if let Err(e) = self.dial(h, p) {
                 debug!("dialling {p}: {e}");
             }
         }
+    }
+
+    /// A dialled peer handshook: its dials count from zero again.
+    fn dial_succeeded(&mut self, h: InfoHash, addr: SocketAddr) {
+        if let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&addr)) {
+            r.attempts = 0;
+        }
+    }
+
+    /// Removes `.part` files no download has used for `--part-expiry`, at startup and every
+    /// [`SWEEP_EVERY`], on a worker.
+    fn sweep_stale_parts(&mut self, now: Instant) {
+        if self.parts_swept.is_some_and(|t| now.duration_since(t) < SWEEP_EVERY) {
+            return;
+        }
+        self.parts_swept = Some(now);
+        let active: std::collections::HashSet<InfoHash> =
+            self.swarms.iter().filter(|(_, s)| !s.is_complete()).map(|(h, _)| *h).collect();
+        let (dir, expiry) = (self.config.shards_dir.clone(), self.config.part_expiry);
+        self.pool.handle().submit(move || {
+            for name in crate::torrent::storage::remove_stale_parts(&dir, &|h| active.contains(&h), expiry) {
+                info!("removed {name}: no download used it for {} s (--part-expiry)", expiry.as_secs());
+            }
+        });
     }
 
     fn dial(&mut self, h: InfoHash, addr: SocketAddr) -> anyhow::Result<()> {
@@ -490,6 +727,7 @@ impl Node {
     /// Periodic work: timeouts, redials, resume data, throttled serving.
     pub(super) fn tick_swarms(&mut self) {
         let now = Instant::now();
+        self.sweep_stale_parts(now);
         let hashes: Vec<InfoHash> = self.swarms.keys().copied().collect();
         for h in hashes {
             if let Some(s) = self.swarms.get_mut(&h) {
@@ -535,13 +773,25 @@ impl Node {
         }
     }
 
+    /// With `--private`, only peers proving the cluster key are served by `swarm`.
+    fn make_private(&self, swarm: &mut Swarm) -> anyhow::Result<()> {
+        if let (true, Some(key)) = (self.config.private, &self.config.cluster_key) {
+            let seed = crate::protocol::auth::random_bytes::<32>()
+                .map_err(|e| anyhow::anyhow!("no randomness for a private swarm's nonces: {e}"))?;
+            swarm.set_private(key.clone(), seed);
+        }
+        Ok(())
+    }
+
     /// Starts seeding a complete file the scan found.
     pub(super) fn seed_file(&mut self, entry: &FileEntry) {
         let Some(meta) = entry.meta.clone() else { return };
         if !self.config.enable_torrent || self.swarms.contains_key(&meta.info_hash) {
             return;
         }
-        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now()) {
+        match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now())
+            .and_then(|mut s| self.make_private(&mut s).map(|()| s))
+        {
             Ok(s) => {
                 self.swarms.insert(meta.info_hash, s);
             }
@@ -554,11 +804,19 @@ impl Node {
         let list: Vec<serde_json::Value> = self
             .downloads
             .iter()
-            .filter_map(|(h, d)| {
-                let s = self.swarms.get(h)?;
+            .map(|(h, d)| {
+                let Some(s) = self.swarms.get(h) else {
+                    return serde_json::json!({
+                        "info_hash": h.to_hex(),
+                        "name": d.name,
+                        "shard_id": d.shard_id,
+                        "complete": false,
+                        "error": d.failed,
+                    });
+                };
                 let (have, pieces) = s.progress();
                 let secs = s.started.elapsed().as_secs_f64().max(1e-3);
-                Some(serde_json::json!({
+                serde_json::json!({
                     "info_hash": h.to_hex(),
                     "name": s.name,
                     "shard_id": d.shard_id,
@@ -576,7 +834,7 @@ impl Node {
                     "complete": s.is_complete(),
                     "banned": s.banned.len(),
                     "error": d.failed,
-                }))
+                })
             })
             .collect();
         serde_json::Value::Array(list)
@@ -586,6 +844,36 @@ impl Node {
     pub(super) fn uploaded_total(&self) -> u64 {
         self.swarms.values().map(|s| s.uploaded).sum()
     }
+}
+
+/// Whether `name` may be a download's target in the shards dir: a plain `*.gguf` file name (no
+/// path, not hidden, no control characters, at most 255 bytes). This keeps downloads off the
+/// node's own files (`manifest.json`, `.dht-nodes`, `*.torrent`, `*.part`, `*.resume`).
+pub fn check_download_name(name: &str) -> Result<(), String> {
+    crate::torrent::metainfo::check_file_name(name).map_err(|e| format!("download target: {e}"))?;
+    let stem = name.strip_suffix(".gguf").unwrap_or("");
+    if stem.is_empty() || name.starts_with('.') || name.len() > 255 || name.chars().any(char::is_control) {
+        return Err(format!(
+            "download target {name:?} is not a plain *.gguf file name (hidden and control files are refused)"
+        ));
+    }
+    Ok(())
+}
+
+/// Bytes the shards dir holds in GGUF and `.part` files, less torrent `h`'s own `.part`
+/// (its declared length is counted by the caller). A short directory listing.
+fn shards_dir_bytes(dir: &std::path::Path, h: InfoHash) -> u64 {
+    let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
+    rd.filter_map(|e| e.ok())
+        .filter(|e| {
+            let n = e.file_name();
+            let n = n.to_string_lossy();
+            (n.ends_with(".gguf") || n.ends_with(".part")) && crate::torrent::storage::part_info_hash(&n) != Some(h)
+        })
+        .filter_map(|e| e.metadata().ok())
+        .filter(|m| m.is_file())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The catalog entry of a file just downloaded, with its `.torrent` saved

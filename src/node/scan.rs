@@ -26,8 +26,9 @@ const MAX_TORRENT_FILE: u64 = 16 * 1024 * 1024;
 
 pub enum ScanEvent {
     Found(FileEntry),
-    /// The shard table of `manifest.json`, when the dir has one.
-    Manifest(std::collections::BTreeMap<u32, (String, crate::torrent::InfoHash)>),
+    /// `manifest.json` of the dir, when it has one: its bytes (for the pin's hash and
+    /// GET_MANIFEST) and its shard table.
+    Manifest(Vec<u8>, std::collections::BTreeMap<u32, (String, crate::torrent::InfoHash)>),
     /// Every file has been reported with `Found`.
     Listed,
     Metadata {
@@ -102,8 +103,8 @@ fn scan(dir: &Path, pool: &PoolHandle, notify: &dyn Fn(ScanEvent)) {
         found.push((name, path, meta));
     }
     stats.files = found.len();
-    if let Some(m) = super::catalog::read_manifest(&dir.join(crate::gguf::split::MANIFEST)) {
-        notify(ScanEvent::Manifest(m));
+    if let Some((bytes, m)) = super::catalog::read_manifest(&dir.join(crate::gguf::split::MANIFEST)) {
+        notify(ScanEvent::Manifest(bytes, m));
     }
     notify(ScanEvent::Listed);
 

@@ -5,6 +5,7 @@
 //! Response: `{"command","request_id","status":"success","result":{..}}` or
 //!           `{"command","request_id","status":"error","error":"..","code":".."}`
 
+pub mod auth;
 pub mod frame;
 pub mod tensor;
 
@@ -12,6 +13,8 @@ use serde_json::{Map, Value, json};
 
 use crate::torrent::metainfo::{InfoHash, check_file_name};
 
+/// The most logits an `EXECUTE_TASK` with `output: "top_k"` returns (`k`).
+pub const MAX_TOP_K: u64 = 1000;
 /// Largest shard id a request may name; real models have far fewer shards.
 pub const MAX_SHARD_ID: u64 = 4095;
 /// Longest string `request_id` echoed back.
@@ -40,7 +43,22 @@ pub enum ErrorCode {
     ContextExceeded,
     BadRoute,
     HopFailed,
-    SessionConflict,
+    SessionForbidden,
+    AuthRequired,
+    AuthFailed,
+    AuthUnavailable,
+    AuthTimeout,
+    ManifestMismatch,
+    /// A computation produced NaN or infinity (a hostile or broken model).
+    NumericError,
+    /// A loaded shard's file changed under the node (its length differs from the map's).
+    ShardChanged,
+    /// `--max-downloads` downloads are under way.
+    DownloadLimit,
+    /// The torrent's declared length does not fit the download disk budget.
+    DiskBudget,
+    /// Another download or file already holds the target name.
+    NameConflict,
 }
 
 impl ErrorCode {
@@ -66,14 +84,34 @@ impl ErrorCode {
             ErrorCode::ContextExceeded => "CONTEXT_EXCEEDED",
             ErrorCode::BadRoute => "BAD_ROUTE",
             ErrorCode::HopFailed => "HOP_FAILED",
-            ErrorCode::SessionConflict => "SESSION_CONFLICT",
+            ErrorCode::SessionForbidden => "SESSION_FORBIDDEN",
+            ErrorCode::AuthRequired => "AUTH_REQUIRED",
+            ErrorCode::AuthFailed => "AUTH_FAILED",
+            ErrorCode::AuthUnavailable => "AUTH_UNAVAILABLE",
+            ErrorCode::AuthTimeout => "AUTH_TIMEOUT",
+            ErrorCode::ManifestMismatch => "MANIFEST_MISMATCH",
+            ErrorCode::NumericError => "NUMERIC_ERROR",
+            ErrorCode::ShardChanged => "SHARD_CHANGED",
+            ErrorCode::DownloadLimit => "DOWNLOAD_LIMIT",
+            ErrorCode::DiskBudget => "DISK_BUDGET",
+            ErrorCode::NameConflict => "NAME_CONFLICT",
         }
     }
 }
 
 /// The commands this node answers.
-pub const COMMANDS: &[&str] =
-    &["LIST_FILES", "LOAD_SHARD", "STATUS", "DOWNLOAD", "FIND_PEERS", "EXECUTE_TASK", "END_SESSION", "MODEL_INFO"];
+pub const COMMANDS: &[&str] = &[
+    "LIST_FILES",
+    "LOAD_SHARD",
+    "STATUS",
+    "DOWNLOAD",
+    "FIND_PEERS",
+    "EXECUTE_TASK",
+    "END_SESSION",
+    "MODEL_INFO",
+    "AUTH",
+    "GET_MANIFEST",
+];
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -85,6 +123,14 @@ pub enum Command {
     ExecuteTask(ExecuteTask),
     EndSession {
         session_id: String,
+        /// The token the session's first EXECUTE_TASK returned.
+        session_token: Option<String>,
+    },
+    /// A step of the cluster-key handshake ([`auth`]).
+    Auth(auth::AuthStep),
+    /// The node's `manifest.json` when its SHA-256 is `hash` (the pinned model).
+    GetManifest {
+        hash: [u8; 32],
     },
     /// The model's shape and tokenizer, from any GGUF shard the node has.
     ModelInfo,
@@ -115,6 +161,12 @@ pub struct ExecuteTask {
     pub load: bool,
     /// How long to wait for the next hop's answer.
     pub hop_timeout_ms: u64,
+    /// The session's owner token: required when the session exists; when it does not, the new
+    /// session takes this one (a relay passes its caller's on) or the node makes one.
+    pub session_token: Option<String>,
+    /// The original caller, as a relaying node names it; heeded only on an authenticated
+    /// connection (it keys the per-client session quota).
+    pub origin: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -161,6 +213,8 @@ impl Command {
             Command::ExecuteTask(_) => "EXECUTE_TASK",
             Command::EndSession { .. } => "END_SESSION",
             Command::ModelInfo => "MODEL_INFO",
+            Command::Auth(_) => "AUTH",
+            Command::GetManifest { .. } => "GET_MANIFEST",
         }
     }
 }
@@ -281,7 +335,22 @@ impl Request {
             "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
             "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params).map_err(|(c, m)| fail(c, m))?),
             "MODEL_INFO" => Command::ModelInfo,
-            "END_SESSION" => Command::EndSession { session_id: session_id(params).map_err(|(c, m)| fail(c, m))? },
+            "END_SESSION" => Command::EndSession {
+                session_id: session_id(params).map_err(|(c, m)| fail(c, m))?,
+                session_token: session_token(params).map_err(|(c, m)| fail(c, m))?,
+            },
+            "AUTH" => Command::Auth(auth::parse_step(params).map_err(|m| fail(ErrorCode::AuthFailed, m))?),
+            "GET_MANIFEST" => {
+                let hash = params
+                    .get("hash")
+                    .and_then(Value::as_str)
+                    .and_then(|h| if h.len() == 64 { crate::hash::from_hex_vec(h) } else { None })
+                    .and_then(|b| <[u8; 32]>::try_from(b).ok())
+                    .ok_or_else(|| {
+                        fail(ErrorCode::WrongType, "GET_MANIFEST needs params.hash: 64 hex digits".into())
+                    })?;
+                Command::GetManifest { hash }
+            }
             other => {
                 return Err(fail(
                     ErrorCode::UnknownCommand,
@@ -410,7 +479,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(Value::String(o)) => match o.as_str() {
             "hidden" => TaskOutput::Hidden,
             "logits" => TaskOutput::Logits { all },
-            "top_k" => TaskOutput::TopK(u32_param(params, "k", 1000)?.unwrap_or(10).max(1) as usize),
+            "top_k" => TaskOutput::TopK(u32_param(params, "k", MAX_TOP_K)?.unwrap_or(10).max(1) as usize),
             other => {
                 return Err((ErrorCode::OutOfRange, format!("output {other:?} is not hidden, logits or top_k")));
             }
@@ -429,7 +498,29 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
     };
     let load = bool_param(params, "load", true)?;
     let hop_timeout_ms = u32_param(params, "hop_timeout_ms", 3_600_000)?.unwrap_or(60_000).max(1) as u64;
-    Ok(ExecuteTask { session_id, shard_id, pos, input, output, next, load, hop_timeout_ms })
+    let session_token = session_token(params)?;
+    let origin = match params.get("origin") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(o)) if o.len() <= 128 => Some(o.clone()),
+        Some(_) => return Err((ErrorCode::WrongType, "origin must be a string of at most 128 bytes".into())),
+    };
+    Ok(ExecuteTask { session_id, shard_id, pos, input, output, next, load, hop_timeout_ms, session_token, origin })
+}
+
+/// Shortest and longest session token, in hex digits (128 to 256 bits).
+pub const SESSION_TOKEN_HEX: std::ops::RangeInclusive<usize> = 32..=64;
+
+fn session_token(params: &Map<String, Value>) -> Result<Option<String>, (ErrorCode, String)> {
+    match params.get("session_token") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(t)) if SESSION_TOKEN_HEX.contains(&t.len()) && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(Some(t.to_ascii_lowercase()))
+        }
+        Some(_) => Err((
+            ErrorCode::WrongType,
+            "session_token must be 32 to 64 hex digits (the token the session's first EXECUTE_TASK returned)".into(),
+        )),
+    }
 }
 
 fn parse_hop(v: &Value) -> Result<Hop, (ErrorCode, String)> {

@@ -18,11 +18,14 @@ use crate::workers::PoolHandle;
 /// to spread one file over every worker.
 const JOB_BYTES: u64 = 16 * 1024 * 1024;
 
-/// The size and modification time of a file, as cached metadata records them.
+/// The size, modification time, inode and status-change time of a file, as cached metadata
+/// records them (see [`SourceStamp`]: the cache is trusted only when all four match).
 pub fn stamp_of(meta: &std::fs::Metadata) -> SourceStamp {
+    use std::os::unix::fs::MetadataExt;
     let mtime_ns =
         meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos() as i64);
-    SourceStamp { size: meta.len(), mtime_ns }
+    let ctime_ns = meta.ctime().saturating_mul(1_000_000_000).saturating_add(meta.ctime_nsec());
+    SourceStamp { size: meta.len(), mtime_ns, inode: meta.ino(), ctime_ns }
 }
 
 /// A file whose pieces are being hashed by the pool.

@@ -128,11 +128,17 @@ impl Info {
     }
 }
 
-/// Which state of the source file a cached `.torrent` was built from.
+/// Which state of the source file a cached `.torrent` was built from: its size, modification
+/// time, inode number and status-change time. A user can set the mtime back (`touch -d`,
+/// `utimensat`), but not the ctime, which the kernel sets on every write, truncation, rename and
+/// `utimensat`; a file replaced by another has another inode. Cached metadata is trusted only when
+/// all four match.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SourceStamp {
     pub size: u64,
     pub mtime_ns: i64,
+    pub inode: u64,
+    pub ctime_ns: i64,
 }
 
 /// A parsed or freshly built `.torrent`.
@@ -175,6 +181,8 @@ impl Metainfo {
             Some(SourceStamp {
                 size: u64::try_from(s.get("size")?.as_int()?).ok()?,
                 mtime_ns: s.get("mtime_ns")?.as_int()?,
+                inode: u64::try_from(s.get("inode")?.as_int()?).ok()?,
+                ctime_ns: s.get("ctime_ns")?.as_int()?,
             })
         });
         Ok(Metainfo {
@@ -204,8 +212,13 @@ impl Metainfo {
         out.extend_from_slice(&self.raw_info);
         if let Some(s) = self.source {
             Value::str(SOURCE_KEY).encode_into(&mut out);
-            bencode::dict([("mtime_ns", Value::Int(s.mtime_ns)), ("size", Value::Int(s.size as i64))])
-                .encode_into(&mut out);
+            bencode::dict([
+                ("ctime_ns", Value::Int(s.ctime_ns)),
+                ("inode", Value::Int(s.inode as i64)),
+                ("mtime_ns", Value::Int(s.mtime_ns)),
+                ("size", Value::Int(s.size as i64)),
+            ])
+            .encode_into(&mut out);
         }
         out.push(b'e');
         out
@@ -397,7 +410,12 @@ mod tests {
     #[test]
     fn torrent_round_trip_keeps_hash_and_source() {
         let mut m = Metainfo::new(sample());
-        m.source = Some(SourceStamp { size: 600_000, mtime_ns: 1_700_000_000_123_456_789 });
+        m.source = Some(SourceStamp {
+            size: 600_000,
+            mtime_ns: 1_700_000_000_123_456_789,
+            inode: 77,
+            ctime_ns: 1_700_000_001_000_000_000,
+        });
         let bytes = m.to_torrent_bytes();
         let back = Metainfo::parse(&bytes).unwrap();
         assert_eq!(back.info, m.info);

@@ -177,8 +177,56 @@ fn map(file: &File, len: u64) -> Result<View> {
     Ok(View { map: Some(Arc::new(m)) })
 }
 
-pub fn part_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!("{name}.part"))
+/// The `.part` file of torrent `info_hash` named `name`: `NAME.<info hash hex>.part`. Keyed by
+/// the info hash, so two torrents that share a name never share a `.part` (nor resume data).
+pub fn part_path(dir: &Path, name: &str, info_hash: InfoHash) -> PathBuf {
+    dir.join(format!("{name}.{}.part", info_hash.to_hex()))
+}
+
+/// The info hash a `.part` or `.part.resume` file name is keyed by, if it is one of ours.
+pub fn part_info_hash(file_name: &str) -> Option<InfoHash> {
+    let stem = file_name.strip_suffix(".part.resume").or_else(|| file_name.strip_suffix(".part"))?;
+    let (_, hex) = stem.rsplit_once('.')?;
+    InfoHash::from_hex(hex).filter(|_| hex.len() == 40)
+}
+
+/// Bytes free to an unprivileged writer on the filesystem holding `dir` (`statvfs(3)`:
+/// `f_bavail * f_frsize`).
+pub fn free_space(dir: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path holds a NUL"))?;
+    // SAFETY: `c` is a NUL-terminated path that outlives the call; `st` is a plain C struct
+    // that statvfs fills (zeroed first, so no uninitialised read whatever the kernel does).
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// `.part` and `.part.resume` files in `dir` that no download uses (`active` says which info
+/// hashes are downloading) and that nobody wrote for `max_age`: removed; returns their names.
+/// Blocking (a directory listing): for a worker or the startup scan.
+pub fn remove_stale_parts(dir: &Path, active: &dyn Fn(InfoHash) -> bool, max_age: std::time::Duration) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(dir) else { return Vec::new() };
+    let now = std::time::SystemTime::now();
+    let mut removed = Vec::new();
+    for e in rd.filter_map(|e| e.ok()) {
+        let Ok(name) = e.file_name().into_string() else { continue };
+        if !(name.ends_with(".part") || name.ends_with(".part.resume")) {
+            continue;
+        }
+        if part_info_hash(&name).is_some_and(active) {
+            continue;
+        }
+        let Ok(md) = e.metadata() else { continue };
+        let age = md.modified().ok().and_then(|t| now.duration_since(t).ok()).unwrap_or_default();
+        if md.is_file() && age >= max_age && std::fs::remove_file(e.path()).is_ok() {
+            removed.push(name);
+        }
+    }
+    removed
 }
 
 fn resume_path(part: &Path) -> PathBuf {
@@ -207,7 +255,7 @@ impl Storage {
         direct_io: bool,
     ) -> Result<(Storage, Bitfield, bool)> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        let part = part_path(dir, name);
+        let part = part_path(dir, name, info_hash);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -269,7 +317,7 @@ impl Storage {
         }))
     }
 
-    /// A job that syncs `NAME.part`, renames it to `NAME` and drops the resume
+    /// A job that syncs the `.part` file, renames it to `NAME` (never over an existing file) and drops the resume
     /// file; after it succeeds, call [`Storage::finished`]. Blocking: for a worker.
     pub fn finish_job(&self) -> Result<impl FnOnce() -> Result<()> + Send + 'static> {
         let part = self.part.clone();
@@ -278,10 +326,16 @@ impl Storage {
         Ok(move || {
             let Some(part) = part else { return Ok(()) };
             file.sync_all()?;
-            if path.exists() {
-                bail!("{} already exists; keeping {}", path.display(), part.display());
+            // A hard link cannot replace an existing file: another verified file that holds
+            // the name stays, and this download fails with the reason (never overwrites it).
+            match std::fs::hard_link(&part, &path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    bail!("{} already exists (another file); keeping {}", path.display(), part.display())
+                }
+                Err(e) => return Err(e).with_context(|| format!("linking {} to {}", part.display(), path.display())),
             }
-            std::fs::rename(&part, &path).with_context(|| format!("renaming {}", part.display()))?;
+            std::fs::remove_file(&part).with_context(|| format!("removing {}", part.display()))?;
             let _ = std::fs::remove_file(resume_path(&part));
             Ok(())
         })
@@ -330,12 +384,47 @@ mod tests {
         assert_eq!(have, bits, "resume data trusted");
         assert!(!recheck);
         let (_, other, recheck) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths, false).unwrap();
-        assert_eq!(other.count(), 0, "resume data of another torrent ignored");
+        assert_eq!(other.count(), 0, "another torrent of the same name has its own .part");
+        assert!(!recheck, "and it is new");
+        assert!(part_path(&dir, "f.bin", InfoHash([4; 20])).exists());
+        std::fs::remove_file(part_path(&dir, "f.bin", InfoHash([4; 20]))).unwrap();
+        // A .part with data but no resume data is rechecked.
+        std::fs::remove_file(dir.join(format!("f.bin.{}.part.resume", h.to_hex()))).unwrap();
+        let (_, none, recheck) = Storage::open_part(&dir, "f.bin", h, lengths, false).unwrap();
+        assert_eq!(none.count(), 0);
         assert!(recheck, "data without resume data is rechecked");
+        s.resume_job(h, &bits).unwrap().expect("a part file")().unwrap();
         s.finish_job().unwrap()().unwrap();
         s.finished();
-        assert!(dir.join("f.bin").exists() && !dir.join("f.bin.part").exists());
-        assert!(!dir.join("f.bin.part.resume").exists());
+        assert!(dir.join("f.bin").exists() && !part_path(&dir, "f.bin", h).exists());
+        assert!(!dir.join(format!("f.bin.{}.part.resume", h.to_hex())).exists());
+        // The name is taken now: a second torrent's finished file does not replace it.
+        let (other, _, _) = Storage::open_part(&dir, "f.bin", InfoHash([4; 20]), lengths, false).unwrap();
+        let e = other.finish_job().unwrap()().unwrap_err();
+        assert!(e.to_string().contains("already exists"), "{e}");
+        assert!(part_path(&dir, "f.bin", InfoHash([4; 20])).exists(), "kept");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn part_names_are_keyed_and_stale_ones_removed() {
+        let dir = std::env::temp_dir().join(format!("shardnet-stale-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (InfoHash([1; 20]), InfoHash([2; 20]));
+        let pa = part_path(&dir, "x.gguf", a);
+        assert_eq!(part_info_hash(pa.file_name().unwrap().to_str().unwrap()), Some(a));
+        assert_eq!(part_info_hash(&format!("x.gguf.{}.part.resume", b.to_hex())), Some(b));
+        assert_eq!(part_info_hash("x.gguf.part"), None);
+        for n in [pa.clone(), part_path(&dir, "x.gguf", b), dir.join("old.gguf.part"), dir.join("keep.gguf")] {
+            std::fs::write(n, b"x").unwrap();
+        }
+        assert!(remove_stale_parts(&dir, &|_| false, std::time::Duration::from_secs(3600)).is_empty(), "all fresh");
+        let mut gone = remove_stale_parts(&dir, &|h| h == a, std::time::Duration::ZERO);
+        gone.sort();
+        assert_eq!(gone, vec!["old.gguf.part".to_string(), format!("x.gguf.{}.part", b.to_hex())]);
+        assert!(pa.exists() && dir.join("keep.gguf").exists(), "an active download's .part and shards stay");
+        assert!(free_space(&dir).unwrap() > 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -369,7 +458,7 @@ mod tests {
         assert!(v.bytes(2 * 65536, 65536).iter().all(|&b| b == 3));
         assert!(v.bytes(3 * 65536, 1000).iter().all(|&b| b == 9));
         s.file.sync_all().unwrap();
-        let on_disk = std::fs::read(dir.join("d.bin.part")).unwrap();
+        let on_disk = std::fs::read(part_path(&dir, "d.bin", InfoHash([5; 20]))).unwrap();
         assert_eq!(on_disk.len() as u64, lengths.total);
         assert_eq!(&on_disk[65536..65538], &[2, 0xee]);
         assert!(on_disk[3 * 65536..].iter().all(|&b| b == 9));

@@ -137,21 +137,54 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     }
 }
 
-/// Writes a small valid LLaMA-style shard GGUF: `shard.*` keys and one F32
-/// tensor per layer, `extra` bytes of tensor data to make it bigger.
+/// Writes a small valid LLaMA shard GGUF (it passes the node's load checks): `shard.*` keys,
+/// tiny hyper-parameters (embedding 32, 2 heads, 1 KV head, vocabulary 32), every F32 weight of
+/// its layers (plus the embedding in shard 0 and the output in the last), and `extra` bytes of
+/// tensor data to make it bigger. The bytes differ by `index`.
 pub fn write_shard(path: &Path, index: u32, count: u32, layers: (u32, u32), extra: usize) {
+    let n_layer = count * (layers.1 - layers.0);
     let mut b = Builder::new();
     b.set("general.architecture", Meta::String("llama".into()));
-    b.set("llama.block_count", Meta::U32(count * (layers.1 - layers.0)));
+    b.set("llama.block_count", Meta::U32(n_layer));
+    b.set("llama.context_length", Meta::U32(64));
+    b.set("llama.embedding_length", Meta::U32(32));
+    b.set("llama.feed_forward_length", Meta::U32(32));
+    b.set("llama.attention.head_count", Meta::U32(2));
+    b.set("llama.attention.head_count_kv", Meta::U32(1));
+    b.set("llama.vocab_size", Meta::U32(32));
     b.set("shard.index", Meta::U32(index));
     b.set("shard.count", Meta::U32(count));
     b.set("shard.layer_begin", Meta::U32(layers.0));
     b.set("shard.layer_end", Meta::U32(layers.1));
     b.set("shard.model_id", Meta::String("test-model".into()));
     let mut data = Vec::new();
+    let mut add = |b: &mut Builder, name: String, dims: &[u64]| {
+        b.add_tensor(&name, dims, GgmlType::F32).unwrap();
+        let n: u64 = dims.iter().product();
+        let salt = data.len() as u64 + index as u64 * 131;
+        data.push((0..n).flat_map(|i| (((i * 7 + salt) % 17) as f32 * 0.01).to_le_bytes()).collect::<Vec<u8>>());
+    };
+    if layers.0 == 0 {
+        add(&mut b, "token_embd.weight".into(), &[32, 32]);
+    }
     for l in layers.0..layers.1 {
-        b.add_tensor(&format!("blk.{l}.attn_norm.weight"), &[64], GgmlType::F32).unwrap();
-        data.push((0..256).map(|i| (i as u32 ^ l ^ index) as u8).collect::<Vec<u8>>());
+        for (name, dims) in [
+            ("attn_norm", &[32u64][..]),
+            ("attn_q", &[32, 32]),
+            ("attn_k", &[32, 16]),
+            ("attn_v", &[32, 16]),
+            ("attn_output", &[32, 32]),
+            ("ffn_norm", &[32]),
+            ("ffn_gate", &[32, 32]),
+            ("ffn_up", &[32, 32]),
+            ("ffn_down", &[32, 32]),
+        ] {
+            add(&mut b, format!("blk.{l}.{name}.weight"), dims);
+        }
+    }
+    if layers.1 == n_layer {
+        add(&mut b, "output_norm.weight".into(), &[32]);
+        add(&mut b, "output.weight".into(), &[32, 32]);
     }
     if extra > 0 {
         let n = (extra / 4).max(1) as u64;
@@ -232,6 +265,7 @@ fn install_hint(need: &str) -> String {
     match need {
         "aria2c" => "apt-get install aria2".into(),
         "transmission-show" => "apt-get install transmission-cli".into(),
+        "chromedriver" => "apt-get install chromium-driver".into(),
         n if n.starts_with("pip:") => format!("python3 -m pip install {}", &n[4..]),
         n if n.starts_with("python3-") || !n.contains('/') => format!("apt-get install {n}"),
         _ => "make models".into(),

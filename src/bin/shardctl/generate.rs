@@ -1,7 +1,6 @@
 //! Text generation: `generate` (a whole model in this process) and `infer`
 //! (across a cluster, through the coordinator).
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -9,20 +8,43 @@ use serde_json::json;
 
 use shardnet::engine::sampler::SamplerConfig;
 
-use crate::args::{flag_map, num, usage};
+use crate::args::Flags;
 use crate::model::{load_tokenizer, open_model};
 use crate::{Opts, print_json};
 
-/// `--temp`, `--top-k`, `--top-p`, `--seed` (generate and infer), checked.
-pub fn sampling_flags(f: &HashMap<&str, &str>, command: &str) -> Result<SamplerConfig> {
+/// The sampling flags shared by `generate`, `infer` and `chat`.
+pub const SAMPLING_FLAGS: [&str; 9] = [
+    "-n",
+    "--temp",
+    "--top-k",
+    "--top-p",
+    "--seed",
+    "--repeat-penalty",
+    "--repeat-last-n",
+    "--presence-penalty",
+    "--frequency-penalty",
+];
+
+/// The sampling flags, checked; an out-of-range value is a usage error naming its flag.
+pub fn sampling_flags(f: &Flags) -> Result<SamplerConfig> {
     let d = SamplerConfig::default();
     let sampling = SamplerConfig {
-        temperature: num(f, "--temp", 0.0),
-        top_k: num(f, "--top-k", d.top_k),
-        top_p: num(f, "--top-p", d.top_p),
-        seed: num(f, "--seed", d.seed),
+        temperature: f.num("--temp", d.temperature),
+        top_k: f.num("--top-k", d.top_k),
+        top_p: f.num("--top-p", d.top_p),
+        seed: f.num("--seed", d.seed),
+        repeat_penalty: f.num("--repeat-penalty", d.repeat_penalty),
+        repeat_last_n: f.num("--repeat-last-n", d.repeat_last_n),
+        presence_penalty: f.num("--presence-penalty", d.presence_penalty),
+        frequency_penalty: f.num("--frequency-penalty", d.frequency_penalty),
     };
-    sampling.validate().map_err(|e| usage(format!("{command}: {e}")))?;
+    sampling.validate().map_err(|e| {
+        let flag = match e.param {
+            "temperature" => "--temp".to_string(),
+            other => format!("--{}", other.replace('_', "-")),
+        };
+        f.usage(format!("{flag} {}", e.reason))
+    })?;
     Ok(sampling)
 }
 
@@ -31,37 +53,42 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     use shardnet::engine::sampler::Sampler;
     use shardnet::engine::{Engine, EngineConfig};
     use std::io::Write;
-    let f = flag_map(
+    let f = Flags::parse(
+        "generate",
         flags,
-        &["--prompt", "-n", "--temp", "--top-k", "--top-p", "--seed", "--threads", "--ctx", "--batch", "--prompt-ids"],
+        &[&SAMPLING_FLAGS[..], &["--prompt", "--threads", "--ctx", "--batch", "--prompt-ids"]].concat(),
         &["--no-special", "--logits", "--ignore-eos", "--repack"],
     );
-    let sampling = sampling_flags(&f, "generate")?;
-    let n: usize = num(&f, "-n", 32);
-    let batch: usize = num(&f, "--batch", 512);
+    let sampling = sampling_flags(&f)?;
+    let n: usize = f.num("-n", 32);
+    let batch: usize = f.num("--batch", 512);
     if batch == 0 {
-        return Err(usage("--batch must be at least 1".into()));
+        return Err(f.usage("--batch must be at least 1".into()));
     }
     let ec = EngineConfig::default();
     let cfg = EngineConfig {
-        threads: num(&f, "--threads", ec.threads).max(1),
-        ctx_size: num(&f, "--ctx", ec.ctx_size),
+        threads: f.num("--threads", ec.threads).max(1),
+        ctx_size: f.num("--ctx", ec.ctx_size),
         max_sessions: 1,
+        max_sessions_per_client: 1,
         kv_budget: u64::MAX,
-        repack: f.contains_key("--repack"),
+        repack: f.has("--repack"),
     };
+    if !f.has("--prompt") && !f.has("--prompt-ids") {
+        return Err(f.usage("missing --prompt TEXT (or --prompt-ids)".into()));
+    }
     let map = open_model(model)?;
     let tok = load_tokenizer(&map, model)?;
     let prompt: Vec<u32> = match (f.get("--prompt-ids"), f.get("--prompt")) {
         (Some(ids), _) => ids
             .split(',')
-            .map(|s| s.trim().parse().map_err(|_| usage(format!("--prompt-ids: {s:?} is not a token id"))))
+            .map(|s| s.trim().parse().map_err(|_| f.usage(format!("--prompt-ids: {s:?} is not a token id"))))
             .collect::<Result<_>>()?,
-        (None, Some(text)) => tok.encode(text, true, !f.contains_key("--no-special")),
-        (None, None) => return Err(usage("generate needs --prompt TEXT (or --prompt-ids)".into())),
+        (None, Some(text)) => tok.encode(text, true, !f.has("--no-special")),
+        (None, None) => return Err(f.usage("missing --prompt TEXT (or --prompt-ids)".into())),
     };
     if prompt.is_empty() {
-        return Err(usage("the prompt holds no tokens".into()));
+        return Err(f.usage("the prompt holds no tokens".into()));
     }
     let mut engine = Engine::new(cfg)?;
     let hp = engine.load(0, map)?.clone();
@@ -81,7 +108,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         n,
         batch,
         &mut Sampler::new(sampling),
-        !f.contains_key("--ignore-eos"),
+        !f.has("--ignore-eos"),
         |id| {
             let piece = stream.push(id);
             text.push_str(&piece);
@@ -104,7 +131,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
             "prefill_tps": per_s(prompt.len(), stats.prefill_ms),
             "decode_tps": per_s(stats.generated.len(), stats.decode_ms),
         });
-        if f.contains_key("--logits") {
+        if f.has("--logits") {
             // For checks against a reference: the logits after the prompt and after the last token.
             v["prefill_logits"] = json!(stats.prefill_logits);
             v["final_logits"] = json!(stats.final_logits);
@@ -112,6 +139,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
         println!("{v}");
     } else {
         let _ = writeln!(out, "{tail}");
+        let _ = out.flush();
         eprintln!(
             "prompt {} tokens in {:.1} ms ({:.1} tok/s); generated {} tokens in {:.1} ms ({:.1} tok/s); {} threads",
             prompt.len(),
@@ -127,53 +155,47 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
 }
 
 pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
-    use shardnet::coordinator::{Coordinator, Event, InferConfig};
+    use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
     use std::io::Write;
-    let f = flag_map(
+    let f = Flags::parse(
+        "infer",
         flags,
         &[
-            "--bootstrap",
-            "--cluster",
-            "--prompt",
-            "-n",
-            "--temp",
-            "--top-k",
-            "--top-p",
-            "--seed",
-            "--batch",
-            "--session",
-            "--pace-ms",
-            "--load-timeout",
-        ],
+            &SAMPLING_FLAGS[..],
+            &["--bootstrap", "--cluster", "--prompt", "--batch", "--session", "--pace-ms", "--load-timeout", "--model"],
+        ]
+        .concat(),
         &["--no-special", "--ignore-eos"],
     );
-    let sampling = sampling_flags(&f, "infer")?;
-    let prompt = f.get("--prompt").ok_or_else(|| usage("infer needs --prompt TEXT".into()))?;
-    let batch: usize = num(&f, "--batch", 128);
+    let sampling = sampling_flags(&f)?;
+    let prompt = f.get("--prompt").ok_or_else(|| f.usage("missing --prompt TEXT".into()))?;
+    let batch: usize = f.num("--batch", 128);
     if batch == 0 {
-        return Err(usage("--batch must be at least 1".into()));
+        return Err(f.usage("--batch must be at least 1".into()));
     }
     let session = f.get("--session").map(|s| s.to_string());
     if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
-        return Err(usage("--session must be 1-128 bytes".into()));
+        return Err(f.usage("--session must be 1-128 bytes".into()));
     }
-    let cfg = InferConfig {
-        bootstrap: f.get("--bootstrap").map_or(o.node.clone(), |b| b.to_string()),
-        cluster: f.get("--cluster").unwrap_or(&"shardnet").to_string(),
-        prompt: prompt.to_string(),
-        n: num(&f, "-n", 32),
-        sampling,
+    let cfg = ClusterConfig {
+        bootstrap: match f.get("--bootstrap") {
+            None => o.node.clone(),
+            Some(b) => {
+                shardnet::config::parse_peer_addr(b).map_err(|e| f.usage(format!("--bootstrap: {e}")))?;
+                b.to_string()
+            }
+        },
+        cluster: f.get("--cluster").unwrap_or("shardnet").to_string(),
         batch,
         timeout: o.timeout,
-        load_timeout: Duration::from_secs(num(&f, "--load-timeout", 600u64).max(1)),
-        pace: Duration::from_millis(num(&f, "--pace-ms", 0u64)),
-        parse_special: !f.contains_key("--no-special"),
-        stop_at_eog: !f.contains_key("--ignore-eos"),
-        session,
+        load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
         max_recoveries: 3,
+        model_pin: match f.get("--model") {
+            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
+            None => None,
+        },
     };
     let json_out = o.json;
-    let mut stdout = std::io::stdout();
     let mut progress_open = false;
     let events = move |ev: Event| {
         let mut err = std::io::stderr();
@@ -208,16 +230,25 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
                     "\nrecovering: shard {shard} moved from {from} to {to} ({why}); replaying the session"
                 );
             }
-            Event::Text(t) => {
-                if !json_out {
-                    let _ = stdout.write_all(t.as_bytes());
-                    let _ = stdout.flush();
-                }
-            }
         }
     };
     let mut c = Coordinator::discover(cfg, events)?;
-    let summary = c.generate()?;
+    let req = GenRequest {
+        prompt: c.tokenizer().encode(prompt, true, !f.has("--no-special")),
+        max_tokens: f.num("-n", 32),
+        sampling,
+        stop_at_eog: !f.has("--ignore-eos"),
+        session,
+        pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
+    };
+    let mut stdout = std::io::stdout();
+    let summary = c.generate(&req, |_, text| {
+        if !json_out {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    })?;
     if json_out {
         print_json(&summary.to_json());
         return Ok(());

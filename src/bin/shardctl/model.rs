@@ -8,25 +8,30 @@ use serde_json::{Value, json};
 
 use shardnet::workers::WorkerPool;
 
-use crate::args::{flag_map, num, usage};
+use crate::args::{Flags, usage};
 use crate::{Opts, print_json};
 
 pub fn split(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
-    let f = flag_map(flags, &["--shards", "--out"], &[]);
-    let n: u32 = num(&f, "--shards", 0);
-    let out = f.get("--out").copied().ok_or_else(|| usage("split needs --out DIR".into()))?;
+    let f = Flags::parse("split", flags, &["--shards", "--out"], &[]);
+    let n: u32 = f.num("--shards", 0);
+    let out = f.get("--out").ok_or_else(|| f.usage("missing --out DIR".into()))?;
     if n == 0 {
-        return Err(usage("split needs --shards N (N >= 1)".into()));
+        return Err(f.usage("missing --shards N (N >= 1)".into()));
     }
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let pool = WorkerPool::new("hash", threads);
     let t = std::time::Instant::now();
     let report = shardnet::gguf::split::split(Path::new(model), n, Path::new(out), Some(&pool.handle()))?;
+    let manifest_bytes = std::fs::read(Path::new(out).join(shardnet::gguf::split::MANIFEST))?;
+    let hash = shardnet::hash::to_hex(&shardnet::gguf::manifest::manifest_hash(&manifest_bytes));
     if o.json {
-        print_json(&report.manifest);
+        let mut m = report.manifest.clone();
+        m["manifest_sha256"] = json!(hash);
+        print_json(&m);
         return Ok(());
     }
     println!("model id {}", report.model_id);
+    println!("manifest {hash}  (pin it: shard_listener --model {hash})");
     for s in report.manifest["shards"].as_array().into_iter().flatten() {
         println!(
             "  {}  layers {}..{}  {:>12} bytes  info hash {}",
@@ -44,34 +49,35 @@ pub fn split(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
 pub fn demo_model(o: &Opts, flags: &[&str]) -> Result<()> {
     use shardnet::gguf::GgmlType;
     use shardnet::gguf::demo::{DemoConfig, write};
-    let f = flag_map(
+    let f = Flags::parse(
+        "demo-model",
         flags,
         &["--out", "--layers", "--embd", "--heads", "--kv-heads", "--ffn", "--vocab", "--context", "--type", "--seed"],
         &["--tied"],
     );
-    let out = f.get("--out").copied().ok_or_else(|| usage("demo-model needs --out FILE".into()))?;
+    let out = f.get("--out").ok_or_else(|| f.usage("missing --out FILE".into()))?;
     let d = DemoConfig::default();
-    let weight_type = match f.get("--type").copied().unwrap_or("f32") {
+    let weight_type = match f.get("--type").unwrap_or("f32") {
         "f32" => GgmlType::F32,
         "f16" => GgmlType::F16,
         "q8_0" => GgmlType::Q8_0,
         "q4_0" => GgmlType::Q4_0,
-        other => return Err(usage(format!("--type {other:?} is not f32, f16, q8_0 or q4_0"))),
+        other => return Err(f.usage(format!("--type {other:?} is not f32, f16, q8_0 or q4_0"))),
     };
     let c = DemoConfig {
-        layers: num(&f, "--layers", d.layers),
-        embd: num(&f, "--embd", d.embd),
-        heads: num(&f, "--heads", d.heads),
-        kv_heads: num(&f, "--kv-heads", d.kv_heads),
-        ffn: num(&f, "--ffn", d.ffn),
-        vocab: num(&f, "--vocab", d.vocab),
-        context: num(&f, "--context", d.context),
+        layers: f.num("--layers", d.layers),
+        embd: f.num("--embd", d.embd),
+        heads: f.num("--heads", d.heads),
+        kv_heads: f.num("--kv-heads", d.kv_heads),
+        ffn: f.num("--ffn", d.ffn),
+        vocab: f.num("--vocab", d.vocab),
+        context: f.num("--context", d.context),
         weight_type,
-        seed: num(&f, "--seed", d.seed),
-        tied: f.contains_key("--tied"),
+        seed: f.num("--seed", d.seed),
+        tied: f.has("--tied"),
     };
     if let Err(e) = c.validate() {
-        return Err(usage(format!("demo-model: {e}")));
+        return Err(f.usage(e.to_string()));
     }
     if let Some(dir) = Path::new(out).parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -168,6 +174,9 @@ pub fn load_tokenizer(map: &[u8], path: &str) -> Result<shardnet::engine::tokeni
 }
 
 pub fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
+    if let [_, extra, ..] = rest {
+        return Err(usage(format!("tokenize: unexpected argument {extra:?} (one TEXT at most)")));
+    }
     let map = open_model(model)?;
     let tok = load_tokenizer(&map, model)?;
     let print = |ids: Vec<u32>| println!("{}", serde_json::to_string(&ids).expect("ids"));
@@ -180,7 +189,7 @@ pub fn tokenize(o: &Opts, model: &str, rest: &[&str]) -> Result<()> {
                 print(tok.encode(&text, false, false));
             }
         }
-        _ => return Err(usage("tokenize takes at most one TEXT".into())),
+        _ => unreachable!("checked above"),
     }
     let _ = o;
     Ok(())

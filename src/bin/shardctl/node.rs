@@ -1,8 +1,9 @@
 //! Commands that talk to a running node: `list`, `status`, `load`, `send`, `peers`.
 
+use std::sync::mpsc::RecvTimeoutError;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use serde_json::{Value, json};
 
 use shardnet::client::{Client, into_result};
@@ -21,21 +22,24 @@ pub fn list(o: &Opts) -> Result<()> {
         println!("no GGUF files on {}", o.node);
         return Ok(());
     }
-    println!("{:<6} {:<9} {:>12}  {:<40}  FILE", "SHARD", "LAYERS", "SIZE", "INFO HASH");
-    for f in files {
-        let shard = f["shard_id"].as_u64().map_or("-".into(), |s| s.to_string());
-        let layers = match f["layers"].as_array() {
-            Some(l) if l.len() == 2 => format!("{}..{}", l[0], l[1]),
-            _ => "-".into(),
-        };
-        let hash = f["info_hash"].as_str().unwrap_or(if f["hashing"] == json!(true) { "(hashing)" } else { "-" });
-        let mut line =
-            format!("{shard:<6} {layers:<9} {:>12}  {hash:<40}  {}", f["size"], f["filename"].as_str().unwrap_or("?"));
-        if let Some(e) = f["error"].as_str() {
-            line.push_str(&format!("  [not loadable: {e}]"));
-        }
-        println!("{line}");
-    }
+    let rows: Vec<[String; 5]> = files
+        .iter()
+        .map(|f| {
+            let shard = f["shard_id"].as_u64().map_or("-".into(), |s| s.to_string());
+            let layers = match f["layers"].as_array() {
+                Some(l) if l.len() == 2 => format!("{}..{}", l[0], l[1]),
+                _ => "-".into(),
+            };
+            let size = f["size"].as_u64().map_or("-".into(), |s| s.to_string());
+            let hash = f["info_hash"].as_str().unwrap_or(if f["hashing"] == json!(true) { "(hashing)" } else { "-" });
+            let mut file = f["filename"].as_str().unwrap_or("?").to_string();
+            if let Some(e) = f["error"].as_str() {
+                file.push_str(&format!("  [not loadable: {e}]"));
+            }
+            [shard, layers, size, hash.to_string(), file]
+        })
+        .collect();
+    print!("{}", table(["SHARD", "LAYERS", "SIZE", "INFO HASH", "FILE"], [false, false, true, false, false], &rows));
     Ok(())
 }
 
@@ -79,32 +83,39 @@ pub fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
     while let Some(f) = it.next() {
         match *f {
             "--info-hash" => {
-                params["info_hash"] = json!(it.next().ok_or_else(|| usage("--info-hash needs a value".into()))?)
+                params["info_hash"] = json!(it.next().ok_or_else(|| usage("load: --info-hash needs a value".into()))?)
             }
             "--filename" => {
-                params["filename"] = json!(it.next().ok_or_else(|| usage("--filename needs a value".into()))?)
+                params["filename"] = json!(it.next().ok_or_else(|| usage("load: --filename needs a value".into()))?)
             }
             "--no-wait" => params["wait"] = json!(false),
             "--peer" => {
-                let peer = it.next().ok_or_else(|| usage("--peer needs a value".into()))?;
+                let peer = it.next().ok_or_else(|| usage("load: --peer needs a value".into()))?;
                 match params["peers"].as_array_mut() {
                     Some(list) => list.push(json!(peer)),
                     None => params["peers"] = json!([peer]),
                 }
             }
-            other => return Err(usage(format!("load: unknown flag {other}"))),
+            other => return Err(usage(format!("load: unknown flag {other} (see --help)"))),
         }
     }
     // The load answers when done (a download may take a while); meanwhile
     // STATUS shows its progress.
     let (node, wait) = (o.node.clone(), o.timeout * 20);
-    let load = std::thread::spawn(move || Client::connect(&node, wait)?.call("LOAD_SHARD", params));
+    let (done_tx, done) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(Client::connect(&node, wait).and_then(|mut c| c.call("LOAD_SHARD", params)));
+    });
     let started = std::time::Instant::now();
     let mut shown = false;
-    while !load.is_finished() {
-        std::thread::sleep(Duration::from_millis(200));
-        if o.json {
-            continue;
+    // The answer is taken the moment it comes (a cached shard: a few ms); while it has not, the
+    // download's progress is shown every 200 ms.
+    let r = loop {
+        match done.recv_timeout(Duration::from_millis(200)) {
+            Ok(r) => break r,
+            Err(RecvTimeoutError::Disconnected) => bail!("the request thread panicked"),
+            Err(RecvTimeoutError::Timeout) if o.json => continue,
+            Err(RecvTimeoutError::Timeout) => {}
         }
         let Ok(s) = connect(o).and_then(|mut c| c.call("STATUS", json!({}))) else { continue };
         let d = s["downloads"]
@@ -116,11 +127,11 @@ pub fn load(o: &Opts, n: &str, flags: &[&str]) -> Result<()> {
             eprint!("\r{}", progress_line(d, started));
             shown = true;
         }
-    }
+    };
     if shown {
         eprintln!();
     }
-    let r = load.join().map_err(|_| anyhow::anyhow!("the request thread panicked"))??;
+    let r = r?;
     if o.json {
         print_json(&r);
     } else {
@@ -145,7 +156,25 @@ pub fn send(o: &Opts, text: &str) -> Result<()> {
     into_result(response).map(|_| ())
 }
 
-pub fn peers(o: &Opts, params: Value) -> Result<()> {
+/// `peers KEY | --shard N | --cluster`.
+pub fn peers_command(o: &Opts, rest: &[&str]) -> Result<()> {
+    let params = match rest {
+        ["--shard", n] => {
+            json!({"shard_id": n.parse::<u64>().map_err(|_| usage(format!("peers: --shard {n:?} is not a shard id")))?})
+        }
+        ["--shard"] => return Err(usage("peers: --shard needs a value".into())),
+        ["--cluster"] => json!({"cluster": true}),
+        [key] if !key.starts_with('-') => json!({"key": key}),
+        [] => return Err(usage("peers: missing KEY, --shard N or --cluster (see --help)".into())),
+        [first, ..] if first.starts_with('-') && !matches!(*first, "--shard" | "--cluster") => {
+            return Err(usage(format!("peers: unknown flag {first} (see --help)")));
+        }
+        [_, extra, ..] | [extra] => return Err(usage(format!("peers: unexpected argument {extra:?} (see --help)"))),
+    };
+    peers(o, params)
+}
+
+fn peers(o: &Opts, params: Value) -> Result<()> {
     let r = connect(o)?.call("FIND_PEERS", params)?;
     if o.json {
         print_json(&r);
@@ -175,4 +204,34 @@ pub fn progress_line(d: &Value, started: std::time::Instant) -> String {
     let bar: String = (0..30).map(|i| if (i as f64) < pct * 0.3 { '#' } else { '.' }).collect();
     let eta = if rate > 0.0 && total > done { format!("{:.0}s", (total - done) as f64 / rate) } else { "-".into() };
     format!("[{bar}] {pct:5.1}%  {:>8.1} MB/s  {} peers  ETA {eta}   ", rate / 1e6, d["peers"])
+}
+
+/// Columns two spaces apart, each as wide as its widest cell; left-aligned unless `right`.
+fn table<const N: usize>(header: [&str; N], right: [bool; N], rows: &[[String; N]]) -> String {
+    let mut width: [usize; N] = header.map(str::len);
+    for r in rows {
+        for (w, cell) in width.iter_mut().zip(r) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; N]| {
+        let mut out = String::new();
+        for (c, cell) in cells.iter().enumerate() {
+            let pad = width[c] - cell.chars().count();
+            if c + 1 == N {
+                out.push_str(cell);
+            } else if right[c] {
+                out.push_str(&format!("{}{cell}  ", " ".repeat(pad)));
+            } else {
+                out.push_str(&format!("{cell}{}  ", " ".repeat(pad)));
+            }
+        }
+        out.push('\n');
+        out
+    };
+    let mut out = line(header);
+    for r in rows {
+        out.push_str(&line(std::array::from_fn(|c| r[c].as_str())));
+    }
+    out
 }

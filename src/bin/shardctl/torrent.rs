@@ -26,19 +26,21 @@ pub fn torrent_create(o: &Opts, file: &str, flags: &[&str]) -> Result<()> {
     let mut it = flags.iter();
     while let Some(f) = it.next() {
         match *f {
-            "--out" => out = Some(PathBuf::from(it.next().ok_or_else(|| usage("--out needs a value".into()))?)),
+            "--out" => {
+                out = Some(PathBuf::from(it.next().ok_or_else(|| usage("torrent create: --out needs a value".into()))?))
+            }
             "--piece-length" => {
-                let v = it.next().ok_or_else(|| usage("--piece-length needs a value".into()))?;
+                let v = it.next().ok_or_else(|| usage("torrent create: --piece-length needs a value".into()))?;
                 let n: u64 = v
                     .parse()
                     .ok()
                     .filter(|n: &u64| n.is_power_of_two() && (16384..=(64 << 20)).contains(n))
                     .ok_or_else(|| {
-                    usage(format!("--piece-length {v:?} is not a power of two from 16 KiB to 64 MiB"))
+                    usage(format!("torrent create: --piece-length {v:?} is not a power of two from 16 KiB to 64 MiB"))
                 })?;
                 piece_length = Some(n);
             }
-            other => return Err(usage(format!("torrent create: unknown flag {other}"))),
+            other => return Err(usage(format!("torrent create: unknown flag {other} (see --help)"))),
         }
     }
     let path = Path::new(file);
@@ -94,17 +96,17 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
     let mut listen = "127.0.0.1:0".to_string();
     let mut it = flags.iter();
     while let Some(f) = it.next() {
-        let mut value = || it.next().copied().ok_or_else(|| usage(format!("{f} needs a value")));
+        let mut value = || it.next().copied().ok_or_else(|| usage(format!("fetch: {f} needs a value")));
         match *f {
             "--peer" => peers.push(value()?.to_string()),
             "--out" => out = Some(value()?.to_string()),
             "--listen" => listen = value()?.to_string(),
-            other => return Err(usage(format!("fetch: unknown flag {other}"))),
+            other => return Err(usage(format!("fetch: unknown flag {other} (see --help)"))),
         }
     }
-    let out = out.ok_or_else(|| usage("fetch needs --out DIR".into()))?;
+    let out = out.ok_or_else(|| usage("fetch: missing --out DIR".into()))?;
     let (info_hash, torrent_hex) = if target.starts_with("magnet:") {
-        let m = Magnet::parse(target)?;
+        let m = Magnet::parse(target).map_err(|e| usage(format!("fetch: {e}")))?;
         peers.extend(m.peers); // x.pe hints
         (m.info_hash, None)
     } else {
@@ -113,10 +115,10 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         (m.info_hash, Some(shardnet::hash::to_hex(&bytes)))
     };
     if peers.is_empty() {
-        return Err(usage("fetch needs at least one --peer IP:PORT (or a magnet link with x.pe)".into()));
+        return Err(usage("fetch: missing --peer IP:PORT (at least one, or a magnet link with x.pe)".into()));
     }
     let config = NodeConfig {
-        listen: listen.parse().map_err(|_| usage(format!("--listen {listen:?} is not IP:PORT")))?,
+        listen: listen.parse().map_err(|_| usage(format!("fetch: --listen {listen:?} is not IP:PORT")))?,
         shards_dir: PathBuf::from(&out),
         enable_torrent: true,
         log_level: shardnet::log::Level::Warn,

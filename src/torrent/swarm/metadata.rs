@@ -30,6 +30,7 @@ impl Swarm {
             if let Some(q) = reqq {
                 peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
             }
+            self.on_private_handshake(key, &v)?;
             if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
                 if size <= 0 || size as u64 > MAX_METADATA {
                     return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));
@@ -39,6 +40,9 @@ impl Swarm {
             }
             self.request_metadata(now);
             return Ok(());
+        }
+        if id == super::private::SHARDNET_AUTH && self.is_private() {
+            return self.on_private_proof(key, payload);
         }
         if id != UT_METADATA {
             return Ok(()); // an extension we did not announce: ignored
@@ -60,6 +64,9 @@ impl Swarm {
     }
 
     fn serve_metadata(&mut self, key: PeerKey, piece: u32) {
+        if !self.admitted(key) {
+            return; // private swarm: not before the peer proved the key
+        }
         let raw = match &self.meta {
             Metadata::Known(m) => Some(m.raw_info.clone()),
             _ => None,
@@ -104,28 +111,46 @@ impl Swarm {
             let mut m = Metainfo::new(info);
             m.raw_info = raw;
             m.info_hash = self.info_hash;
-            self.open_storage(Arc::new(m))?;
+            // The node decides (name, disk budget) before any file is created; then
+            // [`Swarm::accept_metadata`] opens the storage.
+            self.meta = Metadata::Received(Arc::new(m));
             self.actions.push(Action::MetadataReady);
-            // Now that the piece count is known: what each peer told us
-            // before, what we have, and what we want.
-            let have = self.picker.as_ref().expect("storage opened").have().clone();
-            let n = have.len();
-            let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
-            for k in keys {
-                let p = self.peers.get_mut(&k).expect("listed");
-                p.bits = Bitfield::new(n);
-                if have.count() > 0 {
-                    wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
-                }
-                let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
-                let applied = bits
-                    .map_or(Ok(()), |b| self.on_bitfield(k, &b))
-                    .and_then(|()| haves.into_iter().try_for_each(|i| self.on_have(k, i)));
-                if let Err(e) = applied {
-                    self.actions.push(Action::Disconnect(k, format!("{e}")));
-                }
-                self.update_interest(k);
+        }
+        Ok(())
+    }
+
+    /// Metadata received from peers and verified against the info hash, waiting for the node to
+    /// admit it ([`Swarm::accept_metadata`]).
+    pub fn received_metadata(&self) -> Option<&Arc<Metainfo>> {
+        match &self.meta {
+            Metadata::Received(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The node admitted the received metadata: open the `.part` file and start fetching pieces.
+    pub fn accept_metadata(&mut self) -> Result<()> {
+        let Metadata::Received(m) = &self.meta else { return Ok(()) };
+        self.open_storage(m.clone())?;
+        // Now that the piece count is known: what each peer told us
+        // before, what we have, and what we want.
+        let have = self.picker.as_ref().expect("storage opened").have().clone();
+        let n = have.len();
+        let keys: Vec<PeerKey> = self.peers.keys().copied().collect();
+        for k in keys {
+            let p = self.peers.get_mut(&k).expect("listed");
+            p.bits = Bitfield::new(n);
+            if have.count() > 0 {
+                wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
             }
+            let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
+            let applied = bits
+                .map_or(Ok(()), |b| self.on_bitfield(k, &b))
+                .and_then(|()| haves.into_iter().try_for_each(|i| self.on_have(k, i)));
+            if let Err(e) = applied {
+                self.actions.push(Action::Disconnect(k, format!("{e}")));
+            }
+            self.update_interest(k);
         }
         Ok(())
     }

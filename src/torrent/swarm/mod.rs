@@ -19,6 +19,7 @@ use crate::bencode::{self, Value};
 use crate::hash::Digest;
 
 mod metadata;
+pub mod private;
 
 /// Most blocks asked of one peer at once: 256 x 16 KiB = 4 MiB in flight,
 /// a bandwidth-delay product of 50 MB/s at 80 ms, and never more than the
@@ -86,7 +87,8 @@ pub enum Action {
     Hash { piece: u32, data: PieceData, offset: u64, len: u64, expected: Digest, blocks: bool },
     /// Every piece verified: sync and rename the file.
     Complete,
-    /// The info dict arrived and verified (magnet): storage is open.
+    /// The info dict arrived and verified (magnet): the node admits it (name, disk budget) and
+    /// calls [`Swarm::accept_metadata`], or drops the download.
     MetadataReady,
     /// Close this peer's connection.
     Disconnect(PeerKey, String),
@@ -129,6 +131,8 @@ pub struct Peer {
     /// Blocks of the current burst, and when its last one came.
     burst_blocks: usize,
     burst_last: Instant,
+    /// Private swarms: this peer's proof of the cluster key.
+    proof: Option<private::PeerProof>,
 }
 
 impl Peer {
@@ -172,7 +176,13 @@ impl Peer {
 
 enum Metadata {
     Known(Arc<Metainfo>),
-    Fetching { size: usize, pieces: Vec<Option<Vec<u8>>>, asked: HashMap<u32, Instant> },
+    Fetching {
+        size: usize,
+        pieces: Vec<Option<Vec<u8>>>,
+        asked: HashMap<u32, Instant>,
+    },
+    /// Fetched and verified against the info hash; the node has not admitted it yet.
+    Received(Arc<Metainfo>),
     Unknown,
 }
 
@@ -208,6 +218,8 @@ pub struct Swarm {
     dir: std::path::PathBuf,
     /// Write verified pieces with direct I/O where the filesystem allows.
     direct_io: bool,
+    /// `--private`: only peers proving the cluster key are served.
+    private: Option<private::Private>,
 }
 
 impl Swarm {
@@ -271,6 +283,7 @@ impl Swarm {
             spare: Vec::new(),
             dir,
             direct_io: false,
+            private: None,
         }
     }
 
@@ -334,6 +347,7 @@ impl Swarm {
             return Err(anyhow!("{addr} is banned"));
         }
         let pieces = self.picker.as_ref().map_or(0, |p| p.lengths().pieces);
+        let proof = self.new_proof(now);
         let mut peer = Peer {
             addr,
             out: Vec::new(),
@@ -361,6 +375,7 @@ impl Swarm {
             window: START_WINDOW,
             burst_blocks: 0,
             burst_last: now,
+            proof,
         };
         if outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
@@ -377,9 +392,14 @@ impl Swarm {
         if self.peers.iter().any(|(k, p)| *k != key && p.handshaken && p.peer_id == hs.peer_id) {
             return Err(anyhow!("already connected to this peer"));
         }
-        let ext_payload = self.extension_handshake();
-        let have = self.picker.as_ref().map(|p| p.have().clone());
+        let ext_payload = self.extension_handshake(self.private_handshake_fields(key));
+        // A private swarm shows its pieces only after the proof.
+        let have = self.picker.as_ref().map(|p| p.have().clone()).filter(|_| self.private.is_none());
+        let private = self.private.is_some();
         let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+        if private && !hs.supports_extensions() {
+            return Err(anyhow!("private swarm: the peer does not speak BEP 10, so it cannot prove the cluster key"));
+        }
         peer.handshaken = true;
         peer.peer_id = hs.peer_id;
         peer.extensions = hs.supports_extensions();
@@ -395,12 +415,19 @@ impl Swarm {
         Ok(())
     }
 
-    fn extension_handshake(&self) -> Vec<u8> {
+    fn extension_handshake(&self, nonce: Option<[u8; 32]>) -> Vec<u8> {
+        let mut m = vec![("ut_metadata", Value::Int(UT_METADATA as i64))];
+        if nonce.is_some() {
+            m.push(("shardnet_auth", Value::Int(private::SHARDNET_AUTH as i64)));
+        }
         let mut d = vec![
-            ("m", bencode::dict([("ut_metadata", Value::Int(UT_METADATA as i64))])),
+            ("m", bencode::dict(m)),
             ("reqq", Value::Int(MAX_PEER_REQUESTS as i64)),
             ("v", Value::str("shardnet")),
         ];
+        if let Some(n) = &nonce {
+            d.push(("shardnet_nonce", Value::bytes(&n[..])));
+        }
         if let Metadata::Known(m) = &self.meta {
             d.push(("metadata_size", Value::Int(m.raw_info.len() as i64)));
         }
@@ -607,7 +634,7 @@ impl Swarm {
                 self.ban(ip, &format!("sent a corrupt block of piece {piece}"));
             }
             let have = Message::Have(piece);
-            for p in self.peers.values_mut().filter(|p| p.handshaken) {
+            for p in self.peers.values_mut().filter(|p| p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved)) {
                 wire::encode(&have, &mut p.out);
             }
             self.actions.push(Action::SaveResume);
@@ -714,7 +741,7 @@ impl Swarm {
             if unchoked >= UNCHOKE_SLOTS {
                 break;
             }
-            if p.am_choking && p.peer_interested && p.handshaken {
+            if p.am_choking && p.peer_interested && p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved) {
                 p.am_choking = false;
                 wire::encode(&Message::Unchoke, &mut p.out);
                 unchoked += 1;
@@ -794,6 +821,11 @@ impl Swarm {
             if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
                 self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
             }
+        }
+        for k in self.unproved_expired(now) {
+            let why =
+                format!("private swarm: no proof of the cluster key within {}s", private::PROOF_TIMEOUT.as_secs());
+            self.actions.push(Action::Disconnect(k, why));
         }
         if let Some(picker) = self.picker.as_mut() {
             for (k, b) in &expired {

@@ -46,6 +46,11 @@ fn run_actions(s: &mut Swarm) -> bool {
                 s.on_hashed(piece, ok, &blocks);
             }
             Action::Complete => complete = true,
+            // What the node does once its admission checks pass.
+            Action::MetadataReady => {
+                assert!(s.storage_mut().is_none(), "no file before the metadata is admitted");
+                s.accept_metadata().unwrap();
+            }
             _ => {}
         }
     }

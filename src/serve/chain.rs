@@ -1,0 +1,219 @@
+//! The chain thread of `shardctl serve`: owns the [`Coordinator`] (discovery, placement, loads,
+//! recovery) and runs queued requests on the chain one at a time, in arrival order. Connection
+//! threads hand it [`Job`]s on a bounded channel and read each job's tokens back on a channel of
+//! their own; a job whose client went away stops at its next token and its session is ended on
+//! every node. The model the chain serves is published as a [`ModelView`] for the connection
+//! threads (tokenizing and checking requests, `/v1/models`, `/health`), which never wait on this
+//! thread.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use super::metrics::Metrics;
+use super::openai::StopMatcher;
+use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, GenRequest, Summary};
+use crate::engine::tokenizer::Tokenizer;
+
+/// What the connection threads need to know of the model the chain serves.
+pub struct ModelView {
+    /// The id `/v1/models` lists and requests name (`--model-name`, else `general.name`, else
+    /// the model id).
+    pub name: String,
+    /// `shard.model_id`: requests may name the model by it too.
+    pub model_id: String,
+    pub tokenizer: Tokenizer,
+    /// The nodes' context in tokens.
+    pub ctx_size: u32,
+    /// The GGUF's `tokenizer.chat_template`, if it has one.
+    pub chat_template: Option<String>,
+}
+
+/// Whether the chain can serve: `Ready`, or why not.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Health {
+    Starting,
+    Ready,
+    Unavailable(String),
+}
+
+/// State the chain thread publishes and the connection threads read.
+pub struct ChainState {
+    pub model: RwLock<Option<Arc<ModelView>>>,
+    pub health: Mutex<Health>,
+}
+
+impl ChainState {
+    pub fn model(&self) -> Option<Arc<ModelView>> {
+        self.model.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn health(&self) -> Health {
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, model: Option<Arc<ModelView>>, health: Health) {
+        *self.model.write().unwrap_or_else(|p| p.into_inner()) = model;
+        *self.health.lock().unwrap_or_else(|p| p.into_inner()) = health;
+    }
+}
+
+/// One request for the chain.
+pub struct Job {
+    pub request: GenRequest,
+    /// Stop strings: generation ends at the first, which is not sent.
+    pub stop: Vec<String>,
+    /// Tokens (as text, stop strings held back and cut) and the end, in order.
+    pub events: Sender<ChainEvent>,
+    /// Set by the connection thread when its client went away.
+    pub cancel: Arc<AtomicBool>,
+}
+
+pub enum ChainEvent {
+    /// The chain started this job (it left the queue).
+    Started,
+    /// Text to send; may be empty (a token that completes no character yet).
+    Text(String),
+    /// The generation ended: its figures and OpenAI's `finish_reason` (`stop` or `length`).
+    Done(Summary, &'static str),
+    /// The chain could not serve the job (503).
+    Failed(String),
+}
+
+/// How often discovery is retried while the cluster cannot serve.
+const REDISCOVER_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs the chain thread until `jobs` disconnects.
+pub fn run(
+    cluster: ClusterConfig,
+    model_name: Option<String>,
+    chat_template_override: Option<String>,
+    state: Arc<ChainState>,
+    metrics: Arc<Metrics>,
+    jobs: Receiver<Job>,
+) {
+    let mut coordinator: Option<Coordinator<'static>> = None;
+    let mut last_try: Option<Instant> = None;
+    loop {
+        if coordinator.is_none() && last_try.is_none_or(|t| t.elapsed() >= REDISCOVER_EVERY) {
+            last_try = Some(Instant::now());
+            match connect(&cluster) {
+                Ok((c, template)) => {
+                    let view = ModelView {
+                        name: model_name.clone().unwrap_or_else(|| c.model_name().to_string()),
+                        model_id: c.model_id().to_string(),
+                        tokenizer: c.tokenizer().clone(),
+                        ctx_size: c.ctx_size(),
+                        chat_template: chat_template_override.clone().or(template),
+                    };
+                    crate::info!("serving {} over {} shards: {:?}", view.name, c.plan().len(), c.plan());
+                    state.set(Some(Arc::new(view)), Health::Ready);
+                    coordinator = Some(c);
+                }
+                Err(e) => {
+                    crate::warn!("the cluster cannot serve: {e:#}");
+                    state.set(None, Health::Unavailable(format!("{e:#}")));
+                }
+            }
+        }
+        let job = match jobs.recv_timeout(REDISCOVER_EVERY) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        };
+        metrics.queued(-1);
+        if job.cancel.load(Ordering::Relaxed) {
+            metrics.disconnect();
+            continue;
+        }
+        let Some(c) = coordinator.as_mut() else {
+            let why = match state.health() {
+                Health::Unavailable(e) => e,
+                _ => "the cluster is not ready".into(),
+            };
+            let _ = job.events.send(ChainEvent::Failed(why));
+            continue;
+        };
+        if job.events.send(ChainEvent::Started).is_err() {
+            metrics.disconnect();
+            continue;
+        }
+        metrics.session(1);
+        let outcome = serve(c, &job);
+        metrics.session(-1);
+        match outcome {
+            Ok((summary, reason)) => {
+                if summary.finish == Finish::Stopped && reason.is_none() {
+                    metrics.disconnect();
+                    crate::info!("session {}: the client went away after {} tokens", summary.session, summary.tokens.len());
+                    continue;
+                }
+                let decode_tps = (summary.tokens.len() > 1 && summary.decode_ms > 0.0)
+                    .then(|| (summary.tokens.len() - 1) as f64 * 1e3 / summary.decode_ms);
+                metrics.generation(
+                    summary.prompt_tokens.len(),
+                    summary.tokens.len(),
+                    summary.ttft_ms / 1e3,
+                    decode_tps,
+                    &summary.hop_compute_ms,
+                    summary.overhead_per_hop_us,
+                );
+                let reason = reason.unwrap_or(if summary.finish == Finish::Length { "length" } else { "stop" });
+                let _ = job.events.send(ChainEvent::Done(summary, reason));
+            }
+            Err(e) => {
+                // The chain could not be kept (nodes gone past recovery): find the cluster again.
+                crate::warn!("a request failed on the chain: {e:#}");
+                let _ = job.events.send(ChainEvent::Failed(format!("{e:#}")));
+                coordinator = None;
+                last_try = None;
+                state.set(None, Health::Unavailable(format!("{e:#}")));
+            }
+        }
+    }
+}
+
+/// Discovery and placement: a chain ready to serve, and the model's chat template.
+fn connect(cluster: &ClusterConfig) -> anyhow::Result<(Coordinator<'static>, Option<String>)> {
+    let mut c = Coordinator::discover(cluster.clone(), log_event)?;
+    c.place_all()?;
+    Ok((c, None))
+}
+
+fn log_event(ev: Event) {
+    match ev {
+        Event::Nodes(n) => crate::info!("cluster nodes: {n:?}"),
+        Event::Plan(p) => crate::info!("chain: {p:?}"),
+        Event::Loading { .. } => {}
+        Event::Loaded { shard, node, source, ms } => crate::info!("shard {shard} loaded on {node} ({source}, {ms:.0} ms)"),
+        Event::Recovering { shard, from, to, why } => {
+            crate::warn!("shard {shard} moved from {from} to {to} ({why}); replaying the session")
+        }
+    }
+}
+
+/// Runs one job: its summary, and `Some("stop")` when a stop string ended it.
+fn serve(c: &mut Coordinator<'static>, job: &Job) -> anyhow::Result<(Summary, Option<&'static str>)> {
+    let mut stops = StopMatcher::new(job.stop.clone());
+    let mut stopped = false;
+    let summary = c.generate(&job.request, |_, piece| {
+        if job.cancel.load(Ordering::Relaxed) {
+            return false;
+        }
+        let (text, hit) = stops.push(piece);
+        if job.events.send(ChainEvent::Text(text)).is_err() {
+            return false;
+        }
+        stopped = hit;
+        !hit
+    })?;
+    if !stopped && summary.finish != Finish::Stopped {
+        let tail = stops.finish();
+        if !tail.is_empty() {
+            let _ = job.events.send(ChainEvent::Text(tail));
+        }
+    }
+    Ok((summary, stopped.then_some("stop")))
+}

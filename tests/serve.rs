@@ -1,0 +1,513 @@
+//! `shardctl serve` against a three-node cluster on loopback: the official `openai` Python
+//! client (chat, streaming, stop strings, max_tokens, usage, greedy text equal to the whole model
+//! in one process), the chat page in headless Chromium, and bad input of every kind (malformed
+//! JSON, a body over the limit, an unknown model, empty messages, an unknown role, a prompt over
+//! the context, a client gone mid-stream, slow clients holding connections, a full queue).
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use shardnet::gguf::split;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const SMOLLM2: &str = "models_cache/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Three nodes (node 0 holds the three shards, 1 and 2 download theirs) and `shardctl serve`.
+struct Cluster {
+    nodes: Vec<NodeProc>,
+    serve: Child,
+    http: String,
+    _dir: TempDir,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = self.serve.kill();
+        let _ = self.serve.wait();
+    }
+}
+
+fn cluster(tag: &str, node_args: &[&str], serve_args: &[&str]) -> Cluster {
+    require(SMOLLM2);
+    let dir = TempDir::new(tag);
+    let d0 = dir.path().join("node-0");
+    split::split(Path::new(SMOLLM2), 3, &d0, None).unwrap();
+    let mut args = vec!["--enable-torrent", "--threads", "1"];
+    args.extend_from_slice(node_args);
+    let first = NodeProc::start(&d0, &args);
+    let boot = first.addr.clone();
+    let mut nodes = vec![first];
+    for i in 1..3 {
+        let d = dir.path().join(format!("node-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let mut a = args.clone();
+        a.extend_from_slice(&["--bootstrap", &boot]);
+        nodes.push(NodeProc::start(&d, &a));
+    }
+    wait_for(Duration::from_secs(30), || {
+        let r = nodes[0].call("FIND_PEERS", json!({"cluster": true}));
+        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
+        nodes[1..].iter().all(|n| peers.contains(&json!(n.addr))).then_some(())
+    });
+    let log = std::fs::File::create(dir.path().join("serve.log")).unwrap();
+    let mut serve = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["serve", "--bootstrap", &boot, "--listen", "127.0.0.1:0"])
+        .args(serve_args)
+        .stdout(Stdio::piped())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let stdout = serve.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(WAIT).expect("shardctl serve did not say where it listens");
+    let http = line.split("http://").nth(1).expect("an address").trim().to_string();
+    let c = Cluster { nodes, serve, http, _dir: dir };
+    // Ready once the chain is placed and loaded.
+    wait_for(Duration::from_secs(60), || (get(&c.http, "/health").0 == 200).then_some(()));
+    c
+}
+
+/// A whole HTTP/1.1 response: status, lower-cased headers, body (Content-Length or chunked).
+struct Response {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Response {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+fn read_response(s: &mut impl BufRead) -> Response {
+    let mut line = String::new();
+    s.read_line(&mut line).unwrap();
+    let status: u16 = line.split(' ').nth(1).unwrap_or_else(|| panic!("status line {line:?}")).parse().unwrap();
+    let mut headers = Vec::new();
+    loop {
+        line.clear();
+        s.read_line(&mut line).unwrap();
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        let (k, v) = l.split_once(':').unwrap();
+        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut r = Response { status, headers, body: Vec::new() };
+    if let Some(n) = r.header("content-length") {
+        r.body = vec![0; n.parse().unwrap()];
+        s.read_exact(&mut r.body).unwrap();
+    } else if r.header("transfer-encoding") == Some("chunked") {
+        loop {
+            line.clear();
+            s.read_line(&mut line).unwrap();
+            let n = usize::from_str_radix(line.trim(), 16).unwrap();
+            let mut chunk = vec![0; n + 2];
+            s.read_exact(&mut chunk).unwrap();
+            if n == 0 {
+                break;
+            }
+            r.body.extend_from_slice(&chunk[..n]);
+        }
+    } else {
+        s.read_to_end(&mut r.body).unwrap();
+    }
+    r
+}
+
+fn connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+fn request(addr: &str, method: &str, path: &str, body: &[u8]) -> Response {
+    let mut s = connect(addr);
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(&mut BufReader::new(s))
+}
+
+fn get(addr: &str, path: &str) -> (u16, Vec<u8>) {
+    match TcpStream::connect(addr) {
+        Ok(_) => {
+            let r = request(addr, "GET", path, b"");
+            (r.status, r.body)
+        }
+        Err(_) => (0, Vec::new()),
+    }
+}
+
+fn post(addr: &str, path: &str, body: &Value) -> Response {
+    request(addr, "POST", path, body.to_string().as_bytes())
+}
+
+/// An OpenAI error object with this status and param.
+fn assert_error(r: &Response, status: u16, param: Option<&str>) -> Value {
+    let body = r.json();
+    assert_eq!(r.status, status, "{body}");
+    let e = &body["error"];
+    assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(e["type"].is_string() && e.get("param").is_some() && e.get("code").is_some(), "{body}");
+    assert_eq!(e["param"].as_str(), param, "{body}");
+    body
+}
+
+fn shardctl_json(args: &[&str]) -> Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_shardctl")).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+fn sessions_on(nodes: &[NodeProc]) -> Vec<u64> {
+    nodes.iter().map(|n| n.call("STATUS", json!({}))["result"]["inference"]["sessions"].as_u64().unwrap()).collect()
+}
+
+fn metric(addr: &str, name: &str) -> f64 {
+    let (_, body) = get(addr, "/metrics");
+    let text = String::from_utf8(body).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')).map(|v| v.parse().unwrap()))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+const PROMPT: &str = "The capital of France is";
+
+#[test]
+#[ignore = "needs pip:openai, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn the_openai_client_completes_streams_stops_and_counts() {
+    require("pip:openai");
+    let c = cluster("serve-openai", &[], &[]);
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/openai_client.py");
+    let out = Command::new("python3").arg(&script).arg(format!("http://{}/v1", c.http)).arg(PROMPT).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "openai_client.py failed:\n{stderr}");
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}; stderr:\n{stderr}"));
+
+    // The whole model in one process, greedy: the same text and the same token counts.
+    let want = shardctl_json(&["--json", "generate", SMOLLM2, "--prompt", PROMPT, "-n", "24"]);
+    let completion = &r["completion"];
+    assert_eq!(completion["text"], want["text"], "HTTP and one process disagree: {r}");
+    assert_eq!(completion["usage"]["prompt_tokens"], json!(want["prompt_tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(completion["usage"]["completion_tokens"], json!(want["tokens"].as_array().unwrap().len()), "{r}");
+    assert_eq!(completion["finish_reason"], "length", "{r}");
+    // Streamed chunks join to the same text, and the usage chunk counts the same tokens.
+    assert_eq!(r["completion_stream"]["text"], want["text"], "{r}");
+    assert_eq!(r["completion_stream"]["usage"], completion["usage"], "{r}");
+    assert!(r["completion_stream"]["chunks"].as_u64().unwrap() > 3, "{r}");
+
+    // max_tokens ends with finish_reason length and exactly that many tokens.
+    assert_eq!(r["max_tokens"]["finish_reason"], "length", "{r}");
+    assert_eq!(r["max_tokens"]["completion_tokens"], 3, "{r}");
+
+    // A stop string taken from the greedy text: the answer ends just before it, finish_reason stop,
+    // streamed or not.
+    let text = want["text"].as_str().unwrap();
+    let stop = r["stop"]["stop"].as_str().unwrap();
+    let cut = &text[..text.find(stop).unwrap()];
+    assert_eq!(r["stop"]["text"], cut, "{r}");
+    assert_eq!(r["stop"]["finish_reason"], "stop", "{r}");
+    assert_eq!(r["stop_stream"]["text"], cut, "{r}");
+    assert_eq!(r["stop_stream"]["finish_reason"], "stop", "{r}");
+
+    // Chat: an answer, the stream joins to the same text, usage adds up.
+    let chat = &r["chat"];
+    assert!(!chat["text"].as_str().unwrap().is_empty(), "{r}");
+    assert_eq!(r["chat_stream"]["text"], chat["text"], "{r}");
+    assert_eq!(r["chat_stream"]["usage"], chat["usage"], "{r}");
+    let u = &chat["usage"];
+    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(r["models"], json!([r["model"]]), "{r}");
+    // Every request ended its session on every node.
+    assert_eq!(sessions_on(&c.nodes), vec![0, 0, 0]);
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn malformed_json_is_a_400_in_openai_shape() {
+    let c = cluster("serve-json", &[], &[]);
+    for body in [&b"{\"prompt\": \"x\","[..], b"not json", b"[1,2]", b"\xff\xfe"] {
+        let r = request(&c.http, "POST", "/v1/completions", body);
+        assert_error(&r, 400, None);
+    }
+    // The connection after a bad request still serves a good one.
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 2, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", r.json());
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_body_over_the_limit_is_413_before_it_is_read() {
+    let c = cluster("serve-413", &[], &["--max-body", "4096"]);
+    // The head claims 100 MB; the answer comes without the body being sent.
+    let mut s = connect(&c.http);
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{\"prompt\":").unwrap();
+    let r = read_response(&mut BufReader::new(s));
+    assert_error(&r, 413, None);
+    // A body just over the limit, sent whole, is refused too; one under it is served.
+    let big = json!({"prompt": "x".repeat(5000), "max_tokens": 1});
+    assert_error(&post(&c.http, "/v1/completions", &big), 413, None);
+    let small = json!({"prompt": PROMPT, "max_tokens": 1, "temperature": 0});
+    assert_eq!(post(&c.http, "/v1/completions", &small).status, 200);
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn an_unknown_model_is_404_and_n_over_1_is_refused() {
+    let c = cluster("serve-404", &[], &[]);
+    let r = post(&c.http, "/v1/completions", &json!({"model": "gpt-4o", "prompt": PROMPT}));
+    let body = assert_error(&r, 404, Some("model"));
+    assert_eq!(body["error"]["code"], "model_not_found");
+    let r = post(&c.http, "/v1/chat/completions", &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    assert_error(&r, 404, Some("model"));
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "n": 2}));
+    assert_error(&r, 400, Some("n"));
+    // The listed model is accepted.
+    let models = request(&c.http, "GET", "/v1/models", b"").json();
+    let name = models["data"][0]["id"].as_str().unwrap();
+    let r = post(&c.http, "/v1/completions", &json!({"model": name, "prompt": PROMPT, "max_tokens": 1}));
+    assert_eq!(r.status, 200, "{}", r.json());
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn empty_messages_and_unknown_roles_are_400() {
+    let c = cluster("serve-messages", &[], &[]);
+    let chat = |messages: Value| post(&c.http, "/v1/chat/completions", &json!({"messages": messages}));
+    assert_error(&chat(json!([])), 400, Some("messages"));
+    assert_error(&chat(json!(null)), 400, Some("messages"));
+    assert_error(&chat(json!([{"role": "wizard", "content": "hi"}])), 400, Some("messages[0].role"));
+    assert_error(&chat(json!([{"role": "user", "content": "hi"}, {"content": "no role"}])), 400, Some("messages[1].role"));
+    assert_error(&chat(json!([{"role": "user", "content": 5}])), 400, Some("messages[0].content"));
+    assert_error(&post(&c.http, "/v1/completions", &json!({"prompt": ""})), 400, Some("prompt"));
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_prompt_longer_than_the_context_is_400() {
+    let c = cluster("serve-context", &["--ctx-size", "256"], &[]);
+    let long = "one two three four five six seven eight nine ten ".repeat(40);
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": long}));
+    let body = assert_error(&r, 400, Some("prompt"));
+    assert_eq!(body["error"]["code"], "context_length_exceeded");
+    // A prompt that fits with room for only a few tokens ends at the context: length.
+    let fits = "one two three four five six seven eight nine ten ".repeat(20);
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": fits, "max_tokens": 500, "temperature": 0}));
+    let v = r.json();
+    assert_eq!(r.status, 200, "{v}");
+    assert_eq!(v["choices"][0]["finish_reason"], "length", "{v}");
+    assert_eq!(v["usage"]["total_tokens"], 256, "{v}");
+}
+
+/// Starts a streamed completion of up to `n` tokens on a raw socket and reads its head and first
+/// chunk.
+fn start_stream(addr: &str, n: usize) -> BufReader<TcpStream> {
+    let body = json!({"prompt": PROMPT, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
+    let mut s = connect(addr);
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // Up to the first event.
+    while !line.starts_with("data:") {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.is_empty() {
+            panic!("the stream ended before its first event");
+        }
+        if line.starts_with("data:") {
+            break;
+        }
+    }
+    r
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_client_gone_mid_stream_ends_its_session_on_every_node() {
+    let c = cluster("serve-disconnect", &[], &[]);
+    let ctx = 2048;
+    let r = start_stream(&c.http, ctx - 8);
+    // The session exists on every node while the answer streams.
+    wait_for(WAIT, || (sessions_on(&c.nodes) == vec![1, 1, 1]).then_some(()));
+    drop(r);
+    // Then it is gone from every node, well before the 2,040 tokens asked for, and the server
+    // counts the disconnect.
+    wait_for(Duration::from_secs(30), || (sessions_on(&c.nodes) == vec![0, 0, 0]).then_some(()));
+    wait_for(WAIT, || (metric(&c.http, "shardnet_client_disconnects_total") == 1.0).then_some(()));
+    assert_eq!(metric(&c.http, "shardnet_active_sessions"), 0.0);
+    // The chain serves the next request.
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 2}));
+    assert_eq!(r.status, 200);
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn slow_clients_holding_connections_do_not_stop_another_client() {
+    let c = cluster("serve-slowloris", &[], &["--max-connections", "50"]);
+    // 100 clients each send part of a request head and then nothing.
+    let mut slow = Vec::new();
+    for _ in 0..100 {
+        let mut s = TcpStream::connect(&c.http).unwrap();
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le").unwrap();
+        slow.push(s);
+    }
+    // Another client is served: the listener closes the longest idle connection for it.
+    let t = Instant::now();
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 4, "temperature": 0}));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(get(&c.http, "/health").0, 200);
+    // The oldest slow clients were closed to make room.
+    let mut closed = 0;
+    for s in &mut slow {
+        s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let mut b = [0u8; 1];
+        closed += match s.read(&mut b) {
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => 0,
+            _ => 1,
+        };
+    }
+    assert!(closed >= 50, "only {closed} slow clients were shed (in {:?})", t.elapsed());
+}
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_full_queue_is_503_with_retry_after_and_health_still_answers() {
+    let c = cluster("serve-queue", &[], &["--queue", "1"]);
+    // One long generation runs, a second waits in the queue; a third finds the queue full.
+    let running = start_stream(&c.http, 2000);
+    let waiting = {
+        let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
+        let mut s = connect(&c.http);
+        let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        s.write_all(head.as_bytes()).unwrap();
+        s
+    };
+    wait_for(WAIT, || (metric(&c.http, "shardnet_queued_requests") == 1.0).then_some(()));
+    let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 1}));
+    assert_error(&r, 503, None);
+    assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok()), "{:?}", r.headers);
+    // /health, /metrics and /v1/models answer while the chain is busy.
+    assert_eq!(get(&c.http, "/health").0, 200);
+    assert_eq!(get(&c.http, "/v1/models").0, 200);
+    assert!(metric(&c.http, "shardnet_active_sessions") == 1.0);
+    // When the running client goes away, the waiting one is served.
+    drop(running);
+    let r = read_response(&mut BufReader::new(waiting));
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+}
+
+/// A WebDriver command to chromedriver: the response's `value`.
+fn webdriver(driver: &str, method: &str, path: &str, body: Value) -> Value {
+    let body = if method == "GET" { String::new() } else { body.to_string() };
+    let r = request(driver, method, path, body.as_bytes());
+    let v = r.json();
+    assert!(r.status == 200, "WebDriver {method} {path}: {} {v}", r.status);
+    v["value"].clone()
+}
+
+/// chromedriver on a free loopback port, killed when dropped.
+struct Driver {
+    child: Child,
+    addr: String,
+    session: Option<String>,
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Some(s) = &self.session {
+            let _ = request(&self.addr, "DELETE", &format!("/session/{s}"), b"");
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+#[ignore = "needs chromium, chromedriver, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn the_chat_page_streams_an_answer_in_headless_chromium() {
+    require("chromium, chromedriver");
+    let c = cluster("serve-browser", &[], &[]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new("chromedriver")
+        .args([format!("--port={port}"), "--allowed-ips=127.0.0.1".into()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut d = Driver { child, addr: format!("127.0.0.1:{port}"), session: None };
+    wait_for(WAIT, || (get(&d.addr, "/status").0 == 200).then_some(()));
+    let profile = TempDir::new("chromium-profile");
+    let caps = json!({"capabilities": {"alwaysMatch": {
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                     "--no-first-run", format!("--user-data-dir={}", profile.path().display())],
+        },
+    }}});
+    let session = webdriver(&d.addr, "POST", "/session", caps)["sessionId"].as_str().unwrap().to_string();
+    d.session = Some(session.clone());
+    let s = format!("/session/{session}");
+    webdriver(&d.addr, "POST", &format!("{s}/url"), json!({"url": format!("http://{}/", c.http)}));
+    let find = |css: &str| -> Option<String> {
+        let r = request(&d.addr, "POST", &format!("{s}/elements"), json!({"using": "css selector", "value": css}).to_string().as_bytes());
+        let v = r.json()["value"].clone();
+        v.as_array()?.first()?.as_object()?.values().next()?.as_str().map(str::to_string)
+    };
+    let text = |el: &str| webdriver(&d.addr, "GET", &format!("{s}/element/{el}/text"), json!({})).as_str().unwrap().to_string();
+    // The page found the model.
+    let model = find("#model").unwrap();
+    wait_for(WAIT, || (!text(&model).starts_with("connecting") && !text(&model).starts_with("not ready")).then_some(()));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#temperature").unwrap()), json!({}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#temperature").unwrap()), json!({"text": "0"}));
+    let input = find("#input").unwrap();
+    webdriver(&d.addr, "POST", &format!("{s}/element/{input}/value"), json!({"text": "What is the capital of France?"}));
+    webdriver(&d.addr, "POST", &format!("{s}/element/{}/click", find("#send").unwrap()), json!({}));
+    // The answer streams into the page: seen partly written before it is done.
+    let mut partial = false;
+    wait_for(Duration::from_secs(60), || {
+        if find(".msg[data-done]").is_some() {
+            return Some(());
+        }
+        partial |= find(".msg.assistant").is_some_and(|el| !text(&el).is_empty());
+        None
+    });
+    if let Some(e) = find(".msg.error") {
+        panic!("the page shows an error: {}", text(&e));
+    }
+    let answer = text(&find(".msg.assistant").unwrap());
+    let stats = text(&find("#stats").unwrap());
+    // The same conversation through the API, greedy: the page shows the same text.
+    let api = post(&c.http, "/v1/chat/completions", &json!({
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+        "temperature": 0, "max_tokens": 256,
+    }))
+    .json();
+    assert_eq!(answer, api["choices"][0]["message"]["content"].as_str().unwrap(), "{api}");
+    assert!(!answer.is_empty());
+    assert!(stats.contains("tokens/s"), "{stats}");
+    assert!(partial, "the answer appeared only whole, not streamed");
+}

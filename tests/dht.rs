@@ -250,11 +250,21 @@ fn libtorrents_dht_still_answers_a_node_after_a_minute_and_each_finds_the_others
     while start.elapsed() < Duration::from_secs(62) {
         last = n.call("FIND_PEERS", json!({"key": lt_key}));
         let r = &last["result"];
-        history.push(format!("{:.0}s: {} asked, {} answered", start.elapsed().as_secs_f64(), r["messages"], r["nodes_responded"]));
+        history.push(format!(
+            "{:.0}s: {} asked, {} answered",
+            start.elapsed().as_secs_f64(),
+            r["messages"],
+            r["nodes_responded"]
+        ));
         std::thread::sleep(Duration::from_secs(2));
     }
     // libtorrent answered the lookup made after a minute, and its key was found.
-    assert_eq!(last["result"]["nodes_responded"], 1, "libtorrent no longer answers the node: {last}; {history:?}\n{}", n.stderr());
+    assert_eq!(
+        last["result"]["nodes_responded"],
+        1,
+        "libtorrent no longer answers the node: {last}; {history:?}\n{}",
+        n.stderr()
+    );
     let peers: Vec<&str> = last["result"]["peers"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
     assert!(peers.contains(&lt_addr.as_str()), "the node's lookup got {peers:?}, not libtorrent's {lt_addr}");
     let mut rest = String::new();

@@ -274,14 +274,22 @@ impl Dht {
     }
 
     /// Sends a query now (the caller checked the budget).
-    fn transmit(&mut self, to: SocketAddrV4, node: Option<Id>, query: Query, lookup: Option<u64>, now: Instant) -> bool {
+    fn transmit(
+        &mut self,
+        to: SocketAddrV4,
+        node: Option<Id>,
+        query: Query,
+        lookup: Option<u64>,
+        now: Instant,
+    ) -> bool {
         if self.pending.len() >= MAX_PENDING {
             return false;
         }
         self.budget.spend(SocketAddr::V4(to), now);
         self.next_tid = self.next_tid.wrapping_add(1);
         let tid = self.next_tid.to_be_bytes().to_vec();
-        let msg = Message { tid: tid.clone(), body: Body::Query { id: self.id, query }, ro: self.config.read_only, ip: None };
+        let msg =
+            Message { tid: tid.clone(), body: Body::Query { id: self.id, query }, ro: self.config.read_only, ip: None };
         self.outbox.push((to, msg.encode()));
         self.stats.sent += 1;
         self.pending.insert(tid, Pending { to, node, sent: now, lookup });
@@ -720,7 +728,8 @@ mod tests {
     #[test]
     fn bad_packets_get_errors_or_are_dropped() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5, ..DhtConfig::default() }, vec![], now);
+        let mut d =
+            Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5, ..DhtConfig::default() }, vec![], now);
         d.handle_packet(addr(9), b"not bencode", now);
         assert!(d.outbox.is_empty(), "no tid: dropped");
         d.handle_packet(addr(9), b"d1:ad2:id20:abcdefghij0123456789e1:q4:frob1:t2:aa1:y1:qe", now);
@@ -867,7 +876,12 @@ mod tests {
     fn read_only_nodes_are_answered_but_never_routed_and_ask_with_ro() {
         let now = Instant::now();
         let cfg = DhtConfig { read_only: true, ..DhtConfig::default() };
-        let mut net = Net::new(&["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"], vec![id(1), id(2), id(3)], DhtConfig::default(), now);
+        let mut net = Net::new(
+            &["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"],
+            vec![id(1), id(2), id(3)],
+            DhtConfig::default(),
+            now,
+        );
         net.nodes[1] = Dht::new(id(2), cfg, vec![net.addrs[0]], now);
         net.nodes[1].join(now);
         net.deliver(now);
@@ -943,7 +957,8 @@ mod tests {
     #[test]
     fn unanswered_queries_time_out_and_lookups_end() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100, ..DhtConfig::default() }, vec![], now);
+        let mut d =
+            Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100, ..DhtConfig::default() }, vec![], now);
         d.table.insert(NodeInfo { id: id(2), addr: addr(2) }, true, now);
         let l = d.start_lookup(id(3), LookupKind::FindNode, now);
         assert_eq!(d.outbox.len(), 1);

@@ -287,8 +287,12 @@ impl Node {
         if let Some(c) = self.conn(token) {
             c.in_flight += 1;
         }
-        let started =
-            self.start_lookup(key, LookupKind::GetPeers, Purpose::FindPeers { token, conn_id, request_id, key }, secure);
+        let started = self.start_lookup(
+            key,
+            LookupKind::GetPeers,
+            Purpose::FindPeers { token, conn_id, request_id, key },
+            secure,
+        );
         if !started && let Some(c) = self.conn(token) {
             c.in_flight -= 1;
         }
@@ -388,7 +392,12 @@ impl Node {
     pub(super) fn dht_requery(&mut self, h: InfoHash) {
         let (Some(s), true) = (self.swarms.get(&h), self.downloads.contains_key(&h)) else { return };
         let name = s.name.clone();
-        self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id: None, name }, false);
+        self.start_lookup(
+            Id(h.0),
+            LookupKind::GetPeers,
+            Purpose::PeersFor { info_hash: h, shard_id: None, name },
+            false,
+        );
     }
 
     pub(super) fn dht_status(&self) -> Value {

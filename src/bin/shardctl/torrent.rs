@@ -105,6 +105,11 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         }
     }
     let out = out.ok_or_else(|| usage("fetch: missing --out DIR".into()))?;
+    // A magnet link's x.pe hints count as peers.
+    let missing_peers = || usage("fetch: missing --peer IP:PORT (at least one)".into());
+    if peers.is_empty() && !target.starts_with("magnet:") {
+        return Err(missing_peers());
+    }
     let (info_hash, torrent_hex) = if target.starts_with("magnet:") {
         let m = Magnet::parse(target).map_err(|e| usage(format!("fetch: {e}")))?;
         peers.extend(m.peers); // x.pe hints
@@ -115,7 +120,7 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         (m.info_hash, Some(shardnet::hash::to_hex(&bytes)))
     };
     if peers.is_empty() {
-        return Err(usage("fetch: missing --peer IP:PORT (at least one, or a magnet link with x.pe)".into()));
+        return Err(missing_peers());
     }
     let config = NodeConfig {
         listen: listen.parse().map_err(|_| usage(format!("fetch: --listen {listen:?} is not IP:PORT")))?,

@@ -144,9 +144,16 @@ fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
     let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
     let now = Instant::now();
     let mut seed = Swarm::seed(m.clone(), &src, *b"-SN0001-seedseedseed", now).unwrap();
-    let mut leech =
-        Swarm::download(m.info_hash, Some(m.clone()), "f.gguf", &dir.join("leech"), *b"-SN0001-leechleechle", now, true)
-            .unwrap();
+    let mut leech = Swarm::download(
+        m.info_hash,
+        Some(m.clone()),
+        "f.gguf",
+        &dir.join("leech"),
+        *b"-SN0001-leechleechle",
+        now,
+        true,
+    )
+    .unwrap();
     let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
     leech.add_peer(1, addr, true, now).unwrap();
     seed.add_peer(2, addr, false, now).unwrap();

@@ -181,6 +181,7 @@ fn main() {
                 weight_type: ty,
                 seed: 250,
                 tied: false,
+                ..Default::default()
             };
             write(&cfg, &path).unwrap();
         }

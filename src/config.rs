@@ -16,6 +16,9 @@ use crate::protocol::{MAX_SHARD_ID, frame};
 pub const DEFAULT_PORT: u16 = 51820;
 pub const DEFAULT_SHARDS_DIR: &str = "models_cache/shards";
 pub const DEFAULT_CLUSTER: &str = "shardnet";
+/// What a connection's input buffer may hold beyond one frame: its 4-byte header and one read
+/// (64 KiB) past it.
+pub const FRAME_MEMORY_SLACK: u64 = 4 + 64 * 1024;
 
 /// A peer address as given by a user: resolved when used.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -87,10 +90,30 @@ pub struct NodeConfig {
     pub max_frame: u32,
     pub log_level: Level,
     pub hash_workers: usize,
+    /// TCP connections of every kind together (`--max-connections`). A newcomer at the cap
+    /// sheds the oldest idle connection (unclassified, or a command connection with nothing
+    /// in flight); with none idle it is refused.
     pub max_connections: usize,
-    /// A connection that makes no progress on a partial frame or on its
-    /// pending output for this long is closed.
+    /// Connections that have not sent their first byte yet; the oldest is shed beyond it.
+    pub max_unclassified: usize,
+    /// Command connections in all and from one IP (an IPv4 address or an IPv6 /64): at either
+    /// cap the oldest idle command connection (of that IP) is shed, else the newcomer refused.
+    pub max_command_connections: usize,
+    pub max_command_connections_per_ip: usize,
+    /// Peer-wire connections in all (dialled ones included) and accepted from one IP; a
+    /// newcomer over either is refused.
+    pub max_peer_connections: usize,
+    pub max_peer_connections_per_ip: usize,
+    /// A command (or unclassified) connection with nothing in flight, buffered or unsent for
+    /// this long is closed; `None`: never.
+    pub idle_timeout: Option<Duration>,
+    /// A frame (or peer-wire message) must arrive whole within this after its first byte.
+    pub frame_timeout: Duration,
+    /// A connection whose unsent output makes no progress for this long is closed.
     pub io_timeout: Duration,
+    /// Bytes all connections' partially received frames may hold together; over it the
+    /// connection holding the largest is answered `FRAME_MEMORY_EXCEEDED` and closed.
+    pub frame_memory: u64,
     /// Bytes per second sent to peers, all torrents together; 0: no limit.
     pub upload_limit: u64,
     /// Bytes per second read from peers, all torrents together; 0: no limit.
@@ -158,7 +181,15 @@ impl Default for NodeConfig {
             log_level: Level::Info,
             hash_workers: std::thread::available_parallelism().map_or(2, |n| n.get()).min(8),
             max_connections: 1024,
+            max_unclassified: 256,
+            max_command_connections: 512,
+            max_command_connections_per_ip: 64,
+            max_peer_connections: 256,
+            max_peer_connections_per_ip: 32,
+            idle_timeout: Some(Duration::from_secs(300)),
+            frame_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(30),
+            frame_memory: 256 << 20,
             upload_limit: 0,
             download_limit: 0,
             direct_io: true,
@@ -186,6 +217,28 @@ impl Default for NodeConfig {
     }
 }
 
+impl NodeConfig {
+    /// The connection and frame limits, as `STATUS` lists them (`limits`); seconds and bytes.
+    pub fn limits_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "max_connections": self.max_connections,
+            "max_unclassified": self.max_unclassified,
+            "max_command_connections": self.max_command_connections,
+            "max_command_connections_per_ip": self.max_command_connections_per_ip,
+            "max_peer_connections": self.max_peer_connections,
+            "max_peer_connections_per_ip": self.max_peer_connections_per_ip,
+            "idle_timeout_s": self.idle_timeout.map_or(0, |d| d.as_secs()),
+            "frame_timeout_s": self.frame_timeout.as_secs(),
+            "io_timeout_s": self.io_timeout.as_secs(),
+            "frame_memory": self.frame_memory,
+            "max_frame": self.max_frame,
+            "max_sessions": self.max_sessions,
+            "max_sessions_per_client": self.max_sessions_per_client,
+            "auth_timeout_s": self.auth_timeout.as_secs(),
+        })
+    }
+}
+
 pub const NODE_USAGE: &str = "\
 shard_listener: a shardnet node (command protocol, BitTorrent seeding, shard cache)
 
@@ -204,9 +257,6 @@ FLAGS:
   --enable-torrent       seed shards and download missing ones over BitTorrent
   --max-frame BYTES      largest command frame accepted [default: 33554432]
   --hash-workers N       threads hashing pieces [default: cores, at most 8]
-  --max-connections N    open TCP connections at most [default: 1024]
-  --io-timeout SECS      close a connection stalled mid-frame or not reading its
-                         responses for this long [default: 30]
   --upload-limit BYTES   bytes/s sent to peers, all torrents [default: 0, no limit]
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --cached-writes        write downloaded pieces through the page cache (default:
@@ -255,6 +305,28 @@ FLAGS:
                          from the mapped file as it is)
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
+
+CONNECTION LIMITS (a newcomer at a cap sheds the oldest idle connection, where
+one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
+  --max-connections N    TCP connections of every kind [default: 1024]
+  --max-unclassified N   connections that sent no byte yet; the oldest is shed
+                         [default: 256]
+  --max-command-connections N         command connections [default: 512]
+  --max-command-connections-per-ip N  command connections per IP [default: 64]
+  --max-peer-connections N            peer-wire connections, dialled ones
+                                      included; no shedding [default: 256]
+  --max-peer-connections-per-ip N     peer-wire connections accepted per IP
+                                      [default: 32]
+  --idle-timeout SECS    close a command connection with nothing in flight for
+                         this long; 0: never [default: 300]
+  --frame-timeout SECS   close a connection whose frame (or peer-wire message)
+                         is not whole this long after its first byte
+                         [default: 30]
+  --io-timeout SECS      close a connection that takes none of its pending
+                         output for this long [default: 30]
+  --frame-memory BYTES   memory for partially received frames, all connections
+                         together; over it the largest is closed
+                         [default: 268435456]
 ";
 
 /// What the command line asks for.
@@ -320,7 +392,21 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--max-frame" => c.max_frame = number(flag, value()?, 1024, frame::MAX_FRAME_LIMIT as u64 - 1)? as u32,
             "--hash-workers" => c.hash_workers = number(flag, value()?, 1, 64)? as usize,
             "--max-connections" => c.max_connections = number(flag, value()?, 1, 1_000_000)? as usize,
+            "--max-unclassified" => c.max_unclassified = number(flag, value()?, 1, 1_000_000)? as usize,
+            "--max-command-connections" => c.max_command_connections = number(flag, value()?, 1, 1_000_000)? as usize,
+            "--max-command-connections-per-ip" => {
+                c.max_command_connections_per_ip = number(flag, value()?, 1, 1_000_000)? as usize
+            }
+            "--max-peer-connections" => c.max_peer_connections = number(flag, value()?, 1, 1_000_000)? as usize,
+            "--max-peer-connections-per-ip" => {
+                c.max_peer_connections_per_ip = number(flag, value()?, 1, 1_000_000)? as usize
+            }
+            "--idle-timeout" => {
+                c.idle_timeout = Some(number(flag, value()?, 0, 86_400)?).filter(|&s| s > 0).map(Duration::from_secs)
+            }
+            "--frame-timeout" => c.frame_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
+            "--frame-memory" => c.frame_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--repack" => {
@@ -385,6 +471,13 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     }
     if let Some(p) = port {
         c.listen.set_port(p);
+    }
+    let one_frame = c.max_frame as u64 + FRAME_MEMORY_SLACK;
+    if c.frame_memory < one_frame {
+        return Err(format!(
+            "--frame-memory {} must hold one frame of --max-frame {} and one read: at least {one_frame}",
+            c.frame_memory, c.max_frame
+        ));
     }
     if !per_client_given {
         c.max_sessions_per_client = c.max_sessions_per_client.min(c.max_sessions.div_ceil(2));
@@ -501,11 +594,27 @@ mod tests {
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),
             (&["--redial-give-up", "-1"], "--redial-give-up"),
+            (&["--frame-memory", "1048576"], "--frame-memory"),
+            (&["--max-command-connections-per-ip", "0"], "--max-command-connections-per-ip"),
+            (&["--frame-timeout", "0"], "--frame-timeout"),
         ] {
             let e = run(args).unwrap_err();
             assert!(e.contains(needle), "{args:?}: {e}");
             assert!(!e.contains('\n'));
         }
+    }
+
+    #[test]
+    fn connection_limits_parse_and_idle_timeout_zero_is_never() {
+        let c =
+            run(&["--max-peer-connections-per-ip", "3", "--idle-timeout", "0", "--frame-memory", "100000000"]).unwrap();
+        assert_eq!((c.max_peer_connections_per_ip, c.idle_timeout, c.frame_memory), (3, None, 100_000_000));
+        let d = run(&[]).unwrap();
+        assert_eq!(d.idle_timeout, Some(Duration::from_secs(300)));
+        assert!(d.frame_memory >= d.max_frame as u64 + FRAME_MEMORY_SLACK, "the defaults are consistent");
+        let small = run(&["--max-frame", "1024", "--frame-memory", "1048576"]).unwrap();
+        assert_eq!(small.frame_memory, 1 << 20);
+        assert_eq!(d.limits_json()["frame_timeout_s"], 30);
     }
 
     #[test]

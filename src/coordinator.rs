@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
+use crate::chat::{ChatError, ChatTemplate};
 use crate::client::{Client, into_result};
 use crate::engine::generate::TextStream;
 use crate::engine::sampler::{Sampler, SamplerConfig};
@@ -173,6 +174,8 @@ pub struct Coordinator<'e> {
     model_id: String,
     model_name: Option<String>,
     tokenizer: Tokenizer,
+    /// `MODEL_INFO`'s `tokenizer` object: the tokenizer's keys and the chat template.
+    tokenizer_meta: serde_json::Map<String, Value>,
     events: Box<dyn FnMut(Event) + 'e>,
 }
 
@@ -273,10 +276,9 @@ impl<'e> Coordinator<'e> {
             }
         }
         let info = info.ok_or_else(|| anyhow!("no node of cluster {:?} has a shard of the model", cfg.cluster))?;
-        let tokenizer = info["tokenizer"]
-            .as_object()
-            .ok_or_else(|| anyhow!("MODEL_INFO carries no tokenizer"))
-            .and_then(|t| Tokenizer::from_source(t).map_err(|e| anyhow!("the model's tokenizer: {e}")))?;
+        let tokenizer_meta =
+            info["tokenizer"].as_object().cloned().ok_or_else(|| anyhow!("MODEL_INFO carries no tokenizer"))?;
+        let tokenizer = Tokenizer::from_source(&tokenizer_meta).map_err(|e| anyhow!("the model's tokenizer: {e}"))?;
         let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
         let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
         let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
@@ -311,6 +313,7 @@ impl<'e> Coordinator<'e> {
             model_id,
             model_name,
             tokenizer,
+            tokenizer_meta,
             events: Box::new(events),
         };
         let addrs: Vec<SocketAddr> = me.nodes.iter().map(|n| n.addr).collect();
@@ -345,6 +348,12 @@ impl<'e> Coordinator<'e> {
     /// Places and loads every shard unless a plan is already in place.
     pub fn place_all(&mut self) -> Result<()> {
         if self.plan.is_empty() { self.place(None) } else { Ok(()) }
+    }
+
+    /// The model's chat template (its `tokenizer.chat_template`, from `MODEL_INFO`), with its
+    /// BOS and EOS texts. `ChatError::NoTemplate` when the model has none.
+    pub fn chat_template(&self) -> Result<ChatTemplate, ChatError> {
+        ChatTemplate::from_gguf(&self.tokenizer_meta, &self.tokenizer)
     }
 
     /// One node per shard, spreading shards over the nodes (the one given the fewest so far);

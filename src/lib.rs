@@ -9,6 +9,7 @@
 //! - [`torrent`]   BitTorrent v1 metainfo, info hashes and magnet links
 //! - [`gguf`]      GGUF v3 reader over a memory map, ggml type table
 //! - [`engine`]    vendored ggml running LLaMA layer ranges; tokenizers, sampler
+//! - [`chat`]      chat prompts from the model's Jinja chat template (minijinja)
 //! - [`protocol`]  command protocol: frame codec, requests, responses, error codes
 //! - [`node`]      the node: event loop, connections, shard catalog, workers
 //! - [`workers`]   the worker thread pool (hash workers)
@@ -17,6 +18,7 @@
 //! - [`serve`]     `shardctl serve`: the OpenAI-compatible HTTP/1.1 endpoint and chat page
 
 pub mod bencode;
+pub mod chat;
 pub mod client;
 pub mod config;
 pub mod coordinator;

@@ -27,6 +27,14 @@ fn shard_listener_help_lists_every_flag() {
         "--log-level",
         "--io-timeout",
         "--max-connections",
+        "--max-unclassified",
+        "--max-command-connections",
+        "--max-command-connections-per-ip",
+        "--max-peer-connections",
+        "--max-peer-connections-per-ip",
+        "--idle-timeout",
+        "--frame-timeout",
+        "--frame-memory",
         "--hash-workers",
     ] {
         assert!(out.contains(flag), "{flag} missing from --help");
@@ -46,6 +54,8 @@ fn shard_listener_bad_flags_exit_2_with_one_line() {
         (&["--max-frame", "12"], "--max-frame"),
         (&["--log-level"], "--log-level"),
         (&["--io-timeout", "0"], "--io-timeout"),
+        (&["--frame-memory", "1048576"], "--frame-memory"),
+        (&["--max-peer-connections-per-ip", "0"], "--max-peer-connections-per-ip"),
     ] {
         let (code, out, err) = run(env!("CARGO_BIN_EXE_shard_listener"), args);
         assert_eq!(code, Some(2), "{args:?}: {err}");
@@ -112,7 +122,31 @@ fn shardctl_usage_errors_exit_2_naming_the_argument() {
         (&["generate", "m.gguf", "--prompt", "a", "--batch", "0"], "generate: --batch must be at least 1"),
         (&["generate", "m.gguf", "--prompt", "a", "--temp", "-1"], "generate: --temp must be >= 0, got -1"),
         (&["generate", "m.gguf", "--prompt", "a", "--top-p", "0"], "generate: --top-p must be in (0, 1], got 0"),
+        (
+            &["generate", "m.gguf", "--prompt", "a", "--repeat-penalty", "0"],
+            "generate: --repeat-penalty must be > 0 (1 is off), got 0",
+        ),
+        (&["generate", "m.gguf", "--prompt", "a", "--system", "s"], "generate: --system needs --chat"),
+        (&["generate", "m.gguf", "--prompt", "a", "--chat-template", "t"], "generate: --chat-template needs --chat"),
+        (
+            &["generate", "m.gguf", "--chat", "--prompt-ids", "1"],
+            "generate: --chat and --prompt-ids exclude each other",
+        ),
+        (
+            &["generate", "m.gguf", "--chat", "--prompt", "a", "--no-special"],
+            "generate: --chat and --no-special exclude each other",
+        ),
         (&["infer"], "infer: missing --prompt TEXT"),
+        (&["infer", "--prompt", "a", "--presence-penalty", "3"], "infer: --presence-penalty must be in [-2, 2], got 3"),
+        (&["infer", "--prompt", "a", "--frequency-penalty", "x"], "infer: --frequency-penalty \"x\" is not a number"),
+        (&["chat", "--repeat-last-n", "-2"], "chat: --repeat-last-n must be >= -1 (-1: the whole context), got -2"),
+        (
+            &["chat", "--model", "m.gguf", "--bootstrap", "127.0.0.1:1"],
+            "chat: --model and --bootstrap exclude each other",
+        ),
+        (&["chat", "--ctx", "64"], "chat: --ctx needs --model (nodes set their own)"),
+        (&["chat", "--bogus"], "chat: unknown flag --bogus (see --help)"),
+        (&["chat", "--batch", "0"], "chat: --batch must be at least 1"),
         (
             &["infer", "--prompt", "a", "--bootstrap", "zz"],
             "infer: --bootstrap: \"zz\" is not HOST:PORT or a multiaddr",
@@ -186,6 +220,12 @@ fn shardctl_help_gives_every_default() {
         "--layers N",
         "--type",
         "--listen",
+        "--repeat-penalty",
+        "--repeat-last-n",
+        "--presence-penalty",
+        "--frequency-penalty",
+        "--system TEXT",
+        "--chat-template FILE",
     ] {
         // Where the flag is described (after a space, not inside `[...]`), its default follows,
         // before the next flag on that line, or on the next (wrapped) line.

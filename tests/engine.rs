@@ -415,7 +415,7 @@ fn shardctl_generate_runs_a_model_and_refuses_bad_flags() {
     for (args, needle) in [
         (vec!["generate", m], "--prompt"),
         (vec!["generate", m, "--prompt", "x", "--top-p", "0"], "top-p"),
-        (vec!["generate", m, "--prompt", "x", "--temp", "-1"], "temperature"),
+        (vec!["generate", m, "--prompt", "x", "--temp", "-1"], "--temp"),
         (vec!["generate", m, "--prompt-ids", "1,abc"], "abc"),
         (vec!["generate", m, "--prompt-ids", "1,999999"], "outside the vocabulary"),
         (vec!["generate", m, "--prompt", "x", "--bogus"], "--bogus"),

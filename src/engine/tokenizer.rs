@@ -142,6 +142,23 @@ impl TokenizerSource for serde_json::Map<String, serde_json::Value> {
     }
 }
 
+/// Token texts that end generation in any model that has them (llama.cpp's `llama-vocab.cpp`,
+/// `special_eog_ids`).
+pub const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+];
+
 /// The GGUF keys a tokenizer is built from (what `MODEL_INFO` sends).
 pub const KEYS: &[&str] = &[
     "tokenizer.ggml.model",
@@ -156,6 +173,8 @@ pub const KEYS: &[&str] = &[
     "tokenizer.ggml.eom_token_id",
     "tokenizer.ggml.add_bos_token",
     "tokenizer.ggml.add_space_prefix",
+    // Not the tokenizer's, but what a coordinator needs with it to build chat prompts.
+    "tokenizer.chat_template",
 ];
 
 impl Tokenizer {
@@ -172,7 +191,7 @@ impl Tokenizer {
         };
         let tokens = g.strings("tokenizer.ggml.tokens").ok_or("tokenizer.ggml.tokens is missing or not strings")?;
         let n = tokens.len();
-        let types =
+        let mut types =
             g.i32s("tokenizer.ggml.token_type").filter(|t| t.len() == n).unwrap_or_else(|| vec![TYPE_NORMAL; n]);
         let scores = g.f32s("tokenizer.ggml.scores").filter(|s| s.len() == n).unwrap_or_else(|| vec![0.0; n]);
         let mut ids = HashMap::with_capacity(n);
@@ -194,6 +213,19 @@ impl Tokenizer {
             _ => Pre::Default,
         };
         let id = |key: &str| g.u64(key).and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < n);
+        // End of generation: the eot/eom ids the metadata names, and, as llama.cpp does whatever
+        // the metadata says, every token whose text is an end-of-turn marker (SmolLM2's
+        // `<|im_end|>`, Llama 3's `<|eot_id|>`, ...), made a control token (never printed).
+        let mut eog: Vec<u32> =
+            ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| id(k)).collect();
+        for (i, t) in tokens.iter().enumerate() {
+            if EOG_TEXTS.contains(&t.as_str()) {
+                types[i] = TYPE_CONTROL;
+                if !eog.contains(&(i as u32)) {
+                    eog.push(i as u32);
+                }
+            }
+        }
         let mut specials: Vec<(String, u32, bool)> = types
             .iter()
             .enumerate()
@@ -208,7 +240,6 @@ impl Tokenizer {
                 Style::Bpe => ids.get(&byte_to_char()[b].to_string()).copied(),
             };
         }
-        let eog = ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"].iter().filter_map(|k| id(k)).collect();
         let flag = |key: &str, default: bool| g.bool(key).unwrap_or(default);
         Ok(Tokenizer {
             style,
@@ -238,6 +269,12 @@ impl Tokenizer {
     /// Whether generation should stop at `id` (end of sequence or turn).
     pub fn is_eog(&self, id: u32) -> bool {
         Some(id) == self.eos || self.eog.contains(&id)
+    }
+
+    /// The model's BOS token, when it has one and its metadata asks for it at the start of a
+    /// prompt (`tokenizer.ggml.add_bos_token`).
+    pub fn adds_bos(&self) -> bool {
+        self.add_bos && self.bos.is_some()
     }
 
     /// Token ids of `text`. `add_bos` puts the model's BOS first when its metadata asks for one;
@@ -669,6 +706,28 @@ mod tests {
         assert_eq!(split("end   "), ["end", "   "]);
         assert_eq!(split("x\n\ny"), ["x", "\n", "\n", "y"]);
         assert_eq!(split("héllo wörld 日本"), ["héllo", " wörld", " 日本"]);
+    }
+
+    /// llama.cpp's rule: end-of-turn markers end generation even when the metadata names only
+    /// EOS, and are never printed even when typed as normal tokens.
+    #[test]
+    fn end_of_turn_tokens_are_found_by_their_text() {
+        let meta = serde_json::json!({
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "<|eot_id|>", "<|im_end|>", "▁a", "<|im_start|>"],
+            "tokenizer.ggml.token_type": [2, 3, 3, 1, 3, 1, 3],
+            "tokenizer.ggml.bos_token_id": 1,
+            "tokenizer.ggml.eos_token_id": 2,
+        });
+        let t = Tokenizer::from_source(meta.as_object().unwrap()).unwrap();
+        assert!(t.is_eog(2) && t.is_eog(3) && t.is_eog(4));
+        assert!(!t.is_eog(5) && !t.is_eog(6) && !t.is_eog(1));
+        assert!(t.token_bytes(3).is_empty(), "a normal-typed <|eot_id|> becomes a control token");
+        assert_eq!(t.token_bytes(5), b" a");
+        // The eot key counts too.
+        let mut meta = meta;
+        meta["tokenizer.ggml.eot_token_id"] = serde_json::json!(5);
+        assert!(Tokenizer::from_source(meta.as_object().unwrap()).unwrap().is_eog(5));
     }
 
     #[test]

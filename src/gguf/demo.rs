@@ -30,6 +30,10 @@ pub struct DemoConfig {
     pub seed: u64,
     /// Output matrix shared with the token embedding (no `output.weight`).
     pub tied: bool,
+    /// Written as `tokenizer.chat_template` (tests of chat templates).
+    pub chat_template: Option<String>,
+    /// Control tokens placed after `</s>` (ids 3, 4, ...), such as `<|im_start|>`.
+    pub control_tokens: Vec<String>,
 }
 
 impl Default for DemoConfig {
@@ -45,6 +49,8 @@ impl Default for DemoConfig {
             weight_type: GgmlType::F32,
             seed: 42,
             tied: false,
+            chat_template: None,
+            control_tokens: Vec::new(),
         }
     }
 }
@@ -59,6 +65,11 @@ impl DemoConfig {
             "--heads must be a multiple of --kv-heads"
         );
         ensure!(self.vocab >= 259 + 16, "--vocab must be at least 275 (3 control + 256 byte tokens + pieces)");
+        ensure!(
+            self.vocab as usize >= 259 + 16 + self.control_tokens.len(),
+            "--vocab too small for {} extra control tokens",
+            self.control_tokens.len()
+        );
         ensure!(self.vocab <= 1 << 20, "--vocab at most 1048576");
         ensure!(self.context >= 16, "--context must be at least 16");
         ensure!(
@@ -233,6 +244,11 @@ pub fn build(c: &DemoConfig) -> Result<(Builder, Vec<Vec<u8>>)> {
     let mut tokens = vec![s("<unk>"), s("<s>"), s("</s>")];
     let mut types = vec![Value::I32(2), Value::I32(3), Value::I32(3)];
     let mut scores = vec![Value::F32(0.0), Value::F32(0.0), Value::F32(0.0)];
+    for t in &c.control_tokens {
+        tokens.push(s(t));
+        types.push(Value::I32(3));
+        scores.push(Value::F32(0.0));
+    }
     for byte in 0..=255u8 {
         tokens.push(s(&format!("<0x{byte:02X}>")));
         types.push(Value::I32(6));
@@ -253,6 +269,9 @@ pub fn build(c: &DemoConfig) -> Result<(Builder, Vec<Vec<u8>>)> {
     b.set("tokenizer.ggml.unknown_token_id", Value::U32(0));
     b.set("tokenizer.ggml.add_bos_token", Value::Bool(true));
     b.set("tokenizer.ggml.add_eos_token", Value::Bool(false));
+    if let Some(t) = &c.chat_template {
+        b.set("tokenizer.chat_template", s(t));
+    }
 
     let mut rng = Rng(c.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let mut data = Vec::new();

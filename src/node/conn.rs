@@ -5,7 +5,9 @@
 //! (at most `--max-frame` + 4 bytes) plus one read; output stops growing from
 //! new requests once it passes [`OUT_HIGH_WATER`] (the connection is not read
 //! until it drains below [`OUT_LOW_WATER`]), and at most [`MAX_IN_FLIGHT`]
-//! deferred answers can be added on top.
+//! deferred answers can be added on top. The input buffer grows with the bytes
+//! that arrive, never from a declared length, and all connections' partial
+//! frames together are bounded by the node's `--frame-memory` (`limits.rs`).
 
 use std::io::{self, Read};
 use std::net::SocketAddr;
@@ -57,6 +59,11 @@ pub struct Conn {
     pub frame_started: Option<Instant>,
     /// When output last made progress (or was first queued).
     pub write_progress: Instant,
+    /// When the connection last received a byte or had output queued or written: how long an
+    /// idle connection has been idle.
+    pub last_activity: Instant,
+    /// Input bytes the node's frame-memory total counts for this connection.
+    pub charged: usize,
     /// The peer closed its sending side.
     pub read_closed: bool,
     /// Close once the output is flushed (after a fatal protocol error).
@@ -103,6 +110,8 @@ impl Conn {
             in_flight: 0,
             frame_started: None,
             write_progress: Instant::now(),
+            last_activity: Instant::now(),
+            charged: 0,
             read_closed: false,
             close_after_flush: false,
             wants_writable: false,
@@ -153,8 +162,11 @@ impl Conn {
             }
         }
         let n = self.stream.read(&mut self.input[self.end..self.end + max])?;
-        if n > 0 && self.start == self.end {
-            self.frame_started = Some(now);
+        if n > 0 {
+            self.last_activity = now;
+            if self.start == self.end {
+                self.frame_started = Some(now);
+            }
         }
         self.end += n;
         Ok(n)
@@ -179,6 +191,7 @@ impl Conn {
         if self.pending_output() == 0 {
             self.write_progress = now;
         }
+        self.last_activity = now;
     }
 
     pub fn pending_output(&self) -> usize {
@@ -209,19 +222,42 @@ impl Conn {
         self.end > self.start
     }
 
-    /// Looks at the next buffered frame; call [`Conn::consume`] after using it.
-    pub fn next(&mut self, max_frame: u32) -> Next<'_> {
-        let rest = &self.input[self.start..self.end];
+    /// Memory the input buffer holds for a partially received frame (or message): the whole
+    /// buffer while any unconsumed byte is in it, else nothing.
+    pub fn input_held(&self) -> usize {
+        if self.has_partial_input() { self.input.len() } else { 0 }
+    }
+
+    /// Whether the connection may be shed to make room: not yet classified, or a command
+    /// connection with nothing in flight, buffered or unsent (and not already closing).
+    pub fn is_idle(&self) -> bool {
+        self.kind != Kind::PeerWire
+            && self.in_flight == 0
+            && !self.has_partial_input()
+            && self.pending_output() == 0
+            && !self.close_after_flush
+    }
+
+    /// Tells commands from peer wire by the first byte received (once); `Unknown` until then.
+    pub fn classify(&mut self) -> Kind {
         if self.kind == Kind::Unknown {
-            match rest.first() {
-                None => return Next::NeedMore,
+            match self.input().first() {
+                None => {}
                 Some(&PEER_WIRE_FIRST_BYTE) => self.kind = Kind::PeerWire,
                 Some(_) => self.kind = Kind::Command,
             }
         }
-        if self.kind == Kind::PeerWire {
-            return Next::PeerWire;
+        self.kind
+    }
+
+    /// Looks at the next buffered frame; call [`Conn::consume`] after using it.
+    pub fn next(&mut self, max_frame: u32) -> Next<'_> {
+        match self.classify() {
+            Kind::Unknown => return Next::NeedMore,
+            Kind::PeerWire => return Next::PeerWire,
+            Kind::Command => {}
         }
+        let rest = &self.input[self.start..self.end];
         match frame::decode(rest, max_frame) {
             Decoded::Frame { len } => match self.auth.open(&rest[frame::HEADER_LEN..frame::HEADER_LEN + len]) {
                 Ok(payload) => Next::Frame(payload, len),
@@ -268,7 +304,7 @@ impl Conn {
         while self.output.pending() > 0 {
             match self.output.write_to(&mut self.stream) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(_) => self.write_progress = now,
+                Ok(_) => (self.write_progress, self.last_activity) = (now, now),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),

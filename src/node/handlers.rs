@@ -273,9 +273,10 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
             self.started.elapsed().as_millis(),
-            self.open_conns,
+            self.census.total(),
+            self.census.to_json(),
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
@@ -295,6 +296,8 @@ impl Node {
                 "hash_rate_mb_s": if s.elapsed.is_zero() { 0.0 } else { s.bytes_hashed as f64 / 1e6 / s.elapsed.as_secs_f64() },
             })
         });
+        let mut limits = self.config.limits_json();
+        limits["unauthenticated_max_frame"] = json!(super::UNAUTHENTICATED_MAX_FRAME);
         json!({
             "node_id": to_hex(&self.node_id),
             "address": self.local_addr.to_string(),
@@ -337,13 +340,7 @@ impl Node {
                 "private_swarms": self.config.private,
             },
             "model": self.model_status(),
-            "limits": {
-                "max_sessions": self.config.max_sessions,
-                "max_sessions_per_client": self.config.max_sessions_per_client,
-                "auth_timeout_s": self.config.auth_timeout.as_secs(),
-                "unauthenticated_max_frame": super::UNAUTHENTICATED_MAX_FRAME,
-                "max_frame": self.config.max_frame,
-            },
+            "limits": limits,
         })
     }
 

@@ -14,6 +14,7 @@ mod outq;
 pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
+pub mod limits;
 mod peer_wire;
 mod pin;
 pub mod scan;
@@ -117,7 +118,11 @@ pub struct Node {
     events_rx: Receiver<NodeEvent>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
-    open_conns: usize,
+    /// Open connections by kind and IP, partial-frame memory, limit counters.
+    census: limits::Census,
+    /// When `accept` is to be tried again after it failed (EMFILE...); whether that was logged.
+    accept_retry: Option<Instant>,
+    accept_stalled: bool,
     next_conn_id: u64,
     /// Connections with input left over after their read budget ran out.
     again: Vec<Token>,
@@ -175,6 +180,16 @@ struct ScanProgress {
 impl Node {
     /// Binds the listener and starts the scan; serving begins with [`Node::run`].
     pub fn bind(config: NodeConfig) -> Result<Node> {
+        match limits::raise_fd_limit() {
+            Ok((soft, _)) if soft < config.max_connections as u64 + 64 => warn!(
+                "the open-file limit {soft} is below --max-connections {} plus the node's own files: \
+                 connections beyond it are shed or wait (raise `ulimit -Hn`)",
+                config.max_connections
+            ),
+            Ok(_) => {}
+            Err(e) => warn!("raising the open-file limit: {e}"),
+        }
+        limits::map_large_allocations();
         let poll = Poll::new().context("creating the poll")?;
         let mut listener =
             TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
@@ -226,7 +241,9 @@ impl Node {
             events_rx,
             conns: Vec::new(),
             free: Vec::new(),
-            open_conns: 0,
+            census: limits::Census::default(),
+            accept_retry: None,
+            accept_stalled: false,
             next_conn_id: 1,
             again: Vec::new(),
             catalog: Catalog::default(),
@@ -268,12 +285,13 @@ impl Node {
         loop {
             let now = Instant::now();
             let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
+            let next_accept = self.accept_retry.unwrap_or(next_sweep);
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
             } else if !self.throttled_swarms.is_empty() || !self.throttled_reads.is_empty() {
                 THROTTLE_TICK
             } else {
-                next_sweep.min(next_dht).saturating_duration_since(now)
+                next_sweep.min(next_dht).min(next_accept).saturating_duration_since(now)
             };
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
@@ -309,49 +327,13 @@ impl Node {
             for token in std::mem::take(&mut self.throttled_reads) {
                 self.on_readable(token);
             }
+            if self.accept_retry.is_some_and(|t| Instant::now() >= t) {
+                self.accept();
+            }
             if Instant::now() >= next_sweep {
-                self.sweep_stalled();
+                self.sweep_deadlines();
                 self.tick_swarms();
                 next_sweep = Instant::now() + SWEEP_EVERY;
-            }
-        }
-    }
-
-    fn accept(&mut self) {
-        loop {
-            match self.listener.accept() {
-                Ok((mut stream, peer)) => {
-                    if self.open_conns >= self.config.max_connections {
-                        debug!("refusing {peer}: {} connections open", self.open_conns);
-                        continue; // dropping the stream closes it
-                    }
-                    let _ = stream.set_nodelay(true);
-                    let slot = self.free.pop().unwrap_or_else(|| {
-                        self.conns.push(None);
-                        self.conns.len() - 1
-                    });
-                    let token = Token(slot + FIRST_CONN);
-                    if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
-                        warn!("registering {peer}: {e}");
-                        self.free.push(slot);
-                        continue;
-                    }
-                    let id = self.next_conn_id;
-                    self.next_conn_id += 1;
-                    let mut conn = Conn::new(stream, peer, id);
-                    conn.auth = crate::protocol::auth::NodeAuth::new(self.config.cluster_key.is_some());
-                    self.conns[slot] = Some(conn);
-                    self.conn_ids.insert(id, token);
-                    self.open_conns += 1;
-                    debug!("conn {id} from {peer}");
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    // EMFILE and friends: the backlog keeps the rest for later.
-                    warn!("accept: {e}");
-                    return;
-                }
             }
         }
     }
@@ -407,7 +389,10 @@ impl Node {
                         self.download_bucket.take(n as u64);
                     }
                     budget = budget.saturating_sub(n);
+                    self.charge_input(token);
+                    self.enforce_frame_memory();
                     self.process_input(token);
+                    self.charge_input(token);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -429,6 +414,13 @@ impl Node {
             let Some(conn) = self.conn(token) else { return };
             if conn.close_after_flush {
                 break;
+            }
+            if conn.kind == conn::Kind::Unknown {
+                if !conn.has_partial_input() {
+                    break;
+                }
+                self.classify(token);
+                continue;
             }
             if conn.backpressured() {
                 // Write what the socket takes before deciding to pause.
@@ -574,50 +566,14 @@ impl Node {
         if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut conn.stream);
             self.free.push(slot);
-            self.open_conns -= 1;
+            self.census.closed(conn.peer.ip(), conn.kind, !conn.outgoing);
+            self.census.frame_bytes -= conn.charged;
             self.conn_ids.remove(&conn.id);
             debug!("conn {} with {}: {why}", conn.id, conn.peer);
             self.peer_closed(&conn);
             if let Some(h) = conn.torrent {
                 self.pump(h);
             }
-        }
-    }
-
-    /// Closes connections stalled mid-frame or not reading their answers.
-    fn sweep_stalled(&mut self) {
-        let now = Instant::now();
-        let limit = self.config.io_timeout;
-        let mut stalled = Vec::new();
-        let mut handshakes = Vec::new();
-        for (slot, conn) in self.conns.iter().enumerate() {
-            let Some(c) = conn else { continue };
-            if c.auth.expired(now, self.config.auth_timeout) {
-                handshakes.push(Token(slot + FIRST_CONN));
-                continue;
-            }
-            let mid_frame = c.frame_started.is_some_and(|t| now.duration_since(t) > limit);
-            let not_reading = c.pending_output() > 0 && now.duration_since(c.write_progress) > limit;
-            if mid_frame || not_reading {
-                let why = if mid_frame { "stalled mid-frame" } else { "not reading its responses" };
-                stalled.push((Token(slot + FIRST_CONN), why, c.peer));
-            }
-        }
-        for token in handshakes {
-            let secs = self.config.auth_timeout.as_secs();
-            let Some(c) = self.conn(token) else { continue };
-            let msg = format!("the cluster-key handshake did not finish within {secs}s (--auth-timeout); closing");
-            let payload = error_payload(serde_json::Value::Null, serde_json::Value::Null, ErrorCode::AuthTimeout, &msg);
-            c.auth = crate::protocol::auth::NodeAuth::Unauthenticated;
-            c.discard_input();
-            c.queue_frame(&payload, now);
-            c.close_after_flush = true;
-            info!("closing connection from {}: handshake unfinished for over {secs}s", c.peer);
-            self.after_io(token);
-        }
-        for (token, why, peer) in stalled {
-            info!("closing connection from {peer}: {why} for over {}s", limit.as_secs());
-            self.close(token, why);
         }
     }
 

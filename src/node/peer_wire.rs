@@ -656,8 +656,10 @@ impl Node {
     }
 
     fn dial(&mut self, h: InfoHash, addr: SocketAddr) -> anyhow::Result<()> {
-        if self.open_conns >= self.config.max_connections {
-            anyhow::bail!("connection limit reached");
+        if self.census.total() >= self.config.max_connections
+            || self.census.count(Kind::PeerWire) >= self.config.max_peer_connections
+        {
+            anyhow::bail!("connection limit reached (--max-connections, --max-peer-connections)");
         }
         let mut stream = TcpStream::connect(addr)?;
         let _ = stream.set_nodelay(true);
@@ -676,7 +678,7 @@ impl Node {
         conn.wants_writable = true;
         self.conns[slot] = Some(conn);
         self.conn_ids.insert(id, token);
-        self.open_conns += 1;
+        self.census.opened(addr.ip(), Kind::PeerWire, false);
         let swarm = self.swarms.get_mut(&h).expect("dialled for a known swarm");
         swarm.add_peer(id, addr, true, Instant::now())?;
         Ok(())

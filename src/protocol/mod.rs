@@ -59,6 +59,12 @@ pub enum ErrorCode {
     DiskBudget,
     /// Another download or file already holds the target name.
     NameConflict,
+    /// A connection cap is reached and nothing idle could be shed (`--max-*-connections*`).
+    TooManyConnections,
+    /// A frame was not whole `--frame-timeout` seconds after its first byte.
+    FrameTimeout,
+    /// Partial frames went over `--frame-memory`; this connection held the largest.
+    FrameMemoryExceeded,
 }
 
 impl ErrorCode {
@@ -95,6 +101,9 @@ impl ErrorCode {
             ErrorCode::DownloadLimit => "DOWNLOAD_LIMIT",
             ErrorCode::DiskBudget => "DISK_BUDGET",
             ErrorCode::NameConflict => "NAME_CONFLICT",
+            ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            ErrorCode::FrameTimeout => "FRAME_TIMEOUT",
+            ErrorCode::FrameMemoryExceeded => "FRAME_MEMORY_EXCEEDED",
         }
     }
 }

@@ -51,9 +51,24 @@ pub struct NodeProc {
 
 impl NodeProc {
     pub fn start(shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        NodeProc::start_under(&[], shards_dir, extra)
+    }
+
+    /// As `start`, with the node run by `wrapper` (a program and its first arguments, e.g.
+    /// `sh -c 'ulimit -n 64 && exec "$0" "$@"'`), which gets the node's path and flags after.
+    pub fn start_under(wrapper: &[&str], shards_dir: &Path, extra: &[&str]) -> NodeProc {
         let log = shards_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&log).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shard_listener"))
+        let node = env!("CARGO_BIN_EXE_shard_listener");
+        let mut command = match wrapper.split_first() {
+            None => Command::new(node),
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(node);
+                c
+            }
+        };
+        let mut child = command
             .args(["--listen", "127.0.0.1:0", "--shards-dir"])
             .arg(shards_dir)
             .args(extra)

@@ -1,12 +1,18 @@
 //! Text generation: `generate` (a whole model in this process) and `infer`
 //! (across a cluster, through the coordinator).
 
+use std::cell::Cell;
+use std::io::Write;
+use std::rc::Rc;
 use std::time::Duration;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
+use shardnet::chat::{ChatTemplate, Message};
+use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
 use shardnet::engine::sampler::SamplerConfig;
+use shardnet::engine::tokenizer::Tokenizer;
 
 use crate::args::Flags;
 use crate::model::{load_tokenizer, open_model};
@@ -48,17 +54,65 @@ pub fn sampling_flags(f: &Flags) -> Result<SamplerConfig> {
     Ok(sampling)
 }
 
+/// `--chat`, `--system TEXT` and `--chat-template FILE`, checked against the other prompt flags.
+fn chat_flags(f: &Flags) -> Result<bool> {
+    let chat = f.has("--chat");
+    if !chat {
+        for flag in ["--system", "--chat-template"] {
+            if f.has(flag) {
+                return Err(f.usage(format!("{flag} needs --chat")));
+            }
+        }
+    }
+    for flag in ["--prompt-ids", "--no-special"] {
+        if chat && f.has(flag) {
+            return Err(f.usage(format!("--chat and {flag} exclude each other")));
+        }
+    }
+    Ok(chat)
+}
+
+/// The chat template to use: `--chat-template FILE` if given, else the model's own (`model`
+/// gives it from the GGUF or `MODEL_INFO`). A model without one is an error that says so.
+pub fn chat_template(f: &Flags, tok: &Tokenizer, model: impl FnOnce() -> Result<ChatTemplate>) -> Result<ChatTemplate> {
+    let template = match f.get("--chat-template") {
+        Some(file) => {
+            let source = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+            ChatTemplate::for_tokenizer(&source, tok).map_err(|e| anyhow!("{file}: {e}"))?
+        }
+        None => model()?,
+    };
+    Ok(template)
+}
+
+/// The conversation `generate --chat` and `infer --chat` run: an optional system message and
+/// the prompt as the user's message.
+fn one_turn(f: &Flags, prompt: &str) -> Vec<Message> {
+    let mut messages: Vec<Message> = f.get("--system").map(|s| Message::new("system", s)).into_iter().collect();
+    messages.push(Message::new("user", prompt));
+    messages
+}
+
+/// OpenAI's `finish_reason`: `stop` when the last token ends generation, else `length`.
+pub fn finish_reason(tok: &Tokenizer, tokens: &[u32]) -> &'static str {
+    if tokens.last().is_some_and(|&t| tok.is_eog(t)) { "stop" } else { "length" }
+}
+
 pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     use shardnet::engine::generate::{TextStream, generate};
     use shardnet::engine::sampler::Sampler;
     use shardnet::engine::{Engine, EngineConfig};
-    use std::io::Write;
     let f = Flags::parse(
         "generate",
         flags,
-        &[&SAMPLING_FLAGS[..], &["--prompt", "--threads", "--ctx", "--batch", "--prompt-ids"]].concat(),
-        &["--no-special", "--logits", "--ignore-eos", "--repack"],
+        &[
+            &SAMPLING_FLAGS[..],
+            &["--prompt", "--threads", "--ctx", "--batch", "--prompt-ids", "--system", "--chat-template"],
+        ]
+        .concat(),
+        &["--no-special", "--logits", "--ignore-eos", "--repack", "--chat"],
     );
+    let chat = chat_flags(&f)?;
     let sampling = sampling_flags(&f)?;
     let n: usize = f.num("-n", 32);
     let batch: usize = f.num("--batch", 512);
@@ -84,6 +138,12 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
             .split(',')
             .map(|s| s.trim().parse().map_err(|_| f.usage(format!("--prompt-ids: {s:?} is not a token id"))))
             .collect::<Result<_>>()?,
+        (None, Some(text)) if chat => {
+            let g = shardnet::gguf::reader::Gguf::parse(&map).map_err(|e| anyhow!("{model}: {e}"))?;
+            let template =
+                chat_template(&f, &tok, || ChatTemplate::from_gguf(&g, &tok).map_err(|e| anyhow!("{model}: {e}")))?;
+            tok.encode(&template.prompt(&one_turn(&f, text), true, &tok)?, true, true)
+        }
         (None, Some(text)) => tok.encode(text, true, !f.has("--no-special")),
         (None, None) => return Err(f.usage("missing --prompt TEXT (or --prompt-ids)".into())),
     };
@@ -126,6 +186,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
             "prompt_tokens": prompt,
             "tokens": stats.generated,
             "text": text,
+            "finish_reason": finish_reason(&tok, &stats.generated),
             "prefill_ms": stats.prefill_ms,
             "decode_ms": stats.decode_ms,
             "prefill_tps": per_s(prompt.len(), stats.prefill_ms),
@@ -155,29 +216,78 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
 }
 
 pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
-    use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
-    use std::io::Write;
     let f = Flags::parse(
         "infer",
         flags,
         &[
             &SAMPLING_FLAGS[..],
-            &["--bootstrap", "--cluster", "--prompt", "--batch", "--session", "--pace-ms", "--load-timeout", "--model"],
+            &[
+                "--bootstrap",
+                "--cluster",
+                "--prompt",
+                "--batch",
+                "--session",
+                "--pace-ms",
+                "--load-timeout",
+                "--model",
+                "--system",
+                "--chat-template",
+            ],
         ]
         .concat(),
-        &["--no-special", "--ignore-eos"],
+        &["--no-special", "--ignore-eos", "--chat"],
     );
+    let chat = chat_flags(&f)?;
     let sampling = sampling_flags(&f)?;
     let prompt = f.get("--prompt").ok_or_else(|| f.usage("missing --prompt TEXT".into()))?;
     let batch: usize = f.num("--batch", 128);
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
-    let session = f.get("--session").map(|s| s.to_string());
-    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
-        return Err(f.usage("--session must be 1-128 bytes".into()));
+    // Every flag is checked before the network is touched; the prompt's ids come after discovery.
+    let req = gen_request(&f, Vec::new(), f.num("-n", 32), sampling)?;
+    let cfg = infer_config(o, &f, batch)?;
+    let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
+    let text = if chat {
+        let template =
+            chat_template(&f, c.tokenizer(), || c.chat_template().map_err(|e| anyhow!("the cluster's model: {e}")))?;
+        template.prompt(&one_turn(&f, prompt), true, c.tokenizer())?
+    } else {
+        prompt.to_string()
+    };
+    let ids = c.tokenizer().encode(&text, true, chat || !f.has("--no-special"));
+    let req = GenRequest { prompt: ids, ..req };
+    let summary = c.generate(&req, print_text(o.json))?;
+    if o.json {
+        let mut v = summary.to_json();
+        v["finish_reason"] = json!(finish_reason(c.tokenizer(), &summary.tokens));
+        print_json(&v);
+        return Ok(());
     }
-    let cfg = ClusterConfig {
+    println!();
+    let v = summary.to_json();
+    let hops: Vec<String> =
+        summary.hop_compute_ms.iter().enumerate().map(|(s, ms)| format!("shard {s} {ms:.2} ms")).collect();
+    eprintln!(
+        "prompt {} tokens, generated {}; load {:.0} ms; time to first token {:.1} ms; prefill {:.1} tok/s; \
+         decode {:.1} tok/s; compute per step: {}; chain overhead {:.0} us per hop; {} recoveries",
+        summary.prompt_tokens.len(),
+        summary.tokens.len(),
+        summary.load_ms,
+        summary.ttft_ms,
+        v["prefill_tps"].as_f64().unwrap_or(0.0),
+        v["decode_tps"].as_f64().unwrap_or(0.0),
+        hops.join(", "),
+        summary.overhead_per_hop_us,
+        summary.recoveries
+    );
+    Ok(())
+}
+
+/// The coordinator's settings from the flags `infer` and `chat` share (`--bootstrap`,
+/// `--cluster`, `--load-timeout`, `--model`).
+pub fn infer_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> {
+    Ok(ClusterConfig {
         bootstrap: match f.get("--bootstrap") {
             None => o.node.clone(),
             Some(b) => {
@@ -194,16 +304,50 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
             Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
             None => None,
         },
-    };
-    let json_out = o.json;
+    })
+}
+
+/// One generation's request from the flags `infer` and `chat` share (`--session`, `--pace-ms`,
+/// `--ignore-eos`): `prompt` as token ids, at most `n` new tokens.
+pub fn gen_request(f: &Flags, prompt: Vec<u32>, n: usize, sampling: SamplerConfig) -> Result<GenRequest> {
+    let session = f.get("--session").map(|s| s.to_string());
+    if session.as_ref().is_some_and(|s| s.is_empty() || s.len() > 128) {
+        return Err(f.usage("--session must be 1-128 bytes".into()));
+    }
+    Ok(GenRequest {
+        prompt,
+        max_tokens: n,
+        sampling,
+        stop_at_eog: !f.has("--ignore-eos"),
+        session,
+        pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
+    })
+}
+
+/// Writes generated text to stdout as it comes (unless `json_out`): the `generate` callback of
+/// `infer` and `chat`.
+pub fn print_text(json_out: bool) -> impl FnMut(u32, &str) -> bool {
+    let mut stdout = std::io::stdout();
+    move |_, text| {
+        if !json_out {
+            let _ = stdout.write_all(text.as_bytes());
+            let _ = stdout.flush();
+        }
+        true
+    }
+}
+
+/// Prints the coordinator's progress events on stderr while `show` is set.
+pub fn progress_events(show: Rc<Cell<bool>>) -> impl FnMut(Event) {
     let mut progress_open = false;
-    let events = move |ev: Event| {
+    move |ev: Event| {
         let mut err = std::io::stderr();
         if progress_open && !matches!(ev, Event::Loading { .. }) {
             let _ = writeln!(err);
             progress_open = false;
         }
         match ev {
+            _ if !show.get() => {}
             Event::Nodes(n) => {
                 let list: Vec<String> = n.iter().map(|a| a.to_string()).collect();
                 let _ = writeln!(err, "nodes: {}", list.join(", "));
@@ -231,44 +375,5 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
                 );
             }
         }
-    };
-    let mut c = Coordinator::discover(cfg, events)?;
-    let req = GenRequest {
-        prompt: c.tokenizer().encode(prompt, true, !f.has("--no-special")),
-        max_tokens: f.num("-n", 32),
-        sampling,
-        stop_at_eog: !f.has("--ignore-eos"),
-        session,
-        pace: Duration::from_millis(f.num("--pace-ms", 0u64)),
-    };
-    let mut stdout = std::io::stdout();
-    let summary = c.generate(&req, |_, text| {
-        if !json_out {
-            let _ = stdout.write_all(text.as_bytes());
-            let _ = stdout.flush();
-        }
-        true
-    })?;
-    if json_out {
-        print_json(&summary.to_json());
-        return Ok(());
     }
-    println!();
-    let v = summary.to_json();
-    let hops: Vec<String> =
-        summary.hop_compute_ms.iter().enumerate().map(|(s, ms)| format!("shard {s} {ms:.2} ms")).collect();
-    eprintln!(
-        "prompt {} tokens, generated {}; load {:.0} ms; time to first token {:.1} ms; prefill {:.1} tok/s; \
-         decode {:.1} tok/s; compute per step: {}; chain overhead {:.0} us per hop; {} recoveries",
-        summary.prompt_tokens.len(),
-        summary.tokens.len(),
-        summary.load_ms,
-        summary.ttft_ms,
-        v["prefill_tps"].as_f64().unwrap_or(0.0),
-        v["decode_tps"].as_f64().unwrap_or(0.0),
-        hops.join(", "),
-        summary.overhead_per_hop_us,
-        summary.recoveries
-    );
-    Ok(())
 }

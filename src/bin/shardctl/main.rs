@@ -2,10 +2,11 @@
 //!
 //! One file per command group: `node` (requests to a running node), `torrent`
 //! (.torrent files and `fetch`), `model` (GGUF tools), `generate` (text
-//! generation in one process or across a cluster); `args` holds the flag parsing
-//! they share.
+//! generation in one process or across a cluster), `chat` (a conversation
+//! through the model's chat template); `args` holds the flag parsing they share.
 
 mod args;
+mod chat;
 mod generate;
 mod model;
 mod node;
@@ -40,6 +41,12 @@ GENERATION:
       --no-special              read <|...|> in the prompt as plain text
                                 [default: control tokens are parsed]
       --ignore-eos              go on past end-of-generation tokens
+      --chat                    the prompt is a user message, put through the
+                                model's chat template (tokenizer.chat_template)
+      --system TEXT             with --chat, a system message first [default:
+                                none; the template may add its own]
+      --chat-template FILE      with --chat, this Jinja template instead of the
+                                model's [default: the model's]
       --logits                  with --json, also the logits (for checks)
       --repack                  copy Q4_0-style weights into ggml's faster
                                 layout [default: compute from the mapped file]
@@ -57,8 +64,18 @@ GENERATION:
       --model HASH              pin the model: the SHA-256 of its manifest.json
                                 (as split prints it); shards load by its info
                                 hashes only [default: no pin]
-      --no-special, --ignore-eos   as for generate
-
+      --no-special, --ignore-eos, --chat, --system, --chat-template
+                                as for generate
+  chat [--model FILE] [FLAGS] [SAMPLING]
+                                a conversation: each line on stdin is a user
+                                message, the reply streams to stdout (one JSON
+                                line per reply with --json); with --model a
+                                whole model in this process, else the cluster
+                                as for infer (--bootstrap, --cluster, --batch,
+                                --load-timeout); stops at the model's end of
+                                turn; -n is per reply [default: 512]
+      as for generate: --system, --chat-template; with --model also
+      --threads, --ctx, --repack
   serve [FLAGS] [SAMPLING]      an OpenAI-compatible HTTP/1.1 endpoint over the
                                 cluster's chain: /v1/chat/completions,
                                 /v1/completions, /v1/models, /health,
@@ -78,7 +95,7 @@ GENERATION:
       --max-body BYTES          request body bound; over it: 413
                                 [default: 1048576]
 
-SAMPLING (generate, infer, serve):
+SAMPLING (generate, infer, chat, serve; serve's -n [default: 512]):
   -n N                          tokens to generate at most [default: 32]
   --temp T                      temperature; 0 is greedy [default: 0]
   --top-k K                     keep the K most likely tokens; 0: all
@@ -86,16 +103,15 @@ SAMPLING (generate, infer, serve):
   --top-p P                     keep the most likely tokens up to probability
                                 P [default: 0.95]
   --seed S                      random seed [default: 24301]
-  --repeat-penalty P            llama.cpp's: divide a positive logit (multiply
-                                a negative one) of each token among the last
-                                --repeat-last-n (prompt included) by P; 1 is
-                                off [default: 1]
-  --repeat-last-n N             tokens --repeat-penalty looks back over; 0 is
-                                off, -1 the whole context [default: 64]
-  --presence-penalty P          OpenAI's, -2 to 2: subtract P from every token
-                                already generated [default: 0]
-  --frequency-penalty P         OpenAI's, -2 to 2: subtract P per time a token
-                                was generated [default: 0]
+  --repeat-penalty P            divide a positive logit (multiply a negative
+                                one) by P [default: 1, off] for each token
+                                among the last N (--repeat-last-n; llama.cpp's)
+  --repeat-last-n N             tokens --repeat-penalty looks back over, the
+                                prompt's too; 0: off, -1: all [default: 64]
+  --presence-penalty P          subtract P from each token already generated
+                                (OpenAI's; -2 to 2) [default: 0]
+  --frequency-penalty P         subtract P per time a token was generated
+                                (OpenAI's; -2 to 2) [default: 0]
 
 NODE:
   list                          GGUF files the node seeds (LIST_FILES)
@@ -275,6 +291,7 @@ fn run(o: &Opts) -> Result<()> {
             generate::generate(o, model, flags)
         }
         "infer" => generate::infer(o, rest),
+        "chat" => chat::chat(o, rest),
         "serve" => serve::serve(o, rest),
         "fetch" => {
             let (target, flags) = positional("fetch", "TORRENT or MAGNET", rest);

@@ -75,6 +75,7 @@ pub fn demo_model(o: &Opts, flags: &[&str]) -> Result<()> {
         weight_type,
         seed: f.num("--seed", d.seed),
         tied: f.has("--tied"),
+        ..d
     };
     if let Err(e) = c.validate() {
         return Err(f.usage(e.to_string()));

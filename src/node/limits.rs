@@ -1,0 +1,550 @@
+//! Connection limits: how many connections of each kind the node holds, in all
+//! and per IP; the memory of partially received frames; idle, frame and write
+//! deadlines; and what the node does at each limit.
+//!
+//! A connection is *unclassified* until its first byte, then a *command* or a
+//! *peer-wire* connection (DESIGN section 3). At a cap the node sheds its oldest
+//! idle connection (unclassified, or a command connection with nothing in flight,
+//! buffered or unsent) where one may be shed, and refuses the newcomer otherwise:
+//! a refused command connection gets a `TOO_MANY_CONNECTIONS` error frame, anything
+//! else is just closed. Peer-wire connections are never shed for others.
+//!
+//! [`Census`] is the bookkeeping, sans-IO; the `impl Node` below applies it to sockets.
+
+use std::collections::HashMap;
+use std::io::{self, Write};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Token};
+use serde_json::{Value, json};
+
+use super::conn::{Conn, Kind};
+use super::{FIRST_CONN, Node};
+use crate::protocol::{ErrorCode, error_payload};
+use crate::{debug, info, warn};
+
+/// How soon `accept` is tried again after it failed (EMFILE and the like): edge-triggered
+/// readiness raises no new event for connections already waiting in the backlog.
+pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// What per-IP caps count by: an IPv4 address, or an IPv6 /64 (one host's usual share; a
+/// per-address cap would be no cap for IPv6). IPv4-mapped IPv6 counts as its IPv4 address.
+pub fn ip_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        },
+    }
+}
+
+fn slot(kind: Kind) -> usize {
+    match kind {
+        Kind::Unknown => 0,
+        Kind::Command => 1,
+        Kind::PeerWire => 2,
+    }
+}
+
+/// Why connections were shed, refused or closed by a limit, since the node started.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitStats {
+    /// Idle connections closed to make room for a newcomer.
+    pub shed_idle: u64,
+    /// Newcomers refused at a cap with nothing idle to shed.
+    pub refused: u64,
+    pub idle_timeouts: u64,
+    pub frame_timeouts: u64,
+    pub write_timeouts: u64,
+    /// Connections closed because partial frames went over `--frame-memory`.
+    pub frame_memory_closes: u64,
+    /// `accept` failures (EMFILE and the like).
+    pub accept_errors: u64,
+}
+
+/// Open connections by kind, in all and per IP (accepted ones only: a peer we dial is not
+/// counted against its IP), and the input memory charged to partial frames.
+#[derive(Default)]
+pub struct Census {
+    by_kind: [usize; 3],
+    per_ip: HashMap<IpAddr, [usize; 3]>,
+    /// Sum of every connection's `charged` input bytes.
+    pub frame_bytes: usize,
+    pub stats: LimitStats,
+}
+
+impl Census {
+    pub fn total(&self) -> usize {
+        self.by_kind.iter().sum()
+    }
+
+    pub fn count(&self, kind: Kind) -> usize {
+        self.by_kind[slot(kind)]
+    }
+
+    /// Accepted connections of `kind` from `ip`'s key.
+    pub fn per_ip(&self, ip: IpAddr, kind: Kind) -> usize {
+        self.per_ip.get(&ip_key(ip)).map_or(0, |c| c[slot(kind)])
+    }
+
+    /// A connection opened (`incoming`: accepted, so counted per IP).
+    pub fn opened(&mut self, ip: IpAddr, kind: Kind, incoming: bool) {
+        self.by_kind[slot(kind)] += 1;
+        if incoming {
+            self.per_ip.entry(ip_key(ip)).or_default()[slot(kind)] += 1;
+        }
+    }
+
+    /// A connection closed, of the kind it had then.
+    pub fn closed(&mut self, ip: IpAddr, kind: Kind, incoming: bool) {
+        self.by_kind[slot(kind)] -= 1;
+        if incoming {
+            let key = ip_key(ip);
+            if let Some(c) = self.per_ip.get_mut(&key) {
+                c[slot(kind)] -= 1;
+                if c.iter().all(|&n| n == 0) {
+                    self.per_ip.remove(&key);
+                }
+            }
+        }
+    }
+
+    /// An unclassified connection became `to`.
+    pub fn classified(&mut self, ip: IpAddr, to: Kind, incoming: bool) {
+        self.closed(ip, Kind::Unknown, incoming);
+        self.opened(ip, to, incoming);
+    }
+
+    /// Live counts for `STATUS` (`connection_counts`).
+    pub fn to_json(&self) -> Value {
+        let s = &self.stats;
+        json!({
+            "unclassified": self.count(Kind::Unknown),
+            "command": self.count(Kind::Command),
+            "peer_wire": self.count(Kind::PeerWire),
+            "ips": self.per_ip.len(),
+            "frame_memory_used": self.frame_bytes,
+            "shed_idle": s.shed_idle,
+            "refused": s.refused,
+            "idle_timeouts": s.idle_timeouts,
+            "frame_timeouts": s.frame_timeouts,
+            "write_timeouts": s.write_timeouts,
+            "frame_memory_closes": s.frame_memory_closes,
+            "accept_errors": s.accept_errors,
+        })
+    }
+}
+
+/// The candidate idle longest, if any: `(token, idle since)` pairs.
+fn oldest(candidates: impl Iterator<Item = (Token, Instant)>) -> Option<Token> {
+    candidates.min_by_key(|&(_, t)| t).map(|(token, _)| token)
+}
+
+/// What the sweep closes a connection for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Deadline {
+    /// The cluster-key handshake was not finished within `--auth-timeout`.
+    Auth,
+    Frame,
+    Write,
+    Idle,
+}
+
+/// The deadlines the sweep applies.
+#[derive(Clone, Copy)]
+struct Deadlines {
+    auth: Duration,
+    frame: Duration,
+    write: Duration,
+    idle: Option<Duration>,
+}
+
+/// Which deadline, if any, a connection has passed at `now`.
+fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+    let Deadlines { auth, frame, write, idle } = d;
+    if c.auth.expired(now, auth) {
+        return Some(Deadline::Auth);
+    }
+    if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
+        return Some(Deadline::Frame);
+    }
+    if c.pending_output() > 0 && now.duration_since(c.write_progress) > write {
+        return Some(Deadline::Write);
+    }
+    if idle.is_some_and(|d| c.is_idle() && now.duration_since(c.last_activity) > d) {
+        return Some(Deadline::Idle);
+    }
+    None
+}
+
+/// Raises this process's soft limit on open files to its hard limit (at most 2^20), so that
+/// the connection caps, not the descriptor limit, decide who is served. Returns the soft and
+/// hard limits in force after.
+pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into memory we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let want = lim.rlim_max.min(1 << 20);
+    if lim.rlim_cur < want {
+        let raised = libc::rlimit { rlim_cur: want, rlim_max: lim.rlim_max };
+        // SAFETY: setrlimit reads one rlimit from memory we own.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        lim = raised;
+    }
+    Ok((lim.rlim_cur, lim.rlim_max))
+}
+
+/// Makes glibc serve allocations of 1 MiB and more (large partial frames) from their own
+/// mappings, grown with `mremap` and unmapped when freed. By default glibc raises that
+/// threshold after the first large free, up to 32 MiB: frames then grow in the heap (a copy
+/// and twice the memory while growing) and stay resident after they are freed.
+pub fn map_large_allocations() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called once at start-up.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
+impl Node {
+    /// Accepts every waiting connection. When accepting fails for want of descriptors, the
+    /// oldest idle connection is shed and accepting goes on; with none to shed (or on another
+    /// error) it is tried again after [`ACCEPT_RETRY`], never in a busy loop.
+    pub(super) fn accept(&mut self) {
+        self.accept_retry = None;
+        loop {
+            match self.listener.accept() {
+                Ok((stream, peer)) => {
+                    // Read at once: a newcomer whose first bytes are already here is classified
+                    // now, not taken for an idle connection by the next shedding.
+                    if let Some(token) = self.admit_connection(stream, peer) {
+                        self.on_readable(token);
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(e) => {
+                    self.census.stats.accept_errors += 1;
+                    let out_of_fds = matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE));
+                    if out_of_fds && self.shed_oldest_idle(|_| true, "descriptors exhausted") {
+                        continue;
+                    }
+                    if !self.accept_stalled {
+                        warn!("accept: {e}; retrying every {} ms while it lasts", ACCEPT_RETRY.as_millis());
+                        self.accept_stalled = true;
+                    }
+                    self.accept_retry = Some(Instant::now() + ACCEPT_RETRY);
+                    return;
+                }
+            }
+            self.accept_stalled = false;
+        }
+    }
+
+    /// Takes in one accepted connection, making room under the unclassified and total caps.
+    fn admit_connection(&mut self, mut stream: TcpStream, peer: SocketAddr) -> Option<Token> {
+        if self.census.count(Kind::Unknown) >= self.config.max_unclassified {
+            self.shed_oldest_idle(|c| c.kind == Kind::Unknown, "--max-unclassified");
+        }
+        if self.census.total() >= self.config.max_connections && !self.shed_oldest_idle(|_| true, "--max-connections") {
+            self.census.stats.refused += 1;
+            debug!("refusing {peer}: {} connections open, none idle", self.census.total());
+            let msg =
+                format!("the node holds its --max-connections {}, none idle; try later", self.config.max_connections);
+            let payload = error_payload(Value::Null, Value::Null, ErrorCode::TooManyConnections, &msg);
+            let mut frame = Vec::with_capacity(payload.len() + 4);
+            crate::protocol::frame::encode(&payload, &mut frame);
+            let _ = stream.write(&frame); // best effort: a fresh socket takes a small frame
+            return None; // dropping the stream closes it
+        }
+        let _ = stream.set_nodelay(true);
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.conns.push(None);
+            self.conns.len() - 1
+        });
+        let token = Token(slot + FIRST_CONN);
+        if let Err(e) = self.poll.registry().register(&mut stream, token, Interest::READABLE) {
+            warn!("registering {peer}: {e}");
+            self.free.push(slot);
+            return None;
+        }
+        let id = self.next_conn_id;
+        self.next_conn_id += 1;
+        let mut conn = Conn::new(stream, peer, id);
+        conn.auth = crate::protocol::auth::NodeAuth::new(self.config.cluster_key.is_some());
+        self.conns[slot] = Some(conn);
+        self.conn_ids.insert(id, token);
+        self.census.opened(peer.ip(), Kind::Unknown, true);
+        debug!("conn {id} from {peer}");
+        Some(token)
+    }
+
+    /// The first byte of an unclassified connection arrived: count it as a command or
+    /// peer-wire connection, shedding or refusing under that kind's caps.
+    pub(super) fn classify(&mut self, token: Token) {
+        let Some(conn) = self.conn(token) else { return };
+        let kind = conn.classify();
+        if kind == Kind::Unknown {
+            return;
+        }
+        let (ip, incoming) = (conn.peer.ip(), !conn.outgoing);
+        self.census.classified(ip, kind, incoming);
+        let c = &self.config;
+        let over = match kind {
+            Kind::Command => {
+                let (per_ip, total) = (c.max_command_connections_per_ip, c.max_command_connections);
+                let key = ip_key(ip);
+                let same_ip = move |o: &Conn| o.kind == Kind::Command && ip_key(o.peer.ip()) == key;
+                if self.census.per_ip(ip, kind) > per_ip
+                    && !self.shed_oldest_idle(same_ip, "--max-command-connections-per-ip")
+                {
+                    Some(format!(
+                        "{} command connections from {key} are open (--max-command-connections-per-ip {per_ip}), none idle",
+                        per_ip
+                    ))
+                } else if self.census.count(kind) > total
+                    && !self.shed_oldest_idle(|o| o.kind == Kind::Command, "--max-command-connections")
+                {
+                    Some(format!("{total} command connections are open (--max-command-connections), none idle"))
+                } else {
+                    None
+                }
+            }
+            _ => {
+                let (per_ip, total) = (c.max_peer_connections_per_ip, c.max_peer_connections);
+                if self.census.per_ip(ip, kind) > per_ip {
+                    Some(format!("--max-peer-connections-per-ip {per_ip}"))
+                } else if self.census.count(kind) > total {
+                    Some(format!("--max-peer-connections {total}"))
+                } else {
+                    None
+                }
+            }
+        };
+        if let Some(why) = over {
+            self.census.stats.refused += 1;
+            let Some(conn) = self.conn(token) else { return };
+            debug!("refusing conn {} from {}: {why}", conn.id, conn.peer);
+            conn.discard_input();
+            conn.close_after_flush = true;
+            if kind == Kind::Command {
+                let msg = format!("{why}; try later");
+                let payload = error_payload(Value::Null, Value::Null, ErrorCode::TooManyConnections, &msg);
+                conn.queue_frame(&payload, Instant::now());
+            }
+        }
+    }
+
+    /// Closes the connection idle longest among those `filter` accepts; false if none is.
+    pub(super) fn shed_oldest_idle(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
+        let candidates = self.conns.iter().enumerate().filter_map(|(slot, c)| {
+            let c = c.as_ref()?;
+            (c.is_idle() && filter(c)).then_some((Token(slot + FIRST_CONN), c.last_activity))
+        });
+        let Some(victim) = oldest(candidates) else { return false };
+        self.census.stats.shed_idle += 1;
+        self.close(victim, &format!("shed (idle) to make room: {why}"));
+        true
+    }
+
+    /// Recounts the input memory `token` holds for a partial frame.
+    pub(super) fn charge_input(&mut self, token: Token) {
+        let Some(conn) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) else { return };
+        let held = conn.input_held();
+        self.census.frame_bytes = self.census.frame_bytes - conn.charged + held;
+        conn.charged = held;
+    }
+
+    /// Over `--frame-memory`: recounts exactly (input consumed since the last charge), then
+    /// closes the connections holding the largest partial frames until the total fits.
+    pub(super) fn enforce_frame_memory(&mut self) {
+        let budget = self.config.frame_memory as usize;
+        if self.census.frame_bytes <= budget {
+            return;
+        }
+        for slot in 0..self.conns.len() {
+            self.charge_input(Token(slot + FIRST_CONN));
+        }
+        while self.census.frame_bytes > budget {
+            let largest = self.conns.iter().enumerate().filter_map(|(slot, c)| {
+                let c = c.as_ref()?;
+                (c.charged > 0).then_some((Token(slot + FIRST_CONN), c.charged))
+            });
+            let Some((token, held)) = largest.max_by_key(|&(_, held)| held) else { return };
+            self.census.stats.frame_memory_closes += 1;
+            let msg = format!(
+                "partial frames hold {} bytes, over the node's --frame-memory {budget}; this connection's {held} bytes \
+                 are the most; closing",
+                self.census.frame_bytes
+            );
+            self.close_with_error(token, ErrorCode::FrameMemoryExceeded, &msg);
+        }
+    }
+
+    /// Drops a connection's input and closes it once an error frame (commands only) is
+    /// written.
+    fn close_with_error(&mut self, token: Token, code: ErrorCode, msg: &str) {
+        let Some(conn) = self.conn(token) else { return };
+        debug!("conn {} from {}: {msg}", conn.id, conn.peer);
+        conn.discard_input();
+        if conn.kind != Kind::Command {
+            return self.close(token, msg);
+        }
+        conn.frame_started = None;
+        conn.close_after_flush = true;
+        let payload = error_payload(Value::Null, Value::Null, code, msg);
+        conn.queue_frame(&payload, Instant::now());
+        self.charge_input(token);
+        self.after_io(token);
+    }
+
+    /// Closes connections past a deadline: a frame not whole `--frame-timeout` after its first
+    /// byte (told why with `FRAME_TIMEOUT`), output not taken for `--io-timeout`, or idle for
+    /// `--idle-timeout`.
+    pub(super) fn sweep_deadlines(&mut self) {
+        let now = Instant::now();
+        let c = &self.config;
+        let d = Deadlines { auth: c.auth_timeout, frame: c.frame_timeout, write: c.io_timeout, idle: c.idle_timeout };
+        let due: Vec<(Token, Deadline)> = self
+            .conns
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_ref()?, now, d)?)))
+            .collect();
+        if due.is_empty() {
+            return;
+        }
+        let (frame, auth) = (d.frame, d.auth);
+        let mut counts = [0usize; 3];
+        for (token, deadline) in due {
+            match deadline {
+                Deadline::Auth => {
+                    let Some(c) = self.conn(token) else { continue };
+                    info!("closing connection from {}: handshake unfinished for over {}s", c.peer, auth.as_secs());
+                    c.auth = crate::protocol::auth::NodeAuth::Unauthenticated;
+                    let msg = format!(
+                        "the cluster-key handshake did not finish within {}s (--auth-timeout); closing",
+                        auth.as_secs()
+                    );
+                    self.close_with_error(token, ErrorCode::AuthTimeout, &msg);
+                }
+                Deadline::Frame => {
+                    counts[0] += 1;
+                    self.census.stats.frame_timeouts += 1;
+                    let msg = format!(
+                        "a frame not whole {} s after its first byte (--frame-timeout); closing",
+                        frame.as_secs()
+                    );
+                    self.close_with_error(token, ErrorCode::FrameTimeout, &msg);
+                }
+                Deadline::Write => {
+                    counts[1] += 1;
+                    self.census.stats.write_timeouts += 1;
+                    self.close(token, "not reading its responses (--io-timeout)");
+                }
+                Deadline::Idle => {
+                    counts[2] += 1;
+                    self.census.stats.idle_timeouts += 1;
+                    self.close(token, "idle (--idle-timeout)");
+                }
+            }
+        }
+        let [f, w, i] = counts;
+        if f + w > 0 {
+            info!("closed {f} connections past --frame-timeout, {w} not reading their responses, {i} idle");
+        } else {
+            debug!("closed {i} idle connections");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_counts_by_64_and_mapped_ipv4_as_ipv4() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(ip_key(a), ip_key(b));
+        assert_ne!(ip_key(a), ip_key(c));
+        assert_eq!(ip_key("::ffff:10.0.0.1".parse().unwrap()), "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(ip_key("127.0.0.2".parse().unwrap()), "127.0.0.2".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn census_counts_kinds_and_ips_and_forgets_empty_ips() {
+        let mut c = Census::default();
+        let (x, y): (IpAddr, IpAddr) = ("127.0.0.2".parse().unwrap(), "127.0.0.3".parse().unwrap());
+        c.opened(x, Kind::Unknown, true);
+        c.opened(x, Kind::Unknown, true);
+        c.opened(y, Kind::Unknown, true);
+        c.opened(y, Kind::PeerWire, false); // dialled: not counted per IP
+        c.classified(x, Kind::Command, true);
+        assert_eq!((c.total(), c.count(Kind::Unknown), c.count(Kind::Command)), (4, 2, 1));
+        assert_eq!((c.per_ip(x, Kind::Command), c.per_ip(x, Kind::Unknown), c.per_ip(y, Kind::PeerWire)), (1, 1, 0));
+        c.closed(x, Kind::Command, true);
+        c.closed(x, Kind::Unknown, true);
+        assert!(!c.per_ip.contains_key(&x), "an IP with nothing open is forgotten");
+        c.closed(y, Kind::PeerWire, false);
+        c.closed(y, Kind::Unknown, true);
+        assert_eq!((c.total(), c.per_ip.len()), (0, 0));
+    }
+
+    #[test]
+    fn the_oldest_candidate_is_shed() {
+        let t = Instant::now();
+        let s = Duration::from_secs(1);
+        let all = [(Token(5), t + s), (Token(7), t), (Token(9), t + 2 * s)];
+        assert_eq!(oldest(all.into_iter()), Some(Token(7)));
+        assert_eq!(oldest(std::iter::empty()), None);
+    }
+
+    /// A real socket pair: the deadlines a connection passes as its state changes.
+    #[test]
+    fn deadlines_follow_the_connections_state() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut tx = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (rx, peer) = listener.accept().unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let mut conn = Conn::new(TcpStream::from_std(rx), peer, 1);
+        let d = Deadlines {
+            auth: Duration::from_secs(5),
+            frame: Duration::from_secs(10),
+            write: Duration::from_secs(20),
+            idle: Some(Duration::from_secs(30)),
+        };
+        let t0 = conn.last_activity;
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(conn.is_idle(), "unclassified is idle");
+        assert_eq!(passed(&conn, at(29), d), None);
+        assert_eq!(passed(&conn, at(31), d), Some(Deadline::Idle));
+        assert_eq!(passed(&conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
+        // Part of a frame: no longer idle; the frame deadline runs from its first byte.
+        tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conn.read_input(64, t0).map_or(true, |n| n == 0) {
+            assert!(Instant::now() < deadline, "no input");
+        }
+        assert_eq!(conn.classify(), Kind::Command);
+        assert!(!conn.is_idle());
+        assert!(conn.input_held() >= 5);
+        assert_eq!(passed(&conn, at(9), d), None);
+        assert_eq!(passed(&conn, at(11), d), Some(Deadline::Frame));
+        // Consumed: idle again, nothing charged.
+        conn.consume_raw(5, at(12));
+        assert_eq!((conn.is_idle(), conn.input_held()), (true, 0));
+        // A request in flight is never idle.
+        conn.in_flight = 1;
+        assert_eq!(passed(&conn, at(100), d), None);
+    }
+}

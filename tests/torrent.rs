@@ -112,6 +112,47 @@ fn magnet_only_download_via_ut_metadata() {
     assert_eq!(saved.info_hash, m.info_hash);
 }
 
+/// RFC 4648 base32 of 20 bytes (32 characters), as some clients write `btih`.
+fn base32(b: &[u8; 20]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut acc, mut bits, mut out) = (0u64, 0, String::new());
+    for &x in b {
+        acc = (acc << 8) | u64::from(x);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_base32_magnet_with_peer_hints_downloads_without_peer_flags_and_an_empty_file_is_listed_not_seeded() {
+    let (sd, src, m) = seed_dir(MB);
+    std::fs::write(sd.path().join("empty.gguf"), b"").unwrap();
+    let seed = start_seed(sd.path(), &[]);
+    let files = seed.call("LIST_FILES", json!({}))["result"]["files"].clone();
+    let empty = files.as_array().unwrap().iter().find(|f| f["filename"] == "empty.gguf").expect("listed");
+    assert!(empty["info_hash"].is_null(), "{empty}");
+    assert!(empty["metadata_error"].as_str().unwrap().contains("zero-length file: not seeded"), "{empty}");
+    // As other clients write links: base32 hash, a v2 xt first, a broken escape in dn, x.pe.
+    let link = format!(
+        "magnet:?xt.1=urn:btmh:1220{}&xt.2=urn:btih:{}&dn=shard%2-0&x.pe={}",
+        "ab".repeat(32),
+        base32(&m.info_hash.0),
+        seed.addr
+    );
+    let out = TempDir::new("magnet32");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--timeout", "30", "fetch", &link, "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+}
+
 #[test]
 fn five_leeches_trade_and_the_seed_uploads_less_than_twice_the_file() {
     let (sd, src, m) = seed_dir(4 * MB);

@@ -48,6 +48,8 @@ impl Node {
             }
             Command::LoadShard(params) => self.load_shard_command(token, id, params),
             Command::FindPeers(key) => {
+                // The cluster's keys only on BEP 42-valid nodes (dht::node_id).
+                let secure = !matches!(key, crate::protocol::PeersKey::Hash(_));
                 let key = match key {
                     crate::protocol::PeersKey::Hash(h) => crate::dht::krpc::Id(h.0),
                     crate::protocol::PeersKey::Shard(n) => {
@@ -56,7 +58,7 @@ impl Node {
                     }
                     crate::protocol::PeersKey::Cluster => super::dht_glue::cluster_key(&self.config.cluster),
                 };
-                if !self.find_peers_command(token, id.clone(), key) {
+                if !self.find_peers_command(token, id.clone(), key, secure) {
                     let msg = "the DHT is not running on this node";
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }

@@ -29,7 +29,7 @@ models: build
 shards: models
 	@if ! ls $(MODELS)/shards/*.gguf >/dev/null 2>&1; then \
 		model=$$(ls $(SMOLLM2) 2>/dev/null || echo $(DEMO)); \
-		echo "splitting $$model into $(SHARDS) shards"; \
+		echo "splitting $$model into $(SHARDS) shards in $(MODELS)/shards (node 0's shards dir)"; \
 		$(BIN)/shardctl split $$model --shards $(SHARDS) --out $(MODELS)/shards; \
 	fi
 
@@ -42,20 +42,27 @@ $(KEY):
 		&& mv $(KEY).tmp $(KEY))
 	@echo "made the cluster key $(KEY) (mode 0600); every node and shardctl of this cluster needs it"
 
+# Stop a node with Ctrl-C (SIGINT) or `kill PID` (SIGTERM): it saves its downloads' resume data
+# and its DHT table, logs one line and exits 0.
 run: build key
 ifeq ($(NODE),0)
 	@$(MAKE) --no-print-directory shards
 	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/shards --cluster $(CLUSTER) --enable-torrent \
 		--cluster-key-file $(KEY) $(ARGS)
 else
+	@if [ ! -d $(MODELS)/node-$(NODE)/shards ]; then \
+		mkdir -p $(MODELS)/node-$(NODE)/shards; \
+		echo "created $(MODELS)/node-$(NODE)/shards (node $(NODE)'s shards dir; it starts empty)"; \
+	fi
 	$(BIN)/shard_listener --port $(PORT) --shards-dir $(MODELS)/node-$(NODE)/shards --cluster $(CLUSTER) \
 		--bootstrap /ip4/127.0.0.1/tcp/51820 --enable-torrent --cluster-key-file $(KEY) $(ARGS)
 endif
 
-# Four nodes on loopback, a generation through them, then every node stopped; the nodes and
+# Four nodes on loopback, a generation through them, then every node stopped. Ports DEMO_PORT..+3
+# (default 51920; taken ones are replaced by free ones); logs in $(MODELS)/demo. The nodes and
 # shardctl read the cluster key from SHARDNET_CLUSTER_KEY_FILE.
 demo: shards key
-	SHARDNET_CLUSTER_KEY_FILE=$(KEY) sh scripts/demo.sh
+	BIN=$(BIN) MODELS=$(MODELS) SHARDNET_CLUSTER_KEY_FILE=$(KEY) sh scripts/demo.sh
 
 # The OpenAI-compatible endpoint on http://127.0.0.1:$(HTTP_PORT) over the cluster `make run` started
 # (node 0; start NODE=1.. too so that the shards spread over several nodes).

@@ -62,6 +62,10 @@ fn main() {
         cpu.join("llamafile/sgemm.cpp"),
     ];
     let mut c_files = c_files.to_vec();
+    // Our one C addition: a read-only map of the repack sidecar as a repack buffer.
+    let shim = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap()).join("src/engine/repack_map.c");
+    println!("cargo:rerun-if-changed=src/engine/repack_map.c");
+    c_files.push(shim);
     let mut arch_flags: Vec<&str> = Vec::new();
     match target_arch.as_str() {
         "x86_64" => {

@@ -38,7 +38,9 @@ mandatory() {
 
 mkdir -p target
 log=target/test-pass1.log
-cargo test --release "$@" 2>&1 | tee "$log"
+# --no-fail-fast: a failing test binary must not stop the others (whose ignored tests would then
+# go unlisted).
+cargo test --release --no-fail-fast "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 
 # "Running tests/torrent.rs (...)" names the binary of the "test NAME ... ignored, needs X" lines after it.
@@ -70,7 +72,7 @@ done < <(awk '
 
 if [ "${#run[@]}" -gt 0 ]; then
     echo "make test: running ${#run[@]} test(s) whose outside needs are met: ${run[*]}"
-    cargo test --release "$@" -- --ignored --exact "${run[@]}" || status=1
+    cargo test --release --no-fail-fast "$@" -- --ignored --exact "${run[@]}" || status=1
 fi
 
 if [ "$status" != 0 ]; then

@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
-use crate::config::parse_peer_addr;
+use crate::addr::parse_peer_addr;
 use crate::protocol::auth::{self, ClientHandshake, ClusterKey, FrameMac};
 use crate::protocol::frame::{self, DEFAULT_MAX_FRAME};
 use crate::protocol::request_payload;

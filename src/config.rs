@@ -1,4 +1,4 @@
-//! Command-line flags of `shard_listener`, and peer addresses.
+//! Command-line flags of `shard_listener` (peer addresses are parsed by [`crate::addr`]).
 //!
 //! Flags follow the original note (`--bootstrap`, `--cluster`, `--shard-id`,
 //! `--total-shards`, `--shards-dir`, `--enable-torrent`) plus the node's own.
@@ -9,6 +9,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub use crate::addr::{PeerAddr, parse_peer_addr};
 use crate::log::Level;
 use crate::protocol::auth::{self, ClusterKey};
 use crate::protocol::{MAX_SHARD_ID, frame};
@@ -19,63 +20,6 @@ pub const DEFAULT_CLUSTER: &str = "shardnet";
 /// What a connection's input buffer may hold beyond one frame: its 4-byte header and one read
 /// (64 KiB) past it.
 pub const FRAME_MEMORY_SLACK: u64 = 4 + 64 * 1024;
-
-/// A peer address as given by a user: resolved when used.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct PeerAddr {
-    pub host: String,
-    pub port: u16,
-}
-
-impl std::fmt::Display for PeerAddr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.host.contains(':') {
-            write!(f, "[{}]:{}", self.host, self.port)
-        } else {
-            write!(f, "{}:{}", self.host, self.port)
-        }
-    }
-}
-
-/// Parses `/ip4/A.B.C.D/tcp/PORT`, `/ip6/ADDR/tcp/PORT`, `/dns[46]/HOST/tcp/PORT`
-/// (trailing `/p2p/...` ignored), `HOST:PORT` or `[V6]:PORT`.
-pub fn parse_peer_addr(s: &str) -> Result<PeerAddr, String> {
-    if let Some(rest) = s.strip_prefix('/') {
-        let parts: Vec<&str> = rest.split('/').collect();
-        if parts.len() < 4 || !matches!(parts[2], "tcp" | "udp") {
-            return Err(format!("{s:?} is not a multiaddr of the form /ip4/A.B.C.D/tcp/PORT"));
-        }
-        let host = match parts[0] {
-            "ip4" => parts[1]
-                .parse::<std::net::Ipv4Addr>()
-                .map_err(|_| format!("{:?} in {s:?} is not an IPv4 address", parts[1]))?
-                .to_string(),
-            "ip6" => parts[1]
-                .parse::<std::net::Ipv6Addr>()
-                .map_err(|_| format!("{:?} in {s:?} is not an IPv6 address", parts[1]))?
-                .to_string(),
-            "dns" | "dns4" | "dns6" if !parts[1].is_empty() => parts[1].to_string(),
-            other => return Err(format!("multiaddr protocol {other:?} in {s:?} is not ip4, ip6 or dns")),
-        };
-        let port = parse_port(parts[3]).map_err(|e| format!("{e} in {s:?}"))?;
-        return Ok(PeerAddr { host, port });
-    }
-    if let Ok(sa) = s.parse::<SocketAddr>() {
-        return Ok(PeerAddr { host: sa.ip().to_string(), port: sa.port() });
-    }
-    let (host, port) = s.rsplit_once(':').ok_or_else(|| format!("{s:?} is not HOST:PORT or a multiaddr"))?;
-    if host.is_empty() || host.contains(':') {
-        return Err(format!("{s:?} is not HOST:PORT or a multiaddr"));
-    }
-    Ok(PeerAddr { host: host.to_string(), port: parse_port(port).map_err(|e| format!("{e} in {s:?}"))? })
-}
-
-fn parse_port(s: &str) -> Result<u16, String> {
-    match s.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(p),
-        _ => Err(format!("port {s:?} is not 1-65535")),
-    }
-}
 
 /// Everything a node is started with.
 #[derive(Clone, Debug)]
@@ -129,7 +73,8 @@ pub struct NodeConfig {
     pub max_sessions: usize,
     /// Bytes all KV caches may take together.
     pub kv_memory: u64,
-    /// Copy weights into ggml's faster CPU layouts (costs memory the size of those weights).
+    /// Run Q4_0-style weights from ggml's faster CPU layout, kept in a sidecar file beside each
+    /// shard (`NAME.gguf.repack`, mapped read-only); an anonymous copy where it cannot be written.
     pub repack: bool,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
@@ -193,7 +138,7 @@ impl Default for NodeConfig {
             ctx_size: 2048,
             max_sessions: 16,
             kv_memory: 2 << 30,
-            repack: false,
+            repack: true,
             max_downloads: 8,
             max_download_peers: 32,
             disk_budget: 0,
@@ -289,9 +234,12 @@ FLAGS:
                          handshake) and announce them under keyed DHT names only;
                          needs a cluster key
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
-  --repack               copy Q4_0-style weights into ggml's faster CPU layout
-                         (memory the size of those weights; default: compute
-                         from the mapped file as it is)
+  --no-repack            compute Q4_0-style weights from the shard's own layout
+                         (slower) instead of ggml's faster CPU layout, which is
+                         kept in a sidecar file beside each shard
+                         (NAME.gguf.repack, written once, mapped read-only; an
+                         anonymous copy where it cannot be written) [default:
+                         repack; --repack says so explicitly]
   --log-level LEVEL      error, warn, info or debug [default: info]
   -h, --help             print this help
 
@@ -403,6 +351,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                     return Err("--repack takes no value".into());
                 }
                 c.repack = true;
+            }
+            "--no-repack" => {
+                if inline.is_some() {
+                    return Err("--no-repack takes no value".into());
+                }
+                c.repack = false;
             }
             "--cached-writes" => {
                 if inline.is_some() {
@@ -591,19 +545,5 @@ mod tests {
         let small = run(&["--max-frame", "1024", "--frame-memory", "1048576"]).unwrap();
         assert_eq!(small.frame_memory, 1 << 20);
         assert_eq!(d.limits_json()["frame_timeout_s"], 30);
-    }
-
-    #[test]
-    fn peer_addresses() {
-        let p = |s| parse_peer_addr(s);
-        assert_eq!(p("/ip6/::1/tcp/7").unwrap(), PeerAddr { host: "::1".into(), port: 7 });
-        assert_eq!(p("[::1]:7").unwrap().to_string(), "[::1]:7");
-        assert_eq!(p("node0.lan:51820").unwrap().host, "node0.lan");
-        assert_eq!(p("/dns4/node0.lan/tcp/1/p2p/Qm").unwrap().port, 1);
-        assert!(p("/ip4/1.2.3.4/tcp/0").is_err());
-        assert!(p("/ip4/1.2.3.4").is_err());
-        assert!(p("/onion3/x/tcp/1").is_err());
-        assert!(p("nohost").is_err());
-        assert!(p(":80").is_err());
     }
 }

@@ -381,63 +381,89 @@ impl<'e> Coordinator<'e> {
             .map(|n| n.addr)
     }
 
-    /// Makes `node` load `shard`, showing download progress; the answer's source and time.
-    fn load(&mut self, shard: u32, node: SocketAddr) -> Result<()> {
+    /// Makes every node of `batch` load its shard at once (so the first token waits for the
+    /// slowest download, not for their sum), showing the downloads side by side; one result per
+    /// entry, in order.
+    fn load_all(&mut self, batch: &[(u32, SocketAddr)]) -> Vec<Result<()>> {
         let t = Instant::now();
-        let (addr, timeout) = (node.to_string(), self.cfg.load_timeout);
-        let mut params = json!({"shard_id": shard});
-        if let Some(s) = self.manifest.as_ref().and_then(|m| m.shard(shard)) {
-            params["info_hash"] = json!(s.info_hash.to_hex());
-        }
-        let loader = std::thread::spawn(move || -> Result<Value> {
-            let mut c = Client::connect(&addr, timeout)?;
-            // A cluster that has just started may not have announced every shard in the DHT yet:
-            // TORRENT_UNAVAILABLE is retried for a few seconds.
-            let mut tries = 0;
-            loop {
-                let r = c.request("LOAD_SHARD", params.clone())?;
-                if r["code"] == "TORRENT_UNAVAILABLE" && tries < 10 {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(500));
-                    continue;
+        let timeout = self.cfg.load_timeout;
+        let loaders: Vec<_> = batch
+            .iter()
+            .map(|&(shard, node)| {
+                let mut params = json!({"shard_id": shard});
+                if let Some(s) = self.manifest.as_ref().and_then(|m| m.shard(shard)) {
+                    params["info_hash"] = json!(s.info_hash.to_hex());
                 }
-                return into_result(r);
-            }
-        });
-        let mut status = Client::connect(&node.to_string(), self.cfg.timeout).ok();
+                std::thread::spawn(move || -> Result<Value> {
+                    let mut c = Client::connect(&node.to_string(), timeout)?;
+                    // A cluster that has just started may not have announced every shard in the
+                    // DHT yet: TORRENT_UNAVAILABLE is retried for a few seconds.
+                    let mut tries = 0;
+                    loop {
+                        let r = c.request("LOAD_SHARD", params.clone())?;
+                        if r["code"] == "TORRENT_UNAVAILABLE" && tries < 10 {
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(500));
+                            continue;
+                        }
+                        return into_result(r);
+                    }
+                })
+            })
+            .collect();
+        // Progress from each loading node's STATUS, every 200 ms.
+        let mut status: HashMap<SocketAddr, Option<Client>> = HashMap::new();
         let mut polls = 0u64;
-        while !loader.is_finished() {
+        let mut results: Vec<Option<Result<()>>> = batch.iter().map(|_| None).collect();
+        let mut loaders: Vec<Option<_>> = loaders.into_iter().map(Some).collect();
+        while results.iter().any(Option::is_none) {
+            for (i, slot) in loaders.iter_mut().enumerate() {
+                if slot.as_ref().is_some_and(|l: &std::thread::JoinHandle<Result<Value>>| l.is_finished()) {
+                    let (shard, node) = batch[i];
+                    let r = slot.take().expect("checked").join().map_err(|_| anyhow!("the load thread panicked"));
+                    results[i] = Some(r.and_then(|r| r).map(|v| {
+                        let source = v["source"].as_str().unwrap_or("?");
+                        let ms = t.elapsed().as_secs_f64() * 1e3;
+                        (self.events)(Event::Loaded { shard, node, source, ms });
+                        if let Some(n) = self.nodes.iter_mut().find(|n| n.addr == node) {
+                            n.loaded.insert(shard);
+                            n.files.insert(shard);
+                        }
+                    }));
+                }
+            }
             std::thread::sleep(Duration::from_millis(20));
             polls += 1;
-            let Some(c) = status.as_mut().filter(|_| polls.is_multiple_of(10)) else { continue };
-            let Ok(s) = c.call("STATUS", json!({})) else { continue };
-            for d in s["downloads"].as_array().into_iter().flatten() {
-                if d["shard_id"].as_u64() == Some(shard as u64) && d["complete"] != json!(true) {
-                    let total = d["bytes"].as_f64().unwrap_or(0.0).max(1.0);
-                    let percent = 100.0 * d["verified_bytes"].as_f64().unwrap_or(0.0) / total;
-                    let rate = d["rate_bytes_s"].as_f64().unwrap_or(0.0);
-                    let peers = d["peers"].as_u64().unwrap_or(0);
-                    (self.events)(Event::Loading { shard, node, percent, rate, peers });
+            if !polls.is_multiple_of(10) {
+                continue;
+            }
+            for (i, &(shard, node)) in batch.iter().enumerate() {
+                if results[i].is_some() {
+                    continue;
+                }
+                let c = status.entry(node).or_insert_with(|| Client::connect(&node.to_string(), self.cfg.timeout).ok());
+                let Some(Ok(s)) = c.as_mut().map(|c| c.call("STATUS", json!({}))) else { continue };
+                for d in s["downloads"].as_array().into_iter().flatten() {
+                    if d["shard_id"].as_u64() == Some(shard as u64) && d["complete"] != json!(true) {
+                        let total = d["bytes"].as_f64().unwrap_or(0.0).max(1.0);
+                        let percent = 100.0 * d["verified_bytes"].as_f64().unwrap_or(0.0) / total;
+                        let rate = d["rate_bytes_s"].as_f64().unwrap_or(0.0);
+                        let peers = d["peers"].as_u64().unwrap_or(0);
+                        (self.events)(Event::Loading { shard, node, percent, rate, peers });
+                    }
                 }
             }
         }
-        let result = loader.join().map_err(|_| anyhow!("the load thread panicked"))??;
-        let source = result["source"].as_str().unwrap_or("?").to_string();
-        (self.events)(Event::Loaded { shard, node, source: &source, ms: t.elapsed().as_secs_f64() * 1e3 });
-        if let Some(n) = self.nodes.iter_mut().find(|n| n.addr == node) {
-            n.loaded.insert(shard);
-            n.files.insert(shard);
-        }
-        Ok(())
+        results.into_iter().map(|r| r.expect("every load ended")).collect()
     }
 
-    /// Assigns every shard (or the shards of `only`) and loads them, moving a shard to another node
-    /// when its load fails.
+    /// Assigns every shard (or the shards of `only`) and loads them all at once, moving a shard to
+    /// another node when its load fails (those retries again all at once).
     fn place(&mut self, only: Option<&[u32]>) -> Result<()> {
         if self.plan.is_empty() {
             self.plan = vec![SocketAddr::from(([0, 0, 0, 0], 0)); self.shard_count as usize];
         }
-        let todo: Vec<u32> = match only {
+        let mut todo: Vec<u32> = match only {
             Some(s) => s.to_vec(),
             None => (0..self.shard_count).collect(),
         };
@@ -447,26 +473,32 @@ impl<'e> Coordinator<'e> {
                 *assigned.entry(*a).or_default() += 1;
             }
         }
-        for &shard in &todo {
-            let mut tried = HashSet::new();
-            loop {
-                let Some(node) = self.choose(shard, &assigned, &tried) else {
+        let mut tried: HashMap<u32, HashSet<SocketAddr>> = HashMap::new();
+        while !todo.is_empty() {
+            let mut batch = Vec::with_capacity(todo.len());
+            for &shard in &todo {
+                let tried = tried.entry(shard).or_default();
+                let Some(node) = self.choose(shard, &assigned, tried) else {
                     bail!("shard {shard}: no node of the cluster could load it (tried {})", tried.len());
                 };
                 tried.insert(node);
-                match self.load(shard, node) {
-                    Ok(()) => {
-                        self.plan[shard as usize] = node;
-                        *assigned.entry(node).or_default() += 1;
-                        break;
-                    }
+                *assigned.entry(node).or_default() += 1;
+                batch.push((shard, node));
+            }
+            let results = self.load_all(&batch);
+            todo.clear();
+            for ((shard, node), result) in batch.into_iter().zip(results) {
+                match result {
+                    Ok(()) => self.plan[shard as usize] = node,
                     Err(e) => {
                         let msg = format!("{e:#}");
+                        *assigned.entry(node).or_default() -= 1;
                         // A node that cannot reach the shard at all gives the same answer as any other.
-                        if tried.len() >= self.nodes.len() {
+                        if tried[&shard].len() >= self.nodes.len() {
                             bail!("shard {shard}: {msg}");
                         }
                         crate::warn!("shard {shard} on {node}: {msg}");
+                        todo.push(shard);
                     }
                 }
             }
@@ -497,7 +529,8 @@ impl<'e> Coordinator<'e> {
             "pos": pos,
             "input": {"tokens": tokens},
             "next": self.route(),
-            "hop_timeout_ms": self.cfg.timeout.as_millis() as u64,
+            // Shorter than our own wait, so the hop nearest a silent host reports it.
+            "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(self.cfg.timeout.as_millis() as u64),
             "load": false,
             "session_token": self.session_token,
         });

@@ -3,7 +3,8 @@
 //! Crate map (dependencies point downwards: codecs <- state <- node):
 //! - [`hash`]      the one SHA-1 entry point every piece hash goes through
 //! - [`log`]       one-line-per-event logging to stderr, with a global level
-//! - [`config`]    command-line flags and addresses (multiaddr and HOST:PORT)
+//! - [`addr`]      peer addresses as users write them (multiaddr and HOST:PORT)
+//! - [`config`]    command-line flags of `shard_listener`
 //! - [`bencode`]   strict bencode codec (BEP 3)
 //! - [`dht`]       Kademlia (BEP 5): KRPC codec and routing table so far
 //! - [`torrent`]   BitTorrent v1 metainfo, info hashes and magnet links
@@ -17,6 +18,7 @@
 //! - [`coordinator`] `shardctl infer`/`serve`: places shards on a cluster, runs the chain, recovers
 //! - [`serve`]     `shardctl serve`: the OpenAI-compatible HTTP/1.1 endpoint and chat page
 
+pub mod addr;
 pub mod bencode;
 pub mod chat;
 pub mod client;

@@ -134,11 +134,10 @@ fn a_client_stalled_mid_frame_does_not_block_others_and_is_closed_after_the_time
     let mut stalled = node.raw();
     stalled.write_all(&[0, 0, 0, 100, b'{']).unwrap();
     node.assert_serving();
-    let t = Instant::now();
+    // After the frame timeout: FRAME_TIMEOUT, then the close itself, within closed_by_peer's 10 s.
     let r = read_frame(&mut stalled);
     assert_eq!(r["code"], "FRAME_TIMEOUT", "{r}");
     assert!(closed_by_peer(&mut stalled), "stalled connection still open");
-    assert!(t.elapsed() < Duration::from_secs(10));
     node.assert_serving();
 }
 
@@ -146,9 +145,8 @@ fn a_client_stalled_mid_frame_does_not_block_others_and_is_closed_after_the_time
 fn five_hundred_idle_connections_do_not_stop_the_node() {
     let (_d, node) = node();
     let idle: Vec<TcpStream> = (0..500).map(|_| node.raw()).collect();
-    let t = Instant::now();
+    // A fresh client is answered (within the client's bounded wait) while 500 others idle.
     node.assert_serving();
-    assert!(t.elapsed() < Duration::from_secs(2));
     // Silent connections beyond --max-unclassified (256) are shed, oldest first.
     let s = wait_for(WAIT, || {
         let s = node.call("STATUS", json!({}));
@@ -189,19 +187,11 @@ fn a_client_that_never_reads_cannot_grow_the_nodes_memory() {
     let after = rss_kib(node.child.id());
     assert!(after < before + 16 * 1024, "RSS grew from {before} KiB to {after} KiB after {sent} bytes");
     node.assert_serving();
-    // The stalled reader is eventually dropped (--io-timeout 2).
-    s.set_read_timeout(Some(Duration::from_secs(15))).unwrap();
-    let mut drained = 0usize;
-    let mut buf = vec![0u8; 1 << 20];
-    std::thread::sleep(Duration::from_secs(4));
-    loop {
-        match std::io::Read::read(&mut s, &mut buf) {
-            Ok(0) => break,
-            Ok(n) => drained += n,
-            Err(e) if e.kind() == ErrorKind::ConnectionReset => break,
-            Err(e) => panic!("connection not closed by the node: {e} after {drained} bytes"),
-        }
-    }
+    // The stalled reader is dropped after --io-timeout (2 s): STATUS then counts one connection
+    // (its own); the socket, read only now, ends in EOF or a reset.
+    let conns = || node.call("STATUS", json!({}))["result"]["connections"].as_u64().unwrap();
+    wait_for(Duration::from_secs(15), || (conns() == 1).then_some(()));
+    assert!(closed_within(&mut s, Duration::from_secs(15)), "connection not closed by the node");
     node.assert_serving();
 }
 

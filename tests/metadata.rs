@@ -124,9 +124,29 @@ fn a_corrupt_or_foreign_cached_torrent_is_rebuilt() {
     let mut first = NodeProc::start(dir.path(), &[]);
     let hash = node_hashes(&first)[0].1.clone();
     first.kill();
-    std::fs::write(dir.path().join("shard-0.gguf.torrent"), b"d4:info").unwrap();
-    let second = NodeProc::start(dir.path(), &[]);
-    let s = second.wait_metadata();
-    assert_eq!(s["metadata"]["hashed"], 1, "{s}");
-    assert_eq!(node_hashes(&second)[0].1, hash);
+    // Valid torrents of other files: another name, and the same name and length with other
+    // bytes (a file copied in from another node's dir, say).
+    let other = TempDir::new("meta-other");
+    write_shard(&other.path().join("other.gguf"), 0, 1, (0, 1), 100_000);
+    write_shard(&other.path().join("shard-0.gguf"), 5, 1, (0, 1), 100_000);
+    assert_eq!(
+        std::fs::metadata(other.path().join("shard-0.gguf")).unwrap().len(),
+        std::fs::metadata(dir.path().join("shard-0.gguf")).unwrap().len()
+    );
+    let mut o = NodeProc::start(other.path(), &[]);
+    let other_hashes = node_hashes(&o);
+    o.kill();
+    let foreign_name = std::fs::read(other.path().join("other.gguf.torrent")).unwrap();
+    let foreign_bytes = std::fs::read(other.path().join("shard-0.gguf.torrent")).unwrap();
+    assert!(other_hashes.iter().all(|(_, h)| *h != hash));
+    for (what, cached) in
+        [("corrupt", b"d4:info".to_vec()), ("another file's", foreign_name), ("other bytes'", foreign_bytes)]
+    {
+        std::fs::write(dir.path().join("shard-0.gguf.torrent"), &cached).unwrap();
+        let mut node = NodeProc::start(dir.path(), &[]);
+        let s = node.wait_metadata();
+        assert_eq!(s["metadata"]["hashed"], 1, "{what} torrent trusted: {s}");
+        assert_eq!(node_hashes(&node)[0].1, hash, "{what} torrent");
+        node.kill();
+    }
 }

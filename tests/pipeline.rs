@@ -96,6 +96,8 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
     }
 
     // Again, killing the node that serves shard 2 while tokens are being generated.
+    let tasks = |n: &NodeProc| n.call("STATUS", json!({}))["result"]["inference"]["tasks"].as_u64().unwrap();
+    let before: Vec<u64> = nodes.iter().map(tasks).collect();
     let mut child = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args([
             "--json",
@@ -132,8 +134,9 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
         log.push(line);
     }
     let middle = middle.unwrap_or_else(|| panic!("no plan line: {log:?}"));
-    std::thread::sleep(Duration::from_millis(400)); // a few tokens in
     let victim = nodes.iter().position(|n| n.addr == middle).expect("the plan names one of our nodes");
+    // A few tokens in: the victim has run the prefill and two decode steps of this run.
+    wait_for(Duration::from_secs(60), || (tasks(&nodes[victim]) >= before[victim] + 3).then_some(()));
     nodes[victim].kill();
     let out = child.wait_with_output().unwrap();
     let log: Vec<String> = log.into_iter().chain(rx.try_iter()).collect();
@@ -173,6 +176,7 @@ fn first_execute_task_downloads_missing_shards() {
         });
     }
     let next: Vec<Value> = (1..4).map(|s| json!({"address": nodes[order[s]].addr, "shard_id": s})).collect();
+    // Token ids inside every model's vocabulary (the demo model has 512).
     let prompt: Vec<u32> = vec![1, 504, 357, 282, 464, 314];
     let mut c = nodes[order[0]].client();
     c.set_timeout(Duration::from_secs(120)).unwrap();
@@ -187,15 +191,8 @@ fn first_execute_task_downloads_missing_shards() {
     let hops = r["result"]["hops"].as_array().unwrap();
     assert_eq!(hops.len(), 4);
     // The same answer as the whole model in one process.
-    let o = shardctl(&[
-        "--json",
-        "generate",
-        model.to_str().unwrap(),
-        "--prompt-ids",
-        "1,504,357,282,464,314",
-        "-n",
-        "1",
-    ]);
+    let o =
+        shardctl(&["--json", "generate", model.to_str().unwrap(), "--prompt-ids", "1,504,357,282,464,314", "-n", "1"]);
     assert_eq!(r["result"]["top_k"][0]["id"], json_of(&o)["tokens"][0]);
     for n in &nodes[1..] {
         let files = n.call("LIST_FILES", json!({}));
@@ -209,10 +206,12 @@ fn bad_routes_and_requests_get_errors() {
     let model = model(dir.path());
     let nodes = cluster(dir.path(), &model, 2, &["--ctx-size", "64"]);
     let (a, b) = (&nodes[0], &nodes[1]);
+    // Each request a session of its own: a session belongs to the token its first step got.
+    let n = std::cell::Cell::new(0);
     let task = |next: Value| {
-        // One token for all of them: each restarts session "s", which is the token's.
-        json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]}, "next": next,
-            "output": "top_k", "k": 1, "hop_timeout_ms": 500, "session_token": "5e55".repeat(8)})
+        n.set(n.get() + 1);
+        json!({"session_id": format!("s{}", n.get()), "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 500})
     };
     // A next hop that never answers: HOP_FAILED naming it, within the hop timeout.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -231,20 +230,33 @@ fn bad_routes_and_requests_get_errors() {
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
     let r = a.call("EXECUTE_TASK", task(json!([{"address": a.addr, "shard_id": 0}])));
     assert_eq!(r["code"], "BAD_ROUTE", "{r}");
-    // Malformed hops.
-    for bad in [
-        json!([{"address": "nowhere", "shard_id": 1}]),
-        json!([{"shard_id": 1}]),
-        json!("x"),
-        json!([{"address": b.addr, "shard_id": -1}]),
+    // Malformed hops: each refused with its code before anything runs.
+    for (bad, code) in [
+        (json!([{"address": "nowhere", "shard_id": 1}]), "WRONG_TYPE"),
+        (json!([{"shard_id": 1}]), "WRONG_TYPE"),
+        (json!("x"), "WRONG_TYPE"),
+        (json!([{"address": b.addr, "shard_id": -1}]), "OUT_OF_RANGE"),
+        (json!([{"address": b.addr, "shard_id": 4096}]), "OUT_OF_RANGE"),
     ] {
         let r = a.call("EXECUTE_TASK", task(bad.clone()));
-        assert_eq!(r["status"], "error", "{bad}: {r}");
+        assert_eq!(r["code"], code, "{bad}: {r}");
     }
-    // Hops after the last shard.
-    let r = a.call("EXECUTE_TASK", json!({"session_id": "t", "shard_id": 3, "pos": 0,
-        "input": {"hidden": {"dtype": "f32", "shape": [1, 1], "b64": "AAAAAA=="}}, "next": [{"address": b.addr, "shard_id": 0}]}));
-    assert_eq!(r["status"], "error", "{r}");
+    // A hop after the last shard (the input is right for shard 3: one row of the model's width).
+    let row = shardnet::protocol::tensor::f32_to_json(&[0.5; 128], 1, 128);
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "next": [{"address": b.addr, "shard_id": 0}]}),
+    );
+    assert_eq!(r["code"], "BAD_ROUTE", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("shard 3 ends the model"), "{r}");
+    // The same input without the hop runs: only the route was wrong.
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "t", "shard_id": 3, "pos": 0,
+        "input": {"hidden": row}, "output": "top_k", "k": 1}),
+    );
+    assert_eq!(r["status"], "success", "{r}");
 
     // Two coordinators on one session id: the second (even naming the first's `from`) is
     // refused without learning who owns it, the first goes on with its token.
@@ -290,4 +302,202 @@ fn a_shard_no_node_serves_is_a_clear_error() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("shard 3"), "{err}");
     node.assert_serving();
+}
+
+/// One node holding six shards: a chain through it six times (every relay to itself) completes
+/// and equals the whole model in one process. With a thread per waiting relay (four of them) the
+/// fifth relay waited for a thread that only the chain's own end could free.
+#[test]
+fn chain_through_one_node_six_times_completes() {
+    let dir = TempDir::new("pipeline-six");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 6, &shards, None).unwrap();
+    let node = NodeProc::start(&shards, &["--threads", "1"]);
+    let next: Vec<Value> = (1..6).map(|s| json!({"address": node.addr, "shard_id": s})).collect();
+    let prompt: Vec<u32> = vec![1, 17, 42, 99, 3, 250];
+    let mut c = node.client();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    let mut tokens = Vec::new();
+    let mut input = prompt.clone();
+    let mut session_token = Value::Null;
+    for step in 0..4 {
+        let pos = if step == 0 { 0 } else { prompt.len() + step - 1 };
+        let r = c
+            .request(
+                "EXECUTE_TASK",
+                json!({"session_id": "six", "session_token": session_token, "shard_id": 0, "pos": pos,
+                "input": {"tokens": input}, "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000}),
+            )
+            .unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        session_token = r["result"]["session_token"].clone();
+        assert_eq!(r["result"]["hops"].as_array().unwrap().len(), 6, "{r}");
+        let t = r["result"]["top_k"][0]["id"].as_u64().unwrap() as u32;
+        tokens.push(t);
+        input = vec![t];
+    }
+    let o = shardctl(&[
+        "--json",
+        "generate",
+        model.to_str().unwrap(),
+        "--prompt-ids",
+        "1,17,42,99,3,250",
+        "-n",
+        "4",
+        "--ignore-eos",
+        "--threads",
+        "1",
+    ]);
+    let want: Vec<u32> = json_of(&o)["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+    assert_eq!(tokens, want);
+    let s = node.call("STATUS", json!({}));
+    assert_eq!(s["result"]["relays"]["in_flight"], json!(0), "{s}");
+    assert_eq!(s["result"]["relays"]["links"], json!(1), "one connection for every relay to one address: {s}");
+}
+
+/// Four chains whose next hop accepts and never answers do not hold up another client's chain
+/// through the same node: it takes at most 100 ms longer than with nothing stuck (best of
+/// three each way), and the stuck ones end as HOP_FAILED naming the silent hop.
+#[test]
+fn silent_next_hops_do_not_delay_other_chains() {
+    let dir = TempDir::new("pipeline-silent");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 4, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 2, &shards, None).unwrap();
+    let a = NodeProc::start(&shards, &["--threads", "1"]);
+    let b = NodeProc::start(&shards, &["--threads", "1"]);
+    // A hop that takes connections and never says a word.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let mut conns = Vec::new();
+        silent.set_nonblocking(true).unwrap();
+        let end = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < end && conns.len() < 8 {
+            if let Ok((s, _)) = silent.accept() {
+                conns.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        conns
+    });
+    let chain = |session: &str, next: &str, timeout_ms: u64| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": next, "shard_id": 1}], "output": "top_k", "k": 1, "hop_timeout_ms": timeout_ms})
+    };
+    let timed = |session: &str| {
+        let mut c = a.client();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        let t = Instant::now();
+        let r = c.request("EXECUTE_TASK", chain(session, &b.addr, 30000)).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        t.elapsed()
+    };
+    let before = (0..3).map(|i| timed(&format!("warm{i}"))).min().unwrap();
+    // Four chains into the silent hop, each on its own connection.
+    let stuck: Vec<_> = (0..4)
+        .map(|i| {
+            let (addr, params) = (a.addr.clone(), chain(&format!("stuck{i}"), &silent_addr, 4000));
+            std::thread::spawn(move || {
+                let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+                c.set_timeout(Duration::from_secs(60)).unwrap();
+                c.request("EXECUTE_TASK", params).unwrap()
+            })
+        })
+        .collect();
+    wait_for(WAIT, || (a.call("STATUS", json!({}))["result"]["relays"]["in_flight"] == json!(4)).then_some(()));
+    let during = (0..3).map(|i| timed(&format!("during{i}"))).min().unwrap();
+    assert_eq!(a.call("STATUS", json!({}))["result"]["relays"]["in_flight"], json!(4), "the stuck chains ended early");
+    assert!(
+        during <= before + Duration::from_millis(100),
+        "with four chains stuck, a chain took {during:?} (best of 3), {before:?} without"
+    );
+    for t in stuck {
+        let r = t.join().unwrap();
+        assert_eq!(r["code"], "HOP_FAILED", "{r}");
+        assert_eq!(r["failed_hop"]["address"], json!(silent_addr), "{r}");
+    }
+    drop(held);
+}
+
+/// A userspace TCP relay (this kernel has no netem): forwards both ways between its clients and
+/// `target` until `stall` is set, then stops forwarding without closing anything.
+fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
+            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
+                let stall = stall.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        if stall.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                            continue; // holds both sockets open, forwards nothing
+                        }
+                        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+                        match from.read(&mut buf) {
+                            Ok(0) => return,
+                            // Read just as the stall began: swallowed, like everything after.
+                            Ok(_) if stall.load(Ordering::SeqCst) => {}
+                            Ok(n) => {
+                                if to.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) => {}
+                            Err(_) => return,
+                        }
+                    }
+                });
+            }
+        }
+    });
+    addr
+}
+
+/// A host that goes silent behind a proxy (no reset) two hops down the chain: the hop in front of
+/// it gives up first (each hop passes on a shorter deadline) and HOP_FAILED names the silent
+/// hop, not the healthy first node. Hops report the address they were reached at.
+#[test]
+fn hop_failed_names_the_hop_that_went_silent() {
+    let dir = TempDir::new("pipeline-blame");
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 6, ..Default::default() }, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 3, &shards, None).unwrap();
+    let nodes: Vec<NodeProc> = (0..3).map(|_| NodeProc::start(&shards, &["--threads", "1"])).collect();
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = stalling_proxy(nodes[2].addr.clone(), stall.clone());
+    let params = |session: &str| {
+        json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "next": [{"address": nodes[1].addr, "shard_id": 1}, {"address": proxy, "shard_id": 2}],
+            "output": "top_k", "k": 1, "hop_timeout_ms": 3000})
+    };
+    let mut c = nodes[0].client();
+    c.set_timeout(Duration::from_secs(30)).unwrap();
+    let r = c.request("EXECUTE_TASK", params("ok")).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let hops: Vec<String> =
+        r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap().to_string()).collect();
+    let reached: Vec<String> = nodes.iter().map(|n| n.addr.clone()).collect();
+    assert_eq!(hops, reached, "each hop reports the address it was reached at");
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = c.request("EXECUTE_TASK", params("stalled")).unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{r}");
+    assert_eq!(r["failed_hop"]["address"], json!(proxy), "the silent hop is the one blamed: {r}");
+    assert_eq!(r["failed_hop"]["shard_id"], json!(2), "{r}");
+    nodes[0].assert_serving();
 }

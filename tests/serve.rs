@@ -256,7 +256,10 @@ fn the_openai_client_completes_streams_stops_and_counts() {
     assert_eq!(r["chat_stream"]["text"], chat["text"], "{r}");
     assert_eq!(r["chat_stream"]["usage"], chat["usage"], "{r}");
     let u = &chat["usage"];
-    assert_eq!(u["total_tokens"].as_u64(), Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()));
+    assert_eq!(
+        u["total_tokens"].as_u64(),
+        Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
+    );
     assert_eq!(r["models"], json!([r["model"]]), "{r}");
     // Every request ended its session on every node.
     assert_eq!(sessions_on(&c.nodes), vec![0, 0, 0]);
@@ -298,7 +301,11 @@ fn an_unknown_model_is_404_and_n_over_1_is_refused() {
     let r = post(&c.http, "/v1/completions", &json!({"model": "gpt-4o", "prompt": PROMPT}));
     let body = assert_error(&r, 404, Some("model"));
     assert_eq!(body["error"]["code"], "model_not_found");
-    let r = post(&c.http, "/v1/chat/completions", &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}));
+    let r = post(
+        &c.http,
+        "/v1/chat/completions",
+        &json!({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}),
+    );
     assert_error(&r, 404, Some("model"));
     let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "n": 2}));
     assert_error(&r, 400, Some("n"));
@@ -317,7 +324,11 @@ fn empty_messages_and_unknown_roles_are_400() {
     assert_error(&chat(json!([])), 400, Some("messages"));
     assert_error(&chat(json!(null)), 400, Some("messages"));
     assert_error(&chat(json!([{"role": "wizard", "content": "hi"}])), 400, Some("messages[0].role"));
-    assert_error(&chat(json!([{"role": "user", "content": "hi"}, {"content": "no role"}])), 400, Some("messages[1].role"));
+    assert_error(
+        &chat(json!([{"role": "user", "content": "hi"}, {"content": "no role"}])),
+        400,
+        Some("messages[1].role"),
+    );
     assert_error(&chat(json!([{"role": "user", "content": 5}])), 400, Some("messages[0].content"));
     assert_error(&post(&c.http, "/v1/completions", &json!({"prompt": ""})), 400, Some("prompt"));
 }
@@ -342,7 +353,8 @@ fn a_prompt_longer_than_the_context_is_400() {
 /// Starts a streamed completion of up to `n` tokens on a raw socket and reads its head and first
 /// chunk.
 fn start_stream(addr: &str, n: usize) -> BufReader<TcpStream> {
-    let body = json!({"prompt": PROMPT, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
+    let body =
+        json!({"prompt": PROMPT, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
     let mut s = connect(addr);
     let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(head.as_bytes()).unwrap();
@@ -494,20 +506,34 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     let s = format!("/session/{session}");
     webdriver(&d.addr, "POST", &format!("{s}/url"), json!({"url": format!("http://{}/", c.http)}));
     let find = |css: &str| -> Option<String> {
-        let r = request(&d.addr, "POST", &format!("{s}/elements"), json!({"using": "css selector", "value": css}).to_string().as_bytes());
+        let r = request(
+            &d.addr,
+            "POST",
+            &format!("{s}/elements"),
+            json!({"using": "css selector", "value": css}).to_string().as_bytes(),
+        );
         let v = r.json()["value"].clone();
         v.as_array()?.first()?.as_object()?.values().next()?.as_str().map(str::to_string)
     };
-    let text = |el: &str| webdriver(&d.addr, "GET", &format!("{s}/element/{el}/text"), json!({})).as_str().unwrap().to_string();
+    let text = |el: &str| {
+        webdriver(&d.addr, "GET", &format!("{s}/element/{el}/text"), json!({})).as_str().unwrap().to_string()
+    };
     // The page found the model.
     let model = find("#model").unwrap();
-    wait_for(WAIT, || (!text(&model).starts_with("connecting") && !text(&model).starts_with("not ready")).then_some(()));
+    wait_for(WAIT, || {
+        (!text(&model).starts_with("connecting") && !text(&model).starts_with("not ready")).then_some(())
+    });
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#temperature").unwrap()), json!({}));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#temperature").unwrap()), json!({"text": "0"}));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/clear", find("#max_tokens").unwrap()), json!({}));
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/value", find("#max_tokens").unwrap()), json!({"text": "48"}));
     let input = find("#input").unwrap();
-    webdriver(&d.addr, "POST", &format!("{s}/element/{input}/value"), json!({"text": "What is the capital of France?"}));
+    webdriver(
+        &d.addr,
+        "POST",
+        &format!("{s}/element/{input}/value"),
+        json!({"text": "What is the capital of France?"}),
+    );
     webdriver(&d.addr, "POST", &format!("{s}/element/{}/click", find("#send").unwrap()), json!({}));
     // The answer streams into the page: seen partly written before it is done.
     let mut partial = false;

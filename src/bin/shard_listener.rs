@@ -27,6 +27,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = node.stop_on_signals() {
+        eprintln!("shard_listener: {e:#}");
+        return ExitCode::FAILURE;
+    }
     // One line on stdout that scripts and tests wait for.
     println!(
         "shard_listener listening on {} (cluster {}, shards dir {})",

@@ -15,15 +15,19 @@ use super::store::{PeerStore, Tokens};
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Queries awaiting answers at most; more are not sent.
 const MAX_PENDING: usize = 4096;
-/// Re-contact the bootstrap nodes this often while the table is empty.
+/// Re-contact the bootstrap nodes this long after a join went unanswered, doubling per
+/// unanswered join...
 const REJOIN_EVERY: Duration = Duration::from_secs(5);
+/// ...up to this.
+const REJOIN_MAX: Duration = Duration::from_secs(60);
 /// Look for stale buckets this often.
 const REFRESH_CHECK: Duration = Duration::from_secs(60);
 /// A bucket untouched this long is refreshed (BEP 5).
 const REFRESH_AFTER: Duration = Duration::from_secs(15 * 60);
 /// Random lookups a node makes when it joins, besides its own id.
 const JOIN_REFRESHES: usize = 3;
-/// A lookup started with an empty table waits this long for nodes.
+/// A lookup started with an empty table waits for nodes while a join is in flight, at most
+/// this long; with nothing in flight it ends at once, empty.
 const PARK_LIMIT: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Debug)]
@@ -108,9 +112,30 @@ pub struct Dht {
     rate: HashMap<SocketAddrV4, (Instant, u32)>,
     bootstrap: Vec<SocketAddrV4>,
     last_join: Option<Instant>,
+    /// Joins in a row that no bootstrap node answered (reset when the table fills).
+    join_failures: u32,
+    /// Whether the last join has been counted as answered or not.
+    join_judged: bool,
+    /// An unanswered join not yet reported by [`Dht::take_unanswered_join`].
+    unanswered_join: Option<UnansweredJoin>,
     last_refresh: Instant,
     rng: u64,
     pub stats: Stats,
+}
+
+/// A join that no bootstrap node answered within [`QUERY_TIMEOUT`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UnansweredJoin {
+    /// Unanswered joins in a row.
+    pub attempts: u32,
+    pub bootstrap: Vec<SocketAddrV4>,
+    /// When the next join is sent.
+    pub retry_in: Duration,
+}
+
+/// Wait before the next join after `failures` unanswered ones in a row.
+fn rejoin_delay(failures: u32) -> Duration {
+    REJOIN_EVERY.saturating_mul(1 << failures.saturating_sub(1).min(8)).min(REJOIN_MAX)
 }
 
 /// Rate limits key on the IP, or IP and port on loopback (test networks).
@@ -136,6 +161,9 @@ impl Dht {
             rate: HashMap::new(),
             bootstrap,
             last_join: None,
+            join_failures: 0,
+            join_judged: false,
+            unanswered_join: None,
             last_refresh: now,
             rng: seed,
             stats: Stats::default(),
@@ -153,6 +181,7 @@ impl Dht {
     /// fill the table, and a lookup of our id follows.
     pub fn join(&mut self, now: Instant) {
         self.last_join = Some(now);
+        self.join_judged = false;
         for addr in self.bootstrap.clone() {
             self.send_query(addr, None, Query::FindNode { target: self.id }, None, now);
         }
@@ -416,7 +445,7 @@ impl Dht {
                 if !seeds.is_empty() {
                     a.lookup = Lookup::new(a.lookup.target, seeds, a.lookup.started);
                     a.parked_since = None;
-                } else if now.duration_since(since) >= PARK_LIMIT {
+                } else if now.duration_since(since) >= PARK_LIMIT || self.pending.is_empty() {
                     a.parked_since = None; // ends at once, with nothing
                 }
             }
@@ -427,12 +456,7 @@ impl Dht {
         for l in touched {
             self.drive(l, now);
         }
-        if self.table.is_empty()
-            && !self.bootstrap.is_empty()
-            && self.last_join.is_none_or(|t| now.duration_since(t) >= REJOIN_EVERY)
-        {
-            self.join(now);
-        }
+        self.rejoin_if_alone(now);
         if now.duration_since(self.last_refresh) >= REFRESH_CHECK {
             self.last_refresh = now;
             let mut rng = self.rng;
@@ -450,8 +474,46 @@ impl Dht {
         }
     }
 
-    /// When `tick` next has work.
+    /// While the table is empty: judges the last join (unanswered after [`QUERY_TIMEOUT`]) and
+    /// joins again after [`REJOIN_EVERY`], doubling per unanswered join up to [`REJOIN_MAX`].
+    fn rejoin_if_alone(&mut self, now: Instant) {
+        if !self.table.is_empty() {
+            self.join_failures = 0;
+            return;
+        }
+        if self.bootstrap.is_empty() {
+            return;
+        }
+        if let Some(t) = self.last_join
+            && !self.join_judged
+            && now.duration_since(t) >= QUERY_TIMEOUT
+        {
+            self.join_judged = true;
+            self.join_failures += 1;
+            let retry_in = rejoin_delay(self.join_failures);
+            self.unanswered_join =
+                Some(UnansweredJoin { attempts: self.join_failures, bootstrap: self.bootstrap.clone(), retry_in });
+        }
+        if self.last_join.is_none_or(|t| now.duration_since(t) >= rejoin_delay(self.join_failures)) {
+            self.join(now);
+        }
+    }
+
+    /// Joins in a row that no bootstrap node answered (0 once the table has nodes).
+    pub fn join_failures(&self) -> u32 {
+        if self.table.is_empty() { self.join_failures } else { 0 }
+    }
+
+    /// The last join, if no bootstrap node answered it (reported once per join).
+    pub fn take_unanswered_join(&mut self) -> Option<UnansweredJoin> {
+        self.unanswered_join.take()
+    }
+
+    /// When `tick` next has work (at once for a lookup parked with nothing in flight: it ends).
     pub fn next_tick(&self) -> Duration {
+        if self.pending.is_empty() && self.lookups.values().any(|a| a.parked_since.is_some()) {
+            return Duration::ZERO;
+        }
         if !self.lookups.is_empty() {
             return super::lookup::SOFT_TIMEOUT / 5;
         }
@@ -577,5 +639,54 @@ mod tests {
         d.tick(now + QUERY_TIMEOUT);
         assert!(!d.is_looking_up(l));
         assert!(matches!(d.events.pop(), Some(Event::LookupDone(_))));
+    }
+
+    #[test]
+    fn an_unanswered_bootstrap_is_reported_and_retried_with_back_off() {
+        let t0 = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None };
+        let mut d = Dht::new(id(1), cfg, vec![addr(9)], t0);
+        d.join(t0);
+        assert_eq!(d.outbox.drain(..).count(), 1);
+        // Joins are sent 5, 10, 20, 40, 60, 60 s after the previous one; each unanswered one is
+        // reported once, QUERY_TIMEOUT after it was sent.
+        let mut sent_at = t0;
+        for (attempt, wait) in [5u64, 10, 20, 40, 60, 60].into_iter().enumerate() {
+            d.tick(sent_at + QUERY_TIMEOUT);
+            let note = d.take_unanswered_join().expect("an unanswered join is reported");
+            assert_eq!(note.attempts, attempt as u32 + 1);
+            assert_eq!(note.retry_in, Duration::from_secs(wait));
+            assert_eq!(note.bootstrap, vec![addr(9)]);
+            d.tick(sent_at + Duration::from_secs(wait) - Duration::from_millis(1));
+            assert!(d.outbox.is_empty(), "attempt {attempt}: rejoined before the back-off");
+            assert_eq!(d.take_unanswered_join(), None, "reported twice");
+            sent_at += Duration::from_secs(wait);
+            d.tick(sent_at);
+            assert_eq!(d.outbox.drain(..).count(), 1, "attempt {attempt}: no rejoin after the back-off");
+        }
+        // An answer fills the table: no more joins, no more reports, and the count starts over.
+        d.table.insert(NodeInfo { id: id(9), addr: addr(9) }, true, sent_at);
+        d.tick(sent_at + Duration::from_secs(120));
+        assert_eq!(d.take_unanswered_join(), None);
+        assert_eq!(d.join_failures, 0);
+    }
+
+    #[test]
+    fn a_lookup_with_no_nodes_and_no_join_in_flight_ends_at_once() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None };
+        let mut alone = Dht::new(id(1), cfg.clone(), vec![], now);
+        let l = alone.start_lookup(id(3), LookupKind::GetPeers, now);
+        alone.tick(now);
+        assert!(!alone.is_looking_up(l), "waited for nodes nobody will send");
+        assert!(matches!(alone.events.pop(), Some(Event::LookupDone(r)) if r.id == l && r.peers.is_empty()));
+        // While a join is in flight the lookup waits for its answer.
+        let mut joining = Dht::new(id(1), cfg, vec![addr(9)], now);
+        joining.join(now);
+        let l = joining.start_lookup(id(3), LookupKind::GetPeers, now);
+        joining.tick(now + Duration::from_millis(500));
+        assert!(joining.is_looking_up(l));
+        joining.tick(now + QUERY_TIMEOUT);
+        assert!(!joining.is_looking_up(l), "still waiting after the join timed out");
     }
 }

@@ -116,8 +116,10 @@ pub struct Weights {
     ctx: Context,
     buffer: NonNull<sys::ggml_backend_buffer>,
     tensors: Vec<(String, NonNull<sys::ggml_tensor>)>,
-    /// With `repack`: the matrices copied into ggml's CPU repack layout, in memory of their own.
-    repacked: Option<(Context, NonNull<sys::ggml_backend_buffer>)>,
+    /// Matrices in ggml's CPU repack layout: their headers, the buffer holding them, and whether
+    /// that is anonymous memory ([`Layout::RepackCopy`]) rather than a wrapper over the sidecar's
+    /// map ([`Layout::Repacked`]).
+    repacked: Option<(Context, NonNull<sys::ggml_backend_buffer>, bool)>,
 }
 
 /// One weight to wrap: its name, type, dims (GGUF order, innermost first) and its bytes in the map.
@@ -128,6 +130,18 @@ pub struct WeightSpec<'m> {
     pub data: &'m [u8],
     /// Used only as the left side of matrix products (may be repacked).
     pub matmul_only: bool,
+}
+
+/// Where the matrices ggml's CPU backend has a faster layout for come from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Layout<'s> {
+    /// The shard's own layout, from its map (ggml's generic kernels).
+    AsIs,
+    /// Copied into the repack layout in anonymous memory at load (what llama.cpp does).
+    RepackCopy,
+    /// Already in the repack layout in `map` (the repack sidecar, mapped read-only): the weight
+    /// of `specs[i]` is at `offsets[i]` (ignored for weights [`repack_plan`] does not pick).
+    Repacked { map: &'s [u8], offsets: &'s [usize] },
 }
 
 /// ggml's CPU "repack" buffer type (weights re-laid out for the CPU's SIMD kernels), if any.
@@ -177,29 +191,108 @@ fn repackable(buft: sys::ggml_backend_buffer_type_t, dtype: RawType, ne: &[i64])
     }
 }
 
+/// Which of `specs` the CPU backend runs from a repacked layout on this machine (all false when
+/// ggml has no repack kernels here).
+pub fn repack_plan(specs: &[WeightSpec]) -> Vec<bool> {
+    let buft = repack_buffer_type();
+    specs.iter().map(|s| s.matmul_only && buft.is_some_and(|b| repackable(b, s.dtype, &s.ne))).collect()
+}
+
+/// Alignment of a repacked tensor's data (ggml's `TENSOR_ALIGNMENT`, rounded up to a cache line).
+pub const REPACK_ALIGN: usize = 64;
+
+/// `spec`'s data rewritten into the repack layout (same size: the kernels interleave blocks of
+/// rows). Only for specs [`repack_plan`] picked. Holds one tensor's worth of anonymous memory
+/// while it runs.
+pub fn repack_one(spec: &WeightSpec) -> Result<Vec<u8>, String> {
+    let buft = repack_buffer_type().ok_or("ggml has no repack kernels on this CPU")?;
+    let ctx = Context::new(1, 0);
+    let t = ctx.new_tensor(spec.dtype, &spec.ne);
+    // SAFETY: a fresh header; the buffer is sized for it, the tensor placed at its base, filled
+    // through the buffer type's set_tensor (which repacks), read back, freed.
+    unsafe {
+        let size = sys::ggml_nbytes(t);
+        if size != spec.data.len() {
+            return Err(format!("tensor {}: data does not match its shape", spec.name));
+        }
+        let buf = NonNull::new(sys::ggml_backend_buft_alloc_buffer(buft, size)).ok_or("out of memory repacking")?;
+        let base = sys::ggml_backend_buffer_get_base(buf.as_ptr());
+        let status = sys::ggml_backend_tensor_alloc(buf.as_ptr(), t, base);
+        if status != sys::ggml_status_GGML_STATUS_SUCCESS || (*t).extra.is_null() {
+            sys::ggml_backend_buffer_free(buf.as_ptr());
+            return Err(format!("tensor {}: ggml has no repack layout for it", spec.name));
+        }
+        sys::ggml_backend_tensor_set(t, spec.data.as_ptr() as *const c_void, 0, size);
+        let out = std::slice::from_raw_parts(base as *const u8, size).to_vec();
+        sys::ggml_backend_buffer_free(buf.as_ptr());
+        Ok(out)
+    }
+}
+
+/// What decides the repack layout this build writes: ggml's version and the CPU features its
+/// kernels choose by. A sidecar written under another value is rebuilt.
+pub fn repack_layout_id() -> String {
+    // SAFETY: feature queries without arguments.
+    let f = unsafe {
+        [
+            ("avx2", sys::ggml_cpu_has_avx2()),
+            ("avx512", sys::ggml_cpu_has_avx512()),
+            ("neon", sys::ggml_cpu_has_neon()),
+            ("dotprod", sys::ggml_cpu_has_dotprod()),
+            ("i8mm", sys::ggml_cpu_has_matmul_int8()),
+            ("sve", sys::ggml_cpu_has_sve()),
+            ("riscv_v", sys::ggml_cpu_has_riscv_v()),
+            ("vxe", sys::ggml_cpu_has_vxe()),
+        ]
+    };
+    let features: Vec<&str> = f.iter().filter(|(_, on)| *on != 0).map(|(n, _)| *n).collect();
+    format!("ggml {} {} {}", ggml_version(), std::env::consts::ARCH, features.join(","))
+}
+
+/// The vendored ggml's version and commit (`ggml_version`, `ggml_commit`).
+pub fn ggml_version() -> String {
+    // SAFETY: static NUL-terminated strings.
+    unsafe {
+        format!(
+            "{} ({})",
+            CStr::from_ptr(sys::ggml_version()).to_string_lossy(),
+            CStr::from_ptr(sys::ggml_commit()).to_string_lossy()
+        )
+    }
+}
+
+unsafe extern "C" {
+    /// `src/engine/repack_map.c`: `ptr..ptr+size` (tensors already in the repack layout) as a
+    /// buffer of the repack type; NULL when the type cannot allocate.
+    fn shardnet_repacked_buffer_from_ptr(
+        repack_buft: sys::ggml_backend_buffer_type_t,
+        ptr: *mut c_void,
+        size: usize,
+    ) -> *mut sys::ggml_backend_buffer;
+}
+
 impl Weights {
     /// Wraps `specs`, whose data must lie inside `map`. Sizes are checked against ggml's own
-    /// arithmetic, so a tensor can never reach past the map.
+    /// arithmetic, so a tensor can never reach past the map (or the sidecar's map).
     ///
-    /// With `repack`, matrices ggml's CPU backend has a faster layout for (Q4_0, Q4_K, IQ4_NL, ...
-    /// on this CPU) are copied into that layout instead: faster products, at the cost of
-    /// anonymous memory the size of those weights.
-    pub fn over_map(map: &[u8], specs: &[WeightSpec], repack: bool) -> Result<Weights, String> {
-        let buft = if repack { repack_buffer_type() } else { None };
-        let to_repack: Vec<bool> =
-            specs.iter().map(|s| s.matmul_only && buft.is_some_and(|b| repackable(b, s.dtype, &s.ne))).collect();
+    /// `layout` says where the matrices ggml's CPU backend has a faster layout for (Q4_0, Q4_K,
+    /// IQ4_NL, ... on this CPU; see [`repack_plan`]) come from: the shard as it is, a copy in
+    /// anonymous memory, or a sidecar file already in that layout.
+    pub fn over_map(map: &[u8], specs: &[WeightSpec], layout: Layout) -> Result<Weights, String> {
+        let buft = if layout == Layout::AsIs { None } else { repack_buffer_type() };
+        let to_repack: Vec<bool> = if buft.is_some() { repack_plan(specs) } else { vec![false; specs.len()] };
         let ctx = Context::new(specs.len(), 0);
         // SAFETY: the map is valid for map.len() bytes for as long as the caller keeps it (see
         // the type's doc); ggml only reads weights.
         let buffer = unsafe { sys::ggml_backend_cpu_buffer_from_ptr(map.as_ptr() as *mut c_void, map.len()) };
         let buffer = NonNull::new(buffer).ok_or("ggml could not wrap the shard's map")?;
         let mut weights = Weights { ctx, buffer, tensors: Vec::new(), repacked: None };
-        let base = map.as_ptr() as usize;
         let n_repack = to_repack.iter().filter(|r| **r).count();
-        let mut copies: Vec<(NonNull<sys::ggml_tensor>, &[u8])> = Vec::new();
         if let (Some(buft), true) = (buft, n_repack > 0) {
             let rctx = Context::new(n_repack, 0);
-            for (spec, _) in specs.iter().zip(&to_repack).filter(|(_, r)| **r) {
+            let picked: Vec<(usize, &WeightSpec)> = specs.iter().enumerate().filter(|(i, _)| to_repack[*i]).collect();
+            let mut headers = Vec::with_capacity(picked.len());
+            for (_, spec) in &picked {
                 let t = rctx.new_tensor(spec.dtype, &spec.ne);
                 // SAFETY: a fresh header from rctx.
                 if unsafe { sys::ggml_nbytes(t) } != spec.data.len() {
@@ -207,19 +300,45 @@ impl Weights {
                 }
                 set_name(t, spec.name);
                 weights.tensors.push((spec.name.to_string(), NonNull::new(t).unwrap()));
-                copies.push((NonNull::new(t).unwrap(), spec.data));
+                headers.push(t);
             }
-            // SAFETY: allocates rctx's tensors in one repack buffer, then fills each (the buffer
-            // type's set_tensor rewrites the blocks into its layout).
-            unsafe {
-                let rbuf = sys::ggml_backend_alloc_ctx_tensors_from_buft(rctx.raw(), buft);
-                let rbuf = NonNull::new(rbuf).ok_or("out of memory for repacked weights")?;
-                for (t, data) in &copies {
-                    sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
+            match layout {
+                Layout::Repacked { map: side, offsets } => {
+                    // SAFETY: the sidecar's map is valid for its length while the caller keeps it;
+                    // every tensor's range is checked to lie inside it before it is placed.
+                    unsafe {
+                        let rbuf = shardnet_repacked_buffer_from_ptr(buft, side.as_ptr() as *mut c_void, side.len());
+                        let rbuf = NonNull::new(rbuf).ok_or("ggml could not wrap the repack sidecar")?;
+                        weights.repacked = Some((rctx, rbuf, false));
+                        for ((i, spec), t) in picked.iter().zip(&headers) {
+                            let off = *offsets.get(*i).ok_or("the sidecar lists too few tensors")?;
+                            let need = sys::ggml_nbytes(*t);
+                            if off % REPACK_ALIGN != 0 || off.checked_add(need).is_none_or(|end| end > side.len()) {
+                                return Err(format!("tensor {}: outside the repack sidecar", spec.name));
+                            }
+                            let at = side.as_ptr().add(off) as *mut c_void;
+                            let status = sys::ggml_backend_tensor_alloc(rbuf.as_ptr(), *t, at);
+                            if status != sys::ggml_status_GGML_STATUS_SUCCESS || (**t).extra.is_null() {
+                                return Err(format!("tensor {}: ggml refused its repacked data", spec.name));
+                            }
+                        }
+                    }
                 }
-                weights.repacked = Some((rctx, rbuf));
+                _ => {
+                    // SAFETY: allocates rctx's tensors in one repack buffer, then fills each (the
+                    // buffer type's set_tensor rewrites the blocks into its layout).
+                    unsafe {
+                        let rbuf = sys::ggml_backend_alloc_ctx_tensors_from_buft(rctx.raw(), buft);
+                        let rbuf = NonNull::new(rbuf).ok_or("out of memory for repacked weights")?;
+                        for ((_, spec), t) in picked.iter().zip(&headers) {
+                            sys::ggml_backend_tensor_set(*t, spec.data.as_ptr() as *const c_void, 0, spec.data.len());
+                        }
+                        weights.repacked = Some((rctx, rbuf, true));
+                    }
+                }
             }
         }
+        let base = map.as_ptr() as usize;
         for (spec, _) in specs.iter().zip(&to_repack).filter(|(_, r)| !**r) {
             let t = weights.ctx.new_tensor(spec.dtype, &spec.ne);
             // SAFETY: t is a fresh header from our context.
@@ -245,20 +364,39 @@ impl Weights {
 }
 
 impl Weights {
-    /// Bytes copied into the repack layout (0 without `repack`).
+    /// Weight bytes copied into the repack layout in anonymous memory ([`Layout::RepackCopy`]).
     pub fn repacked_bytes(&self) -> usize {
-        // SAFETY: a live buffer we own.
-        self.repacked.as_ref().map_or(0, |(_, b)| unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) })
+        match &self.repacked {
+            // SAFETY: a live buffer we own.
+            Some((_, b, true)) => unsafe { sys::ggml_backend_buffer_get_size(b.as_ptr()) },
+            _ => 0,
+        }
+    }
+
+    /// Weights computed from a repacked layout (anonymous or mapped): how many.
+    pub fn repacked_count(&self) -> usize {
+        self.repacked.as_ref().map_or(0, |(ctx, ..)| {
+            // SAFETY: counts the tensors of a live context.
+            let mut n = 0;
+            unsafe {
+                let mut t = sys::ggml_get_first_tensor(ctx.raw());
+                while !t.is_null() {
+                    n += 1;
+                    t = sys::ggml_get_next_tensor(ctx.raw(), t);
+                }
+            }
+            n
+        })
     }
 }
 
 impl Drop for Weights {
     fn drop(&mut self) {
         // SAFETY: the buffer wraps memory it does not own; freeing it frees only the wrapper.
-        // The repack buffer is ours and is freed before its context.
+        // The repack buffer (ours, or a wrapper over the sidecar) is freed before its context.
         unsafe {
             sys::ggml_backend_buffer_free(self.buffer.as_ptr());
-            if let Some((_, b)) = &self.repacked {
+            if let Some((_, b, _)) = &self.repacked {
                 sys::ggml_backend_buffer_free(b.as_ptr());
             }
         }
@@ -394,6 +532,10 @@ impl Graph {
     }
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         self.wrap(unsafe { sys::ggml_permute(self.ctx.raw(), a.ptr(), axes[0], axes[1], axes[2], axes[3]) })
+    }
+    /// `a` and `b` joined along dimension `dim` (every other dimension equal).
+    pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
+        self.wrap(unsafe { sys::ggml_concat(self.ctx.raw(), a.ptr(), b.ptr(), dim) })
     }
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         self.wrap(unsafe { sys::ggml_cont(self.ctx.raw(), a.ptr()) })

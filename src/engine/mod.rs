@@ -16,6 +16,7 @@ pub mod generate;
 pub mod ggml;
 pub mod model;
 pub mod sampler;
+pub mod sidecar;
 pub mod tokenizer;
 
 #[allow(non_upper_case_globals, non_camel_case_types, non_snake_case, dead_code, unsafe_op_in_unsafe_fn, clippy::all)]
@@ -28,7 +29,7 @@ use model::ShardModel;
 use std::collections::HashMap;
 use std::sync::Arc;
 
-pub use model::Hparams;
+pub use model::{Hparams, WeightsSource};
 
 #[derive(Clone, Debug)]
 pub struct EngineConfig {
@@ -42,8 +43,9 @@ pub struct EngineConfig {
     pub max_sessions_per_client: usize,
     /// KV-cache bytes over all sessions; the least recently used are evicted to make room.
     pub kv_budget: u64,
-    /// Copy matrices ggml has a faster CPU layout for into that layout (anonymous memory the size
-    /// of those weights) instead of computing from the map as it is.
+    /// Run matrices ggml has a faster CPU layout for from that layout: from a sidecar file beside
+    /// the shard when [`Engine::load_file`] names the shard's file, else (or when the sidecar
+    /// cannot be written) from a copy in anonymous memory the size of those weights.
     pub repack: bool,
 }
 
@@ -148,6 +150,26 @@ pub struct Engine {
 /// Session ids are short printable names chosen by the coordinator.
 pub const MAX_SESSION_ID: usize = 128;
 
+/// Tokens in one batched graph, as llama.cpp's default `n_batch`: steps beyond it go to the next
+/// graph (a single larger step still runs whole, in a graph of its own).
+pub const MAX_BATCH_TOKENS: usize = 512;
+
+/// Why a new session cannot join the batch being gathered (only its own sessions could make
+/// room); `execute_batch` then runs that batch first.
+const NO_ROOM_IN_BATCH: &str = "every session's cache is in use by this batch; no room for another";
+
+/// One session's step for [`Engine::execute_batch`].
+#[derive(Clone, Copy, Debug)]
+pub struct Step<'a> {
+    pub session_id: &'a str,
+    /// Who may use the session (its token) and whose quota it counts against, if known.
+    pub claim: Option<Claim<'a>>,
+    /// First position of `input`.
+    pub pos: u32,
+    pub input: &'a Input,
+    pub want: Want,
+}
+
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let backend = ggml::Backend::cpu(cfg.threads).map_err(|e| err(ErrorCode::Internal, e))?;
@@ -161,7 +183,34 @@ impl Engine {
     /// Makes the shard in `map` runnable under `shard_id`, replacing what was there (and dropping
     /// the sessions that ran on the old one).
     pub fn load(&mut self, shard_id: u32, map: Arc<Mmap>) -> Result<&Hparams, EngineError> {
-        let model = ShardModel::load(map, self.cfg.repack).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
+        self.load_inner(shard_id, map, None)
+    }
+
+    /// As [`Engine::load`], for the shard file at `path` (mapped as `map`): with `repack`, the
+    /// repacked matrices live in the sidecar `path.repack`, keyed by `info_hash` (hex; a SHA-1
+    /// of the whole file when it is `None`) and the ggml build, and rebuilt when either changed
+    /// or the file is corrupt (see [`sidecar`]).
+    pub fn load_file(
+        &mut self,
+        shard_id: u32,
+        map: Arc<Mmap>,
+        path: &std::path::Path,
+        info_hash: Option<String>,
+    ) -> Result<&Hparams, EngineError> {
+        let place = self.cfg.repack.then(|| {
+            let key = info_hash.unwrap_or_else(|| sidecar::content_key(&map));
+            sidecar::Place::beside(path, key)
+        });
+        self.load_inner(shard_id, map, place.as_ref())
+    }
+
+    fn load_inner(
+        &mut self,
+        shard_id: u32,
+        map: Arc<Mmap>,
+        place: Option<&sidecar::Place>,
+    ) -> Result<&Hparams, EngineError> {
+        let model = ShardModel::load(map, self.cfg.repack, place).map_err(|e| err(ErrorCode::ShardInvalid, e))?;
         if model.repacked_bytes() > 0 {
             crate::debug!("shard {shard_id}: {} weight bytes repacked for this CPU", model.repacked_bytes());
         }
@@ -173,6 +222,11 @@ impl Engine {
     pub fn unload(&mut self, shard_id: u32) {
         self.sessions.retain(|(_, s), _| *s != shard_id);
         self.shards.remove(&shard_id);
+    }
+
+    /// Where a loaded shard's repackable matrices are read from.
+    pub fn weights_source(&self, shard_id: u32) -> Option<WeightsSource> {
+        self.shards.get(&shard_id).map(|m| m.source)
     }
 
     pub fn is_loaded(&self, shard_id: u32) -> bool {
@@ -247,6 +301,56 @@ impl Engine {
         input: &Input,
         want: Want,
     ) -> Result<Output, EngineError> {
+        let step = Step { session_id, claim, pos, input, want };
+        self.execute_batch(shard_id, &[step]).pop().expect("one result per step")
+    }
+
+    /// Runs the steps of several sessions on `shard_id`, as few ggml graphs as possible (one
+    /// matrix multiply per weight for all of them; see [`forward::step_batch`]): continuous
+    /// batching. Each step is validated on its own and gets its own result, in order; a step that
+    /// fails validation does not hold back the others. Steps of one session run in the order
+    /// given (a later step of a session already in the batch starts the next graph), and a batch
+    /// is cut where it would pass [`MAX_BATCH_TOKENS`]. Results equal running the steps one by
+    /// one with [`Engine::execute_as`], up to the rounding of batched matrix products.
+    pub fn execute_batch(&mut self, shard_id: u32, steps: &[Step]) -> Vec<Result<Output, EngineError>> {
+        let mut results: Vec<Option<Result<Output, EngineError>>> = (0..steps.len()).map(|_| None).collect();
+        // Steps admitted to the graph being gathered: (index in `steps`, session key).
+        let mut batch: Vec<(usize, (String, u32))> = Vec::new();
+        let mut batch_tokens = 0usize;
+        for (i, step) in steps.iter().enumerate() {
+            let n = step.input.n_tokens();
+            let key = (step.session_id.to_string(), shard_id);
+            let again = batch.iter().any(|(_, k)| *k == key);
+            if again || (!batch.is_empty() && batch_tokens + n > MAX_BATCH_TOKENS) {
+                self.run_batch(shard_id, steps, &batch, &mut results);
+                batch.clear();
+                batch_tokens = 0;
+            }
+            let protect: Vec<&(String, u32)> = batch.iter().map(|(_, k)| k).collect();
+            let mut admitted = self.admit(shard_id, step, &protect);
+            if matches!(&admitted, Err(e) if e.message == NO_ROOM_IN_BATCH) && !batch.is_empty() {
+                // Room only by evicting a session of this batch: run the batch first.
+                self.run_batch(shard_id, steps, &batch, &mut results);
+                batch.clear();
+                batch_tokens = 0;
+                admitted = self.admit(shard_id, step, &[]);
+            }
+            match admitted {
+                Ok(()) => {
+                    batch.push((i, key));
+                    batch_tokens += n;
+                }
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        self.run_batch(shard_id, steps, &batch, &mut results);
+        results.into_iter().map(|r| r.expect("every step gets a result")).collect()
+    }
+
+    /// Checks one step and finds (or starts) its session's cache; `protect` are sessions of the
+    /// batch being gathered, which eviction must not take.
+    fn admit(&mut self, shard_id: u32, step: &Step, protect: &[&(String, u32)]) -> Result<(), EngineError> {
+        let Step { session_id, claim, pos, input, .. } = *step;
         let Some(model) = self.shards.get(&shard_id) else {
             return Err(err(ErrorCode::ShardNotLoaded, format!("shard {shard_id} is not loaded on this node")));
         };
@@ -307,14 +411,14 @@ impl Engine {
         self.clock += 1;
         let clock = self.clock;
         self.check_owner(session_id, claim.map(|c| c.token))?;
-        match self.sessions.get(&key) {
+        match self.sessions.get_mut(&key) {
             Some(s) if pos > s.n_past => {
                 return Err(err(
                     ErrorCode::OutOfRange,
                     format!("session {session_id} holds {} positions; pos {pos} would leave a gap", s.n_past),
                 ));
             }
-            Some(_) => {}
+            Some(s) => s.last_used = clock,
             None if pos != 0 => {
                 return Err(err(
                     ErrorCode::UnknownSession,
@@ -331,11 +435,13 @@ impl Engine {
                         format!("a session needs {bytes} KV bytes, the budget is {}", self.cfg.kv_budget),
                     ));
                 }
-                self.make_room(bytes, claim.map_or("", |c| c.origin));
+                if !self.make_room(bytes, claim.map_or("", |c| c.origin), protect) {
+                    return Err(err(ErrorCode::Busy, NO_ROOM_IN_BATCH));
+                }
                 let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
                 let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
                 self.sessions.insert(
-                    key.clone(),
+                    key,
                     Session {
                         cache,
                         owner: claim.map(|c| Owner { token: token_digest(c.token), origin: c.origin.to_string() }),
@@ -346,44 +452,86 @@ impl Engine {
                 );
             }
         }
-        let session = self.sessions.get_mut(&key).unwrap();
-        session.last_used = clock;
-        let model = &self.shards[&shard_id];
-        let step_input = match input {
-            Input::Tokens(ids) => StepInput::Tokens(ids),
-            Input::Hidden { data, .. } => StepInput::Hidden(data),
-        };
-        let all = matches!(want, Want::Logits { all: true });
-        let out =
-            forward::step(&mut self.backend, model, &session.cache, session.n_ctx, pos, n as u32, step_input, all)
-                .map_err(|e| err(ErrorCode::Internal, e))?;
-        session.n_past = pos + n as u32;
-        // A model's values (weights, norms) can still drive the arithmetic to NaN or infinity:
-        // that is an error, never a number sent on.
-        let values = match &out {
-            StepOutput::Hidden(data) => data,
-            StepOutput::Logits { data, .. } => data,
-        };
-        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-            return Err(err(
-                ErrorCode::NumericError,
-                format!(
-                    "shard {shard_id} computed a non-finite value ({} at index {i}): the model's values are broken",
-                    values[i]
-                ),
-            ));
+        Ok(())
+    }
+
+    /// Computes the admitted steps `batch` in one graph and stores their results.
+    fn run_batch(
+        &mut self,
+        shard_id: u32,
+        steps: &[Step],
+        batch: &[(usize, (String, u32))],
+        results: &mut [Option<Result<Output, EngineError>>],
+    ) {
+        if batch.is_empty() {
+            return;
         }
-        Ok(match out {
-            StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: model.hp.n_embd as usize },
-            StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab: model.hp.n_vocab as usize },
-        })
+        let model = &self.shards[&shard_id];
+        let seqs: Vec<forward::Seq> = batch
+            .iter()
+            .map(|(i, key)| {
+                let step = &steps[*i];
+                let session = &self.sessions[key];
+                forward::Seq {
+                    cache: &session.cache,
+                    n_ctx: session.n_ctx,
+                    pos: step.pos,
+                    n_tokens: step.input.n_tokens() as u32,
+                    input: match step.input {
+                        Input::Tokens(ids) => StepInput::Tokens(ids),
+                        Input::Hidden { data, .. } => StepInput::Hidden(data),
+                    },
+                    all_logits: matches!(step.want, Want::Logits { all: true }),
+                }
+            })
+            .collect();
+        let outs = forward::step_batch(&mut self.backend, model, &seqs);
+        let (n_embd, n_vocab) = (model.hp.n_embd as usize, model.hp.n_vocab as usize);
+        drop(seqs);
+        match outs {
+            Err(e) => {
+                for (i, _) in batch {
+                    results[*i] = Some(Err(err(ErrorCode::Internal, e.clone())));
+                }
+            }
+            Ok(outs) => {
+                for ((i, key), out) in batch.iter().zip(outs) {
+                    let n = steps[*i].input.n_tokens();
+                    if let Some(s) = self.sessions.get_mut(key) {
+                        s.n_past = steps[*i].pos + n as u32;
+                    }
+                    // A model's values (weights, norms) can still drive the arithmetic to NaN or
+                    // infinity: that is an error, never a number sent on.
+                    let values = match &out {
+                        StepOutput::Hidden(data) => data,
+                        StepOutput::Logits { data, .. } => data,
+                    };
+                    if let Some(j) = values.iter().position(|v| !v.is_finite()) {
+                        results[*i] = Some(Err(err(
+                            ErrorCode::NumericError,
+                            format!(
+                                "shard {shard_id} computed a non-finite value ({} at index {j}): the model's values \
+                                 are broken",
+                                values[j]
+                            ),
+                        )));
+                        continue;
+                    }
+                    results[*i] = Some(Ok(match out {
+                        StepOutput::Hidden(data) => Output::Hidden { data, n_tokens: n, width: n_embd },
+                        StepOutput::Logits { data, rows } => Output::Logits { data, rows, n_vocab },
+                    }));
+                }
+            }
+        }
     }
 
     /// Makes room for a new session of `origin` taking `bytes`. A client at its quota loses its
     /// own least recently used session; otherwise, while the count or the KV budget is exceeded,
     /// the least recently used session of the client holding the most goes. So one client
-    /// opening many sessions evicts only its own, never another's.
-    fn make_room(&mut self, bytes: u64, origin: &str) {
+    /// opening many sessions evicts only its own, never another's. Sessions in `protect` (the
+    /// batch being gathered) are never evicted; false when no room can be made without them.
+    fn make_room(&mut self, bytes: u64, origin: &str, protect: &[&(String, u32)]) -> bool {
         let origin_of = |s: &Session| s.owner.as_ref().map_or("", |o| o.origin.as_str()).to_string();
         loop {
             let (count, used) = self.sessions();
@@ -398,19 +546,19 @@ impl Engine {
             } else if count >= self.cfg.max_sessions || used + bytes > self.cfg.kv_budget {
                 match per.iter().max_by_key(|(o, n)| (**n, o.as_str() == origin)) {
                     Some((o, _)) => o.clone(),
-                    None => return,
+                    None => return true,
                 }
             } else {
-                return;
+                return true;
             };
             let Some(oldest) = self
                 .sessions
                 .iter()
-                .filter(|(_, s)| origin_of(s) == victim_origin)
+                .filter(|(k, s)| origin_of(s) == victim_origin && !protect.contains(k))
                 .min_by_key(|(_, s)| s.last_used)
                 .map(|(k, _)| k.clone())
             else {
-                return;
+                return false;
             };
             crate::debug!("evicting session {} on shard {} (least recently used of its client)", oldest.0, oldest.1);
             self.sessions.remove(&oldest);

@@ -1,7 +1,8 @@
 //! A shard as the engine sees it: the model's hyper-parameters from GGUF metadata, the shard's
 //! layer range, and every weight it needs wrapped in place over the memory map.
 
-use super::ggml::{self, RopeParams, Tensor, WeightSpec, Weights};
+use super::ggml::{self, Layout, RopeParams, Tensor, WeightSpec, Weights};
+use super::sidecar;
 use crate::gguf::reader::Gguf;
 use crate::gguf::types::GgmlType;
 use memmap2::Mmap;
@@ -165,7 +166,23 @@ pub struct ShardModel {
     pub begin: u32,
     pub end: u32,
     weights: Weights,
+    /// Where the repackable matrices come from.
+    pub source: WeightsSource,
     _map: Arc<Mmap>,
+    /// The repack sidecar's map, when the weights come from it.
+    _sidecar: Option<Mmap>,
+}
+
+/// Where a shard's matrices that ggml has a faster CPU layout for are read from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum WeightsSource {
+    /// The shard's own map, as it is (no repack wanted, or none available on this CPU).
+    Map,
+    /// The repack sidecar beside the shard, mapped read-only; `rebuilt` when this load wrote it
+    /// (it was missing, stale or corrupt).
+    Sidecar { rebuilt: bool },
+    /// A copy in the repack layout in anonymous memory (the sidecar could not be written).
+    Copy,
 }
 
 /// Names of one layer's weights, with the shapes they must have.
@@ -269,15 +286,36 @@ pub fn check<'a>(g: &Gguf<'a>) -> Result<(Hparams, u32, u32, Vec<WeightSpec<'a>>
 
 impl ShardModel {
     /// Checks the file ([`check`]) and wraps its weights over `map`.
-    pub fn load(map: Arc<Mmap>, repack: bool) -> Result<ShardModel, String> {
+    ///
+    /// With `repack`, the matrices ggml's CPU backend has a faster layout for come from the
+    /// sidecar at `sidecar` (used if it matches, else rebuilt), or from an anonymous copy when
+    /// there is no sidecar place or it cannot be written.
+    pub fn load(map: Arc<Mmap>, repack: bool, sidecar: Option<&sidecar::Place>) -> Result<ShardModel, String> {
         let g = Gguf::parse(&map).map_err(|e| format!("not a valid GGUF file: {e}"))?;
         let (hp, begin, end, specs) = check(&g)?;
-        let weights = Weights::over_map(&map, &specs, repack)?;
+        let plan = if repack { ggml::repack_plan(&specs) } else { vec![false; specs.len()] };
+        let (weights, source, side) = if !plan.contains(&true) {
+            (Weights::over_map(&map, &specs, Layout::AsIs)?, WeightsSource::Map, None)
+        } else {
+            match sidecar.map(|place| open_or_build(place, &specs, &plan)) {
+                Some(Ok((mapped, rebuilt))) => {
+                    let layout = Layout::Repacked { map: &mapped.map, offsets: &mapped.offsets };
+                    let weights = Weights::over_map(&map, &specs, layout)?;
+                    (weights, WeightsSource::Sidecar { rebuilt }, Some(mapped.map))
+                }
+                failed => {
+                    if let Some(Err(why)) = failed {
+                        crate::warn!("repack sidecar unusable ({why}); repacking into memory instead");
+                    }
+                    (Weights::over_map(&map, &specs, Layout::RepackCopy)?, WeightsSource::Copy, None)
+                }
+            }
+        };
         drop(g);
-        Ok(ShardModel { hp, begin, end, weights, _map: map })
+        Ok(ShardModel { hp, begin, end, weights, source, _map: map, _sidecar: side })
     }
 
-    /// Weight bytes copied out of the map (only with `repack`).
+    /// Weight bytes copied out of the map into anonymous memory (only a repack without sidecar).
     pub fn repacked_bytes(&self) -> usize {
         self.weights.repacked_bytes()
     }
@@ -303,4 +341,30 @@ impl ShardModel {
     pub fn head(&self) -> Tensor<'_> {
         self.opt("output.weight").unwrap_or_else(|| self.w("token_embd.weight"))
     }
+}
+
+/// The sidecar at `place` if it matches the shard, else a fresh one written there and mapped:
+/// (its map, whether it was rebuilt), or why neither worked.
+fn open_or_build(
+    place: &sidecar::Place,
+    specs: &[WeightSpec],
+    plan: &[bool],
+) -> Result<(sidecar::Mapped, bool), String> {
+    match sidecar::open(place, specs, plan) {
+        Ok(m) => return Ok((m, false)),
+        Err(why) if place.path.exists() => {
+            crate::info!("repack sidecar {} not used: {why}; rebuilding it", place.path.display())
+        }
+        Err(_) => {}
+    }
+    let t = std::time::Instant::now();
+    let bytes = sidecar::build(place, specs, plan)?;
+    crate::info!(
+        "repack sidecar {} written ({bytes} bytes, {:.0} ms)",
+        place.path.display(),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let m =
+        sidecar::open(place, specs, plan).map_err(|e| format!("the sidecar just written does not read back: {e}"))?;
+    Ok((m, true))
 }

@@ -221,7 +221,7 @@ pub fn split(source: &Path, n: u32, out_dir: &Path, pool: Option<&PoolHandle>) -
         });
         if let Some(pool) = pool {
             let m = create::create(&path, None, pool)?;
-            let torrent = crate::node::scan::torrent_path(out_dir, &format!("shard-{}.gguf", p.index));
+            let torrent = crate::torrent::torrent_path(out_dir, &format!("shard-{}.gguf", p.index));
             std::fs::write(&torrent, m.to_torrent_bytes()).with_context(|| format!("writing {}", torrent.display()))?;
             entry["info_hash"] = json!(m.info_hash.to_hex());
         }

@@ -184,6 +184,16 @@ impl Node {
         if now >= d.next_tick {
             d.dht.tick(now);
             d.next_tick = now + d.dht.next_tick();
+            if let Some(j) = d.dht.take_unanswered_join() {
+                let list: Vec<String> = j.bootstrap.iter().map(|a| a.to_string()).collect();
+                warn!(
+                    "DHT: no answer from bootstrap {} (attempt {}); retrying in {} s; the node serves \
+                     what it holds meanwhile",
+                    list.join(", "),
+                    j.attempts,
+                    j.retry_in.as_secs()
+                );
+            }
             if now.duration_since(d.table_saved) >= SAVE_TABLE_EVERY {
                 d.table_saved = now;
                 let nodes: Vec<NodeInfo> = d.dht.table.entries().map(|e| e.node).take(256).collect();
@@ -198,6 +208,18 @@ impl Node {
         self.dht.as_ref().map(|d| d.next_tick)
     }
 
+    /// Writes the routing table now (at shutdown); the number of nodes saved, or None without a
+    /// DHT. An empty table leaves the file an earlier run saved.
+    pub(super) fn save_dht_table(&self) -> Option<io::Result<usize>> {
+        let d = self.dht.as_ref()?;
+        let nodes: Vec<NodeInfo> = d.dht.table.entries().map(|e| e.node).take(256).collect();
+        if nodes.is_empty() {
+            return Some(Ok(0));
+        }
+        let path = self.config.shards_dir.join(TABLE_FILE);
+        Some(std::fs::write(path, encode_nodes(&nodes)).map(|()| nodes.len()))
+    }
+
     /// Starts a lookup (or an announce) of `key`; a `--private` node uses the keyed name of
     /// every key instead (`auth::dht_name`), so outsiders find none of its shards or members.
     pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose) -> bool {
@@ -206,8 +228,11 @@ impl Node {
             _ => key,
         };
         let Some(d) = self.dht.as_mut() else { return false };
-        let l = d.dht.start_lookup(key, kind, Instant::now());
+        let now = Instant::now();
+        let l = d.dht.start_lookup(key, kind, now);
         d.purposes.insert(l, purpose);
+        // A lookup with no node to ask ends at the next tick: have it come now.
+        d.next_tick = d.next_tick.min(now + d.dht.next_tick());
         self.dht_after();
         true
     }
@@ -363,6 +388,7 @@ impl Node {
             Some(d) => json!({
                 "id": hash::to_hex(&d.dht.id.0),
                 "nodes": d.dht.table.len(),
+                "unanswered_joins": d.dht.join_failures(),
                 "stored_keys": d.dht.store.len(),
                 "received": d.dht.stats.received,
                 "sent": d.dht.stats.sent,

@@ -8,7 +8,7 @@ use mio::Token;
 use serde_json::{Value, json};
 
 use super::catalog::{LoadedShard, load_shard};
-use super::inference::{Job, ReplyTo};
+use super::inference::{Job, ReplyTo, ShardFile};
 use super::scan::ScanEvent;
 use super::{Node, NodeEvent, Waiter};
 use crate::hash::to_hex;
@@ -135,17 +135,14 @@ impl Node {
                 error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
             return self.on_answer(reply.token, reply.conn_id, &payload);
         };
+        let info_hash =
+            self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
+        let weights =
+            ShardFile { map: shard.map.clone(), file: shard.file.clone(), path: shard.path.clone(), info_hash };
+        // The address the caller reached us at (the bind address may be 0.0.0.0).
+        let me = self.conn(reply.token).and_then(|c| c.stream.local_addr().ok()).unwrap_or(self.local_addr);
         let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute {
-            reply,
-            task,
-            from,
-            origin,
-            map: shard.map.clone(),
-            file: shard.file.clone(),
-            queued,
-            me: self.local_addr,
-        };
+        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me };
         self.inference.submit(job);
     }
 
@@ -271,14 +268,17 @@ impl Node {
         crate::protocol::success_prefix("STATUS", request_id, &mut out);
         out.extend_from_slice(fixed);
         let live = format!(
-            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\"inference\":{}}}}}",
+            ",\"uptime_ms\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             self.census.total(),
             self.census.to_json(),
             self.uploaded_total(),
             self.downloads_json(),
             self.dht_status(),
-            self.inference.stats.to_json()
+            self.inference.stats.to_json(),
+            self.relays.counts().0,
+            self.relays.counts().1,
         );
         out.extend_from_slice(live.as_bytes());
         out

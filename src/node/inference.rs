@@ -3,7 +3,6 @@
 //! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
 //! steps in order.
 
-use std::cell::RefCell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,20 +14,29 @@ use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
 
-use super::NodeEvent;
-use crate::client::Client;
-use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Want};
+use super::{NodeEvent, relay};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
-use crate::protocol::auth::ClusterKey;
 use crate::protocol::tensor::f32_to_json;
-use crate::protocol::{ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, success_payload};
-use crate::workers::WorkerPool;
+use crate::protocol::{
+    ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, request_payload, success_payload,
+};
 
 /// Where an answer goes: the connection (checked by id, as slots are reused) and the request.
 pub struct ReplyTo {
     pub token: Token,
     pub conn_id: u64,
     pub request_id: Value,
+}
+
+/// The loaded shard a task runs on: its map, its file (the repack sidecar goes beside it) and its
+/// info hash when the node has computed it (the sidecar's key).
+pub struct ShardFile {
+    pub map: Arc<Mmap>,
+    /// The file behind `map`, checked (one `fstat`) before each round of its tasks computes.
+    pub file: Arc<std::fs::File>,
+    pub path: std::path::PathBuf,
+    pub info_hash: Option<String>,
 }
 
 pub enum Job {
@@ -39,9 +47,7 @@ pub enum Job {
         from: Option<String>,
         /// The client as the node identifies it: keys the per-client session quota.
         origin: String,
-        map: Arc<Mmap>,
-        /// The file behind `map`, checked (one `fstat`) before the task computes.
-        file: Arc<std::fs::File>,
+        shard: ShardFile,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
@@ -86,19 +92,13 @@ pub struct Inference {
 }
 
 impl Inference {
-    /// Starts the thread; relays to next hops authenticate with `key` when the node has one.
-    pub fn spawn(
-        cfg: EngineConfig,
-        key: Option<ClusterKey>,
-        events: Sender<NodeEvent>,
-        waker: Arc<Waker>,
-    ) -> Inference {
+    pub fn spawn(cfg: EngineConfig, events: Sender<NodeEvent>, waker: Arc<Waker>) -> Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
         let s = stats.clone();
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, key, rx, events, waker, s))
+            .spawn(move || worker(cfg, rx, events, waker, s))
             .expect("spawning the inference thread");
         Inference { jobs, stats }
     }
@@ -109,100 +109,133 @@ impl Inference {
     }
 }
 
-/// Threads that carry results to next hops and wait for their answers, so neither the event
-/// loop nor the inference thread waits on another node.
-const RELAY_THREADS: usize = 4;
+/// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
+const MAX_JOBS_PER_ROUND: usize = 64;
 
 fn worker(
     cfg: EngineConfig,
-    key: Option<ClusterKey>,
     jobs: Receiver<Job>,
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
 ) {
-    let relay_pool = WorkerPool::new("relay", RELAY_THREADS);
-    let relay = relay_pool.handle();
+    let mut relay_ids = 0u64;
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
     }
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
-    for job in jobs {
-        stats.queued.fetch_sub(1, Ordering::Relaxed);
+    let send = |reply: ReplyTo, payload: Vec<u8>| {
+        let ok = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_ok();
+        let _ = waker.wake();
+        ok
+    };
+    while let Ok(first) = jobs.recv() {
+        // Continuous batching: whatever queued while the last graph ran goes into this round.
+        let mut round = vec![first];
+        while round.len() < MAX_JOBS_PER_ROUND {
+            match jobs.try_recv() {
+                Ok(job) => round.push(job),
+                Err(_) => break,
+            }
+        }
+        stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
-        let (reply, payload) = match job {
-            Job::Execute { reply, mut task, from, origin, map, file, queued, me } => {
-                // A new session without a token gets one; a relay passes it down the chain.
-                if task.session_token.is_none() {
-                    match crate::protocol::auth::random_bytes::<16>() {
-                        Ok(b) => task.session_token = Some(crate::hash::to_hex(&b)),
-                        Err(e) => crate::error!("no randomness for a session token: {e}"),
-                    }
-                }
-                let claim = task.session_token.as_deref().map(|token| Claim { token, origin: &origin });
-                let outcome = match (engine.as_mut(), claim, unchanged(&file, &map, task.shard_id)) {
-                    (_, _, Err(e)) => Err(e),
-                    (Ok(engine), Some(claim), Ok(())) => {
-                        execute(engine, &mut loaded, &task, claim, map, queued, &stats)
-                    }
-                    (Ok(_), None, _) => Err((ErrorCode::Internal, "no session token could be made".to_string())),
-                    (Err(e), _, _) => Err((ErrorCode::Internal, e.message.clone())),
-                };
-                match outcome {
-                    Err((code, msg)) => {
-                        let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg);
-                        (reply, payload)
-                    }
-                    Ok(mut result) => {
-                        let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
-                            "timings": result["timings"].take()});
-                        result.as_object_mut().expect("an object").remove("timings");
-                        if task.next.is_empty() {
-                            result["hops"] = json!([hop]);
-                            let payload = success_payload("EXECUTE_TASK", &reply.request_id, result);
-                            (reply, payload)
-                        } else {
-                            let (tx, w, key) = (events.clone(), waker.clone(), key.clone());
-                            relay.submit(move || {
-                                let payload = forward(
-                                    &task,
-                                    from.as_deref(),
-                                    &origin,
-                                    key.as_ref(),
-                                    result,
-                                    hop,
-                                    &reply.request_id,
-                                );
-                                let _ =
-                                    tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
-                                let _ = w.wake();
-                            });
-                            record(&engine, &stats, started);
-                            continue;
+        // Steps gathered per (shard, map) until an END_SESSION, which must see the steps before it.
+        let mut groups: Vec<Vec<ExecuteJob>> = Vec::new();
+        for job in round {
+            match job {
+                Job::Execute { reply, mut task, from, origin, shard, queued, me } => {
+                    // A new session without a token gets one; a relay passes it down the chain.
+                    if task.session_token.is_none() {
+                        match crate::protocol::auth::random_bytes::<16>() {
+                            Ok(b) => task.session_token = Some(crate::hash::to_hex(&b)),
+                            Err(e) => crate::error!("no randomness for a session token: {e}"),
                         }
                     }
+                    let key = (task.shard_id, shard.map.as_ptr() as usize);
+                    let job = ExecuteJob { reply, task, from, origin, shard, queued, me };
+                    match groups.iter_mut().find(|g| (g[0].task.shard_id, g[0].shard.map.as_ptr() as usize) == key) {
+                        Some(g) => g.push(job),
+                        None => groups.push(vec![job]),
+                    }
+                }
+                Job::EndSession { reply, session_id, session_token } => {
+                    for group in groups.drain(..) {
+                        run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                    }
+                    let freed =
+                        engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
+                    let payload = match freed {
+                        Ok(freed) => success_payload(
+                            "END_SESSION",
+                            &reply.request_id,
+                            json!({"session_id": session_id, "freed": freed}),
+                        ),
+                        Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
+                    };
+                    if !send(reply, payload) {
+                        return;
+                    }
                 }
             }
-            Job::EndSession { reply, session_id, session_token } => {
-                let freed = engine.as_mut().map_or(Ok(0), |e| e.end_session_as(&session_id, session_token.as_deref()));
-                let payload = match freed {
-                    Ok(freed) => success_payload(
-                        "END_SESSION",
-                        &reply.request_id,
-                        json!({"session_id": session_id, "freed": freed}),
-                    ),
-                    Err(e) => error_payload(json!("END_SESSION"), reply.request_id.clone(), e.code, &e.message),
-                };
-                (reply, payload)
+        }
+        for group in groups {
+            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+        }
+        record(&engine, &stats, started);
+    }
+}
+
+/// An `EXECUTE_TASK` taken off the queue.
+struct ExecuteJob {
+    reply: ReplyTo,
+    task: ExecuteTask,
+    from: Option<String>,
+    origin: String,
+    shard: ShardFile,
+    queued: Instant,
+    me: SocketAddr,
+}
+
+/// Runs the steps of one shard in as few graphs as the engine can, then answers each, or, when
+/// the route goes on, hands the event loop the request frame for the next hop.
+fn run_group(
+    engine: &mut Result<Engine, crate::engine::EngineError>,
+    loaded: &mut HashMap<u32, usize>,
+    group: Vec<ExecuteJob>,
+    stats: &InferStats,
+    relay_ids: &mut u64,
+    events: &Sender<NodeEvent>,
+    waker: &Arc<Waker>,
+) {
+    let outcomes: Vec<Result<Value, (ErrorCode, String)>> = match engine.as_mut() {
+        Ok(engine) => execute(engine, loaded, &group, stats),
+        Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
+    };
+    for (job, outcome) in group.into_iter().zip(outcomes) {
+        let ExecuteJob { reply, task, from, origin, me, .. } = job;
+        let payload = match outcome {
+            Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
+            Ok(mut result) => {
+                let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
+                    "timings": result["timings"].take()});
+                result.as_object_mut().expect("an object").remove("timings");
+                if task.next.is_empty() {
+                    result["hops"] = json!([hop]);
+                    success_payload("EXECUTE_TASK", &reply.request_id, result)
+                } else {
+                    *relay_ids += 1;
+                    let out = relay_request(&task, from.as_deref(), &origin, result, hop, reply, *relay_ids);
+                    let _ = events.send(NodeEvent::Relay(out));
+                    let _ = waker.wake();
+                    continue;
+                }
             }
         };
-        record(&engine, &stats, started);
-        if events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_err() {
-            return; // the node is gone
-        }
+        let _ = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
         let _ = waker.wake();
     }
 }
@@ -226,7 +259,7 @@ fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (Err
     }
 }
 
-/// Updates the counters STATUS shows after a job.
+/// Updates the counters STATUS shows after a round of jobs.
 fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.running.store(0, Ordering::Relaxed);
     if let Ok(engine) = engine {
@@ -237,50 +270,104 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
-/// Runs one task on this node's shard: its result object (timings, and the output), or an error.
+/// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
+/// and the output), or its error.
 fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
-    task: &ExecuteTask,
-    claim: Claim,
-    map: Arc<Mmap>,
-    queued: Instant,
+    group: &[ExecuteJob],
     stats: &InferStats,
-) -> Result<Value, (ErrorCode, String)> {
-    let fail = |code, msg: &str| Err((code, msg.to_string()));
-    let queue_ms = queued.elapsed().as_secs_f64() * 1e3;
-    let key = map.as_ptr() as usize;
-    if loaded.get(&task.shard_id) != Some(&key) || !engine.is_loaded(task.shard_id) {
+) -> Vec<Result<Value, (ErrorCode, String)>> {
+    let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
+    if let Err(e) = unchanged(&shard.file, &shard.map, shard_id) {
+        return group.iter().map(|_| Err(e.clone())).collect();
+    }
+    let key = shard.map.as_ptr() as usize;
+    if loaded.get(&shard_id) != Some(&key) || !engine.is_loaded(shard_id) {
         let t = Instant::now();
-        if let Err(e) = engine.load(task.shard_id, map) {
-            loaded.remove(&task.shard_id);
-            return fail(e.code, &format!("shard {}: {}", task.shard_id, e.message));
+        if let Err(e) = engine.load_file(shard_id, shard.map.clone(), &shard.path, shard.info_hash.clone()) {
+            loaded.remove(&shard_id);
+            let msg = format!("shard {shard_id}: {}", e.message);
+            return group.iter().map(|_| Err((e.code, msg.clone()))).collect();
         }
-        crate::info!("shard {} ready for inference ({:.1} ms)", task.shard_id, t.elapsed().as_secs_f64() * 1e3);
-        loaded.insert(task.shard_id, key);
+        crate::info!(
+            "shard {shard_id} ready for inference ({:.1} ms, weights from {:?})",
+            t.elapsed().as_secs_f64() * 1e3,
+            engine.weights_source(shard_id)
+        );
+        loaded.insert(shard_id, key);
     }
-    if !task.next.is_empty() && engine.shard_info(task.shard_id).is_some_and(|(hp, _, end)| end == hp.n_layer) {
-        let msg = format!("shard {} ends the model: no hop can follow it", task.shard_id);
-        return fail(ErrorCode::BadRoute, &msg);
-    }
-    let input = match &task.input {
-        TaskInput::Tokens(t) => Input::Tokens(t.clone()),
-        TaskInput::Hidden { data, rows, cols } => Input::Hidden { data: data.clone(), n_tokens: *rows, width: *cols },
-    };
-    let n_tokens = input.n_tokens();
-    let want = match task.output {
-        TaskOutput::Hidden => Want::Hidden,
-        TaskOutput::Logits { all } => Want::Logits { all },
-        TaskOutput::TopK(_) => Want::Logits { all: false },
-    };
+    let ends_model = engine.shard_info(shard_id).is_some_and(|(hp, _, end)| end == hp.n_layer);
+    let inputs: Vec<(Input, Want)> = group
+        .iter()
+        .map(|j| {
+            let input = match &j.task.input {
+                TaskInput::Tokens(t) => Input::Tokens(t.clone()),
+                TaskInput::Hidden { data, rows, cols } => {
+                    Input::Hidden { data: data.clone(), n_tokens: *rows, width: *cols }
+                }
+            };
+            let want = match j.task.output {
+                TaskOutput::Hidden => Want::Hidden,
+                TaskOutput::Logits { all } => Want::Logits { all },
+                TaskOutput::TopK(_) => Want::Logits { all: false },
+            };
+            (input, want)
+        })
+        .collect();
+    // Steps that can run: a route past the model's last shard is refused before computing.
+    let runnable: Vec<usize> = (0..group.len())
+        .filter(|&i| !(ends_model && !group[i].task.next.is_empty()) && group[i].task.session_token.is_some())
+        .collect();
+    let steps: Vec<Step> = runnable
+        .iter()
+        .map(|&i| Step {
+            session_id: &group[i].task.session_id,
+            claim: group[i].task.session_token.as_deref().map(|token| Claim { token, origin: &group[i].origin }),
+            pos: group[i].task.pos,
+            input: &inputs[i].0,
+            want: inputs[i].1,
+        })
+        .collect();
     let t = Instant::now();
-    let out = match engine.execute_as(task.shard_id, &task.session_id, Some(claim), task.pos, &input, want) {
-        Ok(out) => out,
-        Err(e) => return fail(e.code, &e.message),
-    };
+    let mut outs = engine.execute_batch(shard_id, &steps).into_iter();
     let compute_ms = t.elapsed().as_secs_f64() * 1e3;
-    stats.tasks.fetch_add(1, Ordering::Relaxed);
-    stats.tokens.fetch_add(n_tokens as u64, Ordering::Relaxed);
+    let batch = steps.len();
+    let mut results = Vec::with_capacity(group.len());
+    for (i, job) in group.iter().enumerate() {
+        if !runnable.contains(&i) {
+            results.push(Err(if job.task.session_token.is_none() {
+                (ErrorCode::Internal, "no session token could be made".to_string())
+            } else {
+                (ErrorCode::BadRoute, format!("shard {shard_id} ends the model: no hop can follow it"))
+            }));
+            continue;
+        }
+        let out = match outs.next().expect("one output per step") {
+            Ok(out) => out,
+            Err(e) => {
+                results.push(Err((e.code, e.message)));
+                continue;
+            }
+        };
+        let queue_ms = t.duration_since(job.queued).as_secs_f64() * 1e3;
+        results.push(Ok(result_json(&job.task, out, inputs[i].0.n_tokens(), queue_ms, compute_ms, batch)));
+        stats.tasks.fetch_add(1, Ordering::Relaxed);
+        stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);
+    }
+    results
+}
+
+/// A computed step's result object: its output as the task asked (hidden state, logits or top k)
+/// and its timings (`batch`: steps computed in the same round).
+fn result_json(
+    task: &ExecuteTask,
+    out: Output,
+    n_tokens: usize,
+    queue_ms: f64,
+    compute_ms: f64,
+    batch: usize,
+) -> Value {
     let output = match (out, task.output) {
         (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {
@@ -296,36 +383,31 @@ fn execute(
     };
     let mut result = json!({
         "session_id": &task.session_id,
-        "session_token": claim.token,
+        "session_token": task.session_token,
         "shard_id": task.shard_id,
         "pos": task.pos,
         "n_tokens": n_tokens,
-        "timings": {"queue_ms": queue_ms, "compute_ms": compute_ms},
+        "timings": {"queue_ms": queue_ms, "compute_ms": compute_ms, "batch": batch},
     });
     if let (Value::Object(r), Value::Object(o)) = (&mut result, output) {
         r.extend(o);
     }
-    Ok(result)
+    result
 }
 
-thread_local! {
-    /// Each relay thread's open connections to next hops.
-    static HOPS: RefCell<HashMap<SocketAddr, Client>> = RefCell::new(HashMap::new());
-}
-
-/// Sends this hop's hidden state to `task.next[0]` with the rest of the route, waits for the
-/// answer, and returns the frame for our caller: the chain's result with this hop's timings
-/// first in `hops`, or the error with the hop that failed (`failed_hop`).
-fn forward(
+/// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
+/// session, position, output and `from`), as the frame the event loop's relay sends.
+#[allow(clippy::too_many_arguments)]
+fn relay_request(
     task: &ExecuteTask,
     from: Option<&str>,
     origin: &str,
-    key: Option<&ClusterKey>,
     mut result: Value,
     hop: Value,
-    request_id: &Value,
-) -> Vec<u8> {
-    let next = &task.next[0];
+    reply: ReplyTo,
+    id: u64,
+) -> relay::Outgoing {
+    let next = task.next[0].clone();
     let (output, k, all) = match task.output {
         TaskOutput::Hidden => ("hidden", 0, false),
         TaskOutput::Logits { all } => ("logits", 0, all),
@@ -341,64 +423,16 @@ fn forward(
         "all_logits": all,
         "next": rest,
         "load": task.load,
-        "hop_timeout_ms": task.hop_timeout_ms,
+        // Shorter than our own wait: the hop nearest a silent host reports it.
+        "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(task.hop_timeout_ms),
         "session_token": task.session_token,
         "origin": origin,
     });
     if k > 0 {
         params["k"] = json!(k);
     }
-    let timeout = Duration::from_millis(task.hop_timeout_ms);
-    let sent = Instant::now();
-    let from = from.unwrap_or("relay");
-    let answer = HOPS.with(|hops| {
-        let mut hops = hops.borrow_mut();
-        let attempt = |hops: &mut HashMap<SocketAddr, Client>| -> anyhow::Result<Value> {
-            if let std::collections::hash_map::Entry::Vacant(e) = hops.entry(next.address) {
-                e.insert(Client::connect_with_key(&next.address.to_string(), timeout, key)?);
-            }
-            let client = hops.get_mut(&next.address).expect("just inserted");
-            client.set_timeout(timeout)?;
-            client.request_from("EXECUTE_TASK", params.clone(), from)
-        };
-        // A cached connection the other side has closed gets one fresh try.
-        let first = attempt(&mut hops);
-        if first.is_err() {
-            hops.remove(&next.address);
-            if sent.elapsed() < timeout / 2 {
-                let second = attempt(&mut hops);
-                if second.is_err() {
-                    hops.remove(&next.address);
-                }
-                return second;
-            }
-        }
-        first
-    });
-    let failed = |msg: String| {
-        let mut v = json!({"command": "EXECUTE_TASK", "request_id": request_id, "status": "error",
-            "error": msg, "code": ErrorCode::HopFailed.as_str()});
-        v["failed_hop"] = hop_json(next);
-        serde_json::to_vec(&v).expect("JSON values serialize")
-    };
-    let mut answer = match answer {
-        Ok(a) => a,
-        Err(e) => return failed(format!("next hop {} (shard {}) did not answer: {e:#}", next.address, next.shard_id)),
-    };
-    answer["request_id"] = request_id.clone();
-    if answer["status"] == "error" {
-        if answer.get("failed_hop").is_none() {
-            answer["failed_hop"] = hop_json(next);
-        }
-        return serde_json::to_vec(&answer).expect("JSON values serialize");
-    }
-    let rtt_ms = sent.elapsed().as_secs_f64() * 1e3;
-    if let Some(hops) = answer["result"]["hops"].as_array_mut() {
-        let mut me = hop;
-        me["next_rtt_ms"] = json!(rtt_ms);
-        hops.insert(0, me);
-    }
-    serde_json::to_vec(&answer).expect("JSON values serialize")
+    let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    relay::Outgoing { reply, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
 }
 
 fn hop_json(h: &Hop) -> Value {

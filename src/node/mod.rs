@@ -17,7 +17,9 @@ mod inference;
 pub mod limits;
 mod peer_wire;
 mod pin;
+mod relay;
 pub mod scan;
+mod shutdown;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -44,7 +46,9 @@ use scan::{ScanEvent, ScanStats};
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
 const UDP: Token = Token(2);
-const FIRST_CONN: usize = 3;
+/// The read end of the socket SIGINT/SIGTERM handlers write to (`shutdown.rs`).
+const SIGNAL: Token = Token(3);
+const FIRST_CONN: usize = 4;
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
 /// Most bytes one read takes (into the connection's input buffer).
@@ -55,6 +59,20 @@ const SWEEP_EVERY: Duration = Duration::from_millis(200);
 const THROTTLE_TICK: Duration = Duration::from_millis(10);
 /// Largest frame a connection may send before it proves the cluster key (STATUS and AUTH fit).
 pub const UNAUTHENTICATED_MAX_FRAME: u32 = 64 * 1024;
+
+/// `--shards-dir` must exist and be a directory.
+fn check_shards_dir(dir: &std::path::Path) -> Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => anyhow::bail!("--shards-dir {}: not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => anyhow::bail!(
+            "--shards-dir {}: no such directory (create it first: mkdir -p {})",
+            dir.display(),
+            dir.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("--shards-dir {}", dir.display())),
+    }
+}
 
 /// What workers tell the event loop.
 pub enum NodeEvent {
@@ -84,6 +102,8 @@ pub enum NodeEvent {
         conn_id: u64,
         payload: Vec<u8>,
     },
+    /// A hop's result to carry to the next hop (from the inference thread).
+    Relay(relay::Outgoing),
     /// The pinned manifest's bytes, fetched from a holder and checked against the pin (or why not).
     ManifestFetched {
         shard_id: u32,
@@ -167,6 +187,10 @@ pub struct Node {
     dht: Option<dht_glue::DhtState>,
     /// The inference worker (owns the ggml engine).
     inference: inference::Inference,
+    /// Outbound connections to next hops and the relays waiting on them.
+    relays: relay::Relays,
+    /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
+    signals: Option<mio::net::UnixStream>,
 }
 
 #[derive(Default)]
@@ -179,7 +203,11 @@ struct ScanProgress {
 
 impl Node {
     /// Binds the listener and starts the scan; serving begins with [`Node::run`].
+    ///
+    /// Errors: `--shards-dir` missing or not a directory (the node never creates it: a typo would
+    /// otherwise serve an empty directory), the listen address taken, or the poll not created.
     pub fn bind(config: NodeConfig) -> Result<Node> {
+        check_shards_dir(&config.shards_dir)?;
         match limits::raise_fd_limit() {
             Ok((soft, _)) if soft < config.max_connections as u64 + 64 => warn!(
                 "the open-file limit {soft} is below --max-connections {} plus the node's own files: \
@@ -206,6 +234,8 @@ impl Node {
         });
 
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
+        let max_frame = config.max_frame;
+        let relay_key = config.cluster_key.clone();
         let node_id = random_id();
         let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
         let engine_config = crate::engine::EngineConfig {
@@ -216,8 +246,7 @@ impl Node {
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference =
-            inference::Inference::spawn(engine_config, config.cluster_key.clone(), events_tx.clone(), waker.clone());
+        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
@@ -271,6 +300,8 @@ impl Node {
             parts_swept: None,
             dht,
             inference,
+            relays: relay::Relays::new(max_frame, relay_key),
+            signals: None,
         })
     }
 
@@ -278,13 +309,15 @@ impl Node {
         self.local_addr
     }
 
-    /// Runs the event loop until an unrecoverable poll error.
+    /// Runs the event loop until an unrecoverable poll error, or (after
+    /// [`Node::stop_on_signals`]) until SIGINT or SIGTERM, then saves state and returns `Ok`.
     pub fn run(&mut self) -> Result<()> {
         let mut events = Events::with_capacity(1024);
         let mut next_sweep = Instant::now() + SWEEP_EVERY;
         loop {
             let now = Instant::now();
             let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
+            let next_dht = self.relays.next_deadline().map_or(next_dht, |d| d.min(next_dht));
             let next_accept = self.accept_retry.unwrap_or(next_sweep);
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
@@ -302,7 +335,18 @@ impl Node {
                 match ev.token() {
                     LISTENER => self.accept(),
                     WAKER => {}
+                    SIGNAL => {
+                        if self.signalled() {
+                            self.shut_down();
+                            return Ok(());
+                        }
+                    }
                     UDP => self.on_udp_readable(),
+                    token if token.0 >= relay::TOKEN_BASE => {
+                        let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
+                        let answers = self.relays.on_event(self.poll.registry(), token, w, r, Instant::now());
+                        self.deliver(answers);
+                    }
                     token => {
                         if ev.is_error() {
                             self.close(token, "socket error");
@@ -318,6 +362,8 @@ impl Node {
                 }
             }
             self.drain_worker_events();
+            let expired = self.relays.expire(self.poll.registry(), Instant::now());
+            self.deliver(expired);
             for token in std::mem::take(&mut self.again) {
                 self.on_readable(token);
             }
@@ -587,6 +633,10 @@ impl Node {
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
                 NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::Relay(out) => {
+                    let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
+                    self.deliver(answers);
+                }
                 NodeEvent::ManifestFetched { shard_id, filename, result } => {
                     self.on_manifest_fetched(shard_id, filename, result)
                 }
@@ -594,6 +644,15 @@ impl Node {
                     self.on_shard_resolved(shard_id, filename, result)
                 }
             }
+        }
+    }
+}
+
+impl Node {
+    /// Hands finished relay answers to the connections that asked.
+    fn deliver(&mut self, answers: Vec<relay::Answer>) {
+        for a in answers {
+            self.on_answer(a.reply.token, a.reply.conn_id, &a.payload);
         }
     }
 }

@@ -14,7 +14,7 @@ use mio::{Interest, Token};
 use super::catalog::FileEntry;
 use super::conn::{Conn, Kind};
 use super::{FIRST_CONN, Node, NodeEvent};
-use crate::hash::{self, Digest};
+use crate::hash::Digest;
 use crate::torrent::swarm::{Action, PieceData, Swarm};
 use crate::torrent::wire::{self, BLOCK_SIZE, Handshake};
 use crate::torrent::{InfoHash, Metainfo};
@@ -231,16 +231,7 @@ impl Node {
                 let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
                 let disk = self.disk.handle();
                 self.pool.handle().submit(move || {
-                    let bytes = match &data {
-                        PieceData::Disk(view) => view.bytes(offset, len),
-                        PieceData::Memory(buf, _) => buf.as_slice(),
-                    };
-                    let ok = bytes.len() as u64 == len && hash::sha1(bytes) == expected;
-                    let digests: Vec<Digest> = if ok && !blocks {
-                        Vec::new()
-                    } else {
-                        bytes.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect()
-                    };
+                    let (ok, digests) = data.verify(offset, len, expected, blocks);
                     let report = move |ok: bool, write_error: Option<String>, buffer| {
                         let event = NodeEvent::Hashed { info_hash: h, piece, ok, blocks: digests, write_error, buffer };
                         let _ = tx.send(event);
@@ -826,6 +817,7 @@ impl Node {
                     "verified_bytes": s.verified_bytes(),
                     "pieces": pieces,
                     "pieces_verified": have,
+                    "pieces_rechecked": s.rechecked,
                     "peers": s.peers.len(),
                     "known_peers": d.peers.len(),
                     "downloaded": s.downloaded,

@@ -48,10 +48,7 @@ pub struct ScanStats {
     pub elapsed: Duration,
 }
 
-/// Where the cached metadata of `filename` lives.
-pub fn torrent_path(dir: &Path, filename: &str) -> PathBuf {
-    dir.join(format!("{filename}.torrent"))
-}
+pub use crate::torrent::torrent_path;
 
 pub fn spawn(dir: PathBuf, pool: PoolHandle, notify: impl Fn(ScanEvent) + Send + 'static) {
     std::thread::Builder::new()
@@ -63,9 +60,6 @@ pub fn spawn(dir: PathBuf, pool: PoolHandle, notify: impl Fn(ScanEvent) + Send +
 fn scan(dir: &Path, pool: &PoolHandle, notify: &dyn Fn(ScanEvent)) {
     let started = Instant::now();
     let mut stats = ScanStats::default();
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        warn!("shards dir {}: {e}", dir.display());
-    }
     let mut names: Vec<String> = match std::fs::read_dir(dir) {
         Ok(rd) => rd
             .filter_map(|e| e.ok())

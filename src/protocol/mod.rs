@@ -152,6 +152,16 @@ pub struct Hop {
     pub shard_id: u32,
 }
 
+/// The `hop_timeout_ms` a hop passes on to the next one, given its own: shorter by an eighth
+/// (at least 100 ms, at most 5 s), so that when a host goes silent the hop nearest to it gives
+/// up first and its `HOP_FAILED` names that host, before any caller further up times out and
+/// blames its own (healthy) next hop. The slack covers the next hop's compute and the answer's
+/// way back. A coordinator waiting `T` for an answer sends `next_hop_timeout_ms(T)`.
+pub fn next_hop_timeout_ms(own_ms: u64) -> u64 {
+    let slack = (own_ms / 8).clamp(100, 5_000);
+    own_ms.saturating_sub(slack).max(1)
+}
+
 /// Most hops one EXECUTE_TASK may name.
 pub const MAX_HOPS: usize = 64;
 
@@ -598,7 +608,7 @@ fn parse_peers(params: &Map<String, Value>) -> Result<Vec<std::net::SocketAddr>,
     list.iter()
         .map(|p| {
             let s = p.as_str().ok_or_else(|| (ErrorCode::WrongType, format!("peer {p} is not a string")))?;
-            let a = crate::config::parse_peer_addr(s).map_err(|e| (ErrorCode::WrongType, format!("peer: {e}")))?;
+            let a = crate::addr::parse_peer_addr(s).map_err(|e| (ErrorCode::WrongType, format!("peer: {e}")))?;
             a.host
                 .parse::<std::net::IpAddr>()
                 .map(|ip| std::net::SocketAddr::new(ip, a.port))

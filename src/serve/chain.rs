@@ -156,7 +156,11 @@ pub fn run(
             Ok((summary, reason)) => {
                 if summary.finish == Finish::Stopped && reason.is_none() {
                     metrics.disconnect();
-                    crate::info!("session {}: the client went away after {} tokens", summary.session, summary.tokens.len());
+                    crate::info!(
+                        "session {}: the client went away after {} tokens",
+                        summary.session,
+                        summary.tokens.len()
+                    );
                     continue;
                 }
                 let decode_tps = (summary.tokens.len() > 1 && summary.decode_ms > 0.0)
@@ -196,7 +200,9 @@ fn log_event(ev: Event) {
         Event::Nodes(n) => crate::info!("cluster nodes: {n:?}"),
         Event::Plan(p) => crate::info!("chain: {p:?}"),
         Event::Loading { .. } => {}
-        Event::Loaded { shard, node, source, ms } => crate::info!("shard {shard} loaded on {node} ({source}, {ms:.0} ms)"),
+        Event::Loaded { shard, node, source, ms } => {
+            crate::info!("shard {shard} loaded on {node} ({source}, {ms:.0} ms)")
+        }
         Event::Recovering { shard, from, to, why } => {
             crate::warn!("shard {shard} moved from {from} to {to} ({why}); replaying the session")
         }

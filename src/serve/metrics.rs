@@ -35,7 +35,11 @@ impl Histogram {
         for (b, c) in self.bounds.iter().zip(&self.counts) {
             let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {c}");
         }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}", self.count, self.sum, self.count);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
     }
 }
 
@@ -102,7 +106,15 @@ impl Metrics {
 
     /// A finished generation: its token counts, seconds to the first token, decode tokens per
     /// second, per-shard median compute ms per step, and the chain's overhead per hop in us.
-    pub fn generation(&self, prompt: usize, completion: usize, ttft_s: f64, tps: Option<f64>, hop_ms: &[f64], overhead_us: f64) {
+    pub fn generation(
+        &self,
+        prompt: usize,
+        completion: usize,
+        ttft_s: f64,
+        tps: Option<f64>,
+        hop_ms: &[f64],
+        overhead_us: f64,
+    ) {
         self.with(|m| {
             m.prompt_tokens += prompt as u64;
             m.completion_tokens += completion as u64;

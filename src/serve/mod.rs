@@ -197,14 +197,11 @@ impl Server {
             conns.insert(id, Tracked { stream: handle, idle_since: Some(Instant::now()) });
         }
         let shared = s.clone();
-        let spawned = std::thread::Builder::new()
-            .name(format!("http-{id}"))
-            .stack_size(256 << 10)
-            .spawn(move || {
-                // Untracked (and so closed) when the thread ends, even by a panic.
-                let _untrack = Untrack(&shared, id);
-                connection(&shared, id, stream);
-            });
+        let spawned = std::thread::Builder::new().name(format!("http-{id}")).stack_size(256 << 10).spawn(move || {
+            // Untracked (and so closed) when the thread ends, even by a panic.
+            let _untrack = Untrack(&shared, id);
+            connection(&shared, id, stream);
+        });
         if spawned.is_err() {
             s.conns.lock().unwrap_or_else(|p| p.into_inner()).remove(&id);
         }
@@ -334,7 +331,9 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
         ("GET", "/health") => {
             let (status, body) = match s.chain.health() {
                 Health::Ready => (200, json!({"status": "ok"})),
-                Health::Starting => (503, json!({"status": "loading", "error": "the chain is being placed and loaded"})),
+                Health::Starting => {
+                    (503, json!({"status": "loading", "error": "the chain is being placed and loaded"}))
+                }
                 Health::Unavailable(e) => (503, json!({"status": "unavailable", "error": e})),
             };
             (status, respond_json(w, status, &body, ka).is_ok())
@@ -353,7 +352,12 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
         ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat, ka),
         ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text, ka),
         (_, "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
-            let e = ApiError::new(405, "invalid_request_error", None, format!("{} is not allowed on {}", req.method, req.path));
+            let e = ApiError::new(
+                405,
+                "invalid_request_error",
+                None,
+                format!("{} is not allowed on {}", req.method, req.path),
+            );
             (405, respond_error(w, &e, ka).is_ok())
         }
         _ => {
@@ -422,7 +426,10 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
         Input::Tokens(ids) => {
             let n = model.tokenizer.n_vocab();
             if let Some(bad) = ids.iter().find(|&&t| t as usize >= n) {
-                return Err(ApiError::bad(format!("token id {bad} is not below the vocabulary size {n}"), Some("prompt")));
+                return Err(ApiError::bad(
+                    format!("token id {bad} is not below the vocabulary size {n}"),
+                    Some("prompt"),
+                ));
             }
             ids.clone()
         }
@@ -508,10 +515,18 @@ fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka
         let e = ApiError::unavailable(msg);
         return (503, respond_error(&mut conn.stream, &e, ka).is_ok());
     }
-    let id = format!("{}-{}", if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" }, crate::hash::to_hex(&crate::node::random_id()[..12]));
+    let id = format!(
+        "{}-{}",
+        if endpoint == Endpoint::Chat { "chatcmpl" } else { "cmpl" },
+        crate::hash::to_hex(&crate::node::random_id()[..12])
+    );
     let created = unix_now();
     let answer = Answer { endpoint, id: &id, created, model: &prep.model, include_usage: params.include_usage };
-    let result = if params.stream { stream(conn, &rx, &cancel, &answer, req.minor_version, ka) } else { whole(conn, &rx, &cancel, &answer, ka) };
+    let result = if params.stream {
+        stream(conn, &rx, &cancel, &answer, req.minor_version, ka)
+    } else {
+        whole(conn, &rx, &cancel, &answer, ka)
+    };
     if result.1 == 0 {
         cancel.store(true, Ordering::Relaxed);
     }

@@ -152,9 +152,9 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
     }
     let mut out = Vec::with_capacity(list.len());
     for (i, m) in list.iter().enumerate() {
-        let role = m["role"].as_str().ok_or_else(|| {
-            ApiError::bad(format!("messages[{i}] has no role"), Some(&format!("messages[{i}].role")))
-        })?;
+        let role = m["role"]
+            .as_str()
+            .ok_or_else(|| ApiError::bad(format!("messages[{i}] has no role"), Some(&format!("messages[{i}].role"))))?;
         if !ROLES.contains(&role) {
             return Err(ApiError::bad(
                 format!("messages[{i}].role {role:?} is not one of {}", ROLES.join(", ")),
@@ -167,11 +167,14 @@ fn messages(v: Option<&Value>) -> Result<Vec<Message>, ApiError> {
 }
 
 fn prompt(v: Option<&Value>) -> Result<Input, ApiError> {
-    let bad = || ApiError::bad("prompt must be a string, an array of one string, or an array of token ids", Some("prompt"));
+    let bad =
+        || ApiError::bad("prompt must be a string, an array of one string, or an array of token ids", Some("prompt"));
     match v {
         None | Some(Value::Null) => Err(ApiError::bad("prompt is required", Some("prompt"))),
         Some(Value::String(s)) => Ok(Input::Text(s.clone())),
-        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => Ok(Input::Text(a[0].as_str().unwrap_or("").into())),
+        Some(Value::Array(a)) if a.len() == 1 && a[0].is_string() => {
+            Ok(Input::Text(a[0].as_str().unwrap_or("").into()))
+        }
         Some(Value::Array(a)) if a.len() > 1 && a.iter().all(Value::is_string) => Err(ApiError::bad(
             "several prompts in one request are not supported: send one request per prompt",
             Some("prompt"),
@@ -463,7 +466,10 @@ mod tests {
             param(Endpoint::Chat, r#"{"messages":[{"role":"wizard","content":"x"}]}"#).as_deref(),
             Some("messages[0].role")
         );
-        assert_eq!(param(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).as_deref(), Some("n"));
+        assert_eq!(
+            param(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).as_deref(),
+            Some("n")
+        );
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","temperature":3}"#).as_deref(), Some("temperature"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","max_tokens":0}"#).as_deref(), Some("max_tokens"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#).as_deref(), Some("stop"));

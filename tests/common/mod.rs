@@ -226,11 +226,35 @@ pub fn read_frame(s: &mut TcpStream) -> Value {
     serde_json::from_slice(&buf).expect("response is JSON")
 }
 
-/// Whether the node closed `s` (EOF within the read timeout).
+/// How long a node may take to close a connection it must close at once.
+pub const CLOSE_WITHIN: Duration = Duration::from_secs(10);
+
+/// Whether the node closes `s` within [`CLOSE_WITHIN`]: what it sends first is read and dropped,
+/// then the end must be the close itself (EOF or a reset); a read that times out is not a close.
 pub fn closed_by_peer(s: &mut TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    matches!(s.read(&mut b), Ok(0))
-        || matches!(s.read(&mut b), Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+    closed_within(s, CLOSE_WITHIN)
+}
+
+/// [`closed_by_peer`] with its own bound.
+pub fn closed_within(s: &mut TcpStream, limit: Duration) -> bool {
+    use std::io::ErrorKind::*;
+    let deadline = Instant::now() + limit;
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), ConnectionReset | ConnectionAborted | BrokenPipe) => return true,
+            Err(e) if e.kind() == Interrupted => continue,
+            Err(e) if matches!(e.kind(), WouldBlock | TimedOut) => return false,
+            Err(e) => panic!("reading from the node: {e}"),
+        }
+    }
 }
 
 /// Panics unless every need in `needs` (comma-separated) is met; see [`need_met`] for the forms.

@@ -68,6 +68,22 @@ pub enum PieceData {
     Memory(PieceBuf, PieceWriter),
 }
 
+impl PieceData {
+    /// Checks the piece (`len` bytes at file `offset`) against its SHA-1, `expected`: whether it
+    /// verified, and each 16 KiB block's digest when `blocks` is asked for or the piece failed
+    /// (the smart ban compares them). The node's hash workers run this; CPU-bound.
+    pub fn verify(&self, offset: u64, len: u64, expected: Digest, blocks: bool) -> (bool, Vec<Digest>) {
+        let bytes = match self {
+            PieceData::Disk(view) => view.bytes(offset, len),
+            PieceData::Memory(buf, _) => buf.as_slice(),
+        };
+        let ok = bytes.len() as u64 == len && crate::hash::sha1(bytes) == expected;
+        let digests =
+            if ok && !blocks { Vec::new() } else { bytes.chunks(BLOCK_SIZE as usize).map(crate::hash::sha1).collect() };
+        (ok, digests)
+    }
+}
+
 /// A block to send: the `piece` message header, then `len` bytes of the
 /// file at `offset`.
 pub struct Served {
@@ -177,6 +193,8 @@ pub struct Swarm {
     pub completed: Option<Instant>,
     /// Pieces of a recheck still being hashed.
     pub rechecking: u32,
+    /// Pieces read back from disk and hashed because no resume data vouched for them.
+    pub rechecked: u32,
     /// Pieces being gathered from peers, and the bytes they hold (with those
     /// handed to the hash workers and not yet answered).
     buffers: HashMap<u32, PieceBuf>,
@@ -246,6 +264,7 @@ impl Swarm {
             started: now,
             completed: None,
             rechecking: 0,
+            rechecked: 0,
             buffers: HashMap::new(),
             buffered: 0,
             spare: Vec::new(),
@@ -268,6 +287,7 @@ impl Swarm {
             // Data on disk without resume data: every piece is hashed before
             // it counts, and only those that fail are fetched.
             self.rechecking = lengths.pieces;
+            self.rechecked += lengths.pieces;
             for piece in 0..lengths.pieces {
                 self.picker.as_mut().expect("just set").mark_checking(piece);
                 self.queue_hash(piece);

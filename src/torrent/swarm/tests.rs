@@ -1,7 +1,6 @@
 //! The swarm without sockets: two swarms wired to each other in memory.
 
 use super::*;
-use crate::hash;
 use crate::torrent::create;
 use crate::workers::WorkerPool;
 
@@ -30,20 +29,14 @@ fn run_actions(s: &mut Swarm) -> bool {
     let mut complete = false;
     for a in std::mem::take(&mut s.actions) {
         match a {
-            Action::Hash { piece, data, offset, len, expected, .. } => {
-                let (ok, buf) = match &data {
-                    PieceData::Memory(buf, w) => {
-                        let buf = buf.as_slice();
-                        let ok = hash::sha1(buf) == expected && buf.len() as u64 == len;
-                        if ok {
-                            w.write(offset, buf).unwrap();
-                        }
-                        (ok, buf.to_vec())
-                    }
-                    PieceData::Disk(view) => (hash::sha1(view.bytes(offset, len)) == expected, Vec::new()),
-                };
-                let blocks: Vec<Digest> = buf.chunks(BLOCK_SIZE as usize).map(hash::sha1).collect();
-                s.on_hashed(piece, ok, &blocks);
+            // What the node's hash worker and disk thread do (node/peer_wire.rs `run_action`):
+            // `PieceData::verify`, then the writer for a verified piece gathered in memory.
+            Action::Hash { piece, data, offset, len, expected, blocks } => {
+                let (ok, digests) = data.verify(offset, len, expected, blocks);
+                if let (true, PieceData::Memory(buf, writer)) = (ok, &data) {
+                    writer.write(offset, buf.as_slice()).unwrap();
+                }
+                s.on_hashed(piece, ok, &digests);
             }
             Action::Complete => complete = true,
             // What the node does once its admission checks pass.

@@ -1,0 +1,419 @@
+//! Relays: a hop's result carried to the next node, and the chain's answer carried back, as
+//! non-blocking work of the event loop.
+//!
+//! The inference thread builds the request frame for the next hop (its hidden state as base64)
+//! and hands it to the loop as an [`Outgoing`]. The loop keeps one outbound connection ([`Link`])
+//! per next-hop address, writes every relayed request for that address on it, and matches the
+//! answers to requests by `request_id` (a number this node chose), so any number of chains wait
+//! at once without a thread each and without a connect per request. An answer becomes the frame
+//! for our own caller: the next hop's result with this hop's entry put first in `hops`, or its
+//! error with the hop that failed (`failed_hop`). A next hop that cannot be reached, closes, or
+//! does not answer by the request's deadline becomes `HOP_FAILED` naming it.
+//!
+//! When the node has a cluster key, a link first runs the key handshake as a client
+//! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
+//! seals every request after it; requests submitted meanwhile wait on the link.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use mio::net::TcpStream;
+use mio::{Interest, Registry, Token};
+use serde_json::{Value, json};
+
+use super::inference::ReplyTo;
+use crate::protocol::auth::{ClientHandshake, ClusterKey, FrameMac, NONCE_LEN, random_bytes};
+use crate::protocol::frame::{self, Decoded};
+use crate::protocol::{ErrorCode, Hop, request_payload};
+
+/// Tokens at and above this are relay links (below: the listener, the waker, the UDP socket and
+/// accepted connections).
+pub const TOKEN_BASE: usize = 1 << 40;
+/// Bytes read from one link per event before others get a turn.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A request for the next hop, built by the inference thread.
+pub struct Outgoing {
+    /// Our caller, who gets the chain's answer.
+    pub reply: ReplyTo,
+    pub next: Hop,
+    /// The `request_id` inside `payload`: unique among this node's relays.
+    pub id: u64,
+    /// The `EXECUTE_TASK` for `next` (JSON; the link frames it, and seals it on a keyed link).
+    pub payload: Vec<u8>,
+    /// This hop's entry for the answer's `hops`.
+    pub hop: Value,
+    /// How long the next hop has to answer.
+    pub timeout: Duration,
+}
+
+/// A finished frame for a caller.
+pub struct Answer {
+    pub reply: ReplyTo,
+    pub payload: Vec<u8>,
+}
+
+/// Where a link stands with the cluster-key handshake.
+enum LinkAuth {
+    /// No key: frames go plain.
+    Open,
+    /// Hello sent; waiting for the next node's challenge.
+    Hello(ClientHandshake),
+    /// Proof sent; waiting for the first sealed answer.
+    Proof { tx: FrameMac, rx: FrameMac },
+    /// Every frame sealed both ways.
+    Ready { tx: FrameMac, rx: FrameMac },
+}
+
+const AUTH_HELLO_ID: &str = "relay-auth-hello";
+const AUTH_PROOF_ID: &str = "relay-auth-proof";
+
+/// One outbound connection to a next hop.
+struct Link {
+    addr: SocketAddr,
+    stream: TcpStream,
+    connected: bool,
+    auth: LinkAuth,
+    /// Requests waiting for the handshake to finish.
+    held: Vec<Vec<u8>>,
+    out: Vec<u8>,
+    input: Vec<u8>,
+    /// Relay ids waiting on this link.
+    waiting: Vec<u64>,
+    /// When the link last received a whole answer.
+    last_answer: Option<Instant>,
+}
+
+struct Pending {
+    reply: ReplyTo,
+    next: Hop,
+    hop: Value,
+    sent: Instant,
+    deadline: Instant,
+    link: Token,
+}
+
+pub struct Relays {
+    by_addr: HashMap<SocketAddr, Token>,
+    links: HashMap<Token, Link>,
+    pending: HashMap<u64, Pending>,
+    next_token: usize,
+    max_frame: u32,
+    key: Option<ClusterKey>,
+}
+
+impl Relays {
+    /// Relays whose links authenticate with `key` when the node has one.
+    pub fn new(max_frame: u32, key: Option<ClusterKey>) -> Relays {
+        Relays {
+            by_addr: HashMap::new(),
+            links: HashMap::new(),
+            pending: HashMap::new(),
+            next_token: TOKEN_BASE,
+            max_frame,
+            key,
+        }
+    }
+
+    /// Relays in flight and open links, for STATUS.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.pending.len(), self.links.len())
+    }
+
+    /// The earliest deadline of a relay in flight (the loop's poll timeout).
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.deadline).min()
+    }
+
+    /// Sends `out` on the link to its next hop (connecting one if there is none). Answers at once
+    /// only when the hop cannot be reached.
+    pub fn submit(&mut self, registry: &Registry, out: Outgoing, now: Instant) -> Vec<Answer> {
+        let token = match self.by_addr.get(&out.next.address) {
+            Some(t) => *t,
+            None => match TcpStream::connect(out.next.address) {
+                Ok(mut stream) => {
+                    let token = Token(self.next_token);
+                    self.next_token += 1;
+                    if let Err(e) = registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE) {
+                        return vec![hop_failed(out.reply, &out.next, &format!("registering: {e}"))];
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let mut first = Vec::new();
+                    let auth = match &self.key {
+                        None => LinkAuth::Open,
+                        Some(key) => match random_bytes::<NONCE_LEN>() {
+                            Ok(nonce) => {
+                                let hs = ClientHandshake::new(key.clone(), nonce);
+                                let hello = request_payload("AUTH", &json!(AUTH_HELLO_ID), "relay", hs.hello_params());
+                                frame::encode(&hello, &mut first);
+                                LinkAuth::Hello(hs)
+                            }
+                            Err(e) => return vec![hop_failed(out.reply, &out.next, &format!("no nonce: {e}"))],
+                        },
+                    };
+                    let link = Link {
+                        addr: out.next.address,
+                        stream,
+                        connected: false,
+                        auth,
+                        held: Vec::new(),
+                        out: first,
+                        input: Vec::new(),
+                        waiting: Vec::new(),
+                        last_answer: None,
+                    };
+                    self.links.insert(token, link);
+                    self.by_addr.insert(out.next.address, token);
+                    token
+                }
+                Err(e) => {
+                    let msg =
+                        format!("next hop {} (shard {}) cannot be reached: {e}", out.next.address, out.next.shard_id);
+                    return vec![hop_failed(out.reply, &out.next, &msg)];
+                }
+            },
+        };
+        let link = self.links.get_mut(&token).expect("indexed");
+        match &mut link.auth {
+            LinkAuth::Open => frame::encode(&out.payload, &mut link.out),
+            LinkAuth::Ready { tx, .. } => tx.seal_frame(&out.payload, &mut link.out),
+            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(out.payload),
+        }
+        link.waiting.push(out.id);
+        let pending = Pending {
+            reply: out.reply,
+            next: out.next,
+            hop: out.hop,
+            sent: now,
+            deadline: now + out.timeout,
+            link: token,
+        };
+        self.pending.insert(out.id, pending);
+        if link.connected { self.flush(registry, token, now) } else { Vec::new() }
+    }
+
+    /// Readiness of a link's socket: finishes a connect, writes queued requests, reads answers.
+    pub fn on_event(
+        &mut self,
+        registry: &Registry,
+        token: Token,
+        writable: bool,
+        readable: bool,
+        now: Instant,
+    ) -> Vec<Answer> {
+        let Some(link) = self.links.get_mut(&token) else { return Vec::new() };
+        if !link.connected && (writable || readable) {
+            match link.stream.take_error() {
+                Ok(Some(e)) | Err(e) => return self.close(registry, token, &format!("connect failed: {e}")),
+                Ok(None) => {}
+            }
+            match link.stream.peer_addr() {
+                Ok(_) => link.connected = true,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => return Vec::new(),
+                Err(e) => return self.close(registry, token, &format!("connect failed: {e}")),
+            }
+        }
+        let mut answers = self.flush(registry, token, now);
+        if readable && self.links.contains_key(&token) {
+            answers.extend(self.read(registry, token, now));
+        }
+        answers
+    }
+
+    /// Relays past their deadline become `HOP_FAILED`. A link that has answered nothing since
+    /// such a request was sent is taken for dead and closed (its other requests fail with it),
+    /// so the next request connects afresh.
+    pub fn expire(&mut self, registry: &Registry, now: Instant) -> Vec<Answer> {
+        let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
+        let mut answers = Vec::new();
+        for id in late {
+            let Some(p) = self.pending.remove(&id) else { continue };
+            let waited = now.duration_since(p.sent).as_millis();
+            let msg =
+                format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
+            let dead = self.links.get_mut(&p.link).is_some_and(|l| {
+                l.waiting.retain(|w| *w != id);
+                l.last_answer.is_none_or(|t| t < p.sent)
+            });
+            answers.push(hop_failed(p.reply, &p.next, &msg));
+            if dead {
+                answers.extend(self.close(registry, p.link, "its next hop went silent"));
+            }
+        }
+        answers
+    }
+
+    fn flush(&mut self, registry: &Registry, token: Token, _now: Instant) -> Vec<Answer> {
+        let Some(link) = self.links.get_mut(&token) else { return Vec::new() };
+        while !link.out.is_empty() {
+            match link.stream.write(&link.out) {
+                Ok(0) => return self.close(registry, token, "the connection took no bytes"),
+                Ok(n) => {
+                    link.out.drain(..n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return self.close(registry, token, &format!("write error: {e}")),
+            }
+        }
+        Vec::new()
+    }
+
+    fn read(&mut self, registry: &Registry, token: Token, now: Instant) -> Vec<Answer> {
+        let mut answers = Vec::new();
+        let mut closed = None;
+        {
+            let Some(link) = self.links.get_mut(&token) else { return answers };
+            let mut chunk = vec![0u8; READ_CHUNK];
+            loop {
+                match link.stream.read(&mut chunk) {
+                    Ok(0) => {
+                        closed = Some("closed by the next hop".to_string());
+                        break;
+                    }
+                    Ok(n) => link.input.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        closed = Some(format!("read error: {e}"));
+                        break;
+                    }
+                }
+            }
+        }
+        // Whole frames: answers to our requests.
+        loop {
+            let Some(link) = self.links.get_mut(&token) else { break };
+            match frame::decode(&link.input, self.max_frame) {
+                Decoded::NeedMore(_) => break,
+                Decoded::TooLarge { declared, limit } => {
+                    closed = Some(format!("answer of {declared} bytes exceeds the frame limit of {limit}"));
+                    break;
+                }
+                Decoded::Frame { len } => {
+                    let body: Vec<u8> = link.input.drain(..frame::HEADER_LEN + len).skip(frame::HEADER_LEN).collect();
+                    let payload = match &mut link.auth {
+                        LinkAuth::Open | LinkAuth::Hello(_) => body,
+                        LinkAuth::Proof { rx, .. } | LinkAuth::Ready { rx, .. } => match rx.open(&body) {
+                            Ok(p) => p.to_vec(),
+                            Err(e) => {
+                                closed = Some(format!("an answer failed its MAC: {e}"));
+                                break;
+                            }
+                        },
+                    };
+                    let Ok(answer) = serde_json::from_slice::<Value>(&payload) else {
+                        closed = Some("the next hop sent a frame that is not JSON".into());
+                        break;
+                    };
+                    if !matches!(link.auth, LinkAuth::Open | LinkAuth::Ready { .. }) {
+                        if let Err(why) = link.handshake(&answer) {
+                            closed = Some(why);
+                            break;
+                        }
+                        continue;
+                    }
+                    link.last_answer = Some(now);
+                    let Some(id) = answer["request_id"].as_u64() else { continue };
+                    link.waiting.retain(|w| *w != id);
+                    if let Some(p) = self.pending.remove(&id) {
+                        answers.push(relay_answer(p, answer, now));
+                    }
+                }
+            }
+        }
+        if let Some(why) = closed {
+            answers.extend(self.close(registry, token, &why));
+        } else {
+            answers.extend(self.flush(registry, token, now));
+        }
+        answers
+    }
+
+    /// Closes a link; every relay waiting on it fails naming its next hop.
+    fn close(&mut self, registry: &Registry, token: Token, why: &str) -> Vec<Answer> {
+        let Some(mut link) = self.links.remove(&token) else { return Vec::new() };
+        let _ = registry.deregister(&mut link.stream);
+        if self.by_addr.get(&link.addr) == Some(&token) {
+            self.by_addr.remove(&link.addr);
+        }
+        crate::debug!("relay link to {}: {why}", link.addr);
+        link.waiting
+            .iter()
+            .filter_map(|id| self.pending.remove(id))
+            .map(|p| {
+                let msg = format!("next hop {} (shard {}): {why}", p.next.address, p.next.shard_id);
+                hop_failed(p.reply, &p.next, &msg)
+            })
+            .collect()
+    }
+}
+
+impl Link {
+    /// The next step of the key handshake, on the answer `answer`.
+    fn handshake(&mut self, answer: &Value) -> Result<(), String> {
+        let refused = |what: &str| {
+            format!("the next node refused the cluster-key {what}: {}", answer["error"].as_str().unwrap_or("?"))
+        };
+        match std::mem::replace(&mut self.auth, LinkAuth::Open) {
+            LinkAuth::Hello(hs) => {
+                if answer["request_id"] != AUTH_HELLO_ID {
+                    return Err("an answer arrived before the handshake".into());
+                }
+                if answer["code"] == "AUTH_UNAVAILABLE" {
+                    return Err("the next node has no cluster key (it is open to anyone); not relaying to it".into());
+                }
+                if answer["status"] != "success" {
+                    return Err(refused("handshake"));
+                }
+                let proof = hs.answer(&answer["result"]).map_err(|e| format!("the next node's proof: {e}"))?;
+                let params = request_payload("AUTH", &json!(AUTH_PROOF_ID), "relay", proof.params);
+                frame::encode(&params, &mut self.out);
+                self.auth = LinkAuth::Proof { tx: proof.tx, rx: proof.rx };
+                Ok(())
+            }
+            LinkAuth::Proof { mut tx, rx } => {
+                if answer["request_id"] != AUTH_PROOF_ID || answer["status"] != "success" {
+                    return Err(refused("proof"));
+                }
+                for payload in self.held.drain(..) {
+                    tx.seal_frame(&payload, &mut self.out);
+                }
+                self.auth = LinkAuth::Ready { tx, rx };
+                Ok(())
+            }
+            other => {
+                self.auth = other;
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Our caller's frame from the next hop's answer: its request id, our hop first in `hops`, or
+/// the error with the hop that failed.
+fn relay_answer(p: Pending, mut answer: Value, now: Instant) -> Answer {
+    answer["request_id"] = p.reply.request_id.clone();
+    if answer["status"] == "error" {
+        if answer.get("failed_hop").is_none() {
+            answer["failed_hop"] = hop_json(&p.next);
+        }
+    } else if let Some(hops) = answer["result"]["hops"].as_array_mut() {
+        let mut me = p.hop;
+        me["next_rtt_ms"] = json!(now.duration_since(p.sent).as_secs_f64() * 1e3);
+        hops.insert(0, me);
+    }
+    Answer { reply: p.reply, payload: serde_json::to_vec(&answer).expect("JSON values serialize") }
+}
+
+fn hop_failed(reply: ReplyTo, next: &Hop, msg: &str) -> Answer {
+    let v = json!({"command": "EXECUTE_TASK", "request_id": reply.request_id, "status": "error",
+        "error": msg, "code": ErrorCode::HopFailed.as_str(), "failed_hop": hop_json(next)});
+    Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }
+}
+
+pub fn hop_json(h: &Hop) -> Value {
+    json!({"address": h.address.to_string(), "shard_id": h.shard_id})
+}

@@ -31,7 +31,7 @@ impl Testnet {
     fn new(n: usize) -> Testnet {
         let poll = Poll::new().unwrap();
         let (mut socks, mut nodes, mut addrs) = (Vec::new(), Vec::new(), Vec::new());
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100_000, own_peer_ip: None };
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100_000, ..DhtConfig::default() };
         for i in 0..n {
             let mut s = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             poll.registry().register(&mut s, Token(i), Interest::READABLE).unwrap();

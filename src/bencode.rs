@@ -198,8 +198,9 @@ pub fn decode_prefix(input: &[u8]) -> Result<(Value<'_>, usize), Error> {
 
 /// The raw encoded bytes of `key`'s value in the top-level dictionary `input`,
 /// exactly as they appear in the input (for info hashes).
+/// Keys may come in any order (other clients' `.torrent` files).
 pub fn raw_dict_value<'a>(input: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]>, Error> {
-    let mut p = Parser { input, pos: 0, sorted: true };
+    let mut p = Parser { input, pos: 0, sorted: false };
     p.expect(b'd')?;
     while p.peek()? != b'e' {
         let k = p.byte_string()?;

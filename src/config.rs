@@ -76,6 +76,10 @@ pub struct NodeConfig {
     /// Run Q4_0-style weights from ggml's faster CPU layout, kept in a sidecar file beside each
     /// shard (`NAME.gguf.repack`, mapped read-only); an anonymous copy where it cannot be written.
     pub repack: bool,
+    /// A read-only DHT node (BEP 43): asks, never answers, never routed to.
+    pub dht_read_only: bool,
+    /// DHT packets a second to any one address (libtorrent bans a source over 5).
+    pub dht_query_rate: u32,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
     /// Peers one download knows and dials at most; more are ignored.
@@ -139,6 +143,8 @@ impl Default for NodeConfig {
             max_sessions: 16,
             kv_memory: 2 << 30,
             repack: true,
+            dht_read_only: false,
+            dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
             max_downloads: 8,
             max_download_peers: 32,
             disk_budget: 0,
@@ -200,6 +206,11 @@ FLAGS:
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --cached-writes        write downloaded pieces through the page cache (default:
                          direct I/O where the filesystem allows it)
+  --dht-read-only        a read-only DHT node (BEP 43): it looks up and announces
+                         but answers no query, and others keep it out of their
+                         routing tables (for a node that cannot take queries)
+  --dht-query-rate N     DHT packets a second to any one address, queries and
+                         answers together [default: 3; libtorrent bans over 5]
   --max-downloads N      downloads under way at once; more are refused
                          (DOWNLOAD_LIMIT) [default: 8]
   --max-download-peers N peers one download knows and dials [default: 32]
@@ -364,6 +375,13 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 }
                 c.direct_io = false;
             }
+            "--dht-read-only" => {
+                if inline.is_some() {
+                    return Err("--dht-read-only takes no value".into());
+                }
+                c.dht_read_only = true;
+            }
+            "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
             "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
@@ -494,6 +512,10 @@ mod tests {
         assert_eq!(c.listen, "0.0.0.0:51820".parse().unwrap());
         assert!(c.direct_io, "direct I/O by default");
         assert!(!run(&["--cached-writes"]).unwrap().direct_io);
+        assert!(!c.dht_read_only);
+        assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
+        assert_eq!(c.dht_query_rate, 3);
+        assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
     }
 
     #[test]
@@ -520,6 +542,8 @@ mod tests {
             (&["--ctx-size", "8"], "--ctx-size"),
             (&["--kv-memory", "lots"], "--kv-memory"),
             (&["--cached-writes=no"], "--cached-writes takes no value"),
+            (&["--dht-read-only=1"], "--dht-read-only takes no value"),
+            (&["--dht-query-rate", "0"], "--dht-query-rate"),
             (&["--max-downloads", "0"], "--max-downloads"),
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),

@@ -105,6 +105,21 @@ fn an_oversized_torrent_is_refused_before_any_file_is_created() {
 }
 
 #[test]
+fn a_zero_length_torrent_is_refused_as_a_download_target() {
+    let dir = TempDir::new("iempty");
+    let node = torrent_node(dir.path(), &[]);
+    // The squat needs no peer: the metadata alone would make an empty, complete shard-1.gguf.
+    let r = download(&node, &fake_torrent("shard-1.gguf", 0, 262144), &["127.0.0.1:9"]);
+    assert_eq!(r["code"], "WRONG_TYPE", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("0 bytes"), "{r}");
+    assert!(files_in(dir.path()).is_empty(), "{:?}", files_in(dir.path()));
+    assert_eq!(node.call("LIST_FILES", json!({}))["result"]["files"], json!([]));
+    let r = node.call("LOAD_SHARD", json!({"shard_id": 1}));
+    assert_ne!(r["code"], "SHARD_INVALID", "{r}");
+    node.assert_serving();
+}
+
+#[test]
 fn control_file_and_hidden_names_are_refused_as_download_targets() {
     let ld = TempDir::new("inames");
     std::fs::write(ld.path().join("manifest.json"), b"{\"shards\": []}").unwrap();

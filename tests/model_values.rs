@@ -152,9 +152,15 @@ fn every_shard_key_at_hostile_values_is_refused_by_the_one_shard_check() {
         set_key(b, "shard.model_id", Meta::String("m".into()));
     };
     let (_d, map) = model("shard-ok", |b, _| shard(b));
-    check_shard(&Gguf::parse(&map).unwrap(), 0, Some("m")).unwrap();
-    assert!(check_shard(&Gguf::parse(&map).unwrap(), 0, Some("other")).unwrap_err().contains("model"));
-    assert!(check_shard(&Gguf::parse(&map).unwrap(), 1, None).unwrap_err().contains("shard.index"));
+    check_shard(&Gguf::parse(&map).unwrap(), 0, Some("m"), None).unwrap();
+    // A manifest listing shard 0: the file's own info hash must be the listed one.
+    let (a, b) = (shardnet::torrent::InfoHash([1; 20]), shardnet::torrent::InfoHash([2; 20]));
+    check_shard(&Gguf::parse(&map).unwrap(), 0, Some("m"), Some((a, Some(a)))).unwrap();
+    let e = check_shard(&Gguf::parse(&map).unwrap(), 0, Some("m"), Some((a, Some(b)))).unwrap_err();
+    assert_eq!(e.0, ErrorCode::ManifestMismatch, "{}", e.1);
+    assert_eq!(check_shard(&Gguf::parse(&map).unwrap(), 0, Some("m"), Some((a, None))).unwrap_err().0, ErrorCode::Busy);
+    assert!(check_shard(&Gguf::parse(&map).unwrap(), 0, Some("other"), None).unwrap_err().1.contains("model"));
+    assert!(check_shard(&Gguf::parse(&map).unwrap(), 1, None, None).unwrap_err().1.contains("shard.index"));
     let cases: Vec<(&str, Meta)> = vec![
         ("shard.index", Meta::U32(1)),
         ("shard.index", Meta::I32(-1)),
@@ -178,12 +184,12 @@ fn every_shard_key_at_hostile_values_is_refused_by_the_one_shard_check() {
             set_key(b, key, v);
         });
         let g = Gguf::parse(&map).unwrap();
-        let e = check_shard(&g, 0, None).expect_err(&shown);
+        let e = check_shard(&g, 0, None, None).expect_err(&shown).1;
         assert!(e.contains("shard") || e.contains("layer"), "{shown}: {e}");
     }
     // Without any shard key: not a shard.
     let (_d, map) = model("shard-none", |_, _| {});
-    assert!(check_shard(&Gguf::parse(&map).unwrap(), 0, None).unwrap_err().contains("not a shard"));
+    assert!(check_shard(&Gguf::parse(&map).unwrap(), 0, None, None).unwrap_err().1.contains("not a shard"));
 }
 
 #[test]

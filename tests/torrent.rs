@@ -112,6 +112,47 @@ fn magnet_only_download_via_ut_metadata() {
     assert_eq!(saved.info_hash, m.info_hash);
 }
 
+/// RFC 4648 base32 of 20 bytes (32 characters), as some clients write `btih`.
+fn base32(b: &[u8; 20]) -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+    let (mut acc, mut bits, mut out) = (0u64, 0, String::new());
+    for &x in b {
+        acc = (acc << 8) | u64::from(x);
+        bits += 8;
+        while bits >= 5 {
+            bits -= 5;
+            out.push(ALPHABET[((acc >> bits) & 31) as usize] as char);
+        }
+    }
+    out
+}
+
+#[test]
+fn a_base32_magnet_with_peer_hints_downloads_without_peer_flags_and_an_empty_file_is_listed_not_seeded() {
+    let (sd, src, m) = seed_dir(MB);
+    std::fs::write(sd.path().join("empty.gguf"), b"").unwrap();
+    let seed = start_seed(sd.path(), &[]);
+    let files = seed.call("LIST_FILES", json!({}))["result"]["files"].clone();
+    let empty = files.as_array().unwrap().iter().find(|f| f["filename"] == "empty.gguf").expect("listed");
+    assert!(empty["info_hash"].is_null(), "{empty}");
+    assert!(empty["metadata_error"].as_str().unwrap().contains("zero-length file: not seeded"), "{empty}");
+    // As other clients write links: base32 hash, a v2 xt first, a broken escape in dn, x.pe.
+    let link = format!(
+        "magnet:?xt.1=urn:btmh:1220{}&xt.2=urn:btih:{}&dn=shard%2-0&x.pe={}",
+        "ab".repeat(32),
+        base32(&m.info_hash.0),
+        seed.addr
+    );
+    let out = TempDir::new("magnet32");
+    let o = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--timeout", "30", "fetch", &link, "--out"])
+        .arg(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+}
+
 #[test]
 fn five_leeches_trade_and_the_seed_uploads_less_than_twice_the_file() {
     let (sd, src, m) = seed_dir(4 * MB);
@@ -171,9 +212,13 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
         (v > m.info.length * 2 / 5).then_some(v)
     });
     // Resume data is saved every second while pieces come: killed (SIGKILL, no orderly stop)
-    // once it is on disk.
+    // once a save made after `before` was counted is on disk (an earlier save holds fewer pieces).
+    let counted = std::time::SystemTime::now();
     let resume = ld.path().join(format!("shard-0.gguf.{}.part.resume", m.info_hash.to_hex()));
-    wait_for(WAIT, || resume.exists().then_some(()));
+    wait_for(WAIT, || {
+        let saved = std::fs::metadata(&resume).and_then(|m| m.modified()).ok()?;
+        (saved > counted).then_some(())
+    });
     leech.kill();
     let leech = start_seed(ld.path(), &[]);
     let r = load(&leech, &m, &[&seed.addr], true);
@@ -484,13 +529,22 @@ fn a_utp_connection_attempt_is_reset_so_clients_fall_back_to_tcp() {
 // ---- bad peer input: each closes (or ignores) one peer; the node serves on ----
 
 /// A raw peer connected and handshaken to `node` for `m`.
+#[track_caller]
 fn raw_peer(node: &NodeProc, m: &Metainfo) -> TcpStream {
     let mut s = node.raw();
+    // A peer id of its own per connection, as a client's per session: the node refuses a second
+    // connection of one peer id while it still holds the first (which the test may just have closed).
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let mut id = *b"-TT0001-test00000000";
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    id[12..].copy_from_slice(format!("{n:08}").as_bytes());
     let mut out = Vec::new();
-    Handshake::new(m.info_hash, *b"-TT0001-testtesttest").encode(&mut out);
+    Handshake::new(m.info_hash, id).encode(&mut out);
     s.write_all(&out).unwrap();
     let mut hs = [0u8; 68];
-    s.read_exact(&mut hs).unwrap();
+    if let Err(e) = s.read_exact(&mut hs) {
+        panic!("no handshake back: {e}; node log:\n{}", node.stderr());
+    }
     assert_eq!(Handshake::decode(&hs).unwrap().unwrap().info_hash, m.info_hash);
     s
 }
@@ -529,6 +583,7 @@ fn still_serving(node: &NodeProc, m: &Metainfo) {
     node.assert_serving();
 }
 
+#[track_caller]
 fn closes(node: &NodeProc, m: &Metainfo, bad: &[u8]) {
     let mut s = raw_peer(node, m);
     s.write_all(bad).unwrap();

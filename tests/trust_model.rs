@@ -320,3 +320,138 @@ fn a_private_swarm_serves_keyed_nodes_and_not_aria2() {
     assert_eq!(std::fs::read(leech_dir.join("shard-0.gguf")).unwrap(), original);
     seed.assert_serving();
 }
+
+/// A copy of `src` (a shard) at `dst` with its last 4 KiB of weights set to 0.5: the same
+/// `shard.*` keys and model id, other weights; returns its torrent (written beside it).
+fn tampered_shard(src: &Path, dst: &Path) -> shardnet::torrent::Metainfo {
+    let mut bytes = std::fs::read(src).unwrap();
+    let n = bytes.len();
+    for (i, b) in bytes[n - 4096..].iter_mut().enumerate() {
+        *b = 0.5f32.to_le_bytes()[i % 4];
+    }
+    std::fs::write(dst, &bytes).unwrap();
+    let pool = WorkerPool::new("hash", 2);
+    shardnet::torrent::create::create(dst, None, &pool.handle()).unwrap()
+}
+
+fn download(node: &NodeProc, m: &shardnet::torrent::Metainfo, peers: &[&str]) -> Value {
+    let torrent_hex = to_hex(&m.to_torrent_bytes());
+    node.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": peers}))
+}
+
+/// The info hash `manifest.json` in `dir` lists for shard `id`.
+fn manifest_info_hash(dir: &Path, id: usize) -> String {
+    let v: Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    v["shards"][id]["info_hash"].as_str().unwrap().to_string()
+}
+
+fn listed(node: &NodeProc, name: &str) -> Value {
+    let files = node.call("LIST_FILES", json!({}));
+    files["result"]["files"].as_array().unwrap().iter().find(|f| f["filename"] == name).cloned().unwrap_or(Value::Null)
+}
+
+#[test]
+fn a_pinned_node_takes_no_download_its_manifest_does_not_name_nor_lists_a_squatter_as_the_shard() {
+    let dir = TempDir::new("trust-squat");
+    let honest = dir.path().join("honest");
+    let pin = split_model(dir.path(), 42, &honest);
+    let evil_dir = dir.path().join("evil");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    let evil = tampered_shard(&honest.join("shard-0.gguf"), &evil_dir.join("shard-0.gguf"));
+    let seed = NodeProc::start(&evil_dir, &["--enable-torrent"]);
+    seed.wait_metadata();
+    // The pinned node holds its manifest and shard 1.
+    let pinned_dir = dir.path().join("pinned");
+    std::fs::create_dir_all(&pinned_dir).unwrap();
+    for f in ["manifest.json", "shard-1.gguf"] {
+        std::fs::copy(honest.join(f), pinned_dir.join(f)).unwrap();
+    }
+    let args = ["--enable-torrent", "--model", &pin, "--bootstrap", &seed.addr];
+    let pinned = NodeProc::start(&pinned_dir, &args);
+    wait_for(WAIT, || (pinned.call("STATUS", json!({}))["result"]["model"]["manifest"] == json!(pin)).then_some(()));
+    // A tampered shard-0.gguf, whole torrent or magnet: refused before any file is made.
+    let r = download(&pinned, &evil, &[&seed.addr]);
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    let r = pinned.call("DOWNLOAD", json!({"info_hash": evil.info_hash.to_hex(), "peers": [seed.addr]}));
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    // A zero-length squat of shard-2's name (no peer needed) is refused as well.
+    let empty = shardnet::torrent::Metainfo::new(shardnet::torrent::metainfo::Info {
+        name: "shard-2.gguf".into(),
+        length: 0,
+        piece_length: 262144,
+        pieces: vec![],
+    });
+    let r = download(&pinned, &empty, &["127.0.0.1:9"]);
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    assert!(!pinned_dir.join("shard-0.gguf").exists() && !pinned_dir.join("shard-2.gguf").exists());
+    drop(pinned);
+
+    // A tampered file already in the shards dir under the shard's name: listed with a mismatch,
+    // never announced under the name key, and LOAD_SHARD says why instead of NAME_CONFLICT.
+    std::fs::copy(evil_dir.join("shard-0.gguf"), pinned_dir.join("shard-0.gguf")).unwrap();
+    let pinned = NodeProc::start(&pinned_dir, &args);
+    pinned.wait_metadata();
+    let f = listed(&pinned, "shard-0.gguf");
+    assert_eq!(f["info_hash"], json!(evil.info_hash.to_hex()), "{f}");
+    assert!(f["mismatch"].as_str().is_some_and(|m| m.contains(&manifest_info_hash(&honest, 0))), "{f}");
+    assert!(listed(&pinned, "shard-1.gguf").get("mismatch").is_none());
+    let r = wait_for(WAIT, || {
+        let r = pinned.call("LOAD_SHARD", json!({"shard_id": 0}));
+        (r["code"] != "BUSY").then_some(r)
+    });
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    let r = pinned.call("EXECUTE_TASK", json!({"session_id": "s", "shard_id": 0, "input": {"tokens": [1]}}));
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    // Announced under its own info hash (and the manifest's key), never under shard-0's name.
+    let holds = |params: Value| {
+        let r = seed.call("FIND_PEERS", params);
+        r["result"]["peers"].as_array().cloned().unwrap_or_default().contains(&json!(pinned.addr))
+    };
+    wait_for(Duration::from_secs(30), || holds(json!({"key": evil.info_hash.to_hex()})).then_some(()));
+    wait_for(Duration::from_secs(30), || holds(json!({"shard_id": 1})).then_some(()));
+    assert!(!holds(json!({"shard_id": 0})), "the squatter is announced as shard-0.gguf");
+    let s = pinned.call("STATUS", json!({}));
+    assert!(s["result"]["shards_loaded"].as_array().unwrap().is_empty(), "{s}");
+    pinned.assert_serving();
+}
+
+#[test]
+fn an_unpinned_node_with_a_manifest_refuses_a_shard_of_another_info_hash() {
+    let dir = TempDir::new("trust-unpinned");
+    let honest = dir.path().join("honest");
+    split_model(dir.path(), 42, &honest);
+    let evil_dir = dir.path().join("evil");
+    std::fs::create_dir_all(&evil_dir).unwrap();
+    let evil = tampered_shard(&honest.join("shard-0.gguf"), &evil_dir.join("shard-0.gguf"));
+    let seed = NodeProc::start(&evil_dir, &["--enable-torrent"]);
+    seed.wait_metadata();
+    // Unpinned, with the model's manifest.json and shard 1: the tampered shard 0 downloads (no
+    // pin refuses it) but never loads.
+    let node_dir = dir.path().join("node");
+    std::fs::create_dir_all(&node_dir).unwrap();
+    for f in ["manifest.json", "shard-1.gguf"] {
+        std::fs::copy(honest.join(f), node_dir.join(f)).unwrap();
+    }
+    let node = NodeProc::start(&node_dir, &["--enable-torrent", "--threads", "1"]);
+    node.wait_metadata();
+    let r = download(&node, &evil, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    let evil_hex = json!(evil.info_hash.to_hex());
+    wait_for(Duration::from_secs(30), || (listed(&node, "shard-0.gguf")["info_hash"] == evil_hex).then_some(()));
+    let want = manifest_info_hash(&honest, 0);
+    let r = node.call("LOAD_SHARD", json!({"shard_id": 0}));
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    assert!(r["error"].as_str().unwrap().contains(&want), "{r}");
+    let r = node.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "s", "shard_id": 0, "input": {"tokens": [1, 2]}, "output": "hidden"}),
+    );
+    assert_eq!(r["code"], "MANIFEST_MISMATCH", "{r}");
+    assert!(listed(&node, "shard-0.gguf")["mismatch"].is_string());
+    let s = node.call("STATUS", json!({}));
+    assert!(s["result"]["shards_loaded"].as_array().unwrap().is_empty(), "{s}");
+    // The shard the manifest names loads.
+    let r = node.call("LOAD_SHARD", json!({"shard_id": 1}));
+    assert_eq!(r["status"], "success", "{r}");
+    node.assert_serving();
+}

@@ -3,15 +3,17 @@
 //! multiple of 26 bytes, compact peers 6 bytes, transaction ids short.
 //!
 //! ```text
-//! query:    {t, y:"q", q:method, a:{id, ...}}
-//! response: {t, y:"r", r:{id, nodes?, values?, token?}}
+//! query:    {t, y:"q", q:method, a:{id, ...}, ro?:1}
+//! response: {t, y:"r", r:{id, nodes?, values?, token?}, ip?}
 //! error:    {t, y:"e", e:[code, message]}
 //! ```
+//! `ro: 1` marks a read-only node's query (BEP 43); `ip` in a response is
+//! the querier's address as the responder saw it (BEP 42), compact.
 //! A response does not name its query: the caller matches `t` to what it sent.
 
 use std::borrow::Cow;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 
 use crate::bencode::{self, Value};
 
@@ -99,6 +101,11 @@ pub enum Body {
 pub struct Message {
     pub tid: Vec<u8>,
     pub body: Body,
+    /// The sender is read-only (BEP 43): it answers no queries, and must not
+    /// be put in routing tables.
+    pub ro: bool,
+    /// In a response: the querier's address as the responder saw it (BEP 42).
+    pub ip: Option<SocketAddr>,
 }
 
 /// Why a packet was refused; `code` is the BEP 5 error to answer with (a
@@ -148,6 +155,29 @@ pub fn encode_peer(p: &SocketAddrV4) -> [u8; 6] {
     out
 }
 
+/// A compact address: 6 bytes (IPv4) or 18 (IPv6), port big-endian.
+pub fn encode_addr(a: &SocketAddr) -> Vec<u8> {
+    let mut out = match a.ip() {
+        IpAddr::V4(v4) => v4.octets().to_vec(),
+        IpAddr::V6(v6) => v6.octets().to_vec(),
+    };
+    out.extend_from_slice(&a.port().to_be_bytes());
+    out
+}
+
+/// The inverse of [`encode_addr`]; `None` for any other length.
+pub fn decode_addr(b: &[u8]) -> Option<SocketAddr> {
+    let port = |p: &[u8]| u16::from_be_bytes([p[0], p[1]]);
+    match b.len() {
+        6 => Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::new(b[0], b[1], b[2], b[3])), port(&b[4..]))),
+        18 => {
+            let ip: [u8; 16] = b[..16].try_into().expect("16 bytes");
+            Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(ip)), port(&b[16..])))
+        }
+        _ => None,
+    }
+}
+
 fn decode_peer(b: &[u8]) -> Option<SocketAddrV4> {
     if b.len() != 6 {
         return None;
@@ -156,6 +186,11 @@ fn decode_peer(b: &[u8]) -> Option<SocketAddrV4> {
 }
 
 impl Message {
+    /// A message with no BEP 42/43 extras.
+    pub fn new(tid: Vec<u8>, body: Body) -> Message {
+        Message { tid, body, ro: false, ip: None }
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let tid = Value::bytes(&self.tid[..]);
         let v = match &self.body {
@@ -174,12 +209,16 @@ impl Message {
                         }
                     }
                 }
-                bencode::dict([
+                let mut top = vec![
                     ("a", bencode::dict(args)),
                     ("q", Value::str(query.method())),
                     ("t", tid),
                     ("y", Value::str("q")),
-                ])
+                ];
+                if self.ro {
+                    top.push(("ro", Value::Int(1)));
+                }
+                bencode::dict(top)
             }
             Body::Response { id, response } => {
                 let mut r = vec![("id", Value::bytes(&id.0[..]))];
@@ -195,7 +234,11 @@ impl Message {
                         Value::List(response.values.iter().map(|p| Value::bytes(encode_peer(p).to_vec())).collect()),
                     ));
                 }
-                bencode::dict([("r", bencode::dict(r)), ("t", tid), ("y", Value::str("r"))])
+                let mut top = vec![("r", bencode::dict(r)), ("t", tid), ("y", Value::str("r"))];
+                if let Some(ip) = &self.ip {
+                    top.push(("ip", Value::bytes(encode_addr(ip))));
+                }
+                bencode::dict(top)
             }
             Body::Error { code, message } => bencode::dict([
                 ("e", Value::List(vec![Value::Int(*code), Value::Bytes(Cow::Borrowed(message.as_bytes()))])),
@@ -323,7 +366,10 @@ impl Message {
                 }
                 _ => return Err(fail(t, code::PROTOCOL, "y is not q, r or e".into())),
             };
-        Ok(Message { tid, body })
+        // Extras read leniently: a malformed one is ignored, as other clients do.
+        let ro = v.get("ro").and_then(Value::as_int).is_some_and(|r| r == 1);
+        let ip = v.get("ip").and_then(Value::as_bytes).and_then(decode_addr);
+        Ok(Message { tid, body, ro, ip })
     }
 }
 
@@ -385,10 +431,12 @@ mod tests {
                 id: id(9),
                 response: Response { nodes, values: vec!["1.2.3.4:5".parse().unwrap()], token: Some(b"tok".to_vec()) },
             },
+            ro: false,
+            ip: Some("[2001:db8::1]:6881".parse().unwrap()),
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         for q in [Query::Ping, Query::FindNode { target: id(3) }, Query::GetPeers { info_hash: id(4) }] {
-            let m = Message { tid: b"t".to_vec(), body: Body::Query { id: id(5), query: q } };
+            let m = Message { tid: b"t".to_vec(), body: Body::Query { id: id(5), query: q }, ro: true, ip: None };
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
     }
@@ -416,6 +464,27 @@ mod tests {
     fn unsorted_keys_from_other_clients_are_accepted() {
         let m = Message::decode(b"d1:t2:aa1:y1:q1:q4:ping1:ad2:id20:abcdefghij0123456789ee").unwrap();
         assert_eq!(m.body, Body::Query { id: Id(*b"abcdefghij0123456789"), query: Query::Ping });
+    }
+
+    #[test]
+    fn bep42_ip_and_bep43_ro_are_read_and_bad_ones_ignored() {
+        // BEP 43's example shape: ro at the top level of a query.
+        let q = b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:roi1e1:t2:aa1:y1:qe";
+        let m = Message::decode(q).unwrap();
+        assert!(m.ro);
+        assert_eq!(m.encode(), q);
+        // BEP 42's ip in a response: 6 bytes for IPv4.
+        let r = b"d2:ip6:\x7c\x1f\x4b\x15\x1a\xe11:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re";
+        let m = Message::decode(r).unwrap();
+        assert_eq!(m.ip, Some("124.31.75.21:6881".parse().unwrap()));
+        assert_eq!(m.encode(), r);
+        // A 5-byte ip, ro of 2 or a string: ignored, the message still read.
+        let m = Message::decode(b"d2:ip5:abcde1:rd2:id20:mnopqrstuvwxyz123456e1:t2:aa1:y1:re").unwrap();
+        assert_eq!(m.ip, None);
+        for ro in [&b"i2e"[..], b"1:1", b"i0e"] {
+            let q = [&b"d1:ad2:id20:abcdefghij0123456789e1:q4:ping2:ro"[..], ro, b"1:t2:aa1:y1:qe"].concat();
+            assert!(!Message::decode(&q).unwrap().ro, "{}", String::from_utf8_lossy(ro));
+        }
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
+use super::budget::Verdict;
 use super::krpc::{Id, NodeInfo};
 use super::routing::K;
 
@@ -78,8 +79,11 @@ impl Lookup {
         self.candidates.iter().filter(|c| !matches!(c.state, State::Failed | State::Stalled)).take(K)
     }
 
-    /// Nodes to query now (the caller sends the queries).
-    pub fn next(&mut self, now: Instant) -> Vec<NodeInfo> {
+    /// Nodes to query now (the caller sends the queries). `verdict` says
+    /// whether a node may be asked now: one over its budget (`Wait`) stays
+    /// fresh and the next closest is asked instead; one backing off
+    /// (`Skip`) is treated as failed.
+    pub fn next(&mut self, now: Instant, mut verdict: impl FnMut(&NodeInfo) -> Verdict) -> Vec<NodeInfo> {
         for c in &mut self.candidates {
             if let State::InFlight(at) = c.state
                 && now.duration_since(at) >= SOFT_TIMEOUT
@@ -89,12 +93,33 @@ impl Lookup {
         }
         let busy = self.candidates.iter().filter(|c| matches!(c.state, State::InFlight(_))).count();
         let mut out = Vec::new();
-        let ids: Vec<Id> = self.frontier().filter(|c| c.state == State::Fresh).map(|c| c.node.id).collect();
-        for id in ids.into_iter().take(ALPHA.saturating_sub(busy)) {
-            let c = self.candidates.iter_mut().find(|c| c.node.id == id).expect("listed");
-            c.state = State::InFlight(now);
-            self.messages += 1;
-            out.push(c.node);
+        let mut slots = ALPHA.saturating_sub(busy);
+        while slots > 0 {
+            let fresh: Vec<NodeInfo> = self.frontier().filter(|c| c.state == State::Fresh).map(|c| c.node).collect();
+            let mut skipped = false;
+            for node in fresh {
+                if slots == 0 {
+                    break;
+                }
+                let c = self.candidates.iter_mut().find(|c| c.node.id == node.id).expect("listed");
+                match verdict(&node) {
+                    Verdict::Send => {
+                        c.state = State::InFlight(now);
+                        self.messages += 1;
+                        out.push(node);
+                        slots -= 1;
+                    }
+                    Verdict::Wait => {}
+                    Verdict::Skip => {
+                        c.state = State::Failed;
+                        skipped = true;
+                    }
+                }
+            }
+            // A skipped node lets a farther one into the frontier: look again.
+            if !skipped {
+                break;
+            }
         }
         out
     }
@@ -167,14 +192,14 @@ mod tests {
     fn converges_on_the_closest_and_stops() {
         let now = Instant::now();
         let mut l = Lookup::new(Id([0; 20]), vec![n(200), n(150), n(100)], now);
-        let first = l.next(now);
+        let first = l.next(now, |_| Verdict::Send);
         assert_eq!(first.len(), ALPHA);
-        assert!(l.next(now).is_empty(), "alpha in flight");
+        assert!(l.next(now, |_| Verdict::Send).is_empty(), "alpha in flight");
         // Each answer brings closer nodes.
         l.on_response(&n(100).id, &[n(10), n(20)], &[], None, now);
         l.on_response(&n(150).id, &[n(5)], &[], None, now);
         l.on_response(&n(200).id, &[], &[], None, now);
-        let second = l.next(now);
+        let second = l.next(now, |_| Verdict::Send);
         assert_eq!(second.iter().map(|x| x.id.0[0]).collect::<Vec<_>>(), vec![5, 10, 20]);
         for x in &second {
             l.on_response(&x.id, &[], &[SocketAddrV4::new([1, 1, 1, 1].into(), 1)], Some(b"t".to_vec()), now);
@@ -190,10 +215,10 @@ mod tests {
     fn a_silent_node_frees_its_slot_after_the_soft_timeout() {
         let now = Instant::now();
         let mut l = Lookup::new(Id([0; 20]), vec![n(1), n(2), n(3), n(4)], now);
-        assert_eq!(l.next(now).len(), 3);
-        assert!(l.next(now + Duration::from_millis(10)).is_empty());
+        assert_eq!(l.next(now, |_| Verdict::Send).len(), 3);
+        assert!(l.next(now + Duration::from_millis(10), |_| Verdict::Send).is_empty());
         let later = now + SOFT_TIMEOUT;
-        assert_eq!(l.next(later).len(), 1, "stalled queries do not hold slots");
+        assert_eq!(l.next(later, |_| Verdict::Send).len(), 1, "stalled queries do not hold slots");
         l.on_failure(&n(1).id);
         assert!(!l.is_done());
     }
@@ -202,9 +227,27 @@ mod tests {
     fn ends_when_nothing_is_left() {
         let now = Instant::now();
         let mut l = Lookup::new(Id([0; 20]), vec![n(1)], now);
-        l.next(now);
+        l.next(now, |_| Verdict::Send);
         l.on_failure(&n(1).id);
         assert!(l.is_done());
+    }
+
+    #[test]
+    fn nodes_over_budget_wait_and_backing_off_nodes_are_passed_over() {
+        let now = Instant::now();
+        let mut l = Lookup::new(Id([0; 20]), vec![n(1), n(2), n(3), n(4), n(5)], now);
+        // n(1) is over its budget, n(2) backing off: the next closest are asked.
+        let asked = l.next(now, |x| match x.id.0[0] {
+            1 => Verdict::Wait,
+            2 => Verdict::Skip,
+            _ => Verdict::Send,
+        });
+        assert_eq!(asked.iter().map(|x| x.id.0[0]).collect::<Vec<_>>(), vec![3, 4, 5]);
+        for x in &asked {
+            l.on_response(&x.id, &[], &[], None, now);
+        }
+        assert!(!l.is_done(), "n(1) is still to be asked");
+        assert_eq!(l.next(now, |_| Verdict::Send).iter().map(|x| x.id.0[0]).collect::<Vec<_>>(), vec![1]);
         assert!(Lookup::new(Id([0; 20]), vec![], now).is_done());
     }
 }

@@ -2,12 +2,14 @@
 //! lookups and announces, and leaves datagrams in `outbox` and results in
 //! `events`. The event loop (or the simulation) moves the bytes.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddrV4};
+use std::collections::{HashMap, VecDeque};
+use std::net::{IpAddr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
+use super::budget::{Budget, Verdict};
 use super::krpc::{self, Body, Id, Message, NodeInfo, Query, Response};
 use super::lookup::Lookup;
+use super::node_id;
 use super::routing::{K, RoutingTable};
 use super::store::{PeerStore, Tokens};
 
@@ -29,6 +31,14 @@ const JOIN_REFRESHES: usize = 3;
 /// A lookup started with an empty table waits for nodes while a join is in flight, at most
 /// this long; with nothing in flight it ends at once, empty.
 const PARK_LIMIT: Duration = Duration::from_secs(10);
+/// Queries (not lookups') waiting for a destination's budget, at most.
+const MAX_DEFERRED: usize = 1024;
+/// Distinct responders that must report one external address (BEP 42's
+/// `ip`) before the node takes a new id derived from it.
+const EXTERNAL_IP_VOTES: usize = 3;
+/// Packets a second sent to any one destination by default: libtorrent bans
+/// a source over 5 (see `budget`).
+pub const DEFAULT_QUERY_RATE: u32 = 3;
 
 #[derive(Clone, Debug)]
 pub struct DhtConfig {
@@ -39,11 +49,22 @@ pub struct DhtConfig {
     /// Our own peer address, when known: what we announce is also kept in
     /// our own store, so a node close to a key it holds answers for itself.
     pub own_peer_ip: Option<std::net::Ipv4Addr>,
+    /// Packets a second sent to any one destination (queries and answers together).
+    pub query_rate: u32,
+    /// A read-only node (BEP 43): its queries say `ro: 1`, it answers none,
+    /// and others keep it out of their routing tables.
+    pub read_only: bool,
 }
 
 impl Default for DhtConfig {
     fn default() -> DhtConfig {
-        DhtConfig { restrict_ips: true, rate_limit: 200, own_peer_ip: None }
+        DhtConfig {
+            restrict_ips: true,
+            rate_limit: 200,
+            own_peer_ip: None,
+            query_rate: DEFAULT_QUERY_RATE,
+            read_only: false,
+        }
     }
 }
 
@@ -82,6 +103,12 @@ pub struct Stats {
     pub sent: u64,
     pub dropped: u64,
     pub errors_sent: u64,
+    /// Answers not sent because their destination's budget was spent.
+    pub throttled: u64,
+    /// Queries from read-only nodes (BEP 43), answered but not added.
+    pub read_only_queries: u64,
+    /// Nodes left out of lookups for keys only BEP 42-valid ids may hold.
+    pub insecure_skipped: u64,
 }
 
 struct Pending {
@@ -91,10 +118,20 @@ struct Pending {
     lookup: Option<u64>,
 }
 
+/// A query waiting for its destination's budget.
+struct Deferred {
+    to: SocketAddrV4,
+    node: Option<Id>,
+    query: Query,
+}
+
 struct Active {
     lookup: Lookup,
     kind: LookupKind,
     parked_since: Option<Instant>,
+    /// Only nodes whose ids are valid for their addresses (BEP 42) take part:
+    /// the cluster's and shards' name keys are not trusted to others.
+    secure: bool,
 }
 
 pub struct Dht {
@@ -110,6 +147,9 @@ pub struct Dht {
     pub outbox: Vec<(SocketAddrV4, Vec<u8>)>,
     pub events: Vec<Event>,
     rate: HashMap<SocketAddrV4, (Instant, u32)>,
+    /// What we may send to each destination.
+    budget: Budget,
+    deferred: VecDeque<Deferred>,
     bootstrap: Vec<SocketAddrV4>,
     last_join: Option<Instant>,
     /// Joins in a row that no bootstrap node answered (reset when the table fills).
@@ -121,6 +161,10 @@ pub struct Dht {
     last_refresh: Instant,
     rng: u64,
     pub stats: Stats,
+    /// Our address as others see it, once `EXTERNAL_IP_VOTES` responders agree (BEP 42).
+    pub external_ip: Option<IpAddr>,
+    /// Responders' reports of our address: address -> who said so.
+    ip_votes: HashMap<IpAddr, Vec<IpAddr>>,
 }
 
 /// A join that no bootstrap node answered within [`QUERY_TIMEOUT`].
@@ -151,6 +195,7 @@ impl Dht {
             table: RoutingTable::new(id, config.restrict_ips, now),
             tokens: Tokens::new(crate::hash::sha1(&id.0), now),
             store: PeerStore::default(),
+            budget: Budget::new(config.query_rate),
             config,
             pending: HashMap::new(),
             lookups: HashMap::new(),
@@ -159,6 +204,7 @@ impl Dht {
             outbox: Vec::new(),
             events: Vec::new(),
             rate: HashMap::new(),
+            deferred: VecDeque::new(),
             bootstrap,
             last_join: None,
             join_failures: 0,
@@ -167,6 +213,44 @@ impl Dht {
             last_refresh: now,
             rng: seed,
             stats: Stats::default(),
+            external_ip: None,
+            ip_votes: HashMap::new(),
+        }
+    }
+
+    /// Twenty random bytes from the node's generator.
+    fn random_id(&mut self) -> [u8; 20] {
+        let mut t = [0u8; 20];
+        for c in t.chunks_mut(8) {
+            let r = self.random().to_le_bytes();
+            c.copy_from_slice(&r[..c.len()]);
+        }
+        t
+    }
+
+    /// A responder said our address is `ip` (BEP 42). Once enough distinct
+    /// responders agree on a public address that our id is not valid for,
+    /// the node takes an id derived from it and keeps its table.
+    fn vote_external_ip(&mut self, ip: IpAddr, voter: IpAddr, now: Instant) {
+        if self.ip_votes.len() >= 64 && !self.ip_votes.contains_key(&ip) {
+            return;
+        }
+        let voters = self.ip_votes.entry(ip).or_default();
+        if voters.contains(&voter) || voters.len() >= EXTERNAL_IP_VOTES {
+            return;
+        }
+        voters.push(voter);
+        if voters.len() < EXTERNAL_IP_VOTES || self.external_ip == Some(ip) {
+            return;
+        }
+        self.external_ip = Some(ip);
+        if !node_id::verify_id(&self.id, ip) {
+            let id = node_id::generate_id(ip, self.random_id());
+            self.id = id;
+            let old = std::mem::replace(&mut self.table, RoutingTable::new(id, self.config.restrict_ips, now));
+            for e in old.entries() {
+                self.table.insert(e.node, e.last_response.is_some(), e.last_response.unwrap_or(now));
+            }
         }
     }
 
@@ -183,14 +267,43 @@ impl Dht {
         self.last_join = Some(now);
         self.join_judged = false;
         for addr in self.bootstrap.clone() {
-            self.send_query(addr, None, Query::FindNode { target: self.id }, None, now);
+            self.send_query(addr, None, Query::FindNode { target: self.id }, now);
         }
         if !self.table.is_empty() {
             self.start_lookup(self.id, LookupKind::FindNode, now);
         }
     }
 
-    fn send_query(
+    /// Sends a query outside lookups (join, announce_peer): at once if
+    /// `to`'s budget allows, later if it is over budget, never if it is
+    /// backing off. False when the query is dropped.
+    fn send_query(&mut self, to: SocketAddrV4, node: Option<Id>, query: Query, now: Instant) -> bool {
+        match self.budget.query_verdict(SocketAddr::V4(to), now) {
+            Verdict::Send => self.transmit(to, node, query, None, now),
+            Verdict::Wait if self.deferred.len() < MAX_DEFERRED => {
+                self.deferred.push_back(Deferred { to, node, query });
+                true
+            }
+            Verdict::Wait | Verdict::Skip => false,
+        }
+    }
+
+    /// Sends deferred queries whose destinations have budget again.
+    fn send_deferred(&mut self, now: Instant) {
+        for _ in 0..self.deferred.len() {
+            let d = self.deferred.pop_front().expect("counted");
+            match self.budget.query_verdict(SocketAddr::V4(d.to), now) {
+                Verdict::Send => {
+                    self.transmit(d.to, d.node, d.query, None, now);
+                }
+                Verdict::Wait => self.deferred.push_back(d),
+                Verdict::Skip => {}
+            }
+        }
+    }
+
+    /// Sends a query now (the caller checked the budget).
+    fn transmit(
         &mut self,
         to: SocketAddrV4,
         node: Option<Id>,
@@ -201,17 +314,28 @@ impl Dht {
         if self.pending.len() >= MAX_PENDING {
             return false;
         }
+        self.budget.spend(SocketAddr::V4(to), now);
         self.next_tid = self.next_tid.wrapping_add(1);
         let tid = self.next_tid.to_be_bytes().to_vec();
-        let msg = Message { tid: tid.clone(), body: Body::Query { id: self.id, query } };
+        let msg =
+            Message { tid: tid.clone(), body: Body::Query { id: self.id, query }, ro: self.config.read_only, ip: None };
         self.outbox.push((to, msg.encode()));
         self.stats.sent += 1;
         self.pending.insert(tid, Pending { to, node, sent: now, lookup });
         true
     }
 
-    fn reply(&mut self, to: SocketAddrV4, tid: Vec<u8>, body: Body) {
-        self.outbox.push((to, Message { tid, body }.encode()));
+    /// Answers `to`, unless its budget is spent (then silence: better one
+    /// lost answer than a ban from that node).
+    fn reply(&mut self, to: SocketAddrV4, tid: Vec<u8>, body: Body, now: Instant) {
+        if !self.budget.may_reply(SocketAddr::V4(to), now) {
+            self.stats.throttled += 1;
+            return;
+        }
+        self.budget.spend(SocketAddr::V4(to), now);
+        // BEP 42: tell the querier the address we see it from.
+        let ip = matches!(body, Body::Response { .. }).then_some(SocketAddr::V4(to));
+        self.outbox.push((to, Message { tid, body, ro: false, ip }.encode()));
         self.stats.sent += 1;
     }
 
@@ -241,33 +365,55 @@ impl Dht {
                 // A query we could not accept gets a BEP 5 error, if it had a tid.
                 if let Some(tid) = e.tid {
                     self.stats.errors_sent += 1;
-                    self.reply(from, tid, Body::Error { code: e.code, message: e.message });
+                    self.reply(from, tid, Body::Error { code: e.code, message: e.message }, now);
                 }
                 return;
             }
         };
         match msg.body {
-            Body::Query { id, query } => self.on_query(from, msg.tid, id, query, now),
-            Body::Response { id, response } => self.on_response(from, msg.tid, id, response, now),
+            Body::Query { .. } if self.config.read_only => self.stats.dropped += 1, // BEP 43: we answer nothing
+            Body::Query { id, query } => {
+                if msg.ro {
+                    self.stats.read_only_queries += 1;
+                }
+                self.on_query(from, msg.tid, id, query, !msg.ro, now)
+            }
+            Body::Response { id, response } => {
+                if let Some(SocketAddr::V4(me)) = msg.ip
+                    && self.pending.get(&msg.tid).is_some_and(|p| p.to == from)
+                {
+                    self.vote_external_ip(IpAddr::V4(*me.ip()), IpAddr::V4(*from.ip()), now);
+                }
+                self.on_response(from, msg.tid, id, response, now)
+            }
             Body::Error { .. } => self.on_error(from, msg.tid, now),
         }
     }
 
-    fn on_query(&mut self, from: SocketAddrV4, tid: Vec<u8>, id: Id, query: Query, now: Instant) {
-        if id != self.id {
+    /// A query; `routable`: the sender may go into the table (not read-only).
+    fn on_query(&mut self, from: SocketAddrV4, tid: Vec<u8>, id: Id, query: Query, routable: bool, now: Instant) {
+        if id != self.id && routable {
             self.table.insert(NodeInfo { id, addr: from }, false, now);
         }
         let ip = IpAddr::V4(*from.ip());
+        // Never the querier itself: libtorrent would query its own address,
+        // and count those packets against 127.0.0.1 on a one-machine network.
+        let closest = |table: &RoutingTable, target: &Id| -> Vec<NodeInfo> {
+            let mut nodes = table.closest(target, K + 1, now);
+            nodes.retain(|n| n.addr != from && n.id != id);
+            nodes.truncate(K);
+            nodes
+        };
         let body = match query {
             Query::Ping => Body::Response { id: self.id, response: Response::default() },
             Query::FindNode { target } => Body::Response {
                 id: self.id,
-                response: Response { nodes: self.table.closest(&target, K, now), ..Response::default() },
+                response: Response { nodes: closest(&self.table, &target), ..Response::default() },
             },
             Query::GetPeers { info_hash } => {
                 let token = self.tokens.issue(ip, now);
                 let values = self.store.peers(&info_hash, now);
-                let nodes = self.table.closest(&info_hash, K, now);
+                let nodes = closest(&self.table, &info_hash);
                 Body::Response { id: self.id, response: Response { nodes, values, token: Some(token) } }
             }
             Query::AnnouncePeer { info_hash, port, implied_port, token } => {
@@ -286,7 +432,7 @@ impl Dht {
                 }
             }
         };
-        self.reply(from, tid, body);
+        self.reply(from, tid, body, now);
     }
 
     fn on_response(&mut self, from: SocketAddrV4, tid: Vec<u8>, id: Id, response: Response, now: Instant) {
@@ -300,13 +446,31 @@ impl Dht {
             return;
         }
         let p = self.pending.remove(&tid).expect("found");
+        self.budget.answered(SocketAddr::V4(from));
         if id != self.id {
             self.table.insert(NodeInfo { id, addr: from }, true, now);
         }
         let was_empty_join = p.lookup.is_none() && p.node.is_none();
         if let Some(l) = p.lookup {
             if let Some(a) = self.lookups.get_mut(&l) {
-                a.lookup.on_response(&id, &response.nodes, &response.values, response.token, now);
+                if a.secure && !node_id::verify_id(&id, IpAddr::V4(*from.ip())) {
+                    // Not trusted with this key: neither its peers nor its token count.
+                    self.stats.insecure_skipped += 1;
+                    a.lookup.on_failure(&id);
+                    if let Some(node) = p.node {
+                        a.lookup.on_failure(&node);
+                    }
+                } else {
+                    // Never ourselves; with `secure`, only BEP 42-valid ids.
+                    let own = self.id;
+                    let nodes: Vec<NodeInfo> = response
+                        .nodes
+                        .iter()
+                        .copied()
+                        .filter(|n| n.id != own && (!a.secure || node_id::verify_id(&n.id, IpAddr::V4(*n.addr.ip()))))
+                        .collect();
+                    a.lookup.on_response(&id, &nodes, &response.values, response.token, now);
+                }
             }
             self.drive(l, now);
         } else if was_empty_join {
@@ -321,11 +485,7 @@ impl Dht {
                 // And a few far regions of the id space, so a new node's table
                 // is not only its neighbourhood (libtorrent refreshes likewise).
                 for _ in 0..JOIN_REFRESHES {
-                    let mut t = [0u8; 20];
-                    for c in t.chunks_mut(8) {
-                        let r = self.random().to_le_bytes();
-                        c.copy_from_slice(&r[..c.len()]);
-                    }
+                    let t = self.random_id();
                     self.start_lookup(Id(t), LookupKind::FindNode, now);
                 }
             }
@@ -337,6 +497,7 @@ impl Dht {
             return;
         }
         let p = self.pending.remove(&tid).expect("found");
+        self.budget.failed(SocketAddr::V4(from), now);
         if let (Some(l), Some(node)) = (p.lookup, p.node) {
             if let Some(a) = self.lookups.get_mut(&l) {
                 a.lookup.on_failure(&node);
@@ -347,11 +508,32 @@ impl Dht {
 
     /// Starts a lookup of `target`; its result comes as `Event::LookupDone`.
     pub fn start_lookup(&mut self, target: Id, kind: LookupKind, now: Instant) -> u64 {
+        self.start_lookup_with(target, kind, false, now)
+    }
+
+    /// A lookup among nodes whose ids are valid for their addresses only
+    /// (BEP 42): for keys a node could capture by choosing its id.
+    pub fn start_lookup_secure(&mut self, target: Id, kind: LookupKind, now: Instant) -> u64 {
+        self.start_lookup_with(target, kind, true, now)
+    }
+
+    fn seeds(&mut self, target: &Id, secure: bool, now: Instant) -> Vec<NodeInfo> {
+        let mut seeds = self.table.closest(target, if secure { 8 * K } else { 2 * K }, now);
+        if secure {
+            let before = seeds.len();
+            seeds.retain(|n| node_id::verify_id(&n.id, IpAddr::V4(*n.addr.ip())));
+            self.stats.insecure_skipped += (before - seeds.len()) as u64;
+            seeds.truncate(2 * K);
+        }
+        seeds
+    }
+
+    fn start_lookup_with(&mut self, target: Id, kind: LookupKind, secure: bool, now: Instant) -> u64 {
         let id = self.next_lookup;
         self.next_lookup += 1;
-        let seeds = self.table.closest(&target, 2 * K, now);
+        let seeds = self.seeds(&target, secure, now);
         let parked_since = seeds.is_empty().then_some(now);
-        self.lookups.insert(id, Active { lookup: Lookup::new(target, seeds, now), kind, parked_since });
+        self.lookups.insert(id, Active { lookup: Lookup::new(target, seeds, now), kind, parked_since, secure });
         if parked_since.is_none() {
             self.drive(id, now);
         }
@@ -364,14 +546,15 @@ impl Dht {
         if a.parked_since.is_some() {
             return;
         }
-        let to_ask = a.lookup.next(now);
+        let budget = &mut self.budget;
+        let to_ask = a.lookup.next(now, |n| budget.query_verdict(SocketAddr::V4(n.addr), now));
         let target = a.lookup.target;
         let query = match a.kind {
             LookupKind::FindNode => Query::FindNode { target },
             _ => Query::GetPeers { info_hash: target },
         };
         for n in to_ask {
-            if !self.send_query(n.addr, Some(n.id), query.clone(), Some(l), now)
+            if !self.transmit(n.addr, Some(n.id), query.clone(), Some(l), now)
                 && let Some(a) = self.lookups.get_mut(&l)
             {
                 a.lookup.on_failure(&n.id);
@@ -398,7 +581,18 @@ impl Dht {
                         implied_port: false,
                         token: token.clone(),
                     };
-                    self.send_query(node.addr, Some(node.id), q, None, now);
+                    self.send_query(node.addr, Some(node.id), q, now);
+                }
+            }
+        }
+        // We are a node of the DHT too: what others announced to us counts
+        // (a peer announcing to a network of two stores only on us). Not for
+        // secure lookups: our store does not know who announced.
+        let mut peers = a.lookup.peers.clone();
+        if !a.secure && a.kind != LookupKind::FindNode {
+            for p in self.store.peers(&a.lookup.target, now) {
+                if !peers.contains(&p) {
+                    peers.push(p);
                 }
             }
         }
@@ -406,7 +600,7 @@ impl Dht {
             id: l,
             target: a.lookup.target,
             kind: a.kind,
-            peers: a.lookup.peers.clone(),
+            peers,
             responded: responded.len(),
             messages: a.lookup.messages,
             rounds: a.lookup.rounds(),
@@ -426,6 +620,7 @@ impl Dht {
         let mut touched = Vec::new();
         for tid in expired {
             let p = self.pending.remove(&tid).expect("listed");
+            self.budget.failed(SocketAddr::V4(p.to), now);
             if let Some(node) = p.node {
                 self.table.failed(&node);
                 if let Some(l) = p.lookup {
@@ -436,12 +631,15 @@ impl Dht {
                 }
             }
         }
+        self.send_deferred(now);
         // Lookups waiting for a table; soft timeouts.
         let ids: Vec<u64> = self.lookups.keys().copied().collect();
         for l in ids {
+            let a = self.lookups.get(&l).expect("listed");
+            let (target, secure) = (a.lookup.target, a.secure);
+            let seeds = if a.parked_since.is_some() { self.seeds(&target, secure, now) } else { Vec::new() };
             let a = self.lookups.get_mut(&l).expect("listed");
             if let Some(since) = a.parked_since {
-                let seeds = self.table.closest(&a.lookup.target, 2 * K, now);
                 if !seeds.is_empty() {
                     a.lookup = Lookup::new(a.lookup.target, seeds, a.lookup.started);
                     a.parked_since = None;
@@ -514,7 +712,7 @@ impl Dht {
         if self.pending.is_empty() && self.lookups.values().any(|a| a.parked_since.is_some()) {
             return Duration::ZERO;
         }
-        if !self.lookups.is_empty() {
+        if !self.lookups.is_empty() || !self.deferred.is_empty() {
             return super::lookup::SOFT_TIMEOUT / 5;
         }
         if !self.pending.is_empty() {
@@ -564,7 +762,7 @@ mod tests {
     }
 
     fn network(n: usize, now: Instant) -> Vec<Dht> {
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, own_peer_ip: None };
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, query_rate: 10_000, ..DhtConfig::default() };
         let mut nodes: Vec<Dht> =
             (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
         for d in nodes.iter_mut().skip(1) {
@@ -592,7 +790,8 @@ mod tests {
     #[test]
     fn bad_packets_get_errors_or_are_dropped() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5, own_peer_ip: None }, vec![], now);
+        let mut d =
+            Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 5, ..DhtConfig::default() }, vec![], now);
         d.handle_packet(addr(9), b"not bencode", now);
         assert!(d.outbox.is_empty(), "no tid: dropped");
         d.handle_packet(addr(9), b"d1:ad2:id20:abcdefghij0123456789e1:q4:frob1:t2:aa1:y1:qe", now);
@@ -602,9 +801,9 @@ mod tests {
         d.handle_packet(addr(9), b"d1:rd2:id20:mnopqrstuvwxyz123456e1:t2:zz1:y1:re", now);
         assert!(d.outbox.is_empty() && d.table.is_empty());
         // An announce with a forged token.
-        let q = Message {
-            tid: b"t1".to_vec(),
-            body: Body::Query {
+        let q = Message::new(
+            b"t1".to_vec(),
+            Body::Query {
                 id: id(9),
                 query: Query::AnnouncePeer {
                     info_hash: id(3),
@@ -613,7 +812,7 @@ mod tests {
                     token: b"forged".to_vec(),
                 },
             },
-        };
+        );
         d.handle_packet(addr(9), &q.encode(), now);
         let (_, reply) = d.outbox.pop().unwrap();
         assert!(matches!(Message::decode(&reply).unwrap().body, Body::Error { code: 203, .. }));
@@ -622,17 +821,206 @@ mod tests {
         for _ in 0..20 {
             d.handle_packet(
                 addr(10),
-                &Message { tid: b"p".to_vec(), body: Body::Query { id: id(10), query: Query::Ping } }.encode(),
+                &Message::new(b"p".to_vec(), Body::Query { id: id(10), query: Query::Ping }).encode(),
                 now,
             );
         }
         assert_eq!(d.outbox.len(), 5);
     }
 
+    /// Nodes at given addresses; every datagram delivered at once, each
+    /// recorded as (sender, receiver, time).
+    struct Net {
+        nodes: Vec<Dht>,
+        addrs: Vec<SocketAddrV4>,
+        log: Vec<(usize, usize, Instant)>,
+    }
+
+    impl Net {
+        fn new(addrs: &[&str], ids: Vec<Id>, cfg: DhtConfig, now: Instant) -> Net {
+            let addrs: Vec<SocketAddrV4> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let nodes = ids.into_iter().map(|id| Dht::new(id, cfg.clone(), vec![], now)).collect();
+            Net { nodes, addrs, log: Vec::new() }
+        }
+
+        fn deliver(&mut self, now: Instant) {
+            for _ in 0..1000 {
+                let mut moved = false;
+                for i in 0..self.nodes.len() {
+                    for (to, bytes) in std::mem::take(&mut self.nodes[i].outbox) {
+                        moved = true;
+                        if let Some(j) = self.addrs.iter().position(|a| *a == to) {
+                            self.log.push((i, j, now));
+                            let from = self.addrs[i];
+                            self.nodes[j].handle_packet(from, &bytes, now);
+                        }
+                    }
+                }
+                if !moved {
+                    return;
+                }
+            }
+        }
+
+        /// Most packets `from` sent `to` within any 10 s (libtorrent bans at 50).
+        fn max_per_10s(&self, from: usize, to: usize) -> usize {
+            let times: Vec<Instant> = self.log.iter().filter(|e| e.0 == from && e.1 == to).map(|e| e.2).collect();
+            (0..times.len())
+                .map(|i| times[i..].iter().take_while(|t| t.duration_since(times[i]) < Duration::from_secs(10)).count())
+                .max()
+                .unwrap_or(0)
+        }
+    }
+
+    #[test]
+    fn a_busy_node_stays_under_libtorrents_rate_limit_and_still_finds_peers() {
+        // Two nodes, as with one libtorrent bootstrapped from a node: every
+        // query goes to the one other node. Node 1 looks a key up every 300 ms
+        // and announces three keys every three seconds, for 60 s: over 5
+        // queries a second, more than libtorrent takes from one address.
+        let start = Instant::now();
+        let mut net = Net::new(&["127.0.0.1:1000", "127.0.0.1:1001"], vec![id(1), id(2)], DhtConfig::default(), start);
+        net.nodes[1].bootstrap = vec![net.addrs[0]];
+        net.nodes[1].join(start);
+        net.deliver(start);
+        let key = Id([0x42; 20]);
+        net.nodes[0].store.announce(key, "10.0.0.9:7777".parse().unwrap(), start);
+        let mut found = 0;
+        let mut step = 0u32;
+        while step < 6000 {
+            let now = start + Duration::from_millis(10 * u64::from(step));
+            if step % 30 == 0 {
+                net.nodes[1].start_lookup(key, LookupKind::GetPeers, now);
+            }
+            if step % 300 == 0 {
+                for k in 0..3u8 {
+                    net.nodes[1].start_lookup(Id([k; 20]), LookupKind::Announce { port: 9000 }, now);
+                }
+            }
+            for d in &mut net.nodes {
+                d.tick(now);
+            }
+            net.deliver(now);
+            for e in net.nodes[1].events.drain(..) {
+                let Event::LookupDone(r) = e;
+                found += usize::from(r.target == key && !r.peers.is_empty());
+            }
+            step += 1;
+        }
+        let worst = net.max_per_10s(1, 0);
+        assert!(worst < 50, "{worst} packets to one node within 10 s: libtorrent would ban us");
+        assert!(worst >= 20, "the budget is used ({worst})");
+        assert!(found >= 100, "lookups still find the key ({found} of 200)");
+        assert!(net.nodes[0].store.peers(&Id([1; 20]), start).contains(&"127.0.0.1:9000".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_silent_node_is_backed_off_not_hammered() {
+        let start = Instant::now();
+        let mut d = Dht::new(id(1), DhtConfig::default(), vec![], start);
+        let dead: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
+        d.table.insert(NodeInfo { id: id(2), addr: dead }, true, start);
+        let mut sent = 0;
+        for step in 0..6000u64 {
+            let now = start + Duration::from_millis(10 * step);
+            if step % 20 == 0 {
+                d.start_lookup(Id([step as u8; 20]), LookupKind::GetPeers, now);
+                d.table.insert(NodeInfo { id: id(2), addr: dead }, true, now); // heard from again
+            }
+            d.tick(now);
+            sent += d.outbox.drain(..).filter(|(to, _)| *to == dead).count();
+        }
+        // Timeouts back off 1, 2, 4, ... 60 s: a handful of queries in a minute.
+        assert!(sent <= 10, "{sent} queries to a node that never answers");
+    }
+
+    #[test]
+    fn read_only_nodes_are_answered_but_never_routed_and_ask_with_ro() {
+        let now = Instant::now();
+        let cfg = DhtConfig { read_only: true, ..DhtConfig::default() };
+        let mut net = Net::new(
+            &["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"],
+            vec![id(1), id(2), id(3)],
+            DhtConfig::default(),
+            now,
+        );
+        net.nodes[1] = Dht::new(id(2), cfg, vec![net.addrs[0]], now);
+        net.nodes[1].join(now);
+        net.deliver(now);
+        assert!(!net.nodes[1].table.is_empty(), "the read-only node learned node 0");
+        assert!(net.nodes[0].table.is_empty(), "node 0 keeps the read-only node out of its table");
+        assert!(net.nodes[0].stats.read_only_queries >= 1);
+        // Node 2 asks node 0 for nodes: the read-only node is not handed out.
+        net.nodes[2].table.insert(NodeInfo { id: id(1), addr: net.addrs[0] }, true, now);
+        net.nodes[2].start_lookup(id(2), LookupKind::FindNode, now);
+        net.deliver(now);
+        assert!(net.nodes[2].table.entries().all(|e| e.node.addr != net.addrs[1]));
+        // The read-only node answers no query.
+        let ping = Message::new(b"p".to_vec(), Body::Query { id: id(3), query: Query::Ping }).encode();
+        net.nodes[1].handle_packet(net.addrs[2], &ping, now);
+        assert!(net.nodes[1].outbox.is_empty());
+    }
+
+    /// A node id valid for `ip` under BEP 42.
+    fn valid_id(ip: &str, seed: u8) -> Id {
+        node_id::generate_id(ip.parse().unwrap(), [seed; 20])
+    }
+
+    #[test]
+    fn name_keys_are_stored_on_and_read_from_bep42_valid_nodes_only() {
+        let now = Instant::now();
+        let key = Id([0x42; 20]);
+        // Node 2 chose an id right next to the key; its id is not its address's.
+        let mut near = key.0;
+        near[19] ^= 1;
+        let ids = vec![valid_id("8.1.1.1", 1), valid_id("8.2.2.2", 2), Id(near)];
+        let mut net = Net::new(&["8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"], ids, DhtConfig::default(), now);
+        net.nodes[1].store.announce(key, "8.8.8.8:1".parse().unwrap(), now);
+        net.nodes[2].store.announce(key, "6.6.6.6:6".parse().unwrap(), now);
+        for j in [1, 2] {
+            let n = NodeInfo { id: net.nodes[j].id, addr: net.addrs[j] };
+            net.nodes[0].table.insert(n, true, now);
+        }
+        let peers = |net: &mut Net| -> Vec<SocketAddrV4> {
+            let Some(Event::LookupDone(r)) = net.nodes[0].events.pop() else { panic!("no lookup result") };
+            r.peers
+        };
+        net.nodes[0].start_lookup(key, LookupKind::GetPeers, now);
+        net.deliver(now);
+        assert!(peers(&mut net).contains(&"6.6.6.6:6".parse().unwrap()), "a plain lookup asks everyone");
+        net.nodes[0].start_lookup_secure(key, LookupKind::GetPeers, now);
+        net.deliver(now);
+        assert_eq!(peers(&mut net), vec!["8.8.8.8:1".parse().unwrap()], "the secure lookup skips node 2");
+        net.nodes[0].start_lookup_secure(Id([7; 20]), LookupKind::Announce { port: 5 }, now);
+        net.deliver(now);
+        assert!(net.nodes[2].store.is_empty() || net.nodes[2].store.len() == 1, "nothing new stored on node 2");
+        assert!(net.nodes[1].store.len() == 2, "the announce reached node 1");
+        assert!(net.nodes[0].stats.insecure_skipped > 0);
+    }
+
+    #[test]
+    fn the_node_takes_an_id_derived_from_the_address_others_report() {
+        let now = Instant::now();
+        let addrs = ["9.9.9.9:6881", "8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"];
+        let ids = vec![id(1), valid_id("8.1.1.1", 1), valid_id("8.2.2.2", 2), valid_id("8.3.3.3", 3)];
+        let mut net = Net::new(&addrs, ids, DhtConfig::default(), now);
+        assert!(!node_id::verify_id(&net.nodes[0].id, "9.9.9.9".parse().unwrap()));
+        for j in 1..4 {
+            let n = NodeInfo { id: net.nodes[j].id, addr: net.addrs[j] };
+            net.nodes[0].table.insert(n, true, now);
+            net.nodes[0].send_query(net.addrs[j], Some(n.id), Query::Ping, now);
+            net.deliver(now);
+        }
+        assert_eq!(net.nodes[0].external_ip, Some("9.9.9.9".parse().unwrap()));
+        assert!(node_id::verify_id(&net.nodes[0].id, "9.9.9.9".parse().unwrap()), "a BEP 42 id now");
+        assert_eq!(net.nodes[0].table.len(), 3, "the table is kept");
+    }
+
     #[test]
     fn unanswered_queries_time_out_and_lookups_end() {
         let now = Instant::now();
-        let mut d = Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None }, vec![], now);
+        let mut d =
+            Dht::new(id(1), DhtConfig { restrict_ips: false, rate_limit: 100, ..DhtConfig::default() }, vec![], now);
         d.table.insert(NodeInfo { id: id(2), addr: addr(2) }, true, now);
         let l = d.start_lookup(id(3), LookupKind::FindNode, now);
         assert_eq!(d.outbox.len(), 1);

@@ -164,7 +164,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
         rng ^= rng << 17;
         rng
     };
-    let dht_cfg = DhtConfig { restrict_ips: true, rate_limit: 10_000, own_peer_ip: None };
+    let dht_cfg = DhtConfig { restrict_ips: true, rate_limit: 10_000, ..DhtConfig::default() };
     let mut net = Net {
         nodes: Vec::new(),
         dead: Vec::new(),

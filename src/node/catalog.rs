@@ -89,7 +89,41 @@ impl std::fmt::Debug for LoadedShard {
 /// hyper-parameter finite and in range, the layer range within the model and matching the
 /// `blk.N` tensors present, each weight of the range present with its shape and a type ggml
 /// computes). A GGUF without `shard.*` keys (a whole model) is refused: split it first.
-pub fn check_shard(g: &Gguf, shard_id: u32, model: Option<&str>) -> Result<ShardSummary, String> {
+///
+/// `listed`: when the node holds a manifest (the pinned one, or the shards dir's
+/// `manifest.json`) that lists `shard_id`, that manifest's info hash and the file's own, as the
+/// node's scan computed it (a cached hash is trusted only while the file's size, mtime, inode and
+/// ctime are unchanged) or `None` while it is still being hashed. Any other info hash is refused
+/// with [`ErrorCode::ManifestMismatch`]; a hash not yet known with [`ErrorCode::Busy`]. Every other
+/// refusal is [`ErrorCode::ShardInvalid`].
+pub fn check_shard(
+    g: &Gguf,
+    shard_id: u32,
+    model: Option<&str>,
+    listed: Option<(InfoHash, Option<InfoHash>)>,
+) -> Result<ShardSummary, (ErrorCode, String)> {
+    if let Some((want, have)) = listed {
+        match have {
+            None => {
+                return Err((
+                    ErrorCode::Busy,
+                    format!("its info hash is not known yet (still being hashed), and the manifest lists {want} for shard {shard_id}: try again"),
+                ));
+            }
+            Some(have) if have != want => {
+                return Err((
+                    ErrorCode::ManifestMismatch,
+                    format!("it is torrent {have}, but the manifest lists {want} for shard {shard_id}: not this model's shard (remove it)"),
+                ));
+            }
+            Some(_) => {}
+        }
+    }
+    check_shard_keys(g, shard_id, model).map_err(|e| (ErrorCode::ShardInvalid, e))
+}
+
+/// The header and tensor checks of [`check_shard`].
+fn check_shard_keys(g: &Gguf, shard_id: u32, model: Option<&str>) -> Result<ShardSummary, String> {
     let summary = ShardSummary::of(g);
     let (Some(index), Some(count), Some(have)) =
         (summary.shard_index, summary.shard_count, summary.model_id.as_deref())
@@ -120,8 +154,13 @@ pub fn check_shard(g: &Gguf, shard_id: u32, model: Option<&str>) -> Result<Shard
     Ok(summary)
 }
 
-/// Opens, maps and checks a shard file ([`check_shard`]). Runs on a worker.
-pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<LoadedShard, (ErrorCode, String)> {
+/// Opens, maps and checks a shard file ([`check_shard`], `listed` as there). Runs on a worker.
+pub fn load_shard(
+    shard_id: u32,
+    path: &Path,
+    model: Option<&str>,
+    listed: Option<(InfoHash, Option<InfoHash>)>,
+) -> Result<LoadedShard, (ErrorCode, String)> {
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("?").to_string();
     let file = match File::open(path) {
         Ok(f) => f,
@@ -140,7 +179,7 @@ pub fn load_shard(shard_id: u32, path: &Path, model: Option<&str>) -> Result<Loa
     // for that fstat; docs/ARCHITECTURE.md says what remains).
     let map = unsafe { Mmap::map(&file) }.map_err(|e| (ErrorCode::Internal, format!("mapping {name}: {e}")))?;
     let summary = match Gguf::parse(&map) {
-        Ok(g) => check_shard(&g, shard_id, model).map_err(|e| (ErrorCode::ShardInvalid, format!("{name}: {e}")))?,
+        Ok(g) => check_shard(&g, shard_id, model, listed).map_err(|(c, e)| (c, format!("{name}: {e}")))?,
         Err(e) => return Err((ErrorCode::ShardInvalid, format!("{name} is not a valid GGUF file: {e}"))),
     };
     // Every weight will be read at the first step: start reading the file
@@ -205,6 +244,13 @@ impl Catalog {
 
     pub fn manifest_hash(&self, id: u32) -> Option<InfoHash> {
         self.manifest.get(&id).map(|(_, h)| *h)
+    }
+
+    /// The info hash the manifest lists for file `filename`, when it is not `have`: a file of
+    /// that name that is not the manifest's shard (never announced or resolved under the
+    /// shard's name key, listed with a `mismatch` reason).
+    pub fn manifest_mismatch(&self, filename: &str, have: InfoHash) -> Option<InfoHash> {
+        self.manifest.values().find(|(n, _)| n == filename).map(|(_, h)| *h).filter(|h| *h != have)
     }
 
     /// The file that holds `shard_id`: a valid GGUF whose `shard.index` says

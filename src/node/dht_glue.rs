@@ -20,6 +20,7 @@ use crate::client::Client;
 use crate::config::NodeConfig;
 use crate::dht::krpc::{Id, NodeInfo, encode_nodes};
 use crate::dht::node::{Dht, DhtConfig, Event, LookupKind, LookupResult};
+use crate::dht::node_id;
 use crate::dht::routing::K;
 use crate::hash;
 use crate::protocol::{ErrorCode, success_payload};
@@ -28,7 +29,9 @@ use crate::{debug, info, warn};
 
 /// Re-announce every key this often (stored peers expire after 30 min).
 const ANNOUNCE_EVERY: Duration = Duration::from_secs(15 * 60);
-/// An announce that reached few nodes is retried after this.
+/// An announce that reached few nodes is retried after this, doubling with
+/// each retry up to `ANNOUNCE_EVERY` (a small network never has 4 nodes to
+/// reach, and must not be asked again every few seconds forever).
 const ANNOUNCE_RETRY: Duration = Duration::from_secs(3);
 /// Save the routing table this often.
 const SAVE_TABLE_EVERY: Duration = Duration::from_secs(60);
@@ -61,13 +64,23 @@ pub(super) enum Purpose {
     PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String },
 }
 
+/// One key's last announce.
+#[derive(Clone, Copy)]
+struct Announced {
+    at: Instant,
+    /// Nodes in the routing table then.
+    nodes: usize,
+    /// Announces in a row that reached fewer than K/2 nodes.
+    retries: u32,
+}
+
 pub(super) struct DhtState {
     pub dht: Dht,
     socket: UdpSocket,
     next_tick: Instant,
     purposes: HashMap<u64, Purpose>,
     /// When each key was last announced, and how many nodes the table held then.
-    announced: HashMap<Id, (Instant, usize)>,
+    announced: HashMap<Id, Announced>,
     table_saved: Instant,
 }
 
@@ -111,9 +124,19 @@ pub(super) fn bind(
     bootstrap.extend(load_table(&config.shards_dir.join(TABLE_FILE)));
     let loopback = local4.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
     let own_peer_ip = (!local4.ip().is_unspecified()).then_some(*local4.ip());
-    let cfg = DhtConfig { restrict_ips: !loopback, own_peer_ip, ..DhtConfig::default() };
+    let cfg = DhtConfig {
+        restrict_ips: !loopback,
+        own_peer_ip,
+        query_rate: config.dht_query_rate,
+        read_only: config.dht_read_only,
+        ..DhtConfig::default()
+    };
+    // BEP 42: an id derived from our address when we listen on a public one
+    // (otherwise the id is re-derived once responders agree on our address).
+    let ip = std::net::IpAddr::V4(*local4.ip());
+    let id = if local4.ip().is_unspecified() || node_id::is_exempt(ip) { Id(id) } else { node_id::generate_id(ip, id) };
     let now = Instant::now();
-    let mut dht = Dht::new(Id(id), cfg, bootstrap, now);
+    let mut dht = Dht::new(id, cfg, bootstrap, now);
     dht.join(now);
     // First save a few seconds in (once joined), then every minute.
     let table_saved = now - SAVE_TABLE_EVERY + FIRST_SAVE;
@@ -220,16 +243,18 @@ impl Node {
         Some(std::fs::write(path, encode_nodes(&nodes)).map(|()| nodes.len()))
     }
 
-    /// Starts a lookup (or an announce) of `key`; a `--private` node uses the keyed name of
-    /// every key instead (`auth::dht_name`), so outsiders find none of its shards or members.
-    pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose) -> bool {
+    /// Starts a lookup (or an announce) of `key`; `secure` for the cluster's and shards'
+    /// name keys, which only nodes with BEP 42-valid ids are trusted to hold. A `--private`
+    /// node uses the keyed name of every key instead (`auth::dht_name`), so outsiders find
+    /// none of its shards or members.
+    pub(super) fn start_lookup(&mut self, key: Id, kind: LookupKind, purpose: Purpose, secure: bool) -> bool {
         let key = match (&self.config.cluster_key, self.config.private) {
             (Some(k), true) => Id(crate::protocol::auth::dht_name(k, &key.0)),
             _ => key,
         };
         let Some(d) = self.dht.as_mut() else { return false };
         let now = Instant::now();
-        let l = d.dht.start_lookup(key, kind, now);
+        let l = if secure { d.dht.start_lookup_secure(key, kind, now) } else { d.dht.start_lookup(key, kind, now) };
         d.purposes.insert(l, purpose);
         // A lookup with no node to ask ends at the next tick: have it come now.
         d.next_tick = d.next_tick.min(now + d.dht.next_tick());
@@ -247,45 +272,55 @@ impl Node {
         }
         let port = self.local_addr.port();
         let cluster = self.config.cluster.clone();
-        let mut keys = vec![cluster_key(&cluster)];
+        // (key, secure): name keys only on BEP 42-valid nodes.
+        let mut keys = vec![(cluster_key(&cluster), true)];
         if let Some((_, h)) = &self.catalog.manifest_bytes {
-            keys.push(Id(crate::gguf::manifest::manifest_dht_key(h)));
+            keys.push((Id(crate::gguf::manifest::manifest_dht_key(h)), true));
         }
         for s in self.swarms.values().filter(|s| s.is_complete()) {
-            keys.push(Id(s.info_hash.0));
-            keys.push(name_key(&cluster, &s.name));
+            keys.push((Id(s.info_hash.0), false));
+            // A file the manifest lists under another info hash is not that shard: never
+            // announced under its name.
+            if self.catalog.manifest_mismatch(&s.name, s.info_hash).is_none() {
+                keys.push((name_key(&cluster, &s.name), true));
+            }
         }
-        for key in keys {
+        for (key, secure) in keys {
             let d = self.dht.as_mut().expect("checked");
             let nodes = d.dht.table.len();
-            let fresh = |(t, n): &(Instant, usize)| now.duration_since(*t) < ANNOUNCE_EVERY && nodes < 2 * (*n).max(1);
+            let fresh = |a: &Announced| now.duration_since(a.at) < ANNOUNCE_EVERY && nodes < 2 * a.nodes.max(1);
             if d.announced.get(&key).is_some_and(fresh) {
                 continue;
             }
-            d.announced.insert(key, (now, nodes));
-            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce { key });
+            let retries = d.announced.get(&key).map_or(0, |a| a.retries);
+            d.announced.insert(key, Announced { at: now, nodes, retries });
+            self.start_lookup(key, LookupKind::Announce { port }, Purpose::Announce { key }, secure);
         }
     }
 
     /// Finds the info hash of shard `id` through the peers under its name key.
     pub(super) fn dht_resolve_shard(&mut self, id: u32, filename: String) -> bool {
         let key = name_key(&self.config.cluster, &filename);
-        self.start_lookup(key, LookupKind::GetPeers, Purpose::ShardByName { shard_id: id, filename })
+        self.start_lookup(key, LookupKind::GetPeers, Purpose::ShardByName { shard_id: id, filename }, true)
     }
 
     /// Finds peers for `h` and downloads from them.
     pub(super) fn dht_find_peers(&mut self, h: InfoHash, shard_id: Option<u32>, name: String) -> bool {
-        self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id, name })
+        self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id, name }, false)
     }
 
-    /// FIND_PEERS: a get_peers lookup answered when it ends.
-    pub(super) fn find_peers_command(&mut self, token: Token, request_id: Value, key: Id) -> bool {
+    /// FIND_PEERS: a get_peers lookup answered when it ends (`secure` for name keys).
+    pub(super) fn find_peers_command(&mut self, token: Token, request_id: Value, key: Id, secure: bool) -> bool {
         let conn_id = self.conn(token).map_or(0, |c| c.id);
         if let Some(c) = self.conn(token) {
             c.in_flight += 1;
         }
-        let started =
-            self.start_lookup(key, LookupKind::GetPeers, Purpose::FindPeers { token, conn_id, request_id, key });
+        let started = self.start_lookup(
+            key,
+            LookupKind::GetPeers,
+            Purpose::FindPeers { token, conn_id, request_id, key },
+            secure,
+        );
         if !started && let Some(c) = self.conn(token) {
             c.in_flight -= 1;
         }
@@ -301,11 +336,17 @@ impl Node {
         match purpose {
             Purpose::Announce { key } => {
                 debug!("announced {:?} to {} nodes", key, r.responded);
-                if r.responded < K / 2 {
-                    // Too few nodes known yet (joining): try again soon.
-                    if let Some(d) = self.dht.as_mut() {
-                        let nodes = d.dht.table.len();
-                        d.announced.insert(key, (Instant::now() - ANNOUNCE_EVERY + ANNOUNCE_RETRY, nodes));
+                if let Some(d) = self.dht.as_mut()
+                    && let Some(a) = d.announced.get_mut(&key)
+                {
+                    if r.responded < K / 2 {
+                        // Too few nodes known yet (joining, or a small network):
+                        // try again soon, then less and less often.
+                        let wait = ANNOUNCE_RETRY.saturating_mul(1 << a.retries.min(16)).min(ANNOUNCE_EVERY);
+                        a.at = Instant::now() - ANNOUNCE_EVERY + wait;
+                        a.retries += 1;
+                    } else {
+                        a.retries = 0;
                     }
                 }
             }
@@ -379,7 +420,12 @@ impl Node {
     pub(super) fn dht_requery(&mut self, h: InfoHash) {
         let (Some(s), true) = (self.swarms.get(&h), self.downloads.contains_key(&h)) else { return };
         let name = s.name.clone();
-        self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id: None, name });
+        self.start_lookup(
+            Id(h.0),
+            LookupKind::GetPeers,
+            Purpose::PeersFor { info_hash: h, shard_id: None, name },
+            false,
+        );
     }
 
     pub(super) fn dht_status(&self) -> Value {
@@ -393,6 +439,12 @@ impl Node {
                 "received": d.dht.stats.received,
                 "sent": d.dht.stats.sent,
                 "dropped": d.dht.stats.dropped,
+                "throttled": d.dht.stats.throttled,
+                "read_only": self.config.dht_read_only,
+                "read_only_queries": d.dht.stats.read_only_queries,
+                "insecure_skipped": d.dht.stats.insecure_skipped,
+                "external_ip": d.dht.external_ip.map(|ip| ip.to_string()),
+                "query_rate": self.config.dht_query_rate,
             }),
         }
     }
@@ -412,7 +464,12 @@ fn ask_info_hash(
             .and_then(|mut c| c.call("LIST_FILES", json!({})));
         match answer {
             Ok(r) => {
-                let found = r["files"].as_array().into_iter().flatten().find(|f| f["filename"] == filename);
+                // A holder's file that its own manifest calls a mismatch is no vote.
+                let found = r["files"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|f| f["filename"] == filename && f.get("mismatch").is_none_or(Value::is_null));
                 if let Some(h) = found.and_then(|f| f["info_hash"].as_str()).and_then(InfoHash::from_hex) {
                     *votes.entry(h).or_default() += 1;
                 }

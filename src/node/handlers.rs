@@ -39,7 +39,7 @@ impl Node {
         }
         match request.command {
             Command::ListFiles => {
-                let files: Vec<Value> = self.catalog.files.values().map(|f| f.to_json()).collect();
+                let files: Vec<Value> = self.catalog.files.values().map(|f| self.file_json(f)).collect();
                 self.respond(token, &success_payload(name, &id, json!({ "files": files })));
             }
             Command::Status => {
@@ -48,6 +48,8 @@ impl Node {
             }
             Command::LoadShard(params) => self.load_shard_command(token, id, params),
             Command::FindPeers(key) => {
+                // The cluster's keys only on BEP 42-valid nodes (dht::node_id).
+                let secure = !matches!(key, crate::protocol::PeersKey::Hash(_));
                 let key = match key {
                     crate::protocol::PeersKey::Hash(h) => crate::dht::krpc::Id(h.0),
                     crate::protocol::PeersKey::Shard(n) => {
@@ -56,7 +58,7 @@ impl Node {
                     }
                     crate::protocol::PeersKey::Cluster => super::dht_glue::cluster_key(&self.config.cluster),
                 };
-                if !self.find_peers_command(token, id.clone(), key) {
+                if !self.find_peers_command(token, id.clone(), key, secure) {
                     let msg = "the DHT is not running on this node";
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }
@@ -409,11 +411,15 @@ impl Node {
     fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
         // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
         // here yet is fetched first, see `download_shard`).
+        // Unpinned, a manifest.json that lists the shard is held to the same way (a request's
+        // info_hash other than the manifest's asks for another file, and is downloaded).
         let pinned = self.config.model_pin.is_some();
         if pinned && !self.pin_unsatisfied() && self.catalog.manifest_hash(id).is_none() {
             return Err((ErrorCode::OutOfRange, format!("the pinned model has no shard {id}")));
         }
-        let want = if pinned { self.catalog.manifest_hash(id) } else { p.info_hash };
+        let listed = self.catalog.manifest_hash(id);
+        let want = if pinned { listed } else { p.info_hash.or(listed) };
+        let target = p.filename.clone().or_else(|| self.catalog.manifest_name(id));
         let entry = match &p.filename {
             Some(name) => self.catalog.files.get(name),
             None => self.catalog.file_for_shard(id),
@@ -424,9 +430,20 @@ impl Node {
                     return Err((ErrorCode::ShardInvalid, format!("{} cannot be loaded: {e}", f.filename)));
                 }
                 match (want, f.meta.as_ref().map(|m| m.info_hash)) {
+                    // The file holds the name the right one would be downloaded to: refused
+                    // until removed (a download could never replace it).
+                    (Some(want), Some(have))
+                        if want != have && listed == Some(want) && target.as_deref() == Some(f.filename.as_str()) =>
+                    {
+                        let msg = format!(
+                            "{} is torrent {have}, but the manifest lists {want} for shard {id}: not this model's shard (remove it)",
+                            f.filename
+                        );
+                        return Err((ErrorCode::ManifestMismatch, msg));
+                    }
                     (Some(want), Some(have)) if want != have => (f.path.clone(), false),
                     (None, _) if pinned => (f.path.clone(), false),
-                    (Some(_), None) if pinned => {
+                    (Some(_), None) if pinned || listed.is_some() => {
                         let msg = format!(
                             "{} is still being hashed; it loads once its info hash is checked against the pinned manifest: try again",
                             f.filename
@@ -523,6 +540,18 @@ impl Node {
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
+    /// A LIST_FILES entry: a file whose name the manifest lists under another info hash gets
+    /// `mismatch` (the reason), so no peer takes it for the shard of that name.
+    fn file_json(&self, f: &super::catalog::FileEntry) -> Value {
+        let mut v = f.to_json();
+        if let Some(have) = f.meta.as_ref().map(|m| m.info_hash)
+            && let Some(want) = self.catalog.manifest_mismatch(&f.filename, have)
+        {
+            v["mismatch"] = json!(format!("the manifest lists {want} for {}, this file is {have}", f.filename));
+        }
+        v
+    }
+
     /// Answers every request waiting for shard `id` with an error.
     pub(super) fn fail_waiters(&mut self, id: u32, code: ErrorCode, msg: String) {
         for w in self.loading.remove(&id).unwrap_or_default() {
@@ -549,9 +578,16 @@ impl Node {
                 .filter(|f| f.filename != name)
                 .find_map(|f| f.gguf.as_ref().ok().and_then(|s| s.model_id.clone()))
         });
+        // A manifest (pinned or the shards dir's) that lists the shard names its info hash: the
+        // file's own, from the scan's metadata, is checked against it by `check_shard`.
+        let listed = self
+            .catalog
+            .manifest_hash(id)
+            .map(|want| (want, self.catalog.files.get(&name).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash)));
         let (tx, waker) = (self.events_tx.clone(), self.waker.clone());
         self.pool.handle().submit(move || {
-            let _ = tx.send(NodeEvent::Loaded { shard_id: id, result: load_shard(id, &path, model.as_deref()) });
+            let result = load_shard(id, &path, model.as_deref(), listed);
+            let _ = tx.send(NodeEvent::Loaded { shard_id: id, result });
             let _ = waker.wake();
         });
     }
@@ -582,7 +618,7 @@ impl Node {
             self.respond(w.token, &payload);
             self.resume_or_settle(w.token, was_paused);
         }
-        if let (Err((ErrorCode::ShardInvalid, msg)), Some(_)) = (&result, downloaded) {
+        if let (Err((ErrorCode::ShardInvalid | ErrorCode::ManifestMismatch, msg)), Some(_)) = (&result, downloaded) {
             self.discard_download(shard_id, msg);
         }
         let error = match &result {

@@ -437,7 +437,10 @@ impl Node {
     }
 
     /// Whether download `h` may go on with target `name` and `length` bytes (each when known):
-    /// the name is a plain `*.gguf` file name held by no other file or download, and the bytes
+    /// pinned, `h` is a torrent of the pinned manifest and `name` is not another of its file
+    /// names ([`ErrorCode::ManifestMismatch`](crate::protocol::ErrorCode::ManifestMismatch)); the
+    /// name is a plain `*.gguf` file name held by no other file or download; the length is not 0
+    /// (`WRONG_TYPE`: a GGUF is never empty), and the bytes
     /// fit `--disk-budget` and the free space above `--disk-reserve` (with the bytes the other
     /// downloads under way still need). Checked before any file of the download is created.
     pub(super) fn admit(
@@ -447,8 +450,29 @@ impl Node {
         length: Option<u64>,
     ) -> Result<(), (crate::protocol::ErrorCode, String)> {
         use crate::protocol::ErrorCode;
+        // Pinned, only the manifest's torrents come in (every download target is a *.gguf).
+        if let Some(pin) = self.config.model_pin {
+            if self.pin_unsatisfied() {
+                return Err((
+                    ErrorCode::ManifestMismatch,
+                    format!("this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it", crate::hash::to_hex(&pin)),
+                ));
+            }
+            if !self.catalog.manifest.values().any(|(_, m)| *m == h) {
+                return Err((ErrorCode::ManifestMismatch, format!("{h} is no shard of the pinned model")));
+            }
+        }
         if let Some(name) = name {
             check_download_name(name).map_err(|e| (ErrorCode::BadPath, e))?;
+            if self.config.model_pin.is_some()
+                && let Some(want) = self.catalog.manifest.values().find(|(n, _)| n == name).map(|(_, m)| *m)
+                && want != h
+            {
+                return Err((
+                    ErrorCode::ManifestMismatch,
+                    format!("{name} is torrent {want} in the pinned manifest, not {h}"),
+                ));
+            }
             if self.catalog.files.contains_key(name) {
                 return Err((
                     ErrorCode::NameConflict,
@@ -463,6 +487,9 @@ impl Node {
             }
         }
         let Some(length) = length else { return Ok(()) };
+        if length == 0 {
+            return Err((ErrorCode::WrongType, format!("torrent {h} declares 0 bytes: a GGUF file is never empty")));
+        }
         let dir = &self.config.shards_dir;
         let pending: u64 = self
             .active_downloads(h)

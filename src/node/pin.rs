@@ -74,7 +74,7 @@ impl Node {
     pub(super) fn dht_fetch_manifest(&mut self, shard_id: u32, filename: String) -> bool {
         let Some(pin) = self.config.model_pin else { return false };
         let key = Id(manifest_dht_key(&pin));
-        self.start_lookup(key, LookupKind::GetPeers, Purpose::Manifest { shard_id, filename })
+        self.start_lookup(key, LookupKind::GetPeers, Purpose::Manifest { shard_id, filename }, true)
     }
 
     /// The lookup for the manifest's holders ended: ask them on a worker.

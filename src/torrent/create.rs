@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, ensure};
 use crossbeam_channel::{Receiver, bounded};
 use memmap2::Mmap;
 
@@ -50,6 +50,8 @@ pub fn start_hashing(path: &Path, piece_length: Option<u64>, pool: &PoolHandle) 
     let meta = file.metadata().with_context(|| format!("reading metadata of {}", path.display()))?;
     let stamp = stamp_of(&meta);
     let length = meta.len();
+    // Listed with this reason, never seeded: libtorrent and Transmission refuse such a torrent.
+    ensure!(length > 0, "zero-length file: not seeded (BitTorrent clients refuse a torrent of 0 bytes)");
     let piece_length = piece_length.unwrap_or_else(|| piece_length_for(length));
     let pieces = Info::piece_count(length, piece_length);
     let per_job = (JOB_BYTES / piece_length).max(1);
@@ -124,7 +126,8 @@ mod tests {
         assert_eq!(m.info.length, data.len() as u64);
         let empty = dir.join("empty.bin");
         std::fs::write(&empty, b"").unwrap();
-        assert!(create(&empty, None, &pool.handle()).unwrap().info.pieces.is_empty());
+        let e = create(&empty, None, &pool.handle()).unwrap_err();
+        assert!(format!("{e:#}").contains("zero-length file: not seeded"), "{e:#}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -4,6 +4,12 @@
 //! The info hash is the SHA-1 of the bencoded info dictionary. A parsed
 //! `.torrent` keeps the info dictionary's bytes exactly as they were read, so
 //! the hash is that of the file, whatever another encoder would write.
+//!
+//! Reading is as tolerant as libtorrent, Transmission and aria2 are: keys in
+//! any order (other limits of the strict decoder kept: canonical integers,
+//! no duplicate keys, depth, no trailing bytes). What we write is canonical.
+//! Refused with a message naming the reason: multi-file torrents, v2-only
+//! torrents (BEP 52, no v1 `pieces`), and files of zero bytes.
 
 use std::fmt;
 
@@ -76,20 +82,28 @@ impl Info {
         .encode()
     }
 
-    /// Parses a bencoded info dict (as received by ut_metadata).
+    /// Parses a bencoded info dict (as received by ut_metadata), keys in any order.
     pub fn parse_raw(raw: &[u8]) -> Result<Info> {
-        Info::from_value(&bencode::decode(raw)?)
+        Info::from_value(&bencode::decode_unsorted(raw)?)
     }
 
     fn from_value(v: &Value<'_>) -> Result<Info> {
         ensure!(v.as_dict().is_some(), "info is not a dictionary");
         if v.get("files").is_some() {
-            bail!("multi-file torrents are not supported (shards are single files)");
+            bail!("multi-file torrents are not supported (a shard is one file; make a single-file torrent of it)");
+        }
+        let v2 = v.get("meta version").and_then(Value::as_int) == Some(2) || v.get("file tree").is_some();
+        if v2 && v.get("pieces").is_none() {
+            bail!(
+                "v2-only torrents (BEP 52: meta version 2, no v1 pieces) are not supported: \
+                 shardnet speaks BitTorrent v1; make a v1 or hybrid torrent"
+            );
         }
         let name = v.get("name").and_then(Value::as_str).ok_or_else(|| anyhow!("info.name missing or not UTF-8"))?;
         check_file_name(name).context("info.name")?;
         let length = v.get("length").and_then(Value::as_int).ok_or_else(|| anyhow!("info.length missing"))?;
         ensure!(length >= 0, "info.length is negative");
+        ensure!(length > 0, "zero-length file: a torrent of 0 bytes has nothing to share");
         let piece_length =
             v.get("piece length").and_then(Value::as_int).ok_or_else(|| anyhow!("info.piece length missing"))?;
         ensure!(
@@ -155,9 +169,10 @@ impl Metainfo {
         }
     }
 
-    /// Parses a `.torrent` file; the info hash is taken over the raw info bytes.
+    /// Parses a `.torrent` file, keys in any order; the info hash is taken
+    /// over the raw info bytes.
     pub fn parse(bytes: &[u8]) -> Result<Metainfo> {
-        let root = bencode::decode(bytes)?;
+        let root = bencode::decode_unsorted(bytes)?;
         ensure!(root.as_dict().is_some(), "torrent file is not a bencoded dictionary");
         let raw_info =
             bencode::raw_dict_value(bytes, b"info")?.ok_or_else(|| anyhow!("torrent has no info dictionary"))?;
@@ -211,8 +226,13 @@ impl Metainfo {
 
     /// `magnet:?xt=urn:btih:HASH&dn=NAME&xl=LENGTH`.
     pub fn magnet(&self) -> String {
-        Magnet { info_hash: self.info_hash, name: Some(self.info.name.clone()), length: Some(self.info.length) }
-            .to_string()
+        Magnet {
+            info_hash: self.info_hash,
+            name: Some(self.info.name.clone()),
+            length: Some(self.info.length),
+            peers: Vec::new(),
+        }
+        .to_string()
     }
 }
 
@@ -231,40 +251,90 @@ pub fn check_file_name(name: &str) -> Result<()> {
     Ok(())
 }
 
-/// A magnet link (BEP 9): info hash, and optionally a name and a length.
+/// Peer hints (`x.pe`) kept from one magnet link at most.
+pub const MAX_MAGNET_PEERS: usize = 64;
+
+/// A magnet link (BEP 9): info hash, and optionally a name, a length and
+/// peer addresses to try (`x.pe`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Magnet {
     pub info_hash: InfoHash,
     pub name: Option<String>,
     pub length: Option<u64>,
+    /// `x.pe` peer hints, `HOST:PORT` or `[V6]:PORT`, as given.
+    pub peers: Vec<String>,
 }
 
 impl Magnet {
+    /// Parses a magnet link as other clients accept them: the info hash as
+    /// 40 hex digits or 32 base32 characters (BEP 9), any number of `xt`
+    /// (and `xt.N`) of which the first `urn:btih:` counts (a link with only
+    /// `urn:btmh:`, v2, is refused with that reason), `x.pe` peer hints, and
+    /// the display name and length read tolerantly (a bad %-escape is kept as
+    /// it is, bytes that are not UTF-8 are replaced, a bad `xl` is ignored).
     pub fn parse(s: &str) -> Result<Magnet> {
         let query = s.strip_prefix("magnet:?").ok_or_else(|| anyhow!("not a magnet link (no 'magnet:?')"))?;
-        let (mut info_hash, mut name, mut length) = (None, None, None);
+        let (mut info_hash, mut name, mut length, mut peers) = (None, None, None, Vec::new());
+        let mut v2_only = false;
         for pair in query.split('&') {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let v = percent_decode(v).with_context(|| format!("magnet parameter {k}"))?;
+            let v = percent_decode_lossy(v);
             match k {
-                "xt" => {
+                _ if k == "xt" || k.strip_prefix("xt.").is_some_and(|n| n.parse::<u32>().is_ok()) => {
                     if let Some(h) = v.strip_prefix("urn:btih:") {
-                        info_hash = Some(
-                            InfoHash::from_hex(h)
-                                .ok_or_else(|| anyhow!("magnet xt {h:?} is not a 40-digit hex info hash"))?,
-                        );
+                        let h = parse_btih(h).ok_or_else(|| {
+                            anyhow!("magnet xt {h:?} is neither 40 hex digits nor 32 base32 characters")
+                        })?;
+                        info_hash.get_or_insert(h);
+                    } else if v.starts_with("urn:btmh:") {
+                        v2_only = true;
                     }
                 }
                 "dn" => name = Some(v),
-                "xl" => length = Some(v.parse().map_err(|_| anyhow!("magnet xl {v:?} is not a length"))?),
+                "xl" => length = v.parse().ok(),
+                "x.pe" if peers.len() < MAX_MAGNET_PEERS => {
+                    if crate::config::parse_peer_addr(&v).is_ok() {
+                        peers.push(v);
+                    }
+                }
                 _ => {}
             }
         }
-        Ok(Magnet {
-            info_hash: info_hash.ok_or_else(|| anyhow!("magnet link has no xt=urn:btih: info hash"))?,
-            name,
-            length,
-        })
+        let info_hash = match info_hash {
+            Some(h) => h,
+            None if v2_only => bail!(
+                "v2-only magnet link (urn:btmh, BEP 52) is not supported: shardnet speaks BitTorrent v1 (urn:btih)"
+            ),
+            None => bail!("magnet link has no xt=urn:btih: info hash"),
+        };
+        Ok(Magnet { info_hash, name, length, peers })
+    }
+}
+
+/// A `btih` value: 40 hex digits, or 32 base32 characters (RFC 4648, any case).
+fn parse_btih(s: &str) -> Option<InfoHash> {
+    match s.len() {
+        40 => InfoHash::from_hex(s),
+        32 => {
+            let mut out = [0u8; 20];
+            let (mut acc, mut bits, mut at) = (0u64, 0u32, 0usize);
+            for c in s.bytes() {
+                let v = match c.to_ascii_uppercase() {
+                    c @ b'A'..=b'Z' => c - b'A',
+                    c @ b'2'..=b'7' => c - b'2' + 26,
+                    _ => return None,
+                };
+                acc = (acc << 5) | u64::from(v);
+                bits += 5;
+                if bits >= 8 {
+                    bits -= 8;
+                    out[at] = (acc >> bits) as u8;
+                    at += 1;
+                }
+            }
+            Some(InfoHash(out))
+        }
+        _ => None,
     }
 }
 
@@ -276,6 +346,9 @@ impl fmt::Display for Magnet {
         }
         if let Some(len) = self.length {
             write!(f, "&xl={len}")?;
+        }
+        for p in &self.peers {
+            write!(f, "&x.pe={}", percent_encode(p))?;
         }
         Ok(())
     }
@@ -293,28 +366,30 @@ fn percent_encode(s: &str) -> String {
     out
 }
 
-fn percent_decode(s: &str) -> Result<String> {
+/// %-decoding as browsers and clients do it: `+` is a space, a bad escape
+/// stays as it is, and bytes that are not UTF-8 are replaced.
+fn percent_decode_lossy(s: &str) -> String {
     let bytes = s.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        match bytes[i] {
-            b'%' => {
-                let hex = s.get(i + 1..i + 3).ok_or_else(|| anyhow!("truncated %-escape"))?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| anyhow!("bad %-escape %{hex}"))?);
+        let hex = s.get(i + 1..i + 3).and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
                 i += 3;
             }
-            b'+' => {
+            (b'+', _) => {
                 out.push(b' ');
                 i += 1;
             }
-            b => {
+            (b, _) => {
                 out.push(b);
                 i += 1;
             }
         }
     }
-    String::from_utf8(out).map_err(|_| anyhow!("not UTF-8 after %-decoding"))
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -396,11 +471,77 @@ mod tests {
         assert_eq!(parsed.info_hash, m.info_hash);
         assert_eq!(parsed.name.as_deref(), Some("shard-0.gguf"));
         assert_eq!(parsed.length, Some(600_000));
-        let spaced = Magnet { info_hash: m.info_hash, name: Some("a b&c".into()), length: None };
+        let spaced = Magnet {
+            info_hash: m.info_hash,
+            name: Some("a b&c".into()),
+            length: None,
+            peers: vec!["127.0.0.1:6881".into(), "[::1]:6881".into()],
+        };
         assert_eq!(Magnet::parse(&spaced.to_string()).unwrap(), spaced);
         assert!(Magnet::parse("magnet:?dn=x").is_err());
         assert!(Magnet::parse("magnet:?xt=urn:btih:1234").is_err());
         assert!(Magnet::parse("http://x").is_err());
         assert!(Magnet::parse("magnet:?xt=urn:btih:%zz").is_err());
+    }
+
+    #[test]
+    fn magnets_as_other_clients_write_them() {
+        let hex = "c12fe1c06bba254a9dc9f519b335aa7c1367a88a";
+        let h = InfoHash::from_hex(hex).unwrap();
+        // Base32 (BEP 9), upper or lower case: the same hash.
+        let b32 = "YEX6DQDLXISUVHOJ6UM3GNNKPQJWPKEK";
+        assert_eq!(Magnet::parse(&format!("magnet:?xt=urn:btih:{b32}")).unwrap().info_hash, h);
+        assert_eq!(Magnet::parse(&format!("magnet:?xt=urn:btih:{}", b32.to_lowercase())).unwrap().info_hash, h);
+        assert!(Magnet::parse("magnet:?xt=urn:btih:YEX6DQDLXISUVHOJ6UM3GNNKPQJWPKE1").is_err(), "1 is not base32");
+        // Several xt (a hybrid's btmh first, then btih; xt.1/xt.2), x.pe hints,
+        // a name with a broken escape, a plus and Latin-1 bytes, a bad xl.
+        let link = format!(
+            "magnet:?xt.1=urn:btmh:1220{}&xt.2=urn:btih:{hex}&tr=http%3A%2F%2Fx&dn=caf%E9+50%&xl=ten\
+             &x.pe=127.0.0.1:6881&x.pe=[::1]:7000&x.pe=not-a-peer",
+            "ab".repeat(32)
+        );
+        let m = Magnet::parse(&link).unwrap();
+        assert_eq!(m.info_hash, h);
+        assert_eq!(m.name.as_deref(), Some("caf\u{fffd} 50%"));
+        assert_eq!(m.length, None);
+        assert_eq!(m.peers, vec!["127.0.0.1:6881".to_string(), "[::1]:7000".to_string()]);
+        // A v2-only link says so.
+        let e = Magnet::parse(&format!("magnet:?xt=urn:btmh:1220{}", "ab".repeat(32))).unwrap_err();
+        assert!(e.to_string().contains("v2-only"), "{e}");
+        // Peer hints are bounded.
+        let many: String = (0..1000).map(|i| format!("&x.pe=10.0.{}.{}:1", i / 256, i % 256)).collect();
+        assert_eq!(Magnet::parse(&format!("magnet:?xt=urn:btih:{hex}{many}")).unwrap().peers.len(), MAX_MAGNET_PEERS);
+    }
+
+    #[test]
+    fn torrents_with_keys_out_of_order_are_read_and_hashed_as_they_are() {
+        // "name" before "length", "pieces" before "piece length", "info" before "created by".
+        let info = b"d4:name1:a6:pieces20:aaaaaaaaaaaaaaaaaaaa6:lengthi3e12:piece lengthi262144ee";
+        let file = [&b"d4:info"[..], info, b"10:created by3:fooe"].concat();
+        let m = Metainfo::parse(&file).unwrap();
+        assert_eq!(m.info_hash.0, hash::sha1(info), "hashed over the bytes as they are");
+        assert_eq!(m.info.length, 3);
+        assert_eq!(Info::parse_raw(info).unwrap(), m.info, "ut_metadata's info dict likewise");
+        // What we write stays canonical.
+        assert!(crate::bencode::decode(&Metainfo::new(m.info.clone()).to_torrent_bytes()).is_ok());
+        // Still refused: duplicate keys, trailing bytes.
+        assert!(Metainfo::parse(&[&b"d4:info"[..], info, b"4:info"[..].as_ref(), info, b"e"].concat()).is_err());
+        assert!(Metainfo::parse(&[&file[..], b"x"].concat()).is_err());
+    }
+
+    #[test]
+    fn v2_only_multi_file_and_empty_torrents_are_refused_with_the_reason() {
+        let reason = |b: &[u8]| format!("{:#}", Metainfo::parse(b).unwrap_err());
+        let v2 = b"d4:infod9:file treed1:ad0:d6:lengthi3e11:pieces root32:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaeee\
+12:meta versioni2e4:name1:a12:piece lengthi16384eee";
+        assert!(reason(v2).contains("v2-only"), "{}", reason(v2));
+        let multi = b"d4:infod5:filesld6:lengthi1e4:pathl1:aeee4:name1:d12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee";
+        assert!(reason(multi).contains("multi-file"), "{}", reason(multi));
+        let empty = b"d4:infod6:lengthi0e4:name1:a12:piece lengthi16384e6:pieces0:ee";
+        assert!(reason(empty).contains("zero-length"), "{}", reason(empty));
+        // A hybrid (v1 keys beside the v2 ones) is read as v1.
+        let hybrid = b"d4:infod9:file treed1:ad0:d6:lengthi3e11:pieces root32:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaeee\
+6:lengthi3e12:meta versioni2e4:name1:a12:piece lengthi16384e6:pieces20:aaaaaaaaaaaaaaaaaaaaee";
+        assert_eq!(Metainfo::parse(hybrid).unwrap().info.length, 3);
     }
 }

@@ -149,10 +149,11 @@ MODELS:
                                 on stdin (one JSON array per line)
 
 TORRENTS:
-  fetch TORRENT|MAGNET --peer IP:PORT... --out DIR [--listen IP:PORT]
-                                download a torrent from the given peers (a
-                                node of its own, seeding while it runs;
-                                --listen [default: 127.0.0.1:0])
+  fetch TORRENT|MAGNET [--peer IP:PORT...] --out DIR [--listen IP:PORT]
+                                download a torrent from the given peers and a
+                                magnet's x.pe hints (a node of its own,
+                                seeding while it runs; --listen [default:
+                                127.0.0.1:0])
   torrent create FILE [--out PATH] [--piece-length BYTES]
                                 hash FILE and write FILE.torrent (or PATH)
                                 [default: about 1,024 pieces of 256 KiB-4 MiB]

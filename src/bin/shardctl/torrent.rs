@@ -105,16 +105,23 @@ pub fn fetch(o: &Opts, target: &str, flags: &[&str]) -> Result<()> {
         }
     }
     let out = out.ok_or_else(|| usage("fetch: missing --out DIR".into()))?;
-    if peers.is_empty() {
-        return Err(usage("fetch: missing --peer IP:PORT (at least one)".into()));
+    // A magnet link's x.pe hints count as peers.
+    let missing_peers = || usage("fetch: missing --peer IP:PORT (at least one)".into());
+    if peers.is_empty() && !target.starts_with("magnet:") {
+        return Err(missing_peers());
     }
     let (info_hash, torrent_hex) = if target.starts_with("magnet:") {
-        (Magnet::parse(target).map_err(|e| usage(format!("fetch: {e}")))?.info_hash, None)
+        let m = Magnet::parse(target).map_err(|e| usage(format!("fetch: {e}")))?;
+        peers.extend(m.peers); // x.pe hints
+        (m.info_hash, None)
     } else {
         let bytes = std::fs::read(target).with_context(|| format!("reading {target}"))?;
         let m = Metainfo::parse(&bytes).with_context(|| format!("parsing {target}"))?;
         (m.info_hash, Some(shardnet::hash::to_hex(&bytes)))
     };
+    if peers.is_empty() {
+        return Err(missing_peers());
+    }
     let config = NodeConfig {
         listen: listen.parse().map_err(|_| usage(format!("fetch: --listen {listen:?} is not IP:PORT")))?,
         shards_dir: PathBuf::from(&out),

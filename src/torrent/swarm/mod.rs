@@ -21,18 +21,23 @@ use crate::hash::Digest;
 mod metadata;
 pub mod private;
 
-/// Most blocks asked of one peer at once: 128 x 16 KiB = 2 MiB in flight,
-/// enough for a fast link's bandwidth-delay product (a deeper pipeline did
-/// not speed up loopback transfers here), and never more than the peer's `reqq`.
-pub const PIPELINE: usize = 128;
+/// Most blocks asked of one peer at once: 256 x 16 KiB = 4 MiB in flight,
+/// a bandwidth-delay product of 50 MB/s at 80 ms, and never more than the
+/// peer's `reqq`.
+pub const PIPELINE: usize = 256;
+/// Blocks first asked of a peer; the window doubles each time the peer
+/// sends a whole window in one burst (it was waiting on us, not on its link).
+const START_WINDOW: usize = 16;
+/// Blocks arriving closer together than this belong to one burst.
+const BURST_GAP: Duration = Duration::from_millis(10);
+/// A peer that sends in bursts (Transmission: every 500 ms) is asked for a
+/// whole burst period at the best rate it has shown.
+const BURST_PERIOD: f64 = 0.5;
 /// Requests a peer queues when its extension handshake does not say (`reqq`;
 /// libtorrent's default).
 const DEFAULT_REQQ: usize = 250;
 /// Fewest blocks asked of one peer at once.
 const MIN_PIPELINE: usize = 4;
-/// Requests in flight cover this much of a peer's measured rate, so a slow
-/// (or rate-limited) peer is not asked for what a faster one would deliver first.
-const PIPELINE_SECONDS: f64 = 0.5;
 /// How often a peer's download rate is re-estimated.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 /// Requests a peer may queue with us; more is a flood and the peer is dropped.
@@ -135,15 +140,41 @@ pub struct Peer {
     rate: f64,
     window_start: Instant,
     window_bytes: u64,
+    /// The best rate sample seen (bytes/s).
+    best_rate: f64,
+    /// Blocks to keep asked: grown while the peer drains it (see `pipeline`).
+    window: usize,
+    /// Blocks of the current burst, and when its last one came.
+    burst_blocks: usize,
+    burst_last: Instant,
     /// Private swarms: this peer's proof of the cluster key.
     proof: Option<private::PeerProof>,
 }
 
 impl Peer {
-    /// Blocks to keep asked of this peer.
+    /// Blocks to keep asked of this peer: the window, grown while the peer
+    /// answers all of it (a distant or bursty peer is window-bound, like TCP
+    /// in slow start), and at least a burst period at the best rate seen (the
+    /// bandwidth-delay product of a peer that sends every `BURST_PERIOD`);
+    /// never more than `PIPELINE` or the peer's `reqq`.
     fn pipeline(&self) -> usize {
-        let cap = PIPELINE.min(self.reqq) as f64;
-        ((self.rate * PIPELINE_SECONDS) / BLOCK_SIZE as f64).clamp(MIN_PIPELINE as f64, cap) as usize
+        let cap = PIPELINE.min(self.reqq);
+        let burst = (self.best_rate * BURST_PERIOD / BLOCK_SIZE as f64) as usize;
+        self.window.max(burst).clamp(MIN_PIPELINE.min(cap), cap)
+    }
+
+    /// One block arrived: a whole window in one burst doubles the window (the
+    /// peer answered everything asked at once: more would have come too).
+    fn count_burst(&mut self, now: Instant) {
+        if now.duration_since(self.burst_last) > BURST_GAP {
+            self.burst_blocks = 0;
+        }
+        self.burst_last = now;
+        self.burst_blocks += 1;
+        if self.burst_blocks >= self.window {
+            self.window = (self.window * 2).min(PIPELINE.min(self.reqq));
+            self.burst_blocks = 0;
+        }
     }
 
     fn count_block(&mut self, bytes: u64, now: Instant) {
@@ -151,6 +182,7 @@ impl Peer {
         let dt = now.duration_since(self.window_start);
         if dt >= RATE_WINDOW {
             let sample = self.window_bytes as f64 / dt.as_secs_f64();
+            self.best_rate = self.best_rate.max(sample);
             self.rate = if self.rate == 0.0 { sample } else { 0.5 * self.rate + 0.5 * sample };
             self.window_start = now;
             self.window_bytes = 0;
@@ -359,6 +391,10 @@ impl Swarm {
             rate: 0.0,
             window_start: now,
             window_bytes: 0,
+            best_rate: 0.0,
+            window: START_WINDOW,
+            burst_blocks: 0,
+            burst_last: now,
             proof,
         };
         if outgoing {
@@ -537,6 +573,7 @@ impl Swarm {
             return Ok(()); // cancelled in endgame, or never asked: ignored
         };
         peer.requested.swap_remove(pos);
+        peer.count_burst(now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
         peer.count_block(data.len() as u64, now);

@@ -121,3 +121,61 @@ fn protocol_violations_are_errors() {
     assert!(seed.on_handshake(3, &Handshake::new(m.info_hash, [2; 20]), false).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A peer that answers in bursts (as Transmission does every 500 ms, or any
+/// peer one long round trip away) returns the whole window at once: the
+/// window doubles each burst, up to `PIPELINE`, and the file arrives whole.
+#[test]
+fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
+    let dir = std::env::temp_dir().join(format!("shardnet-swarm-burst-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(dir.join("seed")).unwrap();
+    let data: Vec<u8> = (0..(16u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 9) as u8).collect();
+    let src = dir.join("seed").join("f.gguf");
+    std::fs::write(&src, &data).unwrap();
+    let pool = WorkerPool::new("t", 1);
+    let m = Arc::new(create::create(&src, None, &pool.handle()).unwrap());
+    let now = Instant::now();
+    let mut seed = Swarm::seed(m.clone(), &src, *b"-SN0001-seedseedseed", now).unwrap();
+    let mut leech = Swarm::download(
+        m.info_hash,
+        Some(m.clone()),
+        "f.gguf",
+        &dir.join("leech"),
+        *b"-SN0001-leechleechle",
+        now,
+        true,
+    )
+    .unwrap();
+    let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+    leech.add_peer(1, addr, true, now).unwrap();
+    seed.add_peer(2, addr, false, now).unwrap();
+    let (mut to_seed, mut to_leech) = (Vec::new(), Vec::new());
+    let mut windows = Vec::new();
+    let mut complete = false;
+    for _ in 0..1000 {
+        deliver(&mut leech, 1, &mut seed, 2, &mut to_seed, false);
+        windows.push(leech.peers[&1].requested.len());
+        // One burst: everything asked so far, at once.
+        let (mut budget, mut served) = (u64::MAX, Vec::new());
+        seed.serve(2, 64 << 20, &mut budget, &mut served);
+        let view = seed.view().unwrap();
+        let out = &mut seed.peers.get_mut(&2).unwrap().out;
+        for b in served {
+            out.extend_from_slice(&b.header);
+            out.extend_from_slice(view.bytes(b.offset, b.len as u64));
+        }
+        deliver(&mut seed, 2, &mut leech, 1, &mut to_leech, true);
+        complete |= run_actions(&mut leech);
+        if complete {
+            break;
+        }
+    }
+    assert!(complete, "the download finished");
+    let grown: Vec<usize> = windows.iter().copied().filter(|w| *w > 0).take(6).collect();
+    assert_eq!(grown, vec![16, 32, 64, 128, 256, 256], "windows per burst: {windows:?}");
+    let storage = leech.storage_mut().unwrap();
+    storage.finish_job().unwrap()().unwrap();
+    assert_eq!(std::fs::read(dir.join("leech").join("f.gguf")).unwrap(), data);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -44,7 +44,7 @@ fn http_run(addr: &str) -> (f64, f64, u64) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: b\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     let t0 = Instant::now();
     s.write_all(req.as_bytes()).unwrap();
     let mut r = BufReader::new(s);

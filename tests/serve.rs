@@ -284,7 +284,7 @@ fn a_body_over_the_limit_is_413_before_it_is_read() {
     let c = cluster("serve-413", &[], &["--max-body", "4096"]);
     // The head claims 100 MB; the answer comes without the body being sent.
     let mut s = connect(&c.http);
-    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n\r\n{\"prompt\":").unwrap();
+    s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: 100000000\r\n\r\n{\"prompt\":").unwrap();
     let r = read_response(&mut BufReader::new(s));
     assert_error(&r, 413, None);
     // A body just over the limit, sent whole, is refused too; one under it is served.
@@ -356,7 +356,7 @@ fn start_stream(addr: &str, n: usize) -> BufReader<TcpStream> {
     let body =
         json!({"prompt": PROMPT, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
     let mut s = connect(addr);
-    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
     s.write_all(head.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -403,7 +403,7 @@ fn slow_clients_holding_connections_do_not_stop_another_client() {
     let mut slow = Vec::new();
     for _ in 0..100 {
         let mut s = TcpStream::connect(&c.http).unwrap();
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Le").unwrap();
+        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Le").unwrap();
         slow.push(s);
     }
     // Another client is served: the listener closes the longest idle connection for it.
@@ -433,7 +433,7 @@ fn a_full_queue_is_503_with_retry_after_and_health_still_answers() {
     let waiting = {
         let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
         let mut s = connect(&c.http);
-        let head = format!("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
         s.write_all(head.as_bytes()).unwrap();
         s
     };
@@ -559,4 +559,142 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     assert!(!answer.is_empty());
     assert!(stats.contains("tokens/s"), "{stats}");
     assert!(partial, "the answer appeared only whole, not streamed");
+}
+
+/// A request with these headers in place of the defaults (`Host: ADDR`, `Content-Type:
+/// application/json`); a header given as `(name, "")` is left out.
+fn request_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let mut s = connect(addr);
+    let mut all: Vec<(String, String)> = vec![("Host".into(), addr.into()), ("Content-Type".into(), "application/json".into())];
+    for (k, v) in headers {
+        all.retain(|(n, _)| !n.eq_ignore_ascii_case(k));
+        if !v.is_empty() {
+            all.push((k.to_string(), v.to_string()));
+        }
+    }
+    let mut head = format!("{method} {path} HTTP/1.1\r\n");
+    for (k, v) in &all {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str(&format!("Content-Length: {}\r\nConnection: close\r\n\r\n", body.len()));
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(&mut BufReader::new(s))
+}
+
+fn short_completion() -> Vec<u8> {
+    json!({"prompt": PROMPT, "max_tokens": 2}).to_string().into_bytes()
+}
+
+/// What a20_serve_cors.sh found: a page on another origin, or a DNS-rebinding name, drove the
+/// cluster through serve (wildcard CORS, a text/plain "simple" POST, any Host).
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn cross_site_requests_and_foreign_hosts_are_refused_and_named_origins_get_their_own() {
+    const APP: &str = "http://app.example:3000";
+    let c = cluster("serve-cors", &[], &["--cors-origin", APP, "--cors-origin", "https://b.example", "--allowed-host", "gpu.lan"]);
+    let body = short_completion();
+    let post = |headers: &[(&str, &str)]| request_with(&c.http, "POST", "/v1/completions", headers, &body);
+
+    // A foreign Origin: 403 in OpenAI's shape, no CORS header, no completion.
+    let r = post(&[("Origin", "http://evil.example")]);
+    let e = assert_error(&r, 403, None);
+    assert_eq!(e["error"]["code"], "origin_not_allowed", "{e}");
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let r = request_with(&c.http, "OPTIONS", "/v1/completions", &[("Origin", "http://evil.example")], b"");
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("access-control-allow-headers"), None);
+
+    // A foreign Host (a DNS-rebinding name): 403, with or without an Origin that matches it.
+    for headers in [&[("Host", "rebind.evil.example")][..], &[("Host", "rebind.evil.example"), ("Origin", "http://rebind.evil.example")]] {
+        let r = post(headers);
+        let e = assert_error(&r, 403, None);
+        assert_eq!(e["error"]["code"], "host_not_allowed", "{e}");
+    }
+    let r = request_with(&c.http, "GET", "/v1/models", &[("Host", "rebind.evil.example:80")], b"");
+    assert_eq!(r.status, 403);
+
+    // The attack script's request: text/plain (a CORS "simple" request, no preflight) with both.
+    let r = post(&[("Origin", "http://evil.example"), ("Host", "rebind.evil.example"), ("Content-Type", "text/plain")]);
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    // A text/plain or form POST is refused even with no Origin at all, and without a type.
+    for ct in ["text/plain", "application/x-www-form-urlencoded", ""] {
+        let r = post(&[("Content-Type", ct)]);
+        let e = assert_error(&r, 415, None);
+        assert!(!String::from_utf8_lossy(&r.body).contains("\"text\""), "{e}");
+    }
+
+    // A listed origin: its own value back, never `*`, and a preflight that lets it send the key.
+    let r = post(&[("Origin", APP)]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("access-control-allow-origin"), Some(APP));
+    assert_eq!(r.header("vary"), Some("Origin"));
+    let r = request_with(&c.http, "OPTIONS", "/v1/chat/completions", &[("Origin", "https://b.example")], b"");
+    assert_eq!(r.status, 204);
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://b.example"));
+    assert!(r.header("access-control-allow-headers").is_some_and(|h| h.contains("Authorization")));
+    // Same-origin (the chat page's own requests) and no Origin (curl, SDKs): no CORS header.
+    let own = format!("http://{}", c.http);
+    let r = post(&[("Origin", &own)]);
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    let r = request_with(&c.http, "GET", "/v1/models", &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("access-control-allow-origin"), None);
+    // `localhost` and an --allowed-host name are accepted.
+    for host in ["localhost:1234", "gpu.lan", "GPU.LAN:8080"] {
+        let r = request_with(&c.http, "GET", "/v1/models", &[("Host", host)], b"");
+        assert_eq!(r.status, 200, "{host}");
+    }
+}
+
+/// `--api-key-file`: /v1/* and /metrics need the key (401 `invalid_api_key` in OpenAI's shape
+/// when it is missing or wrong), /health stays open, and the openai client's `api_key` works.
+#[test]
+#[ignore = "needs pip:openai, models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn an_api_key_guards_v1_and_metrics_and_the_openai_client_passes_it() {
+    require("pip:openai");
+    const KEY: &str = "sk-shardnet-test-5f0c2a";
+    let keys = TempDir::new("serve-key");
+    let key_file = keys.path().join("api-key");
+    std::fs::write(&key_file, format!("{KEY}\n")).unwrap();
+    let c = cluster("serve-key", &[], &["--api-key-file", key_file.to_str().unwrap()]);
+    let body = short_completion();
+    let bearer = format!("Bearer {KEY}");
+    for (path, method) in [("/v1/completions", "POST"), ("/v1/models", "GET"), ("/metrics", "GET")] {
+        let b: &[u8] = if method == "POST" { &body } else { b"" };
+        for auth in ["", "Bearer sk-wrong", &format!("Bearer {KEY}x"), &format!("Basic {KEY}"), &format!("Bearer {}", &KEY[..KEY.len() - 1])] {
+            let r = request_with(&c.http, method, path, &[("Authorization", auth)], b);
+            let e = assert_error(&r, 401, None);
+            assert_eq!(e["error"]["code"], "invalid_api_key", "{path} {auth:?}: {e}");
+            assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        }
+        let r = request_with(&c.http, method, path, &[("Authorization", &bearer)], b);
+        assert_eq!(r.status, 200, "{path}: {}", String::from_utf8_lossy(&r.body));
+    }
+    // /health and the chat page stay open.
+    assert_eq!(get(&c.http, "/health").0, 200);
+    assert_eq!(get(&c.http, "/").0, 200);
+
+    // The official client: `api_key` becomes the Bearer header; a wrong one is AuthenticationError.
+    let script = r#"
+import sys, openai
+base, key = sys.argv[1], sys.argv[2]
+ok = openai.OpenAI(base_url=base, api_key=key, timeout=120, max_retries=0)
+model = ok.models.list().data[0].id
+r = ok.completions.create(model=model, prompt="The capital of France is", max_tokens=2, temperature=0)
+assert r.usage.completion_tokens == 2, r
+bad = openai.OpenAI(base_url=base, api_key=key + "-wrong", timeout=120, max_retries=0)
+try:
+    bad.models.list()
+    sys.exit("a wrong key was accepted")
+except openai.AuthenticationError as e:
+    assert e.status_code == 401 and e.code == "invalid_api_key", e
+print("ok")
+"#;
+    let out = Command::new("python3").args(["-c", script, &format!("http://{}/v1", c.http), KEY]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the openai client with api_key failed:\n{stderr}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
 }

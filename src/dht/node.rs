@@ -1032,7 +1032,7 @@ mod tests {
     #[test]
     fn an_unanswered_bootstrap_is_reported_and_retried_with_back_off() {
         let t0 = Instant::now();
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None };
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, ..DhtConfig::default() };
         let mut d = Dht::new(id(1), cfg, vec![addr(9)], t0);
         d.join(t0);
         assert_eq!(d.outbox.drain(..).count(), 1);
@@ -1062,7 +1062,7 @@ mod tests {
     #[test]
     fn a_lookup_with_no_nodes_and_no_join_in_flight_ends_at_once() {
         let now = Instant::now();
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, own_peer_ip: None };
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 100, ..DhtConfig::default() };
         let mut alone = Dht::new(id(1), cfg.clone(), vec![], now);
         let l = alone.start_lookup(id(3), LookupKind::GetPeers, now);
         alone.tick(now);

@@ -214,11 +214,14 @@ pub fn reason(status: u16) -> &'static str {
         200 => "OK",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
         411 => "Length Required",
         413 => "Content Too Large",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         500 => "Internal Server Error",
         503 => "Service Unavailable",
@@ -226,8 +229,32 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Headers every response carries: any page may call the API (as llama.cpp's server allows).
-const COMMON: &str = "Server: shardnet\r\nAccess-Control-Allow-Origin: *\r\n";
+/// The header every response carries. No wildcard CORS: a cross-origin page is let in only by
+/// `--cors-origin`, per response ([`Reply::allow_origin`]).
+const COMMON: &str = "Server: shardnet\r\n";
+
+/// How a response ends its connection and which origin it lets read it.
+#[derive(Clone, Debug, Default)]
+pub struct Reply {
+    pub keep_alive: bool,
+    /// `Access-Control-Allow-Origin`: the request's own `Origin`, when `--cors-origin` names it
+    /// (never `*`); sent with `Vary: Origin`.
+    pub allow_origin: Option<String>,
+}
+
+impl Reply {
+    /// A response after which the connection closes, readable by no other origin.
+    pub fn close() -> Reply {
+        Reply { keep_alive: false, allow_origin: None }
+    }
+
+    fn cors_headers(&self) -> String {
+        match &self.allow_origin {
+            Some(o) => format!("Access-Control-Allow-Origin: {o}\r\nVary: Origin\r\n"),
+            None => String::new(),
+        }
+    }
+}
 
 /// Writes a whole response with a `Content-Length` body.
 pub fn write_response(
@@ -236,9 +263,11 @@ pub fn write_response(
     content_type: &str,
     extra: &[(&str, String)],
     body: &[u8],
-    keep_alive: bool,
+    reply: &Reply,
 ) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} {}\r\n{COMMON}Content-Type: {content_type}\r\n", reason(status));
+    let keep_alive = reply.keep_alive;
+    let mut head =
+        format!("HTTP/1.1 {status} {}\r\n{COMMON}{}Content-Type: {content_type}\r\n", reason(status), reply.cors_headers());
     for (k, v) in extra {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -261,7 +290,8 @@ pub struct EventStream<'a, W: Write> {
 }
 
 impl<'a, W: Write> EventStream<'a, W> {
-    pub fn start(w: &'a mut W, minor_version: u8, keep_alive: bool) -> io::Result<EventStream<'a, W>> {
+    pub fn start(w: &'a mut W, minor_version: u8, reply: &Reply) -> io::Result<EventStream<'a, W>> {
+        let keep_alive = reply.keep_alive;
         let chunked = minor_version >= 1;
         let framing = if chunked {
             format!("Transfer-Encoding: chunked\r\nConnection: {}\r\n", if keep_alive { "keep-alive" } else { "close" })
@@ -269,7 +299,8 @@ impl<'a, W: Write> EventStream<'a, W> {
             "Connection: close\r\n".to_string()
         };
         let head = format!(
-            "HTTP/1.1 200 OK\r\n{COMMON}Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n{framing}\r\n"
+            "HTTP/1.1 200 OK\r\n{COMMON}{}Content-Type: text/event-stream\r\nCache-Control: no-cache\r\n{framing}\r\n",
+            reply.cors_headers()
         );
         w.write_all(head.as_bytes())?;
         w.flush()?;
@@ -347,7 +378,7 @@ mod tests {
     #[test]
     fn an_event_stream_is_chunked_under_http_1_1() {
         let mut out = Vec::new();
-        let mut s = EventStream::start(&mut out, 1, true).unwrap();
+        let mut s = EventStream::start(&mut out, 1, &Reply { keep_alive: true, allow_origin: None }).unwrap();
         s.send("{\"a\":1}").unwrap();
         s.finish().unwrap();
         let text = String::from_utf8(out).unwrap();

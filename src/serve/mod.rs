@@ -14,6 +14,7 @@
 //! keep-alive 60 s, each write 30 s).
 
 pub mod chain;
+pub mod guard;
 pub mod http;
 pub mod metrics;
 pub mod openai;
@@ -32,7 +33,8 @@ use crate::chat::ChatError;
 use crate::coordinator::{ClusterConfig, GenRequest, Summary};
 use crate::engine::sampler::SamplerConfig;
 use chain::{ChainEvent, ChainState, Health, Job, ModelView};
-use http::{Conn, EventStream, Limits, ReadError, Request, write_response};
+use guard::Access;
+use http::{Conn, EventStream, Limits, ReadError, Reply, Request, write_response};
 use metrics::Metrics;
 use openai::{ApiError, Endpoint, Input, Params};
 
@@ -68,6 +70,8 @@ pub struct ServeConfig {
     pub max_connections: usize,
     pub queue: usize,
     pub limits: Limits,
+    /// Who may call: `--cors-origin`, `--allowed-host`, `--api-key-file` ([`guard`]).
+    pub access: Access,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +85,7 @@ impl Default for ServeConfig {
             max_connections: 256,
             queue: 16,
             limits: Limits::default(),
+            access: Access::default(),
         }
     }
 }
@@ -183,7 +188,7 @@ impl Server {
                         drop(conns);
                         let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                         let e = ApiError::unavailable("the server is at its connection limit; try again");
-                        let _ = respond_error(&mut &stream, &e, false);
+                        let _ = respond_error(&mut &stream, &e, &Reply::close());
                         s.metrics.request("other", 503);
                         return;
                     }
@@ -212,13 +217,13 @@ impl Drop for Untrack<'_> {
     }
 }
 
-fn respond_json(w: &mut impl std::io::Write, status: u16, v: &Value, keep_alive: bool) -> std::io::Result<()> {
-    write_response(w, status, "application/json", &[], v.to_string().as_bytes(), keep_alive)
+fn respond_json(w: &mut impl std::io::Write, status: u16, v: &Value, reply: &Reply) -> std::io::Result<()> {
+    write_response(w, status, "application/json", &[], v.to_string().as_bytes(), reply)
 }
 
-fn respond_error(w: &mut impl std::io::Write, e: &ApiError, keep_alive: bool) -> std::io::Result<()> {
+fn respond_error(w: &mut impl std::io::Write, e: &ApiError, reply: &Reply) -> std::io::Result<()> {
     let extra: Vec<(&str, String)> = if e.status == 503 { vec![("Retry-After", "2".into())] } else { vec![] };
-    write_response(w, e.status, "application/json", &extra, e.to_json().to_string().as_bytes(), keep_alive)
+    write_response(w, e.status, "application/json", &extra, e.to_json().to_string().as_bytes(), reply)
 }
 
 /// Serves one connection's requests until it closes, errs, or asks to close.
@@ -232,7 +237,7 @@ fn connection(s: &Shared, id: u64, stream: TcpStream) {
             Err(ReadError::Bad(status, msg)) => {
                 let e = ApiError::new(status, "invalid_request_error", None, msg);
                 s.metrics.request("other", status);
-                if respond_error(&mut conn.stream, &e, false).is_ok() {
+                if respond_error(&mut conn.stream, &e, &Reply::close()).is_ok() {
                     linger_close(&conn.stream);
                 }
                 return;
@@ -274,21 +279,52 @@ const LINGER_BYTES: usize = 4 << 20;
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     let path = req.path.trim_end_matches('/');
-    let endpoint =
-        match path {
-            "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
-                if path.is_empty() { "/" } else { path }
-            }
-            _ => "other",
-        };
-    let ka = req.keep_alive;
+    let endpoint = match path {
+        "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
+            if path.is_empty() { "/" } else { path }
+        }
+        _ => "other",
+    };
+    let host = req.header("host");
+    let checked = s.cfg.access.check_host(host).and_then(|()| s.cfg.access.check_origin(req.header("origin"), host));
+    let allow_origin = match checked {
+        Ok(o) => o,
+        Err(e) => {
+            s.metrics.request(endpoint, e.status);
+            let reply = Reply { keep_alive: req.keep_alive, allow_origin: None };
+            return respond_error(&mut conn.stream, &e, &reply).is_ok();
+        }
+    };
+    let reply = Reply { keep_alive: req.keep_alive, allow_origin };
+    let ka = &reply;
+    // A preflight carries no credentials: it is answered before the key is asked for, and only
+    // a listed origin is told what it may send.
+    let refused = if req.method == "OPTIONS" {
+        Ok(())
+    } else {
+        s.cfg.access.check_key(path, req.header("authorization")).and_then(|()| {
+            if req.method == "POST" { guard::check_json(req.header("content-type")) } else { Ok(()) }
+        })
+    };
+    if let Err(e) = refused {
+        s.metrics.request(endpoint, e.status);
+        let extra: Vec<(&str, String)> =
+            if e.status == 401 { vec![("WWW-Authenticate", "Bearer".into())] } else { vec![] };
+        return write_response(&mut conn.stream, e.status, "application/json", &extra, e.to_json().to_string().as_bytes(), ka)
+            .is_ok();
+    }
     let w = &mut conn.stream;
     let (status, ok) = match (req.method.as_str(), path) {
         ("OPTIONS", _) => {
-            let extra = [
-                ("Access-Control-Allow-Methods", "GET, POST, OPTIONS".to_string()),
-                ("Access-Control-Allow-Headers", "Content-Type, Authorization".to_string()),
-            ];
+            let extra = if ka.allow_origin.is_some() {
+                vec![
+                    ("Access-Control-Allow-Methods", "GET, POST, OPTIONS".to_string()),
+                    ("Access-Control-Allow-Headers", "Content-Type, Authorization".to_string()),
+                    ("Access-Control-Max-Age", "600".to_string()),
+                ]
+            } else {
+                vec![]
+            };
             (204, write_response(w, 204, "text/plain", &extra, b"", ka).is_ok())
         }
         ("GET", "") => (200, write_response(w, 200, "text/html; charset=utf-8", &[], PAGE.as_bytes(), ka).is_ok()),
@@ -313,8 +349,8 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
                 (503, respond_error(w, &e, ka).is_ok())
             }
         },
-        ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat),
-        ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text),
+        ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat, ka),
+        ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text, ka),
         (_, "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
             let e = ApiError::new(
                 405,
@@ -461,8 +497,7 @@ fn peer_closed(stream: &TcpStream) -> bool {
 const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// `POST /v1/chat/completions` and `/v1/completions`: (status, connection still usable).
-fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint) -> (u16, bool) {
-    let ka = req.keep_alive;
+fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka: &Reply) -> (u16, bool) {
     let (params, prep) = match prepare(s, endpoint, &req.body) {
         Ok(p) => p,
         Err(e) => return (e.status, respond_error(&mut conn.stream, &e, ka).is_ok()),
@@ -528,7 +563,7 @@ fn usage_of(summary: &Summary) -> Value {
 }
 
 /// A non-streamed answer: (connection usable, status; 0 when the client went away).
-fn whole(conn: &mut Conn, rx: &Receiver<ChainEvent>, cancel: &AtomicBool, a: &Answer, ka: bool) -> (bool, u16) {
+fn whole(conn: &mut Conn, rx: &Receiver<ChainEvent>, cancel: &AtomicBool, a: &Answer, ka: &Reply) -> (bool, u16) {
     let mut text = String::new();
     loop {
         match next_event(&conn.stream, rx, cancel) {
@@ -555,7 +590,7 @@ fn stream(
     cancel: &AtomicBool,
     a: &Answer,
     minor: u8,
-    ka: bool,
+    ka: &Reply,
 ) -> (bool, u16) {
     // The status line waits for the chain: a job it cannot serve is still a plain 503.
     loop {

@@ -94,6 +94,15 @@ GENERATION:
                                 [default: 16]
       --max-body BYTES          request body bound; over it: 413
                                 [default: 1048576]
+      --api-key-file PATH       /v1/* and /metrics need `Authorization: Bearer
+                                KEY` (the file's contents); else 401
+                                [default: $SHARDNET_API_KEY_FILE, else no key]
+      --cors-origin ORIGIN      a web origin (http://host:port) whose pages may
+                                call the API; repeatable [default: none, only
+                                the chat page's own origin]
+      --allowed-host NAME       a name accepted in the Host header besides IP
+                                literals and localhost; repeatable (others:
+                                403, against DNS rebinding)
 
 SAMPLING (generate, infer, chat, serve; serve's -n [default: 512]):
   -n N                          tokens to generate at most [default: 32]

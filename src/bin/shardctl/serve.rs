@@ -5,6 +5,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 
 use shardnet::coordinator::ClusterConfig;
+use shardnet::serve::guard::{API_KEY_ENV, Access, ApiKey};
 use shardnet::serve::{Defaults, ServeConfig, Server, http::Limits};
 
 use crate::Opts;
@@ -14,6 +15,10 @@ use crate::generate::{SAMPLING_FLAGS, sampling_flags};
 /// Flags into a `ServeConfig`, then the server runs until killed. It prints
 /// `shardctl serve: listening on http://ADDR` on stdout once bound.
 pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
+    // The repeatable flags, taken out before the others are parsed (where a repeat is an error).
+    let (cors_origins, flags) = take_repeated(flags, "--cors-origin")?;
+    let (allowed_hosts, flags) = take_repeated(&flags, "--allowed-host")?;
+    let flags = &flags[..];
     let f = Flags::parse(
         "serve",
         flags,
@@ -31,6 +36,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--batch",
                 "--load-timeout",
                 "--model",
+                "--api-key-file",
             ],
         ]
         .concat(),
@@ -56,6 +62,17 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
             b.to_string()
         }
     };
+    for o in &cors_origins {
+        let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/') && o.split("//").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
+        if !ok {
+            return Err(f.usage(format!("--cors-origin {o:?} is not an origin (scheme://host[:port], no path; `*` is not accepted)")));
+        }
+    }
+    let key_file = f.get("--api-key-file").map(str::to_string).or_else(|| std::env::var(API_KEY_ENV).ok().filter(|v| !v.is_empty()));
+    let api_key = match key_file {
+        Some(path) => Some(ApiKey::load(std::path::Path::new(&path))?),
+        None => None,
+    };
     let sc = ServeConfig::default();
     let cfg = ServeConfig {
         cluster: ClusterConfig {
@@ -77,11 +94,35 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
         max_connections: f.num("--max-connections", sc.max_connections).max(1),
         queue: f.num("--queue", sc.queue).max(1),
         limits: Limits { max_body: f.num("--max-body", sc.limits.max_body), ..sc.limits },
+        access: Access { cors_origins, allowed_hosts, api_key },
     };
+    if cfg.access.api_key.is_none() && !cfg.listen.ip().is_loopback() {
+        shardnet::warn!(
+            "serving on {} without --api-key-file: anyone who can reach this address can use the cluster",
+            cfg.listen
+        );
+    }
     shardnet::log::set_level(shardnet::log::Level::Info);
     let server = Server::bind(cfg)?;
     println!("shardctl serve: listening on http://{}", server.local_addr());
     use std::io::Write;
     let _ = std::io::stdout().flush();
     server.run()
+}
+
+/// Every `name VALUE` pair taken out of `flags`: the values, and the flags left.
+fn take_repeated<'a>(flags: &[&'a str], name: &str) -> Result<(Vec<String>, Vec<&'a str>)> {
+    let (mut values, mut rest) = (Vec::new(), Vec::new());
+    let mut it = flags.iter();
+    while let Some(&f) = it.next() {
+        if f == name {
+            match it.next() {
+                Some(v) => values.push(v.to_string()),
+                None => return Err(crate::args::usage(format!("serve: {name} needs a value"))),
+            }
+        } else {
+            rest.push(f);
+        }
+    }
+    Ok((values, rest))
 }

@@ -26,27 +26,8 @@ fn model(dir: &Path) -> PathBuf {
 /// Node 0 seeds every shard; nodes 1..n start empty and bootstrap from it. Returns once the
 /// cluster key lists every node.
 fn cluster(dir: &Path, model: &Path, n: usize, extra: &[&str]) -> Vec<NodeProc> {
-    let d0 = dir.join("node-0");
-    split::split(model, 4, &d0, None).unwrap();
-    let mut args = vec!["--enable-torrent", "--threads", "1"];
-    args.extend_from_slice(extra);
-    let first = NodeProc::start(&d0, &args);
-    let boot = first.addr.clone();
-    let mut nodes = vec![first];
-    for i in 1..n {
-        let d = dir.join(format!("node-{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let mut a = args.clone();
-        a.extend_from_slice(&["--bootstrap", &boot]);
-        nodes.push(NodeProc::start(&d, &a));
-    }
-    // Every other node is in the cluster key (node 0 may or may not list itself).
-    wait_for(Duration::from_secs(30), || {
-        let r = nodes[0].call("FIND_PEERS", json!({"cluster": true}));
-        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
-        nodes[1..].iter().all(|n| peers.contains(&json!(n.addr))).then_some(())
-    });
-    nodes
+    let args: Vec<&str> = ["--enable-torrent", "--threads", "1"].iter().chain(extra).copied().collect();
+    seeded_cluster(dir, model, 4, n, &args)
 }
 
 fn shardctl(args: &[&str]) -> std::process::Output {
@@ -703,7 +684,8 @@ fn a_chain_costs_one_round_trip_per_hop() {
         "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000});
     let r = c.request("EXECUTE_TASK", params.clone()).unwrap();
     assert_eq!(r["status"], "success", "{r}");
-    let hops: Vec<&str> = r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap()).collect();
+    let hops: Vec<&str> =
+        r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap()).collect();
     let reached: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
     assert_eq!(hops, reached, "the chain ran through every node");
     let connects: Vec<usize> = proxies.iter().map(Proxy::connects).collect();

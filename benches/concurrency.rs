@@ -1,18 +1,18 @@
 //! `make bench` part 7: many streams at once. Writes `target/bench/concurrency.json`.
 //!
 //! 1, 4 and 16 concurrent greedy streams (each its own session and connection: a 16-token
-//! prompt, then up to `STEPS` decode steps), through one node holding the whole model ("one
-//! process") and through a 4-node pipeline on loopback (the chain relayed node to node).
-//! Every stream prefills, then all start decoding together (a barrier), so the aggregate is
-//! decode alone: decode tokens of all streams over the time from the barrier to the last
-//! stream's end. p50/p99 are over every decode step's time seen by its stream. Medians of
-//! `REPS` runs after a warm-up.
+//! prompt, then decode steps), through one node holding the whole model ("one process") and
+//! through a 4-node pipeline on loopback (the chain relayed node to node). Every stream
+//! prefills once, then the streams decode `REPS + 1` rounds of up to `STEPS` steps, all starting
+//! each round together (a barrier), so the aggregate is decode alone: decode tokens of all
+//! streams over the round's wall time. p50/p99 are over every decode step's time seen by its
+//! stream. The first round is a warm-up; figures are medians of the other `REPS`.
 //!
 //! The ceiling for batched decode on a CPU is the prompt rate of the same model on the same
 //! threads, so one process's prompt rate (pp512, the engine in this process) is measured too,
 //! and aggregate decode with 16 streams is reported as a fraction of it (goal: at least 0.7).
 //!
-//! Bounded: each run's decode stops at `RUN_BUDGET` (the steps done are reported, and the row
+//! Bounded: each round stops at `RUN_BUDGET` and the pp512 runs at `PP_BUDGET` (the steps done are reported, and the row
 //! says `complete: false`), so an overloaded machine gives slow figures, not a hung benchmark.
 //! Threads: the one-process node gets every core; each pipeline node gets cores / 4 (at least
 //! one), as four machines of a quarter each would. ggml's worker threads spin at every barrier
@@ -46,48 +46,79 @@ const PROMPT_LEN: usize = 16;
 const REPS: usize = 3;
 const STREAMS: [usize; 3] = [1, 4, 16];
 /// Decode time one run may take before its streams stop early.
-const RUN_BUDGET: Duration = Duration::from_secs(10);
+const RUN_BUDGET: Duration = Duration::from_secs(5);
+/// Time the pp512 runs may take together before the rest are skipped.
+const PP_BUDGET: Duration = Duration::from_secs(20);
 const SESSION_FLAGS: [&str; 4] = ["--max-sessions", "64", "--max-sessions-per-client", "32"];
 
-/// One stream: prefill, wait for every stream at `start`, then greedy decode steps until `STEPS`
-/// or `deadline`; the time of each step in ms.
-fn stream(addr: &str, session: &str, next: &[Value], vocab: u32, start: &Barrier, budget: Duration) -> Vec<f64> {
+/// One stream: prefill, then `REPS + 1` rounds (the first a warm-up) of greedy decode steps,
+/// each round starting when every stream and the timer are at `start` and ending at `end`; a
+/// round stops at `STEPS` steps or `budget`. Per round, the time of each step in ms. A stream that
+/// fails keeps meeting the barriers (so no other waits forever) and returns its error.
+fn stream(
+    addr: &str,
+    session: &str,
+    next: &[Value],
+    vocab: u32,
+    (start, end): (&Barrier, &Barrier),
+    budget: Duration,
+) -> Result<Vec<Vec<f64>>, String> {
     let seed = session.bytes().map(u32::from).sum::<u32>();
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| (i * 37 + seed * 11) % vocab).collect();
     let mut params = json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": prompt},
         "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 60000});
-    let mut prefill = || -> anyhow::Result<(Client, u64)> {
-        let mut c = Client::connect(addr, Duration::from_secs(20))?;
-        c.set_timeout(Duration::from_secs(120))?;
-        let r = shardnet::client::into_result(c.request("EXECUTE_TASK", params.clone())?)?;
-        params["session_token"] = r["session_token"].clone();
-        Ok((c, r["top_k"][0]["id"].as_u64().unwrap_or(0)))
+    let step = |c: &mut Client, params: &Value| -> Result<Value, String> {
+        let r = c.request("EXECUTE_TASK", params.clone()).map_err(|e| format!("{session}: {e:#}"))?;
+        shardnet::client::into_result(r).map_err(|e| format!("{session}: {e:#}"))
     };
-    let prefilled = prefill();
-    // Every stream reaches the barrier, a failed one too (then fails after it): never a hang.
-    start.wait();
-    let (mut c, mut token) = prefilled.unwrap_or_else(|e| panic!("{session}: prefill: {e:#}"));
-    let deadline = Instant::now() + budget;
-    let mut times = Vec::with_capacity(STEPS);
-    for step in 0..STEPS {
-        if Instant::now() >= deadline {
-            break;
+    let mut failed = None;
+    let mut client = Client::connect(addr, Duration::from_secs(20)).map_err(|e| format!("{e:#}"));
+    let mut token = 0;
+    if let Ok(c) = &mut client {
+        let _ = c.set_timeout(Duration::from_secs(120));
+        match step(c, &params) {
+            Ok(r) => {
+                params["session_token"] = r["session_token"].clone();
+                token = r["top_k"][0]["id"].as_u64().unwrap_or(0);
+            }
+            Err(e) => failed = Some(e),
         }
-        params["pos"] = json!(PROMPT_LEN + step);
-        params["input"] = json!({"tokens": [token]});
-        let t = Instant::now();
-        let r = c.request("EXECUTE_TASK", params.clone()).unwrap();
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        assert_eq!(r["status"], "success", "{r}");
-        token = r["result"]["top_k"][0]["id"].as_u64().unwrap();
     }
-    let _ = c.request("END_SESSION", json!({"session_id": session, "session_token": params["session_token"]}));
-    times
+    let mut pos = PROMPT_LEN;
+    let mut rounds = Vec::new();
+    for _ in 0..=REPS {
+        start.wait();
+        let deadline = Instant::now() + budget;
+        let mut times = Vec::with_capacity(STEPS);
+        while let (None, Ok(c)) = (&failed, &mut client) {
+            if times.len() == STEPS || Instant::now() >= deadline {
+                break;
+            }
+            params["pos"] = json!(pos);
+            params["input"] = json!({"tokens": [token]});
+            let t = Instant::now();
+            match step(c, &params) {
+                Ok(r) => token = r["top_k"][0]["id"].as_u64().unwrap_or(0),
+                Err(e) => failed = Some(e),
+            }
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            pos += 1;
+        }
+        end.wait();
+        rounds.push(times);
+    }
+    if let Ok(c) = &mut client {
+        let _ = c.request("END_SESSION", json!({"session_id": session, "session_token": params["session_token"]}));
+    }
+    match (failed, client) {
+        (Some(e), _) | (None, Err(e)) => Err(e),
+        (None, Ok(_)) => Ok(rounds),
+    }
 }
 
-/// One run's figures.
+/// One round's figures.
 struct Run {
-    /// Decode tokens of all streams per second of decode wall time.
+    /// Decode tokens of all streams per second of the round's wall time.
     aggregate: f64,
     p50: f64,
     p99: f64,
@@ -95,27 +126,36 @@ struct Run {
     complete: bool,
 }
 
-/// `n` streams at once.
-fn run(addr: &str, next: &[Value], n: usize, vocab: u32, tag: &str, budget: Duration) -> Run {
-    let start = Arc::new(Barrier::new(n + 1));
+/// `n` streams at once: each prefills once, then decodes `REPS + 1` rounds together; the
+/// figures of each round but the first (a warm-up).
+fn run(addr: &str, next: &[Value], n: usize, vocab: u32, tag: &str) -> Vec<Run> {
+    let (start, end) = (Arc::new(Barrier::new(n + 1)), Arc::new(Barrier::new(n + 1)));
     let threads: Vec<_> = (0..n)
         .map(|i| {
-            let (addr, next, session, start) = (addr.to_string(), next.to_vec(), format!("{tag}-{i}"), start.clone());
-            std::thread::spawn(move || stream(&addr, &session, &next, vocab, &start, budget))
+            let (addr, next, session) = (addr.to_string(), next.to_vec(), format!("{tag}-{i}"));
+            let (start, end) = (start.clone(), end.clone());
+            std::thread::spawn(move || stream(&addr, &session, &next, vocab, (&start, &end), RUN_BUDGET))
         })
         .collect();
-    start.wait();
-    let t = Instant::now();
-    let per_stream: Vec<Vec<f64>> = threads.into_iter().map(|t| t.join().unwrap()).collect();
-    let wall = t.elapsed().as_secs_f64();
-    let complete = per_stream.iter().all(|s| s.len() == STEPS);
-    let mut all: Vec<f64> = per_stream.into_iter().flatten().collect();
-    Run {
-        aggregate: all.len() as f64 / wall,
-        p50: percentile(&mut all, 0.5),
-        p99: percentile(&mut all, 0.99),
-        complete,
+    let mut walls = Vec::new();
+    for _ in 0..=REPS {
+        start.wait();
+        let t = Instant::now();
+        end.wait();
+        walls.push(t.elapsed().as_secs_f64());
     }
+    let per_stream: Vec<Vec<Vec<f64>>> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    (1..=REPS)
+        .map(|round| {
+            let mut all: Vec<f64> = per_stream.iter().flat_map(|s| s[round].iter().copied()).collect();
+            Run {
+                aggregate: all.len() as f64 / walls[round],
+                p50: percentile(&mut all, 0.5),
+                p99: percentile(&mut all, 0.99),
+                complete: per_stream.iter().all(|s| s[round].len() == STEPS),
+            }
+        })
+        .collect()
 }
 
 /// Prompt tokens per second of 512-token prompts through the whole model in this process.
@@ -127,13 +167,15 @@ fn pp512(model: &Path, threads: usize) -> f64 {
     e.load(0, map).unwrap();
     let vocab = e.shard_info(0).unwrap().0.n_vocab;
     let tokens: Vec<u32> = (0..512u32).map(|i| (i * 31 + 7) % vocab).collect();
-    let runs: Vec<f64> = (0..REPS)
-        .map(|r| {
-            let t = Instant::now();
-            e.execute(0, &format!("pp{r}"), 0, &Input::Tokens(tokens.clone()), Want::Logits { all: false }).unwrap();
-            512.0 / t.elapsed().as_secs_f64()
-        })
-        .collect();
+    let started = Instant::now();
+    let mut runs = Vec::new();
+    // REPS runs, fewer (at least one) when they take over PP_BUDGET together.
+    while runs.len() < REPS && (runs.is_empty() || started.elapsed() < PP_BUDGET) {
+        let t = Instant::now();
+        let session = format!("pp{}", runs.len());
+        e.execute(0, &session, 0, &Input::Tokens(tokens.clone()), Want::Logits { all: false }).unwrap();
+        runs.push(512.0 / t.elapsed().as_secs_f64());
+    }
     median(runs)
 }
 
@@ -165,16 +207,11 @@ fn main() {
 
     let pp = pp512(&model, cores);
     let setups = [("one_process", &one.addr, &[][..]), ("pipeline_4", &nodes[0].addr, &next[..])];
-    for (setup, addr, route) in setups {
-        // Warm-up: every node computes (and makes its graph allocator's buffers) once.
-        run(addr, route, 4, vocab, &format!("warm-{setup}"), Duration::from_secs(3));
-    }
     let mut rows = Vec::new();
     let mut agg16 = (0.0, 0.0);
     for &n in &STREAMS {
         for (setup, addr, route) in setups {
-            let runs: Vec<Run> =
-                (0..REPS).map(|r| run(addr, route, n, vocab, &format!("{setup}-{n}-{r}"), RUN_BUDGET)).collect();
+            let runs = run(addr, route, n, vocab, &format!("{setup}-{n}"));
             let agg = median(runs.iter().map(|r| r.aggregate).collect());
             let p50 = median(runs.iter().map(|r| r.p50).collect());
             let p99 = median(runs.iter().map(|r| r.p99).collect());

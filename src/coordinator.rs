@@ -179,6 +179,29 @@ pub struct Coordinator<'e> {
     /// `MODEL_INFO`'s `tokenizer` object: the tokenizer's keys and the chat template.
     tokenizer_meta: serde_json::Map<String, Value>,
     events: Box<dyn FnMut(Event) + 'e>,
+    /// A fork's way to recover ([`Coordinator::from_fork`]): asks the coordinator that owns the
+    /// placement to replace a failed node and answers the chain to use now.
+    recovery: Option<Box<RecoverFn<'e>>>,
+}
+
+/// Asked with the failed node and why; answers the plan to use now, or why there is none.
+pub type RecoverFn<'e> = dyn FnMut(SocketAddr, &str) -> Result<Vec<SocketAddr>> + 'e;
+
+/// What a fork of a [`Coordinator`] needs to run generations on the chain placed by its owner:
+/// plain data, sent to the thread that runs the fork.
+#[derive(Clone)]
+pub struct Fork {
+    cfg: ClusterConfig,
+    from: String,
+    session_token: String,
+    plan: Vec<SocketAddr>,
+    shard_count: u32,
+    ctx_size: u32,
+    n_vocab: usize,
+    model_id: String,
+    model_name: Option<String>,
+    tokenizer: Tokenizer,
+    tokenizer_meta: serde_json::Map<String, Value>,
 }
 
 /// Holders of a shard named to a node that loads it (`LOAD_SHARD`'s `peers`).
@@ -325,10 +348,69 @@ impl<'e> Coordinator<'e> {
             tokenizer,
             tokenizer_meta,
             events: Box::new(events),
+            recovery: None,
         };
         let addrs: Vec<SocketAddr> = me.nodes.iter().map(|n| n.addr).collect();
         (me.events)(Event::Nodes(&addrs));
         Ok(me)
+    }
+
+    /// A copy of what generations need, for [`Coordinator::from_fork`]; the plan must be placed
+    /// ([`Coordinator::place_all`]).
+    pub fn fork(&self) -> Fork {
+        Fork {
+            cfg: self.cfg.clone(),
+            from: self.from.clone(),
+            session_token: self.session_token.clone(),
+            plan: self.plan.clone(),
+            shard_count: self.shard_count,
+            ctx_size: self.ctx_size,
+            n_vocab: self.n_vocab,
+            model_id: self.model_id.clone(),
+            model_name: self.model_name.clone(),
+            tokenizer: self.tokenizer.clone(),
+            tokenizer_meta: self.tokenizer_meta.clone(),
+        }
+    }
+
+    /// A coordinator that runs generations on a placed chain with connections of its own (so
+    /// several run at once, each a session on the nodes under the owner's session token), and
+    /// never places shards itself: when a hop fails it calls `recover` with the node and why,
+    /// and continues on the plan it answers (replaying the session there).
+    pub fn from_fork(f: Fork, recover: impl FnMut(SocketAddr, &str) -> Result<Vec<SocketAddr>> + 'e) -> Coordinator<'e> {
+        Coordinator {
+            cfg: f.cfg,
+            from: f.from,
+            session_token: f.session_token,
+            manifest: None,
+            nodes: Vec::new(),
+            dead: HashSet::new(),
+            conns: HashMap::new(),
+            plan: f.plan,
+            shard_count: f.shard_count,
+            ctx_size: f.ctx_size,
+            n_vocab: f.n_vocab,
+            model_id: f.model_id,
+            model_name: f.model_name,
+            tokenizer: f.tokenizer,
+            tokenizer_meta: f.tokenizer_meta,
+            events: Box::new(|_| {}),
+            recovery: Some(Box::new(recover)),
+        }
+    }
+
+    /// Moves the shards of `node` (failed: `why`) to other nodes and loads them there; errors
+    /// when no node can take one.
+    pub fn recover(&mut self, node: SocketAddr, why: &str) -> Result<()> {
+        self.dead.insert(node);
+        self.conns.remove(&node);
+        let moved: Vec<u32> = (0..self.shard_count).filter(|&s| self.plan[s as usize] == node).collect();
+        self.place(Some(&moved)).with_context(|| format!("recovering from {node}: {why}"))?;
+        for &s in &moved {
+            let to = self.plan[s as usize];
+            (self.events)(Event::Recovering { shard: s, from: node, to, why });
+        }
+        Ok(())
     }
 
     pub fn tokenizer(&self) -> &Tokenizer {
@@ -647,13 +729,17 @@ impl<'e> Coordinator<'e> {
                         bail!("giving up after {recoveries} recoveries: {why}");
                     }
                     *recoveries += 1;
-                    self.dead.insert(node);
-                    self.conns.remove(&node);
-                    let moved: Vec<u32> = (0..self.shard_count).filter(|&s| self.plan[s as usize] == node).collect();
-                    self.place(Some(&moved)).with_context(|| format!("recovering from {node}: {why}"))?;
-                    for &s in &moved {
-                        let to = self.plan[s as usize];
-                        (self.events)(Event::Recovering { shard: s, from: node, to, why: &why });
+                    match self.recovery.as_mut() {
+                        Some(recover) => {
+                            let plan = recover(node, &why)?;
+                            if plan.len() != self.shard_count as usize {
+                                bail!("recovery answered a chain of {} shards, not {}", plan.len(), self.shard_count);
+                            }
+                            self.plan = plan;
+                            // The failed node may be gone; connections are made again as needed.
+                            self.conns.remove(&node);
+                        }
+                        None => self.recover(node, &why)?,
                     }
                     // Replay the session on the new chain, from its first position.
                     let mut p = 0;

@@ -2,7 +2,8 @@
 //! client (chat, streaming, stop strings, max_tokens, usage, greedy text equal to the whole model
 //! in one process), the chat page in headless Chromium, and bad input of every kind (malformed
 //! JSON, a body over the limit, an unknown model, empty messages, an unknown role, a prompt over
-//! the context, a client gone mid-stream, slow clients holding connections, a full queue).
+//! the context, a client gone mid-stream, slow clients holding connections, a full queue), and `--parallel`:
+//! requests past the slots wait in the queue, four streams run at once with their greedy text.
 mod common;
 
 use common::*;
@@ -426,10 +427,11 @@ fn slow_clients_holding_connections_do_not_stop_another_client() {
 
 #[test]
 #[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
-fn a_full_queue_is_503_with_retry_after_and_health_still_answers() {
-    let c = cluster("serve-queue", &[], &["--queue", "1"]);
-    // One long generation runs, a second waits in the queue; a third finds the queue full.
-    let running = start_stream(&c.http, 2000);
+fn requests_past_the_slots_wait_in_the_queue_and_a_full_queue_is_503() {
+    let c = cluster("serve-queue", &[], &["--parallel", "2", "--queue", "1"]);
+    assert_eq!(metric(&c.http, "shardnet_parallel_slots"), 2.0);
+    // Two long generations take both slots, a third waits in the queue; a fourth finds it full.
+    let running = [start_stream(&c.http, 2000), start_stream(&c.http, 2000)];
     let waiting = {
         let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
         let mut s = connect(&c.http);
@@ -441,14 +443,111 @@ fn a_full_queue_is_503_with_retry_after_and_health_still_answers() {
     let r = post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 1}));
     assert_error(&r, 503, None);
     assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok()), "{:?}", r.headers);
-    // /health, /metrics and /v1/models answer while the chain is busy.
+    // /health, /metrics and /v1/models answer while the slots are busy.
     assert_eq!(get(&c.http, "/health").0, 200);
     assert_eq!(get(&c.http, "/v1/models").0, 200);
-    assert!(metric(&c.http, "shardnet_active_sessions") == 1.0);
-    // When the running client goes away, the waiting one is served.
-    drop(running);
+    assert_eq!(metric(&c.http, "shardnet_active_sessions"), 2.0);
+    assert_eq!(sessions_on(&c.nodes), vec![2, 2, 2]);
+    // The queued request is still waiting; when one running client goes away, it is served.
+    assert_eq!(metric(&c.http, "shardnet_queued_requests"), 1.0);
+    let [first, _second] = running;
+    drop(first);
     let r = read_response(&mut BufReader::new(waiting));
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    assert_eq!(metric(&c.http, "shardnet_queued_requests"), 0.0);
+}
+
+/// One streamed greedy completion, run on its own thread: its text, and when its first text and
+/// its `[DONE]` arrived.
+fn stream_whole(addr: &str, prompt: &str, n: usize) -> (String, Instant, Instant) {
+    let body =
+        json!({"prompt": prompt, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
+    let mut s = connect(addr);
+    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let (mut text, mut first) = (String::new(), None);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    loop {
+        line.clear();
+        assert!(r.read_line(&mut line).unwrap() > 0, "the stream ended before [DONE]");
+        let Some(data) = line.trim_end().strip_prefix("data: ") else { continue };
+        if data == "[DONE]" {
+            return (text, first.expect("no text streamed"), Instant::now());
+        }
+        let v: Value = serde_json::from_str(data).unwrap();
+        if let Some(t) = v["choices"][0]["text"].as_str().filter(|t| !t.is_empty()) {
+            first.get_or_insert_with(Instant::now);
+            text.push_str(t);
+        }
+    }
+}
+
+const PROMPTS: [&str; 4] = [
+    "The capital of France is",
+    "Once upon a time, in a small village,",
+    "The three primary colors are",
+    "To make a cup of tea, first",
+];
+
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn four_streams_run_at_once_and_each_writes_its_text_alone() {
+    let c = cluster("serve-parallel", &[], &[]);
+    let n = 48;
+    // Each prompt alone first: the greedy text batched decoding must keep.
+    let alone: Vec<String> = PROMPTS
+        .iter()
+        .map(|p| {
+            let r = post(&c.http, "/v1/completions", &json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true}));
+            assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+            r.json()["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    // The nodes' sessions, watched while the four streams run.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watch = {
+        let (stop, addrs) = (stop.clone(), c.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>());
+        std::thread::spawn(move || {
+            let mut most = vec![0u64; addrs.len()];
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                for (m, a) in most.iter_mut().zip(&addrs) {
+                    let v = shardnet::client::Client::connect(a, Duration::from_secs(10))
+                        .and_then(|mut cl| cl.call("STATUS", json!({})));
+                    if let Some(s) = v.ok().and_then(|v| v["inference"]["sessions"].as_u64()) {
+                        *m = (*m).max(s);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            most
+        })
+    };
+    let streams: Vec<_> = PROMPTS
+        .iter()
+        .map(|p| {
+            let (addr, p) = (c.http.clone(), p.to_string());
+            std::thread::spawn(move || stream_whole(&addr, &p, n))
+        })
+        .collect();
+    let results: Vec<(String, Instant, Instant)> = streams.into_iter().map(|t| t.join().unwrap()).collect();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let most = watch.join().unwrap();
+    // At once: every stream had its first text before any stream ended (one at a time, the
+    // second stream's first text would come after the first stream's end).
+    let last_first = results.iter().map(|r| r.1).max().unwrap();
+    let first_done = results.iter().map(|r| r.2).min().unwrap();
+    assert!(last_first < first_done, "a stream ended before another one started: they ran one after another");
+    // Each node held the four sessions at once.
+    assert_eq!(most, vec![4, 4, 4], "most sessions seen at once on each node");
+    // Batched decode keeps each stream's greedy text.
+    for ((r, a), p) in results.iter().zip(&alone).zip(PROMPTS) {
+        assert_eq!(&r.0, a, "the text for {p:?} differs from the same request alone");
+    }
+    // Every session was ended on every node.
+    wait_for(WAIT, || (sessions_on(&c.nodes) == vec![0, 0, 0]).then_some(()));
 }
 
 /// A WebDriver command to chromedriver: the response's `value`.

@@ -1,20 +1,26 @@
-//! The chain thread of `shardctl serve`: owns the [`Coordinator`] (discovery, placement, loads,
-//! recovery) and runs queued requests on the chain one at a time, in arrival order. Connection
-//! threads hand it [`Job`]s on a bounded channel and read each job's tokens back on a channel of
-//! their own; a job whose client went away stops at its next token and its session is ended on
-//! every node. The model the chain serves is published as a [`ModelView`] for the connection
-//! threads (tokenizing and checking requests, `/v1/models`, `/health`), which never wait on this
-//! thread.
+//! The chain side of `shardctl serve`: a placement thread that owns the [`Coordinator`]
+//! (discovery, placement, loads, recovery) and `--parallel` slot threads that run queued requests
+//! on the chain, up to that many at once, each its own session on the nodes (whose inference
+//! threads batch the sessions' steps, and whose relays keep every node busy with some stream's
+//! step). Connection threads hand [`Job`]s to the slots on a bounded FIFO channel and read each
+//! job's tokens back on a channel of their own; a job whose client went away stops at its next
+//! token and its session is ended on every node. The model the chain serves is published as a
+//! [`ModelView`] for the connection threads (tokenizing and checking requests, `/v1/models`,
+//! `/health`), which never wait on these threads.
 
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use anyhow::anyhow;
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::metrics::Metrics;
 use super::openai::StopMatcher;
-use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, GenRequest, Summary};
+use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, Fork, GenRequest, Summary};
 use crate::chat::{ChatError, ChatTemplate};
 use crate::engine::tokenizer::Tokenizer;
 
@@ -87,7 +93,35 @@ pub enum ChainEvent {
 /// How often discovery is retried while the cluster cannot serve.
 const REDISCOVER_EVERY: Duration = Duration::from_secs(2);
 
-/// Runs the chain thread until `jobs` disconnects.
+/// What a slot asks the placement thread.
+enum Ask {
+    /// The chain to run the next job on; `have`: the epoch of the slot's current fork.
+    Route { have: Option<u64>, reply: Sender<Route> },
+    /// A hop of the chain of `epoch` failed: replace `node` unless that was done already, and
+    /// answer the chain to continue on (its epoch and plan).
+    Recover { node: SocketAddr, why: String, epoch: u64, reply: Sender<Result<(u64, Vec<SocketAddr>), String>> },
+    /// A generation failed past recovery on the chain of `epoch`: find the cluster again.
+    Failed { epoch: u64, why: String },
+}
+
+enum Route {
+    /// The slot's fork is current.
+    Same,
+    /// A new chain (its epoch) to fork.
+    New(u64, Box<Fork>),
+    /// The cluster cannot serve: why.
+    Unavailable(String),
+}
+
+/// Runs the placement thread and `parallel` slot threads until `jobs` disconnects.
+///
+/// The placement thread owns the [`Coordinator`]: discovery, placement, loads and recovery,
+/// one at a time. Each slot takes jobs from the shared queue and runs them on a fork of it
+/// ([`Coordinator::from_fork`]: the current chain, connections of its own), so up to `parallel`
+/// generations run at once, each its own session on every node. Every change of the chain
+/// (placed, a shard moved, the cluster lost) starts a new epoch; a slot whose hop fails asks the
+/// placement thread to recover, which moves shards only when the slot's epoch is still current,
+/// so slots failing on the same chain wait for one recovery and continue on its new chain.
 pub fn run(
     cluster: ClusterConfig,
     model_name: Option<String>,
@@ -95,8 +129,21 @@ pub fn run(
     state: Arc<ChainState>,
     metrics: Arc<Metrics>,
     jobs: Receiver<Job>,
+    parallel: usize,
 ) {
+    let (asks_tx, asks) = crossbeam_channel::unbounded();
+    for i in 0..parallel.max(1) {
+        let (jobs, asks_tx, metrics) = (jobs.clone(), asks_tx.clone(), metrics.clone());
+        let spawned =
+            std::thread::Builder::new().name(format!("slot-{i}")).spawn(move || slot(jobs, asks_tx, metrics));
+        if let Err(e) = spawned {
+            crate::warn!("could not start slot {i}: {e}");
+        }
+    }
+    // The slots hold the only senders: when they have all returned, so does this thread.
+    drop((asks_tx, jobs));
     let mut coordinator: Option<Coordinator<'static>> = None;
+    let mut epoch = 0u64;
     let mut last_try: Option<Instant> = None;
     loop {
         if coordinator.is_none() && last_try.is_none_or(|t| t.elapsed() >= REDISCOVER_EVERY) {
@@ -120,6 +167,7 @@ pub fn run(
                     crate::info!("serving {} over {} shards: {:?}", view.name, c.plan().len(), c.plan());
                     state.set(Some(Arc::new(view)), Health::Ready);
                     coordinator = Some(c);
+                    epoch += 1;
                 }
                 Err(e) => {
                     crate::warn!("the cluster cannot serve: {e:#}");
@@ -127,24 +175,95 @@ pub fn run(
                 }
             }
         }
-        let job = match jobs.recv_timeout(REDISCOVER_EVERY) {
-            Ok(job) => job,
+        let ask = match asks.recv_timeout(REDISCOVER_EVERY) {
+            Ok(ask) => ask,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         };
+        let unavailable = |state: &ChainState| match state.health() {
+            Health::Unavailable(e) => e,
+            _ => "the cluster is not ready".into(),
+        };
+        match ask {
+            Ask::Route { have, reply } => {
+                let route = match &coordinator {
+                    None => Route::Unavailable(unavailable(&state)),
+                    Some(_) if have == Some(epoch) => Route::Same,
+                    Some(c) => Route::New(epoch, Box::new(c.fork())),
+                };
+                let _ = reply.send(route);
+            }
+            Ask::Recover { node, why, epoch: seen, reply } => {
+                if seen == epoch
+                    && let Some(c) = coordinator.as_mut()
+                {
+                    epoch += 1;
+                    if let Err(e) = c.recover(node, &why) {
+                        crate::warn!("the chain could not be recovered: {e:#}");
+                        state.set(None, Health::Unavailable(format!("{e:#}")));
+                        coordinator = None;
+                        last_try = None;
+                    }
+                }
+                let answer = match &coordinator {
+                    Some(c) => Ok((epoch, c.plan().to_vec())),
+                    None => Err(unavailable(&state)),
+                };
+                let _ = reply.send(answer);
+            }
+            Ask::Failed { epoch: seen, why } => {
+                if seen == epoch && coordinator.is_some() {
+                    // The chain could not be kept (nodes gone past recovery): find the cluster again.
+                    state.set(None, Health::Unavailable(why));
+                    coordinator = None;
+                    last_try = None;
+                    epoch += 1;
+                }
+            }
+        }
+    }
+}
+
+/// One slot: runs jobs from the queue, one at a time, on its fork of the current chain.
+fn slot(jobs: Receiver<Job>, asks: Sender<Ask>, metrics: Arc<Metrics>) {
+    // The epoch of the chain `mine` runs on; its recovery updates it.
+    let epoch = Rc::new(Cell::new(0u64));
+    let mut mine: Option<Coordinator<'static>> = None;
+    while let Ok(job) = jobs.recv() {
         metrics.queued(-1);
         if job.cancel.load(Ordering::Relaxed) {
             metrics.disconnect();
             continue;
         }
-        let Some(c) = coordinator.as_mut() else {
-            let why = match state.health() {
-                Health::Unavailable(e) => e,
-                _ => "the cluster is not ready".into(),
-            };
-            let _ = job.events.send(ChainEvent::Failed(why));
-            continue;
-        };
+        let (reply, route) = bounded(1);
+        if asks.send(Ask::Route { have: mine.is_some().then(|| epoch.get()), reply }).is_err() {
+            return;
+        }
+        match route.recv() {
+            Ok(Route::Same) => {}
+            Ok(Route::New(e, fork)) => {
+                epoch.set(e);
+                let (asks, epoch) = (asks.clone(), epoch.clone());
+                mine = Some(Coordinator::from_fork(*fork, move |node, why| {
+                    let (reply, answer) = bounded(1);
+                    let ask = Ask::Recover { node, why: why.to_string(), epoch: epoch.get(), reply };
+                    asks.send(ask).map_err(|_| anyhow!("the placement thread is gone"))?;
+                    let (e, plan) = answer
+                        .recv()
+                        .map_err(|_| anyhow!("the placement thread is gone"))?
+                        .map_err(|e| anyhow!("the chain could not be recovered: {e}"))?;
+                    epoch.set(e);
+                    Ok(plan)
+                }));
+            }
+            Ok(Route::Unavailable(why)) => {
+                mine = None;
+                let _ = job.events.send(ChainEvent::Failed(why));
+                continue;
+            }
+            Err(_) => return,
+        }
+        let c = mine.as_mut().expect("a route was given");
         if job.events.send(ChainEvent::Started).is_err() {
             metrics.disconnect();
             continue;
@@ -177,12 +296,10 @@ pub fn run(
                 let _ = job.events.send(ChainEvent::Done(summary, reason));
             }
             Err(e) => {
-                // The chain could not be kept (nodes gone past recovery): find the cluster again.
                 crate::warn!("a request failed on the chain: {e:#}");
                 let _ = job.events.send(ChainEvent::Failed(format!("{e:#}")));
-                coordinator = None;
-                last_try = None;
-                state.set(None, Health::Unavailable(format!("{e:#}")));
+                let _ = asks.send(Ask::Failed { epoch: epoch.get(), why: format!("{e:#}") });
+                mine = None;
             }
         }
     }

@@ -55,6 +55,7 @@ struct Inner {
     tps: Histogram,
     active_sessions: u64,
     queued: u64,
+    slots: u64,
     disconnects: u64,
     /// Per shard: (sum of median compute seconds per step, requests).
     hop_compute: BTreeMap<usize, (f64, u64)>,
@@ -75,6 +76,7 @@ impl Default for Metrics {
             tps: Histogram::new(TPS_BOUNDS),
             active_sessions: 0,
             queued: 0,
+            slots: 0,
             disconnects: 0,
             hop_compute: BTreeMap::new(),
             overhead: (0.0, 0),
@@ -94,6 +96,11 @@ impl Metrics {
 
     pub fn queued(&self, delta: i64) {
         self.with(|m| m.queued = m.queued.saturating_add_signed(delta));
+    }
+
+    /// `--parallel`: how many generations may run at once.
+    pub fn set_slots(&self, n: usize) {
+        self.with(|m| m.slots = n as u64);
     }
 
     pub fn session(&self, delta: i64) {
@@ -153,8 +160,9 @@ impl Metrics {
             counter(&mut o, "shardnet_client_disconnects_total", "Generations ended because the client went away.", m.disconnects);
             m.ttft.render(&mut o, "shardnet_time_to_first_token_seconds", "From a request's start on the chain to its first token.");
             m.tps.render(&mut o, "shardnet_tokens_per_second", "Decode tokens per second of each generation.");
-            gauge(&mut o, "shardnet_active_sessions", "Generations running on the chain.", m.active_sessions);
-            gauge(&mut o, "shardnet_queued_requests", "Requests waiting for the chain.", m.queued);
+            gauge(&mut o, "shardnet_active_sessions", "Generations running on the chain (at most --parallel).", m.active_sessions);
+            gauge(&mut o, "shardnet_queued_requests", "Requests waiting for a free slot.", m.queued);
+            gauge(&mut o, "shardnet_parallel_slots", "Generations that may run at once (--parallel).", m.slots);
             let _ = writeln!(o, "# HELP shardnet_hop_compute_seconds Median compute per decode step on each hop, per request.");
             let _ = writeln!(o, "# TYPE shardnet_hop_compute_seconds summary");
             for (s, (sum, n)) in &m.hop_compute {

@@ -38,6 +38,12 @@ use http::{Conn, EventStream, Limits, ReadError, Reply, Request, write_response}
 use metrics::Metrics;
 use openai::{ApiError, Endpoint, Input, Params};
 
+/// `--parallel`'s default: half of a node's default per-client session quota
+/// (`--max-sessions-per-client` 8), since every session of this server counts against one client.
+pub const DEFAULT_PARALLEL: usize = 4;
+/// `--parallel`'s bound.
+pub const MAX_PARALLEL: usize = 256;
+
 /// The chat page served at `/`.
 const PAGE: &str = include_str!("page.html");
 
@@ -68,6 +74,8 @@ pub struct ServeConfig {
     /// `--chat-template FILE`'s contents: replaces the model's template.
     pub chat_template: Option<String>,
     pub max_connections: usize,
+    /// `--parallel`: generations run on the chain at once (slots), each a session on the nodes.
+    pub parallel: usize,
     pub queue: usize,
     pub limits: Limits,
     /// Who may call: `--cors-origin`, `--allowed-host`, `--api-key-file` ([`guard`]).
@@ -83,6 +91,7 @@ impl Default for ServeConfig {
             model_name: None,
             chat_template: None,
             max_connections: 256,
+            parallel: DEFAULT_PARALLEL,
             queue: 16,
             limits: Limits::default(),
             access: Access::default(),
@@ -149,10 +158,12 @@ impl Server {
         let s = self.shared.clone();
         let (cluster, name, template) = (s.cfg.cluster.clone(), s.cfg.model_name.clone(), s.cfg.chat_template.clone());
         let (state, metrics, rx) = (s.chain.clone(), s.metrics.clone(), self.jobs_rx.take().expect("run once"));
+        let parallel = s.cfg.parallel.clamp(1, MAX_PARALLEL);
+        metrics.set_slots(parallel);
         std::thread::Builder::new()
-            .name("chain".into())
-            .spawn(move || chain::run(cluster, name, template, state, metrics, rx))
-            .context("spawning the chain thread")?;
+            .name("placement".into())
+            .spawn(move || chain::run(cluster, name, template, state, metrics, rx, parallel))
+            .context("spawning the placement thread")?;
         let mut next_id = 0u64;
         for stream in self.listener.incoming() {
             let stream = match stream {
@@ -592,17 +603,16 @@ fn stream(
     minor: u8,
     ka: &Reply,
 ) -> (bool, u16) {
-    // The status line waits for the chain: a job it cannot serve is still a plain 503.
-    loop {
-        match next_event(&conn.stream, rx, cancel) {
-            None => return (false, 0),
-            Some(ChainEvent::Started) => break,
-            Some(ChainEvent::Failed(why)) => {
-                let e = ApiError::unavailable(format!("the cluster cannot serve this request: {why}"));
-                return (respond_error(&mut conn.stream, &e, ka).is_ok(), 503);
-            }
-            Some(_) => break,
+    // The status line waits for a slot to start the job: a job the chain cannot serve is still
+    // a plain 503.
+    match next_event(&conn.stream, rx, cancel) {
+        None => return (false, 0),
+        Some(ChainEvent::Failed(why)) => {
+            let e = ApiError::unavailable(format!("the cluster cannot serve this request: {why}"));
+            return (respond_error(&mut conn.stream, &e, ka).is_ok(), 503);
         }
+        // `Started` comes first; nothing else can.
+        Some(_) => {}
     }
     let usage_field = a.include_usage;
     let mut w = &conn.stream;

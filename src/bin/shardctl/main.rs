@@ -90,7 +90,10 @@ GENERATION:
                                 [default: the model's general.name]
       --max-connections N       open connections; at the limit the longest
                                 idle one is closed [default: 256]
-      --queue N                 requests waiting for the chain; over it: 503
+      --parallel N              generations run at once, each a session on the
+                                nodes (keep it within the nodes'
+                                --max-sessions-per-client) [default: 4, max 256]
+      --queue N                 requests waiting for a free slot; over it: 503
                                 [default: 16]
       --max-body BYTES          request body bound; over it: 413
                                 [default: 1048576]

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 
 use shardnet::serve::guard::{API_KEY_ENV, Access, ApiKey};
-use shardnet::serve::{Defaults, ServeConfig, Server, http::Limits};
+use shardnet::serve::{Defaults, MAX_PARALLEL, ServeConfig, Server, http::Limits};
 
 use crate::Opts;
 use crate::args::{Flags, cluster_config};
@@ -29,6 +29,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--model-name",
                 "--max-connections",
                 "--queue",
+                "--parallel",
                 "--max-body",
                 "--batch",
                 "--load-timeout",
@@ -79,6 +80,10 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
         model_name: f.get("--model-name").map(str::to_string),
         chat_template,
         max_connections: f.num("--max-connections", sc.max_connections).max(1),
+        parallel: match f.num("--parallel", sc.parallel) {
+            n @ 1..=MAX_PARALLEL => n,
+            n => return Err(f.usage(format!("--parallel {n}: give 1 to {MAX_PARALLEL}"))),
+        },
         queue: f.num("--queue", sc.queue).max(1),
         limits: Limits { max_body: f.num("--max-body", sc.limits.max_body), ..sc.limits },
         access: Access { cors_origins, allowed_hosts, api_key },

@@ -114,15 +114,18 @@ pub struct NodeConfig {
     pub encryption: Encryption,
 }
 
-/// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). Names as
-/// libtorrent's policies: `prefer-encrypted` is its `pe_enabled` with RC4 preferred,
-/// `require` its `pe_forced` with `allowed_enc_level` RC4, `disable` its `pe_disabled`.
+/// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
+/// policies: `prefer-plaintext` (the default) and `prefer-encrypted` are its `pe_enabled`
+/// (accept both, redial the other way when a peer drops the first attempt) with
+/// `prefer_rc4` off and on, `require` its `pe_forced` with `allowed_enc_level` RC4, `disable`
+/// its `pe_disabled`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Encryption {
-    /// Dial plaintext first (MSE on a retry); accept both; pick plaintext when offered both.
+    /// Dial plaintext first (MSE on a retry); accept both; pick plaintext when offered both:
+    /// pieces keep the zero-copy path unless a peer insists on RC4.
+    #[default]
     PreferPlaintext,
     /// Dial MSE first (plaintext on a retry); accept both; pick RC4 when offered both.
-    #[default]
     PreferEncrypted,
     /// Only MSE with an RC4 payload, in and out: plaintext peers are refused.
     Require,
@@ -285,12 +288,12 @@ FLAGS:
                          handshake) and announce them under keyed DHT names only;
                          needs a cluster key
   --encryption POLICY    Message Stream Encryption (MSE, protocol encryption) on
-                         the peer wire: prefer-encrypted (dial MSE, offering RC4
-                         and plaintext, redial plaintext if the peer drops it;
-                         accept both), prefer-plaintext (the other way round),
-                         require (RC4 only, in and out: plaintext peers are
-                         refused) or disable (plaintext only)
-                         [default: prefer-encrypted]
+                         the peer wire: prefer-plaintext (dial plaintext, redial
+                         with MSE if the peer drops it; accept both, choosing a
+                         plaintext payload when offered both), prefer-encrypted
+                         (dial MSE first, choose RC4), require (RC4 only, in and
+                         out: plaintext peers are refused) or disable (plaintext
+                         only) [default: prefer-plaintext]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is

@@ -50,11 +50,11 @@ fn same_bytes(a: &Path, b: &Path) {
 }
 
 #[test]
-fn two_nodes_trade_a_shard_over_rc4_by_default() {
+fn two_prefer_encrypted_nodes_trade_a_shard_over_rc4() {
     let (sd, src, m) = seed_dir(3 * MB);
-    let seed = start(sd.path(), &[]);
+    let seed = start(sd.path(), &["--encryption", "prefer-encrypted"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &[]);
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
     let r = load(&leech, &m, &[&seed.addr]);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
@@ -62,6 +62,20 @@ fn two_nodes_trade_a_shard_over_rc4_by_default() {
     assert_eq!(s["policy"], "prefer-encrypted");
     assert!(s["rc4"].as_u64().unwrap() >= 1 && l["rc4"].as_u64().unwrap() >= 1, "seed {s}, leech {l}");
     assert_eq!(l["plaintext_selected"], 0);
+}
+
+#[test]
+fn a_prefer_encrypted_leech_gets_a_plaintext_payload_from_a_default_seed_after_an_mse_handshake() {
+    let (sd, src, m) = seed_dir(MB);
+    let seed = start(sd.path(), &[]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let s = encryption(&seed);
+    assert_eq!(s["policy"], "prefer-plaintext");
+    assert!(s["plaintext_selected"].as_u64().unwrap() >= 1 && s["rc4"] == 0, "{s}");
 }
 
 #[test]
@@ -96,7 +110,7 @@ fn a_prefer_encrypted_leech_falls_back_to_plaintext_when_the_seed_disables_mse()
     let (sd, src, m) = seed_dir(MB);
     let seed = start(sd.path(), &["--encryption", "disable"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &[]);
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
     let r = load(&leech, &m, &[&seed.addr]);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
@@ -131,6 +145,7 @@ fn a_require_node_refuses_a_plaintext_peer_and_a_default_node_serves_it() {
 // ---- an MSE client written with the crate's own initiator, to send bad handshakes ----
 
 const BOTH: Methods = Methods { allowed: mse::PLAINTEXT | mse::RC4, prefer_rc4: true };
+const ONLY_RC4: Methods = Methods { allowed: mse::RC4, prefer_rc4: true };
 
 fn fixed_secrets(pad_a: usize) -> Secrets {
     Secrets { private_key: [0x5a; 20], pad1: vec![0x33; pad_a], pad2: vec![0x44; 17] }
@@ -140,10 +155,10 @@ fn fixed_secrets(pad_a: usize) -> Secrets {
 /// the stream, the established state and the (decrypted) bytes read past the handshake, or how
 /// the node ended it.
 type Connected = (TcpStream, mse::Established, Vec<u8>);
-fn mse_connect(node: &NodeProc, info_hash: shardnet::torrent::InfoHash) -> Result<Connected, String> {
+fn mse_connect(node: &NodeProc, info_hash: shardnet::torrent::InfoHash, methods: Methods) -> Result<Connected, String> {
     let mut s = node.raw();
     let mut out = Vec::new();
-    let mut hs = Handshake::initiator(info_hash, BOTH, fixed_secrets(100), Instant::now(), &mut out);
+    let mut hs = Handshake::initiator(info_hash, methods, fixed_secrets(100), Instant::now(), &mut out);
     let mut held = Vec::new();
     wire::Handshake::new(info_hash, *b"-TT0001-mseclient001").encode(&mut held);
     s.write_all(&out).unwrap();
@@ -171,7 +186,7 @@ fn mse_connect(node: &NodeProc, info_hash: shardnet::torrent::InfoHash) -> Resul
 fn our_own_initiator_gets_an_encrypted_handshake_and_bitfield_back() {
     let (sd, _src, m) = seed_dir(MB);
     let node = start(sd.path(), &[]);
-    let (mut s, mut est, mut buf) = mse_connect(&node, m.info_hash).expect("handshake");
+    let (mut s, mut est, mut buf) = mse_connect(&node, m.info_hash, ONLY_RC4).expect("handshake");
     assert_eq!(est.method, mse::RC4);
     let mut chunk = [0u8; 4096];
     let mut seen = Vec::new();
@@ -217,7 +232,7 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     let (sd, _src, m) = seed_dir(MB);
     let node = start(sd.path(), &[]);
     // A torrent the node does not serve.
-    let err = mse_connect(&node, shardnet::torrent::InfoHash([0xee; 20])).err().expect("refused");
+    let err = mse_connect(&node, shardnet::torrent::InfoHash([0xee; 20]), BOTH).err().expect("refused");
     assert!(err.contains("closed"), "{err}");
     // A key, then noise with no sync hash in its first 512 bytes.
     let mut out = Vec::new();
@@ -240,8 +255,8 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     assert!(closed_within(&mut s, mse::HANDSHAKE_TIMEOUT + Duration::from_secs(5)), "a stalled handshake stays open");
     assert_eq!(encryption(&node)["timeouts"], 1);
     // Good peers and commands are served throughout.
-    let (_s, est, _) = mse_connect(&node, m.info_hash).expect("a good handshake after the bad ones");
-    assert_eq!(est.method, mse::RC4);
+    let (_s, est, _) = mse_connect(&node, m.info_hash, BOTH).expect("a good handshake after the bad ones");
+    assert_eq!(est.method, mse::PLAINTEXT, "a default node picks plaintext when offered both");
     node.assert_serving();
 }
 

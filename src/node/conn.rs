@@ -251,19 +251,31 @@ impl Conn {
     /// block out of the map and encrypts it; a plaintext one writes it from the map.
     pub fn queue_block(&mut self, header: PieceHeader, view: View, offset: u64, len: usize, now: Instant) -> bool {
         self.mark_queued(now);
-        match &self.crypt {
+        match &mut self.crypt {
             Crypt::Plain | Crypt::Incoming | Crypt::Done { outbound: None, .. } => {
                 self.output.push_block(header, view, offset, len)
             }
-            _ => {
+            Crypt::Handshaking { held, .. } => {
                 let data = view.bytes(offset, len as u64);
                 if data.len() != len {
                     return false;
                 }
-                let mut msg = Vec::with_capacity(header.len() + len);
-                msg.extend_from_slice(&header);
-                msg.extend_from_slice(data);
-                self.queue_raw(&msg, now);
+                held.extend_from_slice(&header);
+                held.extend_from_slice(data);
+                true
+            }
+            Crypt::Done { outbound: Some(c), .. } => {
+                let data = view.bytes(offset, len as u64);
+                if data.len() != len {
+                    return false;
+                }
+                // One copy, out of the map into the output buffer, encrypted there.
+                self.output.push_with(|out| {
+                    let start = out.len();
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(data);
+                    c.apply(&mut out[start..]);
+                });
                 true
             }
         }

@@ -416,3 +416,32 @@ fn a_private_swarm_proves_the_cluster_key_through_rc4() {
     let e = &call(&leech, "STATUS", json!({}))["result"]["encryption"];
     assert!(e["rc4"].as_u64().unwrap() >= 1, "{e}");
 }
+
+#[test]
+fn first_bytes_that_do_not_tell_yet_wait_without_stalling_the_node() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start(sd.path(), &[]);
+    // A plaintext handshake in two parts: 5 bytes could still be MSE or the peer wire.
+    let mut hs = Vec::new();
+    wire::Handshake::new(m.info_hash, *b"-TT0001-slowpeer0001").encode(&mut hs);
+    let mut slow = node.raw();
+    slow.write_all(&hs[..5]).unwrap();
+    // A frame's length alone: a command or MSE, not yet known.
+    let mut prefix = node.raw();
+    prefix.write_all(&[0, 0, 0, 40]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    node.assert_serving();
+    slow.write_all(&hs[5..]).unwrap();
+    let mut back = [0u8; 68];
+    slow.read_exact(&mut back).unwrap();
+    assert_eq!(wire::Handshake::decode(&back).unwrap().unwrap().info_hash, m.info_hash);
+    let payload = br#"{"command":"STATUS","request_id":"late"}"#;
+    let mut rest = vec![0u8; 40 - payload.len()];
+    rest.fill(b' ');
+    let mut frame = payload.to_vec();
+    frame.extend(rest);
+    let mut whole = (frame.len() as u32).to_be_bytes().to_vec();
+    whole.extend(&frame);
+    prefix.write_all(&whole[4..]).unwrap();
+    assert_eq!(read_frame(&mut prefix)["status"], "success");
+}

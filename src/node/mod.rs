@@ -470,6 +470,11 @@ impl Node {
                     break;
                 }
                 self.classify(token);
+                if self.conn(token).is_some_and(|c| c.kind == conn::Kind::Unknown) {
+                    // The first bytes do not tell yet (a prefix of `\x13BitTorrent protocol`,
+                    // or of a frame's length and first payload bytes): wait for more.
+                    break;
+                }
                 continue;
             }
             if conn.backpressured() {

@@ -180,7 +180,7 @@ impl Conn {
         let (info_hash, method) = (est.info_hash, est.method);
         let mut inbound = est.inbound;
         inbound.decrypt(&mut self.input[self.start..self.end]);
-        self.crypt = Crypt::Done { inbound, outbound: est.outbound, method };
+        self.crypt = Crypt::Done { inbound: Box::new(inbound), outbound: est.outbound.map(Box::new), method };
         // What the swarm queued after IA went out waits no longer.
         self.queue_raw(&held, now);
         Ok(Some((info_hash, method)))

@@ -84,7 +84,7 @@ pub enum Crypt {
     Handshaking { hs: Box<Handshake>, held: Vec<u8> },
     /// Handshake done: the peer's bytes are decrypted as they are read, ours encrypted as they
     /// are queued (`outbound` `None`: plaintext selected).
-    Done { inbound: Inbound, outbound: Option<Cipher>, method: u32 },
+    Done { inbound: Box<Inbound>, outbound: Option<Box<Cipher>>, method: u32 },
 }
 
 impl Crypt {

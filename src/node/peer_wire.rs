@@ -14,8 +14,8 @@ use mio::{Interest, Token};
 use super::catalog::FileEntry;
 use super::conn::{Conn, Kind};
 use super::peer_crypto::Crypt;
-use crate::config::Encryption;
 use super::{FIRST_CONN, Node, NodeEvent};
+use crate::config::Encryption;
 use crate::hash::Digest;
 use crate::torrent::mse;
 use crate::torrent::swarm::{Action, PieceData, Swarm};
@@ -135,9 +135,7 @@ impl Node {
                 }
             }
             if !conn.handshaken {
-                if !conn.outgoing
-                    && matches!(conn.crypt, Crypt::Plain)
-                    && self.config.encryption == Encryption::Require
+                if !conn.outgoing && matches!(conn.crypt, Crypt::Plain) && self.config.encryption == Encryption::Require
                 {
                     self.mse.plaintext_refused += 1;
                     return self.close(token, "plaintext peer-wire handshake refused (--encryption require)");
@@ -490,7 +488,10 @@ impl Node {
             if self.pin_unsatisfied() {
                 return Err((
                     ErrorCode::ManifestMismatch,
-                    format!("this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it", crate::hash::to_hex(&pin)),
+                    format!(
+                        "this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it",
+                        crate::hash::to_hex(&pin)
+                    ),
                 ));
             }
             if !self.catalog.manifest.values().any(|(_, m)| *m == h) {
@@ -793,7 +794,10 @@ impl Node {
             self.mse.closed_midway += 1;
         }
         let may_switch = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::PreferPlaintext);
-        if conn.outgoing && !conn.handshaken && !conn.connecting && may_switch
+        if conn.outgoing
+            && !conn.handshaken
+            && !conn.connecting
+            && may_switch
             && let Some(h) = conn.torrent
             && let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&conn.peer))
         {
@@ -801,7 +805,11 @@ impl Node {
             r.encrypted = !was_encrypted;
             r.fallback = true;
             self.mse.fallbacks += 1;
-            debug!("peer {} dropped our {} handshake; redialling", conn.peer, if was_encrypted { "MSE" } else { "plaintext" });
+            debug!(
+                "peer {} dropped our {} handshake; redialling",
+                conn.peer,
+                if was_encrypted { "MSE" } else { "plaintext" }
+            );
         }
         if let Some(h) = conn.torrent
             && let Some(swarm) = self.swarms.get_mut(&h)

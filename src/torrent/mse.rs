@@ -396,7 +396,7 @@ impl Handshake {
             match step {
                 Step::NeedMore => return Ok(Fed { used, done: None }),
                 Step::Used(n) => used += n,
-                Step::Done(n, est) => return Ok(Fed { used: used + n, done: Some(est) }),
+                Step::Done(n, est) => return Ok(Fed { used: used + n, done: Some(*est) }),
             }
         }
     }
@@ -473,7 +473,7 @@ impl Handshake {
                     outbound: self.send.take().filter(|_| rc4),
                 };
                 self.state = State::Done;
-                Ok(Step::Done(len, est))
+                Ok(Step::Done(len, Box::new(est)))
             }
             State::Skey => {
                 const LEN: usize = 20 + 8 + 4 + 2;
@@ -522,7 +522,7 @@ impl Handshake {
                     outbound: rc4.then_some(send),
                 };
                 self.state = State::Done;
-                Ok(Step::Done(len + 2, est))
+                Ok(Step::Done(len + 2, Box::new(est)))
             }
             State::Done | State::Failed => Ok(Step::NeedMore),
         }
@@ -553,7 +553,7 @@ impl Handshake {
 enum Step {
     NeedMore,
     Used(usize),
-    Done(usize, Established),
+    Done(usize, Box<Established>),
 }
 
 #[cfg(test)]

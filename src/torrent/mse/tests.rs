@@ -65,9 +65,10 @@ fn run(a_m: Methods, b_m: Methods, ia: &[u8], chunk: usize, pads: (usize, usize)
             a_in.drain(..fed.used);
             a_done = fed.done;
         }
-        if a_done.is_some() && b_done.is_some() && to_b.is_empty() && to_a.is_empty() {
+        if to_b.is_empty() && to_a.is_empty() && a_done.is_some() && b_done.is_some() {
             assert!(a_in.is_empty(), "A has nothing left to read");
-            return Ok(Ends { a: a_done.unwrap(), b: b_done.unwrap(), b_rest: b_in, a_held: held });
+            let (Some(a), Some(b)) = (a_done, b_done) else { unreachable!("checked") };
+            return Ok(Ends { a, b, b_rest: b_in, a_held: held });
         }
     }
     panic!("the handshake did not finish");
@@ -374,7 +375,7 @@ fn random_bytes_are_given_up_on_within_the_bound() {
     let fed = b.feed(&noise[..KEY_LEN + 100], &mut Vec::new(), &serves_ih, &mut out).unwrap();
     assert_eq!(fed.used, KEY_LEN, "key read, pad searched");
     assert_eq!(fails(&mut b, &noise[KEY_LEN..]), MseError::SyncNotFound);
-    assert!(KEY_LEN + MAX_PAD + 20 <= MAX_HANDSHAKE_BYTES);
+    const { assert!(KEY_LEN + MAX_PAD + 20 <= MAX_HANDSHAKE_BYTES) };
 }
 
 #[test]

@@ -33,8 +33,9 @@ fn main() -> ExitCode {
     }
     // One line on stdout that scripts and tests wait for.
     println!(
-        "shard_listener listening on {} (cluster {}, shards dir {})",
+        "shard_listener listening on {}{} (cluster {}, shards dir {})",
         node.local_addr(),
+        node.local_addr6().map(|a| format!(" and {a}")).unwrap_or_default(),
         config.cluster,
         config.shards_dir.display()
     );

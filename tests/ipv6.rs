@@ -95,8 +95,12 @@ fn two_nodes_on_ipv6_find_each_others_shards_and_download_one_byte_identical() {
 
 /// A find_node for `target` with `want` (raw bencode).
 fn find_node(want: &[u8]) -> Vec<u8> {
-    [&b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz1234564:want"[..], want, b"e1:q9:find_node1:t2:aa1:y1:qe"]
-        .concat()
+    [
+        &b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz1234564:want"[..],
+        want,
+        b"e1:q9:find_node1:t2:aa1:y1:qe",
+    ]
+    .concat()
 }
 
 #[test]

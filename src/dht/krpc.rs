@@ -513,7 +513,13 @@ mod tests {
         };
         assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         for q in [Query::Ping, Query::FindNode { target: id(3) }, Query::GetPeers { info_hash: id(4) }] {
-            let m = Message { tid: b"t".to_vec(), body: Body::Query { id: id(5), query: q }, ro: true, ip: None, want: None };
+            let m = Message {
+                tid: b"t".to_vec(),
+                body: Body::Query { id: id(5), query: q },
+                ro: true,
+                ip: None,
+                want: None,
+            };
             assert_eq!(Message::decode(&m.encode()).unwrap(), m);
         }
     }
@@ -566,8 +572,12 @@ mod tests {
 
     /// A find_node query from the libtorrent/BEP 32 shape, `want` given raw.
     fn find_node_with_want(want: &[u8]) -> Vec<u8> {
-        [&b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz1234564:want"[..], want, b"e1:q9:find_node1:t2:aa1:y1:qe"]
-            .concat()
+        [
+            &b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz1234564:want"[..],
+            want,
+            b"e1:q9:find_node1:t2:aa1:y1:qe",
+        ]
+        .concat()
     }
 
     /// A response `{id, <key>: <bytes>}` with `bytes` as a bencoded string.
@@ -650,11 +660,11 @@ mod tests {
     #[test]
     fn want_not_a_list_or_naming_nothing_known_counts_as_absent() {
         for (want, expect) in [
-            (&b"2:n6"[..], None),                                 // a string, not a list
-            (b"i6e", None),                                       // an integer
-            (b"de", None),                                        // a dictionary
-            (b"le", None),                                        // empty
-            (b"l2:n82:x9i4ee", None),                             // nothing known
+            (&b"2:n6"[..], None),                                               // a string, not a list
+            (b"i6e", None),                                                     // an integer
+            (b"de", None),                                                      // a dictionary
+            (b"le", None),                                                      // empty
+            (b"l2:n82:x9i4ee", None),                                           // nothing known
             (b"l2:n6i4e3:n44ld2:n4i1eeee", Some(Want { n4: false, n6: true })), // unknown items skipped
             (b"l3:N4_2:n4e", Some(Want { n4: true, n6: false })),
         ] {

@@ -307,14 +307,7 @@ impl Dht {
     }
 
     /// Sends a query now (the caller checked the budget).
-    fn transmit(
-        &mut self,
-        to: SocketAddr,
-        node: Option<Id>,
-        query: Query,
-        lookup: Option<u64>,
-        now: Instant,
-    ) -> bool {
+    fn transmit(&mut self, to: SocketAddr, node: Option<Id>, query: Query, lookup: Option<u64>, now: Instant) -> bool {
         if self.pending.len() >= MAX_PENDING {
             return false;
         }
@@ -887,8 +880,9 @@ mod tests {
                 b"e1:q9:find_node1:t2:aa1:y1:qe",
             ]
             .concat(),
-            None => b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e1:q9:find_node1:t2:aa1:y1:qe"
-                .to_vec(),
+            None => {
+                b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e1:q9:find_node1:t2:aa1:y1:qe".to_vec()
+            }
         };
         d.handle_packet_with(from, &q, other, Instant::now());
         let (to, reply) = d.outbox.pop().expect("an answer");
@@ -974,7 +968,12 @@ mod tests {
                 b"a".to_vec(),
                 Body::Query {
                     id: id(9),
-                    query: Query::AnnouncePeer { info_hash: key, port: 7000, implied_port, token: r.token.clone().unwrap() },
+                    query: Query::AnnouncePeer {
+                        info_hash: key,
+                        port: 7000,
+                        implied_port,
+                        token: r.token.clone().unwrap(),
+                    },
                 },
             )
             .encode()
@@ -990,7 +989,6 @@ mod tests {
         let value = [&b"18:"[..], &encode_addr(&"[2001:db8::5]:7000".parse().unwrap())].concat();
         assert!(raw.windows(value.len()).any(|w| w == value), "an 18-byte compact peer");
     }
-
 
     #[test]
     fn nodes_join_and_find_announced_peers() {
@@ -1252,10 +1250,16 @@ mod tests {
 
     fn takes_derived_id(v6: bool) {
         let now = Instant::now();
-        let addrs: Vec<String> = ["9.9.9.9:6881", "8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"].map(|a| fam(v6, a)).into();
+        let addrs: Vec<String> =
+            ["9.9.9.9:6881", "8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"].map(|a| fam(v6, a)).into();
         let ip = |i: usize| addrs[i].parse::<SocketAddr>().unwrap().ip();
         let me = ip(0);
-        let ids = vec![id(1), valid_id(&ip(1).to_string(), 1), valid_id(&ip(2).to_string(), 2), valid_id(&ip(3).to_string(), 3)];
+        let ids = vec![
+            id(1),
+            valid_id(&ip(1).to_string(), 1),
+            valid_id(&ip(2).to_string(), 2),
+            valid_id(&ip(3).to_string(), 3),
+        ];
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let mut net = Net::new(&addrs, ids, DhtConfig { ipv6: v6, ..DhtConfig::default() }, now);
         assert!(!node_id::verify_id(&net.nodes[0].id, me));

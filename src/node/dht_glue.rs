@@ -232,9 +232,8 @@ fn bind_family(
         return None;
     }
     let mut bootstrap: Vec<SocketAddr> = bootstrap.iter().copied().filter(|a| a.is_ipv6() == ipv6).collect();
-    bootstrap.retain(|a| {
-        *a != local && !(a.port() == local.port() && a.ip().is_loopback() && local.ip().is_unspecified())
-    });
+    bootstrap
+        .retain(|a| *a != local && !(a.port() == local.port() && a.ip().is_loopback() && local.ip().is_unspecified()));
     // Nodes saved by an earlier run: rejoin without the bootstrap list.
     bootstrap.extend(saved);
     let loopback = local.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
@@ -392,7 +391,11 @@ impl Node {
         let mut started = Vec::new();
         for fam in d.families_mut() {
             let dht = &mut fam.dht;
-            let l = if secure { dht.start_lookup_secure(key, kind.clone(), now) } else { dht.start_lookup(key, kind.clone(), now) };
+            let l = if secure {
+                dht.start_lookup_secure(key, kind.clone(), now)
+            } else {
+                dht.start_lookup(key, kind.clone(), now)
+            };
             let ipv6 = dht.is_ipv6();
             started.push((ipv6, l));
             waiting += 1;
@@ -624,11 +627,7 @@ fn table_files(d: &DhtState, dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
         if nodes.is_empty() {
             continue;
         }
-        let bytes = if f.dht.is_ipv6() {
-            encode_nodes6(&nodes)
-        } else {
-            encode_nodes(&nodes)
-        };
+        let bytes = if f.dht.is_ipv6() { encode_nodes6(&nodes) } else { encode_nodes(&nodes) };
         out.push((dir.join(file), bytes));
     }
     out

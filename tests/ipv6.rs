@@ -138,3 +138,46 @@ fn a_node_answers_want_n6_with_nodes6() {
     assert!(!has(&r, b"nodes"), "{}", String::from_utf8_lossy(&r));
     a.assert_serving();
 }
+
+/// libtorrent's IPv6 DHT on ::1, bootstrapped from a node on ::1: the node
+/// finds the key libtorrent announces, and libtorrent finds the node under the
+/// node's shard info hash (both through BEP 32's IPv6 DHT; neither side has IPv4).
+#[test]
+#[ignore = "needs python3-libtorrent"]
+fn libtorrents_ipv6_dht_and_a_node_find_what_each_other_announced() {
+    require("python3-libtorrent");
+    let tmp = TempDir::new("ipv6-lt");
+    let dir = tmp.path().join("n");
+    std::fs::create_dir_all(&dir).unwrap();
+    write_shard(&dir.join("shard-0.gguf"), 0, 1, (0, 1), 10_000);
+    let n = node6(&dir, None);
+    let h = n.call("LIST_FILES", json!({}))["result"]["files"][0]["info_hash"].as_str().unwrap().to_string();
+    let lt_key = shardnet::hash::to_hex(&shardnet::hash::sha1(b"a key libtorrent announces over IPv6"));
+    let port = n.addr.rsplit_once(':').unwrap().1;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_dht6.py");
+    let mut lt = Command::new("timeout")
+        .args(["60", "/usr/bin/python3"])
+        .arg(script)
+        .args([port, &h, "20", &lt_key])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(lt.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+    let lt_addr = format!("[::1]:{}", line.trim().strip_prefix("LISTEN ").expect("LISTEN line"));
+    wait_for(Duration::from_secs(20), || {
+        let r = n.call("FIND_PEERS", json!({"key": lt_key}));
+        r["result"]["peers"].as_array().unwrap().iter().any(|p| p == lt_addr.as_str()).then_some(())
+    });
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).unwrap();
+    let status = lt.wait().unwrap();
+    let mut err = String::new();
+    let _ = std::io::Read::read_to_string(&mut lt.stderr.take().unwrap(), &mut err);
+    assert!(status.success(), "lt_dht6.py: {status}; {err}");
+    let found = rest.lines().find_map(|l| l.strip_prefix("FOUND")).unwrap_or_default();
+    assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}, not {}; {err}", n.addr);
+    assert!(!err.contains("BANNING"), "libtorrent banned the node: {err}");
+}

@@ -181,3 +181,35 @@ fn libtorrents_ipv6_dht_and_a_node_find_what_each_other_announced() {
     assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}, not {}; {err}", n.addr);
     assert!(!err.contains("BANNING"), "libtorrent banned the node: {err}");
 }
+
+/// The per-IP caps count IPv6 peers too (by /64; ::1 is one): connections reaching the node
+/// over ::1 are held to `--max-command-connections-per-ip`.
+#[test]
+fn the_per_ip_command_cap_holds_for_connections_over_ipv6() {
+    let tmp = TempDir::new("ipv6-cap");
+    std::fs::create_dir_all(tmp.path().join("n")).unwrap();
+    let n = NodeProc::start6(&tmp.path().join("n"), &["--max-command-connections-per-ip", "2"]);
+    let status = serde_json::to_vec(&json!({"command": "STATUS", "request_id": 1})).unwrap();
+    // Two busy connections (each holds part of a frame, so neither is idle to shed).
+    let mut two: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = n.raw();
+            send_frame(&mut s, &status);
+            assert_eq!(read_frame(&mut s)["status"], "success");
+            std::io::Write::write_all(&mut s, &[0, 0, 0, 100, b'{']).unwrap();
+            s
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300)); // the node has read them
+    let mut third = n.raw();
+    send_frame(&mut third, &status);
+    let r = read_frame(&mut third);
+    assert_eq!(r["code"], "TOO_MANY_CONNECTIONS", "{r}");
+    // Once the two close, ::1 is served again, and the refusal was counted.
+    two.clear();
+    let counts = wait_for(WAIT, || {
+        let r = shardnet::client::Client::connect(&n.addr, WAIT).ok()?.request("STATUS", json!({})).ok()?;
+        Some(r["result"]["connection_counts"].clone())
+    });
+    assert!(counts["refused"].as_u64().unwrap() >= 1, "{counts}");
+}

@@ -12,9 +12,9 @@
 //! the querier's address as the responder saw it (BEP 42), compact.
 //! `want` (BEP 32, find_node and get_peers) asks for `nodes` (`n4`), `nodes6`
 //! (`n6`) or both; without it a node answers in the family of the socket the
-//! query came on. Read leniently, as libtorrent does: a `want` that is not a
-//! list, or names neither `n4` nor `n6`, counts as absent; unknown items are
-//! skipped. A `nodes6` entry holding an IPv4-mapped address (`::ffff:a.b.c.d`)
+//! query came on. Read leniently: a `want` that is not a list counts as
+//! absent (as libtorrent reads it); unknown items are skipped; one naming
+//! neither `n4` nor `n6` counts as absent too (libtorrent then sends no nodes). A `nodes6` entry holding an IPv4-mapped address (`::ffff:a.b.c.d`)
 //! is dropped: an IPv4 node belongs in `nodes`, and the IPv6 table stays IPv6.
 //! A response does not name its query: the caller matches `t` to what it sent.
 

@@ -31,6 +31,8 @@ const JOIN_REFRESHES: usize = 3;
 /// A lookup started with an empty table waits for nodes while a join is in flight, at most
 /// this long; with nothing in flight it ends at once, empty.
 const PARK_LIMIT: Duration = Duration::from_secs(10);
+/// Nodes of the other family kept for the other DHT, at most (more are dropped).
+pub const MAX_FOREIGN: usize = 256;
 /// Queries (not lookups') waiting for a destination's budget, at most.
 const MAX_DEFERRED: usize = 1024;
 /// Distinct responders that must report one external address (BEP 42's
@@ -57,6 +59,10 @@ pub struct DhtConfig {
     /// The IPv6 DHT (BEP 32): the node talks to IPv6 addresses only, its
     /// answers carry `nodes6` by default. Otherwise the IPv4 DHT, IPv4 only.
     pub ipv6: bool,
+    /// The node also runs the other family's DHT: find_node and get_peers ask
+    /// for both families' nodes (`want: ["n4", "n6"]`), and the other
+    /// family's nodes in answers are left in [`Dht::foreign`] for that DHT.
+    pub want_other: bool,
 }
 
 impl Default for DhtConfig {
@@ -68,6 +74,7 @@ impl Default for DhtConfig {
             query_rate: DEFAULT_QUERY_RATE,
             read_only: false,
             ipv6: false,
+            want_other: false,
         }
     }
 }
@@ -150,6 +157,9 @@ pub struct Dht {
     next_tid: u32,
     pub outbox: Vec<(SocketAddr, Vec<u8>)>,
     pub events: Vec<Event>,
+    /// Nodes of the other family from answers (with `want_other`), for the
+    /// other DHT's table; at most [`MAX_FOREIGN`] wait.
+    pub foreign: Vec<NodeInfo>,
     rate: HashMap<SocketAddr, (Instant, u32)>,
     /// What we may send to each destination.
     budget: Budget,
@@ -207,6 +217,7 @@ impl Dht {
             next_tid: 0,
             outbox: Vec::new(),
             events: Vec::new(),
+            foreign: Vec::new(),
             rate: HashMap::new(),
             deferred: VecDeque::new(),
             bootstrap,
@@ -314,12 +325,13 @@ impl Dht {
         self.budget.spend(to, now);
         self.next_tid = self.next_tid.wrapping_add(1);
         let tid = self.next_tid.to_be_bytes().to_vec();
+        let want = self.config.want_other.then_some(Want { n4: true, n6: true });
         let msg = Message {
             tid: tid.clone(),
             body: Body::Query { id: self.id, query },
             ro: self.config.read_only,
             ip: None,
-            want: None,
+            want,
         };
         self.outbox.push((to, msg.encode()));
         self.stats.sent += 1;
@@ -351,6 +363,28 @@ impl Dht {
         }
         e.1 += 1;
         e.1 <= self.config.rate_limit
+    }
+
+    /// Nodes of our family learned by the other DHT (its [`Dht::foreign`]):
+    /// into the table as not yet heard from, and a join if the table was empty.
+    pub fn add_nodes(&mut self, nodes: &[NodeInfo], now: Instant) {
+        let was_empty = self.table.is_empty();
+        for n in nodes {
+            if self.is_own_family(&n.addr) && n.id != self.id {
+                self.table.insert(*n, false, now);
+            }
+        }
+        if was_empty && !self.table.is_empty() && !self.lookups.values().any(|a| a.lookup.target == self.id) {
+            self.start_lookup(self.id, LookupKind::FindNode, now);
+        }
+    }
+
+    /// Whether queries ask for the other family's nodes too (see [`DhtConfig::want_other`]).
+    pub fn set_want_other(&mut self, on: bool) {
+        self.config.want_other = on;
+        if !on {
+            self.foreign.clear();
+        }
     }
 
     /// Whether this is the IPv6 DHT (BEP 32).
@@ -498,6 +532,11 @@ impl Dht {
         }
         let p = self.pending.remove(&tid).expect("found");
         self.budget.answered(from);
+        if self.config.want_other {
+            let other = if self.config.ipv6 { &response.nodes } else { &response.nodes6 };
+            let room = MAX_FOREIGN.saturating_sub(self.foreign.len());
+            self.foreign.extend(other.iter().filter(|n| n.id != self.id).take(room));
+        }
         if id != self.id {
             self.table.insert(NodeInfo { id, addr: from }, true, now);
         }
@@ -925,6 +964,47 @@ mod tests {
         assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 0));
         let r = find_node_answer(&mut d6, q6, Some(b"l2:n8e"), Some(&d4.table));
         assert_eq!((r.nodes.len(), r.nodes6.len()), (0, 4));
+    }
+
+    #[test]
+    fn a_dual_stack_node_fills_its_ipv6_table_through_an_ipv4_bootstrap() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 1000, query_rate: 1000, ..DhtConfig::default() };
+        let dual = DhtConfig { want_other: true, ..cfg.clone() };
+        // B: the bootstrap node, both families; its IPv6 table knows four nodes.
+        let mut b4 = Dht::new(id(2), cfg.clone(), vec![], now);
+        let mut b6 = Dht::new(id(2), DhtConfig { ipv6: true, ..cfg.clone() }, vec![], now);
+        for i in 0..4u16 {
+            b6.table.insert(NodeInfo { id: id(20 + i as u8), addr: addr6(2000 + i) }, true, now);
+        }
+        // A joins through B's IPv4 address only.
+        let (a_at, b_at) = (addr(1001), addr(1000));
+        let mut a4 = Dht::new(id(1), dual.clone(), vec![b_at], now);
+        let mut a6 = Dht::new(id(1), DhtConfig { ipv6: true, ..dual }, vec![], now);
+        a4.join(now);
+        let (to, query) = a4.outbox.pop().unwrap();
+        assert_eq!(to, b_at);
+        assert_eq!(Message::decode(&query).unwrap().want, Some(Want { n4: true, n6: true }));
+        b4.handle_packet_with(a_at, &query, Some(&b6.table), now);
+        let (_, answer) = b4.outbox.pop().unwrap();
+        a4.handle_packet(b_at, &answer, now);
+        assert_eq!(a4.foreign.len(), 4, "B's IPv6 nodes, for A's IPv6 DHT");
+        let foreign = std::mem::take(&mut a4.foreign);
+        a6.add_nodes(&foreign, now);
+        assert_eq!(a6.table.len(), 4);
+        assert!(!a6.outbox.is_empty() && a6.outbox.iter().all(|(to, _)| to.is_ipv6()), "A's IPv6 DHT joins");
+        // IPv4 nodes handed to the IPv6 DHT are not taken.
+        a6.add_nodes(&[NodeInfo { id: id(9), addr: addr(9) }], now);
+        assert_eq!(a6.table.len(), 4);
+        // A single-family node asks for nothing more and keeps nothing foreign.
+        let mut solo = Dht::new(id(3), cfg, vec![b_at], now);
+        solo.join(now);
+        let (_, query) = solo.outbox.pop().unwrap();
+        assert_eq!(Message::decode(&query).unwrap().want, None);
+        b4.handle_packet_with(addr(1002), &query, Some(&b6.table), now);
+        let (_, answer) = b4.outbox.pop().unwrap();
+        solo.handle_packet(b_at, &answer, now);
+        assert!(solo.foreign.is_empty());
     }
 
     #[test]

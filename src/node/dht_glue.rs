@@ -175,6 +175,8 @@ pub(super) fn bind(
         }
     }
     let any = local.ip().is_unspecified();
+    // Both families on an unspecified address: each DHT asks for the other's nodes too.
+    let want_other = any;
     let port = local.port();
     let mut state = DhtState {
         v4: None,
@@ -188,15 +190,23 @@ pub(super) fn bind(
     if local.is_ipv4() || any {
         let ip = if local.is_ipv4() { local.ip() } else { IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) };
         let saved = load_table(&config.shards_dir.join(TABLE_FILE), false);
-        state.v4 = bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, registry, tokens.0);
+        state.v4 =
+            bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, want_other, registry, tokens.0);
     }
     if local.is_ipv6() || any {
         let ip = if local.is_ipv6() { local.ip() } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) };
         let saved = load_table(&config.shards_dir.join(TABLE_FILE6), true);
-        state.v6 = bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, registry, tokens.1);
+        state.v6 =
+            bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, want_other, registry, tokens.1);
     }
     if state.v4.is_none() && state.v6.is_none() {
         return None;
+    }
+    if state.v4.is_none() || state.v6.is_none() {
+        // One family after all: nothing to ask for the other's nodes.
+        for f in state.families_mut() {
+            f.dht.set_want_other(false);
+        }
     }
     // First save a few seconds in (once joined), then every minute.
     state.table_saved = Instant::now() - SAVE_TABLE_EVERY + FIRST_SAVE;
@@ -211,6 +221,7 @@ fn bind_family(
     id: [u8; 20],
     bootstrap: &[SocketAddr],
     saved: Vec<SocketAddr>,
+    want_other: bool,
     registry: &Registry,
     token: Token,
 ) -> Option<Family> {
@@ -244,6 +255,7 @@ fn bind_family(
         query_rate: config.dht_query_rate,
         read_only: config.dht_read_only,
         ipv6,
+        want_other,
         ..DhtConfig::default()
     };
     // BEP 42: an id derived from our address when we listen on a public one
@@ -303,6 +315,13 @@ impl Node {
     /// Sends what the DHTs queued and handles their finished lookups.
     fn dht_after(&mut self) {
         let Some(d) = self.dht.as_mut() else { return };
+        // Nodes each DHT learned of the other family (BEP 32 `want`) go to the other's table.
+        if let (Some(v4), Some(v6)) = (d.v4.as_mut(), d.v6.as_mut()) {
+            let now = Instant::now();
+            let (to6, to4) = (std::mem::take(&mut v4.dht.foreign), std::mem::take(&mut v6.dht.foreign));
+            v6.dht.add_nodes(&to6, now);
+            v4.dht.add_nodes(&to4, now);
+        }
         let mut done = Vec::new();
         for fam in d.families_mut() {
             for (to, bytes) in std::mem::take(&mut fam.dht.outbox) {

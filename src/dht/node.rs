@@ -196,9 +196,14 @@ fn rejoin_delay(failures: u32) -> Duration {
     REJOIN_EVERY.saturating_mul(1 << failures.saturating_sub(1).min(8)).min(REJOIN_MAX)
 }
 
-/// Rate limits key on the IP, or IP and port on loopback (test networks).
+/// Rate limits key on the IP (an IPv6 /64: one host's usual share, as the
+/// node's connection caps count), or IP and port on loopback (test networks).
 fn source_key(addr: SocketAddr) -> SocketAddr {
-    if addr.ip().is_loopback() { addr } else { SocketAddr::new(addr.ip(), 0) }
+    match addr.ip() {
+        ip if ip.is_loopback() => addr,
+        IpAddr::V6(v6) => SocketAddr::new(IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()), 0),
+        ip => SocketAddr::new(ip, 0),
+    }
 }
 
 impl Dht {
@@ -1005,6 +1010,23 @@ mod tests {
         let (_, answer) = b4.outbox.pop().unwrap();
         solo.handle_packet(b_at, &answer, now);
         assert!(solo.foreign.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_flood_is_limited_per_64_not_per_address() {
+        let now = Instant::now();
+        let cfg =
+            DhtConfig { restrict_ips: false, rate_limit: 5, query_rate: 1000, ipv6: true, ..DhtConfig::default() };
+        let mut d = Dht::new(id(1), cfg, vec![], now);
+        let ping = Message::new(b"p".to_vec(), Body::Query { id: id(10), query: Query::Ping }).encode();
+        // 20 addresses of one /64, one packet each: one source.
+        for i in 0..20u16 {
+            d.handle_packet(SocketAddr::new(format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap(), 6881), &ping, now);
+        }
+        assert_eq!(d.outbox.len(), 5, "answers to one /64");
+        // Another /64 has its own allowance.
+        d.handle_packet("[2001:db8:1:3::1]:6881".parse().unwrap(), &ping, now);
+        assert_eq!(d.outbox.len(), 6);
     }
 
     #[test]

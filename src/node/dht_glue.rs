@@ -618,7 +618,7 @@ impl Node {
                     "nodes": d.nodes(),
                     "nodes4": table(&d.v4),
                     "nodes6": table(&d.v6),
-                    "unanswered_joins": d.families().map(|f| f.dht.join_failures()).min().unwrap_or(0),
+                    "unanswered_joins": d.families().map(|f| f.dht.join_failures()).max().unwrap_or(0),
                     "stored_keys": d.families().map(|f| f.dht.store.len()).sum::<usize>(),
                     "received": stats.received,
                     "sent": stats.sent,

@@ -35,7 +35,7 @@ fn main() -> ExitCode {
     println!(
         "shard_listener listening on {}{} (cluster {}, shards dir {})",
         node.local_addr(),
-        node.local_addr6().map(|a| format!(" and {a}")).unwrap_or_default(),
+        node.second_local_addr().map(|a| format!(" and {a}")).unwrap_or_default(),
         config.cluster,
         config.shards_dir.display()
     );

@@ -321,7 +321,7 @@ impl Node {
     }
 
     /// The address of the second listener (the other family on the same port), if any.
-    pub fn local_addr6(&self) -> Option<SocketAddr> {
+    pub fn second_local_addr(&self) -> Option<SocketAddr> {
         self.listener6.as_ref().and_then(|l| l.local_addr().ok())
     }
 
@@ -710,8 +710,14 @@ fn listen(addr: SocketAddr) -> Result<(TcpListener, Option<TcpListener>)> {
         match ipv6::bind_tcp6(addr) {
             Ok(l6) => {
                 let port = l6.local_addr()?.port();
-                let l4 = TcpListener::bind(SocketAddr::new(v4_any.ip(), port)).with_context(context)?;
-                return Ok((l6, Some(l4)));
+                let l4 = match TcpListener::bind(SocketAddr::new(v4_any.ip(), port)) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!("cannot listen on 0.0.0.0:{port} ({e}): listening on IPv6 only");
+                        None
+                    }
+                };
+                return Ok((l6, l4));
             }
             Err(e) if ipv6::no_ipv6(&e) => {
                 info!("no IPv6 on this host ({e}): listening on IPv4 only");

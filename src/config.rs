@@ -78,6 +78,10 @@ pub struct NodeConfig {
     pub repack: bool,
     /// A read-only DHT node (BEP 43): asks, never answers, never routed to.
     pub dht_read_only: bool,
+    /// The TCP port announced in the DHT (cluster, manifest, name and info-hash keys) when peers
+    /// reach the node on another port than it listens on (a port forward, a relay in front of
+    /// it); `None`: the listening port. As libtorrent's `announce_port`.
+    pub announce_port: Option<u16>,
     /// DHT packets a second to any one address (libtorrent bans a source over 5).
     pub dht_query_rate: u32,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
@@ -144,6 +148,7 @@ impl Default for NodeConfig {
             kv_memory: 2 << 30,
             repack: true,
             dht_read_only: false,
+            announce_port: None,
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
             max_downloads: 8,
             max_download_peers: 32,
@@ -209,6 +214,10 @@ FLAGS:
   --dht-read-only        a read-only DHT node (BEP 43): it looks up and announces
                          but answers no query, and others keep it out of their
                          routing tables (for a node that cannot take queries)
+  --announce-port N      the TCP port to announce in the DHT when peers reach
+                         this node on another port than it listens on (a port
+                         forward or a relay in front of it) [default: the
+                         listening port]
   --dht-query-rate N     DHT packets a second to any one address, queries and
                          answers together [default: 3; libtorrent bans over 5]
   --max-downloads N      downloads under way at once; more are refused
@@ -381,6 +390,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 }
                 c.dht_read_only = true;
             }
+            "--announce-port" => c.announce_port = Some(number(flag, value()?, 1, u16::MAX as u64)? as u16),
             "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
@@ -516,6 +526,8 @@ mod tests {
         assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
         assert_eq!(c.dht_query_rate, 3);
         assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
+        assert_eq!(c.announce_port, None);
+        assert_eq!(run(&["--announce-port", "6881"]).unwrap().announce_port, Some(6881));
     }
 
     #[test]
@@ -544,6 +556,8 @@ mod tests {
             (&["--cached-writes=no"], "--cached-writes takes no value"),
             (&["--dht-read-only=1"], "--dht-read-only takes no value"),
             (&["--dht-query-rate", "0"], "--dht-query-rate"),
+            (&["--announce-port", "0"], "--announce-port"),
+            (&["--announce-port", "65536"], "--announce-port"),
             (&["--max-downloads", "0"], "--max-downloads"),
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),

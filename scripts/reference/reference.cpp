@@ -4,7 +4,11 @@
 //
 //   reference tokenize MODEL            texts on stdin, one JSON string per line -> ids per line
 //   reference greedy MODEL N ID...      prefill ids, N greedy steps -> JSON tokens + logits
-//   reference bench MODEL THREADS PP TG REPS   -> JSON pp/tg tokens/s medians
+//   reference bench MODEL THREADS PP TG REPS   -> JSON medians in tokens/s: pp (PP tokens in one
+//                                             batch), tg (TG tokens one at a time on an empty
+//                                             context), tg_depth (TG tokens after the PP ones)
+//   reference quantize IN OUT FTYPE     llama_model_quantize (what llama-quantize runs), e.g.
+//                                       FTYPE 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
 #include "llama.h"
 
 #include <algorithm>
@@ -77,6 +81,8 @@ static llama_context * context(llama_model * model, int n_ctx, int threads, int 
     cp.n_ubatch = n_batch;
     if (threads > 0) { cp.n_threads = threads; cp.n_threads_batch = threads; }
     cp.no_perf = true;
+    // Flash attention on, as shardnet's engine always runs it (the CPU's "auto" also picks it).
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create context");
     return ctx;
@@ -93,6 +99,13 @@ int main(int argc, char ** argv) {
     llama_log_set(quiet, nullptr);
     llama_backend_init();
     std::string mode = argv[1];
+    if (mode == "quantize") {
+        if (argc < 5) die("usage: reference quantize IN OUT FTYPE");
+        llama_model_quantize_params qp = llama_model_quantize_default_params();
+        qp.ftype = (llama_ftype) atoi(argv[4]);
+        if (llama_model_quantize(argv[2], argv[3], &qp) != 0) die("quantize failed");
+        return 0;
+    }
     llama_model * model = load(argv[2]);
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
@@ -136,29 +149,46 @@ int main(int argc, char ** argv) {
         if (argc < 7) die("usage: reference bench MODEL THREADS PP TG REPS");
         int threads = atoi(argv[3]), pp = atoi(argv[4]), tg = atoi(argv[5]), reps = atoi(argv[6]);
         llama_context * ctx = context(model, pp + tg + 16, threads, pp);
+        llama_memory_t mem = llama_get_memory(ctx);
         std::mt19937 rng(42);
-        std::vector<double> pps, tgs;
-        for (int r = 0; r <= reps; ++r) {  // r == 0 is the warm-up
-            llama_memory_clear(llama_get_memory(ctx), true);
+        auto decode_one = [&](int n) {
+            for (int i = 0; i < n; ++i) {
+                llama_token t = rng() % n_vocab;
+                if (llama_decode(ctx, llama_batch_get_one(&t, 1))) die("decode failed");
+            }
+            llama_synchronize(ctx);
+        };
+        auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+        // Warm-up: a short batch and a few single steps (weights paged in, buffers sized).
+        {
+            std::vector<llama_token> toks(std::min(pp, 64));
+            for (auto & t : toks) t = rng() % n_vocab;
+            if (llama_decode(ctx, llama_batch_get_one(toks.data(), toks.size()))) die("decode failed");
+            decode_one(4);
+        }
+        std::vector<double> pps, tgs, tgds;
+        for (int r = 0; r < reps; ++r) {
+            // pp, then tg on top of it (tg after PP tokens of context).
+            llama_memory_clear(mem, true);
             std::vector<llama_token> toks(pp);
             for (auto & t : toks) t = rng() % n_vocab;
             auto t0 = std::chrono::steady_clock::now();
             if (llama_decode(ctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
             llama_synchronize(ctx);
             auto t1 = std::chrono::steady_clock::now();
-            for (int i = 0; i < tg; ++i) {
-                llama_token t = rng() % n_vocab;
-                if (llama_decode(ctx, llama_batch_get_one(&t, 1))) die("decode failed");
-            }
-            llama_synchronize(ctx);
+            decode_one(tg);
             auto t2 = std::chrono::steady_clock::now();
-            if (r == 0) continue;
-            pps.push_back(pp / std::chrono::duration<double>(t1 - t0).count());
-            tgs.push_back(tg / std::chrono::duration<double>(t2 - t1).count());
+            // tg on an empty context.
+            llama_memory_clear(mem, true);
+            auto t3 = std::chrono::steady_clock::now();
+            decode_one(tg);
+            auto t4 = std::chrono::steady_clock::now();
+            pps.push_back(pp / seconds(t0, t1));
+            tgds.push_back(tg / seconds(t1, t2));
+            tgs.push_back(tg / seconds(t3, t4));
         }
-        std::sort(pps.begin(), pps.end());
-        std::sort(tgs.begin(), tgs.end());
-        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f}\n", pps[pps.size() / 2], tgs[tgs.size() / 2]);
+        auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f,\"tg_depth_tps\":%.3f}\n", med(pps), med(tgs), med(tgds));
         llama_free(ctx);
     } else {
         die("unknown mode");

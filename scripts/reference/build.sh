@@ -28,5 +28,7 @@ fi
 cmake -S "$ROOT/scripts/reference" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_CPP_DIR="$SRC/llama.cpp" -DGGML_NATIVE=ON > "$OUT/cmake.log"
 cmake --build "$OUT/build" --target reference -j "$(nproc)" > "$OUT/build.log"
-cp "$OUT/build/reference" "$OUT/reference"
+# Copied then renamed: a reference program still running keeps its old file.
+cp "$OUT/build/reference" "$OUT/reference.tmp"
+mv "$OUT/reference.tmp" "$OUT/reference"
 echo "built $OUT/reference"

@@ -4,6 +4,7 @@
 //
 //   reference tokenize MODEL            texts on stdin, one JSON string per line -> ids per line
 //   reference greedy MODEL N ID...      prefill ids, N greedy steps -> JSON tokens + logits
+//                                       (threads: SHARDNET_REFERENCE_THREADS, else the default)
 //   reference bench MODEL THREADS PP TG REPS   -> JSON medians in tokens/s: pp (PP tokens in one
 //                                             batch), tg (TG tokens one at a time on an empty
 //                                             context), tg_depth (TG tokens after the PP ones)
@@ -126,7 +127,9 @@ int main(int argc, char ** argv) {
         int steps = atoi(argv[3]);
         std::vector<llama_token> prompt;
         for (int i = 4; i < argc; ++i) prompt.push_back(atoi(argv[i]));
-        llama_context * ctx = context(model, 512, 0, 512);
+        // Threads: SHARDNET_REFERENCE_THREADS, else llama.cpp's default.
+        const char * threads = getenv("SHARDNET_REFERENCE_THREADS");
+        llama_context * ctx = context(model, 512, threads ? atoi(threads) : 0, 512);
         if (llama_decode(ctx, llama_batch_get_one(prompt.data(), prompt.size()))) die("decode failed");
         printf("{\"prefill_logits\":");
         print_logits(llama_get_logits_ith(ctx, -1), n_vocab);

@@ -7,7 +7,10 @@
 //! fewer when the machine has fewer cores; `SHARDNET_BENCH_THREADS` overrides), flash attention
 //! on in both, F16 KV cache in both. Each side gets a short warm-up, then the repetitions
 //! alternate ours / llama.cpp (`SHARDNET_BENCH_REPS`, default 3) so both see the same machine
-//! load; the figures are medians and each ratio is ours / llama.cpp.
+//! load; the figures are medians and each ratio is ours / llama.cpp. `*_cpu_tps` and `cpu_ratio`
+//! count tokens per CPU second of the process (all its threads) instead of per second of wall
+//! time: on a machine shared with other work they move far less than wall-time figures. `SHARDNET_BENCH_MODELS`
+//! (comma-separated parts of model names, e.g. `f16,q4_k_m`) runs only those models.
 //!
 //! Models: a ~250M-parameter LLaMA (16 layers, width 1024, GQA 16/4 heads, vocab 32000, random
 //! weights) in F16, Q8_0 and Q4_0 as `gguf::demo` writes them, the F16 one quantized to Q4_K_M by
@@ -73,34 +76,47 @@ impl Rng {
     }
 }
 
-/// Tokens/s of each row in one repetition.
+/// Tokens/s of each row in one repetition: per second of wall time, and per CPU second of the
+/// process (every thread), which a shared machine's scheduling disturbs less.
 #[derive(Clone, Copy)]
 struct Rates {
     pp: f64,
     tg: f64,
     tg_depth: f64,
+    pp_cpu: f64,
+    tg_cpu: f64,
+    tg_depth_cpu: f64,
 }
 
-fn decode_steps(e: &mut Engine, n_vocab: u32, rng: &mut Rng, from: usize, n: usize) -> f64 {
-    let t = Instant::now();
+/// CPU seconds this process has used (`CLOCK_PROCESS_CPUTIME_ID`).
+fn cpu_now() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// `n` single-token steps from position `from`: (tokens per second, per CPU second).
+fn decode_steps(e: &mut Engine, n_vocab: u32, rng: &mut Rng, from: usize, n: usize) -> (f64, f64) {
+    let (t, c) = (Instant::now(), cpu_now());
     for i in 0..n {
         let tok = rng.token(n_vocab);
         e.execute(0, "bench", (from + i) as u32, &Input::Tokens(vec![tok]), Want::Logits { all: false }).unwrap();
     }
-    n as f64 / t.elapsed().as_secs_f64()
+    (n as f64 / t.elapsed().as_secs_f64(), n as f64 / (cpu_now() - c))
 }
 
 /// One repetition, in llama.cpp's order: pp512, tg128 on top of it, then tg128 from empty.
 fn ours_once(e: &mut Engine, n_vocab: u32, rng: &mut Rng) -> Rates {
     e.end_session("bench");
     let prompt: Vec<u32> = (0..PP).map(|_| rng.token(n_vocab)).collect();
-    let t = Instant::now();
+    let (t, c) = (Instant::now(), cpu_now());
     e.execute(0, "bench", 0, &Input::Tokens(prompt), Want::Logits { all: false }).unwrap();
-    let pp = PP as f64 / t.elapsed().as_secs_f64();
-    let tg_depth = decode_steps(e, n_vocab, rng, PP, TG);
+    let (pp, pp_cpu) = (PP as f64 / t.elapsed().as_secs_f64(), PP as f64 / (cpu_now() - c));
+    let (tg_depth, tg_depth_cpu) = decode_steps(e, n_vocab, rng, PP, TG);
     e.end_session("bench");
-    let tg = decode_steps(e, n_vocab, rng, 0, TG);
-    Rates { pp, tg, tg_depth }
+    let (tg, tg_cpu) = decode_steps(e, n_vocab, rng, 0, TG);
+    Rates { pp, tg, tg_depth, pp_cpu, tg_cpu, tg_depth_cpu }
 }
 
 /// A short batch and a few single steps: weights paged in, buffers sized.
@@ -121,7 +137,15 @@ fn reference_once(reference: &Path, model: &Path, threads: usize) -> Option<Rate
         return None;
     }
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some(Rates { pp: v["pp_tps"].as_f64()?, tg: v["tg_tps"].as_f64()?, tg_depth: v["tg_depth_tps"].as_f64()? })
+    let f = |k: &str| v[k].as_f64();
+    Some(Rates {
+        pp: f("pp_tps")?,
+        tg: f("tg_tps")?,
+        tg_depth: f("tg_depth_tps")?,
+        pp_cpu: f("pp_cpu_tps")?,
+        tg_cpu: f("tg_cpu_tps")?,
+        tg_depth_cpu: f("tg_depth_cpu_tps")?,
+    })
 }
 
 /// (RssAnon, RssFile) in bytes.
@@ -190,6 +214,13 @@ fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize
             "tg128_d512": median(v.iter().map(|r| r.tg_depth).collect()),
         })
     };
+    let cpu_rows = |v: &[Rates]| {
+        json!({
+            "pp512": median(v.iter().map(|r| r.pp_cpu).collect()),
+            "tg128": median(v.iter().map(|r| r.tg_cpu).collect()),
+            "tg128_d512": median(v.iter().map(|r| r.tg_depth_cpu).collect()),
+        })
+    };
     let anon_load = loaded.0 as i64 - before.0 as i64;
     let mut v = json!({
         "model": name,
@@ -206,14 +237,19 @@ fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize
             "anon_repacked_copy": e.repacked_bytes(0),
         },
         "ours_tps": rows(&ours),
+        "ours_cpu_tps": cpu_rows(&ours),
         "repetitions": ours.len(),
     });
     if !theirs.is_empty() {
-        let r = rows(&theirs);
-        let o = &v["ours_tps"];
-        let ratio = |k: &str| o[k].as_f64().unwrap() / r[k].as_f64().unwrap();
-        v["ratio"] = json!({"pp512": ratio("pp512"), "tg128": ratio("tg128"), "tg128_d512": ratio("tg128_d512")});
+        let ratios = |o: &Value, r: &Value| {
+            let q = |k: &str| o[k].as_f64().unwrap() / r[k].as_f64().unwrap();
+            json!({"pp512": q("pp512"), "tg128": q("tg128"), "tg128_d512": q("tg128_d512")})
+        };
+        let (r, rc) = (rows(&theirs), cpu_rows(&theirs));
+        v["ratio"] = ratios(&v["ours_tps"], &r);
+        v["cpu_ratio"] = ratios(&v["ours_cpu_tps"], &rc);
         v["llama_cpp_tps"] = r;
+        v["llama_cpp_cpu_tps"] = rc;
     }
     println!("{v}");
     v
@@ -293,6 +329,10 @@ fn main() {
         models.push(("smollm2-135m-q4_1".into(), link));
     } else {
         eprintln!("note: {} missing (make models): SmolLM2 skipped", smollm2.display());
+    }
+    // SHARDNET_BENCH_MODELS=f16,q4_k_m: only the models whose name holds one of these.
+    if let Ok(only) = std::env::var("SHARDNET_BENCH_MODELS") {
+        models.retain(|(n, _)| only.split(',').any(|k| !k.is_empty() && n.contains(k)));
     }
     let results: Vec<Value> = models.iter().map(|(n, p)| bench_model(n, p, reference, threads)).collect();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();

@@ -7,7 +7,8 @@
 //                                       (threads: SHARDNET_REFERENCE_THREADS, else the default)
 //   reference bench MODEL THREADS PP TG REPS   -> JSON medians in tokens/s: pp (PP tokens in one
 //                                             batch), tg (TG tokens one at a time on an empty
-//                                             context), tg_depth (TG tokens after the PP ones)
+//                                             context), tg_depth (TG tokens after the PP ones);
+//                                             the same per CPU second of the process (*_cpu_tps)
 //   reference quantize IN OUT FTYPE     llama_model_quantize (what llama-quantize runs), e.g.
 //                                       FTYPE 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
 #include "llama.h"
@@ -17,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <iostream>
 #include <random>
 #include <string>
@@ -162,6 +164,13 @@ int main(int argc, char ** argv) {
             llama_synchronize(ctx);
         };
         auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+        // CPU seconds of the whole process (every thread): less sensitive to a shared machine's
+        // scheduling than wall time.
+        auto cpu = []() {
+            timespec t;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+            return t.tv_sec + t.tv_nsec * 1e-9;
+        };
         // Warm-up: a short batch and a few single steps (weights paged in, buffers sized).
         {
             std::vector<llama_token> toks(std::min(pp, 64));
@@ -169,29 +178,39 @@ int main(int argc, char ** argv) {
             if (llama_decode(ctx, llama_batch_get_one(toks.data(), toks.size()))) die("decode failed");
             decode_one(4);
         }
-        std::vector<double> pps, tgs, tgds;
+        std::vector<double> pps, tgs, tgds, cpps, ctgs, ctgds;
         for (int r = 0; r < reps; ++r) {
             // pp, then tg on top of it (tg after PP tokens of context).
             llama_memory_clear(mem, true);
             std::vector<llama_token> toks(pp);
             for (auto & t : toks) t = rng() % n_vocab;
+            double c0 = cpu();
             auto t0 = std::chrono::steady_clock::now();
             if (llama_decode(ctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
             llama_synchronize(ctx);
             auto t1 = std::chrono::steady_clock::now();
+            double c1 = cpu();
             decode_one(tg);
             auto t2 = std::chrono::steady_clock::now();
+            double c2 = cpu();
             // tg on an empty context.
             llama_memory_clear(mem, true);
+            double c3 = cpu();
             auto t3 = std::chrono::steady_clock::now();
             decode_one(tg);
             auto t4 = std::chrono::steady_clock::now();
+            double c4 = cpu();
             pps.push_back(pp / seconds(t0, t1));
             tgds.push_back(tg / seconds(t1, t2));
             tgs.push_back(tg / seconds(t3, t4));
+            cpps.push_back(pp / (c1 - c0));
+            ctgds.push_back(tg / (c2 - c1));
+            ctgs.push_back(tg / (c4 - c3));
         }
         auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
-        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f,\"tg_depth_tps\":%.3f}\n", med(pps), med(tgs), med(tgds));
+        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f,\"tg_depth_tps\":%.3f,"
+               "\"pp_cpu_tps\":%.3f,\"tg_cpu_tps\":%.3f,\"tg_depth_cpu_tps\":%.3f}\n",
+               med(pps), med(tgs), med(tgds), med(cpps), med(ctgs), med(ctgds));
         llama_free(ctx);
     } else {
         die("unknown mode");

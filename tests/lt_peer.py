@@ -7,7 +7,12 @@ Usage:
       downloads from the node; prints "complete" once every piece verified.
   lt_peer.py seed TORRENT DATA_DIR TIMEOUT_S
       seeds DATA_DIR's copy; prints "port N" once checked and listening,
-      then serves until stdin closes or the timeout."""
+      then serves until stdin closes or the timeout.
+With LT_PEER_LOG=1 in the environment, libtorrent's peer log lines of the Fast
+extension (BEP 6) and the extension handshake go to stdout as "peer_log: ...",
+e.g. "<== HAVE_ALL" (received) or "==> HAVE_ALL" (sent; only when both sides
+set the fast bit)."""
+import os
 import select
 import sys
 import time
@@ -24,14 +29,21 @@ def session():
         "enable_natpmp": False,
         # Every peer of a test network is 127.0.0.1.
         "allow_multiple_connections_per_ip": True,
-        "alert_mask": lt.alert.category_t.error_notification | lt.alert.category_t.status_notification,
+        "alert_mask": lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
+        | (lt.alert.category_t.peer_log_notification if PEER_LOG else 0),
     })
+
+
+PEER_LOG = os.environ.get("LT_PEER_LOG") == "1"
+FAST_EVENTS = ("HAVE_ALL", "HAVE_NONE", "ALLOWED_FAST", "REJECT", "SUGGEST", "EXTENDED_HANDSHAKE")
 
 
 def errors(ses):
     for a in ses.pop_alerts():
         if a.category() & lt.alert.category_t.error_notification:
             print("alert:", a.message(), file=sys.stderr)
+        elif PEER_LOG and isinstance(a, lt.peer_log_alert) and any(e in a.message() for e in FAST_EVENTS):
+            print("peer_log:", a.message(), flush=True)
 
 
 def main():

@@ -226,6 +226,14 @@ fn an_allowed_fast_flood_is_bounded_and_bad_indexes_ignored() {
     }
     assert!(s.peers[&1].fast.allowed_in.len() <= MAX_ALLOWED_IN);
     assert!(s.stats.fast_ignored >= 10_000, "out of range: ignored, counted ({})", s.stats.fast_ignored);
+    // Before the metadata (magnet) no index is out of range: the set's bound is what holds.
+    let mut m = leech(&f, true);
+    connect(&mut m, 1, "127.0.0.1:1", true, true);
+    for i in 0..10_000u32 {
+        msg(&mut m, 1, Message::AllowedFast(i)).unwrap();
+    }
+    assert_eq!(m.peers[&1].fast.allowed_in.len(), MAX_ALLOWED_IN);
+    assert_eq!(m.stats.fast_ignored, (10_000 - MAX_ALLOWED_IN) as u64);
     msg(&mut s, 1, Message::SuggestPiece(16)).unwrap();
     msg(&mut s, 1, Message::SuggestPiece(u32::MAX)).unwrap();
     assert!(s.peers[&1].fast.suggested.is_empty(), "out of range: ignored");

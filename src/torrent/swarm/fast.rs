@@ -4,7 +4,8 @@
 //! SUGGEST_PIECE (taken as a hint; never sent). On only when both handshakes set the bit.
 //!
 //! Bad input: a fast message from a peer that did not set the bit, HAVE_ALL / HAVE_NONE
-//! after any announcement of pieces (or a bitfield after them), and a REJECT of a block
+//! after any announcement of pieces (a later bitfield is merged, as after haves: aria2 sends
+//! one after HAVE_NONE), and a REJECT of a block
 //! never asked (nor cancelled lately) close the peer; a suggestion or allowed-fast piece
 //! out of range, and allowed-fast pieces past [`MAX_ALLOWED_IN`], are ignored. Each is
 //! counted in [`ExtStats`].
@@ -161,19 +162,12 @@ impl Swarm {
         Err(anyhow!("{what} from a peer that did not negotiate the Fast extension (BEP 6)"))
     }
 
-    /// A bitfield: after HAVE_ALL or HAVE_NONE it is a violation.
+    /// A bitfield: the first announcement, or one more merged into what the peer has (aria2
+    /// sends HAVE_NONE, then a bitfield when it has its first piece; libtorrent accepts that).
     pub(super) fn note_bitfield(&mut self, key: PeerKey) -> Result<()> {
         let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
-        match peer.fast.announced {
-            Some(Announced::HaveAll | Announced::HaveNone) => {
-                self.stats.fast_closed += 1;
-                Err(anyhow!("a bitfield after HAVE_ALL or HAVE_NONE"))
-            }
-            _ => {
-                peer.fast.announced = Some(Announced::Bitfield);
-                Ok(())
-            }
-        }
+        peer.fast.announced.get_or_insert(Announced::Bitfield);
+        Ok(())
     }
 
     /// HAVE_ALL or HAVE_NONE: only as the peer's first announcement of its pieces.

@@ -125,11 +125,11 @@ fn pieces_are_announced_once() {
     let f = fixture("once");
     let mut s = leech(&f, false);
     let bits = Bitfield::full(16);
-    // HAVE_ALL after a bitfield, a bitfield after HAVE_ALL / HAVE_NONE, HAVE_NONE twice.
+    // HAVE_ALL or HAVE_NONE after a bitfield, after each other, or twice.
     let cases: [(Message<'_>, Message<'_>); 4] = [
         (Message::Bitfield(bits.as_bytes()), Message::HaveAll),
-        (Message::HaveAll, Message::Bitfield(bits.as_bytes())),
-        (Message::HaveNone, Message::Bitfield(bits.as_bytes())),
+        (Message::Bitfield(bits.as_bytes()), Message::HaveNone),
+        (Message::HaveAll, Message::HaveNone),
         (Message::HaveNone, Message::HaveNone),
     ];
     for (k, (first, second)) in cases.into_iter().enumerate() {
@@ -139,6 +139,13 @@ fn pieces_are_announced_once() {
         assert!(msg(&mut s, k, second).is_err(), "peer {k}");
     }
     assert_eq!(s.stats.fast_closed, 4);
+    // A bitfield after HAVE_NONE (aria2, once it has its first piece) is merged, not refused.
+    connect(&mut s, 8, "127.0.0.1:8", true, true);
+    msg(&mut s, 8, Message::HaveNone).unwrap();
+    let mut one = Bitfield::new(16);
+    one.set(3);
+    msg(&mut s, 8, Message::Bitfield(one.as_bytes())).unwrap();
+    assert!(s.peers[&8].bits.get(3));
     // HAVE_ALL: the peer has every piece, and we are interested.
     connect(&mut s, 9, "127.0.0.1:9", true, true);
     msg(&mut s, 9, Message::HaveAll).unwrap();

@@ -84,6 +84,14 @@ fn a_downloader_told_of_one_peer_learns_the_other_through_pex_and_downloads_from
     eprintln!("D got {from_b} of {} bytes from B, the peer it learned through PEX", m.info.length);
     // Fast was on between the nodes: seeds announced with HAVE_ALL.
     assert!(status(&d)["peer_wire"]["fast"]["have_all_received"].as_u64().unwrap() >= 2);
+    // A downloader whose peer budget is full dials nothing PEX names.
+    let ed = TempDir::new("ext-e");
+    let e = start(ed.path(), &["--max-download-peers", "1"]);
+    let r = load(&e, &m, &[&a.addr], true);
+    assert_eq!(r["status"], "success", "{r}");
+    let dl = download(&e, &m);
+    assert!(status(&e)["peer_wire"]["pex"]["received"].as_u64().unwrap() >= 1, "E heard of the others");
+    assert_eq!((dl["known_peers"].clone(), dl["pex_peers"].clone()), (json!(1), json!(0)), "{dl}");
 }
 
 // ---- bad fast / PEX input over a socket: each closes that peer only ----

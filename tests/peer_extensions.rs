@@ -225,13 +225,7 @@ fn the_fast_extension_is_negotiated_both_ways_with_libtorrent() {
     let torrent = sd.path().join("shard-0.gguf.torrent");
     let seed = start(sd.path(), &[]);
     let out = TempDir::new("lt-fast");
-    let r = lt_peer()
-        .arg("leech")
-        .arg(&torrent)
-        .arg(out.path())
-        .args([&seed.addr, "60"])
-        .output()
-        .unwrap();
+    let r = lt_peer().arg("leech").arg(&torrent).arg(out.path()).args([&seed.addr, "60"]).output().unwrap();
     let said = String::from_utf8_lossy(&r.stdout);
     assert!(said.contains("complete"), "libtorrent: {said}{}", String::from_utf8_lossy(&r.stderr));
     assert!(said.contains("<== HAVE_ALL"), "libtorrent did not receive HAVE_ALL:\n{said}");

@@ -202,7 +202,14 @@ impl Picker {
         self.pick_with(peer, subset, max, may_start, false)
     }
 
-    fn pick_with(&mut self, peer: PeerKey, peer_bits: &Bitfield, max: usize, may_start: bool, endgame: bool) -> Vec<Block> {
+    fn pick_with(
+        &mut self,
+        peer: PeerKey,
+        peer_bits: &Bitfield,
+        max: usize,
+        may_start: bool,
+        endgame: bool,
+    ) -> Vec<Block> {
         let mut out = Vec::new();
         if max == 0 {
             return out;

@@ -73,7 +73,14 @@ pub(super) struct PeerPex {
 
 impl PeerPex {
     pub fn new(outgoing: bool) -> PeerPex {
-        PeerPex { outgoing, their_id: None, listen_port: None, last_sent: None, last_received: None, told: HashSet::new() }
+        PeerPex {
+            outgoing,
+            their_id: None,
+            listen_port: None,
+            last_sent: None,
+            last_received: None,
+            told: HashSet::new(),
+        }
     }
 }
 
@@ -189,11 +196,7 @@ pub fn usable(addr: SocketAddr, from: IpAddr) -> bool {
         IpAddr::V4(v4) => !v4.is_unspecified() && !v4.is_multicast() && !v4.is_broadcast(),
         IpAddr::V6(v6) => !v6.is_unspecified() && !v6.is_multicast(),
     };
-    let scope_ok = if ip.is_loopback() {
-        from.is_loopback()
-    } else {
-        !is_local(ip) || is_local(from)
-    };
+    let scope_ok = if ip.is_loopback() { from.is_loopback() } else { !is_local(ip) || is_local(from) };
     addr.port() != 0 && unicast && scope_ok
 }
 

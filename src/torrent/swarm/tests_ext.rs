@@ -110,7 +110,13 @@ fn a_seed_sends_have_all_a_fast_peer_and_a_bitfield_a_plain_one() {
 fn fast_messages_from_a_peer_without_the_bit_close_it() {
     let f = fixture("nofast");
     let b = Block { index: 0, begin: 0, length: 16384 };
-    let bad = [Message::HaveAll, Message::HaveNone, Message::RejectRequest(b), Message::AllowedFast(1), Message::SuggestPiece(1)];
+    let bad = [
+        Message::HaveAll,
+        Message::HaveNone,
+        Message::RejectRequest(b),
+        Message::AllowedFast(1),
+        Message::SuggestPiece(1),
+    ];
     for (i, m) in bad.into_iter().enumerate() {
         let mut s = leech(&f, false);
         connect(&mut s, 1, "127.0.0.1:1", false, true);
@@ -271,7 +277,8 @@ fn every_request_of_a_fast_peer_gets_a_block_or_a_reject() {
     msg(&mut s, 1, Message::Interested).unwrap();
     let m = sent(&mut s, 1);
     let set = fast::allowed_fast_set("127.0.0.1".parse().unwrap(), &f.meta.info_hash, 16, ALLOWED_FAST_SET);
-    let allowed: Vec<u32> = m.iter().filter_map(|m| if let Message::AllowedFast(i) = m { Some(*i) } else { None }).collect();
+    let allowed: Vec<u32> =
+        m.iter().filter_map(|m| if let Message::AllowedFast(i) = m { Some(*i) } else { None }).collect();
     assert_eq!(allowed, set);
     assert!(m.contains(&Message::Unchoke));
     // Queued, then cancelled: rejected; not interested with requests queued: all rejected.
@@ -453,13 +460,26 @@ fn pex_addresses_are_filtered_and_malformed_messages_close() {
     let now = Instant::now();
     connect(&mut s, 1, "8.8.8.8:1", true, true);
     let mut added = Vec::new();
-    for (ip, port) in [([127, 0, 0, 1], 80u16), ([10, 0, 0, 1], 80), ([192, 168, 1, 1], 80), ([1, 2, 3, 4], 0), ([224, 0, 0, 1], 80), ([0, 0, 0, 0], 80), ([1, 2, 3, 4], 6881)] {
+    for (ip, port) in [
+        ([127, 0, 0, 1], 80u16),
+        ([10, 0, 0, 1], 80),
+        ([192, 168, 1, 1], 80),
+        ([1, 2, 3, 4], 0),
+        ([224, 0, 0, 1], 80),
+        ([0, 0, 0, 0], 80),
+        ([1, 2, 3, 4], 6881),
+    ] {
         added.extend_from_slice(&ip);
         added.extend_from_slice(&u16::to_be_bytes(port));
     }
     let mut v6 = "2001:db8::1".parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
     v6.extend_from_slice(&6881u16.to_be_bytes());
-    let p = bencode::dict([("added", Value::bytes(added)), ("added6", Value::bytes(v6)), ("added6.f", Value::bytes(vec![2]))]).encode();
+    let p = bencode::dict([
+        ("added", Value::bytes(added)),
+        ("added6", Value::bytes(v6)),
+        ("added6.f", Value::bytes(vec![2])),
+    ])
+    .encode();
     s.on_message(1, Message::Extended { id: UT_PEX, payload: &p }, now).unwrap();
     assert_eq!(
         pex_action(&mut s),

@@ -902,7 +902,10 @@ impl Swarm {
                 wire::encode(&Message::Cancel(b), &mut p.out);
                 p.fast.cancelled(b);
             }
-            if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
+            // A fast peer's choke leaves our requests asked (BEP 6): their expiry while it chokes
+            // us is no snub.
+            let snubbing = before > 0 && !p.peer_choking;
+            if snubbing && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
                 self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
             }
         }

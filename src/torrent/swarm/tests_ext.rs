@@ -214,6 +214,10 @@ fn a_choked_leech_asks_only_allowed_fast_pieces() {
     let more = requests(&sent(&mut s, 1));
     msg(&mut s, 1, Message::Choke).unwrap();
     assert_eq!(s.peers[&1].requested.len(), asked.len() + more.len(), "a fast choke rejects nothing");
+    // Left unanswered, they expire (asked of others), but a choking peer is not snubbing us.
+    s.tick(Instant::now() + REQUEST_TIMEOUT * 3);
+    assert!(s.peers[&1].requested.iter().all(|(b, _)| b.index == 5), "only allowed-fast pieces asked again");
+    assert!(!s.actions.iter().any(|a| matches!(a, Action::Disconnect(..))), "not dropped as snubbed");
     // A plain peer's choke drops everything asked of it.
     connect(&mut s, 2, "127.0.0.1:2", false, true);
     msg(&mut s, 2, Message::Bitfield(Bitfield::full(16).as_bytes())).unwrap();

@@ -224,8 +224,20 @@ impl Node {
     /// error) it is tried again after [`ACCEPT_RETRY`], never in a busy loop.
     pub(super) fn accept(&mut self) {
         self.accept_retry = None;
+        self.accept_from(false);
+        if self.listener6.is_some() {
+            self.accept_from(true);
+        }
+    }
+
+    /// Accepts on the main listener, or (`second`) on the other family's.
+    fn accept_from(&mut self, second: bool) {
         loop {
-            match self.listener.accept() {
+            let accepted = match (second, &self.listener6) {
+                (true, Some(l)) => l.accept(),
+                _ => self.listener.accept(),
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     // Read at once: a newcomer whose first bytes are already here is classified
                     // now, not taken for an idle connection by the next shedding.

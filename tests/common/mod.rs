@@ -57,6 +57,16 @@ impl NodeProc {
     /// As `start`, with the node run by `wrapper` (a program and its first arguments, e.g.
     /// `sh -c 'ulimit -n 64 && exec "$0" "$@"'`), which gets the node's path and flags after.
     pub fn start_under(wrapper: &[&str], shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        NodeProc::start_at("127.0.0.1:0", wrapper, shards_dir, extra)
+    }
+
+    /// As `start`, listening on ::1 (`addr` is then `[::1]:PORT`).
+    pub fn start6(shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        NodeProc::start_at("[::1]:0", &[], shards_dir, extra)
+    }
+
+    /// As `start_under`, listening on `listen` (a loopback address, port 0).
+    pub fn start_at(listen: &str, wrapper: &[&str], shards_dir: &Path, extra: &[&str]) -> NodeProc {
         let log = shards_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&log).unwrap();
         let node = env!("CARGO_BIN_EXE_shard_listener");
@@ -69,7 +79,7 @@ impl NodeProc {
             }
         };
         let mut child = command
-            .args(["--listen", "127.0.0.1:0", "--shards-dir"])
+            .args(["--listen", listen, "--shards-dir"])
             .arg(shards_dir)
             .args(extra)
             .stdout(Stdio::piped())
@@ -86,7 +96,7 @@ impl NodeProc {
         let line = rx.recv_timeout(WAIT).expect("shard_listener did not report its address");
         let addr = line
             .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
+            .find(|w| w.starts_with(&listen[..=listen.rfind(':').unwrap()]))
             .unwrap_or_else(|| {
                 panic!("no address in {line:?}; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default())
             })

@@ -197,7 +197,8 @@ fn our_own_initiator_gets_an_encrypted_handshake_and_bitfield_back() {
             match wire::decode(&buf[at..], 1 << 20) {
                 Ok(Some((msg, used))) => {
                     seen.push(format!("{msg:?}").chars().take(40).collect::<String>());
-                    found |= matches!(msg, Message::Bitfield(_));
+                    // Our pieces: a bitfield, or HAVE_ALL to a peer with the Fast bit (BEP 6).
+                    found |= matches!(msg, Message::Bitfield(_) | Message::HaveAll);
                     at += used;
                 }
                 _ => break,
@@ -217,7 +218,7 @@ fn our_own_initiator_gets_an_encrypted_handshake_and_bitfield_back() {
         }
     };
     assert_eq!(wire::Handshake::decode(&buf[..68]).unwrap().unwrap().info_hash, m.info_hash);
-    assert!(got_bitfield, "no bitfield after the handshake; got {seen:?}");
+    assert!(got_bitfield, "no bitfield or HAVE_ALL after the handshake; got {seen:?}");
 }
 
 /// Sends `bytes` raw to `node` and waits for the close.

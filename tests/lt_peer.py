@@ -11,7 +11,12 @@ Usage:
       then serves until stdin closes or the timeout.
   --encryption forced|enabled|disabled (before the mode)
       libtorrent's in_enc_policy and out_enc_policy; forced also sets
-      allowed_enc_level to RC4 only [default: libtorrent's, enabled]."""
+      allowed_enc_level to RC4 only [default: libtorrent's, enabled].
+With LT_PEER_LOG=1 in the environment, libtorrent's peer log lines of the Fast
+extension (BEP 6) and the extension handshake go to stdout as "peer_log: ...",
+e.g. "<== HAVE_ALL" (received) or "==> HAVE_ALL" (sent; only when both sides
+set the fast bit)."""
+import os
 import select
 import sys
 import time
@@ -28,7 +33,8 @@ def session(encryption):
         "enable_natpmp": False,
         # Every peer of a test network is 127.0.0.1.
         "allow_multiple_connections_per_ip": True,
-        "alert_mask": lt.alert.category_t.error_notification | lt.alert.category_t.status_notification,
+        "alert_mask": lt.alert.category_t.error_notification | lt.alert.category_t.status_notification
+        | (lt.alert.category_t.peer_log_notification if PEER_LOG else 0),
     }
     if encryption is not None:
         # settings_pack: pe_forced 0, pe_enabled 1, pe_disabled 2; allowed_enc_level pe_rc4 2.
@@ -39,10 +45,16 @@ def session(encryption):
     return lt.session(settings)
 
 
+PEER_LOG = os.environ.get("LT_PEER_LOG") == "1"
+FAST_EVENTS = ("HAVE_ALL", "HAVE_NONE", "ALLOWED_FAST", "REJECT", "SUGGEST", "EXTENDED_HANDSHAKE")
+
+
 def errors(ses):
     for a in ses.pop_alerts():
         if a.category() & lt.alert.category_t.error_notification:
             print("alert:", a.message(), file=sys.stderr)
+        elif PEER_LOG and isinstance(a, lt.peer_log_alert) and any(e in a.message() for e in FAST_EVENTS):
+            print("peer_log:", a.message(), flush=True)
 
 
 def main():

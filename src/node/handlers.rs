@@ -276,7 +276,7 @@ impl Node {
         // One read of the counters: the top-level `sessions` is `inference.sessions`.
         let inference = self.inference.stats.to_json();
         let live = format!(
-            ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\
+            ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
             \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
@@ -285,6 +285,7 @@ impl Node {
             self.mse.to_json(self.config.encryption),
             self.uploaded_total(),
             self.downloads_json(),
+            self.peer_wire_json(),
             self.dht_status(),
             inference,
             self.relays.counts().0,

@@ -66,6 +66,8 @@ pub struct Download {
     pub failed: Option<String>,
     /// When the DHT was last asked for more peers.
     requeried: Option<Instant>,
+    /// Known peers that came from PEX (BEP 11).
+    pex_peers: u64,
 }
 
 /// A token bucket for `--upload-limit` / `--download-limit` (bytes/s; 0 = none).
@@ -312,6 +314,7 @@ impl Node {
                 }
             }
             Action::Complete => self.start_finish(h),
+            Action::PexPeers(addrs) => self.add_pex_peers(h, &addrs),
         }
     }
 
@@ -589,6 +592,7 @@ impl Node {
             let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)
                 .map_err(|e| (ErrorCode::Internal, format!("starting the download of {name}: {e:#}")))?;
             self.make_private(&mut swarm).map_err(|e| (ErrorCode::Internal, format!("{e:#}")))?;
+            swarm.set_listen_port(self.local_addr.port());
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
             self.forget_failed();
@@ -604,6 +608,7 @@ impl Node {
             resume_saved: Instant::now(),
             failed: None,
             requeried: None,
+            pex_peers: 0,
         });
         d.failed = None;
         for p in peers {
@@ -692,6 +697,31 @@ impl Node {
             if let Err(e) = self.dial(h, p, encrypted) {
                 debug!("dialling {p}: {e}");
             }
+        }
+    }
+
+    /// Addresses a peer's PEX named: candidates of a running download, up to
+    /// `--max-download-peers` known peers in all, then dialled like the rest. A seed takes none.
+    fn add_pex_peers(&mut self, h: InfoHash, addrs: &[SocketAddr]) {
+        let (Some(d), Some(s)) = (self.downloads.get_mut(&h), self.swarms.get(&h)) else { return };
+        if s.is_complete() || d.failed.is_some() {
+            return;
+        }
+        let before = d.peers.len();
+        for p in addrs {
+            if d.peers.len() >= self.config.max_download_peers {
+                break;
+            }
+            if !d.peers.contains(p) && *p != self.local_addr {
+                d.peers.push(*p);
+            }
+        }
+        let added = d.peers.len() - before;
+        d.pex_peers += added as u64;
+        if added > 0 {
+            debug!("download {h}: {added} peers from PEX");
+            self.status_cache = None;
+            self.dial_peers(h);
         }
     }
 
@@ -886,7 +916,8 @@ impl Node {
         match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now())
             .and_then(|mut s| self.make_private(&mut s).map(|()| s))
         {
-            Ok(s) => {
+            Ok(mut s) => {
+                s.set_listen_port(self.local_addr.port());
                 self.swarms.insert(meta.info_hash, s);
             }
             Err(e) => warn!("cannot seed {}: {e:#}", entry.filename),
@@ -921,6 +952,7 @@ impl Node {
                     "pieces_rechecked": s.rechecked,
                     "peers": s.peers.len(),
                     "known_peers": d.peers.len(),
+                    "pex_peers": d.pex_peers,
                     "downloaded": s.downloaded,
                     "uploaded": s.uploaded,
                     "wasted": s.wasted,
@@ -933,6 +965,50 @@ impl Node {
             })
             .collect();
         serde_json::Value::Array(list)
+    }
+
+    /// The Fast extension's and PEX's counters summed over every swarm, for STATUS `peer_wire`.
+    pub(super) fn peer_wire_json(&self) -> serde_json::Value {
+        let mut t = crate::torrent::swarm::fast::ExtStats::default();
+        for s in self.swarms.values() {
+            let x = &s.stats;
+            t.fast_peers += x.fast_peers;
+            t.have_all_sent += x.have_all_sent;
+            t.have_all_received += x.have_all_received;
+            t.rejects_sent += x.rejects_sent;
+            t.rejects_received += x.rejects_received;
+            t.allowed_fast_sent += x.allowed_fast_sent;
+            t.allowed_fast_received += x.allowed_fast_received;
+            t.suggests_received += x.suggests_received;
+            t.fast_ignored += x.fast_ignored;
+            t.fast_closed += x.fast_closed;
+            t.pex_sent += x.pex_sent;
+            t.pex_received += x.pex_received;
+            t.pex_peers_taken += x.pex_peers_taken;
+            t.pex_ignored += x.pex_ignored;
+            t.pex_closed += x.pex_closed;
+        }
+        serde_json::json!({
+            "fast": {
+                "peers": t.fast_peers,
+                "have_all_sent": t.have_all_sent,
+                "have_all_received": t.have_all_received,
+                "rejects_sent": t.rejects_sent,
+                "rejects_received": t.rejects_received,
+                "allowed_fast_sent": t.allowed_fast_sent,
+                "allowed_fast_received": t.allowed_fast_received,
+                "suggests_received": t.suggests_received,
+                "ignored": t.fast_ignored,
+                "closed": t.fast_closed,
+            },
+            "pex": {
+                "sent": t.pex_sent,
+                "received": t.pex_received,
+                "peers_taken": t.pex_peers_taken,
+                "ignored": t.pex_ignored,
+                "closed": t.pex_closed,
+            },
+        })
     }
 
     /// Upload totals of every swarm, for STATUS.

@@ -18,7 +18,9 @@ use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
 use crate::hash::Digest;
 
+pub mod fast;
 mod metadata;
+pub mod pex;
 pub mod private;
 
 /// Most blocks asked of one peer at once: 256 x 16 KiB = 4 MiB in flight,
@@ -110,6 +112,9 @@ pub enum Action {
     Disconnect(PeerKey, String),
     /// Verified pieces changed: record them (debounced by the node).
     SaveResume,
+    /// Addresses a peer's PEX message named (BEP 11): untrusted candidates for the download,
+    /// dialled only within its peer budget.
+    PexPeers(Vec<SocketAddr>),
 }
 
 /// One connected peer.
@@ -149,9 +154,18 @@ pub struct Peer {
     burst_last: Instant,
     /// Private swarms: this peer's proof of the cluster key.
     proof: Option<private::PeerProof>,
+    /// The Fast extension (BEP 6).
+    fast: fast::PeerFast,
+    /// Peer exchange (BEP 11).
+    pex: pex::PeerPex,
 }
 
 impl Peer {
+    /// Whether it may see our pieces: a public swarm, or a peer that proved the cluster key.
+    fn proved(&self) -> bool {
+        self.proof.as_ref().is_none_or(|x| x.proved)
+    }
+
     /// Blocks to keep asked of this peer: the window, grown while the peer
     /// answers all of it (a distant or bursty peer is window-bound, like TCP
     /// in slow start), and at least a burst period at the best rate seen (the
@@ -238,6 +252,10 @@ pub struct Swarm {
     direct_io: bool,
     /// `--private`: only peers proving the cluster key are served.
     private: Option<private::Private>,
+    /// Peer exchange (BEP 11); never in a private swarm (BEP 27).
+    pex: pex::SwarmPex,
+    /// Counters of the Fast extension and PEX.
+    pub stats: fast::ExtStats,
 }
 
 impl Swarm {
@@ -303,6 +321,8 @@ impl Swarm {
             dir,
             direct_io: false,
             private: None,
+            pex: pex::SwarmPex::default(),
+            stats: fast::ExtStats::default(),
         }
     }
 
@@ -396,6 +416,8 @@ impl Swarm {
             burst_blocks: 0,
             burst_last: now,
             proof,
+            fast: fast::PeerFast::default(),
+            pex: pex::PeerPex::new(outgoing),
         };
         if outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
@@ -413,8 +435,7 @@ impl Swarm {
             return Err(anyhow!("already connected to this peer"));
         }
         let ext_payload = self.extension_handshake(self.private_handshake_fields(key));
-        // A private swarm shows its pieces only after the proof.
-        let have = self.picker.as_ref().map(|p| p.have().clone()).filter(|_| self.private.is_none());
+        let have = self.picker.as_ref().map(|p| p.have().clone());
         let private = self.private.is_some();
         let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
         if private && !hs.supports_extensions() {
@@ -423,14 +444,17 @@ impl Swarm {
         peer.handshaken = true;
         peer.peer_id = hs.peer_id;
         peer.extensions = hs.supports_extensions();
+        peer.fast.on = hs.supports_fast();
+        self.stats.fast_peers += peer.fast.on as u64;
         if !outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
         }
         if peer.extensions {
             wire::encode(&Message::Extended { id: 0, payload: &ext_payload }, &mut peer.out);
         }
-        if let Some(have) = have.filter(|h| h.count() > 0) {
-            wire::encode(&Message::Bitfield(have.as_bytes()), &mut peer.out);
+        // A private swarm shows its pieces only after the proof.
+        if !private {
+            fast::announce(peer, have.as_ref(), &mut self.stats);
         }
         Ok(())
     }
@@ -440,11 +464,17 @@ impl Swarm {
         if nonce.is_some() {
             m.push(("shardnet_auth", Value::Int(private::SHARDNET_AUTH as i64)));
         }
+        if self.private.is_none() {
+            m.push(("ut_pex", Value::Int(pex::UT_PEX as i64)));
+        }
         let mut d = vec![
             ("m", bencode::dict(m)),
             ("reqq", Value::Int(MAX_PEER_REQUESTS as i64)),
             ("v", Value::str("shardnet")),
         ];
+        if let Some(port) = self.pex.listen_port {
+            d.push(("p", Value::Int(port as i64)));
+        }
         if let Some(n) = &nonce {
             d.push(("shardnet_nonce", Value::bytes(&n[..])));
         }
@@ -467,6 +497,10 @@ impl Swarm {
             Message::Choke => {
                 let peer = self.peer(key)?;
                 peer.peer_choking = true;
+                if peer.fast.on {
+                    // BEP 6: a choke rejects nothing; each request gets a block or a reject.
+                    return Ok(());
+                }
                 let requested: Vec<Block> = peer.requested.drain(..).map(|(b, _)| b).collect();
                 if let Some(p) = self.picker.as_mut() {
                     for b in &requested {
@@ -480,20 +514,34 @@ impl Swarm {
             }
             Message::Interested => {
                 self.peer(key)?.peer_interested = true;
+                self.send_allowed_fast(key);
                 self.rechoke();
             }
             Message::NotInterested => {
-                let peer = self.peer(key)?;
+                let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
                 peer.peer_interested = false;
+                Swarm::reject_all(peer, peer.queue.clone(), &mut self.stats);
                 peer.queue.clear();
                 self.rechoke();
             }
             Message::Have(i) => self.on_have(key, i)?,
             Message::Bitfield(bytes) => self.on_bitfield(key, bytes)?,
             Message::Request(b) => self.on_request(key, b)?,
-            Message::Cancel(b) => self.peer(key)?.queue.retain(|q| *q != b),
+            Message::Cancel(b) => {
+                let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+                let before = peer.queue.len();
+                peer.queue.retain(|q| *q != b);
+                if peer.queue.len() < before {
+                    Swarm::reject_all(peer, [b], &mut self.stats);
+                }
+            }
             Message::Piece { index, begin, data } => self.on_piece(key, index, begin, data, now)?,
             Message::Extended { id, payload } => self.on_extended(key, id, payload, now)?,
+            Message::HaveAll => self.on_have_all_none(key, true)?,
+            Message::HaveNone => self.on_have_all_none(key, false)?,
+            Message::RejectRequest(b) => self.on_reject(key, b)?,
+            Message::AllowedFast(i) => self.on_allowed_fast(key, i)?,
+            Message::SuggestPiece(i) => self.on_suggest(key, i)?,
         }
         Ok(())
     }
@@ -522,6 +570,7 @@ impl Swarm {
     }
 
     fn on_bitfield(&mut self, key: PeerKey, bytes: &[u8]) -> Result<()> {
+        self.note_bitfield(key)?;
         let Some(picker) = self.picker.as_mut() else {
             // No metadata yet: the piece count is unknown; keep it for later.
             let peer = self.peer(key)?;
@@ -553,10 +602,10 @@ impl Swarm {
         if !picker.have().get(b.index) {
             return Err(anyhow!("request for piece {} which we do not have", b.index));
         }
-        let peer = self.peer(key)?;
-        if peer.am_choking {
-            return Ok(()); // may cross an unchoke in flight; dropped, as BEP 3 allows
+        if self.peer(key)?.am_choking && !self.request_while_choked(key, b)? {
+            return Ok(()); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
         }
+        let peer = self.peer(key)?;
         if peer.queue.len() >= MAX_PEER_REQUESTS {
             return Err(anyhow!("more than {MAX_PEER_REQUESTS} requests queued"));
         }
@@ -598,6 +647,7 @@ impl Swarm {
                     if let Some(p) = self.peers.get_mut(&other) {
                         p.requested.retain(|(r, _)| *r != b);
                         wire::encode(&Message::Cancel(b), &mut p.out);
+                        p.fast.cancelled(b);
                     }
                 }
                 if complete {
@@ -654,7 +704,7 @@ impl Swarm {
                 self.ban(ip, &format!("sent a corrupt block of piece {piece}"));
             }
             let have = Message::Have(piece);
-            for p in self.peers.values_mut().filter(|p| p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved)) {
+            for p in self.peers.values_mut().filter(|p| p.handshaken && p.proved()) {
                 wire::encode(&have, &mut p.out);
             }
             self.actions.push(Action::SaveResume);
@@ -728,10 +778,11 @@ impl Swarm {
         }
     }
 
-    /// Keeps the peer's pipeline of blocks asked of an unchoking peer.
+    /// Keeps the peer's pipeline of blocks asked of an unchoking peer (of a choking fast peer:
+    /// of its allowed-fast pieces).
     fn request_more(&mut self, key: PeerKey) {
         let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
-        if peer.peer_choking || !peer.am_interested || picker.is_complete() {
+        if (peer.peer_choking && !peer.fast.on) || !peer.am_interested || picker.is_complete() {
             return;
         }
         let room = peer.pipeline().saturating_sub(peer.requested.len());
@@ -740,7 +791,13 @@ impl Swarm {
         }
         let now = Instant::now();
         let may_start = self.buffered < MAX_BUFFERED;
-        for b in picker.pick(key, &peer.bits, room, may_start) {
+        let choked = peer.peer_choking;
+        let mut blocks = self.pick_fast(key, room, may_start);
+        let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
+        if !choked && blocks.len() < room {
+            blocks.extend(picker.pick(key, &peer.bits, room - blocks.len(), may_start));
+        }
+        for b in blocks {
             wire::encode(&Message::Request(b), &mut peer.out);
             peer.requested.push((b, now));
         }
@@ -752,8 +809,14 @@ impl Swarm {
         for p in self.peers.values_mut() {
             if !p.am_choking && !p.peer_interested {
                 p.am_choking = true;
-                p.queue.clear();
                 wire::encode(&Message::Choke, &mut p.out);
+                // BEP 6: what a fast peer asked is rejected, but for its allowed-fast pieces.
+                let allowed = std::mem::take(&mut p.fast.allowed_out);
+                let (keep, drop): (VecDeque<Block>, VecDeque<Block>) =
+                    p.queue.drain(..).partition(|b| p.fast.on && allowed.contains(&b.index));
+                Swarm::reject_all(p, drop, &mut self.stats);
+                p.queue = keep;
+                p.fast.allowed_out = allowed;
                 unchoked -= 1;
             }
         }
@@ -761,7 +824,7 @@ impl Swarm {
             if unchoked >= UNCHOKE_SLOTS {
                 break;
             }
-            if p.am_choking && p.peer_interested && p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved) {
+            if p.am_choking && p.peer_interested && p.handshaken && p.proved() {
                 p.am_choking = false;
                 wire::encode(&Message::Unchoke, &mut p.out);
                 unchoked += 1;
@@ -837,8 +900,12 @@ impl Swarm {
             });
             for b in cancels {
                 wire::encode(&Message::Cancel(b), &mut p.out);
+                p.fast.cancelled(b);
             }
-            if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
+            // A fast peer's choke leaves our requests asked (BEP 6): their expiry while it chokes
+            // us is no snub.
+            let snubbing = before > 0 && !p.peer_choking;
+            if snubbing && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
                 self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
             }
         }
@@ -857,6 +924,7 @@ impl Swarm {
             self.request_more(k);
         }
         self.request_metadata(now);
+        self.send_pex(now);
     }
 
     /// A piece buffer back from the workers: kept for the next piece while
@@ -892,3 +960,5 @@ impl Swarm {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ext;

@@ -455,7 +455,10 @@ impl Node {
             if self.pin_unsatisfied() {
                 return Err((
                     ErrorCode::ManifestMismatch,
-                    format!("this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it", crate::hash::to_hex(&pin)),
+                    format!(
+                        "this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it",
+                        crate::hash::to_hex(&pin)
+                    ),
                 ));
             }
             if !self.catalog.manifest.values().any(|(_, m)| *m == h) {
@@ -855,6 +858,10 @@ impl Node {
                     "complete": s.is_complete(),
                     "banned": s.banned.len(),
                     "error": d.failed,
+                    "pipelines": s.pipelines().into_iter().map(|(addr, window, asked, reqq, rtt, rate)| {
+                        serde_json::json!({"address": addr.to_string(), "window": window, "asked": asked,
+                            "reqq": reqq, "rtt_ms": rtt, "rate_bytes_s": rate})
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();

@@ -124,7 +124,7 @@ fn protocol_violations_are_errors() {
 
 /// A peer that answers in bursts (as Transmission does every 500 ms, or any
 /// peer one long round trip away) returns the whole window at once: the
-/// window doubles each burst, up to `PIPELINE`, and the file arrives whole.
+/// window at least doubles each burst, up to `PIPELINE`, and the file arrives whole.
 #[test]
 fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
     let dir = std::env::temp_dir().join(format!("shardnet-swarm-burst-{}", std::process::id()));
@@ -172,8 +172,18 @@ fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
         }
     }
     assert!(complete, "the download finished");
-    let grown: Vec<usize> = windows.iter().copied().filter(|w| *w > 0).take(6).collect();
-    assert_eq!(grown, vec![16, 32, 64, 128, 256, 256], "windows per burst: {windows:?}");
+    // The first window is 16 blocks; each burst at least doubles it, until the blocks left (or
+    // the cap) are all asked. (More than double where a rate sample's floor is larger: that
+    // depends on how fast this test runs, so it is allowed.)
+    let grown: Vec<usize> = windows.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(grown[0], 16, "windows per burst: {windows:?}");
+    let mut left = data.len().div_ceil(BLOCK_SIZE as usize) - grown[0];
+    for pair in grown.windows(2) {
+        let want = (2 * pair[0]).min(left).min(PIPELINE);
+        assert!(pair[1] >= want, "{} after {}: windows per burst {windows:?}", pair[1], pair[0]);
+        left -= pair[1];
+    }
+    assert_eq!(left, 0, "every block asked once: {windows:?}");
     let storage = leech.storage_mut().unwrap();
     storage.finish_job().unwrap()().unwrap();
     assert_eq!(std::fs::read(dir.join("leech").join("f.gguf")).unwrap(), data);

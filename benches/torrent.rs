@@ -256,12 +256,13 @@ fn main() {
         json!({"mib_256mib_file": small_peak as f64 / 1024.0, "mib_1gib_file": big_peak as f64 / 1024.0}),
     );
 
-    // (c) recheck: the file as NAME.part with no resume data.
+    // (c) recheck: the file as NAME.<infohash>.part with no resume data.
     let rd = TempDir::new("bench-recheck");
-    std::fs::copy(sd.path().join("blob.gguf"), rd.path().join("blob.gguf.part")).unwrap();
+    let part = shardnet::torrent::storage::part_path(rd.path(), "blob.gguf", m.info_hash);
+    std::fs::copy(sd.path().join("blob.gguf"), &part).unwrap();
     // Written back and read once: the page cache is warm and clean.
-    std::fs::File::open(rd.path().join("blob.gguf.part")).unwrap().sync_all().unwrap();
-    let _ = std::fs::read(rd.path().join("blob.gguf.part")).unwrap();
+    std::fs::File::open(&part).unwrap().sync_all().unwrap();
+    let _ = std::fs::read(&part).unwrap();
     let node = NodeProc::start(rd.path(), &["--enable-torrent", "--log-level", "warn"]);
     let t = Instant::now();
     let d = download(&node, &m, &[]);

@@ -115,6 +115,13 @@ fn protocol_violations_are_errors() {
     assert!(seed.on_message(2, Message::Request(Block { index: 0, begin: 0, length: 32768 }), now).is_err());
     assert!(seed.on_message(2, Message::Request(Block { index: 5, begin: 0, length: 16 }), now).is_err());
     assert!(seed.on_message(2, Message::Unknown { id: 42, len: 3 }, now).is_ok());
+    // An unchoked peer may queue MAX_PEER_REQUESTS requests (our reqq); one more is a flood.
+    seed.on_message(2, Message::Interested, now).unwrap();
+    let b = Block { index: 0, begin: 0, length: 16384 };
+    for _ in 0..MAX_PEER_REQUESTS {
+        seed.on_message(2, Message::Request(b), now).unwrap();
+    }
+    assert!(seed.on_message(2, Message::Request(b), now).is_err(), "request {} is a flood", MAX_PEER_REQUESTS + 1);
     // A self-connection and a duplicate peer id are refused.
     seed.add_peer(3, addr, false, now).unwrap();
     assert!(seed.on_handshake(3, &Handshake::new(m.info_hash, [1; 20]), false).is_err());

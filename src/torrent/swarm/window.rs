@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 
 use crate::torrent::wire::BLOCK_SIZE;
 
-/// Most blocks asked of one peer at once: 1024 x 16 KiB = 16 MiB in flight,
-/// the bandwidth-delay product of 200 MB/s at 80 ms (or 32 MB/s from a peer
-/// that sends every 500 ms).
-pub const PIPELINE: usize = 1024;
+/// Most blocks asked of one peer at once: 2048 x 16 KiB = 32 MiB in flight,
+/// the bandwidth-delay product of 400 MB/s at 80 ms (or 64 MB/s from a peer
+/// that sends every 500 ms). The pieces being gathered (`MAX_BUFFERED`, 32
+/// MiB a download) bound it too.
+pub const PIPELINE: usize = 2048;
 /// Blocks first asked of a peer.
 pub const START_WINDOW: usize = 16;
 /// Fewest blocks asked of one peer at once.

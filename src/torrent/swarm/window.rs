@@ -4,10 +4,12 @@
 //! request takes to come back. Two kinds of peer make that time long: a
 //! distant one (the round trip) and a bursty one (Transmission answers every
 //! 500 ms). The window therefore starts small and doubles each time the peer
-//! answers all of it in one burst (it was waiting on us, not on its link: TCP's
-//! slow start), and never drops under what the measured rate needs: a burst
-//! period at the best rate seen, and twice the bandwidth-delay product (rate x
-//! least round trip). It stays within `PIPELINE` and under the peer's `reqq`.
+//! answers all of it in one burst, quicker than half a round trip (it was
+//! waiting on us, not on its link: TCP's slow start; a peer whose link is full
+//! sends a steady stream, which does not grow it), and never drops under what
+//! the measured rate needs: a burst period at the best rate seen, and twice
+//! the bandwidth-delay product (rate x least round trip). It stays within
+//! `PIPELINE` and under the peer's `reqq`.
 
 use std::time::{Duration, Instant};
 
@@ -34,9 +36,6 @@ const BURST_PERIOD: f64 = 0.5;
 /// bandwidth-delay product, so that a faster link can show itself (the
 /// window grows with the rate it measures).
 const BDP_HEADROOM: f64 = 2.0;
-/// The round trip is the least request-to-block time seen within this span
-/// (longer times are queueing at the peer); then it is measured afresh.
-const RTT_SPAN: Duration = Duration::from_secs(10);
 /// How often the download rate is re-estimated.
 const RATE_WINDOW: Duration = Duration::from_millis(100);
 
@@ -52,12 +51,15 @@ pub struct RequestWindow {
     best_rate: f64,
     /// Blocks to keep asked, grown while the peer answers all of it at once.
     window: usize,
-    /// Blocks of the current burst, and when its last one came.
+    /// Blocks of the current burst, when it began and when its last one came.
     burst_blocks: usize,
+    burst_start: Instant,
     burst_last: Instant,
-    /// The least request-to-block time since `rtt_since`.
+    /// The least request-to-block time of the connection: the round trip
+    /// with the least queueing at the peer. (Never measured afresh: with our
+    /// own requests queued there, a fresh measure would include the queue, and
+    /// a window sized from it would grow the queue, and so on.)
     min_rtt: Option<Duration>,
-    rtt_since: Instant,
 }
 
 impl RequestWindow {
@@ -70,9 +72,9 @@ impl RequestWindow {
             best_rate: 0.0,
             window: START_WINDOW,
             burst_blocks: 0,
+            burst_start: now,
             burst_last: now,
             min_rtt: None,
-            rtt_since: now,
         }
     }
 
@@ -101,31 +103,29 @@ impl RequestWindow {
         self.count_rate(bytes, now);
     }
 
-    /// The least request-to-block time, started afresh every `RTT_SPAN`.
     fn count_rtt(&mut self, asked: Instant, now: Instant) {
         let sample = now.saturating_duration_since(asked);
-        match self.min_rtt {
-            Some(m) if now.saturating_duration_since(self.rtt_since) <= RTT_SPAN => {
-                self.min_rtt = Some(m.min(sample));
-            }
-            _ => {
-                self.min_rtt = Some(sample);
-                self.rtt_since = now;
-            }
-        }
+        self.min_rtt = Some(self.min_rtt.map_or(sample, |m| m.min(sample)));
     }
 
-    /// A whole window in one burst doubles the window (the peer answered
-    /// everything asked at once: more would have come too).
+    /// A whole window in one burst, quicker than half a round trip (or
+    /// `BURST_GAP`), doubles the window: the peer answered everything asked at
+    /// once, and more would have come too. A steady stream as fast as the link
+    /// goes (blocks close together, but a window taking longer) does not.
     fn count_burst(&mut self, now: Instant) {
         if now.saturating_duration_since(self.burst_last) > BURST_GAP {
             self.burst_blocks = 0;
+            self.burst_start = now;
         }
         self.burst_last = now;
         self.burst_blocks += 1;
         if self.burst_blocks >= self.window.min(self.cap()) {
-            self.window = (self.window * 2).min(PIPELINE);
+            let quick = self.min_rtt.map_or(BURST_GAP, |r| (r / 2).max(BURST_GAP));
+            if now.saturating_duration_since(self.burst_start) <= quick {
+                self.window = (self.window * 2).min(PIPELINE);
+            }
             self.burst_blocks = 0;
+            self.burst_start = now;
         }
     }
 
@@ -208,6 +208,32 @@ mod tests {
         // Half a second at 1.37 MB/s is 42 blocks; a 100 ms sample holds 9 or 10 blocks.
         assert!((38..=52).contains(&best), "half a second at the best sample: {best}");
         assert_eq!(w.pipeline(), best, "kept after the rate fell");
+    }
+
+    /// A peer whose link is full sends a steady stream, blocks close together (2 ms apart: 8 MB/s)
+    /// but a whole window taking longer than half the round trip: the window does not grow, so
+    /// its queue at the peer stays a burst period at the rate it showed, not the cap.
+    #[test]
+    fn a_steady_stream_at_the_link_rate_does_not_grow_the_window() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut w = RequestWindow::new(t0);
+        w.reqq = 100_000;
+        flow(&mut w, t0, 2000, Duration::from_secs(4), Duration::from_millis(20));
+        assert_eq!(w.window(), START_WINDOW);
+        let floor = (w.best_rate * BURST_PERIOD / BLOCK as f64) as usize;
+        assert_eq!(w.pipeline(), floor);
+        assert!((200..=300).contains(&floor), "half a second at 8 MB/s is 244 blocks: {floor}");
+    }
+
+    /// The round trip is the least time seen on the connection: later, longer times (our own
+    /// requests queued at the peer) never raise it, so the window never feeds its own queue.
+    #[test]
+    fn queueing_at_the_peer_does_not_raise_the_round_trip() {
+        let t0 = Instant::now() + Duration::from_secs(1);
+        let mut w = RequestWindow::new(t0);
+        flow(&mut w, t0, 50, Duration::from_secs(1), Duration::from_millis(80));
+        flow(&mut w, t0 + Duration::from_secs(20), 50, Duration::from_secs(1), Duration::from_millis(400));
+        assert_eq!(w.min_rtt(), Some(Duration::from_millis(80)));
     }
 
     /// The window doubles per whole-window burst and stops one under the peer's `reqq`.

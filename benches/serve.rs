@@ -15,24 +15,17 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{NodeProc, TempDir, wait_for};
+use common::{TempDir, bench_model, median, seeded_cluster, wait_for};
 use serde_json::{Value, json};
-use shardnet::gguf::demo::{DemoConfig, write};
-use shardnet::gguf::split;
 
 const PROMPT: &str = "The history of the Roman Empire spans many centuries, from the founding of the city to the fall of \
     Constantinople. Its roads, laws and language shaped much of Europe. Write a short summary:";
 const N: usize = 64;
 const REPS: usize = 5;
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
 
 /// One streamed completion: (ms to the first text, decode tokens/s, completion tokens).
 fn http_run(addr: &str) -> (f64, f64, u64) {
@@ -44,7 +37,10 @@ fn http_run(addr: &str) -> (f64, f64, u64) {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_nodelay(true).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    let req = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let req = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     let t0 = Instant::now();
     s.write_all(req.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
@@ -88,29 +84,9 @@ fn infer_run(boot: &str) -> (f64, f64, u64) {
 
 fn main() {
     let dir = TempDir::new("bench-serve");
-    let smol = PathBuf::from("models_cache/SmolLM2-135M-Instruct.Q4_1.gguf");
-    let model = if smol.exists() {
-        smol
-    } else {
-        let p = dir.path().join("demo.gguf");
-        write(&DemoConfig { layers: 16, embd: 512, heads: 8, kv_heads: 4, ffn: 1536, ..Default::default() }, &p)
-            .unwrap();
-        p
-    };
-    let d0 = dir.path().join("node-0");
-    split::split(&model, 3, &d0, None).unwrap();
-    let n0 = NodeProc::start(&d0, &["--enable-torrent", "--threads", "1"]);
-    let mut nodes = vec![];
-    for i in 1..3 {
-        let d: PathBuf = dir.path().join(format!("node-{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        nodes.push(NodeProc::start(&d, &["--enable-torrent", "--threads", "1", "--bootstrap", &n0.addr]));
-    }
-    wait_for(Duration::from_secs(30), || {
-        let r = n0.call("FIND_PEERS", json!({"cluster": true}));
-        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
-        nodes.iter().all(|n| peers.contains(&json!(n.addr))).then_some(())
-    });
+    let model = bench_model(dir.path());
+    let nodes = seeded_cluster(dir.path(), &model, 3, 3, &["--enable-torrent", "--threads", "1"]);
+    let n0 = &nodes[0];
     let mut serve = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args(["serve", "--bootstrap", &n0.addr, "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())

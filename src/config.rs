@@ -78,6 +78,10 @@ pub struct NodeConfig {
     pub repack: bool,
     /// A read-only DHT node (BEP 43): asks, never answers, never routed to.
     pub dht_read_only: bool,
+    /// The TCP port announced in the DHT (cluster, manifest, name and info-hash keys) when peers
+    /// reach the node on another port than it listens on (a port forward, a relay in front of
+    /// it); `None`: the listening port. As libtorrent's `announce_port`.
+    pub announce_port: Option<u16>,
     /// DHT packets a second to any one address (libtorrent bans a source over 5).
     pub dht_query_rate: u32,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
@@ -110,6 +114,48 @@ pub struct NodeConfig {
     pub model_pin: Option<[u8; 32]>,
     /// `--private`: serve the peer wire only to peers proving the cluster key.
     pub private: bool,
+    /// `--encryption`: Message Stream Encryption on the peer wire, in and out.
+    pub encryption: Encryption,
+}
+
+/// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
+/// policies: `prefer-plaintext` (the default) and `prefer-encrypted` are its `pe_enabled`
+/// (accept both, redial the other way when a peer drops the first attempt) with
+/// `prefer_rc4` off and on, `require` its `pe_forced` with `allowed_enc_level` RC4, `disable`
+/// its `pe_disabled`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// Dial plaintext first (MSE on a retry); accept both; pick plaintext when offered both:
+    /// pieces keep the zero-copy path unless a peer insists on RC4.
+    #[default]
+    PreferPlaintext,
+    /// Dial MSE first (plaintext on a retry); accept both; pick RC4 when offered both.
+    PreferEncrypted,
+    /// Only MSE with an RC4 payload, in and out: plaintext peers are refused.
+    Require,
+    /// Never MSE: plaintext handshakes only (MSE's first bytes go to the command parser).
+    Disable,
+}
+
+impl Encryption {
+    pub fn parse(s: &str) -> Option<Encryption> {
+        Some(match s {
+            "prefer-plaintext" => Encryption::PreferPlaintext,
+            "prefer-encrypted" => Encryption::PreferEncrypted,
+            "require" => Encryption::Require,
+            "disable" => Encryption::Disable,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::PreferPlaintext => "prefer-plaintext",
+            Encryption::PreferEncrypted => "prefer-encrypted",
+            Encryption::Require => "require",
+            Encryption::Disable => "disable",
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -144,6 +190,7 @@ impl Default for NodeConfig {
             kv_memory: 2 << 30,
             repack: true,
             dht_read_only: false,
+            announce_port: None,
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
             max_downloads: 8,
             max_download_peers: 32,
@@ -158,6 +205,7 @@ impl Default for NodeConfig {
             auth_timeout: auth::DEFAULT_AUTH_TIMEOUT,
             model_pin: None,
             private: false,
+            encryption: Encryption::default(),
         }
     }
 }
@@ -209,6 +257,10 @@ FLAGS:
   --dht-read-only        a read-only DHT node (BEP 43): it looks up and announces
                          but answers no query, and others keep it out of their
                          routing tables (for a node that cannot take queries)
+  --announce-port N      the TCP port to announce in the DHT when peers reach
+                         this node on another port than it listens on (a port
+                         forward or a relay in front of it) [default: the
+                         listening port]
   --dht-query-rate N     DHT packets a second to any one address, queries and
                          answers together [default: 3; libtorrent bans over 5]
   --max-downloads N      downloads under way at once; more are refused
@@ -244,6 +296,13 @@ FLAGS:
   --private              serve shards only to peers proving the cluster key (BEP 10
                          handshake) and announce them under keyed DHT names only;
                          needs a cluster key
+  --encryption POLICY    Message Stream Encryption (MSE, protocol encryption) on
+                         the peer wire: prefer-plaintext (dial plaintext, redial
+                         with MSE if the peer drops it; accept both, choosing a
+                         plaintext payload when offered both), prefer-encrypted
+                         (dial MSE first, choose RC4), require (RC4 only, in and
+                         out: plaintext peers are refused) or disable (plaintext
+                         only) [default: prefer-plaintext]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -381,6 +440,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 }
                 c.dht_read_only = true;
             }
+            "--announce-port" => c.announce_port = Some(number(flag, value()?, 1, u16::MAX as u64)? as u16),
             "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
@@ -413,6 +473,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                     return Err("--private takes no value".into());
                 }
                 c.private = true;
+            }
+            "--encryption" => {
+                let v = value()?;
+                c.encryption = Encryption::parse(v).ok_or_else(|| {
+                    format!("--encryption {v:?} is not prefer-plaintext, prefer-encrypted, require or disable")
+                })?;
             }
             "--log-level" => {
                 let v = value()?;
@@ -516,6 +582,8 @@ mod tests {
         assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
         assert_eq!(c.dht_query_rate, 3);
         assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
+        assert_eq!(c.announce_port, None);
+        assert_eq!(run(&["--announce-port", "6881"]).unwrap().announce_port, Some(6881));
     }
 
     #[test]
@@ -544,6 +612,8 @@ mod tests {
             (&["--cached-writes=no"], "--cached-writes takes no value"),
             (&["--dht-read-only=1"], "--dht-read-only takes no value"),
             (&["--dht-query-rate", "0"], "--dht-query-rate"),
+            (&["--announce-port", "0"], "--announce-port"),
+            (&["--announce-port", "65536"], "--announce-port"),
             (&["--max-downloads", "0"], "--max-downloads"),
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),

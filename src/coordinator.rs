@@ -155,6 +155,8 @@ struct NodeView {
     addr: SocketAddr,
     loaded: HashSet<u32>,
     files: HashSet<u32>,
+    /// The info hash of each complete shard file it holds (`LIST_FILES`).
+    hashes: HashMap<u32, String>,
 }
 
 pub struct Coordinator<'e> {
@@ -178,6 +180,9 @@ pub struct Coordinator<'e> {
     tokenizer_meta: serde_json::Map<String, Value>,
     events: Box<dyn FnMut(Event) + 'e>,
 }
+
+/// Holders of a shard named to a node that loads it (`LOAD_SHARD`'s `peers`).
+const HOLDERS_GIVEN: usize = 8;
 
 /// `n` (at most 20) random bytes in hex.
 fn random_hex(n: usize) -> String {
@@ -248,14 +253,19 @@ impl<'e> Coordinator<'e> {
                 .flatten()
                 .filter_map(|s| s["shard_id"].as_u64().map(|v| v as u32))
                 .collect();
-            let files = list["files"]
+            let complete: Vec<&Value> = list["files"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter(|f| f["complete"] != json!(false) && f.get("error").is_none())
-                .filter_map(|f| f["shard_id"].as_u64().map(|v| v as u32))
                 .collect();
-            nodes.push(NodeView { addr, loaded, files });
+            let files = complete.iter().filter_map(|f| f["shard_id"].as_u64().map(|v| v as u32)).collect();
+            let hashes = complete
+                .iter()
+                .filter(|f| f.get("mismatch").is_none_or(|m| *m == json!(false)))
+                .filter_map(|f| Some((f["shard_id"].as_u64()? as u32, f["info_hash"].as_str()?.to_string())))
+                .collect();
+            nodes.push(NodeView { addr, loaded, files, hashes });
         }
         if nodes.is_empty() {
             bail!(
@@ -391,8 +401,13 @@ impl<'e> Coordinator<'e> {
             .iter()
             .map(|&(shard, node)| {
                 let mut params = json!({"shard_id": shard});
-                if let Some(s) = self.manifest.as_ref().and_then(|m| m.shard(shard)) {
-                    params["info_hash"] = json!(s.info_hash.to_hex());
+                let pinned = self.manifest.as_ref().and_then(|m| m.shard(shard)).map(|s| s.info_hash.to_hex());
+                if let Some((info_hash, holders)) = self.holders(shard, node, pinned) {
+                    // The node downloads from the holders we know at once, without asking the
+                    // DHT who holds the shard and under which info hash (it still checks every
+                    // piece against the hash, and the shard's model id at load).
+                    params["info_hash"] = json!(info_hash);
+                    params["peers"] = json!(holders);
                 }
                 std::thread::spawn(move || -> Result<Value> {
                     let mut c = Client::connect(&node.to_string(), timeout)?;
@@ -455,6 +470,31 @@ impl<'e> Coordinator<'e> {
             }
         }
         results.into_iter().map(|r| r.expect("every load ended")).collect()
+    }
+
+    /// The info hash of `shard` (`pinned`, else the one most holders list) and up to
+    /// [`HOLDERS_GIVEN`] live nodes other than `node` whose `LIST_FILES` showed that file
+    /// complete; `None` when no other node holds it (the loading node then asks the DHT).
+    fn holders(&self, shard: u32, node: SocketAddr, pinned: Option<String>) -> Option<(String, Vec<String>)> {
+        let held: Vec<(&String, SocketAddr)> = self
+            .nodes
+            .iter()
+            .filter(|n| n.addr != node && !self.dead.contains(&n.addr))
+            .filter_map(|n| n.hashes.get(&shard).map(|h| (h, n.addr)))
+            .collect();
+        let info_hash = match pinned {
+            Some(h) => h,
+            None => {
+                let mut votes: BTreeMap<&String, usize> = BTreeMap::new();
+                for (h, _) in &held {
+                    *votes.entry(h).or_default() += 1;
+                }
+                votes.into_iter().max_by_key(|(_, n)| *n)?.0.clone()
+            }
+        };
+        let holders: Vec<String> =
+            held.iter().filter(|(h, _)| **h == info_hash).take(HOLDERS_GIVEN).map(|(_, a)| a.to_string()).collect();
+        (!holders.is_empty()).then_some((info_hash, holders))
     }
 
     /// Assigns every shard (or the shards of `only`) and loads them all at once, moving a shard to

@@ -4,10 +4,14 @@ loopback) trading a file with a shardnet node over the peer wire.
 
 Usage:
   lt_peer.py leech TORRENT OUT_DIR NODE_HOST:PORT TIMEOUT_S
-      downloads from the node; prints "complete" once every piece verified.
+      downloads from the node; prints "complete rc4" (or "complete not-rc4")
+      once every piece verified: whether a connection to it was RC4 (MSE).
   lt_peer.py seed TORRENT DATA_DIR TIMEOUT_S
       seeds DATA_DIR's copy; prints "port N" once checked and listening,
-      then serves until stdin closes or the timeout."""
+      then serves until stdin closes or the timeout.
+  --encryption forced|enabled|disabled (before the mode)
+      libtorrent's in_enc_policy and out_enc_policy; forced also sets
+      allowed_enc_level to RC4 only [default: libtorrent's, enabled]."""
 import select
 import sys
 import time
@@ -15,8 +19,8 @@ import time
 import libtorrent as lt
 
 
-def session():
-    return lt.session({
+def session(encryption):
+    settings = {
         "listen_interfaces": "127.0.0.1:0",
         "enable_dht": False,
         "enable_lsd": False,
@@ -25,7 +29,14 @@ def session():
         # Every peer of a test network is 127.0.0.1.
         "allow_multiple_connections_per_ip": True,
         "alert_mask": lt.alert.category_t.error_notification | lt.alert.category_t.status_notification,
-    })
+    }
+    if encryption is not None:
+        # settings_pack: pe_forced 0, pe_enabled 1, pe_disabled 2; allowed_enc_level pe_rc4 2.
+        policy = {"forced": 0, "enabled": 1, "disabled": 2}[encryption]
+        settings.update({"in_enc_policy": policy, "out_enc_policy": policy})
+        if encryption == "forced":
+            settings.update({"allowed_enc_level": 2, "prefer_rc4": True})
+    return lt.session(settings)
 
 
 def errors(ses):
@@ -35,18 +46,26 @@ def errors(ses):
 
 
 def main():
+    encryption = None
+    if sys.argv[1] == "--encryption":
+        encryption = sys.argv[2]
+        del sys.argv[1:3]
     mode = sys.argv[1]
     info = lt.torrent_info(sys.argv[2])
-    ses = session()
+    ses = session(encryption)
     h = ses.add_torrent({"ti": info, "save_path": sys.argv[3]})
     deadline = time.time() + float(sys.argv[-1])
     if mode == "leech":
         host, port = sys.argv[4].rsplit(":", 1)
         connected = 0
+        rc4 = False
         while time.time() < deadline:
+            for p in h.get_peer_info():
+                rc4 = rc4 or bool(p.flags & lt.peer_info.rc4_encrypted)
             s = h.status()
             if s.is_seeding:
-                print("complete", flush=True)
+                # Whether any connection to the node was RC4-encrypted (MSE).
+                print("complete", "rc4" if rc4 else "not-rc4", flush=True)
                 return 0
             # As a peer from a tracker or the DHT: added once (libtorrent
             # tries uTP, falls back to TCP, then plaintext after encrypted);

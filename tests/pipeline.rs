@@ -26,27 +26,8 @@ fn model(dir: &Path) -> PathBuf {
 /// Node 0 seeds every shard; nodes 1..n start empty and bootstrap from it. Returns once the
 /// cluster key lists every node.
 fn cluster(dir: &Path, model: &Path, n: usize, extra: &[&str]) -> Vec<NodeProc> {
-    let d0 = dir.join("node-0");
-    split::split(model, 4, &d0, None).unwrap();
-    let mut args = vec!["--enable-torrent", "--threads", "1"];
-    args.extend_from_slice(extra);
-    let first = NodeProc::start(&d0, &args);
-    let boot = first.addr.clone();
-    let mut nodes = vec![first];
-    for i in 1..n {
-        let d = dir.join(format!("node-{i}"));
-        std::fs::create_dir_all(&d).unwrap();
-        let mut a = args.clone();
-        a.extend_from_slice(&["--bootstrap", &boot]);
-        nodes.push(NodeProc::start(&d, &a));
-    }
-    // Every other node is in the cluster key (node 0 may or may not list itself).
-    wait_for(Duration::from_secs(30), || {
-        let r = nodes[0].call("FIND_PEERS", json!({"cluster": true}));
-        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
-        nodes[1..].iter().all(|n| peers.contains(&json!(n.addr))).then_some(())
-    });
-    nodes
+    let args: Vec<&str> = ["--enable-torrent", "--threads", "1"].iter().chain(extra).copied().collect();
+    seeded_cluster(dir, model, 4, n, &args)
 }
 
 fn shardctl(args: &[&str]) -> std::process::Output {
@@ -423,49 +404,107 @@ fn silent_next_hops_do_not_delay_other_chains() {
     drop(held);
 }
 
-/// A userspace TCP relay (this kernel has no netem): forwards both ways between its clients and
-/// `target` until `stall` is set, then stops forwarding without closing anything.
-fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
-    use std::io::{Read, Write};
-    use std::sync::atomic::Ordering;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap().to_string();
-    std::thread::spawn(move || {
-        for client in listener.incoming() {
-            let Ok(client) = client else { return };
-            let Ok(server) = std::net::TcpStream::connect(&target) else { continue };
-            for (mut from, mut to) in [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)] {
-                let stall = stall.clone();
+/// A userspace TCP relay in front of a node (this kernel has no netem). Every connection it
+/// accepts is counted, waits one round trip (`2 x delay`, as a TCP handshake across the link
+/// would) and is joined to `target`; bytes then go both ways `delay` late, in order. Once
+/// `stall` is set it forwards nothing more, in either direction, and closes nothing.
+struct Proxy {
+    addr: String,
+    /// Connections accepted so far.
+    connects: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Proxy {
+    /// Binds the relay's port now (a node can be told to announce it before it starts); the
+    /// relay runs once `run` names its target.
+    fn bind() -> std::net::TcpListener {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap()
+    }
+
+    fn run(
+        listener: std::net::TcpListener,
+        target: String,
+        delay: Duration,
+        stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let addr = listener.local_addr().unwrap().to_string();
+        let connects = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = connects.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { return };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let (target, stall) = (target.clone(), stall.clone());
                 std::thread::spawn(move || {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    loop {
-                        if stall.load(Ordering::SeqCst) {
-                            std::thread::sleep(Duration::from_millis(20));
-                            continue; // holds both sockets open, forwards nothing
-                        }
-                        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-                        match from.read(&mut buf) {
-                            Ok(0) => return,
-                            // Read just as the stall began: swallowed, like everything after.
-                            Ok(_) if stall.load(Ordering::SeqCst) => {}
-                            Ok(n) => {
-                                if to.write_all(&buf[..n]).is_err() {
-                                    return;
-                                }
-                            }
-                            Err(e)
-                                if matches!(
-                                    e.kind(),
-                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                                ) => {}
-                            Err(_) => return,
-                        }
+                    std::thread::sleep(2 * delay);
+                    let Ok(server) = std::net::TcpStream::connect(&target) else { return };
+                    let _ = server.set_nodelay(true);
+                    let _ = client.set_nodelay(true);
+                    let pairs = [(client.try_clone().unwrap(), server.try_clone().unwrap()), (server, client)];
+                    for (from, to) in pairs {
+                        forward(from, to, delay, stall.clone());
                     }
                 });
             }
+        });
+        Proxy { addr, connects }
+    }
+
+    fn connects(&self) -> usize {
+        self.connects.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// One direction of a [`Proxy`] connection: a reader stamps each chunk with the time it may
+/// leave, a writer sends it then (so chunks in flight overlap, as on a real link).
+fn forward(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    delay: Duration,
+    stall: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::io::{Read, Write};
+    use std::sync::atomic::Ordering;
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let stalled = stall.clone();
+    std::thread::spawn(move || {
+        for (due, bytes) in rx {
+            std::thread::sleep(due.saturating_duration_since(Instant::now()));
+            while stalled.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20)); // holds the socket open, sends nothing
+            }
+            if to.write_all(&bytes).is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 64 * 1024];
+        from.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+        loop {
+            if stall.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(20));
+                continue; // holds the socket open, reads nothing
+            }
+            match from.read(&mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    if tx.send((Instant::now() + delay, buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return,
+            }
         }
     });
-    addr
+}
+
+/// A [`Proxy`] without delay in front of `target` that goes silent when `stall` is set.
+fn stalling_proxy(target: String, stall: std::sync::Arc<std::sync::atomic::AtomicBool>) -> String {
+    Proxy::run(Proxy::bind(), target, Duration::ZERO, stall).addr
 }
 
 /// A host that goes silent behind a proxy (no reset) two hops down the chain: the hop in front of
@@ -500,4 +539,174 @@ fn hop_failed_names_the_hop_that_went_silent() {
     assert_eq!(r["failed_hop"]["address"], json!(proxy), "the silent hop is the one blamed: {r}");
     assert_eq!(r["failed_hop"]["shard_id"], json!(2), "{r}");
     nodes[0].assert_serving();
+}
+
+/// Every node of `nodes` (by the address the cluster knows it at) in the cluster key's peers at
+/// `boot`.
+fn wait_cluster(boot: &NodeProc, addrs: &[&str]) {
+    wait_for(Duration::from_secs(30), || {
+        let r = boot.call("FIND_PEERS", json!({"cluster": true}));
+        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
+        addrs.iter().all(|a| peers.contains(&json!(a))).then_some(())
+    });
+}
+
+/// The files a node holds (LIST_FILES) and the downloads it has run (STATUS), by name.
+fn holdings(n: &NodeProc) -> (Vec<String>, Vec<String>) {
+    let names = |v: &Value, field: &str| {
+        let mut names: Vec<String> =
+            v.as_array().unwrap().iter().map(|f| f[field].as_str().unwrap_or("?").to_string()).collect();
+        names.sort();
+        names
+    };
+    let files = n.call("LIST_FILES", json!({}));
+    let status = n.call("STATUS", json!({}));
+    (names(&files["result"]["files"], "filename"), names(&status["result"]["downloads"], "name"))
+}
+
+/// `shardctl infer` (the real CLI and its recovery) over five nodes, one of them reached through
+/// a relay that goes silent mid-generation without closing anything: HOP_FAILED names that node,
+/// infer moves its shard and only its shard (to the spare node, which downloads it), and the run
+/// writes the tokens of an uninterrupted one. The three healthy nodes of the chain keep their
+/// shards and download nothing. (Before per-hop deadlines the coordinator timed out first and
+/// blamed the healthy first node, whose shard was moved and downloaded again for nothing.)
+#[test]
+fn infer_moves_only_the_shard_of_a_hop_that_went_silent() {
+    let dir = TempDir::new("pipeline-silent-infer");
+    let model = model(dir.path());
+    let want = reference_tokens(&model, 32);
+    let d0 = dir.path().join("node-0");
+    split::split(&model, 4, &d0, None).unwrap();
+    let args = ["--enable-torrent", "--threads", "1"];
+    let n0 = NodeProc::start(&d0, &args);
+    let empty = |name: &str, extra: &[&str]| {
+        let d = dir.path().join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let a: Vec<&str> = args.iter().chain(&["--bootstrap", n0.addr.as_str()]).chain(extra).copied().collect();
+        NodeProc::start(&d, &a)
+    };
+    let (n1, n2) = (empty("node-1", &[]), empty("node-2", &[]));
+    // The node behind the relay announces the relay's port: the cluster knows it there only.
+    let listener = Proxy::bind();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let hidden = empty("node-3", &["--announce-port", &port]);
+    let stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxy = Proxy::run(listener, hidden.addr.clone(), Duration::ZERO, stall.clone()).addr;
+    wait_cluster(&n0, &[&n1.addr, &n2.addr, &proxy]);
+
+    // A first run places one shard per node (the three empty ones download theirs).
+    let o = shardctl(&["--json", "infer", "--bootstrap", &n0.addr, "--prompt", PROMPT, "-n", "2", "--ignore-eos"]);
+    let plan: Vec<String> =
+        json_of(&o)["plan"].as_array().unwrap().iter().map(|p| p["address"].as_str().unwrap().to_string()).collect();
+    let moved = plan.iter().position(|a| *a == proxy).unwrap_or_else(|| panic!("no shard behind the relay: {plan:?}"));
+    assert_ne!(moved, 0, "node 0 holds every file and takes shard 0: {plan:?}");
+    // A spare node joins; the loaded shards stay where they are.
+    let spare = empty("node-4", &[]);
+    wait_cluster(&n0, &[&n1.addr, &n2.addr, &proxy, &spare.addr]);
+    let healthy = [&n0, &n1, &n2];
+    let before: Vec<_> = healthy.iter().map(|n| holdings(n)).collect();
+    let tasks = || hidden.call("STATUS", json!({}))["result"]["inference"]["tasks"].as_u64().unwrap();
+    let tasks_before = tasks();
+
+    // Again, the relay going silent a few tokens in.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--timeout", "6", "--json", "infer", "--bootstrap", &n0.addr, "--prompt", PROMPT])
+        .args(["-n", "32", "--ignore-eos", "--pace-ms", "40"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::thread::spawn(move || BufReader::new(stderr).lines().map_while(Result::ok).collect::<Vec<_>>());
+    wait_for(Duration::from_secs(60), || (tasks() >= tasks_before + 3).then_some(()));
+    stall.store(true, std::sync::atomic::Ordering::SeqCst);
+    let out = child.wait_with_output().unwrap();
+    let log = log.join().unwrap();
+    assert!(out.status.success(), "infer failed: {log:?}");
+    let run: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["tokens"], json!(want), "the recovered run wrote different text; log: {log:?}");
+    assert_eq!(run["recoveries"], json!(1), "one recovery, for the silent hop only: {log:?}");
+    let recovering: Vec<&String> = log.iter().filter(|l| l.starts_with("recovering:")).collect();
+    assert_eq!(recovering.len(), 1, "{log:?}");
+    let line = recovering[0];
+    assert!(line.contains(&format!("shard {moved} moved from {proxy} to {}", spare.addr)), "{log:?}");
+    assert!(line.contains("HOP_FAILED"), "{log:?}");
+    let after: Vec<String> =
+        run["plan"].as_array().unwrap().iter().map(|p| p["address"].as_str().unwrap().to_string()).collect();
+    for (s, (a, b)) in plan.iter().zip(&after).enumerate() {
+        if s == moved {
+            assert_eq!(*b, spare.addr, "shard {s} moved to the spare node");
+        } else {
+            assert_eq!(a, b, "shard {s} stayed where it was");
+        }
+    }
+    // Structurally: the healthy nodes hold and have downloaded exactly what they had before; the
+    // spare holds the moved shard alone, downloaded once.
+    for (n, was) in healthy.iter().zip(&before) {
+        assert_eq!(holdings(n), *was, "{} changed its files or downloads", n.addr);
+    }
+    let shard_file = format!("shard-{moved}.gguf");
+    assert_eq!(holdings(&spare), (vec![shard_file.clone()], vec![shard_file]));
+    for n in healthy.iter().chain([&&spare]) {
+        n.assert_serving();
+    }
+}
+
+/// With a relay adding 20 ms each way in front of every node (a userspace delaying proxy: this
+/// kernel has no netem), a chain of four keyed nodes costs one round trip per hop, never two.
+/// Structurally: after the first token no connection is opened (each node keeps one link per
+/// next hop, its key handshake paid once), so each proxy has seen exactly one connect; and a
+/// decode step takes at least the four round trips the proxies impose and less than two per hop.
+/// (With a connection cache per relay thread, a step landing on a fresh thread paid a connect
+/// and a handshake: two round trips or more for that hop.)
+#[test]
+fn a_chain_costs_one_round_trip_per_hop() {
+    const ONE_WAY: Duration = Duration::from_millis(20);
+    let dir = TempDir::new("pipeline-rtt");
+    let model = model(dir.path());
+    let shards = dir.path().join("shards");
+    split::split(&model, 4, &shards, None).unwrap();
+    let key_text = "5c1e0f9a8b7d6c5e4f3a2b1c0d9e8f7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e";
+    let key_path = dir.path().join("cluster.key");
+    std::fs::write(&key_path, key_text).unwrap();
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = shardnet::protocol::auth::ClusterKey::from_bytes(key_text.as_bytes()).unwrap();
+    let nodes: Vec<NodeProc> = (0..4)
+        .map(|_| NodeProc::start(&shards, &["--threads", "1", "--cluster-key-file", key_path.to_str().unwrap()]))
+        .collect();
+    let no_stall = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let proxies: Vec<Proxy> =
+        nodes.iter().map(|n| Proxy::run(Proxy::bind(), n.addr.clone(), ONE_WAY, no_stall.clone())).collect();
+    let next: Vec<Value> = (1..4).map(|s| json!({"address": proxies[s].addr, "shard_id": s})).collect();
+    let mut c = shardnet::client::Client::connect_with_key(&proxies[0].addr, WAIT, Some(&key)).unwrap();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    let mut params = json!({"session_id": "rtt", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 504, 357, 282]},
+        "next": next, "output": "top_k", "k": 1, "hop_timeout_ms": 30000});
+    let r = c.request("EXECUTE_TASK", params.clone()).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let hops: Vec<&str> =
+        r["result"]["hops"].as_array().unwrap().iter().map(|h| h["address"].as_str().unwrap()).collect();
+    let reached: Vec<&str> = nodes.iter().map(|n| n.addr.as_str()).collect();
+    assert_eq!(hops, reached, "the chain ran through every node");
+    let connects: Vec<usize> = proxies.iter().map(Proxy::connects).collect();
+    assert_eq!(connects, [1, 1, 1, 1], "our connection and one link per next hop");
+    params["session_token"] = r["result"]["session_token"].clone();
+    let mut token = r["result"]["top_k"][0]["id"].clone();
+    let mut steps = Vec::new();
+    for pos in 4..12 {
+        params["pos"] = json!(pos);
+        params["input"] = json!({"tokens": [token]});
+        let t = Instant::now();
+        let r = c.request("EXECUTE_TASK", params.clone()).unwrap();
+        steps.push(t.elapsed());
+        assert_eq!(r["status"], "success", "{r}");
+        token = r["result"]["top_k"][0]["id"].clone();
+    }
+    let connects: Vec<usize> = proxies.iter().map(Proxy::connects).collect();
+    assert_eq!(connects, [1, 1, 1, 1], "no connection opened per token");
+    let rtt = 2 * ONE_WAY;
+    steps.sort();
+    assert!(steps[0] >= 4 * rtt, "the proxies delay every hop: {steps:?}");
+    let median = steps[steps.len() / 2];
+    assert!(median < 4 * 2 * rtt, "a step took {median:?}, two round trips per hop or more ({steps:?})");
 }

@@ -270,7 +270,7 @@ impl Node {
         if self.dht.is_none() {
             return;
         }
-        let port = self.local_addr.port();
+        let port = self.announced_port();
         let cluster = self.config.cluster.clone();
         // (key, secure): name keys only on BEP 42-valid nodes.
         let mut keys = vec![(cluster_key(&cluster), true)];
@@ -327,8 +327,15 @@ impl Node {
         started
     }
 
+    /// The TCP port this node announces: `--announce-port`, else the one it listens on.
+    pub(super) fn announced_port(&self) -> u16 {
+        self.config.announce_port.unwrap_or(self.local_addr.port())
+    }
+
+    /// Whether a peer found in the DHT is this node (at its listening or its announced port).
     fn own_addr(&self, p: &SocketAddrV4) -> bool {
-        p.port() == self.local_addr.port() && (p.ip().is_loopback() || SocketAddr::V4(*p).ip() == self.local_addr.ip())
+        (p.port() == self.local_addr.port() || p.port() == self.announced_port())
+            && (p.ip().is_loopback() || SocketAddr::V4(*p).ip() == self.local_addr.ip())
     }
 
     fn on_lookup_done(&mut self, purpose: Purpose, r: LookupResult) {

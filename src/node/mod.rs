@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod conn;
 mod dht_glue;
 mod outq;
+mod peer_crypto;
 pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
@@ -191,6 +192,8 @@ pub struct Node {
     relays: relay::Relays,
     /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
     signals: Option<mio::net::UnixStream>,
+    /// Message Stream Encryption counters (STATUS `encryption`).
+    mse: peer_crypto::MseStats,
 }
 
 #[derive(Default)]
@@ -302,6 +305,7 @@ impl Node {
             inference,
             relays: relay::Relays::new(max_frame, relay_key),
             signals: None,
+            mse: peer_crypto::MseStats::default(),
         })
     }
 
@@ -466,6 +470,11 @@ impl Node {
                     break;
                 }
                 self.classify(token);
+                if self.conn(token).is_some_and(|c| c.kind == conn::Kind::Unknown) {
+                    // The first bytes do not tell yet (a prefix of `\x13BitTorrent protocol`,
+                    // or of a frame's length and first payload bytes): wait for more.
+                    break;
+                }
                 continue;
             }
             if conn.backpressured() {

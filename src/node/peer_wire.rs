@@ -13,8 +13,11 @@ use mio::{Interest, Token};
 
 use super::catalog::FileEntry;
 use super::conn::{Conn, Kind};
+use super::peer_crypto::Crypt;
 use super::{FIRST_CONN, Node, NodeEvent};
+use crate::config::Encryption;
 use crate::hash::Digest;
+use crate::torrent::mse;
 use crate::torrent::swarm::{Action, PieceData, Swarm};
 use crate::torrent::wire::{self, BLOCK_SIZE, Handshake};
 use crate::torrent::{InfoHash, Metainfo};
@@ -43,6 +46,10 @@ struct Dial {
     attempts: u32,
     /// The first of those dials: `--redial-give-up` counts from here.
     failing_since: Instant,
+    /// Whether the next dial opens with an MSE handshake (`--encryption`).
+    encrypted: bool,
+    /// The peer dropped a connection before its handshake: redial at once, the other way.
+    fallback: bool,
 }
 
 /// A download the node runs, and who waits for it.
@@ -106,7 +113,33 @@ impl Node {
             if conn.close_after_flush {
                 break;
             }
+            if conn.crypt.handshaking() {
+                if matches!(conn.crypt, Crypt::Incoming) {
+                    conn.crypt = Crypt::receiver(self.config.encryption, now);
+                }
+                let swarms = &self.swarms;
+                let serves = |h: &[u8; 20]| swarms.keys().find(|ih| mse::req2_hash(ih) == *h).copied();
+                match conn.mse_feed(&serves, now) {
+                    Ok(None) => break,
+                    Ok(Some((h, method))) => {
+                        self.mse.done(method);
+                        debug!("peer {}: MSE handshake done for {h}, {}", conn.peer, method_name(method));
+                        // The BitTorrent handshake that follows must name the same torrent.
+                        conn.torrent = Some(h);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.mse.failed(e);
+                        return self.close(token, &e.to_string());
+                    }
+                }
+            }
             if !conn.handshaken {
+                if !conn.outgoing && matches!(conn.crypt, Crypt::Plain) && self.config.encryption == Encryption::Require
+                {
+                    self.mse.plaintext_refused += 1;
+                    return self.close(token, "plaintext peer-wire handshake refused (--encryption require)");
+                }
                 let hs = match Handshake::decode(conn.input()) {
                     Ok(None) => break,
                     Ok(Some(hs)) => hs,
@@ -631,22 +664,32 @@ impl Node {
         for p in &d.peers {
             let recent = d.dialled.get(p).is_some_and(|r| {
                 let wait = REDIAL_FIRST.saturating_mul(1 << r.attempts.min(8)).min(REDIAL_MAX);
-                now.duration_since(r.last) < wait
+                !r.fallback && now.duration_since(r.last) < wait
             });
             if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
                 to_dial.push(*p);
             }
         }
-        for p in &to_dial {
-            let r = d.dialled.entry(*p).or_insert(Dial { last: now, attempts: 0, failing_since: now });
+        let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
+        let mut dials = Vec::new();
+        for p in to_dial {
+            let r = d.dialled.entry(p).or_insert(Dial {
+                last: now,
+                attempts: 0,
+                failing_since: now,
+                encrypted: first_encrypted,
+                fallback: false,
+            });
             if r.attempts == 0 {
                 r.failing_since = now;
             }
             r.last = now;
             r.attempts += 1;
+            r.fallback = false;
+            dials.push((p, r.encrypted));
         }
-        for p in to_dial {
-            if let Err(e) = self.dial(h, p) {
+        for (p, encrypted) in dials {
+            if let Err(e) = self.dial(h, p, encrypted) {
                 debug!("dialling {p}: {e}");
             }
         }
@@ -676,7 +719,8 @@ impl Node {
         });
     }
 
-    fn dial(&mut self, h: InfoHash, addr: SocketAddr) -> anyhow::Result<()> {
+    /// Dials `addr` for torrent `h`, opening with an MSE handshake if `encrypted`.
+    fn dial(&mut self, h: InfoHash, addr: SocketAddr, encrypted: bool) -> anyhow::Result<()> {
         if self.census.total() >= self.config.max_connections
             || self.census.count(Kind::PeerWire) >= self.config.max_peer_connections
         {
@@ -695,7 +739,11 @@ impl Node {
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
-        let mut conn = Conn::outgoing(stream, addr, id, h);
+        let mut conn = if encrypted {
+            Conn::outgoing_encrypted(stream, addr, id, h, self.config.encryption, Instant::now())
+        } else {
+            Conn::outgoing(stream, addr, id, h)
+        };
         conn.wants_writable = true;
         self.conns[slot] = Some(conn);
         self.conn_ids.insert(id, token);
@@ -735,10 +783,33 @@ impl Node {
         }
     }
 
-    /// A peer connection closed: the swarm forgets it.
+    /// A peer connection closed: the swarm forgets it. A dialled peer that dropped us before
+    /// its handshake is redialled at once the other way (plaintext after MSE, or MSE after
+    /// plaintext) under the `prefer-*` policies, as libtorrent does.
     pub(super) fn peer_closed(&mut self, conn: &Conn) {
         if conn.kind != Kind::PeerWire {
             return;
+        }
+        if conn.crypt.handshaking() && conn.read_closed {
+            self.mse.closed_midway += 1;
+        }
+        let may_switch = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::PreferPlaintext);
+        if conn.outgoing
+            && !conn.handshaken
+            && !conn.connecting
+            && may_switch
+            && let Some(h) = conn.torrent
+            && let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&conn.peer))
+        {
+            let was_encrypted = !matches!(conn.crypt, Crypt::Plain);
+            r.encrypted = !was_encrypted;
+            r.fallback = true;
+            self.mse.fallbacks += 1;
+            debug!(
+                "peer {} dropped our {} handshake; redialling",
+                conn.peer,
+                if was_encrypted { "MSE" } else { "plaintext" }
+            );
         }
         if let Some(h) = conn.torrent
             && let Some(swarm) = self.swarms.get_mut(&h)
@@ -872,6 +943,11 @@ impl Node {
     pub(super) fn uploaded_total(&self) -> u64 {
         self.swarms.values().map(|s| s.uploaded).sum()
     }
+}
+
+/// `crypto_select`'s name for logs.
+fn method_name(method: u32) -> &'static str {
+    if method == mse::RC4 { "RC4" } else { "plaintext" }
 }
 
 /// Whether `name` may be a download's target in the shards dir: a plain `*.gguf` file name (no

@@ -421,3 +421,64 @@ fn delay_line(
         let _ = to.shutdown(std::net::Shutdown::Write);
     });
 }
+
+/// The median of `v` (the upper middle of an even count); 0 when `v` is empty.
+pub fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// The `p` quantile (0..=1) of `v`, nearest rank; 0 when `v` is empty.
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// The benchmarks' model: SmolLM2-135M when `make models` fetched it, else a demo model (16
+/// layers, 512 wide) written into `dir`.
+pub fn bench_model(dir: &Path) -> PathBuf {
+    let smol = PathBuf::from("models_cache/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if smol.exists() {
+        return smol;
+    }
+    let p = dir.join("demo.gguf");
+    let cfg = shardnet::gguf::demo::DemoConfig {
+        layers: 16,
+        embd: 512,
+        heads: 8,
+        kv_heads: 4,
+        ffn: 1536,
+        ..Default::default()
+    };
+    shardnet::gguf::demo::write(&cfg, &p).unwrap();
+    p
+}
+
+/// A cluster on loopback: node 0 (in `dir/node-0`) seeds `model` cut into `shards` shards, nodes
+/// 1..n start with empty shards dirs and bootstrap from it; every node gets `args`. Returns once
+/// node 0 lists every other node under the cluster key.
+pub fn seeded_cluster(dir: &Path, model: &Path, shards: u32, n: usize, args: &[&str]) -> Vec<NodeProc> {
+    let d0 = dir.join("node-0");
+    shardnet::gguf::split::split(model, shards, &d0, None).unwrap();
+    let first = NodeProc::start(&d0, args);
+    let boot = first.addr.clone();
+    let mut nodes = vec![first];
+    for i in 1..n {
+        let d = dir.join(format!("node-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        let a: Vec<&str> = args.iter().copied().chain(["--bootstrap", boot.as_str()]).collect();
+        nodes.push(NodeProc::start(&d, &a));
+    }
+    wait_for(Duration::from_secs(30), || {
+        let r = nodes[0].call("FIND_PEERS", json!({"cluster": true}));
+        let peers = r["result"]["peers"].as_array().cloned().unwrap_or_default();
+        nodes[1..].iter().all(|n| peers.contains(&json!(n.addr))).then_some(())
+    });
+    nodes
+}

@@ -1,6 +1,13 @@
 //! Flag parsing shared by the commands; usage errors exit with status 2.
 
 use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use shardnet::coordinator::ClusterConfig;
+use shardnet::engine::EngineConfig;
+
+use crate::Opts;
 
 /// Exit status 2 for usage errors found after parsing.
 pub fn usage(msg: String) -> anyhow::Error {
@@ -87,5 +94,45 @@ impl<'a> Flags<'a> {
     /// A usage error of this command: printed as `shardctl: CMD: MSG`, exit status 2.
     pub fn usage(&self, msg: String) -> anyhow::Error {
         usage(format!("{}: {msg}", self.cmd))
+    }
+}
+
+/// The coordinator's settings from the flags `infer`, `chat` and `serve` share: `--bootstrap`
+/// (else the global `--node`), `--cluster`, `--load-timeout` (seconds), `--model` (the pinned
+/// manifest's SHA-256), with the global `--timeout`; `batch` prompt tokens per step. A bad value
+/// is a usage error naming its flag.
+pub fn cluster_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> {
+    let d = ClusterConfig::default();
+    Ok(ClusterConfig {
+        bootstrap: match f.get("--bootstrap") {
+            None => o.node.clone(),
+            Some(b) => {
+                shardnet::config::parse_peer_addr(b).map_err(|e| f.usage(format!("--bootstrap: {e}")))?;
+                b.to_string()
+            }
+        },
+        cluster: f.get("--cluster").unwrap_or(&d.cluster).to_string(),
+        batch,
+        timeout: o.timeout,
+        load_timeout: Duration::from_secs(f.num("--load-timeout", d.load_timeout.as_secs()).max(1)),
+        max_recoveries: d.max_recoveries,
+        model_pin: match f.get("--model") {
+            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
+            None => None,
+        },
+    })
+}
+
+/// The engine of a whole model in this process (`generate`, and `chat` on a model file):
+/// `--threads` (at least 1), `--ctx` (tokens), `--repack`; one session, no KV budget.
+pub fn engine_config(f: &Flags) -> EngineConfig {
+    let d = EngineConfig::default();
+    EngineConfig {
+        threads: f.num("--threads", d.threads).max(1),
+        ctx_size: f.num("--ctx", d.ctx_size),
+        max_sessions: 1,
+        max_sessions_per_client: 1,
+        kv_budget: u64::MAX,
+        repack: f.has("--repack"),
     }
 }

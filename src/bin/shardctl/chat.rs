@@ -10,16 +10,14 @@ use serde_json::json;
 
 use shardnet::chat::{ChatTemplate, Message};
 use shardnet::coordinator::{Coordinator, GenRequest};
+use shardnet::engine::Engine;
 use shardnet::engine::generate::{TextStream, generate};
 use shardnet::engine::sampler::{Sampler, SamplerConfig};
 use shardnet::engine::tokenizer::Tokenizer;
-use shardnet::engine::{Engine, EngineConfig};
 
 use crate::Opts;
-use crate::args::Flags;
-use crate::generate::{
-    SAMPLING_FLAGS, chat_template, finish_reason, infer_config, print_text, progress_events, sampling_flags,
-};
+use crate::args::{Flags, cluster_config, engine_config};
+use crate::generate::{SAMPLING_FLAGS, chat_template, finish_reason, print_text, progress_events, sampling_flags};
 use crate::model::{load_tokenizer, open_model};
 
 /// Tokens per reply at most, unless `-n` says otherwise.
@@ -92,7 +90,8 @@ impl Backend<'_> {
             }
             Backend::Cluster(c) => {
                 let ids = c.tokenizer().encode(&prompt, true, true);
-                let req = GenRequest { prompt: ids, max_tokens: n, sampling: sampling.clone(), ..GenRequest::default() };
+                let req =
+                    GenRequest { prompt: ids, max_tokens: n, sampling: sampling.clone(), ..GenRequest::default() };
                 let s = c.generate(&req, print_text(json_out))?;
                 Ok(Reply { text: s.text, prompt_tokens: s.prompt_tokens.len(), tokens: s.tokens })
             }
@@ -144,15 +143,7 @@ pub fn chat(o: &Opts, flags: &[&str]) -> Result<()> {
     let show = Rc::new(Cell::new(true));
     let (mut backend, template) = match f.get("--model") {
         Some(model) => {
-            let ec = EngineConfig::default();
-            let cfg = EngineConfig {
-                threads: f.num("--threads", ec.threads).max(1),
-                ctx_size: f.num("--ctx", ec.ctx_size),
-                max_sessions: 1,
-                max_sessions_per_client: 1,
-                kv_budget: u64::MAX,
-                repack: f.has("--repack"),
-            };
+            let cfg = engine_config(&f);
             let map = open_model(model)?;
             let tok = load_tokenizer(&map, model)?;
             let g = shardnet::gguf::reader::Gguf::parse(&map).map_err(|e| anyhow!("{model}: {e}"))?;
@@ -167,7 +158,7 @@ pub fn chat(o: &Opts, flags: &[&str]) -> Result<()> {
             (Backend::Local { engine, tok, ctx, batch }, template)
         }
         None => {
-            let cfg = infer_config(o, &f, batch)?;
+            let cfg = cluster_config(o, &f, batch)?;
             let c = Coordinator::discover(cfg, progress_events(show.clone()))?;
             let template = chat_template(&f, c.tokenizer(), || {
                 c.chat_template().map_err(|e| anyhow!("the cluster's model: {e}"))

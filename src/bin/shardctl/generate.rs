@@ -10,11 +10,11 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
 use shardnet::chat::{ChatTemplate, Message};
-use shardnet::coordinator::{ClusterConfig, Coordinator, Event, GenRequest};
+use shardnet::coordinator::{Coordinator, Event, GenRequest};
 use shardnet::engine::sampler::SamplerConfig;
 use shardnet::engine::tokenizer::Tokenizer;
 
-use crate::args::Flags;
+use crate::args::{Flags, cluster_config, engine_config};
 use crate::model::{load_tokenizer, open_model};
 use crate::{Opts, print_json};
 
@@ -99,9 +99,9 @@ pub fn finish_reason(tok: &Tokenizer, tokens: &[u32]) -> &'static str {
 }
 
 pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
+    use shardnet::engine::Engine;
     use shardnet::engine::generate::{TextStream, generate};
     use shardnet::engine::sampler::Sampler;
-    use shardnet::engine::{Engine, EngineConfig};
     let f = Flags::parse(
         "generate",
         flags,
@@ -119,15 +119,7 @@ pub fn generate(o: &Opts, model: &str, flags: &[&str]) -> Result<()> {
     if batch == 0 {
         return Err(f.usage("--batch must be at least 1".into()));
     }
-    let ec = EngineConfig::default();
-    let cfg = EngineConfig {
-        threads: f.num("--threads", ec.threads).max(1),
-        ctx_size: f.num("--ctx", ec.ctx_size),
-        max_sessions: 1,
-        max_sessions_per_client: 1,
-        kv_budget: u64::MAX,
-        repack: f.has("--repack"),
-    };
+    let cfg = engine_config(&f);
     if !f.has("--prompt") && !f.has("--prompt-ids") {
         return Err(f.usage("missing --prompt TEXT (or --prompt-ids)".into()));
     }
@@ -246,7 +238,7 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
     }
     // Every flag is checked before the network is touched; the prompt's ids come after discovery.
     let req = gen_request(&f, Vec::new(), f.num("-n", 32), sampling)?;
-    let cfg = infer_config(o, &f, batch)?;
+    let cfg = cluster_config(o, &f, batch)?;
     let mut c = Coordinator::discover(cfg, progress_events(Rc::new(Cell::new(true))))?;
     let text = if chat {
         let template =
@@ -282,29 +274,6 @@ pub fn infer(o: &Opts, flags: &[&str]) -> Result<()> {
         summary.recoveries
     );
     Ok(())
-}
-
-/// The coordinator's settings from the flags `infer` and `chat` share (`--bootstrap`,
-/// `--cluster`, `--load-timeout`, `--model`).
-pub fn infer_config(o: &Opts, f: &Flags, batch: usize) -> Result<ClusterConfig> {
-    Ok(ClusterConfig {
-        bootstrap: match f.get("--bootstrap") {
-            None => o.node.clone(),
-            Some(b) => {
-                shardnet::config::parse_peer_addr(b).map_err(|e| f.usage(format!("--bootstrap: {e}")))?;
-                b.to_string()
-            }
-        },
-        cluster: f.get("--cluster").unwrap_or("shardnet").to_string(),
-        batch,
-        timeout: o.timeout,
-        load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
-        max_recoveries: 3,
-        model_pin: match f.get("--model") {
-            Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
-            None => None,
-        },
-    })
 }
 
 /// One generation's request from the flags `infer` and `chat` share (`--session`, `--pace-ms`,

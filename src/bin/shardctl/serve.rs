@@ -1,15 +1,12 @@
 //! `serve`: the OpenAI-compatible HTTP endpoint over a cluster's chain (`shardnet::serve`).
 
-use std::time::Duration;
-
 use anyhow::{Context, Result};
 
-use shardnet::coordinator::ClusterConfig;
 use shardnet::serve::guard::{API_KEY_ENV, Access, ApiKey};
 use shardnet::serve::{Defaults, ServeConfig, Server, http::Limits};
 
 use crate::Opts;
-use crate::args::Flags;
+use crate::args::{Flags, cluster_config};
 use crate::generate::{SAMPLING_FLAGS, sampling_flags};
 
 /// Flags into a `ServeConfig`, then the server runs until killed. It prints
@@ -55,38 +52,28 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
         None => None,
     };
     let listen = f.get("--listen").unwrap_or("127.0.0.1:8080");
-    let bootstrap = match f.get("--bootstrap") {
-        None => o.node.clone(),
-        Some(b) => {
-            shardnet::config::parse_peer_addr(b).map_err(|e| f.usage(format!("--bootstrap: {e}")))?;
-            b.to_string()
-        }
-    };
+    let cluster = cluster_config(o, &f, f.num("--batch", 128usize).max(1))?;
     for o in &cors_origins {
-        let ok = (o.starts_with("http://") || o.starts_with("https://")) && !o.ends_with('/') && o.split("//").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
+        let ok = (o.starts_with("http://") || o.starts_with("https://"))
+            && !o.ends_with('/')
+            && o.split("//").nth(1).is_some_and(|h| !h.is_empty() && !h.contains('/'));
         if !ok {
-            return Err(f.usage(format!("--cors-origin {o:?} is not an origin (scheme://host[:port], no path; `*` is not accepted)")));
+            return Err(f.usage(format!(
+                "--cors-origin {o:?} is not an origin (scheme://host[:port], no path; `*` is not accepted)"
+            )));
         }
     }
-    let key_file = f.get("--api-key-file").map(str::to_string).or_else(|| std::env::var(API_KEY_ENV).ok().filter(|v| !v.is_empty()));
+    let key_file = f
+        .get("--api-key-file")
+        .map(str::to_string)
+        .or_else(|| std::env::var(API_KEY_ENV).ok().filter(|v| !v.is_empty()));
     let api_key = match key_file {
         Some(path) => Some(ApiKey::load(std::path::Path::new(&path))?),
         None => None,
     };
     let sc = ServeConfig::default();
     let cfg = ServeConfig {
-        cluster: ClusterConfig {
-            bootstrap,
-            cluster: f.get("--cluster").unwrap_or("shardnet").to_string(),
-            batch: f.num("--batch", 128usize).max(1),
-            timeout: o.timeout,
-            load_timeout: Duration::from_secs(f.num("--load-timeout", 600u64).max(1)),
-            max_recoveries: 3,
-            model_pin: match f.get("--model") {
-                Some(v) => Some(shardnet::config::parse_model_hash(v).map_err(|e| f.usage(format!("--model: {e}")))?),
-                None => None,
-            },
-        },
+        cluster,
         listen: listen.parse().map_err(|_| f.usage(format!("--listen {listen:?} is not IP:PORT")))?,
         defaults,
         model_name: f.get("--model-name").map(str::to_string),

@@ -12,6 +12,9 @@
 //! (d) peak anonymous resident memory of the leech, for 256 MiB and 1 GiB;
 //! (e) the same 1 GiB transfer encrypted (the leech with `--encryption require`: MSE with an
 //!     RC4 payload), alternating with (a)'s plaintext one in the same run: GB/s and CPU-s/GB.
+//! (f) 256 MiB through a relay that delays each direction by half a round trip
+//!     (`common::delaying_relay`), at 0.1 ms and at 80 ms: MB/s (medians of 3,
+//!     alternating) and the most bytes in flight.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -22,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NodeProc, TempDir, tracker, wait_for};
+use common::{NodeProc, TempDir, delaying_relay, tracker, wait_for};
 use serde_json::{Value, json};
 use shardnet::torrent::Metainfo;
 
@@ -236,6 +239,31 @@ fn main() {
     write_random(&small_dir.path().join("small.gguf"), GIB / 4, 2);
     let (small_seed, small_m) = seed_node(small_dir.path(), &[]);
     let (_, _, _, small_peak) = one_transfer(&small_seed, &small_m, &[]);
+    // (f) the same 256 MiB one round trip away.
+    let (mut near, mut far, mut far_flight) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        for (rtt_ms, rates) in [(0.1, &mut near), (80.0, &mut far)] {
+            let (relay, in_flight) = delaying_relay(&small_seed.addr, Duration::from_secs_f64(rtt_ms / 2e3));
+            let ld = TempDir::new("bench-far");
+            let leech = NodeProc::start(ld.path(), &["--enable-torrent", "--log-level", "warn"]);
+            let t = Instant::now();
+            download(&leech, &small_m, &[&relay]);
+            rates.push((GIB / 4) as f64 / t.elapsed().as_secs_f64() / 1e6);
+            if rtt_ms > 1.0 {
+                far_flight.push(in_flight.load(Ordering::Relaxed) as f64 / (1 << 20) as f64);
+            }
+        }
+    }
+    let (near_m, far_m) = (median(near.clone()), median(far.clone()));
+    println!(
+        "(f) 256 MiB through a delaying relay: {far_m:.1} MB/s at 80 ms, {near_m:.1} MB/s at 0.1 ms; at most {:.1} MiB in flight at 80 ms",
+        far_flight.iter().copied().fold(0.0, f64::max)
+    );
+    report.insert(
+        "f_256mib_round_trip".into(),
+        json!({"mb_s_80ms": far_m, "mb_s_80ms_all": far, "mb_s_0_1ms": near_m, "mb_s_0_1ms_all": near,
+               "in_flight_mib_80ms_all": far_flight, "far_over_near": far_m / near_m}),
+    );
     drop(small_seed);
     let big_peak = *peaks.iter().max().unwrap();
     println!(

@@ -961,6 +961,10 @@ impl Node {
                     "complete": s.is_complete(),
                     "banned": s.banned.len(),
                     "error": d.failed,
+                    "pipelines": s.pipelines().into_iter().map(|(addr, window, asked, reqq, rtt, rate)| {
+                        serde_json::json!({"address": addr.to_string(), "window": window, "asked": asked,
+                            "reqq": reqq, "rtt_ms": rtt, "rate_bytes_s": rate})
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();

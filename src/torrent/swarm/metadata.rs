@@ -28,7 +28,7 @@ impl Swarm {
             let peer = self.peer(key)?;
             peer.their_ut_metadata = ut.filter(|i| (1..=255).contains(i)).map(|i| i as u8);
             if let Some(q) = reqq {
-                peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
+                peer.pipe.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
             }
             self.on_private_handshake(key, &v)?;
             self.on_pex_handshake(key, &v)?;

@@ -22,28 +22,14 @@ pub mod fast;
 mod metadata;
 pub mod pex;
 pub mod private;
+mod window;
 
-/// Most blocks asked of one peer at once: 256 x 16 KiB = 4 MiB in flight,
-/// a bandwidth-delay product of 50 MB/s at 80 ms, and never more than the
-/// peer's `reqq`.
-pub const PIPELINE: usize = 256;
-/// Blocks first asked of a peer; the window doubles each time the peer
-/// sends a whole window in one burst (it was waiting on us, not on its link).
-const START_WINDOW: usize = 16;
-/// Blocks arriving closer together than this belong to one burst.
-const BURST_GAP: Duration = Duration::from_millis(10);
-/// A peer that sends in bursts (Transmission: every 500 ms) is asked for a
-/// whole burst period at the best rate it has shown.
-const BURST_PERIOD: f64 = 0.5;
-/// Requests a peer queues when its extension handshake does not say (`reqq`;
-/// libtorrent's default).
-const DEFAULT_REQQ: usize = 250;
-/// Fewest blocks asked of one peer at once.
-const MIN_PIPELINE: usize = 4;
-/// How often a peer's download rate is re-estimated.
-const RATE_WINDOW: Duration = Duration::from_millis(100);
-/// Requests a peer may queue with us; more is a flood and the peer is dropped.
-pub const MAX_PEER_REQUESTS: usize = 512;
+pub use window::PIPELINE;
+use window::{MIN_PIPELINE, RequestWindow};
+
+/// Requests a peer may queue with us (our `reqq`): a window of
+/// [`PIPELINE`] and more; beyond it is a flood and the peer is dropped.
+pub const MAX_PEER_REQUESTS: usize = 2 * PIPELINE;
 /// Peers unchoked at once.
 pub const UNCHOKE_SLOTS: usize = 16;
 /// A block not delivered in this time is asked of someone else.
@@ -139,19 +125,8 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
-    /// Requests this peer queues at most (its `reqq`).
-    reqq: usize,
-    /// Download rate from this peer (bytes/s, smoothed) and its window.
-    rate: f64,
-    window_start: Instant,
-    window_bytes: u64,
-    /// The best rate sample seen (bytes/s).
-    best_rate: f64,
-    /// Blocks to keep asked: grown while the peer drains it (see `pipeline`).
-    window: usize,
-    /// Blocks of the current burst, and when its last one came.
-    burst_blocks: usize,
-    burst_last: Instant,
+    /// How many blocks to keep asked of it, and the measurements behind that.
+    pipe: RequestWindow,
     /// Private swarms: this peer's proof of the cluster key.
     proof: Option<private::PeerProof>,
     /// The Fast extension (BEP 6).
@@ -164,43 +139,6 @@ impl Peer {
     /// Whether it may see our pieces: a public swarm, or a peer that proved the cluster key.
     fn proved(&self) -> bool {
         self.proof.as_ref().is_none_or(|x| x.proved)
-    }
-
-    /// Blocks to keep asked of this peer: the window, grown while the peer
-    /// answers all of it (a distant or bursty peer is window-bound, like TCP
-    /// in slow start), and at least a burst period at the best rate seen (the
-    /// bandwidth-delay product of a peer that sends every `BURST_PERIOD`);
-    /// never more than `PIPELINE` or the peer's `reqq`.
-    fn pipeline(&self) -> usize {
-        let cap = PIPELINE.min(self.reqq);
-        let burst = (self.best_rate * BURST_PERIOD / BLOCK_SIZE as f64) as usize;
-        self.window.max(burst).clamp(MIN_PIPELINE.min(cap), cap)
-    }
-
-    /// One block arrived: a whole window in one burst doubles the window (the
-    /// peer answered everything asked at once: more would have come too).
-    fn count_burst(&mut self, now: Instant) {
-        if now.duration_since(self.burst_last) > BURST_GAP {
-            self.burst_blocks = 0;
-        }
-        self.burst_last = now;
-        self.burst_blocks += 1;
-        if self.burst_blocks >= self.window {
-            self.window = (self.window * 2).min(PIPELINE.min(self.reqq));
-            self.burst_blocks = 0;
-        }
-    }
-
-    fn count_block(&mut self, bytes: u64, now: Instant) {
-        self.window_bytes += bytes;
-        let dt = now.duration_since(self.window_start);
-        if dt >= RATE_WINDOW {
-            let sample = self.window_bytes as f64 / dt.as_secs_f64();
-            self.best_rate = self.best_rate.max(sample);
-            self.rate = if self.rate == 0.0 { sample } else { 0.5 * self.rate + 0.5 * sample };
-            self.window_start = now;
-            self.window_bytes = 0;
-        }
     }
 }
 
@@ -407,14 +345,7 @@ impl Swarm {
             downloaded: 0,
             uploaded: 0,
             last_block: now,
-            reqq: DEFAULT_REQQ,
-            rate: 0.0,
-            window_start: now,
-            window_bytes: 0,
-            best_rate: 0.0,
-            window: START_WINDOW,
-            burst_blocks: 0,
-            burst_last: now,
+            pipe: RequestWindow::new(now),
             proof,
             fast: fast::PeerFast::default(),
             pex: pex::PeerPex::new(outgoing),
@@ -621,11 +552,10 @@ impl Swarm {
             self.wasted += data.len() as u64;
             return Ok(()); // cancelled in endgame, or never asked: ignored
         };
-        peer.requested.swap_remove(pos);
-        peer.count_burst(now);
+        let (_, asked) = peer.requested.swap_remove(pos);
+        peer.pipe.on_block(data.len() as u64, asked, now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
-        peer.count_block(data.len() as u64, now);
         let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
@@ -785,7 +715,7 @@ impl Swarm {
         if (peer.peer_choking && !peer.fast.on) || !peer.am_interested || picker.is_complete() {
             return;
         }
-        let room = peer.pipeline().saturating_sub(peer.requested.len());
+        let room = peer.pipe.pipeline().saturating_sub(peer.requested.len());
         if room == 0 {
             return;
         }
@@ -950,6 +880,19 @@ impl Swarm {
         for k in keys {
             self.update_interest(k);
         }
+    }
+
+    /// Each downloading peer's request pipeline, for STATUS: address, blocks to keep asked,
+    /// blocks asked now, its `reqq`, the round trip (ms) and rate (bytes/s) measured.
+    pub fn pipelines(&self) -> Vec<(SocketAddr, usize, usize, usize, Option<f64>, f64)> {
+        self.peers
+            .values()
+            .filter(|p| p.downloaded > 0 || !p.requested.is_empty())
+            .map(|p| {
+                let rtt = p.pipe.min_rtt().map(|r| r.as_secs_f64() * 1e3);
+                (p.addr, p.pipe.pipeline(), p.requested.len(), p.pipe.reqq, rtt, p.pipe.rate())
+            })
+            .collect()
     }
 
     /// Pieces verified of all, and peers connected, for STATUS.

@@ -8,7 +8,7 @@
 //!   loop drives them all), every node alive: find_node time, get_peers time
 //!   to the first peer, announce time; p50, p99 and max.
 
-use std::net::{SocketAddr, SocketAddrV4};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ struct Testnet {
     poll: Poll,
     socks: Vec<UdpSocket>,
     nodes: Vec<Dht>,
-    addrs: Vec<SocketAddrV4>,
+    addrs: Vec<SocketAddr>,
 }
 
 impl Testnet {
@@ -35,7 +35,7 @@ impl Testnet {
         for i in 0..n {
             let mut s = UdpSocket::bind("127.0.0.1:0".parse().unwrap()).unwrap();
             poll.registry().register(&mut s, Token(i), Interest::READABLE).unwrap();
-            let SocketAddr::V4(a) = s.local_addr().unwrap() else { unreachable!() };
+            let a = s.local_addr().unwrap();
             let id = Id(shardnet::hash::sha1(format!("testnet-{i}").as_bytes()));
             let boot = if i == 0 { vec![] } else { vec![addrs[i / 2]] };
             nodes.push(Dht::new(id, cfg.clone(), boot, Instant::now()));
@@ -47,7 +47,7 @@ impl Testnet {
 
     fn flush(&mut self, i: usize) {
         for (to, bytes) in std::mem::take(&mut self.nodes[i].outbox) {
-            let _ = self.socks[i].send_to(&bytes, SocketAddr::V4(to));
+            let _ = self.socks[i].send_to(&bytes, to);
         }
     }
 
@@ -61,7 +61,7 @@ impl Testnet {
             let _ = self.poll.poll(&mut events, Some(Duration::from_millis(5)));
             for ev in events.iter() {
                 let i = ev.token().0;
-                while let Ok((n, SocketAddr::V4(from))) = self.socks[i].recv_from(&mut buf) {
+                while let Ok((n, from)) = self.socks[i].recv_from(&mut buf) {
                     self.nodes[i].handle_packet(from, &buf[..n], Instant::now());
                 }
                 self.flush(i);
@@ -129,7 +129,7 @@ fn real_sockets() -> Value {
         let r = net.lookup(asker, Id(shardnet::hash::sha1(format!("find-{k}").as_bytes())), LookupKind::FindNode);
         find.push(r.elapsed);
         let r = net.lookup(asker, key, LookupKind::GetPeers);
-        let want = SocketAddrV4::new(*net.addrs[who].ip(), 9000 + k as u16);
+        let want = SocketAddr::new(net.addrs[who].ip(), 9000 + k as u16);
         match (r.peers.contains(&want), r.first_peer) {
             (true, Some(t)) => first_peer.push(t),
             _ => misses += 1,

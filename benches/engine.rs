@@ -1,19 +1,31 @@
 //! `make bench` part 5: the inference engine against llama.cpp. Writes `target/bench/engine.json`.
 //!
-//! For each model: prompt processing (512 random tokens in one batch) and generation (128 random
-//! tokens, one at a time) in tokens/s, ours in this process and llama.cpp's through
-//! `target/reference/reference bench` (built by `make check-reference`), same thread count, a
-//! warm-up each, then repetitions alternating the two; medians. llama.cpp runs with its default
-//! flash-attention setting (auto, which is on for the CPU) and F16 KV cache, as ours.
+//! Rows, as llama-bench names them, in tokens/s: `pp512` (512 random tokens in one batch),
+//! `tg128` (128 random tokens one at a time on an empty context) and `tg128_d512` (128 tokens
+//! one at a time after the 512 of pp512). Ours runs in this process, llama.cpp through
+//! `target/reference/reference bench` (scripts/reference): same files, same threads (2, or
+//! fewer when the machine has fewer cores; `SHARDNET_BENCH_THREADS` overrides), flash attention
+//! on in both, F16 KV cache in both. Each side gets a short warm-up, then the repetitions
+//! alternate ours / llama.cpp (`SHARDNET_BENCH_REPS`, default 3) so both see the same machine
+//! load; the figures are medians and each ratio is ours / llama.cpp. `*_cpu_tps` and `cpu_ratio`
+//! count tokens per CPU second of the process (all its threads) instead of per second of wall
+//! time: on a machine shared with other work they move far less than wall-time figures. `SHARDNET_BENCH_MODELS`
+//! (comma-separated parts of model names, e.g. `f16,q4_k_m`) runs only those models.
 //!
-//! Models: a ~250M-parameter LLaMA (16 layers, width 1024, GQA 16/4 heads, vocab 32000) in F16,
-//! Q8_0 and Q4_0, and SmolLM2-135M (Q4_1) when `make models` fetched it.
+//! Models: a ~250M-parameter LLaMA (16 layers, width 1024, GQA 16/4 heads, vocab 32000, random
+//! weights) in F16, Q8_0 and Q4_0 as `gguf::demo` writes them, the F16 one quantized to Q4_K_M by
+//! llama.cpp's own `llama_model_quantize` (what `llama-quantize` runs: Q4_K, with Q6_K for
+//! `output` and for half the layers' `attn_v` and `ffn_down`), and SmolLM2-135M Q4_1 when `make
+//! models` fetched it.
 //!
-//! Q4_0 runs twice: from the map as it is (our default), and with `--repack`, copying the
-//! matrices into ggml's interleaved CPU layout as llama.cpp does by default.
+//! Ours runs as the node does by default: the matrices ggml's CPU backend repacks (Q4_0, Q4_K,
+//! IQ4_NL, ... on this CPU) come from the repack sidecar beside the file. Memory, per model:
+//! anonymous resident memory grown by loading (the sidecar already written, as on every load but
+//! the first), against the file's size (goal < 5%); the first load's sidecar write is timed too.
 //!
-//! Memory: anonymous and file-backed resident memory before and after loading the F16 model and
-//! running a step, against the shard's size: weights stay in the file's pages.
+//! llama.cpp is built by `scripts/reference/build.sh` (cmake; incremental) when cmake is
+//! installed; without cmake the bench says so and measures ours alone (no Q4_K_M model then:
+//! llama.cpp makes it).
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -25,15 +37,21 @@ use std::time::Instant;
 
 use memmap2::Mmap;
 use serde_json::{Value, json};
-use shardnet::engine::{Engine, EngineConfig, Input, Want};
+use shardnet::engine::{Engine, EngineConfig, Input, Want, WeightsSource};
 use shardnet::gguf::GgmlType;
 use shardnet::gguf::demo::{DemoConfig, write};
 
 const PP: usize = 512;
 const TG: usize = 128;
+/// `LLAMA_FTYPE_MOSTLY_Q4_K_M` in llama.h.
+const FTYPE_Q4_K_M: u32 = 15;
+
+fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|n| *n > 0)
+}
 
 fn reps() -> usize {
-    std::env::var("SHARDNET_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(3)
+    env_usize("SHARDNET_BENCH_REPS").unwrap_or(3)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -58,23 +76,58 @@ impl Rng {
     }
 }
 
-/// One repetition: (pp tokens/s, tg tokens/s).
-fn ours_once(e: &mut Engine, n_vocab: u32, rng: &mut Rng) -> (f64, f64) {
-    e.end_session("bench");
-    let prompt: Vec<u32> = (0..PP).map(|_| rng.token(n_vocab)).collect();
-    let t = Instant::now();
-    e.execute(0, "bench", 0, &Input::Tokens(prompt), Want::Logits { all: false }).unwrap();
-    let pp = PP as f64 / t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    for i in 0..TG {
-        let tok = rng.token(n_vocab);
-        e.execute(0, "bench", (PP + i) as u32, &Input::Tokens(vec![tok]), Want::Logits { all: false }).unwrap();
-    }
-    let tg = TG as f64 / t.elapsed().as_secs_f64();
-    (pp, tg)
+/// Tokens/s of each row in one repetition: per second of wall time, and per CPU second of the
+/// process (every thread), which a shared machine's scheduling disturbs less.
+#[derive(Clone, Copy)]
+struct Rates {
+    pp: f64,
+    tg: f64,
+    tg_depth: f64,
+    pp_cpu: f64,
+    tg_cpu: f64,
+    tg_depth_cpu: f64,
 }
 
-fn reference_once(reference: &Path, model: &Path, threads: usize) -> Option<(f64, f64)> {
+/// CPU seconds this process has used (`CLOCK_PROCESS_CPUTIME_ID`).
+fn cpu_now() -> f64 {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: writes the struct it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// `n` single-token steps from position `from`: (tokens per second, per CPU second).
+fn decode_steps(e: &mut Engine, n_vocab: u32, rng: &mut Rng, from: usize, n: usize) -> (f64, f64) {
+    let (t, c) = (Instant::now(), cpu_now());
+    for i in 0..n {
+        let tok = rng.token(n_vocab);
+        e.execute(0, "bench", (from + i) as u32, &Input::Tokens(vec![tok]), Want::Logits { all: false }).unwrap();
+    }
+    (n as f64 / t.elapsed().as_secs_f64(), n as f64 / (cpu_now() - c))
+}
+
+/// One repetition, in llama.cpp's order: pp512, tg128 on top of it, then tg128 from empty.
+fn ours_once(e: &mut Engine, n_vocab: u32, rng: &mut Rng) -> Rates {
+    e.end_session("bench");
+    let prompt: Vec<u32> = (0..PP).map(|_| rng.token(n_vocab)).collect();
+    let (t, c) = (Instant::now(), cpu_now());
+    e.execute(0, "bench", 0, &Input::Tokens(prompt), Want::Logits { all: false }).unwrap();
+    let (pp, pp_cpu) = (PP as f64 / t.elapsed().as_secs_f64(), PP as f64 / (cpu_now() - c));
+    let (tg_depth, tg_depth_cpu) = decode_steps(e, n_vocab, rng, PP, TG);
+    e.end_session("bench");
+    let (tg, tg_cpu) = decode_steps(e, n_vocab, rng, 0, TG);
+    Rates { pp, tg, tg_depth, pp_cpu, tg_cpu, tg_depth_cpu }
+}
+
+/// A short batch and a few single steps: weights paged in, buffers sized.
+fn ours_warm_up(e: &mut Engine, n_vocab: u32, rng: &mut Rng) {
+    e.end_session("bench");
+    let prompt: Vec<u32> = (0..64).map(|_| rng.token(n_vocab)).collect();
+    e.execute(0, "bench", 0, &Input::Tokens(prompt), Want::Logits { all: false }).unwrap();
+    decode_steps(e, n_vocab, rng, 64, 4);
+}
+
+fn reference_once(reference: &Path, model: &Path, threads: usize) -> Option<Rates> {
     let out = Command::new(reference)
         .args(["bench", model.to_str()?, &threads.to_string(), &PP.to_string(), &TG.to_string(), "1"])
         .output()
@@ -84,40 +137,15 @@ fn reference_once(reference: &Path, model: &Path, threads: usize) -> Option<(f64
         return None;
     }
     let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-    Some((v["pp_tps"].as_f64()?, v["tg_tps"].as_f64()?))
-}
-
-fn bench_model(name: &str, path: &Path, repack: bool, reference: Option<&Path>, threads: usize) -> Value {
-    let cfg = EngineConfig { threads, ctx_size: (PP + TG + 16) as u32, repack, ..Default::default() };
-    let mut e = Engine::new(cfg).unwrap();
-    let n_vocab = e.load(0, map(path)).unwrap().n_vocab;
-    let repacked = e.repacked_bytes(0);
-    let mut rng = Rng(0x2545F4914F6CDD1D);
-    ours_once(&mut e, n_vocab, &mut rng); // warm-up: page the weights in, size the buffers
-    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
-    for _ in 0..reps() {
-        ours.push(ours_once(&mut e, n_vocab, &mut rng));
-        if let Some(r) = reference.and_then(|r| reference_once(r, path, threads)) {
-            theirs.push(r);
-        }
-    }
-    let pp = median(ours.iter().map(|r| r.0).collect());
-    let tg = median(ours.iter().map(|r| r.1).collect());
-    let mut v = json!({
-        "model": name,
-        "bytes": std::fs::metadata(path).unwrap().len(),
-        "repack": repack,
-        "repacked_bytes": repacked,
-        "ours": {"pp512_tps": pp, "tg128_tps": tg},
-    });
-    if !theirs.is_empty() {
-        let rpp = median(theirs.iter().map(|r| r.0).collect());
-        let rtg = median(theirs.iter().map(|r| r.1).collect());
-        v["llama_cpp"] = json!({"pp512_tps": rpp, "tg128_tps": rtg});
-        v["ratio"] = json!({"pp512": pp / rpp, "tg128": tg / rtg});
-    }
-    println!("{v}");
-    v
+    let f = |k: &str| v[k].as_f64();
+    Some(Rates {
+        pp: f("pp_tps")?,
+        tg: f("tg_tps")?,
+        tg_depth: f("tg_depth_tps")?,
+        pp_cpu: f("pp_cpu_tps")?,
+        tg_cpu: f("tg_cpu_tps")?,
+        tg_depth_cpu: f("tg_depth_cpu_tps")?,
+    })
 }
 
 /// (RssAnon, RssFile) in bytes.
@@ -135,38 +163,129 @@ fn rss() -> (u64, u64) {
     (field("RssAnon:"), field("RssFile:"))
 }
 
-fn memory(path: &Path, threads: usize) -> Value {
-    let before = rss();
-    let mut e = Engine::new(EngineConfig { threads, ctx_size: 512, ..Default::default() }).unwrap();
-    let n_vocab = e.load(0, map(path)).unwrap().n_vocab;
-    let loaded = rss();
-    let mut rng = Rng(7);
-    let prompt: Vec<u32> = (0..64).map(|_| rng.token(n_vocab)).collect();
-    e.execute(0, "m", 0, &Input::Tokens(prompt), Want::Logits { all: false }).unwrap();
-    let ran = rss();
+fn engine(threads: usize) -> Engine {
+    let cfg = EngineConfig { threads, ctx_size: (PP + TG + 16) as u32, repack: true, ..Default::default() };
+    Engine::new(cfg).unwrap()
+}
+
+fn source_name(s: Option<WeightsSource>) -> &'static str {
+    match s {
+        Some(WeightsSource::Map) => "map",
+        Some(WeightsSource::Sidecar { .. }) => "sidecar",
+        Some(WeightsSource::Copy) => "anonymous copy",
+        None => "not loaded",
+    }
+}
+
+fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize) -> Value {
     let size = std::fs::metadata(path).unwrap().len();
-    let (sessions, kv) = e.sessions();
-    json!({
-        "shard_bytes": size,
-        "anon_growth_after_load": loaded.0 as i64 - before.0 as i64,
-        "anon_growth_after_step": ran.0 as i64 - before.0 as i64,
-        "file_resident_after_step": ran.1 as i64 - before.1 as i64,
-        "anon_growth_over_shard": (ran.0 as f64 - before.0 as f64) / size as f64,
-        "kv_bytes": kv, "sessions": sessions,
-    })
+    let sidecar = PathBuf::from(format!("{}.repack", path.display()));
+    // First load: writes the sidecar when the file has matrices to repack (a fresh one, timed).
+    let _ = std::fs::remove_file(&sidecar);
+    let t = Instant::now();
+    let mut e = engine(threads);
+    e.load_file(0, map(path), path, None).unwrap();
+    let first_load_s = t.elapsed().as_secs_f64();
+    drop(e);
+    // The load every later start does: the sidecar is there. Anonymous memory grown by it.
+    let before = rss();
+    let mut e = engine(threads);
+    let t = Instant::now();
+    let n_vocab = e.load_file(0, map(path), path, None).unwrap().n_vocab;
+    let load_s = t.elapsed().as_secs_f64();
+    let loaded = rss();
+    let source = e.weights_source(0);
+    let sidecar_bytes = std::fs::metadata(&sidecar).map_or(0, |m| m.len());
+
+    let mut rng = Rng(0x2545F4914F6CDD1D);
+    ours_warm_up(&mut e, n_vocab, &mut rng);
+    let after_step = rss();
+    let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    for _ in 0..reps() {
+        ours.push(ours_once(&mut e, n_vocab, &mut rng));
+        if let Some(r) = reference.and_then(|r| reference_once(r, path, threads)) {
+            theirs.push(r);
+        }
+    }
+    let rows = |v: &[Rates]| {
+        json!({
+            "pp512": median(v.iter().map(|r| r.pp).collect()),
+            "tg128": median(v.iter().map(|r| r.tg).collect()),
+            "tg128_d512": median(v.iter().map(|r| r.tg_depth).collect()),
+        })
+    };
+    let cpu_rows = |v: &[Rates]| {
+        json!({
+            "pp512": median(v.iter().map(|r| r.pp_cpu).collect()),
+            "tg128": median(v.iter().map(|r| r.tg_cpu).collect()),
+            "tg128_d512": median(v.iter().map(|r| r.tg_depth_cpu).collect()),
+        })
+    };
+    let anon_load = loaded.0 as i64 - before.0 as i64;
+    let mut v = json!({
+        "model": name,
+        "bytes": size,
+        "weights_from": source_name(source),
+        "sidecar_bytes": sidecar_bytes,
+        "first_load_s": first_load_s,
+        "load_s": load_s,
+        "memory": {
+            "anon_after_load": anon_load,
+            "anon_after_load_over_weights": anon_load as f64 / size as f64,
+            "anon_after_step": after_step.0 as i64 - before.0 as i64,
+            "file_resident_after_step": after_step.1 as i64 - before.1 as i64,
+            "anon_repacked_copy": e.repacked_bytes(0),
+        },
+        "ours_tps": rows(&ours),
+        "ours_cpu_tps": cpu_rows(&ours),
+        "repetitions": ours.len(),
+    });
+    if !theirs.is_empty() {
+        let ratios = |o: &Value, r: &Value| {
+            let q = |k: &str| o[k].as_f64().unwrap() / r[k].as_f64().unwrap();
+            json!({"pp512": q("pp512"), "tg128": q("tg128"), "tg128_d512": q("tg128_d512")})
+        };
+        let (r, rc) = (rows(&theirs), cpu_rows(&theirs));
+        v["ratio"] = ratios(&v["ours_tps"], &r);
+        v["cpu_ratio"] = ratios(&v["ours_cpu_tps"], &rc);
+        v["llama_cpp_tps"] = r;
+        v["llama_cpp_cpu_tps"] = rc;
+    }
+    println!("{v}");
+    v
+}
+
+/// Builds (or brings up to date) llama.cpp's reference program when cmake is there.
+fn reference() -> (Option<PathBuf>, Option<String>) {
+    let bin = PathBuf::from("target/reference/reference");
+    let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cmake {
+        let note = "cmake is not installed (Debian: apt-get install cmake): llama.cpp is not built, \
+                    so its figures and the Q4_K_M model are skipped";
+        eprintln!("note: {note}");
+        return (None, Some(note.into()));
+    }
+    eprintln!("building llama.cpp's reference program (scripts/reference/build.sh; a few minutes the first time)");
+    match Command::new("sh").arg("scripts/reference/build.sh").status() {
+        Ok(s) if s.success() && bin.exists() => (Some(bin), None),
+        _ => {
+            let note = "scripts/reference/build.sh failed (see target/reference/build.log): llama.cpp skipped";
+            eprintln!("note: {note}");
+            (None, Some(note.into()))
+        }
+    }
 }
 
 fn main() {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads = env_usize("SHARDNET_BENCH_THREADS")
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(2));
     let out_dir = PathBuf::from("target/bench");
     let models_dir = out_dir.join("models");
     std::fs::create_dir_all(&models_dir).unwrap();
-    let reference = PathBuf::from("target/reference/reference");
-    let reference = reference.exists().then_some(reference.as_path());
-    if reference.is_none() {
-        eprintln!("note: target/reference/reference missing (make check-reference): llama.cpp not measured");
-    }
-    let mut models = Vec::new();
+    let t = Instant::now();
+    let (reference, note) = reference();
+    let reference = reference.as_deref();
+    let mut models: Vec<(String, PathBuf)> = Vec::new();
     for (tag, ty) in [("f16", GgmlType::F16), ("q8_0", GgmlType::Q8_0), ("q4_0", GgmlType::Q4_0)] {
         let path = models_dir.join(format!("llama-250m-{tag}.gguf"));
         if !path.exists() {
@@ -185,27 +304,48 @@ fn main() {
             };
             write(&cfg, &path).unwrap();
         }
-        models.push((format!("llama-250m-{tag}"), path.clone(), false));
-        if ty == GgmlType::Q4_0 {
-            // llama.cpp repacks Q4_0 for AVX2 by default (a copy of the weights); ours does with --repack.
-            models.push((format!("llama-250m-{tag}-repack"), path, true));
-        }
+        models.push((format!("llama-250m-{tag}"), path));
     }
+    if let Some(r) = reference {
+        let path = models_dir.join("llama-250m-q4_k_m.gguf");
+        if !path.exists() {
+            let tmp = models_dir.join("llama-250m-q4_k_m.gguf.tmp");
+            let ok = Command::new(r)
+                .args(["quantize", models[0].1.to_str().unwrap(), tmp.to_str().unwrap(), &FTYPE_Q4_K_M.to_string()])
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "llama.cpp could not quantize the F16 model to Q4_K_M");
+            std::fs::rename(&tmp, &path).unwrap();
+        }
+        models.push(("llama-250m-q4_k_m".into(), path));
+    }
+    // SmolLM2 through a link in target/bench/models, so its sidecar (if any) is written here and
+    // not into models_cache.
     let smollm2 = PathBuf::from("models_cache/SmolLM2-135M-Instruct.Q4_1.gguf");
     if smollm2.exists() {
-        models.push(("smollm2-135m-q4_1".into(), smollm2, false));
+        let link = models_dir.join("smollm2-135m-q4_1.gguf");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(std::fs::canonicalize(&smollm2).unwrap(), &link).unwrap();
+        models.push(("smollm2-135m-q4_1".into(), link));
+    } else {
+        eprintln!("note: {} missing (make models): SmolLM2 skipped", smollm2.display());
     }
-    let t = Instant::now();
-    let memory = memory(&models[0].1, threads);
-    println!("memory {memory}");
-    let results: Vec<Value> = models.iter().map(|(n, p, r)| bench_model(n, p, *r, reference, threads)).collect();
+    // SHARDNET_BENCH_MODELS=f16,q4_k_m: only the models whose name holds one of these.
+    if let Ok(only) = std::env::var("SHARDNET_BENCH_MODELS") {
+        models.retain(|(n, _)| only.split(',').any(|k| !k.is_empty() && n.contains(k)));
+    }
+    let results: Vec<Value> = models.iter().map(|(n, p)| bench_model(n, p, reference, threads)).collect();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let report = json!({
         "threads": threads,
+        "flash_attn": true,
         "pp_tokens": PP,
         "tg_tokens": TG,
         "repetitions": reps(),
+        "llama_cpp": reference.is_some(),
+        "note": note,
         "models": results,
-        "memory": memory,
+        "load_average": load.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         "elapsed_s": t.elapsed().as_secs_f64(),
     });
     std::fs::write(out_dir.join("engine.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();

@@ -9,7 +9,12 @@
 //!     all seven to finish over the time one seed needs to send the file once;
 //! (c) a full recheck of the 1 GiB file (page cache warm) against one core's
 //!     SHA-1 rate;
-//! (d) peak anonymous resident memory of the leech, for 256 MiB and 1 GiB.
+//! (d) peak anonymous resident memory of the leech, for 256 MiB and 1 GiB;
+//! (e) the same 1 GiB transfer encrypted (the leech with `--encryption require`: MSE with an
+//!     RC4 payload), alternating with (a)'s plaintext one in the same run: GB/s and CPU-s/GB.
+//! (f) 256 MiB through a relay that delays each direction by half a round trip
+//!     (`common::delaying_relay`), at 0.1 ms and at 80 ms: MB/s (medians of 3,
+//!     alternating) and the most bytes in flight.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -20,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{NodeProc, TempDir, tracker, wait_for};
+use common::{NodeProc, TempDir, delaying_relay, tracker, wait_for};
 use serde_json::{Value, json};
 use shardnet::torrent::Metainfo;
 
@@ -179,6 +184,7 @@ fn main() {
     // (a) and (d)
     let (mut ours, mut aria, mut cpu_leech, mut cpu_seed, mut peaks) = (vec![], vec![], vec![], vec![], vec![]);
     let (mut cached, mut cpu_cached) = (vec![], vec![]);
+    let (mut rc4, mut rc4_cpu_leech, mut rc4_cpu_seed) = (vec![], vec![], vec![]);
     for _ in 0..3 {
         let (secs, cl, cs, peak) = one_transfer(&seed, &m, &[]);
         ours.push(GIB as f64 / secs / 1e9);
@@ -191,7 +197,13 @@ fn main() {
         let (secs, cl, _, _) = one_transfer(&seed, &m, &["--cached-writes"]);
         cached.push(GIB as f64 / secs / 1e9);
         cpu_cached.push(cl / (GIB as f64 / 1e9));
+        let (secs, cl, cs, _) = one_transfer(&seed, &m, &["--encryption", "require"]);
+        rc4.push(GIB as f64 / secs / 1e9);
+        rc4_cpu_leech.push(cl / (GIB as f64 / 1e9));
+        rc4_cpu_seed.push(cs / (GIB as f64 / 1e9));
     }
+    let rc4_status = &seed.call("STATUS", json!({}))["result"]["encryption"];
+    assert!(rc4_status["rc4"].as_u64().unwrap_or(0) >= 3, "the encrypted transfers were not RC4: {rc4_status}");
     let (cached_m, cpu_cached_m) = (median(cached.clone()), median(cpu_cached));
     let (ours_m, cl_m, cs_m) = (median(ours.clone()), median(cpu_leech.clone()), median(cpu_seed.clone()));
     let aria_m = (!aria.is_empty()).then(|| median(aria.clone()));
@@ -202,6 +214,17 @@ fn main() {
     println!(
         "    the leech with --cached-writes: {cached_m:.2} GB/s, {cpu_cached_m:.2} CPU-s/GB; direct I/O is {:.2}x faster",
         ours_m / cached_m
+    );
+    let (rc4_m, rc4_cl, rc4_cs) = (median(rc4.clone()), median(rc4_cpu_leech), median(rc4_cpu_seed));
+    println!(
+        "(e) the same, encrypted (MSE, RC4): {rc4_m:.2} GB/s; leech {rc4_cl:.2} CPU-s/GB, seed {rc4_cs:.2} CPU-s/GB; \
+         plaintext is {:.2}x faster",
+        ours_m / rc4_m
+    );
+    report.insert(
+        "e_one_seed_one_leech_1gib_rc4".into(),
+        json!({"gb_s": rc4_m, "gb_s_all": rc4, "leech_cpu_s_per_gb": rc4_cl, "seed_cpu_s_per_gb": rc4_cs,
+               "plaintext_over_rc4": ours_m / rc4_m}),
     );
     report.insert(
         "a_one_seed_one_leech_1gib".into(),
@@ -216,6 +239,31 @@ fn main() {
     write_random(&small_dir.path().join("small.gguf"), GIB / 4, 2);
     let (small_seed, small_m) = seed_node(small_dir.path(), &[]);
     let (_, _, _, small_peak) = one_transfer(&small_seed, &small_m, &[]);
+    // (f) the same 256 MiB one round trip away.
+    let (mut near, mut far, mut far_flight) = (vec![], vec![], vec![]);
+    for _ in 0..3 {
+        for (rtt_ms, rates) in [(0.1, &mut near), (80.0, &mut far)] {
+            let (relay, in_flight) = delaying_relay(&small_seed.addr, Duration::from_secs_f64(rtt_ms / 2e3));
+            let ld = TempDir::new("bench-far");
+            let leech = NodeProc::start(ld.path(), &["--enable-torrent", "--log-level", "warn"]);
+            let t = Instant::now();
+            download(&leech, &small_m, &[&relay]);
+            rates.push((GIB / 4) as f64 / t.elapsed().as_secs_f64() / 1e6);
+            if rtt_ms > 1.0 {
+                far_flight.push(in_flight.load(Ordering::Relaxed) as f64 / (1 << 20) as f64);
+            }
+        }
+    }
+    let (near_m, far_m) = (median(near.clone()), median(far.clone()));
+    println!(
+        "(f) 256 MiB through a delaying relay: {far_m:.1} MB/s at 80 ms, {near_m:.1} MB/s at 0.1 ms; at most {:.1} MiB in flight at 80 ms",
+        far_flight.iter().copied().fold(0.0, f64::max)
+    );
+    report.insert(
+        "f_256mib_round_trip".into(),
+        json!({"mb_s_80ms": far_m, "mb_s_80ms_all": far, "mb_s_0_1ms": near_m, "mb_s_0_1ms_all": near,
+               "in_flight_mib_80ms_all": far_flight, "far_over_near": far_m / near_m}),
+    );
     drop(small_seed);
     let big_peak = *peaks.iter().max().unwrap();
     println!(
@@ -228,12 +276,14 @@ fn main() {
         json!({"mib_256mib_file": small_peak as f64 / 1024.0, "mib_1gib_file": big_peak as f64 / 1024.0}),
     );
 
-    // (c) recheck: the file as NAME.part with no resume data.
+    // (c) recheck: the file as NAME.<info hash>.part with no resume data.
     let rd = TempDir::new("bench-recheck");
-    std::fs::copy(sd.path().join("blob.gguf"), rd.path().join("blob.gguf.part")).unwrap();
+    // The name a download of this torrent resumes from (NAME.<info hash>.part).
+    let part = shardnet::torrent::storage::part_path(rd.path(), "blob.gguf", m.info_hash);
+    std::fs::copy(sd.path().join("blob.gguf"), &part).unwrap();
     // Written back and read once: the page cache is warm and clean.
-    std::fs::File::open(rd.path().join("blob.gguf.part")).unwrap().sync_all().unwrap();
-    let _ = std::fs::read(rd.path().join("blob.gguf.part")).unwrap();
+    std::fs::File::open(&part).unwrap().sync_all().unwrap();
+    let _ = std::fs::read(&part).unwrap();
     let node = NodeProc::start(rd.path(), &["--enable-torrent", "--log-level", "warn"]);
     let t = Instant::now();
     let d = download(&node, &m, &[]);

@@ -114,6 +114,48 @@ pub struct NodeConfig {
     pub model_pin: Option<[u8; 32]>,
     /// `--private`: serve the peer wire only to peers proving the cluster key.
     pub private: bool,
+    /// `--encryption`: Message Stream Encryption on the peer wire, in and out.
+    pub encryption: Encryption,
+}
+
+/// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
+/// policies: `prefer-plaintext` (the default) and `prefer-encrypted` are its `pe_enabled`
+/// (accept both, redial the other way when a peer drops the first attempt) with
+/// `prefer_rc4` off and on, `require` its `pe_forced` with `allowed_enc_level` RC4, `disable`
+/// its `pe_disabled`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encryption {
+    /// Dial plaintext first (MSE on a retry); accept both; pick plaintext when offered both:
+    /// pieces keep the zero-copy path unless a peer insists on RC4.
+    #[default]
+    PreferPlaintext,
+    /// Dial MSE first (plaintext on a retry); accept both; pick RC4 when offered both.
+    PreferEncrypted,
+    /// Only MSE with an RC4 payload, in and out: plaintext peers are refused.
+    Require,
+    /// Never MSE: plaintext handshakes only (MSE's first bytes go to the command parser).
+    Disable,
+}
+
+impl Encryption {
+    pub fn parse(s: &str) -> Option<Encryption> {
+        Some(match s {
+            "prefer-plaintext" => Encryption::PreferPlaintext,
+            "prefer-encrypted" => Encryption::PreferEncrypted,
+            "require" => Encryption::Require,
+            "disable" => Encryption::Disable,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Encryption::PreferPlaintext => "prefer-plaintext",
+            Encryption::PreferEncrypted => "prefer-encrypted",
+            Encryption::Require => "require",
+            Encryption::Disable => "disable",
+        }
+    }
 }
 
 impl Default for NodeConfig {
@@ -163,6 +205,7 @@ impl Default for NodeConfig {
             auth_timeout: auth::DEFAULT_AUTH_TIMEOUT,
             model_pin: None,
             private: false,
+            encryption: Encryption::default(),
         }
     }
 }
@@ -253,6 +296,13 @@ FLAGS:
   --private              serve shards only to peers proving the cluster key (BEP 10
                          handshake) and announce them under keyed DHT names only;
                          needs a cluster key
+  --encryption POLICY    Message Stream Encryption (MSE, protocol encryption) on
+                         the peer wire: prefer-plaintext (dial plaintext, redial
+                         with MSE if the peer drops it; accept both, choosing a
+                         plaintext payload when offered both), prefer-encrypted
+                         (dial MSE first, choose RC4), require (RC4 only, in and
+                         out: plaintext peers are refused) or disable (plaintext
+                         only) [default: prefer-plaintext]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -423,6 +473,12 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                     return Err("--private takes no value".into());
                 }
                 c.private = true;
+            }
+            "--encryption" => {
+                let v = value()?;
+                c.encryption = Encryption::parse(v).ok_or_else(|| {
+                    format!("--encryption {v:?} is not prefer-plaintext, prefer-encrypted, require or disable")
+                })?;
             }
             "--log-level" => {
                 let v = value()?;

@@ -361,7 +361,9 @@ fn hostiles(addr: String, stop: Arc<AtomicBool>, acts: Arc<AtomicU64>) -> Vec<Jo
         // Slow: a frame dribbled a byte every 100 ms until the node cuts it off.
         threads.push(spawn(Box::new(move |addr, _| {
             let Some(mut s) = hostile_connect("127.0.0.3", addr) else { return };
-            let _ = s.write_all(&[0, 0, 1, 0]);
+            // `{"` opens it as a command frame (other first bytes are an MSE handshake on a
+            // torrent node, under its own deadline).
+            let _ = s.write_all(&[0, 0, 1, 0, b'{', b'"']);
             for _ in 0..60 {
                 if s.write_all(b"x").is_err() {
                     return;
@@ -381,6 +383,7 @@ fn hostiles(addr: String, stop: Arc<AtomicBool>, acts: Arc<AtomicU64>) -> Vec<Jo
             let Some(mut s) = hostile_connect("127.0.0.5", addr) else { return };
             let chunk = vec![b'['; MIB as usize];
             let _ = s.write_all(&(31 * MIB as u32).to_be_bytes());
+            let _ = s.write_all(b"{\"");
             for _ in 0..30 {
                 if s.write_all(&chunk).is_err() {
                     break;

@@ -344,7 +344,10 @@ fn a_peer_whose_pieces_alone_fail_is_banned_at_its_second_strike() {
         (d["banned"] == 1).then_some(d)
     });
     assert_eq!(d["pieces_verified"], 0, "{d}");
-    assert!(d["wasted"].as_u64().unwrap() >= 2 * m.info.piece_length, "{d}");
+    // Two failed pieces: any two, the short last one among them perhaps (a deep window asks
+    // for every piece at once).
+    let last = m.info.length - (m.info.pieces.len() as u64 - 1) * m.info.piece_length;
+    assert!(d["wasted"].as_u64().unwrap() >= m.info.piece_length + last, "{d}");
     assert!(leech.stderr().contains("2 pieces it sent alone failed verification"), "{}", leech.stderr());
     wait_for(WAIT, || (download_status(&leech, &m)["peers"] == 0).then_some(()));
 }
@@ -496,6 +499,108 @@ fn a_node_downloads_a_shard_that_libtorrent_seeds() {
     let _ = lt.wait();
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+/// A `transmission-daemon` on loopback (its own config dir, Transmission's defaults otherwise:
+/// 14 upload slots, encryption preferred, no speed limits) seeding `torrent` from `dir`,
+/// stopped when dropped.
+struct TransmissionSeed {
+    child: std::process::Child,
+    /// Its peer-wire address.
+    peer: String,
+    _config: TempDir,
+}
+
+impl TransmissionSeed {
+    fn start(dir: &Path, torrent: &Path) -> TransmissionSeed {
+        let free_port = || TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (rpc, peer) = (free_port(), free_port());
+        let config = TempDir::new("transmission");
+        let settings = json!({"bind-address-ipv4": "127.0.0.1", "bind-address-ipv6": "::1",
+            "rpc-bind-address": "127.0.0.1", "rpc-port": rpc, "rpc-authentication-required": false,
+            "peer-port": peer, "dht-enabled": false, "lpd-enabled": false, "pex-enabled": false,
+            "port-forwarding-enabled": false, "message-level": 1});
+        std::fs::write(config.path().join("settings.json"), settings.to_string()).unwrap();
+        let child = Command::new("transmission-daemon")
+            .args(["--foreground", "--config-dir"])
+            .arg(config.path())
+            .arg("--download-dir")
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let seed = TransmissionSeed { child, peer: format!("127.0.0.1:{peer}"), _config: config };
+        let remote = |args: &[&std::ffi::OsStr]| {
+            let out = Command::new("transmission-remote").arg(format!("127.0.0.1:{rpc}")).args(args).output().unwrap();
+            out.status.success().then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        wait_for(WAIT, || remote(&["-a".as_ref(), torrent.as_os_str(), "-w".as_ref(), dir.as_os_str()]));
+        // Checked against its pieces, then seeding.
+        wait_for(Duration::from_secs(60), || {
+            let info = remote(&["-t".as_ref(), "1".as_ref(), "-i".as_ref()])?;
+            (info.contains("Percent Done: 100%") && info.contains("State: Idle")).then_some(())
+        });
+        seed
+    }
+}
+
+impl Drop for TransmissionSeed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Transmission answers requests every 500 ms and unchokes every 10 s: a node asking for a
+/// fixed handful per peer got 0.13 MB/s. 64 MiB in at most 60 s is 8x that (measured: 10-17 s
+/// on this machine, most of it waiting for Transmission's first unchoke). The window grows to
+/// one under Transmission's `reqq` (512), which drops the request that would fill its queue.
+#[test]
+#[ignore = "needs transmission-daemon, transmission-remote"]
+fn a_node_downloads_64_mib_from_a_transmission_seed_within_60_s() {
+    require("transmission-daemon, transmission-remote");
+    let (sd, src, m) = seed_dir(64 * MB);
+    let torrent = sd.path().join("shard-0.gguf.torrent");
+    std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
+    let transmission = TransmissionSeed::start(sd.path(), &torrent);
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let t = std::time::Instant::now();
+    let r = load(&leech, &m, &[&transmission.peer], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let d = wait_complete(&leech, &m, Duration::from_secs(60));
+    eprintln!(
+        "64 MiB from transmission-daemon: {:.1} s, {:.2} MB/s",
+        t.elapsed().as_secs_f64(),
+        m.info.length as f64 / t.elapsed().as_secs_f64() / 1e6
+    );
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let pipe = &d["pipelines"][0];
+    assert_eq!(pipe["address"], transmission.peer.as_str(), "{d}");
+    assert_eq!(pipe["reqq"], 512, "Transmission's reqq: {d}");
+    assert_eq!(pipe["window"], 511, "grown to one under its reqq: {d}");
+}
+
+/// Through a relay adding 40 ms each way, the request window grows from 16 blocks (256 KiB a
+/// round trip, 3 MB/s) until far more is in flight: the relay itself sees at least 4 MiB held
+/// at once, and the node measured the round trip.
+#[test]
+fn a_distant_seed_is_asked_for_far_more_than_the_first_window_per_round_trip() {
+    let (sd, src, m) = seed_dir(48 * MB);
+    let seed = start_seed(sd.path(), &[]);
+    let (relay, in_flight) = delaying_relay(&seed.addr, Duration::from_millis(40));
+    let ld = TempDir::new("leech");
+    let leech = start_seed(ld.path(), &[]);
+    let r = load(&leech, &m, &[&relay], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let d = wait_complete(&leech, &m, Duration::from_secs(90));
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let pipe = &d["pipelines"][0];
+    assert!(pipe["rtt_ms"].as_f64().is_some_and(|r| r >= 80.0), "the round trip was measured: {d}");
+    assert!(pipe["window"].as_u64().is_some_and(|w| w >= 256), "the window grew 16x or more: {d}");
+    let held = in_flight.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(held >= 4 * MB as u64, "{held} bytes in flight at most; the first window is 256 KiB");
 }
 
 #[test]

@@ -7,7 +7,11 @@ VERSION=0.1.161
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=$ROOT/target/reference
 mkdir -p "$OUT"
-SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-$VERSION 2>/dev/null | head -1 || true)
+# The tree an earlier build was configured with, while it exists: another tree (cargo may unpack
+# the package later) would make cmake rebuild everything.
+SRC=$(sed -n 's|^LLAMA_CPP_DIR:[A-Z]*=\(.*\)/llama.cpp$|\1|p' "$OUT/build/CMakeCache.txt" 2>/dev/null || true)
+case "$SRC" in *-$VERSION) [ -d "$SRC/llama.cpp" ] || SRC= ;; *) SRC= ;; esac
+[ -n "$SRC" ] || SRC=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/llama-cpp-sys-2-$VERSION 2>/dev/null | head -1 || true)
 if [ -z "$SRC" ]; then
     CRATE=$(ls "${CARGO_HOME:-$HOME/.cargo}"/registry/cache/*/llama-cpp-sys-2-$VERSION.crate 2>/dev/null | head -1 || true)
     if [ -z "$CRATE" ]; then
@@ -24,5 +28,7 @@ fi
 cmake -S "$ROOT/scripts/reference" -B "$OUT/build" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_CPP_DIR="$SRC/llama.cpp" -DGGML_NATIVE=ON > "$OUT/cmake.log"
 cmake --build "$OUT/build" --target reference -j "$(nproc)" > "$OUT/build.log"
-cp "$OUT/build/reference" "$OUT/reference"
+# Copied then renamed: a reference program still running keeps its old file.
+cp "$OUT/build/reference" "$OUT/reference.tmp"
+mv "$OUT/reference.tmp" "$OUT/reference"
 echo "built $OUT/reference"

@@ -4,7 +4,13 @@
 //
 //   reference tokenize MODEL            texts on stdin, one JSON string per line -> ids per line
 //   reference greedy MODEL N ID...      prefill ids, N greedy steps -> JSON tokens + logits
-//   reference bench MODEL THREADS PP TG REPS   -> JSON pp/tg tokens/s medians
+//                                       (threads: SHARDNET_REFERENCE_THREADS, else the default)
+//   reference bench MODEL THREADS PP TG REPS   -> JSON medians in tokens/s: pp (PP tokens in one
+//                                             batch), tg (TG tokens one at a time on an empty
+//                                             context), tg_depth (TG tokens after the PP ones);
+//                                             the same per CPU second of the process (*_cpu_tps)
+//   reference quantize IN OUT FTYPE     llama_model_quantize (what llama-quantize runs), e.g.
+//                                       FTYPE 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
 #include "llama.h"
 
 #include <algorithm>
@@ -12,6 +18,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
 #include <iostream>
 #include <random>
 #include <string>
@@ -77,6 +84,8 @@ static llama_context * context(llama_model * model, int n_ctx, int threads, int 
     cp.n_ubatch = n_batch;
     if (threads > 0) { cp.n_threads = threads; cp.n_threads_batch = threads; }
     cp.no_perf = true;
+    // Flash attention on, as shardnet's engine always runs it (the CPU's "auto" also picks it).
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
     llama_context * ctx = llama_init_from_model(model, cp);
     if (!ctx) die("cannot create context");
     return ctx;
@@ -93,6 +102,13 @@ int main(int argc, char ** argv) {
     llama_log_set(quiet, nullptr);
     llama_backend_init();
     std::string mode = argv[1];
+    if (mode == "quantize") {
+        if (argc < 5) die("usage: reference quantize IN OUT FTYPE");
+        llama_model_quantize_params qp = llama_model_quantize_default_params();
+        qp.ftype = (llama_ftype) atoi(argv[4]);
+        if (llama_model_quantize(argv[2], argv[3], &qp) != 0) die("quantize failed");
+        return 0;
+    }
     llama_model * model = load(argv[2]);
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int n_vocab = llama_vocab_n_tokens(vocab);
@@ -113,7 +129,9 @@ int main(int argc, char ** argv) {
         int steps = atoi(argv[3]);
         std::vector<llama_token> prompt;
         for (int i = 4; i < argc; ++i) prompt.push_back(atoi(argv[i]));
-        llama_context * ctx = context(model, 512, 0, 512);
+        // Threads: SHARDNET_REFERENCE_THREADS, else llama.cpp's default.
+        const char * threads = getenv("SHARDNET_REFERENCE_THREADS");
+        llama_context * ctx = context(model, 512, threads ? atoi(threads) : 0, 512);
         if (llama_decode(ctx, llama_batch_get_one(prompt.data(), prompt.size()))) die("decode failed");
         printf("{\"prefill_logits\":");
         print_logits(llama_get_logits_ith(ctx, -1), n_vocab);
@@ -136,29 +154,63 @@ int main(int argc, char ** argv) {
         if (argc < 7) die("usage: reference bench MODEL THREADS PP TG REPS");
         int threads = atoi(argv[3]), pp = atoi(argv[4]), tg = atoi(argv[5]), reps = atoi(argv[6]);
         llama_context * ctx = context(model, pp + tg + 16, threads, pp);
+        llama_memory_t mem = llama_get_memory(ctx);
         std::mt19937 rng(42);
-        std::vector<double> pps, tgs;
-        for (int r = 0; r <= reps; ++r) {  // r == 0 is the warm-up
-            llama_memory_clear(llama_get_memory(ctx), true);
-            std::vector<llama_token> toks(pp);
-            for (auto & t : toks) t = rng() % n_vocab;
-            auto t0 = std::chrono::steady_clock::now();
-            if (llama_decode(ctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
-            llama_synchronize(ctx);
-            auto t1 = std::chrono::steady_clock::now();
-            for (int i = 0; i < tg; ++i) {
+        auto decode_one = [&](int n) {
+            for (int i = 0; i < n; ++i) {
                 llama_token t = rng() % n_vocab;
                 if (llama_decode(ctx, llama_batch_get_one(&t, 1))) die("decode failed");
             }
             llama_synchronize(ctx);
-            auto t2 = std::chrono::steady_clock::now();
-            if (r == 0) continue;
-            pps.push_back(pp / std::chrono::duration<double>(t1 - t0).count());
-            tgs.push_back(tg / std::chrono::duration<double>(t2 - t1).count());
+        };
+        auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+        // CPU seconds of the whole process (every thread): less sensitive to a shared machine's
+        // scheduling than wall time.
+        auto cpu = []() {
+            timespec t;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+            return t.tv_sec + t.tv_nsec * 1e-9;
+        };
+        // Warm-up: a short batch and a few single steps (weights paged in, buffers sized).
+        {
+            std::vector<llama_token> toks(std::min(pp, 64));
+            for (auto & t : toks) t = rng() % n_vocab;
+            if (llama_decode(ctx, llama_batch_get_one(toks.data(), toks.size()))) die("decode failed");
+            decode_one(4);
         }
-        std::sort(pps.begin(), pps.end());
-        std::sort(tgs.begin(), tgs.end());
-        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f}\n", pps[pps.size() / 2], tgs[tgs.size() / 2]);
+        std::vector<double> pps, tgs, tgds, cpps, ctgs, ctgds;
+        for (int r = 0; r < reps; ++r) {
+            // pp, then tg on top of it (tg after PP tokens of context).
+            llama_memory_clear(mem, true);
+            std::vector<llama_token> toks(pp);
+            for (auto & t : toks) t = rng() % n_vocab;
+            double c0 = cpu();
+            auto t0 = std::chrono::steady_clock::now();
+            if (llama_decode(ctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
+            llama_synchronize(ctx);
+            auto t1 = std::chrono::steady_clock::now();
+            double c1 = cpu();
+            decode_one(tg);
+            auto t2 = std::chrono::steady_clock::now();
+            double c2 = cpu();
+            // tg on an empty context.
+            llama_memory_clear(mem, true);
+            double c3 = cpu();
+            auto t3 = std::chrono::steady_clock::now();
+            decode_one(tg);
+            auto t4 = std::chrono::steady_clock::now();
+            double c4 = cpu();
+            pps.push_back(pp / seconds(t0, t1));
+            tgds.push_back(tg / seconds(t1, t2));
+            tgs.push_back(tg / seconds(t3, t4));
+            cpps.push_back(pp / (c1 - c0));
+            ctgds.push_back(tg / (c2 - c1));
+            ctgs.push_back(tg / (c4 - c3));
+        }
+        auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+        printf("{\"pp_tps\":%.3f,\"tg_tps\":%.3f,\"tg_depth_tps\":%.3f,"
+               "\"pp_cpu_tps\":%.3f,\"tg_cpu_tps\":%.3f,\"tg_depth_cpu_tps\":%.3f}\n",
+               med(pps), med(tgs), med(tgds), med(cpps), med(ctgs), med(ctgds));
         llama_free(ctx);
     } else {
         die("unknown mode");

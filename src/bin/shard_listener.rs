@@ -33,8 +33,9 @@ fn main() -> ExitCode {
     }
     // One line on stdout that scripts and tests wait for.
     println!(
-        "shard_listener listening on {} (cluster {}, shards dir {})",
+        "shard_listener listening on {}{} (cluster {}, shards dir {})",
         node.local_addr(),
+        node.second_local_addr().map(|a| format!(" and {a}")).unwrap_or_default(),
         config.cluster,
         config.shards_dir.display()
     );

@@ -6,7 +6,7 @@
 //! lookup ends as soon as the `K` closest nodes that are neither failed nor
 //! silent have all answered: it converges rather than waiting for stragglers.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::budget::Verdict;
@@ -41,7 +41,7 @@ struct Candidate {
 pub struct Lookup {
     pub target: Id,
     candidates: Vec<Candidate>,
-    pub peers: Vec<SocketAddrV4>,
+    pub peers: Vec<SocketAddr>,
     /// Queries sent.
     pub messages: u32,
     pub started: Instant,
@@ -129,7 +129,7 @@ impl Lookup {
         &mut self,
         from: &Id,
         nodes: &[NodeInfo],
-        values: &[SocketAddrV4],
+        values: &[SocketAddr],
         token: Option<Vec<u8>>,
         now: Instant,
     ) {
@@ -185,7 +185,7 @@ mod tests {
     fn n(b: u8) -> NodeInfo {
         let mut id = [0u8; 20];
         id[0] = b;
-        NodeInfo { id: Id(id), addr: SocketAddrV4::new([127, 0, 0, 1].into(), 1000 + b as u16) }
+        NodeInfo { id: Id(id), addr: SocketAddr::new([127, 0, 0, 1].into(), 1000 + b as u16) }
     }
 
     #[test]
@@ -202,7 +202,7 @@ mod tests {
         let second = l.next(now, |_| Verdict::Send);
         assert_eq!(second.iter().map(|x| x.id.0[0]).collect::<Vec<_>>(), vec![5, 10, 20]);
         for x in &second {
-            l.on_response(&x.id, &[], &[SocketAddrV4::new([1, 1, 1, 1].into(), 1)], Some(b"t".to_vec()), now);
+            l.on_response(&x.id, &[], &[SocketAddr::new([1, 1, 1, 1].into(), 1)], Some(b"t".to_vec()), now);
         }
         assert!(l.is_done());
         assert_eq!(l.peers.len(), 1);

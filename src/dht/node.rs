@@ -3,11 +3,11 @@
 //! `events`. The event loop (or the simulation) moves the bytes.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::budget::{Budget, Verdict};
-use super::krpc::{self, Body, Id, Message, NodeInfo, Query, Response};
+use super::krpc::{self, Body, Id, Message, NodeInfo, Query, Response, Want};
 use super::lookup::Lookup;
 use super::node_id;
 use super::routing::{K, RoutingTable};
@@ -31,6 +31,8 @@ const JOIN_REFRESHES: usize = 3;
 /// A lookup started with an empty table waits for nodes while a join is in flight, at most
 /// this long; with nothing in flight it ends at once, empty.
 const PARK_LIMIT: Duration = Duration::from_secs(10);
+/// Nodes of the other family kept for the other DHT, at most (more are dropped).
+pub const MAX_FOREIGN: usize = 256;
 /// Queries (not lookups') waiting for a destination's budget, at most.
 const MAX_DEFERRED: usize = 1024;
 /// Distinct responders that must report one external address (BEP 42's
@@ -48,12 +50,19 @@ pub struct DhtConfig {
     pub rate_limit: u32,
     /// Our own peer address, when known: what we announce is also kept in
     /// our own store, so a node close to a key it holds answers for itself.
-    pub own_peer_ip: Option<std::net::Ipv4Addr>,
+    pub own_peer_ip: Option<IpAddr>,
     /// Packets a second sent to any one destination (queries and answers together).
     pub query_rate: u32,
     /// A read-only node (BEP 43): its queries say `ro: 1`, it answers none,
     /// and others keep it out of their routing tables.
     pub read_only: bool,
+    /// The IPv6 DHT (BEP 32): the node talks to IPv6 addresses only, its
+    /// answers carry `nodes6` by default. Otherwise the IPv4 DHT, IPv4 only.
+    pub ipv6: bool,
+    /// The node also runs the other family's DHT: find_node and get_peers ask
+    /// for both families' nodes (`want: ["n4", "n6"]`), and the other
+    /// family's nodes in answers are left in [`Dht::foreign`] for that DHT.
+    pub want_other: bool,
 }
 
 impl Default for DhtConfig {
@@ -64,6 +73,8 @@ impl Default for DhtConfig {
             own_peer_ip: None,
             query_rate: DEFAULT_QUERY_RATE,
             read_only: false,
+            ipv6: false,
+            want_other: false,
         }
     }
 }
@@ -83,7 +94,7 @@ pub struct LookupResult {
     pub id: u64,
     pub target: Id,
     pub kind: LookupKind,
-    pub peers: Vec<SocketAddrV4>,
+    pub peers: Vec<SocketAddr>,
     /// Nodes that answered among the closest.
     pub responded: usize,
     pub messages: u32,
@@ -112,7 +123,7 @@ pub struct Stats {
 }
 
 struct Pending {
-    to: SocketAddrV4,
+    to: SocketAddr,
     node: Option<Id>,
     sent: Instant,
     lookup: Option<u64>,
@@ -120,7 +131,7 @@ struct Pending {
 
 /// A query waiting for its destination's budget.
 struct Deferred {
-    to: SocketAddrV4,
+    to: SocketAddr,
     node: Option<Id>,
     query: Query,
 }
@@ -144,13 +155,16 @@ pub struct Dht {
     lookups: HashMap<u64, Active>,
     next_lookup: u64,
     next_tid: u32,
-    pub outbox: Vec<(SocketAddrV4, Vec<u8>)>,
+    pub outbox: Vec<(SocketAddr, Vec<u8>)>,
     pub events: Vec<Event>,
-    rate: HashMap<SocketAddrV4, (Instant, u32)>,
+    /// Nodes of the other family from answers (with `want_other`), for the
+    /// other DHT's table; at most [`MAX_FOREIGN`] wait.
+    pub foreign: Vec<NodeInfo>,
+    rate: HashMap<SocketAddr, (Instant, u32)>,
     /// What we may send to each destination.
     budget: Budget,
     deferred: VecDeque<Deferred>,
-    bootstrap: Vec<SocketAddrV4>,
+    bootstrap: Vec<SocketAddr>,
     last_join: Option<Instant>,
     /// Joins in a row that no bootstrap node answered (reset when the table fills).
     join_failures: u32,
@@ -172,7 +186,7 @@ pub struct Dht {
 pub struct UnansweredJoin {
     /// Unanswered joins in a row.
     pub attempts: u32,
-    pub bootstrap: Vec<SocketAddrV4>,
+    pub bootstrap: Vec<SocketAddr>,
     /// When the next join is sent.
     pub retry_in: Duration,
 }
@@ -182,13 +196,18 @@ fn rejoin_delay(failures: u32) -> Duration {
     REJOIN_EVERY.saturating_mul(1 << failures.saturating_sub(1).min(8)).min(REJOIN_MAX)
 }
 
-/// Rate limits key on the IP, or IP and port on loopback (test networks).
-fn source_key(addr: SocketAddrV4) -> SocketAddrV4 {
-    if addr.ip().is_loopback() { addr } else { SocketAddrV4::new(*addr.ip(), 0) }
+/// Rate limits key on the IP (an IPv6 /64: one host's usual share, as the
+/// node's connection caps count), or IP and port on loopback (test networks).
+fn source_key(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        ip if ip.is_loopback() => addr,
+        IpAddr::V6(v6) => SocketAddr::new(IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()), 0),
+        ip => SocketAddr::new(ip, 0),
+    }
 }
 
 impl Dht {
-    pub fn new(id: Id, config: DhtConfig, bootstrap: Vec<SocketAddrV4>, now: Instant) -> Dht {
+    pub fn new(id: Id, config: DhtConfig, bootstrap: Vec<SocketAddr>, now: Instant) -> Dht {
         let seed = u64::from_le_bytes(id.0[..8].try_into().expect("8 bytes")) | 1;
         Dht {
             id,
@@ -203,6 +222,7 @@ impl Dht {
             next_tid: 0,
             outbox: Vec::new(),
             events: Vec::new(),
+            foreign: Vec::new(),
             rate: HashMap::new(),
             deferred: VecDeque::new(),
             bootstrap,
@@ -277,8 +297,8 @@ impl Dht {
     /// Sends a query outside lookups (join, announce_peer): at once if
     /// `to`'s budget allows, later if it is over budget, never if it is
     /// backing off. False when the query is dropped.
-    fn send_query(&mut self, to: SocketAddrV4, node: Option<Id>, query: Query, now: Instant) -> bool {
-        match self.budget.query_verdict(SocketAddr::V4(to), now) {
+    fn send_query(&mut self, to: SocketAddr, node: Option<Id>, query: Query, now: Instant) -> bool {
+        match self.budget.query_verdict(to, now) {
             Verdict::Send => self.transmit(to, node, query, None, now),
             Verdict::Wait if self.deferred.len() < MAX_DEFERRED => {
                 self.deferred.push_back(Deferred { to, node, query });
@@ -292,7 +312,7 @@ impl Dht {
     fn send_deferred(&mut self, now: Instant) {
         for _ in 0..self.deferred.len() {
             let d = self.deferred.pop_front().expect("counted");
-            match self.budget.query_verdict(SocketAddr::V4(d.to), now) {
+            match self.budget.query_verdict(d.to, now) {
                 Verdict::Send => {
                     self.transmit(d.to, d.node, d.query, None, now);
                 }
@@ -303,22 +323,21 @@ impl Dht {
     }
 
     /// Sends a query now (the caller checked the budget).
-    fn transmit(
-        &mut self,
-        to: SocketAddrV4,
-        node: Option<Id>,
-        query: Query,
-        lookup: Option<u64>,
-        now: Instant,
-    ) -> bool {
+    fn transmit(&mut self, to: SocketAddr, node: Option<Id>, query: Query, lookup: Option<u64>, now: Instant) -> bool {
         if self.pending.len() >= MAX_PENDING {
             return false;
         }
-        self.budget.spend(SocketAddr::V4(to), now);
+        self.budget.spend(to, now);
         self.next_tid = self.next_tid.wrapping_add(1);
         let tid = self.next_tid.to_be_bytes().to_vec();
-        let msg =
-            Message { tid: tid.clone(), body: Body::Query { id: self.id, query }, ro: self.config.read_only, ip: None };
+        let want = self.config.want_other.then_some(Want { n4: true, n6: true });
+        let msg = Message {
+            tid: tid.clone(),
+            body: Body::Query { id: self.id, query },
+            ro: self.config.read_only,
+            ip: None,
+            want,
+        };
         self.outbox.push((to, msg.encode()));
         self.stats.sent += 1;
         self.pending.insert(tid, Pending { to, node, sent: now, lookup });
@@ -327,19 +346,19 @@ impl Dht {
 
     /// Answers `to`, unless its budget is spent (then silence: better one
     /// lost answer than a ban from that node).
-    fn reply(&mut self, to: SocketAddrV4, tid: Vec<u8>, body: Body, now: Instant) {
-        if !self.budget.may_reply(SocketAddr::V4(to), now) {
+    fn reply(&mut self, to: SocketAddr, tid: Vec<u8>, body: Body, now: Instant) {
+        if !self.budget.may_reply(to, now) {
             self.stats.throttled += 1;
             return;
         }
-        self.budget.spend(SocketAddr::V4(to), now);
+        self.budget.spend(to, now);
         // BEP 42: tell the querier the address we see it from.
-        let ip = matches!(body, Body::Response { .. }).then_some(SocketAddr::V4(to));
-        self.outbox.push((to, Message { tid, body, ro: false, ip }.encode()));
+        let ip = matches!(body, Body::Response { .. }).then_some(to);
+        self.outbox.push((to, Message { tid, body, ro: false, ip, want: None }.encode()));
         self.stats.sent += 1;
     }
 
-    fn allow(&mut self, from: SocketAddrV4, now: Instant) -> bool {
+    fn allow(&mut self, from: SocketAddr, now: Instant) -> bool {
         if self.rate.len() > 100_000 {
             self.rate.retain(|_, (t, _)| now.duration_since(*t) < Duration::from_secs(1));
         }
@@ -351,10 +370,53 @@ impl Dht {
         e.1 <= self.config.rate_limit
     }
 
+    /// Nodes of our family learned by the other DHT (its [`Dht::foreign`]):
+    /// into the table as not yet heard from, and a join if the table was empty.
+    pub fn add_nodes(&mut self, nodes: &[NodeInfo], now: Instant) {
+        let was_empty = self.table.is_empty();
+        for n in nodes {
+            if self.is_own_family(&n.addr) && n.id != self.id {
+                self.table.insert(*n, false, now);
+            }
+        }
+        if was_empty && !self.table.is_empty() && !self.lookups.values().any(|a| a.lookup.target == self.id) {
+            self.start_lookup(self.id, LookupKind::FindNode, now);
+        }
+    }
+
+    /// Whether queries ask for the other family's nodes too (see [`DhtConfig::want_other`]).
+    pub fn set_want_other(&mut self, on: bool) {
+        self.config.want_other = on;
+        if !on {
+            self.foreign.clear();
+        }
+    }
+
+    /// Whether this is the IPv6 DHT (BEP 32).
+    pub fn is_ipv6(&self) -> bool {
+        self.config.ipv6
+    }
+
+    /// Whether `addr` is of this DHT's family (an IPv4-mapped IPv6 address is
+    /// IPv4: it never enters the IPv6 table).
+    pub fn is_own_family(&self, addr: &SocketAddr) -> bool {
+        match addr {
+            SocketAddr::V4(_) => !self.config.ipv6,
+            SocketAddr::V6(a) => self.config.ipv6 && a.ip().to_ipv4_mapped().is_none(),
+        }
+    }
+
     /// One datagram from `from`.
-    pub fn handle_packet(&mut self, from: SocketAddrV4, bytes: &[u8], now: Instant) {
+    pub fn handle_packet(&mut self, from: SocketAddr, bytes: &[u8], now: Instant) {
+        self.handle_packet_with(from, bytes, None, now)
+    }
+
+    /// One datagram from `from`; `other` is the other family's routing table,
+    /// for answers whose `want` asks for its nodes (BEP 32). A datagram from
+    /// an address of the other family is dropped.
+    pub fn handle_packet_with(&mut self, from: SocketAddr, bytes: &[u8], other: Option<&RoutingTable>, now: Instant) {
         self.stats.received += 1;
-        if from.port() == 0 || !self.allow(from, now) {
+        if from.port() == 0 || !self.is_own_family(&from) || !self.allow(from, now) {
             self.stats.dropped += 1;
             return;
         }
@@ -376,13 +438,14 @@ impl Dht {
                 if msg.ro {
                     self.stats.read_only_queries += 1;
                 }
-                self.on_query(from, msg.tid, id, query, !msg.ro, now)
+                self.on_query(from, msg.tid, id, query, !msg.ro, msg.want, other, now)
             }
             Body::Response { id, response } => {
-                if let Some(SocketAddr::V4(me)) = msg.ip
+                if let Some(me) = msg.ip
+                    && self.is_own_family(&me)
                     && self.pending.get(&msg.tid).is_some_and(|p| p.to == from)
                 {
-                    self.vote_external_ip(IpAddr::V4(*me.ip()), IpAddr::V4(*from.ip()), now);
+                    self.vote_external_ip(me.ip(), from.ip(), now);
                 }
                 self.on_response(from, msg.tid, id, response, now)
             }
@@ -390,12 +453,24 @@ impl Dht {
         }
     }
 
-    /// A query; `routable`: the sender may go into the table (not read-only).
-    fn on_query(&mut self, from: SocketAddrV4, tid: Vec<u8>, id: Id, query: Query, routable: bool, now: Instant) {
+    /// A query; `routable`: the sender may go into the table (not read-only);
+    /// `want` and `other` as in [`Dht::handle_packet_with`].
+    #[allow(clippy::too_many_arguments)]
+    fn on_query(
+        &mut self,
+        from: SocketAddr,
+        tid: Vec<u8>,
+        id: Id,
+        query: Query,
+        routable: bool,
+        want: Option<Want>,
+        other: Option<&RoutingTable>,
+        now: Instant,
+    ) {
         if id != self.id && routable {
             self.table.insert(NodeInfo { id, addr: from }, false, now);
         }
-        let ip = IpAddr::V4(*from.ip());
+        let ip = from.ip();
         // Never the querier itself: libtorrent would query its own address,
         // and count those packets against 127.0.0.1 on a one-machine network.
         let closest = |table: &RoutingTable, target: &Id| -> Vec<NodeInfo> {
@@ -404,17 +479,32 @@ impl Dht {
             nodes.truncate(K);
             nodes
         };
+        // BEP 32: the lists `want` asks for (ours from this table, the other
+        // family's from `other`, when the node runs both); by default ours.
+        let v6 = self.config.ipv6;
+        let want = want.unwrap_or(Want { n4: !v6, n6: v6 });
+        let node_lists = |table: &RoutingTable, target: &Id| -> (Vec<NodeInfo>, Vec<NodeInfo>) {
+            let list = |wanted: bool, ipv6: bool| -> Vec<NodeInfo> {
+                match (wanted, ipv6 == v6) {
+                    (false, _) => Vec::new(),
+                    (true, true) => closest(table, target),
+                    (true, false) => other.map(|t| closest(t, target)).unwrap_or_default(),
+                }
+            };
+            (list(want.n4, false), list(want.n6, true))
+        };
         let body = match query {
             Query::Ping => Body::Response { id: self.id, response: Response::default() },
-            Query::FindNode { target } => Body::Response {
-                id: self.id,
-                response: Response { nodes: closest(&self.table, &target), ..Response::default() },
-            },
+            Query::FindNode { target } => {
+                let (nodes, nodes6) = node_lists(&self.table, &target);
+                Body::Response { id: self.id, response: Response { nodes, nodes6, ..Response::default() } }
+            }
             Query::GetPeers { info_hash } => {
                 let token = self.tokens.issue(ip, now);
+                // Peers of this family only: the two DHTs store separately (BEP 32).
                 let values = self.store.peers(&info_hash, now);
-                let nodes = closest(&self.table, &info_hash);
-                Body::Response { id: self.id, response: Response { nodes, values, token: Some(token) } }
+                let (nodes, nodes6) = node_lists(&self.table, &info_hash);
+                Body::Response { id: self.id, response: Response { nodes, nodes6, values, token: Some(token) } }
             }
             Query::AnnouncePeer { info_hash, port, implied_port, token } => {
                 if !self.tokens.check(ip, &token, now) {
@@ -424,7 +514,7 @@ impl Dht {
                     let port = if implied_port { from.port() } else { port };
                     if port == 0 {
                         Body::Error { code: krpc::code::PROTOCOL, message: "port 0".into() }
-                    } else if self.store.announce(info_hash, SocketAddrV4::new(*from.ip(), port), now) {
+                    } else if self.store.announce(info_hash, SocketAddr::new(from.ip(), port), now) {
                         Body::Response { id: self.id, response: Response::default() }
                     } else {
                         Body::Error { code: krpc::code::SERVER, message: "storage full".into() }
@@ -435,7 +525,7 @@ impl Dht {
         self.reply(from, tid, body, now);
     }
 
-    fn on_response(&mut self, from: SocketAddrV4, tid: Vec<u8>, id: Id, response: Response, now: Instant) {
+    fn on_response(&mut self, from: SocketAddr, tid: Vec<u8>, id: Id, response: Response, now: Instant) {
         // Only answers to queries we sent, from where we sent them.
         let Some(p) = self.pending.get(&tid) else {
             self.stats.dropped += 1;
@@ -446,14 +536,19 @@ impl Dht {
             return;
         }
         let p = self.pending.remove(&tid).expect("found");
-        self.budget.answered(SocketAddr::V4(from));
+        self.budget.answered(from);
+        if self.config.want_other {
+            let other = if self.config.ipv6 { &response.nodes } else { &response.nodes6 };
+            let room = MAX_FOREIGN.saturating_sub(self.foreign.len());
+            self.foreign.extend(other.iter().filter(|n| n.id != self.id).take(room));
+        }
         if id != self.id {
             self.table.insert(NodeInfo { id, addr: from }, true, now);
         }
         let was_empty_join = p.lookup.is_none() && p.node.is_none();
         if let Some(l) = p.lookup {
             if let Some(a) = self.lookups.get_mut(&l) {
-                if a.secure && !node_id::verify_id(&id, IpAddr::V4(*from.ip())) {
+                if a.secure && !node_id::verify_id(&id, from.ip()) {
                     // Not trusted with this key: neither its peers nor its token count.
                     self.stats.insecure_skipped += 1;
                     a.lookup.on_failure(&id);
@@ -463,11 +558,11 @@ impl Dht {
                 } else {
                     // Never ourselves; with `secure`, only BEP 42-valid ids.
                     let own = self.id;
-                    let nodes: Vec<NodeInfo> = response
-                        .nodes
+                    let listed = if self.config.ipv6 { &response.nodes6 } else { &response.nodes };
+                    let nodes: Vec<NodeInfo> = listed
                         .iter()
                         .copied()
-                        .filter(|n| n.id != own && (!a.secure || node_id::verify_id(&n.id, IpAddr::V4(*n.addr.ip()))))
+                        .filter(|n| n.id != own && (!a.secure || node_id::verify_id(&n.id, n.addr.ip())))
                         .collect();
                     a.lookup.on_response(&id, &nodes, &response.values, response.token, now);
                 }
@@ -475,7 +570,8 @@ impl Dht {
             self.drive(l, now);
         } else if was_empty_join {
             // A bootstrap answer: learn its neighbours, then look ourselves up.
-            for n in &response.nodes {
+            let listed = if self.config.ipv6 { &response.nodes6 } else { &response.nodes };
+            for n in listed {
                 if n.id != self.id {
                     self.table.insert(*n, false, now);
                 }
@@ -492,12 +588,12 @@ impl Dht {
         }
     }
 
-    fn on_error(&mut self, from: SocketAddrV4, tid: Vec<u8>, now: Instant) {
+    fn on_error(&mut self, from: SocketAddr, tid: Vec<u8>, now: Instant) {
         if self.pending.get(&tid).is_none_or(|p| p.to != from) {
             return;
         }
         let p = self.pending.remove(&tid).expect("found");
-        self.budget.failed(SocketAddr::V4(from), now);
+        self.budget.failed(from, now);
         if let (Some(l), Some(node)) = (p.lookup, p.node) {
             if let Some(a) = self.lookups.get_mut(&l) {
                 a.lookup.on_failure(&node);
@@ -521,7 +617,7 @@ impl Dht {
         let mut seeds = self.table.closest(target, if secure { 8 * K } else { 2 * K }, now);
         if secure {
             let before = seeds.len();
-            seeds.retain(|n| node_id::verify_id(&n.id, IpAddr::V4(*n.addr.ip())));
+            seeds.retain(|n| node_id::verify_id(&n.id, n.addr.ip()));
             self.stats.insecure_skipped += (before - seeds.len()) as u64;
             seeds.truncate(2 * K);
         }
@@ -547,7 +643,7 @@ impl Dht {
             return;
         }
         let budget = &mut self.budget;
-        let to_ask = a.lookup.next(now, |n| budget.query_verdict(SocketAddr::V4(n.addr), now));
+        let to_ask = a.lookup.next(now, |n| budget.query_verdict(n.addr, now));
         let target = a.lookup.target;
         let query = match a.kind {
             LookupKind::FindNode => Query::FindNode { target },
@@ -571,7 +667,7 @@ impl Dht {
         let responded = a.lookup.responded();
         if let LookupKind::Announce { port } = a.kind {
             if let Some(ip) = self.config.own_peer_ip {
-                self.store.announce(a.lookup.target, SocketAddrV4::new(ip, port), now);
+                self.store.announce(a.lookup.target, SocketAddr::new(ip, port), now);
             }
             for (node, token) in &responded {
                 if let Some(token) = token {
@@ -620,7 +716,7 @@ impl Dht {
         let mut touched = Vec::new();
         for tid in expired {
             let p = self.pending.remove(&tid).expect("listed");
-            self.budget.failed(SocketAddr::V4(p.to), now);
+            self.budget.failed(p.to, now);
             if let Some(node) = p.node {
                 self.table.failed(&node);
                 if let Some(l) = p.lookup {
@@ -729,6 +825,7 @@ impl Dht {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dht::krpc::encode_addr;
 
     fn id(b: u8) -> Id {
         let mut x = [b; 20];
@@ -736,17 +833,39 @@ mod tests {
         Id(x)
     }
 
-    fn addr(port: u16) -> SocketAddrV4 {
-        SocketAddrV4::new([127, 0, 0, 1].into(), port)
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::new([127, 0, 0, 1].into(), port)
+    }
+
+    fn addr6(port: u16) -> SocketAddr {
+        SocketAddr::new(std::net::Ipv6Addr::LOCALHOST.into(), port)
+    }
+
+    /// `a` moved to IPv6 when `v6`: 127.0.0.1 to ::1, a.b.c.d to 2001:db8:a:b::c:d.
+    fn fam(v6: bool, a: &str) -> String {
+        let a: SocketAddr = a.parse().unwrap();
+        match a {
+            SocketAddr::V4(a) if v6 && a.ip().is_loopback() => format!("[::1]:{}", a.port()),
+            SocketAddr::V4(a) if v6 => {
+                let o = a.ip().octets();
+                format!("[2001:db8:{:x}:{:x}::{:x}:{:x}]:{}", o[0], o[1], o[2], o[3], a.port())
+            }
+            a => a.to_string(),
+        }
     }
 
     /// Delivers every datagram between the nodes until quiet.
     fn run(nodes: &mut [Dht], now: Instant) {
+        run_in(nodes, false, now)
+    }
+
+    /// As [`run`], the nodes on ::1 when `v6`.
+    fn run_in(nodes: &mut [Dht], v6: bool, now: Instant) {
         for _ in 0..1000 {
             let mut moved = false;
             for i in 0..nodes.len() {
                 let out = std::mem::take(&mut nodes[i].outbox);
-                let from = addr(1000 + i as u16);
+                let from = if v6 { addr6(1000 + i as u16) } else { addr(1000 + i as u16) };
                 for (to, bytes) in out {
                     moved = true;
                     let j = (to.port() - 1000) as usize;
@@ -762,14 +881,215 @@ mod tests {
     }
 
     fn network(n: usize, now: Instant) -> Vec<Dht> {
-        let cfg = DhtConfig { restrict_ips: false, rate_limit: 10_000, query_rate: 10_000, ..DhtConfig::default() };
-        let mut nodes: Vec<Dht> =
-            (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![addr(1000)], now)).collect();
+        network_in(n, false, now)
+    }
+
+    /// As [`network`], an IPv6 DHT on ::1 when `v6`.
+    fn network_in(n: usize, v6: bool, now: Instant) -> Vec<Dht> {
+        let cfg =
+            DhtConfig { restrict_ips: false, rate_limit: 10_000, query_rate: 10_000, ipv6: v6, ..DhtConfig::default() };
+        let boot = if v6 { addr6(1000) } else { addr(1000) };
+        let mut nodes: Vec<Dht> = (0..n).map(|i| Dht::new(id(i as u8 + 1), cfg.clone(), vec![boot], now)).collect();
         for d in nodes.iter_mut().skip(1) {
             d.join(now);
         }
-        run(&mut nodes, now);
+        run_in(&mut nodes, v6, now);
         nodes
+    }
+
+    #[test]
+    fn ipv6_nodes_join_and_find_announced_ipv6_peers() {
+        let now = Instant::now();
+        let mut nodes = network_in(20, true, now);
+        for d in nodes.iter().skip(1) {
+            assert!(!d.table.is_empty());
+            assert!(d.table.entries().all(|e| e.node.addr.is_ipv6()), "the IPv6 table holds IPv6 nodes only");
+        }
+        let key = Id([0x42; 20]);
+        nodes[5].start_lookup(key, LookupKind::Announce { port: 7777 }, now);
+        run_in(&mut nodes, true, now);
+        nodes[12].start_lookup(key, LookupKind::GetPeers, now);
+        run_in(&mut nodes, true, now);
+        let done: Vec<LookupResult> = nodes[12].events.drain(..).map(|Event::LookupDone(r)| r).collect();
+        let r = done.iter().find(|r| r.target == key).expect("lookup finished");
+        assert_eq!(r.peers, vec![addr6(7777)], "node 5 announced itself on [::1]:7777");
+    }
+
+    /// The answer `d` gives a find_node for `target` with `want` (raw bencode, or none).
+    fn find_node_answer(d: &mut Dht, from: SocketAddr, want: Option<&[u8]>, other: Option<&RoutingTable>) -> Response {
+        let q = match want {
+            Some(w) => [
+                &b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz1234564:want"[..],
+                w,
+                b"e1:q9:find_node1:t2:aa1:y1:qe",
+            ]
+            .concat(),
+            None => {
+                b"d1:ad2:id20:abcdefghij01234567896:target20:mnopqrstuvwxyz123456e1:q9:find_node1:t2:aa1:y1:qe".to_vec()
+            }
+        };
+        d.handle_packet_with(from, &q, other, Instant::now());
+        let (to, reply) = d.outbox.pop().expect("an answer");
+        assert_eq!(to, from);
+        match Message::decode(&reply).unwrap().body {
+            Body::Response { response, .. } => response,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn want_is_honoured_on_both_families() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 1000, query_rate: 1000, ..DhtConfig::default() };
+        let mut d4 = Dht::new(id(1), cfg.clone(), vec![], now);
+        let mut d6 = Dht::new(id(1), DhtConfig { ipv6: true, ..cfg }, vec![], now);
+        for i in 0..4u16 {
+            d4.table.insert(NodeInfo { id: id(10 + i as u8), addr: addr(2000 + i) }, true, now);
+            d6.table.insert(NodeInfo { id: id(20 + i as u8), addr: addr6(2000 + i) }, true, now);
+        }
+        let (q4, q6) = (addr(3000), addr6(3000));
+        // Without want: the family the query came in on.
+        let r = find_node_answer(&mut d6, q6, None, Some(&d4.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (0, 4));
+        let r = find_node_answer(&mut d4, q4, None, Some(&d6.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 0));
+        // n6 over IPv4, n4 over IPv6, both over either.
+        let r = find_node_answer(&mut d4, q4, Some(b"l2:n6e"), Some(&d6.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (0, 4));
+        assert!(r.nodes6.iter().all(|n| n.addr.is_ipv6()));
+        let r = find_node_answer(&mut d6, q6, Some(b"l2:n4e"), Some(&d4.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 0));
+        let r = find_node_answer(&mut d6, q6, Some(b"l2:n42:n6e"), Some(&d4.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 4));
+        // A node with one family answers what it has.
+        let r = find_node_answer(&mut d4, q4, Some(b"l2:n42:n6e"), None);
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 0));
+        // A want that is not a list, or names nothing known: as if absent.
+        let r = find_node_answer(&mut d4, q4, Some(b"2:n6"), Some(&d6.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (4, 0));
+        let r = find_node_answer(&mut d6, q6, Some(b"l2:n8e"), Some(&d4.table));
+        assert_eq!((r.nodes.len(), r.nodes6.len()), (0, 4));
+    }
+
+    #[test]
+    fn a_dual_stack_node_fills_its_ipv6_table_through_an_ipv4_bootstrap() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, rate_limit: 1000, query_rate: 1000, ..DhtConfig::default() };
+        let dual = DhtConfig { want_other: true, ..cfg.clone() };
+        // B: the bootstrap node, both families; its IPv6 table knows four nodes.
+        let mut b4 = Dht::new(id(2), cfg.clone(), vec![], now);
+        let mut b6 = Dht::new(id(2), DhtConfig { ipv6: true, ..cfg.clone() }, vec![], now);
+        for i in 0..4u16 {
+            b6.table.insert(NodeInfo { id: id(20 + i as u8), addr: addr6(2000 + i) }, true, now);
+        }
+        // A joins through B's IPv4 address only.
+        let (a_at, b_at) = (addr(1001), addr(1000));
+        let mut a4 = Dht::new(id(1), dual.clone(), vec![b_at], now);
+        let mut a6 = Dht::new(id(1), DhtConfig { ipv6: true, ..dual }, vec![], now);
+        a4.join(now);
+        let (to, query) = a4.outbox.pop().unwrap();
+        assert_eq!(to, b_at);
+        assert_eq!(Message::decode(&query).unwrap().want, Some(Want { n4: true, n6: true }));
+        b4.handle_packet_with(a_at, &query, Some(&b6.table), now);
+        let (_, answer) = b4.outbox.pop().unwrap();
+        a4.handle_packet(b_at, &answer, now);
+        assert_eq!(a4.foreign.len(), 4, "B's IPv6 nodes, for A's IPv6 DHT");
+        let foreign = std::mem::take(&mut a4.foreign);
+        a6.add_nodes(&foreign, now);
+        assert_eq!(a6.table.len(), 4);
+        assert!(!a6.outbox.is_empty() && a6.outbox.iter().all(|(to, _)| to.is_ipv6()), "A's IPv6 DHT joins");
+        // IPv4 nodes handed to the IPv6 DHT are not taken.
+        a6.add_nodes(&[NodeInfo { id: id(9), addr: addr(9) }], now);
+        assert_eq!(a6.table.len(), 4);
+        // A single-family node asks for nothing more and keeps nothing foreign.
+        let mut solo = Dht::new(id(3), cfg, vec![b_at], now);
+        solo.join(now);
+        let (_, query) = solo.outbox.pop().unwrap();
+        assert_eq!(Message::decode(&query).unwrap().want, None);
+        b4.handle_packet_with(addr(1002), &query, Some(&b6.table), now);
+        let (_, answer) = b4.outbox.pop().unwrap();
+        solo.handle_packet(b_at, &answer, now);
+        assert!(solo.foreign.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_flood_is_limited_per_64_not_per_address() {
+        let now = Instant::now();
+        let cfg =
+            DhtConfig { restrict_ips: false, rate_limit: 5, query_rate: 1000, ipv6: true, ..DhtConfig::default() };
+        let mut d = Dht::new(id(1), cfg, vec![], now);
+        let ping = Message::new(b"p".to_vec(), Body::Query { id: id(10), query: Query::Ping }).encode();
+        // 20 addresses of one /64, one packet each: one source.
+        for i in 0..20u16 {
+            d.handle_packet(SocketAddr::new(format!("2001:db8:1:2::{:x}", i + 1).parse().unwrap(), 6881), &ping, now);
+        }
+        assert_eq!(d.outbox.len(), 5, "answers to one /64");
+        // Another /64 has its own allowance.
+        d.handle_packet("[2001:db8:1:3::1]:6881".parse().unwrap(), &ping, now);
+        assert_eq!(d.outbox.len(), 6);
+    }
+
+    #[test]
+    fn a_packet_from_the_other_family_is_dropped() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, ..DhtConfig::default() };
+        let ping = |i: u8| Message::new(b"p".to_vec(), Body::Query { id: id(i), query: Query::Ping }).encode();
+        let mut d4 = Dht::new(id(1), cfg.clone(), vec![], now);
+        d4.handle_packet(addr6(9), &ping(9), now);
+        assert!(d4.outbox.is_empty() && d4.table.is_empty(), "an IPv6 packet on the IPv4 table");
+        assert_eq!(d4.stats.dropped, 1);
+        let mut d6 = Dht::new(id(1), DhtConfig { ipv6: true, ..cfg }, vec![], now);
+        d6.handle_packet(addr(9), &ping(9), now);
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:9".parse().unwrap();
+        d6.handle_packet(mapped, &ping(10), now);
+        assert!(d6.outbox.is_empty() && d6.table.is_empty(), "IPv4 (or IPv4-mapped) on the IPv6 table");
+        assert_eq!(d6.stats.dropped, 2);
+        // Its own family is answered.
+        d6.handle_packet(addr6(9), &ping(9), now);
+        assert_eq!(d6.outbox.len(), 1);
+        assert_eq!(d6.table.len(), 1);
+    }
+
+    #[test]
+    fn an_announce_over_ipv6_stores_an_ipv6_peer_given_back_in_18_bytes() {
+        let now = Instant::now();
+        let cfg = DhtConfig { restrict_ips: false, ipv6: true, ..DhtConfig::default() };
+        let mut d = Dht::new(id(1), cfg, vec![], now);
+        let from: SocketAddr = "[2001:db8::5]:6881".parse().unwrap();
+        let key = id(3);
+        let ask = |d: &mut Dht, from: SocketAddr| -> (Vec<u8>, Response) {
+            let q = Message::new(b"g".to_vec(), Body::Query { id: id(9), query: Query::GetPeers { info_hash: key } });
+            d.handle_packet(from, &q.encode(), now);
+            let (_, reply) = d.outbox.pop().unwrap();
+            let Body::Response { response, .. } = Message::decode(&reply).unwrap().body else { panic!() };
+            (reply, response)
+        };
+        let (_, r) = ask(&mut d, from);
+        let announce = |implied_port| {
+            Message::new(
+                b"a".to_vec(),
+                Body::Query {
+                    id: id(9),
+                    query: Query::AnnouncePeer {
+                        info_hash: key,
+                        port: 7000,
+                        implied_port,
+                        token: r.token.clone().unwrap(),
+                    },
+                },
+            )
+            .encode()
+        };
+        d.handle_packet(from, &announce(false), now);
+        d.handle_packet(from, &announce(true), now);
+        assert_eq!(d.outbox.len(), 2);
+        let mut stored = d.store.peers(&key, now);
+        stored.sort();
+        assert_eq!(stored, vec!["[2001:db8::5]:6881".parse().unwrap(), "[2001:db8::5]:7000".parse().unwrap()]);
+        let (raw, r) = ask(&mut d, "[2001:db8::6]:1".parse().unwrap());
+        assert_eq!(r.values.len(), 2);
+        let value = [&b"18:"[..], &encode_addr(&"[2001:db8::5]:7000".parse().unwrap())].concat();
+        assert!(raw.windows(value.len()).any(|w| w == value), "an 18-byte compact peer");
     }
 
     #[test]
@@ -832,13 +1152,13 @@ mod tests {
     /// recorded as (sender, receiver, time).
     struct Net {
         nodes: Vec<Dht>,
-        addrs: Vec<SocketAddrV4>,
+        addrs: Vec<SocketAddr>,
         log: Vec<(usize, usize, Instant)>,
     }
 
     impl Net {
         fn new(addrs: &[&str], ids: Vec<Id>, cfg: DhtConfig, now: Instant) -> Net {
-            let addrs: Vec<SocketAddrV4> = addrs.iter().map(|a| a.parse().unwrap()).collect();
+            let addrs: Vec<SocketAddr> = addrs.iter().map(|a| a.parse().unwrap()).collect();
             let nodes = ids.into_iter().map(|id| Dht::new(id, cfg.clone(), vec![], now)).collect();
             Net { nodes, addrs, log: Vec::new() }
         }
@@ -874,17 +1194,29 @@ mod tests {
 
     #[test]
     fn a_busy_node_stays_under_libtorrents_rate_limit_and_still_finds_peers() {
+        busy_node_under_rate_limit(false);
+    }
+
+    #[test]
+    fn a_busy_ipv6_node_stays_under_libtorrents_rate_limit() {
+        busy_node_under_rate_limit(true);
+    }
+
+    fn busy_node_under_rate_limit(v6: bool) {
         // Two nodes, as with one libtorrent bootstrapped from a node: every
         // query goes to the one other node. Node 1 looks a key up every 300 ms
         // and announces three keys every three seconds, for 60 s: over 5
         // queries a second, more than libtorrent takes from one address.
         let start = Instant::now();
-        let mut net = Net::new(&["127.0.0.1:1000", "127.0.0.1:1001"], vec![id(1), id(2)], DhtConfig::default(), start);
+        let addrs = [fam(v6, "127.0.0.1:1000"), fam(v6, "127.0.0.1:1001")];
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let cfg = DhtConfig { ipv6: v6, ..DhtConfig::default() };
+        let mut net = Net::new(&addrs, vec![id(1), id(2)], cfg, start);
         net.nodes[1].bootstrap = vec![net.addrs[0]];
         net.nodes[1].join(start);
         net.deliver(start);
         let key = Id([0x42; 20]);
-        net.nodes[0].store.announce(key, "10.0.0.9:7777".parse().unwrap(), start);
+        net.nodes[0].store.announce(key, fam(v6, "10.0.0.9:7777").parse().unwrap(), start);
         let mut found = 0;
         let mut step = 0u32;
         while step < 6000 {
@@ -911,14 +1243,14 @@ mod tests {
         assert!(worst < 50, "{worst} packets to one node within 10 s: libtorrent would ban us");
         assert!(worst >= 20, "the budget is used ({worst})");
         assert!(found >= 100, "lookups still find the key ({found} of 200)");
-        assert!(net.nodes[0].store.peers(&Id([1; 20]), start).contains(&"127.0.0.1:9000".parse().unwrap()));
+        assert!(net.nodes[0].store.peers(&Id([1; 20]), start).contains(&fam(v6, "127.0.0.1:9000").parse().unwrap()));
     }
 
     #[test]
     fn a_silent_node_is_backed_off_not_hammered() {
         let start = Instant::now();
         let mut d = Dht::new(id(1), DhtConfig::default(), vec![], start);
-        let dead: SocketAddrV4 = "127.0.0.1:9".parse().unwrap();
+        let dead: SocketAddr = "127.0.0.1:9".parse().unwrap();
         d.table.insert(NodeInfo { id: id(2), addr: dead }, true, start);
         let mut sent = 0;
         for step in 0..6000u64 {
@@ -936,14 +1268,16 @@ mod tests {
 
     #[test]
     fn read_only_nodes_are_answered_but_never_routed_and_ask_with_ro() {
+        read_only_nodes(false);
+        read_only_nodes(true);
+    }
+
+    fn read_only_nodes(v6: bool) {
         let now = Instant::now();
-        let cfg = DhtConfig { read_only: true, ..DhtConfig::default() };
-        let mut net = Net::new(
-            &["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"],
-            vec![id(1), id(2), id(3)],
-            DhtConfig::default(),
-            now,
-        );
+        let cfg = DhtConfig { read_only: true, ipv6: v6, ..DhtConfig::default() };
+        let addrs: Vec<String> = ["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"].map(|a| fam(v6, a)).into();
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let mut net = Net::new(&addrs, vec![id(1), id(2), id(3)], DhtConfig { ipv6: v6, ..DhtConfig::default() }, now);
         net.nodes[1] = Dht::new(id(2), cfg, vec![net.addrs[0]], now);
         net.nodes[1].join(now);
         net.deliver(now);
@@ -968,29 +1302,41 @@ mod tests {
 
     #[test]
     fn name_keys_are_stored_on_and_read_from_bep42_valid_nodes_only() {
+        name_keys_on_valid_nodes(false);
+    }
+
+    #[test]
+    fn name_keys_are_stored_on_and_read_from_bep42_valid_ipv6_nodes_only() {
+        name_keys_on_valid_nodes(true);
+    }
+
+    fn name_keys_on_valid_nodes(v6: bool) {
         let now = Instant::now();
         let key = Id([0x42; 20]);
         // Node 2 chose an id right next to the key; its id is not its address's.
         let mut near = key.0;
         near[19] ^= 1;
-        let ids = vec![valid_id("8.1.1.1", 1), valid_id("8.2.2.2", 2), Id(near)];
-        let mut net = Net::new(&["8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"], ids, DhtConfig::default(), now);
-        net.nodes[1].store.announce(key, "8.8.8.8:1".parse().unwrap(), now);
-        net.nodes[2].store.announce(key, "6.6.6.6:6".parse().unwrap(), now);
+        let addrs: Vec<String> = ["8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"].map(|a| fam(v6, a)).into();
+        let ip = |i: usize| addrs[i].parse::<SocketAddr>().unwrap().ip().to_string();
+        let ids = vec![valid_id(&ip(0), 1), valid_id(&ip(1), 2), Id(near)];
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let mut net = Net::new(&addrs, ids, DhtConfig { ipv6: v6, ..DhtConfig::default() }, now);
+        net.nodes[1].store.announce(key, fam(v6, "8.8.8.8:1").parse().unwrap(), now);
+        net.nodes[2].store.announce(key, fam(v6, "6.6.6.6:6").parse().unwrap(), now);
         for j in [1, 2] {
             let n = NodeInfo { id: net.nodes[j].id, addr: net.addrs[j] };
             net.nodes[0].table.insert(n, true, now);
         }
-        let peers = |net: &mut Net| -> Vec<SocketAddrV4> {
+        let peers = |net: &mut Net| -> Vec<SocketAddr> {
             let Some(Event::LookupDone(r)) = net.nodes[0].events.pop() else { panic!("no lookup result") };
             r.peers
         };
         net.nodes[0].start_lookup(key, LookupKind::GetPeers, now);
         net.deliver(now);
-        assert!(peers(&mut net).contains(&"6.6.6.6:6".parse().unwrap()), "a plain lookup asks everyone");
+        assert!(peers(&mut net).contains(&fam(v6, "6.6.6.6:6").parse().unwrap()), "a plain lookup asks everyone");
         net.nodes[0].start_lookup_secure(key, LookupKind::GetPeers, now);
         net.deliver(now);
-        assert_eq!(peers(&mut net), vec!["8.8.8.8:1".parse().unwrap()], "the secure lookup skips node 2");
+        assert_eq!(peers(&mut net), vec![fam(v6, "8.8.8.8:1").parse().unwrap()], "the secure lookup skips node 2");
         net.nodes[0].start_lookup_secure(Id([7; 20]), LookupKind::Announce { port: 5 }, now);
         net.deliver(now);
         assert!(net.nodes[2].store.is_empty() || net.nodes[2].store.len() == 1, "nothing new stored on node 2");
@@ -1000,19 +1346,33 @@ mod tests {
 
     #[test]
     fn the_node_takes_an_id_derived_from_the_address_others_report() {
+        takes_derived_id(false);
+        takes_derived_id(true);
+    }
+
+    fn takes_derived_id(v6: bool) {
         let now = Instant::now();
-        let addrs = ["9.9.9.9:6881", "8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"];
-        let ids = vec![id(1), valid_id("8.1.1.1", 1), valid_id("8.2.2.2", 2), valid_id("8.3.3.3", 3)];
-        let mut net = Net::new(&addrs, ids, DhtConfig::default(), now);
-        assert!(!node_id::verify_id(&net.nodes[0].id, "9.9.9.9".parse().unwrap()));
+        let addrs: Vec<String> =
+            ["9.9.9.9:6881", "8.1.1.1:6881", "8.2.2.2:6881", "8.3.3.3:6881"].map(|a| fam(v6, a)).into();
+        let ip = |i: usize| addrs[i].parse::<SocketAddr>().unwrap().ip();
+        let me = ip(0);
+        let ids = vec![
+            id(1),
+            valid_id(&ip(1).to_string(), 1),
+            valid_id(&ip(2).to_string(), 2),
+            valid_id(&ip(3).to_string(), 3),
+        ];
+        let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+        let mut net = Net::new(&addrs, ids, DhtConfig { ipv6: v6, ..DhtConfig::default() }, now);
+        assert!(!node_id::verify_id(&net.nodes[0].id, me));
         for j in 1..4 {
             let n = NodeInfo { id: net.nodes[j].id, addr: net.addrs[j] };
             net.nodes[0].table.insert(n, true, now);
             net.nodes[0].send_query(net.addrs[j], Some(n.id), Query::Ping, now);
             net.deliver(now);
         }
-        assert_eq!(net.nodes[0].external_ip, Some("9.9.9.9".parse().unwrap()));
-        assert!(node_id::verify_id(&net.nodes[0].id, "9.9.9.9".parse().unwrap()), "a BEP 42 id now");
+        assert_eq!(net.nodes[0].external_ip, Some(me));
+        assert!(node_id::verify_id(&net.nodes[0].id, me), "a BEP 42 id now");
         assert_eq!(net.nodes[0].table.len(), 3, "the table is kept");
     }
 

@@ -99,7 +99,7 @@ impl RoutingTable {
             self.touched[b] = now;
             return Insert::Updated;
         }
-        if self.restrict_ips && self.contains_ip(IpAddr::V4(*node.addr.ip())) {
+        if self.restrict_ips && self.contains_ip(node.addr.ip()) {
             return Insert::Refused;
         }
         let entry = Entry { node, last_response: responded.then_some(now), failures: 0 };
@@ -123,7 +123,7 @@ impl RoutingTable {
     }
 
     fn contains_ip(&self, ip: IpAddr) -> bool {
-        self.buckets.iter().flatten().any(|e| IpAddr::V4(*e.node.addr.ip()) == ip)
+        self.buckets.iter().flatten().any(|e| e.node.addr.ip() == ip)
     }
 
     /// A query to `id` went unanswered.
@@ -196,7 +196,7 @@ mod tests {
         let mut id = [0u8; 20];
         id[0] = first;
         id[19] = last;
-        NodeInfo { id: Id(id), addr: std::net::SocketAddrV4::new(ip.into(), 6881) }
+        NodeInfo { id: Id(id), addr: std::net::SocketAddr::new(std::net::Ipv4Addr::from(ip).into(), 6881) }
     }
 
     #[test]
@@ -243,7 +243,7 @@ mod tests {
         let mut t = RoutingTable::new(Id([0; 20]), false, now);
         t.insert(node(0x80, 1, [10, 0, 0, 1]), true, now);
         assert_eq!(t.insert(node(0x80, 1, [6, 6, 6, 6]), false, now), Insert::Refused);
-        assert_eq!(t.closest(&Id([0x80; 20]), 1, now)[0].addr.ip().octets(), [10, 0, 0, 1]);
+        assert_eq!(t.closest(&Id([0x80; 20]), 1, now)[0].addr.ip(), std::net::Ipv4Addr::new(10, 0, 0, 1));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! `target/bench/dht.json`.
 
 use std::collections::{BinaryHeap, HashSet};
-use std::net::SocketAddrV4;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::krpc::Id;
@@ -74,12 +74,13 @@ struct Net {
     latency: Duration,
 }
 
-fn addr_of(i: usize) -> SocketAddrV4 {
+fn addr_of(i: usize) -> SocketAddr {
     let i = i as u32 + 1;
-    SocketAddrV4::new([10, (i >> 16) as u8, (i >> 8) as u8, i as u8].into(), 6881)
+    SocketAddr::new(Ipv4Addr::new(10, (i >> 16) as u8, (i >> 8) as u8, i as u8).into(), 6881)
 }
 
-fn index_of(a: &SocketAddrV4) -> Option<usize> {
+fn index_of(a: &SocketAddr) -> Option<usize> {
+    let SocketAddr::V4(a) = a else { return None };
     let o = a.ip().octets();
     let i = ((o[1] as u32) << 16 | (o[2] as u32) << 8 | o[3] as u32) as usize;
     (o[0] == 10 && a.port() == 6881 && i > 0).then(|| i - 1)
@@ -234,7 +235,7 @@ pub fn run(cfg: &SimConfig) -> SimReport {
             announced = net.now;
         }
         let (key, announcer, port) = live_keys[q % live_keys.len()];
-        let peer = SocketAddrV4::new(*addr_of(announcer).ip(), port);
+        let peer = SocketAddr::new(addr_of(announcer).ip(), port);
         let who = loop {
             let i = (random() % cfg.nodes as u64) as usize;
             if !net.dead[i] {

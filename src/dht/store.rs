@@ -2,7 +2,7 @@
 //! peers per key, both bounded and expiring. Sans-IO: time is an argument.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddrV4};
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use super::krpc::Id;
@@ -65,12 +65,12 @@ impl Tokens {
 /// Announced peers per key.
 #[derive(Default)]
 pub struct PeerStore {
-    keys: HashMap<Id, Vec<(SocketAddrV4, Instant)>>,
+    keys: HashMap<Id, Vec<(SocketAddr, Instant)>>,
 }
 
 impl PeerStore {
     /// Records `peer` under `key`; `false` when the store is full of other keys.
-    pub fn announce(&mut self, key: Id, peer: SocketAddrV4, now: Instant) -> bool {
+    pub fn announce(&mut self, key: Id, peer: SocketAddr, now: Instant) -> bool {
         if !self.keys.contains_key(&key) && self.keys.len() >= MAX_KEYS {
             self.expire(now);
             if self.keys.len() >= MAX_KEYS {
@@ -93,9 +93,9 @@ impl PeerStore {
     }
 
     /// Up to `PEERS_PER_ANSWER` live peers for `key`, newest first.
-    pub fn peers(&self, key: &Id, now: Instant) -> Vec<SocketAddrV4> {
+    pub fn peers(&self, key: &Id, now: Instant) -> Vec<SocketAddr> {
         let Some(list) = self.keys.get(key) else { return Vec::new() };
-        let mut live: Vec<&(SocketAddrV4, Instant)> =
+        let mut live: Vec<&(SocketAddr, Instant)> =
             list.iter().filter(|(_, t)| now.duration_since(*t) < PEER_TTL).collect();
         live.sort_by_key(|(_, t)| std::cmp::Reverse(*t));
         live.into_iter().take(PEERS_PER_ANSWER).map(|(p, _)| *p).collect()
@@ -143,7 +143,7 @@ mod tests {
         let mut s = PeerStore::default();
         let key = Id([7; 20]);
         for i in 0..(MAX_PEERS_PER_KEY as u32 + 50) {
-            let p = SocketAddrV4::new(std::net::Ipv4Addr::from(i), 1);
+            let p = SocketAddr::new(std::net::Ipv4Addr::from(i).into(), 1);
             assert!(s.announce(key, p, now + Duration::from_millis(i as u64)));
         }
         assert_eq!(s.keys[&key].len(), MAX_PEERS_PER_KEY);
@@ -153,8 +153,8 @@ mod tests {
         for k in 0..MAX_KEYS as u32 {
             let mut id = [0u8; 20];
             id[..4].copy_from_slice(&k.to_le_bytes());
-            s.announce(Id(id), SocketAddrV4::new([1, 2, 3, 4].into(), 5), now);
+            s.announce(Id(id), SocketAddr::new([1, 2, 3, 4].into(), 5), now);
         }
-        assert!(!s.announce(Id([0xee; 20]), SocketAddrV4::new([1, 2, 3, 4].into(), 5), now), "full");
+        assert!(!s.announce(Id([0xee; 20]), SocketAddr::new([1, 2, 3, 4].into(), 5), now), "full");
     }
 }

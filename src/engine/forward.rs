@@ -166,6 +166,16 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
         }
         let attn = join_columns(&g, attn_parts);
         x = g.add(g.mul_mat(w("attn_output"), attn), x);
+        if model.last() && l + 1 == model.end {
+            // Only the rows whose logits are wanted go on through the last feed-forward block, as
+            // llama.cpp's `inp_out_ids` does: a 512-token prompt runs it for 1 token, not 512.
+            if let Some(rows) = inp_out_rows {
+                x = g.get_rows(x, rows); // [n_embd, rows kept]
+            } else if seqs.len() == 1 && out_rows.len() == 1 && n > 1 {
+                let nb1 = x.nb()[1];
+                x = g.view_2d(x, [hp.n_embd as i64, 1], nb1, (n as usize - 1) * nb1);
+            }
+        }
 
         let cur = g.mul(g.rms_norm(x, hp.rms_eps), w("ffn_norm"));
         let h = g.swiglu_split(g.mul_mat(w("ffn_gate"), cur), g.mul_mat(w("ffn_up"), cur));
@@ -173,12 +183,7 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
     }
 
     let out = if model.last() {
-        if let Some(rows) = inp_out_rows {
-            x = g.get_rows(x, rows); // [n_embd, rows kept]
-        } else if seqs.len() == 1 && out_rows.len() == 1 && n > 1 {
-            let nb1 = x.nb()[1];
-            x = g.view_2d(x, [hp.n_embd as i64, 1], nb1, (n as usize - 1) * nb1);
-        }
+        // x holds the kept rows already (selected before the last feed-forward block).
         let x = g.mul(g.rms_norm(x, hp.rms_eps), model.w("output_norm.weight"));
         g.mul_mat(model.head(), x) // [n_vocab, rows kept]
     } else {

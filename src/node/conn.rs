@@ -16,9 +16,11 @@ use std::time::Instant;
 use mio::net::TcpStream;
 
 use super::outq::OutQueue;
+use super::peer_crypto::{self, Crypt, First};
 use crate::protocol::auth::{AuthError, NodeAuth};
-use crate::protocol::frame::{self, Decoded, PEER_WIRE_FIRST_BYTE};
+use crate::protocol::frame::{self, Decoded};
 use crate::torrent::InfoHash;
+use crate::torrent::mse::MseError;
 use crate::torrent::storage::View;
 use crate::torrent::wire::PieceHeader;
 
@@ -79,6 +81,8 @@ pub struct Conn {
     pub connecting: bool,
     /// Commands: the cluster-key handshake's state; frames are opened and sealed through it.
     pub auth: NodeAuth,
+    /// Peer wire: Message Stream Encryption (none, handshaking, or done).
+    pub crypt: Crypt,
 }
 
 /// What the next buffered bytes are.
@@ -120,6 +124,7 @@ impl Conn {
             outgoing: false,
             connecting: false,
             auth: NodeAuth::Open,
+            crypt: Crypt::Plain,
         }
     }
 
@@ -131,6 +136,54 @@ impl Conn {
         c.outgoing = true;
         c.connecting = true;
         c
+    }
+
+    /// A peer-wire connection we dial for `torrent` with an MSE handshake under `policy`: step 1
+    /// is queued at once (sent when the connect completes).
+    pub fn outgoing_encrypted(
+        stream: TcpStream,
+        peer: SocketAddr,
+        id: u64,
+        torrent: InfoHash,
+        policy: crate::config::Encryption,
+        now: Instant,
+    ) -> Conn {
+        let mut c = Conn::outgoing(stream, peer, id, torrent);
+        let mut step1 = Vec::new();
+        c.crypt = Crypt::initiator(torrent, policy, now, &mut step1);
+        c.output.push_bytes(&step1);
+        c
+    }
+
+    /// Runs the MSE handshake over the buffered input: consumes what it used, queues its
+    /// replies, and once done decrypts what is buffered after it. `Ok(Some(..))`: the
+    /// handshake finished (the torrent and the method); `Ok(None)`: more input is needed.
+    pub fn mse_feed(
+        &mut self,
+        serves: &dyn Fn(&[u8; 20]) -> Option<InfoHash>,
+        now: Instant,
+    ) -> Result<Option<(InfoHash, u32)>, MseError> {
+        let Crypt::Handshaking { hs, held } = &mut self.crypt else { return Ok(None) };
+        let mut out = Vec::new();
+        let fed = hs.feed(&self.input[self.start..self.end], held, serves, &mut out);
+        if !out.is_empty() {
+            self.mark_queued(now);
+            self.output.push_bytes(&out);
+        }
+        let fed = fed?;
+        self.consume_raw(fed.used, now);
+        let Some(est) = fed.done else { return Ok(None) };
+        let held = match &mut self.crypt {
+            Crypt::Handshaking { held, .. } => std::mem::take(held),
+            _ => Vec::new(),
+        };
+        let (info_hash, method) = (est.info_hash, est.method);
+        let mut inbound = est.inbound;
+        inbound.decrypt(&mut self.input[self.start..self.end]);
+        self.crypt = Crypt::Done { inbound: Box::new(inbound), outbound: est.outbound.map(Box::new), method };
+        // What the swarm queued after IA went out waits no longer.
+        self.queue_raw(&held, now);
+        Ok(Some((info_hash, method)))
     }
 
     /// Unconsumed input (peer wire).
@@ -168,21 +221,64 @@ impl Conn {
                 self.frame_started = Some(now);
             }
         }
+        if let Crypt::Done { inbound, .. } = &mut self.crypt {
+            inbound.decrypt(&mut self.input[self.end..self.end + n]);
+        }
         self.end += n;
         Ok(n)
     }
 
-    /// Queues raw bytes (peer wire).
+    /// Queues raw bytes (peer wire): encrypted on an RC4 connection, held during an MSE
+    /// handshake.
     pub fn queue_raw(&mut self, bytes: &[u8], now: Instant) {
+        if bytes.is_empty() {
+            return;
+        }
         self.mark_queued(now);
-        self.output.push_bytes(bytes);
+        match &mut self.crypt {
+            Crypt::Plain | Crypt::Incoming | Crypt::Done { outbound: None, .. } => self.output.push_bytes(bytes),
+            Crypt::Handshaking { held, .. } => held.extend_from_slice(bytes),
+            Crypt::Done { outbound: Some(c), .. } => self.output.push_with(|out| {
+                let start = out.len();
+                out.extend_from_slice(bytes);
+                c.apply(&mut out[start..]);
+            }),
+        }
     }
 
     /// Queues a `piece` message whose data stays in `view` until the socket
-    /// takes it (peer wire). False if `view` lacks the range.
+    /// takes it (peer wire). False if `view` lacks the range. An RC4 connection copies the
+    /// block out of the map and encrypts it; a plaintext one writes it from the map.
     pub fn queue_block(&mut self, header: PieceHeader, view: View, offset: u64, len: usize, now: Instant) -> bool {
         self.mark_queued(now);
-        self.output.push_block(header, view, offset, len)
+        match &mut self.crypt {
+            Crypt::Plain | Crypt::Incoming | Crypt::Done { outbound: None, .. } => {
+                self.output.push_block(header, view, offset, len)
+            }
+            Crypt::Handshaking { held, .. } => {
+                let data = view.bytes(offset, len as u64);
+                if data.len() != len {
+                    return false;
+                }
+                held.extend_from_slice(&header);
+                held.extend_from_slice(data);
+                true
+            }
+            Crypt::Done { outbound: Some(c), .. } => {
+                let data = view.bytes(offset, len as u64);
+                if data.len() != len {
+                    return false;
+                }
+                // One copy, out of the map into the output buffer, encrypted there.
+                self.output.push_with(|out| {
+                    let start = out.len();
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(data);
+                    c.apply(&mut out[start..]);
+                });
+                true
+            }
+        }
     }
 
     /// Output about to be queued: if none was waiting, the clock for a peer
@@ -238,13 +334,19 @@ impl Conn {
             && !self.close_after_flush
     }
 
-    /// Tells commands from peer wire by the first byte received (once); `Unknown` until then.
-    pub fn classify(&mut self) -> Kind {
+    /// Tells commands from the peer wire, plaintext or MSE, by the first bytes received
+    /// (once; `mse`: whether this node speaks MSE; see [`peer_crypto::classify`]); `Unknown`
+    /// until they tell.
+    pub fn classify(&mut self, mse: bool) -> Kind {
         if self.kind == Kind::Unknown {
-            match self.input().first() {
-                None => {}
-                Some(&PEER_WIRE_FIRST_BYTE) => self.kind = Kind::PeerWire,
-                Some(_) => self.kind = Kind::Command,
+            match peer_crypto::classify(self.input(), mse) {
+                First::NeedMore => {}
+                First::Command => self.kind = Kind::Command,
+                First::PeerWire => self.kind = Kind::PeerWire,
+                First::Encrypted => {
+                    self.kind = Kind::PeerWire;
+                    self.crypt = Crypt::Incoming;
+                }
             }
         }
         self.kind
@@ -252,7 +354,7 @@ impl Conn {
 
     /// Looks at the next buffered frame; call [`Conn::consume`] after using it.
     pub fn next(&mut self, max_frame: u32) -> Next<'_> {
-        match self.classify() {
+        match self.kind {
             Kind::Unknown => return Next::NeedMore,
             Kind::PeerWire => return Next::PeerWire,
             Kind::Command => {}

@@ -1,5 +1,8 @@
-//! The DHT in the event loop: the UDP socket on the node's port, the DHT's
-//! timers, announcing what the node seeds, and finding peers for shards.
+//! The DHT in the event loop: the UDP sockets on the node's port (one per
+//! address family: the IPv4 DHT and BEP 32's IPv6 DHT, each its own routing
+//! table), the DHTs' timers, announcing what the node seeds, and finding peers
+//! for shards. A lookup runs in every family the node has and ends when all
+//! have: its peers are the union, IPv4 and IPv6.
 //!
 //! Keys a node announces (DESIGN section 5): each seeded file's info hash;
 //! `SHA1("shardnet:" + cluster + ":" + filename)`, the peers holding that
@@ -7,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, SocketAddrV4, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -18,7 +21,7 @@ use serde_json::{Value, json};
 use super::{Node, NodeEvent};
 use crate::client::Client;
 use crate::config::NodeConfig;
-use crate::dht::krpc::{Id, NodeInfo, encode_nodes};
+use crate::dht::krpc::{Id, NodeInfo, decode_nodes, decode_nodes6, encode_nodes, encode_nodes6};
 use crate::dht::node::{Dht, DhtConfig, Event, LookupKind, LookupResult};
 use crate::dht::node_id;
 use crate::dht::routing::K;
@@ -37,8 +40,10 @@ const ANNOUNCE_RETRY: Duration = Duration::from_secs(3);
 const SAVE_TABLE_EVERY: Duration = Duration::from_secs(60);
 /// The first save, after joining.
 const FIRST_SAVE: Duration = Duration::from_secs(3);
-/// Where the routing table is saved, in the shards dir.
+/// Where the IPv4 routing table is saved, in the shards dir (`nodes` form).
 const TABLE_FILE: &str = ".dht-nodes";
+/// Where the IPv6 routing table is saved (`nodes6` form).
+const TABLE_FILE6: &str = ".dht-nodes6";
 /// Peers asked for their file list when resolving a shard by name.
 const RESOLVE_ASK: usize = 8;
 
@@ -74,32 +79,162 @@ struct Announced {
     retries: u32,
 }
 
-pub(super) struct DhtState {
+/// One address family's DHT and its socket.
+pub(super) struct Family {
     pub dht: Dht,
     socket: UdpSocket,
     next_tick: Instant,
-    purposes: HashMap<u64, Purpose>,
-    /// When each key was last announced, and how many nodes the table held then.
+}
+
+/// A lookup started in every family, waiting for all of them.
+struct Joint {
+    purpose: Purpose,
+    waiting: u32,
+    result: Option<LookupResult>,
+}
+
+pub(super) struct DhtState {
+    /// The IPv4 DHT (BEP 5), when the node listens on IPv4.
+    pub v4: Option<Family>,
+    /// The IPv6 DHT (BEP 32), when the node listens on IPv6 and the host has it.
+    pub v6: Option<Family>,
+    /// What each joint lookup is for, by joint id.
+    joints: HashMap<u64, Joint>,
+    /// (IPv6?, the family's lookup id) -> joint id.
+    lookup_of: HashMap<(bool, u64), u64>,
+    next_joint: u64,
+    /// When each key was last announced, and how many nodes the tables held then.
     announced: HashMap<Id, Announced>,
     table_saved: Instant,
 }
 
-/// Binds the DHT's UDP socket on the node's port and prepares the DHT.
+impl DhtState {
+    fn families(&self) -> impl Iterator<Item = &Family> {
+        self.v4.iter().chain(self.v6.iter())
+    }
+
+    fn families_mut(&mut self) -> impl Iterator<Item = &mut Family> {
+        self.v4.iter_mut().chain(self.v6.iter_mut())
+    }
+
+    /// Nodes in both routing tables.
+    pub(super) fn nodes(&self) -> usize {
+        self.families().map(|f| f.dht.table.len()).sum()
+    }
+
+    /// A family's lookup `r` ended: the joint result once every family's has.
+    fn lookup_done(&mut self, ipv6: bool, r: LookupResult) -> Option<(Purpose, LookupResult)> {
+        let j = self.lookup_of.remove(&(ipv6, r.id))?;
+        let joint = self.joints.get_mut(&j)?;
+        joint.waiting -= 1;
+        joint.result = Some(match joint.result.take() {
+            None => r,
+            Some(mut m) => {
+                for p in r.peers {
+                    if !m.peers.contains(&p) {
+                        m.peers.push(p);
+                    }
+                }
+                m.responded += r.responded;
+                m.messages += r.messages;
+                m.rounds = m.rounds.max(r.rounds);
+                m.elapsed = m.elapsed.max(r.elapsed);
+                m.first_peer = match (m.first_peer, r.first_peer) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                m
+            }
+        });
+        if joint.waiting > 0 {
+            return None;
+        }
+        let joint = self.joints.remove(&j)?;
+        let mut result = joint.result.expect("set above");
+        result.id = j;
+        Some((joint.purpose, result))
+    }
+}
+
+/// Binds the DHT's UDP sockets on the node's port and prepares the DHTs: the
+/// IPv4 one when `local` is IPv4 or unspecified, the IPv6 one (IPV6_V6ONLY)
+/// when `local` is IPv6 or unspecified and the host has IPv6. None when
+/// neither could bind.
 pub(super) fn bind(
     config: &NodeConfig,
     local: SocketAddr,
     id: [u8; 20],
     registry: &Registry,
-    token: Token,
+    tokens: (Token, Token),
 ) -> Option<DhtState> {
-    let SocketAddr::V4(local4) = local else {
-        warn!("DHT: IPv6 listen address {local}: the DHT runs on IPv4 only; disabled");
-        return None;
+    let mut bootstrap: Vec<SocketAddr> = Vec::new();
+    for b in &config.bootstrap {
+        match (b.host.as_str(), b.port).to_socket_addrs() {
+            Ok(addrs) => bootstrap.extend(addrs),
+            Err(e) => warn!("DHT: bootstrap {b}: {e}"),
+        }
+    }
+    let any = local.ip().is_unspecified();
+    // Both families on an unspecified address: each DHT asks for the other's nodes too.
+    let want_other = any;
+    let port = local.port();
+    let mut state = DhtState {
+        v4: None,
+        v6: None,
+        joints: HashMap::new(),
+        lookup_of: HashMap::new(),
+        next_joint: 1,
+        announced: HashMap::new(),
+        table_saved: Instant::now(),
     };
-    let mut socket = match UdpSocket::bind(SocketAddr::V4(local4)) {
+    if local.is_ipv4() || any {
+        let ip = if local.is_ipv4() { local.ip() } else { IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) };
+        let saved = load_table(&config.shards_dir.join(TABLE_FILE), false);
+        state.v4 =
+            bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, want_other, registry, tokens.0);
+    }
+    if local.is_ipv6() || any {
+        let ip = if local.is_ipv6() { local.ip() } else { IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED) };
+        let saved = load_table(&config.shards_dir.join(TABLE_FILE6), true);
+        state.v6 =
+            bind_family(config, SocketAddr::new(ip, port), id, &bootstrap, saved, want_other, registry, tokens.1);
+    }
+    if state.v4.is_none() && state.v6.is_none() {
+        return None;
+    }
+    if state.v4.is_none() || state.v6.is_none() {
+        // One family after all: nothing to ask for the other's nodes.
+        for f in state.families_mut() {
+            f.dht.set_want_other(false);
+        }
+    }
+    // First save a few seconds in (once joined), then every minute.
+    state.table_saved = Instant::now() - SAVE_TABLE_EVERY + FIRST_SAVE;
+    Some(state)
+}
+
+/// One family's socket and DHT on `local`; its bootstrap nodes are those of
+/// `bootstrap` in its family, then `saved`.
+fn bind_family(
+    config: &NodeConfig,
+    local: SocketAddr,
+    id: [u8; 20],
+    bootstrap: &[SocketAddr],
+    saved: Vec<SocketAddr>,
+    want_other: bool,
+    registry: &Registry,
+    token: Token,
+) -> Option<Family> {
+    let ipv6 = local.is_ipv6();
+    let bound = if ipv6 { super::ipv6::bind_udp6(local) } else { UdpSocket::bind(local) };
+    let mut socket = match bound {
         Ok(s) => s,
+        Err(e) if ipv6 && super::ipv6::no_ipv6(&e) => {
+            info!("DHT: no IPv6 on this host ({e}); the DHT runs on IPv4 only");
+            return None;
+        }
         Err(e) => {
-            warn!("DHT: cannot bind UDP {local}: {e}; running without the DHT");
+            warn!("DHT: cannot bind UDP {local}: {e}; running without the {} DHT", if ipv6 { "IPv6" } else { "IPv4" });
             return None;
         }
     };
@@ -107,68 +242,63 @@ pub(super) fn bind(
         warn!("DHT: {e}");
         return None;
     }
-    let mut bootstrap: Vec<SocketAddrV4> = Vec::new();
-    for b in &config.bootstrap {
-        match (b.host.as_str(), b.port).to_socket_addrs() {
-            Ok(addrs) => bootstrap.extend(addrs.filter_map(|a| match a {
-                SocketAddr::V4(v4) => Some(v4),
-                SocketAddr::V6(_) => None,
-            })),
-            Err(e) => warn!("DHT: bootstrap {b}: {e}"),
-        }
-    }
-    bootstrap.retain(|a| {
-        *a != local4 && !(a.port() == local4.port() && a.ip().is_loopback() && local4.ip().is_unspecified())
-    });
+    let mut bootstrap: Vec<SocketAddr> = bootstrap.iter().copied().filter(|a| a.is_ipv6() == ipv6).collect();
+    bootstrap
+        .retain(|a| *a != local && !(a.port() == local.port() && a.ip().is_loopback() && local.ip().is_unspecified()));
     // Nodes saved by an earlier run: rejoin without the bootstrap list.
-    bootstrap.extend(load_table(&config.shards_dir.join(TABLE_FILE)));
-    let loopback = local4.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
-    let own_peer_ip = (!local4.ip().is_unspecified()).then_some(*local4.ip());
+    bootstrap.extend(saved);
+    let loopback = local.ip().is_loopback() || bootstrap.iter().any(|b| b.ip().is_loopback());
+    let own_peer_ip = (!local.ip().is_unspecified()).then_some(local.ip());
     let cfg = DhtConfig {
         restrict_ips: !loopback,
         own_peer_ip,
         query_rate: config.dht_query_rate,
         read_only: config.dht_read_only,
+        ipv6,
+        want_other,
         ..DhtConfig::default()
     };
     // BEP 42: an id derived from our address when we listen on a public one
     // (otherwise the id is re-derived once responders agree on our address).
-    let ip = std::net::IpAddr::V4(*local4.ip());
-    let id = if local4.ip().is_unspecified() || node_id::is_exempt(ip) { Id(id) } else { node_id::generate_id(ip, id) };
+    // Both families start from the same id, as BEP 32 advises.
+    let ip = local.ip();
+    let id = if ip.is_unspecified() || node_id::is_exempt(ip) { Id(id) } else { node_id::generate_id(ip, id) };
     let now = Instant::now();
     let mut dht = Dht::new(id, cfg, bootstrap, now);
     dht.join(now);
-    // First save a few seconds in (once joined), then every minute.
-    let table_saved = now - SAVE_TABLE_EVERY + FIRST_SAVE;
-    Some(DhtState { dht, socket, next_tick: now, purposes: HashMap::new(), announced: HashMap::new(), table_saved })
+    Some(Family { dht, socket, next_tick: now })
 }
 
-fn load_table(path: &Path) -> Vec<SocketAddrV4> {
+/// Addresses from a saved table (`nodes` or `nodes6` form); none when the file
+/// is missing, too large or malformed.
+fn load_table(path: &Path, ipv6: bool) -> Vec<SocketAddr> {
     let Ok(bytes) = std::fs::read(path) else { return Vec::new() };
-    if bytes.len() > 64 * 1024 || bytes.len() % 26 != 0 {
+    if bytes.len() > 64 * 1024 {
         return Vec::new();
     }
-    bytes
-        .chunks_exact(26)
-        .map(|c| SocketAddrV4::new([c[20], c[21], c[22], c[23]].into(), u16::from_be_bytes([c[24], c[25]])))
-        .collect()
+    let nodes = if ipv6 { decode_nodes6(&bytes) } else { decode_nodes(&bytes) };
+    nodes.unwrap_or_default().into_iter().map(|n| n.addr).collect()
 }
 
 impl Node {
-    /// Datagrams on the DHT socket.
-    pub(super) fn on_udp_readable(&mut self) {
+    /// Datagrams on a DHT socket (`ipv6`: the IPv6 one).
+    pub(super) fn on_udp_readable(&mut self, ipv6: bool) {
         let Some(d) = self.dht.as_mut() else { return };
+        // The family that read, and the other's table for BEP 32's `want`.
+        let (fam, other) = if ipv6 { (&mut d.v6, &d.v4) } else { (&mut d.v4, &d.v6) };
+        let Some(fam) = fam.as_mut() else { return };
+        let other = other.as_ref().map(|f| &f.dht.table);
         let mut buf = [0u8; 2048];
         for _ in 0..1024 {
             let now_us = self.started.elapsed().as_micros() as u32;
-            match d.socket.recv_from(&mut buf) {
+            match fam.socket.recv_from(&mut buf) {
                 Ok((n, from)) => {
                     if let Some(reset) = utp::reset_for_syn(&buf[..n], now_us) {
                         // A uTP connection attempt: refused, so the peer uses TCP.
                         debug!("uTP SYN from {from}: answered ST_RESET (the peer wire is TCP only)");
-                        let _ = d.socket.send_to(&reset, from);
-                    } else if let SocketAddr::V4(from) = from {
-                        d.dht.handle_packet(from, &buf[..n], Instant::now());
+                        let _ = fam.socket.send_to(&reset, from);
+                    } else {
+                        fam.dht.handle_packet_with(from, &buf[..n], other, Instant::now());
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -182,20 +312,30 @@ impl Node {
         self.dht_after();
     }
 
-    /// Sends what the DHT queued and handles its finished lookups.
+    /// Sends what the DHTs queued and handles their finished lookups.
     fn dht_after(&mut self) {
         let Some(d) = self.dht.as_mut() else { return };
-        for (to, bytes) in std::mem::take(&mut d.dht.outbox) {
-            if let Err(e) = d.socket.send_to(&bytes, SocketAddr::V4(to))
-                && e.kind() != io::ErrorKind::WouldBlock
-            {
-                debug!("DHT send to {to}: {e}");
-            }
+        // Nodes each DHT learned of the other family (BEP 32 `want`) go to the other's table.
+        if let (Some(v4), Some(v6)) = (d.v4.as_mut(), d.v6.as_mut()) {
+            let now = Instant::now();
+            let (to6, to4) = (std::mem::take(&mut v4.dht.foreign), std::mem::take(&mut v6.dht.foreign));
+            v6.dht.add_nodes(&to6, now);
+            v4.dht.add_nodes(&to4, now);
         }
-        let events = std::mem::take(&mut d.dht.events);
-        for Event::LookupDone(r) in events {
-            let purpose = self.dht.as_mut().and_then(|d| d.purposes.remove(&r.id));
-            if let Some(p) = purpose {
+        let mut done = Vec::new();
+        for fam in d.families_mut() {
+            for (to, bytes) in std::mem::take(&mut fam.dht.outbox) {
+                if let Err(e) = fam.socket.send_to(&bytes, to)
+                    && e.kind() != io::ErrorKind::WouldBlock
+                {
+                    debug!("DHT send to {to}: {e}");
+                }
+            }
+            let ipv6 = fam.dht.is_ipv6();
+            done.extend(std::mem::take(&mut fam.dht.events).into_iter().map(|Event::LookupDone(r)| (ipv6, r)));
+        }
+        for (ipv6, r) in done {
+            if let Some((p, r)) = self.dht.as_mut().and_then(|d| d.lookup_done(ipv6, r)) {
                 self.on_lookup_done(p, r);
             }
         }
@@ -204,10 +344,15 @@ impl Node {
     /// DHT timers, re-announces and table saving; returns when next due.
     pub(super) fn dht_tick(&mut self, now: Instant) -> Option<Instant> {
         let d = self.dht.as_mut()?;
-        if now >= d.next_tick {
-            d.dht.tick(now);
-            d.next_tick = now + d.dht.next_tick();
-            if let Some(j) = d.dht.take_unanswered_join() {
+        let mut ran = false;
+        for fam in d.families_mut() {
+            if now < fam.next_tick {
+                continue;
+            }
+            ran = true;
+            fam.dht.tick(now);
+            fam.next_tick = now + fam.dht.next_tick();
+            if let Some(j) = fam.dht.take_unanswered_join() {
                 let list: Vec<String> = j.bootstrap.iter().map(|a| a.to_string()).collect();
                 warn!(
                     "DHT: no answer from bootstrap {} (attempt {}); retrying in {} s; the node serves \
@@ -217,30 +362,35 @@ impl Node {
                     j.retry_in.as_secs()
                 );
             }
+        }
+        if ran {
             if now.duration_since(d.table_saved) >= SAVE_TABLE_EVERY {
                 d.table_saved = now;
-                let nodes: Vec<NodeInfo> = d.dht.table.entries().map(|e| e.node).take(256).collect();
-                let path = self.config.shards_dir.join(TABLE_FILE);
+                let tables = table_files(d, &self.config.shards_dir);
                 self.pool.handle().submit(move || {
-                    let _ = std::fs::write(path, encode_nodes(&nodes));
+                    for (path, bytes) in tables {
+                        let _ = std::fs::write(path, bytes);
+                    }
                 });
             }
             self.announce_due(now);
             self.dht_after();
         }
-        self.dht.as_ref().map(|d| d.next_tick)
+        self.dht.as_ref().and_then(|d| d.families().map(|f| f.next_tick).min())
     }
 
-    /// Writes the routing table now (at shutdown); the number of nodes saved, or None without a
-    /// DHT. An empty table leaves the file an earlier run saved.
+    /// Writes the routing tables now (at shutdown); the number of nodes saved, or None without
+    /// a DHT. An empty table leaves the file an earlier run saved.
     pub(super) fn save_dht_table(&self) -> Option<io::Result<usize>> {
         let d = self.dht.as_ref()?;
-        let nodes: Vec<NodeInfo> = d.dht.table.entries().map(|e| e.node).take(256).collect();
-        if nodes.is_empty() {
-            return Some(Ok(0));
+        let mut saved = 0;
+        for (path, bytes) in table_files(d, &self.config.shards_dir) {
+            if let Err(e) = std::fs::write(&path, &bytes) {
+                return Some(Err(e));
+            }
+            saved += bytes.len() / if path.ends_with(TABLE_FILE6) { 38 } else { 26 };
         }
-        let path = self.config.shards_dir.join(TABLE_FILE);
-        Some(std::fs::write(path, encode_nodes(&nodes)).map(|()| nodes.len()))
+        Some(Ok(saved))
     }
 
     /// Starts a lookup (or an announce) of `key`; `secure` for the cluster's and shards'
@@ -254,10 +404,27 @@ impl Node {
         };
         let Some(d) = self.dht.as_mut() else { return false };
         let now = Instant::now();
-        let l = if secure { d.dht.start_lookup_secure(key, kind, now) } else { d.dht.start_lookup(key, kind, now) };
-        d.purposes.insert(l, purpose);
-        // A lookup with no node to ask ends at the next tick: have it come now.
-        d.next_tick = d.next_tick.min(now + d.dht.next_tick());
+        let j = d.next_joint;
+        d.next_joint += 1;
+        let mut waiting = 0;
+        let mut started = Vec::new();
+        for fam in d.families_mut() {
+            let dht = &mut fam.dht;
+            let l = if secure {
+                dht.start_lookup_secure(key, kind.clone(), now)
+            } else {
+                dht.start_lookup(key, kind.clone(), now)
+            };
+            let ipv6 = dht.is_ipv6();
+            started.push((ipv6, l));
+            waiting += 1;
+            // A lookup with no node to ask ends at the next tick: have it come now.
+            fam.next_tick = fam.next_tick.min(now + fam.dht.next_tick());
+        }
+        for k in started {
+            d.lookup_of.insert(k, j);
+        }
+        d.joints.insert(j, Joint { purpose, waiting, result: None });
         self.dht_after();
         true
     }
@@ -287,7 +454,7 @@ impl Node {
         }
         for (key, secure) in keys {
             let d = self.dht.as_mut().expect("checked");
-            let nodes = d.dht.table.len();
+            let nodes = d.nodes();
             let fresh = |a: &Announced| now.duration_since(a.at) < ANNOUNCE_EVERY && nodes < 2 * a.nodes.max(1);
             if d.announced.get(&key).is_some_and(fresh) {
                 continue;
@@ -333,13 +500,13 @@ impl Node {
     }
 
     /// Whether a peer found in the DHT is this node (at its listening or its announced port).
-    fn own_addr(&self, p: &SocketAddrV4) -> bool {
+    fn own_addr(&self, p: &SocketAddr) -> bool {
         (p.port() == self.local_addr.port() || p.port() == self.announced_port())
-            && (p.ip().is_loopback() || SocketAddr::V4(*p).ip() == self.local_addr.ip())
+            && (p.ip().is_loopback() || p.ip() == self.local_addr.ip())
     }
 
     fn on_lookup_done(&mut self, purpose: Purpose, r: LookupResult) {
-        let peers: Vec<SocketAddrV4> = r.peers.iter().copied().filter(|p| !self.own_addr(p)).collect();
+        let peers: Vec<SocketAddr> = r.peers.iter().copied().filter(|p| !self.own_addr(p)).collect();
         match purpose {
             Purpose::Announce { key } => {
                 debug!("announced {:?} to {} nodes", key, r.responded);
@@ -391,7 +558,7 @@ impl Node {
             }
             Purpose::Manifest { shard_id, filename } => self.on_manifest_holders(shard_id, filename, peers),
             Purpose::PeersFor { info_hash, shard_id, name } => {
-                let addrs: Vec<SocketAddr> = peers.iter().map(|p| SocketAddr::V4(*p)).collect();
+                let addrs = peers;
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {
                     let msg = format!("No peers found in the DHT for {name} ({info_hash}).");
                     return match shard_id {
@@ -438,29 +605,64 @@ impl Node {
     pub(super) fn dht_status(&self) -> Value {
         match &self.dht {
             None => Value::Null,
-            Some(d) => json!({
-                "id": hash::to_hex(&d.dht.id.0),
-                "nodes": d.dht.table.len(),
-                "unanswered_joins": d.dht.join_failures(),
-                "stored_keys": d.dht.store.len(),
-                "received": d.dht.stats.received,
-                "sent": d.dht.stats.sent,
-                "dropped": d.dht.stats.dropped,
-                "throttled": d.dht.stats.throttled,
-                "read_only": self.config.dht_read_only,
-                "read_only_queries": d.dht.stats.read_only_queries,
-                "insecure_skipped": d.dht.stats.insecure_skipped,
-                "external_ip": d.dht.external_ip.map(|ip| ip.to_string()),
-                "query_rate": self.config.dht_query_rate,
-            }),
+            Some(d) => {
+                let (first, mut stats) = match (&d.v4, &d.v6) {
+                    (Some(f), _) | (None, Some(f)) => (&f.dht, f.dht.stats),
+                    (None, None) => return Value::Null,
+                };
+                if let (Some(_), Some(f6)) = (&d.v4, &d.v6) {
+                    let s6 = f6.dht.stats;
+                    stats.received += s6.received;
+                    stats.sent += s6.sent;
+                    stats.dropped += s6.dropped;
+                    stats.throttled += s6.throttled;
+                    stats.read_only_queries += s6.read_only_queries;
+                    stats.insecure_skipped += s6.insecure_skipped;
+                }
+                let table = |f: &Option<Family>| f.as_ref().map(|f| f.dht.table.len());
+                json!({
+                    "id": hash::to_hex(&first.id.0),
+                    "nodes": d.nodes(),
+                    "nodes4": table(&d.v4),
+                    "nodes6": table(&d.v6),
+                    "unanswered_joins": d.families().map(|f| f.dht.join_failures()).max().unwrap_or(0),
+                    "stored_keys": d.families().map(|f| f.dht.store.len()).sum::<usize>(),
+                    "received": stats.received,
+                    "sent": stats.sent,
+                    "dropped": stats.dropped,
+                    "throttled": stats.throttled,
+                    "read_only": self.config.dht_read_only,
+                    "read_only_queries": stats.read_only_queries,
+                    "insecure_skipped": stats.insecure_skipped,
+                    "external_ip": first.external_ip.map(|ip| ip.to_string()),
+                    "external_ip6": d.v6.as_ref().and_then(|f| f.dht.external_ip).map(|ip| ip.to_string()),
+                    "query_rate": self.config.dht_query_rate,
+                })
+            }
         }
     }
+}
+
+/// The routing tables to save: (path, bytes) for each family with nodes
+/// (at most 256 each; an empty table leaves the earlier run's file).
+fn table_files(d: &DhtState, dir: &Path) -> Vec<(std::path::PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for (fam, file) in [(&d.v4, TABLE_FILE), (&d.v6, TABLE_FILE6)] {
+        let Some(f) = fam else { continue };
+        let nodes: Vec<NodeInfo> = f.dht.table.entries().map(|e| e.node).take(256).collect();
+        if nodes.is_empty() {
+            continue;
+        }
+        let bytes = if f.dht.is_ipv6() { encode_nodes6(&nodes) } else { encode_nodes(&nodes) };
+        out.push((dir.join(file), bytes));
+    }
+    out
 }
 
 /// Asks holders for their file list; the info hash most of them give for
 /// `filename` wins (a lone liar is outvoted).
 fn ask_info_hash(
-    peers: &[SocketAddrV4],
+    peers: &[SocketAddr],
     filename: &str,
     key: Option<&crate::protocol::auth::ClusterKey>,
 ) -> Result<InfoHash, String> {

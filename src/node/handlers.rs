@@ -276,14 +276,16 @@ impl Node {
         // One read of the counters: the top-level `sessions` is `inference.sessions`.
         let inference = self.inference.stats.to_json();
         let live = format!(
-            ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"uploaded\":{},\"downloads\":{},\"dht\":{},\
+            ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
             \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
             self.census.to_json(),
+            self.mse.to_json(self.config.encryption),
             self.uploaded_total(),
             self.downloads_json(),
+            self.peer_wire_json(),
             self.dht_status(),
             inference,
             self.relays.counts().0,

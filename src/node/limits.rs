@@ -148,6 +148,8 @@ fn oldest(candidates: impl Iterator<Item = (Token, Instant)>) -> Option<Token> {
 enum Deadline {
     /// The cluster-key handshake was not finished within `--auth-timeout`.
     Auth,
+    /// An MSE handshake was not finished within `mse::HANDSHAKE_TIMEOUT`.
+    Encryption,
     Frame,
     Write,
     Idle,
@@ -167,6 +169,9 @@ fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
     let Deadlines { auth, frame, write, idle } = d;
     if c.auth.expired(now, auth) {
         return Some(Deadline::Auth);
+    }
+    if c.crypt.expired(now) {
+        return Some(Deadline::Encryption);
     }
     if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
         return Some(Deadline::Frame);
@@ -219,8 +224,20 @@ impl Node {
     /// error) it is tried again after [`ACCEPT_RETRY`], never in a busy loop.
     pub(super) fn accept(&mut self) {
         self.accept_retry = None;
+        self.accept_from(false);
+        if self.listener6.is_some() {
+            self.accept_from(true);
+        }
+    }
+
+    /// Accepts on the main listener, or (`second`) on the other family's.
+    fn accept_from(&mut self, second: bool) {
         loop {
-            match self.listener.accept() {
+            let accepted = match (second, &self.listener6) {
+                (true, Some(l)) => l.accept(),
+                _ => self.listener.accept(),
+            };
+            match accepted {
                 Ok((stream, peer)) => {
                     // Read at once: a newcomer whose first bytes are already here is classified
                     // now, not taken for an idle connection by the next shedding.
@@ -290,8 +307,9 @@ impl Node {
     /// The first byte of an unclassified connection arrived: count it as a command or
     /// peer-wire connection, shedding or refusing under that kind's caps.
     pub(super) fn classify(&mut self, token: Token) {
+        let mse = self.config.enable_torrent && self.config.encryption != crate::config::Encryption::Disable;
         let Some(conn) = self.conn(token) else { return };
-        let kind = conn.classify();
+        let kind = conn.classify(mse);
         if kind == Kind::Unknown {
             return;
         }
@@ -436,6 +454,11 @@ impl Node {
                     );
                     self.close_with_error(token, ErrorCode::AuthTimeout, &msg);
                 }
+                Deadline::Encryption => {
+                    self.mse.timeouts += 1;
+                    let secs = crate::torrent::mse::HANDSHAKE_TIMEOUT.as_secs();
+                    self.close(token, &format!("MSE handshake unfinished after {secs} s"));
+                }
                 Deadline::Frame => {
                     counts[0] += 1;
                     self.census.stats.frame_timeouts += 1;
@@ -535,7 +558,7 @@ mod tests {
         while conn.read_input(64, t0).map_or(true, |n| n == 0) {
             assert!(Instant::now() < deadline, "no input");
         }
-        assert_eq!(conn.classify(), Kind::Command);
+        assert_eq!(conn.classify(false), Kind::Command);
         assert!(!conn.is_idle());
         assert!(conn.input_held() >= 5);
         assert_eq!(passed(&conn, at(9), d), None);

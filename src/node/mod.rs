@@ -11,9 +11,11 @@ pub mod catalog;
 pub mod conn;
 mod dht_glue;
 mod outq;
+mod peer_crypto;
 pub use dht_glue::cluster_key;
 mod handlers;
 mod inference;
+mod ipv6;
 pub mod limits;
 mod peer_wire;
 mod pin;
@@ -49,6 +51,10 @@ const UDP: Token = Token(2);
 /// The read end of the socket SIGINT/SIGTERM handlers write to (`shutdown.rs`).
 const SIGNAL: Token = Token(3);
 const FIRST_CONN: usize = 4;
+/// The IPv6 listener beside an IPv4 one, and the IPv6 DHT's socket: far above connection
+/// tokens (`FIRST_CONN` + slot), below relay links (`relay::TOKEN_BASE`).
+const LISTENER6: Token = Token(1 << 39);
+const UDP6: Token = Token((1 << 39) + 1);
 /// Bytes read from one connection before others get a turn.
 const READ_BUDGET: usize = 1024 * 1024;
 /// Most bytes one read takes (into the connection's input buffer).
@@ -132,6 +138,9 @@ pub struct Node {
     config: NodeConfig,
     poll: Poll,
     listener: TcpListener,
+    /// The other family's listener on the same port, when `--listen` is unspecified
+    /// (0.0.0.0 or [::]) and the host has IPv6: commands and the peer wire over both families.
+    listener6: Option<TcpListener>,
     local_addr: SocketAddr,
     waker: Arc<Waker>,
     events_tx: Sender<NodeEvent>,
@@ -191,6 +200,8 @@ pub struct Node {
     relays: relay::Relays,
     /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
     signals: Option<mio::net::UnixStream>,
+    /// Message Stream Encryption counters (STATUS `encryption`).
+    mse: peer_crypto::MseStats,
 }
 
 #[derive(Default)]
@@ -219,10 +230,12 @@ impl Node {
         }
         limits::map_large_allocations();
         let poll = Poll::new().context("creating the poll")?;
-        let mut listener =
-            TcpListener::bind(config.listen).with_context(|| format!("listening on {}", config.listen))?;
+        let (mut listener, mut listener6) = listen(config.listen)?;
         let local_addr = listener.local_addr()?;
         poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        if let Some(l) = listener6.as_mut() {
+            poll.registry().register(l, LISTENER6, Interest::READABLE)?;
+        }
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
         let (events_tx, events_rx) = unbounded();
         let pool = WorkerPool::new("hash", config.hash_workers);
@@ -237,7 +250,7 @@ impl Node {
         let max_frame = config.max_frame;
         let relay_key = config.cluster_key.clone();
         let node_id = random_id();
-        let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), UDP);
+        let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), (UDP, UDP6));
         let engine_config = crate::engine::EngineConfig {
             threads: config.threads,
             ctx_size: config.ctx_size,
@@ -264,6 +277,7 @@ impl Node {
             config,
             poll,
             listener,
+            listener6,
             local_addr,
             waker,
             events_tx,
@@ -302,11 +316,17 @@ impl Node {
             inference,
             relays: relay::Relays::new(max_frame, relay_key),
             signals: None,
+            mse: peer_crypto::MseStats::default(),
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The address of the second listener (the other family on the same port), if any.
+    pub fn second_local_addr(&self) -> Option<SocketAddr> {
+        self.listener6.as_ref().and_then(|l| l.local_addr().ok())
     }
 
     /// Runs the event loop until an unrecoverable poll error, or (after
@@ -333,7 +353,7 @@ impl Node {
             }
             for ev in events.iter() {
                 match ev.token() {
-                    LISTENER => self.accept(),
+                    LISTENER | LISTENER6 => self.accept(),
                     WAKER => {}
                     SIGNAL => {
                         if self.signalled() {
@@ -341,7 +361,8 @@ impl Node {
                             return Ok(());
                         }
                     }
-                    UDP => self.on_udp_readable(),
+                    UDP => self.on_udp_readable(false),
+                    UDP6 => self.on_udp_readable(true),
                     token if token.0 >= relay::TOKEN_BASE => {
                         let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
                         let answers = self.relays.on_event(self.poll.registry(), token, w, r, Instant::now());
@@ -466,6 +487,11 @@ impl Node {
                     break;
                 }
                 self.classify(token);
+                if self.conn(token).is_some_and(|c| c.kind == conn::Kind::Unknown) {
+                    // The first bytes do not tell yet (a prefix of `\x13BitTorrent protocol`,
+                    // or of a frame's length and first payload bytes): wait for more.
+                    break;
+                }
                 continue;
             }
             if conn.backpressured() {
@@ -673,4 +699,54 @@ pub(crate) fn random_id() -> [u8; 20] {
         id = crate::hash::sha1(seed.as_bytes());
     }
     id
+}
+
+/// The node's TCP listeners on `addr`: a specific address gets one; an unspecified one (0.0.0.0
+/// or [::]) gets both families on one port, the IPv6 one IPV6_V6ONLY. A host without IPv6 runs
+/// on IPv4 alone (one line in the log), never fails to start for it.
+///
+/// Errors: `addr` itself cannot be bound (taken, or not an address of this host).
+fn listen(addr: SocketAddr) -> Result<(TcpListener, Option<TcpListener>)> {
+    let context = || format!("listening on {addr}");
+    if !addr.ip().is_unspecified() {
+        let l = if addr.is_ipv6() { ipv6::bind_tcp6(addr) } else { TcpListener::bind(addr) };
+        return Ok((l.with_context(context)?, None));
+    }
+    let v4_any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), addr.port());
+    let v6_any = |port| SocketAddr::new(std::net::Ipv6Addr::UNSPECIFIED.into(), port);
+    if addr.is_ipv6() {
+        // [::]: IPv6 first; IPv4 beside it, on its port.
+        match ipv6::bind_tcp6(addr) {
+            Ok(l6) => {
+                let port = l6.local_addr()?.port();
+                let l4 = match TcpListener::bind(SocketAddr::new(v4_any.ip(), port)) {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        warn!("cannot listen on 0.0.0.0:{port} ({e}): listening on IPv6 only");
+                        None
+                    }
+                };
+                return Ok((l6, l4));
+            }
+            Err(e) if ipv6::no_ipv6(&e) => {
+                info!("no IPv6 on this host ({e}): listening on IPv4 only");
+                return Ok((TcpListener::bind(v4_any).with_context(context)?, None));
+            }
+            Err(e) => return Err(e).with_context(context),
+        }
+    }
+    let l4 = TcpListener::bind(addr).with_context(context)?;
+    let port = l4.local_addr()?.port();
+    let l6 = match ipv6::bind_tcp6(v6_any(port)) {
+        Ok(l) => Some(l),
+        Err(e) if ipv6::no_ipv6(&e) => {
+            info!("no IPv6 on this host ({e}): listening on IPv4 only");
+            None
+        }
+        Err(e) => {
+            warn!("cannot listen on [::]:{port} ({e}): listening on IPv4 only");
+            None
+        }
+    };
+    Ok((l4, l6))
 }

@@ -13,8 +13,11 @@ use mio::{Interest, Token};
 
 use super::catalog::FileEntry;
 use super::conn::{Conn, Kind};
+use super::peer_crypto::Crypt;
 use super::{FIRST_CONN, Node, NodeEvent};
+use crate::config::Encryption;
 use crate::hash::Digest;
+use crate::torrent::mse;
 use crate::torrent::swarm::{Action, PieceData, Swarm};
 use crate::torrent::wire::{self, BLOCK_SIZE, Handshake};
 use crate::torrent::{InfoHash, Metainfo};
@@ -43,6 +46,10 @@ struct Dial {
     attempts: u32,
     /// The first of those dials: `--redial-give-up` counts from here.
     failing_since: Instant,
+    /// Whether the next dial opens with an MSE handshake (`--encryption`).
+    encrypted: bool,
+    /// The peer dropped a connection before its handshake: redial at once, the other way.
+    fallback: bool,
 }
 
 /// A download the node runs, and who waits for it.
@@ -59,6 +66,8 @@ pub struct Download {
     pub failed: Option<String>,
     /// When the DHT was last asked for more peers.
     requeried: Option<Instant>,
+    /// Known peers that came from PEX (BEP 11).
+    pex_peers: u64,
 }
 
 /// A token bucket for `--upload-limit` / `--download-limit` (bytes/s; 0 = none).
@@ -106,7 +115,33 @@ impl Node {
             if conn.close_after_flush {
                 break;
             }
+            if conn.crypt.handshaking() {
+                if matches!(conn.crypt, Crypt::Incoming) {
+                    conn.crypt = Crypt::receiver(self.config.encryption, now);
+                }
+                let swarms = &self.swarms;
+                let serves = |h: &[u8; 20]| swarms.keys().find(|ih| mse::req2_hash(ih) == *h).copied();
+                match conn.mse_feed(&serves, now) {
+                    Ok(None) => break,
+                    Ok(Some((h, method))) => {
+                        self.mse.done(method);
+                        debug!("peer {}: MSE handshake done for {h}, {}", conn.peer, method_name(method));
+                        // The BitTorrent handshake that follows must name the same torrent.
+                        conn.torrent = Some(h);
+                        continue;
+                    }
+                    Err(e) => {
+                        self.mse.failed(e);
+                        return self.close(token, &e.to_string());
+                    }
+                }
+            }
             if !conn.handshaken {
+                if !conn.outgoing && matches!(conn.crypt, Crypt::Plain) && self.config.encryption == Encryption::Require
+                {
+                    self.mse.plaintext_refused += 1;
+                    return self.close(token, "plaintext peer-wire handshake refused (--encryption require)");
+                }
                 let hs = match Handshake::decode(conn.input()) {
                     Ok(None) => break,
                     Ok(Some(hs)) => hs,
@@ -279,6 +314,7 @@ impl Node {
                 }
             }
             Action::Complete => self.start_finish(h),
+            Action::PexPeers(addrs) => self.add_pex_peers(h, &addrs),
         }
     }
 
@@ -455,7 +491,10 @@ impl Node {
             if self.pin_unsatisfied() {
                 return Err((
                     ErrorCode::ManifestMismatch,
-                    format!("this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it", crate::hash::to_hex(&pin)),
+                    format!(
+                        "this node is pinned to manifest {} and does not hold it yet: {h} cannot be checked against it",
+                        crate::hash::to_hex(&pin)
+                    ),
                 ));
             }
             if !self.catalog.manifest.values().any(|(_, m)| *m == h) {
@@ -553,6 +592,7 @@ impl Node {
             let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)
                 .map_err(|e| (ErrorCode::Internal, format!("starting the download of {name}: {e:#}")))?;
             self.make_private(&mut swarm).map_err(|e| (ErrorCode::Internal, format!("{e:#}")))?;
+            swarm.set_listen_port(self.local_addr.port());
             info!("downloading {} ({h}) from {} peers", swarm.name, peers.len());
             self.swarms.insert(h, swarm);
             self.forget_failed();
@@ -568,6 +608,7 @@ impl Node {
             resume_saved: Instant::now(),
             failed: None,
             requeried: None,
+            pex_peers: 0,
         });
         d.failed = None;
         for p in peers {
@@ -628,24 +669,59 @@ impl Node {
         for p in &d.peers {
             let recent = d.dialled.get(p).is_some_and(|r| {
                 let wait = REDIAL_FIRST.saturating_mul(1 << r.attempts.min(8)).min(REDIAL_MAX);
-                now.duration_since(r.last) < wait
+                !r.fallback && now.duration_since(r.last) < wait
             });
             if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
                 to_dial.push(*p);
             }
         }
-        for p in &to_dial {
-            let r = d.dialled.entry(*p).or_insert(Dial { last: now, attempts: 0, failing_since: now });
+        let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
+        let mut dials = Vec::new();
+        for p in to_dial {
+            let r = d.dialled.entry(p).or_insert(Dial {
+                last: now,
+                attempts: 0,
+                failing_since: now,
+                encrypted: first_encrypted,
+                fallback: false,
+            });
             if r.attempts == 0 {
                 r.failing_since = now;
             }
             r.last = now;
             r.attempts += 1;
+            r.fallback = false;
+            dials.push((p, r.encrypted));
         }
-        for p in to_dial {
-            if let Err(e) = self.dial(h, p) {
+        for (p, encrypted) in dials {
+            if let Err(e) = self.dial(h, p, encrypted) {
                 debug!("dialling {p}: {e}");
             }
+        }
+    }
+
+    /// Addresses a peer's PEX named: candidates of a running download, up to
+    /// `--max-download-peers` known peers in all, then dialled like the rest. A seed takes none.
+    fn add_pex_peers(&mut self, h: InfoHash, addrs: &[SocketAddr]) {
+        let (Some(d), Some(s)) = (self.downloads.get_mut(&h), self.swarms.get(&h)) else { return };
+        if s.is_complete() || d.failed.is_some() {
+            return;
+        }
+        let before = d.peers.len();
+        for p in addrs {
+            if d.peers.len() >= self.config.max_download_peers {
+                break;
+            }
+            if !d.peers.contains(p) && *p != self.local_addr {
+                d.peers.push(*p);
+            }
+        }
+        let added = d.peers.len() - before;
+        d.pex_peers += added as u64;
+        if added > 0 {
+            debug!("download {h}: {added} peers from PEX");
+            self.status_cache = None;
+            self.dial_peers(h);
         }
     }
 
@@ -673,7 +749,8 @@ impl Node {
         });
     }
 
-    fn dial(&mut self, h: InfoHash, addr: SocketAddr) -> anyhow::Result<()> {
+    /// Dials `addr` for torrent `h`, opening with an MSE handshake if `encrypted`.
+    fn dial(&mut self, h: InfoHash, addr: SocketAddr, encrypted: bool) -> anyhow::Result<()> {
         if self.census.total() >= self.config.max_connections
             || self.census.count(Kind::PeerWire) >= self.config.max_peer_connections
         {
@@ -692,7 +769,11 @@ impl Node {
         }
         let id = self.next_conn_id;
         self.next_conn_id += 1;
-        let mut conn = Conn::outgoing(stream, addr, id, h);
+        let mut conn = if encrypted {
+            Conn::outgoing_encrypted(stream, addr, id, h, self.config.encryption, Instant::now())
+        } else {
+            Conn::outgoing(stream, addr, id, h)
+        };
         conn.wants_writable = true;
         self.conns[slot] = Some(conn);
         self.conn_ids.insert(id, token);
@@ -732,10 +813,33 @@ impl Node {
         }
     }
 
-    /// A peer connection closed: the swarm forgets it.
+    /// A peer connection closed: the swarm forgets it. A dialled peer that dropped us before
+    /// its handshake is redialled at once the other way (plaintext after MSE, or MSE after
+    /// plaintext) under the `prefer-*` policies, as libtorrent does.
     pub(super) fn peer_closed(&mut self, conn: &Conn) {
         if conn.kind != Kind::PeerWire {
             return;
+        }
+        if conn.crypt.handshaking() && conn.read_closed {
+            self.mse.closed_midway += 1;
+        }
+        let may_switch = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::PreferPlaintext);
+        if conn.outgoing
+            && !conn.handshaken
+            && !conn.connecting
+            && may_switch
+            && let Some(h) = conn.torrent
+            && let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&conn.peer))
+        {
+            let was_encrypted = !matches!(conn.crypt, Crypt::Plain);
+            r.encrypted = !was_encrypted;
+            r.fallback = true;
+            self.mse.fallbacks += 1;
+            debug!(
+                "peer {} dropped our {} handshake; redialling",
+                conn.peer,
+                if was_encrypted { "MSE" } else { "plaintext" }
+            );
         }
         if let Some(h) = conn.torrent
             && let Some(swarm) = self.swarms.get_mut(&h)
@@ -812,7 +916,8 @@ impl Node {
         match Swarm::seed(meta.clone(), &entry.path, self.peer_id, Instant::now())
             .and_then(|mut s| self.make_private(&mut s).map(|()| s))
         {
-            Ok(s) => {
+            Ok(mut s) => {
+                s.set_listen_port(self.local_addr.port());
                 self.swarms.insert(meta.info_hash, s);
             }
             Err(e) => warn!("cannot seed {}: {e:#}", entry.filename),
@@ -847,6 +952,7 @@ impl Node {
                     "pieces_rechecked": s.rechecked,
                     "peers": s.peers.len(),
                     "known_peers": d.peers.len(),
+                    "pex_peers": d.pex_peers,
                     "downloaded": s.downloaded,
                     "uploaded": s.uploaded,
                     "wasted": s.wasted,
@@ -855,16 +961,69 @@ impl Node {
                     "complete": s.is_complete(),
                     "banned": s.banned.len(),
                     "error": d.failed,
+                    "pipelines": s.pipelines().into_iter().map(|(addr, window, asked, reqq, rtt, rate)| {
+                        serde_json::json!({"address": addr.to_string(), "window": window, "asked": asked,
+                            "reqq": reqq, "rtt_ms": rtt, "rate_bytes_s": rate})
+                    }).collect::<Vec<_>>(),
                 })
             })
             .collect();
         serde_json::Value::Array(list)
     }
 
+    /// The Fast extension's and PEX's counters summed over every swarm, for STATUS `peer_wire`.
+    pub(super) fn peer_wire_json(&self) -> serde_json::Value {
+        let mut t = crate::torrent::swarm::fast::ExtStats::default();
+        for s in self.swarms.values() {
+            let x = &s.stats;
+            t.fast_peers += x.fast_peers;
+            t.have_all_sent += x.have_all_sent;
+            t.have_all_received += x.have_all_received;
+            t.rejects_sent += x.rejects_sent;
+            t.rejects_received += x.rejects_received;
+            t.allowed_fast_sent += x.allowed_fast_sent;
+            t.allowed_fast_received += x.allowed_fast_received;
+            t.suggests_received += x.suggests_received;
+            t.fast_ignored += x.fast_ignored;
+            t.fast_closed += x.fast_closed;
+            t.pex_sent += x.pex_sent;
+            t.pex_received += x.pex_received;
+            t.pex_peers_taken += x.pex_peers_taken;
+            t.pex_ignored += x.pex_ignored;
+            t.pex_closed += x.pex_closed;
+        }
+        serde_json::json!({
+            "fast": {
+                "peers": t.fast_peers,
+                "have_all_sent": t.have_all_sent,
+                "have_all_received": t.have_all_received,
+                "rejects_sent": t.rejects_sent,
+                "rejects_received": t.rejects_received,
+                "allowed_fast_sent": t.allowed_fast_sent,
+                "allowed_fast_received": t.allowed_fast_received,
+                "suggests_received": t.suggests_received,
+                "ignored": t.fast_ignored,
+                "closed": t.fast_closed,
+            },
+            "pex": {
+                "sent": t.pex_sent,
+                "received": t.pex_received,
+                "peers_taken": t.pex_peers_taken,
+                "ignored": t.pex_ignored,
+                "closed": t.pex_closed,
+            },
+        })
+    }
+
     /// Upload totals of every swarm, for STATUS.
     pub(super) fn uploaded_total(&self) -> u64 {
         self.swarms.values().map(|s| s.uploaded).sum()
     }
+}
+
+/// `crypto_select`'s name for logs.
+fn method_name(method: u32) -> &'static str {
+    if method == mse::RC4 { "RC4" } else { "plaintext" }
 }
 
 /// Whether `name` may be a download's target in the shards dir: a plain `*.gguf` file name (no

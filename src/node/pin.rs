@@ -5,7 +5,7 @@
 //! the shards dir, and from then on takes every shard's info hash from it alone: the holders'
 //! vote under a shard's name key is never asked.
 
-use std::net::SocketAddrV4;
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -78,7 +78,7 @@ impl Node {
     }
 
     /// The lookup for the manifest's holders ended: ask them on a worker.
-    pub(super) fn on_manifest_holders(&mut self, shard_id: u32, filename: String, peers: Vec<SocketAddrV4>) {
+    pub(super) fn on_manifest_holders(&mut self, shard_id: u32, filename: String, peers: Vec<SocketAddr>) {
         let pin = self.config.model_pin.expect("only pinned nodes fetch");
         if peers.is_empty() {
             let msg = format!("no peer in the DHT holds the pinned manifest {}", to_hex(&pin));
@@ -139,7 +139,7 @@ impl Node {
 
 /// Asks holders for the manifest of hash `pin` until one answers bytes that hash to it and
 /// check out.
-fn ask_manifest(peers: &[SocketAddrV4], pin: &[u8; 32], key: Option<&ClusterKey>) -> Result<Vec<u8>, String> {
+fn ask_manifest(peers: &[SocketAddr], pin: &[u8; 32], key: Option<&ClusterKey>) -> Result<Vec<u8>, String> {
     let mut errors = Vec::new();
     for p in peers.iter().take(MANIFEST_ASK) {
         let answer = Client::connect_with_key(&p.to_string(), Duration::from_secs(2), key)

@@ -2,6 +2,7 @@
 
 pub mod create;
 pub mod metainfo;
+pub mod mse;
 pub mod picker;
 pub mod storage;
 pub mod swarm;

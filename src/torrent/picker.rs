@@ -192,6 +192,24 @@ impl Picker {
     /// Up to `max` blocks to ask `peer` for, given what it has; new pieces
     /// are started only if `may_start` (the caller's memory bound).
     pub fn pick(&mut self, peer: PeerKey, peer_bits: &Bitfield, max: usize, may_start: bool) -> Vec<Block> {
+        self.pick_with(peer, peer_bits, max, may_start, true)
+    }
+
+    /// As [`Picker::pick`] but never endgame: for a subset of the peer's pieces (BEP 6's
+    /// allowed-fast pieces of a choking peer, its suggestions), where an empty subset must
+    /// not make blocks asked of others be asked twice.
+    pub fn pick_only(&mut self, peer: PeerKey, subset: &Bitfield, max: usize, may_start: bool) -> Vec<Block> {
+        self.pick_with(peer, subset, max, may_start, false)
+    }
+
+    fn pick_with(
+        &mut self,
+        peer: PeerKey,
+        peer_bits: &Bitfield,
+        max: usize,
+        may_start: bool,
+        endgame: bool,
+    ) -> Vec<Block> {
         let mut out = Vec::new();
         if max == 0 {
             return out;
@@ -213,7 +231,7 @@ impl Picker {
             self.take_missing(i, peer, max, &mut out);
         }
         // 3. Endgame: nothing left unasked; ask for blocks others were asked for.
-        if out.is_empty() && may_start {
+        if out.is_empty() && may_start && endgame {
             let mut pieces: Vec<u32> = self
                 .partial
                 .iter()

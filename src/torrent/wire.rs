@@ -1,5 +1,5 @@
-//! The BitTorrent peer wire (BEP 3) and the extension protocol frame (BEP 10):
-//! a sans-IO codec. `decode` looks at buffered bytes and returns one message
+//! The BitTorrent peer wire (BEP 3), the Fast extension's messages (BEP 6) and
+//! the extension protocol frame (BEP 10): a sans-IO codec. `decode` looks at buffered bytes and returns one message
 //! (borrowing its payload) and the bytes it used, or that more are needed.
 //! Every message's length is checked exactly against its id before use; a
 //! declared length over the limit is an error from the 4-byte prefix alone.
@@ -19,6 +19,8 @@ pub const HANDSHAKE_LEN: usize = 68;
 pub const BLOCK_SIZE: u32 = 16 * 1024;
 /// Reserved bit announcing the extension protocol (BEP 10): byte 5, 0x10.
 const EXTENSION_BIT: (usize, u8) = (5, 0x10);
+/// Reserved bit announcing the Fast extension (BEP 6): byte 7, 0x04.
+const FAST_BIT: (usize, u8) = (7, 0x04);
 
 pub mod id {
     pub const CHOKE: u8 = 0;
@@ -31,6 +33,12 @@ pub mod id {
     pub const PIECE: u8 = 7;
     pub const CANCEL: u8 = 8;
     pub const PORT: u8 = 9;
+    /// BEP 6 (Fast extension): only between peers that both set the fast bit.
+    pub const SUGGEST_PIECE: u8 = 0x0D;
+    pub const HAVE_ALL: u8 = 0x0E;
+    pub const HAVE_NONE: u8 = 0x0F;
+    pub const REJECT_REQUEST: u8 = 0x10;
+    pub const ALLOWED_FAST: u8 = 0x11;
     pub const EXTENDED: u8 = 20;
 }
 
@@ -42,14 +50,27 @@ pub struct Handshake {
 }
 
 impl Handshake {
+    /// Our handshake: the extension protocol (BEP 10) and the Fast extension (BEP 6) announced.
     pub fn new(info_hash: InfoHash, peer_id: [u8; 20]) -> Handshake {
         let mut reserved = [0u8; 8];
         reserved[EXTENSION_BIT.0] |= EXTENSION_BIT.1;
+        reserved[FAST_BIT.0] |= FAST_BIT.1;
         Handshake { reserved, info_hash, peer_id }
+    }
+
+    /// The same handshake without the Fast bit (a peer of plain BEP 3; tests).
+    pub fn without_fast(mut self) -> Handshake {
+        self.reserved[FAST_BIT.0] &= !FAST_BIT.1;
+        self
     }
 
     pub fn supports_extensions(&self) -> bool {
         self.reserved[EXTENSION_BIT.0] & EXTENSION_BIT.1 != 0
+    }
+
+    /// Whether this side set the Fast bit; the extension is on only when both did (BEP 6).
+    pub fn supports_fast(&self) -> bool {
+        self.reserved[FAST_BIT.0] & FAST_BIT.1 != 0
     }
 
     /// `Ok(None)` until 68 bytes are buffered.
@@ -107,6 +128,16 @@ pub enum Message<'a> {
     },
     Cancel(Block),
     Port(u16),
+    /// BEP 6: "this piece would be a good one to ask for" (advisory).
+    SuggestPiece(u32),
+    /// BEP 6: instead of a bitfield, the sender has every piece...
+    HaveAll,
+    /// ...or none.
+    HaveNone,
+    /// BEP 6: the sender will not answer this request with a block.
+    RejectRequest(Block),
+    /// BEP 6: the sender serves this piece to us even while it chokes us.
+    AllowedFast(u32),
     Extended {
         id: u8,
         payload: &'a [u8],
@@ -173,22 +204,32 @@ pub fn decode(buf: &[u8], max_len: u32) -> Result<Option<(Message<'_>, usize)>, 
         id::NOT_INTERESTED => Message::NotInterested,
         id::HAVE => Message::Have(be32(p)),
         id::BITFIELD => Message::Bitfield(p),
-        id::REQUEST => Message::Request(Block { index: be32(p), begin: be32(&p[4..]), length: be32(&p[8..]) }),
+        id::REQUEST => Message::Request(block(p)),
         id::PIECE => Message::Piece { index: be32(p), begin: be32(&p[4..]), data: &p[8..] },
-        id::CANCEL => Message::Cancel(Block { index: be32(p), begin: be32(&p[4..]), length: be32(&p[8..]) }),
+        id::CANCEL => Message::Cancel(block(p)),
         id::PORT => Message::Port(u16::from_be_bytes([p[0], p[1]])),
+        id::SUGGEST_PIECE => Message::SuggestPiece(be32(p)),
+        id::HAVE_ALL => Message::HaveAll,
+        id::HAVE_NONE => Message::HaveNone,
+        id::REJECT_REQUEST => Message::RejectRequest(block(p)),
+        id::ALLOWED_FAST => Message::AllowedFast(be32(p)),
         id::EXTENDED => Message::Extended { id: p[0], payload: &p[1..] },
         other => Message::Unknown { id: other, len: p.len() },
     };
     Ok(Some((msg, total)))
 }
 
+/// A request, cancel or reject's 12 bytes: index, begin, length.
+fn block(p: &[u8]) -> Block {
+    Block { index: be32(p), begin: be32(&p[4..]), length: be32(&p[8..]) }
+}
+
 /// The exact (or least) length each id allows.
 fn check_length(id: u8, len: u32) -> Result<(), WireError> {
     let ok = match id {
-        id::CHOKE | id::UNCHOKE | id::INTERESTED | id::NOT_INTERESTED => len == 1,
-        id::HAVE => len == 5,
-        id::REQUEST | id::CANCEL => len == 13,
+        id::CHOKE | id::UNCHOKE | id::INTERESTED | id::NOT_INTERESTED | id::HAVE_ALL | id::HAVE_NONE => len == 1,
+        id::HAVE | id::SUGGEST_PIECE | id::ALLOWED_FAST => len == 5,
+        id::REQUEST | id::CANCEL | id::REJECT_REQUEST => len == 13,
         id::PIECE => len >= 9,
         id::PORT => len == 3,
         id::EXTENDED => len >= 2,
@@ -222,16 +263,28 @@ pub fn encode(msg: &Message<'_>, out: &mut Vec<u8>) {
         Message::Unchoke => header(1, id::UNCHOKE, out),
         Message::Interested => header(1, id::INTERESTED, out),
         Message::NotInterested => header(1, id::NOT_INTERESTED, out),
-        Message::Have(i) => {
-            header(5, id::HAVE, out);
+        Message::HaveAll => header(1, id::HAVE_ALL, out),
+        Message::HaveNone => header(1, id::HAVE_NONE, out),
+        Message::Have(i) | Message::SuggestPiece(i) | Message::AllowedFast(i) => {
+            let id = match msg {
+                Message::Have(_) => id::HAVE,
+                Message::SuggestPiece(_) => id::SUGGEST_PIECE,
+                _ => id::ALLOWED_FAST,
+            };
+            header(5, id, out);
             out.extend_from_slice(&i.to_be_bytes());
         }
         Message::Bitfield(b) => {
             header(1 + b.len(), id::BITFIELD, out);
             out.extend_from_slice(b);
         }
-        Message::Request(b) | Message::Cancel(b) => {
-            header(13, if matches!(msg, Message::Request(_)) { id::REQUEST } else { id::CANCEL }, out);
+        Message::Request(b) | Message::Cancel(b) | Message::RejectRequest(b) => {
+            let id = match msg {
+                Message::Request(_) => id::REQUEST,
+                Message::Cancel(_) => id::CANCEL,
+                _ => id::REJECT_REQUEST,
+            };
+            header(13, id, out);
             out.extend_from_slice(&b.index.to_be_bytes());
             out.extend_from_slice(&b.begin.to_be_bytes());
             out.extend_from_slice(&b.length.to_be_bytes());
@@ -348,6 +401,11 @@ mod tests {
             Message::Piece { index: 2, begin: 0, data: b"hello" },
             Message::Cancel(Block { index: 1, begin: 0, length: 16384 }),
             Message::Port(6881),
+            Message::SuggestPiece(3),
+            Message::HaveAll,
+            Message::HaveNone,
+            Message::RejectRequest(Block { index: 4, begin: 32768, length: 16384 }),
+            Message::AllowedFast(1059),
             Message::Extended { id: 0, payload: b"de" },
             Message::Unknown { id: 99, len: 3 },
         ]
@@ -405,6 +463,30 @@ mod tests {
         assert_eq!(decode(&[0xff, 0, 0, 0], 100), Err(WireError::TooLong { declared: 0xff00_0000, limit: 100 }));
     }
 
+    /// BEP 6's messages: exact lengths, each checked from the 5-byte prefix before the body.
+    #[test]
+    fn fast_messages_have_exact_lengths() {
+        for (id, good) in [(0x0D, 5), (0x0E, 1), (0x0F, 1), (0x10, 13), (0x11, 5)] {
+            for len in [1u32, 2, 5, 9, 13, 14] {
+                let mut wire = len.to_be_bytes().to_vec();
+                wire.push(id);
+                let got = decode(&wire, 100);
+                if len == good {
+                    assert!(matches!(got, Ok(Some(_)) | Ok(None)), "id {id} len {len}: {got:?}");
+                } else {
+                    assert_eq!(got, Err(WireError::BadLength { id, len }), "id {id} len {len}");
+                }
+            }
+        }
+        // Real bytes: HAVE_ALL, and a REJECT of piece 1 at 16384, 16 KiB.
+        assert_eq!(decode(&[0, 0, 0, 1, 0x0E], 100).unwrap().unwrap(), (Message::HaveAll, 5));
+        let reject = [0, 0, 0, 13, 0x10, 0, 0, 0, 1, 0, 0, 0x40, 0, 0, 0, 0x40, 0];
+        assert_eq!(
+            decode(&reject, 100).unwrap().unwrap(),
+            (Message::RejectRequest(Block { index: 1, begin: 16384, length: 16384 }), 17)
+        );
+    }
+
     #[test]
     fn handshake_round_trip_and_rejects() {
         let h = Handshake::new(InfoHash([7; 20]), [9; 20]);
@@ -413,6 +495,10 @@ mod tests {
         assert_eq!(b.len(), HANDSHAKE_LEN);
         assert_eq!(Handshake::decode(&b).unwrap(), Some(h));
         assert!(h.supports_extensions());
+        assert!(h.supports_fast());
+        assert_eq!(b[27], 0x04, "the fast bit: reserved[7] |= 0x04");
+        assert_eq!(b[25], 0x10, "the extension bit: reserved[5] |= 0x10");
+        assert!(!h.without_fast().supports_fast() && h.without_fast().supports_extensions());
         for cut in 0..HANDSHAKE_LEN {
             assert_eq!(Handshake::decode(&b[..cut]).unwrap(), None);
         }

@@ -57,6 +57,16 @@ impl NodeProc {
     /// As `start`, with the node run by `wrapper` (a program and its first arguments, e.g.
     /// `sh -c 'ulimit -n 64 && exec "$0" "$@"'`), which gets the node's path and flags after.
     pub fn start_under(wrapper: &[&str], shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        NodeProc::start_at("127.0.0.1:0", wrapper, shards_dir, extra)
+    }
+
+    /// As `start`, listening on ::1 (`addr` is then `[::1]:PORT`).
+    pub fn start6(shards_dir: &Path, extra: &[&str]) -> NodeProc {
+        NodeProc::start_at("[::1]:0", &[], shards_dir, extra)
+    }
+
+    /// As `start_under`, listening on `listen` (a loopback address, port 0).
+    pub fn start_at(listen: &str, wrapper: &[&str], shards_dir: &Path, extra: &[&str]) -> NodeProc {
         let log = shards_dir.with_extension("stderr.log");
         let stderr = std::fs::File::create(&log).unwrap();
         let node = env!("CARGO_BIN_EXE_shard_listener");
@@ -69,7 +79,7 @@ impl NodeProc {
             }
         };
         let mut child = command
-            .args(["--listen", "127.0.0.1:0", "--shards-dir"])
+            .args(["--listen", listen, "--shards-dir"])
             .arg(shards_dir)
             .args(extra)
             .stdout(Stdio::piped())
@@ -86,7 +96,7 @@ impl NodeProc {
         let line = rx.recv_timeout(WAIT).expect("shard_listener did not report its address");
         let addr = line
             .split_whitespace()
-            .find(|w| w.starts_with("127.0.0.1:"))
+            .find(|w| w.starts_with(&listen[..=listen.rfind(':').unwrap()]))
             .unwrap_or_else(|| {
                 panic!("no address in {line:?}; stderr: {}", std::fs::read_to_string(&log).unwrap_or_default())
             })
@@ -303,7 +313,7 @@ pub fn need_met(need: &str) -> bool {
 fn install_hint(need: &str) -> String {
     match need {
         "aria2c" => "apt-get install aria2".into(),
-        "transmission-show" => "apt-get install transmission-cli".into(),
+        "transmission-show" | "transmission-remote" => "apt-get install transmission-cli".into(),
         "chromedriver" => "apt-get install chromium-driver".into(),
         n if n.starts_with("pip:") => format!("python3 -m pip install {}", &n[4..]),
         n if n.starts_with("python3-") || !n.contains('/') => format!("apt-get install {n}"),
@@ -349,6 +359,77 @@ pub fn tracker(peer_port: u16) -> String {
         }
     });
     format!("http://{addr}/announce")
+}
+
+/// A TCP relay on loopback to `target` that delays every byte by `one_way` in each direction
+/// and keeps it flowing at full rate, shifted in time (this kernel has no netem): per direction
+/// a reader stamps each chunk as it arrives and a writer sends it at its stamp plus `one_way`.
+/// Returns the relay's address and the most bytes it has held at once on their way from
+/// `target` to the client: what the client kept in flight (at most 256 MiB are held).
+pub fn delaying_relay(target: &str, one_way: Duration) -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicU64;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let peak = Arc::new(AtomicU64::new(0));
+    let (target, peak_out) = (target.to_string(), peak.clone());
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            let Ok(server) = TcpStream::connect(&target) else { continue };
+            let _ = (client.set_nodelay(true), server.set_nodelay(true));
+            let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+            delay_line(client, server, one_way, None);
+            delay_line(s2, c2, one_way, Some(peak.clone()));
+        }
+    });
+    (addr, peak_out)
+}
+
+/// One direction of [`delaying_relay`]: bytes read from `from` are written to `to` `delay` later.
+fn delay_line(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    delay: Duration,
+    peak: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+) {
+    const MAX_HELD: u64 = 256 << 20;
+    let held = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+    let held_in = held.clone();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            while held_in.load(Ordering::Relaxed) > MAX_HELD {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => return, // dropping `tx` ends the writer after what is queued
+                Ok(n) => n,
+            };
+            let now_held = held_in.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+            if let Some(p) = &peak {
+                p.fetch_max(now_held, Ordering::Relaxed);
+            }
+            if tx.send((Instant::now(), buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    });
+    std::thread::spawn(move || {
+        while let Ok((at, bytes)) = rx.recv() {
+            let due = at + delay;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            if to.write_all(&bytes).is_err() {
+                return;
+            }
+            held.fetch_sub(bytes.len() as u64, Ordering::Relaxed);
+        }
+        let _ = to.shutdown(std::net::Shutdown::Write);
+    });
 }
 
 /// The median of `v` (the upper middle of an even count); 0 when `v` is empty.

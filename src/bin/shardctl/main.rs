@@ -164,8 +164,8 @@ TORRENTS:
   torrent magnet FILE.torrent   print its magnet link
 
 FLAGS:
-  --node ADDR      node to talk to: HOST:PORT or /ip4/A.B.C.D/tcp/PORT
-                   [default: 127.0.0.1:51820]
+  --node ADDR      node to talk to [default: 127.0.0.1:51820]: HOST:PORT,
+                   [V6]:PORT, /ip4/A.B.C.D/tcp/PORT or /ip6/ADDR/tcp/PORT
   --json           print the raw JSON result (for scripts)
   --timeout SECS   bound on connecting and on each response [default: 30]
   --cluster-key-file PATH

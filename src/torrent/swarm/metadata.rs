@@ -28,9 +28,10 @@ impl Swarm {
             let peer = self.peer(key)?;
             peer.their_ut_metadata = ut.filter(|i| (1..=255).contains(i)).map(|i| i as u8);
             if let Some(q) = reqq {
-                peer.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
+                peer.pipe.reqq = q.clamp(MIN_PIPELINE, MAX_PEER_REQUESTS);
             }
             self.on_private_handshake(key, &v)?;
+            self.on_pex_handshake(key, &v)?;
             if let (Metadata::Unknown, Some(size)) = (&self.meta, size) {
                 if size <= 0 || size as u64 > MAX_METADATA {
                     return Err(anyhow!("metadata_size {size} outside 1..={MAX_METADATA}"));
@@ -43,6 +44,9 @@ impl Swarm {
         }
         if id == super::private::SHARDNET_AUTH && self.is_private() {
             return self.on_private_proof(key, payload);
+        }
+        if id == super::pex::UT_PEX {
+            return self.on_pex(key, payload, now);
         }
         if id != UT_METADATA {
             return Ok(()); // an extension we did not announce: ignored
@@ -140,8 +144,15 @@ impl Swarm {
         for k in keys {
             let p = self.peers.get_mut(&k).expect("listed");
             p.bits = Bitfield::new(n);
-            if have.count() > 0 {
-                wire::encode(&Message::Bitfield(have.as_bytes()), &mut p.out);
+            if !p.handshaken || !p.proved() {
+                // Not yet (a private swarm's peer before its proof): the proof announces.
+            } else if p.fast.we_announced {
+                // It heard HAVE_NONE already: what a resumed .part holds goes as haves.
+                for i in have.ones() {
+                    wire::encode(&Message::Have(i), &mut p.out);
+                }
+            } else {
+                super::fast::announce(p, Some(&have), &mut self.stats);
             }
             let (bits, haves) = (p.early_bits.take(), std::mem::take(&mut p.early_haves));
             let applied = bits
@@ -150,6 +161,7 @@ impl Swarm {
             if let Err(e) = applied {
                 self.actions.push(Action::Disconnect(k, format!("{e}")));
             }
+            self.apply_early_fast(k);
             self.update_interest(k);
         }
         Ok(())

@@ -18,30 +18,18 @@ use super::wire::{self, BLOCK_SIZE, Bitfield, Block, Handshake, Message};
 use crate::bencode::{self, Value};
 use crate::hash::Digest;
 
+pub mod fast;
 mod metadata;
+pub mod pex;
 pub mod private;
+mod window;
 
-/// Most blocks asked of one peer at once: 256 x 16 KiB = 4 MiB in flight,
-/// a bandwidth-delay product of 50 MB/s at 80 ms, and never more than the
-/// peer's `reqq`.
-pub const PIPELINE: usize = 256;
-/// Blocks first asked of a peer; the window doubles each time the peer
-/// sends a whole window in one burst (it was waiting on us, not on its link).
-const START_WINDOW: usize = 16;
-/// Blocks arriving closer together than this belong to one burst.
-const BURST_GAP: Duration = Duration::from_millis(10);
-/// A peer that sends in bursts (Transmission: every 500 ms) is asked for a
-/// whole burst period at the best rate it has shown.
-const BURST_PERIOD: f64 = 0.5;
-/// Requests a peer queues when its extension handshake does not say (`reqq`;
-/// libtorrent's default).
-const DEFAULT_REQQ: usize = 250;
-/// Fewest blocks asked of one peer at once.
-const MIN_PIPELINE: usize = 4;
-/// How often a peer's download rate is re-estimated.
-const RATE_WINDOW: Duration = Duration::from_millis(100);
-/// Requests a peer may queue with us; more is a flood and the peer is dropped.
-pub const MAX_PEER_REQUESTS: usize = 512;
+pub use window::PIPELINE;
+use window::{MIN_PIPELINE, RequestWindow};
+
+/// Requests a peer may queue with us (our `reqq`): a window of
+/// [`PIPELINE`] and more; beyond it is a flood and the peer is dropped.
+pub const MAX_PEER_REQUESTS: usize = 2 * PIPELINE;
 /// Peers unchoked at once.
 pub const UNCHOKE_SLOTS: usize = 16;
 /// A block not delivered in this time is asked of someone else.
@@ -110,6 +98,9 @@ pub enum Action {
     Disconnect(PeerKey, String),
     /// Verified pieces changed: record them (debounced by the node).
     SaveResume,
+    /// Addresses a peer's PEX message named (BEP 11): untrusted candidates for the download,
+    /// dialled only within its peer budget.
+    PexPeers(Vec<SocketAddr>),
 }
 
 /// One connected peer.
@@ -134,59 +125,20 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
-    /// Requests this peer queues at most (its `reqq`).
-    reqq: usize,
-    /// Download rate from this peer (bytes/s, smoothed) and its window.
-    rate: f64,
-    window_start: Instant,
-    window_bytes: u64,
-    /// The best rate sample seen (bytes/s).
-    best_rate: f64,
-    /// Blocks to keep asked: grown while the peer drains it (see `pipeline`).
-    window: usize,
-    /// Blocks of the current burst, and when its last one came.
-    burst_blocks: usize,
-    burst_last: Instant,
+    /// How many blocks to keep asked of it, and the measurements behind that.
+    pipe: RequestWindow,
     /// Private swarms: this peer's proof of the cluster key.
     proof: Option<private::PeerProof>,
+    /// The Fast extension (BEP 6).
+    fast: fast::PeerFast,
+    /// Peer exchange (BEP 11).
+    pex: pex::PeerPex,
 }
 
 impl Peer {
-    /// Blocks to keep asked of this peer: the window, grown while the peer
-    /// answers all of it (a distant or bursty peer is window-bound, like TCP
-    /// in slow start), and at least a burst period at the best rate seen (the
-    /// bandwidth-delay product of a peer that sends every `BURST_PERIOD`);
-    /// never more than `PIPELINE` or the peer's `reqq`.
-    fn pipeline(&self) -> usize {
-        let cap = PIPELINE.min(self.reqq);
-        let burst = (self.best_rate * BURST_PERIOD / BLOCK_SIZE as f64) as usize;
-        self.window.max(burst).clamp(MIN_PIPELINE.min(cap), cap)
-    }
-
-    /// One block arrived: a whole window in one burst doubles the window (the
-    /// peer answered everything asked at once: more would have come too).
-    fn count_burst(&mut self, now: Instant) {
-        if now.duration_since(self.burst_last) > BURST_GAP {
-            self.burst_blocks = 0;
-        }
-        self.burst_last = now;
-        self.burst_blocks += 1;
-        if self.burst_blocks >= self.window {
-            self.window = (self.window * 2).min(PIPELINE.min(self.reqq));
-            self.burst_blocks = 0;
-        }
-    }
-
-    fn count_block(&mut self, bytes: u64, now: Instant) {
-        self.window_bytes += bytes;
-        let dt = now.duration_since(self.window_start);
-        if dt >= RATE_WINDOW {
-            let sample = self.window_bytes as f64 / dt.as_secs_f64();
-            self.best_rate = self.best_rate.max(sample);
-            self.rate = if self.rate == 0.0 { sample } else { 0.5 * self.rate + 0.5 * sample };
-            self.window_start = now;
-            self.window_bytes = 0;
-        }
+    /// Whether it may see our pieces: a public swarm, or a peer that proved the cluster key.
+    fn proved(&self) -> bool {
+        self.proof.as_ref().is_none_or(|x| x.proved)
     }
 }
 
@@ -238,6 +190,10 @@ pub struct Swarm {
     direct_io: bool,
     /// `--private`: only peers proving the cluster key are served.
     private: Option<private::Private>,
+    /// Peer exchange (BEP 11); never in a private swarm (BEP 27).
+    pex: pex::SwarmPex,
+    /// Counters of the Fast extension and PEX.
+    pub stats: fast::ExtStats,
 }
 
 impl Swarm {
@@ -303,6 +259,8 @@ impl Swarm {
             dir,
             direct_io: false,
             private: None,
+            pex: pex::SwarmPex::default(),
+            stats: fast::ExtStats::default(),
         }
     }
 
@@ -387,15 +345,10 @@ impl Swarm {
             downloaded: 0,
             uploaded: 0,
             last_block: now,
-            reqq: DEFAULT_REQQ,
-            rate: 0.0,
-            window_start: now,
-            window_bytes: 0,
-            best_rate: 0.0,
-            window: START_WINDOW,
-            burst_blocks: 0,
-            burst_last: now,
+            pipe: RequestWindow::new(now),
             proof,
+            fast: fast::PeerFast::default(),
+            pex: pex::PeerPex::new(outgoing),
         };
         if outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
@@ -413,8 +366,7 @@ impl Swarm {
             return Err(anyhow!("already connected to this peer"));
         }
         let ext_payload = self.extension_handshake(self.private_handshake_fields(key));
-        // A private swarm shows its pieces only after the proof.
-        let have = self.picker.as_ref().map(|p| p.have().clone()).filter(|_| self.private.is_none());
+        let have = self.picker.as_ref().map(|p| p.have().clone());
         let private = self.private.is_some();
         let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
         if private && !hs.supports_extensions() {
@@ -423,14 +375,17 @@ impl Swarm {
         peer.handshaken = true;
         peer.peer_id = hs.peer_id;
         peer.extensions = hs.supports_extensions();
+        peer.fast.on = hs.supports_fast();
+        self.stats.fast_peers += peer.fast.on as u64;
         if !outgoing {
             Handshake::new(self.info_hash, self.my_id).encode(&mut peer.out);
         }
         if peer.extensions {
             wire::encode(&Message::Extended { id: 0, payload: &ext_payload }, &mut peer.out);
         }
-        if let Some(have) = have.filter(|h| h.count() > 0) {
-            wire::encode(&Message::Bitfield(have.as_bytes()), &mut peer.out);
+        // A private swarm shows its pieces only after the proof.
+        if !private {
+            fast::announce(peer, have.as_ref(), &mut self.stats);
         }
         Ok(())
     }
@@ -440,11 +395,17 @@ impl Swarm {
         if nonce.is_some() {
             m.push(("shardnet_auth", Value::Int(private::SHARDNET_AUTH as i64)));
         }
+        if self.private.is_none() {
+            m.push(("ut_pex", Value::Int(pex::UT_PEX as i64)));
+        }
         let mut d = vec![
             ("m", bencode::dict(m)),
             ("reqq", Value::Int(MAX_PEER_REQUESTS as i64)),
             ("v", Value::str("shardnet")),
         ];
+        if let Some(port) = self.pex.listen_port {
+            d.push(("p", Value::Int(port as i64)));
+        }
         if let Some(n) = &nonce {
             d.push(("shardnet_nonce", Value::bytes(&n[..])));
         }
@@ -467,6 +428,10 @@ impl Swarm {
             Message::Choke => {
                 let peer = self.peer(key)?;
                 peer.peer_choking = true;
+                if peer.fast.on {
+                    // BEP 6: a choke rejects nothing; each request gets a block or a reject.
+                    return Ok(());
+                }
                 let requested: Vec<Block> = peer.requested.drain(..).map(|(b, _)| b).collect();
                 if let Some(p) = self.picker.as_mut() {
                     for b in &requested {
@@ -480,20 +445,34 @@ impl Swarm {
             }
             Message::Interested => {
                 self.peer(key)?.peer_interested = true;
+                self.send_allowed_fast(key);
                 self.rechoke();
             }
             Message::NotInterested => {
-                let peer = self.peer(key)?;
+                let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
                 peer.peer_interested = false;
+                Swarm::reject_all(peer, peer.queue.clone(), &mut self.stats);
                 peer.queue.clear();
                 self.rechoke();
             }
             Message::Have(i) => self.on_have(key, i)?,
             Message::Bitfield(bytes) => self.on_bitfield(key, bytes)?,
             Message::Request(b) => self.on_request(key, b)?,
-            Message::Cancel(b) => self.peer(key)?.queue.retain(|q| *q != b),
+            Message::Cancel(b) => {
+                let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
+                let before = peer.queue.len();
+                peer.queue.retain(|q| *q != b);
+                if peer.queue.len() < before {
+                    Swarm::reject_all(peer, [b], &mut self.stats);
+                }
+            }
             Message::Piece { index, begin, data } => self.on_piece(key, index, begin, data, now)?,
             Message::Extended { id, payload } => self.on_extended(key, id, payload, now)?,
+            Message::HaveAll => self.on_have_all_none(key, true)?,
+            Message::HaveNone => self.on_have_all_none(key, false)?,
+            Message::RejectRequest(b) => self.on_reject(key, b)?,
+            Message::AllowedFast(i) => self.on_allowed_fast(key, i)?,
+            Message::SuggestPiece(i) => self.on_suggest(key, i)?,
         }
         Ok(())
     }
@@ -522,6 +501,7 @@ impl Swarm {
     }
 
     fn on_bitfield(&mut self, key: PeerKey, bytes: &[u8]) -> Result<()> {
+        self.note_bitfield(key)?;
         let Some(picker) = self.picker.as_mut() else {
             // No metadata yet: the piece count is unknown; keep it for later.
             let peer = self.peer(key)?;
@@ -553,10 +533,10 @@ impl Swarm {
         if !picker.have().get(b.index) {
             return Err(anyhow!("request for piece {} which we do not have", b.index));
         }
-        let peer = self.peer(key)?;
-        if peer.am_choking {
-            return Ok(()); // may cross an unchoke in flight; dropped, as BEP 3 allows
+        if self.peer(key)?.am_choking && !self.request_while_choked(key, b)? {
+            return Ok(()); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
         }
+        let peer = self.peer(key)?;
         if peer.queue.len() >= MAX_PEER_REQUESTS {
             return Err(anyhow!("more than {MAX_PEER_REQUESTS} requests queued"));
         }
@@ -572,11 +552,10 @@ impl Swarm {
             self.wasted += data.len() as u64;
             return Ok(()); // cancelled in endgame, or never asked: ignored
         };
-        peer.requested.swap_remove(pos);
-        peer.count_burst(now);
+        let (_, asked) = peer.requested.swap_remove(pos);
+        peer.pipe.on_block(data.len() as u64, asked, now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
-        peer.count_block(data.len() as u64, now);
         let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
@@ -598,6 +577,7 @@ impl Swarm {
                     if let Some(p) = self.peers.get_mut(&other) {
                         p.requested.retain(|(r, _)| *r != b);
                         wire::encode(&Message::Cancel(b), &mut p.out);
+                        p.fast.cancelled(b);
                     }
                 }
                 if complete {
@@ -654,7 +634,7 @@ impl Swarm {
                 self.ban(ip, &format!("sent a corrupt block of piece {piece}"));
             }
             let have = Message::Have(piece);
-            for p in self.peers.values_mut().filter(|p| p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved)) {
+            for p in self.peers.values_mut().filter(|p| p.handshaken && p.proved()) {
                 wire::encode(&have, &mut p.out);
             }
             self.actions.push(Action::SaveResume);
@@ -728,19 +708,26 @@ impl Swarm {
         }
     }
 
-    /// Keeps the peer's pipeline of blocks asked of an unchoking peer.
+    /// Keeps the peer's pipeline of blocks asked of an unchoking peer (of a choking fast peer:
+    /// of its allowed-fast pieces).
     fn request_more(&mut self, key: PeerKey) {
         let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
-        if peer.peer_choking || !peer.am_interested || picker.is_complete() {
+        if (peer.peer_choking && !peer.fast.on) || !peer.am_interested || picker.is_complete() {
             return;
         }
-        let room = peer.pipeline().saturating_sub(peer.requested.len());
+        let room = peer.pipe.pipeline().saturating_sub(peer.requested.len());
         if room == 0 {
             return;
         }
         let now = Instant::now();
         let may_start = self.buffered < MAX_BUFFERED;
-        for b in picker.pick(key, &peer.bits, room, may_start) {
+        let choked = peer.peer_choking;
+        let mut blocks = self.pick_fast(key, room, may_start);
+        let (Some(picker), Some(peer)) = (self.picker.as_mut(), self.peers.get_mut(&key)) else { return };
+        if !choked && blocks.len() < room {
+            blocks.extend(picker.pick(key, &peer.bits, room - blocks.len(), may_start));
+        }
+        for b in blocks {
             wire::encode(&Message::Request(b), &mut peer.out);
             peer.requested.push((b, now));
         }
@@ -752,8 +739,14 @@ impl Swarm {
         for p in self.peers.values_mut() {
             if !p.am_choking && !p.peer_interested {
                 p.am_choking = true;
-                p.queue.clear();
                 wire::encode(&Message::Choke, &mut p.out);
+                // BEP 6: what a fast peer asked is rejected, but for its allowed-fast pieces.
+                let allowed = std::mem::take(&mut p.fast.allowed_out);
+                let (keep, drop): (VecDeque<Block>, VecDeque<Block>) =
+                    p.queue.drain(..).partition(|b| p.fast.on && allowed.contains(&b.index));
+                Swarm::reject_all(p, drop, &mut self.stats);
+                p.queue = keep;
+                p.fast.allowed_out = allowed;
                 unchoked -= 1;
             }
         }
@@ -761,7 +754,7 @@ impl Swarm {
             if unchoked >= UNCHOKE_SLOTS {
                 break;
             }
-            if p.am_choking && p.peer_interested && p.handshaken && p.proof.as_ref().is_none_or(|x| x.proved) {
+            if p.am_choking && p.peer_interested && p.handshaken && p.proved() {
                 p.am_choking = false;
                 wire::encode(&Message::Unchoke, &mut p.out);
                 unchoked += 1;
@@ -837,8 +830,12 @@ impl Swarm {
             });
             for b in cancels {
                 wire::encode(&Message::Cancel(b), &mut p.out);
+                p.fast.cancelled(b);
             }
-            if before > 0 && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
+            // A fast peer's choke leaves our requests asked (BEP 6): their expiry while it chokes
+            // us is no snub.
+            let snubbing = before > 0 && !p.peer_choking;
+            if snubbing && p.requested.is_empty() && now.duration_since(p.last_block) > REQUEST_TIMEOUT * 2 {
                 self.actions.push(Action::Disconnect(*k, "snubbed: no block in 40 s".into()));
             }
         }
@@ -857,6 +854,7 @@ impl Swarm {
             self.request_more(k);
         }
         self.request_metadata(now);
+        self.send_pex(now);
     }
 
     /// A piece buffer back from the workers: kept for the next piece while
@@ -884,6 +882,19 @@ impl Swarm {
         }
     }
 
+    /// Each downloading peer's request pipeline, for STATUS: address, blocks to keep asked,
+    /// blocks asked now, its `reqq`, the round trip (ms) and rate (bytes/s) measured.
+    pub fn pipelines(&self) -> Vec<(SocketAddr, usize, usize, usize, Option<f64>, f64)> {
+        self.peers
+            .values()
+            .filter(|p| p.downloaded > 0 || !p.requested.is_empty())
+            .map(|p| {
+                let rtt = p.pipe.min_rtt().map(|r| r.as_secs_f64() * 1e3);
+                (p.addr, p.pipe.pipeline(), p.requested.len(), p.pipe.reqq, rtt, p.pipe.rate())
+            })
+            .collect()
+    }
+
     /// Pieces verified of all, and peers connected, for STATUS.
     pub fn progress(&self) -> (u32, u32) {
         self.picker.as_ref().map_or((0, 0), |p| (p.have().count(), p.lengths().pieces))
@@ -892,3 +903,5 @@ impl Swarm {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ext;

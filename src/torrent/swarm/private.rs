@@ -112,7 +112,7 @@ impl Swarm {
         let Some(private) = &self.private else { return Ok(()) };
         let (info_hash, k) = (self.info_hash.0, private.key.clone());
         let have = self.picker.as_ref().map(|p| p.have().clone());
-        let peer = self.peer(key)?;
+        let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
         let their_id = peer.peer_id;
         let proof = peer.proof.as_mut().ok_or_else(|| anyhow!("no proof state"))?;
         let theirs = proof.theirs.ok_or_else(|| anyhow!("private swarm: a proof before the extension handshake"))?;
@@ -126,9 +126,7 @@ impl Swarm {
             return Ok(());
         }
         proof.proved = true;
-        if let Some(have) = have.filter(|h| h.count() > 0) {
-            wire::encode(&Message::Bitfield(have.as_bytes()), &mut peer.out);
-        }
+        super::fast::announce(peer, have.as_ref(), &mut self.stats);
         self.rechoke();
         Ok(())
     }
@@ -181,7 +179,8 @@ mod tests {
         let their_nonce = [5u8; 32];
         let connect = |seed: &mut Swarm, k: PeerKey| {
             seed.add_peer(k, addr, false, now).unwrap();
-            seed.on_handshake(k, &Handshake::new(m.info_hash, them), false).unwrap();
+            // A plain peer (no Fast bit): our pieces go as a bitfield.
+            seed.on_handshake(k, &Handshake::new(m.info_hash, them).without_fast(), false).unwrap();
             seed.on_message(k, Message::Extended { id: 0, payload: &ext_handshake(&their_nonce) }, now).unwrap();
             seed.on_message(k, Message::Interested, now).unwrap();
             seed.private_handshake_fields(k).unwrap()

@@ -115,6 +115,13 @@ fn protocol_violations_are_errors() {
     assert!(seed.on_message(2, Message::Request(Block { index: 0, begin: 0, length: 32768 }), now).is_err());
     assert!(seed.on_message(2, Message::Request(Block { index: 5, begin: 0, length: 16 }), now).is_err());
     assert!(seed.on_message(2, Message::Unknown { id: 42, len: 3 }, now).is_ok());
+    // An unchoked peer may queue MAX_PEER_REQUESTS requests (our reqq); one more is a flood.
+    seed.on_message(2, Message::Interested, now).unwrap();
+    let b = Block { index: 0, begin: 0, length: 16384 };
+    for _ in 0..MAX_PEER_REQUESTS {
+        seed.on_message(2, Message::Request(b), now).unwrap();
+    }
+    assert!(seed.on_message(2, Message::Request(b), now).is_err(), "request {} is a flood", MAX_PEER_REQUESTS + 1);
     // A self-connection and a duplicate peer id are refused.
     seed.add_peer(3, addr, false, now).unwrap();
     assert!(seed.on_handshake(3, &Handshake::new(m.info_hash, [1; 20]), false).is_err());
@@ -124,7 +131,7 @@ fn protocol_violations_are_errors() {
 
 /// A peer that answers in bursts (as Transmission does every 500 ms, or any
 /// peer one long round trip away) returns the whole window at once: the
-/// window doubles each burst, up to `PIPELINE`, and the file arrives whole.
+/// window at least doubles each burst, up to `PIPELINE`, and the file arrives whole.
 #[test]
 fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
     let dir = std::env::temp_dir().join(format!("shardnet-swarm-burst-{}", std::process::id()));
@@ -172,8 +179,18 @@ fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
         }
     }
     assert!(complete, "the download finished");
-    let grown: Vec<usize> = windows.iter().copied().filter(|w| *w > 0).take(6).collect();
-    assert_eq!(grown, vec![16, 32, 64, 128, 256, 256], "windows per burst: {windows:?}");
+    // The first window is 16 blocks; each burst at least doubles it, until the blocks left (or
+    // the cap) are all asked. (More than double where a rate sample's floor is larger: that
+    // depends on how fast this test runs, so it is allowed.)
+    let grown: Vec<usize> = windows.iter().copied().filter(|w| *w > 0).collect();
+    assert_eq!(grown[0], 16, "windows per burst: {windows:?}");
+    let mut left = data.len().div_ceil(BLOCK_SIZE as usize) - grown[0];
+    for pair in grown.windows(2) {
+        let want = (2 * pair[0]).min(left).min(PIPELINE);
+        assert!(pair[1] >= want, "{} after {}: windows per burst {windows:?}", pair[1], pair[0]);
+        left -= pair[1];
+    }
+    assert_eq!(left, 0, "every block asked once: {windows:?}");
     let storage = leech.storage_mut().unwrap();
     storage.finish_job().unwrap()().unwrap();
     assert_eq!(std::fs::read(dir.join("leech").join("f.gguf")).unwrap(), data);

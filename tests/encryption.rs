@@ -1,0 +1,448 @@
+//! Message Stream Encryption on the peer wire, between real processes on loopback: nodes with
+//! each other, with libtorrent (Debian's python3-libtorrent) and aria2 forcing encryption, a
+//! plaintext peer refused by `--encryption require`, plaintext still served by default, and
+//! bad handshakes closed and counted while the node serves on.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+use shardnet::torrent::Metainfo;
+use shardnet::torrent::mse::{self, Handshake, Methods, Secrets};
+use shardnet::torrent::wire::{self, Message};
+
+const MB: usize = 1024 * 1024;
+
+fn seed_dir(bytes: usize) -> (TempDir, PathBuf, Metainfo) {
+    let dir = TempDir::new("mse-seed");
+    let path = dir.path().join("shard-0.gguf");
+    write_shard(&path, 0, 1, (0, 1), bytes);
+    let pool = shardnet::workers::WorkerPool::new("t", 2);
+    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
+    (dir, path, m)
+}
+
+fn start(dir: &Path, extra: &[&str]) -> NodeProc {
+    let mut args = vec!["--enable-torrent"];
+    args.extend_from_slice(extra);
+    let node = NodeProc::start(dir, &args);
+    node.wait_metadata();
+    node
+}
+
+fn load(node: &NodeProc, m: &Metainfo, peers: &[&str]) -> Value {
+    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": true}))
+}
+
+fn encryption(node: &NodeProc) -> Value {
+    node.call("STATUS", json!({}))["result"]["encryption"].clone()
+}
+
+fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
+
+#[test]
+fn two_prefer_encrypted_nodes_trade_a_shard_over_rc4() {
+    let (sd, src, m) = seed_dir(3 * MB);
+    let seed = start(sd.path(), &["--encryption", "prefer-encrypted"]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let (s, l) = (encryption(&seed), encryption(&leech));
+    assert_eq!(s["policy"], "prefer-encrypted");
+    assert!(s["rc4"].as_u64().unwrap() >= 1 && l["rc4"].as_u64().unwrap() >= 1, "seed {s}, leech {l}");
+    assert_eq!(l["plaintext_selected"], 0);
+}
+
+#[test]
+fn a_prefer_encrypted_leech_gets_a_plaintext_payload_from_a_default_seed_after_an_mse_handshake() {
+    let (sd, src, m) = seed_dir(MB);
+    let seed = start(sd.path(), &[]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let s = encryption(&seed);
+    assert_eq!(s["policy"], "prefer-plaintext");
+    assert!(s["plaintext_selected"].as_u64().unwrap() >= 1 && s["rc4"] == 0, "{s}");
+}
+
+#[test]
+fn a_require_leech_downloads_from_a_prefer_plaintext_seed_over_rc4() {
+    let (sd, src, m) = seed_dir(2 * MB);
+    let seed = start(sd.path(), &["--encryption", "prefer-plaintext"]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "require"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    assert!(encryption(&seed)["rc4"].as_u64().unwrap() >= 1, "plaintext was not offered");
+}
+
+#[test]
+fn a_prefer_plaintext_leech_falls_back_to_mse_when_the_seed_requires_it() {
+    // The seed drops the plaintext handshake; the leech redials with MSE at once.
+    let (sd, src, m) = seed_dir(MB);
+    let seed = start(sd.path(), &["--encryption", "require"]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "prefer-plaintext"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let (s, l) = (encryption(&seed), encryption(&leech));
+    assert!(s["plaintext_refused"].as_u64().unwrap() >= 1, "{s}");
+    assert!(l["fallbacks"].as_u64().unwrap() >= 1, "{l}");
+}
+
+#[test]
+fn a_prefer_encrypted_leech_falls_back_to_plaintext_when_the_seed_disables_mse() {
+    let (sd, src, m) = seed_dir(MB);
+    let seed = start(sd.path(), &["--encryption", "disable"]);
+    let ld = TempDir::new("mse-leech");
+    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let l = encryption(&leech);
+    assert!(l["fallbacks"].as_u64().unwrap() >= 1, "{l}");
+    assert_eq!(l["rc4"], 0, "{l}");
+}
+
+/// A plaintext BitTorrent handshake from a fresh peer id; the reply's first 68 bytes, if any.
+fn plaintext_handshake(node: &NodeProc, m: &Metainfo) -> Option<[u8; 68]> {
+    let mut s = node.raw();
+    let mut out = Vec::new();
+    wire::Handshake::new(m.info_hash, *b"-TT0001-plaintext001").encode(&mut out);
+    s.write_all(&out).unwrap();
+    let mut hs = [0u8; 68];
+    s.read_exact(&mut hs).ok().map(|()| hs)
+}
+
+#[test]
+fn a_require_node_refuses_a_plaintext_peer_and_a_default_node_serves_it() {
+    let (sd, _src, m) = seed_dir(MB);
+    let strict = start(sd.path(), &["--encryption", "require"]);
+    assert!(plaintext_handshake(&strict, &m).is_none(), "a plaintext handshake answered under require");
+    assert_eq!(encryption(&strict)["plaintext_refused"], 1);
+    strict.assert_serving();
+    drop(strict);
+    let open = start(sd.path(), &[]);
+    let hs = plaintext_handshake(&open, &m).expect("no handshake back from a default node");
+    assert_eq!(wire::Handshake::decode(&hs).unwrap().unwrap().info_hash, m.info_hash);
+}
+
+// ---- an MSE client written with the crate's own initiator, to send bad handshakes ----
+
+const BOTH: Methods = Methods { allowed: mse::PLAINTEXT | mse::RC4, prefer_rc4: true };
+const ONLY_RC4: Methods = Methods { allowed: mse::RC4, prefer_rc4: true };
+
+fn fixed_secrets(pad_a: usize) -> Secrets {
+    Secrets { private_key: [0x5a; 20], pad1: vec![0x33; pad_a], pad2: vec![0x44; 17] }
+}
+
+/// Runs our initiator against `node` for `info_hash` with IA = a BitTorrent handshake; returns
+/// the stream, the established state and the (decrypted) bytes read past the handshake, or how
+/// the node ended it.
+type Connected = (TcpStream, mse::Established, Vec<u8>);
+fn mse_connect(node: &NodeProc, info_hash: shardnet::torrent::InfoHash, methods: Methods) -> Result<Connected, String> {
+    let mut s = node.raw();
+    let mut out = Vec::new();
+    let mut hs = Handshake::initiator(info_hash, methods, fixed_secrets(100), Instant::now(), &mut out);
+    let mut held = Vec::new();
+    wire::Handshake::new(info_hash, *b"-TT0001-mseclient001").encode(&mut held);
+    s.write_all(&out).unwrap();
+    let mut input = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("closed by the node".into());
+        }
+        input.extend_from_slice(&chunk[..n]);
+        let mut out = Vec::new();
+        let fed = hs.feed(&input, &mut held, &|_| None, &mut out).map_err(|e| e.to_string())?;
+        s.write_all(&out).unwrap();
+        input.drain(..fed.used);
+        if let Some(mut est) = fed.done {
+            est.inbound.decrypt(&mut input);
+            assert!(input.is_empty() || input[0] == 19, "the node's handshake follows");
+            return Ok((s, est, input));
+        }
+    }
+}
+
+#[test]
+fn our_own_initiator_gets_an_encrypted_handshake_and_bitfield_back() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start(sd.path(), &[]);
+    let (mut s, mut est, mut buf) = mse_connect(&node, m.info_hash, ONLY_RC4).expect("handshake");
+    assert_eq!(est.method, mse::RC4);
+    let mut chunk = [0u8; 4096];
+    let mut seen = Vec::new();
+    let got_bitfield = loop {
+        let mut at = 68;
+        let mut found = false;
+        while buf.len() >= 68 {
+            match wire::decode(&buf[at..], 1 << 20) {
+                Ok(Some((msg, used))) => {
+                    seen.push(format!("{msg:?}").chars().take(40).collect::<String>());
+                    // Our pieces: a bitfield, or HAVE_ALL to a peer with the Fast bit (BEP 6).
+                    found |= matches!(msg, Message::Bitfield(_) | Message::HaveAll);
+                    at += used;
+                }
+                _ => break,
+            }
+        }
+        if found {
+            break true;
+        }
+        match s.read(&mut chunk) {
+            Ok(n) if n > 0 => {
+                let mut data = chunk[..n].to_vec();
+                est.inbound.decrypt(&mut data);
+                buf.extend_from_slice(&data);
+                seen.clear();
+            }
+            _ => break false,
+        }
+    };
+    assert_eq!(wire::Handshake::decode(&buf[..68]).unwrap().unwrap().info_hash, m.info_hash);
+    assert!(got_bitfield, "no bitfield or HAVE_ALL after the handshake; got {seen:?}");
+}
+
+/// Sends `bytes` raw to `node` and waits for the close.
+fn closed_after(node: &NodeProc, bytes: &[u8]) {
+    let mut s = node.raw();
+    let _ = s.write_all(bytes);
+    assert!(closed_by_peer(&mut s), "not closed after {} bytes", bytes.len());
+}
+
+#[test]
+fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start(sd.path(), &[]);
+    // A torrent the node does not serve.
+    let err = mse_connect(&node, shardnet::torrent::InfoHash([0xee; 20]), BOTH).err().expect("refused");
+    assert!(err.contains("closed"), "{err}");
+    // A key, then noise with no sync hash in its first 512 bytes.
+    let mut out = Vec::new();
+    let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(0), Instant::now(), &mut out);
+    out.extend(vec![0x77; 2000]);
+    closed_after(&node, &out);
+    // A degenerate key (all ones: above P).
+    closed_after(&node, &[0xff; 96]);
+    let e = wait_for(WAIT, || {
+        let e = encryption(&node);
+        (e["failed"]["sync_not_found"] == 1).then_some(e)
+    });
+    assert_eq!(e["failed"]["unknown_info_hash"], 1, "{e}");
+    assert_eq!(e["failed"]["bad_public_key"], 1, "{e}");
+    // And one that stops halfway (the key only) is closed after the handshake deadline.
+    let mut s = node.raw();
+    s.write_all(&out[..96]).unwrap();
+    let mut yb = [0u8; 96];
+    s.read_exact(&mut yb).unwrap();
+    assert!(closed_within(&mut s, mse::HANDSHAKE_TIMEOUT + Duration::from_secs(5)), "a stalled handshake stays open");
+    assert_eq!(encryption(&node)["timeouts"], 1);
+    // Good peers and commands are served throughout.
+    let (_s, est, _) = mse_connect(&node, m.info_hash, BOTH).expect("a good handshake after the bad ones");
+    assert_eq!(est.method, mse::PLAINTEXT, "a default node picks plaintext when offered both");
+    node.assert_serving();
+}
+
+// ---- real clients ----
+
+fn lt_peer(encryption: &str) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["90", "/usr/bin/python3"]).arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_peer.py"));
+    c.args(["--encryption", encryption]);
+    c
+}
+
+fn libtorrent_downloads_from(node_flags: &[&str]) {
+    let (sd, src, _m) = seed_dir(5 * MB);
+    let seed = start(sd.path(), node_flags);
+    let out = TempDir::new("lt-dl");
+    let r = lt_peer("forced")
+        .arg("leech")
+        .arg(sd.path().join("shard-0.gguf.torrent"))
+        .arg(out.path())
+        .args([&seed.addr, "60"])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&r.stdout);
+    assert!(said.contains("complete"), "libtorrent: {said}{}", String::from_utf8_lossy(&r.stderr));
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+    // libtorrent forced to RC4 neither dials nor accepts anything else, so every connection it
+    // had with the node is one of these (its own peer list may be gone by the time it is done).
+    let e = encryption(&seed);
+    assert!(e["rc4"].as_u64().unwrap() >= 1 && e["plaintext_selected"] == 0, "{e}");
+    seed.assert_serving();
+}
+
+#[test]
+#[ignore = "needs python3-libtorrent"]
+fn libtorrent_forcing_rc4_downloads_a_shard_from_a_default_node() {
+    require("python3-libtorrent");
+    libtorrent_downloads_from(&[]);
+}
+
+#[test]
+#[ignore = "needs python3-libtorrent"]
+fn libtorrent_forcing_rc4_downloads_a_shard_from_a_require_node() {
+    require("python3-libtorrent");
+    libtorrent_downloads_from(&["--encryption", "require"]);
+}
+
+fn node_downloads_from_libtorrent(lt_policy: &str) {
+    let (sd, src, m) = seed_dir(5 * MB);
+    let torrent = sd.path().join("shard-0.gguf.torrent");
+    std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
+    let mut lt = lt_peer(lt_policy)
+        .arg("seed")
+        .arg(&torrent)
+        .arg(sd.path())
+        .arg("60")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(lt.stdout.take().unwrap()), &mut line).unwrap();
+    let port = line.trim().strip_prefix("port ").unwrap_or_else(|| panic!("libtorrent said {line:?}"));
+    let ld = TempDir::new("leech");
+    let leech = start(ld.path(), &["--encryption", "require"]);
+    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")]);
+    drop(lt.stdin.take());
+    let _ = lt.wait();
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    assert!(encryption(&leech)["rc4"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+#[ignore = "needs python3-libtorrent"]
+fn a_require_node_downloads_a_shard_that_libtorrent_seeds_with_encryption_enabled() {
+    require("python3-libtorrent");
+    node_downloads_from_libtorrent("enabled");
+}
+
+#[test]
+#[ignore = "needs python3-libtorrent"]
+fn a_require_node_downloads_a_shard_that_libtorrent_seeds_with_encryption_forced() {
+    require("python3-libtorrent");
+    node_downloads_from_libtorrent("forced");
+}
+
+#[test]
+#[ignore = "needs aria2c"]
+fn aria2_requiring_arc4_downloads_a_shard_from_a_default_node() {
+    require("aria2c");
+    let (sd, src, _m) = seed_dir(3 * MB);
+    let seed = start(sd.path(), &[]);
+    let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
+    let announce = tracker(port);
+    let out = TempDir::new("aria-dl");
+    let status = Command::new("timeout")
+        .args(["60", "aria2c", "--enable-dht=false", "--bt-enable-lpd=false", "--seed-time=0", "--quiet=true"])
+        .args(["--bt-require-crypto=true", "--bt-min-crypto-level=arc4"])
+        .arg(format!("--bt-tracker={announce}"))
+        .arg(format!("--dir={}", out.path().display()))
+        .arg(sd.path().join("shard-0.gguf.torrent"))
+        .status()
+        .unwrap();
+    assert!(status.success(), "aria2c failed: {status}");
+    same_bytes(&src, &out.path().join("shard-0.gguf"));
+    assert!(encryption(&seed)["rc4"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+#[ignore = "needs aria2c"]
+fn a_require_node_downloads_a_shard_that_aria2_seeds_with_arc4() {
+    require("aria2c");
+    let (sd, src, m) = seed_dir(2 * MB);
+    let torrent = sd.path().join("shard-0.gguf.torrent");
+    std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut aria = Command::new("aria2c")
+        .args(["--enable-dht=false", "--bt-enable-lpd=false", "--seed-ratio=0.0", "--check-integrity=true"])
+        .args(["--quiet=true", "--bt-require-crypto=true", "--bt-min-crypto-level=arc4"])
+        .arg(format!("--listen-port={port}"))
+        .arg(format!("--dir={}", sd.path().display()))
+        .arg(&torrent)
+        .spawn()
+        .unwrap();
+    let ld = TempDir::new("leech");
+    let leech = start(ld.path(), &["--encryption", "require"]);
+    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")]);
+    let _ = aria.kill();
+    let _ = aria.wait();
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}
+
+#[test]
+fn a_private_swarm_proves_the_cluster_key_through_rc4() {
+    use std::os::unix::fs::PermissionsExt;
+    let (sd, src, m) = seed_dir(MB);
+    let kf = sd.path().join("cluster.key");
+    std::fs::write(&kf, "3b1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d\n").unwrap();
+    std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let k = kf.to_str().unwrap();
+    let key = shardnet::protocol::auth::ClusterKey::load(&kf).unwrap().key;
+    let call = |node: &NodeProc, cmd: &str, params: Value| {
+        let mut c = shardnet::client::Client::connect_with_key(&node.addr, WAIT, Some(&key)).unwrap();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        c.request(cmd, params).unwrap()
+    };
+    let flags = ["--enable-torrent", "--cluster-key-file", k, "--private", "--encryption", "require"];
+    let seed = NodeProc::start(sd.path(), &flags);
+    wait_for(WAIT, || (call(&seed, "STATUS", json!({}))["result"]["metadata"]["scan_done"] == true).then_some(()));
+    let ld = TempDir::new("mse-private-leech");
+    let leech = NodeProc::start(ld.path(), &flags);
+    let r = call(&leech, "LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": [seed.addr]}));
+    assert_eq!(r["status"], "success", "{r}\n{}", leech.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let e = &call(&leech, "STATUS", json!({}))["result"]["encryption"];
+    assert!(e["rc4"].as_u64().unwrap() >= 1, "{e}");
+}
+
+#[test]
+fn first_bytes_that_do_not_tell_yet_wait_without_stalling_the_node() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start(sd.path(), &[]);
+    // A plaintext handshake in two parts: 5 bytes could still be MSE or the peer wire.
+    let mut hs = Vec::new();
+    wire::Handshake::new(m.info_hash, *b"-TT0001-slowpeer0001").encode(&mut hs);
+    let mut slow = node.raw();
+    slow.write_all(&hs[..5]).unwrap();
+    // A frame's length alone: a command or MSE, not yet known.
+    let mut prefix = node.raw();
+    prefix.write_all(&[0, 0, 0, 40]).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    node.assert_serving();
+    slow.write_all(&hs[5..]).unwrap();
+    let mut back = [0u8; 68];
+    slow.read_exact(&mut back).unwrap();
+    assert_eq!(wire::Handshake::decode(&back).unwrap().unwrap().info_hash, m.info_hash);
+    let payload = br#"{"command":"STATUS","request_id":"late"}"#;
+    let mut rest = vec![0u8; 40 - payload.len()];
+    rest.fill(b' ');
+    let mut frame = payload.to_vec();
+    frame.extend(rest);
+    let mut whole = (frame.len() as u32).to_be_bytes().to_vec();
+    whole.extend(&frame);
+    prefix.write_all(&whole[4..]).unwrap();
+    assert_eq!(read_frame(&mut prefix)["status"], "success");
+}

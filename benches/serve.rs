@@ -8,6 +8,11 @@
 //! (prefill and the first sample) and `decode_tps`. Goal: HTTP at least 0.95x the tokens per
 //! second, and a time to first token within 5 ms.
 //!
+//! Then concurrency through `serve` (default `--parallel` 4): `CONC_REPS` rounds of one stream
+//! alone and of four streams at once (same prompt and tokens), aggregate tokens per second over
+//! the round's wall time (send to the last `[DONE]`, prefill included); medians, and their ratio.
+//! With pipelined streams and batched decode, four streams at once should exceed one alone.
+//!
 //! Model: SmolLM2-135M (`make models`), else the demo model.
 
 #[path = "../tests/common/mod.rs"]
@@ -26,6 +31,22 @@ const PROMPT: &str = "The history of the Roman Empire spans many centuries, from
     Constantinople. Its roads, laws and language shaped much of Europe. Write a short summary:";
 const N: usize = 64;
 const REPS: usize = 5;
+const CONC_REPS: usize = 3;
+const STREAMS: usize = 4;
+
+/// `k` streamed completions at once: aggregate completion tokens per second over the wall time.
+fn aggregate_tps(addr: &str, k: usize) -> f64 {
+    let t0 = Instant::now();
+    let runs: Vec<_> = (0..k)
+        .map(|_| {
+            let addr = addr.to_string();
+            std::thread::spawn(move || http_run(&addr).2)
+        })
+        .collect();
+    let tokens: u64 = runs.into_iter().map(|r| r.join().unwrap()).sum();
+    assert_eq!(tokens, (k * N) as u64);
+    tokens as f64 / t0.elapsed().as_secs_f64()
+}
 
 /// One streamed completion: (ms to the first text, decode tokens/s, completion tokens).
 fn http_run(addr: &str) -> (f64, f64, u64) {
@@ -118,8 +139,14 @@ fn main() {
         i_ttft.push(t);
         i_tps.push(r);
     }
+    let (mut one, mut four) = (vec![], vec![]);
+    for _ in 0..CONC_REPS {
+        one.push(aggregate_tps(&http, 1));
+        four.push(aggregate_tps(&http, STREAMS));
+    }
     let _ = serve.kill();
     let _ = serve.wait();
+    let (one, four) = (median(one), median(four));
     let (ht, hr, it, ir) = (median(h_ttft), median(h_tps), median(i_ttft), median(i_tps));
     let report = json!({
         "model": model.file_name().unwrap().to_string_lossy(),
@@ -131,6 +158,12 @@ fn main() {
         "tps_ratio": hr / ir,
         "ttft_difference_ms": ht - it,
         "goal": {"tps_ratio_at_least": 0.95, "ttft_difference_ms_at_most": 5.0},
+        "concurrency": {
+            "repetitions": CONC_REPS,
+            "streams_1_aggregate_tps": one,
+            "streams_4_aggregate_tps": four,
+            "ratio_4_to_1": four / one,
+        },
     });
     println!("{report}");
     let out = Path::new("target/bench");

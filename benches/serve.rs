@@ -119,7 +119,7 @@ fn main() {
     let http = line.split("http://").nth(1).expect("serve's address").trim().to_string();
     wait_for(Duration::from_secs(60), || {
         let mut s = TcpStream::connect(&http).ok()?;
-        s.write_all(b"GET /health HTTP/1.1\r\nHost: b\r\nConnection: close\r\n\r\n").ok()?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").ok()?;
         let mut status = String::new();
         BufReader::new(s).read_line(&mut status).ok()?;
         status.contains(" 200 ").then_some(())

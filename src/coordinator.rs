@@ -315,15 +315,15 @@ impl<'e> Coordinator<'e> {
         let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
         let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
         let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
-        if let Some(m) = &manifest {
-            if info["model_id"].as_str() != Some(m.model_id.as_str()) || m.shards.len() != shard_count as usize {
-                bail!(
-                    "the cluster serves model {} in {shard_count} shards, the pinned manifest names {} in {}",
-                    info["model_id"],
-                    m.model_id,
-                    m.shards.len()
-                );
-            }
+        if let Some(m) = &manifest
+            && (info["model_id"].as_str() != Some(m.model_id.as_str()) || m.shards.len() != shard_count as usize)
+        {
+            bail!(
+                "the cluster serves model {} in {shard_count} shards, the pinned manifest names {} in {}",
+                info["model_id"],
+                m.model_id,
+                m.shards.len()
+            );
         }
         let session_token = crate::protocol::auth::random_bytes::<16>()
             .map(|b| crate::hash::to_hex(&b))
@@ -377,7 +377,10 @@ impl<'e> Coordinator<'e> {
     /// several run at once, each a session on the nodes under the owner's session token), and
     /// never places shards itself: when a hop fails it calls `recover` with the node and why,
     /// and continues on the plan it answers (replaying the session there).
-    pub fn from_fork(f: Fork, recover: impl FnMut(SocketAddr, &str) -> Result<Vec<SocketAddr>> + 'e) -> Coordinator<'e> {
+    pub fn from_fork(
+        f: Fork,
+        recover: impl FnMut(SocketAddr, &str) -> Result<Vec<SocketAddr>> + 'e,
+    ) -> Coordinator<'e> {
         Coordinator {
             cfg: f.cfg,
             from: f.from,

@@ -20,8 +20,8 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, bounded};
 
 use super::metrics::Metrics;
 use super::openai::StopMatcher;
-use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, Fork, GenRequest, Summary};
 use crate::chat::{ChatError, ChatTemplate};
+use crate::coordinator::{ClusterConfig, Coordinator, Event, Finish, Fork, GenRequest, Summary};
 use crate::engine::tokenizer::Tokenizer;
 
 /// What the connection threads need to know of the model the chain serves.
@@ -134,8 +134,7 @@ pub fn run(
     let (asks_tx, asks) = crossbeam_channel::unbounded();
     for i in 0..parallel.max(1) {
         let (jobs, asks_tx, metrics) = (jobs.clone(), asks_tx.clone(), metrics.clone());
-        let spawned =
-            std::thread::Builder::new().name(format!("slot-{i}")).spawn(move || slot(jobs, asks_tx, metrics));
+        let spawned = std::thread::Builder::new().name(format!("slot-{i}")).spawn(move || slot(jobs, asks_tx, metrics));
         if let Err(e) = spawned {
             crate::warn!("could not start slot {i}: {e}");
         }

@@ -667,10 +667,19 @@ impl<'e> Coordinator<'e> {
             None => params["output"] = json!("logits"),
         }
         let response = (|| -> Result<Value> {
-            if !self.conns.contains_key(&first) {
-                self.conns.insert(first, Client::connect(&first.to_string(), self.cfg.timeout)?);
+            if let Some(c) = self.conns.get_mut(&first) {
+                match c.request_from("EXECUTE_TASK", params.clone(), &self.from) {
+                    Ok(r) => return Ok(r),
+                    // A kept connection the node closed in between (its `--idle-timeout`, a
+                    // restart): the node never read this request, so it goes once more on a
+                    // fresh connection instead of counting as the node's failure.
+                    Err(e) if closed_by_peer(&e) => {
+                        self.conns.remove(&first);
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            let c = self.conns.get_mut(&first).expect("just inserted");
+            let c = self.conns.entry(first).or_insert(Client::connect(&first.to_string(), self.cfg.timeout)?);
             c.request_from("EXECUTE_TASK", params, &self.from)
         })();
         let response = match response {
@@ -885,4 +894,14 @@ impl<'e> Coordinator<'e> {
             let _ = c.request_from("END_SESSION", params, &self.from);
         }
     }
+}
+
+/// Whether `e` is a connection the other side closed (end of file, reset, broken pipe) rather
+/// than a timeout or a bad answer.
+fn closed_by_peer(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::*;
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| matches!(io.kind(), UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe))
+    })
 }

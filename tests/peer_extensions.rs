@@ -266,3 +266,30 @@ fn the_fast_extension_is_negotiated_both_ways_with_libtorrent() {
     assert!(said.iter().any(|l| l.contains("==> HAVE_ALL")), "libtorrent sent no HAVE_ALL:\n{}", said.join("\n"));
     assert!(pw["fast"]["have_all_received"].as_u64().unwrap() >= 1, "{pw}");
 }
+
+/// A listener that accepts and closes at once (as the red-team's PEX-named addresses did) is
+/// redialled the other way once, then with back-off: a bounded handful of dials in 10 s, not
+/// one every tick (before the fix every close set the MSE fallback and skipped the back-off).
+#[test]
+fn a_peer_that_accepts_and_closes_at_once_is_redialled_with_back_off() {
+    let (_sd, _path, m) = seed_dir(64 * 1024);
+    let ld = TempDir::new("ext-closer");
+    let leech = start(ld.path(), &["--redial-give-up", "600"]);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            drop(s);
+        }
+    });
+    let r = load(&leech, &m, &[&addr.to_string()], false);
+    assert!(r.get("error").is_none(), "{r}");
+    std::thread::sleep(Duration::from_secs(10));
+    let n = accepts.load(std::sync::atomic::Ordering::SeqCst);
+    // 200 ms doubling back-off: about 6 dials in 10 s (the first, its fallback, then 0.8 s,
+    // 1.6 s, 3.2 s, 6.4 s apart); without it, hundreds.
+    assert!((2..=12).contains(&n), "{n} dials of a peer that closes at once in 10 s");
+}

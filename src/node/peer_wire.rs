@@ -50,6 +50,10 @@ struct Dial {
     encrypted: bool,
     /// The peer dropped a connection before its handshake: redial at once, the other way.
     fallback: bool,
+    /// That immediate redial was spent since the peer last handshook: later closes before the
+    /// handshake wait out the back-off like any failed dial (a peer that accepts and closes at
+    /// once must not be dialled in a loop).
+    fell_back: bool,
 }
 
 /// A download the node runs, and who waits for it.
@@ -684,6 +688,7 @@ impl Node {
                 failing_since: now,
                 encrypted: first_encrypted,
                 fallback: false,
+                fell_back: false,
             });
             if r.attempts == 0 {
                 r.failing_since = now;
@@ -729,6 +734,7 @@ impl Node {
     fn dial_succeeded(&mut self, h: InfoHash, addr: SocketAddr) {
         if let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&addr)) {
             r.attempts = 0;
+            r.fell_back = false;
         }
     }
 
@@ -814,8 +820,9 @@ impl Node {
     }
 
     /// A peer connection closed: the swarm forgets it. A dialled peer that dropped us before
-    /// its handshake is redialled at once the other way (plaintext after MSE, or MSE after
-    /// plaintext) under the `prefer-*` policies, as libtorrent does.
+    /// its handshake is redialled the other way (plaintext after MSE, or MSE after plaintext)
+    /// under the `prefer-*` policies, as libtorrent does: at once the first time since its last
+    /// handshake, after the usual back-off later (such a close counts as a failed dial).
     pub(super) fn peer_closed(&mut self, conn: &Conn) {
         if conn.kind != Kind::PeerWire {
             return;
@@ -833,13 +840,16 @@ impl Node {
         {
             let was_encrypted = !matches!(conn.crypt, Crypt::Plain);
             r.encrypted = !was_encrypted;
-            r.fallback = true;
-            self.mse.fallbacks += 1;
-            debug!(
-                "peer {} dropped our {} handshake; redialling",
-                conn.peer,
-                if was_encrypted { "MSE" } else { "plaintext" }
-            );
+            if !r.fell_back {
+                r.fallback = true;
+                r.fell_back = true;
+                self.mse.fallbacks += 1;
+                debug!(
+                    "peer {} dropped our {} handshake; redialling",
+                    conn.peer,
+                    if was_encrypted { "MSE" } else { "plaintext" }
+                );
+            }
         }
         if let Some(h) = conn.torrent
             && let Some(swarm) = self.swarms.get_mut(&h)

@@ -181,7 +181,7 @@ pub fn decode(input: &[u8]) -> Result<Value<'_>, Error> {
 /// Like [`decode`], but accepting dictionary keys in any order (still unique):
 /// for packets from the open network, where some clients do not sort.
 pub fn decode_unsorted(input: &[u8]) -> Result<Value<'_>, Error> {
-    let mut p = Parser { input, pos: 0, sorted: false };
+    let mut p = Parser { input, pos: 0, sorted: false, saturate: false };
     let value = p.value(0)?;
     if p.pos != input.len() {
         return Err(Error { kind: ErrorKind::TrailingBytes, offset: p.pos });
@@ -191,16 +191,30 @@ pub fn decode_unsorted(input: &[u8]) -> Result<Value<'_>, Error> {
 
 /// Decodes one value from the start of `input`, returning it and the bytes used.
 pub fn decode_prefix(input: &[u8]) -> Result<(Value<'_>, usize), Error> {
-    let mut p = Parser { input, pos: 0, sorted: true };
+    let mut p = Parser { input, pos: 0, sorted: true, saturate: false };
     let v = p.value(0)?;
     Ok((v, p.pos))
+}
+
+/// Like [`decode`], but an integer value (`i...e`) outside the i64 range reads as `i64::MAX`
+/// (or `i64::MIN` if negative) instead of failing the whole message: for messages whose
+/// integer keys are each range-checked by the reader (the BEP 10 extension handshake, where
+/// one oversized `reqq` must not drop the peer). String lengths still fail with
+/// [`ErrorKind::IntegerOverflow`].
+pub fn decode_saturating(input: &[u8]) -> Result<Value<'_>, Error> {
+    let mut p = Parser { input, pos: 0, sorted: true, saturate: true };
+    let value = p.value(0)?;
+    if p.pos != input.len() {
+        return Err(Error { kind: ErrorKind::TrailingBytes, offset: p.pos });
+    }
+    Ok(value)
 }
 
 /// The raw encoded bytes of `key`'s value in the top-level dictionary `input`,
 /// exactly as they appear in the input (for info hashes).
 /// Keys may come in any order (other clients' `.torrent` files).
 pub fn raw_dict_value<'a>(input: &'a [u8], key: &[u8]) -> Result<Option<&'a [u8]>, Error> {
-    let mut p = Parser { input, pos: 0, sorted: false };
+    let mut p = Parser { input, pos: 0, sorted: false, saturate: false };
     p.expect(b'd')?;
     while p.peek()? != b'e' {
         let k = p.byte_string()?;
@@ -218,6 +232,8 @@ struct Parser<'a> {
     pos: usize,
     /// Require dictionary keys in ascending order (canonical bencode).
     sorted: bool,
+    /// Integer values outside i64 saturate instead of failing ([`decode_saturating`]).
+    saturate: bool,
 }
 
 impl<'a> Parser<'a> {
@@ -308,10 +324,11 @@ impl<'a> Parser<'a> {
                 return Err(self.err(ErrorKind::UnexpectedByte(b)));
             }
             let d = (b - b'0') as i64;
-            value = value
-                .checked_mul(10)
-                .and_then(|v| if negative { v.checked_sub(d) } else { v.checked_add(d) })
-                .ok_or(Error { kind: ErrorKind::IntegerOverflow, offset: start })?;
+            match value.checked_mul(10).and_then(|v| if negative { v.checked_sub(d) } else { v.checked_add(d) }) {
+                Some(v) => value = v,
+                None if self.saturate && end == b'e' => value = if negative { i64::MIN } else { i64::MAX },
+                None => return Err(Error { kind: ErrorKind::IntegerOverflow, offset: start }),
+            }
             self.pos += 1;
         }
         let digits = &self.input[digits_at..self.pos];
@@ -379,6 +396,12 @@ mod tests {
         assert_eq!(kind(b"ie"), ErrorKind::NonCanonicalInteger);
         assert_eq!(kind(b"i-e"), ErrorKind::NonCanonicalInteger);
         assert_eq!(kind(b"i9223372036854775808e"), ErrorKind::IntegerOverflow);
+        // The saturating decoder reads out-of-range values as the nearest bound; lengths still fail.
+        assert_eq!(decode_saturating(b"i73786976294838206464e").unwrap(), Value::Int(i64::MAX));
+        assert_eq!(decode_saturating(b"i-73786976294838206464e").unwrap(), Value::Int(i64::MIN));
+        assert_eq!(decode_saturating(b"d1:ai99999999999999999999e1:bi7ee").unwrap().get("b").and_then(Value::as_int), Some(7));
+        assert_eq!(decode_saturating(b"99999999999999999999:x").unwrap_err().kind, ErrorKind::IntegerOverflow);
+        assert_eq!(decode_saturating(b"i03e").unwrap_err().kind, ErrorKind::NonCanonicalInteger);
         assert_eq!(kind(b"i1x"), ErrorKind::UnexpectedByte(b'x'));
         assert_eq!(kind(b"i12"), ErrorKind::UnexpectedEnd);
         assert_eq!(kind(b"04:spam"), ErrorKind::NonCanonicalInteger);

@@ -21,7 +21,9 @@ use crate::torrent::wire::{self, Bitfield, Message};
 impl Swarm {
     pub(super) fn on_extended(&mut self, key: PeerKey, id: u8, payload: &[u8], now: Instant) -> Result<()> {
         if id == 0 {
-            let v = bencode::decode(payload).map_err(|e| anyhow!("extension handshake: {e}"))?;
+            // Saturating: an integer past 64 bits (`reqq` = 2^66) is out of range like any other
+            // too-large value below, not a reason to drop the peer.
+            let v = bencode::decode_saturating(payload).map_err(|e| anyhow!("extension handshake: {e}"))?;
             let ut = v.get("m").and_then(|m| m.get("ut_metadata")).and_then(Value::as_int);
             let size = v.get("metadata_size").and_then(Value::as_int);
             let reqq = v.get("reqq").and_then(Value::as_int).and_then(|q| usize::try_from(q).ok());

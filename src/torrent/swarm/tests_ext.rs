@@ -543,3 +543,21 @@ fn pex_messages_round_trip() {
     let m = PexMessage::parse(b"d7:dropped0:5:added6:\x01\x02\x03\x04\x00\x05e").unwrap();
     assert_eq!(m.added().collect::<Vec<_>>(), vec![("1.2.3.4:5".parse().unwrap(), 0)]);
 }
+
+/// A `reqq` past 64 bits (2^66) in an extension handshake is out of range like any too-large
+/// `reqq`: clamped, and the peer stays (the whole handshake used to fail to decode, dropping it).
+#[test]
+fn an_extension_handshake_with_a_reqq_past_64_bits_keeps_the_peer() {
+    let f = fixture("bigreqq");
+    let mut l = leech(&f, false);
+    connect(&mut l, 1, "10.0.0.1:6881", true, true);
+    let payload = b"d1:md6:ut_pexi1ee4:reqqi73786976294838206464ee";
+    l.on_message(1, Message::Extended { id: 0, payload }, Instant::now()).expect("the peer stays");
+    let peer = l.peers.get(&1).expect("still connected");
+    assert_eq!(peer.pipe.reqq, MAX_PEER_REQUESTS, "clamped like any too-large reqq");
+    // A negative one past 64 bits is ignored: the default stays.
+    connect(&mut l, 2, "10.0.0.2:6881", true, true);
+    let before = l.peers.get(&2).unwrap().pipe.reqq;
+    l.on_message(2, Message::Extended { id: 0, payload: b"d4:reqqi-73786976294838206464ee" }, Instant::now()).unwrap();
+    assert_eq!(l.peers.get(&2).unwrap().pipe.reqq, before);
+}

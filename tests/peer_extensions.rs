@@ -293,3 +293,58 @@ fn a_peer_that_accepts_and_closes_at_once_is_redialled_with_back_off() {
     // 1.6 s, 3.2 s, 6.4 s apart); without it, hundreds.
     assert!((2..=12).contains(&n), "{n} dials of a peer that closes at once in 10 s");
 }
+
+/// A stranger the download dialled names 40 dead addresses in a PEX message: they take at
+/// most half of `--max-download-peers` (32), so a seed named by a later LOAD_SHARD still gets
+/// in and the shard downloads (before, PEX filled the list and the seed was never dialled).
+#[test]
+fn dead_pex_addresses_do_not_crowd_out_a_seed_named_later() {
+    let (sd, src, m) = seed_dir(MB);
+    let seed = start(sd.path(), &[]);
+    let ld = TempDir::new("ext-crowd");
+    let leech = start(ld.path(), &[]);
+    let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let stranger_addr = stranger.local_addr().unwrap().to_string();
+    let info_hash = m.info_hash;
+    std::thread::spawn(move || {
+        let (mut s, _) = stranger.accept().unwrap();
+        let mut theirs = [0u8; 68];
+        s.read_exact(&mut theirs).unwrap();
+        let mut out = Vec::new();
+        Handshake::new(info_hash, *b"-TT0001-stranger0000").encode(&mut out);
+        let ext = bencode::dict([("m", bencode::dict([("ut_pex", Bencode::Int(1))]))]).encode();
+        wire::encode(&Message::Extended { id: 0, payload: &ext }, &mut out);
+        s.write_all(&out).unwrap();
+        // Their ut_pex id, from their extension handshake.
+        let mut buf = Vec::new();
+        let mut id = None;
+        read_until(&mut s, &mut buf, |x| match x {
+            Message::Extended { id: 0, payload } => {
+                let v = bencode::decode(payload).unwrap();
+                id = v.get("m").and_then(|m| m.get("ut_pex")).and_then(Bencode::as_int);
+                true
+            }
+            _ => false,
+        });
+        let id = id.expect("the node offers ut_pex") as u8;
+        // 127.0.1.x port 9: nothing listens, each dial is refused.
+        let added: Vec<u8> = (1..=40u8).flat_map(|i| [127, 0, 1, i, 0, 9]).collect();
+        let pex = bencode::dict([("added", Bencode::bytes(added))]).encode();
+        out.clear();
+        wire::encode(&Message::Extended { id, payload: &pex }, &mut out);
+        s.write_all(&out).unwrap();
+        // Stay connected (a stranger with nothing to give) until the test ends.
+        while read_until(&mut s, &mut buf, |_| false).is_some() {}
+    });
+    let r = load(&leech, &m, &[&stranger_addr], false);
+    assert!(r.get("error").is_none(), "{r}");
+    wait_for(Duration::from_secs(30), || (download(&leech, &m)["pex_peers"].as_u64() > Some(0)).then_some(()));
+    let dl = download(&leech, &m);
+    assert!(dl["known_peers"].as_u64().unwrap() <= 17, "PEX took more than half the list: {dl}");
+    let r = load(&leech, &m, &[&seed.addr], false);
+    assert!(r.get("error").is_none(), "{r}");
+    let dst = ld.path().join("shard-0.gguf");
+    wait_for(Duration::from_secs(60), || {
+        (std::fs::read(&dst).ok().as_deref() == Some(&std::fs::read(&src).unwrap()[..])).then_some(())
+    });
+}

@@ -72,6 +72,10 @@ pub struct Download {
     requeried: Option<Instant>,
     /// Known peers that came from PEX (BEP 11).
     pex_peers: u64,
+    /// Known peers learned from PEX that have not handshaken with us: at most half of
+    /// `--max-download-peers`, and the first to make room for a peer named in a command or
+    /// found in the DHT (a stranger's dead addresses must not crowd out a real seed).
+    pex_unproven: std::collections::HashSet<SocketAddr>,
 }
 
 /// A token bucket for `--upload-limit` / `--download-limit` (bytes/s; 0 = none).
@@ -613,15 +617,21 @@ impl Node {
             failed: None,
             requeried: None,
             pex_peers: 0,
+            pex_unproven: Default::default(),
         });
         d.failed = None;
         for p in peers {
+            if d.peers.contains(p) || *p == self.local_addr {
+                continue;
+            }
             if d.peers.len() >= self.config.max_download_peers {
-                break;
+                // Room from a PEX-learned peer that never handshook, else the list is full.
+                let Some(i) = d.peers.iter().position(|q| d.pex_unproven.contains(q)) else { break };
+                let old = d.peers.remove(i);
+                d.pex_unproven.remove(&old);
+                d.dialled.remove(&old);
             }
-            if !d.peers.contains(p) && *p != self.local_addr {
-                d.peers.push(*p);
-            }
+            d.peers.push(*p);
         }
         if d.shard_id.is_none() {
             d.shard_id = shard_id;
@@ -666,6 +676,7 @@ impl Node {
             if dead {
                 info!("download {h}: giving up on peer {p} (no connection for {} s)", give_up.as_secs());
                 dialled.remove(p);
+                d.pex_unproven.remove(p);
             }
             !dead
         });
@@ -706,19 +717,22 @@ impl Node {
     }
 
     /// Addresses a peer's PEX named: candidates of a running download, up to
-    /// `--max-download-peers` known peers in all, then dialled like the rest. A seed takes none.
+    /// `--max-download-peers` known peers in all and half of them not yet handshaken, then
+    /// dialled like the rest. A seed takes none.
     fn add_pex_peers(&mut self, h: InfoHash, addrs: &[SocketAddr]) {
         let (Some(d), Some(s)) = (self.downloads.get_mut(&h), self.swarms.get(&h)) else { return };
         if s.is_complete() || d.failed.is_some() {
             return;
         }
         let before = d.peers.len();
+        let pex_cap = (self.config.max_download_peers / 2).max(1);
         for p in addrs {
-            if d.peers.len() >= self.config.max_download_peers {
+            if d.peers.len() >= self.config.max_download_peers || d.pex_unproven.len() >= pex_cap {
                 break;
             }
             if !d.peers.contains(p) && *p != self.local_addr {
                 d.peers.push(*p);
+                d.pex_unproven.insert(*p);
             }
         }
         let added = d.peers.len() - before;
@@ -732,6 +746,9 @@ impl Node {
 
     /// A dialled peer handshook: its dials count from zero again.
     fn dial_succeeded(&mut self, h: InfoHash, addr: SocketAddr) {
+        if let Some(d) = self.downloads.get_mut(&h) {
+            d.pex_unproven.remove(&addr);
+        }
         if let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&addr)) {
             r.attempts = 0;
             r.fell_back = false;

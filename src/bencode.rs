@@ -399,7 +399,10 @@ mod tests {
         // The saturating decoder reads out-of-range values as the nearest bound; lengths still fail.
         assert_eq!(decode_saturating(b"i73786976294838206464e").unwrap(), Value::Int(i64::MAX));
         assert_eq!(decode_saturating(b"i-73786976294838206464e").unwrap(), Value::Int(i64::MIN));
-        assert_eq!(decode_saturating(b"d1:ai99999999999999999999e1:bi7ee").unwrap().get("b").and_then(Value::as_int), Some(7));
+        assert_eq!(
+            decode_saturating(b"d1:ai99999999999999999999e1:bi7ee").unwrap().get("b").and_then(Value::as_int),
+            Some(7)
+        );
         assert_eq!(decode_saturating(b"99999999999999999999:x").unwrap_err().kind, ErrorKind::IntegerOverflow);
         assert_eq!(decode_saturating(b"i03e").unwrap_err().kind, ErrorKind::NonCanonicalInteger);
         assert_eq!(kind(b"i1x"), ErrorKind::UnexpectedByte(b'x'));

@@ -22,9 +22,10 @@ pub const PEERS_PER_ANSWER: usize = 50;
 /// Entries one announcer (see [`announcer`]) keeps under one key; its next announce there
 /// replaces its oldest, so one host cannot fill a key's answers with ports.
 pub const MAX_PER_ANNOUNCER_PER_KEY: usize = 2;
-/// Entries one announcer keeps over all keys (1% of [`MAX_KEYS`]); past it its announces of
+/// Entries one announcer keeps over all keys (2.5% of [`MAX_KEYS`]: room for a node seeding
+/// many shards in a small cluster, where every DHT node stores every key); past it its announces of
 /// new entries are refused, so one host cannot fill the store.
-pub const MAX_PER_ANNOUNCER: usize = MAX_KEYS / 100;
+pub const MAX_PER_ANNOUNCER: usize = MAX_KEYS / 40;
 
 /// Whom the per-announcer quotas count by: an IPv4 address or an IPv6 /64 (as the connection
 /// caps, [`crate::node::limits::ip_key`]); a loopback address counts by address and port,

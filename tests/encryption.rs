@@ -446,3 +446,47 @@ fn first_bytes_that_do_not_tell_yet_wait_without_stalling_the_node() {
     prefix.write_all(&whole[4..]).unwrap();
     assert_eq!(read_frame(&mut prefix)["status"], "success");
 }
+
+/// A connection from `src` (a 127.0.0.x address: Linux loopback takes them all) to `node`.
+fn raw_from(src: &str, node: &NodeProc) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let to: std::net::SocketAddr = node.addr.parse().unwrap();
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
+    s.connect_timeout(&to.into(), WAIT).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// Red-team finding: half-open MSE handshakes (the 96-byte key, then silence) from a few IPs
+/// held every peer slot, so real encrypted peers were refused until the handshake deadline.
+/// At the cap the oldest unfinished handshake is shed for the newcomer.
+#[test]
+fn half_open_mse_handshakes_holding_every_peer_slot_are_shed_for_a_real_handshake() {
+    let (sd, _src, m) = seed_dir(MB);
+    let node = start(sd.path(), &["--max-peer-connections", "8", "--max-peer-connections-per-ip", "4"]);
+    let mut key = Vec::new();
+    let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(0), Instant::now(), &mut key);
+    // 4 source IPs x 2 = every slot, each waiting after its key (the node's Yb read back).
+    let mut held: Vec<TcpStream> = Vec::new();
+    for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
+        for _ in 0..2 {
+            let mut s = raw_from(ip, &node);
+            s.write_all(&key[..96]).unwrap();
+            let mut yb = [0u8; 96];
+            s.read_exact(&mut yb).expect("the node's key");
+            held.push(s);
+        }
+    }
+    let counts = node.call("STATUS", json!({}))["result"]["connection_counts"].clone();
+    assert_eq!(counts["peer_wire"], 8, "{counts}");
+    // A whole handshake gets through, shedding the oldest half-open one.
+    let (_good, est, _) = mse_connect(&node, m.info_hash, BOTH).unwrap_or_else(|e| panic!("handshake: {e}"));
+    assert_eq!(est.method, mse::PLAINTEXT);
+    let counts = node.call("STATUS", json!({}))["result"]["connection_counts"].clone();
+    assert_eq!((counts["shed_handshakes"].as_u64(), counts["peer_wire"].as_u64()), (Some(1), Some(8)), "{counts}");
+    assert!(closed_by_peer(&mut held[0]), "the oldest half-open handshake was shed");
+    node.assert_serving();
+}

@@ -11,7 +11,7 @@ use super::krpc::{self, Body, Id, Message, NodeInfo, Query, Response, Want};
 use super::lookup::Lookup;
 use super::node_id;
 use super::routing::{K, RoutingTable};
-use super::store::{PeerStore, Tokens};
+use super::store::{self, PeerStore, Tokens};
 
 /// A query unanswered this long has failed.
 pub const QUERY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -514,10 +514,17 @@ impl Dht {
                     let port = if implied_port { from.port() } else { port };
                     if port == 0 {
                         Body::Error { code: krpc::code::PROTOCOL, message: "port 0".into() }
-                    } else if self.store.announce(info_hash, SocketAddr::new(from.ip(), port), now) {
-                        Body::Response { id: self.id, response: Response::default() }
                     } else {
-                        Body::Error { code: krpc::code::SERVER, message: "storage full".into() }
+                        match self.store.announce(info_hash, SocketAddr::new(from.ip(), port), now) {
+                            Ok(()) => Body::Response { id: self.id, response: Response::default() },
+                            Err(store::Refused::Full) => {
+                                Body::Error { code: krpc::code::SERVER, message: "storage full".into() }
+                            }
+                            Err(store::Refused::AnnouncerQuota) => Body::Error {
+                                code: krpc::code::SERVER,
+                                message: "storage quota of this address used up".into(),
+                            },
+                        }
                     }
                 }
             }
@@ -667,7 +674,7 @@ impl Dht {
         let responded = a.lookup.responded();
         if let LookupKind::Announce { port } = a.kind {
             if let Some(ip) = self.config.own_peer_ip {
-                self.store.announce(a.lookup.target, SocketAddr::new(ip, port), now);
+                let _ = self.store.announce(a.lookup.target, SocketAddr::new(ip, port), now);
             }
             for (node, token) in &responded {
                 if let Some(token) = token {
@@ -1216,7 +1223,7 @@ mod tests {
         net.nodes[1].join(start);
         net.deliver(start);
         let key = Id([0x42; 20]);
-        net.nodes[0].store.announce(key, fam(v6, "10.0.0.9:7777").parse().unwrap(), start);
+        net.nodes[0].store.announce(key, fam(v6, "10.0.0.9:7777").parse().unwrap(), start).unwrap();
         let mut found = 0;
         let mut step = 0u32;
         while step < 6000 {
@@ -1321,8 +1328,8 @@ mod tests {
         let ids = vec![valid_id(&ip(0), 1), valid_id(&ip(1), 2), Id(near)];
         let addrs: Vec<&str> = addrs.iter().map(String::as_str).collect();
         let mut net = Net::new(&addrs, ids, DhtConfig { ipv6: v6, ..DhtConfig::default() }, now);
-        net.nodes[1].store.announce(key, fam(v6, "8.8.8.8:1").parse().unwrap(), now);
-        net.nodes[2].store.announce(key, fam(v6, "6.6.6.6:6").parse().unwrap(), now);
+        net.nodes[1].store.announce(key, fam(v6, "8.8.8.8:1").parse().unwrap(), now).unwrap();
+        net.nodes[2].store.announce(key, fam(v6, "6.6.6.6:6").parse().unwrap(), now).unwrap();
         for j in [1, 2] {
             let n = NodeInfo { id: net.nodes[j].id, addr: net.addrs[j] };
             net.nodes[0].table.insert(n, true, now);

@@ -19,6 +19,29 @@ pub const MAX_KEYS: usize = 10_000;
 pub const MAX_PEERS_PER_KEY: usize = 200;
 /// Peers returned in one get_peers answer.
 pub const PEERS_PER_ANSWER: usize = 50;
+/// Entries one announcer (see [`announcer`]) keeps under one key; its next announce there
+/// replaces its oldest, so one host cannot fill a key's answers with ports.
+pub const MAX_PER_ANNOUNCER_PER_KEY: usize = 2;
+/// Entries one announcer keeps over all keys (2.5% of [`MAX_KEYS`]: room for a node seeding
+/// many shards in a small cluster, where every DHT node stores every key); past it its announces of
+/// new entries are refused, so one host cannot fill the store.
+pub const MAX_PER_ANNOUNCER: usize = MAX_KEYS / 40;
+
+/// Whom the per-announcer quotas count by: an IPv4 address or an IPv6 /64 (as the connection
+/// caps, [`crate::node::limits::ip_key`]); a loopback address counts by address and port,
+/// since local nodes (tests, one-machine clusters) share 127.0.0.1 (as `budget::key`).
+pub fn announcer(peer: SocketAddr) -> SocketAddr {
+    if peer.ip().is_loopback() { peer } else { SocketAddr::new(crate::node::limits::ip_key(peer.ip()), 0) }
+}
+
+/// Why an announce was not stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// [`MAX_KEYS`] other keys are live.
+    Full,
+    /// The announcer holds [`MAX_PER_ANNOUNCER`] entries already.
+    AnnouncerQuota,
+}
 
 /// Tokens: SHA-1 of a rotating secret and the asker's IP, truncated.
 pub struct Tokens {
@@ -66,30 +89,63 @@ impl Tokens {
 #[derive(Default)]
 pub struct PeerStore {
     keys: HashMap<Id, Vec<(SocketAddr, Instant)>>,
+    /// Entries held per [`announcer`] over all keys.
+    per_announcer: HashMap<SocketAddr, usize>,
 }
 
 impl PeerStore {
-    /// Records `peer` under `key`; `false` when the store is full of other keys.
-    pub fn announce(&mut self, key: Id, peer: SocketAddr, now: Instant) -> bool {
+    /// Records `peer` under `key` (a re-announce refreshes it). A new entry from an announcer
+    /// already holding [`MAX_PER_ANNOUNCER_PER_KEY`] under `key` replaces its oldest there.
+    /// Errors: [`Refused::Full`] when the store holds [`MAX_KEYS`] other live keys,
+    /// [`Refused::AnnouncerQuota`] when the announcer holds [`MAX_PER_ANNOUNCER`] entries.
+    pub fn announce(&mut self, key: Id, peer: SocketAddr, now: Instant) -> Result<(), Refused> {
+        let who = announcer(peer);
+        if let Some(entry) = self.keys.get_mut(&key).and_then(|ps| ps.iter_mut().find(|(p, _)| *p == peer)) {
+            entry.1 = now;
+            return Ok(());
+        }
+        let mine = |p: &SocketAddr| announcer(*p) == who;
+        if let Some(peers) = self.keys.get_mut(&key)
+            && peers.iter().filter(|(p, _)| mine(p)).count() >= MAX_PER_ANNOUNCER_PER_KEY
+        {
+            let oldest = (peers.iter().enumerate().filter(|(_, (p, _))| mine(p)))
+                .min_by_key(|(_, (_, t))| *t)
+                .map(|(i, _)| i)
+                .expect("at the quota");
+            peers[oldest] = (peer, now);
+            return Ok(());
+        }
+        // No sweep here (one per refused packet would be a scan of the store per packet): the
+        // periodic `expire` frees an announcer's stale entries.
+        if self.per_announcer.get(&who).copied().unwrap_or(0) >= MAX_PER_ANNOUNCER {
+            return Err(Refused::AnnouncerQuota);
+        }
         if !self.keys.contains_key(&key) && self.keys.len() >= MAX_KEYS {
             self.expire(now);
             if self.keys.len() >= MAX_KEYS {
-                return false;
+                return Err(Refused::Full);
             }
         }
         let peers = self.keys.entry(key).or_default();
-        match peers.iter_mut().find(|(p, _)| *p == peer) {
-            Some(entry) => entry.1 = now,
-            None => {
-                if peers.len() >= MAX_PEERS_PER_KEY {
-                    // Drop the stalest to keep the newest announcers.
-                    let oldest = peers.iter().enumerate().min_by_key(|(_, (_, t))| *t).map(|(i, _)| i).expect("full");
-                    peers.swap_remove(oldest);
-                }
-                peers.push((peer, now));
+        if peers.len() >= MAX_PEERS_PER_KEY {
+            // Drop the stalest to keep the newest announcers.
+            let oldest = peers.iter().enumerate().min_by_key(|(_, (_, t))| *t).map(|(i, _)| i).expect("full");
+            let (gone, _) = peers.swap_remove(oldest);
+            Self::forget(&mut self.per_announcer, gone);
+        }
+        peers.push((peer, now));
+        *self.per_announcer.entry(who).or_default() += 1;
+        Ok(())
+    }
+
+    fn forget(per_announcer: &mut HashMap<SocketAddr, usize>, peer: SocketAddr) {
+        let who = announcer(peer);
+        if let Some(n) = per_announcer.get_mut(&who) {
+            *n -= 1;
+            if *n == 0 {
+                per_announcer.remove(&who);
             }
         }
-        true
     }
 
     /// Up to `PEERS_PER_ANSWER` live peers for `key`, newest first.
@@ -102,8 +158,15 @@ impl PeerStore {
     }
 
     pub fn expire(&mut self, now: Instant) {
+        let per_announcer = &mut self.per_announcer;
         self.keys.retain(|_, peers| {
-            peers.retain(|(_, t)| now.duration_since(*t) < PEER_TTL);
+            peers.retain(|&(p, t)| {
+                let live = now.duration_since(t) < PEER_TTL;
+                if !live {
+                    Self::forget(per_announcer, p);
+                }
+                live
+            });
             !peers.is_empty()
         });
     }
@@ -144,7 +207,7 @@ mod tests {
         let key = Id([7; 20]);
         for i in 0..(MAX_PEERS_PER_KEY as u32 + 50) {
             let p = SocketAddr::new(std::net::Ipv4Addr::from(i).into(), 1);
-            assert!(s.announce(key, p, now + Duration::from_millis(i as u64)));
+            assert!(s.announce(key, p, now + Duration::from_millis(i as u64)).is_ok());
         }
         assert_eq!(s.keys[&key].len(), MAX_PEERS_PER_KEY);
         assert_eq!(s.peers(&key, now).len(), PEERS_PER_ANSWER);
@@ -153,8 +216,78 @@ mod tests {
         for k in 0..MAX_KEYS as u32 {
             let mut id = [0u8; 20];
             id[..4].copy_from_slice(&k.to_le_bytes());
-            s.announce(Id(id), SocketAddr::new([1, 2, 3, 4].into(), 5), now);
+            let from = SocketAddr::new(std::net::Ipv4Addr::from(0x0b00_0000 + k).into(), 5);
+            s.announce(Id(id), from, now).unwrap();
         }
-        assert!(!s.announce(Id([0xee; 20]), SocketAddr::new([1, 2, 3, 4].into(), 5), now), "full");
+        assert_eq!(s.announce(Id([0xee; 20]), SocketAddr::new([1, 2, 3, 4].into(), 5), now), Err(Refused::Full));
+    }
+
+    fn at(addr: &str) -> SocketAddr {
+        addr.parse().unwrap()
+    }
+
+    /// Red-team finding: one IP announcing 205 ports on one key filled every get_peers answer.
+    #[test]
+    fn one_host_keeps_few_entries_per_key_and_its_newest_replace_its_oldest() {
+        let now = Instant::now();
+        let mut s = PeerStore::default();
+        let key = Id([3; 20]);
+        s.announce(key, at("10.9.9.9:1"), now).unwrap();
+        for port in 1..=205u16 {
+            s.announce(key, SocketAddr::new([10, 0, 0, 1].into(), port), now + Duration::from_millis(port.into()))
+                .unwrap();
+        }
+        // One /64 is one host.
+        for (i, a) in ["[2001:db8::1]:9", "[2001:db8::2]:9", "[2001:db8::3]:9"].iter().enumerate() {
+            s.announce(key, at(a), now + Duration::from_secs(1 + i as u64)).unwrap();
+        }
+        let got = s.peers(&key, now + Duration::from_secs(5));
+        let host = |ip: &str| got.iter().filter(|p| p.ip().to_string() == ip).count();
+        assert_eq!(got.len(), 1 + 2 * MAX_PER_ANNOUNCER_PER_KEY, "{got:?}");
+        assert_eq!(host("10.9.9.9"), 1);
+        assert!(got.contains(&at("10.0.0.1:205")) && got.contains(&at("10.0.0.1:204")), "newest kept: {got:?}");
+        assert!(!got.contains(&at("[2001:db8::1]:9")), "the /64's oldest replaced: {got:?}");
+        // Re-announcing a kept entry refreshes it without displacing another.
+        s.announce(key, at("10.0.0.1:204"), now + Duration::from_secs(9)).unwrap();
+        assert!(s.peers(&key, now + Duration::from_secs(9)).contains(&at("10.0.0.1:205")));
+        // Loopback counts by address and port: local nodes sharing 127.0.0.1 are all kept.
+        for port in 1..=10u16 {
+            s.announce(key, SocketAddr::new([127, 0, 0, 1].into(), port), now).unwrap();
+        }
+        assert_eq!(s.peers(&key, now).iter().filter(|p| p.ip().is_loopback()).count(), 10);
+    }
+
+    /// Red-team finding: one IP filled all MAX_KEYS keys, refusing every other announcer.
+    #[test]
+    fn one_host_cannot_fill_the_store() {
+        let now = Instant::now();
+        let mut s = PeerStore::default();
+        let attacker = at("10.0.0.1:6881");
+        let key = |k: u32| {
+            let mut id = [0u8; 20];
+            id[..4].copy_from_slice(&k.to_le_bytes());
+            Id(id)
+        };
+        let mut refused = 0;
+        for k in 0..MAX_KEYS as u32 {
+            match s.announce(key(k), attacker, now) {
+                Ok(()) => {}
+                Err(e) => {
+                    assert_eq!(e, Refused::AnnouncerQuota);
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!(s.len(), MAX_PER_ANNOUNCER);
+        assert_eq!(refused, MAX_KEYS - MAX_PER_ANNOUNCER);
+        // Everyone else is still served, on old keys and new.
+        s.announce(key(0), at("10.0.0.2:1"), now).unwrap();
+        s.announce(Id([0xee; 20]), at("10.0.0.2:1"), now).unwrap();
+        // A re-announce at the quota refreshes.
+        s.announce(key(0), attacker, now + Duration::from_secs(60)).unwrap();
+        // Expired entries give the quota back.
+        s.expire(now + PEER_TTL + Duration::from_secs(1));
+        assert_eq!(s.len(), 1, "key 0, refreshed");
+        s.announce(key(MAX_KEYS as u32 + 1), attacker, now + PEER_TTL + Duration::from_secs(2)).unwrap();
     }
 }

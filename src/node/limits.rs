@@ -7,7 +7,10 @@
 //! idle connection (unclassified, or a command connection with nothing in flight,
 //! buffered or unsent) where one may be shed, and refuses the newcomer otherwise:
 //! a refused command connection gets a `TOO_MANY_CONNECTIONS` error frame, anything
-//! else is just closed. Peer-wire connections are never shed for others.
+//! else is just closed. Peer-wire connections are never shed for others, with one
+//! exception: at the peer-wire caps a newcomer first sheds the accepted connection that has
+//! sat longest in an unfinished Message Stream Encryption handshake (half-open handshakes
+//! from a few IPs would otherwise hold every peer slot until the handshake deadline).
 //!
 //! [`Census`] is the bookkeeping, sans-IO; the `impl Node` below applies it to sockets.
 
@@ -54,6 +57,9 @@ fn slot(kind: Kind) -> usize {
 pub struct LimitStats {
     /// Idle connections closed to make room for a newcomer.
     pub shed_idle: u64,
+    /// Accepted peer-wire connections still in an MSE handshake, closed to make room for a
+    /// newcomer at the peer-wire caps.
+    pub shed_handshakes: u64,
     /// Newcomers refused at a cap with nothing idle to shed.
     pub refused: u64,
     pub idle_timeouts: u64,
@@ -128,6 +134,7 @@ impl Census {
             "ips": self.per_ip.len(),
             "frame_memory_used": self.frame_bytes,
             "shed_idle": s.shed_idle,
+            "shed_handshakes": s.shed_handshakes,
             "refused": s.refused,
             "idle_timeouts": s.idle_timeouts,
             "frame_timeouts": s.frame_timeouts,
@@ -136,6 +143,11 @@ impl Census {
             "accept_errors": s.accept_errors,
         })
     }
+}
+
+/// Whether `c` is still in its MSE handshake (classified as MSE, or mid-way).
+fn handshaking(c: &Conn) -> bool {
+    matches!(c.crypt, crate::node::peer_crypto::Crypt::Incoming | crate::node::peer_crypto::Crypt::Handshaking { .. })
 }
 
 /// The candidate idle longest, if any: `(token, idle since)` pairs.
@@ -313,7 +325,7 @@ impl Node {
         if kind == Kind::Unknown {
             return;
         }
-        let (ip, incoming) = (conn.peer.ip(), !conn.outgoing);
+        let (ip, incoming, newcomer) = (conn.peer.ip(), !conn.outgoing, conn.id);
         self.census.classified(ip, kind, incoming);
         let c = &self.config;
         let over = match kind {
@@ -338,9 +350,18 @@ impl Node {
             }
             _ => {
                 let (per_ip, total) = (c.max_peer_connections_per_ip, c.max_peer_connections);
-                if self.census.per_ip(ip, kind) > per_ip {
+                let key = ip_key(ip);
+                let handshaking = move |o: &Conn| o.id != newcomer && o.kind == Kind::PeerWire && handshaking(o);
+                if self.census.per_ip(ip, kind) > per_ip
+                    && !self.shed_oldest_handshake(
+                        move |o| handshaking(o) && ip_key(o.peer.ip()) == key,
+                        "--max-peer-connections-per-ip",
+                    )
+                {
                     Some(format!("--max-peer-connections-per-ip {per_ip}"))
-                } else if self.census.count(kind) > total {
+                } else if self.census.count(kind) > total
+                    && !self.shed_oldest_handshake(handshaking, "--max-peer-connections")
+                {
                     Some(format!("--max-peer-connections {total}"))
                 } else {
                     None
@@ -359,6 +380,19 @@ impl Node {
                 conn.queue_frame(&payload, Instant::now());
             }
         }
+    }
+
+    /// Closes the accepted connection `filter` accepts that has waited longest (since its last
+    /// input) in an unfinished MSE handshake; false if none is.
+    fn shed_oldest_handshake(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
+        let candidates = self.conns.iter().enumerate().filter_map(|(slot, c)| {
+            let c = c.as_ref()?;
+            (!c.outgoing && filter(c)).then_some((Token(slot + FIRST_CONN), c.last_activity))
+        });
+        let Some(victim) = oldest(candidates) else { return false };
+        self.census.stats.shed_handshakes += 1;
+        self.close(victim, &format!("shed (MSE handshake unfinished) to make room: {why}"));
+        true
     }
 
     /// Closes the connection idle longest among those `filter` accepts; false if none is.

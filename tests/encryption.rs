@@ -205,7 +205,8 @@ fn closed_after(node: &NodeProc, bytes: &[u8]) {
 #[test]
 fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
-    let node = torrent_node(sd.path(), &[]);
+    let node = torrent_node(sd.path(), &["--mse-timeout", "2"]);
+    assert_eq!(node.call("STATUS", json!({}))["result"]["limits"]["mse_timeout_s"], 2);
     // A torrent the node does not serve.
     let err = mse_connect(&node, shardnet::torrent::InfoHash([0xee; 20]), BOTH).err().expect("refused");
     assert!(err.contains("closed"), "{err}");
@@ -222,12 +223,13 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     });
     assert_eq!(e["failed"]["unknown_info_hash"], 1, "{e}");
     assert_eq!(e["failed"]["bad_public_key"], 1, "{e}");
-    // And one that stops halfway (the key only) is closed after the handshake deadline.
+    // And one that stops halfway (the key only) is closed after the handshake deadline
+    // (`--mse-timeout 2`; well before the default 10 s).
     let mut s = node.raw();
     s.write_all(&out[..96]).unwrap();
     let mut yb = [0u8; 96];
     s.read_exact(&mut yb).unwrap();
-    assert!(closed_within(&mut s, mse::HANDSHAKE_TIMEOUT + Duration::from_secs(5)), "a stalled handshake stays open");
+    assert!(closed_within(&mut s, Duration::from_secs(2 + 5)), "a stalled handshake stays open");
     assert_eq!(encryption(&node)["timeouts"], 1);
     // Good peers and commands are served throughout.
     let (_s, est, _) = mse_connect(&node, m.info_hash, BOTH).expect("a good handshake after the bad ones");

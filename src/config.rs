@@ -63,7 +63,8 @@ pub struct NodeConfig {
     /// Bytes per second read from peers, all torrents together; 0: no limit.
     pub download_limit: u64,
     /// Write downloaded pieces with direct I/O (not through the page cache)
-    /// where the filesystem allows; `--cached-writes` turns it off.
+    /// where the filesystem allows, for downloads no load waits for; `--cached-writes` turns it
+    /// off.
     pub direct_io: bool,
     /// ggml compute threads of the inference worker.
     pub threads: usize,
@@ -269,7 +270,8 @@ FLAGS:
   --upload-limit BYTES   bytes/s sent to peers, all torrents [default: 0, no limit]
   --download-limit BYTES bytes/s read from peers, all torrents [default: 0, no limit]
   --cached-writes        write downloaded pieces through the page cache (default:
-                         direct I/O where the filesystem allows it)
+                         direct I/O where the filesystem allows it, except for a
+                         download a LOAD_SHARD waits for: it is read at once)
   --dht-read-only        a read-only DHT node (BEP 43): it looks up and announces
                          but answers no query, and others keep it out of their
                          routing tables (for a node that cannot take queries)

@@ -154,7 +154,6 @@ fn check_shard_keys(g: &Gguf, shard_id: u32, model: Option<&str>) -> Result<Shar
     Ok(summary)
 }
 
-/// Opens, maps and checks a shard file ([`check_shard`], `listed` as there). Runs on a worker.
 /// Bytes between two reads of [`prefault`]'s walk: the smallest page size.
 const PAGE: usize = 4096;
 
@@ -183,6 +182,8 @@ fn prefault(map: &Mmap, name: &str) {
     crate::debug!("{name}: {} MB read in {:.1} ms", map.len() >> 20, t.elapsed().as_secs_f64() * 1e3);
 }
 
+/// Opens, maps and checks a shard file ([`check_shard`], `listed` as there), and brings its pages
+/// in ([`prefault`]). Runs on a worker.
 pub fn load_shard(
     shard_id: u32,
     path: &Path,

@@ -598,8 +598,13 @@ impl Node {
     /// After output drained or a deferred answer went out: a connection that
     /// was paused and may read again is served now (edge-triggered readiness
     /// raised no event for input that arrived while it was paused).
+    ///
+    /// Whole requests already buffered count as paused too: a connection may pause on its
+    /// reservations (`Conn::reserved`) with requests read, and leave high water before it drains
+    /// below low water, so `was_paused` alone missed them and they waited for bytes that never came.
     fn resume_or_settle(&mut self, token: Token, was_paused: bool) {
-        if was_paused && self.conn(token).is_some_and(|c| c.drained()) {
+        let resume = was_paused || self.conn(token).is_some_and(|c| c.has_partial_input());
+        if resume && self.conn(token).is_some_and(|c| c.drained()) {
             self.process_input(token);
             self.on_readable(token);
         } else {

@@ -247,7 +247,7 @@ impl Relays {
                 }
                 Err(e) => {
                     crate::debug!("relay to {}: connect: {e}", out.next.address);
-                    let msg = format!("next hop {} (shard {}) {NOT_SHARDNET}", out.next.address, out.next.shard_id);
+                    let msg = format!("next hop {} (shard {}): {NOT_SHARDNET}", out.next.address, out.next.shard_id);
                     return vec![hop_failed(out.reply, &out.next, &msg)];
                 }
             },

@@ -51,7 +51,7 @@ fn relays(node: &NodeProc) -> Value {
 
 /// A next hop answers only requests sent on its own link. The victim's chain waits at an honest
 /// hop V; the attacker's chain goes to a fake hop F, which answers every request id from 0 to far
-/// past its own with a forged result and with HOP_FAILED naming a healthy node. The node takes
+/// past its own (nearest first) with a forged result and with HOP_FAILED naming a healthy node. The node takes
 /// none of them for the victim (before: the victim got F's token 666): F's link is closed at its
 /// first foreign id, the attacker's chain fails naming F, and the victim gets V's answer.
 #[test]
@@ -73,9 +73,10 @@ fn a_next_hop_cannot_answer_requests_sent_to_another() {
     let (mut f, _) = fake.accept().unwrap();
     f.set_read_timeout(Some(WAIT)).unwrap();
     let own = read_frame(&mut f)["request_id"].as_u64().unwrap();
-    // Forged answers for every id up to far past F's own, the victim's among them.
+    // Forged answers for every id but its own, nearest first (the ids are guessable), the
+    // victim's among them.
     let mut spray = Vec::new();
-    for id in (0..own + 400).filter(|id| *id != own) {
+    for id in (0..own).rev().chain(own + 1..own + 400) {
         let forged = json!({"command": "EXECUTE_TASK", "request_id": id, "status": "success",
             "result": {"top_k": [{"id": 666, "logit": 99.0}], "hops": [{"address": "evil", "shard_id": 1}]}});
         spray.extend(frame_bytes(&forged));

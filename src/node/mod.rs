@@ -603,6 +603,13 @@ impl Node {
     /// reservations (`Conn::reserved`) with requests read, and leave high water before it drains
     /// below low water, so `was_paused` alone missed them and they waited for bytes that never came.
     fn resume_or_settle(&mut self, token: Token, was_paused: bool) {
+        // Write first: the answer just queued may leave at once, and then no writable event comes.
+        if let Some(conn) = self.conn(token)
+            && conn.pending_output() > 0
+            && let Err(e) = conn.flush(Instant::now())
+        {
+            return self.close(token, &format!("write error: {e}"));
+        }
         let resume = was_paused || self.conn(token).is_some_and(|c| c.has_partial_input());
         if resume && self.conn(token).is_some_and(|c| c.drained()) {
             self.process_input(token);

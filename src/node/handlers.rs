@@ -204,7 +204,12 @@ impl Node {
                 Ok(result) => success_payload("MODEL_INFO", &reply.request_id, result),
                 Err(e) => error_payload(json!("MODEL_INFO"), reply.request_id.clone(), ErrorCode::ShardInvalid, &e),
             };
-            let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload });
+            let _ = tx.send(NodeEvent::Answer {
+                token: reply.token,
+                conn_id: reply.conn_id,
+                reserved: reply.reserved,
+                payload,
+            });
             let _ = waker.wake();
         });
     }

@@ -169,7 +169,9 @@ fn worker(
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
     let send = |reply: ReplyTo, payload: Vec<u8>| {
-        let ok = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload }).is_ok();
+        let ok = events
+            .send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload })
+            .is_ok();
         let _ = waker.wake();
         ok
     };
@@ -331,7 +333,12 @@ fn run_group(
                 }
             }
         };
-        let _ = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload });
+        let _ = events.send(NodeEvent::Answer {
+            token: reply.token,
+            conn_id: reply.conn_id,
+            reserved: reply.reserved,
+            payload,
+        });
         let _ = waker.wake();
     }
 }

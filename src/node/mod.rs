@@ -20,8 +20,8 @@ pub mod limits;
 mod peer_wire;
 mod pin;
 mod relay;
-mod schedule;
 pub mod scan;
+mod schedule;
 mod shutdown;
 
 use std::collections::{HashMap, HashSet};
@@ -679,7 +679,9 @@ impl Node {
                     self.on_hashed(info_hash, piece, ok, blocks, write_error, buffer)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
-                NodeEvent::Answer { token, conn_id, reserved, payload } => self.on_answer(token, conn_id, reserved, &payload),
+                NodeEvent::Answer { token, conn_id, reserved, payload } => {
+                    self.on_answer(token, conn_id, reserved, &payload)
+                }
                 NodeEvent::Relay(out) => {
                     let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
                     self.deliver(answers);

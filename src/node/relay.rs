@@ -189,7 +189,8 @@ impl Relays {
         }
         let size = out.payload.len() + frame::HEADER_LEN + 64;
         if self.queued > 0 && self.queued + size > self.limits.memory {
-            let why = format!("relay requests of {} bytes unsent, --relay-memory is {}", self.queued, self.limits.memory);
+            let why =
+                format!("relay requests of {} bytes unsent, --relay-memory is {}", self.queued, self.limits.memory);
             return self.refuse(out, why);
         }
         if let Some(l) = self.by_addr.get(&out.next.address).and_then(|t| self.links.get(t))

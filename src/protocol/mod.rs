@@ -528,8 +528,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(v) => return Err((ErrorCode::WrongType, format!("next must be an array of hops, got {}", kind(v)))),
     };
     let load = bool_param(params, "load", true)?;
-    let hop_timeout_ms =
-        u32_param(params, "hop_timeout_ms", MAX_HOP_TIMEOUT_MS)?.unwrap_or(60_000).max(1) as u64;
+    let hop_timeout_ms = u32_param(params, "hop_timeout_ms", MAX_HOP_TIMEOUT_MS)?.unwrap_or(60_000).max(1) as u64;
     if let TaskOutput::Logits { all: true } = output {
         let rows = match &input {
             TaskInput::Tokens(t) => t.len(),

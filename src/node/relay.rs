@@ -415,7 +415,8 @@ impl Relays {
                     if !matches!(link.auth, LinkAuth::Open | LinkAuth::Ready { .. }) {
                         let before = link.queued();
                         let step = link.handshake(&answer);
-                        self.queued = self.queued + link.queued() - before;
+                        self.queued += link.queued();
+                        self.queued -= before;
                         if let Err(why) = step {
                             closed = Some(why);
                             break;

@@ -171,7 +171,8 @@ pub const MAX_HOP_TIMEOUT_MS: u64 = 600_000;
 
 /// Most rows of logits one `EXECUTE_TASK` with `all_logits` may ask for: at SmolLM2's 49152-token
 /// vocabulary 64 rows are a 17 MB answer (base64 f32), 512 rows were 134 MB each. Longer inputs
-/// are sent in chunks of at most this many tokens (as llama.cpp's `n_ubatch` does for logits).
+/// are sent in chunks of at most this many tokens. The same number as the steps one inference
+/// round takes, so one round's logits answers stay within 64 rows each.
 pub const MAX_ALL_LOGITS_ROWS: usize = 64;
 
 /// Most hops one EXECUTE_TASK may name.

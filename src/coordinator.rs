@@ -157,6 +157,8 @@ struct NodeView {
     files: HashSet<u32>,
     /// The info hash of each complete shard file it holds (`LIST_FILES`).
     hashes: HashMap<u32, String>,
+    /// Its `--max-sessions-per-client` (`STATUS.limits`), when shown.
+    sessions_per_client: Option<usize>,
 }
 
 pub struct Coordinator<'e> {
@@ -288,7 +290,8 @@ impl<'e> Coordinator<'e> {
                 .filter(|f| f.get("mismatch").is_none_or(|m| *m == json!(false)))
                 .filter_map(|f| Some((f["shard_id"].as_u64()? as u32, f["info_hash"].as_str()?.to_string())))
                 .collect();
-            nodes.push(NodeView { addr, loaded, files, hashes });
+            let sessions_per_client = status["limits"]["max_sessions_per_client"].as_u64().map(|n| n as usize);
+            nodes.push(NodeView { addr, loaded, files, hashes, sessions_per_client });
         }
         if nodes.is_empty() {
             bail!(
@@ -433,6 +436,14 @@ impl<'e> Coordinator<'e> {
     /// The model's `general.name`, else its id.
     pub fn model_name(&self) -> &str {
         self.model_name.as_deref().unwrap_or(&self.model_id)
+    }
+
+    /// The fewest sessions one client may hold on a node of the plan (their
+    /// `--max-sessions-per-client`), when the nodes show it: every generation this coordinator runs
+    /// at once is a session on each of them, all counted as one client (one address).
+    pub fn sessions_per_client(&self) -> Option<usize> {
+        let on_plan = |n: &&NodeView| self.plan.contains(&n.addr);
+        self.nodes.iter().filter(on_plan).filter_map(|n| n.sessions_per_client).min()
     }
 
     /// The node serving each shard, in order; empty before `place_all`.

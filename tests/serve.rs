@@ -235,18 +235,8 @@ fn the_openai_client_completes_streams_stops_and_counts() {
 
     // Chat, greedy: the text and the token counts of `shardctl generate --chat` on the whole model
     // in one process; the stream joins to the same text.
-    let want = shardctl_json(&[
-        "--json",
-        "generate",
-        SMOLLM2,
-        "--chat",
-        "--system",
-        SYSTEM,
-        "--prompt",
-        QUESTION,
-        "-n",
-        "24",
-    ]);
+    let want =
+        shardctl_json(&["--json", "generate", SMOLLM2, "--chat", "--system", SYSTEM, "--prompt", QUESTION, "-n", "24"]);
     let chat = &r["chat"];
     assert!(!chat["text"].as_str().unwrap().is_empty(), "{r}");
     assert_eq!(chat["text"], want["text"], "HTTP chat and generate --chat disagree: {r}");
@@ -317,6 +307,19 @@ fn an_unknown_model_is_404_and_n_over_1_is_refused() {
     assert_eq!(r.status, 200, "{}", r.json());
 }
 
+/// Every generation serve runs at once is a session on each node, all one client there: a
+/// `--parallel` above the nodes' `--max-sessions-per-client` is warned about at start.
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_parallel_above_the_nodes_session_quota_is_warned_about() {
+    let c = cluster("serve-quota", &["--max-sessions-per-client", "2"], &["--parallel", "3"]);
+    let log = std::fs::read_to_string(c._dir.path().join("serve.log")).unwrap();
+    assert!(log.contains("--parallel 3 is above the 2 sessions"), "{log}");
+    let c = cluster("serve-quota-ok", &["--max-sessions-per-client", "3"], &["--parallel", "3"]);
+    let log = std::fs::read_to_string(c._dir.path().join("serve.log")).unwrap();
+    assert!(!log.contains("is above the"), "{log}");
+}
+
 #[test]
 #[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
 fn empty_messages_and_unknown_roles_are_400() {
@@ -357,7 +360,10 @@ fn start_stream(addr: &str, n: usize) -> BufReader<TcpStream> {
     let body =
         json!({"prompt": PROMPT, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
     let mut s = connect(addr);
-    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(head.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
     let mut line = String::new();
@@ -404,7 +410,10 @@ fn slow_clients_holding_connections_do_not_stop_another_client() {
     let mut slow = Vec::new();
     for _ in 0..100 {
         let mut s = TcpStream::connect(&c.http).unwrap();
-        s.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Le").unwrap();
+        s.write_all(
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Le",
+        )
+        .unwrap();
         slow.push(s);
     }
     // Another client is served: the listener closes the longest idle connection for it.
@@ -435,7 +444,10 @@ fn requests_past_the_slots_wait_in_the_queue_and_a_full_queue_is_503() {
     let waiting = {
         let body = json!({"prompt": PROMPT, "max_tokens": 1}).to_string();
         let mut s = connect(&c.http);
-        let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let head = format!(
+            "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         s.write_all(head.as_bytes()).unwrap();
         s
     };
@@ -483,7 +495,10 @@ fn stream_whole(addr: &str, prompt: &str, n: usize) -> (String, Instant, Instant
     let body =
         json!({"prompt": prompt, "max_tokens": n, "stream": true, "temperature": 0, "ignore_eos": true}).to_string();
     let mut s = connect(addr);
-    let head = format!("POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
     s.write_all(head.as_bytes()).unwrap();
     let mut r = BufReader::new(s);
     let (mut text, mut first) = (String::new(), None);
@@ -521,7 +536,11 @@ fn four_streams_run_at_once_and_each_writes_its_text_alone() {
     let alone: Vec<String> = PROMPTS
         .iter()
         .map(|p| {
-            let r = post(&c.http, "/v1/completions", &json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true}));
+            let r = post(
+                &c.http,
+                "/v1/completions",
+                &json!({"prompt": p, "max_tokens": n, "temperature": 0, "ignore_eos": true}),
+            );
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
             r.json()["choices"][0]["text"].as_str().unwrap().to_string()
         })
@@ -669,10 +688,14 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
     let answer = text(&find(".msg.assistant").unwrap());
     let stats = text(&find("#stats").unwrap());
     // The same conversation through the API, greedy: the page shows the same text.
-    let api = post(&c.http, "/v1/chat/completions", &json!({
-        "messages": [{"role": "user", "content": "What is the capital of France?"}],
-        "temperature": 0, "max_tokens": 48,
-    }))
+    let api = post(
+        &c.http,
+        "/v1/chat/completions",
+        &json!({
+            "messages": [{"role": "user", "content": "What is the capital of France?"}],
+            "temperature": 0, "max_tokens": 48,
+        }),
+    )
     .json();
     assert_eq!(answer, api["choices"][0]["message"]["content"].as_str().unwrap(), "{api}");
     assert!(!answer.is_empty());
@@ -684,7 +707,8 @@ fn the_chat_page_streams_an_answer_in_headless_chromium() {
 /// application/json`); a header given as `(name, "")` is left out.
 fn request_with(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     let mut s = connect(addr);
-    let mut all: Vec<(String, String)> = vec![("Host".into(), addr.into()), ("Content-Type".into(), "application/json".into())];
+    let mut all: Vec<(String, String)> =
+        vec![("Host".into(), addr.into()), ("Content-Type".into(), "application/json".into())];
     for (k, v) in headers {
         all.retain(|(n, _)| !n.eq_ignore_ascii_case(k));
         if !v.is_empty() {
@@ -711,7 +735,11 @@ fn short_completion() -> Vec<u8> {
 #[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
 fn cross_site_requests_and_foreign_hosts_are_refused_and_named_origins_get_their_own() {
     const APP: &str = "http://app.example:3000";
-    let c = cluster("serve-cors", &[], &["--cors-origin", APP, "--cors-origin", "https://b.example", "--allowed-host", "gpu.lan"]);
+    let c = cluster(
+        "serve-cors",
+        &[],
+        &["--cors-origin", APP, "--cors-origin", "https://b.example", "--allowed-host", "gpu.lan"],
+    );
     let body = short_completion();
     let post = |headers: &[(&str, &str)]| request_with(&c.http, "POST", "/v1/completions", headers, &body);
 
@@ -725,7 +753,10 @@ fn cross_site_requests_and_foreign_hosts_are_refused_and_named_origins_get_their
     assert_eq!(r.header("access-control-allow-headers"), None);
 
     // A foreign Host (a DNS-rebinding name): 403, with or without an Origin that matches it.
-    for headers in [&[("Host", "rebind.evil.example")][..], &[("Host", "rebind.evil.example"), ("Origin", "http://rebind.evil.example")]] {
+    for headers in [
+        &[("Host", "rebind.evil.example")][..],
+        &[("Host", "rebind.evil.example"), ("Origin", "http://rebind.evil.example")],
+    ] {
         let r = post(headers);
         let e = assert_error(&r, 403, None);
         assert_eq!(e["error"]["code"], "host_not_allowed", "{e}");
@@ -783,7 +814,13 @@ fn an_api_key_guards_v1_and_metrics_and_the_openai_client_passes_it() {
     let bearer = format!("Bearer {KEY}");
     for (path, method) in [("/v1/completions", "POST"), ("/v1/models", "GET"), ("/metrics", "GET")] {
         let b: &[u8] = if method == "POST" { &body } else { b"" };
-        for auth in ["", "Bearer sk-wrong", &format!("Bearer {KEY}x"), &format!("Basic {KEY}"), &format!("Bearer {}", &KEY[..KEY.len() - 1])] {
+        for auth in [
+            "",
+            "Bearer sk-wrong",
+            &format!("Bearer {KEY}x"),
+            &format!("Basic {KEY}"),
+            &format!("Bearer {}", &KEY[..KEY.len() - 1]),
+        ] {
             let r = request_with(&c.http, method, path, &[("Authorization", auth)], b);
             let e = assert_error(&r, 401, None);
             assert_eq!(e["error"]["code"], "invalid_api_key", "{path} {auth:?}: {e}");

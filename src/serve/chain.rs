@@ -164,6 +164,13 @@ pub fn run(
                         chat_template,
                     };
                     crate::info!("serving {} over {} shards: {:?}", view.name, c.plan().len(), c.plan());
+                    if let Some(quota) = c.sessions_per_client().filter(|&q| q < parallel) {
+                        crate::warn!(
+                            "--parallel {parallel} is above the {quota} sessions a node of the chain keeps for one \
+                             client (its --max-sessions-per-client): generations past {quota} evict each other's \
+                             sessions; start the nodes with --max-sessions-per-client {parallel} or more"
+                        );
+                    }
                     state.set(Some(Arc::new(view)), Health::Ready);
                     coordinator = Some(c);
                     epoch += 1;

@@ -141,6 +141,8 @@ struct Run {
     batch: Vec<f64>,
     /// Share of the round's wall time each node's inference thread spent computing.
     busy: Vec<f64>,
+    /// Share of the round's wall time each node held rounds open for steps due back.
+    gather: Vec<f64>,
 }
 
 /// `n` streams at once: each prefills once, then decodes `REPS + 1` rounds together; the
@@ -156,15 +158,18 @@ fn run(nodes: &[&NodeProc], next: &[Value], n: usize, vocab: u32, tag: &str) -> 
         })
         .collect();
     let mut walls = Vec::new();
-    let mut busy = Vec::new();
+    let mut busy: Vec<[Vec<f64>; 2]> = Vec::new();
     for _ in 0..=REPS {
-        let before: Vec<f64> = nodes.iter().map(|n| busy_ms(n)).collect();
+        let before: Vec<[f64; 2]> = nodes.iter().map(|n| busy_ms(n)).collect();
         start.wait();
         let t = Instant::now();
         end.wait();
         let wall = t.elapsed().as_secs_f64();
         walls.push(wall);
-        busy.push(nodes.iter().zip(before).map(|(n, b)| (busy_ms(n) - b) / 1e3 / wall).collect::<Vec<f64>>());
+        let share = |i: usize| -> Vec<f64> {
+            nodes.iter().zip(&before).map(|(n, b)| (busy_ms(n)[i] - b[i]) / 1e3 / wall).collect()
+        };
+        busy.push([share(0), share(1)]);
     }
     let per_stream: Vec<Vec<Vec<StepSeen>>> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
     (1..=REPS)
@@ -184,16 +189,19 @@ fn run(nodes: &[&NodeProc], next: &[Value], n: usize, vocab: u32, tag: &str) -> 
                 p99: percentile(&mut all, 0.99),
                 complete: per_stream.iter().all(|s| s[round].len() == STEPS),
                 batch,
-                busy: busy[round].clone(),
+                busy: busy[round][0].clone(),
+                gather: busy[round][1].clone(),
             }
         })
         .collect()
 }
 
-/// The node's inference thread's busy time so far (STATUS `inference.busy_ms`).
-fn busy_ms(node: &NodeProc) -> f64 {
+/// The node's inference thread's time so far computing and holding rounds open for steps due
+/// back (STATUS `inference.busy_ms`, `inference.gather_ms`).
+fn busy_ms(node: &NodeProc) -> [f64; 2] {
     let s = node.call("STATUS", json!({}));
-    s["result"]["inference"]["busy_ms"].as_f64().unwrap_or(f64::NAN)
+    let ms = |k: &str| s["result"]["inference"][k].as_f64().unwrap_or(f64::NAN);
+    [ms("busy_ms"), ms("gather_ms")]
 }
 
 /// Prompt tokens per second of 512-token prompts through the whole model in this process.
@@ -264,10 +272,10 @@ fn main() {
             let per_node = |f: fn(&Run) -> &Vec<f64>| -> Vec<f64> {
                 (0..procs.len()).map(|h| median(runs.iter().filter_map(|r| f(r).get(h).copied()).collect())).collect()
             };
-            let (batch, busy) = (per_node(|r| &r.batch), per_node(|r| &r.busy));
+            let (batch, busy, gather) = (per_node(|r| &r.batch), per_node(|r| &r.busy), per_node(|r| &r.gather));
             eprintln!(
                 "{setup:12} {n:2} streams: {agg:7.1} tok/s aggregate, p50 {p50:7.2} ms, p99 {p99:7.2} ms per token, \
-                 batch {batch:.1?}, busy {busy:.2?}{}",
+                 batch {batch:.1?}, busy {busy:.2?}, gather {gather:.2?}{}",
                 if complete { "" } else { " (stopped at the time budget)" }
             );
             if n == 16 {
@@ -275,7 +283,7 @@ fn main() {
             }
             rows.push(json!({"setup": setup, "streams": n, "aggregate_tok_s": agg, "p50_ms_per_token": p50,
                 "p99_ms_per_token": p99, "complete": complete,
-                "mean_batch_per_node": batch, "busy_per_node": busy,
+                "mean_batch_per_node": batch, "busy_per_node": busy, "gather_per_node": gather,
                 "runs": runs.iter().map(|r| json!([r.aggregate, r.p50, r.p99])).collect::<Vec<_>>()}));
         }
     }

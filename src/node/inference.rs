@@ -3,7 +3,7 @@
 //! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
 //! steps in order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +14,7 @@ use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
 
+use super::gather::{self, Gather};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
@@ -67,6 +68,8 @@ pub struct InferStats {
     pub tasks: AtomicU64,
     pub tokens: AtomicU64,
     pub busy_us: AtomicU64,
+    /// Time rounds were held open for steps about to arrive (see [`gather`]).
+    pub gather_us: AtomicU64,
     pub queued: AtomicU64,
     /// 1 while a task computes.
     pub running: AtomicU64,
@@ -80,6 +83,7 @@ impl InferStats {
             "tasks": self.tasks.load(Ordering::Relaxed),
             "tokens": self.tokens.load(Ordering::Relaxed),
             "busy_ms": self.busy_us.load(Ordering::Relaxed) / 1000,
+            "gather_ms": self.gather_us.load(Ordering::Relaxed) / 1000,
             "queued": self.queued.load(Ordering::Relaxed),
             "running": self.running.load(Ordering::Relaxed),
         })
@@ -131,14 +135,31 @@ fn worker(
         let _ = waker.wake();
         ok
     };
+    let mut gather = Gather::default();
     while let Ok(first) = jobs.recv() {
-        // Continuous batching: whatever queued while the last graph ran goes into this round.
+        // Continuous batching: whatever queued while the last graph ran goes into this round,
+        // and the steps of sessions due back in a moment (see `gather`).
         let mut round = vec![first];
         while round.len() < MAX_JOBS_PER_ROUND {
             match jobs.try_recv() {
                 Ok(job) => round.push(job),
                 Err(_) => break,
             }
+        }
+        let mut have = HashSet::new();
+        for job in &round {
+            arrived(&mut gather, &mut have, job);
+        }
+        let waited = Instant::now();
+        if let Some((until, mut waiting)) = gather.plan(&have, waited) {
+            while !waiting.is_empty() && round.len() < MAX_JOBS_PER_ROUND {
+                let Ok(job) = jobs.recv_deadline(until) else { break };
+                if let Some(key) = arrived(&mut gather, &mut have, &job) {
+                    waiting.remove(&key);
+                }
+                round.push(job);
+            }
+            stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         stats.running.store(1, Ordering::Relaxed);
@@ -163,6 +184,7 @@ fn worker(
                     }
                 }
                 Job::EndSession { reply, session_id, session_token } => {
+                    gather.ended(&session_id);
                     for group in groups.drain(..) {
                         run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
                     }
@@ -181,8 +203,18 @@ fn worker(
         for group in groups {
             run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
         }
+        gather.answered(&have, Instant::now(), started.elapsed());
         record(&engine, &stats, started);
     }
+}
+
+/// Tells `gather` a step arrived and adds its session to `have`; the session, for a step.
+fn arrived(gather: &mut Gather, have: &mut HashSet<gather::Key>, job: &Job) -> Option<gather::Key> {
+    let Job::Execute { task, queued, .. } = job else { return None };
+    let key = (task.session_id.clone(), task.shard_id);
+    gather.arrived(&key, *queued);
+    have.insert(key.clone());
+    Some(key)
 }
 
 /// An `EXECUTE_TASK` taken off the queue.

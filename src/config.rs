@@ -58,6 +58,13 @@ pub struct NodeConfig {
     /// Bytes all connections' partially received frames may hold together; over it the
     /// connection holding the largest is answered `FRAME_MEMORY_EXCEEDED` and closed.
     pub frame_memory: u64,
+    /// Relays (a hop's result carried to the next node) in flight at once, node-wide; more are
+    /// answered `BUSY` (`--max-relays`).
+    pub max_relays: usize,
+    /// Unsent request bytes one relay link (connection to a next hop) may hold (`--relay-link-buffer`).
+    pub relay_link_buffer: usize,
+    /// Unsent request bytes all relay links together may hold (`--relay-memory`).
+    pub relay_memory: usize,
     /// Bytes per second sent to peers, all torrents together; 0: no limit.
     pub upload_limit: u64,
     /// Bytes per second read from peers, all torrents together; 0: no limit.
@@ -84,6 +91,9 @@ pub struct NodeConfig {
     pub announce_port: Option<u16>,
     /// DHT packets a second to any one address (libtorrent bans a source over 5).
     pub dht_query_rate: u32,
+    /// What others' DHT announces may make the node store (keys, peers per key, entries per
+    /// announcer).
+    pub dht_store: crate::dht::store::StoreLimits,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
     /// Peers one download knows and dials at most; more are ignored.
@@ -116,6 +126,8 @@ pub struct NodeConfig {
     pub private: bool,
     /// `--encryption`: Message Stream Encryption on the peer wire, in and out.
     pub encryption: Encryption,
+    /// An MSE handshake begun and not finished this long is closed (`--mse-timeout`).
+    pub mse_timeout: Duration,
 }
 
 /// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
@@ -181,6 +193,9 @@ impl Default for NodeConfig {
             frame_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(30),
             frame_memory: 256 << 20,
+            max_relays: 256,
+            relay_link_buffer: 64 << 20,
+            relay_memory: 256 << 20,
             upload_limit: 0,
             download_limit: 0,
             direct_io: true,
@@ -192,6 +207,7 @@ impl Default for NodeConfig {
             dht_read_only: false,
             announce_port: None,
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
+            dht_store: crate::dht::store::StoreLimits::default(),
             max_downloads: 8,
             max_download_peers: 32,
             disk_budget: 0,
@@ -206,6 +222,7 @@ impl Default for NodeConfig {
             model_pin: None,
             private: false,
             encryption: Encryption::default(),
+            mse_timeout: crate::torrent::mse::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -224,10 +241,17 @@ impl NodeConfig {
             "frame_timeout_s": self.frame_timeout.as_secs(),
             "io_timeout_s": self.io_timeout.as_secs(),
             "frame_memory": self.frame_memory,
+            "max_relays": self.max_relays,
+            "relay_link_buffer": self.relay_link_buffer,
+            "relay_memory": self.relay_memory,
             "max_frame": self.max_frame,
             "max_sessions": self.max_sessions,
             "max_sessions_per_client": self.max_sessions_per_client,
             "auth_timeout_s": self.auth_timeout.as_secs(),
+            "mse_timeout_s": self.mse_timeout.as_secs(),
+            "dht_max_keys": self.dht_store.max_keys,
+            "dht_max_peers_per_key": self.dht_store.max_peers_per_key,
+            "dht_max_per_announcer": self.dht_store.max_per_announcer,
         })
     }
 }
@@ -238,11 +262,16 @@ shard_listener: a shardnet node (command protocol, BitTorrent seeding, shard cac
 USAGE: shard_listener [FLAGS]
 
 FLAGS:
-  --listen HOST:PORT     address for TCP (commands and peer wire) and UDP (DHT)
+  --listen HOST:PORT     address for TCP (commands and peer wire) and UDP (DHT);
+                         0.0.0.0 or [::] listens on IPv4 and IPv6 (IPv6 beside
+                         IPv4 on the same port: two DHTs, BEP 32), an IPv4 address
+                         on IPv4 only, an IPv6 one ([::1]:PORT) on IPv6 only
                          [default: 0.0.0.0:51820]
   --port N               shorthand for --listen 0.0.0.0:N (0 picks a free port)
-  --bootstrap ADDR       a known node: /ip4/A.B.C.D/tcp/PORT, /ip6/.../tcp/PORT or
-                         HOST:PORT; repeatable
+  --bootstrap ADDR       a known node: /ip4/A.B.C.D/tcp/PORT, /ip6/ADDR/tcp/PORT
+                         (e.g. /ip6/::1/tcp/51820), /dns4|dns6|dns/HOST/tcp/PORT,
+                         HOST:PORT or [V6]:PORT; repeatable. IPv4 addresses join
+                         the IPv4 DHT, IPv6 ones the IPv6 DHT
   --cluster NAME         cluster this node belongs to [default: shardnet]
   --shard-id N           shard this node serves; loaded at startup if present
   --total-shards N       number of shards in the model; shard ids must be below it
@@ -263,6 +292,14 @@ FLAGS:
                          listening port]
   --dht-query-rate N     DHT packets a second to any one address, queries and
                          answers together [default: 3; libtorrent bans over 5]
+  --dht-max-keys N       keys the DHT store keeps for others' announces; an
+                         announce of a new key past it is refused [default: 10000]
+  --dht-max-peers-per-key N
+                         peers kept under one DHT key; the stalest gives way
+                         [default: 200]
+  --dht-max-per-announcer N
+                         DHT store entries one announcer (IPv4 address, IPv6 /64)
+                         may hold over all keys; more are refused [default: 250]
   --max-downloads N      downloads under way at once; more are refused
                          (DOWNLOAD_LIMIT) [default: 8]
   --max-download-peers N peers one download knows and dials [default: 32]
@@ -284,7 +321,7 @@ FLAGS:
                          loopback) may hold; its own least recently used is
                          dropped beyond it [default: 8, at most --max-sessions]
   --cluster-key-file PATH
-                         the cluster key (at least 16 bytes; mode 600): every
+                         the cluster key (at least 32 random bytes; mode 600): every
                          command but STATUS needs proof of it (HMAC-SHA-256
                          handshake, every frame MACed) [default: the file named
                          by SHARDNET_CLUSTER_KEY_FILE; none: open to anyone]
@@ -303,6 +340,8 @@ FLAGS:
                          (dial MSE first, choose RC4), require (RC4 only, in and
                          out: plaintext peers are refused) or disable (plaintext
                          only) [default: prefer-plaintext]
+  --mse-timeout SECS     close a peer connection whose MSE handshake has not
+                         finished this long after it began [default: 10]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -329,8 +368,16 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)
                          is not whole this long after its first byte
                          [default: 30]
-  --io-timeout SECS      close a connection that takes none of its pending
-                         output for this long [default: 30]
+  --io-timeout SECS      close a connection (or relay link to a next hop) that
+                         takes none of its pending output for this long
+                         [default: 30]
+  --max-relays N         relays (results carried to a next hop) in flight at once;
+                         more are answered BUSY [default: 256]
+  --relay-link-buffer BYTES
+                         unsent bytes one next hop's link may hold; a relay past
+                         it is answered BUSY, nothing buffered [default: 67108864]
+  --relay-memory BYTES   unsent bytes all relay links may hold together; a relay
+                         past it is answered BUSY [default: 268435456]
   --frame-memory BYTES   memory for partially received frames, all connections
                          together; over it the largest is closed
                          [default: 268435456]
@@ -414,6 +461,9 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--frame-timeout" => c.frame_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--frame-memory" => c.frame_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
+            "--max-relays" => c.max_relays = number(flag, value()?, 1, 1 << 20)? as usize,
+            "--relay-link-buffer" => c.relay_link_buffer = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
+            "--relay-memory" => c.relay_memory = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--repack" => {
@@ -442,6 +492,11 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             }
             "--announce-port" => c.announce_port = Some(number(flag, value()?, 1, u16::MAX as u64)? as u16),
             "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
+            "--dht-max-keys" => c.dht_store.max_keys = number(flag, value()?, 1, 10_000_000)? as usize,
+            "--dht-max-peers-per-key" => c.dht_store.max_peers_per_key = number(flag, value()?, 1, 100_000)? as usize,
+            "--dht-max-per-announcer" => {
+                c.dht_store.max_per_announcer = number(flag, value()?, 1, 10_000_000)? as usize
+            }
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
             "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
@@ -464,6 +519,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.cluster_key_file = Some(PathBuf::from(v));
             }
             "--auth-timeout" => c.auth_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
+            "--mse-timeout" => c.mse_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
             "--model" => {
                 let v = value()?;
                 c.model_pin = Some(parse_model_hash(v).map_err(|e| format!("--model: {e}"))?);
@@ -582,6 +638,13 @@ mod tests {
         assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
         assert_eq!(c.dht_query_rate, 3);
         assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
+        assert_eq!(c.dht_store, crate::dht::store::StoreLimits::default());
+        let s = run(&["--dht-max-keys", "5", "--dht-max-peers-per-key", "6", "--dht-max-per-announcer", "7"]).unwrap();
+        assert_eq!((s.dht_store.max_keys, s.dht_store.max_peers_per_key, s.dht_store.max_per_announcer), (5, 6, 7));
+        assert!(run(&["--dht-max-keys", "0"]).is_err());
+        assert_eq!(c.mse_timeout, Duration::from_secs(10));
+        assert_eq!(run(&["--mse-timeout", "3"]).unwrap().mse_timeout, Duration::from_secs(3));
+        assert!(run(&["--mse-timeout", "0"]).is_err());
         assert_eq!(c.announce_port, None);
         assert_eq!(run(&["--announce-port", "6881"]).unwrap().announce_port, Some(6881));
     }

@@ -71,18 +71,18 @@ impl Gather {
         self.recent.retain(|(id, _), _| id != session_id);
     }
 
-    /// For a round holding `have` at `now`: the sessions worth waiting for, and the latest time
+    /// For a round holding the sessions `have` says are queued, at `now`: the sessions worth waiting for, and the latest time
     /// to wait until (`None`: start now). A session is waited for when its next step is
     /// predicted (its last answer plus its gap) within the wait budget (a share of the last
     /// round, at most [`MAX_WAIT`]), and not overdue (past twice its gap plus [`SLACK`]).
-    pub fn plan(&self, have: &HashSet<Key>, now: Instant) -> Option<(Instant, HashSet<Key>)> {
+    pub fn plan(&self, have: impl Fn(&Key) -> bool, now: Instant) -> Option<(Instant, HashSet<Key>)> {
         let budget = self.last_round.mul_f64(WAIT_SHARE).min(MAX_WAIT);
         let limit = now + budget;
         let mut until = now;
         let mut waiting = HashSet::new();
         for (key, s) in &self.recent {
             let Some(gap) = s.gap else { continue };
-            if have.contains(key) || s.answered + gap > limit {
+            if have(key) || s.answered + gap > limit {
                 continue;
             }
             let late = s.answered + gap * 2 + SLACK;
@@ -113,7 +113,7 @@ mod tests {
         g.answered([&key("a")], t0, 80 * MS);
         g.arrived(&key("a"), t0 + MS);
         let have = HashSet::from([key("a")]);
-        assert!(g.plan(&have, t0 + MS).is_none());
+        assert!(g.plan(|k| have.contains(k), t0 + MS).is_none());
     }
 
     #[test]
@@ -130,14 +130,14 @@ mod tests {
         g.answered([&a, &b, &far], t1, 80 * MS);
         // a is back; b is expected by t1 + 2 ms + slack; far is beyond 25% of 80 ms.
         let have = HashSet::from([a.clone()]);
-        let (until, waiting) = g.plan(&have, t1 + MS / 2).expect("b is due");
+        let (until, waiting) = g.plan(|k| have.contains(k), t1 + MS / 2).expect("b is due");
         assert_eq!(waiting, HashSet::from([b.clone()]));
         assert_eq!(until, t1 + 3 * MS);
         // Overdue: b's client stopped; no wait.
-        assert!(g.plan(&have, t1 + 4 * MS).is_none());
+        assert!(g.plan(|k| have.contains(k), t1 + 4 * MS).is_none());
         // An ended session is not waited for.
         g.ended("b");
-        assert!(g.plan(&have, t1 + MS / 2).is_none());
+        assert!(g.plan(|k| have.contains(k), t1 + MS / 2).is_none());
     }
 
     #[test]
@@ -151,11 +151,11 @@ mod tests {
         let t1 = t0 + 60 * MS;
         g.answered([&a, &b], t1, 40 * MS);
         let have = HashSet::from([a.clone()]);
-        let (until, _) = g.plan(&have, t1).expect("b is due in 9 ms, within 10 ms");
+        let (until, _) = g.plan(|k| have.contains(k), t1).expect("b is due in 9 ms, within 10 ms");
         assert_eq!(until, t1 + 10 * MS, "at most 25% of the 40 ms round");
         // A huge last round still waits at most MAX_WAIT.
         g.answered([&a, &b], t1, Duration::from_secs(10));
-        assert_eq!(g.plan(&have, t1).unwrap().0, t1 + MAX_WAIT.min(9 * 2 * MS + SLACK));
+        assert_eq!(g.plan(|k| have.contains(k), t1).unwrap().0, t1 + MAX_WAIT.min(9 * 2 * MS + SLACK));
     }
 
     #[test]

@@ -1,9 +1,10 @@
-//! The inference worker: one thread that owns the ggml engine, runs one task at a time with
-//! ggml's own thread pool, and answers with finished response frames so the event loop only
-//! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
-//! steps in order.
+//! The inference worker: one thread that owns the ggml engine, runs rounds of tasks with ggml's
+//! own thread pool, and answers with finished response frames so the event loop only copies
+//! bytes. Tasks arrive on a crossbeam channel and wait in the [`schedule`](super::schedule)
+//! queues: one FIFO per client (which keeps a session's steps in order), served in turn, decode
+//! steps before prefill chunks, queued tokens bounded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +16,7 @@ use mio::{Token, Waker};
 use serde_json::{Value, json};
 
 use super::gather::{self, Gather};
+use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
@@ -28,6 +30,9 @@ pub struct ReplyTo {
     pub token: Token,
     pub conn_id: u64,
     pub request_id: Value,
+    /// Bytes of the connection's output budget held for this answer until it is queued
+    /// (`Conn::reserved`).
+    pub reserved: usize,
 }
 
 /// The loaded shard a task runs on: its map, its file (the repack sidecar goes beside it) and its
@@ -57,6 +62,8 @@ pub enum Job {
         reply: ReplyTo,
         session_id: String,
         session_token: Option<String>,
+        /// The client's key, as for `Execute` (replaced by that of the session's queued steps).
+        origin: String,
     },
 }
 
@@ -116,6 +123,37 @@ impl Inference {
 /// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
 const MAX_JOBS_PER_ROUND: usize = 64;
 
+impl Queued for Job {
+    fn origin(&self) -> &str {
+        match self {
+            Job::Execute { origin, .. } | Job::EndSession { origin, .. } => origin,
+        }
+    }
+    fn tokens(&self) -> usize {
+        match self {
+            Job::Execute { task, .. } => match &task.input {
+                TaskInput::Tokens(t) => t.len(),
+                TaskInput::Hidden { rows, .. } => *rows,
+            },
+            Job::EndSession { .. } => 0,
+        }
+    }
+}
+
+/// The scheduler's bounds for an engine configured as `cfg`: a client may queue a whole context
+/// for each session it may hold (`--max-sessions-per-client` x `--ctx-size` tokens), the node a
+/// whole context for each session it keeps (`--max-sessions` x `--ctx-size`); a round adds at
+/// most one batched graph of prefill ([`crate::engine::MAX_BATCH_TOKENS`]).
+fn limits(cfg: &EngineConfig) -> schedule::Limits {
+    let ctx = cfg.ctx_size.max(1) as usize;
+    schedule::Limits {
+        max_jobs: MAX_JOBS_PER_ROUND,
+        max_tokens: crate::engine::MAX_BATCH_TOKENS,
+        per_client_tokens: cfg.max_sessions_per_client.max(1) * ctx,
+        total_tokens: cfg.max_sessions.max(1) * ctx,
+    }
+}
+
 fn worker(
     cfg: EngineConfig,
     jobs: Receiver<Job>,
@@ -124,6 +162,10 @@ fn worker(
     stats: Arc<InferStats>,
 ) {
     let mut relay_ids = 0u64;
+    let mut queue: Scheduler<Job> = Scheduler::new(limits(&cfg));
+    // Sessions with steps in `queue`: their client's key and how many, so that an END_SESSION
+    // (which may come on another connection than relayed steps) waits behind them.
+    let mut queued_sessions: HashMap<String, (String, usize)> = HashMap::new();
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
@@ -131,37 +173,53 @@ fn worker(
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
     let send = |reply: ReplyTo, payload: Vec<u8>| {
-        let ok = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_ok();
+        let ok = events
+            .send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload })
+            .is_ok();
         let _ = waker.wake();
         ok
     };
     let mut gather = Gather::default();
-    while let Ok(first) = jobs.recv() {
-        // Continuous batching: whatever queued while the last graph ran goes into this round,
-        // and the steps of sessions due back in a moment (see `gather`).
-        let mut round = vec![first];
-        while round.len() < MAX_JOBS_PER_ROUND {
-            match jobs.try_recv() {
-                Ok(job) => round.push(job),
-                Err(_) => break,
+    loop {
+        // Continuous batching: whatever queued while the last graph ran is scheduled now.
+        if queue.is_empty() {
+            match jobs.recv() {
+                Ok(job) => {
+                    arrived(&mut gather, &job);
+                    enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+                }
+                Err(_) => return,
             }
         }
-        let mut have = HashSet::new();
-        for job in &round {
-            arrived(&mut gather, &mut have, job);
+        while let Ok(job) = jobs.try_recv() {
+            arrived(&mut gather, &job);
+            enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
         }
+        // And the steps of sessions due back in a moment (see `gather`).
         let waited = Instant::now();
-        if let Some((until, mut waiting)) = gather.plan(&have, waited) {
-            while !waiting.is_empty() && round.len() < MAX_JOBS_PER_ROUND {
+        if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
+            while !waiting.is_empty() {
                 let Ok(job) = jobs.recv_deadline(until) else { break };
-                if let Some(key) = arrived(&mut gather, &mut have, &job) {
+                if let Some(key) = arrived(&mut gather, &job) {
                     waiting.remove(&key);
                 }
-                round.push(job);
+                enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
             }
             stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
+        let round = queue.next_round();
+        let stepped: Vec<gather::Key> = round.iter().filter_map(key).collect();
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
+        for job in &round {
+            if let Job::Execute { task, .. } = job
+                && let Some((_, n)) = queued_sessions.get_mut(&task.session_id)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    queued_sessions.remove(&task.session_id);
+                }
+            }
+        }
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         // Steps gathered per (shard, map) until an END_SESSION, which must see the steps before it.
@@ -183,10 +241,13 @@ fn worker(
                         None => groups.push(vec![job]),
                     }
                 }
-                Job::EndSession { reply, session_id, session_token } => {
+                Job::EndSession { reply, session_id, session_token, .. } => {
                     gather.ended(&session_id);
-                    for group in groups.drain(..) {
-                        run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                    // Only this session's steps earlier in the round must run first.
+                    if groups.iter().flatten().any(|j| j.task.session_id == session_id) {
+                        for group in groups.drain(..) {
+                            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                        }
                     }
                     let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
                     let payload = success_payload(
@@ -203,18 +264,64 @@ fn worker(
         for group in groups {
             run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
         }
-        gather.answered(&have, Instant::now(), started.elapsed());
+        gather.answered(&stepped, Instant::now(), started.elapsed());
         record(&engine, &stats, started);
     }
 }
 
-/// Tells `gather` a step arrived and adds its session to `have`; the session, for a step.
-fn arrived(gather: &mut Gather, have: &mut HashSet<gather::Key>, job: &Job) -> Option<gather::Key> {
-    let Job::Execute { task, queued, .. } = job else { return None };
-    let key = (task.session_id.clone(), task.shard_id);
+/// The session a step runs on, as `gather` keys it.
+fn key(job: &Job) -> Option<gather::Key> {
+    let Job::Execute { task, .. } = job else { return None };
+    Some((task.session_id.clone(), task.shard_id))
+}
+
+/// Tells `gather` a step arrived; its session.
+fn arrived(gather: &mut Gather, job: &Job) -> Option<gather::Key> {
+    let (key, Job::Execute { queued, .. }) = (key(job)?, job) else { return None };
     gather.arrived(&key, *queued);
-    have.insert(key.clone());
     Some(key)
+}
+
+/// Queues `job` with the scheduler, or answers it `BUSY` when its client (or the node) has as
+/// many tokens queued as it may. An END_SESSION queues behind its session's queued steps.
+fn enqueue(
+    queue: &mut Scheduler<Job>,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    mut job: Job,
+    stats: &InferStats,
+    send: &impl Fn(ReplyTo, Vec<u8>) -> bool,
+) {
+    match &mut job {
+        Job::EndSession { session_id, origin, .. } => {
+            if let Some((o, _)) = queued_sessions.get(session_id.as_str()) {
+                origin.clone_from(o);
+            }
+        }
+        Job::Execute { task, origin, .. } => {
+            let entry = queued_sessions.entry(task.session_id.clone()).or_insert_with(|| (origin.clone(), 0));
+            entry.1 += 1;
+        }
+    }
+    let Err((job, why)) = queue.push(job) else { return };
+    stats.queued.fetch_sub(1, Ordering::Relaxed);
+    let Job::Execute { reply, task, .. } = job else { unreachable!("an END_SESSION always queues") };
+    if let Some((_, n)) = queued_sessions.get_mut(&task.session_id) {
+        *n -= 1;
+        if *n == 0 {
+            queued_sessions.remove(&task.session_id);
+        }
+    }
+    let msg = match why {
+        schedule::Refusal::Client(n) => format!(
+            "this client has {n} tokens queued on this node (at most --max-sessions-per-client x --ctx-size); \
+             retry when its steps are answered"
+        ),
+        schedule::Refusal::Node(n) => {
+            format!("this node has {n} tokens queued (at most --max-sessions x --ctx-size); retry later")
+        }
+    };
+    let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Busy, &msg);
+    let _ = send(reply, payload);
 }
 
 /// An `EXECUTE_TASK` taken off the queue.
@@ -263,7 +370,12 @@ fn run_group(
                 }
             }
         };
-        let _ = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+        let _ = events.send(NodeEvent::Answer {
+            token: reply.token,
+            conn_id: reply.conn_id,
+            reserved: reply.reserved,
+            payload,
+        });
         let _ = waker.wake();
     }
 }

@@ -51,10 +51,18 @@ const RUN_BUDGET: Duration = Duration::from_secs(5);
 const PP_BUDGET: Duration = Duration::from_secs(20);
 const SESSION_FLAGS: [&str; 4] = ["--max-sessions", "64", "--max-sessions-per-client", "32"];
 
+/// One decode step as its stream saw it.
+struct StepSeen {
+    /// Request to answer, in ms.
+    ms: f64,
+    /// Steps in the graph that computed it, at each hop (`timings.batch`).
+    batch: Vec<f64>,
+}
+
 /// One stream: prefill, then `REPS + 1` rounds (the first a warm-up) of greedy decode steps,
 /// each round starting when every stream and the timer are at `start` and ending at `end`; a
-/// round stops at `STEPS` steps or `budget`. Per round, the time of each step in ms. A stream that
-/// fails keeps meeting the barriers (so no other waits forever) and returns its error.
+/// round stops at `STEPS` steps or `budget`. Per round, each step. A stream that fails keeps
+/// meeting the barriers (so no other waits forever) and returns its error.
 fn stream(
     addr: &str,
     session: &str,
@@ -62,7 +70,7 @@ fn stream(
     vocab: u32,
     (start, end): (&Barrier, &Barrier),
     budget: Duration,
-) -> Result<Vec<Vec<f64>>, String> {
+) -> Result<Vec<Vec<StepSeen>>, String> {
     let seed = session.bytes().map(u32::from).sum::<u32>();
     let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|i| (i * 37 + seed * 11) % vocab).collect();
     let mut params = json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": prompt},
@@ -97,11 +105,16 @@ fn stream(
             params["pos"] = json!(pos);
             params["input"] = json!({"tokens": [token]});
             let t = Instant::now();
+            let mut batch = Vec::new();
             match step(c, &params) {
-                Ok(r) => token = r["top_k"][0]["id"].as_u64().unwrap_or(0),
+                Ok(r) => {
+                    token = r["top_k"][0]["id"].as_u64().unwrap_or(0);
+                    let hops = r["hops"].as_array().map_or(&[][..], |h| &h[..]);
+                    batch = hops.iter().map(|h| h["timings"]["batch"].as_f64().unwrap_or(0.0)).collect();
+                }
                 Err(e) => failed = Some(e),
             }
-            times.push(t.elapsed().as_secs_f64() * 1e3);
+            times.push(StepSeen { ms: t.elapsed().as_secs_f64() * 1e3, batch });
             pos += 1;
         }
         end.wait();
@@ -124,11 +137,18 @@ struct Run {
     p99: f64,
     /// Every stream did all `STEPS` steps within the budget.
     complete: bool,
+    /// Mean steps per graph at each hop, as the steps saw it (a step in a batch of 16 counts 16).
+    batch: Vec<f64>,
+    /// Share of the round's wall time each node's inference thread spent computing.
+    busy: Vec<f64>,
+    /// Share of the round's wall time each node held rounds open for steps due back.
+    gather: Vec<f64>,
 }
 
 /// `n` streams at once: each prefills once, then decodes `REPS + 1` rounds together; the
 /// figures of each round but the first (a warm-up).
-fn run(addr: &str, next: &[Value], n: usize, vocab: u32, tag: &str) -> Vec<Run> {
+fn run(nodes: &[&NodeProc], next: &[Value], n: usize, vocab: u32, tag: &str) -> Vec<Run> {
+    let addr = nodes[0].addr.as_str();
     let (start, end) = (Arc::new(Barrier::new(n + 1)), Arc::new(Barrier::new(n + 1)));
     let threads: Vec<_> = (0..n)
         .map(|i| {
@@ -138,24 +158,50 @@ fn run(addr: &str, next: &[Value], n: usize, vocab: u32, tag: &str) -> Vec<Run> 
         })
         .collect();
     let mut walls = Vec::new();
+    let mut busy: Vec<[Vec<f64>; 2]> = Vec::new();
     for _ in 0..=REPS {
+        let before: Vec<[f64; 2]> = nodes.iter().map(|n| busy_ms(n)).collect();
         start.wait();
         let t = Instant::now();
         end.wait();
-        walls.push(t.elapsed().as_secs_f64());
+        let wall = t.elapsed().as_secs_f64();
+        walls.push(wall);
+        let share = |i: usize| -> Vec<f64> {
+            nodes.iter().zip(&before).map(|(n, b)| (busy_ms(n)[i] - b[i]) / 1e3 / wall).collect()
+        };
+        busy.push([share(0), share(1)]);
     }
-    let per_stream: Vec<Vec<Vec<f64>>> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
+    let per_stream: Vec<Vec<Vec<StepSeen>>> = threads.into_iter().map(|t| t.join().unwrap().unwrap()).collect();
     (1..=REPS)
         .map(|round| {
-            let mut all: Vec<f64> = per_stream.iter().flat_map(|s| s[round].iter().copied()).collect();
+            let steps: Vec<&StepSeen> = per_stream.iter().flat_map(|s| &s[round]).collect();
+            let mut all: Vec<f64> = steps.iter().map(|s| s.ms).collect();
+            let hops = steps.iter().map(|s| s.batch.len()).max().unwrap_or(0);
+            let batch = (0..hops)
+                .map(|h| {
+                    let b: Vec<f64> = steps.iter().filter_map(|s| s.batch.get(h).copied()).collect();
+                    b.iter().sum::<f64>() / b.len().max(1) as f64
+                })
+                .collect();
             Run {
                 aggregate: all.len() as f64 / walls[round],
                 p50: percentile(&mut all, 0.5),
                 p99: percentile(&mut all, 0.99),
                 complete: per_stream.iter().all(|s| s[round].len() == STEPS),
+                batch,
+                busy: busy[round][0].clone(),
+                gather: busy[round][1].clone(),
             }
         })
         .collect()
+}
+
+/// The node's inference thread's time so far computing and holding rounds open for steps due
+/// back (STATUS `inference.busy_ms`, `inference.gather_ms`).
+fn busy_ms(node: &NodeProc) -> [f64; 2] {
+    let s = node.call("STATUS", json!({}));
+    let ms = |k: &str| s["result"]["inference"][k].as_f64().unwrap_or(f64::NAN);
+    [ms("busy_ms"), ms("gather_ms")]
 }
 
 /// Prompt tokens per second of 512-token prompts through the whole model in this process.
@@ -206,18 +252,30 @@ fn main() {
     let next: Vec<Value> = (1..4).map(|i| json!({"address": nodes[i].addr, "shard_id": i})).collect();
 
     let pp = pp512(&model, cores);
-    let setups = [("one_process", &one.addr, &[][..]), ("pipeline_4", &nodes[0].addr, &next[..])];
+    let all_nodes: Vec<&NodeProc> = nodes.iter().collect();
+    let setups = [("one_process", vec![&one], &[][..]), ("pipeline_4", all_nodes, &next[..])];
     let mut rows = Vec::new();
     let mut agg16 = (0.0, 0.0);
+    // For a quick look at one row: `CONCURRENCY_ONLY=one_process:16 cargo bench --bench concurrency`.
+    let only = std::env::var("CONCURRENCY_ONLY").ok();
     for &n in &STREAMS {
-        for (setup, addr, route) in setups {
-            let runs = run(addr, route, n, vocab, &format!("{setup}-{n}"));
+        for (setup, procs, route) in &setups {
+            let setup = *setup;
+            if only.as_ref().is_some_and(|o| *o != format!("{setup}:{n}") && *o != setup && *o != n.to_string()) {
+                continue;
+            }
+            let runs = run(procs, route, n, vocab, &format!("{setup}-{n}"));
             let agg = median(runs.iter().map(|r| r.aggregate).collect());
             let p50 = median(runs.iter().map(|r| r.p50).collect());
             let p99 = median(runs.iter().map(|r| r.p99).collect());
             let complete = runs.iter().all(|r| r.complete);
+            let per_node = |f: fn(&Run) -> &Vec<f64>| -> Vec<f64> {
+                (0..procs.len()).map(|h| median(runs.iter().filter_map(|r| f(r).get(h).copied()).collect())).collect()
+            };
+            let (batch, busy, gather) = (per_node(|r| &r.batch), per_node(|r| &r.busy), per_node(|r| &r.gather));
             eprintln!(
-                "{setup:12} {n:2} streams: {agg:7.1} tok/s aggregate, p50 {p50:7.2} ms, p99 {p99:7.2} ms per token{}",
+                "{setup:12} {n:2} streams: {agg:7.1} tok/s aggregate, p50 {p50:7.2} ms, p99 {p99:7.2} ms per token, \
+                 batch {batch:.1?}, busy {busy:.2?}, gather {gather:.2?}{}",
                 if complete { "" } else { " (stopped at the time budget)" }
             );
             if n == 16 {
@@ -225,6 +283,7 @@ fn main() {
             }
             rows.push(json!({"setup": setup, "streams": n, "aggregate_tok_s": agg, "p50_ms_per_token": p50,
                 "p99_ms_per_token": p99, "complete": complete,
+                "mean_batch_per_node": batch, "busy_per_node": busy, "gather_per_node": gather,
                 "runs": runs.iter().map(|r| json!([r.aggregate, r.p50, r.p99])).collect::<Vec<_>>()}));
         }
     }

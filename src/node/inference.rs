@@ -15,6 +15,7 @@ use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
 
+use super::gather::{self, Gather};
 use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
@@ -74,6 +75,8 @@ pub struct InferStats {
     pub tasks: AtomicU64,
     pub tokens: AtomicU64,
     pub busy_us: AtomicU64,
+    /// Time rounds were held open for steps about to arrive (see [`gather`]).
+    pub gather_us: AtomicU64,
     pub queued: AtomicU64,
     /// 1 while a task computes.
     pub running: AtomicU64,
@@ -87,6 +90,7 @@ impl InferStats {
             "tasks": self.tasks.load(Ordering::Relaxed),
             "tokens": self.tokens.load(Ordering::Relaxed),
             "busy_ms": self.busy_us.load(Ordering::Relaxed) / 1000,
+            "gather_ms": self.gather_us.load(Ordering::Relaxed) / 1000,
             "queued": self.queued.load(Ordering::Relaxed),
             "running": self.running.load(Ordering::Relaxed),
         })
@@ -175,18 +179,36 @@ fn worker(
         let _ = waker.wake();
         ok
     };
+    let mut gather = Gather::default();
     loop {
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
             match jobs.recv() {
-                Ok(job) => enqueue(&mut queue, &mut queued_sessions, job, &stats, &send),
+                Ok(job) => {
+                    arrived(&mut gather, &job);
+                    enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+                }
                 Err(_) => return,
             }
         }
         while let Ok(job) = jobs.try_recv() {
+            arrived(&mut gather, &job);
             enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
         }
+        // And the steps of sessions due back in a moment (see `gather`).
+        let waited = Instant::now();
+        if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
+            while !waiting.is_empty() {
+                let Ok(job) = jobs.recv_deadline(until) else { break };
+                if let Some(key) = arrived(&mut gather, &job) {
+                    waiting.remove(&key);
+                }
+                enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+            }
+            stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
         let round = queue.next_round();
+        let stepped: Vec<gather::Key> = round.iter().filter_map(key).collect();
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         for job in &round {
             if let Job::Execute { task, .. } = job
@@ -220,6 +242,7 @@ fn worker(
                     }
                 }
                 Job::EndSession { reply, session_id, session_token, .. } => {
+                    gather.ended(&session_id);
                     // Only this session's steps earlier in the round must run first.
                     if groups.iter().flatten().any(|j| j.task.session_id == session_id) {
                         for group in groups.drain(..) {
@@ -241,8 +264,22 @@ fn worker(
         for group in groups {
             run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
         }
+        gather.answered(&stepped, Instant::now(), started.elapsed());
         record(&engine, &stats, started);
     }
+}
+
+/// The session a step runs on, as `gather` keys it.
+fn key(job: &Job) -> Option<gather::Key> {
+    let Job::Execute { task, .. } = job else { return None };
+    Some((task.session_id.clone(), task.shard_id))
+}
+
+/// Tells `gather` a step arrived; its session.
+fn arrived(gather: &mut Gather, job: &Job) -> Option<gather::Key> {
+    let (key, Job::Execute { queued, .. }) = (key(job)?, job) else { return None };
+    gather.arrived(&key, *queued);
+    Some(key)
 }
 
 /// Queues `job` with the scheduler, or answers it `BUSY` when its client (or the node) has as

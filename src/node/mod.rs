@@ -13,6 +13,7 @@ mod dht_glue;
 mod outq;
 mod peer_crypto;
 pub use dht_glue::cluster_key;
+mod gather;
 mod handlers;
 mod inference;
 mod ipv6;

@@ -1208,3 +1208,65 @@ fn sidecar_paths_are_never_followed_through_links() {
     assert_eq!(got, good);
     assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
 }
+
+/// A node pinned with `--model` computes with its own sidecar only: an edit in place after the
+/// sidecar was checked is noticed before the next step (one `fstat`) and the shard reloaded,
+/// which rejects and rebuilds the sidecar; a forgery planted while the node is down (tensors
+/// swapped, tagged without the node's key) is rejected at the next start. Every answer equals
+/// the honest one, and STATUS counts each event.
+#[test]
+fn node_never_computes_with_a_sidecar_changed_behind_its_back() {
+    let dir = TempDir::new("engine-node-sidecar");
+    let model = repack_model(dir.path());
+    let shards = dir.path().join("shards");
+    // With a pool, split hashes the shards: the manifest names their info hashes (to pin).
+    let pool = shardnet::workers::WorkerPool::new("hash", 1);
+    split::split(&model, 1, &shards, Some(&pool.handle())).unwrap();
+    let manifest = std::fs::read(shards.join("manifest.json")).unwrap();
+    let pin = shardnet::hash::to_hex(&<sha2::Sha256 as sha2::Digest>::digest(&manifest));
+    let args = ["--threads", "1", "--ctx-size", "64", "--model", &pin];
+    let step = |node: &NodeProc, s: &str| {
+        // Pinned: the shard loads once the manifest is taken and the file's info hash checked.
+        let mut last = Value::Null;
+        let deadline = std::time::Instant::now() + WAIT;
+        while last["status"] != "success" {
+            assert!(std::time::Instant::now() < deadline, "{last}; stderr:\n{}", node.stderr());
+            last = node.call("LOAD_SHARD", json!({"shard_id": 0}));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let r = execute(node, json!({"session_id": s, "shard_id": 0, "input": {"tokens": PROMPT}}));
+        assert_eq!(r["status"], "success", "{r}; stderr:\n{}", node.stderr());
+        r["result"]["logits"].clone()
+    };
+    let sidecars = |node: &NodeProc| node.call("STATUS", json!({}))["result"]["inference"]["sidecars"].clone();
+    let path = shards.join("shard-0.gguf.repack");
+    let mut node = NodeProc::start(&shards, &args);
+    let honest = step(&node, "a");
+    if !path.is_file() {
+        eprintln!("SKIPPED: ggml has no repack layout for Q4_0 on this CPU");
+        return;
+    }
+    assert_eq!(sidecars(&node), json!({"written": 1, "rejected": 0, "changed": 0}));
+    let good = std::fs::read(&path).unwrap();
+    // Edited in place (same length, same inode) while mapped: two tensors swapped.
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(&swap_tensors(&good)).unwrap();
+    }
+    assert_eq!(step(&node, "b"), honest, "the node computed with a sidecar edited in place");
+    assert_eq!(sidecars(&node), json!({"written": 2, "rejected": 1, "changed": 1}));
+    assert_eq!(step(&node, "c"), honest);
+    assert_eq!(sidecars(&node), json!({"written": 2, "rejected": 1, "changed": 1}), "reloaded again for nothing");
+    node.kill();
+    // Forged while the node is down: swapped and re-tagged with a key the node does not hold.
+    let mut forged = swap_tensors(&std::fs::read(&path).unwrap());
+    retag(&mut forged, &[0x55; 32]);
+    std::fs::write(&path, forged).unwrap();
+    let node = NodeProc::start(&shards, &args);
+    assert_eq!(step(&node, "d"), honest, "the pinned node computed with a forged sidecar");
+    assert_eq!(sidecars(&node), json!({"written": 1, "rejected": 1, "changed": 0}));
+    assert!(node.stderr().contains("rejected, never used"), "{}", node.stderr());
+    node.assert_serving();
+}

@@ -426,3 +426,94 @@ fn write_to(tmp: &Path, place: &Place, secret: &[u8], specs: &[WeightSpec], plan
     let total = file.seek(SeekFrom::End(0)).map_err(io)?;
     Ok(total)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    fn scratch(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("shardnet-sidecar-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn temporary_files_are_created_exclusively_never_through_a_link() {
+        let d = scratch("excl");
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"keep").unwrap();
+        let link = d.join(".x.repack.tmp-1");
+        symlink(&victim, &link).unwrap();
+        assert!(create_exclusive(&link, 0o644).is_err(), "created through a symbolic link");
+        std::fs::remove_file(&link).unwrap();
+        symlink(d.join("absent"), &link).unwrap();
+        assert!(create_exclusive(&link, 0o644).is_err(), "created through a dangling link");
+        assert!(!d.join("absent").exists());
+        assert!(create_exclusive(&victim, 0o644).is_err(), "an existing file was opened");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"keep");
+        let a = temp_name(&d.join("x.repack")).unwrap();
+        assert_ne!(a, temp_name(&d.join("x.repack")).unwrap(), "temporary names are predictable");
+        assert!(a.file_name().unwrap().to_string_lossy().starts_with(".x.repack.tmp-"));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn the_node_key_is_created_once_private_and_replaced_when_untrustworthy() {
+        let d = scratch("key");
+        let path = d.join(SECRET_FILE);
+        let key = secret(&path).unwrap();
+        let m = std::fs::symlink_metadata(&path).unwrap();
+        assert!(m.is_file());
+        assert_eq!(m.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), key);
+        assert_eq!(secret(&path).unwrap(), key, "the key changed between loads");
+        assert_ne!(key, [0u8; SECRET_LEN]);
+        // Readable by others: replaced (a key someone may have read is never used).
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let k2 = secret(&path).unwrap();
+        assert_ne!(k2, key);
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        // A symbolic link to a file of 32 known bytes: replaced, its target untouched.
+        let planted = d.join("planted");
+        std::fs::write(&planted, [7u8; SECRET_LEN]).unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        symlink(&planted, &path).unwrap();
+        let k3 = secret(&path).unwrap();
+        assert_ne!(k3, [7u8; SECRET_LEN], "a key reached through a link was used");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(std::fs::read(&planted).unwrap(), [7u8; SECRET_LEN]);
+        // A hard link to it (someone else holds a name for the key), the wrong length: replaced.
+        std::fs::hard_link(&path, d.join("second-name")).unwrap();
+        let k4 = secret(&path).unwrap();
+        assert_ne!(k4, k3);
+        std::fs::write(&path, [1u8; 16]).unwrap();
+        assert_ne!(secret(&path).unwrap()[..16], [1u8; 16]);
+        let left: Vec<String> =
+            std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+        assert!(left.iter().all(|n| !n.contains(".tmp-")), "{left:?}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_loaded_sidecar_notices_a_write_in_place() {
+        let d = scratch("stamp");
+        let p = d.join("f");
+        std::fs::write(&p, vec![1u8; 8192]).unwrap();
+        let file = open_nofollow(&p).unwrap();
+        let stamp = Stamp::of(&file.metadata().unwrap());
+        // SAFETY: a read-only map of a file this test owns.
+        let m = Mapped { map: unsafe { Mmap::map(&file) }.unwrap(), offsets: vec![], file, stamp };
+        assert!(!m.changed("test"));
+        {
+            use std::io::{Seek, Write};
+            let mut f = OpenOptions::new().write(true).open(&p).unwrap();
+            f.seek(SeekFrom::Start(4096)).unwrap();
+            f.write_all(&[2u8; 16]).unwrap();
+        }
+        assert!(m.changed("test"), "a write in place went unnoticed");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

@@ -1168,6 +1168,7 @@ fn sidecar_paths_are_never_followed_through_links() {
         eprintln!("SKIPPED: ggml has no repack layout for Q4_0 on this CPU");
         return;
     }
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true });
     let path = sidecar_path(&model);
     let name = path.file_name().unwrap().to_string_lossy().to_string();
     // A link at the sidecar's name to a valid copy: not a regular file, so rebuilt beside it.

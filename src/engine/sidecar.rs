@@ -131,7 +131,10 @@ impl Mapped {
             return false;
         }
         CHANGED.fetch_add(1, Ordering::Relaxed);
-        crate::warn!("repack sidecar of {what} changed on disk after its check ({now:?}, was {:?}): loading it again", self.stamp);
+        crate::warn!(
+            "repack sidecar of {what} changed on disk after its check ({now:?}, was {:?}): loading it again",
+            self.stamp
+        );
         true
     }
 }
@@ -358,8 +361,10 @@ fn remove_stale_temps(path: &Path) {
         let p = e.path();
         let stale = match open_nofollow(&p) {
             // SAFETY: flock on a descriptor we own; LOCK_NB never waits.
-            Ok(f) => f.metadata().is_ok_and(|m| m.is_file())
-                && unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } == 0,
+            Ok(f) => {
+                f.metadata().is_ok_and(|m| m.is_file())
+                    && unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&f), libc::LOCK_EX | libc::LOCK_NB) } == 0
+            }
             Err(e) => e.raw_os_error() == Some(libc::ELOOP),
         };
         if stale && std::fs::remove_file(&p).is_ok() {

@@ -301,3 +301,37 @@ fn a_restarted_node_rejoins_from_its_saved_table_without_bootstrap() {
     });
     drop(a);
 }
+
+#[test]
+fn a_coordinators_find_peers_does_not_wait_behind_the_seeds_announces() {
+    // A seed of four shards announces ten keys (a get_peers and an announce_peer per key and
+    // node); three empty nodes join. The cluster's FIND_PEERS on the seed, as a coordinator
+    // started then asks it, must not queue behind those announces for the per-node DHT budget
+    // (it did: 6.7 s, every query held). Asked every half second, slower than the budget
+    // refills, so the asking does not spend it either.
+    let dir = TempDir::new("dht-foreground");
+    let split = shards(dir.path(), 4, "7");
+    let seed = node(&split, None, &[]);
+    let mut others = Vec::new();
+    for i in 0..3 {
+        let d = dir.path().join(format!("empty-{i}"));
+        std::fs::create_dir_all(&d).unwrap();
+        others.push(node(&d, Some(&seed), &[]));
+    }
+    let mut last = Value::Null;
+    for _ in 0..60 {
+        std::thread::sleep(Duration::from_millis(500));
+        last = seed.call("FIND_PEERS", json!({"cluster": true}))["result"].clone();
+        let peers = last["peers"].as_array().cloned().unwrap_or_default();
+        if others.iter().all(|n| peers.contains(&json!(n.addr))) {
+            break;
+        }
+    }
+    let peers = last["peers"].as_array().cloned().unwrap_or_default();
+    assert!(others.iter().all(|n| peers.contains(&json!(n.addr))), "the cluster was not found: {last}");
+    // The seed is still announcing (ten keys, twenty packets a node, 3 a second): asked now,
+    // the lookup's queries go at once.
+    let r = seed.call("FIND_PEERS", json!({"cluster": true}))["result"].clone();
+    assert_eq!(r["budget_waits"], 0, "the lookup waited for the budget: {r}");
+    assert_eq!(r["nodes_responded"], 3, "{r}");
+}

@@ -36,6 +36,8 @@ struct Candidate {
     token: Option<Vec<u8>>,
     /// Hops from our routing table: 1 for nodes we knew.
     depth: u32,
+    /// Held back at least once: its address's budget was spent.
+    held: bool,
 }
 
 pub struct Lookup {
@@ -47,12 +49,21 @@ pub struct Lookup {
     pub started: Instant,
     /// When the first peer arrived (get_peers).
     pub first_peer: Option<Instant>,
+    /// Candidates held back at least once by their address's budget (`Verdict::Wait`).
+    pub budget_waits: u32,
 }
 
 impl Lookup {
     pub fn new(target: Id, seeds: Vec<NodeInfo>, now: Instant) -> Lookup {
-        let mut l =
-            Lookup { target, candidates: Vec::new(), peers: Vec::new(), messages: 0, started: now, first_peer: None };
+        let mut l = Lookup {
+            target,
+            candidates: Vec::new(),
+            peers: Vec::new(),
+            messages: 0,
+            started: now,
+            first_peer: None,
+            budget_waits: 0,
+        };
         for n in seeds {
             l.add(n, 1);
         }
@@ -68,7 +79,7 @@ impl Lookup {
         if at >= MAX_CANDIDATES {
             return;
         }
-        self.candidates.insert(at, Candidate { node, state: State::Fresh, token: None, depth });
+        self.candidates.insert(at, Candidate { node, state: State::Fresh, token: None, depth, held: false });
         self.candidates.truncate(MAX_CANDIDATES);
     }
 
@@ -109,7 +120,12 @@ impl Lookup {
                         out.push(node);
                         slots -= 1;
                     }
-                    Verdict::Wait => {}
+                    Verdict::Wait => {
+                        if !c.held {
+                            c.held = true;
+                            self.budget_waits += 1;
+                        }
+                    }
                     Verdict::Skip => {
                         c.state = State::Failed;
                         skipped = true;

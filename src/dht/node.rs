@@ -6,7 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use super::budget::{Budget, Verdict};
+use super::budget::{Budget, Priority, Verdict};
 use super::krpc::{self, Body, Id, Message, NodeInfo, Query, Response, Want};
 use super::lookup::Lookup;
 use super::node_id;
@@ -92,6 +92,18 @@ pub enum LookupKind {
     },
 }
 
+impl LookupKind {
+    /// get_peers lookups are asked for by someone waiting (a command, a shard's load, a
+    /// download); find_node (joins, refreshes) and announces are the node's own upkeep and
+    /// leave the budget's foreground reserve to them.
+    pub fn priority(&self) -> Priority {
+        match self {
+            LookupKind::GetPeers => Priority::Foreground,
+            LookupKind::FindNode | LookupKind::Announce { .. } => Priority::Background,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct LookupResult {
     pub id: u64,
@@ -104,6 +116,8 @@ pub struct LookupResult {
     pub rounds: u32,
     pub elapsed: Duration,
     pub first_peer: Option<Duration>,
+    /// Queries held back at least once because their destination's budget was spent.
+    pub budget_waits: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -297,11 +311,11 @@ impl Dht {
         }
     }
 
-    /// Sends a query outside lookups (join, announce_peer): at once if
-    /// `to`'s budget allows, later if it is over budget, never if it is
-    /// backing off. False when the query is dropped.
+    /// Sends a query outside lookups (join, announce_peer: background) at
+    /// once if `to`'s budget allows, later if it is over budget, never if it
+    /// is backing off. False when the query is dropped.
     fn send_query(&mut self, to: SocketAddr, node: Option<Id>, query: Query, now: Instant) -> bool {
-        match self.budget.query_verdict(to, now) {
+        match self.budget.query_verdict(to, Priority::Background, now) {
             Verdict::Send => self.transmit(to, node, query, None, now),
             Verdict::Wait if self.deferred.len() < MAX_DEFERRED => {
                 self.deferred.push_back(Deferred { to, node, query });
@@ -315,7 +329,7 @@ impl Dht {
     fn send_deferred(&mut self, now: Instant) {
         for _ in 0..self.deferred.len() {
             let d = self.deferred.pop_front().expect("counted");
-            match self.budget.query_verdict(d.to, now) {
+            match self.budget.query_verdict(d.to, Priority::Background, now) {
                 Verdict::Send => {
                     self.transmit(d.to, d.node, d.query, None, now);
                 }
@@ -652,8 +666,8 @@ impl Dht {
         if a.parked_since.is_some() {
             return;
         }
-        let budget = &mut self.budget;
-        let to_ask = a.lookup.next(now, |n| budget.query_verdict(n.addr, now));
+        let (budget, priority) = (&mut self.budget, a.kind.priority());
+        let to_ask = a.lookup.next(now, |n| budget.query_verdict(n.addr, priority, now));
         let target = a.lookup.target;
         let query = match a.kind {
             LookupKind::FindNode => Query::FindNode { target },
@@ -712,6 +726,7 @@ impl Dht {
             rounds: a.lookup.rounds(),
             elapsed: now.duration_since(a.lookup.started),
             first_peer: a.lookup.first_peer.map(|t| t.duration_since(a.lookup.started)),
+            budget_waits: a.lookup.budget_waits,
         }));
     }
 
@@ -1257,6 +1272,67 @@ mod tests {
     }
 
     #[test]
+    fn a_lookup_someone_waits_on_does_not_queue_behind_the_nodes_announces() {
+        // A seed of four shards announces ten keys (two packets each per node) into a network
+        // of four, as a cluster's first node does when the others join; a get_peers lookup
+        // started then (a coordinator's FIND_PEERS of the cluster) must go out at once, not
+        // wait for twenty packets' worth of budget per node (6.7 s at 3 a second).
+        let start = Instant::now();
+        let addrs = ["127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1003"];
+        let cfg = DhtConfig { restrict_ips: false, ..DhtConfig::default() };
+        let mut net = Net::new(&addrs, (1..=4).map(id).collect(), cfg, start);
+        for i in 1..4 {
+            net.nodes[i].bootstrap = vec![net.addrs[0]];
+            net.nodes[i].join(start);
+        }
+        net.deliver(start);
+        // Let the joins' traffic settle and the buckets refill.
+        let mut now = start;
+        for _ in 0..100 {
+            now += Duration::from_millis(50);
+            for d in &mut net.nodes {
+                d.tick(now);
+            }
+            net.deliver(now);
+        }
+        for d in &mut net.nodes {
+            d.events.clear();
+        }
+        assert_eq!(net.nodes[0].table.len(), 3, "the seed knows the three others");
+        for k in 0..10u8 {
+            net.nodes[0].start_lookup(Id([0x80 | k; 20]), LookupKind::Announce { port: 9000 }, now);
+        }
+        net.deliver(now);
+        let wanted = Id([0x42; 20]);
+        let l = net.nodes[0].start_lookup(wanted, LookupKind::GetPeers, now);
+        net.deliver(now);
+        let done = net.nodes[0].events.iter().find_map(|e| match e {
+            Event::LookupDone(r) if r.id == l => Some(r.clone()),
+            _ => None,
+        });
+        let r = done.expect("the lookup ended in the instant it started: no query waited for the budget");
+        assert_eq!(r.budget_waits, 0);
+        assert_eq!(r.responded, 3);
+        // The announces still get through, in the background, within the budget.
+        let mut announced = 0;
+        for _ in 0..400 {
+            now += Duration::from_millis(50);
+            for d in &mut net.nodes {
+                d.tick(now);
+            }
+            net.deliver(now);
+            announced += net.nodes[0]
+                .events
+                .drain(..)
+                .filter(|e| matches!(e, Event::LookupDone(r) if matches!(r.kind, LookupKind::Announce { .. })))
+                .count();
+        }
+        assert_eq!(announced, 10);
+        assert!(net.nodes[1].store.peers(&Id([0x89; 20]), now).iter().any(|p| p.port() == 9000));
+        assert!(net.max_per_10s(0, 1) < 50, "libtorrent would ban us");
+    }
+
+    #[test]
     fn a_silent_node_is_backed_off_not_hammered() {
         let start = Instant::now();
         let mut d = Dht::new(id(1), DhtConfig::default(), vec![], start);
@@ -1272,8 +1348,9 @@ mod tests {
             d.tick(now);
             sent += d.outbox.drain(..).filter(|(to, _)| *to == dead).count();
         }
-        // Timeouts back off 1, 2, 4, ... 60 s: a handful of queries in a minute.
-        assert!(sent <= 10, "{sent} queries to a node that never answers");
+        // Until the first timeout (QUERY_TIMEOUT, 2 s) each lookup asks it (10, within the
+        // bucket); then timeouts back off 1, 2, 4, ... 60 s: a handful more in the minute.
+        assert!(sent <= 16, "{sent} queries to a node that never answers");
     }
 
     #[test]
@@ -1349,6 +1426,11 @@ mod tests {
         assert_eq!(peers(&mut net), vec![fam(v6, "8.8.8.8:1").parse().unwrap()], "the secure lookup skips node 2");
         net.nodes[0].start_lookup_secure(Id([7; 20]), LookupKind::Announce { port: 5 }, now);
         net.deliver(now);
+        // Three queries to node 1 in this instant: the announce_peer (background) waits for
+        // the budget's foreground reserve to refill.
+        let later = now + Duration::from_secs(1);
+        net.nodes[0].tick(later);
+        net.deliver(later);
         assert!(net.nodes[2].store.is_empty() || net.nodes[2].store.len() == 1, "nothing new stored on node 2");
         assert!(net.nodes[1].store.len() == 2, "the announce reached node 1");
         assert!(net.nodes[0].stats.insecure_skipped > 0);

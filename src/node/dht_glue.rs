@@ -138,6 +138,7 @@ impl DhtState {
                 m.responded += r.responded;
                 m.messages += r.messages;
                 m.rounds = m.rounds.max(r.rounds);
+                m.budget_waits += r.budget_waits;
                 m.elapsed = m.elapsed.max(r.elapsed);
                 m.first_peer = match (m.first_peer, r.first_peer) {
                     (Some(a), Some(b)) => Some(a.min(b)),
@@ -537,6 +538,7 @@ impl Node {
                     "rounds": r.rounds,
                     "elapsed_ms": r.elapsed.as_secs_f64() * 1e3,
                     "first_peer_ms": r.first_peer.map(|d| d.as_secs_f64() * 1e3),
+                    "budget_waits": r.budget_waits,
                 });
                 self.respond(token, &success_payload("FIND_PEERS", &request_id, result));
                 self.resume_or_settle(token, was_paused);

@@ -599,7 +599,12 @@ impl Node {
             let known_name = meta.as_ref().map(|m| m.info.name.as_str()).or(shard_id.map(|_| name));
             self.admit(h, known_name, meta.as_ref().map(|m| m.info.length))?;
             let dir = self.config.shards_dir.clone();
-            let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), self.config.direct_io)
+            // A download a shard's load waits for goes through the page cache: the first step
+            // reads every byte, and copying the pieces in as they come touches each page while
+            // the network is the bottleneck, where a direct write leaves the file on disk to be
+            // read back and touched after it (docs/ARCHITECTURE.md, "Direct I/O").
+            let direct_io = self.config.direct_io && shard_id.is_none();
+            let mut swarm = Swarm::download(h, meta, name, &dir, self.peer_id, Instant::now(), direct_io)
                 .map_err(|e| (ErrorCode::Internal, format!("starting the download of {name}: {e:#}")))?;
             self.make_private(&mut swarm).map_err(|e| (ErrorCode::Internal, format!("{e:#}")))?;
             swarm.set_listen_port(self.local_addr.port());

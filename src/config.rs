@@ -305,9 +305,10 @@ FLAGS:
   --max-downloads N      downloads under way at once; more are refused
                          (DOWNLOAD_LIMIT) [default: 8]
   --max-download-peers N peers one download knows and dials [default: 32]
-  --disk-budget BYTES    bytes the shards dir may hold (GGUF and .part files); a
-                         download that would pass it is refused before any file is
-                         created (DISK_BUDGET) [default: 0, no fixed budget]
+  --disk-budget BYTES    bytes the shards dir may hold (GGUF, .part and .repack
+                         files); a download that would pass it is refused before
+                         any file is created (DISK_BUDGET) [default: 0, no fixed
+                         budget]
   --disk-reserve BYTES   free space a download may not eat into (statvfs)
                          [default: 1073741824]
   --part-expiry SECS     remove a .part file no download used for this long

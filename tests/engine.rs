@@ -937,8 +937,22 @@ fn sidecar_path(model: &Path) -> PathBuf {
     PathBuf::from(format!("{}.repack", model.display()))
 }
 
+/// The node's sidecar key (`.repack-key` beside the shards), as `sidecar` created it.
+fn node_secret(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join(shardnet::engine::sidecar::SECRET_FILE)).unwrap()
+}
+
+/// Sets a sidecar's trailer to the HMAC-SHA-256 of the rest under `key`.
+fn retag(bytes: &mut [u8], key: &[u8]) {
+    use hmac::{KeyInit, Mac};
+    let body = bytes.len() - 32;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(&bytes[..body]);
+    bytes[body..].copy_from_slice(&mac.finalize().into_bytes());
+}
+
 /// Rewrites a sidecar's header field `from` -> `to` (same length) and its data to zeros, then
-/// fixes its checksum: a well-formed sidecar that must not be used.
+/// tags it with the node's own key: a well-formed, authentic sidecar that must still not be used.
 fn forge_sidecar(path: &Path, from: &str, to: &str) {
     assert_eq!(from.len(), to.len());
     let mut bytes = std::fs::read(path).unwrap();
@@ -946,11 +960,38 @@ fn forge_sidecar(path: &Path, from: &str, to: &str) {
     let header = String::from_utf8(bytes[12..12 + h].to_vec()).unwrap();
     assert!(header.contains(from), "{header}");
     bytes[12..12 + h].copy_from_slice(header.replacen(from, to, 1).as_bytes());
-    let body = bytes.len() - 20;
+    let body = bytes.len() - 32;
     bytes[12 + h..body].fill(0);
-    let sum = shardnet::hash::sha1(&bytes[..body]);
-    bytes[body..].copy_from_slice(&sum);
+    retag(&mut bytes, &node_secret(path.parent().unwrap()));
     std::fs::write(path, bytes).unwrap();
+}
+
+/// Two tensors of the same size in a sidecar: their (offset, size), from its header.
+fn two_same_size(bytes: &[u8]) -> ((usize, usize), (usize, usize)) {
+    let h = u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[12..12 + h]).unwrap();
+    let t: Vec<(usize, usize)> = header["tensors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["offset"].as_u64().unwrap() as usize, t["size"].as_u64().unwrap() as usize))
+        .collect();
+    for (i, a) in t.iter().enumerate() {
+        if let Some(b) = t[i + 1..].iter().find(|b| b.1 == a.1) {
+            return (*a, *b);
+        }
+    }
+    panic!("no two tensors of one size in {header}");
+}
+
+/// `bytes` with two same-sized tensors swapped (a red team's forgery: every check on names,
+/// sizes and offsets still holds).
+fn swap_tensors(bytes: &[u8]) -> Vec<u8> {
+    let ((a, n), (b, _)) = two_same_size(bytes);
+    let mut v = bytes.to_vec();
+    v[a..a + n].copy_from_slice(&bytes[b..b + n]);
+    v[b..b + n].copy_from_slice(&bytes[a..a + n]);
+    v
 }
 
 const KEY_A: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -1055,4 +1096,178 @@ fn corrupt_sidecar_is_detected_and_rebuilt() {
     assert_eq!(source, WeightsSource::Copy);
     assert!(anon > 0);
     assert_eq!(got, good);
+}
+
+/// A sidecar whose weights were changed by someone without the node's key (two same-sized
+/// tensors swapped, then tagged under a guessed key, or with a plain SHA-256 of its bytes), or
+/// one that another node built for the very same shard (tagged under that node's key), is
+/// rejected and rebuilt, never used; each rejection is counted.
+#[test]
+fn forged_or_foreign_sidecar_is_rejected_and_rebuilt() {
+    use shardnet::engine::WeightsSource;
+    use shardnet::engine::sidecar::counters;
+    let dir = TempDir::new("engine-sidecar-forged");
+    let model = repack_model(dir.path());
+    let (source, _, good) = load_with_sidecar(&model, KEY_A);
+    if source == WeightsSource::Map {
+        eprintln!("SKIPPED: ggml has no repack layout for Q4_0 on this CPU");
+        return;
+    }
+    let path = sidecar_path(&model);
+    let honest = std::fs::read(&path).unwrap();
+    let key = node_secret(dir.path());
+    assert_eq!(key.len(), 32);
+    // The forgery changes what is computed: tagged with the node's own key it is used, and the
+    // logits differ (so below, "the same logits" means the forgery was not used).
+    let mut swapped = swap_tensors(&honest);
+    retag(&mut swapped, &key);
+    std::fs::write(&path, &swapped).unwrap();
+    let (source, _, got) = load_with_sidecar(&model, KEY_A);
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: false });
+    assert_ne!(got, good, "swapping the tensors changes nothing: the test cannot tell");
+    // Without the key: a guessed key, or a keyless digest of the contents.
+    let mut guessed = swap_tensors(&honest);
+    retag(&mut guessed, &[0u8; 32]);
+    let mut digest = swap_tensors(&honest);
+    let body = digest.len() - 32;
+    let sum: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&digest[..body]).into();
+    digest[body..].copy_from_slice(&sum);
+    // Another node's sidecar for the same shard: its own key, its own (honest) bytes.
+    let other = TempDir::new("engine-sidecar-other-node");
+    let other_model = other.path().join(model.file_name().unwrap());
+    std::fs::copy(&model, &other_model).unwrap();
+    let (source, _, _) = load_with_sidecar(&other_model, KEY_A);
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true });
+    assert_ne!(node_secret(other.path()), key, "two nodes drew the same key");
+    let mut foreign = swap_tensors(&std::fs::read(sidecar_path(&other_model)).unwrap());
+    retag(&mut foreign, &node_secret(other.path()));
+    for (what, bytes) in [("a guessed key", guessed), ("a SHA-256 trailer", digest), ("another node's key", foreign)] {
+        let before = counters().rejected;
+        std::fs::write(&path, bytes).unwrap();
+        let (source, _, got) = load_with_sidecar(&model, KEY_A);
+        assert_eq!(source, WeightsSource::Sidecar { rebuilt: true }, "a sidecar tagged with {what} was used");
+        assert_eq!(got, good, "{what}");
+        assert!(counters().rejected > before, "{what}: the rejection was not counted");
+        assert_eq!(std::fs::read(&path).unwrap().len(), honest.len());
+    }
+    assert_eq!(node_secret(dir.path()), key, "the node's key stays the same");
+}
+
+/// The sidecar's paths are never followed through a link: a symbolic link at the sidecar's
+/// name (to a valid sidecar elsewhere) is refused and replaced, never written through; links
+/// planted at temporary names (the old predictable `.NAME.tmp-PID`) leave their targets alone
+/// and are removed with other stale temporary files; a FIFO there does not block the load.
+#[test]
+fn sidecar_paths_are_never_followed_through_links() {
+    use shardnet::engine::WeightsSource;
+    use std::os::unix::fs::symlink;
+    let dir = TempDir::new("engine-sidecar-links");
+    let model = repack_model(dir.path());
+    let (source, _, good) = load_with_sidecar(&model, KEY_A);
+    if source == WeightsSource::Map {
+        eprintln!("SKIPPED: ggml has no repack layout for Q4_0 on this CPU");
+        return;
+    }
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true });
+    let path = sidecar_path(&model);
+    let name = path.file_name().unwrap().to_string_lossy().to_string();
+    // A link at the sidecar's name to a valid copy: not a regular file, so rebuilt beside it.
+    let elsewhere = dir.path().join("elsewhere.bin");
+    std::fs::rename(&path, &elsewhere).unwrap();
+    let copy = std::fs::read(&elsewhere).unwrap();
+    symlink(&elsewhere, &path).unwrap();
+    let (source, _, got) = load_with_sidecar(&model, KEY_A);
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true }, "a sidecar reached through a link was used");
+    assert_eq!(got, good);
+    assert!(std::fs::symlink_metadata(&path).unwrap().is_file(), "the link was not replaced by a file");
+    assert_eq!(std::fs::read(&elsewhere).unwrap(), copy, "the link's target was written");
+    // Links at temporary names (the old pid-named one among them), and a stale temporary file.
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious data the node must never touch").unwrap();
+    for tail in [std::process::id().to_string(), "0".into(), "ffffffffffffffff".into()] {
+        symlink(&victim, dir.path().join(format!(".{name}.tmp-{tail}"))).unwrap();
+    }
+    std::fs::write(dir.path().join(format!(".{name}.tmp-1234")), vec![7u8; 4096]).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let (source, _, got) = load_with_sidecar(&model, KEY_A);
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true });
+    assert_eq!(got, good);
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious data the node must never touch");
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
+    assert!(names.iter().all(|n| !n.contains(".tmp-")), "temporary files left: {names:?}");
+    // A FIFO at the sidecar's name: refused at once (opening it must not wait for a writer).
+    std::fs::remove_file(&path).unwrap();
+    let fifo = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let m = model.clone();
+    std::thread::spawn(move || tx.send(load_with_sidecar(&m, KEY_A)).unwrap());
+    let (source, _, got) = rx.recv_timeout(WAIT).expect("loading with a FIFO at the sidecar's name hung");
+    assert_eq!(source, WeightsSource::Sidecar { rebuilt: true });
+    assert_eq!(got, good);
+    assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+}
+
+/// A node pinned with `--model` computes with its own sidecar only: an edit in place after the
+/// sidecar was checked is noticed before the next step (one `fstat`) and the shard reloaded,
+/// which rejects and rebuilds the sidecar; a forgery planted while the node is down (tensors
+/// swapped, tagged without the node's key) is rejected at the next start. Every answer equals
+/// the honest one, and STATUS counts each event.
+#[test]
+fn node_never_computes_with_a_sidecar_changed_behind_its_back() {
+    let dir = TempDir::new("engine-node-sidecar");
+    let model = repack_model(dir.path());
+    let shards = dir.path().join("shards");
+    // With a pool, split hashes the shards: the manifest names their info hashes (to pin).
+    let pool = shardnet::workers::WorkerPool::new("hash", 1);
+    split::split(&model, 1, &shards, Some(&pool.handle())).unwrap();
+    let manifest = std::fs::read(shards.join("manifest.json")).unwrap();
+    let pin = shardnet::hash::to_hex(&<sha2::Sha256 as sha2::Digest>::digest(&manifest));
+    let args = ["--threads", "1", "--ctx-size", "64", "--model", &pin];
+    let step = |node: &NodeProc, s: &str| {
+        // Pinned: the shard loads once the manifest is taken and the file's info hash checked.
+        let mut last = Value::Null;
+        let deadline = std::time::Instant::now() + WAIT;
+        while last["status"] != "success" {
+            assert!(std::time::Instant::now() < deadline, "{last}; stderr:\n{}", node.stderr());
+            last = node.call("LOAD_SHARD", json!({"shard_id": 0}));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let r = execute(node, json!({"session_id": s, "shard_id": 0, "input": {"tokens": PROMPT}}));
+        assert_eq!(r["status"], "success", "{r}; stderr:\n{}", node.stderr());
+        r["result"]["logits"].clone()
+    };
+    let sidecars = |node: &NodeProc| node.call("STATUS", json!({}))["result"]["inference"]["sidecars"].clone();
+    let path = shards.join("shard-0.gguf.repack");
+    let mut node = NodeProc::start(&shards, &args);
+    let honest = step(&node, "a");
+    if !path.is_file() {
+        eprintln!("SKIPPED: ggml has no repack layout for Q4_0 on this CPU");
+        return;
+    }
+    assert_eq!(sidecars(&node), json!({"written": 1, "rejected": 0, "changed": 0}));
+    let good = std::fs::read(&path).unwrap();
+    // Edited in place (same length, same inode) while mapped: two tensors swapped.
+    {
+        use std::io::{Seek, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.seek(std::io::SeekFrom::Start(0)).unwrap();
+        f.write_all(&swap_tensors(&good)).unwrap();
+    }
+    assert_eq!(step(&node, "b"), honest, "the node computed with a sidecar edited in place");
+    assert_eq!(sidecars(&node), json!({"written": 2, "rejected": 1, "changed": 1}));
+    assert_eq!(step(&node, "c"), honest);
+    assert_eq!(sidecars(&node), json!({"written": 2, "rejected": 1, "changed": 1}), "reloaded again for nothing");
+    node.kill();
+    // Forged while the node is down: swapped and re-tagged with a key the node does not hold.
+    let mut forged = swap_tensors(&std::fs::read(&path).unwrap());
+    retag(&mut forged, &[0x55; 32]);
+    std::fs::write(&path, forged).unwrap();
+    let node = NodeProc::start(&shards, &args);
+    assert_eq!(step(&node, "d"), honest, "the pinned node computed with a forged sidecar");
+    assert_eq!(sidecars(&node), json!({"written": 1, "rejected": 1, "changed": 0}));
+    assert!(node.stderr().contains("rejected, never used"), "{}", node.stderr());
+    node.assert_serving();
 }

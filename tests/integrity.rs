@@ -86,6 +86,24 @@ fn an_oversized_torrent_is_refused_before_any_file_is_created() {
     leech.assert_serving();
 }
 
+/// Repack sidecars (`NAME.gguf.repack`, and one being written) are files the node writes in the
+/// shards dir: they count toward `--disk-budget` as GGUF and `.part` files do.
+#[test]
+fn repack_sidecars_count_toward_the_disk_budget() {
+    let dir = TempDir::new("isidecar-budget");
+    std::fs::write(dir.path().join("gone.gguf.repack"), vec![0u8; 600_000]).unwrap();
+    std::fs::write(dir.path().join(".gone.gguf.repack.tmp-0123456789abcdef"), vec![0u8; 300_000]).unwrap();
+    let node = torrent_node(dir.path(), &["--disk-budget", "1000000"]);
+    // 200,000 bytes fit the budget alone, not beside the sidecars' 900,000.
+    let r = download(&node, &fake_torrent("shard-0.gguf", 200_000, 16384), &["127.0.0.1:9"]);
+    assert_eq!(r["code"], "DISK_BUDGET", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("holds 900000"), "{r}");
+    // 90,000 do.
+    let r = download(&node, &fake_torrent("shard-1.gguf", 90_000, 16384), &["127.0.0.1:9"]);
+    assert_eq!(r["status"], "success", "{r}");
+    node.assert_serving();
+}
+
 #[test]
 fn a_zero_length_torrent_is_refused_as_a_download_target() {
     let dir = TempDir::new("iempty");

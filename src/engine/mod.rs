@@ -243,6 +243,14 @@ impl Engine {
         self.shards.contains_key(&shard_id)
     }
 
+    /// Whether shard `shard_id`'s repack sidecar was written since the load checked it (one
+    /// `fstat`; see [`sidecar::Mapped::changed`]): load it again before computing, which checks
+    /// the sidecar's tag again (and rebuilds it if the tag fails). False when not loaded or not
+    /// from a sidecar.
+    pub fn weights_changed(&self, shard_id: u32) -> bool {
+        self.shards.get(&shard_id).is_some_and(|m| m.sidecar_changed(&format!("shard {shard_id}")))
+    }
+
     /// Weight bytes held outside the shard's map (repacked), 0 unless `repack`.
     pub fn repacked_bytes(&self, shard_id: u32) -> usize {
         self.shards.get(&shard_id).map_or(0, |m| m.repacked_bytes())

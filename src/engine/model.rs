@@ -170,7 +170,7 @@ pub struct ShardModel {
     pub source: WeightsSource,
     _map: Arc<Mmap>,
     /// The repack sidecar's map, when the weights come from it.
-    _sidecar: Option<Mmap>,
+    sidecar: Option<sidecar::Mapped>,
 }
 
 /// Where a shard's matrices that ggml has a faster CPU layout for are read from.
@@ -297,11 +297,11 @@ impl ShardModel {
         let (weights, source, side) = if !plan.contains(&true) {
             (Weights::over_map(&map, &specs, Layout::AsIs)?, WeightsSource::Map, None)
         } else {
-            match sidecar.map(|place| open_or_build(place, &specs, &plan)) {
+            match sidecar.map(|place| sidecar::open_or_build(place, &specs, &plan)) {
                 Some(Ok((mapped, rebuilt))) => {
                     let layout = Layout::Repacked { map: &mapped.map, offsets: &mapped.offsets };
                     let weights = Weights::over_map(&map, &specs, layout)?;
-                    (weights, WeightsSource::Sidecar { rebuilt }, Some(mapped.map))
+                    (weights, WeightsSource::Sidecar { rebuilt }, Some(mapped))
                 }
                 failed => {
                     if let Some(Err(why)) = failed {
@@ -312,7 +312,13 @@ impl ShardModel {
             }
         };
         drop(g);
-        Ok(ShardModel { hp, begin, end, weights, source, _map: map, _sidecar: side })
+        Ok(ShardModel { hp, begin, end, weights, source, _map: map, sidecar: side })
+    }
+
+    /// Whether the repack sidecar the weights are mapped from was written since it was checked
+    /// (one `fstat`; logged and counted): the shard must be loaded again. False without one.
+    pub fn sidecar_changed(&self, what: &str) -> bool {
+        self.sidecar.as_ref().is_some_and(|m| m.changed(what))
     }
 
     /// Weight bytes copied out of the map into anonymous memory (only a repack without sidecar).
@@ -341,30 +347,4 @@ impl ShardModel {
     pub fn head(&self) -> Tensor<'_> {
         self.opt("output.weight").unwrap_or_else(|| self.w("token_embd.weight"))
     }
-}
-
-/// The sidecar at `place` if it matches the shard, else a fresh one written there and mapped:
-/// (its map, whether it was rebuilt), or why neither worked.
-fn open_or_build(
-    place: &sidecar::Place,
-    specs: &[WeightSpec],
-    plan: &[bool],
-) -> Result<(sidecar::Mapped, bool), String> {
-    match sidecar::open(place, specs, plan) {
-        Ok(m) => return Ok((m, false)),
-        Err(why) if place.path.exists() => {
-            crate::info!("repack sidecar {} not used: {why}; rebuilding it", place.path.display())
-        }
-        Err(_) => {}
-    }
-    let t = std::time::Instant::now();
-    let bytes = sidecar::build(place, specs, plan)?;
-    crate::info!(
-        "repack sidecar {} written ({bytes} bytes, {:.0} ms)",
-        place.path.display(),
-        t.elapsed().as_secs_f64() * 1e3
-    );
-    let m =
-        sidecar::open(place, specs, plan).map_err(|e| format!("the sidecar just written does not read back: {e}"))?;
-    Ok((m, true))
 }

@@ -84,6 +84,7 @@ pub struct InferStats {
 
 impl InferStats {
     pub fn to_json(&self) -> Value {
+        let sidecars = crate::engine::sidecar::counters();
         json!({
             "sessions": self.sessions.load(Ordering::Relaxed),
             "kv_bytes": self.kv_bytes.load(Ordering::Relaxed),
@@ -93,6 +94,11 @@ impl InferStats {
             "gather_ms": self.gather_us.load(Ordering::Relaxed) / 1000,
             "queued": self.queued.load(Ordering::Relaxed),
             "running": self.running.load(Ordering::Relaxed),
+            "sidecars": {
+                "written": sidecars.written,
+                "rejected": sidecars.rejected,
+                "changed": sidecars.changed,
+            },
         })
     }
 }
@@ -423,7 +429,7 @@ fn execute(
         return group.iter().map(|_| Err(e.clone())).collect();
     }
     let key = shard.map.as_ptr() as usize;
-    if loaded.get(&shard_id) != Some(&key) || !engine.is_loaded(shard_id) {
+    if loaded.get(&shard_id) != Some(&key) || !engine.is_loaded(shard_id) || engine.weights_changed(shard_id) {
         let t = Instant::now();
         if let Err(e) = engine.load_file(shard_id, shard.map.clone(), &shard.path, shard.info_hash.clone()) {
             loaded.remove(&shard_id);

@@ -435,9 +435,11 @@ impl Node {
         self.status_cache = None;
         warn!("removing {name} ({h}), downloaded for shard {shard_id}: {why}");
         let torrent = crate::node::scan::torrent_path(&self.config.shards_dir, &name);
+        let sidecar = crate::engine::sidecar::Place::beside(&entry.path, String::new()).path;
         self.pool.handle().submit(move || {
             let _ = std::fs::remove_file(&entry.path);
             let _ = std::fs::remove_file(torrent);
+            let _ = std::fs::remove_file(sidecar);
         });
     }
 
@@ -1072,15 +1074,18 @@ pub fn check_download_name(name: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Bytes the shards dir holds in GGUF and `.part` files, less torrent `h`'s own `.part`
-/// (its declared length is counted by the caller). A short directory listing.
+/// Bytes the shards dir holds in GGUF, `.part` and repack sidecar files (`NAME.gguf.repack`
+/// and one being written, `.NAME.gguf.repack.tmp-*`), less torrent `h`'s own `.part` (its
+/// declared length is counted by the caller). A short directory listing.
 fn shards_dir_bytes(dir: &std::path::Path, h: InfoHash) -> u64 {
     let Ok(rd) = std::fs::read_dir(dir) else { return 0 };
     rd.filter_map(|e| e.ok())
         .filter(|e| {
             let n = e.file_name();
             let n = n.to_string_lossy();
-            (n.ends_with(".gguf") || n.ends_with(".part")) && crate::torrent::storage::part_info_hash(&n) != Some(h)
+            let sidecar = n.ends_with(".gguf.repack") || n.contains(".gguf.repack.tmp-");
+            (n.ends_with(".gguf") || n.ends_with(".part") || sidecar)
+                && crate::torrent::storage::part_info_hash(&n) != Some(h)
         })
         .filter_map(|e| e.metadata().ok())
         .filter(|m| m.is_file())

@@ -120,11 +120,18 @@ fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let t_threads = threads.to_string();
 
+    // `SHARDNET_BENCH_PIPELINE=cold` or `warm` runs one part alone (unset: both).
+    let part = std::env::var("SHARDNET_BENCH_PIPELINE").unwrap_or_default();
     // Cold start first, its nodes and files gone before the warm runs.
-    let (cold, _) = {
+    let cold = if part == "warm" {
+        Value::Null
+    } else {
         let cold_dir = TempDir::new("bench-pipeline-cold");
-        cold_start(cold_dir.path(), &t_threads)
+        cold_start(cold_dir.path(), &t_threads).0
     };
+    if part == "cold" {
+        return write_report(json!({"cold_start": cold}));
+    }
 
     // Warm: the pipeline against the same model in this process.
     let model = bench_model(dir.path());
@@ -167,6 +174,10 @@ fn main() {
         "overhead_per_hop_us": median(overhead),
         "goal": {"decode_ratio_at_least": 0.95, "overhead_per_hop_us_under": 150},
     });
+    write_report(report);
+}
+
+fn write_report(report: Value) {
     println!("{report}");
     let out = Path::new("target/bench");
     std::fs::create_dir_all(out).unwrap();

@@ -397,6 +397,22 @@ fn result_json(
 fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
     let k = k.clamp(1, logits.len().max(1)).min(logits.len());
     let better = |a: u32, b: u32| logits[a as usize].total_cmp(&logits[b as usize]).reverse().then(a.cmp(&b));
+    if k == 1 {
+        // Greedy decoding: the first id of the largest value in `total_cmp`'s order, compared
+        // as the integers that order is defined by (one pass the compiler can unroll).
+        let key = |v: f32| {
+            let b = v.to_bits() as i32;
+            b ^ (((b >> 31) as u32) >> 1) as i32
+        };
+        let (mut best, mut best_key) = (0usize, key(logits[0]));
+        for (i, &v) in logits.iter().enumerate().skip(1) {
+            let k = key(v);
+            if k > best_key {
+                (best, best_key) = (i, k);
+            }
+        }
+        return vec![best as u32];
+    }
     if k <= 32 {
         let mut best: Vec<u32> = Vec::with_capacity(k + 1);
         for (i, &v) in logits.iter().enumerate() {

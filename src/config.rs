@@ -84,6 +84,9 @@ pub struct NodeConfig {
     pub announce_port: Option<u16>,
     /// DHT packets a second to any one address (libtorrent bans a source over 5).
     pub dht_query_rate: u32,
+    /// What others' DHT announces may make the node store (keys, peers per key, entries per
+    /// announcer).
+    pub dht_store: crate::dht::store::StoreLimits,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
     /// Peers one download knows and dials at most; more are ignored.
@@ -116,6 +119,8 @@ pub struct NodeConfig {
     pub private: bool,
     /// `--encryption`: Message Stream Encryption on the peer wire, in and out.
     pub encryption: Encryption,
+    /// An MSE handshake begun and not finished this long is closed (`--mse-timeout`).
+    pub mse_timeout: Duration,
 }
 
 /// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
@@ -192,6 +197,7 @@ impl Default for NodeConfig {
             dht_read_only: false,
             announce_port: None,
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
+            dht_store: crate::dht::store::StoreLimits::default(),
             max_downloads: 8,
             max_download_peers: 32,
             disk_budget: 0,
@@ -206,6 +212,7 @@ impl Default for NodeConfig {
             model_pin: None,
             private: false,
             encryption: Encryption::default(),
+            mse_timeout: crate::torrent::mse::HANDSHAKE_TIMEOUT,
         }
     }
 }
@@ -228,6 +235,10 @@ impl NodeConfig {
             "max_sessions": self.max_sessions,
             "max_sessions_per_client": self.max_sessions_per_client,
             "auth_timeout_s": self.auth_timeout.as_secs(),
+            "mse_timeout_s": self.mse_timeout.as_secs(),
+            "dht_max_keys": self.dht_store.max_keys,
+            "dht_max_peers_per_key": self.dht_store.max_peers_per_key,
+            "dht_max_per_announcer": self.dht_store.max_per_announcer,
         })
     }
 }
@@ -238,11 +249,16 @@ shard_listener: a shardnet node (command protocol, BitTorrent seeding, shard cac
 USAGE: shard_listener [FLAGS]
 
 FLAGS:
-  --listen HOST:PORT     address for TCP (commands and peer wire) and UDP (DHT)
+  --listen HOST:PORT     address for TCP (commands and peer wire) and UDP (DHT);
+                         0.0.0.0 or [::] listens on IPv4 and IPv6 (IPv6 beside
+                         IPv4 on the same port: two DHTs, BEP 32), an IPv4 address
+                         on IPv4 only, an IPv6 one ([::1]:PORT) on IPv6 only
                          [default: 0.0.0.0:51820]
   --port N               shorthand for --listen 0.0.0.0:N (0 picks a free port)
-  --bootstrap ADDR       a known node: /ip4/A.B.C.D/tcp/PORT, /ip6/.../tcp/PORT or
-                         HOST:PORT; repeatable
+  --bootstrap ADDR       a known node: /ip4/A.B.C.D/tcp/PORT, /ip6/ADDR/tcp/PORT
+                         (e.g. /ip6/::1/tcp/51820), /dns4|dns6|dns/HOST/tcp/PORT,
+                         HOST:PORT or [V6]:PORT; repeatable. IPv4 addresses join
+                         the IPv4 DHT, IPv6 ones the IPv6 DHT
   --cluster NAME         cluster this node belongs to [default: shardnet]
   --shard-id N           shard this node serves; loaded at startup if present
   --total-shards N       number of shards in the model; shard ids must be below it
@@ -263,6 +279,14 @@ FLAGS:
                          listening port]
   --dht-query-rate N     DHT packets a second to any one address, queries and
                          answers together [default: 3; libtorrent bans over 5]
+  --dht-max-keys N       keys the DHT store keeps for others' announces; an
+                         announce of a new key past it is refused [default: 10000]
+  --dht-max-peers-per-key N
+                         peers kept under one DHT key; the stalest gives way
+                         [default: 200]
+  --dht-max-per-announcer N
+                         DHT store entries one announcer (IPv4 address, IPv6 /64)
+                         may hold over all keys; more are refused [default: 250]
   --max-downloads N      downloads under way at once; more are refused
                          (DOWNLOAD_LIMIT) [default: 8]
   --max-download-peers N peers one download knows and dials [default: 32]
@@ -284,7 +308,7 @@ FLAGS:
                          loopback) may hold; its own least recently used is
                          dropped beyond it [default: 8, at most --max-sessions]
   --cluster-key-file PATH
-                         the cluster key (at least 16 bytes; mode 600): every
+                         the cluster key (at least 32 random bytes; mode 600): every
                          command but STATUS needs proof of it (HMAC-SHA-256
                          handshake, every frame MACed) [default: the file named
                          by SHARDNET_CLUSTER_KEY_FILE; none: open to anyone]
@@ -303,6 +327,8 @@ FLAGS:
                          (dial MSE first, choose RC4), require (RC4 only, in and
                          out: plaintext peers are refused) or disable (plaintext
                          only) [default: prefer-plaintext]
+  --mse-timeout SECS     close a peer connection whose MSE handshake has not
+                         finished this long after it began [default: 10]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -442,6 +468,11 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             }
             "--announce-port" => c.announce_port = Some(number(flag, value()?, 1, u16::MAX as u64)? as u16),
             "--dht-query-rate" => c.dht_query_rate = number(flag, value()?, 1, 1000)? as u32,
+            "--dht-max-keys" => c.dht_store.max_keys = number(flag, value()?, 1, 10_000_000)? as usize,
+            "--dht-max-peers-per-key" => c.dht_store.max_peers_per_key = number(flag, value()?, 1, 100_000)? as usize,
+            "--dht-max-per-announcer" => {
+                c.dht_store.max_per_announcer = number(flag, value()?, 1, 10_000_000)? as usize
+            }
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
             "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
@@ -464,6 +495,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.cluster_key_file = Some(PathBuf::from(v));
             }
             "--auth-timeout" => c.auth_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
+            "--mse-timeout" => c.mse_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
             "--model" => {
                 let v = value()?;
                 c.model_pin = Some(parse_model_hash(v).map_err(|e| format!("--model: {e}"))?);
@@ -582,6 +614,13 @@ mod tests {
         assert!(run(&["--dht-read-only"]).unwrap().dht_read_only);
         assert_eq!(c.dht_query_rate, 3);
         assert_eq!(run(&["--dht-query-rate", "4"]).unwrap().dht_query_rate, 4);
+        assert_eq!(c.dht_store, crate::dht::store::StoreLimits::default());
+        let s = run(&["--dht-max-keys", "5", "--dht-max-peers-per-key", "6", "--dht-max-per-announcer", "7"]).unwrap();
+        assert_eq!((s.dht_store.max_keys, s.dht_store.max_peers_per_key, s.dht_store.max_per_announcer), (5, 6, 7));
+        assert!(run(&["--dht-max-keys", "0"]).is_err());
+        assert_eq!(c.mse_timeout, Duration::from_secs(10));
+        assert_eq!(run(&["--mse-timeout", "3"]).unwrap().mse_timeout, Duration::from_secs(3));
+        assert!(run(&["--mse-timeout", "0"]).is_err());
         assert_eq!(c.announce_port, None);
         assert_eq!(run(&["--announce-port", "6881"]).unwrap().announce_port, Some(6881));
     }

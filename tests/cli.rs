@@ -41,6 +41,29 @@ fn shard_listener_help_lists_every_flag() {
     }
 }
 
+/// The README's `shard_listener` and `shardctl` sections show each binary's `--help` as it is,
+/// so a flag added to one is never missing from the other.
+#[test]
+fn the_readme_shows_each_binarys_help_verbatim() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for (section, bin) in [
+        ("## `shard_listener`", env!("CARGO_BIN_EXE_shard_listener")),
+        ("## `shardctl`", env!("CARGO_BIN_EXE_shardctl")),
+    ] {
+        let at = readme.find(section).unwrap_or_else(|| panic!("README has no {section} section"));
+        let block = readme[at..].split("```\n").nth(1).unwrap_or_else(|| panic!("no code block under {section}"));
+        let (code, help, _) = run(bin, &["--help"]);
+        assert_eq!(code, Some(0));
+        if block != help {
+            let first = block.lines().zip(help.lines()).position(|(a, b)| a != b);
+            panic!(
+                "README's {section} block differs from `{bin} --help` (first differing line: {first:?}); paste the \
+                 help output there\n--- README\n{block}\n--- help\n{help}"
+            );
+        }
+    }
+}
+
 #[test]
 fn shard_listener_bad_flags_exit_2_with_one_line() {
     for (args, needle) in [

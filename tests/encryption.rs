@@ -7,7 +7,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -19,43 +19,17 @@ use shardnet::torrent::wire::{self, Message};
 
 const MB: usize = 1024 * 1024;
 
-fn seed_dir(bytes: usize) -> (TempDir, PathBuf, Metainfo) {
-    let dir = TempDir::new("mse-seed");
-    let path = dir.path().join("shard-0.gguf");
-    write_shard(&path, 0, 1, (0, 1), bytes);
-    let pool = shardnet::workers::WorkerPool::new("t", 2);
-    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
-    (dir, path, m)
-}
-
-fn start(dir: &Path, extra: &[&str]) -> NodeProc {
-    let mut args = vec!["--enable-torrent"];
-    args.extend_from_slice(extra);
-    let node = NodeProc::start(dir, &args);
-    node.wait_metadata();
-    node
-}
-
-fn load(node: &NodeProc, m: &Metainfo, peers: &[&str]) -> Value {
-    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": true}))
-}
-
 fn encryption(node: &NodeProc) -> Value {
     node.call("STATUS", json!({}))["result"]["encryption"].clone()
 }
 
-fn same_bytes(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    assert!(x == y, "{} and {} differ", a.display(), b.display());
-}
-
 #[test]
 fn two_prefer_encrypted_nodes_trade_a_shard_over_rc4() {
-    let (sd, src, m) = seed_dir(3 * MB);
-    let seed = start(sd.path(), &["--encryption", "prefer-encrypted"]);
+    let (sd, src, m) = seed_dir("mse-seed", 3 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "prefer-encrypted"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
-    let r = load(&leech, &m, &[&seed.addr]);
+    let leech = torrent_node(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let (s, l) = (encryption(&seed), encryption(&leech));
@@ -66,11 +40,11 @@ fn two_prefer_encrypted_nodes_trade_a_shard_over_rc4() {
 
 #[test]
 fn a_prefer_encrypted_leech_gets_a_plaintext_payload_from_a_default_seed_after_an_mse_handshake() {
-    let (sd, src, m) = seed_dir(MB);
-    let seed = start(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("mse-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
-    let r = load(&leech, &m, &[&seed.addr]);
+    let leech = torrent_node(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let s = encryption(&seed);
@@ -80,11 +54,11 @@ fn a_prefer_encrypted_leech_gets_a_plaintext_payload_from_a_default_seed_after_a
 
 #[test]
 fn a_require_leech_downloads_from_a_prefer_plaintext_seed_over_rc4() {
-    let (sd, src, m) = seed_dir(2 * MB);
-    let seed = start(sd.path(), &["--encryption", "prefer-plaintext"]);
+    let (sd, src, m) = seed_dir("mse-seed", 2 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "prefer-plaintext"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &["--encryption", "require"]);
-    let r = load(&leech, &m, &[&seed.addr]);
+    let leech = torrent_node(ld.path(), &["--encryption", "require"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     assert!(encryption(&seed)["rc4"].as_u64().unwrap() >= 1, "plaintext was not offered");
@@ -93,11 +67,11 @@ fn a_require_leech_downloads_from_a_prefer_plaintext_seed_over_rc4() {
 #[test]
 fn a_prefer_plaintext_leech_falls_back_to_mse_when_the_seed_requires_it() {
     // The seed drops the plaintext handshake; the leech redials with MSE at once.
-    let (sd, src, m) = seed_dir(MB);
-    let seed = start(sd.path(), &["--encryption", "require"]);
+    let (sd, src, m) = seed_dir("mse-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "require"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &["--encryption", "prefer-plaintext"]);
-    let r = load(&leech, &m, &[&seed.addr]);
+    let leech = torrent_node(ld.path(), &["--encryption", "prefer-plaintext"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let (s, l) = (encryption(&seed), encryption(&leech));
@@ -107,11 +81,11 @@ fn a_prefer_plaintext_leech_falls_back_to_mse_when_the_seed_requires_it() {
 
 #[test]
 fn a_prefer_encrypted_leech_falls_back_to_plaintext_when_the_seed_disables_mse() {
-    let (sd, src, m) = seed_dir(MB);
-    let seed = start(sd.path(), &["--encryption", "disable"]);
+    let (sd, src, m) = seed_dir("mse-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "disable"]);
     let ld = TempDir::new("mse-leech");
-    let leech = start(ld.path(), &["--encryption", "prefer-encrypted"]);
-    let r = load(&leech, &m, &[&seed.addr]);
+    let leech = torrent_node(ld.path(), &["--encryption", "prefer-encrypted"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let l = encryption(&leech);
@@ -131,13 +105,13 @@ fn plaintext_handshake(node: &NodeProc, m: &Metainfo) -> Option<[u8; 68]> {
 
 #[test]
 fn a_require_node_refuses_a_plaintext_peer_and_a_default_node_serves_it() {
-    let (sd, _src, m) = seed_dir(MB);
-    let strict = start(sd.path(), &["--encryption", "require"]);
+    let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
+    let strict = torrent_node(sd.path(), &["--encryption", "require"]);
     assert!(plaintext_handshake(&strict, &m).is_none(), "a plaintext handshake answered under require");
     assert_eq!(encryption(&strict)["plaintext_refused"], 1);
     strict.assert_serving();
     drop(strict);
-    let open = start(sd.path(), &[]);
+    let open = torrent_node(sd.path(), &[]);
     let hs = plaintext_handshake(&open, &m).expect("no handshake back from a default node");
     assert_eq!(wire::Handshake::decode(&hs).unwrap().unwrap().info_hash, m.info_hash);
 }
@@ -184,8 +158,8 @@ fn mse_connect(node: &NodeProc, info_hash: shardnet::torrent::InfoHash, methods:
 
 #[test]
 fn our_own_initiator_gets_an_encrypted_handshake_and_bitfield_back() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     let (mut s, mut est, mut buf) = mse_connect(&node, m.info_hash, ONLY_RC4).expect("handshake");
     assert_eq!(est.method, mse::RC4);
     let mut chunk = [0u8; 4096];
@@ -230,8 +204,9 @@ fn closed_after(node: &NodeProc, bytes: &[u8]) {
 
 #[test]
 fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
+    let node = torrent_node(sd.path(), &["--mse-timeout", "2"]);
+    assert_eq!(node.call("STATUS", json!({}))["result"]["limits"]["mse_timeout_s"], 2);
     // A torrent the node does not serve.
     let err = mse_connect(&node, shardnet::torrent::InfoHash([0xee; 20]), BOTH).err().expect("refused");
     assert!(err.contains("closed"), "{err}");
@@ -248,12 +223,13 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     });
     assert_eq!(e["failed"]["unknown_info_hash"], 1, "{e}");
     assert_eq!(e["failed"]["bad_public_key"], 1, "{e}");
-    // And one that stops halfway (the key only) is closed after the handshake deadline.
+    // And one that stops halfway (the key only) is closed after the handshake deadline
+    // (`--mse-timeout 2`; well before the default 10 s).
     let mut s = node.raw();
     s.write_all(&out[..96]).unwrap();
     let mut yb = [0u8; 96];
     s.read_exact(&mut yb).unwrap();
-    assert!(closed_within(&mut s, mse::HANDSHAKE_TIMEOUT + Duration::from_secs(5)), "a stalled handshake stays open");
+    assert!(closed_within(&mut s, Duration::from_secs(2 + 5)), "a stalled handshake stays open");
     assert_eq!(encryption(&node)["timeouts"], 1);
     // Good peers and commands are served throughout.
     let (_s, est, _) = mse_connect(&node, m.info_hash, BOTH).expect("a good handshake after the bad ones");
@@ -271,8 +247,8 @@ fn lt_peer(encryption: &str) -> Command {
 }
 
 fn libtorrent_downloads_from(node_flags: &[&str]) {
-    let (sd, src, _m) = seed_dir(5 * MB);
-    let seed = start(sd.path(), node_flags);
+    let (sd, src, _m) = seed_dir("mse-seed", 5 * MB, 0);
+    let seed = torrent_node(sd.path(), node_flags);
     let out = TempDir::new("lt-dl");
     let r = lt_peer("forced")
         .arg("leech")
@@ -306,7 +282,7 @@ fn libtorrent_forcing_rc4_downloads_a_shard_from_a_require_node() {
 }
 
 fn node_downloads_from_libtorrent(lt_policy: &str) {
-    let (sd, src, m) = seed_dir(5 * MB);
+    let (sd, src, m) = seed_dir("mse-seed", 5 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let mut lt = lt_peer(lt_policy)
@@ -322,8 +298,8 @@ fn node_downloads_from_libtorrent(lt_policy: &str) {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(lt.stdout.take().unwrap()), &mut line).unwrap();
     let port = line.trim().strip_prefix("port ").unwrap_or_else(|| panic!("libtorrent said {line:?}"));
     let ld = TempDir::new("leech");
-    let leech = start(ld.path(), &["--encryption", "require"]);
-    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")]);
+    let leech = torrent_node(ld.path(), &["--encryption", "require"]);
+    let r = load_shard0(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
     drop(lt.stdin.take());
     let _ = lt.wait();
     assert_eq!(r["status"], "success", "{r}");
@@ -349,8 +325,8 @@ fn a_require_node_downloads_a_shard_that_libtorrent_seeds_with_encryption_forced
 #[ignore = "needs aria2c"]
 fn aria2_requiring_arc4_downloads_a_shard_from_a_default_node() {
     require("aria2c");
-    let (sd, src, _m) = seed_dir(3 * MB);
-    let seed = start(sd.path(), &[]);
+    let (sd, src, _m) = seed_dir("mse-seed", 3 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
     let announce = tracker(port);
     let out = TempDir::new("aria-dl");
@@ -371,7 +347,7 @@ fn aria2_requiring_arc4_downloads_a_shard_from_a_default_node() {
 #[ignore = "needs aria2c"]
 fn a_require_node_downloads_a_shard_that_aria2_seeds_with_arc4() {
     require("aria2c");
-    let (sd, src, m) = seed_dir(2 * MB);
+    let (sd, src, m) = seed_dir("mse-seed", 2 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -384,8 +360,8 @@ fn a_require_node_downloads_a_shard_that_aria2_seeds_with_arc4() {
         .spawn()
         .unwrap();
     let ld = TempDir::new("leech");
-    let leech = start(ld.path(), &["--encryption", "require"]);
-    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")]);
+    let leech = torrent_node(ld.path(), &["--encryption", "require"]);
+    let r = load_shard0(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
     let _ = aria.kill();
     let _ = aria.wait();
     assert_eq!(r["status"], "success", "{r}");
@@ -395,7 +371,7 @@ fn a_require_node_downloads_a_shard_that_aria2_seeds_with_arc4() {
 #[test]
 fn a_private_swarm_proves_the_cluster_key_through_rc4() {
     use std::os::unix::fs::PermissionsExt;
-    let (sd, src, m) = seed_dir(MB);
+    let (sd, src, m) = seed_dir("mse-seed", MB, 0);
     let kf = sd.path().join("cluster.key");
     std::fs::write(&kf, "3b1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d\n").unwrap();
     std::fs::set_permissions(&kf, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -420,8 +396,8 @@ fn a_private_swarm_proves_the_cluster_key_through_rc4() {
 
 #[test]
 fn first_bytes_that_do_not_tell_yet_wait_without_stalling_the_node() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     // A plaintext handshake in two parts: 5 bytes could still be MSE or the peer wire.
     let mut hs = Vec::new();
     wire::Handshake::new(m.info_hash, *b"-TT0001-slowpeer0001").encode(&mut hs);
@@ -465,8 +441,8 @@ fn raw_from(src: &str, node: &NodeProc) -> TcpStream {
 /// At the cap the oldest unfinished handshake is shed for the newcomer.
 #[test]
 fn half_open_mse_handshakes_holding_every_peer_slot_are_shed_for_a_real_handshake() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start(sd.path(), &["--max-peer-connections", "8", "--max-peer-connections-per-ip", "4"]);
+    let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
+    let node = torrent_node(sd.path(), &["--max-peer-connections", "8", "--max-peer-connections-per-ip", "4"]);
     let mut key = Vec::new();
     let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(0), Instant::now(), &mut key);
     // 4 source IPs x 2 = every slot, each waiting after its key (the node's Yb read back).

@@ -17,14 +17,6 @@ use shardnet::torrent::{InfoHash, Metainfo};
 
 const MB: usize = 1024 * 1024;
 
-fn torrent_node(dir: &Path, extra: &[&str]) -> NodeProc {
-    let mut args = vec!["--enable-torrent"];
-    args.extend_from_slice(extra);
-    let node = NodeProc::start(dir, &args);
-    node.wait_metadata();
-    node
-}
-
 /// Torrent metadata of a file of `length` bytes named `name` (piece hashes of nothing real).
 fn fake_torrent(name: &str, length: u64, piece_length: u64) -> Metainfo {
     let n = Info::piece_count(length, piece_length) as usize;
@@ -67,16 +59,6 @@ fn files_in(dir: &Path) -> Vec<String> {
     v
 }
 
-/// A seed dir with one shard file named `shard-0.gguf` (`salt` makes its bytes differ).
-fn seed_dir(bytes: usize, salt: u32) -> (TempDir, PathBuf, Metainfo) {
-    let dir = TempDir::new("iseed");
-    let path = dir.path().join("shard-0.gguf");
-    write_shard(&path, 0, 1, (0, 1), bytes + salt as usize * 4);
-    let pool = shardnet::workers::WorkerPool::new("t", 2);
-    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
-    (dir, path, m)
-}
-
 #[test]
 fn an_oversized_torrent_is_refused_before_any_file_is_created() {
     // Declared far beyond the free space (no flag needed): the free-space check.
@@ -87,7 +69,7 @@ fn an_oversized_torrent_is_refused_before_any_file_is_created() {
     assert_eq!(r["code"], "DISK_BUDGET", "{r}");
     // A real seed, over the --disk-budget, by magnet: the length is known only once the
     // metadata arrives from the seed, and the download stops there.
-    let (sd, _src, m) = seed_dir(2 * MB, 0);
+    let (sd, _src, m) = seed_dir("iseed", 2 * MB, 0);
     let seed = torrent_node(sd.path(), &[]);
     let r = leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "peers": [seed.addr]}));
     assert_eq!(r["status"], "success", "a magnet's length is not known yet: {r}");
@@ -180,8 +162,8 @@ fn a_thousand_downloads_are_capped_and_dead_peers_given_up() {
 
 #[test]
 fn two_torrents_of_one_name_never_share_a_file() {
-    let (sa, src_a, a) = seed_dir(3 * MB, 1);
-    let (sb, src_b, b) = seed_dir(3 * MB, 2);
+    let (sa, src_a, a) = seed_dir("iseed", 3 * MB, 1);
+    let (sb, src_b, b) = seed_dir("iseed", 3 * MB, 2);
     assert_ne!(a.info_hash, b.info_hash);
     let seed_a = torrent_node(sa.path(), &[]);
     let seed_b = torrent_node(sb.path(), &[]);
@@ -230,7 +212,7 @@ fn stale_part_files_are_removed_at_startup() {
 
 #[test]
 fn an_edited_shard_with_its_mtime_set_back_is_rehashed_and_seeded_under_its_new_hash() {
-    let (sd, src, m) = seed_dir(MB, 0);
+    let (sd, src, m) = seed_dir("iseed", MB, 0);
     let mut seed = torrent_node(sd.path(), &[]);
     let files = seed.call("LIST_FILES", json!({}))["result"]["files"].clone();
     assert_eq!(files[0]["info_hash"], m.info_hash.to_hex().as_str());

@@ -154,11 +154,11 @@ fn libtorrents_ipv6_dht_and_a_node_find_what_each_other_announced() {
     let h = n.call("LIST_FILES", json!({}))["result"]["files"][0]["info_hash"].as_str().unwrap().to_string();
     let lt_key = shardnet::hash::to_hex(&shardnet::hash::sha1(b"a key libtorrent announces over IPv6"));
     let port = n.addr.rsplit_once(':').unwrap().1;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_dht6.py");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/lt_dht.py");
     let mut lt = Command::new("timeout")
         .args(["60", "/usr/bin/python3"])
         .arg(script)
-        .args([port, &h, "20", &lt_key])
+        .args([&format!("::1:{port}"), &h, "20", &lt_key, "3", "20"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -176,7 +176,7 @@ fn libtorrents_ipv6_dht_and_a_node_find_what_each_other_announced() {
     let status = lt.wait().unwrap();
     let mut err = String::new();
     let _ = std::io::Read::read_to_string(&mut lt.stderr.take().unwrap(), &mut err);
-    assert!(status.success(), "lt_dht6.py: {status}; {err}");
+    assert!(status.success(), "lt_dht.py: {status}; {err}");
     let found = rest.lines().find_map(|l| l.strip_prefix("FOUND")).unwrap_or_default();
     assert!(found.split_whitespace().any(|p| p == n.addr), "libtorrent found {found:?}, not {}; {err}", n.addr);
     assert!(!err.contains("BANNING"), "libtorrent banned the node: {err}");

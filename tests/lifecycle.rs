@@ -9,7 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use serde_json::{Value, json};
+use serde_json::json;
 use shardnet::torrent::Metainfo;
 
 const MB: usize = 1024 * 1024;
@@ -121,17 +121,6 @@ fn load_shard_for_a_shard_nobody_holds_answers_once_the_lookup_is_over() {
     assert_eq!(r["code"], "TORRENT_UNAVAILABLE", "{r}");
     assert!(r["error"].as_str().unwrap().contains("shard-7.gguf"), "{r}");
     assert!(took < Duration::from_secs(5), "answered after {took:?}");
-}
-
-fn download_status(node: &NodeProc, m: &Metainfo) -> Value {
-    let s = node.call("STATUS", json!({}));
-    s["result"]["downloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["info_hash"] == m.info_hash.to_hex().as_str())
-        .cloned()
-        .unwrap_or(Value::Null)
 }
 
 #[test]

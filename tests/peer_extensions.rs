@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{BufRead, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -18,62 +18,27 @@ use shardnet::torrent::wire::{self, Block, Handshake, Message};
 
 const MB: usize = 1024 * 1024;
 
-fn seed_dir(bytes: usize) -> (TempDir, PathBuf, Metainfo) {
-    let dir = TempDir::new("ext-seed");
-    let path = dir.path().join("shard-0.gguf");
-    write_shard(&path, 0, 1, (0, 1), bytes);
-    let pool = shardnet::workers::WorkerPool::new("t", 2);
-    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
-    (dir, path, m)
-}
-
-fn start(dir: &Path, extra: &[&str]) -> NodeProc {
-    let mut args = vec!["--enable-torrent"];
-    args.extend_from_slice(extra);
-    let node = NodeProc::start(dir, &args);
-    node.wait_metadata();
-    node
-}
-
-fn load(node: &NodeProc, m: &Metainfo, peers: &[&str], wait: bool) -> Value {
-    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": wait}))
-}
-
 fn status(node: &NodeProc) -> Value {
     node.call("STATUS", json!({}))["result"].clone()
-}
-
-fn download(node: &NodeProc, m: &Metainfo) -> Value {
-    status(node)["downloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["info_hash"] == m.info_hash.to_hex().as_str())
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
-fn same_bytes(a: &Path, b: &Path) {
-    assert!(std::fs::read(a).unwrap() == std::fs::read(b).unwrap(), "{} and {} differ", a.display(), b.display());
 }
 
 /// Three nodes: B fetched the shard from A and stays connected to it; D is told of A only (no
 /// DHT peers: no bootstrap) and learns B from A's PEX message, then downloads from both.
 #[test]
 fn a_downloader_told_of_one_peer_learns_the_other_through_pex_and_downloads_from_both() {
-    let (ad, src, m) = seed_dir(4 * MB);
-    let a = start(ad.path(), &["--upload-limit", "1000000"]);
+    let (ad, src, m) = seed_dir("ext-seed", 4 * MB, 0);
+    let a = torrent_node(ad.path(), &["--upload-limit", "1000000"]);
     let bd = TempDir::new("ext-b");
-    let b = start(bd.path(), &["--upload-limit", "1000000"]);
-    let r = load(&b, &m, &[&a.addr], true);
+    let b = torrent_node(bd.path(), &["--upload-limit", "1000000"]);
+    let r = load_shard0(&b, &m, &[&a.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     assert_eq!(status(&b)["uploaded"], 0, "B took the file from A alone");
     let dd = TempDir::new("ext-d");
-    let d = start(dd.path(), &[]);
-    let r = load(&d, &m, &[&a.addr], true);
+    let d = torrent_node(dd.path(), &[]);
+    let r = load_shard0(&d, &m, &[&a.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &dd.path().join("shard-0.gguf"));
-    let dl = download(&d, &m);
+    let dl = download_status(&d, &m);
     assert_eq!(dl["pex_peers"], 1, "B came from PEX: {dl}");
     assert_eq!(dl["known_peers"], 2, "{dl}");
     let pw = status(&d)["peer_wire"].clone();
@@ -86,10 +51,10 @@ fn a_downloader_told_of_one_peer_learns_the_other_through_pex_and_downloads_from
     assert!(status(&d)["peer_wire"]["fast"]["have_all_received"].as_u64().unwrap() >= 2);
     // A downloader whose peer budget is full dials nothing PEX names.
     let ed = TempDir::new("ext-e");
-    let e = start(ed.path(), &["--max-download-peers", "1"]);
-    let r = load(&e, &m, &[&a.addr], true);
+    let e = torrent_node(ed.path(), &["--max-download-peers", "1"]);
+    let r = load_shard0(&e, &m, &[&a.addr], true);
     assert_eq!(r["status"], "success", "{r}");
-    let dl = download(&e, &m);
+    let dl = download_status(&e, &m);
     assert!(status(&e)["peer_wire"]["pex"]["received"].as_u64().unwrap() >= 1, "E heard of the others");
     assert_eq!((dl["known_peers"].clone(), dl["pex_peers"].clone()), (json!(1), json!(0)), "{dl}");
 }
@@ -157,8 +122,8 @@ fn closes(node: &NodeProc, m: &Metainfo, fast: bool, bad: &[u8]) {
 
 #[test]
 fn bad_fast_and_pex_input_closes_that_peer_only() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("ext-seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     // A plain peer gets a bitfield, not HAVE_ALL, and is closed for a fast message.
     let (mut s, mut buf) = raw_peer(&node, &m, false);
     let mut first = None;
@@ -221,9 +186,9 @@ fn lt_peer() -> Command {
 #[ignore = "needs python3-libtorrent"]
 fn the_fast_extension_is_negotiated_both_ways_with_libtorrent() {
     require("python3-libtorrent");
-    let (sd, src, m) = seed_dir(5 * MB);
+    let (sd, src, m) = seed_dir("ext-seed", 5 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
-    let seed = start(sd.path(), &[]);
+    let seed = torrent_node(sd.path(), &[]);
     let out = TempDir::new("lt-fast");
     let r = lt_peer().arg("leech").arg(&torrent).arg(out.path()).args([&seed.addr, "60"]).output().unwrap();
     let said = String::from_utf8_lossy(&r.stdout);
@@ -255,8 +220,8 @@ fn the_fast_extension_is_negotiated_both_ways_with_libtorrent() {
     let port_line = rx.recv_timeout(Duration::from_secs(30)).expect("libtorrent's port");
     let port = port_line.strip_prefix("port ").unwrap_or_else(|| panic!("libtorrent said {port_line:?}")).to_string();
     let ld = TempDir::new("lt-fast-leech");
-    let leech = start(ld.path(), &[]);
-    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
     let pw = status(&leech)["peer_wire"].clone();
     drop(lt.stdin.take());
     let _ = lt.wait();
@@ -272,9 +237,9 @@ fn the_fast_extension_is_negotiated_both_ways_with_libtorrent() {
 /// one every tick (before the fix every close set the MSE fallback and skipped the back-off).
 #[test]
 fn a_peer_that_accepts_and_closes_at_once_is_redialled_with_back_off() {
-    let (_sd, _path, m) = seed_dir(64 * 1024);
+    let (_sd, _path, m) = seed_dir("ext-seed", 64 * 1024, 0);
     let ld = TempDir::new("ext-closer");
-    let leech = start(ld.path(), &["--redial-give-up", "600"]);
+    let leech = torrent_node(ld.path(), &["--redial-give-up", "600"]);
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -285,7 +250,7 @@ fn a_peer_that_accepts_and_closes_at_once_is_redialled_with_back_off() {
             drop(s);
         }
     });
-    let r = load(&leech, &m, &[&addr.to_string()], false);
+    let r = load_shard0(&leech, &m, &[&addr.to_string()], false);
     assert!(r.get("error").is_none(), "{r}");
     std::thread::sleep(Duration::from_secs(10));
     let n = accepts.load(std::sync::atomic::Ordering::SeqCst);
@@ -299,10 +264,10 @@ fn a_peer_that_accepts_and_closes_at_once_is_redialled_with_back_off() {
 /// in and the shard downloads (before, PEX filled the list and the seed was never dialled).
 #[test]
 fn dead_pex_addresses_do_not_crowd_out_a_seed_named_later() {
-    let (sd, src, m) = seed_dir(MB);
-    let seed = start(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("ext-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let ld = TempDir::new("ext-crowd");
-    let leech = start(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let stranger = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let stranger_addr = stranger.local_addr().unwrap().to_string();
     let info_hash = m.info_hash;
@@ -336,12 +301,12 @@ fn dead_pex_addresses_do_not_crowd_out_a_seed_named_later() {
         // Stay connected (a stranger with nothing to give) until the test ends.
         while read_until(&mut s, &mut buf, |_| false).is_some() {}
     });
-    let r = load(&leech, &m, &[&stranger_addr], false);
+    let r = load_shard0(&leech, &m, &[&stranger_addr], false);
     assert!(r.get("error").is_none(), "{r}");
-    wait_for(Duration::from_secs(30), || (download(&leech, &m)["pex_peers"].as_u64() > Some(0)).then_some(()));
-    let dl = download(&leech, &m);
+    wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["pex_peers"].as_u64() > Some(0)).then_some(()));
+    let dl = download_status(&leech, &m);
     assert!(dl["known_peers"].as_u64().unwrap() <= 17, "PEX took more than half the list: {dl}");
-    let r = load(&leech, &m, &[&seed.addr], false);
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
     assert!(r.get("error").is_none(), "{r}");
     let dst = ld.path().join("shard-0.gguf");
     wait_for(Duration::from_secs(60), || {

@@ -404,6 +404,81 @@ fn silent_next_hops_do_not_delay_other_chains() {
     drop(held);
 }
 
+/// Red-team finding: one FIFO for every client, so a client's queued prefill chunks held another
+/// client's one-token step until all of them had run (31 s in the attack). Now each client has
+/// its own queue, served in turn, decode steps first: the step is answered in the next round,
+/// while most of the other client's chunks still wait.
+#[test]
+fn a_decode_step_is_not_queued_behind_another_clients_prefill() {
+    let dir = TempDir::new("pipeline-fair");
+    let model = dir.path().join("demo.gguf");
+    let cfg = DemoConfig { embd: 256, ffn: 768, context: 2048, ..Default::default() };
+    demo::write(&cfg, &model).unwrap();
+    let shards = dir.path().join("shards");
+    split::split(&model, 1, &shards, None).unwrap();
+    let node = NodeProc::start(&shards, &["--threads", "1"]);
+    let step = |session: &str, tokens: Vec<u32>| {
+        let params = json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": tokens},
+            "next": [], "output": "top_k", "k": 1});
+        serde_json::to_vec(&json!({"command": "EXECUTE_TASK", "request_id": session, "params": params})).unwrap()
+    };
+    // The flood: 8 whole-context prompts (2048 tokens) on one connection, answers left unread.
+    const FLOOD: usize = 8;
+    let mut flood = node.raw();
+    for i in 0..FLOOD {
+        let tokens = (0..2048).map(|t| ((t * 7 + i) % 500) as u32 + 1).collect();
+        send_frame(&mut flood, &step(&format!("flood{i}"), tokens));
+    }
+    let running = |n: &NodeProc| n.call("STATUS", json!({}))["result"]["inference"]["running"] == json!(1);
+    wait_for(WAIT, || running(&node).then_some(()));
+    // The victim: one token on a connection of its own.
+    let mut victim = node.raw();
+    victim.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    send_frame(&mut victim, &step("victim", vec![1]));
+    let r = read_frame(&mut victim);
+    assert_eq!(r["status"], "success", "{r}");
+    // How many of the flood's answers were ready when the victim's came: all of them in one FIFO.
+    flood.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+    let mut bytes = Vec::new();
+    let mut buf = [0u8; 65536];
+    while let Ok(n) = std::io::Read::read(&mut flood, &mut buf) {
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
+    let mut ready = 0;
+    let mut at = 0;
+    while at + 4 <= bytes.len() {
+        let len = u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        if at + 4 + len > bytes.len() {
+            break;
+        }
+        ready += 1;
+        at += 4 + len;
+    }
+    assert!(
+        ready <= FLOOD / 2 + 1,
+        "{ready} of the flood's {FLOOD} prompts ran before a one-token step queued behind them"
+    );
+    // The flood is answered in full all the same.
+    flood.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut tail = bytes[at..].to_vec();
+    let mut answered = ready;
+    while answered < FLOOD {
+        while tail.len() < 4 || tail.len() < 4 + u32::from_be_bytes(tail[..4].try_into().unwrap()) as usize {
+            let n = std::io::Read::read(&mut flood, &mut buf).unwrap();
+            assert!(n > 0, "the node closed the flood's connection");
+            tail.extend_from_slice(&buf[..n]);
+        }
+        let len = u32::from_be_bytes(tail[..4].try_into().unwrap()) as usize;
+        let frame: Value = serde_json::from_slice(&tail[4..4 + len]).unwrap();
+        assert_eq!(frame["status"], "success", "{frame}");
+        tail.drain(..4 + len);
+        answered += 1;
+    }
+}
+
 /// A userspace TCP relay in front of a node (this kernel has no netem). Every connection it
 /// accepts is counted, waits one round trip (`2 x delay`, as a TCP handshake across the link
 /// would) and is joined to `target`; bytes then go both ways `delay` late, in order. Once

@@ -6,7 +6,7 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -17,49 +17,11 @@ use shardnet::torrent::wire::{self, Handshake, Message};
 
 const MB: usize = 1024 * 1024;
 
-/// A seed dir holding one valid shard GGUF of about `bytes`, with its torrent.
-fn seed_dir(bytes: usize) -> (TempDir, PathBuf, Metainfo) {
-    let dir = TempDir::new("seed");
-    let path = dir.path().join("shard-0.gguf");
-    write_shard(&path, 0, 1, (0, 1), bytes);
-    let pool = shardnet::workers::WorkerPool::new("t", 2);
-    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
-    (dir, path, m)
-}
-
-fn start_seed(dir: &Path, extra: &[&str]) -> NodeProc {
-    let mut args = vec!["--enable-torrent"];
-    args.extend_from_slice(extra);
-    let node = NodeProc::start(dir, &args);
-    node.wait_metadata();
-    node
-}
-
-fn load(node: &NodeProc, m: &Metainfo, peers: &[&str], wait: bool) -> Value {
-    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": wait}))
-}
-
-fn download_status(node: &NodeProc, m: &Metainfo) -> Value {
-    let s = node.call("STATUS", json!({}));
-    s["result"]["downloads"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["info_hash"] == m.info_hash.to_hex().as_str())
-        .cloned()
-        .unwrap_or(Value::Null)
-}
-
 fn wait_complete(node: &NodeProc, m: &Metainfo, limit: Duration) -> Value {
     wait_for(limit, || {
         let d = download_status(node, m);
         (d["complete"] == json!(true)).then_some(d)
     })
-}
-
-fn same_bytes(a: &Path, b: &Path) {
-    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
-    assert!(x == y, "{} and {} differ", a.display(), b.display());
 }
 
 #[test]
@@ -75,12 +37,12 @@ fn a_leech_writing_through_the_page_cache_gets_the_same_bytes() {
 /// A 3 MB shard plus a short last piece (not a multiple of 4 KiB, so
 /// written through the page cache even with direct I/O).
 fn one_seed_to_one_leech(leech_flags: &[&str]) {
-    let (sd, src, m) = seed_dir(3 * MB + 1234);
+    let (sd, src, m) = seed_dir("seed", 3 * MB + 1234, 0);
     assert!(m.info.length % m.info.piece_length % 4096 != 0, "a short, unaligned last piece");
-    let seed = start_seed(sd.path(), &[]);
+    let seed = torrent_node(sd.path(), &[]);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), leech_flags);
-    let r = load(&leech, &m, &[&seed.addr], true);
+    let leech = torrent_node(ld.path(), leech_flags);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     assert_eq!(r["result"]["source"], "torrent");
     assert_eq!(r["result"]["bytes_downloaded"], m.info.length);
@@ -96,8 +58,8 @@ fn one_seed_to_one_leech(leech_flags: &[&str]) {
 
 #[test]
 fn magnet_only_download_via_ut_metadata() {
-    let (sd, src, m) = seed_dir(2 * MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("seed", 2 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let out = TempDir::new("magnet");
     let o = Command::new(env!("CARGO_BIN_EXE_shardctl"))
         .args(["--timeout", "30", "fetch", &m.magnet(), "--peer", &seed.addr, "--out"])
@@ -129,9 +91,9 @@ fn base32(b: &[u8; 20]) -> String {
 
 #[test]
 fn a_base32_magnet_with_peer_hints_downloads_without_peer_flags_and_an_empty_file_is_listed_not_seeded() {
-    let (sd, src, m) = seed_dir(MB);
+    let (sd, src, m) = seed_dir("seed", MB, 0);
     std::fs::write(sd.path().join("empty.gguf"), b"").unwrap();
-    let seed = start_seed(sd.path(), &[]);
+    let seed = torrent_node(sd.path(), &[]);
     let files = seed.call("LIST_FILES", json!({}))["result"]["files"].clone();
     let empty = files.as_array().unwrap().iter().find(|f| f["filename"] == "empty.gguf").expect("listed");
     assert!(empty["info_hash"].is_null(), "{empty}");
@@ -155,15 +117,15 @@ fn a_base32_magnet_with_peer_hints_downloads_without_peer_flags_and_an_empty_fil
 
 #[test]
 fn five_leeches_trade_and_the_seed_uploads_less_than_twice_the_file() {
-    let (sd, src, m) = seed_dir(4 * MB);
-    let seed = start_seed(sd.path(), &["--upload-limit", "2000000"]);
+    let (sd, src, m) = seed_dir("seed", 4 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--upload-limit", "2000000"]);
     let dirs: Vec<TempDir> = (0..5).map(|_| TempDir::new("swarm")).collect();
-    let leeches: Vec<NodeProc> = dirs.iter().map(|d| start_seed(d.path(), &[])).collect();
+    let leeches: Vec<NodeProc> = dirs.iter().map(|d| torrent_node(d.path(), &[])).collect();
     let mut peers: Vec<&str> = vec![&seed.addr];
     peers.extend(leeches.iter().map(|l| l.addr.as_str()));
     for l in &leeches {
         let others: Vec<&str> = peers.iter().copied().filter(|p| *p != l.addr).collect();
-        assert_eq!(load(l, &m, &others, false)["status"], "success");
+        assert_eq!(load_shard0(l, &m, &others, false)["status"], "success");
     }
     for (l, d) in leeches.iter().zip(&dirs) {
         wait_complete(l, &m, Duration::from_secs(90));
@@ -180,12 +142,12 @@ fn five_leeches_trade_and_the_seed_uploads_less_than_twice_the_file() {
 
 #[test]
 fn a_dead_seed_is_replaced_and_the_download_completes() {
-    let (sd, src, m) = seed_dir(4 * MB);
-    let mut first = start_seed(sd.path(), &["--upload-limit", "1000000"]);
-    let second = start_seed(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("seed", 4 * MB, 0);
+    let mut first = torrent_node(sd.path(), &["--upload-limit", "1000000"]);
+    let second = torrent_node(sd.path(), &[]);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
-    load(&leech, &m, &[&first.addr], false);
+    let leech = torrent_node(ld.path(), &[]);
+    load_shard0(&leech, &m, &[&first.addr], false);
     wait_for(Duration::from_secs(30), || {
         let d = download_status(&leech, &m);
         (d["verified_bytes"].as_u64().unwrap_or(0) > m.info.length / 5).then_some(())
@@ -194,7 +156,7 @@ fn a_dead_seed_is_replaced_and_the_download_completes() {
     first.kill();
     let d = download_status(&leech, &m);
     assert_eq!(d["complete"], false, "killed before the end");
-    let r = load(&leech, &m, &[&second.addr], true);
+    let r = load_shard0(&leech, &m, &[&second.addr], true);
     assert_eq!(r["result"]["source"], "torrent", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }
@@ -202,11 +164,11 @@ fn a_dead_seed_is_replaced_and_the_download_completes() {
 #[test]
 fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
     // 6 MB at 1 MB/s: killed at about two thirds, with seconds to spare.
-    let (sd, src, m) = seed_dir(6 * MB);
-    let seed = start_seed(sd.path(), &["--upload-limit", "1000000"]);
+    let (sd, src, m) = seed_dir("seed", 6 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--upload-limit", "1000000"]);
     let ld = TempDir::new("leech");
-    let mut leech = start_seed(ld.path(), &[]);
-    load(&leech, &m, &[&seed.addr], false);
+    let mut leech = torrent_node(ld.path(), &[]);
+    load_shard0(&leech, &m, &[&seed.addr], false);
     let before = wait_for(Duration::from_secs(30), || {
         let v = download_status(&leech, &m)["verified_bytes"].as_u64().unwrap_or(0);
         (v > m.info.length * 2 / 5).then_some(v)
@@ -220,8 +182,8 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
         (saved > counted).then_some(())
     });
     leech.kill();
-    let leech = start_seed(ld.path(), &[]);
-    let r = load(&leech, &m, &[&seed.addr], true);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["result"]["source"], "torrent", "{r}");
     let d = download_status(&leech, &m);
     let downloaded = d["downloaded"].as_u64().unwrap();
@@ -235,8 +197,8 @@ fn a_restarted_leech_resumes_without_downloading_verified_pieces_again() {
 
 #[test]
 fn a_part_file_without_resume_data_is_rechecked_and_only_the_rest_fetched() {
-    let (sd, src, m) = seed_dir(4 * MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("seed", 4 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let ld = TempDir::new("leech");
     // Half the file already on disk as NAME.<info hash>.part, the rest zeros, no resume data.
     let bytes = std::fs::read(&src).unwrap();
@@ -244,7 +206,7 @@ fn a_part_file_without_resume_data_is_rechecked_and_only_the_rest_fetched() {
     let half = bytes.len() / 2;
     part[..half].copy_from_slice(&bytes[..half]);
     std::fs::write(ld.path().join(format!("shard-0.gguf.{}.part", m.info_hash.to_hex())), &part).unwrap();
-    let leech = start_seed(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let r = leech
         .call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [seed.addr]}));
@@ -313,12 +275,12 @@ fn corrupt_peer(info_hash: shardnet::torrent::InfoHash, pieces: u32) -> String {
 
 #[test]
 fn a_peer_sending_corrupt_blocks_is_banned_and_the_file_still_completes() {
-    let (sd, src, m) = seed_dir(3 * MB);
-    let seed = start_seed(sd.path(), &["--upload-limit", "1500000"]);
+    let (sd, src, m) = seed_dir("seed", 3 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--upload-limit", "1500000"]);
     let evil = corrupt_peer(m.info_hash, m.info.pieces.len() as u32);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
-    let r = load(&leech, &m, &[&evil, &seed.addr], true);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&evil, &seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let d = download_status(&leech, &m);
@@ -331,10 +293,10 @@ fn a_peer_sending_corrupt_blocks_is_banned_and_the_file_still_completes() {
 /// a good copy to compare, cannot tell): banned at its second strike, never dialled again.
 #[test]
 fn a_peer_whose_pieces_alone_fail_is_banned_at_its_second_strike() {
-    let (_sd, _src, m) = seed_dir(2 * MB);
+    let (_sd, _src, m) = seed_dir("seed", 2 * MB, 0);
     let evil = corrupt_peer(m.info_hash, m.info.pieces.len() as u32);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let r =
         leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": [evil]}));
@@ -357,11 +319,11 @@ fn a_peer_whose_pieces_alone_fail_is_banned_at_its_second_strike() {
 #[test]
 fn upload_limit_holds_a_download_near_its_rate() {
     let rate = 2_000_000u64;
-    let (sd, src, m) = seed_dir(6 * MB);
-    let seed = start_seed(sd.path(), &["--upload-limit", &rate.to_string()]);
+    let (sd, src, m) = seed_dir("seed", 6 * MB, 0);
+    let seed = torrent_node(sd.path(), &["--upload-limit", &rate.to_string()]);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
-    let r = load(&leech, &m, &[&seed.addr], true);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let d = download_status(&leech, &m);
@@ -373,11 +335,11 @@ fn upload_limit_holds_a_download_near_its_rate() {
 /// DOWNLOAD with a torrent that is not the info hash it names: refused, nothing started.
 #[test]
 fn a_download_whose_torrent_is_another_info_hash_is_refused() {
-    let (_sa, _a, ma) = seed_dir(MB);
-    let (_sb, _b, mb) = seed_dir(MB / 2);
+    let (_sa, _a, ma) = seed_dir("seed", MB, 0);
+    let (_sb, _b, mb) = seed_dir("seed", MB / 2, 0);
     assert_ne!(ma.info_hash, mb.info_hash);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let r = leech.call(
         "DOWNLOAD",
         json!({"info_hash": ma.info_hash.to_hex(), "torrent_hex": shardnet::hash::to_hex(&mb.to_torrent_bytes()),
@@ -395,8 +357,8 @@ fn a_download_whose_torrent_is_another_info_hash_is_refused() {
 #[ignore = "needs aria2c"]
 fn aria2_downloads_a_shard_from_a_node() {
     require("aria2c");
-    let (sd, src, _m) = seed_dir(3 * MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, src, _m) = seed_dir("seed", 3 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let port: u16 = seed.addr.rsplit(':').next().unwrap().parse().unwrap();
     let announce = tracker(port);
     let out = TempDir::new("aria-dl");
@@ -415,7 +377,7 @@ fn aria2_downloads_a_shard_from_a_node() {
 #[ignore = "needs aria2c"]
 fn a_node_downloads_a_shard_that_aria2_seeds() {
     require("aria2c");
-    let (sd, src, m) = seed_dir(3 * MB);
+    let (sd, src, m) = seed_dir("seed", 3 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
@@ -433,10 +395,10 @@ fn a_node_downloads_a_shard_that_aria2_seeds() {
         .spawn()
         .unwrap();
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let peer = format!("127.0.0.1:{port}");
     // aria2 listens once it has checked the file; LOAD_SHARD redials until then.
-    let r = load(&leech, &m, &[&peer], true);
+    let r = load_shard0(&leech, &m, &[&peer], true);
     let _ = aria.kill();
     let _ = aria.wait();
     assert_eq!(r["status"], "success", "{r}");
@@ -453,8 +415,8 @@ fn lt_peer() -> Command {
 #[ignore = "needs python3-libtorrent"]
 fn libtorrent_downloads_a_shard_from_a_node() {
     require("python3-libtorrent");
-    let (sd, src, _m) = seed_dir(5 * MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, src, _m) = seed_dir("seed", 5 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let out = TempDir::new("lt-dl");
     let r = lt_peer()
         .arg("leech")
@@ -477,7 +439,7 @@ fn libtorrent_downloads_a_shard_from_a_node() {
 #[ignore = "needs python3-libtorrent"]
 fn a_node_downloads_a_shard_that_libtorrent_seeds() {
     require("python3-libtorrent");
-    let (sd, src, m) = seed_dir(5 * MB);
+    let (sd, src, m) = seed_dir("seed", 5 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let mut lt = lt_peer()
@@ -493,8 +455,8 @@ fn a_node_downloads_a_shard_that_libtorrent_seeds() {
     std::io::BufRead::read_line(&mut std::io::BufReader::new(lt.stdout.take().unwrap()), &mut line).unwrap();
     let port = line.trim().strip_prefix("port ").unwrap_or_else(|| panic!("libtorrent said {line:?}"));
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
-    let r = load(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&format!("127.0.0.1:{port}")], true);
     drop(lt.stdin.take());
     let _ = lt.wait();
     assert_eq!(r["status"], "success", "{r}");
@@ -560,14 +522,14 @@ impl Drop for TransmissionSeed {
 #[ignore = "needs transmission-daemon, transmission-remote"]
 fn a_node_downloads_64_mib_from_a_transmission_seed_within_60_s() {
     require("transmission-daemon, transmission-remote");
-    let (sd, src, m) = seed_dir(64 * MB);
+    let (sd, src, m) = seed_dir("seed", 64 * MB, 0);
     let torrent = sd.path().join("shard-0.gguf.torrent");
     std::fs::write(&torrent, m.to_torrent_bytes()).unwrap();
     let transmission = TransmissionSeed::start(sd.path(), &torrent);
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
+    let leech = torrent_node(ld.path(), &[]);
     let t = std::time::Instant::now();
-    let r = load(&leech, &m, &[&transmission.peer], false);
+    let r = load_shard0(&leech, &m, &[&transmission.peer], false);
     assert_eq!(r["status"], "success", "{r}");
     let d = wait_complete(&leech, &m, Duration::from_secs(60));
     eprintln!(
@@ -587,12 +549,12 @@ fn a_node_downloads_64_mib_from_a_transmission_seed_within_60_s() {
 /// at once, and the node measured the round trip.
 #[test]
 fn a_distant_seed_is_asked_for_far_more_than_the_first_window_per_round_trip() {
-    let (sd, src, m) = seed_dir(48 * MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, src, m) = seed_dir("seed", 48 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let (relay, in_flight) = delaying_relay(&seed.addr, Duration::from_millis(40));
     let ld = TempDir::new("leech");
-    let leech = start_seed(ld.path(), &[]);
-    let r = load(&leech, &m, &[&relay], false);
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&relay], false);
     assert_eq!(r["status"], "success", "{r}");
     let d = wait_complete(&leech, &m, Duration::from_secs(90));
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
@@ -605,8 +567,8 @@ fn a_distant_seed_is_asked_for_far_more_than_the_first_window_per_round_trip() {
 
 #[test]
 fn a_utp_connection_attempt_is_reset_so_clients_fall_back_to_tcp() {
-    let (sd, _src, _m) = seed_dir(MB);
-    let seed = start_seed(sd.path(), &[]);
+    let (sd, _src, _m) = seed_dir("seed", MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     // BEP 29 ST_SYN, version 1: connection id 0x5151, seq 7.
@@ -698,8 +660,8 @@ fn closes(node: &NodeProc, m: &Metainfo, bad: &[u8]) {
 
 #[test]
 fn bad_peer_messages_close_that_peer_only() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start_seed(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     let pieces = m.info.pieces.len() as u32;
     // A message length over the limit.
     closes(&node, &m, &[0x00, 0x10, 0x00, 0x00, 7]);
@@ -734,8 +696,8 @@ fn bad_peer_messages_close_that_peer_only() {
 
 #[test]
 fn unknown_ids_and_unrequested_pieces_are_ignored() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start_seed(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     let mut s = raw_peer(&node, &m);
     send(&mut s, Message::Unknown { id: 99, len: 3 });
     send(&mut s, Message::Piece { index: 0, begin: 0, data: &[1, 2, 3] });
@@ -745,8 +707,8 @@ fn unknown_ids_and_unrequested_pieces_are_ignored() {
 
 #[test]
 fn a_handshake_for_an_unknown_torrent_is_closed() {
-    let (sd, _src, m) = seed_dir(MB);
-    let node = start_seed(sd.path(), &[]);
+    let (sd, _src, m) = seed_dir("seed", MB, 0);
+    let node = torrent_node(sd.path(), &[]);
     let mut s = node.raw();
     let mut out = Vec::new();
     Handshake::new(shardnet::torrent::InfoHash([0x42; 20]), *b"-TT0001-testtesttest").encode(&mut out);
@@ -758,9 +720,9 @@ fn a_handshake_for_an_unknown_torrent_is_closed() {
 #[test]
 fn a_request_for_a_piece_not_held_is_refused() {
     // A node that is downloading (from nowhere) holds no piece yet.
-    let (_sd, _src, m) = seed_dir(MB);
+    let (_sd, _src, m) = seed_dir("seed", MB, 0);
     let ld = TempDir::new("leech");
-    let node = start_seed(ld.path(), &[]);
+    let node = torrent_node(ld.path(), &[]);
     let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
     let dead = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
     let r =
@@ -775,8 +737,8 @@ fn a_request_for_a_piece_not_held_is_refused() {
 
 #[test]
 fn a_request_flood_from_a_peer_that_never_reads_is_cut_off() {
-    let (sd, _src, m) = seed_dir(8 * MB);
-    let node = start_seed(sd.path(), &["--io-timeout", "3"]);
+    let (sd, _src, m) = seed_dir("seed", 8 * MB, 0);
+    let node = torrent_node(sd.path(), &["--io-timeout", "3"]);
     let mut s = raw_peer(&node, &m);
     send(&mut s, Message::Interested);
     let mut flood = Vec::new();

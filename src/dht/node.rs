@@ -63,6 +63,8 @@ pub struct DhtConfig {
     /// for both families' nodes (`want: ["n4", "n6"]`), and the other
     /// family's nodes in answers are left in [`Dht::foreign`] for that DHT.
     pub want_other: bool,
+    /// Bounds on what others' announces make the node store.
+    pub store: store::StoreLimits,
 }
 
 impl Default for DhtConfig {
@@ -75,6 +77,7 @@ impl Default for DhtConfig {
             read_only: false,
             ipv6: false,
             want_other: false,
+            store: store::StoreLimits::default(),
         }
     }
 }
@@ -213,7 +216,7 @@ impl Dht {
             id,
             table: RoutingTable::new(id, config.restrict_ips, now),
             tokens: Tokens::new(crate::hash::sha1(&id.0), now),
-            store: PeerStore::default(),
+            store: PeerStore::new(config.store),
             budget: Budget::new(config.query_rate),
             config,
             pending: HashMap::new(),

@@ -13,19 +13,38 @@ use crate::hash;
 pub const TOKEN_ROTATION: Duration = Duration::from_secs(5 * 60);
 /// How long an announced peer is kept without a re-announce.
 pub const PEER_TTL: Duration = Duration::from_secs(30 * 60);
-/// Keys stored at most.
+/// Keys stored at most, by default (`--dht-max-keys`).
 pub const MAX_KEYS: usize = 10_000;
-/// Peers kept per key at most.
+/// Peers kept per key at most, by default (`--dht-max-peers-per-key`).
 pub const MAX_PEERS_PER_KEY: usize = 200;
 /// Peers returned in one get_peers answer.
 pub const PEERS_PER_ANSWER: usize = 50;
 /// Entries one announcer (see [`announcer`]) keeps under one key; its next announce there
 /// replaces its oldest, so one host cannot fill a key's answers with ports.
 pub const MAX_PER_ANNOUNCER_PER_KEY: usize = 2;
-/// Entries one announcer keeps over all keys (2.5% of [`MAX_KEYS`]: room for a node seeding
-/// many shards in a small cluster, where every DHT node stores every key); past it its announces of
-/// new entries are refused, so one host cannot fill the store.
+/// Entries one announcer keeps over all keys, by default (`--dht-max-per-announcer`; 2.5% of
+/// [`MAX_KEYS`]: room for a node seeding many shards in a small cluster, where every DHT node
+/// stores every key); past it its announces of new entries are refused, so one host cannot fill
+/// the store.
 pub const MAX_PER_ANNOUNCER: usize = MAX_KEYS / 40;
+
+/// The store's bounds (flags of `shard_listener`; defaults [`MAX_KEYS`], [`MAX_PEERS_PER_KEY`],
+/// [`MAX_PER_ANNOUNCER`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StoreLimits {
+    /// Live keys at most; an announce of a new key past it is refused ([`Refused::Full`]).
+    pub max_keys: usize,
+    /// Peers per key at most; past it the stalest is dropped for the newcomer.
+    pub max_peers_per_key: usize,
+    /// Entries one announcer holds over all keys at most ([`Refused::AnnouncerQuota`]).
+    pub max_per_announcer: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> StoreLimits {
+        StoreLimits { max_keys: MAX_KEYS, max_peers_per_key: MAX_PEERS_PER_KEY, max_per_announcer: MAX_PER_ANNOUNCER }
+    }
+}
 
 /// Whom the per-announcer quotas count by: an IPv4 address or an IPv6 /64 (as the connection
 /// caps, [`crate::node::limits::ip_key`]); a loopback address counts by address and port,
@@ -37,9 +56,9 @@ pub fn announcer(peer: SocketAddr) -> SocketAddr {
 /// Why an announce was not stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
-    /// [`MAX_KEYS`] other keys are live.
+    /// `max_keys` other keys are live.
     Full,
-    /// The announcer holds [`MAX_PER_ANNOUNCER`] entries already.
+    /// The announcer holds `max_per_announcer` entries already.
     AnnouncerQuota,
 }
 
@@ -91,13 +110,19 @@ pub struct PeerStore {
     keys: HashMap<Id, Vec<(SocketAddr, Instant)>>,
     /// Entries held per [`announcer`] over all keys.
     per_announcer: HashMap<SocketAddr, usize>,
+    limits: StoreLimits,
 }
 
 impl PeerStore {
+    /// An empty store kept within `limits`.
+    pub fn new(limits: StoreLimits) -> PeerStore {
+        PeerStore { limits, ..PeerStore::default() }
+    }
+
     /// Records `peer` under `key` (a re-announce refreshes it). A new entry from an announcer
     /// already holding [`MAX_PER_ANNOUNCER_PER_KEY`] under `key` replaces its oldest there.
-    /// Errors: [`Refused::Full`] when the store holds [`MAX_KEYS`] other live keys,
-    /// [`Refused::AnnouncerQuota`] when the announcer holds [`MAX_PER_ANNOUNCER`] entries.
+    /// Errors: [`Refused::Full`] when the store holds `max_keys` other live keys,
+    /// [`Refused::AnnouncerQuota`] when the announcer holds `max_per_announcer` entries.
     pub fn announce(&mut self, key: Id, peer: SocketAddr, now: Instant) -> Result<(), Refused> {
         let who = announcer(peer);
         if let Some(entry) = self.keys.get_mut(&key).and_then(|ps| ps.iter_mut().find(|(p, _)| *p == peer)) {
@@ -117,17 +142,18 @@ impl PeerStore {
         }
         // No sweep here (one per refused packet would be a scan of the store per packet): the
         // periodic `expire` frees an announcer's stale entries.
-        if self.per_announcer.get(&who).copied().unwrap_or(0) >= MAX_PER_ANNOUNCER {
+        let StoreLimits { max_keys, max_peers_per_key, max_per_announcer } = self.limits;
+        if self.per_announcer.get(&who).copied().unwrap_or(0) >= max_per_announcer {
             return Err(Refused::AnnouncerQuota);
         }
-        if !self.keys.contains_key(&key) && self.keys.len() >= MAX_KEYS {
+        if !self.keys.contains_key(&key) && self.keys.len() >= max_keys {
             self.expire(now);
-            if self.keys.len() >= MAX_KEYS {
+            if self.keys.len() >= max_keys {
                 return Err(Refused::Full);
             }
         }
         let peers = self.keys.entry(key).or_default();
-        if peers.len() >= MAX_PEERS_PER_KEY {
+        if peers.len() >= max_peers_per_key {
             // Drop the stalest to keep the newest announcers.
             let oldest = peers.iter().enumerate().min_by_key(|(_, (_, t))| *t).map(|(i, _)| i).expect("full");
             let (gone, _) = peers.swap_remove(oldest);
@@ -255,6 +281,28 @@ mod tests {
             s.announce(key, SocketAddr::new([127, 0, 0, 1].into(), port), now).unwrap();
         }
         assert_eq!(s.peers(&key, now).iter().filter(|p| p.ip().is_loopback()).count(), 10);
+    }
+
+    /// The flags' limits (`--dht-max-keys`, `--dht-max-peers-per-key`, `--dht-max-per-announcer`)
+    /// are the ones applied.
+    #[test]
+    fn configured_limits_bound_the_store() {
+        let now = Instant::now();
+        let limits = StoreLimits { max_keys: 3, max_peers_per_key: 4, max_per_announcer: 2 };
+        let mut s = PeerStore::new(limits);
+        let key = |k: u8| Id([k; 20]);
+        let host = |i: u32| SocketAddr::new(std::net::Ipv4Addr::from(0x0a00_0000 + i).into(), 1);
+        s.announce(key(1), host(1), now).unwrap();
+        s.announce(key(2), host(1), now).unwrap();
+        assert_eq!(s.announce(key(3), host(1), now), Err(Refused::AnnouncerQuota), "2 entries per announcer");
+        s.announce(key(3), host(2), now).unwrap();
+        assert_eq!(s.announce(key(4), host(3), now), Err(Refused::Full), "3 keys");
+        for i in 10..20 {
+            s.announce(key(1), host(i), now + Duration::from_secs(i.into())).unwrap();
+        }
+        let kept = s.peers(&key(1), now + Duration::from_secs(30));
+        assert_eq!(kept.len(), 4, "4 peers per key: {kept:?}");
+        assert!(kept.contains(&host(19)) && !kept.contains(&host(1)), "the stalest gave way: {kept:?}");
     }
 
     /// Red-team finding: one IP filled all MAX_KEYS keys, refusing every other announcer.

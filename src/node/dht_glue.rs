@@ -253,6 +253,7 @@ fn bind_family(
         restrict_ips: !loopback,
         own_peer_ip,
         query_rate: config.dht_query_rate,
+        store: config.dht_store,
         read_only: config.dht_read_only,
         ipv6,
         want_other,

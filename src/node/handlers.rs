@@ -72,8 +72,7 @@ impl Node {
                 // known by address (and port on loopback, where every test client shares the IP).
                 let conn = self.conn(token).expect("checked above");
                 if !(conn.auth.established() && task.origin.is_some()) {
-                    let peer = conn.peer;
-                    task.origin = Some(if peer.ip().is_loopback() { peer.to_string() } else { peer.ip().to_string() });
+                    task.origin = Some(client_key(conn.peer));
                 }
                 self.execute_task_command(token, id, request.from, task)
             }
@@ -94,7 +93,9 @@ impl Node {
             Command::ModelInfo => self.model_info_command(token, id),
             Command::EndSession { session_id, session_token } => {
                 let Some(reply) = self.defer(token, id) else { return };
-                self.inference.submit(Job::EndSession { reply, session_id, session_token });
+                // The client's key, as `EXECUTE_TASK` gives it (a session's queued steps' wins).
+                let origin = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
+                self.inference.submit(Job::EndSession { reply, session_id, session_token, origin });
             }
             Command::Download(params) => {
                 let payload = match self.download_command(params) {
@@ -223,9 +224,7 @@ impl Node {
                 Ok(node_nonce) => conn.auth.hello(&key, &client_nonce, &node_nonce, now).map_err(|e| e.to_string()),
                 Err(e) => Err(format!("no randomness for a nonce: {e}")),
             },
-            AuthStep::Proof { client_proof } => {
-                conn.auth.proof(&key, &client_proof).map_err(|e| e.to_string())
-            }
+            AuthStep::Proof { client_proof } => conn.auth.proof(&key, &client_proof).map_err(|e| e.to_string()),
         };
         let peer = conn.peer;
         match outcome {
@@ -766,4 +765,10 @@ fn loaded_json(s: &LoadedShard, source: &str, started: Instant) -> Value {
         "bytes_downloaded": 0,
         "elapsed_ms": started.elapsed().as_secs_f64() * 1e3,
     })
+}
+
+/// A client as the per-client quotas know it: its address, with the port on loopback (where every
+/// local client shares the IP).
+fn client_key(peer: std::net::SocketAddr) -> String {
+    if peer.ip().is_loopback() { peer.to_string() } else { peer.ip().to_string() }
 }

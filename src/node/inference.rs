@@ -1,7 +1,8 @@
-//! The inference worker: one thread that owns the ggml engine, runs one task at a time with
-//! ggml's own thread pool, and answers with finished response frames so the event loop only
-//! copies bytes. Tasks queue on a crossbeam channel in arrival order, which keeps a session's
-//! steps in order.
+//! The inference worker: one thread that owns the ggml engine, runs rounds of tasks with ggml's
+//! own thread pool, and answers with finished response frames so the event loop only copies
+//! bytes. Tasks arrive on a crossbeam channel and wait in the [`schedule`](super::schedule)
+//! queues: one FIFO per client (which keeps a session's steps in order), served in turn, decode
+//! steps before prefill chunks, queued tokens bounded.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -14,6 +15,7 @@ use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
 
+use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
@@ -56,6 +58,8 @@ pub enum Job {
         reply: ReplyTo,
         session_id: String,
         session_token: Option<String>,
+        /// The client's key, as for `Execute` (replaced by that of the session's queued steps).
+        origin: String,
     },
 }
 
@@ -115,6 +119,37 @@ impl Inference {
 /// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
 const MAX_JOBS_PER_ROUND: usize = 64;
 
+impl Queued for Job {
+    fn origin(&self) -> &str {
+        match self {
+            Job::Execute { origin, .. } | Job::EndSession { origin, .. } => origin,
+        }
+    }
+    fn tokens(&self) -> usize {
+        match self {
+            Job::Execute { task, .. } => match &task.input {
+                TaskInput::Tokens(t) => t.len(),
+                TaskInput::Hidden { rows, .. } => *rows,
+            },
+            Job::EndSession { .. } => 0,
+        }
+    }
+}
+
+/// The scheduler's bounds for an engine configured as `cfg`: a client may queue a whole context
+/// for each session it may hold (`--max-sessions-per-client` x `--ctx-size` tokens), the node a
+/// whole context for each session it keeps (`--max-sessions` x `--ctx-size`); a round adds at
+/// most one batched graph of prefill ([`crate::engine::MAX_BATCH_TOKENS`]).
+fn limits(cfg: &EngineConfig) -> schedule::Limits {
+    let ctx = cfg.ctx_size.max(1) as usize;
+    schedule::Limits {
+        max_jobs: MAX_JOBS_PER_ROUND,
+        max_tokens: crate::engine::MAX_BATCH_TOKENS,
+        per_client_tokens: cfg.max_sessions_per_client.max(1) * ctx,
+        total_tokens: cfg.max_sessions.max(1) * ctx,
+    }
+}
+
 fn worker(
     cfg: EngineConfig,
     jobs: Receiver<Job>,
@@ -123,6 +158,10 @@ fn worker(
     stats: Arc<InferStats>,
 ) {
     let mut relay_ids = 0u64;
+    let mut queue: Scheduler<Job> = Scheduler::new(limits(&cfg));
+    // Sessions with steps in `queue`: their client's key and how many, so that an END_SESSION
+    // (which may come on another connection than relayed steps) waits behind them.
+    let mut queued_sessions: HashMap<String, (String, usize)> = HashMap::new();
     let mut engine = Engine::new(cfg);
     if let Err(e) = &engine {
         crate::error!("inference engine failed to start: {e}");
@@ -134,16 +173,29 @@ fn worker(
         let _ = waker.wake();
         ok
     };
-    while let Ok(first) = jobs.recv() {
-        // Continuous batching: whatever queued while the last graph ran goes into this round.
-        let mut round = vec![first];
-        while round.len() < MAX_JOBS_PER_ROUND {
-            match jobs.try_recv() {
-                Ok(job) => round.push(job),
-                Err(_) => break,
+    loop {
+        // Continuous batching: whatever queued while the last graph ran is scheduled now.
+        if queue.is_empty() {
+            match jobs.recv() {
+                Ok(job) => enqueue(&mut queue, &mut queued_sessions, job, &stats, &send),
+                Err(_) => return,
             }
         }
+        while let Ok(job) = jobs.try_recv() {
+            enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+        }
+        let round = queue.next_round();
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
+        for job in &round {
+            if let Job::Execute { task, .. } = job
+                && let Some((_, n)) = queued_sessions.get_mut(&task.session_id)
+            {
+                *n -= 1;
+                if *n == 0 {
+                    queued_sessions.remove(&task.session_id);
+                }
+            }
+        }
         stats.running.store(1, Ordering::Relaxed);
         let started = Instant::now();
         // Steps gathered per (shard, map) until an END_SESSION, which must see the steps before it.
@@ -165,9 +217,12 @@ fn worker(
                         None => groups.push(vec![job]),
                     }
                 }
-                Job::EndSession { reply, session_id, session_token } => {
-                    for group in groups.drain(..) {
-                        run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                Job::EndSession { reply, session_id, session_token, .. } => {
+                    // Only this session's steps earlier in the round must run first.
+                    if groups.iter().flatten().any(|j| j.task.session_id == session_id) {
+                        for group in groups.drain(..) {
+                            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                        }
                     }
                     let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
                     let payload = success_payload(
@@ -186,6 +241,48 @@ fn worker(
         }
         record(&engine, &stats, started);
     }
+}
+
+/// Queues `job` with the scheduler, or answers it `BUSY` when its client (or the node) has as
+/// many tokens queued as it may. An END_SESSION queues behind its session's queued steps.
+fn enqueue(
+    queue: &mut Scheduler<Job>,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    mut job: Job,
+    stats: &InferStats,
+    send: &impl Fn(ReplyTo, Vec<u8>) -> bool,
+) {
+    match &mut job {
+        Job::EndSession { session_id, origin, .. } => {
+            if let Some((o, _)) = queued_sessions.get(session_id.as_str()) {
+                origin.clone_from(o);
+            }
+        }
+        Job::Execute { task, origin, .. } => {
+            let entry = queued_sessions.entry(task.session_id.clone()).or_insert_with(|| (origin.clone(), 0));
+            entry.1 += 1;
+        }
+    }
+    let Err((job, why)) = queue.push(job) else { return };
+    stats.queued.fetch_sub(1, Ordering::Relaxed);
+    let Job::Execute { reply, task, .. } = job else { unreachable!("an END_SESSION always queues") };
+    if let Some((_, n)) = queued_sessions.get_mut(&task.session_id) {
+        *n -= 1;
+        if *n == 0 {
+            queued_sessions.remove(&task.session_id);
+        }
+    }
+    let msg = match why {
+        schedule::Refusal::Client(n) => format!(
+            "this client has {n} tokens queued on this node (at most --max-sessions-per-client x --ctx-size); \
+             retry when its steps are answered"
+        ),
+        schedule::Refusal::Node(n) => {
+            format!("this node has {n} tokens queued (at most --max-sessions x --ctx-size); retry later")
+        }
+    };
+    let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Busy, &msg);
+    let _ = send(reply, payload);
 }
 
 /// An `EXECUTE_TASK` taken off the queue.

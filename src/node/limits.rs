@@ -171,6 +171,7 @@ enum Deadline {
 #[derive(Clone, Copy)]
 struct Deadlines {
     auth: Duration,
+    mse: Duration,
     frame: Duration,
     write: Duration,
     idle: Option<Duration>,
@@ -178,11 +179,11 @@ struct Deadlines {
 
 /// Which deadline, if any, a connection has passed at `now`.
 fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
-    let Deadlines { auth, frame, write, idle } = d;
+    let Deadlines { auth, mse, frame, write, idle } = d;
     if c.auth.expired(now, auth) {
         return Some(Deadline::Auth);
     }
-    if c.crypt.expired(now) {
+    if c.crypt.expired(now, mse) {
         return Some(Deadline::Encryption);
     }
     if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
@@ -474,7 +475,13 @@ impl Node {
     pub(super) fn sweep_deadlines(&mut self) {
         let now = Instant::now();
         let c = &self.config;
-        let d = Deadlines { auth: c.auth_timeout, frame: c.frame_timeout, write: c.io_timeout, idle: c.idle_timeout };
+        let d = Deadlines {
+            auth: c.auth_timeout,
+            mse: c.mse_timeout,
+            frame: c.frame_timeout,
+            write: c.io_timeout,
+            idle: c.idle_timeout,
+        };
         let due: Vec<(Token, Deadline)> = self
             .conns
             .iter()
@@ -500,8 +507,8 @@ impl Node {
                 }
                 Deadline::Encryption => {
                     self.mse.timeouts += 1;
-                    let secs = crate::torrent::mse::HANDSHAKE_TIMEOUT.as_secs();
-                    self.close(token, &format!("MSE handshake unfinished after {secs} s"));
+                    let secs = d.mse.as_secs();
+                    self.close(token, &format!("MSE handshake unfinished after {secs} s (--mse-timeout)"));
                 }
                 Deadline::Frame => {
                     counts[0] += 1;
@@ -586,6 +593,7 @@ mod tests {
         let mut conn = Conn::new(TcpStream::from_std(rx), peer, 1);
         let d = Deadlines {
             auth: Duration::from_secs(5),
+            mse: Duration::from_secs(10),
             frame: Duration::from_secs(10),
             write: Duration::from_secs(20),
             idle: Some(Duration::from_secs(30)),

@@ -20,6 +20,7 @@ pub mod limits;
 mod peer_wire;
 mod pin;
 mod relay;
+mod schedule;
 pub mod scan;
 mod shutdown;
 

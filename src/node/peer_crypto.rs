@@ -3,7 +3,7 @@
 //! `--encryption`, and the counters STATUS shows. The handshake itself is
 //! `torrent::mse` (sans-IO); the event loop feeds it here.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
@@ -109,8 +109,8 @@ impl Crypt {
     }
 
     /// Whether an MSE handshake has run past its deadline.
-    pub fn expired(&self, now: Instant) -> bool {
-        matches!(self, Crypt::Handshaking { hs, .. } if hs.expired(now))
+    pub fn expired(&self, now: Instant, timeout: Duration) -> bool {
+        matches!(self, Crypt::Handshaking { hs, .. } if hs.expired(now, timeout))
     }
 
     /// Whether the payload is RC4 (`Some(true)`), plaintext after MSE (`Some(false)`), or no

@@ -365,9 +365,10 @@ impl Handshake {
         }
     }
 
-    /// Whether the handshake has run past [`HANDSHAKE_TIMEOUT`] at `now`.
-    pub fn expired(&self, now: Instant) -> bool {
-        now.duration_since(self.started) > HANDSHAKE_TIMEOUT
+    /// Whether the handshake has run past `timeout` (the node's `--mse-timeout`, by default
+    /// [`HANDSHAKE_TIMEOUT`]) at `now`.
+    pub fn expired(&self, now: Instant, timeout: Duration) -> bool {
+        now.duration_since(self.started) > timeout
     }
 
     /// Feeds the peer's unconsumed bytes (all of them, each time). Replies are appended to

@@ -161,6 +161,48 @@ pub fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+/// A seed dir holding one valid shard GGUF, `shard-0.gguf`, of about `bytes` (its padding made
+/// `salt * 4` bytes longer, so that two seeds differ), with its torrent.
+pub fn seed_dir(tag: &str, bytes: usize, salt: u32) -> (TempDir, PathBuf, shardnet::torrent::Metainfo) {
+    let dir = TempDir::new(tag);
+    let path = dir.path().join("shard-0.gguf");
+    write_shard(&path, 0, 1, (0, 1), bytes + salt as usize * 4);
+    let pool = shardnet::workers::WorkerPool::new("t", 2);
+    let m = shardnet::torrent::create::create(&path, None, &pool.handle()).unwrap();
+    (dir, path, m)
+}
+
+/// A node with `--enable-torrent` and `extra`, once its first scan is done.
+pub fn torrent_node(dir: &Path, extra: &[&str]) -> NodeProc {
+    let mut args = vec!["--enable-torrent"];
+    args.extend_from_slice(extra);
+    let node = NodeProc::start(dir, &args);
+    node.wait_metadata();
+    node
+}
+
+/// `LOAD_SHARD` of shard 0 by the torrent's info hash, from `peers`.
+pub fn load_shard0(node: &NodeProc, m: &shardnet::torrent::Metainfo, peers: &[&str], wait: bool) -> Value {
+    node.call("LOAD_SHARD", json!({"shard_id": 0, "info_hash": m.info_hash.to_hex(), "peers": peers, "wait": wait}))
+}
+
+/// The node's STATUS entry for the torrent's download (null when it has none).
+pub fn download_status(node: &NodeProc, m: &shardnet::torrent::Metainfo) -> Value {
+    let s = node.call("STATUS", json!({}));
+    s["result"]["downloads"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["info_hash"] == m.info_hash.to_hex().as_str())
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+/// Asserts that two files hold the same bytes.
+pub fn same_bytes(a: &Path, b: &Path) {
+    let (x, y) = (std::fs::read(a).unwrap(), std::fs::read(b).unwrap());
+    assert!(x == y, "{} and {} differ", a.display(), b.display());
+}
 
 /// Writes a small valid LLaMA shard GGUF (it passes the node's load checks): `shard.*` keys,
 /// tiny hyper-parameters (embedding 32, 2 heads, 1 KV head, vocabulary 32), every F32 weight of

@@ -360,8 +360,8 @@ fn a_handshake_that_stops_halfway_waits_and_then_expires() {
     assert!(fed.done.is_none());
     assert_eq!(fed.used, 20, "the sync hash is used, the rest waits");
     assert_eq!(step1.len(), KEY_LEN);
-    assert!(!b.expired(start + Duration::from_secs(1)));
-    assert!(b.expired(start + HANDSHAKE_TIMEOUT + Duration::from_millis(1)));
+    assert!(!b.expired(start + Duration::from_secs(1), HANDSHAKE_TIMEOUT));
+    assert!(b.expired(start + HANDSHAKE_TIMEOUT + Duration::from_millis(1), HANDSHAKE_TIMEOUT));
 }
 
 #[test]

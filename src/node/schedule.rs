@@ -1,0 +1,273 @@
+//! Which queued inference jobs the next round computes: fair between clients, decode before
+//! prefill, and bounded.
+//!
+//! Every job carries its client's `origin` (the per-client session quota's key) and the tokens it
+//! computes. Jobs wait in one FIFO per client; each round takes, client by client in turn (the
+//! first client served moves on every round):
+//! 1. decode steps (one token) and `END_SESSION`s (none), one per client per pass, passes repeated
+//!    until none is left or the round holds `max_jobs`: every client with a decode step queued
+//!    gets one into this round, however many the others queued, and several sessions' decode
+//!    steps still share one batched graph;
+//! 2. then longer steps (prefill chunks), one per client per pass, while the round's tokens stay
+//!    within `max_tokens` (the first chunk always fits: the engine splits a long one into graphs).
+//!
+//! A client's own jobs keep their order (a round takes a prefix of its FIFO), so a session's
+//! steps, and an `END_SESSION` after them, run in the order they came. Before this, one FIFO for
+//! all: one client's 64 prefill chunks (a minute of compute) delayed every other client's decode
+//! step by all of it.
+//!
+//! Bounds: one client's queued tokens at most `per_client_tokens`, all clients' at most
+//! `total_tokens`; a job past either is handed back to be refused (`BUSY`), so what strangers
+//! make the node hold while it computes is bounded (each queued token is a hidden state of
+//! `n_embd` f32s).
+
+use std::collections::{HashMap, VecDeque};
+
+/// What the scheduler needs of a job.
+pub trait Queued {
+    /// The client's key (`origin`).
+    fn origin(&self) -> &str;
+    /// Tokens it computes: 1 for a decode step, 0 for an `END_SESSION`.
+    fn tokens(&self) -> usize;
+}
+
+/// The bounds of a [`Scheduler`].
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Jobs in one round.
+    pub max_jobs: usize,
+    /// Tokens of prefill chunks a round may add (decode steps always fit).
+    pub max_tokens: usize,
+    /// Tokens one client may have queued.
+    pub per_client_tokens: usize,
+    /// Tokens all clients may have queued.
+    pub total_tokens: usize,
+}
+
+/// Per-client FIFOs served in turn. See the module docs.
+pub struct Scheduler<J> {
+    limits: Limits,
+    /// Clients with jobs queued, in serving order (the front is served first next round).
+    order: VecDeque<String>,
+    queues: HashMap<String, (VecDeque<J>, usize)>,
+    total: usize,
+    jobs: usize,
+}
+
+/// Why a job was not queued.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// Its client has `per_client_tokens` queued (the count given).
+    Client(usize),
+    /// The node has `total_tokens` queued (the count given).
+    Node(usize),
+}
+
+impl<J: Queued> Scheduler<J> {
+    pub fn new(limits: Limits) -> Scheduler<J> {
+        Scheduler { limits, order: VecDeque::new(), queues: HashMap::new(), total: 0, jobs: 0 }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs == 0
+    }
+
+    /// Queues `job` behind its client's others, or hands it back with the reason when a bound
+    /// would be passed (a job of no tokens always queues).
+    pub fn push(&mut self, job: J) -> Result<(), (J, Refusal)> {
+        let n = job.tokens();
+        let held = self.queues.get(job.origin()).map_or(0, |(_, t)| *t);
+        if n > 0 && held + n > self.limits.per_client_tokens && held > 0 {
+            return Err((job, Refusal::Client(held)));
+        }
+        if n > 0 && self.total + n > self.limits.total_tokens && self.total > 0 {
+            return Err((job, Refusal::Node(self.total)));
+        }
+        let origin = job.origin().to_string();
+        let entry = self.queues.entry(origin.clone()).or_insert_with(|| {
+            self.order.push_back(origin);
+            (VecDeque::new(), 0)
+        });
+        entry.0.push_back(job);
+        entry.1 += n;
+        self.total += n;
+        self.jobs += 1;
+        Ok(())
+    }
+
+    /// The next round's jobs, in an order that keeps each client's own order.
+    pub fn next_round(&mut self) -> Vec<J> {
+        let mut round = Vec::new();
+        // Tokens of prefill chunks in the round.
+        let mut prefill = 0usize;
+        // Clients whose next job must wait for the next round (passes 1 and 2 take prefixes).
+        let mut blocked: Vec<String> = Vec::new();
+        let small = |j: &J| j.tokens() <= 1;
+        // Pass 1: decode steps and END_SESSIONs, one per client per pass.
+        loop {
+            let mut took = false;
+            for origin in &self.order {
+                if round.len() >= self.limits.max_jobs {
+                    break;
+                }
+                let (q, held) = self.queues.get_mut(origin).expect("ordered clients have queues");
+                if q.front().is_some_and(small) {
+                    let job = q.pop_front().expect("a front");
+                    *held -= job.tokens();
+                    self.total -= job.tokens();
+                    round.push(job);
+                    took = true;
+                }
+            }
+            if !took || round.len() >= self.limits.max_jobs {
+                break;
+            }
+        }
+        // Pass 2: prefill chunks, one per client per pass, within the round's token budget.
+        loop {
+            let mut took = false;
+            for origin in &self.order {
+                if round.len() >= self.limits.max_jobs || blocked.contains(origin) {
+                    continue;
+                }
+                let (q, held) = self.queues.get_mut(origin).expect("ordered clients have queues");
+                let Some(n) = q.front().map(|j| j.tokens()) else { continue };
+                if n <= 1 {
+                    // A decode step behind this client's prefill chunk: next round, in order.
+                    blocked.push(origin.clone());
+                    continue;
+                }
+                if prefill > 0 && prefill + n > self.limits.max_tokens {
+                    blocked.push(origin.clone());
+                    continue;
+                }
+                let job = q.pop_front().expect("a front");
+                *held -= n;
+                self.total -= n;
+                prefill += n;
+                round.push(job);
+                took = true;
+            }
+            if !took {
+                break;
+            }
+        }
+        self.jobs -= round.len();
+        // Drop emptied clients; the first client served moves on.
+        self.order.retain(|o| self.queues.get(o).is_some_and(|(q, _)| !q.is_empty()));
+        self.queues.retain(|_, (q, _)| !q.is_empty());
+        if self.order.len() > 1 {
+            self.order.rotate_left(1);
+        }
+        round
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, Clone, PartialEq)]
+    struct J(&'static str, usize, u32);
+
+    impl Queued for J {
+        fn origin(&self) -> &str {
+            self.0
+        }
+        fn tokens(&self) -> usize {
+            self.1
+        }
+    }
+
+    fn limits() -> Limits {
+        Limits { max_jobs: 64, max_tokens: 512, per_client_tokens: 4096, total_tokens: 8192 }
+    }
+
+    /// The red-team's starvation: a client's 64 prefill chunks queued before another's decode
+    /// step. In one FIFO the decode step waited for all 64; here it is in the first round.
+    #[test]
+    fn a_decode_step_is_not_queued_behind_another_clients_prefill() {
+        let mut s = Scheduler::new(limits());
+        for i in 0..8 {
+            s.push(J("flood", 512, i)).unwrap();
+        }
+        s.push(J("victim", 1, 0)).unwrap();
+        let round = s.next_round();
+        assert!(round.contains(&J("victim", 1, 0)), "{round:?}");
+        assert_eq!(round.iter().map(|j| j.1).sum::<usize>(), 513, "one 512-token chunk besides: {round:?}");
+        // The rest follows, one graph's worth a round.
+        for i in 1..8 {
+            assert_eq!(s.next_round(), vec![J("flood", 512, i)]);
+        }
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn decode_steps_of_many_sessions_share_a_round_and_clients_take_turns() {
+        let mut s = Scheduler::new(limits());
+        for i in 0..16 {
+            s.push(J("serve", 1, i)).unwrap();
+        }
+        s.push(J("other", 1, 0)).unwrap();
+        let round = s.next_round();
+        assert_eq!(round.len(), 17, "every decode step in one batched round: {round:?}");
+        assert_eq!(round[1], J("other", 1, 0), "the second client's step right after the first's");
+        // Past max_jobs, clients alternate.
+        let mut s = Scheduler::new(Limits { max_jobs: 4, ..limits() });
+        for i in 0..10 {
+            s.push(J("a", 1, i)).unwrap();
+        }
+        for i in 0..2 {
+            s.push(J("b", 1, i)).unwrap();
+        }
+        let r = s.next_round();
+        assert_eq!(r, vec![J("a", 1, 0), J("b", 1, 0), J("a", 1, 1), J("b", 1, 1)]);
+    }
+
+    #[test]
+    fn a_clients_own_order_is_kept() {
+        let mut s = Scheduler::new(limits());
+        s.push(J("a", 300, 0)).unwrap();
+        s.push(J("a", 1, 1)).unwrap();
+        s.push(J("a", 0, 2)).unwrap(); // END_SESSION
+        s.push(J("a", 300, 3)).unwrap();
+        s.push(J("b", 300, 0)).unwrap();
+        let mut seen = Vec::new();
+        while !s.is_empty() {
+            let r = s.next_round();
+            assert!(!r.is_empty());
+            seen.extend(r);
+        }
+        let a: Vec<u32> = seen.iter().filter(|j| j.0 == "a").map(|j| j.2).collect();
+        assert_eq!(a, vec![0, 1, 2, 3]);
+        assert_eq!(seen.len(), 5);
+    }
+
+    #[test]
+    fn queued_tokens_are_bounded_per_client_and_in_all() {
+        let mut s = Scheduler::new(Limits { per_client_tokens: 1000, total_tokens: 1500, ..limits() });
+        s.push(J("a", 600, 0)).unwrap();
+        assert_eq!(s.push(J("a", 600, 1)).unwrap_err().1, Refusal::Client(600));
+        s.push(J("a", 400, 2)).unwrap();
+        s.push(J("b", 400, 0)).unwrap();
+        assert_eq!(s.push(J("c", 400, 0)).unwrap_err().1, Refusal::Node(1400));
+        // No tokens (END_SESSION) always queues; one step alone may be as long as it is.
+        s.push(J("a", 0, 3)).unwrap();
+        let mut fresh = Scheduler::new(Limits { per_client_tokens: 10, total_tokens: 10, ..limits() });
+        fresh.push(J("a", 2048, 0)).unwrap();
+        // Tokens come back as rounds are taken.
+        while !s.is_empty() {
+            s.next_round();
+        }
+        s.push(J("c", 1000, 0)).unwrap();
+    }
+
+    #[test]
+    fn a_long_step_runs_alone_and_the_budget_holds() {
+        let mut s = Scheduler::new(limits());
+        s.push(J("a", 2048, 0)).unwrap();
+        s.push(J("b", 100, 0)).unwrap();
+        assert_eq!(s.next_round(), vec![J("a", 2048, 0)]);
+        assert_eq!(s.next_round(), vec![J("b", 100, 0)]);
+    }
+}

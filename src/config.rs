@@ -58,6 +58,13 @@ pub struct NodeConfig {
     /// Bytes all connections' partially received frames may hold together; over it the
     /// connection holding the largest is answered `FRAME_MEMORY_EXCEEDED` and closed.
     pub frame_memory: u64,
+    /// Relays (a hop's result carried to the next node) in flight at once, node-wide; more are
+    /// answered `BUSY` (`--max-relays`).
+    pub max_relays: usize,
+    /// Unsent request bytes one relay link (connection to a next hop) may hold (`--relay-link-buffer`).
+    pub relay_link_buffer: usize,
+    /// Unsent request bytes all relay links together may hold (`--relay-memory`).
+    pub relay_memory: usize,
     /// Bytes per second sent to peers, all torrents together; 0: no limit.
     pub upload_limit: u64,
     /// Bytes per second read from peers, all torrents together; 0: no limit.
@@ -186,6 +193,9 @@ impl Default for NodeConfig {
             frame_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(30),
             frame_memory: 256 << 20,
+            max_relays: 256,
+            relay_link_buffer: 64 << 20,
+            relay_memory: 256 << 20,
             upload_limit: 0,
             download_limit: 0,
             direct_io: true,
@@ -231,6 +241,9 @@ impl NodeConfig {
             "frame_timeout_s": self.frame_timeout.as_secs(),
             "io_timeout_s": self.io_timeout.as_secs(),
             "frame_memory": self.frame_memory,
+            "max_relays": self.max_relays,
+            "relay_link_buffer": self.relay_link_buffer,
+            "relay_memory": self.relay_memory,
             "max_frame": self.max_frame,
             "max_sessions": self.max_sessions,
             "max_sessions_per_client": self.max_sessions_per_client,
@@ -355,8 +368,16 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)
                          is not whole this long after its first byte
                          [default: 30]
-  --io-timeout SECS      close a connection that takes none of its pending
-                         output for this long [default: 30]
+  --io-timeout SECS      close a connection (or relay link to a next hop) that
+                         takes none of its pending output for this long
+                         [default: 30]
+  --max-relays N         relays (results carried to a next hop) in flight at once;
+                         more are answered BUSY [default: 256]
+  --relay-link-buffer BYTES
+                         unsent bytes one next hop's link may hold; a relay past
+                         it is answered BUSY, nothing buffered [default: 67108864]
+  --relay-memory BYTES   unsent bytes all relay links may hold together; a relay
+                         past it is answered BUSY [default: 268435456]
   --frame-memory BYTES   memory for partially received frames, all connections
                          together; over it the largest is closed
                          [default: 268435456]
@@ -440,6 +461,9 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--frame-timeout" => c.frame_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--frame-memory" => c.frame_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
+            "--max-relays" => c.max_relays = number(flag, value()?, 1, 1 << 20)? as usize,
+            "--relay-link-buffer" => c.relay_link_buffer = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
+            "--relay-memory" => c.relay_memory = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--download-limit" => c.download_limit = number(flag, value()?, 0, u64::MAX / 2)?,
             "--repack" => {

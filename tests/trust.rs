@@ -126,6 +126,15 @@ fn without_the_key_only_status_is_served_and_forged_frames_are_refused() {
         assert_eq!(r["code"], "AUTH_REQUIRED", "{cmd} without the key: {r}");
     }
     assert_eq!(open.call("STATUS", json!({})).unwrap()["auth"]["cluster_key"], true);
+    // `shardctl status` without the key says what it cannot show instead of printing nulls.
+    let o = Command::new(env!("CARGO_BIN_EXE_shardctl"))
+        .args(["--node", &node.addr, "status"])
+        .env_remove(shardnet::protocol::auth::KEY_ENV)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{out}");
+    assert!(out.contains("shown only to a client proving it") && !out.contains("null"), "{out}");
 
     // A wrong key: the node cannot prove ours, and a proof made with the wrong key is refused.
     let wrong = key("0000000000000000000000000000000000000000000000000000000000000000");

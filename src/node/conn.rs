@@ -5,7 +5,12 @@
 //! (at most `--max-frame` + 4 bytes) plus one read; output stops growing from
 //! new requests once it passes [`OUT_HIGH_WATER`] (the connection is not read
 //! until it drains below [`OUT_LOW_WATER`]), and at most [`MAX_IN_FLIGHT`]
-//! deferred answers can be added on top. The input buffer grows with the bytes
+//! deferred answers can be added on top. Answers still being computed count too:
+//! each deferred `EXECUTE_TASK` holds an estimate of its answer
+//! ([`answer_estimate`]) against [`ANSWER_BUDGET`] until it is queued, so a
+//! client that sends many large requests and reads nothing gets one (or a few)
+//! computed, not 64 (before, requests were admitted on the bytes already queued
+//! alone: 64 answers of `all_logits` were built and queued at once). The input buffer grows with the bytes
 //! that arrive, never from a declared length, and all connections' partial
 //! frames together are bounded by the node's `--frame-memory` (`limits.rs`).
 
@@ -30,6 +35,30 @@ pub const OUT_HIGH_WATER: usize = 1024 * 1024;
 pub const OUT_LOW_WATER: usize = 256 * 1024;
 /// Deferred requests (answered by a worker) per connection at most.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// Bytes of answers queued and estimated in flight past which a connection takes no new request.
+pub const ANSWER_BUDGET: usize = 16 * 1024 * 1024;
+/// Estimated answer bytes per row: a row of hidden state (n_embd floats, base64), a row of
+/// logits (n_vocab floats: 49152 for SmolLM2, up to 256k), and a last-token answer.
+const HIDDEN_ROW_ESTIMATE: usize = 4 * 1024;
+const LOGITS_ROW_ESTIMATE: usize = 256 * 1024;
+const SMALL_ANSWER_ESTIMATE: usize = 4 * 1024;
+
+/// What an `EXECUTE_TASK`'s answer is estimated to take, from its rows and output (the real
+/// width depends on the last shard's model, not known here): `all_logits` for 64 rows holds the
+/// whole [`ANSWER_BUDGET`], a decode step 4 KiB.
+pub fn answer_estimate(task: &crate::protocol::ExecuteTask) -> usize {
+    use crate::protocol::{TaskInput, TaskOutput};
+    let rows = match &task.input {
+        TaskInput::Tokens(t) => t.len(),
+        TaskInput::Hidden { rows, .. } => *rows,
+    };
+    match task.output {
+        TaskOutput::Hidden => rows * HIDDEN_ROW_ESTIMATE,
+        TaskOutput::Logits { all: true } => rows * LOGITS_ROW_ESTIMATE,
+        TaskOutput::Logits { all: false } => LOGITS_ROW_ESTIMATE,
+        TaskOutput::TopK(_) => SMALL_ANSWER_ESTIMATE,
+    }
+}
 /// Input buffer kept across reads; a larger one (a big frame) is freed when empty.
 const INPUT_KEEP: usize = 1024 * 1024;
 
@@ -57,6 +86,8 @@ pub struct Conn {
     end: usize,
     output: OutQueue,
     pub in_flight: usize,
+    /// Estimated bytes of the answers in flight ([`answer_estimate`]), released as each is queued.
+    pub reserved: usize,
     /// When the partial frame now buffered began arriving.
     pub frame_started: Option<Instant>,
     /// When output last made progress (or was first queued).
@@ -112,6 +143,7 @@ impl Conn {
             end: 0,
             output: OutQueue::default(),
             in_flight: 0,
+            reserved: 0,
             frame_started: None,
             write_progress: Instant::now(),
             last_activity: Instant::now(),
@@ -296,7 +328,9 @@ impl Conn {
 
     /// Whether new requests must wait for the client to read its answers.
     pub fn backpressured(&self) -> bool {
-        self.pending_output() > OUT_HIGH_WATER || self.in_flight >= MAX_IN_FLIGHT
+        self.pending_output() > OUT_HIGH_WATER
+            || (self.in_flight > 0 && self.pending_output() + self.reserved >= ANSWER_BUDGET)
+            || self.in_flight >= MAX_IN_FLIGHT
     }
 
     /// Whether the connection may take more requests now.
@@ -310,7 +344,9 @@ impl Conn {
 
     /// Whether a paused connection has drained enough to read again.
     pub fn drained(&self) -> bool {
-        self.pending_output() < OUT_LOW_WATER && self.in_flight < MAX_IN_FLIGHT
+        self.pending_output() < OUT_LOW_WATER
+            && (self.in_flight == 0 || self.pending_output() + self.reserved < ANSWER_BUDGET)
+            && self.in_flight < MAX_IN_FLIGHT
     }
 
     /// Whether bytes of an incomplete frame are buffered.

@@ -127,11 +127,11 @@ impl Node {
             if let Err((code, msg)) = self.begin_load(task.shard_id, &p) {
                 return fail(self, id, code, &msg);
             }
-            let Some(reply) = self.defer(token, id) else { return };
+            let Some(reply) = self.defer_reserving(token, id, super::conn::answer_estimate(&task)) else { return };
             self.pending_tasks.entry(task.shard_id).or_default().push((reply, from, task, Instant::now()));
             return;
         }
-        let Some(reply) = self.defer(token, id) else { return };
+        let Some(reply) = self.defer_reserving(token, id, super::conn::answer_estimate(&task)) else { return };
         self.submit_task(reply, from, task, Instant::now());
     }
 
@@ -140,7 +140,7 @@ impl Node {
             let msg = format!("shard {} is not loaded on this node", task.shard_id);
             let payload =
                 error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::ShardNotLoaded, &msg);
-            return self.on_answer(reply.token, reply.conn_id, &payload);
+            return self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
         };
         let info_hash =
             self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
@@ -179,7 +179,7 @@ impl Node {
                 None => self.submit_task(reply, from, task, queued),
                 Some((code, msg)) => {
                     let payload = error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), *code, msg);
-                    self.on_answer(reply.token, reply.conn_id, &payload);
+                    self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
                 }
             }
         }
@@ -204,7 +204,12 @@ impl Node {
                 Ok(result) => success_payload("MODEL_INFO", &reply.request_id, result),
                 Err(e) => error_payload(json!("MODEL_INFO"), reply.request_id.clone(), ErrorCode::ShardInvalid, &e),
             };
-            let _ = tx.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+            let _ = tx.send(NodeEvent::Answer {
+                token: reply.token,
+                conn_id: reply.conn_id,
+                reserved: reply.reserved,
+                payload,
+            });
             let _ = waker.wake();
         });
     }
@@ -245,16 +250,25 @@ impl Node {
 
     /// Counts a request as in flight on its connection and says where its answer goes.
     fn defer(&mut self, token: Token, request_id: Value) -> Option<ReplyTo> {
+        self.defer_reserving(token, request_id, 0)
+    }
+
+    /// As [`Node::defer`], holding `reserved` bytes of the connection's answer budget
+    /// ([`conn::ANSWER_BUDGET`]) until the answer is queued: answers being computed count
+    /// against the connection's output before they exist.
+    fn defer_reserving(&mut self, token: Token, request_id: Value, reserved: usize) -> Option<ReplyTo> {
         let conn = self.conn(token)?;
         conn.in_flight += 1;
-        Some(ReplyTo { token, conn_id: conn.id, request_id })
+        conn.reserved += reserved;
+        Some(ReplyTo { token, conn_id: conn.id, request_id, reserved })
     }
 
     /// A worker's answer: sent if its connection is still the one that asked.
-    pub(super) fn on_answer(&mut self, token: Token, conn_id: u64, payload: &[u8]) {
+    pub(super) fn on_answer(&mut self, token: Token, conn_id: u64, reserved: usize, payload: &[u8]) {
         let Some(conn) = self.conn(token).filter(|c| c.id == conn_id) else { return };
         let was_paused = conn.backpressured();
         conn.in_flight -= 1;
+        conn.reserved -= reserved;
         self.respond(token, payload);
         self.resume_or_settle(token, was_paused);
     }
@@ -276,7 +290,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"refused\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -289,6 +303,7 @@ impl Node {
             inference,
             self.relays.counts().0,
             self.relays.counts().1,
+            self.relays.refused,
         );
         out.extend_from_slice(live.as_bytes());
         out

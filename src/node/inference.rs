@@ -29,6 +29,9 @@ pub struct ReplyTo {
     pub token: Token,
     pub conn_id: u64,
     pub request_id: Value,
+    /// Bytes of the connection's output budget held for this answer until it is queued
+    /// (`Conn::reserved`).
+    pub reserved: usize,
 }
 
 /// The loaded shard a task runs on: its map, its file (the repack sidecar goes beside it) and its
@@ -169,7 +172,9 @@ fn worker(
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
     let send = |reply: ReplyTo, payload: Vec<u8>| {
-        let ok = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload }).is_ok();
+        let ok = events
+            .send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload })
+            .is_ok();
         let _ = waker.wake();
         ok
     };
@@ -331,7 +336,12 @@ fn run_group(
                 }
             }
         };
-        let _ = events.send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, payload });
+        let _ = events.send(NodeEvent::Answer {
+            token: reply.token,
+            conn_id: reply.conn_id,
+            reserved: reply.reserved,
+            payload,
+        });
         let _ = waker.wake();
     }
 }

@@ -20,8 +20,8 @@ pub mod limits;
 mod peer_wire;
 mod pin;
 mod relay;
-mod schedule;
 pub mod scan;
+mod schedule;
 mod shutdown;
 
 use std::collections::{HashMap, HashSet};
@@ -107,6 +107,8 @@ pub enum NodeEvent {
     Answer {
         token: Token,
         conn_id: u64,
+        /// The answer budget its request held (`inference::ReplyTo::reserved`).
+        reserved: usize,
         payload: Vec<u8>,
     },
     /// A hop's result to carry to the next hop (from the inference thread).
@@ -250,6 +252,12 @@ impl Node {
         let (config_upload, config_download) = (config.upload_limit, config.download_limit);
         let max_frame = config.max_frame;
         let relay_key = config.cluster_key.clone();
+        let relay_limits = relay::RelayLimits {
+            max_relays: config.max_relays,
+            link_buffer: config.relay_link_buffer,
+            memory: config.relay_memory,
+            io_timeout: config.io_timeout,
+        };
         let node_id = random_id();
         let dht = dht_glue::bind(&config, local_addr, node_id, poll.registry(), (UDP, UDP6));
         let engine_config = crate::engine::EngineConfig {
@@ -315,7 +323,7 @@ impl Node {
             parts_swept: None,
             dht,
             inference,
-            relays: relay::Relays::new(max_frame, relay_key),
+            relays: relay::Relays::new(max_frame, relay_key, relay_limits),
             signals: None,
             mse: peer_crypto::MseStats::default(),
         })
@@ -591,8 +599,20 @@ impl Node {
     /// After output drained or a deferred answer went out: a connection that
     /// was paused and may read again is served now (edge-triggered readiness
     /// raised no event for input that arrived while it was paused).
+    ///
+    /// Whole requests already buffered count as paused too: a connection may pause on its
+    /// reservations (`Conn::reserved`) with requests read, and leave high water before it drains
+    /// below low water, so `was_paused` alone missed them and they waited for bytes that never came.
     fn resume_or_settle(&mut self, token: Token, was_paused: bool) {
-        if was_paused && self.conn(token).is_some_and(|c| c.drained()) {
+        // Write first: the answer just queued may leave at once, and then no writable event comes.
+        if let Some(conn) = self.conn(token)
+            && conn.pending_output() > 0
+            && let Err(e) = conn.flush(Instant::now())
+        {
+            return self.close(token, &format!("write error: {e}"));
+        }
+        let resume = was_paused || self.conn(token).is_some_and(|c| c.has_partial_input());
+        if resume && self.conn(token).is_some_and(|c| c.drained()) {
             self.process_input(token);
             self.on_readable(token);
         } else {
@@ -659,7 +679,9 @@ impl Node {
                     self.on_hashed(info_hash, piece, ok, blocks, write_error, buffer)
                 }
                 NodeEvent::Finished { info_hash, result } => self.on_finished(info_hash, result),
-                NodeEvent::Answer { token, conn_id, payload } => self.on_answer(token, conn_id, &payload),
+                NodeEvent::Answer { token, conn_id, reserved, payload } => {
+                    self.on_answer(token, conn_id, reserved, &payload)
+                }
                 NodeEvent::Relay(out) => {
                     let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
                     self.deliver(answers);
@@ -679,7 +701,7 @@ impl Node {
     /// Hands finished relay answers to the connections that asked.
     fn deliver(&mut self, answers: Vec<relay::Answer>) {
         for a in answers {
-            self.on_answer(a.reply.token, a.reply.conn_id, &a.payload);
+            self.on_answer(a.reply.token, a.reply.conn_id, a.reply.reserved, &a.payload);
         }
     }
 }

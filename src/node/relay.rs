@@ -14,7 +14,7 @@
 //! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
 //! seals every request after it; requests submitted meanwhile wait on the link.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -33,6 +33,24 @@ use crate::protocol::{ErrorCode, Hop, request_payload};
 pub const TOKEN_BASE: usize = 1 << 40;
 /// Bytes read from one link per event before others get a turn.
 const READ_CHUNK: usize = 64 * 1024;
+/// Ids of requests that expired on a link (and may still be answered late) kept per link.
+const LATE_IDS: usize = 256;
+/// The one error text for a next hop that does not speak shardnet: the reason (and any byte it
+/// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
+const NOT_SHARDNET: &str = "did not answer as a shardnet node";
+
+/// What bounds relays (`--max-relays`, `--relay-link-buffer`, `--relay-memory`, `--io-timeout`).
+#[derive(Clone, Copy, Debug)]
+pub struct RelayLimits {
+    /// Relays in flight at once, node-wide.
+    pub max_relays: usize,
+    /// Unsent request bytes one link may hold.
+    pub link_buffer: usize,
+    /// Unsent request bytes all links together may hold.
+    pub memory: usize,
+    /// A link whose connect or unsent bytes make no progress this long is closed.
+    pub io_timeout: Duration,
+}
 
 /// A request for the next hop, built by the inference thread.
 pub struct Outgoing {
@@ -80,10 +98,24 @@ struct Link {
     held: Vec<Vec<u8>>,
     out: Vec<u8>,
     input: Vec<u8>,
-    /// Relay ids waiting on this link.
-    waiting: Vec<u64>,
+    /// Relay ids waiting on this link: an answer is taken only for one of these.
+    waiting: HashSet<u64>,
+    /// Ids that expired on this link: a late answer to one is dropped, not taken as foreign.
+    late: VecDeque<u64>,
     /// When the link last received a whole answer.
     last_answer: Option<Instant>,
+    /// Whether the next hop ever sent a valid shardnet frame (before that, every failure gets
+    /// the one generic text).
+    spoke: bool,
+    /// When the connect began or unsent bytes last went out (`--io-timeout` runs from here).
+    write_progress: Instant,
+}
+
+impl Link {
+    /// Unsent request bytes (queued and held for the handshake).
+    fn queued(&self) -> usize {
+        self.out.len() + self.held.iter().map(Vec::len).sum::<usize>()
+    }
 }
 
 struct Pending {
@@ -102,11 +134,16 @@ pub struct Relays {
     next_token: usize,
     max_frame: u32,
     key: Option<ClusterKey>,
+    limits: RelayLimits,
+    /// Unsent request bytes over all links.
+    queued: usize,
+    /// Relays refused for a limit (STATUS `relays.refused`).
+    pub refused: u64,
 }
 
 impl Relays {
     /// Relays whose links authenticate with `key` when the node has one.
-    pub fn new(max_frame: u32, key: Option<ClusterKey>) -> Relays {
+    pub fn new(max_frame: u32, key: Option<ClusterKey>, limits: RelayLimits) -> Relays {
         Relays {
             by_addr: HashMap::new(),
             links: HashMap::new(),
@@ -114,7 +151,19 @@ impl Relays {
             next_token: TOKEN_BASE,
             max_frame,
             key,
+            limits,
+            queued: 0,
+            refused: 0,
         }
+    }
+
+    /// Refuses a relay over a limit: `BUSY` to its caller at once, nothing buffered.
+    fn refuse(&mut self, out: Outgoing, why: String) -> Vec<Answer> {
+        self.refused += 1;
+        crate::debug!("relay to {} refused: {why}", out.next.address);
+        let v = json!({"command": "EXECUTE_TASK", "request_id": out.reply.request_id, "status": "error",
+            "error": format!("this node cannot relay now: {why}; retry later"), "code": ErrorCode::Busy.as_str()});
+        vec![Answer { reply: out.reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }]
     }
 
     /// Relays in flight and open links, for STATUS.
@@ -129,7 +178,32 @@ impl Relays {
 
     /// Sends `out` on the link to its next hop (connecting one if there is none). Answers at once
     /// only when the hop cannot be reached.
+    ///
+    /// Over `--max-relays` relays in flight, or a request that would take its link's unsent bytes
+    /// past `--relay-link-buffer` (or all links' past `--relay-memory`), is answered `BUSY` at
+    /// once and never buffered.
     pub fn submit(&mut self, registry: &Registry, out: Outgoing, now: Instant) -> Vec<Answer> {
+        if self.pending.len() >= self.limits.max_relays {
+            let why = format!("{} relays in flight, the most --max-relays allows", self.pending.len());
+            return self.refuse(out, why);
+        }
+        let size = out.payload.len() + frame::HEADER_LEN + 64;
+        if self.queued > 0 && self.queued + size > self.limits.memory {
+            let why =
+                format!("relay requests of {} bytes unsent, --relay-memory is {}", self.queued, self.limits.memory);
+            return self.refuse(out, why);
+        }
+        if let Some(l) = self.by_addr.get(&out.next.address).and_then(|t| self.links.get(t))
+            && l.queued() > 0
+            && l.queued() + size > self.limits.link_buffer
+        {
+            let why = format!(
+                "the next hop has {} bytes unsent, --relay-link-buffer is {}",
+                l.queued(),
+                self.limits.link_buffer
+            );
+            return self.refuse(out, why);
+        }
         let token = match self.by_addr.get(&out.next.address) {
             Some(t) => *t,
             None => match TcpStream::connect(out.next.address) {
@@ -161,27 +235,36 @@ impl Relays {
                         held: Vec::new(),
                         out: first,
                         input: Vec::new(),
-                        waiting: Vec::new(),
+                        waiting: HashSet::new(),
+                        late: VecDeque::new(),
                         last_answer: None,
+                        spoke: false,
+                        write_progress: now,
                     };
+                    self.queued += link.out.len();
                     self.links.insert(token, link);
                     self.by_addr.insert(out.next.address, token);
                     token
                 }
                 Err(e) => {
-                    let msg =
-                        format!("next hop {} (shard {}) cannot be reached: {e}", out.next.address, out.next.shard_id);
+                    crate::debug!("relay to {}: connect: {e}", out.next.address);
+                    let msg = format!("next hop {} (shard {}): {NOT_SHARDNET}", out.next.address, out.next.shard_id);
                     return vec![hop_failed(out.reply, &out.next, &msg)];
                 }
             },
         };
         let link = self.links.get_mut(&token).expect("indexed");
+        let before = link.queued();
+        if before == 0 {
+            link.write_progress = now;
+        }
         match &mut link.auth {
             LinkAuth::Open => frame::encode(&out.payload, &mut link.out),
             LinkAuth::Ready { tx, .. } => tx.seal_frame(&out.payload, &mut link.out),
             LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(out.payload),
         }
-        link.waiting.push(out.id);
+        self.queued += link.queued() - before;
+        link.waiting.insert(out.id);
         let pending = Pending {
             reply: out.reply,
             next: out.next,
@@ -206,13 +289,13 @@ impl Relays {
         let Some(link) = self.links.get_mut(&token) else { return Vec::new() };
         if !link.connected && (writable || readable) {
             match link.stream.take_error() {
-                Ok(Some(e)) | Err(e) => return self.close(registry, token, &format!("connect failed: {e}")),
+                Ok(Some(e)) | Err(e) => return self.close(registry, token, &format!("connect: {e}")),
                 Ok(None) => {}
             }
             match link.stream.peer_addr() {
                 Ok(_) => link.connected = true,
                 Err(e) if e.kind() == io::ErrorKind::NotConnected => return Vec::new(),
-                Err(e) => return self.close(registry, token, &format!("connect failed: {e}")),
+                Err(e) => return self.close(registry, token, &format!("connect: {e}")),
             }
         }
         let mut answers = self.flush(registry, token, now);
@@ -234,7 +317,11 @@ impl Relays {
             let msg =
                 format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
             let dead = self.links.get_mut(&p.link).is_some_and(|l| {
-                l.waiting.retain(|w| *w != id);
+                l.waiting.remove(&id);
+                if l.late.len() == LATE_IDS {
+                    l.late.pop_front();
+                }
+                l.late.push_back(id);
                 l.last_answer.is_none_or(|t| t < p.sent)
             });
             answers.push(hop_failed(p.reply, &p.next, &msg));
@@ -242,16 +329,32 @@ impl Relays {
                 answers.extend(self.close(registry, p.link, "its next hop went silent"));
             }
         }
+        // A link whose connect, or whose unsent bytes, made no progress for --io-timeout: the
+        // next hop does not read (its requests would pile up), so it is closed.
+        let stuck: Vec<Token> = self
+            .links
+            .iter()
+            .filter(|(_, l)| {
+                (!l.connected || l.queued() > 0) && now.duration_since(l.write_progress) >= self.limits.io_timeout
+            })
+            .map(|(t, _)| *t)
+            .collect();
+        for token in stuck {
+            let why = format!("it took no bytes for {} s (--io-timeout)", self.limits.io_timeout.as_secs());
+            answers.extend(self.close(registry, token, &why));
+        }
         answers
     }
 
-    fn flush(&mut self, registry: &Registry, token: Token, _now: Instant) -> Vec<Answer> {
+    fn flush(&mut self, registry: &Registry, token: Token, now: Instant) -> Vec<Answer> {
         let Some(link) = self.links.get_mut(&token) else { return Vec::new() };
         while !link.out.is_empty() {
             match link.stream.write(&link.out) {
                 Ok(0) => return self.close(registry, token, "the connection took no bytes"),
                 Ok(n) => {
                     link.out.drain(..n);
+                    self.queued -= n;
+                    link.write_progress = now;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -289,7 +392,7 @@ impl Relays {
             match frame::decode(&link.input, self.max_frame) {
                 Decoded::NeedMore(_) => break,
                 Decoded::TooLarge { declared, limit } => {
-                    closed = Some(format!("answer of {declared} bytes exceeds the frame limit of {limit}"));
+                    closed = Some(format!("a frame of {declared} bytes declared, over the limit of {limit}"));
                     break;
                 }
                 Decoded::Frame { len } => {
@@ -308,18 +411,40 @@ impl Relays {
                         closed = Some("the next hop sent a frame that is not JSON".into());
                         break;
                     };
+                    link.spoke = true;
                     if !matches!(link.auth, LinkAuth::Open | LinkAuth::Ready { .. }) {
-                        if let Err(why) = link.handshake(&answer) {
+                        let before = link.queued();
+                        let step = link.handshake(&answer);
+                        self.queued += link.queued();
+                        self.queued -= before;
+                        if let Err(why) = step {
                             closed = Some(why);
                             break;
                         }
                         continue;
                     }
-                    link.last_answer = Some(now);
-                    let Some(id) = answer["request_id"].as_u64() else { continue };
-                    link.waiting.retain(|w| *w != id);
-                    if let Some(p) = self.pending.remove(&id) {
-                        answers.push(relay_answer(p, answer, now));
+                    // Only an answer to a request sent on this very link is taken: ids are
+                    // matched per link, so a next hop can never answer (or fail) a request
+                    // that went to another.
+                    let id = answer["request_id"].as_u64();
+                    match id {
+                        Some(id) if link.waiting.remove(&id) => {
+                            link.last_answer = Some(now);
+                            let p = self.pending.remove(&id).expect("waiting on a link: pending");
+                            answers.push(relay_answer(p, answer, now));
+                        }
+                        Some(id) if link.late.contains(&id) => {
+                            // Answered after its deadline (its caller already has HOP_FAILED).
+                            link.late.retain(|l| *l != id);
+                            link.last_answer = Some(now);
+                        }
+                        _ => {
+                            closed = Some(format!(
+                                "an answer to request id {} that was not sent on this link",
+                                answer["request_id"]
+                            ));
+                            break;
+                        }
                     }
                 }
             }
@@ -336,15 +461,19 @@ impl Relays {
     fn close(&mut self, registry: &Registry, token: Token, why: &str) -> Vec<Answer> {
         let Some(mut link) = self.links.remove(&token) else { return Vec::new() };
         let _ = registry.deregister(&mut link.stream);
+        self.queued -= link.queued();
         if self.by_addr.get(&link.addr) == Some(&token) {
             self.by_addr.remove(&link.addr);
         }
-        crate::debug!("relay link to {}: {why}", link.addr);
+        // The reason, with whatever the other side sent, is for this node's log; a caller hears
+        // it only from a next hop that has spoken shardnet on this link (or a silent one).
+        crate::info!("relay link to {}: {why}; closed", link.addr);
+        let told = if link.spoke || why.starts_with("its next hop went silent") { why } else { NOT_SHARDNET };
         link.waiting
             .iter()
             .filter_map(|id| self.pending.remove(id))
             .map(|p| {
-                let msg = format!("next hop {} (shard {}): {why}", p.next.address, p.next.shard_id);
+                let msg = format!("next hop {} (shard {}): {told}", p.next.address, p.next.shard_id);
                 hop_failed(p.reply, &p.next, &msg)
             })
             .collect()

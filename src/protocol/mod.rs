@@ -158,9 +158,22 @@ pub struct Hop {
 /// blames its own (healthy) next hop. The slack covers the next hop's compute and the answer's
 /// way back. A coordinator waiting `T` for an answer sends `next_hop_timeout_ms(T)`.
 pub fn next_hop_timeout_ms(own_ms: u64) -> u64 {
+    let own_ms = own_ms.min(MAX_HOP_TIMEOUT_MS);
     let slack = (own_ms / 8).clamp(100, 5_000);
     own_ms.saturating_sub(slack).max(1)
 }
+
+/// The longest `hop_timeout_ms` a task may ask (10 minutes): longer than any step a node computes
+/// (a full-context prefill chunk on a slow CPU takes seconds to a minute), short enough that a
+/// relay slot (`--max-relays`) held by a next hop that never answers comes back within minutes.
+/// Before: an hour, so a stranger's chains into a silent hop held slots for an hour.
+pub const MAX_HOP_TIMEOUT_MS: u64 = 600_000;
+
+/// Most rows of logits one `EXECUTE_TASK` with `all_logits` may ask for: at SmolLM2's 49152-token
+/// vocabulary 64 rows are a 17 MB answer (base64 f32), 512 rows were 134 MB each. Longer inputs
+/// are sent in chunks of at most this many tokens. The same number as the steps one inference
+/// round takes, so one round's logits answers stay within 64 rows each.
+pub const MAX_ALL_LOGITS_ROWS: usize = 64;
 
 /// Most hops one EXECUTE_TASK may name.
 pub const MAX_HOPS: usize = 64;
@@ -516,7 +529,22 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(v) => return Err((ErrorCode::WrongType, format!("next must be an array of hops, got {}", kind(v)))),
     };
     let load = bool_param(params, "load", true)?;
-    let hop_timeout_ms = u32_param(params, "hop_timeout_ms", 3_600_000)?.unwrap_or(60_000).max(1) as u64;
+    let hop_timeout_ms = u32_param(params, "hop_timeout_ms", MAX_HOP_TIMEOUT_MS)?.unwrap_or(60_000).max(1) as u64;
+    if let TaskOutput::Logits { all: true } = output {
+        let rows = match &input {
+            TaskInput::Tokens(t) => t.len(),
+            TaskInput::Hidden { rows, .. } => *rows,
+        };
+        if rows > MAX_ALL_LOGITS_ROWS {
+            return Err((
+                ErrorCode::OutOfRange,
+                format!(
+                    "all_logits for {rows} tokens: at most {MAX_ALL_LOGITS_ROWS} rows of logits per task \
+                     (send the input in chunks)"
+                ),
+            ));
+        }
+    }
     let session_token = session_token(params)?;
     let origin = match params.get("origin") {
         None | Some(Value::Null) => None,

@@ -212,13 +212,28 @@ impl Params {
         let v: Value = serde_json::from_slice(body)
             .map_err(|e| ApiError::bad(format!("the request body is not valid JSON: {e}"), None))?;
         let o = v.as_object().ok_or_else(|| ApiError::bad("the request body must be a JSON object", None))?;
-        if let Some(n) = integer(o, "n", 1, i64::MAX)?
-            && n > 1
-        {
-            return Err(ApiError::bad(
-                format!("n = {n} is not supported: this server returns one choice per request (send n requests)"),
-                Some("n"),
-            ));
+        match o.get("n") {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_i64() == Some(1) => {}
+            Some(v) => {
+                return Err(ApiError::bad(
+                    format!("n must be 1, got {v}: this server returns one choice per request (send n requests)"),
+                    Some("n"),
+                ));
+            }
+        }
+        // Log probabilities are not computed: asking for them is refused, not silently ignored.
+        for key in ["logprobs", "top_logprobs"] {
+            match o.get(key) {
+                None | Some(Value::Null) | Some(Value::Bool(false)) => {}
+                Some(v) if v.as_i64() == Some(0) && key == "logprobs" => {}
+                Some(v) => {
+                    return Err(ApiError::bad(
+                        format!("{key} = {v} is not supported: this server does not return log probabilities"),
+                        Some(key),
+                    ));
+                }
+            }
         }
         let input = match endpoint {
             Endpoint::Chat => Input::Messages(messages(o.get("messages"))?),
@@ -470,6 +485,18 @@ mod tests {
             param(Endpoint::Chat, r#"{"messages":[{"role":"user","content":"x"}],"n":2}"#).as_deref(),
             Some("n")
         );
+        for n in ["0", "-1", "1.5", "\"1\""] {
+            let e = parse(Endpoint::Chat, &format!(r#"{{"messages":[{{"role":"user","content":"x"}}],"n":{n}}}"#));
+            let e = e.unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("n"));
+            assert!(e.message.contains("n must be 1"), "{}", e.message);
+        }
+        let chat = |extra: &str| format!(r#"{{"messages":[{{"role":"user","content":"x"}}]{extra}}}"#);
+        assert_eq!(param(Endpoint::Chat, &chat(r#","logprobs":true"#)).as_deref(), Some("logprobs"));
+        assert_eq!(param(Endpoint::Chat, &chat(r#","top_logprobs":2"#)).as_deref(), Some("top_logprobs"));
+        assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","logprobs":3}"#).as_deref(), Some("logprobs"));
+        assert!(parse(Endpoint::Chat, &chat(r#","logprobs":false,"n":1"#)).is_ok());
+        assert!(parse(Endpoint::Text, r#"{"prompt":"x","logprobs":0}"#).is_ok());
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","temperature":3}"#).as_deref(), Some("temperature"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","max_tokens":0}"#).as_deref(), Some("max_tokens"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#).as_deref(), Some("stop"));

@@ -49,6 +49,17 @@ pub fn status(o: &Opts) -> Result<()> {
         print_json(&s);
         return Ok(());
     }
+    if s.get("partial").is_some() {
+        // A keyed node shows strangers only who it is.
+        println!("node      {}", s["node_id"].as_str().unwrap_or("?"));
+        println!("cluster   {}", s["cluster"].as_str().unwrap_or("?"));
+        println!("uptime    {:.1} s", s["uptime_ms"].as_f64().unwrap_or(0.0) / 1e3);
+        println!(
+            "(the node has a cluster key: files, shards, downloads and connections are shown only to a \
+             client proving it; give --cluster-key-file or SHARDNET_CLUSTER_KEY_FILE)"
+        );
+        return Ok(());
+    }
     println!("node      {} at {}", s["node_id"].as_str().unwrap_or("?"), s["address"].as_str().unwrap_or("?"));
     println!(
         "cluster   {}  (torrent {})",

@@ -1,0 +1,243 @@
+//! A stranger against the relay and output paths (red team round 6): a next hop answering other
+//! links' requests, chains and unsent bytes piling up without bound, answers built for a client
+//! that reads nothing, and relays used as a port scanner. Real node processes on loopback; the
+//! fake next hops are threads of the test speaking the frame protocol (or not).
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use shardnet::gguf::demo::{self, DemoConfig};
+use shardnet::gguf::split;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// The demo model (4 layers) split in `shards` into `dir/shards`.
+fn shards(dir: &TempDir, config: DemoConfig, shards: u32) -> PathBuf {
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 4, ..config }, &model).unwrap();
+    let out = dir.path().join("shards");
+    split::split(&model, shards, &out, None).unwrap();
+    out
+}
+
+fn chain(session: &str, next: &str, tokens: usize, timeout_ms: u64) -> Value {
+    let input: Vec<u32> = (0..tokens as u32).map(|i| 1 + i % 200).collect();
+    json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": input},
+        "next": [{"address": next, "shard_id": 1}], "output": "top_k", "k": 1, "hop_timeout_ms": timeout_ms})
+}
+
+/// Sends `params` as an EXECUTE_TASK on a connection of its own, in a thread.
+fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        c.request("EXECUTE_TASK", params).unwrap()
+    })
+}
+
+fn frame_bytes(v: &Value) -> Vec<u8> {
+    let body = serde_json::to_vec(v).unwrap();
+    let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(&body);
+    wire
+}
+
+fn relays(node: &NodeProc) -> Value {
+    node.call("STATUS", json!({}))["result"]["relays"].clone()
+}
+
+/// A next hop answers only requests sent on its own link. The victim's chain waits at an honest
+/// hop V; the attacker's chain goes to a fake hop F, which answers every request id from 0 to far
+/// past its own (nearest first) with a forged result and with HOP_FAILED naming a healthy node. The node takes
+/// none of them for the victim (before: the victim got F's token 666): F's link is closed at its
+/// first foreign id, the attacker's chain fails naming F, and the victim gets V's answer.
+#[test]
+fn a_next_hop_cannot_answer_requests_sent_to_another() {
+    let dir = TempDir::new("relay-spoof");
+    let a = NodeProc::start(&shards(&dir, DemoConfig::default(), 2), &["--threads", "1"]);
+    let honest = TcpListener::bind("127.0.0.1:0").unwrap();
+    let fake = TcpListener::bind("127.0.0.1:0").unwrap();
+    let (v_addr, f_addr) = (honest.local_addr().unwrap().to_string(), fake.local_addr().unwrap().to_string());
+
+    let victim = spawn_chain(&a.addr, chain("victim", &v_addr, 3, 30_000));
+    honest.set_nonblocking(false).unwrap();
+    let (mut v, _) = honest.accept().unwrap();
+    v.set_read_timeout(Some(WAIT)).unwrap();
+    let victim_req = read_frame(&mut v);
+    let victim_id = victim_req["request_id"].as_u64().expect("a numeric relay id");
+
+    let attacker = spawn_chain(&a.addr, chain("attacker", &f_addr, 3, 30_000));
+    let (mut f, _) = fake.accept().unwrap();
+    f.set_read_timeout(Some(WAIT)).unwrap();
+    let own = read_frame(&mut f)["request_id"].as_u64().unwrap();
+    // Forged answers for every id but its own, nearest first (the ids are guessable), the
+    // victim's among them.
+    let mut spray = Vec::new();
+    for id in (0..own).rev().chain(own + 1..own + 400) {
+        let forged = json!({"command": "EXECUTE_TASK", "request_id": id, "status": "success",
+            "result": {"top_k": [{"id": 666, "logit": 99.0}], "hops": [{"address": "evil", "shard_id": 1}]}});
+        spray.extend(frame_bytes(&forged));
+        let blame = json!({"command": "EXECUTE_TASK", "request_id": id, "status": "error", "code": "HOP_FAILED",
+            "error": "forged", "failed_hop": {"address": a.addr, "shard_id": 1}});
+        spray.extend(frame_bytes(&blame));
+    }
+    let _ = f.write_all(&spray);
+
+    let r = attacker.join().unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{r}");
+    assert_eq!(r["failed_hop"]["address"], json!(f_addr), "the fake hop is the one failed: {r}");
+    // F's link is gone; the victim's request still waits at V.
+    wait_for(WAIT, || (relays(&a)["links"] == json!(1)).then_some(()));
+    assert_eq!(relays(&a)["in_flight"], json!(1));
+    assert!(!victim.is_finished(), "the victim's chain ended before its hop answered");
+
+    let answer = json!({"command": "EXECUTE_TASK", "request_id": victim_id, "status": "success",
+        "result": {"top_k": [{"id": 7, "logit": 1.0}], "hops": [{"address": v_addr, "shard_id": 1}]}});
+    v.write_all(&frame_bytes(&answer)).unwrap();
+    let r = victim.join().unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(r["result"]["top_k"][0]["id"], json!(7), "the victim got its own hop's answer: {r}");
+    assert_eq!(r["result"]["hops"][1]["address"], json!(v_addr), "{r}");
+    a.assert_serving();
+}
+
+/// Relays are bounded node-wide: with `--max-relays 3`, chains into a hop that never answers take
+/// three slots and the others are answered BUSY at once (before: every chain waited, without
+/// bound); `hop_timeout_ms` past 10 minutes is refused.
+#[test]
+fn relays_in_flight_are_bounded_node_wide() {
+    let dir = TempDir::new("relay-cap");
+    let a = NodeProc::start(&shards(&dir, DemoConfig::default(), 2), &["--threads", "1", "--max-relays", "3"]);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s_addr = silent.local_addr().unwrap().to_string();
+    let r = a.call("EXECUTE_TASK", chain("long", &s_addr, 3, 600_001));
+    assert_eq!(r["code"], "OUT_OF_RANGE", "{r}");
+    let stuck: Vec<_> = (0..3).map(|i| spawn_chain(&a.addr, chain(&format!("s{i}"), &s_addr, 3, 8_000))).collect();
+    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(3)).then_some(()));
+    let t = Instant::now();
+    let r = a.call("EXECUTE_TASK", chain("over", &s_addr, 3, 8_000));
+    assert_eq!(r["code"], "BUSY", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("--max-relays"), "{r}");
+    assert!(t.elapsed() < Duration::from_secs(5), "BUSY at once, not after the hop timeout");
+    assert_eq!(relays(&a)["refused"], json!(1));
+    for t in stuck {
+        assert_eq!(t.join().unwrap()["code"], "HOP_FAILED");
+    }
+    drop(silent);
+    a.assert_serving();
+}
+
+/// A next hop that accepts and never reads: once the link's unsent bytes pass
+/// `--relay-link-buffer`, further chains to it are answered BUSY without buffering them, and
+/// `--io-timeout` closes the link, failing the chains on it long before their hop timeout
+/// (before: the unsent bytes grew with every chain, and waited for `hop_timeout_ms`).
+#[test]
+fn a_next_hop_that_never_reads_holds_bounded_bytes_for_io_timeout() {
+    let dir = TempDir::new("relay-noread");
+    let args = ["--threads", "1", "--relay-link-buffer", "65536", "--io-timeout", "3", "--ctx-size", "2048"];
+    let a = NodeProc::start(&shards(&dir, DemoConfig { context: 2048, ..Default::default() }, 2), &args);
+    let sink = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = sink.local_addr().unwrap().to_string();
+    let held = std::thread::spawn(move || {
+        let (s, _) = sink.accept().unwrap();
+        std::thread::sleep(Duration::from_secs(40));
+        drop(s);
+    });
+    // Each relayed frame is 2000 rows of hidden state (1.4 MB): the socket buffers (a few MB on
+    // loopback) fill after a few, then the link's own buffer.
+    let t = Instant::now();
+    let chains: Vec<_> = (0..24).map(|i| spawn_chain(&a.addr, chain(&format!("n{i}"), &addr, 2000, 120_000))).collect();
+    let answers: Vec<Value> = chains.into_iter().map(|c| c.join().unwrap()).collect();
+    let busy = answers.iter().filter(|r| r["code"] == "BUSY").count();
+    let failed = answers.iter().filter(|r| r["code"] == "HOP_FAILED").count();
+    assert!(busy >= 1, "no chain was refused for the link's buffer: {answers:?}");
+    assert_eq!(busy + failed, 24, "{answers:?}");
+    assert!(answers.iter().any(|r| r["error"].as_str().is_some_and(|e| e.contains("--relay-link-buffer"))));
+    assert!(t.elapsed() < Duration::from_secs(60), "ended by --io-timeout, not the 120 s hop timeout");
+    assert_eq!(relays(&a)["in_flight"], json!(0));
+    a.assert_serving();
+    drop(held);
+}
+
+/// A client that sends many `all_logits` requests and reads nothing gets one computed, not all:
+/// answers being computed count against the connection's output (before: all were computed and
+/// queued, 134 MB each on SmolLM2). Reading then brings every answer; more than 64 rows of
+/// logits in one task are refused.
+#[test]
+fn answers_for_a_client_that_reads_nothing_are_bounded() {
+    let dir = TempDir::new("relay-logits");
+    // SmolLM2's vocabulary: 64 rows of logits are a 17 MB answer.
+    let config = DemoConfig { vocab: 49152, ..Default::default() };
+    let a = NodeProc::start(&shards(&dir, config, 1), &["--threads", "1"]);
+    let task = |s: &str, n: usize| {
+        let input: Vec<u32> = (0..n as u32).map(|i| 1 + i % 200).collect();
+        json!({"session_id": s, "shard_id": 0, "pos": 0, "input": {"tokens": input}, "output": "logits",
+            "all_logits": true})
+    };
+    let r = a.call("EXECUTE_TASK", task("big", 65));
+    assert_eq!(r["code"], "OUT_OF_RANGE", "{r}");
+    let tasks = || a.call("STATUS", json!({}))["result"]["inference"]["tasks"].as_u64().unwrap();
+    let before = tasks();
+    let mut s = TcpStream::connect(&a.addr).unwrap();
+    for i in 0..6 {
+        let req = json!({"command": "EXECUTE_TASK", "request_id": i, "params": task(&format!("q{i}"), 64)});
+        send_frame(&mut s, &serde_json::to_vec(&req).unwrap());
+    }
+    wait_for(WAIT, || (tasks() > before).then_some(()));
+    // Time for the others to run, were they admitted (each takes milliseconds).
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tasks(), before + 1, "answers were computed for a client reading nothing");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let mut ids: Vec<u64> = (0..6)
+        .map(|_| {
+            let r = read_frame(&mut s);
+            assert_eq!(r["status"], "success", "{}", r["error"]);
+            r["request_id"].as_u64().unwrap()
+        })
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..6).collect::<Vec<_>>(), "every answer came once the client read");
+    a.assert_serving();
+}
+
+/// Relays do not make the node a port scanner: a next hop that is an HTTP server, one that sends
+/// other bytes, and a port nobody listens on all get one text (before: "answer of 1213486160
+/// bytes", the server's first four bytes, or "connection refused").
+#[test]
+fn foreign_services_behind_a_relay_get_one_generic_error() {
+    let dir = TempDir::new("relay-scan");
+    let a = NodeProc::start(&shards(&dir, DemoConfig::default(), 2), &["--threads", "1"]);
+    let serve = |reply: &'static [u8]| {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        std::thread::spawn(move || {
+            for s in l.incoming().take(1) {
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 4096];
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(reply);
+            }
+        });
+        addr
+    };
+    let http = serve(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+    let ssh = serve(b"SSH-2.0-OpenSSH_9.2\r\n");
+    let refused = {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let mut texts = Vec::new();
+    for (i, addr) in [http, ssh, refused].iter().enumerate() {
+        let r = a.call("EXECUTE_TASK", chain(&format!("p{i}"), addr, 3, 10_000));
+        assert_eq!(r["code"], "HOP_FAILED", "{r}");
+        let e = r["error"].as_str().unwrap().to_string();
+        assert!(!e.contains("1213486160") && !e.contains("HTTP") && !e.contains("SSH"), "{e}");
+        texts.push(e.replace(addr.as_str(), "ADDR"));
+    }
+    assert!(texts.iter().all(|t| *t == texts[0]), "one text for every foreign service: {texts:?}");
+    a.assert_serving();
+}

@@ -483,8 +483,6 @@ fn execute_task_through_a_node_matches_the_engine() {
         "input": {"tokens": PROMPT}, "output": "hidden"}),
     );
     assert_eq!(r["status"], "success", "{r}");
-    // The session is the token's: every later call on it sends the token.
-    let token = r["result"]["session_token"].clone();
     let (h, rows, cols) = f32_from_json(&r["result"]["hidden"], 1 << 20).unwrap();
     assert_eq!((rows, cols), (PROMPT.len(), cfg.embd as usize));
     assert!(r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().is_some(), "{r}");
@@ -1270,4 +1268,50 @@ fn node_never_computes_with_a_sidecar_changed_behind_its_back() {
     assert_eq!(sidecars(&node), json!({"written": 1, "rejected": 1, "changed": 0}));
     assert!(node.stderr().contains("rejected, never used"), "{}", node.stderr());
     node.assert_serving();
+}
+
+/// A decode step that has the shape of its shard's previous one runs the graph kept from it,
+/// with new positions, masks, cache rows and inputs; its logits are the same bits as a graph
+/// built for the step. Session "kept" decodes alone, so every step reuses but the first after the
+/// prompt and the first past 256 cache rows (a new attention span, a new graph); session "built" then decodes
+/// the same tokens with another session's step between each of its own, so each of its graphs is
+/// built afresh. Both shards (tokens in, hidden state in) are covered.
+#[test]
+fn a_kept_decode_graph_gives_the_bits_of_a_fresh_one() {
+    let dir = TempDir::new("engine-kept");
+    let cfg = DemoConfig { heads: 8, kv_heads: 2, embd: 128, layers: 4, ..Default::default() };
+    let model = demo_model(dir.path(), cfg);
+    let out = dir.path().join("shards");
+    split::split(&model, 2, &out, None).unwrap();
+    let mut e = Engine::new(EngineConfig { threads: 2, ctx_size: 512, ..Default::default() }).unwrap();
+    for i in 0..2 {
+        e.load(i, map(&out.join(format!("shard-{i}.gguf")))).unwrap();
+    }
+    // A prompt that ends 11 rows short of 256, then 22 steps: the 12th crosses to 512 rows.
+    let prompt: Vec<u32> = PROMPT.iter().cycle().take(245).copied().collect();
+    const STEPS: u32 = 22;
+    let start = prompt.len() as u32;
+    through(&mut e, 2, "kept", 0, prompt.clone(), false);
+    let before = e.graphs_reused();
+    let mut tokens = vec![5u32];
+    let mut kept = Vec::new();
+    for pos in start..start + STEPS {
+        let l = through(&mut e, 2, "kept", pos, vec![*tokens.last().unwrap()], false);
+        tokens.push(argmax(&l));
+        kept.push(l);
+    }
+    // Per shard: the first step builds, the step that crosses 256 rows builds, the rest reuse.
+    assert_eq!(e.graphs_reused() - before, 2 * (STEPS as u64 - 2), "decode steps alone reuse their graphs");
+
+    for s in ["built", "other"] {
+        through(&mut e, 2, s, 0, prompt.clone(), false);
+    }
+    let before = e.graphs_reused();
+    for (i, pos) in (start..start + STEPS).enumerate() {
+        through(&mut e, 2, "other", pos, vec![tokens[i]], false);
+        let built = through(&mut e, 2, "built", pos, vec![tokens[i]], false);
+        let same = kept[i].iter().zip(&built).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "pos {pos}: a kept graph's logits differ from a built one's by {}", rel_diff(&built, &kept[i]));
+    }
+    assert_eq!(e.graphs_reused(), before, "steps of two sessions in turn build every graph");
 }

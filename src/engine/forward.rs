@@ -62,10 +62,174 @@ pub fn step(
 /// again before the output projection. Every sequence must belong to a different session (a
 /// session's later step depends on its earlier one). One output per sequence, in order.
 pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Result<Vec<StepOutput>, String> {
+    step_batch_kept(backend, model, seqs, &mut None).map(|(outputs, _)| outputs)
+}
+
+/// The graph of a shard's last decode step, kept so that the next step of the same shape (the
+/// same sessions' caches, one token each, the same attention span) runs it again with new input
+/// values instead of building and placing a new graph: llama.cpp's graph reuse. Positions, masks,
+/// the cache rows written (`set_rows` with row indices) and the incoming tokens or hidden states
+/// are inputs, so nothing else in the graph depends on the step.
+pub struct Kept {
+    key: Vec<u64>,
+    graph: Graph,
+}
+
+/// What fixes a graph's shape: per sequence, its cache (by id: never reused), tokens, attention
+/// span and kept rows; and whether tokens or hidden states come in.
+fn shape_key(seqs: &[Seq]) -> Vec<u64> {
+    let mut key = vec![seqs.len() as u64, matches!(seqs[0].input, StepInput::Tokens(_)) as u64];
+    for s in seqs {
+        key.extend([s.cache.id(), s.n_tokens as u64, kv_rows(s) as u64, s.all_logits as u64, s.n_ctx as u64]);
+    }
+    key
+}
+
+/// As [`step_batch`], reusing `kept` when this batch is a decode step (one token per sequence)
+/// of the shape it was built for, and keeping this batch's graph there when it is a decode step
+/// of another shape. The outputs are the same bits as a fresh graph's: the same operations run
+/// on the same values. Also says whether the kept graph ran.
+pub fn step_batch_kept(
+    backend: &mut Backend,
+    model: &ShardModel,
+    seqs: &[Seq],
+    kept: &mut Option<Kept>,
+) -> Result<(Vec<StepOutput>, bool), String> {
+    if seqs.is_empty() {
+        return Ok((Vec::new(), false));
+    }
+    let inputs = Inputs::new(model, seqs)?;
+    let decode = seqs.iter().all(|s| s.n_tokens == 1);
+    let key = shape_key(seqs);
+    let fresh;
+    let reused = decode && kept.as_ref().is_some_and(|k| k.key == key);
+    let graph = match kept {
+        Some(k) if reused => {
+            k.graph.refill(inputs.values())?;
+            &k.graph
+        }
+        _ if decode => {
+            *kept = None; // its buffer goes before the new one is placed
+            let graph = build(model, seqs, inputs, Graph::reusable(graph_size(model.layers(), seqs.len()))?);
+            &kept.insert(Kept { key, graph }).graph
+        }
+        _ => {
+            fresh = build(model, seqs, inputs, Graph::new(graph_size(model.layers(), seqs.len())));
+            &fresh
+        }
+    };
+    backend.compute(graph)?;
+    let out = graph.output_at(0);
+    let data = backend.read_f32(out);
+    let rows_of = |s: &Seq| if !model.last() || s.all_logits { s.n_tokens as usize } else { 1 };
+    if let [s] = seqs {
+        // One sequence: the whole output is its own, no copy.
+        let rows = rows_of(s);
+        let one = if model.last() { StepOutput::Logits { data, rows } } else { StepOutput::Hidden(data) };
+        return Ok((vec![one], reused));
+    }
+    // Split the rows back out, sequence by sequence.
+    let width = out.ne()[0] as usize;
+    let mut outputs = Vec::with_capacity(seqs.len());
+    let mut at = 0;
+    for s in seqs {
+        let rows = rows_of(s);
+        let part = data[at * width..(at + rows) * width].to_vec();
+        at += rows;
+        outputs.push(if model.last() { StepOutput::Logits { data: part, rows } } else { StepOutput::Hidden(part) });
+    }
+    Ok((outputs, reused))
+}
+
+/// A batch's input values, in the order [`build`] adds them to the graph.
+struct Inputs {
+    /// I32 `[T]`: each token's position.
+    positions: Vec<u8>,
+    /// Per sequence, F16 `[n_kv, n_i]`: 0 where a token may see a cache row, -inf elsewhere.
+    masks: Vec<Vec<u8>>,
+    /// Per sequence, I64 `[n_i]`: the cache rows its new keys and values go to.
+    kv_rows: Vec<Vec<u8>>,
+    /// I32 `[T]` token ids, or F32 `[n_embd, T]` hidden states.
+    tokens_or_hidden: Vec<u8>,
+    /// I32: the rows the last shard keeps, when it keeps some rows of a batch of several.
+    out_rows: Option<Vec<u8>>,
+}
+
+impl Inputs {
+    fn new(model: &ShardModel, seqs: &[Seq]) -> Result<Inputs, String> {
+        let total: usize = seqs.iter().map(|s| s.n_tokens as usize).sum();
+        let positions =
+            seqs.iter().flat_map(|s| (s.pos..s.pos + s.n_tokens).flat_map(|p| (p as i32).to_le_bytes())).collect();
+        let masks = seqs
+            .iter()
+            .map(|s| {
+                let n_kv = kv_rows(s);
+                let mut mask = Vec::with_capacity((n_kv * s.n_tokens as i64) as usize * 2);
+                for i in 0..s.n_tokens {
+                    for j in 0..n_kv as u32 {
+                        let visible = j <= s.pos + i;
+                        // 0 or -inf in F16
+                        mask.extend_from_slice(&(if visible { 0u16 } else { 0xFC00u16 }).to_le_bytes());
+                    }
+                }
+                mask
+            })
+            .collect();
+        let kv_rows =
+            seqs.iter().map(|s| (s.pos..s.pos + s.n_tokens).flat_map(|p| (p as i64).to_le_bytes()).collect()).collect();
+        let tokens_or_hidden = match seqs[0].input {
+            StepInput::Tokens(_) => {
+                let mut bytes = Vec::with_capacity(total * 4);
+                for s in seqs {
+                    let StepInput::Tokens(ids) = s.input else {
+                        return Err("a batch mixes tokens and hidden states".into());
+                    };
+                    bytes.extend(ids.iter().flat_map(|&t| (t as i32).to_le_bytes()));
+                }
+                bytes
+            }
+            StepInput::Hidden(_) => {
+                let mut bytes = Vec::with_capacity(total * model.hp.n_embd as usize * 4);
+                for s in seqs {
+                    let StepInput::Hidden(h) = s.input else {
+                        return Err("a batch mixes tokens and hidden states".into());
+                    };
+                    bytes.extend(h.iter().flat_map(|f| f.to_le_bytes()));
+                }
+                bytes
+            }
+        };
+        // The last shard's rows to keep: every row of a sequence that wants all logits, else its last.
+        let mut start = 0i32;
+        let mut rows = Vec::new();
+        for s in seqs {
+            let n = s.n_tokens as i32;
+            let first = if s.all_logits { start } else { start + n - 1 };
+            rows.extend(first..start + n);
+            start += n;
+        }
+        let out_rows = (model.last() && rows.len() != total && seqs.len() > 1)
+            .then(|| rows.iter().flat_map(|r| r.to_le_bytes()).collect());
+        Ok(Inputs { positions, masks, kv_rows, tokens_or_hidden, out_rows })
+    }
+
+    /// The values in the order `build` adds the inputs.
+    fn values(self) -> Vec<Vec<u8>> {
+        let mut v = vec![self.positions];
+        v.extend(self.masks);
+        v.extend(self.kv_rows);
+        v.push(self.tokens_or_hidden);
+        v.extend(self.out_rows);
+        v
+    }
+}
+
+/// The graph of one batch (into `g`, fresh), its inputs filled from `inputs`; its one output is
+/// the hidden state `[n_embd, T]` or the logits of the kept rows `[n_vocab, rows]`.
+fn build(model: &ShardModel, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
     let hp = &model.hp;
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
-    let total: u32 = seqs.iter().map(|s| s.n_tokens).sum();
-    let n = total as i64;
+    let n: i64 = seqs.iter().map(|s| s.n_tokens as i64).sum();
     // First token of each sequence within the batch.
     let starts: Vec<i64> = seqs
         .iter()
@@ -75,60 +239,26 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
             Some(start)
         })
         .collect();
-
-    let g = Graph::new(graph_size(model.layers(), seqs.len()));
-    // Inputs first: positions, causal masks, then tokens or the incoming hidden states.
-    let positions: Vec<u8> =
-        seqs.iter().flat_map(|s| (s.pos..s.pos + s.n_tokens).flat_map(|p| (p as i32).to_le_bytes())).collect();
+    let Inputs { positions, masks, kv_rows: kv_idx, tokens_or_hidden, out_rows } = inputs;
+    let n_out = out_rows.as_ref().map(|r| r.len() as i64 / 4);
+    // Inputs first, in the order `Inputs::values` lists them.
     let inp_pos = g.input("pos", ggml::I32, &[n], positions);
     let masks: Vec<(i64, ggml::Tensor)> = seqs
         .iter()
-        .map(|s| {
+        .zip(masks)
+        .map(|(s, mask)| {
             let n_kv = kv_rows(s);
-            let mut mask = Vec::with_capacity((n_kv * s.n_tokens as i64) as usize * 2);
-            for i in 0..s.n_tokens {
-                for j in 0..n_kv as u32 {
-                    let visible = j <= s.pos + i;
-                    // 0 or -inf in F16
-                    mask.extend_from_slice(&(if visible { 0u16 } else { 0xFC00u16 }).to_le_bytes());
-                }
-            }
             (n_kv, g.input("kq_mask", ggml::F16, &[n_kv, s.n_tokens as i64], mask))
         })
         .collect();
+    let kv_idx: Vec<ggml::Tensor> =
+        seqs.iter().zip(kv_idx).map(|(s, rows)| g.input("kv_idxs", ggml::I64, &[s.n_tokens as i64], rows)).collect();
     let inp = match seqs[0].input {
-        StepInput::Tokens(_) => {
-            let mut bytes = Vec::with_capacity(total as usize * 4);
-            for s in seqs {
-                let StepInput::Tokens(ids) = s.input else {
-                    return Err("a batch mixes tokens and hidden states".into());
-                };
-                bytes.extend(ids.iter().flat_map(|&t| (t as i32).to_le_bytes()));
-            }
-            g.input("tokens", ggml::I32, &[n], bytes)
-        }
-        StepInput::Hidden(_) => {
-            let mut bytes = Vec::with_capacity(total as usize * hp.n_embd as usize * 4);
-            for s in seqs {
-                let StepInput::Hidden(h) = s.input else { return Err("a batch mixes tokens and hidden states".into()) };
-                bytes.extend(h.iter().flat_map(|f| f.to_le_bytes()));
-            }
-            g.input("hidden_in", ggml::F32, &[hp.n_embd as i64, n], bytes)
-        }
+        StepInput::Tokens(_) => g.input("tokens", ggml::I32, &[n], tokens_or_hidden),
+        StepInput::Hidden(_) => g.input("hidden_in", ggml::F32, &[hp.n_embd as i64, n], tokens_or_hidden),
     };
-    // The last shard's rows to keep: every row of a sequence that wants all logits, else its last.
-    let out_rows: Vec<i32> = seqs
-        .iter()
-        .zip(&starts)
-        .flat_map(|(s, &start)| {
-            let first = if s.all_logits { start } else { start + s.n_tokens as i64 - 1 };
-            (first..start + s.n_tokens as i64).map(|r| r as i32)
-        })
-        .collect();
-    let inp_out_rows = (model.last() && out_rows.len() as i64 != n && seqs.len() > 1).then(|| {
-        let bytes = out_rows.iter().flat_map(|r| r.to_le_bytes()).collect();
-        g.input("out_rows", ggml::I32, &[out_rows.len() as i64], bytes)
-    });
+    let inp_out_rows = out_rows.map(|bytes| g.input("out_rows", ggml::I32, &[n_out.unwrap_or(0)], bytes));
+    let kept_rows: i64 = seqs.iter().map(|s| if s.all_logits { s.n_tokens as i64 } else { 1 }).sum();
 
     let mut x = if model.first() { g.get_rows(model.w("token_embd.weight"), inp) } else { inp };
     let freqs = model.opt("rope_freqs.weight");
@@ -145,17 +275,16 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
 
         // Attention, one sequence at a time over its own cache: [hd * n_head, n_i] each.
         let mut attn_parts = Vec::with_capacity(seqs.len());
-        for ((s, &start), &(n_kv, mask)) in seqs.iter().zip(&starts).zip(&masks) {
+        for (((s, &start), &(n_kv, mask)), &rows) in seqs.iter().zip(&starts).zip(&masks).zip(&kv_idx) {
             let ni = s.n_tokens as i64;
             let whole = seqs.len() == 1;
-            let (qi, ki, vi) =
-                (cols(&g, q, ni, start, whole), cols(&g, k, ni, start, whole), cols(&g, v, ni, start, whole));
+            let qi = cols(&g, q, ni, start, whole);
             let (k_cache, v_cache) = (s.cache.get(2 * li), s.cache.get(2 * li + 1));
-            // Write this step's keys and values into rows pos..pos+n of the cache, before anything reads it.
+            // This step's keys and values into cache rows pos..pos+n (`rows`), before anything
+            // reads the cache.
             let row = k_cache.nb()[1];
-            let kv_width = hp.n_embd_kv() as i64;
-            g.expand(g.cpy(ki, g.view_1d(k_cache, ni * kv_width, s.pos as usize * row)));
-            g.expand(g.cpy(vi, g.view_1d(v_cache, ni * kv_width, s.pos as usize * row)));
+            g.expand(g.set_rows(k_cache, token_rows(&g, k, ni, start), rows));
+            g.expand(g.set_rows(v_cache, token_rows(&g, v, ni, start), rows));
 
             let es = k_cache.element_size();
             let kk = g.permute(g.view_3d(k_cache, [hd, n_head_kv, n_kv], hd as usize * es, row, 0), [0, 2, 1, 3]);
@@ -171,7 +300,7 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
             // llama.cpp's `inp_out_ids` does: a 512-token prompt runs it for 1 token, not 512.
             if let Some(rows) = inp_out_rows {
                 x = g.get_rows(x, rows); // [n_embd, rows kept]
-            } else if seqs.len() == 1 && out_rows.len() == 1 && n > 1 {
+            } else if seqs.len() == 1 && kept_rows == 1 && n > 1 {
                 let nb1 = x.nb()[1];
                 x = g.view_2d(x, [hp.n_embd as i64, 1], nb1, (n as usize - 1) * nb1);
             }
@@ -190,19 +319,14 @@ pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Re
         x // [n_embd, T]
     };
     g.output(out);
-    backend.compute(&g)?;
-    let data = backend.read_f32(out);
-    // Split the rows back out, sequence by sequence.
-    let width = out.ne()[0] as usize;
-    let mut outputs = Vec::with_capacity(seqs.len());
-    let mut at = 0;
-    for s in seqs {
-        let rows = if !model.last() || s.all_logits { s.n_tokens as usize } else { 1 };
-        let part = data[at * width..(at + rows) * width].to_vec();
-        at += rows;
-        outputs.push(if model.last() { StepOutput::Logits { data: part, rows } } else { StepOutput::Hidden(part) });
-    }
-    Ok(outputs)
+    g
+}
+
+/// Tokens `start..start+n` of `t` (`[d, heads, T]`, contiguous) as rows `[d * heads, n]`.
+fn token_rows<'g>(g: &'g Graph, t: ggml::Tensor<'g>, n: i64, start: i64) -> ggml::Tensor<'g> {
+    let [d, heads, ..] = t.ne();
+    let nb2 = t.nb()[2];
+    g.view_2d(t, [d * heads, n], nb2, start as usize * nb2)
 }
 
 /// Tokens `start..start+n` of `t` ([d, heads, T]); `t` itself when it is the whole batch.

@@ -22,6 +22,7 @@ pub use sys::ggml_type as RawType;
 pub const F32: RawType = sys::ggml_type_GGML_TYPE_F32;
 pub const F16: RawType = sys::ggml_type_GGML_TYPE_F16;
 pub const I32: RawType = sys::ggml_type_GGML_TYPE_I32;
+pub const I64: RawType = sys::ggml_type_GGML_TYPE_I64;
 
 #[derive(Clone, Copy)]
 pub struct Tensor<'a> {
@@ -412,6 +413,7 @@ pub struct Cache {
     ctx: Context,
     buffer: NonNull<sys::ggml_backend_buffer>,
     tensors: Vec<NonNull<sys::ggml_tensor>>,
+    id: u64,
 }
 
 impl Cache {
@@ -425,7 +427,14 @@ impl Cache {
         let buffer = NonNull::new(buffer).ok_or("out of memory for the KV cache")?;
         // SAFETY: a live buffer we own.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
-        Ok(Cache { ctx, buffer, tensors })
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(Cache { ctx, buffer, tensors, id })
+    }
+    /// This cache's number, never given to another cache of this process (a graph kept for a
+    /// cache names it by this, not by an address a later cache could get).
+    pub fn id(&self) -> u64 {
+        self.id
     }
     pub fn get(&self, i: usize) -> Tensor<'_> {
         Tensor::new(self.tensors[i].as_ptr())
@@ -447,19 +456,80 @@ impl Drop for Cache {
 // SAFETY: as for Weights; a cache is used by one thread at a time.
 unsafe impl Send for Cache {}
 
+/// A graph allocator (`ggml_gallocr`): places a graph's intermediate tensors in a CPU buffer it
+/// owns, grown to the largest graph it has placed.
+struct Allocator(NonNull<sys::ggml_gallocr>);
+
+impl Allocator {
+    fn cpu() -> Result<Allocator, String> {
+        // SAFETY: a plain constructor, checked for null.
+        let raw = unsafe { sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()) };
+        NonNull::new(raw).map(Allocator).ok_or_else(|| "ggml graph allocator failed".to_string())
+    }
+}
+
+impl Drop for Allocator {
+    fn drop(&mut self) {
+        // SAFETY: made in `cpu`, freed once; the tensors placed by it are not used after.
+        unsafe { sys::ggml_gallocr_free(self.0.as_ptr()) }
+    }
+}
+
 /// One forward pass: the operations, then `Backend::compute`, then reading outputs.
+///
+/// A graph made with [`Graph::reusable`] has its own allocator: its intermediate tensors are
+/// placed once, at its first compute, and stay placed, so it can be computed again with new
+/// input values ([`Graph::refill`]) without being built or placed again (llama.cpp's graph reuse).
 pub struct Graph {
     ctx: Context,
     graph: NonNull<sys::ggml_cgraph>,
     inputs: std::cell::RefCell<Vec<(NonNull<sys::ggml_tensor>, Vec<u8>)>>,
+    outputs: std::cell::RefCell<Vec<NonNull<sys::ggml_tensor>>>,
+    /// Its own allocator (reusable graphs) and whether it has placed the tensors yet.
+    own: Option<(Allocator, std::cell::Cell<bool>)>,
 }
+
+// SAFETY: as for Cache: a graph (kept between steps by the engine) is used by one thread at a time.
+unsafe impl Send for Graph {}
 
 impl Graph {
     pub fn new(max_nodes: usize) -> Graph {
         let ctx = Context::new(max_nodes, max_nodes);
         // SAFETY: the context was sized for a graph of max_nodes.
         let graph = unsafe { sys::ggml_new_graph_custom(ctx.raw(), max_nodes, false) };
-        Graph { ctx, graph: NonNull::new(graph).expect("graph"), inputs: Default::default() }
+        Graph {
+            ctx,
+            graph: NonNull::new(graph).expect("graph"),
+            inputs: Default::default(),
+            outputs: Default::default(),
+            own: None,
+        }
+    }
+
+    /// A graph that can be computed many times (see the type's docs). Its buffer is its own, so
+    /// it is meant for small graphs (decode steps), not for prompts.
+    pub fn reusable(max_nodes: usize) -> Result<Graph, String> {
+        let mut g = Graph::new(max_nodes);
+        g.own = Some((Allocator::cpu()?, std::cell::Cell::new(false)));
+        Ok(g)
+    }
+
+    /// New values for the inputs, in the order they were added, each exactly as long as before.
+    /// Errors: a count or a length that differs (the graph is left unchanged).
+    pub fn refill(&self, data: Vec<Vec<u8>>) -> Result<(), String> {
+        let mut inputs = self.inputs.borrow_mut();
+        if inputs.len() != data.len() || inputs.iter().zip(&data).any(|((_, old), new)| old.len() != new.len()) {
+            return Err("new input values do not match the graph's inputs".into());
+        }
+        for ((_, old), new) in inputs.iter_mut().zip(data) {
+            *old = new;
+        }
+        Ok(())
+    }
+
+    /// The `i`th tensor marked with [`Graph::output`].
+    pub fn output_at(&self, i: usize) -> Tensor<'_> {
+        Tensor::new(self.outputs.borrow()[i].as_ptr())
     }
 
     fn wrap(&self, t: *mut sys::ggml_tensor) -> Tensor<'_> {
@@ -489,6 +559,7 @@ impl Graph {
     pub fn output(&self, t: Tensor) {
         // SAFETY: as above.
         unsafe { sys::ggml_set_output(t.ptr()) };
+        self.outputs.borrow_mut().push(NonNull::new(t.ptr()).expect("a tensor"));
         self.expand(t);
     }
 
@@ -536,6 +607,11 @@ impl Graph {
     /// `a` and `b` joined along dimension `dim` (every other dimension equal).
     pub fn concat<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, dim: i32) -> Tensor<'a> {
         self.wrap(unsafe { sys::ggml_concat(self.ctx.raw(), a.ptr(), b.ptr(), dim) })
+    }
+    /// Rows `rows[i]` (I64 `[n]`) of `a` (`[w, m]`) set from the rows of `b` (`[w, n]`, F32,
+    /// converted to `a`'s type); the result must be expanded for the write to run.
+    pub fn set_rows<'a>(&'a self, a: Tensor<'a>, b: Tensor<'a>, rows: Tensor<'a>) -> Tensor<'a> {
+        self.wrap(unsafe { sys::ggml_set_rows(self.ctx.raw(), a.ptr(), b.ptr(), rows.ptr()) })
     }
     pub fn cont<'a>(&'a self, a: Tensor<'a>) -> Tensor<'a> {
         self.wrap(unsafe { sys::ggml_cont(self.ctx.raw(), a.ptr()) })
@@ -613,7 +689,7 @@ pub struct RopeParams {
 /// graph seen and is then reused.
 pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
-    galloc: NonNull<sys::ggml_gallocr>,
+    galloc: Allocator,
     threads: usize,
     /// Threads kept between graphs, sleeping (not spinning) while there is no work.
     pool: Option<NonNull<sys::ggml_threadpool>>,
@@ -629,8 +705,7 @@ impl Backend {
         unsafe {
             let raw = NonNull::new(sys::ggml_backend_cpu_init()).ok_or("ggml CPU backend failed to start")?;
             sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), threads.max(1) as i32);
-            let galloc = NonNull::new(sys::ggml_gallocr_new(sys::ggml_backend_cpu_buffer_type()))
-                .ok_or("ggml graph allocator failed")?;
+            let galloc = Allocator::cpu()?;
             let mut params = sys::ggml_threadpool_params_default(threads.max(1) as i32);
             params.poll = 0;
             let pool = NonNull::new(sys::ggml_threadpool_new(&mut params));
@@ -648,16 +723,28 @@ impl Backend {
     /// Bytes the graph allocator holds for intermediate results.
     pub fn compute_buffer_bytes(&self) -> usize {
         // SAFETY: a live allocator.
-        unsafe { sys::ggml_gallocr_get_buffer_size(self.galloc.as_ptr(), 0) }
+        unsafe { sys::ggml_gallocr_get_buffer_size(self.galloc.0.as_ptr(), 0) }
     }
 
-    /// Allocates the graph's intermediate tensors, fills its inputs and runs it.
+    /// Allocates the graph's intermediate tensors (a reusable graph: once, in its own buffer),
+    /// fills its inputs and runs it.
     pub fn compute(&mut self, graph: &Graph) -> Result<(), String> {
         // SAFETY: the graph and every tensor in it are alive for the duration of the call; inputs
-        // were checked against their tensors' sizes when they were added.
+        // were checked against their tensors' sizes when they were added (and refilled). A
+        // reusable graph's tensors stay where its own allocator placed them: nothing else
+        // allocates in that buffer.
         unsafe {
-            if !sys::ggml_gallocr_alloc_graph(self.galloc.as_ptr(), graph.graph.as_ptr()) {
-                return Err("out of memory for the compute buffer".into());
+            let (galloc, placed) = match &graph.own {
+                Some((a, placed)) => (a.0, placed.get()),
+                None => (self.galloc.0, false),
+            };
+            if !placed {
+                if !sys::ggml_gallocr_alloc_graph(galloc.as_ptr(), graph.graph.as_ptr()) {
+                    return Err("out of memory for the compute buffer".into());
+                }
+                if let Some((_, placed)) = &graph.own {
+                    placed.set(true);
+                }
             }
             for (t, data) in graph.inputs.borrow().iter() {
                 sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
@@ -685,7 +772,6 @@ impl Drop for Backend {
     fn drop(&mut self) {
         // SAFETY: both created in `cpu`, freed once.
         unsafe {
-            sys::ggml_gallocr_free(self.galloc.as_ptr());
             sys::ggml_backend_free(self.raw.as_ptr());
             if let Some(p) = self.pool {
                 sys::ggml_threadpool_free(p.as_ptr());

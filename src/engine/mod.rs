@@ -155,6 +155,10 @@ pub struct Engine {
     shards: HashMap<u32, ShardModel>,
     sessions: HashMap<(String, u32), Session>,
     clock: u64,
+    /// Per shard, the graph of its last decode step, run again by the next step of that shape.
+    kept: HashMap<u32, Option<forward::Kept>>,
+    /// Steps that ran a kept graph (STATUS: `inference.graphs_reused`).
+    graphs_reused: u64,
 }
 
 /// Session ids are short printable names chosen by the coordinator.
@@ -183,7 +187,21 @@ pub struct Step<'a> {
 impl Engine {
     pub fn new(cfg: EngineConfig) -> Result<Engine, EngineError> {
         let backend = ggml::Backend::cpu(cfg.threads).map_err(|e| err(ErrorCode::Internal, e))?;
-        Ok(Engine { backend, cfg, shards: HashMap::new(), sessions: HashMap::new(), clock: 0 })
+        Ok(Engine {
+            backend,
+            cfg,
+            shards: HashMap::new(),
+            sessions: HashMap::new(),
+            clock: 0,
+            kept: HashMap::new(),
+            graphs_reused: 0,
+        })
+    }
+
+    /// Graphs run again instead of built: decode steps that had the shape of their shard's
+    /// previous step (see [`forward::Kept`]).
+    pub fn graphs_reused(&self) -> u64 {
+        self.graphs_reused
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -225,12 +243,14 @@ impl Engine {
             crate::debug!("shard {shard_id}: {} weight bytes repacked for this CPU", model.repacked_bytes());
         }
         self.sessions.retain(|(_, s), _| *s != shard_id);
+        self.kept.remove(&shard_id);
         self.shards.insert(shard_id, model);
         Ok(&self.shards[&shard_id].hp)
     }
 
     pub fn unload(&mut self, shard_id: u32) {
         self.sessions.retain(|(_, s), _| *s != shard_id);
+        self.kept.remove(&shard_id);
         self.shards.remove(&shard_id);
     }
 
@@ -510,7 +530,11 @@ impl Engine {
                 }
             })
             .collect();
-        let outs = forward::step_batch(&mut self.backend, model, &seqs);
+        let kept = self.kept.entry(shard_id).or_insert_with(|| None);
+        let outs = forward::step_batch_kept(&mut self.backend, model, &seqs, kept).map(|(outs, reused)| {
+            self.graphs_reused += reused as u64;
+            outs
+        });
         let (n_embd, n_vocab) = (model.hp.n_embd as usize, model.hp.n_vocab as usize);
         drop(seqs);
         match outs {

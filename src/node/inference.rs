@@ -80,6 +80,8 @@ pub struct InferStats {
     pub queued: AtomicU64,
     /// 1 while a task computes.
     pub running: AtomicU64,
+    /// Decode steps that ran their shard's kept graph instead of building one.
+    pub graphs_reused: AtomicU64,
 }
 
 impl InferStats {
@@ -99,6 +101,7 @@ impl InferStats {
                 "rejected": sidecars.rejected,
                 "changed": sidecars.changed,
             },
+            "graphs_reused": self.graphs_reused.load(Ordering::Relaxed),
         })
     }
 }
@@ -412,6 +415,7 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
         let (n, bytes) = engine.sessions();
         stats.sessions.store(n as u64, Ordering::Relaxed);
         stats.kv_bytes.store(bytes, Ordering::Relaxed);
+        stats.graphs_reused.store(engine.graphs_reused(), Ordering::Relaxed);
     }
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
@@ -518,11 +522,7 @@ fn result_json(
         (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {
             let last = &data[data.len() - n_vocab..];
-            let mut ids: Vec<u32> = (0..n_vocab as u32).collect();
-            let k = k.min(n_vocab);
-            ids.select_nth_unstable_by(k - 1, |a, b| last[*b as usize].total_cmp(&last[*a as usize]).then(a.cmp(b)));
-            ids.truncate(k);
-            ids.sort_by(|a, b| last[*b as usize].total_cmp(&last[*a as usize]).then(a.cmp(b)));
+            let ids = top_k(last, k);
             json!({"top_k": ids.iter().map(|&i| json!({"id": i, "logit": last[i as usize]})).collect::<Vec<_>>()})
         }
         (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": f32_to_json(&data, rows, n_vocab)}),
@@ -539,6 +539,48 @@ fn result_json(
         r.extend(o);
     }
     result
+}
+
+/// The ids of the `k` largest of `logits` (at least one, at most all), largest first, ties to the
+/// lower id. A few (greedy decoding asks for 1) are kept in one pass over the logits in a sorted
+/// list of `k`; many are selected from every id, as the answer would be the same.
+fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
+    let k = k.clamp(1, logits.len().max(1)).min(logits.len());
+    let better = |a: u32, b: u32| logits[a as usize].total_cmp(&logits[b as usize]).reverse().then(a.cmp(&b));
+    if k == 1 {
+        // Greedy decoding: the first id of the largest value in `total_cmp`'s order, compared
+        // as the integers that order is defined by (one pass the compiler can unroll).
+        let key = |v: f32| {
+            let b = v.to_bits() as i32;
+            b ^ (((b >> 31) as u32) >> 1) as i32
+        };
+        let (mut best, mut best_key) = (0usize, key(logits[0]));
+        for (i, &v) in logits.iter().enumerate().skip(1) {
+            let k = key(v);
+            if k > best_key {
+                (best, best_key) = (i, k);
+            }
+        }
+        return vec![best as u32];
+    }
+    if k <= 32 {
+        let mut best: Vec<u32> = Vec::with_capacity(k + 1);
+        for (i, &v) in logits.iter().enumerate() {
+            // Ids come in ascending order, so a tie with the worst kept one never displaces it.
+            if best.len() == k && v.total_cmp(&logits[best[k - 1] as usize]).is_le() {
+                continue;
+            }
+            let at = best.partition_point(|&b| better(b, i as u32).is_lt());
+            best.insert(at, i as u32);
+            best.truncate(k);
+        }
+        return best;
+    }
+    let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+    ids.select_nth_unstable_by(k - 1, |&a, &b| better(a, b));
+    ids.truncate(k);
+    ids.sort_by(|&a, &b| better(a, b));
+    ids
 }
 
 /// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
@@ -616,4 +658,37 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
         "ctx_size": ctx_size.min(hp.n_ctx_train),
         "tokenizer": tokenizer,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::top_k;
+
+    /// Every id by logit, largest first, ties to the lower id: what `top_k` must agree with.
+    fn sorted(logits: &[f32]) -> Vec<u32> {
+        let mut ids: Vec<u32> = (0..logits.len() as u32).collect();
+        ids.sort_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]).then(a.cmp(&b)));
+        ids
+    }
+
+    #[test]
+    fn top_k_agrees_with_a_full_sort_with_ties_and_negatives() {
+        let mut x = 0x9e3779b97f4a7c15u64;
+        // Few distinct values, so ties are everywhere; -0.0 beside 0.0 (total order: -0 < 0).
+        let logits: Vec<f32> = (0..5000)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                ((x % 41) as f32 - 20.0) * 0.5
+            })
+            .chain([-0.0, 0.0, f32::NEG_INFINITY, 10.0, 10.0])
+            .collect();
+        let all = sorted(&logits);
+        for k in [1, 2, 5, 31, 32, 33, 100, 1000, logits.len()] {
+            assert_eq!(top_k(&logits, k), all[..k], "k = {k}");
+        }
+        assert_eq!(top_k(&logits, logits.len() + 7), all, "k past the vocabulary: every id");
+        assert_eq!(top_k(&[3.0], 1), vec![0]);
+    }
 }

@@ -223,13 +223,23 @@ pub fn raise_fd_limit() -> io::Result<(u64, u64)> {
 /// mappings, grown with `mremap` and unmapped when freed. By default glibc raises that
 /// threshold after the first large free, up to 32 MiB: frames then grow in the heap (a copy
 /// and twice the memory while growing) and stay resident after they are freed.
+///
+/// Setting that threshold also fixes the trim threshold at glibc's 128 KiB, so each free of a
+/// step's logits (SmolLM2: 192 KiB, allocated and freed every token) gave the heap's top back to
+/// the kernel and the next token faulted its pages in again (~100 us a token on the last hop).
+/// Free memory under [`TRIM_THRESHOLD`] at the heap's top is now kept for the next allocation.
 pub fn map_large_allocations() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called once at start-up.
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, TRIM_THRESHOLD as i32);
     }
 }
+
+/// Free bytes at the top of a heap that glibc keeps rather than returns to the kernel (each
+/// allocation below 1 MiB comes from a heap; larger ones are their own mappings).
+pub const TRIM_THRESHOLD: usize = 4 << 20;
 
 impl Node {
     /// Accepts every waiting connection. When accepting fails for want of descriptors, the

@@ -75,8 +75,9 @@ serve: build key
 test: build
 	bash scripts/test.sh
 
+# Every benchmark runs even when one fails (the failure still fails `make bench`).
 bench:
-	cargo bench
+	cargo bench --no-fail-fast
 
 clean-models:
 	rm -rf $(MODELS)

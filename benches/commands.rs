@@ -77,6 +77,8 @@ fn keyed_vs_open(dir: &TempDir) -> Value {
     std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let key = shardnet::protocol::auth::ClusterKey::load(&key_path).unwrap().key;
     let (open_dir, keyed_dir) = (dir.path().join("open"), dir.path().join("keyed"));
+    std::fs::create_dir_all(&open_dir).unwrap();
+    std::fs::create_dir_all(&keyed_dir).unwrap();
     let open = NodeProc::start(&open_dir, &["--log-level", "warn"]);
     let keyed = NodeProc::start(&keyed_dir, &["--log-level", "warn", "--cluster-key-file", key_path.to_str().unwrap()]);
     let (mut open_rates, mut keyed_rates) = (Vec::new(), Vec::new());
@@ -152,7 +154,9 @@ fn status_under_idle_and_slow(dir: &TempDir) -> Value {
         "--max-command-connections-per-ip",
         "2048",
     ];
-    let node = NodeProc::start(&dir.path().join("load"), &flags);
+    let load_dir = dir.path().join("load");
+    std::fs::create_dir_all(&load_dir).unwrap();
+    let node = NodeProc::start(&load_dir, &flags);
     let open_load = || -> (Vec<TcpStream>, Arc<AtomicBool>, std::thread::JoinHandle<()>) {
         let mut idle = Vec::with_capacity(IDLE);
         for i in 0..IDLE {

@@ -612,9 +612,7 @@ impl Engine {
             let victim = self
                 .sessions
                 .iter()
-                .filter(|(k, s)| {
-                    k.0 != session_id && !protect.contains(k) && (!over_quota || origin_of(s) == origin)
-                })
+                .filter(|(k, s)| k.0 != session_id && !protect.contains(k) && (!over_quota || origin_of(s) == origin))
                 .max_by_key(|(_, s)| {
                     let idle = now.saturating_duration_since(s.used_at) >= SESSION_IDLE_AFTER;
                     let (n, b) = per[&origin_of(s)];
@@ -639,7 +637,8 @@ impl Engine {
             // While a batch is gathered its sessions cannot be chosen, so the choice among the
             // rest is not a fair one: a recently used session is evicted only with the whole
             // table to choose from (the batch runs first, then this step retries).
-            if !protect.is_empty() && now.saturating_duration_since(self.sessions[&victim].used_at) < SESSION_IDLE_AFTER {
+            if !protect.is_empty() && now.saturating_duration_since(self.sessions[&victim].used_at) < SESSION_IDLE_AFTER
+            {
                 return Err(err(ErrorCode::Busy, NO_ROOM_IN_BATCH));
             }
             crate::debug!("evicting session {} on shard {} to make room for {session_id}", victim.0, victim.1);

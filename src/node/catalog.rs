@@ -107,13 +107,17 @@ pub fn check_shard(
             None => {
                 return Err((
                     ErrorCode::Busy,
-                    format!("its info hash is not known yet (still being hashed), and the manifest lists {want} for shard {shard_id}: try again"),
+                    format!(
+                        "its info hash is not known yet (still being hashed), and the manifest lists {want} for shard {shard_id}: try again"
+                    ),
                 ));
             }
             Some(have) if have != want => {
                 return Err((
                     ErrorCode::ManifestMismatch,
-                    format!("it is torrent {have}, but the manifest lists {want} for shard {shard_id}: not this model's shard (remove it)"),
+                    format!(
+                        "it is torrent {have}, but the manifest lists {want} for shard {shard_id}: not this model's shard (remove it)"
+                    ),
                 ));
             }
             Some(_) => {}

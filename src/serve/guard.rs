@@ -61,11 +61,13 @@ impl ApiKey {
 
     /// Reads the key from a file (at most 4 KiB; surrounding whitespace is dropped).
     pub fn load(path: &Path) -> Result<ApiKey> {
-        let len = std::fs::metadata(path).with_context(|| format!("reading the API key file {}", path.display()))?.len();
+        let len =
+            std::fs::metadata(path).with_context(|| format!("reading the API key file {}", path.display()))?.len();
         if len > MAX_KEY_FILE {
             bail!("the API key file {} is {len} bytes, over {MAX_KEY_FILE}", path.display());
         }
-        let text = std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading the API key file {}", path.display()))?;
         ApiKey::new(text.trim()).with_context(|| format!("the API key file {}", path.display()))
     }
 
@@ -136,7 +138,9 @@ impl Access {
             403,
             "invalid_request_error",
             Some("origin_not_allowed"),
-            format!("cross-origin requests from {origin:?} are refused; start shardctl serve with --cors-origin {origin} to allow that page"),
+            format!(
+                "cross-origin requests from {origin:?} are refused; start shardctl serve with --cors-origin {origin} to allow that page"
+            ),
         ))
     }
 

@@ -266,8 +266,11 @@ pub fn write_response(
     reply: &Reply,
 ) -> io::Result<()> {
     let keep_alive = reply.keep_alive;
-    let mut head =
-        format!("HTTP/1.1 {status} {}\r\n{COMMON}{}Content-Type: {content_type}\r\n", reason(status), reply.cors_headers());
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\n{COMMON}{}Content-Type: {content_type}\r\n",
+        reason(status),
+        reply.cors_headers()
+    );
     for (k, v) in extra {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

@@ -290,12 +290,13 @@ const LINGER_BYTES: usize = 4 << 20;
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     let path = req.path.trim_end_matches('/');
-    let endpoint = match path {
-        "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
-            if path.is_empty() { "/" } else { path }
-        }
-        _ => "other",
-    };
+    let endpoint =
+        match path {
+            "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
+                if path.is_empty() { "/" } else { path }
+            }
+            _ => "other",
+        };
     let host = req.header("host");
     let checked = s.cfg.access.check_host(host).and_then(|()| s.cfg.access.check_origin(req.header("origin"), host));
     let allow_origin = match checked {
@@ -313,16 +314,24 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     let refused = if req.method == "OPTIONS" {
         Ok(())
     } else {
-        s.cfg.access.check_key(path, req.header("authorization")).and_then(|()| {
-            if req.method == "POST" { guard::check_json(req.header("content-type")) } else { Ok(()) }
-        })
+        s.cfg
+            .access
+            .check_key(path, req.header("authorization"))
+            .and_then(|()| if req.method == "POST" { guard::check_json(req.header("content-type")) } else { Ok(()) })
     };
     if let Err(e) = refused {
         s.metrics.request(endpoint, e.status);
         let extra: Vec<(&str, String)> =
             if e.status == 401 { vec![("WWW-Authenticate", "Bearer".into())] } else { vec![] };
-        return write_response(&mut conn.stream, e.status, "application/json", &extra, e.to_json().to_string().as_bytes(), ka)
-            .is_ok();
+        return write_response(
+            &mut conn.stream,
+            e.status,
+            "application/json",
+            &extra,
+            e.to_json().to_string().as_bytes(),
+            ka,
+        )
+        .is_ok();
     }
     let w = &mut conn.stream;
     let (status, ok) = match (req.method.as_str(), path) {

@@ -61,6 +61,8 @@ pub struct NodeConfig {
     /// Relays (a hop's result carried to the next node) in flight at once, node-wide; more are
     /// answered `BUSY` (`--max-relays`).
     pub max_relays: usize,
+    /// Relays in flight at once for one client (`--max-relays-per-client`).
+    pub max_relays_per_client: usize,
     /// Unsent request bytes one relay link (connection to a next hop) may hold (`--relay-link-buffer`).
     pub relay_link_buffer: usize,
     /// Unsent request bytes all relay links together may hold (`--relay-memory`).
@@ -195,6 +197,7 @@ impl Default for NodeConfig {
             io_timeout: Duration::from_secs(30),
             frame_memory: 256 << 20,
             max_relays: 256,
+            max_relays_per_client: 64,
             relay_link_buffer: 64 << 20,
             relay_memory: 256 << 20,
             upload_limit: 0,
@@ -243,6 +246,7 @@ impl NodeConfig {
             "io_timeout_s": self.io_timeout.as_secs(),
             "frame_memory": self.frame_memory,
             "max_relays": self.max_relays,
+            "max_relays_per_client": self.max_relays_per_client,
             "relay_link_buffer": self.relay_link_buffer,
             "relay_memory": self.relay_memory,
             "max_frame": self.max_frame,
@@ -376,6 +380,10 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
                          [default: 30]
   --max-relays N         relays (results carried to a next hop) in flight at once;
                          more are answered BUSY [default: 256]
+  --max-relays-per-client N
+                         relays in flight at once for one client (IP address; IP
+                         and port on loopback), so that one cannot take them all;
+                         more are answered BUSY [default: 64]
   --relay-link-buffer BYTES
                          unsent bytes one next hop's link may hold; a relay past
                          it is answered BUSY, nothing buffered [default: 67108864]
@@ -465,6 +473,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--io-timeout" => c.io_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--frame-memory" => c.frame_memory = number(flag, value()?, 1 << 20, u64::MAX / 2)?,
             "--max-relays" => c.max_relays = number(flag, value()?, 1, 1 << 20)? as usize,
+            "--max-relays-per-client" => c.max_relays_per_client = number(flag, value()?, 1, 1 << 20)? as usize,
             "--relay-link-buffer" => c.relay_link_buffer = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
             "--relay-memory" => c.relay_memory = number(flag, value()?, 1 << 16, 1 << 40)? as usize,
             "--upload-limit" => c.upload_limit = number(flag, value()?, 0, u64::MAX / 2)?,

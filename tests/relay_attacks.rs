@@ -130,6 +130,40 @@ fn relays_in_flight_are_bounded_node_wide() {
     a.assert_serving();
 }
 
+/// Red-team round 2: one client filled `--max-relays` with chains to its own silent hop, and
+/// every other client's chains were answered BUSY until they timed out. Now one client holds at
+/// most `--max-relays-per-client`; its chains past that are refused, and others still relay.
+#[test]
+fn one_client_cannot_take_every_relay() {
+    let dir = TempDir::new("relay-per-client");
+    let args = ["--threads", "1", "--max-relays", "8", "--max-relays-per-client", "2"];
+    let a = NodeProc::start(&shards(&dir, DemoConfig::default(), 2), &args);
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let s_addr = silent.local_addr().unwrap().to_string();
+    // One connection (one client), four chains into the silent hop.
+    let mut s = a.raw();
+    for i in 0..4 {
+        let params = chain(&format!("c{i}"), &s_addr, 3, 4_000);
+        send_frame(
+            &mut s,
+            &serde_json::to_vec(&json!({"command": "EXECUTE_TASK", "request_id": i, "params": params})).unwrap(),
+        );
+    }
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    for _ in 0..2 {
+        let r = read_frame(&mut s);
+        assert_eq!(r["code"], "BUSY", "{r}");
+        assert!(r["error"].as_str().unwrap().contains("--max-relays-per-client"), "{r}");
+    }
+    // Another client's chain is still relayed.
+    let other = spawn_chain(&a.addr, chain("other", &s_addr, 3, 4_000));
+    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(3)).then_some(()));
+    assert_eq!(relays(&a)["refused"], json!(2));
+    assert_eq!(other.join().unwrap()["code"], "HOP_FAILED");
+    drop(silent);
+    a.assert_serving();
+}
+
 /// A next hop that accepts and never reads: once the link's unsent bytes pass
 /// `--relay-link-buffer`, further chains to it are answered BUSY without buffering them, and
 /// `--io-timeout` closes the link, failing the chains on it long before their hop timeout

@@ -132,6 +132,14 @@ impl Inference {
 /// Jobs taken off the queue at once (and so, at most, steps in one batched graph's round).
 const MAX_JOBS_PER_ROUND: usize = 64;
 
+/// Tokens a task computes.
+fn tokens(task: &ExecuteTask) -> usize {
+    match &task.input {
+        TaskInput::Tokens(t) => t.len(),
+        TaskInput::Hidden { rows, .. } => *rows,
+    }
+}
+
 impl Queued for Job {
     fn origin(&self) -> &str {
         match self {
@@ -140,10 +148,7 @@ impl Queued for Job {
     }
     fn tokens(&self) -> usize {
         match self {
-            Job::Execute { task, .. } => match &task.input {
-                TaskInput::Tokens(t) => t.len(),
-                TaskInput::Hidden { rows, .. } => *rows,
-            },
+            Job::Execute { task, .. } => tokens(task),
             Job::EndSession { .. } => 0,
         }
     }
@@ -158,7 +163,8 @@ fn limits(cfg: &EngineConfig) -> schedule::Limits {
     schedule::Limits {
         max_jobs: MAX_JOBS_PER_ROUND,
         max_tokens: crate::engine::MAX_BATCH_TOKENS,
-        per_client_tokens: cfg.max_sessions_per_client.max(1) * ctx,
+        // At most half of the node's, so that one client cannot fill it.
+        per_client_tokens: (cfg.max_sessions_per_client.max(1) * ctx).min(cfg.max_sessions.max(1) * ctx / 2),
         total_tokens: cfg.max_sessions.max(1) * ctx,
     }
 }
@@ -243,9 +249,12 @@ fn worker(
                             Err(e) => crate::error!("no randomness for a session token: {e}"),
                         }
                     }
-                    let key = (task.shard_id, shard.map.as_ptr() as usize);
+                    // Decode steps (one token) form their own group, run (and answered) before
+                    // prefill chunks: a step never waits for another client's prompt to compute.
+                    let group_key = |t: &ExecuteTask, m: &Arc<Mmap>| (t.shard_id, m.as_ptr() as usize, tokens(t) <= 1);
+                    let key = group_key(&task, &shard.map);
                     let job = ExecuteJob { reply, task, from, origin, shard, queued, me };
-                    match groups.iter_mut().find(|g| (g[0].task.shard_id, g[0].shard.map.as_ptr() as usize) == key) {
+                    match groups.iter_mut().find(|g| group_key(&g[0].task, &g[0].shard.map) == key) {
                         Some(g) => g.push(job),
                         None => groups.push(vec![job]),
                     }
@@ -620,7 +629,8 @@ fn relay_request(
         params["k"] = json!(k);
     }
     let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
-    relay::Outgoing { reply, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
+    let origin = origin.to_string();
+    relay::Outgoing { reply, origin, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
 }
 
 fn hop_json(h: &Hop) -> Value {

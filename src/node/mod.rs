@@ -255,6 +255,7 @@ impl Node {
         let relay_key = config.cluster_key.clone();
         let relay_limits = relay::RelayLimits {
             max_relays: config.max_relays,
+            per_client: config.max_relays_per_client,
             link_buffer: config.relay_link_buffer,
             memory: config.relay_memory,
             io_timeout: config.io_timeout,

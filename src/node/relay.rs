@@ -39,11 +39,15 @@ const LATE_IDS: usize = 256;
 /// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
 const NOT_SHARDNET: &str = "did not answer as a shardnet node";
 
-/// What bounds relays (`--max-relays`, `--relay-link-buffer`, `--relay-memory`, `--io-timeout`).
+/// What bounds relays (`--max-relays`, `--max-relays-per-client`, `--relay-link-buffer`,
+/// `--relay-memory`, `--io-timeout`).
 #[derive(Clone, Copy, Debug)]
 pub struct RelayLimits {
     /// Relays in flight at once, node-wide.
     pub max_relays: usize,
+    /// Relays in flight at once for one client (the per-client session quota's key), so that
+    /// one client cannot take the node-wide count.
+    pub per_client: usize,
     /// Unsent request bytes one link may hold.
     pub link_buffer: usize,
     /// Unsent request bytes all links together may hold.
@@ -56,6 +60,8 @@ pub struct RelayLimits {
 pub struct Outgoing {
     /// Our caller, who gets the chain's answer.
     pub reply: ReplyTo,
+    /// The client the relay counts for (the per-client session quota's key).
+    pub origin: String,
     pub next: Hop,
     /// The `request_id` inside `payload`: unique among this node's relays.
     pub id: u64,
@@ -120,6 +126,7 @@ impl Link {
 
 struct Pending {
     reply: ReplyTo,
+    origin: String,
     next: Hop,
     hop: Value,
     sent: Instant,
@@ -131,6 +138,8 @@ pub struct Relays {
     by_addr: HashMap<SocketAddr, Token>,
     links: HashMap<Token, Link>,
     pending: HashMap<u64, Pending>,
+    /// Relays in flight per client.
+    per_client: HashMap<String, usize>,
     next_token: usize,
     max_frame: u32,
     key: Option<ClusterKey>,
@@ -148,6 +157,7 @@ impl Relays {
             by_addr: HashMap::new(),
             links: HashMap::new(),
             pending: HashMap::new(),
+            per_client: HashMap::new(),
             next_token: TOKEN_BASE,
             max_frame,
             key,
@@ -155,6 +165,18 @@ impl Relays {
             queued: 0,
             refused: 0,
         }
+    }
+
+    /// Removes a relay from those in flight, and from its client's count.
+    fn take(&mut self, id: u64) -> Option<Pending> {
+        let p = self.pending.remove(&id)?;
+        if let Some(n) = self.per_client.get_mut(&p.origin) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&p.origin);
+            }
+        }
+        Some(p)
     }
 
     /// Refuses a relay over a limit: `BUSY` to its caller at once, nothing buffered.
@@ -185,6 +207,11 @@ impl Relays {
     pub fn submit(&mut self, registry: &Registry, out: Outgoing, now: Instant) -> Vec<Answer> {
         if self.pending.len() >= self.limits.max_relays {
             let why = format!("{} relays in flight, the most --max-relays allows", self.pending.len());
+            return self.refuse(out, why);
+        }
+        let mine = self.per_client.get(&out.origin).copied().unwrap_or(0);
+        if mine >= self.limits.per_client {
+            let why = format!("this client has {mine} relays in flight, the most --max-relays-per-client allows");
             return self.refuse(out, why);
         }
         let size = out.payload.len() + frame::HEADER_LEN + 64;
@@ -265,8 +292,10 @@ impl Relays {
         }
         self.queued += link.queued() - before;
         link.waiting.insert(out.id);
+        *self.per_client.entry(out.origin.clone()).or_default() += 1;
         let pending = Pending {
             reply: out.reply,
+            origin: out.origin,
             next: out.next,
             hop: out.hop,
             sent: now,
@@ -312,7 +341,7 @@ impl Relays {
         let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.deadline <= now).map(|(id, _)| *id).collect();
         let mut answers = Vec::new();
         for id in late {
-            let Some(p) = self.pending.remove(&id) else { continue };
+            let Some(p) = self.take(id) else { continue };
             let waited = now.duration_since(p.sent).as_millis();
             let msg =
                 format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
@@ -430,7 +459,7 @@ impl Relays {
                     match id {
                         Some(id) if link.waiting.remove(&id) => {
                             link.last_answer = Some(now);
-                            let p = self.pending.remove(&id).expect("waiting on a link: pending");
+                            let p = self.take(id).expect("waiting on a link: pending");
                             answers.push(relay_answer(p, answer, now));
                         }
                         Some(id) if link.late.contains(&id) => {
@@ -471,7 +500,7 @@ impl Relays {
         let told = if link.spoke || why.starts_with("its next hop went silent") { why } else { NOT_SHARDNET };
         link.waiting
             .iter()
-            .filter_map(|id| self.pending.remove(id))
+            .filter_map(|id| self.take(*id))
             .map(|p| {
                 let msg = format!("next hop {} (shard {}): {told}", p.next.address, p.next.shard_id);
                 hop_failed(p.reply, &p.next, &msg)

@@ -73,14 +73,16 @@ impl<J: Queued> Scheduler<J> {
     }
 
     /// Queues `job` behind its client's others, or hands it back with the reason when a bound
-    /// would be passed (a job of no tokens always queues).
+    /// would be passed. A decode step (one token) or an `END_SESSION` always queues: a running
+    /// session is never refused its next token because others queued prompts (what it holds is
+    /// bounded by the requests in flight per connection).
     pub fn push(&mut self, job: J) -> Result<(), (J, Refusal)> {
         let n = job.tokens();
         let held = self.queues.get(job.origin()).map_or(0, |(_, t)| *t);
-        if n > 0 && held + n > self.limits.per_client_tokens && held > 0 {
+        if n > 1 && held + n > self.limits.per_client_tokens && held > 0 {
             return Err((job, Refusal::Client(held)));
         }
-        if n > 0 && self.total + n > self.limits.total_tokens && self.total > 0 {
+        if n > 1 && self.total + n > self.limits.total_tokens && self.total > 0 {
             return Err((job, Refusal::Node(self.total)));
         }
         let origin = job.origin().to_string();
@@ -251,8 +253,11 @@ mod tests {
         s.push(J("a", 400, 2)).unwrap();
         s.push(J("b", 400, 0)).unwrap();
         assert_eq!(s.push(J("c", 400, 0)).unwrap_err().1, Refusal::Node(1400));
-        // No tokens (END_SESSION) always queues; one step alone may be as long as it is.
+        // No tokens (END_SESSION) and decode steps always queue; one step alone may be as long
+        // as it is.
         s.push(J("a", 0, 3)).unwrap();
+        s.push(J("a", 1, 4)).unwrap();
+        s.push(J("c", 1, 1)).unwrap();
         let mut fresh = Scheduler::new(Limits { per_client_tokens: 10, total_tokens: 10, ..limits() });
         fresh.push(J("a", 2048, 0)).unwrap();
         // Tokens come back as rounds are taken.

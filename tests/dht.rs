@@ -134,7 +134,9 @@ fn sixty_four_nodes_find_announced_keys_even_with_a_third_killed() {
                 continue;
             }
             let want = nodes[*holder].addr.clone();
-            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            // Found in 2-4 s on a quiet machine; the bound is for a loaded one (a CI run once
+            // missed 30 s while builds shared its two cores).
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
             loop {
                 let r = nodes[asker].call("FIND_PEERS", json!({"key": h}));
                 let peers: Vec<&str> =

@@ -226,13 +226,8 @@ fn worker(
         let stepped: Vec<gather::Key> = round.iter().filter_map(key).collect();
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         for job in &round {
-            if let Job::Execute { task, .. } = job
-                && let Some((_, n)) = queued_sessions.get_mut(&task.session_id)
-            {
-                *n -= 1;
-                if *n == 0 {
-                    queued_sessions.remove(&task.session_id);
-                }
+            if let Job::Execute { task, .. } = job {
+                left_queue(&mut queued_sessions, &task.session_id);
             }
         }
         stats.running.store(1, Ordering::Relaxed);
@@ -300,6 +295,17 @@ fn arrived(gather: &mut Gather, job: &Job) -> Option<gather::Key> {
     Some(key)
 }
 
+/// One step of `session_id` left the queue (taken into a round, or refused): its count drops,
+/// and the session is forgotten at zero.
+fn left_queue(queued_sessions: &mut HashMap<String, (String, usize)>, session_id: &str) {
+    if let Some((_, n)) = queued_sessions.get_mut(session_id) {
+        *n -= 1;
+        if *n == 0 {
+            queued_sessions.remove(session_id);
+        }
+    }
+}
+
 /// Queues `job` with the scheduler, or answers it `BUSY` when its client (or the node) has as
 /// many tokens queued as it may. An END_SESSION queues behind its session's queued steps.
 fn enqueue(
@@ -323,12 +329,7 @@ fn enqueue(
     let Err((job, why)) = queue.push(job) else { return };
     stats.queued.fetch_sub(1, Ordering::Relaxed);
     let Job::Execute { reply, task, .. } = job else { unreachable!("an END_SESSION always queues") };
-    if let Some((_, n)) = queued_sessions.get_mut(&task.session_id) {
-        *n -= 1;
-        if *n == 0 {
-            queued_sessions.remove(&task.session_id);
-        }
-    }
+    left_queue(queued_sessions, &task.session_id);
     let msg = match why {
         schedule::Refusal::Client(n) => format!(
             "this client has {n} tokens queued on this node (at most --max-sessions-per-client x --ctx-size); \

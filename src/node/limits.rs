@@ -177,8 +177,10 @@ struct Deadlines {
     idle: Option<Duration>,
 }
 
-/// Which deadline, if any, a connection has passed at `now`.
-fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+/// Which deadline, if any, a connection has passed at `now` (a paused connection's frame clock
+/// stops: [`Conn::note_pause`]).
+fn passed(c: &mut Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+    let paused = c.note_pause(now);
     let Deadlines { auth, mse, frame, write, idle } = d;
     if c.auth.expired(now, auth) {
         return Some(Deadline::Auth);
@@ -186,7 +188,7 @@ fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
     if c.crypt.expired(now, mse) {
         return Some(Deadline::Encryption);
     }
-    if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
+    if !paused && c.frame_started.is_some_and(|t| now.saturating_duration_since(t) > frame) {
         return Some(Deadline::Frame);
     }
     if c.pending_output() > 0 && now.duration_since(c.write_progress) > write {
@@ -484,9 +486,9 @@ impl Node {
         };
         let due: Vec<(Token, Deadline)> = self
             .conns
-            .iter()
+            .iter_mut()
             .enumerate()
-            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_ref()?, now, d)?)))
+            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_mut()?, now, d)?)))
             .collect();
         if due.is_empty() {
             return;

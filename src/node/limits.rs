@@ -603,9 +603,9 @@ mod tests {
         let t0 = conn.last_activity;
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(conn.is_idle(), "unclassified is idle");
-        assert_eq!(passed(&conn, at(29), d), None);
-        assert_eq!(passed(&conn, at(31), d), Some(Deadline::Idle));
-        assert_eq!(passed(&conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
+        assert_eq!(passed(&mut conn, at(29), d), None);
+        assert_eq!(passed(&mut conn, at(31), d), Some(Deadline::Idle));
+        assert_eq!(passed(&mut conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
         // Part of a frame: no longer idle; the frame deadline runs from its first byte.
         tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -615,13 +615,27 @@ mod tests {
         assert_eq!(conn.classify(false), Kind::Command);
         assert!(!conn.is_idle());
         assert!(conn.input_held() >= 5);
-        assert_eq!(passed(&conn, at(9), d), None);
-        assert_eq!(passed(&conn, at(11), d), Some(Deadline::Frame));
+        assert_eq!(passed(&mut conn, at(9), d), None);
+        assert_eq!(passed(&mut conn, at(11), d), Some(Deadline::Frame));
         // Consumed: idle again, nothing charged.
         conn.consume_raw(5, at(12));
         assert_eq!((conn.is_idle(), conn.input_held()), (true, 0));
         // A request in flight is never idle.
         conn.in_flight = 1;
-        assert_eq!(passed(&conn, at(100), d), None);
+        assert_eq!(passed(&mut conn, at(100), d), None);
+        // A request buffered while the node does not read (the client's answers not taken): its
+        // clock stops for the pause and runs on from where it was after.
+        conn.in_flight = super::super::conn::MAX_IN_FLIGHT;
+        tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conn.read_input(64, at(100)).map_or(true, |n| n == 0) {
+            assert!(Instant::now() < deadline, "no input");
+        }
+        assert_eq!(passed(&mut conn, at(105), d), None, "paused at 105");
+        assert_eq!(passed(&mut conn, at(200), d), None, "a paused connection's frame clock stopped");
+        conn.in_flight = 0;
+        assert_eq!(passed(&mut conn, at(201), d), None, "resumed at 201: 5 s counted");
+        assert_eq!(passed(&mut conn, at(205), d), None, "9 s counted");
+        assert_eq!(passed(&mut conn, at(207), d), Some(Deadline::Frame), "11 s counted");
     }
 }

@@ -82,6 +82,8 @@ pub struct InferStats {
     pub running: AtomicU64,
     /// Decode steps that ran their shard's kept graph instead of building one.
     pub graphs_reused: AtomicU64,
+    /// Queued steps dropped, not computed, because their connection closed.
+    pub dropped: AtomicU64,
 }
 
 impl InferStats {
@@ -102,12 +104,20 @@ impl InferStats {
                 "changed": sidecars.changed,
             },
             "graphs_reused": self.graphs_reused.load(Ordering::Relaxed),
+            "dropped": self.dropped.load(Ordering::Relaxed),
         })
     }
 }
 
+/// What the event loop sends the inference thread, in the order it happened.
+enum Msg {
+    Job(Job),
+    /// The command connection with this id closed: its queued steps are dropped.
+    Cancel(u64),
+}
+
 pub struct Inference {
-    jobs: Sender<Job>,
+    jobs: Sender<Msg>,
     pub stats: Arc<InferStats>,
 }
 
@@ -125,7 +135,17 @@ impl Inference {
 
     pub fn submit(&self, job: Job) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(Msg::Job(job));
+    }
+
+    /// The command connection `conn_id` closed: its `EXECUTE_TASK`s still queued (not yet taken
+    /// into a round) are dropped unanswered, their queued tokens released, so a client that
+    /// queues a burst and leaves costs no compute (red-team round 8: 32 prefills queued by a
+    /// connection closed after 0.1 s were computed for minutes). Its `END_SESSION`s still run
+    /// (they free memory). Sent on the jobs' channel, so every job the connection submitted
+    /// before is queued when this is seen.
+    pub fn cancel(&self, conn_id: u64) {
+        let _ = self.jobs.send(Msg::Cancel(conn_id));
     }
 }
 
@@ -171,7 +191,7 @@ fn limits(cfg: &EngineConfig) -> schedule::Limits {
 
 fn worker(
     cfg: EngineConfig,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Msg>,
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
@@ -199,28 +219,29 @@ fn worker(
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
             match jobs.recv() {
-                Ok(job) => {
-                    arrived(&mut gather, &job);
-                    enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+                Ok(msg) => {
+                    receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
                 }
                 Err(_) => return,
             }
         }
-        while let Ok(job) = jobs.try_recv() {
-            arrived(&mut gather, &job);
-            enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+        while let Ok(msg) = jobs.try_recv() {
+            receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
         }
         // And the steps of sessions due back in a moment (see `gather`).
         let waited = Instant::now();
         if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
             while !waiting.is_empty() {
-                let Ok(job) = jobs.recv_deadline(until) else { break };
-                if let Some(key) = arrived(&mut gather, &job) {
+                let Ok(msg) = jobs.recv_deadline(until) else { break };
+                if let Some(key) = receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send) {
                     waiting.remove(&key);
                 }
-                enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
             }
             stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
+        }
+        if queue.is_empty() {
+            // Everything that queued was cancelled.
+            continue;
         }
         let round = queue.next_round();
         let stepped: Vec<gather::Key> = round.iter().filter_map(key).collect();
@@ -293,6 +314,39 @@ fn arrived(gather: &mut Gather, job: &Job) -> Option<gather::Key> {
     let (key, Job::Execute { queued, .. }) = (key(job)?, job) else { return None };
     gather.arrived(&key, *queued);
     Some(key)
+}
+
+/// Takes one message off the channel: a job is queued (its session's arrival told to `gather`,
+/// which is returned), a cancel drops the closed connection's queued steps.
+fn receive(
+    queue: &mut Scheduler<Job>,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    gather: &mut Gather,
+    msg: Msg,
+    stats: &InferStats,
+    send: &impl Fn(ReplyTo, Vec<u8>) -> bool,
+) -> Option<gather::Key> {
+    match msg {
+        Msg::Job(job) => {
+            let key = arrived(gather, &job);
+            enqueue(queue, queued_sessions, job, stats, send);
+            key
+        }
+        Msg::Cancel(conn_id) => {
+            let gone = queue.remove(|j| matches!(j, Job::Execute { reply, .. } if reply.conn_id == conn_id));
+            stats.queued.fetch_sub(gone.len() as u64, Ordering::Relaxed);
+            stats.dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            for job in &gone {
+                if let Job::Execute { task, .. } = job {
+                    left_queue(queued_sessions, &task.session_id);
+                }
+            }
+            if !gone.is_empty() {
+                crate::info!("dropped {} queued steps of closed connection {conn_id}", gone.len());
+            }
+            None
+        }
+    }
 }
 
 /// One step of `session_id` left the queue (taken into a round, or refused): its count drops,

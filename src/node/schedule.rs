@@ -97,6 +97,31 @@ impl<J: Queued> Scheduler<J> {
         Ok(())
     }
 
+    /// Takes every queued job `gone` picks out of the queues (a closed connection's steps: see
+    /// `inference::Inference::cancel`), their tokens no longer counted; the others keep their
+    /// order. The jobs taken, in no particular order.
+    pub fn remove(&mut self, gone: impl Fn(&J) -> bool) -> Vec<J> {
+        let mut removed = Vec::new();
+        for (q, held) in self.queues.values_mut() {
+            let before = q.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in q.drain(..) {
+                if gone(&job) {
+                    *held -= job.tokens();
+                    self.total -= job.tokens();
+                    removed.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            *q = kept;
+        }
+        self.jobs -= removed.len();
+        self.order.retain(|o| self.queues.get(o).is_some_and(|(q, _)| !q.is_empty()));
+        self.queues.retain(|_, (q, _)| !q.is_empty());
+        removed
+    }
+
     /// The next round's jobs, in an order that keeps each client's own order.
     pub fn next_round(&mut self) -> Vec<J> {
         let mut round = Vec::new();
@@ -265,6 +290,32 @@ mod tests {
             s.next_round();
         }
         s.push(J("c", 1000, 0)).unwrap();
+    }
+
+    /// A closed connection's queued steps leave the queue and give their tokens back.
+    #[test]
+    fn removed_jobs_release_their_tokens_and_the_rest_keep_order() {
+        let mut s = Scheduler::new(Limits { per_client_tokens: 1000, total_tokens: 1500, ..limits() });
+        s.push(J("a", 500, 0)).unwrap();
+        s.push(J("a", 1, 1)).unwrap();
+        s.push(J("a", 400, 2)).unwrap();
+        s.push(J("b", 500, 0)).unwrap();
+        assert_eq!(s.push(J("c", 500, 0)).unwrap_err().1, Refusal::Node(1401));
+        assert_eq!(s.push(J("a", 450, 9)).unwrap_err().1, Refusal::Client(901));
+        let mut gone = s.remove(|j| j.0 == "a" && j.2 != 1);
+        gone.sort_by_key(|j| j.2);
+        assert_eq!(gone, vec![J("a", 500, 0), J("a", 400, 2)]);
+        // Their tokens are free again, per client and node-wide.
+        s.push(J("c", 500, 0)).unwrap();
+        s.push(J("a", 450, 3)).unwrap();
+        let mut seen = Vec::new();
+        while !s.is_empty() {
+            seen.extend(s.next_round());
+        }
+        let a: Vec<u32> = seen.iter().filter(|j| j.0 == "a").map(|j| j.2).collect();
+        assert_eq!(a, vec![1, 3]);
+        assert_eq!(seen.len(), 4);
+        assert!(s.remove(|_| true).is_empty());
     }
 
     #[test]

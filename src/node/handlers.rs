@@ -149,7 +149,7 @@ impl Node {
         // The address the caller reached us at (the bind address may be 0.0.0.0).
         let me = self.conn(reply.token).and_then(|c| c.stream.local_addr().ok()).unwrap_or(self.local_addr);
         let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me };
+        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me, prefix: None };
         self.inference.submit(job);
     }
 

@@ -1,6 +1,7 @@
-//! Work asked for by a connection that closes (red team round 8): its queued inference steps are
-//! dropped, not computed, and its relays in flight free their slots. Real node processes on
-//! loopback; a fake next hop is a thread of the test speaking the frame protocol.
+//! The inference queue against strangers (red team round 8): work asked for by a connection that
+//! closes is dropped (its queued steps not computed, its relays' slots freed), and a long prefill
+//! is computed in parts while another session decodes. Real node processes on loopback; a fake
+//! next hop is a thread of the test speaking the frame protocol.
 mod common;
 
 use common::*;
@@ -12,10 +13,10 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The demo model (4 layers) split in `shards` into `dir/shards`.
+/// The demo model (4 layers, 2048 positions) split in `shards` into `dir/shards`.
 fn shards(dir: &TempDir, shards: u32) -> PathBuf {
     let model = dir.path().join("demo.gguf");
-    demo::write(&DemoConfig { layers: 4, ..Default::default() }, &model).unwrap();
+    demo::write(&DemoConfig { layers: 4, context: 2048, ..Default::default() }, &model).unwrap();
     let out = dir.path().join("shards");
     split::split(&model, shards, &out, None).unwrap();
     out
@@ -173,5 +174,67 @@ fn a_closed_connections_relays_free_their_slots() {
     drop(s);
     assert!(closed_within(&mut f, WAIT), "the link stayed open with no relay waiting on it");
     wait_for(WAIT, || (relays(&a)["in_flight"] == json!(0) && relays(&a)["links"] == json!(0)).then_some(()));
+    a.assert_serving();
+}
+
+/// A long prefill while another session decodes (red-team round 8: the victim's decode step
+/// waited a whole 512-token round, 20 ms -> 4.7 s): the node computes the prefill in parts of at
+/// most one contended round's share, and the victim's steps go between them (STATUS
+/// `inference.split`). The split step's answer (the hidden state of every row) equals the one
+/// computed whole, with no other session about.
+#[test]
+fn a_long_prefill_is_computed_in_parts_while_another_session_decodes() {
+    let dir = TempDir::new("split-prefill");
+    let a = NodeProc::start(&shards(&dir, 2), &["--threads", "1", "--ctx-size", "2048"]);
+    let hidden = |session: &str| {
+        let r = a.call(
+            "EXECUTE_TASK",
+            json!({"session_id": session, "shard_id": 0, "pos": 0,
+            "input": {"tokens": (0..2000u32).map(|i| 1 + i * 7 % 500).collect::<Vec<_>>()}, "output": "hidden"}),
+        );
+        assert_eq!(r["status"], "success", "{r}");
+        r["result"].clone()
+    };
+    let whole = hidden("whole");
+    assert_eq!(inference(&a)["split"], json!(0), "nobody else decodes: computed whole");
+
+    // The victim decodes, one step after another, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victim = {
+        let (addr, stop) = (a.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+            let r = c.request("EXECUTE_TASK", prefill("victim", 3)).unwrap();
+            let token = r["result"]["session_token"].clone();
+            let mut pos = 3;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && pos < 1500 {
+                let r = c
+                    .request(
+                        "EXECUTE_TASK",
+                        json!({"session_id": "victim", "session_token": token, "shard_id": 0,
+                        "pos": pos, "input": {"tokens": [5]}, "output": "top_k", "k": 1}),
+                    )
+                    .unwrap();
+                assert_eq!(r["status"], "success", "{r}");
+                pos += 1;
+            }
+            pos
+        })
+    };
+    wait_for(WAIT, || (inference(&a)["tasks"].as_u64().unwrap() >= 5).then_some(()));
+    let parts = hidden("parts");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(victim.join().unwrap() > 3);
+    assert!(inference(&a)["split"].as_u64().unwrap() >= 1, "the prefill was not split: {}", inference(&a));
+
+    assert_eq!(parts["n_tokens"], json!(2000), "{}", parts["n_tokens"]);
+    assert_eq!(parts["pos"], json!(0));
+    let (w, p) = (&whole["hidden"], &parts["hidden"]);
+    assert_eq!(p["shape"], w["shape"], "every row's hidden state");
+    let floats = |v: &Value| shardnet::protocol::tensor::f32_from_json(v, usize::MAX).unwrap().0;
+    let (w, p) = (floats(w), floats(p));
+    assert_eq!(w.len(), p.len());
+    let worst = w.iter().zip(&p).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "the parts' hidden states differ from the whole's by {worst}");
     a.assert_serving();
 }

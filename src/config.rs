@@ -112,6 +112,9 @@ pub struct NodeConfig {
     pub part_expiry: Duration,
     /// A peer whose dials have failed for this long is dropped from its download.
     pub redial_give_up: Duration,
+    /// A download that made no progress (no metadata piece, no block from any peer) for this
+    /// long fails (`TORRENT_UNAVAILABLE`) and frees its `--max-downloads` slot.
+    pub download_stall_timeout: Duration,
     /// Sessions one client may hold (its own least recently used goes beyond it).
     pub max_sessions_per_client: usize,
     /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
@@ -218,6 +221,7 @@ impl Default for NodeConfig {
             disk_reserve: 1 << 30,
             part_expiry: Duration::from_secs(3600),
             redial_give_up: Duration::from_secs(300),
+            download_stall_timeout: Duration::from_secs(120),
             max_sessions_per_client: 8,
             cluster_key: None,
             cluster_key_file: None,
@@ -318,6 +322,9 @@ FLAGS:
   --part-expiry SECS     remove a .part file no download used for this long
                          [default: 3600]
   --redial-give-up SECS  drop a peer whose dials failed for this long [default: 300]
+  --download-stall-timeout SECS
+                         fail a download that got no metadata and no block for this long,
+                         freeing its --max-downloads slot [default: 120]
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
@@ -515,6 +522,9 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--disk-reserve" => c.disk_reserve = number(flag, value()?, 0, u64::MAX / 2)?,
             "--part-expiry" => c.part_expiry = Duration::from_secs(number(flag, value()?, 1, 365 * 86_400)?),
             "--redial-give-up" => c.redial_give_up = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
+            "--download-stall-timeout" => {
+                c.download_stall_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?)
+            }
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
@@ -693,6 +703,7 @@ mod tests {
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),
             (&["--redial-give-up", "-1"], "--redial-give-up"),
+            (&["--download-stall-timeout", "0"], "--download-stall-timeout"),
             (&["--frame-memory", "1048576"], "--frame-memory"),
             (&["--max-command-connections-per-ip", "0"], "--max-command-connections-per-ip"),
             (&["--frame-timeout", "0"], "--frame-timeout"),

@@ -134,6 +134,9 @@ pub struct NodeConfig {
     pub encryption: Encryption,
     /// An MSE handshake begun and not finished this long is closed (`--mse-timeout`).
     pub mse_timeout: Duration,
+    /// `--mse-rate`: MSE handshakes a client (IPv4 address, IPv6 /64; loopback IP and port) may
+    /// open a second, with bursts of twice that; more are closed before any DH work. 0: none.
+    pub mse_rate: u32,
 }
 
 /// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
@@ -231,6 +234,7 @@ impl Default for NodeConfig {
             private: false,
             encryption: Encryption::default(),
             mse_timeout: crate::torrent::mse::HANDSHAKE_TIMEOUT,
+            mse_rate: 20,
         }
     }
 }
@@ -258,6 +262,7 @@ impl NodeConfig {
             "max_sessions_per_client": self.max_sessions_per_client,
             "auth_timeout_s": self.auth_timeout.as_secs(),
             "mse_timeout_s": self.mse_timeout.as_secs(),
+            "mse_rate": self.mse_rate,
             "dht_max_keys": self.dht_store.max_keys,
             "dht_max_peers_per_key": self.dht_store.max_peers_per_key,
             "dht_max_per_announcer": self.dht_store.max_per_announcer,
@@ -356,6 +361,9 @@ FLAGS:
                          only) [default: prefer-plaintext]
   --mse-timeout SECS     close a peer connection whose MSE handshake has not
                          finished this long after it began [default: 10]
+  --mse-rate N           MSE handshakes one client (IPv4 address, IPv6 /64) may
+                         open a second, bursts of 2N; more are closed before any
+                         DH work (0: no limit) [default: 20]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -542,6 +550,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             }
             "--auth-timeout" => c.auth_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
             "--mse-timeout" => c.mse_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
+            "--mse-rate" => c.mse_rate = number(flag, value()?, 0, 1_000_000)? as u32,
             "--model" => {
                 let v = value()?;
                 c.model_pin = Some(parse_model_hash(v).map_err(|e| format!("--model: {e}"))?);

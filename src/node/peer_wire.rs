@@ -141,6 +141,10 @@ impl Node {
             }
             if conn.crypt.handshaking() {
                 if matches!(conn.crypt, Crypt::Incoming) {
+                    if !self.mse.admit(conn.peer, self.config.mse_rate, now) {
+                        debug!("peer {}: MSE handshake refused (--mse-rate {})", conn.peer, self.config.mse_rate);
+                        return self.close(token, "MSE handshakes over --mse-rate");
+                    }
                     conn.crypt = Crypt::receiver(self.config.encryption, now);
                 }
                 let swarms = &self.swarms;
@@ -840,6 +844,7 @@ impl Node {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let mut conn = if encrypted {
+            self.mse.started += 1;
             Conn::outgoing_encrypted(stream, addr, id, h, self.config.encryption, Instant::now())
         } else {
             Conn::outgoing(stream, addr, id, h)

@@ -290,7 +290,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"refused\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -303,6 +303,7 @@ impl Node {
             inference,
             self.relays.counts().0,
             self.relays.counts().1,
+            self.relays.binary_links(),
             self.relays.refused,
         );
         out.extend_from_slice(live.as_bytes());

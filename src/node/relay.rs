@@ -157,6 +157,8 @@ pub struct Relays {
     queued: usize,
     /// Relays refused for a limit (STATUS `relays.refused`).
     pub refused: u64,
+    /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
+    scratch: Vec<u8>,
 }
 
 impl Relays {
@@ -173,6 +175,7 @@ impl Relays {
             limits,
             queued: 0,
             refused: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -426,9 +429,11 @@ impl Relays {
         let mut closed = None;
         {
             let Some(link) = self.links.get_mut(&token) else { return answers };
-            let mut chunk = vec![0u8; READ_CHUNK];
+            // One buffer for every read (a fresh zeroed 64 KiB per answer cost more than the read).
+            let chunk = &mut self.scratch;
+            chunk.resize(READ_CHUNK, 0);
             loop {
-                match link.stream.read(&mut chunk) {
+                match link.stream.read(chunk) {
                     Ok(0) => {
                         closed = Some("closed by the next hop".to_string());
                         break;

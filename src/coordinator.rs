@@ -725,8 +725,9 @@ impl<'e> Coordinator<'e> {
             }
         } else {
             let section = crate::protocol::binary::Section::new(&data);
-            let (data, rows, cols) = crate::protocol::tensor::f32_from_json_in(&result["logits"], 1 << 26, Some(&section))
-                .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
+            let (data, rows, cols) =
+                crate::protocol::tensor::f32_from_json_in(&result["logits"], 1 << 26, Some(&section))
+                    .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
             if cols != self.n_vocab || rows == 0 {
                 return Err(StepError::Fatal(anyhow!("logits of width {cols}, expected {}", self.n_vocab)));
             }

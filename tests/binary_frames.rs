@@ -86,7 +86,11 @@ fn bad_binary_frames_get_error_frames_and_the_node_allocates_nothing_they_claim(
             frame(&hidden_task("d", raw(0, n - 4, json!([1, EMBD]))), &row[..row.len() - 4]),
             "SHAPE_MISMATCH",
         ),
-        ("a byte count of 2^64-1", frame(&hidden_task("e", raw(0, u64::MAX, json!([1, EMBD]))), &row), "SHAPE_MISMATCH"),
+        (
+            "a byte count of 2^64-1",
+            frame(&hidden_task("e", raw(0, u64::MAX, json!([1, EMBD]))), &row),
+            "SHAPE_MISMATCH",
+        ),
         (
             "a shape of 2^80 floats",
             frame(&hidden_task("f", raw(0, n, json!([1u64 << 40, 1u64 << 40]))), &row),
@@ -97,7 +101,11 @@ fn bad_binary_frames_get_error_frames_and_the_node_allocates_nothing_they_claim(
             frame(&hidden_task("g", raw(0, n, json!([1, EMBD]))), &[&row[..], &[0u8; 4096]].concat()),
             "SHAPE_MISMATCH",
         ),
-        ("raw bytes named in a JSON frame", serde_json::to_vec(&hidden_task("h", raw(0, n, json!([1, EMBD])))).unwrap(), "WRONG_TYPE"),
+        (
+            "raw bytes named in a JSON frame",
+            serde_json::to_vec(&hidden_task("h", raw(0, n, json!([1, EMBD])))).unwrap(),
+            "WRONG_TYPE",
+        ),
     ];
     for (what, payload, code) in &cases {
         let r = read_and_parse(&mut s, payload);

@@ -391,8 +391,7 @@ fn run_group(
                     }
                 } else {
                     *relay_ids += 1;
-                    let out =
-                        relay_request(&task, from.as_deref(), &origin, (result, section), hop, reply, *relay_ids);
+                    let out = relay_request(&task, from.as_deref(), &origin, (result, section), hop, reply, *relay_ids);
                     let _ = events.send(NodeEvent::Relay(out));
                     let _ = waker.wake();
                     continue;
@@ -525,8 +524,15 @@ fn execute(
         // only); an answer as its caller asked.
         let raw = !job.task.next.is_empty() || job.task.encoding == Encoding::Binary;
         let mut section = Vec::new();
-        let result =
-            result_json(&job.task, out, inputs[i].0.n_tokens(), queue_ms, compute_ms, batch, raw.then_some(&mut section));
+        let result = result_json(
+            &job.task,
+            out,
+            inputs[i].0.n_tokens(),
+            queue_ms,
+            compute_ms,
+            batch,
+            raw.then_some(&mut section),
+        );
         results.push(Ok((result, section)));
         stats.tasks.fetch_add(1, Ordering::Relaxed);
         stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);

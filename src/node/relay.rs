@@ -626,7 +626,10 @@ fn relay_answer(p: Pending, mut answer: Value, data: &[u8], now: Instant) -> Ans
         Encoding::Base64 => match binary::inline_tensors(&mut answer, data, &RESULT_TENSORS) {
             Ok(()) => Answer { reply: p.reply, payload: serde_json::to_vec(&answer).expect("JSON values serialize") },
             Err((_, why)) => {
-                let msg = format!("next hop {} (shard {}) answered a bad binary frame: {why}", p.next.address, p.next.shard_id);
+                let msg = format!(
+                    "next hop {} (shard {}) answered a bad binary frame: {why}",
+                    p.next.address, p.next.shard_id
+                );
                 hop_failed(p.reply, &p.next, &msg)
             }
         },

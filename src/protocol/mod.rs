@@ -508,7 +508,10 @@ fn u32_param(params: &Map<String, Value>, key: &str, max: u64) -> Result<Option<
     }
 }
 
-fn parse_execute_task(params: &Map<String, Value>, section: Option<&binary::Section>) -> Result<ExecuteTask, (ErrorCode, String)> {
+fn parse_execute_task(
+    params: &Map<String, Value>,
+    section: Option<&binary::Section>,
+) -> Result<ExecuteTask, (ErrorCode, String)> {
     match params.get("task_type") {
         None | Some(Value::Null) => {}
         Some(Value::String(t)) if t == "ai_inference" => {}
@@ -814,7 +817,8 @@ mod tests {
 
     /// An EXECUTE_TASK header (JSON) whose hidden state is `tensor`.
     fn task_header(tensor: Value) -> Vec<u8> {
-        let params = json!({"session_id": "s", "shard_id": 1, "input": {"hidden": tensor}, "encoding_format": "binary"});
+        let params =
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": tensor}, "encoding_format": "binary"});
         request_payload("EXECUTE_TASK", &json!(9), "t", params)
     }
 
@@ -855,11 +859,14 @@ mod tests {
             (vec![0], ErrorCode::InvalidFrame),
             (vec![0, 0, 0, 1], ErrorCode::InvalidFrame),
             (binary_frame(&ok, &data)[..ok.len() + 4].to_vec(), ErrorCode::InvalidFrame),
-            ({
-                let mut f = binary_frame(&ok, &data);
-                f[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
-                f
-            }, ErrorCode::InvalidFrame),
+            (
+                {
+                    let mut f = binary_frame(&ok, &data);
+                    f[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+                    f
+                },
+                ErrorCode::InvalidFrame,
+            ),
             // The header.
             (binary_frame(b"{\"command\":", &[]), ErrorCode::InvalidJson),
             (binary_frame(&[0xff, 0xfe], &[]), ErrorCode::InvalidUtf8),

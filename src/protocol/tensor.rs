@@ -117,7 +117,8 @@ pub fn f32_from_json_in(
         let Some(section) = section else {
             return Err(wrong("offset/nbytes (raw bytes) need a binary frame; in JSON give b64"));
         };
-        let field = |k: &str| obj.get(k).and_then(Value::as_u64).ok_or_else(|| wrong(&format!("{k} must be an integer >= 0")));
+        let field =
+            |k: &str| obj.get(k).and_then(Value::as_u64).ok_or_else(|| wrong(&format!("{k} must be an integer >= 0")));
         let (offset, nbytes) = (field("offset")?, field("nbytes")?);
         if elems.checked_mul(4) != Some(nbytes) {
             return Err((ErrorCode::ShapeMismatch, format!("tensor: {nbytes} bytes do not hold {rows} x {cols} f32")));

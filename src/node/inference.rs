@@ -366,7 +366,7 @@ fn run_group(
     events: &Sender<NodeEvent>,
     waker: &Arc<Waker>,
 ) {
-    let outcomes: Vec<Result<(Value, Vec<u8>), (ErrorCode, String)>> = match engine.as_mut() {
+    let outcomes: Vec<Computed> = match engine.as_mut() {
         Ok(engine) => execute(engine, loaded, &group, stats),
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
@@ -439,6 +439,9 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
+/// A step's result object and the data section its raw tensor is in, or its error.
+type Computed = Result<(Value, Vec<u8>), (ErrorCode, String)>;
+
 /// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
 /// and the output) with the data section its raw tensor is in (see [`result_json`]), or its error.
 fn execute(
@@ -446,7 +449,7 @@ fn execute(
     loaded: &mut HashMap<u32, usize>,
     group: &[ExecuteJob],
     stats: &InferStats,
-) -> Vec<Result<(Value, Vec<u8>), (ErrorCode, String)>> {
+) -> Vec<Computed> {
     let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
     if let Err(e) = unchanged(&shard.file, &shard.map, shard_id) {
         return group.iter().map(|_| Err(e.clone())).collect();

@@ -118,8 +118,11 @@ pub struct Summary {
     /// Per shard: median compute ms per decode step, and the median round trip the hop waited on
     /// the rest of the chain.
     pub hop_compute_ms: Vec<f64>,
-    /// Median time of a decode step seen by the coordinator, less the hops' compute: the cost of
-    /// the chain itself (serialization, sockets, relays).
+    /// Median time of a decode step seen by the coordinator, less the hops' compute (their engine
+    /// calls), over the hops: the chain's own cost (serialization, sockets, relays, thread
+    /// hand-offs), plus what each hop does outside its engine call that one process does too
+    /// (the last hop's pick of the best logits). `make bench` reports it as
+    /// `chain_overhead_per_hop_us`, beside the pipeline's cost over one process.
     pub overhead_per_hop_us: f64,
 }
 

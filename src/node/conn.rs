@@ -126,6 +126,9 @@ pub struct Conn {
     pub auth: NodeAuth,
     /// Peer wire: Message Stream Encryption (none, handshaking, or done).
     pub crypt: Crypt,
+    /// Commands: the address the peer reached us at, asked of the socket once (the hop address
+    /// of every EXECUTE_TASK answer) and kept.
+    pub local_addr: Option<Option<SocketAddr>>,
 }
 
 /// What the next buffered bytes are.
@@ -170,6 +173,7 @@ impl Conn {
             connecting: false,
             auth: NodeAuth::Open,
             crypt: Crypt::Plain,
+            local_addr: None,
         }
     }
 

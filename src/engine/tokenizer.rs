@@ -727,8 +727,22 @@ mod tests {
     /// whose ranks make ties, chains and overlaps (`aa` before `ab`, then `aaa`, `aaaa`...).
     fn small_bpe() -> Tokenizer {
         let merges = [
-            "a a", "b c", "a b", "aa a", "aa aa", "c d", "ab c", "d d", "aaaa aaaa", "aa b", "b b", "bb bb", "cd cd",
-            "aaa a", "d a", "da b",
+            "a a",
+            "b c",
+            "a b",
+            "aa a",
+            "aa aa",
+            "c d",
+            "ab c",
+            "d d",
+            "aaaa aaaa",
+            "aa b",
+            "b b",
+            "bb bb",
+            "cd cd",
+            "aaa a",
+            "d a",
+            "da b",
         ];
         let mut tokens: Vec<String> = (0u8..=255).map(|b| byte_to_char()[b as usize].to_string()).collect();
         for m in merges {
@@ -766,7 +780,8 @@ mod tests {
             seed ^= seed >> 7;
             seed ^= seed << 17;
             let len = 1 + (seed % 40) as usize;
-            let word: String = (0..len).map(|i| b"abcd"[((seed >> (i % 60)) as usize + i * round) % 4] as char).collect();
+            let word: String =
+                (0..len).map(|i| b"abcd"[((seed >> (i % 60)) as usize + i * round) % 4] as char).collect();
             let want: Vec<u32> = bpe_by_rescanning(&t, &word).iter().map(|s| t.ids[s.as_str()]).collect();
             assert_eq!(t.encode(&word, false, false), want, "{word:?}");
         }

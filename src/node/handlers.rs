@@ -382,6 +382,7 @@ impl Node {
                 "disk_reserve": self.config.disk_reserve,
                 "part_expiry_s": self.config.part_expiry.as_secs(),
                 "redial_give_up_s": self.config.redial_give_up.as_secs(),
+                "download_stall_timeout_s": self.config.download_stall_timeout.as_secs(),
             },
             "auth": {
                 "cluster_key": self.config.cluster_key.is_some(),
@@ -553,8 +554,8 @@ impl Node {
             return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
         };
         if p.peers.is_empty() {
-            if self.downloads.contains_key(&h) {
-                return Ok(()); // joins the download under way
+            if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {
+                return Ok(()); // joins the download under way (not one that failed)
             }
             return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
         }

@@ -20,9 +20,10 @@ use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
-use crate::protocol::tensor::f32_to_json;
+use crate::protocol::tensor::{f32_to_json, f32_to_raw};
 use crate::protocol::{
-    ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, request_payload, success_payload,
+    Encoding, ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, binary, error_payload, request_payload,
+    success_payload,
 };
 
 /// Where an answer goes: the connection (checked by id, as slots are reused) and the request.
@@ -528,8 +529,9 @@ struct ExecuteJob {
 
 /// What a step's compute gave.
 enum Done {
-    /// The answer's result object.
-    Result(Value),
+    /// The answer's result object and the data section its raw tensor is in (see
+    /// [`result_json`]).
+    Result((Value, Vec<u8>)),
     /// The output of a split step's part (more is to come).
     Part(Output),
 }
@@ -570,7 +572,7 @@ fn run_group(
                 again.push(Job::Execute { reply, task, from, origin, shard, queued, me, prefix });
                 continue;
             }
-            Ok(Done::Result(mut result)) => {
+            Ok(Done::Result((mut result, section))) => {
                 if let Some(p) = &prefix {
                     task.pos -= p.tokens as u32;
                 }
@@ -579,10 +581,18 @@ fn run_group(
                 result.as_object_mut().expect("an object").remove("timings");
                 if task.next.is_empty() {
                     result["hops"] = json!([hop]);
-                    success_payload("EXECUTE_TASK", &reply.request_id, result)
+                    let header = success_payload("EXECUTE_TASK", &reply.request_id, result);
+                    match task.encoding {
+                        Encoding::Base64 => header,
+                        Encoding::Binary => {
+                            let mut payload = Vec::new();
+                            binary::encode(&header, &section, &mut payload);
+                            payload
+                        }
+                    }
                 } else {
                     *relay_ids += 1;
-                    let out = relay_request(&task, from.as_deref(), &origin, result, hop, reply, *relay_ids);
+                    let out = relay_request(&task, from.as_deref(), &origin, (result, section), hop, reply, *relay_ids);
                     let _ = events.send(NodeEvent::Relay(out));
                     let _ = waker.wake();
                     continue;
@@ -647,7 +657,7 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
 }
 
 /// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
-/// and the output), or its error.
+/// and the output) with the data section its raw tensor is in (see [`result_json`]), or its error.
 fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
@@ -736,16 +746,21 @@ fn execute(
         let all = matches!(job.task.output, TaskOutput::Logits { all: true }) || matches!(out, Output::Hidden { .. });
         let out = if all { merged(job.prefix.as_ref().and_then(|p| p.output.clone()), out) } else { out };
         let n = inputs[i].0.n_tokens() + before;
-        let mut result = result_json(&job.task, out, n, queue_ms, compute_ms, batch);
+        // A relayed result always goes raw (the link converts it for a next hop that reads JSON
+        // only); an answer as its caller asked.
+        let raw = !job.task.next.is_empty() || job.task.encoding == Encoding::Binary;
+        let mut section = Vec::new();
+        let mut result = result_json(&job.task, out, n, queue_ms, compute_ms, batch, raw.then_some(&mut section));
         result["pos"] = json!(job.task.pos - before as u32);
-        results.push(Ok(Done::Result(result)));
+        results.push(Ok(Done::Result((result, section))));
         stats.tasks.fetch_add(1, Ordering::Relaxed);
     }
     results
 }
 
 /// A computed step's result object: its output as the task asked (hidden state, logits or top k)
-/// and its timings (`batch`: steps computed in the same round).
+/// and its timings (`batch`: steps computed in the same round). With `section`, a tensor output
+/// goes there as raw bytes (for a binary frame), else into the object as base64.
 fn result_json(
     task: &ExecuteTask,
     out: Output,
@@ -753,15 +768,20 @@ fn result_json(
     queue_ms: f64,
     compute_ms: f64,
     batch: usize,
+    section: Option<&mut Vec<u8>>,
 ) -> Value {
+    let tensor = |data: &[f32], rows, cols| match section {
+        Some(s) => f32_to_raw(data, rows, cols, s),
+        None => f32_to_json(data, rows, cols),
+    };
     let output = match (out, task.output) {
-        (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
+        (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": tensor(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {
             let last = &data[data.len() - n_vocab..];
             let ids = top_k(last, k);
             json!({"top_k": ids.iter().map(|&i| json!({"id": i, "logit": last[i as usize]})).collect::<Vec<_>>()})
         }
-        (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": f32_to_json(&data, rows, n_vocab)}),
+        (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": tensor(&data, rows, n_vocab)}),
     };
     let mut result = json!({
         "session_id": &task.session_id,
@@ -820,13 +840,15 @@ fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
 }
 
 /// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
-/// session, position, output and `from`), as the frame the event loop's relay sends.
+/// session, position, output and `from`), as the frame the event loop's relay sends: a binary
+/// frame (`result` holds its hidden state as a raw tensor in `section`), asking for a binary
+/// answer; the link sends it as JSON to a next hop that has not shown it reads binary frames.
 #[allow(clippy::too_many_arguments)]
 fn relay_request(
     task: &ExecuteTask,
     from: Option<&str>,
     origin: &str,
-    mut result: Value,
+    (mut result, section): (Value, Vec<u8>),
     hop: Value,
     reply: ReplyTo,
     id: u64,
@@ -851,13 +873,25 @@ fn relay_request(
         "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(task.hop_timeout_ms),
         "session_token": task.session_token,
         "origin": origin,
+        "encoding_format": "binary",
     });
     if k > 0 {
         params["k"] = json!(k);
     }
-    let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    let header = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    let mut payload = Vec::with_capacity(binary::PREFIX_LEN + header.len() + section.len());
+    binary::encode(&header, &section, &mut payload);
     let origin = origin.to_string();
-    relay::Outgoing { reply, origin, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
+    relay::Outgoing {
+        reply,
+        origin,
+        next,
+        id,
+        payload,
+        hop,
+        timeout: Duration::from_millis(task.hop_timeout_ms),
+        encoding: task.encoding,
+    }
 }
 
 fn hop_json(h: &Hop) -> Value {

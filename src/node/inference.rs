@@ -127,7 +127,7 @@ impl InferStats {
 
 /// What the event loop sends the inference thread, in the order it happened.
 enum Msg {
-    Job(Job),
+    Job(Box<Job>),
     /// The command connection with this id closed: its queued steps are dropped.
     Cancel(u64),
 }
@@ -151,7 +151,7 @@ impl Inference {
 
     pub fn submit(&self, job: Job) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.jobs.send(Msg::Job(job));
+        let _ = self.jobs.send(Msg::Job(Box::new(job)));
     }
 
     /// The command connection `conn_id` closed: its `EXECUTE_TASK`s still queued (not yet taken
@@ -445,7 +445,7 @@ fn receive(
     match msg {
         Msg::Job(job) => {
             let key = arrived(gather, &job);
-            enqueue(queue, queued_sessions, job, stats, send);
+            enqueue(queue, queued_sessions, *job, stats, send);
             key
         }
         Msg::Cancel(conn_id) => {

@@ -458,7 +458,12 @@ impl Cache {
             total = at.checked_add(unsafe { sys::ggml_nbytes(t.as_ptr()) }).ok_or("KV cache size overflows")?;
             offsets.push(at);
         }
-        let mut map = memmap2::MmapMut::map_anon(total.max(1))
+        // No swap reserved up front (MAP_NORESERVE): the limits bound what is written, and a
+        // reservation for every slot would count unwritten slots against the commit limit.
+        let mut map = memmap2::MmapOptions::new()
+            .len(total.max(1))
+            .no_reserve_swap()
+            .map_anon()
             .map_err(|e| format!("reserving {total} bytes for the KV cache: {e}"))?;
         let base = map.as_mut_ptr();
         // SAFETY: the buffer wraps `total` bytes of the map, which outlives it (dropped after it

@@ -520,6 +520,9 @@ impl Cache {
     pub fn len(&self) -> usize {
         self.tensors.len()
     }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
     pub fn bytes(&self) -> usize {
         // SAFETY: a live buffer we own.
         unsafe { sys::ggml_backend_buffer_get_size(self.buffer.as_ptr()) }

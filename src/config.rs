@@ -112,6 +112,9 @@ pub struct NodeConfig {
     pub part_expiry: Duration,
     /// A peer whose dials have failed for this long is dropped from its download.
     pub redial_give_up: Duration,
+    /// A download that made no progress (no metadata piece, no block from any peer) for this
+    /// long fails (`TORRENT_UNAVAILABLE`) and frees its `--max-downloads` slot.
+    pub download_stall_timeout: Duration,
     /// Sessions one client may hold (its own least recently used goes beyond it).
     pub max_sessions_per_client: usize,
     /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
@@ -131,6 +134,9 @@ pub struct NodeConfig {
     pub encryption: Encryption,
     /// An MSE handshake begun and not finished this long is closed (`--mse-timeout`).
     pub mse_timeout: Duration,
+    /// `--mse-rate`: MSE handshakes a client (IPv4 address, IPv6 /64; loopback IP and port) may
+    /// open a second, with bursts of twice that; more are closed before any DH work. 0: none.
+    pub mse_rate: u32,
 }
 
 /// `--encryption`: how the peer wire uses Message Stream Encryption (MSE). As libtorrent's
@@ -218,6 +224,7 @@ impl Default for NodeConfig {
             disk_reserve: 1 << 30,
             part_expiry: Duration::from_secs(3600),
             redial_give_up: Duration::from_secs(300),
+            download_stall_timeout: Duration::from_secs(120),
             max_sessions_per_client: 8,
             cluster_key: None,
             cluster_key_file: None,
@@ -227,6 +234,7 @@ impl Default for NodeConfig {
             private: false,
             encryption: Encryption::default(),
             mse_timeout: crate::torrent::mse::HANDSHAKE_TIMEOUT,
+            mse_rate: 20,
         }
     }
 }
@@ -254,6 +262,7 @@ impl NodeConfig {
             "max_sessions_per_client": self.max_sessions_per_client,
             "auth_timeout_s": self.auth_timeout.as_secs(),
             "mse_timeout_s": self.mse_timeout.as_secs(),
+            "mse_rate": self.mse_rate,
             "dht_max_keys": self.dht_store.max_keys,
             "dht_max_peers_per_key": self.dht_store.max_peers_per_key,
             "dht_max_per_announcer": self.dht_store.max_per_announcer,
@@ -318,6 +327,9 @@ FLAGS:
   --part-expiry SECS     remove a .part file no download used for this long
                          [default: 3600]
   --redial-give-up SECS  drop a peer whose dials failed for this long [default: 300]
+  --download-stall-timeout SECS
+                         fail a download that got no metadata and no block for this long,
+                         freeing its --max-downloads slot [default: 120]
   --threads N            compute threads for inference [default: cores]
   --ctx-size N           tokens of context per session [default: 2048, at most
                          the model's training context]
@@ -349,6 +361,9 @@ FLAGS:
                          only) [default: prefer-plaintext]
   --mse-timeout SECS     close a peer connection whose MSE handshake has not
                          finished this long after it began [default: 10]
+  --mse-rate N           MSE handshakes one client (IPv4 address, IPv6 /64) may
+                         open a second, bursts of 2N; more are closed before any
+                         DH work (0: no limit) [default: 20]
   --kv-memory BYTES      bytes all sessions' KV caches may take [default: 2147483648]
   --no-repack            compute Q4_0-style weights from the shard's own layout
                          (slower) instead of ggml's faster CPU layout, which is
@@ -515,6 +530,9 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--disk-reserve" => c.disk_reserve = number(flag, value()?, 0, u64::MAX / 2)?,
             "--part-expiry" => c.part_expiry = Duration::from_secs(number(flag, value()?, 1, 365 * 86_400)?),
             "--redial-give-up" => c.redial_give_up = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
+            "--download-stall-timeout" => {
+                c.download_stall_timeout = Duration::from_secs(number(flag, value()?, 1, 86_400)?)
+            }
             "--threads" => c.threads = number(flag, value()?, 1, 1024)? as usize,
             "--ctx-size" => c.ctx_size = number(flag, value()?, 16, 1 << 20)? as u32,
             "--max-sessions" => c.max_sessions = number(flag, value()?, 1, 100_000)? as usize,
@@ -532,6 +550,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             }
             "--auth-timeout" => c.auth_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
             "--mse-timeout" => c.mse_timeout = Duration::from_secs(number(flag, value()?, 1, 3600)?),
+            "--mse-rate" => c.mse_rate = number(flag, value()?, 0, 1_000_000)? as u32,
             "--model" => {
                 let v = value()?;
                 c.model_pin = Some(parse_model_hash(v).map_err(|e| format!("--model: {e}"))?);
@@ -693,6 +712,7 @@ mod tests {
             (&["--max-download-peers", "x"], "--max-download-peers"),
             (&["--part-expiry", "0"], "--part-expiry"),
             (&["--redial-give-up", "-1"], "--redial-give-up"),
+            (&["--download-stall-timeout", "0"], "--download-stall-timeout"),
             (&["--frame-memory", "1048576"], "--frame-memory"),
             (&["--max-command-connections-per-ip", "0"], "--max-command-connections-per-ip"),
             (&["--frame-timeout", "0"], "--frame-timeout"),

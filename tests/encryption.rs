@@ -237,6 +237,32 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
     node.assert_serving();
 }
 
+/// Red-team round 8: 69,293 handshakes of 160 bytes (a key and padding, then gone) showed as 5
+/// in STATUS. Every handshake begun is counted in `encryption.started`; `--mse-rate` (per IPv4
+/// address or IPv6 /64, refusals in `rate_limited`; unit test `mse_handshakes_are_rate_limited_per_client`)
+/// counts loopback clients by port, so 30 from 127.0.0.1 all begin.
+#[test]
+fn every_mse_handshake_begun_is_counted() {
+    let (sd, _src, m) = seed_dir("mse-count", MB, 0);
+    let node = torrent_node(sd.path(), &["--mse-rate", "5"]);
+    assert_eq!(node.call("STATUS", json!({}))["result"]["limits"]["mse_rate"], 5);
+    let mut out = Vec::new();
+    let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(64), Instant::now(), &mut out);
+    assert_eq!(out.len(), 160);
+    for _ in 0..30 {
+        let mut s = node.raw();
+        s.write_all(&out).unwrap();
+        let mut yb = [0u8; 96];
+        s.read_exact(&mut yb).unwrap();
+    }
+    let e = wait_for(WAIT, || {
+        let e = encryption(&node);
+        (e["started"] == 30).then_some(e)
+    });
+    assert_eq!(e["rate_limited"], 0, "{e}");
+    node.assert_serving();
+}
+
 // ---- real clients ----
 
 fn lt_peer(encryption: &str) -> Command {

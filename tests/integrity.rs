@@ -178,6 +178,91 @@ fn a_thousand_downloads_are_capped_and_dead_peers_given_up() {
     leech.assert_serving();
 }
 
+/// Red-team round 8: eight magnets of random info hashes named a dead peer and held every
+/// `--max-downloads` slot until restart. With `--download-stall-timeout 2` each fails with a
+/// clear error once 2 s pass without a metadata piece or a block, and its slot is free again.
+#[test]
+fn downloads_without_progress_fail_and_free_their_slots() {
+    let ld = TempDir::new("istall");
+    let leech = torrent_node(ld.path(), &["--download-stall-timeout", "2", "--redial-give-up", "600"]);
+    let magnet = |i: u32| {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&i.to_be_bytes());
+        h[19] = 2;
+        json!({"info_hash": InfoHash(h).to_hex(), "peers": ["127.0.0.1:9"]})
+    };
+    for i in 0..8 {
+        let r = leech.call("DOWNLOAD", magnet(i));
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    let r = leech.call("DOWNLOAD", magnet(8));
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    let downloads = wait_for(WAIT, || {
+        let s = leech.call("STATUS", json!({}));
+        let d = s["result"]["downloads"].as_array().unwrap().clone();
+        d.iter().all(|d| d["error"].is_string()).then_some(d)
+    });
+    assert_eq!(downloads.len(), 8);
+    for d in &downloads {
+        let e = d["error"].as_str().unwrap();
+        assert!(e.contains("no metadata") && e.contains("--download-stall-timeout"), "{d}");
+    }
+    let r = leech.call("DOWNLOAD", magnet(8));
+    assert_eq!(r["status"], "success", "the slots are free again: {r}");
+    leech.assert_serving();
+}
+
+/// A slow swarm that keeps sending blocks is not a stall: a 3 MB shard at 400 kB/s (about 8 s)
+/// downloads whole under `--download-stall-timeout 2`.
+#[test]
+fn a_slow_download_that_progresses_is_not_failed_as_stalled() {
+    let (sd, src, m) = seed_dir("istall-seed", 3 * MB, 3);
+    let seed = torrent_node(sd.path(), &["--upload-limit", "400000"]);
+    let ld = TempDir::new("istall-slow");
+    let leech = torrent_node(ld.path(), &["--download-stall-timeout", "2"]);
+    let r = download(&leech, &m, &[&seed.addr]);
+    assert_eq!(r["status"], "success", "{r}");
+    let d = wait_for(WAIT, || {
+        let d = download_status(&leech, m.info_hash);
+        (d["complete"] == true || d["error"].is_string()).then_some(d)
+    });
+    assert_eq!(d["complete"], true, "{d}");
+    assert!(d["seconds"].as_f64().unwrap_or(0.0) > 2.0, "not slower than the stall timeout: {d}");
+    same_bytes(&src, &ld.path().join(&m.info.name));
+}
+
+/// Red-team round 8: one DOWNLOAD naming 32 ports of a third party drew 224 connections to it
+/// in 40 s. A peer that never handshakes gets at most 4 dials (`MAX_UNPROVEN_DIALS`), then is
+/// dropped, even under a long `--redial-give-up`.
+#[test]
+fn peers_that_never_handshake_get_a_bounded_number_of_dials() {
+    let ld = TempDir::new("idials");
+    let leech = torrent_node(ld.path(), &["--redial-give-up", "600"]);
+    let mut ports = Vec::new();
+    let mut counters = Vec::new();
+    for _ in 0..8 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        ports.push(listener.local_addr().unwrap().to_string());
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        counters.push(n.clone());
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                drop(s);
+            }
+        });
+    }
+    let mut h = [0u8; 20];
+    h[19] = 3;
+    let r = leech.call("DOWNLOAD", json!({"info_hash": InfoHash(h).to_hex(), "peers": ports}));
+    assert_eq!(r["status"], "success", "{r}");
+    wait_for(WAIT, || (download_status(&leech, InfoHash(h))["known_peers"] == 0).then_some(()));
+    std::thread::sleep(Duration::from_secs(1));
+    let dials: Vec<usize> = counters.iter().map(|c| c.load(std::sync::atomic::Ordering::SeqCst)).collect();
+    assert!(dials.iter().all(|n| (1..=4).contains(n)), "dials per peer: {dials:?}");
+    leech.assert_serving();
+}
+
 #[test]
 fn two_torrents_of_one_name_never_share_a_file() {
     let (sa, src_a, a) = seed_dir("iseed", 3 * MB, 1);

@@ -170,6 +170,58 @@ fn bad_fast_and_pex_input_closes_that_peer_only() {
     assert!(pw["pex"]["closed"].as_u64().unwrap() >= 1, "{pw}");
 }
 
+/// BEP 9 requests from a peer that never reads its answers (red-team round 8: 26 MB of requests
+/// from 4 peers cost the node 1.4 GB): past 64 KiB waiting, requests get a reject no larger than
+/// themselves, and the node stops reading the peer while 6 MiB wait, so the connection's output
+/// stays under ~7.1 MiB (checked at 8 MiB); other peers and commands are still served.
+#[test]
+fn a_peer_flooding_metadata_requests_without_reading_gets_bounded_output() {
+    let (sd, _src, m) = seed_dir("ext-meta-flood", 12 * MB, 0);
+    let node = torrent_node(sd.path(), &[]);
+    // A small receive buffer, so that what the node sends waits in the node, not in our kernel.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.set_recv_buffer_size(64 * 1024).unwrap();
+    sock.connect(&node.addr.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+    let mut s: TcpStream = sock.into();
+    let mut hs = Vec::new();
+    Handshake::new(m.info_hash, *b"-TT0001-metaflood000").encode(&mut hs);
+    s.write_all(&hs).unwrap();
+    let mut theirs = [0u8; 68];
+    s.read_exact(&mut theirs).unwrap();
+    let enc = |m: Message<'_>| {
+        let mut v = Vec::new();
+        wire::encode(&m, &mut v);
+        v
+    };
+    let ext = bencode::dict([("m", bencode::dict([("ut_metadata", Bencode::Int(3))]))]).encode();
+    s.write_all(&enc(Message::Extended { id: 0, payload: &ext })).unwrap();
+    // The node announces ut_metadata as id 1.
+    let req = bencode::dict([("msg_type", Bencode::Int(0)), ("piece", Bencode::Int(0))]).encode();
+    let one = enc(Message::Extended { id: 1, payload: &req });
+    let chunk: Vec<u8> = one.iter().copied().cycle().take(one.len() * (64 * 1024 / one.len())).collect();
+    let ratio = m.raw_info.len() / one.len();
+    assert!(ratio >= 20, "an answer is {ratio} times its request: too small to tell");
+    s.set_write_timeout(Some(Duration::from_secs(3))).unwrap();
+    let mut sent = 0;
+    // 96 MiB unbounded would be ~96 MiB x ratio of answers; a node that stops reading makes the
+    // writes block (then time out) once its receive buffer is full (at most 32 MiB here).
+    while sent < 96 * MB {
+        match s.write_all(&chunk) {
+            Ok(()) => sent += chunk.len(),
+            Err(_) => break,
+        }
+    }
+    let pw = status(&node)["peer_wire"].clone();
+    let largest = pw["output"]["largest_queued_bytes"].as_u64().unwrap() as usize;
+    eprintln!("sent {sent} bytes of requests (answers {ratio}x); {pw}");
+    assert!(largest <= 8 * MB, "{largest} bytes queued for one peer: {pw}");
+    assert!(pw["output"]["metadata_rejects_sent"].as_u64().unwrap() > 0, "{pw}");
+    assert!(sent < 96 * MB, "the node read all {sent} bytes of requests without pausing: {pw}");
+    assert_eq!(pw["output"]["reads_paused"], 1, "{pw}");
+    still_serving(&node, &m);
+    drop(s);
+}
+
 // ---- with libtorrent (Debian's python3-libtorrent) ----
 
 fn lt_peer() -> Command {

@@ -51,7 +51,8 @@ pub enum Insert {
     /// The bucket is full of good or questionable nodes; the caller may ping
     /// this questionable one and insert again if it stays silent.
     Full(Option<NodeInfo>),
-    /// Refused: our own id, or another node already uses this IP address.
+    /// Refused: our own id, another node already uses this IP address, or (restricted) the
+    /// bucket holds a node of the same IPv4 /24 or IPv6 /64 ([`routing_subnet`]).
     Refused,
 }
 
@@ -60,8 +61,38 @@ pub struct RoutingTable {
     buckets: Vec<Vec<Entry>>,
     /// Last time each bucket changed (for refresh).
     touched: Vec<Instant>,
-    /// One node per IP address (off for test networks on one machine).
+    /// One node per IP address in the table and one per [`routing_subnet`] in a bucket (off
+    /// for test networks on one machine).
     restrict_ips: bool,
+}
+
+/// The subnet a bucket holds at most one node of when IPs are restricted, as libtorrent's
+/// `restrict_routing_ips`: an IPv4 /24 or an IPv6 /64 (IPv4-mapped IPv6 as IPv4), so that one
+/// operator's /24 or /64 cannot fill the buckets near a target with sybils (red-team round 8:
+/// 256 addresses of one /64 put 41 nodes in a table, 200 of one /24 put 49). `None` for local
+/// addresses, exempt like libtorrent's `is_local`: loopback, IPv4 private (10/8, 172.16/12,
+/// 192.168/16) and link-local (169.254/16), IPv6 unique-local (fc00::/7) and link-local
+/// (fe80::/10). A private cluster lives in one such subnet and would keep a node per bucket;
+/// those addresses are not reachable from the internet, so a stranger there is on the LAN.
+pub fn routing_subnet(ip: IpAddr) -> Option<IpAddr> {
+    let v4 = match ip {
+        IpAddr::V4(v4) => Some(v4),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped(),
+    };
+    if let Some(v4) = v4 {
+        if v4.is_loopback() || v4.is_private() || v4.is_link_local() || v4.is_unspecified() {
+            return None;
+        }
+        return Some(IpAddr::V4((u32::from(v4) & 0xffff_ff00).into()));
+    }
+    let IpAddr::V6(v6) = ip else { unreachable!("IPv4 handled above") };
+    let bits = u128::from(v6);
+    let unique_local = bits >> 121 == 0xfc >> 1;
+    let link_local = bits >> 118 == 0xfe80 >> 6;
+    if v6.is_loopback() || v6.is_unspecified() || unique_local || link_local {
+        return None;
+    }
+    Some(IpAddr::V6((bits & !((1u128 << 64) - 1)).into()))
 }
 
 impl RoutingTable {
@@ -87,6 +118,14 @@ impl RoutingTable {
     /// Records that `node` was heard from; `responded`: it answered our query.
     pub fn insert(&mut self, node: NodeInfo, responded: bool, now: Instant) -> Insert {
         let Some(b) = self.bucket_of(&node.id) else { return Insert::Refused };
+        let net = routing_subnet(node.addr.ip()).filter(|_| self.restrict_ips);
+        let net_taken = |bucket: &[Entry]| {
+            net.is_some() && bucket.iter().any(|e| e.node.id != node.id && routing_subnet(e.node.addr.ip()) == net)
+        };
+        let moved = self.buckets[b].iter().any(|e| e.node.id == node.id && e.node.addr != node.addr);
+        if moved && net_taken(&self.buckets[b]) {
+            return Insert::Refused; // an answer from a subnet another node of the bucket holds
+        }
         if let Some(e) = self.buckets[b].iter_mut().find(|e| e.node.id == node.id) {
             if e.node.addr != node.addr && !responded {
                 return Insert::Refused; // a claim to an id from elsewhere: only an answer moves it
@@ -100,6 +139,9 @@ impl RoutingTable {
             return Insert::Updated;
         }
         if self.restrict_ips && self.contains_ip(node.addr.ip()) {
+            return Insert::Refused;
+        }
+        if net_taken(&self.buckets[b]) {
             return Insert::Refused;
         }
         let entry = Entry { node, last_response: responded.then_some(now), failures: 0 };
@@ -235,6 +277,63 @@ mod tests {
         let mut open = RoutingTable::new(Id([0; 20]), false, now);
         open.insert(node(0x80, 1, [127, 0, 0, 1]), true, now);
         assert_eq!(open.insert(node(0x40, 1, [127, 0, 0, 1]), true, now), Insert::Added);
+    }
+
+    fn node6(first: u8, last: u8, ip: &str) -> NodeInfo {
+        let mut id = [0u8; 20];
+        id[0] = first;
+        id[19] = last;
+        NodeInfo { id: Id(id), addr: std::net::SocketAddr::new(ip.parse().unwrap(), 6881) }
+    }
+
+    /// Red-team round 8: 256 addresses of one IPv6 /64 (and 200 of one IPv4 /24), each with an
+    /// id near ours, filled buckets with sybils. One node per /24 or /64 in a bucket now.
+    #[test]
+    fn a_bucket_holds_one_node_per_ipv4_24_and_ipv6_64() {
+        let now = Instant::now();
+        let mut t = RoutingTable::new(Id([0; 20]), true, now);
+        for i in 1..=200u8 {
+            let r = t.insert(node(0x80, i, [203, 0, 113, i]), true, now);
+            assert_eq!(r, if i == 1 { Insert::Added } else { Insert::Refused }, "203.0.113.{i}");
+        }
+        for i in 0..256u32 {
+            let r = t.insert(node6(0x40, i as u8, &format!("2001:db8:0:1::{:x}", i + 1)), true, now);
+            assert_eq!(r, if i == 0 { Insert::Added } else { Insert::Refused }, "::{:x}", i + 1);
+        }
+        // IPv4-mapped IPv6 is its IPv4 /24.
+        assert_eq!(t.insert(node6(0x80, 250, "::ffff:203.0.113.77"), true, now), Insert::Refused);
+        // Other subnets fill the bucket; the same /24 may sit in another bucket.
+        for i in 2..=8u8 {
+            assert_eq!(t.insert(node(0x80, i, [198, 51, i, 1]), true, now), Insert::Added);
+        }
+        assert_eq!(t.insert(node(0x20, 1, [203, 0, 113, 9]), true, now), Insert::Added);
+        assert_eq!(t.insert(node6(0x41, 1, "2001:db8:0:2::1"), true, now), Insert::Added, "another /64");
+        assert_eq!(t.len(), 1 + 1 + 7 + 1 + 1);
+        // A node of the bucket does not move into a subnet another one holds, even answering.
+        assert_eq!(t.insert(node(0x80, 2, [203, 0, 113, 200]), true, now), Insert::Refused);
+        assert_eq!(t.insert(node(0x80, 2, [198, 51, 2, 9]), true, now), Insert::Updated, "its own /24");
+    }
+
+    /// Loopback and private addresses are exempt (test networks, private clusters on one LAN),
+    /// and an unrestricted table (a node on loopback) checks no subnet.
+    #[test]
+    fn local_addresses_and_unrestricted_tables_are_exempt_from_the_subnet_rule() {
+        let now = Instant::now();
+        let mut t = RoutingTable::new(Id([0; 20]), true, now);
+        let local = [[127, 0, 0, 1], [127, 0, 0, 2], [10, 0, 0, 1], [10, 0, 0, 2], [192, 168, 1, 1], [192, 168, 1, 2]];
+        for (i, ip) in local.iter().enumerate() {
+            assert_eq!(t.insert(node(0x80, i as u8, *ip), true, now), Insert::Added, "{ip:?}");
+        }
+        assert_eq!(t.insert(node6(0x40, 1, "fd00:99::1"), true, now), Insert::Added);
+        assert_eq!(t.insert(node6(0x40, 2, "fd00:99::2"), true, now), Insert::Added, "unique-local");
+        assert_eq!(t.insert(node6(0x40, 3, "fe80::1"), true, now), Insert::Added);
+        assert_eq!(t.insert(node6(0x40, 4, "fe80::2"), true, now), Insert::Added, "link-local");
+        let mut open = RoutingTable::new(Id([0; 20]), false, now);
+        assert_eq!(open.insert(node(0x80, 1, [203, 0, 113, 1]), true, now), Insert::Added);
+        assert_eq!(open.insert(node(0x80, 2, [203, 0, 113, 2]), true, now), Insert::Added);
+        assert_eq!(routing_subnet("203.0.113.9".parse().unwrap()), Some("203.0.113.0".parse().unwrap()));
+        assert_eq!(routing_subnet("2001:db8:1:2:3::4".parse().unwrap()), Some("2001:db8:1:2::".parse().unwrap()));
+        assert_eq!(routing_subnet("::1".parse().unwrap()), None);
     }
 
     #[test]

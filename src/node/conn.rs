@@ -35,6 +35,14 @@ pub const OUT_HIGH_WATER: usize = 1024 * 1024;
 pub const OUT_LOW_WATER: usize = 256 * 1024;
 /// Deferred requests (answered by a worker) per connection at most.
 pub const MAX_IN_FLIGHT: usize = 64;
+/// A peer-wire connection is not read while this many bytes of output wait for the peer to
+/// take them; reading resumes once it took enough (red-team round 8: ut_metadata requests from
+/// a peer that never reads grew its output by ~350 MB). Above the serving high water
+/// (`peer_wire::PEER_OUT_HIGH`, 4 MiB of blocks) by 2 MiB of control messages, so two nodes
+/// serving each other never both stop reading. A connection's output stays under this plus
+/// one read turn (`READ_BUDGET`, 1 MiB: rejects and control answers are no larger than the
+/// requests read) plus `MAX_METADATA_OUT` (64 KiB) of metadata pieces: about 7.1 MiB.
+pub const PEER_OUT_MAX: usize = 6 * 1024 * 1024;
 /// Bytes of answers queued and estimated in flight past which a connection takes no new request.
 pub const ANSWER_BUDGET: usize = 16 * 1024 * 1024;
 /// Estimated answer bytes per row: a row of hidden state (n_embd floats, base64), a row of
@@ -118,6 +126,9 @@ pub struct Conn {
     pub auth: NodeAuth,
     /// Peer wire: Message Stream Encryption (none, handshaking, or done).
     pub crypt: Crypt,
+    /// Commands: the address the peer reached us at, asked of the socket once (the hop address
+    /// of every EXECUTE_TASK answer) and kept.
+    pub local_addr: Option<Option<SocketAddr>>,
 }
 
 /// What the next buffered bytes are.
@@ -162,6 +173,7 @@ impl Conn {
             connecting: false,
             auth: NodeAuth::Open,
             crypt: Crypt::Plain,
+            local_addr: None,
         }
     }
 
@@ -334,7 +346,12 @@ impl Conn {
     }
 
     /// Whether new requests must wait for the client to read its answers.
+    /// A peer-wire connection: whether [`PEER_OUT_MAX`] bytes wait (its block requests are
+    /// bounded by the swarm's queue, its other requests by this bound on its unsent answers).
     pub fn backpressured(&self) -> bool {
+        if self.kind == Kind::PeerWire {
+            return self.pending_output() >= PEER_OUT_MAX;
+        }
         self.pending_output() > OUT_HIGH_WATER
             || (self.in_flight > 0 && self.pending_output() + self.reserved >= ANSWER_BUDGET)
             || self.in_flight >= MAX_IN_FLIGHT
@@ -345,8 +362,7 @@ impl Conn {
         if self.read_closed || self.close_after_flush || self.connecting {
             return false;
         }
-        // A peer's requests are bounded by the swarm's queue, not by output.
-        self.kind == Kind::PeerWire || !self.backpressured()
+        !self.backpressured()
     }
 
     /// Keeps the time the node does not read a command connection (its answers not taken:

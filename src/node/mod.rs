@@ -581,11 +581,18 @@ impl Node {
         let Some(conn) = self.conn(token) else { return };
         if conn.kind == conn::Kind::PeerWire {
             // Room in the socket: serve more of the peer's queued requests.
+            let was_paused = !conn.may_read();
             if let Err(e) = conn.flush(Instant::now()) {
                 return self.close(token, &format!("write error: {e}"));
             }
             if let Some(h) = conn.torrent {
                 self.pump(h);
+            }
+            // Not read while its output was over `conn::PEER_OUT_MAX`: input that came meanwhile
+            // raised no event (edge-triggered), so read it now.
+            if was_paused && self.conn(token).is_some_and(|c| c.may_read()) {
+                self.process_input(token); // what was read before the pause
+                return self.on_readable(token);
             }
             return self.after_io(token);
         }

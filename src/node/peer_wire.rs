@@ -25,6 +25,7 @@ use crate::{debug, info, warn};
 
 /// Output kept queued per peer connection while serving blocks.
 const PEER_OUT_HIGH: usize = 4 * 1024 * 1024;
+const _: () = assert!(PEER_OUT_HIGH + 4 * BLOCK_SIZE as usize <= super::conn::PEER_OUT_MAX - 1024 * 1024);
 /// Wait before dialling a peer again: doubles per failed attempt, from this...
 const REDIAL_FIRST: Duration = Duration::from_millis(200);
 /// ...up to this.
@@ -38,6 +39,12 @@ const RESUME_EVERY: Duration = Duration::from_secs(1);
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 /// Failed downloads kept for STATUS; older ones are forgotten.
 const FAILED_KEPT: usize = 64;
+/// Dials (fallback redials included) a peer that never handshook with the download gets before
+/// it is dropped: a command naming ports of a third party buys at most this many connections to
+/// each, for the life of the download (red-team round 8: 32 ports named once drew 224
+/// connections in 40 s, redialled for `--redial-give-up`). A peer that handshook once is
+/// redialled with back-off for `--redial-give-up`.
+pub const MAX_UNPROVEN_DIALS: u32 = 4;
 
 /// One peer's dialling record in a download.
 struct Dial {
@@ -54,6 +61,10 @@ struct Dial {
     /// handshake wait out the back-off like any failed dial (a peer that accepts and closes at
     /// once must not be dialled in a loop).
     fell_back: bool,
+    /// The peer handshook with this download at least once.
+    proven: bool,
+    /// Dials in all while not `proven` (at most [`MAX_UNPROVEN_DIALS`]).
+    unproven_dials: u32,
 }
 
 /// A download the node runs, and who waits for it.
@@ -76,6 +87,11 @@ pub struct Download {
     /// `--max-download-peers`, and the first to make room for a peer named in a command or
     /// found in the DHT (a stranger's dead addresses must not crowd out a real seed).
     pex_unproven: std::collections::HashSet<SocketAddr>,
+    /// When the download last made progress (started, a metadata piece or a block came):
+    /// `--download-stall-timeout` counts from here.
+    progress_at: Instant,
+    /// What progress is measured by: bytes of blocks received, metadata pieces held.
+    progress_mark: (u64, usize),
 }
 
 /// A token bucket for `--upload-limit` / `--download-limit` (bytes/s; 0 = none).
@@ -125,6 +141,10 @@ impl Node {
             }
             if conn.crypt.handshaking() {
                 if matches!(conn.crypt, Crypt::Incoming) {
+                    if !self.mse.admit(conn.peer, self.config.mse_rate, now) {
+                        debug!("peer {}: MSE handshake refused (--mse-rate {})", conn.peer, self.config.mse_rate);
+                        return self.close(token, "MSE handshakes over --mse-rate");
+                    }
                     conn.crypt = Crypt::receiver(self.config.encryption, now);
                 }
                 let swarms = &self.swarms;
@@ -585,7 +605,8 @@ impl Node {
         shard_id: Option<u32>,
     ) -> Result<(), (crate::protocol::ErrorCode, String)> {
         use crate::protocol::ErrorCode;
-        if !self.swarms.contains_key(&h) {
+        let new_swarm = !self.swarms.contains_key(&h);
+        if new_swarm {
             let running = self.active_downloads(h).count();
             if running >= self.config.max_downloads {
                 return Err((
@@ -625,7 +646,14 @@ impl Node {
             requeried: None,
             pex_peers: 0,
             pex_unproven: Default::default(),
+            progress_at: Instant::now(),
+            progress_mark: (0, 0),
         });
+        if new_swarm {
+            // A failed download started again: its stall clock and peers' dial budgets anew.
+            (d.progress_at, d.progress_mark) = (Instant::now(), (0, 0));
+            d.dialled.clear();
+        }
         d.failed = None;
         for p in peers {
             if d.peers.contains(p) || *p == self.local_addr {
@@ -678,10 +706,17 @@ impl Node {
         let connected: Vec<SocketAddr> = swarm.peers.values().map(|p| p.addr).collect();
         let dialled = &mut d.dialled;
         d.peers.retain(|p| {
+            let unproven_spent = |r: &Dial| !r.proven && r.unproven_dials >= MAX_UNPROVEN_DIALS;
             let dead = !connected.contains(p)
-                && dialled.get(p).is_some_and(|r| r.attempts > 0 && now.duration_since(r.failing_since) >= give_up);
+                && dialled.get(p).is_some_and(|r| {
+                    r.attempts > 0 && (now.duration_since(r.failing_since) >= give_up || unproven_spent(r))
+                });
             if dead {
-                info!("download {h}: giving up on peer {p} (no connection for {} s)", give_up.as_secs());
+                if dialled.get(p).is_some_and(unproven_spent) {
+                    info!("download {h}: giving up on peer {p} (never handshook in {MAX_UNPROVEN_DIALS} dials)");
+                } else {
+                    info!("download {h}: giving up on peer {p} (no connection for {} s)", give_up.as_secs());
+                }
                 dialled.remove(p);
                 d.pex_unproven.remove(p);
             }
@@ -707,9 +742,17 @@ impl Node {
                 encrypted: first_encrypted,
                 fallback: false,
                 fell_back: false,
+                proven: false,
+                unproven_dials: 0,
             });
             if r.attempts == 0 {
                 r.failing_since = now;
+            }
+            if !r.proven {
+                if r.unproven_dials >= MAX_UNPROVEN_DIALS {
+                    continue; // dropped at the next pass, once this connection is gone
+                }
+                r.unproven_dials += 1;
             }
             r.last = now;
             r.attempts += 1;
@@ -759,6 +802,7 @@ impl Node {
         if let Some(r) = self.downloads.get_mut(&h).and_then(|d| d.dialled.get_mut(&addr)) {
             r.attempts = 0;
             r.fell_back = false;
+            r.proven = true;
         }
     }
 
@@ -800,6 +844,7 @@ impl Node {
         let id = self.next_conn_id;
         self.next_conn_id += 1;
         let mut conn = if encrypted {
+            self.mse.started += 1;
             Conn::outgoing_encrypted(stream, addr, id, h, self.config.encryption, Instant::now())
         } else {
             Conn::outgoing(stream, addr, id, h)
@@ -895,7 +940,37 @@ impl Node {
             self.requery_if_dry(h, now);
             self.save_resume_if_due(h, now);
             self.pump(h);
+            self.fail_if_stalled(h, now);
         }
+    }
+
+    /// A download that got no metadata piece and no block for `--download-stall-timeout` fails
+    /// and frees its `--max-downloads` slot (red-team round 8: eight magnets of random info
+    /// hashes held every slot until restart). A slow swarm that still sends blocks is kept.
+    fn fail_if_stalled(&mut self, h: InfoHash, now: Instant) {
+        let (Some(d), Some(s)) = (self.downloads.get_mut(&h), self.swarms.get(&h)) else { return };
+        if s.is_complete() || d.failed.is_some() {
+            return;
+        }
+        let mark = (s.downloaded, s.metadata_pieces_held());
+        let progressed = mark.0 > d.progress_mark.0 || mark.1 > d.progress_mark.1;
+        d.progress_mark = mark;
+        if progressed {
+            d.progress_at = now;
+            return;
+        }
+        let stall = self.config.download_stall_timeout;
+        if now.duration_since(d.progress_at) < stall {
+            return;
+        }
+        let what = if s.metainfo().is_none() { "no metadata" } else { "no block" };
+        let why = format!(
+            "no progress for {} s ({what} from {} known peers, {} connected; --download-stall-timeout)",
+            stall.as_secs(),
+            d.peers.len(),
+            s.peers.len()
+        );
+        self.abort_download(h, crate::protocol::ErrorCode::TorrentUnavailable, why);
     }
 
     /// A download with no peer connected asks the DHT for more, every 10 s.
@@ -1025,8 +1100,24 @@ impl Node {
             t.pex_peers_taken += x.pex_peers_taken;
             t.pex_ignored += x.pex_ignored;
             t.pex_closed += x.pex_closed;
+            t.metadata_rejects_sent += x.metadata_rejects_sent;
+        }
+        // Unsent output of peer-wire connections: each stays under `conn::PEER_OUT_MAX` plus one
+        // read turn's answers (the threat model's bound).
+        let (mut queued, mut largest, mut paused) = (0usize, 0usize, 0usize);
+        for c in self.conns.iter().flatten().filter(|c| c.kind == Kind::PeerWire) {
+            let n = c.pending_output();
+            queued += n;
+            largest = largest.max(n);
+            paused += usize::from(!c.may_read() && !c.connecting && !c.read_closed && !c.close_after_flush);
         }
         serde_json::json!({
+            "output": {
+                "queued_bytes": queued,
+                "largest_queued_bytes": largest,
+                "reads_paused": paused,
+                "metadata_rejects_sent": t.metadata_rejects_sent,
+            },
             "fast": {
                 "peers": t.fast_peers,
                 "have_all_sent": t.have_all_sent,

@@ -95,6 +95,9 @@ pub struct ExtStats {
     /// PEX messages or entries not taken (too soon, over a cap, unusable addresses, private).
     pub pex_ignored: u64,
     pub pex_closed: u64,
+    /// ut_metadata requests answered with a reject (no such piece, or the peer's output over
+    /// [`super::MAX_METADATA_OUT`]).
+    pub metadata_rejects_sent: u64,
 }
 
 /// BEP 6's allowed-fast set: `k` pieces of `pieces` for a peer at `ip`, as the BEP computes

@@ -9,8 +9,8 @@ use std::time::Instant;
 use anyhow::{Result, anyhow};
 
 use super::{
-    Action, MAX_METADATA, MAX_PEER_REQUESTS, METADATA_PIECE, MIN_PIPELINE, Metadata, REQUEST_TIMEOUT, Swarm,
-    UT_METADATA,
+    Action, MAX_METADATA, MAX_METADATA_OUT, MAX_PEER_REQUESTS, METADATA_PIECE, MIN_PIPELINE, Metadata, REQUEST_TIMEOUT,
+    Swarm, UT_METADATA,
 };
 use crate::bencode::{self, Value};
 use crate::hash;
@@ -69,27 +69,36 @@ impl Swarm {
         Ok(())
     }
 
+    /// Answers a `request` (BEP 9 msg_type 0) for `piece` of our info dict: the piece
+    /// (msg_type 1), or a `reject` (msg_type 2) when we have no such piece or when
+    /// [`MAX_METADATA_OUT`] bytes already wait in the peer's output. A reject is no larger than
+    /// the request it answers, so a flood of requests grows the output by at most the bytes
+    /// read; the node stops reading a peer whose output passes
+    /// [`crate::node::conn::PEER_OUT_MAX`] (red-team round 8: 26 MB of requests cost 1.4 GB).
     fn serve_metadata(&mut self, key: PeerKey, piece: u32) {
         if !self.admitted(key) {
             return; // private swarm: not before the peer proved the key
         }
-        let raw = match &self.meta {
-            Metadata::Known(m) => Some(m.raw_info.clone()),
-            _ => None,
+        let raw: &[u8] = match &self.meta {
+            Metadata::Known(m) => &m.raw_info,
+            _ => &[],
         };
         let Some(peer) = self.peers.get_mut(&key) else { return };
         let Some(their_id) = peer.their_ut_metadata else { return };
         let start = piece as usize * METADATA_PIECE;
-        let mut payload = match &raw {
-            Some(raw) if start < raw.len() => bencode::dict([
+        let answer = start < raw.len() && peer.out.len() < MAX_METADATA_OUT;
+        let mut payload = if answer {
+            bencode::dict([
                 ("msg_type", Value::Int(1)),
                 ("piece", Value::Int(piece as i64)),
                 ("total_size", Value::Int(raw.len() as i64)),
             ])
-            .encode(),
-            _ => bencode::dict([("msg_type", Value::Int(2)), ("piece", Value::Int(piece as i64))]).encode(),
+            .encode()
+        } else {
+            self.stats.metadata_rejects_sent += 1;
+            bencode::dict([("msg_type", Value::Int(2)), ("piece", Value::Int(piece as i64))]).encode()
         };
-        if let Some(raw) = raw.filter(|r| start < r.len()) {
+        if answer {
             payload.extend_from_slice(&raw[start..(start + METADATA_PIECE).min(raw.len())]);
         }
         wire::encode(&Message::Extended { id: their_id, payload: &payload }, &mut peer.out);
@@ -123,6 +132,16 @@ impl Swarm {
             self.actions.push(Action::MetadataReady);
         }
         Ok(())
+    }
+
+    /// Pieces of the info dict held: all of them once it is known, the ones fetched so far for a
+    /// magnet (a measure of progress before any block can come).
+    pub fn metadata_pieces_held(&self) -> usize {
+        match &self.meta {
+            Metadata::Unknown => 0,
+            Metadata::Fetching { pieces, .. } => pieces.iter().filter(|p| p.is_some()).count(),
+            Metadata::Received(m) | Metadata::Known(m) => m.raw_info.len().div_ceil(METADATA_PIECE),
+        }
     }
 
     /// Metadata received from peers and verified against the info hash, waiting for the node to

@@ -40,6 +40,11 @@ const UT_METADATA: u8 = 1;
 const METADATA_PIECE: usize = 16 * 1024;
 /// Largest info dict accepted by ut_metadata: 8 MiB is 400k pieces.
 pub const MAX_METADATA: u64 = 8 * 1024 * 1024;
+/// Bytes that may wait in a peer's swarm output before a ut_metadata request is answered with
+/// a reject (BEP 9 msg_type 2) instead of the piece: four 16 KiB metadata pieces. The node
+/// moves the output into the connection after each read turn, so this bounds what one turn of
+/// requests can add beyond the rejects (each no larger than its request).
+pub const MAX_METADATA_OUT: usize = 64 * 1024;
 /// Failed pieces a peer may send before it is banned.
 const MAX_STRIKES: u32 = 2;
 

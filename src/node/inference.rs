@@ -199,7 +199,10 @@ fn worker(
     loop {
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
-            match jobs.recv() {
+            let idle = Instant::now();
+            let job = jobs.recv();
+            gather.idle(idle.elapsed());
+            match job {
                 Ok(job) => {
                     arrived(&mut gather, &job);
                     enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);

@@ -11,6 +11,8 @@
 //! The ceiling for batched decode on a CPU is the prompt rate of the same model on the same
 //! threads, so one process's prompt rate (pp512, the engine in this process) is measured too,
 //! and aggregate decode with 16 streams is reported as a fraction of it (goal: at least 0.7).
+//! So is the engine alone running 16 sessions' one-token steps as one batch (no sockets, no
+//! waits), with the nodes of that batch's graph.
 //!
 //! Bounded: each round stops at `RUN_BUDGET` and the pp512 runs at `PP_BUDGET` (the steps done are reported, and the row
 //! says `complete: false`), so an overloaded machine gives slow figures, not a hung benchmark.
@@ -225,6 +227,55 @@ fn pp512(model: &Path, threads: usize) -> f64 {
     median(runs)
 }
 
+/// The engine alone, in this process: 16 sessions' one-token steps as one batch (`execute_batch`),
+/// `STEPS` steps a round, `REPS` rounds (fewer, at least one, past `PP_BUDGET`): decode tokens
+/// per second (median of the rounds) and the nodes of the batch's graph (each a barrier of the
+/// compute threads). The ceiling the node's 16-stream rows approach, without sockets or waits.
+fn engine_batch16(model: &Path, threads: usize) -> (f64, usize) {
+    use shardnet::engine::Step;
+    let f = std::fs::File::open(model).unwrap();
+    // SAFETY: read-only map of a model file nothing modifies.
+    let map = Arc::new(unsafe { Mmap::map(&f) }.unwrap());
+    let cfg = EngineConfig {
+        threads,
+        ctx_size: 1024,
+        repack: true,
+        max_sessions: 16,
+        max_sessions_per_client: 16,
+        ..Default::default()
+    };
+    let mut e = Engine::new(cfg).unwrap();
+    e.load(0, map).unwrap();
+    let vocab = e.shard_info(0).unwrap().0.n_vocab;
+    let ids: Vec<String> = (0..16).map(|i| format!("e{i}")).collect();
+    let want = Want::Logits { all: false };
+    let mut next: Vec<u32> = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let prompt: Vec<u32> = (0..PROMPT_LEN as u32).map(|t| (t * 37 + i as u32 * 101) % vocab).collect();
+        e.execute(0, id, 0, &Input::Tokens(prompt), want).unwrap();
+        next.push(1 + i as u32);
+    }
+    let argmax = |l: &[f32]| l.iter().enumerate().fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0;
+    let started = Instant::now();
+    let mut pos = PROMPT_LEN as u32;
+    let mut runs = Vec::new();
+    while runs.len() < REPS && (runs.is_empty() || started.elapsed() < PP_BUDGET) {
+        let t = Instant::now();
+        for _ in 0..STEPS {
+            let inputs: Vec<Input> = next.iter().map(|&t| Input::Tokens(vec![t])).collect();
+            let steps: Vec<Step> =
+                (0..16).map(|i| Step { session_id: &ids[i], claim: None, pos, input: &inputs[i], want }).collect();
+            for (i, r) in e.execute_batch(0, &steps).into_iter().enumerate() {
+                let Ok(shardnet::engine::Output::Logits { data, .. }) = r else { panic!("engine step failed: {r:?}") };
+                next[i] = argmax(&data) as u32;
+            }
+            pos += 1;
+        }
+        runs.push((16 * STEPS) as f64 / t.elapsed().as_secs_f64());
+    }
+    (median(runs), e.last_graph_nodes())
+}
+
 fn main() {
     let started = Instant::now();
     let dir = TempDir::new("bench-concurrency");
@@ -252,12 +303,20 @@ fn main() {
     let next: Vec<Value> = (1..4).map(|i| json!({"address": nodes[i].addr, "shard_id": i})).collect();
 
     let pp = pp512(&model, cores);
+    let only = std::env::var("CONCURRENCY_ONLY").ok();
+    let engine16 = only.as_ref().is_none_or(|o| o == "engine" || o == "16").then(|| engine_batch16(&model, cores));
+    if let Some((tok_s, nodes)) = engine16 {
+        eprintln!(
+            "engine alone: 16 one-token steps as one batch {tok_s:.1} tok/s = {:.2}x pp512, {nodes} graph nodes",
+            tok_s / pp
+        );
+    }
     let all_nodes: Vec<&NodeProc> = nodes.iter().collect();
     let setups = [("one_process", vec![&one], &[][..]), ("pipeline_4", all_nodes, &next[..])];
     let mut rows = Vec::new();
     let mut agg16 = (0.0, 0.0);
-    // For a quick look at one row: `CONCURRENCY_ONLY=one_process:16 cargo bench --bench concurrency`.
-    let only = std::env::var("CONCURRENCY_ONLY").ok();
+    // For a quick look at one row: `CONCURRENCY_ONLY=one_process:16 cargo bench --bench concurrency`
+    // (`engine` for the engine alone).
     for &n in &STREAMS {
         for (setup, procs, route) in &setups {
             let setup = *setup;
@@ -301,6 +360,9 @@ fn main() {
         "rows": rows,
         "decode16_over_pp512_one_process": agg16.0 / pp,
         "decode16_over_pp512_pipeline_4": agg16.1 / pp,
+        "engine_batch16_tok_s": engine16.map(|e| e.0),
+        "engine_batch16_over_pp512": engine16.map(|e| e.0 / pp),
+        "engine_batch16_graph_nodes": engine16.map(|e| e.1),
         "goal": "aggregate decode with 16 streams >= 0.7 x pp512",
         "seconds": started.elapsed().as_secs_f64(),
     });

@@ -786,6 +786,128 @@ fn batched_decode_of_8_sessions_matches_one_by_one_f32() {
     batched_decode_matches_one_by_one(GgmlType::F32, 1e-3);
 }
 
+/// The pooled KV cache: 16 sessions' decode steps attend in one `flash_attn_ext` per layer (their
+/// slots are consecutive), so the batch's graph has exactly as many nodes as one session's step
+/// (16 separate attention subgraphs added some 6 nodes per session per layer, each a barrier of
+/// every compute thread). Greedy tokens and logits still match one-by-one decoding.
+#[test]
+fn a_decode_batch_of_16_sessions_has_the_graph_of_one() {
+    use shardnet::engine::Step;
+    let dir = TempDir::new("engine-pool");
+    let cfg =
+        DemoConfig { weight_type: GgmlType::Q8_0, layers: 4, heads: 8, kv_heads: 2, embd: 128, ..Default::default() };
+    let model = demo_model(dir.path(), cfg.clone());
+    let load = || {
+        let mut e = Engine::new(EngineConfig {
+            threads: 2,
+            ctx_size: 512,
+            max_sessions: 16,
+            max_sessions_per_client: 16,
+            ..Default::default()
+        })
+        .unwrap();
+        e.load(0, map(&model)).unwrap();
+        e
+    };
+    let (mut one, mut many) = (load(), load());
+    let ids: Vec<String> = (0..16).map(|i| format!("s{i}")).collect();
+    let mut next = Vec::new();
+    let mut pos = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        // Prompts of 2..=227 tokens: sessions at different positions, spans of 256 cells.
+        let p: Vec<u32> = (0..2 + 15 * i).map(|t| ((t * 13 + i * 5 + 3) % cfg.vocab as usize) as u32).collect();
+        let a = through(&mut one, 1, id, 0, p.clone(), false);
+        through(&mut many, 1, id, 0, p.clone(), false);
+        next.push(argmax(&a));
+        pos.push(p.len() as u32);
+    }
+    // One session's decode step, in an engine of its own.
+    let mut solo = load();
+    through(&mut solo, 1, "solo", 0, vec![1, 2, 3], false);
+    through(&mut solo, 1, "solo", 3, vec![4], false);
+    let nodes_of_one = solo.last_graph_nodes();
+    let want = Want::Logits { all: false };
+    let mut worst = 0f32;
+    for step in 0..4 {
+        if step == 2 {
+            // Sessions 7 and 15 grow past 256 cells: their steps attend alone (ggml splits a
+            // lone step's span of 512 over the threads), the others still share calls.
+            for i in [7, 15] {
+                let more: Vec<u32> = (0..270).map(|t| ((t * 7 + i) % cfg.vocab as usize) as u32).collect();
+                let a = through(&mut one, 1, &ids[i], pos[i], more.clone(), false);
+                through(&mut many, 1, &ids[i], pos[i], more, false);
+                next[i] = argmax(&a);
+                pos[i] += 270;
+            }
+        }
+        let inputs: Vec<Input> = next.iter().map(|&t| Input::Tokens(vec![t])).collect();
+        // Given in reverse: the engine orders a batch by slot itself.
+        let steps: Vec<Step> = (0..16)
+            .rev()
+            .map(|i| Step { session_id: &ids[i], claim: None, pos: pos[i], input: &inputs[i], want })
+            .collect();
+        let mut batched: Vec<Vec<f32>> =
+            many.execute_batch(0, &steps).into_iter().map(|r| logits(r.unwrap())).collect();
+        batched.reverse();
+        if step < 2 {
+            assert_eq!(many.last_graph_nodes(), nodes_of_one, "step {step}: 16 sessions' graph against one session's");
+        }
+        for i in 0..16 {
+            let seq = logits(one.execute(0, &ids[i], pos[i], &inputs[i], want).unwrap());
+            worst = worst.max(rel_diff(&seq, &batched[i]));
+            assert_eq!(argmax(&seq), argmax(&batched[i]), "session {i}: greedy tokens differ");
+            next[i] = argmax(&seq);
+            pos[i] += 1;
+        }
+    }
+    assert!(worst <= 1e-4, "batched logits differ from one-by-one by {worst} of the largest");
+}
+
+/// A session's slot is its own: after a session ends, a new one takes its slot (the lowest free)
+/// and starts clean, and a batch of it with its neighbours gives what each session gives in an
+/// engine that never held the ended one.
+#[test]
+fn a_freed_slot_serves_a_new_session_and_neighbours_are_untouched() {
+    use shardnet::engine::Step;
+    let dir = TempDir::new("engine-slot");
+    let model = demo_model(dir.path(), DemoConfig { layers: 2, heads: 4, kv_heads: 2, embd: 64, ..Default::default() });
+    let load = || {
+        let mut e = Engine::new(EngineConfig {
+            threads: 2,
+            ctx_size: 256,
+            max_sessions: 4,
+            max_sessions_per_client: 4,
+            ..Default::default()
+        })
+        .unwrap();
+        e.load(0, map(&model)).unwrap();
+        e
+    };
+    let (mut used, mut clean) = (load(), load());
+    let prompt = |seed: u32, n: u32| -> Vec<u32> { (0..n).map(|t| (t * 7 + seed * 3 + 1) % 200).collect() };
+    for (id, seed, n) in [("a", 1, 30), ("b", 2, 90), ("c", 3, 12)] {
+        through(&mut used, 1, id, 0, prompt(seed, n), false);
+    }
+    assert_eq!(used.end_session("b"), 1);
+    through(&mut used, 1, "d", 0, prompt(4, 5), false);
+    for (id, seed, n) in [("a", 1, 30), ("c", 3, 12), ("d", 4, 5)] {
+        through(&mut clean, 1, id, 0, prompt(seed, n), false);
+    }
+    let inputs = [Input::Tokens(vec![9]), Input::Tokens(vec![10]), Input::Tokens(vec![11])];
+    let want = Want::Logits { all: false };
+    let steps = [
+        Step { session_id: "a", claim: None, pos: 30, input: &inputs[0], want },
+        Step { session_id: "d", claim: None, pos: 5, input: &inputs[1], want },
+        Step { session_id: "c", claim: None, pos: 12, input: &inputs[2], want },
+    ];
+    let got: Vec<Vec<f32>> = used.execute_batch(0, &steps).into_iter().map(|r| logits(r.unwrap())).collect();
+    for (g, s) in got.iter().zip(&steps) {
+        let w = logits(clean.execute(0, s.session_id, s.pos, s.input, want).unwrap());
+        assert!(rel_diff(&w, g) <= 1e-4, "session {}: {}", s.session_id, rel_diff(&w, g));
+    }
+    assert_eq!(used.sessions().0, 3);
+}
+
 /// A batch's bad steps get their own errors and the good ones still run; eviction to make room
 /// for a new session never takes a session of the batch being gathered (the batch runs first,
 /// then the new session takes the room).

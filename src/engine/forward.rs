@@ -2,10 +2,11 @@
 //!
 //! Same operations, in the same order and with the same attention path, as llama.cpp's
 //! `llm_build_llama` with flash attention (its CPU default): RMSNorm, Q/K/V, RoPE (mode 0),
-//! the new keys and values written into the session's F16 cache, fused attention over the
-//! cache with a causal mask, output projection, SwiGLU, residuals.
+//! the new keys and values written into the session's cells of the shard's F16 KV pool,
+//! fused attention over those cells with a causal mask, output projection, SwiGLU, residuals.
 
-use super::ggml::{self, Backend, Cache, Graph};
+use super::ggml::{self, Backend, Graph};
+use super::kv::KvPool;
 use super::model::ShardModel;
 
 /// Cache rows attended to are rounded up to this, as llama.cpp does (its `n_pad`), so both
@@ -25,11 +26,11 @@ pub enum StepOutput {
     Logits { data: Vec<f32>, rows: usize },
 }
 
-/// One sequence of a batch: a session's cache and the tokens it adds at `pos..pos+n_tokens`.
+/// One sequence of a batch: a session's slot of the pool and the tokens it adds at
+/// `pos..pos+n_tokens`.
 pub struct Seq<'s> {
-    /// 2 tensors per layer: keys then values, each [n_embd_kv, n_ctx] (F16).
-    pub cache: &'s Cache,
-    pub n_ctx: u32,
+    /// The session's slot in the shard's [`KvPool`]: its `n_ctx` cells, no other session's.
+    pub slot: u32,
     pub pos: u32,
     pub n_tokens: u32,
     pub input: StepInput<'s>,
@@ -38,49 +39,57 @@ pub struct Seq<'s> {
 }
 
 /// Runs `n_tokens` tokens at positions `pos..pos+n_tokens` through the shard, reading and extending
-/// `cache` (2 tensors per layer: keys then values, each [n_embd_kv, n_ctx]). Inputs were validated
-/// by the caller.
+/// the cells of `slot` in `kv`. Inputs were validated by the caller.
 #[allow(clippy::too_many_arguments)]
 pub fn step(
     backend: &mut Backend,
     model: &ShardModel,
-    cache: &Cache,
-    n_ctx: u32,
+    kv: &KvPool,
+    slot: u32,
     pos: u32,
     n_tokens: u32,
     input: StepInput,
     all_logits: bool,
 ) -> Result<StepOutput, String> {
-    let seq = Seq { cache, n_ctx, pos, n_tokens, input, all_logits };
-    Ok(step_batch(backend, model, &[seq])?.pop().expect("one output per sequence"))
+    let seq = Seq { slot, pos, n_tokens, input, all_logits };
+    Ok(step_batch(backend, model, kv, &[seq])?.pop().expect("one output per sequence"))
 }
 
 /// Runs several sequences (sessions) through the shard in one graph, as llama.cpp's batched
 /// decode does: the tokens of every sequence form one batch `[n_embd, T]`, so each weight is
-/// multiplied once for all of them; RoPE takes each token's own position; attention runs per
-/// sequence over that sequence's own cache with its own causal mask, and the results are joined
-/// again before the output projection. Every sequence must belong to a different session (a
-/// session's later step depends on its earlier one). One output per sequence, in order.
-pub fn step_batch(backend: &mut Backend, model: &ShardModel, seqs: &[Seq]) -> Result<Vec<StepOutput>, String> {
-    step_batch_kept(backend, model, seqs, &mut None).map(|(outputs, _)| outputs)
+/// multiplied once for all of them; RoPE takes each token's own position; the new keys and
+/// values of all tokens go to their sessions' cells in one write per layer. Attention runs once
+/// per layer for each run of sequences that hold consecutive slots with the same number of
+/// tokens (llama.cpp's streams): one `flash_attn_ext` over a 4-d view of the pool, each stream
+/// with its own causal mask over its own cells; 16 decode steps in slots 0..15 are one call.
+/// Every sequence must belong to a different session (a session's later step depends on its
+/// earlier one); sequences in slot order make the longest runs. One output per sequence, in
+/// order. Errors: a slot outside the pool or not distinct.
+pub fn step_batch(
+    backend: &mut Backend,
+    model: &ShardModel,
+    kv: &KvPool,
+    seqs: &[Seq],
+) -> Result<Vec<StepOutput>, String> {
+    step_batch_kept(backend, model, kv, seqs, &mut None).map(|ran| ran.outputs)
 }
 
 /// The graph of a shard's last decode step, kept so that the next step of the same shape (the
-/// same sessions' caches, one token each, the same attention span) runs it again with new input
-/// values instead of building and placing a new graph: llama.cpp's graph reuse. Positions, masks,
-/// the cache rows written (`set_rows` with row indices) and the incoming tokens or hidden states
+/// same slots, one token each, the same attention spans) runs it again with new input values
+/// instead of building and placing a new graph: llama.cpp's graph reuse. Positions, masks, the
+/// cache rows written (`set_rows` with row indices) and the incoming tokens or hidden states
 /// are inputs, so nothing else in the graph depends on the step.
 pub struct Kept {
     key: Vec<u64>,
     graph: Graph,
 }
 
-/// What fixes a graph's shape: per sequence, its cache (by id: never reused), tokens, attention
-/// span and kept rows; and whether tokens or hidden states come in.
-fn shape_key(seqs: &[Seq]) -> Vec<u64> {
-    let mut key = vec![seqs.len() as u64, matches!(seqs[0].input, StepInput::Tokens(_)) as u64];
+/// What fixes a graph's shape: the pool (by id: never reused), and per sequence its slot,
+/// tokens, attention span and kept rows; and whether tokens or hidden states come in.
+fn shape_key(kv: &KvPool, seqs: &[Seq]) -> Vec<u64> {
+    let mut key = vec![seqs.len() as u64, matches!(seqs[0].input, StepInput::Tokens(_)) as u64, kv.cache().id()];
     for s in seqs {
-        key.extend([s.cache.id(), s.n_tokens as u64, kv_rows(s) as u64, s.all_logits as u64, s.n_ctx as u64]);
+        key.extend([s.slot as u64, s.n_tokens as u64, kv_rows(kv, s) as u64, s.all_logits as u64]);
     }
     key
 }
@@ -88,19 +97,21 @@ fn shape_key(seqs: &[Seq]) -> Vec<u64> {
 /// As [`step_batch`], reusing `kept` when this batch is a decode step (one token per sequence)
 /// of the shape it was built for, and keeping this batch's graph there when it is a decode step
 /// of another shape. The outputs are the same bits as a fresh graph's: the same operations run
-/// on the same values. Also says whether the kept graph ran.
+/// on the same values.
 pub fn step_batch_kept(
     backend: &mut Backend,
     model: &ShardModel,
+    kv: &KvPool,
     seqs: &[Seq],
     kept: &mut Option<Kept>,
-) -> Result<(Vec<StepOutput>, bool), String> {
+) -> Result<Ran, String> {
     if seqs.is_empty() {
-        return Ok((Vec::new(), false));
+        return Ok(Ran { outputs: Vec::new(), reused: false, nodes: 0 });
     }
-    let inputs = Inputs::new(model, seqs)?;
+    check_slots(kv, seqs)?;
+    let inputs = Inputs::new(model, kv, seqs)?;
     let decode = seqs.iter().all(|s| s.n_tokens == 1);
-    let key = shape_key(seqs);
+    let key = shape_key(kv, seqs);
     let fresh;
     let reused = decode && kept.as_ref().is_some_and(|k| k.key == key);
     let graph = match kept {
@@ -110,14 +121,15 @@ pub fn step_batch_kept(
         }
         _ if decode => {
             *kept = None; // its buffer goes before the new one is placed
-            let graph = build(model, seqs, inputs, Graph::reusable(graph_size(model.layers(), seqs.len()))?);
+            let graph = build(model, kv, seqs, inputs, Graph::reusable(graph_size(model.layers(), seqs))?);
             &kept.insert(Kept { key, graph }).graph
         }
         _ => {
-            fresh = build(model, seqs, inputs, Graph::new(graph_size(model.layers(), seqs.len())));
+            fresh = build(model, kv, seqs, inputs, Graph::new(graph_size(model.layers(), seqs)));
             &fresh
         }
     };
+    let nodes = graph.node_count() as usize;
     backend.compute(graph)?;
     let out = graph.output_at(0);
     let data = backend.read_f32(out);
@@ -126,7 +138,7 @@ pub fn step_batch_kept(
         // One sequence: the whole output is its own, no copy.
         let rows = rows_of(s);
         let one = if model.last() { StepOutput::Logits { data, rows } } else { StepOutput::Hidden(data) };
-        return Ok((vec![one], reused));
+        return Ok(Ran { outputs: vec![one], reused, nodes });
     }
     // Split the rows back out, sequence by sequence.
     let width = out.ne()[0] as usize;
@@ -138,17 +150,91 @@ pub fn step_batch_kept(
         at += rows;
         outputs.push(if model.last() { StepOutput::Logits { data: part, rows } } else { StepOutput::Hidden(part) });
     }
-    Ok((outputs, reused))
+    Ok(Ran { outputs, reused, nodes })
+}
+
+/// What [`step_batch_kept`] ran.
+pub struct Ran {
+    /// One per sequence, in order.
+    pub outputs: Vec<StepOutput>,
+    /// Whether the kept graph ran again.
+    pub reused: bool,
+    /// Nodes of the graph (each a barrier of the compute threads).
+    pub nodes: usize,
+}
+
+/// Each slot within the pool, none twice.
+fn check_slots(kv: &KvPool, seqs: &[Seq]) -> Result<(), String> {
+    let mut seen = vec![false; kv.n_slots() as usize];
+    for s in seqs {
+        let Some(seen) = seen.get_mut(s.slot as usize) else {
+            return Err(format!("slot {} is outside the KV pool's {} slots", s.slot, kv.n_slots()));
+        };
+        if std::mem::replace(seen, true) {
+            return Err(format!("slot {} appears twice in one batch", s.slot));
+        }
+        if s.n_tokens == 0 || s.pos as u64 + s.n_tokens as u64 > kv.n_ctx() as u64 {
+            return Err(format!("positions {}+{} do not fit a slot of {} cells", s.pos, s.n_tokens, kv.n_ctx()));
+        }
+    }
+    Ok(())
+}
+
+/// Attention spans (cells) from which ggml computes a lone one-token step's attention split
+/// over the threads by cells, summing the parts in F32 (`use_split_kv_path` in ggml-cpu's
+/// `ops.cpp`); a call over several streams sums each stream's cells in one pass instead. A
+/// decode step with a span this long attends alone, so its logits are the same bits as one
+/// decoded by itself; shorter ones share a call.
+const SPLIT_KV_FROM: i64 = 512;
+
+/// Sequences `first..first + len` of a batch, holding consecutive slots and `n_tokens` tokens
+/// each: one attention call (llama.cpp's streams), over the first `n_kv` cells of each slot.
+/// Only decode steps (one token) with spans under [`SPLIT_KV_FROM`] share a run; anything
+/// else is a run of its own, computed exactly as when it runs alone.
+struct Run {
+    first: usize,
+    len: usize,
+    n_tokens: u32,
+    n_kv: i64,
+    /// Index of its first token within the batch.
+    start: i64,
+}
+
+/// The runs of a batch, in order (see [`Run`]).
+fn runs(kv: &KvPool, seqs: &[Seq]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    let mut start = 0i64;
+    for (i, s) in seqs.iter().enumerate() {
+        match runs.last_mut() {
+            Some(r)
+                if shares(r.n_tokens, r.n_kv)
+                    && shares(s.n_tokens, kv_rows(kv, s))
+                    && seqs[r.first + r.len - 1].slot + 1 == s.slot =>
+            {
+                r.len += 1;
+                r.n_kv = r.n_kv.max(kv_rows(kv, s));
+            }
+            _ => runs.push(Run { first: i, len: 1, n_tokens: s.n_tokens, n_kv: kv_rows(kv, s), start }),
+        }
+        start += s.n_tokens as i64;
+    }
+    runs
+}
+
+/// Whether a step of `n_tokens` over `n_kv` cells may share an attention call.
+fn shares(n_tokens: u32, n_kv: i64) -> bool {
+    n_tokens == 1 && n_kv < SPLIT_KV_FROM
 }
 
 /// A batch's input values, in the order [`build`] adds them to the graph.
 struct Inputs {
     /// I32 `[T]`: each token's position.
     positions: Vec<u8>,
-    /// Per sequence, F16 `[n_kv, n_i]`: 0 where a token may see a cache row, -inf elsewhere.
+    /// Per run, F16 `[n_kv, n_tokens, 1, streams]`: 0 where a stream's token may see a cell of
+    /// its slot, -inf elsewhere.
     masks: Vec<Vec<u8>>,
-    /// Per sequence, I64 `[n_i]`: the cache rows its new keys and values go to.
-    kv_rows: Vec<Vec<u8>>,
+    /// I64 `[T]`: the pool rows each token's key and value go to (`slot * n_ctx + pos`).
+    kv_rows: Vec<u8>,
     /// I32 `[T]` token ids, or F32 `[n_embd, T]` hidden states.
     tokens_or_hidden: Vec<u8>,
     /// I32: the rows the last shard keeps, when it keeps some rows of a batch of several.
@@ -156,27 +242,33 @@ struct Inputs {
 }
 
 impl Inputs {
-    fn new(model: &ShardModel, seqs: &[Seq]) -> Result<Inputs, String> {
+    fn new(model: &ShardModel, kv: &KvPool, seqs: &[Seq]) -> Result<Inputs, String> {
         let total: usize = seqs.iter().map(|s| s.n_tokens as usize).sum();
         let positions =
             seqs.iter().flat_map(|s| (s.pos..s.pos + s.n_tokens).flat_map(|p| (p as i32).to_le_bytes())).collect();
-        let masks = seqs
+        let masks = runs(kv, seqs)
             .iter()
-            .map(|s| {
-                let n_kv = kv_rows(s);
-                let mut mask = Vec::with_capacity((n_kv * s.n_tokens as i64) as usize * 2);
-                for i in 0..s.n_tokens {
-                    for j in 0..n_kv as u32 {
-                        let visible = j <= s.pos + i;
-                        // 0 or -inf in F16
-                        mask.extend_from_slice(&(if visible { 0u16 } else { 0xFC00u16 }).to_le_bytes());
+            .map(|r| {
+                let mut mask = Vec::with_capacity(r.n_kv as usize * (r.n_tokens as usize) * r.len * 2);
+                for s in &seqs[r.first..r.first + r.len] {
+                    for i in 0..s.n_tokens {
+                        for j in 0..r.n_kv as u32 {
+                            let visible = j <= s.pos + i;
+                            // 0 or -inf in F16
+                            mask.extend_from_slice(&(if visible { 0u16 } else { 0xFC00u16 }).to_le_bytes());
+                        }
                     }
                 }
                 mask
             })
             .collect();
-        let kv_rows =
-            seqs.iter().map(|s| (s.pos..s.pos + s.n_tokens).flat_map(|p| (p as i64).to_le_bytes()).collect()).collect();
+        let n_ctx = kv.n_ctx() as i64;
+        let kv_rows = seqs
+            .iter()
+            .flat_map(|s| {
+                (s.pos..s.pos + s.n_tokens).flat_map(move |p| (s.slot as i64 * n_ctx + p as i64).to_le_bytes())
+            })
+            .collect();
         let tokens_or_hidden = match seqs[0].input {
             StepInput::Tokens(_) => {
                 let mut bytes = Vec::with_capacity(total * 4);
@@ -217,7 +309,7 @@ impl Inputs {
     fn values(self) -> Vec<Vec<u8>> {
         let mut v = vec![self.positions];
         v.extend(self.masks);
-        v.extend(self.kv_rows);
+        v.push(self.kv_rows);
         v.push(self.tokens_or_hidden);
         v.extend(self.out_rows);
         v
@@ -226,33 +318,21 @@ impl Inputs {
 
 /// The graph of one batch (into `g`, fresh), its inputs filled from `inputs`; its one output is
 /// the hidden state `[n_embd, T]` or the logits of the kept rows `[n_vocab, rows]`.
-fn build(model: &ShardModel, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
+fn build(model: &ShardModel, kv: &KvPool, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
     let hp = &model.hp;
     let (hd, n_head, n_head_kv) = (hp.head_dim as i64, hp.n_head as i64, hp.n_head_kv as i64);
     let n: i64 = seqs.iter().map(|s| s.n_tokens as i64).sum();
-    // First token of each sequence within the batch.
-    let starts: Vec<i64> = seqs
-        .iter()
-        .scan(0i64, |acc, s| {
-            let start = *acc;
-            *acc += s.n_tokens as i64;
-            Some(start)
-        })
-        .collect();
+    let runs = runs(kv, seqs);
     let Inputs { positions, masks, kv_rows: kv_idx, tokens_or_hidden, out_rows } = inputs;
     let n_out = out_rows.as_ref().map(|r| r.len() as i64 / 4);
     // Inputs first, in the order `Inputs::values` lists them.
     let inp_pos = g.input("pos", ggml::I32, &[n], positions);
-    let masks: Vec<(i64, ggml::Tensor)> = seqs
+    let masks: Vec<ggml::Tensor> = runs
         .iter()
         .zip(masks)
-        .map(|(s, mask)| {
-            let n_kv = kv_rows(s);
-            (n_kv, g.input("kq_mask", ggml::F16, &[n_kv, s.n_tokens as i64], mask))
-        })
+        .map(|(r, mask)| g.input("kq_mask", ggml::F16, &[r.n_kv, r.n_tokens as i64, 1, r.len as i64], mask))
         .collect();
-    let kv_idx: Vec<ggml::Tensor> =
-        seqs.iter().zip(kv_idx).map(|(s, rows)| g.input("kv_idxs", ggml::I64, &[s.n_tokens as i64], rows)).collect();
+    let kv_idx = g.input("kv_idxs", ggml::I64, &[n], kv_idx);
     let inp = match seqs[0].input {
         StepInput::Tokens(_) => g.input("tokens", ggml::I32, &[n], tokens_or_hidden),
         StepInput::Hidden(_) => g.input("hidden_in", ggml::F32, &[hp.n_embd as i64, n], tokens_or_hidden),
@@ -263,6 +343,7 @@ fn build(model: &ShardModel, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
     let mut x = if model.first() { g.get_rows(model.w("token_embd.weight"), inp) } else { inp };
     let freqs = model.opt("rope_freqs.weight");
     let kq_scale = 1.0 / (hd as f32).sqrt();
+    let n_ctx = kv.n_ctx() as usize;
     for (li, l) in (model.begin..model.end).enumerate() {
         let w = |name: &str| model.w(&format!("blk.{l}.{name}.weight"));
 
@@ -273,26 +354,35 @@ fn build(model: &ShardModel, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
         let q = g.rope_ext(q, inp_pos, freqs, hp.n_rot as i32, 0, &hp.rope);
         let k = g.rope_ext(k, inp_pos, freqs, hp.n_rot as i32, 0, &hp.rope);
 
-        // Attention, one sequence at a time over its own cache: [hd * n_head, n_i] each.
-        let mut attn_parts = Vec::with_capacity(seqs.len());
-        for (((s, &start), &(n_kv, mask)), &rows) in seqs.iter().zip(&starts).zip(&masks).zip(&kv_idx) {
-            let ni = s.n_tokens as i64;
-            let whole = seqs.len() == 1;
-            let qi = cols(&g, q, ni, start, whole);
-            let (k_cache, v_cache) = (s.cache.get(2 * li), s.cache.get(2 * li + 1));
-            // This step's keys and values into cache rows pos..pos+n (`rows`), before anything
-            // reads the cache.
-            let row = k_cache.nb()[1];
-            g.expand(g.set_rows(k_cache, token_rows(&g, k, ni, start), rows));
-            g.expand(g.set_rows(v_cache, token_rows(&g, v, ni, start), rows));
+        // This step's keys and values into their sessions' cells (`kv_idx`: slot * n_ctx + pos),
+        // every token in one write, before anything reads the pool.
+        let (k_pool, v_pool) = (kv.cache().get(2 * li), kv.cache().get(2 * li + 1)); // [n_embd_kv, n_ctx * n_slots]
+        g.expand(g.set_rows(k_pool, g.reshape_2d(k, hd * n_head_kv, n), kv_idx));
+        g.expand(g.set_rows(v_pool, g.reshape_2d(v, hd * n_head_kv, n), kv_idx));
 
-            let es = k_cache.element_size();
-            let kk = g.permute(g.view_3d(k_cache, [hd, n_head_kv, n_kv], hd as usize * es, row, 0), [0, 2, 1, 3]);
-            let vv = g.permute(g.view_3d(v_cache, [hd, n_head_kv, n_kv], hd as usize * es, row, 0), [0, 2, 1, 3]);
-            let qq = g.permute(qi, [0, 2, 1, 3]);
-            let attn = g.flash_attn_ext(qq, kk, vv, mask, kq_scale); // [hd, n_head, n_i]
-            attn_parts.push(g.reshape_2d(attn, hd * n_head, ni));
-        }
+        // Attention, one call per run of streams (consecutive slots): [hd * n_head, T] in all.
+        let row = k_pool.nb()[1];
+        let es = k_pool.element_size();
+        let attn_parts: Vec<ggml::Tensor> = runs
+            .iter()
+            .zip(&masks)
+            .map(|(r, &mask)| {
+                let (nt, ns) = (r.n_tokens as i64, r.len as i64);
+                let slot0 = seqs[r.first].slot as usize;
+                // The run's queries: [hd, n_head, nt, ns] -> [hd, nt, n_head, ns].
+                let qb = q.nb();
+                let qq =
+                    g.view_4d(q, [hd, n_head, nt, ns], [qb[1], qb[2], nt as usize * qb[2]], r.start as usize * qb[2]);
+                let qq = g.permute(qq, [0, 2, 1, 3]);
+                // Each stream's first n_kv cells: [hd, n_head_kv, n_kv, ns] -> [hd, n_kv, n_head_kv, ns].
+                let cells = |pool| {
+                    let nb = [hd as usize * es, row, n_ctx * row];
+                    g.permute(g.view_4d(pool, [hd, n_head_kv, r.n_kv, ns], nb, slot0 * n_ctx * row), [0, 2, 1, 3])
+                };
+                let attn = g.flash_attn_ext(qq, cells(k_pool), cells(v_pool), mask, kq_scale); // [hd, n_head, nt, ns]
+                g.reshape_2d(attn, hd * n_head, nt * ns)
+            })
+            .collect();
         let attn = join_columns(&g, attn_parts);
         x = g.add(g.mul_mat(w("attn_output"), attn), x);
         if model.last() && l + 1 == model.end {
@@ -322,26 +412,9 @@ fn build(model: &ShardModel, seqs: &[Seq], inputs: Inputs, g: Graph) -> Graph {
     g
 }
 
-/// Tokens `start..start+n` of `t` (`[d, heads, T]`, contiguous) as rows `[d * heads, n]`.
-fn token_rows<'g>(g: &'g Graph, t: ggml::Tensor<'g>, n: i64, start: i64) -> ggml::Tensor<'g> {
-    let [d, heads, ..] = t.ne();
-    let nb2 = t.nb()[2];
-    g.view_2d(t, [d * heads, n], nb2, start as usize * nb2)
-}
-
-/// Tokens `start..start+n` of `t` ([d, heads, T]); `t` itself when it is the whole batch.
-fn cols<'g>(g: &'g Graph, t: ggml::Tensor<'g>, n: i64, start: i64, whole: bool) -> ggml::Tensor<'g> {
-    if whole {
-        return t;
-    }
-    let [d, heads, ..] = t.ne();
-    let nb = t.nb();
-    g.view_3d(t, [d, heads, n], nb[1], nb[2], start as usize * nb[2])
-}
-
-/// Cache rows a sequence attends to: its positions so far, rounded up to `KV_PAD`, within `n_ctx`.
-fn kv_rows(s: &Seq) -> i64 {
-    (s.pos + s.n_tokens).div_ceil(KV_PAD).saturating_mul(KV_PAD).min(s.n_ctx) as i64
+/// Cells a sequence attends to: its positions so far, rounded up to `KV_PAD`, within its slot.
+fn kv_rows(kv: &KvPool, s: &Seq) -> i64 {
+    (s.pos + s.n_tokens).div_ceil(KV_PAD).saturating_mul(KV_PAD).min(kv.n_ctx()) as i64
 }
 
 /// `[w, n_0] ... [w, n_k]` joined into `[w, sum n_i]`, pairwise so each value is copied
@@ -353,8 +426,8 @@ fn join_columns<'g>(g: &'g Graph, mut parts: Vec<ggml::Tensor<'g>>) -> ggml::Ten
     parts.pop().expect("a batch holds at least one sequence")
 }
 
-/// Nodes a graph over `layers` layers and `seqs` sequences can need (about 30 per layer and 8 per
-/// sequence per layer, with room to spare).
-fn graph_size(layers: u32, seqs: usize) -> usize {
-    ((64 + 16 * seqs) * layers as usize + 256).max(1024)
+/// Nodes a graph over `layers` layers can need: about 30 per layer, and 8 per run of
+/// sequences per layer (at most one run per sequence), with room to spare.
+fn graph_size(layers: u32, seqs: &[Seq]) -> usize {
+    ((64 + 16 * seqs.len()) * layers as usize + 256).max(1024)
 }

@@ -58,6 +58,10 @@ impl<'a> Tensor<'a> {
         // SAFETY: a valid tensor header.
         unsafe { sys::ggml_nbytes(self.ptr()) }
     }
+    /// Address of the first byte (0 before the tensor is placed).
+    fn data_addr(&self) -> usize {
+        self.header().data as usize
+    }
 }
 
 /// Bytes of a row of `n` elements of `dtype` (blocks for quantized types).
@@ -414,6 +418,14 @@ pub struct Cache {
     buffer: NonNull<sys::ggml_backend_buffer>,
     tensors: Vec<NonNull<sys::ggml_tensor>>,
     id: u64,
+    /// The anonymous map the tensors live in, for a cache made by [`Cache::reserved`]; dropped
+    /// after the buffer that wraps it.
+    map: Option<memmap2::MmapMut>,
+}
+
+fn next_cache_id() -> u64 {
+    static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl Cache {
@@ -427,10 +439,75 @@ impl Cache {
         let buffer = NonNull::new(buffer).ok_or("out of memory for the KV cache")?;
         // SAFETY: a live buffer we own.
         unsafe { sys::ggml_backend_buffer_clear(buffer.as_ptr(), 0) };
-        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        let id = NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(Cache { ctx, buffer, tensors, id })
+        Ok(Cache { ctx, buffer, tensors, id: next_cache_id(), map: None })
     }
+
+    /// As [`Cache::new`], in an anonymous map of its own: the tensors read as zeros, a page
+    /// costs memory only once written, and [`Cache::release`] gives pages back. Errors: the map
+    /// could not be made (no address space).
+    pub fn reserved(dtype: RawType, shapes: &[Vec<i64>]) -> Result<Cache, String> {
+        let ctx = Context::new(shapes.len(), 0);
+        let tensors: Vec<_> = shapes.iter().map(|ne| NonNull::new(ctx.new_tensor(dtype, ne)).unwrap()).collect();
+        // SAFETY: a size query of the CPU buffer type.
+        let align = unsafe { sys::ggml_backend_buft_get_alignment(sys::ggml_backend_cpu_buffer_type()) }.max(1);
+        let mut offsets = Vec::with_capacity(tensors.len());
+        let mut total = 0usize;
+        for t in &tensors {
+            let at = total.checked_next_multiple_of(align).ok_or("KV cache size overflows")?;
+            // SAFETY: a header of our context.
+            total = at.checked_add(unsafe { sys::ggml_nbytes(t.as_ptr()) }).ok_or("KV cache size overflows")?;
+            offsets.push(at);
+        }
+        // No swap reserved up front (MAP_NORESERVE): the limits bound what is written, and a
+        // reservation for every slot would count unwritten slots against the commit limit.
+        let mut map = memmap2::MmapOptions::new()
+            .len(total.max(1))
+            .no_reserve_swap()
+            .map_anon()
+            .map_err(|e| format!("reserving {total} bytes for the KV cache: {e}"))?;
+        let base = map.as_mut_ptr();
+        // SAFETY: the buffer wraps `total` bytes of the map, which outlives it (dropped after it
+        // in Drop); each tensor gets its own aligned range within them.
+        let buffer = unsafe {
+            let buffer = sys::ggml_backend_cpu_buffer_from_ptr(base.cast(), total.max(1));
+            let buffer = NonNull::new(buffer).ok_or("ggml could not wrap the KV cache's memory")?;
+            for (t, &at) in tensors.iter().zip(&offsets) {
+                let status = sys::ggml_backend_tensor_alloc(buffer.as_ptr(), t.as_ptr(), base.add(at).cast());
+                if status != sys::ggml_status_GGML_STATUS_SUCCESS {
+                    sys::ggml_backend_buffer_free(buffer.as_ptr());
+                    return Err("ggml could not place a KV cache tensor".into());
+                }
+            }
+            buffer
+        };
+        Ok(Cache { ctx, buffer, tensors, id: next_cache_id(), map: Some(map) })
+    }
+
+    /// Gives back the whole pages within bytes `offset..offset + len` of tensor `i` (a cache made
+    /// by [`Cache::reserved`]; for others nothing happens): they read as zeros afterwards and
+    /// hold no memory until written again. Ranges past the tensor are cut to it.
+    pub fn release(&mut self, i: usize, offset: usize, len: usize) {
+        let Some(map) = &self.map else { return };
+        let t = self.get(i);
+        let end = offset.saturating_add(len).min(t.nbytes());
+        // SAFETY: sysconf reads a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+        let start = t.data_addr() + offset;
+        let (first, last) = (start.next_multiple_of(page), (t.data_addr() + end) / page * page);
+        if first >= last {
+            return;
+        }
+        debug_assert!(first >= map.as_ptr() as usize && last <= map.as_ptr() as usize + map.len());
+        // SAFETY: whole pages of our private anonymous map (the range lies within tensor i, which
+        // lies within the map). No graph runs while `&mut self` is held, and no Rust reference to
+        // the bytes exists (ggml reads them through raw pointers only); MADV_DONTNEED on private
+        // anonymous memory makes the pages read as zeros.
+        let rc = unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_DONTNEED) };
+        if rc != 0 {
+            crate::debug!("madvise on the KV cache failed: {}", std::io::Error::last_os_error());
+        }
+    }
+
     /// This cache's number, never given to another cache of this process (a graph kept for a
     /// cache names it by this, not by an address a later cache could get).
     pub fn id(&self) -> u64 {
@@ -439,15 +516,57 @@ impl Cache {
     pub fn get(&self, i: usize) -> Tensor<'_> {
         Tensor::new(self.tensors[i].as_ptr())
     }
+    /// Tensors in the cache.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
     pub fn bytes(&self) -> usize {
         // SAFETY: a live buffer we own.
         unsafe { sys::ggml_backend_buffer_get_size(self.buffer.as_ptr()) }
+    }
+
+    /// Sets bytes `offset..offset + len` of tensor `i` to `byte` (tests).
+    #[cfg(test)]
+    pub(crate) fn fill(&mut self, i: usize, offset: usize, len: usize, byte: u8) {
+        let t = self.get(i);
+        assert!(offset + len <= t.nbytes());
+        // SAFETY: within tensor i's memory, which we own; no graph runs under `&mut self`.
+        unsafe { std::ptr::write_bytes((t.data_addr() + offset) as *mut u8, byte, len) }
+    }
+
+    /// Bytes of the pages within `offset..offset + len` of tensor `i` that hold memory (tests;
+    /// `mincore`, so other threads' allocations do not count).
+    #[cfg(test)]
+    pub(crate) fn resident_bytes(&self, i: usize, offset: usize, len: usize) -> usize {
+        let t = self.get(i);
+        // SAFETY: sysconf reads a constant.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let first = (t.data_addr() + offset) / page * page;
+        let end = t.data_addr() + offset + len;
+        let mut vec = vec![0u8; (end - first).div_ceil(page)];
+        // SAFETY: the range lies in our mapped memory; `vec` has one byte per page.
+        let rc = unsafe { libc::mincore(first as *mut libc::c_void, end - first, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0, "mincore: {}", std::io::Error::last_os_error());
+        vec.iter().filter(|v| **v & 1 == 1).count() * page
+    }
+
+    /// A copy of bytes `offset..offset + len` of tensor `i` (tests).
+    #[cfg(test)]
+    pub(crate) fn bytes_at(&self, i: usize, offset: usize, len: usize) -> Vec<u8> {
+        let t = self.get(i);
+        assert!(offset + len <= t.nbytes());
+        // SAFETY: within tensor i's memory; no graph runs while tests read it.
+        unsafe { std::slice::from_raw_parts((t.data_addr() + offset) as *const u8, len) }.to_vec()
     }
 }
 
 impl Drop for Cache {
     fn drop(&mut self) {
-        // SAFETY: the buffer was allocated for this cache's tensors; the context drops after.
+        // SAFETY: the buffer was allocated for this cache's tensors (or wraps its map); the
+        // context and the map drop after it.
         unsafe { sys::ggml_backend_buffer_free(self.buffer.as_ptr()) }
         let _ = &self.ctx;
     }
@@ -601,6 +720,17 @@ impl Graph {
         assert!(last <= a.nbytes(), "view past the end of its tensor");
         self.wrap(unsafe { sys::ggml_view_3d(self.ctx.raw(), a.ptr(), ne[0], ne[1], ne[2], nb1, nb2, offset) })
     }
+    pub fn view_4d<'a>(&'a self, a: Tensor<'a>, ne: [i64; 4], nb: [usize; 3], offset: usize) -> Tensor<'a> {
+        let last = offset
+            + (ne[1] as usize - 1) * nb[0]
+            + (ne[2] as usize - 1) * nb[1]
+            + (ne[3] as usize - 1) * nb[2]
+            + row_size(a.dtype(), ne[0]);
+        assert!(last <= a.nbytes(), "view past the end of its tensor");
+        self.wrap(unsafe {
+            sys::ggml_view_4d(self.ctx.raw(), a.ptr(), ne[0], ne[1], ne[2], ne[3], nb[0], nb[1], nb[2], offset)
+        })
+    }
     pub fn permute<'a>(&'a self, a: Tensor<'a>, axes: [i32; 4]) -> Tensor<'a> {
         self.wrap(unsafe { sys::ggml_permute(self.ctx.raw(), a.ptr(), axes[0], axes[1], axes[2], axes[3]) })
     }
@@ -649,8 +779,9 @@ impl Graph {
             )
         })
     }
-    /// Fused attention: q [d, n_q, heads], k/v [d, n_kv, kv_heads] (F16), mask F16 [n_kv, n_q].
-    /// Result [d, heads, n_q], accumulated in F32.
+    /// Fused attention: q [d, n_q, heads, streams], k/v [d, n_kv, kv_heads, streams] (F16), mask
+    /// F16 [n_kv, n_q, 1, streams]; each stream attends to its own keys and values. Result
+    /// [d, heads, n_q, streams], accumulated in F32.
     pub fn flash_attn_ext<'a>(
         &'a self,
         q: Tensor<'a>,

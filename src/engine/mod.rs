@@ -4,6 +4,7 @@
 //! - [`ggml`]      the safe wrapper; the only `unsafe` code calling into ggml
 //! - [`model`]     hyper-parameters and weights of a shard (checked, wrapped in place)
 //! - [`forward`]   the LLaMA block over a layer range, one graph per call
+//! - [`kv`]        a shard's KV cache: one pool, a slot per session
 //! - [`tokenizer`] SentencePiece-style and GPT-2 BPE vocabularies from GGUF
 //! - [`sampler`]   greedy, temperature, top-k, top-p, seeded
 //!
@@ -14,6 +15,7 @@
 pub mod forward;
 pub mod generate;
 pub mod ggml;
+pub mod kv;
 pub mod model;
 pub mod sampler;
 pub mod sidecar;
@@ -131,12 +133,14 @@ fn token_digest(token: &str) -> [u8; 32] {
 }
 
 struct Session {
-    cache: ggml::Cache,
+    /// Its slot in its shard's [`kv::KvPool`].
+    slot: u32,
+    /// What its slot counts against `kv_budget` ([`kv::KvPool::slot_bytes`]).
+    bytes: u64,
     /// The token holder it belongs to (`None`: a local session, as `generate` runs).
     owner: Option<Owner>,
     /// Positions `0..n_past` hold keys and values.
     n_past: u32,
-    n_ctx: u32,
     last_used: u64,
     /// When its last step ran: idle for [`SESSION_IDLE_AFTER`] makes it the first to go.
     used_at: Instant,
@@ -154,11 +158,15 @@ pub struct Engine {
     cfg: EngineConfig,
     shards: HashMap<u32, ShardModel>,
     sessions: HashMap<(String, u32), Session>,
+    /// Per shard, the KV pool its sessions' slots are in (made at its first session).
+    pools: HashMap<u32, kv::KvPool>,
     clock: u64,
     /// Per shard, the graph of its last decode step, run again by the next step of that shape.
     kept: HashMap<u32, Option<forward::Kept>>,
     /// Steps that ran a kept graph (STATUS: `inference.graphs_reused`).
     graphs_reused: u64,
+    /// Nodes of the last graph run.
+    last_graph_nodes: usize,
 }
 
 /// Session ids are short printable names chosen by the coordinator.
@@ -192,9 +200,11 @@ impl Engine {
             cfg,
             shards: HashMap::new(),
             sessions: HashMap::new(),
+            pools: HashMap::new(),
             clock: 0,
             kept: HashMap::new(),
             graphs_reused: 0,
+            last_graph_nodes: 0,
         })
     }
 
@@ -202,6 +212,12 @@ impl Engine {
     /// previous step (see [`forward::Kept`]).
     pub fn graphs_reused(&self) -> u64 {
         self.graphs_reused
+    }
+
+    /// Nodes of the last graph run (each one a barrier of the compute threads): the cost that
+    /// grows with a batch's sessions when their attention is not pooled.
+    pub fn last_graph_nodes(&self) -> usize {
+        self.last_graph_nodes
     }
 
     pub fn config(&self) -> &EngineConfig {
@@ -244,6 +260,7 @@ impl Engine {
         }
         self.sessions.retain(|(_, s), _| *s != shard_id);
         self.kept.remove(&shard_id);
+        self.pools.remove(&shard_id);
         self.shards.insert(shard_id, model);
         Ok(&self.shards[&shard_id].hp)
     }
@@ -251,6 +268,7 @@ impl Engine {
     pub fn unload(&mut self, shard_id: u32) {
         self.sessions.retain(|(_, s), _| *s != shard_id);
         self.kept.remove(&shard_id);
+        self.pools.remove(&shard_id);
         self.shards.remove(&shard_id);
     }
 
@@ -282,7 +300,7 @@ impl Engine {
 
     /// Sessions alive and the KV bytes they hold.
     pub fn sessions(&self) -> (usize, u64) {
-        (self.sessions.len(), self.sessions.values().map(|s| s.cache.bytes() as u64).sum())
+        (self.sessions.len(), self.sessions.values().map(|s| s.bytes).sum())
     }
 
     /// Frees every cache of `session_id` if `token` is its owner's; returns how many there were.
@@ -312,9 +330,20 @@ impl Engine {
 
     /// Frees every cache of `session_id`, whoever owns it; returns how many there were.
     pub fn end_session(&mut self, session_id: &str) -> usize {
-        let before = self.sessions.len();
-        self.sessions.retain(|(id, _), _| id != session_id);
-        before - self.sessions.len()
+        let keys: Vec<(String, u32)> = self.sessions.keys().filter(|(id, _)| id == session_id).cloned().collect();
+        for key in &keys {
+            self.remove_session(key);
+        }
+        keys.len()
+    }
+
+    /// Drops a session and frees its slot (its pages go back to the system).
+    fn remove_session(&mut self, key: &(String, u32)) {
+        if let Some(s) = self.sessions.remove(key) {
+            if let Some(pool) = self.pools.get_mut(&key.1) {
+                pool.free(s.slot);
+            }
+        }
     }
 
     /// One step of `session_id` on `shard_id`: tokens at positions `pos..pos+n`. A step at
@@ -471,9 +500,8 @@ impl Engine {
                 ));
             }
             None => {
-                let kv = hp.n_embd_kv() as i64;
-                let layers = model.layers();
-                let bytes = 2 * layers as u64 * kv as u64 * n_ctx as u64 * 2;
+                let (n_embd_kv, layers) = (hp.n_embd_kv(), model.layers());
+                let bytes = kv::KvPool::slot_bytes(layers, n_embd_kv, n_ctx);
                 if bytes > self.cfg.kv_budget {
                     return Err(err(
                         ErrorCode::Busy,
@@ -481,15 +509,30 @@ impl Engine {
                     ));
                 }
                 self.make_room(bytes, claim.map_or("", |c| c.origin), session_id, protect)?;
-                let shapes: Vec<Vec<i64>> = (0..2 * layers).map(|_| vec![kv, n_ctx as i64]).collect();
-                let cache = ggml::Cache::new(ggml::F16, &shapes).map_err(|e| err(ErrorCode::Busy, e))?;
+                // The shard's pool, reserved for as many slots as the limits can admit on it:
+                // every session of this shard takes `bytes` of the budget.
+                let n_slots =
+                    (self.cfg.kv_budget / bytes).min(self.cfg.max_sessions.max(1) as u64).min(u32::MAX as u64) as u32;
+                let pool = match self.pools.entry(shard_id) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                        kv::KvPool::new(layers, n_embd_kv, n_ctx, n_slots).map_err(|e| err(ErrorCode::Busy, e))?,
+                    ),
+                };
+                let Some(slot) = pool.alloc() else {
+                    // Not reached: the count and budget checked above leave a slot free.
+                    return Err(err(
+                        ErrorCode::Busy,
+                        format!("all {} KV slots of shard {shard_id} are held", pool.n_slots()),
+                    ));
+                };
                 self.sessions.insert(
                     key,
                     Session {
-                        cache,
+                        slot,
+                        bytes,
                         owner: claim.map(|c| Owner { token: token_digest(c.token), origin: c.origin.to_string() }),
                         n_past: 0,
-                        n_ctx,
                         last_used: clock,
                         used_at: Instant::now(),
                         steps: 1,
@@ -512,14 +555,22 @@ impl Engine {
             return;
         }
         let model = &self.shards[&shard_id];
+        let Some(pool) = self.pools.get(&shard_id) else {
+            for (i, _) in batch {
+                results[*i] = Some(Err(err(ErrorCode::Internal, format!("shard {shard_id} has no KV pool"))));
+            }
+            return;
+        };
+        // In slot order: sessions in consecutive slots share one attention call per layer.
+        let mut batch = batch.to_vec();
+        batch.sort_by_key(|(_, key)| self.sessions[key].slot);
+        let batch = &batch[..];
         let seqs: Vec<forward::Seq> = batch
             .iter()
             .map(|(i, key)| {
                 let step = &steps[*i];
-                let session = &self.sessions[key];
                 forward::Seq {
-                    cache: &session.cache,
-                    n_ctx: session.n_ctx,
+                    slot: self.sessions[key].slot,
                     pos: step.pos,
                     n_tokens: step.input.n_tokens() as u32,
                     input: match step.input {
@@ -531,9 +582,10 @@ impl Engine {
             })
             .collect();
         let kept = self.kept.entry(shard_id).or_insert_with(|| None);
-        let outs = forward::step_batch_kept(&mut self.backend, model, &seqs, kept).map(|(outs, reused)| {
-            self.graphs_reused += reused as u64;
-            outs
+        let outs = forward::step_batch_kept(&mut self.backend, model, pool, &seqs, kept).map(|ran| {
+            self.graphs_reused += ran.reused as u64;
+            self.last_graph_nodes = ran.nodes;
+            ran.outputs
         });
         let (n_embd, n_vocab) = (model.hp.n_embd as usize, model.hp.n_vocab as usize);
         drop(seqs);
@@ -600,7 +652,7 @@ impl Engine {
             for s in self.sessions.values() {
                 let e = per.entry(origin_of(s)).or_default();
                 e.0 += 1;
-                e.1 += s.cache.bytes() as u64;
+                e.1 += s.bytes;
             }
             let mine = per.get(origin).map_or(0, |e| e.0);
             let over_quota = mine >= quota;
@@ -642,7 +694,7 @@ impl Engine {
                 return Err(err(ErrorCode::Busy, NO_ROOM_IN_BATCH));
             }
             crate::debug!("evicting session {} on shard {} to make room for {session_id}", victim.0, victim.1);
-            self.sessions.remove(&victim);
+            self.remove_session(&victim);
         }
     }
 }

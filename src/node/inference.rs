@@ -235,7 +235,10 @@ fn worker(
     loop {
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
-            match jobs.recv() {
+            let idle = Instant::now();
+            let msg = jobs.recv();
+            gather.idle(idle.elapsed());
+            match msg {
                 Ok(msg) => {
                     receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
                 }

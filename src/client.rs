@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 use crate::addr::parse_peer_addr;
 use crate::protocol::auth::{self, ClientHandshake, ClusterKey, FrameMac};
 use crate::protocol::frame::{self, DEFAULT_MAX_FRAME};
-use crate::protocol::request_payload;
+use crate::protocol::{binary, request_payload};
 
 pub struct Client {
     stream: TcpStream,
@@ -123,6 +123,29 @@ impl Client {
         }
     }
 
+    /// As `request_from`, for a request that may be answered with a binary frame (it asks
+    /// `encoding_format: "binary"`): the response object and its data section (empty for a JSON
+    /// answer), where its raw tensors are (read them with
+    /// [`crate::protocol::tensor::f32_from_json_in`]).
+    pub fn request_parts(&mut self, command: &str, params: Value, from: &str) -> Result<(Value, Vec<u8>)> {
+        let id = json!(format!("ctl-{}", self.next_id));
+        self.next_id += 1;
+        self.send_payload(&request_payload(command, &id, from, params))?;
+        loop {
+            let payload = self.read_payload()?;
+            let (response, data) = if binary::is_binary(&payload) {
+                let parts = binary::split(&payload).map_err(|e| anyhow!("response from the node: {e}"))?;
+                let v: Value = serde_json::from_slice(parts.header).context("response header is not JSON")?;
+                (v, parts.data.to_vec())
+            } else {
+                (serde_json::from_slice(&payload).context("response is not JSON")?, Vec::new())
+            };
+            if response.get("request_id") == Some(&id) {
+                return Ok((response, data));
+            }
+        }
+    }
+
     /// Sends a request and returns its `result`, or its error as an `Err`.
     pub fn call(&mut self, command: &str, params: Value) -> Result<Value> {
         into_result(self.request(command, params)?)
@@ -149,14 +172,24 @@ impl Client {
         self.stream.write_all(&wire).context("sending the request")
     }
 
-    /// Reads one response frame.
+    /// Reads one response frame; a binary one ([`binary`]) comes back as JSON, its raw result
+    /// tensors in base64.
     pub fn read_response(&mut self) -> Result<Value> {
+        let payload = self.read_payload()?;
+        if binary::is_binary(&payload) {
+            return binary::to_json(&payload, &["/result/hidden", "/result/logits"])
+                .map_err(|(_, e)| anyhow!("response from the node: {e}"));
+        }
+        serde_json::from_slice(&payload).context("response is not JSON")
+    }
+
+    /// One response frame's payload, opened when the connection is sealed.
+    fn read_payload(&mut self) -> Result<Vec<u8>> {
         let payload = self.read_frame_body()?;
-        let payload = match &mut self.rx {
-            Some(rx) => rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?,
-            None => &payload[..],
-        };
-        serde_json::from_slice(payload).context("response is not JSON")
+        match &mut self.rx {
+            Some(rx) => Ok(rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?.to_vec()),
+            None => Ok(payload),
+        }
     }
 
     /// The answer to our `AUTH` proof: sealed when the node accepted it; a refusal comes plain

@@ -118,8 +118,11 @@ pub struct Summary {
     /// Per shard: median compute ms per decode step, and the median round trip the hop waited on
     /// the rest of the chain.
     pub hop_compute_ms: Vec<f64>,
-    /// Median time of a decode step seen by the coordinator, less the hops' compute: the cost of
-    /// the chain itself (serialization, sockets, relays).
+    /// Median time of a decode step seen by the coordinator, less the hops' compute (their engine
+    /// calls), over the hops: the chain's own cost (serialization, sockets, relays, thread
+    /// hand-offs), plus what each hop does outside its engine call that one process does too
+    /// (the last hop's pick of the best logits). `make bench` reports it as
+    /// `chain_overhead_per_hop_us`, beside the pipeline's cost over one process.
     pub overhead_per_hop_us: f64,
 }
 
@@ -669,6 +672,8 @@ impl<'e> Coordinator<'e> {
             "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(self.cfg.timeout.as_millis() as u64),
             "load": false,
             "session_token": self.session_token,
+            // Logits come as raw bytes from a node that can (JSON from an older one).
+            "encoding_format": "binary",
         });
         match want {
             Some(k) => {
@@ -677,9 +682,9 @@ impl<'e> Coordinator<'e> {
             }
             None => params["output"] = json!("logits"),
         }
-        let response = (|| -> Result<Value> {
+        let response = (|| -> Result<(Value, Vec<u8>)> {
             if let Some(c) = self.conns.get_mut(&first) {
-                match c.request_from("EXECUTE_TASK", params.clone(), &self.from) {
+                match c.request_parts("EXECUTE_TASK", params.clone(), &self.from) {
                     Ok(r) => return Ok(r),
                     // A kept connection the node closed in between (its `--idle-timeout`, a
                     // restart): the node never read this request, so it goes once more on a
@@ -691,9 +696,9 @@ impl<'e> Coordinator<'e> {
                 }
             }
             let c = self.conns.entry(first).or_insert(Client::connect(&first.to_string(), self.cfg.timeout)?);
-            c.request_from("EXECUTE_TASK", params, &self.from)
+            c.request_parts("EXECUTE_TASK", params, &self.from)
         })();
-        let response = match response {
+        let (response, data) = match response {
             Ok(r) => r,
             Err(e) => {
                 self.conns.remove(&first);
@@ -722,8 +727,10 @@ impl<'e> Coordinator<'e> {
                 }
             }
         } else {
-            let (data, rows, cols) = crate::protocol::tensor::f32_from_json(&result["logits"], 1 << 26)
-                .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
+            let section = crate::protocol::binary::Section::new(&data);
+            let (data, rows, cols) =
+                crate::protocol::tensor::f32_from_json_in(&result["logits"], 1 << 26, Some(&section))
+                    .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
             if cols != self.n_vocab || rows == 0 {
                 return Err(StepError::Fatal(anyhow!("logits of width {cols}, expected {}", self.n_vocab)));
             }

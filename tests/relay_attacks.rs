@@ -199,13 +199,17 @@ fn a_next_hop_that_never_reads_holds_bounded_bytes_for_io_timeout() {
 /// A client that sends many `all_logits` requests and reads nothing gets one computed, not all:
 /// answers being computed count against the connection's output (before: all were computed and
 /// queued, 134 MB each on SmolLM2). Reading then brings every answer; more than 64 rows of
-/// logits in one task are refused.
+/// logits in one task are refused. The requests the node leaves buffered while it waits for the
+/// client to read are not "a frame not whole" (before: closed with `FRAME_TIMEOUT` once the
+/// client had waited longer than `--frame-timeout`).
 #[test]
 fn answers_for_a_client_that_reads_nothing_are_bounded() {
     let dir = TempDir::new("relay-logits");
     // SmolLM2's vocabulary: 64 rows of logits are a 17 MB answer.
     let config = DemoConfig { vocab: 49152, ..Default::default() };
-    let a = NodeProc::start(&shards(&dir, config, 1), &["--threads", "1"]);
+    // A short frame deadline: the paused connection's buffered requests wait longer than it, and
+    // the deadline must not count while the node itself is not reading them.
+    let a = NodeProc::start(&shards(&dir, config, 1), &["--threads", "1", "--frame-timeout", "3"]);
     let task = |s: &str, n: usize| {
         let input: Vec<u32> = (0..n as u32).map(|i| 1 + i % 200).collect();
         json!({"session_id": s, "shard_id": 0, "pos": 0, "input": {"tokens": input}, "output": "logits",
@@ -221,8 +225,9 @@ fn answers_for_a_client_that_reads_nothing_are_bounded() {
         send_frame(&mut s, &serde_json::to_vec(&req).unwrap());
     }
     wait_for(WAIT, || (tasks() > before).then_some(()));
-    // Time for the others to run, were they admitted (each takes milliseconds).
-    std::thread::sleep(Duration::from_secs(2));
+    // Time for the others to run, were they admitted (each takes milliseconds), and past the
+    // frame deadline.
+    std::thread::sleep(Duration::from_secs(5));
     assert_eq!(tasks(), before + 1, "answers were computed for a client reading nothing");
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut ids: Vec<u64> = (0..6)

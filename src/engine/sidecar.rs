@@ -235,6 +235,11 @@ fn read_secret(path: &Path) -> Result<[u8; SECRET_LEN], Refused> {
     }
     let mut key = [0u8; SECRET_LEN];
     f.read_exact(&mut key).map_err(|e| Refused::Bad(e.to_string()))?;
+    // 32 equal bytes are no secret: a file allocated but never written (a crash, a restore of
+    // sparse files) reads as zeros, and anyone can compute tags under it.
+    if key.iter().all(|&b| b == key[0]) {
+        return Err(Refused::Bad(format!("{SECRET_LEN} equal bytes ({:#04x}), not a random key", key[0])));
+    }
     Ok(key)
 }
 
@@ -496,6 +501,10 @@ mod tests {
         assert_ne!(k4, k3);
         std::fs::write(&path, [1u8; 16]).unwrap();
         assert_ne!(secret(&path).unwrap()[..16], [1u8; 16]);
+        // Zeros (a file allocated but never written), private and of the right length: replaced.
+        std::fs::write(&path, [0u8; SECRET_LEN]).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_ne!(secret(&path).unwrap(), [0u8; SECRET_LEN], "an all-zero key was used");
         let left: Vec<String> =
             std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into()).collect();
         assert!(left.iter().all(|n| !n.contains(".tmp-")), "{left:?}");

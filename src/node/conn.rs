@@ -88,8 +88,12 @@ pub struct Conn {
     pub in_flight: usize,
     /// Estimated bytes of the answers in flight ([`answer_estimate`]), released as each is queued.
     pub reserved: usize,
-    /// When the partial frame now buffered began arriving.
+    /// When the partial frame now buffered began arriving (moved later by the time the node
+    /// itself did not read the connection, [`Conn::note_pause`]).
     pub frame_started: Option<Instant>,
+    /// Since when the node has not read this connection because the client has not taken its
+    /// answers (seen by the deadline sweep); `None` while the node reads it.
+    paused_since: Option<Instant>,
     /// When output last made progress (or was first queued).
     pub write_progress: Instant,
     /// When the connection last received a byte or had output queued or written: how long an
@@ -114,6 +118,9 @@ pub struct Conn {
     pub auth: NodeAuth,
     /// Peer wire: Message Stream Encryption (none, handshaking, or done).
     pub crypt: Crypt,
+    /// Commands: the address the peer reached us at, asked of the socket once (the hop address
+    /// of every EXECUTE_TASK answer) and kept.
+    pub local_addr: Option<Option<SocketAddr>>,
 }
 
 /// What the next buffered bytes are.
@@ -145,6 +152,7 @@ impl Conn {
             in_flight: 0,
             reserved: 0,
             frame_started: None,
+            paused_since: None,
             write_progress: Instant::now(),
             last_activity: Instant::now(),
             charged: 0,
@@ -157,6 +165,7 @@ impl Conn {
             connecting: false,
             auth: NodeAuth::Open,
             crypt: Crypt::Plain,
+            local_addr: None,
         }
     }
 
@@ -231,6 +240,7 @@ impl Conn {
             (self.start, self.end) = (0, 0);
         }
         self.frame_started = self.has_partial_input().then_some(now);
+        self.paused_since = None;
     }
 
     /// Reads at most `max` bytes from the socket straight into the input
@@ -251,6 +261,7 @@ impl Conn {
             self.last_activity = now;
             if self.start == self.end {
                 self.frame_started = Some(now);
+                self.paused_since = None;
             }
         }
         if let Crypt::Done { inbound, .. } = &mut self.crypt {
@@ -340,6 +351,27 @@ impl Conn {
         }
         // A peer's requests are bounded by the swarm's queue, not by output.
         self.kind == Kind::PeerWire || !self.backpressured()
+    }
+
+    /// Keeps the time the node does not read a command connection (its answers not taken:
+    /// [`Conn::backpressured`]) out of the frame deadline, and tells whether it is paused now.
+    /// Requests buffered behind a paused connection are not "a frame not whole": the client may
+    /// have sent all of them long ago. A paused connection is still bounded: its unsent output
+    /// by `--io-timeout`, its answers in flight by their own deadlines, its buffered bytes by
+    /// `--frame-memory`. Called by the sweep, so a pause is seen within one sweep period.
+    pub fn note_pause(&mut self, now: Instant) -> bool {
+        let paused = self.kind == Kind::Command && self.has_partial_input() && !self.may_read();
+        match (paused, self.paused_since) {
+            (true, None) => self.paused_since = Some(now),
+            (false, Some(since)) => {
+                self.paused_since = None;
+                if let Some(t) = &mut self.frame_started {
+                    *t += now.saturating_duration_since(since);
+                }
+            }
+            _ => {}
+        }
+        paused
     }
 
     /// Whether a paused connection has drained enough to read again.

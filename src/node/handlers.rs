@@ -146,8 +146,12 @@ impl Node {
             self.catalog.files.get(&shard.filename).and_then(|f| f.meta.as_ref()).map(|m| m.info_hash.to_hex());
         let weights =
             ShardFile { map: shard.map.clone(), file: shard.file.clone(), path: shard.path.clone(), info_hash };
-        // The address the caller reached us at (the bind address may be 0.0.0.0).
-        let me = self.conn(reply.token).and_then(|c| c.stream.local_addr().ok()).unwrap_or(self.local_addr);
+        // The address the caller reached us at (the bind address may be 0.0.0.0), asked of the
+        // socket once per connection.
+        let me = self
+            .conn(reply.token)
+            .and_then(|c| *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok()))
+            .unwrap_or(self.local_addr);
         let origin = task.origin.clone().unwrap_or_default();
         let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me };
         self.inference.submit(job);
@@ -290,7 +294,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"refused\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -303,6 +307,7 @@ impl Node {
             inference,
             self.relays.counts().0,
             self.relays.counts().1,
+            self.relays.binary_links(),
             self.relays.refused,
         );
         out.extend_from_slice(live.as_bytes());

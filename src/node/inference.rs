@@ -20,9 +20,10 @@ use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
 use crate::gguf::reader::Gguf;
-use crate::protocol::tensor::f32_to_json;
+use crate::protocol::tensor::{f32_to_json, f32_to_raw};
 use crate::protocol::{
-    ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, error_payload, request_payload, success_payload,
+    Encoding, ErrorCode, ExecuteTask, Hop, TaskInput, TaskOutput, binary, error_payload, request_payload,
+    success_payload,
 };
 
 /// Where an answer goes: the connection (checked by id, as slots are reused) and the request.
@@ -365,7 +366,7 @@ fn run_group(
     events: &Sender<NodeEvent>,
     waker: &Arc<Waker>,
 ) {
-    let outcomes: Vec<Result<Value, (ErrorCode, String)>> = match engine.as_mut() {
+    let outcomes: Vec<Computed> = match engine.as_mut() {
         Ok(engine) => execute(engine, loaded, &group, stats),
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
@@ -373,16 +374,24 @@ fn run_group(
         let ExecuteJob { reply, task, from, origin, me, .. } = job;
         let payload = match outcome {
             Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
-            Ok(mut result) => {
+            Ok((mut result, section)) => {
                 let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
                     "timings": result["timings"].take()});
                 result.as_object_mut().expect("an object").remove("timings");
                 if task.next.is_empty() {
                     result["hops"] = json!([hop]);
-                    success_payload("EXECUTE_TASK", &reply.request_id, result)
+                    let header = success_payload("EXECUTE_TASK", &reply.request_id, result);
+                    match task.encoding {
+                        Encoding::Base64 => header,
+                        Encoding::Binary => {
+                            let mut payload = Vec::new();
+                            binary::encode(&header, &section, &mut payload);
+                            payload
+                        }
+                    }
                 } else {
                     *relay_ids += 1;
-                    let out = relay_request(&task, from.as_deref(), &origin, result, hop, reply, *relay_ids);
+                    let out = relay_request(&task, from.as_deref(), &origin, (result, section), hop, reply, *relay_ids);
                     let _ = events.send(NodeEvent::Relay(out));
                     let _ = waker.wake();
                     continue;
@@ -430,14 +439,17 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
+/// A step's result object and the data section its raw tensor is in, or its error.
+type Computed = Result<(Value, Vec<u8>), (ErrorCode, String)>;
+
 /// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
-/// and the output), or its error.
+/// and the output) with the data section its raw tensor is in (see [`result_json`]), or its error.
 fn execute(
     engine: &mut Engine,
     loaded: &mut HashMap<u32, usize>,
     group: &[ExecuteJob],
     stats: &InferStats,
-) -> Vec<Result<Value, (ErrorCode, String)>> {
+) -> Vec<Computed> {
     let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
     if let Err(e) = unchanged(&shard.file, &shard.map, shard_id) {
         return group.iter().map(|_| Err(e.clone())).collect();
@@ -511,7 +523,20 @@ fn execute(
             }
         };
         let queue_ms = t.duration_since(job.queued).as_secs_f64() * 1e3;
-        results.push(Ok(result_json(&job.task, out, inputs[i].0.n_tokens(), queue_ms, compute_ms, batch)));
+        // A relayed result always goes raw (the link converts it for a next hop that reads JSON
+        // only); an answer as its caller asked.
+        let raw = !job.task.next.is_empty() || job.task.encoding == Encoding::Binary;
+        let mut section = Vec::new();
+        let result = result_json(
+            &job.task,
+            out,
+            inputs[i].0.n_tokens(),
+            queue_ms,
+            compute_ms,
+            batch,
+            raw.then_some(&mut section),
+        );
+        results.push(Ok((result, section)));
         stats.tasks.fetch_add(1, Ordering::Relaxed);
         stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);
     }
@@ -519,7 +544,8 @@ fn execute(
 }
 
 /// A computed step's result object: its output as the task asked (hidden state, logits or top k)
-/// and its timings (`batch`: steps computed in the same round).
+/// and its timings (`batch`: steps computed in the same round). With `section`, a tensor output
+/// goes there as raw bytes (for a binary frame), else into the object as base64.
 fn result_json(
     task: &ExecuteTask,
     out: Output,
@@ -527,15 +553,20 @@ fn result_json(
     queue_ms: f64,
     compute_ms: f64,
     batch: usize,
+    section: Option<&mut Vec<u8>>,
 ) -> Value {
+    let tensor = |data: &[f32], rows, cols| match section {
+        Some(s) => f32_to_raw(data, rows, cols, s),
+        None => f32_to_json(data, rows, cols),
+    };
     let output = match (out, task.output) {
-        (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": f32_to_json(&data, n_tokens, width)}),
+        (Output::Hidden { data, n_tokens, width }, _) => json!({"hidden": tensor(&data, n_tokens, width)}),
         (Output::Logits { data, n_vocab, .. }, TaskOutput::TopK(k)) => {
             let last = &data[data.len() - n_vocab..];
             let ids = top_k(last, k);
             json!({"top_k": ids.iter().map(|&i| json!({"id": i, "logit": last[i as usize]})).collect::<Vec<_>>()})
         }
-        (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": f32_to_json(&data, rows, n_vocab)}),
+        (Output::Logits { data, rows, n_vocab }, _) => json!({"logits": tensor(&data, rows, n_vocab)}),
     };
     let mut result = json!({
         "session_id": &task.session_id,
@@ -594,13 +625,15 @@ fn top_k(logits: &[f32], k: usize) -> Vec<u32> {
 }
 
 /// The request that carries this hop's result to `task.next[0]` with the rest of the route (same
-/// session, position, output and `from`), as the frame the event loop's relay sends.
+/// session, position, output and `from`), as the frame the event loop's relay sends: a binary
+/// frame (`result` holds its hidden state as a raw tensor in `section`), asking for a binary
+/// answer; the link sends it as JSON to a next hop that has not shown it reads binary frames.
 #[allow(clippy::too_many_arguments)]
 fn relay_request(
     task: &ExecuteTask,
     from: Option<&str>,
     origin: &str,
-    mut result: Value,
+    (mut result, section): (Value, Vec<u8>),
     hop: Value,
     reply: ReplyTo,
     id: u64,
@@ -625,13 +658,25 @@ fn relay_request(
         "hop_timeout_ms": crate::protocol::next_hop_timeout_ms(task.hop_timeout_ms),
         "session_token": task.session_token,
         "origin": origin,
+        "encoding_format": "binary",
     });
     if k > 0 {
         params["k"] = json!(k);
     }
-    let payload = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    let header = request_payload("EXECUTE_TASK", &json!(id), from.unwrap_or("relay"), params);
+    let mut payload = Vec::with_capacity(binary::PREFIX_LEN + header.len() + section.len());
+    binary::encode(&header, &section, &mut payload);
     let origin = origin.to_string();
-    relay::Outgoing { reply, origin, next, id, payload, hop, timeout: Duration::from_millis(task.hop_timeout_ms) }
+    relay::Outgoing {
+        reply,
+        origin,
+        next,
+        id,
+        payload,
+        hop,
+        timeout: Duration::from_millis(task.hop_timeout_ms),
+        encoding: task.encoding,
+    }
 }
 
 fn hop_json(h: &Hop) -> Value {

@@ -177,8 +177,10 @@ struct Deadlines {
     idle: Option<Duration>,
 }
 
-/// Which deadline, if any, a connection has passed at `now`.
-fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+/// Which deadline, if any, a connection has passed at `now` (a paused connection's frame clock
+/// stops: [`Conn::note_pause`]).
+fn passed(c: &mut Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
+    let paused = c.note_pause(now);
     let Deadlines { auth, mse, frame, write, idle } = d;
     if c.auth.expired(now, auth) {
         return Some(Deadline::Auth);
@@ -186,7 +188,7 @@ fn passed(c: &Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
     if c.crypt.expired(now, mse) {
         return Some(Deadline::Encryption);
     }
-    if c.frame_started.is_some_and(|t| now.duration_since(t) > frame) {
+    if !paused && c.frame_started.is_some_and(|t| now.saturating_duration_since(t) > frame) {
         return Some(Deadline::Frame);
     }
     if c.pending_output() > 0 && now.duration_since(c.write_progress) > write {
@@ -484,9 +486,9 @@ impl Node {
         };
         let due: Vec<(Token, Deadline)> = self
             .conns
-            .iter()
+            .iter_mut()
             .enumerate()
-            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_ref()?, now, d)?)))
+            .filter_map(|(slot, c)| Some((Token(slot + FIRST_CONN), passed(c.as_mut()?, now, d)?)))
             .collect();
         if due.is_empty() {
             return;
@@ -601,9 +603,9 @@ mod tests {
         let t0 = conn.last_activity;
         let at = |s: u64| t0 + Duration::from_secs(s);
         assert!(conn.is_idle(), "unclassified is idle");
-        assert_eq!(passed(&conn, at(29), d), None);
-        assert_eq!(passed(&conn, at(31), d), Some(Deadline::Idle));
-        assert_eq!(passed(&conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
+        assert_eq!(passed(&mut conn, at(29), d), None);
+        assert_eq!(passed(&mut conn, at(31), d), Some(Deadline::Idle));
+        assert_eq!(passed(&mut conn, at(31), Deadlines { idle: None, ..d }), None, "--idle-timeout 0: never");
         // Part of a frame: no longer idle; the frame deadline runs from its first byte.
         tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -613,13 +615,27 @@ mod tests {
         assert_eq!(conn.classify(false), Kind::Command);
         assert!(!conn.is_idle());
         assert!(conn.input_held() >= 5);
-        assert_eq!(passed(&conn, at(9), d), None);
-        assert_eq!(passed(&conn, at(11), d), Some(Deadline::Frame));
+        assert_eq!(passed(&mut conn, at(9), d), None);
+        assert_eq!(passed(&mut conn, at(11), d), Some(Deadline::Frame));
         // Consumed: idle again, nothing charged.
         conn.consume_raw(5, at(12));
         assert_eq!((conn.is_idle(), conn.input_held()), (true, 0));
         // A request in flight is never idle.
         conn.in_flight = 1;
-        assert_eq!(passed(&conn, at(100), d), None);
+        assert_eq!(passed(&mut conn, at(100), d), None);
+        // A request buffered while the node does not read (the client's answers not taken): its
+        // clock stops for the pause and runs on from where it was after.
+        conn.in_flight = super::super::conn::MAX_IN_FLIGHT;
+        tx.write_all(&[0, 0, 0, 9, b'{']).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while conn.read_input(64, at(100)).map_or(true, |n| n == 0) {
+            assert!(Instant::now() < deadline, "no input");
+        }
+        assert_eq!(passed(&mut conn, at(105), d), None, "paused at 105");
+        assert_eq!(passed(&mut conn, at(200), d), None, "a paused connection's frame clock stopped");
+        conn.in_flight = 0;
+        assert_eq!(passed(&mut conn, at(201), d), None, "resumed at 201: 5 s counted");
+        assert_eq!(passed(&mut conn, at(205), d), None, "9 s counted");
+        assert_eq!(passed(&mut conn, at(207), d), Some(Deadline::Frame), "11 s counted");
     }
 }

@@ -1,8 +1,11 @@
 //! Relays: a hop's result carried to the next node, and the chain's answer carried back, as
 //! non-blocking work of the event loop.
 //!
-//! The inference thread builds the request frame for the next hop (its hidden state as base64)
-//! and hands it to the loop as an [`Outgoing`]. The loop keeps one outbound connection ([`Link`])
+//! The inference thread builds the request frame for the next hop (a binary frame: its hidden
+//! state as raw bytes, see [`crate::protocol::binary`]) and hands it to the loop as an
+//! [`Outgoing`]. A link sends binary frames once its next hop has answered one (every relayed
+//! request asks `encoding_format: "binary"`); until then, and to a node that never does, the
+//! request goes as JSON with the tensor in base64, so older nodes keep working. The loop keeps one outbound connection ([`Link`])
 //! per next-hop address, writes every relayed request for that address on it, and matches the
 //! answers to requests by `request_id` (a number this node chose), so any number of chains wait
 //! at once without a thread each and without a connect per request. An answer becomes the frame
@@ -26,7 +29,7 @@ use serde_json::{Value, json};
 use super::inference::ReplyTo;
 use crate::protocol::auth::{ClientHandshake, ClusterKey, FrameMac, NONCE_LEN, random_bytes};
 use crate::protocol::frame::{self, Decoded};
-use crate::protocol::{ErrorCode, Hop, request_payload};
+use crate::protocol::{Encoding, ErrorCode, Hop, binary, request_payload};
 
 /// Tokens at and above this are relay links (below: the listener, the waker, the UDP socket and
 /// accepted connections).
@@ -71,6 +74,8 @@ pub struct Outgoing {
     pub hop: Value,
     /// How long the next hop has to answer.
     pub timeout: Duration,
+    /// How our caller asked for its answer's tensors.
+    pub encoding: Encoding,
 }
 
 /// A finished frame for a caller.
@@ -113,6 +118,9 @@ struct Link {
     /// Whether the next hop ever sent a valid shardnet frame (before that, every failure gets
     /// the one generic text).
     spoke: bool,
+    /// Whether the next hop has answered a binary frame: requests go to it as binary frames
+    /// from then on (before, as JSON).
+    binary: bool,
     /// When the connect began or unsent bytes last went out (`--io-timeout` runs from here).
     write_progress: Instant,
 }
@@ -126,6 +134,7 @@ impl Link {
 
 struct Pending {
     reply: ReplyTo,
+    encoding: Encoding,
     origin: String,
     next: Hop,
     hop: Value,
@@ -148,6 +157,8 @@ pub struct Relays {
     queued: usize,
     /// Relays refused for a limit (STATUS `relays.refused`).
     pub refused: u64,
+    /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
+    scratch: Vec<u8>,
 }
 
 impl Relays {
@@ -164,6 +175,7 @@ impl Relays {
             limits,
             queued: 0,
             refused: 0,
+            scratch: Vec::new(),
         }
     }
 
@@ -191,6 +203,11 @@ impl Relays {
     /// Relays in flight and open links, for STATUS.
     pub fn counts(&self) -> (usize, usize) {
         (self.pending.len(), self.links.len())
+    }
+
+    /// Open links whose next hop reads binary frames (STATUS `relays.binary_links`).
+    pub fn binary_links(&self) -> usize {
+        self.links.values().filter(|l| l.binary).count()
     }
 
     /// The earliest deadline of a relay in flight (the loop's poll timeout).
@@ -266,6 +283,7 @@ impl Relays {
                         late: VecDeque::new(),
                         last_answer: None,
                         spoke: false,
+                        binary: false,
                         write_progress: now,
                     };
                     self.queued += link.out.len();
@@ -281,20 +299,33 @@ impl Relays {
             },
         };
         let link = self.links.get_mut(&token).expect("indexed");
+        let payload = if link.binary || !binary::is_binary(&out.payload) {
+            out.payload
+        } else {
+            // A next hop not known to read binary frames gets the request as JSON.
+            match binary::to_json(&out.payload, &["/params/input/hidden"]) {
+                Ok(v) => serde_json::to_vec(&v).expect("JSON values serialize"),
+                Err((_, why)) => {
+                    let msg = format!("relay request for {} could not be encoded: {why}", out.next.address);
+                    return vec![internal_error(out.reply, &msg)];
+                }
+            }
+        };
         let before = link.queued();
         if before == 0 {
             link.write_progress = now;
         }
         match &mut link.auth {
-            LinkAuth::Open => frame::encode(&out.payload, &mut link.out),
-            LinkAuth::Ready { tx, .. } => tx.seal_frame(&out.payload, &mut link.out),
-            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(out.payload),
+            LinkAuth::Open => frame::encode(&payload, &mut link.out),
+            LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut link.out),
+            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
         }
         self.queued += link.queued() - before;
         link.waiting.insert(out.id);
         *self.per_client.entry(out.origin.clone()).or_default() += 1;
         let pending = Pending {
             reply: out.reply,
+            encoding: out.encoding,
             origin: out.origin,
             next: out.next,
             hop: out.hop,
@@ -398,9 +429,11 @@ impl Relays {
         let mut closed = None;
         {
             let Some(link) = self.links.get_mut(&token) else { return answers };
-            let mut chunk = vec![0u8; READ_CHUNK];
+            // One buffer for every read (a fresh zeroed 64 KiB per answer cost more than the read).
+            let chunk = &mut self.scratch;
+            chunk.resize(READ_CHUNK, 0);
             loop {
-                match link.stream.read(&mut chunk) {
+                match link.stream.read(chunk) {
                     Ok(0) => {
                         closed = Some("closed by the next hop".to_string());
                         break;
@@ -436,7 +469,19 @@ impl Relays {
                             }
                         },
                     };
-                    let Ok(answer) = serde_json::from_slice::<Value>(&payload) else {
+                    // A binary answer: its header is parsed, its data section passed on as it is.
+                    let (header, data) = if binary::is_binary(&payload) {
+                        match binary::split(&payload) {
+                            Ok(parts) => (parts.header, parts.data),
+                            Err(why) => {
+                                closed = Some(format!("the next hop sent a bad binary frame: {why}"));
+                                break;
+                            }
+                        }
+                    } else {
+                        (&payload[..], &[][..])
+                    };
+                    let Ok(answer) = serde_json::from_slice::<Value>(header) else {
                         closed = Some("the next hop sent a frame that is not JSON".into());
                         break;
                     };
@@ -459,8 +504,9 @@ impl Relays {
                     match id {
                         Some(id) if link.waiting.remove(&id) => {
                             link.last_answer = Some(now);
+                            link.binary |= binary::is_binary(&payload);
                             let p = self.take(id).expect("waiting on a link: pending");
-                            answers.push(relay_answer(p, answer, now));
+                            answers.push(relay_answer(p, answer, data, now));
                         }
                         Some(id) if link.late.contains(&id) => {
                             // Answered after its deadline (its caller already has HOP_FAILED).
@@ -550,9 +596,16 @@ impl Link {
     }
 }
 
-/// Our caller's frame from the next hop's answer: its request id, our hop first in `hops`, or
-/// the error with the hop that failed.
-fn relay_answer(p: Pending, mut answer: Value, now: Instant) -> Answer {
+/// Where a result's tensors are: what a binary answer's raw tensors are looked up at when the
+/// caller wants JSON.
+const RESULT_TENSORS: [&str; 2] = ["/result/hidden", "/result/logits"];
+
+/// Our caller's frame from the next hop's answer (`answer`, and `data`, the data section of a
+/// binary one): its request id, our hop first in `hops`, or the error with the hop that failed;
+/// in the form our caller asked for. To a binary caller the data section goes on untouched (a
+/// JSON answer becomes a binary frame with its tensors in base64, which binary frames allow); to
+/// a JSON caller raw tensors are converted to base64 here.
+fn relay_answer(p: Pending, mut answer: Value, data: &[u8], now: Instant) -> Answer {
     answer["request_id"] = p.reply.request_id.clone();
     if answer["status"] == "error" {
         if answer.get("failed_hop").is_none() {
@@ -563,7 +616,30 @@ fn relay_answer(p: Pending, mut answer: Value, now: Instant) -> Answer {
         me["next_rtt_ms"] = json!(now.duration_since(p.sent).as_secs_f64() * 1e3);
         hops.insert(0, me);
     }
-    Answer { reply: p.reply, payload: serde_json::to_vec(&answer).expect("JSON values serialize") }
+    match p.encoding {
+        Encoding::Binary => {
+            let header = serde_json::to_vec(&answer).expect("JSON values serialize");
+            let mut payload = Vec::with_capacity(binary::PREFIX_LEN + header.len() + data.len());
+            binary::encode(&header, data, &mut payload);
+            Answer { reply: p.reply, payload }
+        }
+        Encoding::Base64 => match binary::inline_tensors(&mut answer, data, &RESULT_TENSORS) {
+            Ok(()) => Answer { reply: p.reply, payload: serde_json::to_vec(&answer).expect("JSON values serialize") },
+            Err((_, why)) => {
+                let msg = format!(
+                    "next hop {} (shard {}) answered a bad binary frame: {why}",
+                    p.next.address, p.next.shard_id
+                );
+                hop_failed(p.reply, &p.next, &msg)
+            }
+        },
+    }
+}
+
+fn internal_error(reply: ReplyTo, msg: &str) -> Answer {
+    let v = json!({"command": "EXECUTE_TASK", "request_id": reply.request_id, "status": "error",
+        "error": msg, "code": ErrorCode::Internal.as_str()});
+    Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }
 }
 
 fn hop_failed(reply: ReplyTo, next: &Hop, msg: &str) -> Answer {

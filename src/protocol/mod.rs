@@ -1,11 +1,13 @@
 //! The command protocol (DESIGN section 4): frames of JSON requests and
 //! responses. Everything here is sans-IO: bytes in, typed values or bytes out.
 //!
-//! Request:  `{"command","request_id","from","to","params"}`
+//! Request:  `{"command","request_id","from","to","params"}`, as JSON or as the header of a
+//!           binary frame ([`binary`]: tensors as raw bytes after the JSON)
 //! Response: `{"command","request_id","status":"success","result":{..}}` or
 //!           `{"command","request_id","status":"error","error":"..","code":".."}`
 
 pub mod auth;
+pub mod binary;
 pub mod frame;
 pub mod tensor;
 
@@ -65,6 +67,8 @@ pub enum ErrorCode {
     FrameTimeout,
     /// Partial frames went over `--frame-memory`; this connection held the largest.
     FrameMemoryExceeded,
+    /// A binary frame whose prefix or header length does not fit the frame ([`binary`]).
+    InvalidFrame,
 }
 
 impl ErrorCode {
@@ -104,6 +108,7 @@ impl ErrorCode {
             ErrorCode::TooManyConnections => "TOO_MANY_CONNECTIONS",
             ErrorCode::FrameTimeout => "FRAME_TIMEOUT",
             ErrorCode::FrameMemoryExceeded => "FRAME_MEMORY_EXCEEDED",
+            ErrorCode::InvalidFrame => "INVALID_FRAME",
         }
     }
 }
@@ -199,6 +204,19 @@ pub struct ExecuteTask {
     /// The original caller, as a relaying node names it; heeded only on an authenticated
     /// connection (it keys the per-client session quota).
     pub origin: Option<String>,
+    /// How the answer carries its tensors (`encoding_format`).
+    pub encoding: Encoding,
+}
+
+/// How an answer carries its tensors: the request's `encoding_format` (OpenAI's name for the
+/// same choice in its embeddings API).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Encoding {
+    /// `"base64"` (the default): a JSON frame, tensors as `{dtype, shape, b64}`.
+    #[default]
+    Base64,
+    /// `"binary"`: a binary frame ([`binary`]), tensors as raw little-endian bytes.
+    Binary,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -299,8 +317,32 @@ impl RequestError {
 }
 
 impl Request {
-    /// Parses one frame's payload.
+    /// Parses one frame's payload: JSON, or a binary frame ([`binary`]) whose data section
+    /// holds exactly the bytes its tensors name.
     pub fn parse(payload: &[u8]) -> Result<Request, RequestError> {
+        if !binary::is_binary(payload) {
+            return Request::parse_json(payload, None);
+        }
+        let parts = binary::split(payload).map_err(|message| RequestError {
+            command: Value::Null,
+            request_id: Value::Null,
+            code: ErrorCode::InvalidFrame,
+            message,
+        })?;
+        let section = binary::Section::new(parts.data);
+        let request = Request::parse_json(parts.header, Some(&section))?;
+        // Bytes no tensor named: a frame built wrong (or smuggling), refused whole.
+        section.all_named().map_err(|(code, message)| RequestError {
+            command: json!(request.command.name()),
+            request_id: request.request_id.clone(),
+            code,
+            message,
+        })?;
+        Ok(request)
+    }
+
+    /// Parses a JSON request (a binary frame's header, with its data `section`).
+    fn parse_json(payload: &[u8], section: Option<&binary::Section>) -> Result<Request, RequestError> {
         let fail =
             |code, message: String| RequestError { command: Value::Null, request_id: Value::Null, code, message };
         let text = std::str::from_utf8(payload)
@@ -365,7 +407,7 @@ impl Request {
             "LOAD_SHARD" => Command::LoadShard(parse_load_shard(params).map_err(|(c, m)| fail(c, m))?),
             "DOWNLOAD" => Command::Download(parse_download(params).map_err(|(c, m)| fail(c, m))?),
             "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
-            "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params).map_err(|(c, m)| fail(c, m))?),
+            "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params, section).map_err(|(c, m)| fail(c, m))?),
             "MODEL_INFO" => Command::ModelInfo,
             "END_SESSION" => Command::EndSession {
                 session_id: session_id(params).map_err(|(c, m)| fail(c, m))?,
@@ -466,7 +508,10 @@ fn u32_param(params: &Map<String, Value>, key: &str, max: u64) -> Result<Option<
     }
 }
 
-fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (ErrorCode, String)> {
+fn parse_execute_task(
+    params: &Map<String, Value>,
+    section: Option<&binary::Section>,
+) -> Result<ExecuteTask, (ErrorCode, String)> {
     match params.get("task_type") {
         None | Some(Value::Null) => {}
         Some(Value::String(t)) if t == "ai_inference" => {}
@@ -490,7 +535,7 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
                 )
             }
             (None, Some(h)) => {
-                let (data, rows, cols) = tensor::f32_from_json(h, MAX_TASK_FLOATS)?;
+                let (data, rows, cols) = tensor::f32_from_json_in(h, MAX_TASK_FLOATS, section)?;
                 if rows > MAX_TASK_TOKENS {
                     return Err((
                         ErrorCode::OutOfRange,
@@ -551,7 +596,25 @@ fn parse_execute_task(params: &Map<String, Value>) -> Result<ExecuteTask, (Error
         Some(Value::String(o)) if o.len() <= 128 => Some(o.clone()),
         Some(_) => return Err((ErrorCode::WrongType, "origin must be a string of at most 128 bytes".into())),
     };
-    Ok(ExecuteTask { session_id, shard_id, pos, input, output, next, load, hop_timeout_ms, session_token, origin })
+    let encoding = match params.get("encoding_format") {
+        None | Some(Value::Null) => Encoding::Base64,
+        Some(Value::String(e)) if e == "base64" => Encoding::Base64,
+        Some(Value::String(e)) if e == "binary" => Encoding::Binary,
+        Some(v) => return Err((ErrorCode::OutOfRange, format!("encoding_format {v} is not \"base64\" or \"binary\""))),
+    };
+    Ok(ExecuteTask {
+        session_id,
+        shard_id,
+        pos,
+        input,
+        output,
+        next,
+        load,
+        hop_timeout_ms,
+        session_token,
+        origin,
+        encoding,
+    })
 }
 
 /// Shortest and longest session token, in hex digits (128 to 256 bits).
@@ -750,6 +813,88 @@ mod tests {
         assert_eq!(load(r#"{"shard_id":1,"peers":"127.0.0.1:1"}"#), ErrorCode::WrongType);
         assert_eq!(load(r#"{"shard_id":1,"peers":["nohost"]}"#), ErrorCode::WrongType);
         assert_eq!(load(r#"{"shard_id":1,"peers":["example.com:80"]}"#), ErrorCode::WrongType);
+    }
+
+    /// An EXECUTE_TASK header (JSON) whose hidden state is `tensor`.
+    fn task_header(tensor: Value) -> Vec<u8> {
+        let params =
+            json!({"session_id": "s", "shard_id": 1, "input": {"hidden": tensor}, "encoding_format": "binary"});
+        request_payload("EXECUTE_TASK", &json!(9), "t", params)
+    }
+
+    fn binary_frame(header: &[u8], data: &[u8]) -> Vec<u8> {
+        let mut p = Vec::new();
+        binary::encode(header, data, &mut p);
+        p
+    }
+
+    #[test]
+    fn binary_frames_carry_the_same_task_as_json() {
+        let values = [0.5f32, -1.25, 3.0, 1e-3, 7.5, -0.0];
+        let mut data = Vec::new();
+        let raw = tensor::f32_to_raw(&values, 2, 3, &mut data);
+        assert_eq!(raw, json!({"dtype": "f32", "shape": [2, 3], "offset": 0, "nbytes": 24}));
+        let from_binary = Request::parse(&binary_frame(&task_header(raw), &data)).unwrap();
+        let from_json = Request::parse(&task_header(tensor::f32_to_json(&values, 2, 3))).unwrap();
+        assert_eq!(from_binary, from_json);
+        let Command::ExecuteTask(t) = from_binary.command else { panic!() };
+        assert_eq!(t.input, TaskInput::Hidden { data: values.to_vec(), rows: 2, cols: 3 });
+        assert_eq!(t.encoding, Encoding::Binary);
+        // Any command may come in a binary frame with an empty data section.
+        let status = binary_frame(br#"{"command":"STATUS","request_id":1}"#, &[]);
+        assert_eq!(Request::parse(&status).unwrap().command, Command::Status);
+        let bad = br#"{"command":"EXECUTE_TASK","request_id":1,"params":{"session_id":"s","shard_id":0,"input":{"tokens":[1]},"encoding_format":"raw"}}"#;
+        assert_eq!(code(std::str::from_utf8(bad).unwrap()), ErrorCode::OutOfRange);
+    }
+
+    #[test]
+    fn bad_binary_frames_get_codes_before_anything_is_allocated() {
+        let data = vec![0u8; 24];
+        let t = |offset: Value, nbytes: Value, shape: Value| {
+            task_header(json!({"dtype": "f32", "shape": shape, "offset": offset, "nbytes": nbytes}))
+        };
+        let ok = t(json!(0), json!(24), json!([2, 3]));
+        let cases: Vec<(Vec<u8>, ErrorCode)> = vec![
+            // The prefix: too short, or a header longer than the frame.
+            (vec![0], ErrorCode::InvalidFrame),
+            (vec![0, 0, 0, 1], ErrorCode::InvalidFrame),
+            (binary_frame(&ok, &data)[..ok.len() + 4].to_vec(), ErrorCode::InvalidFrame),
+            (
+                {
+                    let mut f = binary_frame(&ok, &data);
+                    f[1..5].copy_from_slice(&u32::MAX.to_be_bytes());
+                    f
+                },
+                ErrorCode::InvalidFrame,
+            ),
+            // The header.
+            (binary_frame(b"{\"command\":", &[]), ErrorCode::InvalidJson),
+            (binary_frame(&[0xff, 0xfe], &[]), ErrorCode::InvalidUtf8),
+            // A tensor outside the data section, or overflowing it.
+            (binary_frame(&t(json!(4), json!(24), json!([2, 3])), &data), ErrorCode::OutOfRange),
+            (binary_frame(&t(json!(u64::MAX), json!(24), json!([2, 3])), &data), ErrorCode::OutOfRange),
+            (binary_frame(&ok, &data[..20]), ErrorCode::OutOfRange),
+            // Its byte count against its shape, claimed sizes never allocated.
+            (binary_frame(&t(json!(0), json!(20), json!([2, 3])), &data), ErrorCode::ShapeMismatch),
+            (binary_frame(&t(json!(0), json!(u64::MAX), json!([2, 3])), &data), ErrorCode::ShapeMismatch),
+            (binary_frame(&t(json!(0), json!(24), json!([1u64 << 40, 1u64 << 40])), &data), ErrorCode::OutOfRange),
+            (binary_frame(&t(json!(-1), json!(24), json!([2, 3])), &data), ErrorCode::WrongType),
+            (binary_frame(&t(json!(0), json!("24"), json!([2, 3])), &data), ErrorCode::WrongType),
+            // Bytes no tensor names.
+            (binary_frame(&ok, &[data.clone(), vec![1]].concat()), ErrorCode::ShapeMismatch),
+            (binary_frame(br#"{"command":"STATUS","request_id":1}"#, &[1, 2]), ErrorCode::ShapeMismatch),
+            // Raw bytes in a JSON frame.
+            (ok.clone(), ErrorCode::WrongType),
+        ];
+        for (i, (frame, want)) in cases.iter().enumerate() {
+            let e = Request::parse(frame).unwrap_err();
+            assert_eq!(e.code, *want, "case {i}: {}", e.message);
+            assert!(!e.message.is_empty());
+        }
+        // Once the header is read, errors echo its command and id.
+        let e = Request::parse(&binary_frame(&ok, &data[..20])).unwrap_err();
+        assert_eq!((e.command, e.request_id), (json!("EXECUTE_TASK"), json!(9)));
+        assert!(Request::parse(&binary_frame(&ok, &data)).is_ok());
     }
 
     #[test]

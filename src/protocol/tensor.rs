@@ -1,7 +1,9 @@
 //! Tensors on the wire: `{"dtype":"f32","shape":[n_tokens,width],"b64":"..."}`, little-endian
-//! floats in standard base64 (RFC 4648, with padding).
+//! floats in standard base64 (RFC 4648, with padding); in a binary frame ([`super::binary`])
+//! also `{"dtype":"f32","shape":[..],"offset":O,"nbytes":B}`, the bytes in its data section.
 
 use super::ErrorCode;
+use super::binary::Section;
 use serde_json::{Value, json};
 
 const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -57,13 +59,42 @@ pub fn b64_decode(text: &str) -> Option<Vec<u8>> {
 /// A 2-D F32 tensor as JSON.
 pub fn f32_to_json(data: &[f32], rows: usize, cols: usize) -> Value {
     debug_assert_eq!(data.len(), rows * cols);
-    let bytes: Vec<u8> = data.iter().flat_map(|f| f.to_le_bytes()).collect();
-    json!({"dtype": "f32", "shape": [rows, cols], "b64": b64_encode(&bytes)})
+    json!({"dtype": "f32", "shape": [rows, cols], "b64": b64_encode(&f32_bytes(data))})
 }
 
-/// Reads a 2-D F32 tensor, checking the shape against the data before keeping anything:
-/// returns (data, rows, cols).
+/// A 2-D F32 tensor for a binary frame ([`super::binary`]): its bytes appended to `section`, and
+/// the object naming them (`offset`, `nbytes`).
+pub fn f32_to_raw(data: &[f32], rows: usize, cols: usize, section: &mut Vec<u8>) -> Value {
+    debug_assert_eq!(data.len(), rows * cols);
+    let offset = section.len();
+    section.extend_from_slice(&f32_bytes(data));
+    json!({"dtype": "f32", "shape": [rows, cols], "offset": offset, "nbytes": data.len() * 4})
+}
+
+/// Little-endian bytes of `data` (one copy on a little-endian host).
+fn f32_bytes(data: &[f32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() * 4);
+    for f in data {
+        out.extend_from_slice(&f.to_le_bytes());
+    }
+    out
+}
+
+/// Reads a 2-D F32 tensor given as JSON (`b64`), checking the shape against the data before
+/// keeping anything: returns (data, rows, cols).
 pub fn f32_from_json(v: &Value, max_elems: usize) -> Result<(Vec<f32>, usize, usize), (ErrorCode, String)> {
+    f32_from_json_in(v, max_elems, None)
+}
+
+/// As [`f32_from_json`], in a frame that may carry raw tensors: a tensor naming `offset` and
+/// `nbytes` is read from `section` (a binary frame's data section; `None` in a JSON frame, where
+/// such a tensor is refused). The shape is checked against `max_elems`, `nbytes` against the
+/// shape and the bytes against the section before anything is allocated.
+pub fn f32_from_json_in(
+    v: &Value,
+    max_elems: usize,
+    section: Option<&Section>,
+) -> Result<(Vec<f32>, usize, usize), (ErrorCode, String)> {
     let wrong = |m: &str| (ErrorCode::WrongType, format!("tensor: {m}"));
     let obj = v.as_object().ok_or_else(|| wrong("must be an object {dtype, shape, b64}"))?;
     match obj.get("dtype").and_then(Value::as_str) {
@@ -75,23 +106,37 @@ pub fn f32_from_json(v: &Value, max_elems: usize) -> Result<(Vec<f32>, usize, us
     let dims: Vec<u64> =
         shape.iter().map(|d| d.as_u64()).collect::<Option<_>>().ok_or_else(|| wrong("shape holds non-integers"))?;
     let [rows, cols] = dims[..] else { return Err(wrong("shape must have two dimensions [rows, cols]")) };
-    let elems = rows.checked_mul(cols).filter(|&e| e as usize <= max_elems && e > 0);
+    let elems = rows.checked_mul(cols).filter(|&e| e <= max_elems as u64 && e > 0);
     let Some(elems) = elems else {
         return Err((
             ErrorCode::OutOfRange,
             format!("tensor: shape {rows} x {cols} is empty or over {max_elems} elements"),
         ));
     };
+    if obj.contains_key("offset") || obj.contains_key("nbytes") {
+        let Some(section) = section else {
+            return Err(wrong("offset/nbytes (raw bytes) need a binary frame; in JSON give b64"));
+        };
+        let field =
+            |k: &str| obj.get(k).and_then(Value::as_u64).ok_or_else(|| wrong(&format!("{k} must be an integer >= 0")));
+        let (offset, nbytes) = (field("offset")?, field("nbytes")?);
+        if elems.checked_mul(4) != Some(nbytes) {
+            return Err((ErrorCode::ShapeMismatch, format!("tensor: {nbytes} bytes do not hold {rows} x {cols} f32")));
+        }
+        let bytes = section.slice(offset, nbytes)?;
+        let data = bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        return Ok((data, rows as usize, cols as usize));
+    }
     let b64 = obj.get("b64").and_then(Value::as_str).ok_or_else(|| wrong("b64 must be a string"))?;
     // Check the size the text declares before decoding it.
-    if b64.len() != (elems as usize * 4).div_ceil(3) * 4 {
+    if b64.len() as u64 != (elems * 4).div_ceil(3) * 4 {
         return Err((
             ErrorCode::ShapeMismatch,
             format!("tensor: {} base64 characters do not hold {rows} x {cols} f32", b64.len()),
         ));
     }
     let bytes = b64_decode(b64).ok_or_else(|| wrong("b64 is not valid base64"))?;
-    if bytes.len() != elems as usize * 4 {
+    if bytes.len() as u64 != elems * 4 {
         return Err((
             ErrorCode::ShapeMismatch,
             format!("tensor: {} bytes do not hold {rows} x {cols} f32", bytes.len()),

@@ -9,7 +9,9 @@
 //! Limits (each a flag of `shardctl serve`): `--max-connections` (default 256; when full, the
 //! connection idle the longest, between requests or still sending its request, is closed for the
 //! new one; if every one is busy generating, the new one gets 503), `--queue` (requests waiting
-//! for the chain, default 16; over it: 503 with `Retry-After`), and [`http::Limits`] (head 16 KiB
+//! for the chain, default 16; over it: 503 with `Retry-After`), `--max-requests-per-client`
+//! (completions one client address has running or waiting; over it: 429 with `Retry-After`;
+//! default none on a loopback listener, `--parallel` on any other), and [`http::Limits`] (head 16 KiB
 //! and 64 fields, body 1 MiB, head within 10 s of its first byte, body within 30 s, idle
 //! keep-alive 60 s, each write 30 s).
 
@@ -20,7 +22,7 @@ pub mod metrics;
 pub mod openai;
 
 use std::collections::HashMap;
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -77,6 +79,10 @@ pub struct ServeConfig {
     /// `--parallel`: generations run on the chain at once (slots), each a session on the nodes.
     pub parallel: usize,
     pub queue: usize,
+    /// `--max-requests-per-client`: completions one client (an IPv4 address, an IPv6 /64) may
+    /// have running or waiting at once; `Some(0)`: no bound; `None`: the default,
+    /// [`ServeConfig::requests_per_client`].
+    pub max_requests_per_client: Option<usize>,
     pub limits: Limits,
     /// Who may call: `--cors-origin`, `--allowed-host`, `--api-key-file` ([`guard`]).
     pub access: Access,
@@ -93,8 +99,24 @@ impl Default for ServeConfig {
             max_connections: 256,
             parallel: DEFAULT_PARALLEL,
             queue: 16,
+            max_requests_per_client: None,
             limits: Limits::default(),
             access: Access::default(),
+        }
+    }
+}
+
+impl ServeConfig {
+    /// The bound on one client's completions at once (running or waiting); 0 for none. The
+    /// default follows who can reach the server: listening on a loopback address, only this
+    /// host's programs can (and a reverse proxy in front makes every user one address), so
+    /// none; listening on any other address, `--parallel`, so one client can fill every slot
+    /// when alone but never also the queue in front of everyone else.
+    pub fn requests_per_client(&self) -> usize {
+        match self.max_requests_per_client {
+            Some(n) => n,
+            None if self.listen.ip().is_loopback() => 0,
+            None => self.parallel,
         }
     }
 }
@@ -112,7 +134,44 @@ struct Shared {
     chain: Arc<ChainState>,
     jobs: Sender<Job>,
     conns: Mutex<HashMap<u64, Tracked>>,
+    /// Completions running or waiting, per client ([`crate::node::limits::ip_key`] of its address).
+    clients: Mutex<HashMap<IpAddr, usize>>,
     started: u64,
+}
+
+/// One client's completion counted against `--max-requests-per-client` until dropped.
+struct ClientSlot<'a> {
+    clients: &'a Mutex<HashMap<IpAddr, usize>>,
+    key: IpAddr,
+}
+
+impl<'a> ClientSlot<'a> {
+    /// Counts a completion for `peer`; `None` when that client already has `cap` (0: no bound).
+    fn take(clients: &'a Mutex<HashMap<IpAddr, usize>>, peer: IpAddr, cap: usize) -> Option<ClientSlot<'a>> {
+        let key = crate::node::limits::ip_key(peer);
+        let mut map = clients.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(key).or_default();
+        if cap > 0 && *n >= cap {
+            if *n == 0 {
+                map.remove(&key);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot { clients, key })
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        let mut map = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Shared {
@@ -144,6 +203,7 @@ impl Server {
             chain: Arc::new(ChainState { model: Default::default(), health: Mutex::new(Health::Starting) }),
             jobs,
             conns: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
             started: unix_now(),
         });
         Ok(Server { listener, shared, jobs_rx: Some(jobs_rx) })
@@ -233,7 +293,8 @@ fn respond_json(w: &mut impl std::io::Write, status: u16, v: &Value, reply: &Rep
 }
 
 fn respond_error(w: &mut impl std::io::Write, e: &ApiError, reply: &Reply) -> std::io::Result<()> {
-    let extra: Vec<(&str, String)> = if e.status == 503 { vec![("Retry-After", "2".into())] } else { vec![] };
+    let extra: Vec<(&str, String)> =
+        if matches!(e.status, 429 | 503) { vec![("Retry-After", "2".into())] } else { vec![] };
     write_response(w, e.status, "application/json", &extra, e.to_json().to_string().as_bytes(), reply)
 }
 
@@ -522,6 +583,16 @@ fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka
         Ok(p) => p,
         Err(e) => return (e.status, respond_error(&mut conn.stream, &e, ka).is_ok()),
     };
+    // Held until the answer is written or the client has gone.
+    let cap = s.cfg.requests_per_client();
+    let peer = conn.stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0u8; 4]));
+    let Some(_slot) = ClientSlot::take(&s.clients, peer, cap) else {
+        let e = ApiError::rate_limited(format!(
+            "this client already has {cap} completions running or waiting (--max-requests-per-client); try again \
+             when one ends"
+        ));
+        return (429, respond_error(&mut conn.stream, &e, ka).is_ok());
+    };
     let (tx, rx) = unbounded();
     let cancel = Arc::new(AtomicBool::new(false));
     let job = Job { request: prep.request, stop: prep.stop, events: tx, cancel: cancel.clone() };
@@ -665,5 +736,39 @@ fn stream(
                 return (ok, 200);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_share_defaults_by_listener_and_is_counted_per_address() {
+        let on = |listen: &str, flag: Option<usize>| ServeConfig {
+            listen: listen.parse().unwrap(),
+            parallel: 6,
+            max_requests_per_client: flag,
+            ..ServeConfig::default()
+        };
+        assert_eq!(on("127.0.0.1:0", None).requests_per_client(), 0, "loopback: none");
+        assert_eq!(on("[::1]:0", None).requests_per_client(), 0);
+        assert_eq!(on("0.0.0.0:0", None).requests_per_client(), 6, "reachable by others: --parallel");
+        assert_eq!(on("0.0.0.0:0", Some(0)).requests_per_client(), 0, "0: none");
+        assert_eq!(on("127.0.0.1:0", Some(2)).requests_per_client(), 2);
+
+        let clients = Mutex::new(HashMap::new());
+        let a: IpAddr = "2001:db8::1".parse().unwrap();
+        let same_64: IpAddr = "2001:db8::ffff:2".parse().unwrap();
+        let other: IpAddr = "2001:db8:0:1::1".parse().unwrap();
+        let first = ClientSlot::take(&clients, a, 2).unwrap();
+        let second = ClientSlot::take(&clients, same_64, 2).unwrap();
+        assert!(ClientSlot::take(&clients, a, 2).is_none(), "one /64 is one client");
+        let third = ClientSlot::take(&clients, other, 2).unwrap();
+        drop(first);
+        let again = ClientSlot::take(&clients, a, 2).unwrap();
+        assert!(ClientSlot::take(&clients, a, 0).is_some(), "0: no bound");
+        drop((second, third, again));
+        assert!(clients.lock().unwrap().is_empty(), "nothing is kept for clients gone");
     }
 }

@@ -35,6 +35,12 @@ impl ApiError {
         ApiError { status, message: message.into(), kind, param: None, code }
     }
 
+    /// 429 in OpenAI's shape (`type` "requests", `code` "rate_limit_exceeded"): this client has
+    /// its share of the server already.
+    pub fn rate_limited(message: impl Into<String>) -> ApiError {
+        ApiError::new(429, "requests", Some("rate_limit_exceeded"), message)
+    }
+
     /// 503: the cluster cannot serve now (not ready, lost nodes, queue full).
     pub fn unavailable(message: impl Into<String>) -> ApiError {
         ApiError::new(503, "server_error", Some("service_unavailable"), message)

@@ -95,6 +95,11 @@ GENERATION:
                                 --max-sessions-per-client) [default: 4, max 256]
       --queue N                 requests waiting for a free slot; over it: 503
                                 [default: 16]
+      --max-requests-per-client N
+                                completions one client address (IPv6: /64)
+                                has running or waiting; over it: 429; 0: no
+                                bound [default: none when listening on
+                                loopback, else as --parallel]
       --max-body BYTES          request body bound; over it: 413
                                 [default: 1048576]
       --api-key-file PATH       /v1/* and /metrics need `Authorization: Bearer

@@ -30,6 +30,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--max-connections",
                 "--queue",
                 "--parallel",
+                "--max-requests-per-client",
                 "--max-body",
                 "--batch",
                 "--load-timeout",
@@ -85,6 +86,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
             n => return Err(f.usage(format!("--parallel {n}: give 1 to {MAX_PARALLEL}"))),
         },
         queue: f.num("--queue", sc.queue).max(1),
+        max_requests_per_client: f.has("--max-requests-per-client").then(|| f.num("--max-requests-per-client", 0)),
         limits: Limits { max_body: f.num("--max-body", sc.limits.max_body), ..sc.limits },
         access: Access { cors_origins, allowed_hosts, api_key },
     };

@@ -111,13 +111,18 @@ fn main() {
         }
     };
 
+    // GNU dialects, as ggml's CMake builds (C_EXTENSIONS on): in ISO mode (`-std=c11`) GCC turns
+    // off floating-point contraction (`-ffp-contract=off`), so `a * b + c` in ggml's kernels
+    // (`ggml_vec_dot_q4_1_q8_1`'s running sum, flash attention, ...) compiles to a multiply and
+    // an add instead of one FMA: slower (SmolLM2 Q4_1 pp512: 0.92x llama.cpp) and rounded
+    // differently from llama.cpp's own build.
     let mut c = cc::Build::new();
     configure(&mut c);
-    c.std("c11").files(&c_files).compile("ggml_c");
+    c.std("gnu11").files(&c_files).compile("ggml_c");
 
     let mut cpp = cc::Build::new();
     configure(&mut cpp);
-    cpp.cpp(true).std("c++17").files(&cpp_files).compile("ggml_cpp");
+    cpp.cpp(true).std("gnu++17").files(&cpp_files).compile("ggml_cpp");
 
     if cuda {
         build_cuda(&root, &src);

@@ -98,6 +98,13 @@ impl Gather {
         self.recent.retain(|(id, _), _| id != session_id);
     }
 
+    /// Whether a session that `mine` does not pick is due back at `now`: it has a usual gap and
+    /// is not overdue (past twice its gap plus [`SLACK`]), whatever the wait budget. A round that
+    /// would compute a long prefill then computes less of it (see `schedule::PrefillShare`).
+    pub fn expects_other(&self, mine: impl Fn(&Key) -> bool, now: Instant) -> bool {
+        self.recent.iter().any(|(key, s)| s.gap.is_some_and(|gap| !mine(key) && s.answered + gap * 2 + SLACK > now))
+    }
+
     /// For a round holding the sessions `have` says are queued, at `now`: the sessions worth waiting for, and the latest time
     /// to wait until (`None`: start now, always while the node's busy share is under
     /// [`BUSY_FROM`]). A session is waited for when its next step is
@@ -203,6 +210,22 @@ mod tests {
         // An ended session is not waited for.
         g.ended("b");
         assert!(g.plan(|k| have.contains(k), t1 + MS / 2).is_none());
+    }
+
+    #[test]
+    fn sessions_due_back_are_expected_until_overdue() {
+        let t0 = Instant::now();
+        let mut g = Gather::default();
+        let (a, b) = (key("a"), key("b"));
+        g.answered([&a, &b], t0, 40 * MS);
+        // No gap learned yet: nothing expected.
+        assert!(!g.expects_other(|_| false, t0));
+        g.arrived(&a, t0 + 2 * MS);
+        let t1 = t0 + 50 * MS;
+        g.answered([&a], t1, 40 * MS);
+        assert!(g.expects_other(|_| false, t1 + MS));
+        assert!(!g.expects_other(|k| *k == a, t1 + MS), "a session's own steps do not count");
+        assert!(!g.expects_other(|_| false, t1 + 6 * MS), "overdue");
     }
 
     #[test]

@@ -153,7 +153,7 @@ impl Node {
             .and_then(|c| *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok()))
             .unwrap_or(self.local_addr);
         let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me };
+        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me, prefix: None };
         self.inference.submit(job);
     }
 
@@ -788,8 +788,42 @@ fn loaded_json(s: &LoadedShard, source: &str, started: Instant) -> Value {
     })
 }
 
-/// A client as the per-client quotas know it: its address, with the port on loopback (where every
-/// local client shares the IP).
-fn client_key(peer: std::net::SocketAddr) -> String {
-    if peer.ip().is_loopback() { peer.to_string() } else { peer.ip().to_string() }
+/// A client as the per-client quotas (sessions, queued tokens, relays) know it: its IPv4 address
+/// or IPv6 /64, as the connection limits count it ([`super::limits::ip_key`]: one host is
+/// commonly given a whole /64, so per address one attacker was 2^64 clients; red-team round 8
+/// filled `--max-relays` from four addresses of one /64), and the address with its port on
+/// loopback (where every local client shares the IP).
+pub(super) fn client_key(peer: std::net::SocketAddr) -> String {
+    let ip = super::limits::ip_key(peer.ip());
+    if peer.ip().is_loopback() || ip.is_loopback() {
+        peer.to_string()
+    } else if ip.is_ipv6() {
+        format!("{ip}/64")
+    } else {
+        ip.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::client_key;
+
+    #[test]
+    fn clients_are_keyed_by_ipv4_address_or_ipv6_64_and_by_port_on_loopback() {
+        let key = |s: &str| client_key(s.parse().unwrap());
+        // Every address of one /64 is one client; another /64 is another.
+        assert_eq!(key("[fd00:99:0:1::100]:4000"), "fd00:99:0:1::/64");
+        assert_eq!(key("[fd00:99:0:1:ffff:1:2:3]:5000"), "fd00:99:0:1::/64");
+        assert_ne!(key("[fd00:99:0:2::100]:4000"), key("[fd00:99:0:1::100]:4000"));
+        // IPv4: the address, whatever the port; v4-mapped IPv6 is the same client.
+        assert_eq!(key("10.99.0.1:4000"), "10.99.0.1");
+        assert_eq!(key("10.99.0.1:4001"), "10.99.0.1");
+        assert_eq!(key("[::ffff:10.99.0.1]:4001"), "10.99.0.1");
+        assert_ne!(key("10.99.0.2:4000"), key("10.99.0.1:4000"));
+        // Loopback: address and port (every local client shares the IP).
+        assert_eq!(key("127.0.0.1:4000"), "127.0.0.1:4000");
+        assert_eq!(key("[::1]:4000"), "[::1]:4000");
+        assert_eq!(key("[::ffff:127.0.0.1]:4000"), "[::ffff:127.0.0.1]:4000");
+        assert_ne!(key("[::1]:4000"), key("[::1]:4001"));
+    }
 }

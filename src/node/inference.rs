@@ -58,6 +58,8 @@ pub enum Job {
         queued: Instant,
         /// This node's address, for the hop list of the answer.
         me: SocketAddr,
+        /// What earlier rounds computed of this step, when it was split (`None` as submitted).
+        prefix: Option<Prefix>,
     },
     EndSession {
         reply: ReplyTo,
@@ -66,6 +68,16 @@ pub enum Job {
         /// The client's key, as for `Execute` (replaced by that of the session's queued steps).
         origin: String,
     },
+}
+
+/// The part of a long step computed in earlier rounds: a round whose prefill would hold up other
+/// sessions' decode steps computes only [`schedule::PrefillShare::chunk`] tokens of it, and puts
+/// the rest back first in its client's queue.
+pub struct Prefix {
+    /// Tokens (rows) computed.
+    tokens: usize,
+    /// Their output, when the answer carries every row (a hidden state, `all_logits`).
+    output: Option<Output>,
 }
 
 /// Counters the worker keeps for STATUS.
@@ -83,6 +95,10 @@ pub struct InferStats {
     pub running: AtomicU64,
     /// Decode steps that ran their shard's kept graph instead of building one.
     pub graphs_reused: AtomicU64,
+    /// Queued steps dropped, not computed, because their connection closed.
+    pub dropped: AtomicU64,
+    /// Prefill steps computed in parts, so that other sessions' decode steps waited less.
+    pub split: AtomicU64,
 }
 
 impl InferStats {
@@ -103,12 +119,21 @@ impl InferStats {
                 "changed": sidecars.changed,
             },
             "graphs_reused": self.graphs_reused.load(Ordering::Relaxed),
+            "dropped": self.dropped.load(Ordering::Relaxed),
+            "split": self.split.load(Ordering::Relaxed),
         })
     }
 }
 
+/// What the event loop sends the inference thread, in the order it happened.
+enum Msg {
+    Job(Box<Job>),
+    /// The command connection with this id closed: its queued steps are dropped.
+    Cancel(u64),
+}
+
 pub struct Inference {
-    jobs: Sender<Job>,
+    jobs: Sender<Msg>,
     pub stats: Arc<InferStats>,
 }
 
@@ -126,7 +151,17 @@ impl Inference {
 
     pub fn submit(&self, job: Job) {
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
-        let _ = self.jobs.send(job);
+        let _ = self.jobs.send(Msg::Job(Box::new(job)));
+    }
+
+    /// The command connection `conn_id` closed: its `EXECUTE_TASK`s still queued (not yet taken
+    /// into a round) are dropped unanswered, their queued tokens released, so a client that
+    /// queues a burst and leaves costs no compute (red-team round 8: 32 prefills queued by a
+    /// connection closed after 0.1 s were computed for minutes). Its `END_SESSION`s still run
+    /// (they free memory). Sent on the jobs' channel, so every job the connection submitted
+    /// before is queued when this is seen.
+    pub fn cancel(&self, conn_id: u64) {
+        let _ = self.jobs.send(Msg::Cancel(conn_id));
     }
 }
 
@@ -172,7 +207,7 @@ fn limits(cfg: &EngineConfig) -> schedule::Limits {
 
 fn worker(
     cfg: EngineConfig,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Msg>,
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
@@ -196,37 +231,41 @@ fn worker(
         ok
     };
     let mut gather = Gather::default();
+    let mut share = schedule::PrefillShare::default();
     loop {
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
             let idle = Instant::now();
-            let job = jobs.recv();
+            let msg = jobs.recv();
             gather.idle(idle.elapsed());
-            match job {
-                Ok(job) => {
-                    arrived(&mut gather, &job);
-                    enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+            match msg {
+                Ok(msg) => {
+                    receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
                 }
                 Err(_) => return,
             }
         }
-        while let Ok(job) = jobs.try_recv() {
-            arrived(&mut gather, &job);
-            enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
+        while let Ok(msg) = jobs.try_recv() {
+            receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
         }
         // And the steps of sessions due back in a moment (see `gather`).
         let waited = Instant::now();
         if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
             while !waiting.is_empty() {
-                let Ok(job) = jobs.recv_deadline(until) else { break };
-                if let Some(key) = arrived(&mut gather, &job) {
+                let Ok(msg) = jobs.recv_deadline(until) else { break };
+                if let Some(key) = receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send) {
                     waiting.remove(&key);
                 }
-                enqueue(&mut queue, &mut queued_sessions, job, &stats, &send);
             }
             stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        let round = queue.next_round();
+        if queue.is_empty() {
+            // Everything that queued was cancelled.
+            continue;
+        }
+        let (round, mut rests) =
+            share_prefill(queue.next_round(), &mut queue, &gather, &share, &mut queued_sessions, &stats);
+        let prefill_tokens: usize = round.iter().map(Queued::tokens).filter(|&n| n > 1).sum();
         let stepped: Vec<gather::Key> = round.iter().filter_map(key).collect();
         stats.queued.fetch_sub(round.len() as u64, Ordering::Relaxed);
         for job in &round {
@@ -238,9 +277,11 @@ fn worker(
         let started = Instant::now();
         // Steps gathered per (shard, map) until an END_SESSION, which must see the steps before it.
         let mut groups: Vec<Vec<ExecuteJob>> = Vec::new();
-        for job in round {
+        // The rest of steps split this round, to queue again once their first part is computed.
+        let mut again: Vec<Job> = Vec::new();
+        for (i, job) in round.into_iter().enumerate() {
             match job {
-                Job::Execute { reply, mut task, from, origin, shard, queued, me } => {
+                Job::Execute { reply, mut task, from, origin, shard, queued, me, prefix } => {
                     // A new session without a token gets one; a relay passes it down the chain.
                     if task.session_token.is_none() {
                         match crate::protocol::auth::random_bytes::<16>() {
@@ -252,7 +293,8 @@ fn worker(
                     // prefill chunks: a step never waits for another client's prompt to compute.
                     let group_key = |t: &ExecuteTask, m: &Arc<Mmap>| (t.shard_id, m.as_ptr() as usize, tokens(t) <= 1);
                     let key = group_key(&task, &shard.map);
-                    let job = ExecuteJob { reply, task, from, origin, shard, queued, me };
+                    let rest = rests.remove(&i);
+                    let job = ExecuteJob { reply, task, from, origin, shard, queued, me, prefix, rest };
                     match groups.iter_mut().find(|g| group_key(&g[0].task, &g[0].shard.map) == key) {
                         Some(g) => g.push(job),
                         None => groups.push(vec![job]),
@@ -263,7 +305,15 @@ fn worker(
                     // Only this session's steps earlier in the round must run first.
                     if groups.iter().flatten().any(|j| j.task.session_id == session_id) {
                         for group in groups.drain(..) {
-                            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+                            again.extend(run_group(
+                                &mut engine,
+                                &mut loaded,
+                                group,
+                                &stats,
+                                &mut relay_ids,
+                                &events,
+                                &waker,
+                            ));
                         }
                     }
                     let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
@@ -279,11 +329,97 @@ fn worker(
             }
         }
         for group in groups {
-            run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker);
+            again.extend(run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker));
+        }
+        share.record(prefill_tokens, started.elapsed());
+        // In reverse, so that a client's parts keep their order at the front of its queue.
+        for job in again.into_iter().rev() {
+            requeue(&mut queue, &mut queued_sessions, job, &stats);
         }
         gather.answered(&stepped, Instant::now(), started.elapsed());
         record(&engine, &stats, started);
     }
+}
+
+/// When other sessions' decode steps are in `round`, queued, or due back (`gather`), the round's
+/// prefill is cut to [`schedule::PrefillShare::chunk`] tokens: a step past it computes its first
+/// tokens now (its rest, by index in the round returned, is queued again once they are
+/// computed), and the client's steps after it wait, put back first in its queue. Uncontended,
+/// the round is as the scheduler made it.
+fn share_prefill(
+    round: Vec<Job>,
+    queue: &mut Scheduler<Job>,
+    gather: &Gather,
+    share: &schedule::PrefillShare,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    stats: &InferStats,
+) -> (Vec<Job>, HashMap<usize, TaskInput>) {
+    let mut rests = HashMap::new();
+    let prefilling: Vec<gather::Key> = round.iter().filter(|j| j.tokens() > 1).filter_map(key).collect();
+    let budget = share.chunk(crate::engine::MAX_BATCH_TOKENS);
+    let prefill: usize = round.iter().map(Queued::tokens).filter(|&n| n > 1).sum();
+    if prefill <= budget {
+        return (round, rests);
+    }
+    let contended = round.iter().any(|j| j.tokens() == 1)
+        || queue.has_decode_step()
+        || gather.expects_other(|k| prefilling.contains(k), Instant::now());
+    if !contended {
+        return (round, rests);
+    }
+    let mut left = budget;
+    let mut cut: Vec<String> = Vec::new();
+    let mut kept = Vec::with_capacity(round.len());
+    let mut back = Vec::new();
+    for mut job in round {
+        let n = job.tokens();
+        if cut.iter().any(|o| o == job.origin()) {
+            back.push(job);
+            continue;
+        }
+        if n <= 1 || n <= left {
+            left -= n.min(left) * usize::from(n > 1);
+            kept.push(job);
+            continue;
+        }
+        cut.push(job.origin().to_string());
+        if left == 0 {
+            back.push(job);
+            continue;
+        }
+        let Job::Execute { task, .. } = &mut job else { unreachable!("only steps have tokens") };
+        let rest = match &mut task.input {
+            TaskInput::Tokens(t) => TaskInput::Tokens(t.split_off(left)),
+            TaskInput::Hidden { data, rows, cols } => {
+                let tail = data.split_off(left * *cols);
+                let r = TaskInput::Hidden { data: tail, rows: *rows - left, cols: *cols };
+                *rows = left;
+                r
+            }
+        };
+        stats.split.fetch_add(1, Ordering::Relaxed);
+        rests.insert(kept.len(), rest);
+        kept.push(job);
+        left = 0;
+    }
+    for job in back.into_iter().rev() {
+        requeue(queue, queued_sessions, job, stats);
+    }
+    (kept, rests)
+}
+
+/// Puts a step (or a split step's rest) back first in its client's queue.
+fn requeue(
+    queue: &mut Scheduler<Job>,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    job: Job,
+    stats: &InferStats,
+) {
+    if let Job::Execute { task, origin, .. } = &job {
+        queued_sessions.entry(task.session_id.clone()).or_insert_with(|| (origin.clone(), 0)).1 += 1;
+        stats.queued.fetch_add(1, Ordering::Relaxed);
+    }
+    queue.push_front(job);
 }
 
 /// The session a step runs on, as `gather` keys it.
@@ -297,6 +433,39 @@ fn arrived(gather: &mut Gather, job: &Job) -> Option<gather::Key> {
     let (key, Job::Execute { queued, .. }) = (key(job)?, job) else { return None };
     gather.arrived(&key, *queued);
     Some(key)
+}
+
+/// Takes one message off the channel: a job is queued (its session's arrival told to `gather`,
+/// which is returned), a cancel drops the closed connection's queued steps.
+fn receive(
+    queue: &mut Scheduler<Job>,
+    queued_sessions: &mut HashMap<String, (String, usize)>,
+    gather: &mut Gather,
+    msg: Msg,
+    stats: &InferStats,
+    send: &impl Fn(ReplyTo, Vec<u8>) -> bool,
+) -> Option<gather::Key> {
+    match msg {
+        Msg::Job(job) => {
+            let key = arrived(gather, &job);
+            enqueue(queue, queued_sessions, *job, stats, send);
+            key
+        }
+        Msg::Cancel(conn_id) => {
+            let gone = queue.remove(|j| matches!(j, Job::Execute { reply, .. } if reply.conn_id == conn_id));
+            stats.queued.fetch_sub(gone.len() as u64, Ordering::Relaxed);
+            stats.dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            for job in &gone {
+                if let Job::Execute { task, .. } = job {
+                    left_queue(queued_sessions, &task.session_id);
+                }
+            }
+            if !gone.is_empty() {
+                crate::info!("dropped {} queued steps of closed connection {conn_id}", gone.len());
+            }
+            None
+        }
+    }
 }
 
 /// One step of `session_id` left the queue (taken into a round, or refused): its count drops,
@@ -356,6 +525,18 @@ struct ExecuteJob {
     shard: ShardFile,
     queued: Instant,
     me: SocketAddr,
+    prefix: Option<Prefix>,
+    /// The rest of the step's input, computed in a later round (this round computes a part).
+    rest: Option<TaskInput>,
+}
+
+/// What a step's compute gave.
+enum Done {
+    /// The answer's result object and the data section its raw tensor is in (see
+    /// [`result_json`]).
+    Result((Value, Vec<u8>)),
+    /// The output of a split step's part (more is to come).
+    Part(Output),
 }
 
 /// Runs the steps of one shard in as few graphs as the engine can, then answers each, or, when
@@ -368,16 +549,36 @@ fn run_group(
     relay_ids: &mut u64,
     events: &Sender<NodeEvent>,
     waker: &Arc<Waker>,
-) {
-    let outcomes: Vec<Computed> = match engine.as_mut() {
+) -> Vec<Job> {
+    let mut again = Vec::new();
+    let outcomes: Vec<Result<Done, (ErrorCode, String)>> = match engine.as_mut() {
         Ok(engine) => execute(engine, loaded, &group, stats),
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
     for (job, outcome) in group.into_iter().zip(outcomes) {
-        let ExecuteJob { reply, task, from, origin, me, .. } = job;
+        let ExecuteJob { reply, mut task, from, origin, me, shard, queued, prefix, rest } = job;
         let payload = match outcome {
             Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
-            Ok((mut result, section)) => {
+            Ok(Done::Part(out)) => {
+                // The rest goes back to the queue, after the part computed now.
+                let n = tokens(&task);
+                let all = matches!(task.output, TaskOutput::Logits { all: true });
+                let output = match out {
+                    Output::Hidden { .. } => Some(merged(prefix.as_ref().and_then(|p| p.output.clone()), out)),
+                    Output::Logits { .. } if all => Some(merged(prefix.as_ref().and_then(|p| p.output.clone()), out)),
+                    Output::Logits { .. } => None,
+                };
+                let done = prefix.map_or(0, |p| p.tokens) + n;
+                task.pos += n as u32;
+                task.input = rest.expect("a part has a rest");
+                let prefix = Some(Prefix { tokens: done, output });
+                again.push(Job::Execute { reply, task, from, origin, shard, queued, me, prefix });
+                continue;
+            }
+            Ok(Done::Result((mut result, section))) => {
+                if let Some(p) = &prefix {
+                    task.pos -= p.tokens as u32;
+                }
                 let hop = json!({"address": me.to_string(), "shard_id": task.shard_id,
                     "timings": result["timings"].take()});
                 result.as_object_mut().expect("an object").remove("timings");
@@ -408,6 +609,22 @@ fn run_group(
             payload,
         });
         let _ = waker.wake();
+    }
+    again
+}
+
+/// `out` after the rows of `prefix` (of the same kind and width): a split step's whole output.
+fn merged(prefix: Option<Output>, out: Output) -> Output {
+    match (prefix, out) {
+        (Some(Output::Hidden { mut data, n_tokens, width }), Output::Hidden { data: more, n_tokens: m, .. }) => {
+            data.extend(more);
+            Output::Hidden { data, n_tokens: n_tokens + m, width }
+        }
+        (Some(Output::Logits { mut data, rows, n_vocab }), Output::Logits { data: more, rows: m, .. }) => {
+            data.extend(more);
+            Output::Logits { data, rows: rows + m, n_vocab }
+        }
+        (_, out) => out,
     }
 }
 
@@ -442,9 +659,6 @@ fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
-/// A step's result object and the data section its raw tensor is in, or its error.
-type Computed = Result<(Value, Vec<u8>), (ErrorCode, String)>;
-
 /// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,
 /// and the output) with the data section its raw tensor is in (see [`result_json`]), or its error.
 fn execute(
@@ -452,7 +666,7 @@ fn execute(
     loaded: &mut HashMap<u32, usize>,
     group: &[ExecuteJob],
     stats: &InferStats,
-) -> Vec<Computed> {
+) -> Vec<Result<Done, (ErrorCode, String)>> {
     let (shard_id, shard) = (group[0].task.shard_id, &group[0].shard);
     if let Err(e) = unchanged(&shard.file, &shard.map, shard_id) {
         return group.iter().map(|_| Err(e.clone())).collect();
@@ -525,23 +739,24 @@ fn execute(
                 continue;
             }
         };
+        stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);
+        if job.rest.is_some() {
+            results.push(Ok(Done::Part(out)));
+            continue;
+        }
         let queue_ms = t.duration_since(job.queued).as_secs_f64() * 1e3;
+        let before = job.prefix.as_ref().map_or(0, |p| p.tokens);
+        let all = matches!(job.task.output, TaskOutput::Logits { all: true }) || matches!(out, Output::Hidden { .. });
+        let out = if all { merged(job.prefix.as_ref().and_then(|p| p.output.clone()), out) } else { out };
+        let n = inputs[i].0.n_tokens() + before;
         // A relayed result always goes raw (the link converts it for a next hop that reads JSON
         // only); an answer as its caller asked.
         let raw = !job.task.next.is_empty() || job.task.encoding == Encoding::Binary;
         let mut section = Vec::new();
-        let result = result_json(
-            &job.task,
-            out,
-            inputs[i].0.n_tokens(),
-            queue_ms,
-            compute_ms,
-            batch,
-            raw.then_some(&mut section),
-        );
-        results.push(Ok((result, section)));
+        let mut result = result_json(&job.task, out, n, queue_ms, compute_ms, batch, raw.then_some(&mut section));
+        result["pos"] = json!(job.task.pos - before as u32);
+        results.push(Ok(Done::Result((result, section))));
         stats.tasks.fetch_add(1, Ordering::Relaxed);
-        stats.tokens.fetch_add(inputs[i].0.n_tokens() as u64, Ordering::Relaxed);
     }
     results
 }

@@ -460,6 +460,12 @@ impl Node {
             match conn.read_input(chunk, Instant::now()) {
                 Ok(0) => {
                     conn.read_closed = true;
+                    // A command client that closes (even only its sending side) with requests in
+                    // flight has left: what it asked for and is not yet computed is dropped.
+                    if conn.kind == conn::Kind::Command && conn.in_flight > 0 {
+                        self.close(token, "closed by the client with requests in flight; they are dropped");
+                        return false;
+                    }
                     break;
                 }
                 Ok(n) => {
@@ -672,6 +678,9 @@ impl Node {
             self.census.frame_bytes -= conn.charged;
             self.conn_ids.remove(&conn.id);
             debug!("conn {} with {}: {why}", conn.id, conn.peer);
+            if conn.in_flight > 0 {
+                self.abandon(conn.id);
+            }
             self.peer_closed(&conn);
             if let Some(h) = conn.torrent {
                 self.pump(h);
@@ -691,6 +700,8 @@ impl Node {
                 NodeEvent::Answer { token, conn_id, reserved, payload } => {
                     self.on_answer(token, conn_id, reserved, &payload)
                 }
+                // A step computed for a connection that closed meanwhile goes no further.
+                NodeEvent::Relay(out) if !self.conn_ids.contains_key(&out.reply.conn_id) => {}
                 NodeEvent::Relay(out) => {
                     let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
                     self.deliver(answers);
@@ -707,6 +718,20 @@ impl Node {
 }
 
 impl Node {
+    /// A command connection with requests in flight closed: what it asked for is not worth
+    /// computing or waiting for any longer. Its steps waiting for a shard to load, its queued
+    /// inference steps (`Inference::cancel`) and its relays in flight (`Relays::cancel`, which
+    /// frees their `--max-relays` slots) are dropped. Steps already computing finish; their
+    /// answers find no connection and are discarded.
+    fn abandon(&mut self, conn_id: u64) {
+        for tasks in self.pending_tasks.values_mut() {
+            tasks.retain(|(reply, ..)| reply.conn_id != conn_id);
+        }
+        self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
+        self.inference.cancel(conn_id);
+        self.relays.cancel(self.poll.registry(), conn_id);
+    }
+
     /// Hands finished relay answers to the connections that asked.
     fn deliver(&mut self, answers: Vec<relay::Answer>) {
         for a in answers {

@@ -365,6 +365,36 @@ impl Relays {
         answers
     }
 
+    /// The command connection `conn_id` closed: its relays in flight are dropped unanswered (their
+    /// `--max-relays` and `--max-relays-per-client` slots free at once; before, a closed client's
+    /// relays into a silent hop held them for up to `hop_timeout_ms`, 10 minutes). A late answer
+    /// to one is discarded as after a deadline. A link left with no relay waiting is closed, so
+    /// the next hop sees its caller go and drops the steps it has queued for it in turn (on this
+    /// node too, when a route relays to this node itself).
+    pub fn cancel(&mut self, registry: &Registry, conn_id: u64) {
+        let ids: Vec<u64> =
+            self.pending.iter().filter(|(_, p)| p.reply.conn_id == conn_id).map(|(id, _)| *id).collect();
+        let mut touched = HashSet::new();
+        for id in ids {
+            let Some(p) = self.take(id) else { continue };
+            if let Some(l) = self.links.get_mut(&p.link) {
+                l.waiting.remove(&id);
+                if l.late.len() == LATE_IDS {
+                    l.late.pop_front();
+                }
+                l.late.push_back(id);
+                touched.insert(p.link);
+            }
+        }
+        for token in touched {
+            if self.links.get(&token).is_some_and(|l| l.waiting.is_empty()) {
+                // No relay waits on it: nothing to answer.
+                let answers = self.close(registry, token, "its callers closed their connections");
+                debug_assert!(answers.is_empty());
+            }
+        }
+    }
+
     /// Relays past their deadline become `HOP_FAILED`. A link that has answered nothing since
     /// such a request was sent is taken for dead and closed (its other requests fail with it),
     /// so the next request connects afresh.

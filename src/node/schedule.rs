@@ -22,6 +22,7 @@
 //! `n_embd` f32s).
 
 use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
 
 /// What the scheduler needs of a job.
 pub trait Queued {
@@ -97,6 +98,52 @@ impl<J: Queued> Scheduler<J> {
         Ok(())
     }
 
+    /// Takes every queued job `gone` picks out of the queues (a closed connection's steps: see
+    /// `inference::Inference::cancel`), their tokens no longer counted; the others keep their
+    /// order. The jobs taken, in no particular order.
+    pub fn remove(&mut self, gone: impl Fn(&J) -> bool) -> Vec<J> {
+        let mut removed = Vec::new();
+        for (q, held) in self.queues.values_mut() {
+            let before = q.len();
+            let mut kept = VecDeque::with_capacity(before);
+            for job in q.drain(..) {
+                if gone(&job) {
+                    *held -= job.tokens();
+                    self.total -= job.tokens();
+                    removed.push(job);
+                } else {
+                    kept.push_back(job);
+                }
+            }
+            *q = kept;
+        }
+        self.jobs -= removed.len();
+        self.order.retain(|o| self.queues.get(o).is_some_and(|(q, _)| !q.is_empty()));
+        self.queues.retain(|_, (q, _)| !q.is_empty());
+        removed
+    }
+
+    /// Puts `job` back at the front of its client's FIFO, ahead of the rest (the remainder of a
+    /// step split by [`PrefillShare`], or a step a round had no room for). No bound applies: its
+    /// tokens were admitted when it was first queued.
+    pub fn push_front(&mut self, job: J) {
+        let n = job.tokens();
+        let origin = job.origin().to_string();
+        let entry = self.queues.entry(origin.clone()).or_insert_with(|| {
+            self.order.push_back(origin);
+            (VecDeque::new(), 0)
+        });
+        entry.0.push_front(job);
+        entry.1 += n;
+        self.total += n;
+        self.jobs += 1;
+    }
+
+    /// Whether a decode step (one token) waits in any client's queue.
+    pub fn has_decode_step(&self) -> bool {
+        self.queues.values().any(|(q, _)| q.iter().any(|j| j.tokens() == 1))
+    }
+
     /// The next round's jobs, in an order that keeps each client's own order.
     pub fn next_round(&mut self) -> Vec<J> {
         let mut round = Vec::new();
@@ -162,6 +209,43 @@ impl<J: Queued> Scheduler<J> {
             self.order.rotate_left(1);
         }
         round
+    }
+}
+
+/// Prefill a round may compute while other sessions' decode steps wait, in seconds of compute:
+/// a decode step then waits at most about two such rounds (the one computing when it arrives,
+/// then its own), instead of two rounds of [`crate::engine::MAX_BATCH_TOKENS`] prefill tokens
+/// (red-team round 8: a victim's step 20 ms -> 4.7 s behind a stranger's 512-token chunks on a
+/// one-thread node). 50 ms is what one 512-token ubatch of a small model costs on a GPU
+/// (llama.cpp's n_ubatch), so a node fast enough keeps whole chunks.
+pub const CONTENDED_PREFILL: Duration = Duration::from_millis(50);
+/// The fewest prefill tokens a contended round computes: below this a CPU's batched matrix
+/// products lose much of their throughput, and a prompt would crawl.
+pub const MIN_PREFILL_CHUNK: usize = 32;
+
+/// The prefill tokens one round computes while others' decode steps wait, from the node's
+/// measured prefill rate: [`CONTENDED_PREFILL`] worth, within [`MIN_PREFILL_CHUNK`] and
+/// `max_tokens` (which it is, uncontended).
+#[derive(Debug, Default)]
+pub struct PrefillShare {
+    /// Tokens per second of prefill rounds, smoothed; `None` until one is measured.
+    rate: Option<f64>,
+}
+
+impl PrefillShare {
+    /// A round computed `tokens` prefill tokens (with whatever decode steps) in `took`.
+    pub fn record(&mut self, tokens: usize, took: Duration) {
+        if tokens < MIN_PREFILL_CHUNK || took.is_zero() {
+            return;
+        }
+        let sample = tokens as f64 / took.as_secs_f64();
+        self.rate = Some(self.rate.map_or(sample, |r| 0.7 * r + 0.3 * sample));
+    }
+
+    /// Prefill tokens for a contended round (before any is measured: a quarter of `max_tokens`).
+    pub fn chunk(&self, max_tokens: usize) -> usize {
+        let n = self.rate.map_or(max_tokens / 4, |r| (r * CONTENDED_PREFILL.as_secs_f64()) as usize);
+        n.clamp(MIN_PREFILL_CHUNK.min(max_tokens), max_tokens)
     }
 }
 
@@ -265,6 +349,69 @@ mod tests {
             s.next_round();
         }
         s.push(J("c", 1000, 0)).unwrap();
+    }
+
+    /// A closed connection's queued steps leave the queue and give their tokens back.
+    #[test]
+    fn removed_jobs_release_their_tokens_and_the_rest_keep_order() {
+        let mut s = Scheduler::new(Limits { per_client_tokens: 1000, total_tokens: 1500, ..limits() });
+        s.push(J("a", 500, 0)).unwrap();
+        s.push(J("a", 1, 1)).unwrap();
+        s.push(J("a", 400, 2)).unwrap();
+        s.push(J("b", 500, 0)).unwrap();
+        assert_eq!(s.push(J("c", 500, 0)).unwrap_err().1, Refusal::Node(1401));
+        assert_eq!(s.push(J("a", 450, 9)).unwrap_err().1, Refusal::Client(901));
+        let mut gone = s.remove(|j| j.0 == "a" && j.2 != 1);
+        gone.sort_by_key(|j| j.2);
+        assert_eq!(gone, vec![J("a", 500, 0), J("a", 400, 2)]);
+        // Their tokens are free again, per client and node-wide.
+        s.push(J("c", 500, 0)).unwrap();
+        s.push(J("a", 450, 3)).unwrap();
+        let mut seen = Vec::new();
+        while !s.is_empty() {
+            seen.extend(s.next_round());
+        }
+        let a: Vec<u32> = seen.iter().filter(|j| j.0 == "a").map(|j| j.2).collect();
+        assert_eq!(a, vec![1, 3]);
+        assert_eq!(seen.len(), 4);
+        assert!(s.remove(|_| true).is_empty());
+    }
+
+    #[test]
+    fn the_contended_prefill_share_follows_the_measured_rate() {
+        let mut p = PrefillShare::default();
+        assert_eq!(p.chunk(512), 128, "unmeasured: a quarter");
+        // 110 tokens/s (the red-team's one-thread node): the floor.
+        p.record(512, Duration::from_millis(4650));
+        assert_eq!(p.chunk(512), MIN_PREFILL_CHUNK);
+        // 5,000 tokens/s: 250 tokens in 50 ms.
+        let mut p = PrefillShare::default();
+        p.record(500, Duration::from_millis(100));
+        assert_eq!(p.chunk(512), 250);
+        // A GPU: whole chunks.
+        p.record(512, Duration::from_millis(5));
+        p.record(512, Duration::from_millis(5));
+        assert_eq!(p.chunk(512), 512);
+        // Rounds with too few tokens to tell are not counted.
+        let before = p.chunk(512);
+        p.record(3, Duration::from_secs(1));
+        assert_eq!(p.chunk(512), before);
+    }
+
+    #[test]
+    fn a_job_put_back_is_next_for_its_client() {
+        let mut s = Scheduler::new(limits());
+        s.push(J("a", 300, 1)).unwrap();
+        s.push(J("b", 1, 0)).unwrap();
+        assert!(s.has_decode_step());
+        s.push_front(J("a", 200, 0));
+        let mut seen = Vec::new();
+        while !s.is_empty() {
+            seen.extend(s.next_round());
+        }
+        let a: Vec<u32> = seen.iter().filter(|j| j.0 == "a").map(|j| j.2).collect();
+        assert_eq!(a, vec![0, 1]);
+        assert!(!s.has_decode_step());
     }
 
     #[test]

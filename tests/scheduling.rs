@@ -1,0 +1,240 @@
+//! The inference queue against strangers (red team round 8): work asked for by a connection that
+//! closes is dropped (its queued steps not computed, its relays' slots freed), and a long prefill
+//! is computed in parts while another session decodes. Real node processes on loopback; a fake
+//! next hop is a thread of the test speaking the frame protocol.
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use shardnet::gguf::demo::{self, DemoConfig};
+use shardnet::gguf::split;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The demo model (4 layers, 2048 positions) split in `shards` into `dir/shards`.
+fn shards(dir: &TempDir, shards: u32) -> PathBuf {
+    let model = dir.path().join("demo.gguf");
+    demo::write(&DemoConfig { layers: 4, context: 2048, ..Default::default() }, &model).unwrap();
+    let out = dir.path().join("shards");
+    split::split(&model, shards, &out, None).unwrap();
+    out
+}
+
+fn request(id: u64, params: Value) -> Vec<u8> {
+    let body = serde_json::to_vec(&json!({"command": "EXECUTE_TASK", "request_id": id, "params": params})).unwrap();
+    let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(&body);
+    wire
+}
+
+fn prefill(session: &str, tokens: usize) -> Value {
+    let input: Vec<u32> = (0..tokens as u32).map(|i| 1 + i % 200).collect();
+    json!({"session_id": session, "shard_id": 0, "pos": 0, "input": {"tokens": input}, "output": "top_k", "k": 1})
+}
+
+fn chain(session: &str, next: &str, tokens: usize, timeout_ms: u64) -> Value {
+    let mut p = prefill(session, tokens);
+    p["next"] = json!([{"address": next, "shard_id": 1}]);
+    p["hop_timeout_ms"] = json!(timeout_ms);
+    p
+}
+
+fn inference(node: &NodeProc) -> Value {
+    node.call("STATUS", json!({}))["result"]["inference"].clone()
+}
+
+fn relays(node: &NodeProc) -> Value {
+    node.call("STATUS", json!({}))["result"]["relays"].clone()
+}
+
+/// Sends `params` as an EXECUTE_TASK on a connection of its own, in a thread.
+fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        c.request("EXECUTE_TASK", params).unwrap()
+    })
+}
+
+/// Waits until the inference thread has nothing queued or running, `dropped` at least `dropped`.
+fn settled(node: &NodeProc, dropped: u64) -> Value {
+    wait_for(WAIT, || {
+        let s = inference(node);
+        let idle = s["queued"] == json!(0) && s["running"] == json!(0);
+        (idle && s["dropped"].as_u64().unwrap() >= dropped).then_some(s)
+    })
+}
+
+/// One connection queues 32 prefill steps of 512 tokens (the per-client token cap) and closes at
+/// once. Before, the node computed every one (minutes on a real model, with every other
+/// client's decode step waiting behind a prefill round); now the steps not yet started are
+/// dropped (STATUS `inference.dropped`). The same through a route that relays to the node
+/// itself (shard 0, then this node's shard 1): nothing is left queued or in flight. Another
+/// client's session carries on.
+#[test]
+fn a_closed_connections_queued_steps_are_dropped() {
+    const N: u64 = 32;
+    let dir = TempDir::new("closed-queue");
+    let a = NodeProc::start(&shards(&dir, 2), &["--threads", "1"]);
+    // The victim's session (and shard 0 loaded, so the burst queues for compute).
+    let r = a.call("EXECUTE_TASK", prefill("victim", 3));
+    assert_eq!(r["status"], "success", "{r}");
+    let token = r["result"]["session_token"].clone();
+    let before = inference(&a)["tasks"].as_u64().unwrap();
+
+    let mut s = a.raw();
+    let burst: Vec<u8> = (0..N).flat_map(|i| request(i, prefill(&format!("dead{i}"), 512))).collect();
+    s.write_all(&burst).unwrap();
+    drop(s);
+    let st = settled(&a, 1);
+    let (computed, dropped) = (st["tasks"].as_u64().unwrap() - before, st["dropped"].as_u64().unwrap());
+    assert_eq!(computed + dropped, N, "every step computed or dropped: {st}");
+    assert!(dropped >= N / 2, "most of the closed connection's steps were computed: {st}");
+
+    // One process: shard 1 is this node's too, reached through a relay link to itself.
+    let r = a.call("LOAD_SHARD", json!({"shard_id": 1}));
+    assert_eq!(r["status"], "success", "{r}");
+    let mut s = a.raw();
+    let burst: Vec<u8> = (0..N).flat_map(|i| request(i, chain(&format!("relayed{i}"), &a.addr, 512, 60_000))).collect();
+    s.write_all(&burst).unwrap();
+    drop(s);
+    settled(&a, dropped + 1);
+    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(0)).then_some(()));
+    let st = settled(&a, dropped + 1);
+    assert!(st["dropped"].as_u64().unwrap() - dropped >= N / 2, "{st}");
+
+    let r = a.call(
+        "EXECUTE_TASK",
+        json!({"session_id": "victim", "session_token": token, "shard_id": 0, "pos": 3,
+            "input": {"tokens": [5]}, "output": "top_k", "k": 1}),
+    );
+    assert_eq!(r["status"], "success", "the victim's session goes on: {r}");
+    a.assert_serving();
+}
+
+/// Relays of a connection that closed free their `--max-relays` slots at once (before: they
+/// held them until `hop_timeout_ms`, up to 10 minutes, so a few strangers' chains into a silent
+/// hop denied every chain through the node). A late answer to one is dropped without harming the
+/// link another client's chain waits on; a link no chain waits on any more is closed, so the
+/// next hop sees the caller go.
+#[test]
+fn a_closed_connections_relays_free_their_slots() {
+    let dir = TempDir::new("closed-relays");
+    let a = NodeProc::start(&shards(&dir, 2), &["--threads", "1", "--max-relays", "4"]);
+    let hop = TcpListener::bind("127.0.0.1:0").unwrap();
+    let h_addr = hop.local_addr().unwrap().to_string();
+
+    let victim = spawn_chain(&a.addr, chain("victim", &h_addr, 3, 60_000));
+    let (mut f, _) = hop.accept().unwrap();
+    f.set_read_timeout(Some(WAIT)).unwrap();
+    let victim_id = read_frame(&mut f)["request_id"].as_u64().unwrap();
+
+    // The attacker: one connection, three chains into the hop (the node is then full), gone.
+    let mut s = a.raw();
+    for i in 0..3 {
+        s.write_all(&request(i, chain(&format!("gone{i}"), &h_addr, 3, 60_000))).unwrap();
+    }
+    let gone: Vec<u64> = (0..3).map(|_| read_frame(&mut f)["request_id"].as_u64().unwrap()).collect();
+    assert_eq!(relays(&a)["in_flight"], json!(4));
+    let r = a.call("EXECUTE_TASK", chain("full", &h_addr, 3, 60_000));
+    assert_eq!(r["code"], "BUSY", "{r}");
+    drop(s);
+    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(1)).then_some(()));
+
+    // The slots are free: another chain is relayed.
+    let after = spawn_chain(&a.addr, chain("after", &h_addr, 3, 60_000));
+    let after_id = read_frame(&mut f)["request_id"].as_u64().unwrap();
+    // Late answers for the cancelled relays are dropped; the link (and the victim's relay) stays.
+    let answer = |id: u64, tok: u32| {
+        let v = json!({"command": "EXECUTE_TASK", "request_id": id, "status": "success",
+            "result": {"top_k": [{"id": tok, "logit": 1.0}], "hops": [{"address": h_addr, "shard_id": 1}]}});
+        let body = serde_json::to_vec(&v).unwrap();
+        let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(&body);
+        wire
+    };
+    for id in &gone {
+        f.write_all(&answer(*id, 666)).unwrap();
+    }
+    f.write_all(&answer(victim_id, 7)).unwrap();
+    f.write_all(&answer(after_id, 8)).unwrap();
+    let r = victim.join().unwrap();
+    assert_eq!(r["result"]["top_k"][0]["id"], json!(7), "the victim's chain got its answer: {r}");
+    let r = after.join().unwrap();
+    assert_eq!(r["result"]["top_k"][0]["id"], json!(8), "{r}");
+    assert_eq!(relays(&a)["links"], json!(1));
+
+    // A chain alone on its link: its caller gone, the link closes and the hop sees it.
+    let mut s = a.raw();
+    s.write_all(&request(9, chain("alone", &h_addr, 3, 60_000))).unwrap();
+    read_frame(&mut f);
+    drop(s);
+    assert!(closed_within(&mut f, WAIT), "the link stayed open with no relay waiting on it");
+    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(0) && relays(&a)["links"] == json!(0)).then_some(()));
+    a.assert_serving();
+}
+
+/// A long prefill while another session decodes (red-team round 8: the victim's decode step
+/// waited a whole 512-token round, 20 ms -> 4.7 s): the node computes the prefill in parts of at
+/// most one contended round's share, and the victim's steps go between them (STATUS
+/// `inference.split`). The split step's answer (the hidden state of every row) equals the one
+/// computed whole, with no other session about.
+#[test]
+fn a_long_prefill_is_computed_in_parts_while_another_session_decodes() {
+    let dir = TempDir::new("split-prefill");
+    let a = NodeProc::start(&shards(&dir, 2), &["--threads", "1", "--ctx-size", "2048"]);
+    let hidden = |session: &str| {
+        let r = a.call(
+            "EXECUTE_TASK",
+            json!({"session_id": session, "shard_id": 0, "pos": 0,
+            "input": {"tokens": (0..2000u32).map(|i| 1 + i * 7 % 500).collect::<Vec<_>>()}, "output": "hidden"}),
+        );
+        assert_eq!(r["status"], "success", "{r}");
+        r["result"].clone()
+    };
+    let whole = hidden("whole");
+    assert_eq!(inference(&a)["split"], json!(0), "nobody else decodes: computed whole");
+
+    // The victim decodes, one step after another, until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let victim = {
+        let (addr, stop) = (a.addr.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
+            let r = c.request("EXECUTE_TASK", prefill("victim", 3)).unwrap();
+            let token = r["result"]["session_token"].clone();
+            let mut pos = 3;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) && pos < 1500 {
+                let r = c
+                    .request(
+                        "EXECUTE_TASK",
+                        json!({"session_id": "victim", "session_token": token, "shard_id": 0,
+                        "pos": pos, "input": {"tokens": [5]}, "output": "top_k", "k": 1}),
+                    )
+                    .unwrap();
+                assert_eq!(r["status"], "success", "{r}");
+                pos += 1;
+            }
+            pos
+        })
+    };
+    wait_for(WAIT, || (inference(&a)["tasks"].as_u64().unwrap() >= 5).then_some(()));
+    let parts = hidden("parts");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(victim.join().unwrap() > 3);
+    assert!(inference(&a)["split"].as_u64().unwrap() >= 1, "the prefill was not split: {}", inference(&a));
+
+    assert_eq!(parts["n_tokens"], json!(2000), "{}", parts["n_tokens"]);
+    assert_eq!(parts["pos"], json!(0));
+    let (w, p) = (&whole["hidden"], &parts["hidden"]);
+    assert_eq!(p["shape"], w["shape"], "every row's hidden state");
+    let floats = |v: &Value| shardnet::protocol::tensor::f32_from_json(v, usize::MAX).unwrap().0;
+    let (w, p) = (floats(w), floats(p));
+    assert_eq!(w.len(), p.len());
+    let worst = w.iter().zip(&p).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
+    assert!(worst < 1e-3, "the parts' hidden states differ from the whole's by {worst}");
+    a.assert_serving();
+}

@@ -151,6 +151,11 @@ pub struct Node {
     events_rx: Receiver<NodeEvent>,
     conns: Vec<Option<Conn>>,
     free: Vec<usize>,
+    /// Slots closed since the last poll: free only once the events of that poll are handled.
+    /// A token is its slot, and a batch of events may still hold one for a connection closed
+    /// while handling an earlier event of the same batch (shed to admit a newcomer, say); were
+    /// its slot reused at once, that stale event (an error, above all) would hit the newcomer.
+    closed_slots: Vec<usize>,
     /// Open connections by kind and IP, partial-frame memory, limit counters.
     census: limits::Census,
     /// When `accept` is to be tried again after it failed (EMFILE...); whether that was logged.
@@ -295,6 +300,7 @@ impl Node {
             events_rx,
             conns: Vec::new(),
             free: Vec::new(),
+            closed_slots: Vec::new(),
             census: limits::Census::default(),
             accept_retry: None,
             accept_stalled: false,
@@ -357,6 +363,7 @@ impl Node {
             } else {
                 next_sweep.min(next_dht).min(next_accept).saturating_duration_since(now)
             };
+            self.release_closed_slots();
             match self.poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -414,6 +421,12 @@ impl Node {
                 next_sweep = Instant::now() + SWEEP_EVERY;
             }
         }
+    }
+
+    /// Called once a poll's events are handled: the slots closed meanwhile may be reused now
+    /// (a closed socket is deregistered, so no later poll reports it).
+    fn release_closed_slots(&mut self) {
+        self.free.append(&mut self.closed_slots);
     }
 
     fn conn(&mut self, token: Token) -> Option<&mut Conn> {
@@ -673,7 +686,7 @@ impl Node {
         let slot = token.0 - FIRST_CONN;
         if let Some(mut conn) = self.conns.get_mut(slot).and_then(Option::take) {
             let _ = self.poll.registry().deregister(&mut conn.stream);
-            self.free.push(slot);
+            self.closed_slots.push(slot);
             self.census.closed(conn.peer.ip(), conn.kind, !conn.outgoing);
             self.census.frame_bytes -= conn.charged;
             self.conn_ids.remove(&conn.id);
@@ -806,4 +819,47 @@ fn listen(addr: SocketAddr) -> Result<(TcpListener, Option<TcpListener>)> {
         }
     };
     Ok((l4, l6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The slot (token) of a connection closed while a batch of events is handled goes to no
+    /// newcomer before that batch ends: an event of the batch may still name it (before, a
+    /// client accepted into the slot of a connection shed for it got that connection's pending
+    /// error and was closed, "connection reset by peer").
+    #[test]
+    fn a_slot_closed_during_a_batch_is_reused_only_after_the_batch() {
+        let dir = std::env::temp_dir().join(format!("shardnet-slots-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let config =
+            NodeConfig { listen: "127.0.0.1:0".parse().unwrap(), shards_dir: dir.clone(), ..NodeConfig::default() };
+        let mut node = Node::bind(config).unwrap();
+        let addr = node.local_addr();
+        let mut clients = Vec::new();
+        let mut accept_one = |node: &mut Node| -> Token {
+            let c = std::net::TcpStream::connect(addr).unwrap();
+            let me = c.local_addr().unwrap();
+            clients.push(c);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                node.accept();
+                let slot = node.conns.iter().position(|c| c.as_ref().is_some_and(|c| c.peer == me));
+                if let Some(slot) = slot {
+                    return Token(slot + FIRST_CONN);
+                }
+                assert!(Instant::now() < deadline, "the connection was not accepted");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let first = accept_one(&mut node);
+        node.close(first, "shed for a newcomer");
+        let second = accept_one(&mut node);
+        assert_ne!(second, first, "a slot closed in this batch went to a newcomer at once");
+        node.release_closed_slots();
+        let third = accept_one(&mut node);
+        assert_eq!(third, first, "the slot is reused once the batch is handled");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

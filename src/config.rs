@@ -336,9 +336,10 @@ FLAGS:
   --max-sessions N       inference sessions kept; the least recently used of the
                          client holding the most is dropped beyond it [default: 16]
   --max-sessions-per-client N
-                         sessions one client (IP address; IP and port on
-                         loopback) may hold; its own least recently used is
-                         dropped beyond it [default: 8, at most --max-sessions]
+                         sessions one client (IPv4 address or IPv6 /64; IP
+                         and port on loopback) may hold; its own least recently
+                         used is dropped beyond it [default: 8, at most
+                         --max-sessions]
   --cluster-key-file PATH
                          the cluster key (at least 32 random bytes; mode 600): every
                          command but STATUS needs proof of it (HMAC-SHA-256
@@ -396,9 +397,10 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --max-relays N         relays (results carried to a next hop) in flight at once;
                          more are answered BUSY [default: 256]
   --max-relays-per-client N
-                         relays in flight at once for one client (IP address; IP
-                         and port on loopback), so that one cannot take them all;
-                         more are answered BUSY [default: 64]
+                         relays in flight at once for one client (IPv4 address
+                         or IPv6 /64; IP and port on loopback), so that one
+                         cannot take them all; more are answered BUSY
+                         [default: 64]
   --relay-link-buffer BYTES
                          unsent bytes one next hop's link may hold; a relay past
                          it is answered BUSY, nothing buffered [default: 67108864]

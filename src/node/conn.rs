@@ -372,7 +372,7 @@ impl Conn {
     /// by `--io-timeout`, its answers in flight by their own deadlines, its buffered bytes by
     /// `--frame-memory`. Called by the sweep, so a pause is seen within one sweep period.
     pub fn note_pause(&mut self, now: Instant) -> bool {
-        let paused = self.kind == Kind::Command && self.has_partial_input() && !self.may_read();
+        let paused = self.kind == Kind::Command && self.has_partial_input() && self.backpressured();
         match (paused, self.paused_since) {
             (true, None) => self.paused_since = Some(now),
             (false, Some(since)) => {

@@ -28,16 +28,6 @@ fn chain(session: &str, next: &str, tokens: usize, timeout_ms: u64) -> Value {
         "next": [{"address": next, "shard_id": 1}], "output": "top_k", "k": 1, "hop_timeout_ms": timeout_ms})
 }
 
-/// Sends `params` as an EXECUTE_TASK on a connection of its own, in a thread.
-fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> {
-    let addr = addr.to_string();
-    std::thread::spawn(move || {
-        let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
-        c.set_timeout(Duration::from_secs(60)).unwrap();
-        c.request("EXECUTE_TASK", params).unwrap()
-    })
-}
-
 fn frame_bytes(v: &Value) -> Vec<u8> {
     let body = serde_json::to_vec(v).unwrap();
     let mut wire = (body.len() as u32).to_be_bytes().to_vec();

@@ -11,7 +11,6 @@ use shardnet::gguf::split;
 use std::io::Write;
 use std::net::TcpListener;
 use std::path::PathBuf;
-use std::time::Duration;
 
 /// The demo model (4 layers, 2048 positions) split in `shards` into `dir/shards`.
 fn shards(dir: &TempDir, shards: u32) -> PathBuf {
@@ -47,16 +46,6 @@ fn inference(node: &NodeProc) -> Value {
 
 fn relays(node: &NodeProc) -> Value {
     node.call("STATUS", json!({}))["result"]["relays"].clone()
-}
-
-/// Sends `params` as an EXECUTE_TASK on a connection of its own, in a thread.
-fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> {
-    let addr = addr.to_string();
-    std::thread::spawn(move || {
-        let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
-        c.set_timeout(Duration::from_secs(60)).unwrap();
-        c.request("EXECUTE_TASK", params).unwrap()
-    })
 }
 
 /// Waits until the inference thread has nothing queued or running, `dropped` at least `dropped`.

@@ -86,15 +86,7 @@ impl<J: Queued> Scheduler<J> {
         if n > 1 && self.total + n > self.limits.total_tokens && self.total > 0 {
             return Err((job, Refusal::Node(self.total)));
         }
-        let origin = job.origin().to_string();
-        let entry = self.queues.entry(origin.clone()).or_insert_with(|| {
-            self.order.push_back(origin);
-            (VecDeque::new(), 0)
-        });
-        entry.0.push_back(job);
-        entry.1 += n;
-        self.total += n;
-        self.jobs += 1;
+        self.enqueue(job, false);
         Ok(())
     }
 
@@ -127,13 +119,23 @@ impl<J: Queued> Scheduler<J> {
     /// step split by [`PrefillShare`], or a step a round had no room for). No bound applies: its
     /// tokens were admitted when it was first queued.
     pub fn push_front(&mut self, job: J) {
+        self.enqueue(job, true);
+    }
+
+    /// Queues `job` at the back (or `front`) of its client's FIFO, counting its tokens; a client
+    /// new to the queues joins the round-robin order last.
+    fn enqueue(&mut self, job: J, front: bool) {
         let n = job.tokens();
         let origin = job.origin().to_string();
         let entry = self.queues.entry(origin.clone()).or_insert_with(|| {
             self.order.push_back(origin);
             (VecDeque::new(), 0)
         });
-        entry.0.push_front(job);
+        if front {
+            entry.0.push_front(job);
+        } else {
+            entry.0.push_back(job);
+        }
         entry.1 += n;
         self.total += n;
         self.jobs += 1;

@@ -534,3 +534,13 @@ pub fn seeded_cluster(dir: &Path, model: &Path, shards: u32, n: usize, args: &[&
     });
     nodes
 }
+
+/// Sends `params` as an EXECUTE_TASK on a connection of its own, in a thread.
+pub fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> {
+    let addr = addr.to_string();
+    std::thread::spawn(move || {
+        let mut c = Client::connect(&addr, WAIT).unwrap();
+        c.set_timeout(Duration::from_secs(60)).unwrap();
+        c.request("EXECUTE_TASK", params).unwrap()
+    })
+}

@@ -81,7 +81,13 @@ impl Hostile {
 }
 
 /// Carries the node's answers (`server`) to `client`, frame by frame, tampering as told.
-fn answers(mut server: TcpStream, mut client: TcpStream, pick: fn(&Value) -> bool, mode: &Mutex<Mode>, n: &AtomicUsize) {
+fn answers(
+    mut server: TcpStream,
+    mut client: TcpStream,
+    pick: fn(&Value) -> bool,
+    mode: &Mutex<Mode>,
+    n: &AtomicUsize,
+) {
     loop {
         let mut len = [0u8; 4];
         if server.read_exact(&mut len).is_err() {
@@ -370,8 +376,10 @@ fn serve_frees_the_slot_of_a_client_that_left_while_a_node_drips() {
     };
     let status_of = |s: TcpStream| {
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).unwrap();
-        line
+        match BufReader::new(s).read_line(&mut line) {
+            Ok(_) => line,
+            Err(e) => format!("no answer: {e}"),
+        }
     };
     // Ready: the chain is placed (one answer served, untouched).
     wait_for(Duration::from_secs(60), || {
@@ -394,5 +402,19 @@ fn serve_frees_the_slot_of_a_client_that_left_while_a_node_drips() {
     send(&mut next);
     let line = status_of(next);
     assert!(line.contains(" 200 "), "the next request was not served while the slot was held: {line:?}");
+    // logit_bias ids are checked against the model's vocabulary (512 tokens): 400, not ignored.
+    let mut s = TcpStream::connect(&http).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let body = json!({"prompt": PROMPT, "max_tokens": 1, "logit_bias": {"512": 5}}).to_string();
+    let head = format!(
+        "POST /v1/completions HTTP/1.1\r\nHost: {http}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+    assert!(answer.contains(r#""param":"logit_bias""#) && answer.contains("invalid_request_error"), "{answer}");
     n0.assert_serving();
 }

@@ -289,9 +289,7 @@ pub fn check_answer(result: &Value, output: TaskOutput, hops: usize, n_vocab: us
             let id = t.get("id").and_then(Value::as_u64).filter(|&id| id < n_vocab as u64);
             if id.is_none() || !t.get("logit").is_some_and(Value::is_number) {
                 let shown: String = t.to_string().chars().take(80).collect();
-                return Err(format!(
-                    "the answer's top_k entry {shown} is not a token id below {n_vocab} with a logit"
-                ));
+                return Err(format!("the answer's top_k entry {shown} is not a token id below {n_vocab} with a logit"));
             }
         }
     }

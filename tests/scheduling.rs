@@ -344,6 +344,8 @@ fn a_closed_connections_running_prefill_stops_early() {
         r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().unwrap()
     };
     let whole_ms = whole("whole");
+    // (`running` is 1 until a round's counters are in, a moment after its answers left.)
+    settled(&a, 0);
 
     let mut s = a.raw();
     s.write_all(&request(1, prefill("gone", 512))).unwrap();
@@ -354,6 +356,7 @@ fn a_closed_connections_running_prefill_stops_early() {
     let waited_ms = t.elapsed().as_secs_f64() * 1e3;
     assert_eq!(r["status"], "success", "{r}");
     let st = settled(&a, 0);
+    eprintln!("victim's step waited {waited_ms:.1} ms; a whole 512-token prefill computes in {whole_ms:.1} ms");
     assert_eq!(st["aborted"], json!(1), "the prefill ran to its end: {st}");
     assert!(
         waited_ms < whole_ms / 2.0,

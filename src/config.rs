@@ -669,6 +669,19 @@ mod tests {
         }
     }
 
+    /// `--max-downloads-per-client` defaults to half of `--max-downloads` (rounded up) and may
+    /// not exceed it.
+    #[test]
+    fn the_download_share_of_a_client_defaults_to_half_the_slots() {
+        assert_eq!(run(&[]).unwrap().max_downloads_per_client, 4);
+        assert_eq!(run(&["--max-downloads", "5"]).unwrap().max_downloads_per_client, 3);
+        assert_eq!(run(&["--max-downloads", "1"]).unwrap().max_downloads_per_client, 1);
+        assert_eq!(run(&["--max-downloads-per-client", "8"]).unwrap().max_downloads_per_client, 8);
+        let e = run(&["--max-downloads-per-client", "9"]).unwrap_err();
+        assert!(e.contains("must not exceed --max-downloads 8"), "{e}");
+        assert!(run(&["--max-downloads-per-client", "0"]).is_err());
+    }
+
     #[test]
     fn parses_the_notes_command_line() {
         let c = run(&[

@@ -867,6 +867,36 @@ mod tests {
         p
     }
 
+    /// `CANCEL` takes 1..=1024 request ids, each an integer or a short string; anything else is
+    /// a clear error (the connection stays open).
+    #[test]
+    fn cancel_names_request_ids_within_bounds() {
+        let r = parse(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[7,"a-8"]}}"#).unwrap();
+        assert_eq!(r.command, Command::Cancel { request_ids: vec![json!(7), json!("a-8")] });
+        assert_eq!(r.command.name(), "CANCEL");
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":7}}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[]}}"#), ErrorCode::OutOfRange);
+        assert_eq!(
+            code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[1.5]}}"#),
+            ErrorCode::WrongType
+        );
+        assert_eq!(
+            code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[{"a":1}]}}"#),
+            ErrorCode::WrongType
+        );
+        let many = format!(
+            r#"{{"command":"CANCEL","request_id":1,"params":{{"request_ids":[{}]}}}}"#,
+            vec!["1"; MAX_CANCEL_IDS + 1].join(",")
+        );
+        assert_eq!(code(&many), ErrorCode::OutOfRange);
+        let long = format!(
+            r#"{{"command":"CANCEL","request_id":1,"params":{{"request_ids":["{}"]}}}}"#,
+            "x".repeat(MAX_REQUEST_ID_LEN + 1)
+        );
+        assert_eq!(code(&long), ErrorCode::WrongType);
+    }
+
     #[test]
     fn binary_frames_carry_the_same_task_as_json() {
         let values = [0.5f32, -1.25, 3.0, 1e-3, 7.5, -0.0];

@@ -153,7 +153,8 @@ fn a_closed_connections_relays_free_their_slots() {
     // The link stays (the victim's relay waits on it), and the hop is told to drop the three.
     let cancel = read_frame(&mut f);
     assert_eq!(cancel["command"], "CANCEL", "{cancel}");
-    let mut ids: Vec<u64> = cancel["params"]["request_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    let mut ids: Vec<u64> =
+        cancel["params"]["request_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
     ids.sort();
     let mut want = gone.clone();
     want.sort();
@@ -298,7 +299,9 @@ fn a_closed_connections_sessions_are_freed_at_once() {
     // node goes). An END_SESSION of nothing goes through b's inference thread after the close.
     let mut a = a;
     a.kill();
-    wait_for(WAIT, || (b.call("STATUS", json!({}))["result"]["connection_counts"]["command"] == json!(1)).then_some(()));
+    wait_for(WAIT, || {
+        (b.call("STATUS", json!({}))["result"]["connection_counts"]["command"] == json!(1)).then_some(())
+    });
     let r = b.call("END_SESSION", json!({"session_id": "nothing"}));
     assert_eq!(r["result"]["freed"], json!(0), "{r}");
     let st = inference(&b);
@@ -386,7 +389,8 @@ fn a_closed_callers_steps_are_cancelled_down_a_shared_link() {
     // The other client's chain waits on a next hop that never answers: the link a -> b stays.
     let hop = TcpListener::bind("127.0.0.1:0").unwrap();
     let mut p = prefill("victim", 3);
-    p["next"] = json!([{"address": b.addr, "shard_id": 1}, {"address": hop.local_addr().unwrap().to_string(), "shard_id": 2}]);
+    p["next"] =
+        json!([{"address": b.addr, "shard_id": 1}, {"address": hop.local_addr().unwrap().to_string(), "shard_id": 2}]);
     p["hop_timeout_ms"] = json!(60_000);
     let victim = spawn_chain(&a.addr, p);
     let (mut f, _) = hop.accept().unwrap();

@@ -91,7 +91,10 @@ impl Node {
             }
             Command::Cancel { request_ids } => {
                 let n = self.cancel_command(token, &request_ids);
-                self.respond(token, &success_payload(name, &id, json!({ "request_ids": request_ids.len(), "relays": n })));
+                self.respond(
+                    token,
+                    &success_payload(name, &id, json!({ "request_ids": request_ids.len(), "relays": n })),
+                );
             }
             Command::Download(params) => {
                 let client = client_key(conn.peer);

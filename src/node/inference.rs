@@ -143,10 +143,16 @@ enum Msg {
     Job(Box<Job>),
     /// The command connection with this id closed: its queued steps are dropped; with
     /// `end_sessions` (its peer closed it) the sessions it owns are ended.
-    Closed { conn_id: u64, end_sessions: bool },
+    Closed {
+        conn_id: u64,
+        end_sessions: bool,
+    },
     /// A `CANCEL` from connection `conn_id`: its queued steps with these request ids are
     /// answered `CANCELLED`, not computed.
-    Cancel { conn_id: u64, request_ids: Vec<Value> },
+    Cancel {
+        conn_id: u64,
+        request_ids: Vec<Value>,
+    },
 }
 
 /// The steps of the graph computing now, as (connection id, request id), shared by the event
@@ -323,7 +329,9 @@ fn worker(
         if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
             while !waiting.is_empty() {
                 let Ok(msg) = jobs.recv_deadline(until) else { break };
-                if let Some(key) = receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send) {
+                if let Some(key) =
+                    receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send)
+                {
                     waiting.remove(&key);
                 }
             }
@@ -723,7 +731,8 @@ fn run_group(
         }
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
-    let aborted = outcomes.iter().filter(|o| matches!(o, Err((_, m)) if m.contains(crate::engine::ggml::ABORTED))).count();
+    let aborted =
+        outcomes.iter().filter(|o| matches!(o, Err((_, m)) if m.contains(crate::engine::ggml::ABORTED))).count();
     if aborted > 0 {
         stats.aborted.fetch_add(1, Ordering::Relaxed);
         crate::info!("stopped a graph of {aborted} steps part-way: every client it was for is gone");

@@ -159,7 +159,9 @@ pub enum Command {
     /// Withdraws `EXECUTE_TASK`s this connection sent (by their `request_id`s, at most
     /// [`MAX_CANCEL_IDS`]): queued ones are answered `CANCELLED` uncomputed, their relays
     /// cancelled down the chain. A relaying node sends it down a link that other chains keep open.
-    Cancel { request_ids: Vec<Value> },
+    Cancel {
+        request_ids: Vec<Value>,
+    },
 }
 
 /// One hop of a pipeline: the node at `address` runs `shard_id`.
@@ -877,10 +879,7 @@ mod tests {
         assert_eq!(code(r#"{"command":"CANCEL","request_id":1}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":7}}"#), ErrorCode::WrongType);
         assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[]}}"#), ErrorCode::OutOfRange);
-        assert_eq!(
-            code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[1.5]}}"#),
-            ErrorCode::WrongType
-        );
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[1.5]}}"#), ErrorCode::WrongType);
         assert_eq!(
             code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[{"a":1}]}}"#),
             ErrorCode::WrongType

@@ -159,29 +159,61 @@ enum Msg {
 /// loop and the inference thread: when a closed connection or a `CANCEL` leaves none of them
 /// wanted, the loop sets `abort` and ggml stops the graph after the node in progress (red-team
 /// round 9: a closed connection's 2000-token prompt kept the thread for 8 s). Both sides change
-/// `abort` only under the lock, so a flag set for one graph never stops the next.
+/// `abort` only under the lock, so a flag set for one graph never stops the next. The ids of the
+/// connections closed last are kept too, so that a graph whose steps' connections all closed
+/// after its round was formed (their steps taken off the queue) stops at its first node.
 #[derive(Default)]
 struct Running {
-    steps: Mutex<Vec<(u64, Value)>>,
+    state: Mutex<RunningState>,
     abort: Arc<AtomicBool>,
 }
 
+#[derive(Default)]
+struct RunningState {
+    steps: Vec<(u64, Value)>,
+    /// The last [`RECENTLY_CLOSED`] connections closed (ids are never reused).
+    closed: std::collections::VecDeque<u64>,
+}
+
+/// Closed connections [`Running`] remembers.
+const RECENTLY_CLOSED: usize = 1024;
+
 impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// The worker starts a graph for `steps` (empty: none runs).
-    fn start(&self, steps: Vec<(u64, Value)>) {
-        let mut held = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        *held = steps;
-        self.abort.store(false, Ordering::Relaxed);
+    fn start(&self, mut steps: Vec<(u64, Value)>) {
+        let mut state = self.lock();
+        let any = !steps.is_empty();
+        steps.retain(|(c, _)| !state.closed.contains(c));
+        self.abort.store(any && steps.is_empty(), Ordering::Relaxed);
+        state.steps = steps;
+    }
+
+    /// The loop: connection `conn_id` closed.
+    fn closed(&self, conn_id: u64) {
+        let mut state = self.lock();
+        if state.closed.len() == RECENTLY_CLOSED {
+            state.closed.pop_front();
+        }
+        state.closed.push_back(conn_id);
+        self.forget_locked(&mut state, |c, _| c == conn_id);
     }
 
     /// The loop: the steps `gone` matches are not wanted any more.
     fn forget(&self, gone: impl Fn(u64, &Value) -> bool) {
-        let mut held = self.steps.lock().unwrap_or_else(|e| e.into_inner());
-        if held.is_empty() {
+        let mut state = self.lock();
+        self.forget_locked(&mut state, gone);
+    }
+
+    fn forget_locked(&self, state: &mut RunningState, gone: impl Fn(u64, &Value) -> bool) {
+        if state.steps.is_empty() {
             return;
         }
-        held.retain(|(c, id)| !gone(*c, id));
-        if held.is_empty() {
+        state.steps.retain(|(c, id)| !gone(*c, id));
+        if state.steps.is_empty() {
             self.abort.store(true, Ordering::Relaxed);
         }
     }
@@ -224,7 +256,7 @@ impl Inference {
     /// sessions a relaying node opened over it (a link other chains share), so a stranger's
     /// sessions do not hold KV memory until they are evicted.
     pub fn closed(&self, conn_id: u64, end_sessions: bool) {
-        self.running.forget(|c, _| c == conn_id);
+        self.running.closed(conn_id);
         let _ = self.jobs.send(Msg::Closed { conn_id, end_sessions });
     }
 

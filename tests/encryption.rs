@@ -239,8 +239,9 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
 
 /// Red-team round 8: 69,293 handshakes of 160 bytes (a key and padding, then gone) showed as 5
 /// in STATUS. Every handshake begun is counted in `encryption.started`; `--mse-rate` (per IPv4
-/// address or IPv6 /64, refusals in `rate_limited`; unit test `mse_handshakes_are_rate_limited_per_client`)
-/// counts loopback clients by port, so 30 from 127.0.0.1 all begin.
+/// address or IPv6 /64, refusals in `rate_limited`; unit test `mse_handshakes_are_rate_limited_per_client`,
+/// end to end `mse_handshakes_over_the_rate_are_refused_per_client`) counts loopback clients by
+/// port, so 30 from 127.0.0.1, each from a port of its own, all begin.
 #[test]
 fn every_mse_handshake_begun_is_counted() {
     let (sd, _src, m) = seed_dir("mse-count", MB, 0);

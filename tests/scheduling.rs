@@ -378,12 +378,38 @@ fn a_closed_connections_running_prefill_stops_early() {
 /// computed every one. The other client's chain is untouched.
 #[test]
 fn a_closed_callers_steps_are_cancelled_down_a_shared_link() {
+    cancelled_down_a_shared_link(false);
+}
+
+/// The same between keyed nodes: the `CANCEL` goes sealed on the authenticated link, its sealed
+/// answer keeps the link's frame counters in step (the link and the other chain carry on).
+#[test]
+fn a_closed_callers_steps_are_cancelled_down_a_shared_keyed_link() {
+    cancelled_down_a_shared_link(true);
+}
+
+fn cancelled_down_a_shared_link(keyed: bool) {
     const N: u64 = 16;
-    let dir = TempDir::new("cancel-down");
-    let a = NodeProc::start(&shards_in(&dir, "a", 3), &["--threads", "1"]);
-    let b = NodeProc::start(&shards_in(&dir, "b", 3), &["--threads", "1"]);
+    let dir = TempDir::new(if keyed { "cancel-down-keyed" } else { "cancel-down" });
+    let key_text = "7d3c1b0a9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817a6b5c4";
+    let key_path = dir.path().join("cluster.key");
+    std::fs::write(&key_path, key_text).unwrap();
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = keyed.then(|| shardnet::protocol::auth::ClusterKey::from_bytes(key_text.as_bytes()).unwrap());
+    let mut args = vec!["--threads", "1"];
+    if keyed {
+        args.extend(["--cluster-key-file", key_path.to_str().unwrap()]);
+    }
+    let a = NodeProc::start(&shards_in(&dir, "a", 3), &args);
+    let b = NodeProc::start(&shards_in(&dir, "b", 3), &args);
+    let client = |node: &NodeProc| {
+        let mut c = shardnet::client::Client::connect_with_key(&node.addr, WAIT, key.as_ref()).unwrap();
+        c.set_timeout(std::time::Duration::from_secs(60)).unwrap();
+        c
+    };
+    let status = |node: &NodeProc, part: &str| client(node).call("STATUS", json!({})).unwrap()[part].clone();
     for (node, id) in [(&a, 0), (&b, 1), (&b, 2)] {
-        let r = node.call("LOAD_SHARD", json!({"shard_id": id}));
+        let r = client(node).request("LOAD_SHARD", json!({"shard_id": id})).unwrap();
         assert_eq!(r["status"], "success", "{r}");
     }
     // The other client's chain waits on a next hop that never answers: the link a -> b stays.
@@ -392,36 +418,42 @@ fn a_closed_callers_steps_are_cancelled_down_a_shared_link() {
     p["next"] =
         json!([{"address": b.addr, "shard_id": 1}, {"address": hop.local_addr().unwrap().to_string(), "shard_id": 2}]);
     p["hop_timeout_ms"] = json!(60_000);
-    let victim = spawn_chain(&a.addr, p);
+    let mut v = client(&a);
+    let victim = std::thread::spawn(move || v.request("EXECUTE_TASK", p).unwrap());
     let (mut f, _) = hop.accept().unwrap();
     f.set_read_timeout(Some(WAIT)).unwrap();
-    read_frame(&mut f);
+    if !keyed {
+        read_frame(&mut f);
+    }
 
     // The caller that leaves: N chains a:0 -> b:1 -> b:2 (b computes two steps for each of a's).
-    let mut s = a.raw();
-    let burst: Vec<u8> = (0..N)
-        .flat_map(|i| {
-            let mut p = prefill(&format!("gone{i}"), 512);
-            p["next"] = json!([{"address": b.addr, "shard_id": 1}, {"address": b.addr, "shard_id": 2}]);
-            p["hop_timeout_ms"] = json!(60_000);
-            request(i, p)
-        })
-        .collect();
-    s.write_all(&burst).unwrap();
-    wait_for(WAIT, || (inference(&b)["queued"].as_u64().unwrap() >= 2).then_some(()));
-    drop(s);
-    settled(&a, 1);
+    let mut gone = client(&a);
+    for i in 0..N {
+        let mut p = prefill(&format!("gone{i}"), 512);
+        p["next"] = json!([{"address": b.addr, "shard_id": 1}, {"address": b.addr, "shard_id": 2}]);
+        p["hop_timeout_ms"] = json!(60_000);
+        let body = shardnet::protocol::request_payload("EXECUTE_TASK", &json!(i), "test", p);
+        gone.send_payload(&body).unwrap();
+    }
+    wait_for(WAIT, || (status(&b, "inference")["queued"].as_u64().unwrap() >= 2).then_some(()));
+    drop(gone);
+    wait_for(WAIT, || {
+        let st = status(&a, "inference");
+        (st["queued"] == json!(0) && st["running"] == json!(0)).then_some(())
+    });
     let st = wait_for(WAIT, || {
-        let st = inference(&b);
+        let st = status(&b, "inference");
         (st["queued"] == json!(0) && st["running"] == json!(0)).then_some(st)
     });
     assert!(st["cancelled"].as_u64().unwrap() >= 1, "the next hop computed every withdrawn step: {st}");
     let computed = st["tasks"].as_u64().unwrap();
     assert!(computed < 2 * N, "{st}");
-    assert!(relays(&a)["cancelled_down"].as_u64().unwrap() >= 1, "{}", relays(&a));
+    assert!(status(&a, "relays")["cancelled_down"].as_u64().unwrap() >= 1, "{}", status(&a, "relays"));
     // Only the other client's relay is left on the link, which stays.
-    wait_for(WAIT, || (relays(&a)["in_flight"] == json!(1) && relays(&b)["in_flight"] == json!(1)).then_some(()));
-    assert_eq!(relays(&a)["links"], json!(1));
+    wait_for(WAIT, || {
+        (status(&a, "relays")["in_flight"] == json!(1) && status(&b, "relays")["in_flight"] == json!(1)).then_some(())
+    });
+    assert_eq!(status(&a, "relays")["links"], json!(1));
     // Its chain ends as it would have: its silent hop is named.
     drop(f);
     drop(hop);

@@ -17,7 +17,7 @@
 //! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
 //! seals every request after it; requests submitted meanwhile wait on the link.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -41,9 +41,9 @@ const LATE_IDS: usize = 256;
 /// The one error text for a next hop that does not speak shardnet: the reason (and any byte it
 /// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
 const NOT_SHARDNET: &str = "did not answer as a shardnet node";
-/// The largest frame a link takes while its cluster-key handshake runs (its answers are a few
-/// hundred bytes).
-const HANDSHAKE_FRAME: usize = 16 * 1024;
+/// The largest frame a link takes beside answers to relayed requests: the cluster-key handshake's
+/// and `CANCEL`'s answers (a few hundred bytes each).
+const CONTROL_FRAME: usize = 16 * 1024;
 
 /// What bounds relays (`--max-relays`, `--max-relays-per-client`, `--relay-link-buffer`,
 /// `--relay-memory`, `--io-timeout`).
@@ -115,6 +115,9 @@ enum LinkAuth {
 }
 
 const AUTH_HELLO_ID: &str = "relay-auth-hello";
+/// The `request_id` of every `CANCEL` a link sends; its answer (or an older node's
+/// `UNKNOWN_COMMAND`) is read and dropped.
+const CANCEL_ID: &str = "relay-cancel";
 const AUTH_PROOF_ID: &str = "relay-auth-proof";
 
 /// One outbound connection to a next hop.
@@ -156,11 +159,7 @@ impl Link {
     /// The largest frame the link takes now: an answer no request waiting on it (or expired on
     /// it) could have asked for is refused from its length prefix, never buffered or parsed.
     fn frame_limit(&self, max_frame: u32) -> usize {
-        let asked = match self.auth {
-            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => HANDSHAKE_FRAME,
-            LinkAuth::Open | LinkAuth::Ready { .. } => 0,
-        };
-        let asked = self.waiting.values().copied().fold(asked.max(self.late_bytes), usize::max);
+        let asked = self.waiting.values().copied().fold(CONTROL_FRAME.max(self.late_bytes), usize::max);
         asked.min(max_frame as usize)
     }
 
@@ -202,6 +201,9 @@ pub struct Relays {
     queued: usize,
     /// Relays refused for a limit (STATUS `relays.refused`).
     pub refused: u64,
+    /// Relays withdrawn from a link that stayed open, with a `CANCEL` sent down it (STATUS
+    /// `relays.cancels_sent`).
+    pub cancelled_down: u64,
     /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
     scratch: Vec<u8>,
 }
@@ -220,6 +222,7 @@ impl Relays {
             limits,
             queued: 0,
             refused: 0,
+            cancelled_down: 0,
             scratch: Vec::new(),
         }
     }
@@ -417,24 +420,87 @@ impl Relays {
     /// relays into a silent hop held them for up to `hop_timeout_ms`, 10 minutes). A late answer
     /// to one is discarded as after a deadline. A link left with no relay waiting is closed, so
     /// the next hop sees its caller go and drops the steps it has queued for it in turn (on this
-    /// node too, when a route relays to this node itself).
-    pub fn cancel(&mut self, registry: &Registry, conn_id: u64) {
+    /// node too, when a route relays to this node itself). A link other chains still wait on
+    /// stays, and gets a `CANCEL` naming the withdrawn requests: the next hop drops them (it
+    /// honours a `CANCEL` only for requests that came on the connection it came on).
+    pub fn cancel(&mut self, registry: &Registry, conn_id: u64, now: Instant) {
         let ids: Vec<u64> =
             self.pending.iter().filter(|(_, p)| p.reply.conn_id == conn_id).map(|(id, _)| *id).collect();
-        let mut touched = HashSet::new();
-        for id in ids {
-            let Some(p) = self.take(id) else { continue };
-            if let Some(l) = self.links.get_mut(&p.link) {
-                l.expire(id);
-                touched.insert(p.link);
-            }
-        }
-        for token in touched {
+        for (token, ids) in self.withdraw(ids) {
             if self.links.get(&token).is_some_and(|l| l.waiting.is_empty()) {
                 // No relay waits on it: nothing to answer.
                 let answers = self.close(registry, token, "its callers closed their connections");
                 debug_assert!(answers.is_empty());
+            } else {
+                self.send_cancel(registry, token, ids, now);
             }
+        }
+    }
+
+    /// A `CANCEL` from connection `conn_id`: its relays in flight among `request_ids` (its own
+    /// request ids) are answered `CANCELLED` now, and a `CANCEL` goes down each of their links.
+    pub fn cancel_requests(
+        &mut self,
+        registry: &Registry,
+        conn_id: u64,
+        request_ids: &[Value],
+        now: Instant,
+    ) -> Vec<Answer> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.reply.conn_id == conn_id && request_ids.contains(&p.reply.request_id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut answers = Vec::new();
+        for id in &ids {
+            if let Some(p) = self.pending.get(id) {
+                let v = json!({"command": "EXECUTE_TASK", "request_id": p.reply.request_id, "status": "error",
+                    "error": "withdrawn by CANCEL", "code": ErrorCode::Cancelled.as_str()});
+                let reply = ReplyTo { request_id: p.reply.request_id.clone(), ..p.reply };
+                answers.push(Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") });
+            }
+        }
+        for (token, ids) in self.withdraw(ids) {
+            self.send_cancel(registry, token, ids, now);
+        }
+        answers
+    }
+
+    /// Takes relays `ids` out of flight (a late answer to one is dropped); by link, the ids
+    /// withdrawn from it.
+    fn withdraw(&mut self, ids: Vec<u64>) -> HashMap<Token, Vec<u64>> {
+        let mut touched: HashMap<Token, Vec<u64>> = HashMap::new();
+        for id in ids {
+            let Some(p) = self.take(id) else { continue };
+            if let Some(l) = self.links.get_mut(&p.link) {
+                l.expire(id);
+                touched.entry(p.link).or_default().push(id);
+            }
+        }
+        touched
+    }
+
+    /// Queues a `CANCEL` of `ids` on a link (after the requests it names; sealed on a keyed link).
+    fn send_cancel(&mut self, registry: &Registry, token: Token, ids: Vec<u64>, now: Instant) {
+        let Some(link) = self.links.get_mut(&token) else { return };
+        for ids in ids.chunks(crate::protocol::MAX_CANCEL_IDS) {
+            self.cancelled_down += ids.len() as u64;
+            let payload = request_payload("CANCEL", &json!(CANCEL_ID), "relay", json!({ "request_ids": ids }));
+            let before = link.queued();
+            if before == 0 {
+                link.write_progress = now;
+            }
+            match &mut link.auth {
+                LinkAuth::Open => frame::encode(&payload, &mut link.out),
+                LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut link.out),
+                LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
+            }
+            self.queued += link.queued() - before;
+        }
+        if link.connected {
+            let answers = self.flush(registry, token, now);
+            debug_assert!(answers.is_empty());
         }
     }
 
@@ -602,6 +668,8 @@ impl Relays {
                             link.late.retain(|l| *l != id);
                             link.last_answer = Some(now);
                         }
+                        // The answer to a CANCEL we sent (an older node's UNKNOWN_COMMAND too).
+                        None if answer["request_id"] == CANCEL_ID => {}
                         _ => {
                             closed = Some(format!(
                                 "an answer to request id {} that was not sent on this link",

@@ -559,19 +559,20 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
     Ok((p, Prepared { request, stop, model: model.name.clone() }))
 }
 
-/// Whether the peer has closed its side (EOF waiting to be read) without blocking.
+/// Whether the peer has closed its side or reset the connection, without blocking or reading.
+/// `poll(2)`'s `POLLRDHUP` says so even when requests it pipelined are still unread (a `peek`
+/// sees those bytes first, and the close behind them only once they are read). A half-closed
+/// connection (`shutdown(SHUT_WR)` by the client) counts as gone, as on the nodes.
 fn peer_closed(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return true;
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd for the length of the call; timeout 0: it does not block.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    match n {
+        0 => false,
+        n if n > 0 => fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        _ => std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted,
     }
-    let mut b = [0u8; 1];
-    let closed = match stream.peek(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-    };
-    let _ = stream.set_nonblocking(false);
-    closed
 }
 
 /// How often a connection waiting on the chain checks that its client is still there.
@@ -632,18 +633,26 @@ struct Answer<'a> {
     include_usage: bool,
 }
 
-/// The next event from the chain, watching the client meanwhile; `None` when the client went
-/// away (the job is then cancelled) or the chain dropped the job.
-fn next_event(stream: &TcpStream, rx: &Receiver<ChainEvent>, cancel: &AtomicBool) -> Option<ChainEvent> {
+/// The next event from the chain, watching the client meanwhile (at least every
+/// `WATCH_EVERY`, also while events keep coming); `None` when the client went away (the job is
+/// then cancelled) or the chain dropped the job.
+fn next_event(
+    stream: &TcpStream,
+    rx: &Receiver<ChainEvent>,
+    cancel: &AtomicBool,
+    watched: &mut Instant,
+) -> Option<ChainEvent> {
     loop {
-        match rx.recv_timeout(WATCH_EVERY) {
-            Ok(ev) => return Some(ev),
-            Err(RecvTimeoutError::Timeout) => {
-                if peer_closed(stream) {
-                    cancel.store(true, Ordering::Relaxed);
-                    return None;
-                }
+        if watched.elapsed() >= WATCH_EVERY {
+            *watched = Instant::now();
+            if peer_closed(stream) {
+                cancel.store(true, Ordering::Relaxed);
+                return None;
             }
+        }
+        match rx.recv_timeout(WATCH_EVERY.saturating_sub(watched.elapsed())) {
+            Ok(ev) => return Some(ev),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return None,
         }
     }
@@ -656,8 +665,9 @@ fn usage_of(summary: &Summary) -> Value {
 /// A non-streamed answer: (connection usable, status; 0 when the client went away).
 fn whole(conn: &mut Conn, rx: &Receiver<ChainEvent>, cancel: &AtomicBool, a: &Answer, ka: &Reply) -> (bool, u16) {
     let mut text = String::new();
+    let mut watched = Instant::now();
     loop {
-        match next_event(&conn.stream, rx, cancel) {
+        match next_event(&conn.stream, rx, cancel, &mut watched) {
             None => return (false, 0),
             Some(ChainEvent::Started) => {}
             Some(ChainEvent::Text(t)) => text.push_str(&t),
@@ -685,7 +695,8 @@ fn stream(
 ) -> (bool, u16) {
     // The status line waits for a slot to start the job: a job the chain cannot serve is still
     // a plain 503.
-    match next_event(&conn.stream, rx, cancel) {
+    let mut watched = Instant::now();
+    match next_event(&conn.stream, rx, cancel, &mut watched) {
         None => return (false, 0),
         Some(ChainEvent::Failed(why)) => {
             let e = ApiError::unavailable(format!("the cluster cannot serve this request: {why}"));
@@ -711,7 +722,7 @@ fn stream(
         return gone(cancel);
     }
     loop {
-        match next_event(&conn.stream, rx, cancel) {
+        match next_event(&conn.stream, rx, cancel, &mut watched) {
             None => return (false, 0),
             Some(ChainEvent::Started) => {}
             Some(ChainEvent::Text(t)) => {
@@ -733,7 +744,9 @@ fn stream(
                     ok = ok && events.send(&u.to_string()).is_ok();
                 }
                 ok = ok && events.send("[DONE]").is_ok() && events.finish().is_ok();
-                return (ok, 200);
+                // Under HTTP/1.0 the stream ends with the connection (its only delimiter): a
+                // keep-alive request's connection still closes, or its client waits for ever.
+                return (ok && minor >= 1, 200);
             }
         }
     }

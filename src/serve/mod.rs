@@ -468,7 +468,9 @@ fn render_chat(model: &ModelView, messages: &[openai::Message]) -> Result<String
         .map(|m| crate::chat::Message::new(if m.role == "developer" { "system" } else { &m.role }, &m.content))
         .collect();
     template.prompt(&list, true, &model.tokenizer).map_err(|e| match e {
-        ChatError::Syntax(_) => ApiError::new(500, "server_error", None, e.to_string()),
+        // The template's fault, not the request's: it does not compile, or it went past its
+        // budget of work, memory or output (a hostile model).
+        ChatError::Syntax(_) | ChatError::Budget(_) => ApiError::new(500, "server_error", None, e.to_string()),
         // The template's own refusal (`raise_exception`: roles out of order, ...) is the request's fault.
         _ => ApiError::bad(e.to_string(), Some("messages")),
     })

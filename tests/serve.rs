@@ -253,6 +253,11 @@ fn the_openai_client_completes_streams_stops_and_counts() {
         Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
     );
     assert_eq!(r["models"], json!([r["model"]]), "{r}");
+    assert_eq!(r["retrieve"], r["model"], "{r}");
+    assert_eq!(r["retrieve_unknown"], "model_not_found", "{r}");
+    let refused =
+        json!({"tools": "tools", "response_format": "response_format", "logit_bias": "logit_bias", "echo": "echo"});
+    assert_eq!(r["refused"], refused, "{r}");
     // Every request ended its session on every node.
     assert_eq!(sessions_on(&c.nodes), vec![0, 0, 0]);
 }

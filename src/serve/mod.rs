@@ -356,6 +356,7 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
             "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
                 if path.is_empty() { "/" } else { path }
             }
+            _ if path.starts_with("/v1/models/") => "/v1/models",
             _ => "other",
         };
     let host = req.header("host");
@@ -430,6 +431,30 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
                 (503, respond_error(w, &e, ka).is_ok())
             }
         },
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            let asked = percent_decode(&p["/v1/models/".len()..]);
+            match s.chain.model() {
+                Some(m) if asked == m.name || asked == m.model_id => {
+                    (200, respond_json(w, 200, &openai::model_object(&m.name, s.started), ka).is_ok())
+                }
+                Some(m) => {
+                    let e = ApiError {
+                        param: Some("model".into()),
+                        ..ApiError::new(
+                            404,
+                            "invalid_request_error",
+                            Some("model_not_found"),
+                            format!("the model {asked:?} does not exist here; this server serves {:?}", m.name),
+                        )
+                    };
+                    (404, respond_error(w, &e, ka).is_ok())
+                }
+                None => {
+                    let e = ApiError::unavailable(not_ready(s));
+                    (503, respond_error(w, &e, ka).is_ok())
+                }
+            }
+        }
         ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat, ka),
         ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text, ka),
         (_, "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
@@ -448,6 +473,28 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     };
     s.metrics.request(endpoint, status);
     ok
+}
+
+/// A path segment with its `%XX` escapes decoded (RFC 3986); a bad escape or non-UTF-8 result
+/// is kept as it came, so it matches no model.
+fn percent_decode(segment: &str) -> String {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
 }
 
 fn not_ready(s: &Shared) -> String {
@@ -757,6 +804,13 @@ fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_id_in_a_path_is_percent_decoded() {
+        assert_eq!(percent_decode("Smollm2%20135M%208k"), "Smollm2 135M 8k");
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+        assert_eq!(percent_decode("%ff"), "%ff", "not UTF-8: kept as it came");
+    }
 
     #[test]
     fn a_clients_share_defaults_by_listener_and_is_counted_per_address() {

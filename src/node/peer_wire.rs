@@ -733,8 +733,16 @@ impl Node {
             }
         }
         let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
+        // Only as many dials as the node's own caps leave room for: a dial the node itself could
+        // not make is not tried, and is never counted against the peer (red-team round 10: four
+        // such non-dials dropped a download's only seed as "never handshook").
+        let room = (self.config.max_connections.saturating_sub(self.census.total()))
+            .min(self.config.max_peer_connections.saturating_sub(self.census.count(Kind::PeerWire)));
         let mut dials = Vec::new();
         for p in to_dial {
+            if dials.len() >= room {
+                break;
+            }
             let r = d.dialled.entry(p).or_insert(Dial {
                 last: now,
                 attempts: 0,

@@ -124,3 +124,34 @@ fn a_partial_peer_handshake_is_closed_at_the_handshake_deadline() {
         }
     }
 }
+
+/// Finding 2: one stranger's `DOWNLOAD` of a torrent declaring nearly all the free space (a
+/// sparse `.part`, a dead peer) no longer counts as owing all of it, so a real download of 4 MB
+/// is admitted beside it; a download that cannot fit the disk at all is still refused.
+#[test]
+fn a_download_declaring_all_free_space_does_not_refuse_every_other_download() {
+    use shardnet::torrent::Metainfo;
+    use shardnet::torrent::metainfo::Info;
+    let (sd, src, m) = seed_dir("claim-seed", 4 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
+    let ld = TempDir::new("claim-leech");
+    let leech = torrent_node(ld.path(), &["--disk-reserve", "0"]);
+    let claim = |name: &str, length: u64| {
+        let pl = 16u64 << 20;
+        let n = Info::piece_count(length, pl) as usize;
+        let fake = Metainfo::new(Info { name: name.into(), length, piece_length: pl, pieces: vec![[7u8; 20]; n] });
+        let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
+        leech.call("DOWNLOAD", json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": ["127.0.0.1:9"]}))
+    };
+    let free = shardnet::torrent::storage::free_space(ld.path()).unwrap();
+    // More than the disk holds: refused up front, as before.
+    let r = claim("huge.gguf", free + (64 << 20));
+    assert_eq!(r["code"], "DISK_BUDGET", "{r}");
+    // All the free space but 2 MiB: admitted (it fits alone).
+    let r = claim("claim.gguf", free - (2 << 20));
+    assert_eq!(r["status"], "success", "{r}");
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["status"], "success", "a 4 MB download beside the claim: {r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    leech.assert_serving();
+}

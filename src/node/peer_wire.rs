@@ -563,7 +563,8 @@ impl Node {
         let pending: u64 = self
             .active_downloads(h)
             .filter_map(|(o, _)| {
-                self.swarms[o].total_length().map(|t| t.saturating_sub(self.swarms[o].verified_bytes()))
+                let s = &self.swarms[o];
+                s.total_length().map(|t| owed_bytes(t, s.verified_bytes()))
             })
             .sum();
         let free = crate::torrent::storage::free_space(dir)
@@ -1154,6 +1155,19 @@ impl Node {
     }
 }
 
+/// What a download under way is counted to still need of the disk when another is admitted
+/// (`length` declared, `verified` bytes held): what it lacks, but no more than it already holds
+/// and at least [`OWED_WINDOW`]. A download claims space as it proves it can fill it, so one
+/// torrent declaring all the free space (sparse `.part`, no seed) no longer refuses every other
+/// download until its stall timeout (red-team round 10); one that cannot fit at all is still
+/// refused up front.
+pub fn owed_bytes(length: u64, verified: u64) -> u64 {
+    length.saturating_sub(verified).min(verified.max(OWED_WINDOW))
+}
+
+/// Bytes a download is counted to need before it has verified as many (see [`owed_bytes`]).
+pub const OWED_WINDOW: u64 = 256 << 20;
+
 /// `crypto_select`'s name for logs.
 fn method_name(method: u32) -> &'static str {
     if method == mse::RC4 { "RC4" } else { "plaintext" }
@@ -1210,5 +1224,20 @@ fn finished_entry(path: &std::path::Path, meta: &Metainfo) -> FileEntry {
         gguf: super::scan::summarize(path),
         meta: Some(Arc::new(m)),
         meta_error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_owes_what_it_lacks_up_to_what_it_holds_past_a_first_window() {
+        const GB: u64 = 1 << 30;
+        assert_eq!(owed_bytes(70 * GB, 0), OWED_WINDOW, "never started: the first window only");
+        assert_eq!(owed_bytes(1 << 20, 0), 1 << 20, "a small file owes all of itself");
+        assert_eq!(owed_bytes(70 * GB, 2 * GB), 2 * GB, "as much again as it holds");
+        assert_eq!(owed_bytes(3 * GB, 2 * GB), GB, "never more than it lacks");
+        assert_eq!(owed_bytes(3 * GB, 3 * GB), 0);
     }
 }

@@ -5,6 +5,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -111,7 +113,10 @@ fn a_partial_peer_handshake_is_closed_at_the_handshake_deadline() {
     assert!(closed_within(&mut half, Duration::from_secs(25)), "the half handshake was never closed");
     let waited = t0.elapsed();
     assert!(waited >= Duration::from_secs(9), "closed after {waited:?}, before the deadline");
-    assert!(waited < Duration::from_secs(20), "closed after {waited:?}, by --frame-timeout rather than the 10 s deadline");
+    assert!(
+        waited < Duration::from_secs(20),
+        "closed after {waited:?}, by --frame-timeout rather than the 10 s deadline"
+    );
     assert_eq!(counts(&node)["peer_handshake_timeouts"], 1);
     quiet.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
     let mut buf = [0u8; 4096];
@@ -141,7 +146,10 @@ fn a_download_declaring_all_free_space_does_not_refuse_every_other_download() {
         let n = Info::piece_count(length, pl) as usize;
         let fake = Metainfo::new(Info { name: name.into(), length, piece_length: pl, pieces: vec![[7u8; 20]; n] });
         let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
-        leech.call("DOWNLOAD", json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": ["127.0.0.1:9"]}))
+        leech.call(
+            "DOWNLOAD",
+            json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": ["127.0.0.1:9"]}),
+        )
     };
     let free = shardnet::torrent::storage::free_space(ld.path()).unwrap();
     // More than the disk holds: refused up front, as before.
@@ -154,4 +162,73 @@ fn a_download_declaring_all_free_space_does_not_refuse_every_other_download() {
     assert_eq!(r["status"], "success", "a 4 MB download beside the claim: {r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     leech.assert_serving();
+}
+
+/// A seed on loopback that handshakes for `h` (with a full bitfield) and then sends `bad`, a
+/// message that breaks the protocol; `accepts` counts its connections.
+fn violating_seed(h: InfoHash, pieces: u32, bad: Vec<u8>, accepts: Arc<AtomicUsize>) -> String {
+    use shardnet::torrent::wire::{self, Bitfield, Message};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            accepts.fetch_add(1, Ordering::SeqCst);
+            let bad = bad.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut hs = [0u8; 68];
+                if s.read_exact(&mut hs).is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                Handshake::new(h, *b"-XX0001-rudepeer0000").encode(&mut out);
+                wire::encode(&Message::Bitfield(Bitfield::full(pieces).as_bytes()), &mut out);
+                out.extend_from_slice(&bad);
+                let _ = s.write_all(&out);
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Finding 6: a seed that handshakes and then breaks the protocol (a HAVE for piece 10^9, a
+/// bitfield of the wrong size, an unrequested 4 MiB PIECE) is banned from the download by its
+/// address and port after its first violation, not redialled ~5 times a second until the stall
+/// timeout; the download then completes from an honest seed.
+#[test]
+fn a_seed_breaking_the_protocol_is_banned_not_redialled() {
+    use shardnet::torrent::wire::{self, Message};
+    let (sd, src, m) = seed_dir("rude-seed", MB, 0);
+    let pieces = m.info.pieces.len() as u32;
+    let mut have = Vec::new();
+    wire::encode(&Message::Have(1_000_000_000), &mut have);
+    let mut bitfield = Vec::new();
+    wire::encode(&Message::Bitfield(&vec![0xff; 4096]), &mut bitfield);
+    let mut piece = (4u32 << 20).to_be_bytes().to_vec();
+    piece.push(7);
+    piece.resize(4 + (1 << 20), 0); // the length prefix says 4 MiB: over the message limit
+    let ld = TempDir::new("rude-leech");
+    let leech = torrent_node(ld.path(), &[]);
+    let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let rude: Vec<String> = [have, bitfield, piece]
+        .into_iter()
+        .zip(&counters)
+        .map(|(bad, n)| violating_seed(m.info_hash, pieces, bad, n.clone()))
+        .collect();
+    let r =
+        leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": rude}));
+    assert_eq!(r["status"], "success", "{r}");
+    wait_for(WAIT, || (download_status(&leech, &m)["banned"] == json!(3)).then_some(()));
+    // Well past the first redials (200 ms, doubling): none came.
+    std::thread::sleep(Duration::from_secs(3));
+    let dials: Vec<usize> = counters.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    assert_eq!(dials, vec![1, 1, 1], "each rude seed dialled once\n{}", leech.stderr());
+    let seed = torrent_node(sd.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }

@@ -186,13 +186,16 @@ impl Node {
             let (msg, used) = match wire::decode(conn.input(), swarm.max_message()) {
                 Ok(None) => break,
                 Ok(Some(m)) => m,
-                Err(e) => return self.close(token, &format!("peer wire: {e}")),
+                Err(e) => {
+                    let why = format!("peer {}: peer wire: {e}", conn.peer);
+                    return self.protocol_violation(token, &why);
+                }
             };
             let result = swarm.on_message(conn.id, msg, now);
             conn.consume_raw(used, now);
             if let Err(e) = result {
                 let why = format!("peer {}: {e}", conn.peer);
-                return self.close(token, &why);
+                return self.protocol_violation(token, &why);
             }
         }
         if let Some(h) = self.conn(token).and_then(|c| c.torrent) {
@@ -204,6 +207,26 @@ impl Node {
                 self.pump(h);
             }
         }
+    }
+
+    /// A handshaken peer broke the protocol (a message that does not decode, or one its state
+    /// forbids): closed, and a peer we dialled is banned from the download by its address and
+    /// port, as a peer sending bad pieces is, so it is not redialled (red-team round 10: a seed
+    /// sending HAVE 10^9 was redialled 5 times a second until the stall timeout). A peer that
+    /// dialled us is only closed: its port says nothing about its next connection, and a ban
+    /// per source port would grow with every connection it makes.
+    fn protocol_violation(&mut self, token: Token, why: &str) {
+        let Some(conn) = self.conn(token) else { return };
+        let (outgoing, peer, torrent) = (conn.outgoing, conn.peer, conn.torrent);
+        if outgoing
+            && let Some(h) = torrent
+            && let Some(swarm) = self.swarms.get_mut(&h)
+            && swarm.banned.insert(peer)
+        {
+            info!("download {h}: banning peer {peer}: {why}");
+            self.status_cache = None;
+        }
+        self.close(token, why);
     }
 
     fn accept_handshake(&mut self, token: Token, hs: &Handshake) -> anyhow::Result<()> {
@@ -729,7 +752,8 @@ impl Node {
                 let wait = REDIAL_FIRST.saturating_mul(1 << r.attempts.min(8)).min(REDIAL_MAX);
                 !r.fallback && now.duration_since(r.last) < wait
             });
-            if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
+            let banned = swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) || swarm.banned.contains(p);
+            if !connected.contains(p) && !recent && !banned {
                 to_dial.push(*p);
             }
         }

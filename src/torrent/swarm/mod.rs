@@ -173,6 +173,8 @@ pub struct Swarm {
     pub peers: BTreeMap<PeerKey, Peer>,
     pub actions: Vec<Action>,
     strikes: HashMap<SocketAddr, u32>,
+    /// Who is banned: [`ban_key`]s (bad pieces), and the exact address of a dialled peer that
+    /// broke the protocol.
     pub banned: HashSet<SocketAddr>,
     /// Addresses of peers that left, so blocks they sent are still attributed.
     departed: HashMap<PeerKey, SocketAddr>,
@@ -330,7 +332,7 @@ impl Swarm {
 
     /// A new connection; an outgoing one sends its handshake first.
     pub fn add_peer(&mut self, key: PeerKey, addr: SocketAddr, outgoing: bool, now: Instant) -> Result<()> {
-        if self.banned.contains(&ban_key(addr)) {
+        if self.banned.contains(&ban_key(addr)) || self.banned.contains(&addr) {
             return Err(anyhow!("{addr} is banned"));
         }
         let pieces = self.picker.as_ref().map_or(0, |p| p.lengths().pieces);

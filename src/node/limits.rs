@@ -658,12 +658,19 @@ mod tests {
         c.classified(x, Kind::Command, true);
         assert_eq!((c.total(), c.count(Kind::Unknown), c.count(Kind::Command)), (4, 2, 1));
         assert_eq!((c.per_ip(x, Kind::Command), c.per_ip(x, Kind::Unknown), c.per_ip(y, Kind::PeerWire)), (1, 1, 0));
+        assert_eq!((c.accepted(Kind::PeerWire), c.accepted(Kind::Unknown), c.accepted(Kind::Command)), (0, 2, 1));
         c.closed(x, Kind::Command, true);
         c.closed(x, Kind::Unknown, true);
         assert!(!c.per_ip.contains_key(&x), "an IP with nothing open is forgotten");
         c.closed(y, Kind::PeerWire, false);
         c.closed(y, Kind::Unknown, true);
         assert_eq!((c.total(), c.per_ip.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_quarter_of_the_peer_cap_is_kept_for_dials() {
+        assert_eq!((inbound_peer_cap(256), inbound_peer_cap(16), inbound_peer_cap(10)), (192, 12, 8));
+        assert_eq!((inbound_peer_cap(1), inbound_peer_cap(3)), (1, 3));
     }
 
     #[test]

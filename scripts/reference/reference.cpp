@@ -13,7 +13,9 @@
 //                                       batched (NPL sequences, each its own KV stream as
 //                                       llama-batched-bench's default, prefilled with PROMPT
 //                                       tokens, then STEPS rounds of one llama_decode holding one
-//                                       token of every sequence, greedy from each one's logits),
+//                                       token of every sequence, greedy from each one's logits;
+//                                       prefilled once, positions going on from round to round,
+//                                       as shardnet's concurrency bench runs its engine),
 //                                       pp512 (512 tokens in one batch, same process and threads,
 //                                       runs alternating), their ratio, and the *_cpu_tps
 //   reference quantize IN OUT FTYPE     llama_model_quantize (what llama-quantize runs), e.g.
@@ -241,10 +243,12 @@ int main(int argc, char ** argv) {
         int threads = atoi(argv[3]), npl = atoi(argv[4]), prompt = atoi(argv[5]), steps = atoi(argv[6]),
             reps = atoi(argv[7]);
         const int pp = 512;
-        if (npl < 1 || prompt < 1 || steps < 1 || reps < 1 || prompt + steps > 1024) die("bad batched arguments");
+        const int warm = std::min(steps, 4);
+        if (npl < 1 || prompt < 1 || steps < 1 || reps < 1 || prompt + warm + steps * reps > 4096)
+            die("bad batched arguments");
         // Cells per sequence: what the run needs, rounded up to 256 (llama.cpp's n_kv padding),
-        // so attention spans the same 256 cells as shardnet's engine at these positions.
-        int per_seq = (prompt + steps + 255) / 256 * 256;
+        // so attention spans the same cells as shardnet's engine at these positions.
+        int per_seq = (prompt + warm + steps * reps + 255) / 256 * 256;
         llama_context * pctx = context(model, pp + 16, threads, pp);
         llama_context * bctx = context_seqs(model, npl, per_seq, threads, std::max(npl * prompt, npl));
         std::mt19937 rng(42);
@@ -270,10 +274,11 @@ int main(int argc, char ** argv) {
             if (llama_decode(pctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
             llama_synchronize(pctx);
         };
-        // Every sequence prefilled with its own PROMPT tokens (one batch), then STEPS decode
-        // rounds timed: one llama_decode with one token of each sequence, each sequence's next
-        // token the argmax of its logits.
+        // Every sequence prefilled with its own PROMPT tokens (one batch), then decode rounds:
+        // one llama_decode with one token of each sequence at position `pos`, each sequence's
+        // next token the argmax of its logits.
         std::vector<llama_token> next(npl);
+        int pos = prompt;
         auto prefill = [&]() {
             llama_memory_clear(llama_get_memory(bctx), true);
             batch.n_tokens = 0;
@@ -288,7 +293,8 @@ int main(int argc, char ** argv) {
         auto decode_rounds = [&](int n) {
             for (int r = 0; r < n; ++r) {
                 batch.n_tokens = 0;
-                for (int s = 0; s < npl; ++s) add(next[s], prompt + r, s, true);
+                for (int s = 0; s < npl; ++s) add(next[s], pos, s, true);
+                ++pos;
                 if (llama_decode(bctx, batch)) die("decode failed");
                 for (int s = 0; s < npl; ++s) {
                     const float * l = llama_get_logits_ith(bctx, s);
@@ -299,7 +305,7 @@ int main(int argc, char ** argv) {
         // Warm-up: weights paged in, both contexts' buffers sized.
         pp_run();
         prefill();
-        decode_rounds(std::min(steps, 4));
+        decode_rounds(warm);
         std::vector<double> pps, bs, cpps, cbs;
         for (int r = 0; r < reps; ++r) {
             double c0 = cpu();
@@ -307,16 +313,13 @@ int main(int argc, char ** argv) {
             pp_run();
             auto t1 = std::chrono::steady_clock::now();
             double c1 = cpu();
-            prefill();
-            double c2 = cpu();
-            auto t2 = std::chrono::steady_clock::now();
             decode_rounds(steps);
-            auto t3 = std::chrono::steady_clock::now();
-            double c3 = cpu();
+            auto t2 = std::chrono::steady_clock::now();
+            double c2 = cpu();
             pps.push_back(pp / seconds(t0, t1));
             cpps.push_back(pp / (c1 - c0));
-            bs.push_back(double(npl) * steps / seconds(t2, t3));
-            cbs.push_back(double(npl) * steps / (c3 - c2));
+            bs.push_back(double(npl) * steps / seconds(t1, t2));
+            cbs.push_back(double(npl) * steps / (c2 - c1));
         }
         auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
         // The ratio of the medians, as shardnet's concurrency bench reports its own.

@@ -822,8 +822,7 @@ pub struct Backend {
     raw: NonNull<sys::ggml_backend>,
     galloc: Allocator,
     threads: usize,
-    /// Threads kept between graphs: paused (asleep) after every graph; [`Backend::wake`] lets
-    /// them spin for the next graph while it is being built.
+    /// Threads kept between graphs, sleeping (not spinning) while there is no work.
     pool: Option<NonNull<sys::ggml_threadpool>>,
 }
 
@@ -839,12 +838,7 @@ impl Backend {
             sys::ggml_backend_cpu_set_n_threads(raw.as_ptr(), threads.max(1) as i32);
             let galloc = Allocator::cpu()?;
             let mut params = sys::ggml_threadpool_params_default(threads.max(1) as i32);
-            // Polling level 1: a woken worker spins (at most 128 Ki pause instructions, about
-            // 1-6 ms) for the graph before it sleeps. It spins only between `wake` and the
-            // graph's start: the pool starts paused and `compute` pauses it after every graph,
-            // so an idle node's workers sleep (0% CPU) and never take a computing node's cores.
-            params.poll = 1;
-            params.paused = true;
+            params.poll = 0;
             let pool = NonNull::new(sys::ggml_threadpool_new(&mut params));
             if let Some(p) = pool {
                 sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), p.as_ptr());
@@ -855,27 +849,6 @@ impl Backend {
 
     pub fn threads(&self) -> usize {
         self.threads
-    }
-
-    /// Wakes the pool's workers to spin for the next graph, so that their wake-up (a futex wake
-    /// and a reschedule: 20-40 us on a virtual machine's idle core, measured with `perf sched`)
-    /// overlaps the graph's construction instead of delaying its first operation. Call right
-    /// before building a graph; [`Backend::compute`] (or [`Backend::rest`]) puts them back to
-    /// sleep.
-    pub fn wake(&self) {
-        if let Some(p) = self.pool {
-            // SAFETY: a live pool; resume only takes its mutex and signals its workers.
-            unsafe { sys::ggml_threadpool_resume(p.as_ptr()) };
-        }
-    }
-
-    /// Puts the pool's workers to sleep until the next graph (or `wake`): after every graph, and
-    /// where a woken pool gets no graph.
-    pub fn rest(&self) {
-        if let Some(p) = self.pool {
-            // SAFETY: a live pool; pause only takes its mutex and signals its workers.
-            unsafe { sys::ggml_threadpool_pause(p.as_ptr()) };
-        }
     }
 
     /// Bytes the graph allocator holds for intermediate results.
@@ -908,7 +881,6 @@ impl Backend {
                 sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
             }
             let status = sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.graph.as_ptr());
-            self.rest();
             if status != sys::ggml_status_GGML_STATUS_SUCCESS {
                 return Err(format!("ggml compute failed (status {status})"));
             }

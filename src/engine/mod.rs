@@ -414,8 +414,6 @@ impl Engine {
             }
         }
         self.run_batch(shard_id, steps, &batch, &mut results);
-        // Asleep again even when no step reached a graph.
-        self.backend.rest();
         results.into_iter().map(|r| r.expect("every step gets a result")).collect()
     }
 
@@ -556,8 +554,6 @@ impl Engine {
         if batch.is_empty() {
             return;
         }
-        // ggml's workers wake while the graph is built (see `Backend::wake`).
-        self.backend.wake();
         let model = &self.shards[&shard_id];
         let Some(pool) = self.pools.get(&shard_id) else {
             for (i, _) in batch {

@@ -99,6 +99,10 @@ pub struct NodeConfig {
     pub dht_store: crate::dht::store::StoreLimits,
     /// Downloads under way at once; one more is refused (`DOWNLOAD_LIMIT`).
     pub max_downloads: usize,
+    /// Downloads under way at once that one client (IPv4 address, IPv6 /64; loopback IP and
+    /// port) started; one more is refused (`DOWNLOAD_LIMIT`), so that one stranger cannot hold
+    /// every `--max-downloads` slot.
+    pub max_downloads_per_client: usize,
     /// Peers one download knows and dials at most; more are ignored.
     pub max_download_peers: usize,
     /// Bytes the shards dir may hold (GGUF and `.part` files); 0: no fixed budget. A download
@@ -219,6 +223,7 @@ impl Default for NodeConfig {
             dht_query_rate: crate::dht::node::DEFAULT_QUERY_RATE,
             dht_store: crate::dht::store::StoreLimits::default(),
             max_downloads: 8,
+            max_downloads_per_client: 4,
             max_download_peers: 32,
             disk_budget: 0,
             disk_reserve: 1 << 30,
@@ -317,6 +322,11 @@ FLAGS:
                          may hold over all keys; more are refused [default: 250]
   --max-downloads N      downloads under way at once; more are refused
                          (DOWNLOAD_LIMIT) [default: 8]
+  --max-downloads-per-client N
+                         downloads under way at once that one client (IPv4
+                         address, IPv6 /64; loopback IP and port) started; more
+                         are refused (DOWNLOAD_LIMIT) [default: half of
+                         --max-downloads, rounded up: 4]
   --max-download-peers N peers one download knows and dials [default: 32]
   --disk-budget BYTES    bytes the shards dir may hold (GGUF, .part and .repack
                          files); a download that would pass it is refused before
@@ -423,6 +433,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
     let mut c = NodeConfig::default();
     let mut port: Option<u16> = None;
     let mut per_client_given = false;
+    let mut downloads_per_client_given = false;
     let mut it = args.iter().map(|s| s.as_ref());
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -527,6 +538,10 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.dht_store.max_per_announcer = number(flag, value()?, 1, 10_000_000)? as usize
             }
             "--max-downloads" => c.max_downloads = number(flag, value()?, 1, 10_000)? as usize,
+            "--max-downloads-per-client" => {
+                c.max_downloads_per_client = number(flag, value()?, 1, 10_000)? as usize;
+                downloads_per_client_given = true;
+            }
             "--max-download-peers" => c.max_download_peers = number(flag, value()?, 1, 10_000)? as usize,
             "--disk-budget" => c.disk_budget = number(flag, value()?, 0, u64::MAX / 2)?,
             "--disk-reserve" => c.disk_reserve = number(flag, value()?, 0, u64::MAX / 2)?,
@@ -597,6 +612,15 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             c.max_sessions_per_client, c.max_sessions
         ));
     }
+    if !downloads_per_client_given {
+        c.max_downloads_per_client = c.max_downloads.div_ceil(2);
+    }
+    if c.max_downloads_per_client > c.max_downloads {
+        return Err(format!(
+            "--max-downloads-per-client {} must not exceed --max-downloads {}",
+            c.max_downloads_per_client, c.max_downloads
+        ));
+    }
     if c.cluster_key_file.is_none() {
         c.cluster_key_file = key_file_from_env();
     }
@@ -643,6 +667,19 @@ mod tests {
             NodeArgs::Run(c) => Ok(*c),
             NodeArgs::Help => panic!("help"),
         }
+    }
+
+    /// `--max-downloads-per-client` defaults to half of `--max-downloads` (rounded up) and may
+    /// not exceed it.
+    #[test]
+    fn the_download_share_of_a_client_defaults_to_half_the_slots() {
+        assert_eq!(run(&[]).unwrap().max_downloads_per_client, 4);
+        assert_eq!(run(&["--max-downloads", "5"]).unwrap().max_downloads_per_client, 3);
+        assert_eq!(run(&["--max-downloads", "1"]).unwrap().max_downloads_per_client, 1);
+        assert_eq!(run(&["--max-downloads-per-client", "8"]).unwrap().max_downloads_per_client, 8);
+        let e = run(&["--max-downloads-per-client", "9"]).unwrap_err();
+        assert!(e.contains("must not exceed --max-downloads 8"), "{e}");
+        assert!(run(&["--max-downloads-per-client", "0"]).is_err());
     }
 
     #[test]

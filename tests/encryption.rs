@@ -239,8 +239,9 @@ fn bad_mse_handshakes_are_closed_counted_and_the_node_serves_on() {
 
 /// Red-team round 8: 69,293 handshakes of 160 bytes (a key and padding, then gone) showed as 5
 /// in STATUS. Every handshake begun is counted in `encryption.started`; `--mse-rate` (per IPv4
-/// address or IPv6 /64, refusals in `rate_limited`; unit test `mse_handshakes_are_rate_limited_per_client`)
-/// counts loopback clients by port, so 30 from 127.0.0.1 all begin.
+/// address or IPv6 /64, refusals in `rate_limited`; unit test `mse_handshakes_are_rate_limited_per_client`,
+/// end to end `mse_handshakes_over_the_rate_are_refused_per_client`) counts loopback clients by
+/// port, so 30 from 127.0.0.1, each from a port of its own, all begin.
 #[test]
 fn every_mse_handshake_begun_is_counted() {
     let (sd, _src, m) = seed_dir("mse-count", MB, 0);
@@ -260,6 +261,54 @@ fn every_mse_handshake_begun_is_counted() {
         (e["started"] == 30).then_some(e)
     });
     assert_eq!(e["rate_limited"], 0, "{e}");
+    node.assert_serving();
+}
+
+/// `--mse-rate` end to end (red-team round 8: 69,293 handshakes in 15 s from one address took 0.8
+/// of a core). On loopback a client is its IP and port, so every connection here comes from one
+/// source port (bound again for each; closed with a reset, so no TIME_WAIT holds the port): one
+/// client. `--mse-rate 5` lets a burst of 10 begin, then 5 a second; the rest are closed before
+/// any Diffie-Hellman work and counted in `encryption.rate_limited`. A client on another port is
+/// served meanwhile.
+#[test]
+fn mse_handshakes_over_the_rate_are_refused_per_client() {
+    use socket2::{Domain, Socket, Type};
+    let (sd, _src, m) = seed_dir("mse-rate", MB, 0);
+    let node = torrent_node(sd.path(), &["--mse-rate", "5"]);
+    let to: std::net::SocketAddr = node.addr.parse().unwrap();
+    let mut out = Vec::new();
+    let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(64), Instant::now(), &mut out);
+    // One source port for every connection.
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let from: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let handshake = || -> bool {
+        let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        s.set_reuse_address(true).unwrap();
+        s.bind(&from.into()).unwrap();
+        s.connect_timeout(&to.into(), WAIT).unwrap();
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        let mut s: TcpStream = s.into();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        s.write_all(&out).unwrap();
+        let mut yb = [0u8; 96];
+        s.read_exact(&mut yb).is_ok() // refused: closed before the node's key
+    };
+    const N: usize = 60;
+    let started = Instant::now();
+    let begun = (0..N).filter(|_| handshake()).count();
+    let secs = started.elapsed().as_secs_f64();
+    // A burst of 10, then 5 a second (and one for rounding).
+    let most = 10 + (5.0 * secs).ceil() as usize + 1;
+    assert!(begun >= 10 && begun <= most, "{begun} of {N} handshakes begun in {secs:.2} s; at most {most}");
+    assert!(begun < N, "every handshake from one client began: no --mse-rate");
+    let e = wait_for(WAIT, || {
+        let e = encryption(&node);
+        (e["rate_limited"].as_u64() == Some((N - begun) as u64)).then_some(e)
+    });
+    assert_eq!(e["started"].as_u64(), Some(begun as u64), "{e}");
+    // Another client (another port) begins at once, and a good handshake completes.
+    let (_s, est, _) = mse_connect(&node, m.info_hash, BOTH).expect("another client's handshake");
+    assert_eq!(est.method, mse::PLAINTEXT);
     node.assert_serving();
 }
 

@@ -469,6 +469,9 @@ fn execute_task_through_a_node_matches_the_engine() {
     let shards = dir.path().join("shards");
     split::split(&model, 2, &shards, None).unwrap();
     let node = NodeProc::start(&shards, &["--threads", "2", "--ctx-size", "64", "--max-sessions", "4"]);
+    // One connection for the session's steps: a session ends with the connection that owns it.
+    let mut c = node.client();
+    let mut execute = |_: &NodeProc, params: Value| c.request("EXECUTE_TASK", params).unwrap();
     // Not loaded yet, and told not to load: a clear error.
     let r =
         execute(&node, json!({"session_id": "s", "shard_id": 0, "pos": 0, "input": {"tokens": [1, 2]}, "load": false}));
@@ -975,8 +978,14 @@ fn queued_steps_of_8_sessions_run_as_one_batch_in_a_node() {
     e.load(0, map(&model)).unwrap();
     let prompt = |i: u32| -> Vec<u32> { (0..4 + i).map(|t| (t * 13 + i) % 300 + 1).collect() };
     let mut tokens = Vec::new();
+    // One connection per session, kept for its steps (a session ends with the connection that owns it).
+    let mut clients = Vec::new();
     for i in 0..8u32 {
-        let r = execute(&node, json!({"session_id": format!("s{i}"), "shard_id": 0, "input": {"tokens": prompt(i)}}));
+        let mut c = node.client();
+        c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
+        let params = json!({"session_id": format!("s{i}"), "shard_id": 0, "input": {"tokens": prompt(i)}});
+        let r = c.request("EXECUTE_TASK", params).unwrap();
+        clients.push(c);
         assert_eq!(r["status"], "success", "{r}");
         tokens.push(r["result"]["session_token"].clone());
         e.execute(0, &format!("s{i}"), 0, &Input::Tokens(prompt(i)), Want::Hidden).unwrap();
@@ -995,13 +1004,11 @@ fn queued_steps_of_8_sessions_run_as_one_batch_in_a_node() {
         std::thread::sleep(std::time::Duration::from_millis(2));
     }
     let steps: Vec<_> = (0..8u32)
-        .map(|i| {
-            let addr = node.addr.clone();
+        .zip(clients)
+        .map(|(i, mut c)| {
             let pos = prompt(i).len();
             let token = tokens[i as usize].clone();
             std::thread::spawn(move || {
-                let mut c = shardnet::client::Client::connect(&addr, WAIT).unwrap();
-                c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
                 let params = json!({"session_id": format!("s{i}"), "shard_id": 0, "pos": pos,
                     "session_token": token, "input": {"tokens": [i + 5]}, "output": "logits"});
                 c.request("EXECUTE_TASK", params).unwrap()

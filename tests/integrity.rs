@@ -144,7 +144,8 @@ fn control_file_and_hidden_names_are_refused_as_download_targets() {
 #[test]
 fn a_thousand_downloads_are_capped_and_dead_peers_given_up() {
     let ld = TempDir::new("icap");
-    let leech = torrent_node(ld.path(), &["--redial-give-up", "2"]);
+    // One client may hold every slot here (the node-wide cap is what is tested).
+    let leech = torrent_node(ld.path(), &["--redial-give-up", "2", "--max-downloads-per-client", "8"]);
     // 64 peers each, all dead (ports nobody listens on).
     let peers: Vec<String> = (0..64).map(|i| format!("127.0.0.1:{}", 9 + i)).collect();
     let mut c = leech.client();
@@ -209,6 +210,52 @@ fn downloads_without_progress_fail_and_free_their_slots() {
     }
     let r = leech.call("DOWNLOAD", magnet(8));
     assert_eq!(r["status"], "success", "the slots are free again: {r}");
+    leech.assert_serving();
+}
+
+/// Red-team round 8: one stranger's DOWNLOADs of random info hashes took every `--max-downloads`
+/// slot, so the owner's own loads waited up to `--download-stall-timeout` per burst. A client
+/// (here one connection: on loopback a client is IP and port) may start at most
+/// `--max-downloads-per-client` of them (default half of `--max-downloads`: 2 of 4), by DOWNLOAD
+/// or LOAD_SHARD alike; another client's download still starts, and joining a download under
+/// way costs no slot.
+#[test]
+fn one_client_starts_at_most_its_share_of_the_download_slots() {
+    let ld = TempDir::new("ishare");
+    let leech = torrent_node(ld.path(), &["--max-downloads", "4", "--redial-give-up", "600"]);
+    let limits = leech.call("STATUS", json!({}))["result"]["download_limits"].clone();
+    assert_eq!(limits["max_downloads_per_client"], 2, "{limits}");
+    let hash = |i: u32| {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&i.to_be_bytes());
+        h[19] = 3;
+        InfoHash(h).to_hex()
+    };
+    let mut stranger = leech.client();
+    for i in 0..2 {
+        let r = stranger.request("DOWNLOAD", json!({"info_hash": hash(i), "peers": ["127.0.0.1:9"]})).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    let r = stranger.request("DOWNLOAD", json!({"info_hash": hash(2), "peers": ["127.0.0.1:9"]})).unwrap();
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("--max-downloads-per-client 2"), "{r}");
+    let load = json!({"shard_id": 0, "info_hash": hash(3), "peers": ["127.0.0.1:9"], "wait": false});
+    let r = stranger.request("LOAD_SHARD", load).unwrap();
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "LOAD_SHARD counts as well: {r}");
+    // Joining one of its downloads under way is not a new one.
+    let r = stranger.request("DOWNLOAD", json!({"info_hash": hash(0), "peers": ["127.0.0.1:10"]})).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+
+    // Another client (the owner) still starts its downloads.
+    let mut owner = leech.client();
+    for i in 10..12 {
+        let r = owner.request("DOWNLOAD", json!({"info_hash": hash(i), "peers": ["127.0.0.1:9"]})).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    // And the node-wide cap still holds.
+    let r = leech.call("DOWNLOAD", json!({"info_hash": hash(20), "peers": ["127.0.0.1:9"]}));
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("--max-downloads 4"), "{r}");
     leech.assert_serving();
 }
 

@@ -21,6 +21,20 @@ fn shards(dir: &TempDir, shards: u32) -> PathBuf {
     out
 }
 
+/// The demo model cut in `n` shards into `dir/sub`.
+fn shards_in(dir: &TempDir, sub: &str, n: u32) -> PathBuf {
+    let model = dir.path().join(format!("{sub}.gguf"));
+    demo::write(&DemoConfig { layers: 4, context: 2048, ..Default::default() }, &model).unwrap();
+    let out = dir.path().join(sub);
+    split::split(&model, n, &out, None).unwrap();
+    out
+}
+
+fn step(session: &str, token: &Value, pos: u32) -> Value {
+    json!({"session_id": session, "session_token": token, "shard_id": 0, "pos": pos,
+        "input": {"tokens": [5]}, "output": "top_k", "k": 1})
+}
+
 fn request(id: u64, params: Value) -> Vec<u8> {
     let body = serde_json::to_vec(&json!({"command": "EXECUTE_TASK", "request_id": id, "params": params})).unwrap();
     let mut wire = (body.len() as u32).to_be_bytes().to_vec();
@@ -68,8 +82,10 @@ fn a_closed_connections_queued_steps_are_dropped() {
     const N: u64 = 32;
     let dir = TempDir::new("closed-queue");
     let a = NodeProc::start(&shards(&dir, 2), &["--threads", "1"]);
-    // The victim's session (and shard 0 loaded, so the burst queues for compute).
-    let r = a.call("EXECUTE_TASK", prefill("victim", 3));
+    // The victim's session (and shard 0 loaded, so the burst queues for compute), on one
+    // connection (a session ends with the connection that owns it).
+    let mut v = a.client();
+    let r = v.request("EXECUTE_TASK", prefill("victim", 3)).unwrap();
     assert_eq!(r["status"], "success", "{r}");
     let token = r["result"]["session_token"].clone();
     let before = inference(&a)["tasks"].as_u64().unwrap();
@@ -95,11 +111,13 @@ fn a_closed_connections_queued_steps_are_dropped() {
     let st = settled(&a, dropped + 1);
     assert!(st["dropped"].as_u64().unwrap() - dropped >= N / 2, "{st}");
 
-    let r = a.call(
-        "EXECUTE_TASK",
-        json!({"session_id": "victim", "session_token": token, "shard_id": 0, "pos": 3,
+    let r = v
+        .request(
+            "EXECUTE_TASK",
+            json!({"session_id": "victim", "session_token": token, "shard_id": 0, "pos": 3,
             "input": {"tokens": [5]}, "output": "top_k", "k": 1}),
-    );
+        )
+        .unwrap();
     assert_eq!(r["status"], "success", "the victim's session goes on: {r}");
     a.assert_serving();
 }
@@ -132,6 +150,15 @@ fn a_closed_connections_relays_free_their_slots() {
     assert_eq!(r["code"], "BUSY", "{r}");
     drop(s);
     wait_for(WAIT, || (relays(&a)["in_flight"] == json!(1)).then_some(()));
+    // The link stays (the victim's relay waits on it), and the hop is told to drop the three.
+    let cancel = read_frame(&mut f);
+    assert_eq!(cancel["command"], "CANCEL", "{cancel}");
+    let mut ids: Vec<u64> =
+        cancel["params"]["request_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    ids.sort();
+    let mut want = gone.clone();
+    want.sort();
+    assert_eq!(ids, want, "{cancel}");
 
     // The slots are free: another chain is relayed.
     let after = spawn_chain(&a.addr, chain("after", &h_addr, 3, 60_000));
@@ -226,4 +253,212 @@ fn a_long_prefill_is_computed_in_parts_while_another_session_decodes() {
     let worst = w.iter().zip(&p).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max);
     assert!(worst < 1e-3, "the parts' hidden states differ from the whole's by {worst}");
     a.assert_serving();
+}
+
+/// A connection's sessions end when its client closes it (red-team round 8: a stranger's sessions
+/// held their KV memory until evicted): STATUS `inference.sessions` drops at once and
+/// `inference.sessions_closed` counts them. Another connection's sessions stay, and so do the
+/// sessions a relaying node opened over its link (they belong to chains, which other clients
+/// may still be using): the next hop keeps them when the link goes.
+#[test]
+fn a_closed_connections_sessions_are_freed_at_once() {
+    let dir = TempDir::new("closed-sessions");
+    let a = NodeProc::start(&shards_in(&dir, "a", 2), &["--threads", "1"]);
+    let b = NodeProc::start(&shards_in(&dir, "b", 2), &["--threads", "1"]);
+    let b_hop = b.addr.clone();
+    let via_b = |session: &str| {
+        let mut p = prefill(session, 3);
+        p["next"] = json!([{"address": b_hop, "shard_id": 1}]);
+        p
+    };
+    let mut keeper = a.client();
+    let r = keeper.request("EXECUTE_TASK", via_b("kept")).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let token = r["result"]["session_token"].clone();
+    let mut gone = a.client();
+    for p in [via_b("gone"), prefill("gone2", 3)] {
+        let r = gone.request("EXECUTE_TASK", p).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    assert_eq!(inference(&a)["sessions"], json!(3), "{}", inference(&a));
+    assert_eq!(inference(&b)["sessions"], json!(2), "{}", inference(&b));
+
+    drop(gone);
+    let st = wait_for(WAIT, || {
+        let st = inference(&a);
+        (st["sessions"] == json!(1)).then_some(st)
+    });
+    assert_eq!(st["sessions_closed"], json!(2), "{st}");
+    // The keeper's session goes on, through both nodes.
+    let mut p = step("kept", &token, 3);
+    p["next"] = json!([{"address": b.addr, "shard_id": 1}]);
+    let r = keeper.request("EXECUTE_TASK", p).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+
+    // The next hop's sessions were opened by a relay link: they stay when it closes (here: its
+    // node goes). An END_SESSION of nothing goes through b's inference thread after the close.
+    let mut a = a;
+    a.kill();
+    wait_for(WAIT, || {
+        (b.call("STATUS", json!({}))["result"]["connection_counts"]["command"] == json!(1)).then_some(())
+    });
+    let r = b.call("END_SESSION", json!({"session_id": "nothing"}));
+    assert_eq!(r["result"]["freed"], json!(0), "{r}");
+    let st = inference(&b);
+    assert_eq!((st["sessions"].clone(), st["sessions_closed"].clone()), (json!(2), json!(0)), "{st}");
+    b.assert_serving();
+}
+
+/// A graph computing only a closed connection's step stops part-way (ggml's abort callback,
+/// checked after every node): a 512-token prefill whose client leaves frees the inference
+/// thread at once, and another client's decode step is answered well before the prefill would
+/// have ended (red-team round 9: a gone client's 2000-token prompt kept the thread for 8 s).
+/// STATUS `inference.aborted`. The node computes whole prefills as before afterwards.
+#[test]
+fn a_closed_connections_running_prefill_stops_early() {
+    use shardnet::gguf::types::GgmlType;
+    let dir = TempDir::new("abort-prefill");
+    let model = dir.path().join("big.gguf");
+    let cfg = DemoConfig {
+        layers: 8,
+        embd: 768,
+        heads: 12,
+        kv_heads: 4,
+        ffn: 2048,
+        context: 1024,
+        weight_type: GgmlType::Q8_0,
+        ..Default::default()
+    };
+    demo::write(&cfg, &model).unwrap();
+    let out = dir.path().join("shards");
+    split::split(&model, 1, &out, None).unwrap();
+    let a = NodeProc::start(&out, &["--threads", "1"]);
+    let mut victim = a.client();
+    victim.set_timeout(std::time::Duration::from_secs(120)).unwrap();
+    let r = victim.request("EXECUTE_TASK", prefill("victim", 3)).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    let token = r["result"]["session_token"].clone();
+    // The prefill's time, computed whole with nobody else about.
+    let whole = |session: &str| {
+        let mut c = a.client();
+        c.set_timeout(std::time::Duration::from_secs(120)).unwrap();
+        let r = c.request("EXECUTE_TASK", prefill(session, 512)).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        r["result"]["hops"][0]["timings"]["compute_ms"].as_f64().unwrap()
+    };
+    let whole_ms = whole("whole");
+    // (`running` is 1 until a round's counters are in, a moment after its answers left.)
+    settled(&a, 0);
+
+    let mut s = a.raw();
+    s.write_all(&request(1, prefill("gone", 512))).unwrap();
+    wait_for(WAIT, || (inference(&a)["running"] == json!(1)).then_some(()));
+    drop(s);
+    let t = std::time::Instant::now();
+    let r = victim.request("EXECUTE_TASK", step("victim", &token, 3)).unwrap();
+    let waited_ms = t.elapsed().as_secs_f64() * 1e3;
+    assert_eq!(r["status"], "success", "{r}");
+    let st = settled(&a, 0);
+    eprintln!("victim's step waited {waited_ms:.1} ms; a whole 512-token prefill computes in {whole_ms:.1} ms");
+    assert_eq!(st["aborted"], json!(1), "the prefill ran to its end: {st}");
+    assert!(
+        waited_ms < whole_ms / 2.0,
+        "the victim's step waited {waited_ms:.0} ms; the whole prefill computes in {whole_ms:.0} ms"
+    );
+    // The next graph is not stopped.
+    whole("after");
+    assert_eq!(inference(&a)["aborted"], json!(1));
+    a.assert_serving();
+}
+
+/// A chain's caller leaves while the link to its next hop carries another client's chain, so the
+/// link stays open: the relaying node sends a `CANCEL` of the withdrawn requests down it, and the
+/// next hop drops those steps still queued (answered `CANCELLED`, STATUS `inference.cancelled`)
+/// and passes the `CANCEL` on to its own next hop (here itself, for shard 2). Before, it
+/// computed every one. The other client's chain is untouched.
+#[test]
+fn a_closed_callers_steps_are_cancelled_down_a_shared_link() {
+    cancelled_down_a_shared_link(false);
+}
+
+/// The same between keyed nodes: the `CANCEL` goes sealed on the authenticated link, its sealed
+/// answer keeps the link's frame counters in step (the link and the other chain carry on).
+#[test]
+fn a_closed_callers_steps_are_cancelled_down_a_shared_keyed_link() {
+    cancelled_down_a_shared_link(true);
+}
+
+fn cancelled_down_a_shared_link(keyed: bool) {
+    const N: u64 = 16;
+    let dir = TempDir::new(if keyed { "cancel-down-keyed" } else { "cancel-down" });
+    let key_text = "7d3c1b0a9f8e7d6c5b4a39281706f5e4d3c2b1a09f8e7d6c5b4a392817a6b5c4";
+    let key_path = dir.path().join("cluster.key");
+    std::fs::write(&key_path, key_text).unwrap();
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = keyed.then(|| shardnet::protocol::auth::ClusterKey::from_bytes(key_text.as_bytes()).unwrap());
+    let mut args = vec!["--threads", "1"];
+    if keyed {
+        args.extend(["--cluster-key-file", key_path.to_str().unwrap()]);
+    }
+    let a = NodeProc::start(&shards_in(&dir, "a", 3), &args);
+    let b = NodeProc::start(&shards_in(&dir, "b", 3), &args);
+    let client = |node: &NodeProc| {
+        let mut c = shardnet::client::Client::connect_with_key(&node.addr, WAIT, key.as_ref()).unwrap();
+        c.set_timeout(std::time::Duration::from_secs(60)).unwrap();
+        c
+    };
+    let status = |node: &NodeProc, part: &str| client(node).call("STATUS", json!({})).unwrap()[part].clone();
+    for (node, id) in [(&a, 0), (&b, 1), (&b, 2)] {
+        let r = client(node).request("LOAD_SHARD", json!({"shard_id": id})).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    // The other client's chain waits on a next hop that never answers: the link a -> b stays.
+    let hop = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut p = prefill("victim", 3);
+    p["next"] =
+        json!([{"address": b.addr, "shard_id": 1}, {"address": hop.local_addr().unwrap().to_string(), "shard_id": 2}]);
+    p["hop_timeout_ms"] = json!(60_000);
+    let mut v = client(&a);
+    let victim = std::thread::spawn(move || v.request("EXECUTE_TASK", p).unwrap());
+    let (mut f, _) = hop.accept().unwrap();
+    f.set_read_timeout(Some(WAIT)).unwrap();
+    if !keyed {
+        read_frame(&mut f);
+    }
+
+    // The caller that leaves: N chains a:0 -> b:1 -> b:2 (b computes two steps for each of a's).
+    let mut gone = client(&a);
+    for i in 0..N {
+        let mut p = prefill(&format!("gone{i}"), 512);
+        p["next"] = json!([{"address": b.addr, "shard_id": 1}, {"address": b.addr, "shard_id": 2}]);
+        p["hop_timeout_ms"] = json!(60_000);
+        let body = shardnet::protocol::request_payload("EXECUTE_TASK", &json!(i), "test", p);
+        gone.send_payload(&body).unwrap();
+    }
+    wait_for(WAIT, || (status(&b, "inference")["queued"].as_u64().unwrap() >= 2).then_some(()));
+    drop(gone);
+    wait_for(WAIT, || {
+        let st = status(&a, "inference");
+        (st["queued"] == json!(0) && st["running"] == json!(0)).then_some(())
+    });
+    let st = wait_for(WAIT, || {
+        let st = status(&b, "inference");
+        (st["queued"] == json!(0) && st["running"] == json!(0)).then_some(st)
+    });
+    assert!(st["cancelled"].as_u64().unwrap() >= 1, "the next hop computed every withdrawn step: {st}");
+    let computed = st["tasks"].as_u64().unwrap();
+    assert!(computed < 2 * N, "{st}");
+    assert!(status(&a, "relays")["cancelled_down"].as_u64().unwrap() >= 1, "{}", status(&a, "relays"));
+    // Only the other client's relay is left on the link, which stays.
+    wait_for(WAIT, || {
+        (status(&a, "relays")["in_flight"] == json!(1) && status(&b, "relays")["in_flight"] == json!(1)).then_some(())
+    });
+    assert_eq!(status(&a, "relays")["links"], json!(1));
+    // Its chain ends as it would have: its silent hop is named.
+    drop(f);
+    drop(hop);
+    let r = victim.join().unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{r}");
+    a.assert_serving();
+    b.assert_serving();
 }

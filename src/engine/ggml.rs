@@ -816,6 +816,9 @@ pub struct RopeParams {
     pub beta_slow: f32,
 }
 
+/// [`Backend::compute`]'s error for a graph stopped by its abort flag.
+pub const ABORTED: &str = "the computation was stopped: every client it was for is gone";
+
 /// The CPU backend with its thread pool, and a graph allocator whose buffer grows to the largest
 /// graph seen and is then reused.
 pub struct Backend {
@@ -824,6 +827,15 @@ pub struct Backend {
     threads: usize,
     /// Threads kept between graphs, sleeping (not spinning) while there is no work.
     pool: Option<NonNull<sys::ggml_threadpool>>,
+    /// Set while a graph runs: ggml stops it after the node in progress (see [`Backend::set_abort`]).
+    abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// ggml's abort callback: reads the flag [`Backend::set_abort`] gave (checked by the CPU
+/// backend's first thread after each node of a graph).
+unsafe extern "C" fn abort_requested(data: *mut c_void) -> bool {
+    // SAFETY: `data` is the `AtomicBool` inside the `Arc` the backend keeps alive.
+    unsafe { (*(data as *const std::sync::atomic::AtomicBool)).load(std::sync::atomic::Ordering::Relaxed) }
 }
 
 // SAFETY: the backend is driven by one thread at a time (the inference worker owns it).
@@ -843,8 +855,18 @@ impl Backend {
             if let Some(p) = pool {
                 sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), p.as_ptr());
             }
-            Ok(Backend { raw, galloc, threads: threads.max(1), pool })
+            Ok(Backend { raw, galloc, threads: threads.max(1), pool, abort: None })
         }
+    }
+
+    /// Graphs stop early, after the node in progress, while `flag` is set
+    /// (`ggml_backend_cpu_set_abort_callback`): [`Backend::compute`] then answers
+    /// [`ABORTED`]. The flag is read, never reset, here.
+    pub fn set_abort(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        let data = std::sync::Arc::as_ptr(&flag) as *mut c_void;
+        // SAFETY: the flag lives as long as the backend (kept in `self.abort`).
+        unsafe { sys::ggml_backend_cpu_set_abort_callback(self.raw.as_ptr(), Some(abort_requested), data) };
+        self.abort = Some(flag);
     }
 
     pub fn threads(&self) -> usize {
@@ -881,6 +903,9 @@ impl Backend {
                 sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
             }
             let status = sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.graph.as_ptr());
+            if status == sys::ggml_status_GGML_STATUS_ABORTED {
+                return Err(ABORTED.into());
+            }
             if status != sys::ggml_status_GGML_STATUS_SUCCESS {
                 return Err(format!("ggml compute failed (status {status})"));
             }

@@ -328,6 +328,17 @@ impl Engine {
         }
     }
 
+    /// Whether any shard holds a cache of `session_id`.
+    pub fn has_session(&self, session_id: &str) -> bool {
+        self.sessions.keys().any(|(id, _)| id == session_id)
+    }
+
+    /// Graphs stop early while `flag` is set; their steps fail with [`ggml::ABORTED`] (no
+    /// session advances: cells they wrote are past the session's `n_past`, overwritten later).
+    pub fn set_abort_flag(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {
+        self.backend.set_abort(flag);
+    }
+
     /// Frees every cache of `session_id`, whoever owns it; returns how many there were.
     pub fn end_session(&mut self, session_id: &str) -> usize {
         let keys: Vec<(String, u32)> = self.sessions.keys().filter(|(id, _)| id == session_id).cloned().collect();

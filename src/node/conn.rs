@@ -129,6 +129,9 @@ pub struct Conn {
     /// Commands: the address the peer reached us at, asked of the socket once (the hop address
     /// of every EXECUTE_TASK answer) and kept.
     pub local_addr: Option<Option<SocketAddr>>,
+    /// Set when this node closes the connection for one of its limits (idle shed or
+    /// `--idle-timeout`): its sessions are kept (see `Inference::closed`).
+    pub closed_by_limit: bool,
 }
 
 /// What the next buffered bytes are.
@@ -174,6 +177,7 @@ impl Conn {
             auth: NodeAuth::Open,
             crypt: Crypt::Plain,
             local_addr: None,
+            closed_by_limit: false,
         }
     }
 

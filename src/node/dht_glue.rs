@@ -66,7 +66,8 @@ pub(super) enum Purpose {
     /// Holders of the pinned manifest (a shard's load waits for it).
     Manifest { shard_id: u32, filename: String },
     /// Peers for a torrent to download (and the shard waiting for it).
-    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String },
+    /// `client`: who asked (charged with the download, `--max-downloads-per-client`).
+    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String, client: Option<String> },
 }
 
 /// One key's last announce.
@@ -474,8 +475,15 @@ impl Node {
     }
 
     /// Finds peers for `h` and downloads from them.
-    pub(super) fn dht_find_peers(&mut self, h: InfoHash, shard_id: Option<u32>, name: String) -> bool {
-        self.start_lookup(Id(h.0), LookupKind::GetPeers, Purpose::PeersFor { info_hash: h, shard_id, name }, false)
+    pub(super) fn dht_find_peers(
+        &mut self,
+        h: InfoHash,
+        shard_id: Option<u32>,
+        name: String,
+        client: Option<String>,
+    ) -> bool {
+        let purpose = Purpose::PeersFor { info_hash: h, shard_id, name, client };
+        self.start_lookup(Id(h.0), LookupKind::GetPeers, purpose, false)
     }
 
     /// FIND_PEERS: a get_peers lookup answered when it ends (`secure` for name keys).
@@ -560,7 +568,7 @@ impl Node {
                 });
             }
             Purpose::Manifest { shard_id, filename } => self.on_manifest_holders(shard_id, filename, peers),
-            Purpose::PeersFor { info_hash, shard_id, name } => {
+            Purpose::PeersFor { info_hash, shard_id, name, client } => {
                 let addrs = peers;
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {
                     let msg = format!("No peers found in the DHT for {name} ({info_hash}).");
@@ -570,7 +578,9 @@ impl Node {
                     };
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
-                if let Err((code, msg)) = self.start_download(info_hash, None, &name, &addrs, shard_id) {
+                if let Err((code, msg)) =
+                    self.start_download(info_hash, None, &name, &addrs, shard_id, client.as_deref())
+                {
                     match shard_id {
                         Some(id) => self.fail_waiters(id, code, msg),
                         None => warn!("{msg}"),
@@ -585,7 +595,7 @@ impl Node {
         match result {
             Ok(h) => {
                 info!("shard {shard_id}: {filename} is {h} (from the holders' LIST_FILES)");
-                if !self.dht_find_peers(h, Some(shard_id), filename) {
+                if !self.dht_find_peers(h, Some(shard_id), filename, None) {
                     self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, "the DHT is not running".into());
                 }
             }
@@ -600,7 +610,7 @@ impl Node {
         self.start_lookup(
             Id(h.0),
             LookupKind::GetPeers,
-            Purpose::PeersFor { info_hash: h, shard_id: None, name },
+            Purpose::PeersFor { info_hash: h, shard_id: None, name, client: None },
             false,
         );
     }

@@ -67,15 +67,7 @@ impl Node {
                     self.respond(token, &error_payload(json!(name), id, ErrorCode::TorrentUnavailable, msg));
                 }
             }
-            Command::ExecuteTask(mut task) => {
-                // The per-client quota's key: a keyed relay names its caller; anyone else is
-                // known by address (and port on loopback, where every test client shares the IP).
-                let conn = self.conn(token).expect("checked above");
-                if !(conn.auth.established() && task.origin.is_some()) {
-                    task.origin = Some(client_key(conn.peer));
-                }
-                self.execute_task_command(token, id, request.from, task)
-            }
+            Command::ExecuteTask(task) => self.execute_task_command(token, id, request.from, task),
             Command::Auth(step) => self.auth_command(token, id, step),
             Command::GetManifest { hash } => {
                 let payload = match &self.catalog.manifest_bytes {
@@ -97,8 +89,16 @@ impl Node {
                 let origin = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
                 self.inference.submit(Job::EndSession { reply, session_id, session_token, origin });
             }
+            Command::Cancel { request_ids } => {
+                let n = self.cancel_command(token, &request_ids);
+                self.respond(
+                    token,
+                    &success_payload(name, &id, json!({ "request_ids": request_ids.len(), "relays": n })),
+                );
+            }
             Command::Download(params) => {
-                let payload = match self.download_command(params) {
+                let client = client_key(conn.peer);
+                let payload = match self.download_command(params, &client) {
                     Ok(result) => success_payload(name, &id, result),
                     Err((code, msg)) => error_payload(json!(name), id, code, &msg),
                 };
@@ -124,7 +124,8 @@ impl Node {
             }
             let p =
                 LoadShard { shard_id: task.shard_id, info_hash: None, wait: true, filename: None, peers: Vec::new() };
-            if let Err((code, msg)) = self.begin_load(task.shard_id, &p) {
+            let client = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
+            if let Err((code, msg)) = self.begin_load(task.shard_id, &p, &client) {
                 return fail(self, id, code, &msg);
             }
             let Some(reply) = self.defer_reserving(token, id, super::conn::answer_estimate(&task)) else { return };
@@ -152,8 +153,17 @@ impl Node {
             .conn(reply.token)
             .and_then(|c| *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok()))
             .unwrap_or(self.local_addr);
-        let origin = task.origin.clone().unwrap_or_default();
-        let job = Job::Execute { reply, task, from, origin, shard: weights, queued, me, prefix: None };
+        // The per-client quota's key: a keyed relay names its caller; anyone else is known by
+        // address (and port on loopback, where every test client shares the IP). A request that
+        // names an `origin` comes from a relaying node, keyed or not: the session it opens is the
+        // chain's, not its link connection's.
+        let relayed = task.origin.is_some();
+        let origin = match (self.conn(reply.token), &task.origin) {
+            (Some(c), Some(o)) if c.auth.established() => o.clone(),
+            (Some(c), _) => client_key(c.peer),
+            (None, o) => o.clone().unwrap_or_default(),
+        };
+        let job = Job::Execute { reply, task, from, origin, relayed, shard: weights, queued, me, prefix: None };
         self.inference.submit(job);
     }
 
@@ -294,7 +304,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -309,6 +319,7 @@ impl Node {
             self.relays.counts().1,
             self.relays.binary_links(),
             self.relays.refused,
+            self.relays.cancelled_down,
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -377,6 +388,7 @@ impl Node {
             "hash_workers": self.config.hash_workers,
             "download_limits": {
                 "max_downloads": self.config.max_downloads,
+                "max_downloads_per_client": self.config.max_downloads_per_client,
                 "max_download_peers": self.config.max_download_peers,
                 "disk_budget": self.config.disk_budget,
                 "disk_reserve": self.config.disk_reserve,
@@ -441,7 +453,8 @@ impl Node {
             }
         }
         let started = Instant::now();
-        let path = match self.begin_load(id, &p) {
+        let client = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
+        let path = match self.begin_load(id, &p, &client) {
             Ok(path) => path,
             Err((code, msg)) => return reply_err(self, code, msg),
         };
@@ -459,7 +472,9 @@ impl Node {
 
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
-    fn begin_load(&mut self, id: u32, p: &LoadShard) -> Result<PathBuf, (ErrorCode, String)> {
+    /// `client` ([`client_key`]) is charged with a download this starts
+    /// (`--max-downloads-per-client`).
+    fn begin_load(&mut self, id: u32, p: &LoadShard, client: &str) -> Result<PathBuf, (ErrorCode, String)> {
         // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
         // here yet is fetched first, see `download_shard`).
         // Unpinned, a manifest.json that lists the shard is held to the same way (a request's
@@ -518,7 +533,7 @@ impl Node {
             }
         };
         if !local {
-            self.download_shard(id, p, &path)?;
+            self.download_shard(id, p, &path, client)?;
         }
         let first = !self.loading.contains_key(&id);
         self.loading.entry(id).or_default();
@@ -530,7 +545,13 @@ impl Node {
 
     /// Starts (or joins) the download of shard `id`: its info hash from the
     /// request or the manifest, its peers from the request.
-    fn download_shard(&mut self, id: u32, p: &LoadShard, path: &std::path::Path) -> Result<(), (ErrorCode, String)> {
+    fn download_shard(
+        &mut self,
+        id: u32,
+        p: &LoadShard,
+        path: &std::path::Path,
+        client: &str,
+    ) -> Result<(), (ErrorCode, String)> {
         if !self.config.enable_torrent {
             return Err(self.not_found_message(id));
         }
@@ -557,14 +578,18 @@ impl Node {
             if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {
                 return Ok(()); // joins the download under way (not one that failed)
             }
-            return if self.dht_find_peers(h, Some(id), name) { Ok(()) } else { Err(no_dht("no peers were given")) };
+            return if self.dht_find_peers(h, Some(id), name, Some(client.to_string())) {
+                Ok(())
+            } else {
+                Err(no_dht("no peers were given"))
+            };
         }
-        self.start_download(h, None, &name, &p.peers, Some(id))
+        self.start_download(h, None, &name, &p.peers, Some(id), Some(client))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
     /// shows in STATUS `downloads`.
-    fn download_command(&mut self, d: crate::protocol::Download) -> Result<Value, (ErrorCode, String)> {
+    fn download_command(&mut self, d: crate::protocol::Download, client: &str) -> Result<Value, (ErrorCode, String)> {
         if !self.config.enable_torrent {
             return Err((ErrorCode::TorrentUnavailable, "this node runs without --enable-torrent".into()));
         }
@@ -587,7 +612,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None)?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None, Some(client))?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
@@ -601,6 +626,38 @@ impl Node {
             v["mismatch"] = json!(format!("the manifest lists {want} for {}, this file is {have}", f.filename));
         }
         v
+    }
+
+    /// `CANCEL`: withdraws this connection's `EXECUTE_TASK`s `ids`: those waiting for their
+    /// shard to load are answered `CANCELLED` now, queued ones by the inference thread
+    /// ([`super::inference::Inference::cancel_requests`], which also stops a graph computing only
+    /// withdrawn steps), and relays in flight are answered `CANCELLED` with a `CANCEL` sent down
+    /// their link. Another connection's requests of the same ids are untouched. Returns the
+    /// relays withdrawn.
+    fn cancel_command(&mut self, token: Token, ids: &[Value]) -> usize {
+        let Some(conn_id) = self.conn(token).map(|c| c.id) else { return 0 };
+        let mut withdrawn = Vec::new();
+        for tasks in self.pending_tasks.values_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                tasks.drain(..).partition(|(reply, ..)| reply.conn_id == conn_id && ids.contains(&reply.request_id));
+            *tasks = kept;
+            withdrawn.extend(gone);
+        }
+        self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
+        for (reply, ..) in withdrawn {
+            let payload = error_payload(
+                json!("EXECUTE_TASK"),
+                reply.request_id.clone(),
+                ErrorCode::Cancelled,
+                "withdrawn by CANCEL before it was computed",
+            );
+            self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
+        }
+        self.inference.cancel_requests(conn_id, ids.to_vec());
+        let answers = self.relays.cancel_requests(self.poll.registry(), conn_id, ids, Instant::now());
+        let n = answers.len();
+        self.deliver(answers);
+        n
     }
 
     /// Answers every request waiting for shard `id` with an error.

@@ -6,8 +6,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -54,6 +54,9 @@ pub enum Job {
         from: Option<String>,
         /// The client as the node identifies it: keys the per-client session quota.
         origin: String,
+        /// Sent by a relaying node (it names an `origin`): the session it opens belongs to the
+        /// chain, not to the link's connection, which other chains share.
+        relayed: bool,
         shard: ShardFile,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
@@ -99,6 +102,13 @@ pub struct InferStats {
     pub dropped: AtomicU64,
     /// Prefill steps computed in parts, so that other sessions' decode steps waited less.
     pub split: AtomicU64,
+    /// Sessions ended because the connection that owned them closed.
+    pub sessions_closed: AtomicU64,
+    /// Graphs stopped part-way because every step in them was for a closed connection or
+    /// cancelled.
+    pub aborted: AtomicU64,
+    /// Queued steps answered `CANCELLED` (a `CANCEL` from the connection that sent them).
+    pub cancelled: AtomicU64,
 }
 
 impl InferStats {
@@ -121,6 +131,9 @@ impl InferStats {
             "graphs_reused": self.graphs_reused.load(Ordering::Relaxed),
             "dropped": self.dropped.load(Ordering::Relaxed),
             "split": self.split.load(Ordering::Relaxed),
+            "sessions_closed": self.sessions_closed.load(Ordering::Relaxed),
+            "aborted": self.aborted.load(Ordering::Relaxed),
+            "cancelled": self.cancelled.load(Ordering::Relaxed),
         })
     }
 }
@@ -128,25 +141,101 @@ impl InferStats {
 /// What the event loop sends the inference thread, in the order it happened.
 enum Msg {
     Job(Box<Job>),
-    /// The command connection with this id closed: its queued steps are dropped.
-    Cancel(u64),
+    /// The command connection with this id closed: its queued steps are dropped; with
+    /// `end_sessions` (its peer closed it) the sessions it owns are ended.
+    Closed {
+        conn_id: u64,
+        end_sessions: bool,
+    },
+    /// A `CANCEL` from connection `conn_id`: its queued steps with these request ids are
+    /// answered `CANCELLED`, not computed.
+    Cancel {
+        conn_id: u64,
+        request_ids: Vec<Value>,
+    },
+}
+
+/// The steps of the graph computing now, as (connection id, request id), shared by the event
+/// loop and the inference thread: when a closed connection or a `CANCEL` leaves none of them
+/// wanted, the loop sets `abort` and ggml stops the graph after the node in progress (red-team
+/// round 9: a closed connection's 2000-token prompt kept the thread for 8 s). Both sides change
+/// `abort` only under the lock, so a flag set for one graph never stops the next. The ids of the
+/// connections closed last are kept too, so that a graph whose steps' connections all closed
+/// after its round was formed (their steps taken off the queue) stops at its first node.
+#[derive(Default)]
+struct Running {
+    state: Mutex<RunningState>,
+    abort: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct RunningState {
+    steps: Vec<(u64, Value)>,
+    /// The last [`RECENTLY_CLOSED`] connections closed (ids are never reused).
+    closed: std::collections::VecDeque<u64>,
+}
+
+/// Closed connections [`Running`] remembers.
+const RECENTLY_CLOSED: usize = 1024;
+
+impl Running {
+    fn lock(&self) -> std::sync::MutexGuard<'_, RunningState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The worker starts a graph for `steps` (empty: none runs).
+    fn start(&self, mut steps: Vec<(u64, Value)>) {
+        let mut state = self.lock();
+        let any = !steps.is_empty();
+        steps.retain(|(c, _)| !state.closed.contains(c));
+        self.abort.store(any && steps.is_empty(), Ordering::Relaxed);
+        state.steps = steps;
+    }
+
+    /// The loop: connection `conn_id` closed.
+    fn closed(&self, conn_id: u64) {
+        let mut state = self.lock();
+        if state.closed.len() == RECENTLY_CLOSED {
+            state.closed.pop_front();
+        }
+        state.closed.push_back(conn_id);
+        self.forget_locked(&mut state, |c, _| c == conn_id);
+    }
+
+    /// The loop: the steps `gone` matches are not wanted any more.
+    fn forget(&self, gone: impl Fn(u64, &Value) -> bool) {
+        let mut state = self.lock();
+        self.forget_locked(&mut state, gone);
+    }
+
+    fn forget_locked(&self, state: &mut RunningState, gone: impl Fn(u64, &Value) -> bool) {
+        if state.steps.is_empty() {
+            return;
+        }
+        state.steps.retain(|(c, id)| !gone(*c, id));
+        if state.steps.is_empty() {
+            self.abort.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 pub struct Inference {
     jobs: Sender<Msg>,
     pub stats: Arc<InferStats>,
+    running: Arc<Running>,
 }
 
 impl Inference {
     pub fn spawn(cfg: EngineConfig, events: Sender<NodeEvent>, waker: Arc<Waker>) -> Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
-        let s = stats.clone();
+        let running = Arc::new(Running::default());
+        let (s, r) = (stats.clone(), running.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, rx, events, waker, s))
+            .spawn(move || worker(cfg, rx, events, waker, s, r))
             .expect("spawning the inference thread");
-        Inference { jobs, stats }
+        Inference { jobs, stats, running }
     }
 
     pub fn submit(&self, job: Job) {
@@ -159,9 +248,23 @@ impl Inference {
     /// queues a burst and leaves costs no compute (red-team round 8: 32 prefills queued by a
     /// connection closed after 0.1 s were computed for minutes). Its `END_SESSION`s still run
     /// (they free memory). Sent on the jobs' channel, so every job the connection submitted
-    /// before is queued when this is seen.
-    pub fn cancel(&self, conn_id: u64) {
-        let _ = self.jobs.send(Msg::Cancel(conn_id));
+    /// before is queued when this is seen. A graph computing only this connection's steps stops
+    /// early ([`Running`]).
+    ///
+    /// With `end_sessions` (the connection's peer closed it, not a limit of this node), the
+    /// sessions the connection owns are ended too: those whose last step here came on it, not
+    /// sessions a relaying node opened over it (a link other chains share), so a stranger's
+    /// sessions do not hold KV memory until they are evicted.
+    pub fn closed(&self, conn_id: u64, end_sessions: bool) {
+        self.running.closed(conn_id);
+        let _ = self.jobs.send(Msg::Closed { conn_id, end_sessions });
+    }
+
+    /// A `CANCEL` from connection `conn_id`: its steps `request_ids` still queued are answered
+    /// `CANCELLED` uncomputed, and a graph computing only withdrawn steps stops early.
+    pub fn cancel_requests(&self, conn_id: u64, request_ids: Vec<Value>) {
+        self.running.forget(|c, id| c == conn_id && request_ids.contains(id));
+        let _ = self.jobs.send(Msg::Cancel { conn_id, request_ids });
     }
 }
 
@@ -211,15 +314,20 @@ fn worker(
     events: Sender<NodeEvent>,
     waker: Arc<Waker>,
     stats: Arc<InferStats>,
+    running: Arc<Running>,
 ) {
     let mut relay_ids = 0u64;
     let mut queue: Scheduler<Job> = Scheduler::new(limits(&cfg));
     // Sessions with steps in `queue`: their client's key and how many, so that an END_SESSION
     // (which may come on another connection than relayed steps) waits behind them.
     let mut queued_sessions: HashMap<String, (String, usize)> = HashMap::new();
+    // Session id -> the connection that owns it (see `Inference::closed`), and connections
+    // whose peer closed them, whose sessions are to be ended.
+    let mut owners = Owners { by_session: HashMap::new(), closed: Vec::new(), prune_at: cfg.max_sessions * 2 + 64 };
     let mut engine = Engine::new(cfg);
-    if let Err(e) = &engine {
-        crate::error!("inference engine failed to start: {e}");
+    match &mut engine {
+        Ok(e) => e.set_abort_flag(running.abort.clone()),
+        Err(e) => crate::error!("inference engine failed to start: {e}"),
     }
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
@@ -240,25 +348,28 @@ fn worker(
             gather.idle(idle.elapsed());
             match msg {
                 Ok(msg) => {
-                    receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
+                    receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send);
                 }
                 Err(_) => return,
             }
         }
         while let Ok(msg) = jobs.try_recv() {
-            receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send);
+            receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send);
         }
         // And the steps of sessions due back in a moment (see `gather`).
         let waited = Instant::now();
         if let Some((until, mut waiting)) = gather.plan(|k| queued_sessions.contains_key(&k.0), waited) {
             while !waiting.is_empty() {
                 let Ok(msg) = jobs.recv_deadline(until) else { break };
-                if let Some(key) = receive(&mut queue, &mut queued_sessions, &mut gather, msg, &stats, &send) {
+                if let Some(key) =
+                    receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send)
+                {
                     waiting.remove(&key);
                 }
             }
             stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
+        owners.end_closed(&mut engine, &stats);
         if queue.is_empty() {
             // Everything that queued was cancelled.
             continue;
@@ -281,7 +392,7 @@ fn worker(
         let mut again: Vec<Job> = Vec::new();
         for (i, job) in round.into_iter().enumerate() {
             match job {
-                Job::Execute { reply, mut task, from, origin, shard, queued, me, prefix } => {
+                Job::Execute { reply, mut task, from, origin, relayed, shard, queued, me, prefix } => {
                     // A new session without a token gets one; a relay passes it down the chain.
                     if task.session_token.is_none() {
                         match crate::protocol::auth::random_bytes::<16>() {
@@ -294,7 +405,7 @@ fn worker(
                     let group_key = |t: &ExecuteTask, m: &Arc<Mmap>| (t.shard_id, m.as_ptr() as usize, tokens(t) <= 1);
                     let key = group_key(&task, &shard.map);
                     let rest = rests.remove(&i);
-                    let job = ExecuteJob { reply, task, from, origin, shard, queued, me, prefix, rest };
+                    let job = ExecuteJob { reply, task, from, origin, relayed, shard, queued, me, prefix, rest };
                     match groups.iter_mut().find(|g| group_key(&g[0].task, &g[0].shard.map) == key) {
                         Some(g) => g.push(job),
                         None => groups.push(vec![job]),
@@ -309,7 +420,7 @@ fn worker(
                                 &mut engine,
                                 &mut loaded,
                                 group,
-                                &stats,
+                                (&stats, &running, &mut owners),
                                 &mut relay_ids,
                                 &events,
                                 &waker,
@@ -317,6 +428,9 @@ fn worker(
                         }
                     }
                     let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
+                    if freed > 0 {
+                        owners.by_session.remove(&session_id);
+                    }
                     let payload = success_payload(
                         "END_SESSION",
                         &reply.request_id,
@@ -329,7 +443,15 @@ fn worker(
             }
         }
         for group in groups {
-            again.extend(run_group(&mut engine, &mut loaded, group, &stats, &mut relay_ids, &events, &waker));
+            again.extend(run_group(
+                &mut engine,
+                &mut loaded,
+                group,
+                (&stats, &running, &mut owners),
+                &mut relay_ids,
+                &events,
+                &waker,
+            ));
         }
         share.record(prefill_tokens, started.elapsed());
         // In reverse, so that a client's parts keep their order at the front of its queue.
@@ -338,6 +460,56 @@ fn worker(
         }
         gather.answered(&stepped, Instant::now(), started.elapsed());
         record(&engine, &stats, started);
+    }
+}
+
+/// Which connection owns each session this node computes for: the one its last step came on
+/// (a relayed step's session belongs to the chain, not the link: it is not counted). When a
+/// connection's peer closes it, the sessions it owns are ended ([`Inference::closed`]).
+struct Owners {
+    by_session: HashMap<String, u64>,
+    /// Connections closed by their peer, whose sessions are ended before the next round.
+    closed: Vec<u64>,
+    /// Past this many entries, those of sessions the engine no longer holds (evicted) go.
+    prune_at: usize,
+}
+
+impl Owners {
+    /// Ends the sessions of the connections in `closed` (STATUS `inference.sessions_closed`).
+    fn end_closed(&mut self, engine: &mut Result<Engine, crate::engine::EngineError>, stats: &InferStats) {
+        if self.closed.is_empty() {
+            return;
+        }
+        let Ok(engine) = engine.as_mut() else {
+            self.closed.clear();
+            return;
+        };
+        let mut ended = 0u64;
+        for conn_id in std::mem::take(&mut self.closed) {
+            let ids: Vec<String> =
+                self.by_session.iter().filter(|(_, c)| **c == conn_id).map(|(id, _)| id.clone()).collect();
+            for id in ids {
+                self.by_session.remove(&id);
+                if engine.end_session(&id) > 0 {
+                    ended += 1;
+                }
+            }
+        }
+        if ended > 0 {
+            stats.sessions_closed.fetch_add(ended, Ordering::Relaxed);
+            let (n, bytes) = engine.sessions();
+            stats.sessions.store(n as u64, Ordering::Relaxed);
+            stats.kv_bytes.store(bytes, Ordering::Relaxed);
+            crate::debug!("ended {ended} sessions of closed connections");
+        }
+    }
+
+    /// Records `conn_id` as the owner of `session_id` (a step of it computed for that connection).
+    fn own(&mut self, session_id: &str, conn_id: u64, engine: &Engine) {
+        self.by_session.insert(session_id.to_string(), conn_id);
+        if self.by_session.len() > self.prune_at {
+            self.by_session.retain(|id, _| engine.has_session(id));
+        }
     }
 }
 
@@ -441,6 +613,7 @@ fn receive(
     queue: &mut Scheduler<Job>,
     queued_sessions: &mut HashMap<String, (String, usize)>,
     gather: &mut Gather,
+    owners: &mut Owners,
     msg: Msg,
     stats: &InferStats,
     send: &impl Fn(ReplyTo, Vec<u8>) -> bool,
@@ -451,7 +624,27 @@ fn receive(
             enqueue(queue, queued_sessions, *job, stats, send);
             key
         }
-        Msg::Cancel(conn_id) => {
+        Msg::Cancel { conn_id, request_ids } => {
+            let gone = queue.remove(
+                |j| matches!(j, Job::Execute { reply, .. } if reply.conn_id == conn_id && request_ids.contains(&reply.request_id)),
+            );
+            stats.queued.fetch_sub(gone.len() as u64, Ordering::Relaxed);
+            stats.cancelled.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            for job in gone {
+                if let Job::Execute { task, reply, .. } = job {
+                    left_queue(queued_sessions, &task.session_id);
+                    let msg = "withdrawn by CANCEL before it was computed";
+                    let payload =
+                        error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Cancelled, msg);
+                    let _ = send(reply, payload);
+                }
+            }
+            None
+        }
+        Msg::Closed { conn_id, end_sessions } => {
+            if end_sessions {
+                owners.closed.push(conn_id);
+            }
             let gone = queue.remove(|j| matches!(j, Job::Execute { reply, .. } if reply.conn_id == conn_id));
             stats.queued.fetch_sub(gone.len() as u64, Ordering::Relaxed);
             stats.dropped.fetch_add(gone.len() as u64, Ordering::Relaxed);
@@ -522,6 +715,7 @@ struct ExecuteJob {
     task: ExecuteTask,
     from: Option<String>,
     origin: String,
+    relayed: bool,
     shard: ShardFile,
     queued: Instant,
     me: SocketAddr,
@@ -545,18 +739,45 @@ fn run_group(
     engine: &mut Result<Engine, crate::engine::EngineError>,
     loaded: &mut HashMap<u32, usize>,
     group: Vec<ExecuteJob>,
-    stats: &InferStats,
+    (stats, running, owners): (&InferStats, &Running, &mut Owners),
     relay_ids: &mut u64,
     events: &Sender<NodeEvent>,
     waker: &Arc<Waker>,
 ) -> Vec<Job> {
     let mut again = Vec::new();
-    let outcomes: Vec<Result<Done, (ErrorCode, String)>> = match engine.as_mut() {
-        Ok(engine) => execute(engine, loaded, &group, stats),
+    let mut outcomes: Vec<Result<Done, (ErrorCode, String)>> = match engine.as_mut() {
+        Ok(engine) => {
+            let existed: Vec<bool> = group.iter().map(|j| engine.has_session(&j.task.session_id)).collect();
+            running.start(group.iter().map(|j| (j.reply.conn_id, j.reply.request_id.clone())).collect());
+            let outcomes = execute(engine, loaded, &group, stats);
+            running.start(Vec::new());
+            // A session is its connection's once a step of it computed for it, or once its
+            // first step opened it (even if that step failed).
+            for ((j, out), existed) in group.iter().zip(&outcomes).zip(existed) {
+                let id = &j.task.session_id;
+                if !j.relayed && (out.is_ok() || (!existed && engine.has_session(id))) {
+                    owners.own(id, j.reply.conn_id, engine);
+                }
+            }
+            outcomes
+        }
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
+    let aborted =
+        outcomes.iter().filter(|o| matches!(o, Err((_, m)) if m.contains(crate::engine::ggml::ABORTED))).count();
+    if aborted > 0 {
+        stats.aborted.fetch_add(1, Ordering::Relaxed);
+        crate::info!("stopped a graph of {aborted} steps part-way: every client it was for is gone");
+        for o in &mut outcomes {
+            if let Err((code, m)) = o
+                && m.contains(crate::engine::ggml::ABORTED)
+            {
+                *code = ErrorCode::Cancelled;
+            }
+        }
+    }
     for (job, outcome) in group.into_iter().zip(outcomes) {
-        let ExecuteJob { reply, mut task, from, origin, me, shard, queued, prefix, rest } = job;
+        let ExecuteJob { reply, mut task, from, origin, relayed, me, shard, queued, prefix, rest } = job;
         let payload = match outcome {
             Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
             Ok(Done::Part(out)) => {
@@ -572,7 +793,7 @@ fn run_group(
                 task.pos += n as u32;
                 task.input = rest.expect("a part has a rest");
                 let prefix = Some(Prefix { tokens: done, output });
-                again.push(Job::Execute { reply, task, from, origin, shard, queued, me, prefix });
+                again.push(Job::Execute { reply, task, from, origin, relayed, shard, queued, me, prefix });
                 continue;
             }
             Ok(Done::Result((mut result, section))) => {

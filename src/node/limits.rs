@@ -416,8 +416,17 @@ impl Node {
         });
         let Some(victim) = oldest(candidates) else { return false };
         self.census.stats.shed_idle += 1;
-        self.close(victim, &format!("shed (idle) to make room: {why}"));
+        self.close_by_limit(victim, &format!("shed (idle) to make room: {why}"));
         true
+    }
+
+    /// Closes a connection for a limit of this node (an idle one shed or timed out): its
+    /// sessions stay (see `Inference::closed`), so its client may go on on a new connection.
+    fn close_by_limit(&mut self, token: Token, why: &str) {
+        if let Some(c) = self.conns.get_mut(token.0 - FIRST_CONN).and_then(Option::as_mut) {
+            c.closed_by_limit = true;
+        }
+        self.close(token, why);
     }
 
     /// Recounts the input memory `token` holds for a partial frame.
@@ -529,7 +538,7 @@ impl Node {
                 Deadline::Idle => {
                     counts[2] += 1;
                     self.census.stats.idle_timeouts += 1;
-                    self.close(token, "idle (--idle-timeout)");
+                    self.close_by_limit(token, "idle (--idle-timeout)");
                 }
             }
         }

@@ -694,6 +694,13 @@ impl Node {
             if conn.in_flight > 0 {
                 self.abandon(conn.id);
             }
+            if conn.kind == conn::Kind::Command && !conn.outgoing {
+                // Closed by its peer (or for a broken frame or write), not shed by a limit of
+                // this node: the sessions it owns end now (`Inference::closed`). A connection
+                // this node closed as idle keeps them, so its client may go on on a new one.
+                let end_sessions = !conn.closed_by_limit;
+                self.inference.closed(conn.id, end_sessions);
+            }
             self.peer_closed(&conn);
             if let Some(h) = conn.torrent {
                 self.pump(h);
@@ -733,16 +740,17 @@ impl Node {
 impl Node {
     /// A command connection with requests in flight closed: what it asked for is not worth
     /// computing or waiting for any longer. Its steps waiting for a shard to load, its queued
-    /// inference steps (`Inference::cancel`) and its relays in flight (`Relays::cancel`, which
-    /// frees their `--max-relays` slots) are dropped. Steps already computing finish; their
-    /// answers find no connection and are discarded.
+    /// inference steps (`Inference::closed`, sent by `close` for every command connection) and
+    /// its relays in flight (`Relays::cancel`, which frees their `--max-relays` slots and sends
+    /// a `CANCEL` down a link other chains keep open) are dropped. A graph computing only its
+    /// steps stops early; one shared with others' steps finishes, and the answers to its steps
+    /// find no connection and are discarded.
     fn abandon(&mut self, conn_id: u64) {
         for tasks in self.pending_tasks.values_mut() {
             tasks.retain(|(reply, ..)| reply.conn_id != conn_id);
         }
         self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
-        self.inference.cancel(conn_id);
-        self.relays.cancel(self.poll.registry(), conn_id);
+        self.relays.cancel(self.poll.registry(), conn_id, Instant::now());
     }
 
     /// Hands finished relay answers to the connections that asked.

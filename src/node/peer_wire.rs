@@ -76,6 +76,10 @@ pub struct Download {
     name: String,
     started: Instant,
     pub shard_id: Option<u32>,
+    /// The client that started it ([`client_key`](super::handlers::client_key)), charged for it
+    /// under `--max-downloads-per-client`; `None` for the node's own (a pinned manifest's shard
+    /// resolved through the DHT).
+    client: Option<String>,
     resume_dirty: bool,
     resume_saved: Instant,
     pub failed: Option<String>,
@@ -595,7 +599,9 @@ impl Node {
 
     /// Starts (or joins) a download of `h` into the shards dir from `peers`. A new download must
     /// pass [`Node::admit`] (with the name and length when the metadata or the target name is
-    /// known; a magnet's are checked when its metadata arrives) and `--max-downloads`.
+    /// known; a magnet's are checked when its metadata arrives), `--max-downloads` and, for
+    /// `client`'s (its [`client_key`](super::handlers::client_key)), `--max-downloads-per-client`.
+    /// Joining a download under way costs no slot.
     pub(super) fn start_download(
         &mut self,
         h: InfoHash,
@@ -603,6 +609,7 @@ impl Node {
         name: &str,
         peers: &[SocketAddr],
         shard_id: Option<u32>,
+        client: Option<&str>,
     ) -> Result<(), (crate::protocol::ErrorCode, String)> {
         use crate::protocol::ErrorCode;
         let new_swarm = !self.swarms.contains_key(&h);
@@ -616,6 +623,19 @@ impl Node {
                         self.config.max_downloads
                     ),
                 ));
+            }
+            if let Some(client) = client {
+                let mine = self.active_downloads(h).filter(|(_, d)| d.client.as_deref() == Some(client)).count();
+                if mine >= self.config.max_downloads_per_client {
+                    return Err((
+                        ErrorCode::DownloadLimit,
+                        format!(
+                            "this client started {mine} of the downloads under way (--max-downloads-per-client {}); \
+                             try again when one ends",
+                            self.config.max_downloads_per_client
+                        ),
+                    ));
+                }
             }
             let known_name = meta.as_ref().map(|m| m.info.name.as_str()).or(shard_id.map(|_| name));
             self.admit(h, known_name, meta.as_ref().map(|m| m.info.length))?;
@@ -640,6 +660,7 @@ impl Node {
             name,
             started: Instant::now(),
             shard_id,
+            client: None,
             resume_dirty: false,
             resume_saved: Instant::now(),
             failed: None,
@@ -650,9 +671,11 @@ impl Node {
             progress_mark: (0, 0),
         });
         if new_swarm {
-            // A failed download started again: its stall clock and peers' dial budgets anew.
+            // A failed download started again: its stall clock and peers' dial budgets anew, and
+            // charged to the client that started it now.
             (d.progress_at, d.progress_mark) = (Instant::now(), (0, 0));
             d.dialled.clear();
+            d.client = client.map(str::to_string);
         }
         d.failed = None;
         for p in peers {

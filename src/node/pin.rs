@@ -121,7 +121,7 @@ impl Node {
             return self.start_load(shard_id, path);
         }
         let name = self.catalog.manifest_name(shard_id).unwrap_or(filename);
-        if !self.dht_find_peers(h, Some(shard_id), name) {
+        if !self.dht_find_peers(h, Some(shard_id), name, None) {
             self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, "the DHT is not running".into());
         }
     }

@@ -97,6 +97,9 @@ enum LinkAuth {
 }
 
 const AUTH_HELLO_ID: &str = "relay-auth-hello";
+/// The `request_id` of every `CANCEL` a link sends; its answer (or an older node's
+/// `UNKNOWN_COMMAND`) is read and dropped.
+const CANCEL_ID: &str = "relay-cancel";
 const AUTH_PROOF_ID: &str = "relay-auth-proof";
 
 /// One outbound connection to a next hop.
@@ -157,6 +160,9 @@ pub struct Relays {
     queued: usize,
     /// Relays refused for a limit (STATUS `relays.refused`).
     pub refused: u64,
+    /// Relays withdrawn from a link that stayed open, with a `CANCEL` sent down it (STATUS
+    /// `relays.cancels_sent`).
+    pub cancelled_down: u64,
     /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
     scratch: Vec<u8>,
 }
@@ -175,6 +181,7 @@ impl Relays {
             limits,
             queued: 0,
             refused: 0,
+            cancelled_down: 0,
             scratch: Vec::new(),
         }
     }
@@ -370,11 +377,57 @@ impl Relays {
     /// relays into a silent hop held them for up to `hop_timeout_ms`, 10 minutes). A late answer
     /// to one is discarded as after a deadline. A link left with no relay waiting is closed, so
     /// the next hop sees its caller go and drops the steps it has queued for it in turn (on this
-    /// node too, when a route relays to this node itself).
-    pub fn cancel(&mut self, registry: &Registry, conn_id: u64) {
+    /// node too, when a route relays to this node itself). A link other chains still wait on
+    /// stays, and gets a `CANCEL` naming the withdrawn requests: the next hop drops them (it
+    /// honours a `CANCEL` only for requests that came on the connection it came on).
+    pub fn cancel(&mut self, registry: &Registry, conn_id: u64, now: Instant) {
         let ids: Vec<u64> =
             self.pending.iter().filter(|(_, p)| p.reply.conn_id == conn_id).map(|(id, _)| *id).collect();
-        let mut touched = HashSet::new();
+        for (token, ids) in self.withdraw(ids) {
+            if self.links.get(&token).is_some_and(|l| l.waiting.is_empty()) {
+                // No relay waits on it: nothing to answer.
+                let answers = self.close(registry, token, "its callers closed their connections");
+                debug_assert!(answers.is_empty());
+            } else {
+                self.send_cancel(registry, token, ids, now);
+            }
+        }
+    }
+
+    /// A `CANCEL` from connection `conn_id`: its relays in flight among `request_ids` (its own
+    /// request ids) are answered `CANCELLED` now, and a `CANCEL` goes down each of their links.
+    pub fn cancel_requests(
+        &mut self,
+        registry: &Registry,
+        conn_id: u64,
+        request_ids: &[Value],
+        now: Instant,
+    ) -> Vec<Answer> {
+        let ids: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.reply.conn_id == conn_id && request_ids.contains(&p.reply.request_id))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut answers = Vec::new();
+        for id in &ids {
+            if let Some(p) = self.pending.get(id) {
+                let v = json!({"command": "EXECUTE_TASK", "request_id": p.reply.request_id, "status": "error",
+                    "error": "withdrawn by CANCEL", "code": ErrorCode::Cancelled.as_str()});
+                let reply = ReplyTo { request_id: p.reply.request_id.clone(), ..p.reply };
+                answers.push(Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") });
+            }
+        }
+        for (token, ids) in self.withdraw(ids) {
+            self.send_cancel(registry, token, ids, now);
+        }
+        answers
+    }
+
+    /// Takes relays `ids` out of flight (a late answer to one is dropped); by link, the ids
+    /// withdrawn from it.
+    fn withdraw(&mut self, ids: Vec<u64>) -> HashMap<Token, Vec<u64>> {
+        let mut touched: HashMap<Token, Vec<u64>> = HashMap::new();
         for id in ids {
             let Some(p) = self.take(id) else { continue };
             if let Some(l) = self.links.get_mut(&p.link) {
@@ -383,15 +436,32 @@ impl Relays {
                     l.late.pop_front();
                 }
                 l.late.push_back(id);
-                touched.insert(p.link);
+                touched.entry(p.link).or_default().push(id);
             }
         }
-        for token in touched {
-            if self.links.get(&token).is_some_and(|l| l.waiting.is_empty()) {
-                // No relay waits on it: nothing to answer.
-                let answers = self.close(registry, token, "its callers closed their connections");
-                debug_assert!(answers.is_empty());
+        touched
+    }
+
+    /// Queues a `CANCEL` of `ids` on a link (after the requests it names; sealed on a keyed link).
+    fn send_cancel(&mut self, registry: &Registry, token: Token, ids: Vec<u64>, now: Instant) {
+        let Some(link) = self.links.get_mut(&token) else { return };
+        for ids in ids.chunks(crate::protocol::MAX_CANCEL_IDS) {
+            self.cancelled_down += ids.len() as u64;
+            let payload = request_payload("CANCEL", &json!(CANCEL_ID), "relay", json!({ "request_ids": ids }));
+            let before = link.queued();
+            if before == 0 {
+                link.write_progress = now;
             }
+            match &mut link.auth {
+                LinkAuth::Open => frame::encode(&payload, &mut link.out),
+                LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut link.out),
+                LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
+            }
+            self.queued += link.queued() - before;
+        }
+        if link.connected {
+            let answers = self.flush(registry, token, now);
+            debug_assert!(answers.is_empty());
         }
     }
 
@@ -543,6 +613,8 @@ impl Relays {
                             link.late.retain(|l| *l != id);
                             link.last_answer = Some(now);
                         }
+                        // The answer to a CANCEL we sent (an older node's UNKNOWN_COMMAND too).
+                        None if answer["request_id"] == CANCEL_ID => {}
                         _ => {
                             closed = Some(format!(
                                 "an answer to request id {} that was not sent on this link",

@@ -69,6 +69,9 @@ pub enum ErrorCode {
     FrameMemoryExceeded,
     /// A binary frame whose prefix or header length does not fit the frame ([`binary`]).
     InvalidFrame,
+    /// The request was withdrawn by a `CANCEL` from the connection that sent it, or its
+    /// computation stopped because every client it was for had gone.
+    Cancelled,
 }
 
 impl ErrorCode {
@@ -109,6 +112,7 @@ impl ErrorCode {
             ErrorCode::FrameTimeout => "FRAME_TIMEOUT",
             ErrorCode::FrameMemoryExceeded => "FRAME_MEMORY_EXCEEDED",
             ErrorCode::InvalidFrame => "INVALID_FRAME",
+            ErrorCode::Cancelled => "CANCELLED",
         }
     }
 }
@@ -125,7 +129,11 @@ pub const COMMANDS: &[&str] = &[
     "MODEL_INFO",
     "AUTH",
     "GET_MANIFEST",
+    "CANCEL",
 ];
+
+/// Request ids one `CANCEL` may name.
+pub const MAX_CANCEL_IDS: usize = 1024;
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Command {
@@ -148,6 +156,12 @@ pub enum Command {
     },
     /// The model's shape and tokenizer, from any GGUF shard the node has.
     ModelInfo,
+    /// Withdraws `EXECUTE_TASK`s this connection sent (by their `request_id`s, at most
+    /// [`MAX_CANCEL_IDS`]): queued ones are answered `CANCELLED` uncomputed, their relays
+    /// cancelled down the chain. A relaying node sends it down a link that other chains keep open.
+    Cancel {
+        request_ids: Vec<Value>,
+    },
 }
 
 /// One hop of a pipeline: the node at `address` runs `shard_id`.
@@ -265,6 +279,7 @@ impl Command {
             Command::ModelInfo => "MODEL_INFO",
             Command::Auth(_) => "AUTH",
             Command::GetManifest { .. } => "GET_MANIFEST",
+            Command::Cancel { .. } => "CANCEL",
         }
     }
 }
@@ -409,6 +424,7 @@ impl Request {
             "FIND_PEERS" => Command::FindPeers(parse_find_peers(params).map_err(|(c, m)| fail(c, m))?),
             "EXECUTE_TASK" => Command::ExecuteTask(parse_execute_task(params, section).map_err(|(c, m)| fail(c, m))?),
             "MODEL_INFO" => Command::ModelInfo,
+            "CANCEL" => Command::Cancel { request_ids: parse_cancel(params).map_err(|(c, m)| fail(c, m))? },
             "END_SESSION" => Command::EndSession {
                 session_id: session_id(params).map_err(|(c, m)| fail(c, m))?,
                 session_token: session_token(params).map_err(|(c, m)| fail(c, m))?,
@@ -434,6 +450,31 @@ impl Request {
         };
         Ok(Request { command, request_id: err.request_id, from, to })
     }
+}
+
+/// `CANCEL`'s `request_ids`: 1..=[`MAX_CANCEL_IDS`] strings or integers, as request ids are.
+fn parse_cancel(params: &Map<String, Value>) -> Result<Vec<Value>, (ErrorCode, String)> {
+    let ids = match params.get("request_ids") {
+        None => return Err((ErrorCode::MissingField, "CANCEL needs params.request_ids".into())),
+        Some(Value::Array(ids)) => ids,
+        Some(v) => return Err((ErrorCode::WrongType, format!("request_ids must be an array, got {}", kind(v)))),
+    };
+    if ids.is_empty() || ids.len() > MAX_CANCEL_IDS {
+        return Err((ErrorCode::OutOfRange, format!("request_ids must hold 1..={MAX_CANCEL_IDS} ids")));
+    }
+    for id in ids {
+        match id {
+            Value::String(s) if s.len() <= MAX_REQUEST_ID_LEN => {}
+            Value::Number(n) if n.is_u64() || n.is_i64() => {}
+            _ => {
+                return Err((
+                    ErrorCode::WrongType,
+                    format!("each request id must be an integer or a string of at most {MAX_REQUEST_ID_LEN} bytes"),
+                ));
+            }
+        }
+    }
+    Ok(ids.clone())
 }
 
 fn parse_load_shard(params: &Map<String, Value>) -> Result<LoadShard, (ErrorCode, String)> {
@@ -826,6 +867,33 @@ mod tests {
         let mut p = Vec::new();
         binary::encode(header, data, &mut p);
         p
+    }
+
+    /// `CANCEL` takes 1..=1024 request ids, each an integer or a short string; anything else is
+    /// a clear error (the connection stays open).
+    #[test]
+    fn cancel_names_request_ids_within_bounds() {
+        let r = parse(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[7,"a-8"]}}"#).unwrap();
+        assert_eq!(r.command, Command::Cancel { request_ids: vec![json!(7), json!("a-8")] });
+        assert_eq!(r.command.name(), "CANCEL");
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":7}}"#), ErrorCode::WrongType);
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[]}}"#), ErrorCode::OutOfRange);
+        assert_eq!(code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[1.5]}}"#), ErrorCode::WrongType);
+        assert_eq!(
+            code(r#"{"command":"CANCEL","request_id":1,"params":{"request_ids":[{"a":1}]}}"#),
+            ErrorCode::WrongType
+        );
+        let many = format!(
+            r#"{{"command":"CANCEL","request_id":1,"params":{{"request_ids":[{}]}}}}"#,
+            vec!["1"; MAX_CANCEL_IDS + 1].join(",")
+        );
+        assert_eq!(code(&many), ErrorCode::OutOfRange);
+        let long = format!(
+            r#"{{"command":"CANCEL","request_id":1,"params":{{"request_ids":["{}"]}}}}"#,
+            "x".repeat(MAX_REQUEST_ID_LEN + 1)
+        );
+        assert_eq!(code(&long), ErrorCode::WrongType);
     }
 
     #[test]

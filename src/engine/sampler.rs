@@ -29,7 +29,15 @@ pub struct SamplerConfig {
     pub presence_penalty: f32,
     /// OpenAI's `frequency_penalty`, -2.0..=2.0: subtracted per time a token was sampled.
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias in -100..=100) added to that token's logit before
+    /// the penalties and sampling (-100 in effect bans a token, 100 in effect forces it). At most
+    /// [`MAX_LOGIT_BIAS`] entries; ids are checked against the vocabulary by the caller.
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// The most `logit_bias` entries one request may give: each biased token is one more logit the
+/// last node sends back every step (see [`Sampler::logits_needed`]).
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 impl Default for SamplerConfig {
     /// Greedy, no penalties; llama.cpp's defaults for the rest (`top_k` 40, `top_p` 0.95,
@@ -44,6 +52,7 @@ impl Default for SamplerConfig {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -84,6 +93,12 @@ impl SamplerConfig {
             if !(-2.0..=2.0).contains(&v) {
                 return err(param, format!("must be in [-2, 2], got {v}"));
             }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return err("logit_bias", format!("holds at most {MAX_LOGIT_BIAS} tokens, got {}", self.logit_bias.len()));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return err("logit_bias", format!("values must be in [-100, 100], got {b} for token {id}"));
         }
         Ok(())
     }
@@ -149,7 +164,8 @@ impl Sampler {
     /// them: `Some(k)` when the top k suffice (greedy: 1; top-k sampling: k, plus every token a
     /// penalty may lower, since it can drop out of the top), `None` when it needs every logit
     /// (`top_k` 0, or a penalty that can raise a token: `repeat_penalty` < 1, a negative
-    /// presence or frequency penalty). A coordinator asks the last node for that many.
+    /// presence or frequency penalty, a positive `logit_bias`; a negative one lowers its token as
+    /// a penalty does). A coordinator asks the last node for that many.
     pub fn logits_needed(&self) -> Option<usize> {
         let base = if self.cfg.temperature == 0.0 {
             1
@@ -159,11 +175,16 @@ impl Sampler {
             self.cfg.top_k
         };
         let c = &self.cfg;
-        if (c.repeat_active() && c.repeat_penalty < 1.0) || c.presence_penalty < 0.0 || c.frequency_penalty < 0.0 {
+        if (c.repeat_active() && c.repeat_penalty < 1.0)
+            || c.presence_penalty < 0.0
+            || c.frequency_penalty < 0.0
+            || c.logit_bias.iter().any(|&(_, b)| b > 0.0)
+        {
             return None;
         }
         let mut penalized: std::collections::HashSet<u32> = self.recent_count.keys().copied().collect();
         penalized.extend(self.sampled.keys().copied());
+        penalized.extend(c.logit_bias.iter().filter(|&&(_, b)| b < 0.0).map(|&(t, _)| t));
         Some(base + penalized.len())
     }
 
@@ -180,12 +201,19 @@ impl Sampler {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// The penalties applied to `logits` (a copy; `logits` untouched when none is on).
+    /// `logit_bias` and the penalties applied to `logits` (a copy; `logits` untouched when none
+    /// is on).
     fn penalized<'l>(&self, logits: &'l [f32]) -> std::borrow::Cow<'l, [f32]> {
-        if self.recent_count.is_empty() && self.sampled.is_empty() {
+        if self.recent_count.is_empty() && self.sampled.is_empty() && self.cfg.logit_bias.is_empty() {
             return std::borrow::Cow::Borrowed(logits);
         }
         let mut out = logits.to_vec();
+        // OpenAI: the bias is added to the logits the model produced, before sampling.
+        for &(t, b) in &self.cfg.logit_bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         for &t in self.recent_count.keys() {
             if let Some(l) = out.get_mut(t as usize) {
                 // llama.cpp: dividing a negative logit would raise it, so it is multiplied.
@@ -341,6 +369,27 @@ mod tests {
         assert_eq!(argmax(&v), 0);
         v[0] = 1.0;
         assert_eq!(argmax(&v), 17);
+    }
+
+    /// OpenAI's `logit_bias`: added to the logits before sampling; -100 bans a token, +100
+    /// forces it; a positive bias needs every logit (the token may be outside the top k), a
+    /// negative one one more than without it; out-of-range values are refused.
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let logits = [0.0, 0.5, 9.0, 1.0];
+        let with = |bias: Vec<(u32, f32)>| SamplerConfig { logit_bias: bias, ..SamplerConfig::default() };
+        assert_eq!(Sampler::new(with(vec![(2, -100.0)])).sample(&logits), 3, "the best token banned");
+        assert_eq!(Sampler::new(with(vec![(0, 100.0)])).sample(&logits), 0, "the worst token forced");
+        assert_eq!(Sampler::new(with(vec![(1, 8.6)])).sample(&logits), 1, "a bias adds to the logit");
+        assert_eq!(Sampler::new(with(vec![(99, 5.0)])).sample(&logits), 2, "an id past the logits is no change");
+        assert_eq!(Sampler::new(with(vec![(0, 1.0)])).logits_needed(), None);
+        assert_eq!(Sampler::new(with(vec![(0, -1.0)])).logits_needed(), Some(2));
+        assert_eq!(Sampler::new(with(Vec::new())).logits_needed(), Some(1));
+        for b in [100.5, -101.0, f32::NAN, f32::INFINITY] {
+            assert_eq!(with(vec![(0, b)]).validate().unwrap_err().param, "logit_bias", "{b}");
+        }
+        let many = (0..=MAX_LOGIT_BIAS as u32).map(|t| (t, 1.0)).collect();
+        assert_eq!(with(many).validate().unwrap_err().param, "logit_bias");
     }
 
     #[test]

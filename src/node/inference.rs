@@ -763,6 +763,9 @@ fn run_group(
         }
         Err(e) => group.iter().map(|_| Err((ErrorCode::Internal, e.message.clone()))).collect(),
     };
+    // STATUS counts the sessions this group opened before its answers leave: a client asking
+    // right after its answer sees its session (the round's `record` comes after every group).
+    note_sessions(engine, stats);
     let aborted =
         outcomes.iter().filter(|o| matches!(o, Err((_, m)) if m.contains(crate::engine::ggml::ABORTED))).count();
     if aborted > 0 {
@@ -886,13 +889,20 @@ fn unchanged(file: &std::fs::File, map: &Mmap, shard_id: u32) -> Result<(), (Err
 /// Updates the counters STATUS shows after a round of jobs.
 fn record<E>(engine: &Result<Engine, E>, stats: &InferStats, started: Instant) {
     stats.running.store(0, Ordering::Relaxed);
+    note_sessions(engine, stats);
+    if let Ok(engine) = engine {
+        stats.graphs_reused.store(engine.graphs_reused(), Ordering::Relaxed);
+    }
+    stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+}
+
+/// STATUS `inference.sessions` and `kv_bytes` as the engine holds them now.
+fn note_sessions<E>(engine: &Result<Engine, E>, stats: &InferStats) {
     if let Ok(engine) = engine {
         let (n, bytes) = engine.sessions();
         stats.sessions.store(n as u64, Ordering::Relaxed);
         stats.kv_bytes.store(bytes, Ordering::Relaxed);
-        stats.graphs_reused.store(engine.graphs_reused(), Ordering::Relaxed);
     }
-    stats.busy_us.fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
 }
 
 /// Runs one shard's tasks (one batch where the engine can): each task's result object (timings,

@@ -172,7 +172,8 @@ FLAGS:
   --node ADDR      node to talk to [default: 127.0.0.1:51820]: HOST:PORT,
                    [V6]:PORT, /ip4/A.B.C.D/tcp/PORT or /ip6/ADDR/tcp/PORT
   --json           print the raw JSON result (for scripts)
-  --timeout SECS   bound on connecting and on each response [default: 30]
+  --timeout SECS   bound on connecting and on each whole response (a node that sends an
+                   answer too slowly fails by then, as a silent one does) [default: 30]
   --cluster-key-file PATH
                    prove this cluster key to every node (HMAC-SHA-256
                    handshake, every frame MACed) [default: the file named by

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::gather::{self, Gather};
 use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
-use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, PREFILL_GRANULE, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::{f32_to_json, f32_to_raw};
 use crate::protocol::{
@@ -516,7 +516,10 @@ impl Owners {
 /// When other sessions' decode steps are in `round`, queued, or due back (`gather`), the round's
 /// prefill is cut to [`schedule::PrefillShare::chunk`] tokens: a step past it computes its first
 /// tokens now (its rest, by index in the round returned, is queued again once they are
-/// computed), and the client's steps after it wait, put back first in its queue. Uncontended,
+/// computed), and the client's steps after it wait, put back first in its queue. The part is a
+/// multiple of [`PREFILL_GRANULE`] and leaves a rest of at least one granule, so the parts'
+/// result equals the whole step's bit for bit (see there); a step under two granules is not cut
+/// (first prefill of the round, it runs whole; else it waits). Uncontended,
 /// the round is as the scheduler made it.
 fn share_prefill(
     round: Vec<Job>,
@@ -554,18 +557,28 @@ fn share_prefill(
             kept.push(job);
             continue;
         }
+        // The part computed now: a multiple of the granule that leaves a rest of at least one
+        // granule, so that every part runs the same ggml kernels as the whole step and the
+        // prompt's result does not depend on where (or whether) it was cut.
+        let part = left.min(n.saturating_sub(PREFILL_GRANULE)) / PREFILL_GRANULE * PREFILL_GRANULE;
+        if part == 0 && left == budget {
+            // Under two granules (the budget is at least one): not cut, computed whole.
+            left = 0;
+            kept.push(job);
+            continue;
+        }
         cut.push(job.origin().to_string());
-        if left == 0 {
+        if part == 0 {
             back.push(job);
             continue;
         }
         let Job::Execute { task, .. } = &mut job else { unreachable!("only steps have tokens") };
         let rest = match &mut task.input {
-            TaskInput::Tokens(t) => TaskInput::Tokens(t.split_off(left)),
+            TaskInput::Tokens(t) => TaskInput::Tokens(t.split_off(part)),
             TaskInput::Hidden { data, rows, cols } => {
-                let tail = data.split_off(left * *cols);
-                let r = TaskInput::Hidden { data: tail, rows: *rows - left, cols: *cols };
-                *rows = left;
+                let tail = data.split_off(part * *cols);
+                let r = TaskInput::Hidden { data: tail, rows: *rows - part, cols: *cols };
+                *rows = part;
                 r
             }
         };

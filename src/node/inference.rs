@@ -557,10 +557,7 @@ fn share_prefill(
             kept.push(job);
             continue;
         }
-        // The part computed now: a multiple of the granule that leaves a rest of at least one
-        // granule, so that every part runs the same ggml kernels as the whole step and the
-        // prompt's result does not depend on where (or whether) it was cut.
-        let part = left.min(n.saturating_sub(PREFILL_GRANULE)) / PREFILL_GRANULE * PREFILL_GRANULE;
+        let part = prefill_part(n, left);
         if part == 0 && left == budget {
             // Under two granules (the budget is at least one): not cut, computed whole.
             left = 0;
@@ -591,6 +588,14 @@ fn share_prefill(
         requeue(queue, queued_sessions, job, stats);
     }
     (kept, rests)
+}
+
+/// Tokens of an `n`-token prefill step to compute in a round with `left` prefill tokens to spare:
+/// a multiple of [`PREFILL_GRANULE`] that leaves a rest of at least one granule, so that every
+/// part runs the same ggml kernels as the whole step and the prompt's result does not depend on
+/// where (or whether) it was cut. 0: not cut (`left` under one granule, or `n` under two).
+fn prefill_part(n: usize, left: usize) -> usize {
+    left.min(n.saturating_sub(PREFILL_GRANULE)) / PREFILL_GRANULE * PREFILL_GRANULE
 }
 
 /// Puts a step (or a split step's rest) back first in its client's queue.
@@ -1170,7 +1175,42 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
 
 #[cfg(test)]
 mod tests {
-    use super::top_k;
+    use super::{PREFILL_GRANULE, prefill_part, top_k};
+
+    /// Every way a prefill step is cut, round after round, whatever the budgets (the load): parts
+    /// are multiples of the granule, each at least one, and together exactly the step.
+    #[test]
+    fn a_prefill_is_cut_only_at_multiples_of_the_granule_into_parts_of_at_least_one() {
+        let g = PREFILL_GRANULE;
+        for n in 2..1200 {
+            for left in 0..=600 {
+                let part = prefill_part(n, left);
+                assert!(part <= left && part % g == 0, "n {n}, left {left}: part {part}");
+                assert!(part == 0 || n - part >= g, "n {n}, left {left}: rest {}", n - part);
+                assert_eq!(part == 0, left < g || n < 2 * g, "n {n}, left {left}: part {part}");
+            }
+        }
+        // Rounds with budgets the measured rate might give (one granule .. 512): the rests.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for n in [128, 129, 191, 1000, 2000, 4095] {
+            let (mut rest, mut parts) = (n, Vec::new());
+            while rest > 0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let budget = g + (x % 449) as usize;
+                let part = match prefill_part(rest, budget) {
+                    0 => rest, // not cut: computed whole (share_prefill, first in its round)
+                    p => p,
+                };
+                parts.push(part);
+                rest -= part;
+            }
+            assert_eq!(parts.iter().sum::<usize>(), n);
+            assert!(parts.iter().all(|&p| p >= g), "{n}: {parts:?}");
+            assert!(parts[..parts.len() - 1].iter().all(|&p| p % g == 0), "{n}: {parts:?}");
+        }
+    }
 
     /// Every id by logit, largest first, ties to the lower id: what `top_k` must agree with.
     fn sorted(logits: &[f32]) -> Vec<u32> {

@@ -7,7 +7,9 @@
 //! tokens), `raise_exception(msg)`, and Python's string methods (`.strip()`, `.startswith()`,
 //! ...; minijinja-contrib's `pycompat`). Whitespace control is Hugging Face's (`trim_blocks`,
 //! `lstrip_blocks`), loop controls (`break`, `continue`) are on, and a render is bounded in work
-//! (`RENDER_FUEL`) so no template can hang its caller.
+//! and memory (`RENDER_FUEL_BASE` and `RENDER_FUEL_PER_BYTE`, scaled to the messages) and in
+//! output (`RENDER_OUTPUT_BASE`, `RENDER_OUTPUT_PER_BYTE`), so no template can hang its caller
+//! or make it allocate more than a bounded multiple of what it was given.
 //!
 //! ```no_run
 //! # fn main() -> Result<(), shardnet::chat::ChatError> {
@@ -29,10 +31,27 @@ pub const TEMPLATE_KEY: &str = "tokenizer.chat_template";
 /// Roles a message may have (OpenAI's chat roles).
 pub const ROLES: &[&str] = &["system", "user", "assistant", "tool"];
 
-/// Work one render may do, in minijinja's fuel units (about one per instruction): SmolLM2's
-/// template spends ~40 per message, so this is far beyond any real conversation and stops a
-/// runaway template within a fraction of a second.
-pub const RENDER_FUEL: u64 = 20_000_000;
+/// Work and memory one render may spend, in minijinja's fuel: every instruction costs one, and
+/// every 64 bytes of data the render creates cost one (strings made by `~`, `+`, `*`, slicing and
+/// filters, list and map slots, the output and captured `{% set %}` blocks; minijinja 3.1
+/// checks an allocation of known size before making it). Fuel only goes down, so a render
+/// allocates at most ~64 bytes per fuel in all, whatever the template does. A render gets
+/// `RENDER_FUEL_BASE` plus `RENDER_FUEL_PER_BYTE` per byte of its messages (as JSON): measured,
+/// real templates (SmolLM2's, Llama 3's, Zephyr's, Mistral's, ChatML) spend 0.05 fuel per byte
+/// on long messages and at most 1.4 on many empty ones (~40 per message), so the budget is ~3x
+/// the most seen. A hostile template gets ~16 MiB and 250,000 instructions for a short chat
+/// (before: 20,000,000 fuel for any, ~1.3 GB and 6 s per render), and 256 bytes per byte of a
+/// long one.
+pub const RENDER_FUEL_BASE: u64 = 250_000;
+/// See [`RENDER_FUEL_BASE`].
+pub const RENDER_FUEL_PER_BYTE: u64 = 4;
+
+/// The longest output a render may write: `RENDER_OUTPUT_PER_BYTE` times the messages' JSON bytes
+/// plus `RENDER_OUTPUT_BASE` (real templates write at most ~2x their messages' JSON, plus their
+/// own fixed text); past it the render stops with [`ChatError::Render`].
+pub const RENDER_OUTPUT_BASE: usize = 256 << 10;
+/// See [`RENDER_OUTPUT_BASE`].
+pub const RENDER_OUTPUT_PER_BYTE: usize = 4;
 
 /// Longest template accepted, in bytes (real ones are under 10 KiB; DeepSeek's is ~4 KiB).
 pub const MAX_TEMPLATE_BYTES: usize = 1 << 20;
@@ -59,9 +78,11 @@ pub enum ChatError {
     Syntax(String),
     /// The messages are not a conversation: empty, or a role outside `ROLES`.
     BadMessages(String),
-    /// The template failed while rendering (its own `raise_exception`, an undefined operation, or
-    /// more work than `RENDER_FUEL`).
+    /// The template failed while rendering (its own `raise_exception`, an undefined operation).
     Render(String),
+    /// The render went past its budget of work and memory (`RENDER_FUEL_BASE`) or of output
+    /// (`RENDER_OUTPUT_BASE`): the template's fault, not the messages'.
+    Budget(String),
 }
 
 impl std::fmt::Display for ChatError {
@@ -75,6 +96,7 @@ impl std::fmt::Display for ChatError {
             ChatError::Syntax(m) => write!(f, "the chat template does not compile: {m}"),
             ChatError::BadMessages(m) => write!(f, "{m}"),
             ChatError::Render(m) => write!(f, "the chat template failed: {m}"),
+            ChatError::Budget(m) => write!(f, "the chat template went past its budget: {m}"),
         }
     }
 }
@@ -133,7 +155,7 @@ impl ChatTemplate {
                 .map_err(|e| ChatError::Syntax(describe(&e)))?,
         );
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.set_fuel(Some(RENDER_FUEL));
+        env.set_fuel(Some(RENDER_FUEL_BASE));
         env.add_function("raise_exception", raise_exception);
         env.add_template_owned("chat_template", source.to_string()).map_err(|e| ChatError::Syntax(describe(&e)))?;
         Ok(ChatTemplate { env, bos_token: bos_token.to_string(), eos_token: eos_token.to_string() })
@@ -171,22 +193,47 @@ impl ChatTemplate {
 
     /// As `render`, for messages as JSON objects (an HTTP request's `messages`, which may carry
     /// more fields than `role` and `content`; those reach the template too). Each must be an
-    /// object with a `role` from `ROLES` and a string `content`.
+    /// object with a `role` from `ROLES` and a string `content`. The render's budget scales with
+    /// the messages' JSON length `n`: `RENDER_FUEL_BASE + RENDER_FUEL_PER_BYTE * n` fuel and
+    /// `RENDER_OUTPUT_BASE + RENDER_OUTPUT_PER_BYTE * n` bytes of output; past either,
+    /// `ChatError::Render` saying which.
     pub fn render_json(
         &self,
         messages: &[serde_json::Value],
         add_generation_prompt: bool,
     ) -> Result<String, ChatError> {
         check_messages(messages)?;
-        let template = self.env.get_template("chat_template").map_err(|e| ChatError::Render(describe(&e)))?;
-        template
-            .render(minijinja::context! {
+        let n = serde_json::to_string(messages).map_or(0, |t| t.len());
+        // A clone shares the compiled template (an Arc); only this render's fuel differs.
+        let mut env = self.env.clone();
+        let fuel = RENDER_FUEL_BASE.saturating_add(RENDER_FUEL_PER_BYTE.saturating_mul(n as u64));
+        env.set_fuel(Some(fuel));
+        let template = env.get_template("chat_template").map_err(|e| ChatError::Render(describe(&e)))?;
+        let cap = RENDER_OUTPUT_BASE.saturating_add(RENDER_OUTPUT_PER_BYTE.saturating_mul(n));
+        let mut out = CappedOutput { bytes: Vec::new(), cap, over: false };
+        let rendered = template.render_captured_to(
+            minijinja::context! {
                 messages => Value::from(minijinja::value::Serde(messages)),
                 add_generation_prompt => add_generation_prompt,
                 bos_token => &self.bos_token,
                 eos_token => &self.eos_token,
-            })
-            .map_err(|e| ChatError::Render(describe(&e)))
+            },
+            &mut out,
+        );
+        match rendered {
+            Err(_) if out.over => Err(ChatError::Budget(format!(
+                "its output is over {cap} bytes ({RENDER_OUTPUT_BASE} + {RENDER_OUTPUT_PER_BYTE} per byte of the \
+                 {n} bytes of messages)"
+            ))),
+            Err(e) if e.kind() == ErrorKind::OutOfFuel => Err(ChatError::Budget(format!(
+                "it did more work or made more data than the {fuel} fuel a render of {n} bytes of messages may \
+                 spend (one per instruction or per 64 bytes made)"
+            ))),
+            Err(e) => Err(ChatError::Render(describe(&e))),
+            Ok(_) => {
+                String::from_utf8(out.bytes).map_err(|e| ChatError::Render(format!("its output is not UTF-8: {e}")))
+            }
+        }
     }
 
     /// The prompt text to tokenize (with special tokens parsed) for `messages`: `render`'s output
@@ -203,6 +250,28 @@ impl ChatTemplate {
             Some(rest) if tokenizer.adds_bos() && !self.bos_token.is_empty() => rest.to_string(),
             _ => text,
         })
+    }
+}
+
+/// A render's output, refusing to grow past `cap` bytes (the render then fails).
+struct CappedOutput {
+    bytes: Vec<u8>,
+    cap: usize,
+    over: bool,
+}
+
+impl std::io::Write for CappedOutput {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.bytes.len().saturating_add(buf.len()) > self.cap {
+            self.over = true;
+            return Err(std::io::Error::new(std::io::ErrorKind::FileTooLarge, "render output over its cap"));
+        }
+        self.bytes.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -289,6 +358,32 @@ mod tests {
         std::thread::spawn(move || tx.send(t.render(&[Message::new("user", "x")], true)));
         // Without the bound this render runs for hours: the generous wait makes that a failure.
         let e = rx.recv_timeout(std::time::Duration::from_secs(120)).expect("the render did not stop").unwrap_err();
-        assert!(matches!(&e, ChatError::Render(m) if m.contains("fuel")), "{e}");
+        assert!(matches!(&e, ChatError::Budget(m) if m.contains("fuel")), "{e}");
+    }
+
+    /// The s8 red team's tpl/unroll.j2: a string doubled 33 times, no loop. Under the old fixed
+    /// 20,000,000 fuel it made ~1.3 GB per render before running out; with the budget scaled to
+    /// the messages it stops at ~16 MiB. (`tests/chat.rs` runs it under a capped address space.)
+    #[test]
+    fn a_template_that_doubles_a_string_runs_out_of_its_budget() {
+        let src = format!("{{% set s = 'xxxxxxxx' %}}{}{{{{ s|length }}}}", "{% set s = s ~ s %}".repeat(33));
+        let t = ChatTemplate::new(&src, "", "").unwrap();
+        let e = t.render(&[Message::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(&e, ChatError::Budget(m) if m.contains("fuel")), "{e}");
+        // 18 doublings (2 MiB, 4 MiB made in all) fit a short chat's budget: the bound is on bytes made.
+        let src = format!("{{% set s = 'xxxxxxxx' %}}{}{{{{ s|length }}}}", "{% set s = s ~ s %}".repeat(18));
+        let t = ChatTemplate::new(&src, "", "").unwrap();
+        assert_eq!(t.render(&[Message::new("user", "hi")], true).unwrap(), (2usize << 20).to_string());
+    }
+
+    /// The output is capped at `RENDER_OUTPUT_BASE` plus `RENDER_OUTPUT_PER_BYTE` per byte of
+    /// the messages: a 1 MB output of a short chat is refused, the same for a long chat is not.
+    #[test]
+    fn a_render_output_past_its_cap_is_refused_and_scales_with_the_messages() {
+        let t = ChatTemplate::new("{{ 'x' * 1000000 }}{{ messages[0]['content'] }}", "", "").unwrap();
+        let e = t.render(&[Message::new("user", "hi")], true).unwrap_err();
+        assert!(matches!(&e, ChatError::Budget(m) if m.contains("output is over")), "{e}");
+        let long = "y".repeat(300_000);
+        assert_eq!(t.render(&[Message::new("user", &long)], true).unwrap().len(), 1_300_000);
     }
 }

@@ -323,3 +323,41 @@ fn repeat_penalty_ends_smollm2_greedy_loop() {
     let (penalized, text) = run(&["--repeat-penalty", "1.3"]);
     assert!(most_repeated(&penalized) <= 1, "still looping: {text:?}");
 }
+
+/// A hostile model file: its chat template doubles a string 33 times (the s8 red team's
+/// tpl/unroll.j2). The render stops at its budget with a clear error, in a `shardctl` whose
+/// address space is capped at ~500 MB (before: the fixed 20,000,000 fuel let it allocate ~1.3 GB,
+/// so under this cap it aborted, out of memory), and the same through `--chat-template`.
+#[test]
+fn a_hostile_chat_template_fails_cleanly_in_bounded_memory() {
+    let dir = TempDir::new("chat-hostile");
+    let doubling = format!("{{% set s = 'xxxxxxxx' %}}{}{{{{ s|length }}}}", "{% set s = s ~ s %}".repeat(33));
+    let model = chat_model(dir.path(), "hostile.gguf", Some(&doubling), &[]);
+    let m = model.to_str().unwrap();
+    let capped = |args: &[&str]| {
+        Command::new("sh")
+            .args(["-c", "ulimit -v 500000 && exec \"$0\" \"$@\"", env!("CARGO_BIN_EXE_shardctl")])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let o = capped(&["generate", m, "--chat", "--prompt", "hi", "-n", "1"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("the chat template went past its budget") && err.contains("fuel"), "{err}");
+    let file = dir.path().join("unroll.j2");
+    std::fs::write(&file, &doubling).unwrap();
+    let plain = chat_model(dir.path(), "plain.gguf", None, &[]);
+    let o = capped(&[
+        "generate",
+        plain.to_str().unwrap(),
+        "--chat",
+        "--chat-template",
+        file.to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("went past its budget"), "{err}");
+}

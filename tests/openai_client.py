@@ -69,4 +69,29 @@ for ch in client.chat.completions.create(model=model, messages=messages, tempera
         if c.delta.role:
             roles.append(c.delta.role)
 out["chat_stream"] = {"text": text, "usage": usage, "roles": roles}
+
+# models.retrieve (GET /v1/models/{id}, the id percent-encoded) and an unknown id.
+out["retrieve"] = client.models.retrieve(model).id
+try:
+    client.models.retrieve("no-such-model")
+    out["retrieve_unknown"] = "answered"
+except openai.NotFoundError as e:
+    out["retrieve_unknown"] = e.body.get("code") if isinstance(e.body, dict) else str(e.body)
+
+# What the server cannot do is refused naming the field, not answered as if it were not asked.
+refused = {}
+for field, kw in [("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
+                  ("response_format", {"response_format": {"type": "json_object"}}),
+                  ("logit_bias", {"logit_bias": {"1": -100}})]:
+    try:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kw)
+        refused[field] = "answered"
+    except openai.BadRequestError as e:
+        refused[field] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+try:
+    client.completions.create(model=model, prompt=prompt, max_tokens=2, echo=True)
+    refused["echo"] = "answered"
+except openai.BadRequestError as e:
+    refused["echo"] = e.body.get("param") if isinstance(e.body, dict) else str(e.body)
+out["refused"] = refused
 json.dump(out, sys.stdout)

@@ -3,7 +3,7 @@
 //! in one process), the chat page in headless Chromium, and bad input of every kind (malformed
 //! JSON, a body over the limit, an unknown model, empty messages, an unknown role, a prompt over
 //! the context, a client gone mid-stream, slow clients holding connections, a full queue, one client
-//! past its share), and `--parallel`:
+//! past its share, pipelined requests, a flood of them, a client gone behind pipelined bytes), and `--parallel`:
 //! requests past the slots wait in the queue, four streams run at once with their greedy text.
 mod common;
 
@@ -253,6 +253,11 @@ fn the_openai_client_completes_streams_stops_and_counts() {
         Some(u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap())
     );
     assert_eq!(r["models"], json!([r["model"]]), "{r}");
+    assert_eq!(r["retrieve"], r["model"], "{r}");
+    assert_eq!(r["retrieve_unknown"], "model_not_found", "{r}");
+    let refused =
+        json!({"tools": "tools", "response_format": "response_format", "logit_bias": "logit_bias", "echo": "echo"});
+    assert_eq!(r["refused"], refused, "{r}");
     // Every request ended its session on every node.
     assert_eq!(sessions_on(&c.nodes), vec![0, 0, 0]);
 }
@@ -903,4 +908,158 @@ print("ok")
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the openai client with api_key failed:\n{stderr}");
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "ok");
+}
+
+/// One request's bytes: `method path` with a JSON body (none when `body` is `Null`), HTTP/1.`minor`,
+/// with `extra` header lines (each ending in CRLF).
+fn raw_request(method: &str, path: &str, body: &Value, minor: u8, extra: &str) -> Vec<u8> {
+    let body = if body.is_null() { String::new() } else { body.to_string() };
+    format!(
+        "{method} {path} HTTP/1.{minor}\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{extra}\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Resident memory of a process, bytes (`VmRSS`).
+fn rss_of(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 =
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").parse().unwrap();
+    kb << 10
+}
+
+/// HTTP/1.1 pipelining (RFC 9112 section 9.3.2): requests sent in one write without waiting are
+/// answered in order on the connection, a streamed answer whole before the next, each request
+/// counted against `--max-requests-per-client` (another connection of the same client is 429
+/// while a pipelined stream runs), and `Connection: close` on the last ends the connection.
+/// An HTTP/1.0 stream asked with `Connection: keep-alive` still ends by closing (its only
+/// delimiter; before, the connection stayed open and the client waited for the idle timeout).
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn pipelined_requests_are_answered_in_order_and_counted_per_client() {
+    let c = cluster("serve-pipeline", &[], &["--parallel", "2", "--max-requests-per-client", "1"]);
+    let stream = json!({"prompt": PROMPT, "max_tokens": 256, "ignore_eos": true, "stream": true, "temperature": 0});
+    let chat = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 3, "temperature": 0});
+    let text = json!({"prompt": PROMPT, "max_tokens": 3, "temperature": 0});
+    let mut all = raw_request("POST", "/v1/completions", &stream, 1, "");
+    all.extend(raw_request("POST", "/v1/chat/completions", &chat, 1, ""));
+    all.extend(raw_request("GET", "/health", &Value::Null, 1, ""));
+    all.extend(raw_request("POST", "/v1/completions", &text, 1, "Connection: close\r\n"));
+    let mut s = connect_from("127.0.0.2", &c.http);
+    s.write_all(&all).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    // The stream holds this client's one request: another connection of it is refused meanwhile.
+    let refused = complete_on(connect_from("127.0.0.2", &c.http));
+    assert_error(&refused, 429, None);
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest).unwrap();
+    let mut whole = line.into_bytes();
+    whole.extend(rest);
+    let mut r = BufReader::new(&whole[..]);
+    let first = read_response(&mut r);
+    let events = String::from_utf8(first.body.clone()).unwrap();
+    assert_eq!(first.header("content-type"), Some("text/event-stream"));
+    assert_eq!(events.matches("data: ").count(), 256 + 2, "256 tokens, the finish and [DONE]: {events}");
+    assert!(events.ends_with("data: [DONE]\n\n"), "{events}");
+    let second = read_response(&mut r);
+    assert_eq!((second.status, second.json()["object"].as_str()), (200, Some("chat.completion")));
+    let third = read_response(&mut r);
+    assert_eq!((third.status, third.json()["status"].as_str()), (200, Some("ok")));
+    let fourth = read_response(&mut r);
+    assert_eq!((fourth.status, fourth.json()["object"].as_str()), (200, Some("text_completion")));
+    assert_eq!(fourth.header("connection"), Some("close"));
+    assert!(r.fill_buf().unwrap().is_empty(), "nothing after the last answer");
+
+    // HTTP/1.0 with keep-alive asked: the stream's end is the connection's end.
+    let mut s = connect(&c.http);
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let short = json!({"prompt": PROMPT, "max_tokens": 2, "stream": true});
+    s.write_all(&raw_request("POST", "/v1/completions", &short, 0, "Connection: keep-alive\r\n")).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).expect("the HTTP/1.0 stream did not end with the connection");
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 200") && out.ends_with("data: [DONE]\n\n"), "{out}");
+}
+
+/// 1000 tiny requests pipelined in one write, read only later: the server answers them one at a
+/// time, in order (it reads no further ahead than one request and one 8 KiB read, so the rest
+/// waits in the socket under TCP flow control), its memory stays flat, and another client is
+/// served meanwhile. A client that pipelines and leaves without reading is dropped.
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_thousand_pipelined_requests_in_one_write_are_answered_in_order_in_bounded_memory() {
+    let c = cluster("serve-pipeline-flood", &[], &[]);
+    let pid = c.serve.id();
+    let one = json!({"prompt": PROMPT, "max_tokens": 1, "temperature": 0});
+    let mut all = Vec::new();
+    for i in 0..1000 {
+        all.extend(match i % 100 {
+            50 => raw_request("POST", "/v1/completions", &one, 1, ""),
+            99 => raw_request("GET", "/v1/models", &Value::Null, 1, ""),
+            _ => raw_request("GET", "/health", &Value::Null, 1, ""),
+        });
+    }
+    // Sends the 1000 requests in one write; while they are not read, another client is served;
+    // then reads the answers, in order.
+    let flood = || {
+        let mut s = connect(&c.http);
+        s.write_all(&all).unwrap();
+        let r = post(&c.http, "/v1/completions", &one);
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        let mut r = BufReader::new(s);
+        for i in 0..1000 {
+            let resp = read_response(&mut r);
+            assert_eq!(resp.status, 200, "request {i}: {}", String::from_utf8_lossy(&resp.body));
+            let v = resp.json();
+            match i % 100 {
+                50 => assert_eq!(v["object"], "text_completion", "request {i}: {v}"),
+                99 => assert_eq!(v["object"], "list", "request {i}: {v}"),
+                _ => assert_eq!(v["status"], "ok", "request {i}: {v}"),
+            }
+        }
+    };
+    // The first round also warms the server up (its slots' buffers, threads' allocator arenas);
+    // the second must not grow it.
+    flood();
+    let before = rss_of(pid);
+    flood();
+    assert_eq!(metric(&c.http, "shardnet_completion_tokens_total"), 22.0);
+    let grown = rss_of(pid).saturating_sub(before);
+    eprintln!("serve: {before} bytes resident, +{grown} after another 1000 pipelined requests");
+    assert!(grown < 16 << 20, "serve grew by {grown} bytes answering 1000 pipelined requests");
+    // Pipelined and gone without reading: the connection is dropped, the server serves on.
+    let mut gone = connect(&c.http);
+    gone.write_all(&all).unwrap();
+    drop(gone);
+    wait_for(WAIT, || (metric(&c.http, "shardnet_active_sessions") == 0.0).then_some(()));
+    assert_eq!(post(&c.http, "/v1/completions", &one).status, 200);
+    assert!(rss_of(pid).saturating_sub(before) < 16 << 20);
+}
+
+/// A client gone while its whole (not streamed) answer is generated is noticed within the 100 ms
+/// watch, also while tokens keep coming (before, the watch ran only when no token came for 100
+/// ms: the generation ran to `max_tokens`), and also when it pipelined bytes of a next request
+/// before leaving (a `peek` sees those bytes, not the close behind them).
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_client_gone_during_a_whole_answer_ends_its_session_even_with_bytes_pipelined() {
+    let c = cluster("serve-gone-whole", &[], &[]);
+    let long = json!({"prompt": PROMPT, "max_tokens": 2000, "ignore_eos": true, "temperature": 0});
+    for (n, tail) in [(1.0, &b""[..]), (2.0, &b"GET /health HTTP/1.1\r\n"[..])] {
+        let mut s = connect(&c.http);
+        s.write_all(&raw_request("POST", "/v1/completions", &long, 1, "")).unwrap();
+        wait_for(WAIT, || (sessions_on(&c.nodes) == vec![1, 1, 1]).then_some(()));
+        // Sent once the server has read the request: these bytes wait unread in its socket.
+        s.write_all(tail).unwrap();
+        drop(s);
+        wait_for(WAIT, || (metric(&c.http, "shardnet_client_disconnects_total") == n).then_some(()));
+        wait_for(WAIT, || (sessions_on(&c.nodes) == vec![0, 0, 0]).then_some(()));
+    }
+    let tokens = metric(&c.http, "shardnet_completion_tokens_total");
+    assert!(tokens < 2.0 * 2000.0, "{tokens} tokens generated for two clients that left");
+    assert_eq!(post(&c.http, "/v1/completions", &json!({"prompt": PROMPT, "max_tokens": 2})).status, 200);
 }

@@ -356,6 +356,7 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
             "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
                 if path.is_empty() { "/" } else { path }
             }
+            _ if path.starts_with("/v1/models/") => "/v1/models",
             _ => "other",
         };
     let host = req.header("host");
@@ -430,6 +431,30 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
                 (503, respond_error(w, &e, ka).is_ok())
             }
         },
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            let asked = percent_decode(&p["/v1/models/".len()..]);
+            match s.chain.model() {
+                Some(m) if asked == m.name || asked == m.model_id => {
+                    (200, respond_json(w, 200, &openai::model_object(&m.name, s.started), ka).is_ok())
+                }
+                Some(m) => {
+                    let e = ApiError {
+                        param: Some("model".into()),
+                        ..ApiError::new(
+                            404,
+                            "invalid_request_error",
+                            Some("model_not_found"),
+                            format!("the model {asked:?} does not exist here; this server serves {:?}", m.name),
+                        )
+                    };
+                    (404, respond_error(w, &e, ka).is_ok())
+                }
+                None => {
+                    let e = ApiError::unavailable(not_ready(s));
+                    (503, respond_error(w, &e, ka).is_ok())
+                }
+            }
+        }
         ("POST", "/v1/chat/completions") => completion(s, conn, req, Endpoint::Chat, ka),
         ("POST", "/v1/completions") => completion(s, conn, req, Endpoint::Text, ka),
         (_, "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions") => {
@@ -450,6 +475,28 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
     ok
 }
 
+/// A path segment with its `%XX` escapes decoded (RFC 3986); a bad escape or non-UTF-8 result
+/// is kept as it came, so it matches no model.
+fn percent_decode(segment: &str) -> String {
+    let b = segment.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| segment.to_string())
+}
+
 fn not_ready(s: &Shared) -> String {
     match s.chain.health() {
         Health::Unavailable(e) => format!("the cluster cannot serve: {e}"),
@@ -468,7 +515,9 @@ fn render_chat(model: &ModelView, messages: &[openai::Message]) -> Result<String
         .map(|m| crate::chat::Message::new(if m.role == "developer" { "system" } else { &m.role }, &m.content))
         .collect();
     template.prompt(&list, true, &model.tokenizer).map_err(|e| match e {
-        ChatError::Syntax(_) => ApiError::new(500, "server_error", None, e.to_string()),
+        // The template's fault, not the request's: it does not compile, or it went past its
+        // budget of work, memory or output (a hostile model).
+        ChatError::Syntax(_) | ChatError::Budget(_) => ApiError::new(500, "server_error", None, e.to_string()),
         // The template's own refusal (`raise_exception`: roles out of order, ...) is the request's fault.
         _ => ApiError::bad(e.to_string(), Some("messages")),
     })
@@ -559,19 +608,20 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
     Ok((p, Prepared { request, stop, model: model.name.clone() }))
 }
 
-/// Whether the peer has closed its side (EOF waiting to be read) without blocking.
+/// Whether the peer has closed its side or reset the connection, without blocking or reading.
+/// `poll(2)`'s `POLLRDHUP` says so even when requests it pipelined are still unread (a `peek`
+/// sees those bytes first, and the close behind them only once they are read). A half-closed
+/// connection (`shutdown(SHUT_WR)` by the client) counts as gone, as on the nodes.
 fn peer_closed(stream: &TcpStream) -> bool {
-    if stream.set_nonblocking(true).is_err() {
-        return true;
+    use std::os::fd::AsRawFd;
+    let mut fd = libc::pollfd { fd: stream.as_raw_fd(), events: libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd for the length of the call; timeout 0: it does not block.
+    let n = unsafe { libc::poll(&mut fd, 1, 0) };
+    match n {
+        0 => false,
+        n if n > 0 => fd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR | libc::POLLNVAL) != 0,
+        _ => std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted,
     }
-    let mut b = [0u8; 1];
-    let closed = match stream.peek(&mut b) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
-    };
-    let _ = stream.set_nonblocking(false);
-    closed
 }
 
 /// How often a connection waiting on the chain checks that its client is still there.
@@ -632,18 +682,26 @@ struct Answer<'a> {
     include_usage: bool,
 }
 
-/// The next event from the chain, watching the client meanwhile; `None` when the client went
-/// away (the job is then cancelled) or the chain dropped the job.
-fn next_event(stream: &TcpStream, rx: &Receiver<ChainEvent>, cancel: &AtomicBool) -> Option<ChainEvent> {
+/// The next event from the chain, watching the client meanwhile (at least every
+/// `WATCH_EVERY`, also while events keep coming); `None` when the client went away (the job is
+/// then cancelled) or the chain dropped the job.
+fn next_event(
+    stream: &TcpStream,
+    rx: &Receiver<ChainEvent>,
+    cancel: &AtomicBool,
+    watched: &mut Instant,
+) -> Option<ChainEvent> {
     loop {
-        match rx.recv_timeout(WATCH_EVERY) {
-            Ok(ev) => return Some(ev),
-            Err(RecvTimeoutError::Timeout) => {
-                if peer_closed(stream) {
-                    cancel.store(true, Ordering::Relaxed);
-                    return None;
-                }
+        if watched.elapsed() >= WATCH_EVERY {
+            *watched = Instant::now();
+            if peer_closed(stream) {
+                cancel.store(true, Ordering::Relaxed);
+                return None;
             }
+        }
+        match rx.recv_timeout(WATCH_EVERY.saturating_sub(watched.elapsed())) {
+            Ok(ev) => return Some(ev),
+            Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => return None,
         }
     }
@@ -656,8 +714,9 @@ fn usage_of(summary: &Summary) -> Value {
 /// A non-streamed answer: (connection usable, status; 0 when the client went away).
 fn whole(conn: &mut Conn, rx: &Receiver<ChainEvent>, cancel: &AtomicBool, a: &Answer, ka: &Reply) -> (bool, u16) {
     let mut text = String::new();
+    let mut watched = Instant::now();
     loop {
-        match next_event(&conn.stream, rx, cancel) {
+        match next_event(&conn.stream, rx, cancel, &mut watched) {
             None => return (false, 0),
             Some(ChainEvent::Started) => {}
             Some(ChainEvent::Text(t)) => text.push_str(&t),
@@ -685,7 +744,8 @@ fn stream(
 ) -> (bool, u16) {
     // The status line waits for a slot to start the job: a job the chain cannot serve is still
     // a plain 503.
-    match next_event(&conn.stream, rx, cancel) {
+    let mut watched = Instant::now();
+    match next_event(&conn.stream, rx, cancel, &mut watched) {
         None => return (false, 0),
         Some(ChainEvent::Failed(why)) => {
             let e = ApiError::unavailable(format!("the cluster cannot serve this request: {why}"));
@@ -711,7 +771,7 @@ fn stream(
         return gone(cancel);
     }
     loop {
-        match next_event(&conn.stream, rx, cancel) {
+        match next_event(&conn.stream, rx, cancel, &mut watched) {
             None => return (false, 0),
             Some(ChainEvent::Started) => {}
             Some(ChainEvent::Text(t)) => {
@@ -733,7 +793,9 @@ fn stream(
                     ok = ok && events.send(&u.to_string()).is_ok();
                 }
                 ok = ok && events.send("[DONE]").is_ok() && events.finish().is_ok();
-                return (ok, 200);
+                // Under HTTP/1.0 the stream ends with the connection (its only delimiter): a
+                // keep-alive request's connection still closes, or its client waits for ever.
+                return (ok && minor >= 1, 200);
             }
         }
     }
@@ -742,6 +804,13 @@ fn stream(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_id_in_a_path_is_percent_decoded() {
+        assert_eq!(percent_decode("Smollm2%20135M%208k"), "Smollm2 135M 8k");
+        assert_eq!(percent_decode("a%2Fb%zz%4"), "a/b%zz%4");
+        assert_eq!(percent_decode("%ff"), "%ff", "not UTF-8: kept as it came");
+    }
 
     #[test]
     fn a_clients_share_defaults_by_listener_and_is_counted_per_address() {

@@ -211,6 +211,47 @@ fn stops(v: Option<&Value>) -> Result<Vec<String>, ApiError> {
     Ok(list.into_iter().filter(|s| !s.is_empty()).collect())
 }
 
+/// Fields whose meaning this server cannot give, with the value that asks for nothing (any
+/// other is refused, 400 naming the field, rather than silently answered as if it were absent:
+/// a client that asked for tool calls, JSON output or its prompt echoed would get a plain answer
+/// it takes for the one it asked). Fields that only describe the caller (`user`, `metadata`,
+/// `store`, `service_tier`, ...) stay ignored.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    ("tools", "tool calls are not supported"),
+    ("tool_choice", "tool calls are not supported"),
+    ("functions", "function calls are not supported"),
+    ("function_call", "function calls are not supported"),
+    ("response_format", "only {\"type\": \"text\"} output is supported"),
+    ("logit_bias", "logit_bias is not supported"),
+    ("echo", "echo is not supported: the answer never holds the prompt"),
+    ("suffix", "suffix (insertion) is not supported"),
+    ("best_of", "best_of must be 1: one completion is generated per request"),
+];
+
+/// Whether `v` asks for nothing for the field `key` (absent, null, false, empty, "none",
+/// `{"type": "text"}`, `best_of` 1).
+fn asks_nothing(key: &str, v: &Value) -> bool {
+    match v {
+        Value::Null | Value::Bool(false) => true,
+        Value::String(t) => t.is_empty() || (key == "tool_choice" || key == "function_call") && t == "none",
+        Value::Array(a) => a.is_empty(),
+        Value::Object(m) => m.is_empty() || key == "response_format" && m.get("type") == Some(&json!("text")),
+        Value::Number(n) => key == "best_of" && n.as_i64() == Some(1),
+        Value::Bool(true) => false,
+    }
+}
+
+fn refuse_unsupported(o: &Map<String, Value>) -> Result<(), ApiError> {
+    for (key, why) in UNSUPPORTED {
+        if let Some(v) = o.get(*key)
+            && !asks_nothing(key, v)
+        {
+            return Err(ApiError::bad(format!("{key} = {v} is refused: {why} by this server"), Some(key)));
+        }
+    }
+    Ok(())
+}
+
 impl Params {
     /// Parses a request body for `endpoint`. Unknown fields are ignored, as OpenAI-compatible
     /// servers do; known ones of the wrong type or range are refused (400).
@@ -241,6 +282,7 @@ impl Params {
                 }
             }
         }
+        refuse_unsupported(o)?;
         let input = match endpoint {
             Endpoint::Chat => Input::Messages(messages(o.get("messages"))?),
             Endpoint::Text => prompt(o.get("prompt"))?,
@@ -443,7 +485,12 @@ pub fn usage_chunk(endpoint: Endpoint, id: &str, created: u64, model: &str, usag
 
 /// `GET /v1/models`.
 pub fn models(model: &str, created: u64) -> Value {
-    json!({"object": "list", "data": [{"id": model, "object": "model", "created": created, "owned_by": "shardnet"}]})
+    json!({"object": "list", "data": [model_object(model, created)]})
+}
+
+/// `GET /v1/models/{model}`: one model object (the openai client's `models.retrieve`).
+pub fn model_object(model: &str, created: u64) -> Value {
+    json!({"id": model, "object": "model", "created": created, "owned_by": "shardnet"})
 }
 
 #[cfg(test)]
@@ -502,6 +549,31 @@ mod tests {
         assert_eq!(param(Endpoint::Chat, &chat(r#","top_logprobs":2"#)).as_deref(), Some("top_logprobs"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","logprobs":3}"#).as_deref(), Some("logprobs"));
         assert!(parse(Endpoint::Chat, &chat(r#","logprobs":false,"n":1"#)).is_ok());
+        // Asked-for behaviour this server cannot give is refused, naming the field; the value
+        // that asks for nothing passes.
+        for (extra, field) in [
+            (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools"),
+            (r#","tool_choice":"required""#, "tool_choice"),
+            (r#","response_format":{"type":"json_object"}"#, "response_format"),
+            (r#","logit_bias":{"50256":-100}"#, "logit_bias"),
+            (r#","functions":[{"name":"f"}]"#, "functions"),
+        ] {
+            assert_eq!(param(Endpoint::Chat, &chat(extra)).as_deref(), Some(field), "{extra}");
+        }
+        for extra in [
+            r#","tools":[]"#,
+            r#","tool_choice":"none""#,
+            r#","response_format":{"type":"text"}"#,
+            r#","logit_bias":{}"#,
+            r#","user":"u1""#,
+            r#","metadata":{"a":"b"}"#,
+        ] {
+            assert!(parse(Endpoint::Chat, &chat(extra)).is_ok(), "{extra}");
+        }
+        assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","echo":true}"#).as_deref(), Some("echo"));
+        assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","suffix":"y"}"#).as_deref(), Some("suffix"));
+        assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","best_of":2}"#).as_deref(), Some("best_of"));
+        assert!(parse(Endpoint::Text, r#"{"prompt":"x","echo":false,"suffix":null,"best_of":1}"#).is_ok());
         assert!(parse(Endpoint::Text, r#"{"prompt":"x","logprobs":0}"#).is_ok());
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","temperature":3}"#).as_deref(), Some("temperature"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","max_tokens":0}"#).as_deref(), Some("max_tokens"));

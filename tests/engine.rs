@@ -1507,11 +1507,19 @@ fn a_prefill_in_parts_of_64_tokens_or_more_equals_the_whole_bit_for_bit() {
         for parts in [&[64][..], &[192, 64, 320], &[65, 100, 77, 64]] {
             let got = in_parts(&mut e, "parts", &tokens, parts, true, Want::Hidden);
             let differ = whole.iter().zip(&got).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-            assert_eq!(differ, 0, "{threads} threads, parts {parts:?}: {differ} values differ, by up to {}", worst(&whole, &got));
+            assert_eq!(
+                differ,
+                0,
+                "{threads} threads, parts {parts:?}: {differ} values differ, by up to {}",
+                worst(&whole, &got)
+            );
         }
         let got = in_parts(&mut e, "small", &tokens, &[32], false, Want::Hidden);
         let d = worst(&whole, &got);
-        assert!(d > 1e-4, "{threads} threads: 32-token parts now agree ({d}): has ggml's attention for few rows changed?");
+        assert!(
+            d > 1e-4,
+            "{threads} threads: 32-token parts now agree ({d}): has ggml's attention for few rows changed?"
+        );
         e.end_session("whole");
     }
 }

@@ -14,6 +14,13 @@
 //! So is the engine alone running 16 sessions' one-token steps as one batch (no sockets, no
 //! waits), with the nodes of that batch's graph.
 //!
+//! llama.cpp's own figure for the same thing is the strongest evidence of what the machine allows:
+//! `target/reference/reference batched` (scripts/reference, built as for engine.json) runs 16
+//! sequences on the same file and threads, each its own KV stream (llama-batched-bench's
+//! default), prefilled with the same prompt length, then `STEPS` rounds of one `llama_decode`
+//! holding one token of each, and its own pp512 in the same process, runs alternating
+//! (`llama_cpp_batch16_over_pp512`). Without cmake the row says why it is missing.
+//!
 //! Bounded: each round stops at `RUN_BUDGET` and the pp512 runs at `PP_BUDGET` (the steps done are reported, and the row
 //! says `complete: false`), so an overloaded machine gives slow figures, not a hung benchmark.
 //! Threads: the one-process node gets every core; each pipeline node gets cores / 4 (at least
@@ -33,6 +40,7 @@
 mod common;
 
 use std::path::Path;
+use std::process::Command;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
@@ -276,6 +284,49 @@ fn engine_batch16(model: &Path, threads: usize) -> (f64, usize) {
     (median(runs), e.last_graph_nodes())
 }
 
+/// llama.cpp on the same file and threads: 16 sequences' one-token steps in one `llama_decode`
+/// against its own pp512 (`reference batched`, medians of `REPS` alternating runs). The JSON
+/// fields, prefixed `llama_cpp_`, or the reason there are none.
+fn llama_cpp_batch16(model: &Path, threads: usize) -> Value {
+    let (reference, note) = common::reference_program();
+    let Some(reference) = reference else {
+        return json!({"llama_cpp_note": note});
+    };
+    let out = Command::new(&reference)
+        .arg("batched")
+        .arg(model)
+        .args([threads, 16, PROMPT_LEN, STEPS, REPS].map(|n| n.to_string()))
+        .output();
+    let v: Option<Value> = match &out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).ok(),
+        _ => None,
+    };
+    let Some(v) = v else {
+        let why = match out {
+            Ok(o) => String::from_utf8_lossy(&o.stderr).trim().to_string(),
+            Err(e) => e.to_string(),
+        };
+        eprintln!("llama.cpp's batched run failed: {why}");
+        return json!({"llama_cpp_note": format!("reference batched failed: {why}")});
+    };
+    eprintln!(
+        "llama.cpp: 16 sequences' one-token steps in one llama_decode {:.1} tok/s = {:.2}x its pp512 {:.1} tok/s \
+         (per CPU second: {:.2}x)",
+        v["batched_tps"].as_f64().unwrap_or(f64::NAN),
+        v["batched_over_pp"].as_f64().unwrap_or(f64::NAN),
+        v["pp_tps"].as_f64().unwrap_or(f64::NAN),
+        v["batched_over_pp_cpu"].as_f64().unwrap_or(f64::NAN),
+    );
+    json!({
+        "llama_cpp_pp512_tok_s": v["pp_tps"],
+        "llama_cpp_batch16_tok_s": v["batched_tps"],
+        "llama_cpp_batch16_over_pp512": v["batched_over_pp"],
+        "llama_cpp_pp512_cpu_tok_s": v["pp_cpu_tps"],
+        "llama_cpp_batch16_cpu_tok_s": v["batched_cpu_tps"],
+        "llama_cpp_batch16_over_pp512_cpu": v["batched_over_pp_cpu"],
+    })
+}
+
 fn main() {
     let started = Instant::now();
     let dir = TempDir::new("bench-concurrency");
@@ -311,6 +362,7 @@ fn main() {
             tok_s / pp
         );
     }
+    let llama = only.as_ref().is_none_or(|o| o == "engine" || o == "16").then(|| llama_cpp_batch16(&model, cores));
     let all_nodes: Vec<&NodeProc> = nodes.iter().collect();
     let setups = [("one_process", vec![&one], &[][..]), ("pipeline_4", all_nodes, &next[..])];
     let mut rows = Vec::new();
@@ -346,7 +398,7 @@ fn main() {
                 "runs": runs.iter().map(|r| json!([r.aggregate, r.p50, r.p99])).collect::<Vec<_>>()}));
         }
     }
-    let report = json!({
+    let mut report = json!({
         "model": model.file_name().unwrap().to_string_lossy(),
         "cores": cores,
         "threads_one_process": cores,
@@ -366,6 +418,14 @@ fn main() {
         "goal": "aggregate decode with 16 streams >= 0.7 x pp512",
         "seconds": started.elapsed().as_secs_f64(),
     });
+    if let Some(Value::Object(fields)) = llama {
+        // Ours against llama.cpp's, each ratio to its own pp512 in the same run.
+        let theirs = fields.get("llama_cpp_batch16_over_pp512").and_then(Value::as_f64);
+        if let (Some(e), Some(t)) = (engine16, theirs) {
+            report["engine_batch16_over_pp512_vs_llama_cpp"] = json!(e.0 / pp / t);
+        }
+        report.as_object_mut().unwrap().extend(fields);
+    }
     eprintln!(
         "pp512 {pp:.1} tok/s; 16 streams: one process {:.2}x, 4-node pipeline {:.2}x of it ({:.0} s)",
         agg16.0 / pp,

@@ -255,27 +255,6 @@ fn bench_model(name: &str, path: &Path, reference: Option<&Path>, threads: usize
     v
 }
 
-/// Builds (or brings up to date) llama.cpp's reference program when cmake is there.
-fn reference() -> (Option<PathBuf>, Option<String>) {
-    let bin = PathBuf::from("target/reference/reference");
-    let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
-    if !have_cmake {
-        let note = "cmake is not installed (Debian: apt-get install cmake): llama.cpp is not built, \
-                    so its figures and the Q4_K_M model are skipped";
-        eprintln!("note: {note}");
-        return (None, Some(note.into()));
-    }
-    eprintln!("building llama.cpp's reference program (scripts/reference/build.sh; a few minutes the first time)");
-    match Command::new("sh").arg("scripts/reference/build.sh").status() {
-        Ok(s) if s.success() && bin.exists() => (Some(bin), None),
-        _ => {
-            let note = "scripts/reference/build.sh failed (see target/reference/build.log): llama.cpp skipped";
-            eprintln!("note: {note}");
-            (None, Some(note.into()))
-        }
-    }
-}
-
 fn main() {
     let threads = env_usize("SHARDNET_BENCH_THREADS")
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()).min(2));
@@ -283,7 +262,7 @@ fn main() {
     let models_dir = out_dir.join("models");
     std::fs::create_dir_all(&models_dir).unwrap();
     let t = Instant::now();
-    let (reference, note) = reference();
+    let (reference, note) = common::reference_program();
     let reference = reference.as_deref();
     let mut models: Vec<(String, PathBuf)> = Vec::new();
     for (tag, ty) in [("f16", GgmlType::F16), ("q8_0", GgmlType::Q8_0), ("q4_0", GgmlType::Q4_0)] {

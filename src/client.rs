@@ -3,7 +3,8 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
@@ -17,6 +18,9 @@ pub struct Client {
     stream: TcpStream,
     next_id: u64,
     max_frame: u32,
+    /// Bounds each whole answer (every frame read until the one answering the request), not
+    /// only each read: a node that drips its answer a byte at a time fails by then.
+    timeout: Duration,
     /// Seals our frames and opens the node's, once the handshake is done.
     tx: Option<FrameMac>,
     rx: Option<FrameMac>,
@@ -64,7 +68,14 @@ impl Client {
                     stream.set_read_timeout(Some(timeout))?;
                     stream.set_write_timeout(Some(timeout))?;
                     let _ = stream.set_nodelay(true);
-                    return Ok(Client { stream, next_id: 1, max_frame: DEFAULT_MAX_FRAME, tx: None, rx: None });
+                    return Ok(Client {
+                        stream,
+                        next_id: 1,
+                        max_frame: DEFAULT_MAX_FRAME,
+                        timeout,
+                        tx: None,
+                        rx: None,
+                    });
                 }
                 Err(e) => last = Some(e),
             }
@@ -115,8 +126,9 @@ impl Client {
         let id = json!(format!("ctl-{}", self.next_id));
         self.next_id += 1;
         self.send_payload(&request_payload(command, &id, from, params))?;
+        let bounds = Bounds::within(self.timeout);
         loop {
-            let response = self.read_response()?;
+            let response = self.read_response_by(&bounds)?;
             if response.get("request_id") == Some(&id) {
                 return Ok(response);
             }
@@ -128,11 +140,27 @@ impl Client {
     /// answer), where its raw tensors are (read them with
     /// [`crate::protocol::tensor::f32_from_json_in`]).
     pub fn request_parts(&mut self, command: &str, params: Value, from: &str) -> Result<(Value, Vec<u8>)> {
+        let bounds = Bounds::within(self.timeout);
+        self.request_parts_by(command, params, from, &bounds)
+    }
+
+    /// As `request_parts`, within `bounds`: the whole answer by its deadline, no frame over its
+    /// `max_answer` bytes (refused from its length prefix, before it is read), and given up
+    /// as soon as its `cancel` flag is set. Errors: [`AnswerTimedOut`] and [`Cancelled`] (find
+    /// them with `e.downcast_ref` / `e.chain()`), a frame over the bound, and the node's I/O
+    /// errors. After any error the connection is mid-answer: drop it.
+    pub fn request_parts_by(
+        &mut self,
+        command: &str,
+        params: Value,
+        from: &str,
+        bounds: &Bounds,
+    ) -> Result<(Value, Vec<u8>)> {
         let id = json!(format!("ctl-{}", self.next_id));
         self.next_id += 1;
         self.send_payload(&request_payload(command, &id, from, params))?;
         loop {
-            let payload = self.read_payload()?;
+            let payload = self.read_payload_by(bounds)?;
             let (response, data) = if binary::is_binary(&payload) {
                 let parts = binary::split(&payload).map_err(|e| anyhow!("response from the node: {e}"))?;
                 let v: Value = serde_json::from_slice(parts.header).context("response header is not JSON")?;
@@ -158,6 +186,7 @@ impl Client {
 
     /// Bounds every later read and write by `timeout`.
     pub fn set_timeout(&mut self, timeout: Duration) -> Result<()> {
+        self.timeout = timeout;
         self.stream.set_read_timeout(Some(timeout))?;
         self.stream.set_write_timeout(Some(timeout))?;
         Ok(())
@@ -175,7 +204,12 @@ impl Client {
     /// Reads one response frame; a binary one ([`binary`]) comes back as JSON, its raw result
     /// tensors in base64.
     pub fn read_response(&mut self) -> Result<Value> {
-        let payload = self.read_payload()?;
+        let bounds = Bounds::within(self.timeout);
+        self.read_response_by(&bounds)
+    }
+
+    fn read_response_by(&mut self, bounds: &Bounds) -> Result<Value> {
+        let payload = self.read_payload_by(bounds)?;
         if binary::is_binary(&payload) {
             return binary::to_json(&payload, &["/result/hidden", "/result/logits"])
                 .map_err(|(_, e)| anyhow!("response from the node: {e}"));
@@ -184,8 +218,8 @@ impl Client {
     }
 
     /// One response frame's payload, opened when the connection is sealed.
-    fn read_payload(&mut self) -> Result<Vec<u8>> {
-        let payload = self.read_frame_body()?;
+    fn read_payload_by(&mut self, bounds: &Bounds) -> Result<Vec<u8>> {
+        let payload = self.read_frame_body(bounds)?;
         match &mut self.rx {
             Some(rx) => Ok(rx.open(&payload).map_err(|e| anyhow!("response from the node: {e}"))?.to_vec()),
             None => Ok(payload),
@@ -196,7 +230,7 @@ impl Client {
     /// (the node has no keys for a client that did not prove the key), and only a refusal is
     /// taken plain.
     fn read_proof_answer(&mut self) -> Result<Value> {
-        let payload = self.read_frame_body()?;
+        let payload = self.read_frame_body(&Bounds::within(self.timeout))?;
         let rx = self.rx.as_mut().expect("set before the proof is sent");
         if let Ok(opened) = rx.open(&payload) {
             return serde_json::from_slice(opened).context("response is not JSON");
@@ -207,18 +241,106 @@ impl Client {
         }
     }
 
-    fn read_frame_body(&mut self) -> Result<Vec<u8>> {
+    /// One frame's body, read whole within `bounds`; its buffer grows with the bytes that came
+    /// (never to what the length prefix claims before they do).
+    fn read_frame_body(&mut self, bounds: &Bounds) -> Result<Vec<u8>> {
         let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).context("reading a response (did the node close the connection?)")?;
-        let len = u32::from_be_bytes(len);
-        if len > self.max_frame {
-            bail!("response frame of {len} bytes exceeds {} bytes", self.max_frame);
+        self.read_exact_by(&mut len, bounds).context("reading a response (did the node close the connection?)")?;
+        let len = u32::from_be_bytes(len) as usize;
+        let limit = (self.max_frame as usize).min(bounds.max_answer);
+        if len > limit {
+            let what = if limit < self.max_frame as usize { "what was asked allows" } else { "the frame limit" };
+            bail!("response frame of {len} bytes exceeds {limit} bytes ({what}); not read");
         }
-        let mut payload = vec![0u8; len as usize];
-        self.stream.read_exact(&mut payload).context("reading a response body")?;
+        let mut payload = Vec::with_capacity(len.min(1 << 20));
+        while payload.len() < len {
+            let have = payload.len();
+            payload.resize((have + (1 << 20)).min(len), 0);
+            self.read_exact_by(&mut payload[have..], bounds).context("reading a response body")?;
+        }
         Ok(payload)
     }
+
+    /// Fills `buf` by `bounds.deadline`, checking `bounds.cancel` at least every
+    /// [`CANCEL_POLL`].
+    fn read_exact_by(&mut self, buf: &mut [u8], bounds: &Bounds) -> Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            if bounds.cancelled() {
+                return Err(anyhow::Error::new(Cancelled));
+            }
+            let now = Instant::now();
+            if now >= bounds.deadline {
+                return Err(anyhow::Error::new(AnswerTimedOut(bounds.within)));
+            }
+            let mut wait = bounds.deadline - now;
+            if bounds.cancel.is_some() {
+                wait = wait.min(CANCEL_POLL);
+            }
+            self.stream.set_read_timeout(Some(wait.max(Duration::from_millis(1))))?;
+            match self.stream.read(&mut buf[done..]) {
+                Ok(0) => return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into()),
+                Ok(n) => done += n,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(())
+    }
 }
+
+/// How often a read waiting on a cancellable answer checks its flag.
+pub const CANCEL_POLL: Duration = Duration::from_millis(100);
+
+/// What bounds one answer: a deadline for all of it, its largest frame, and a flag that abandons
+/// it (a client that went away).
+pub struct Bounds<'a> {
+    pub deadline: Instant,
+    /// The wait the deadline was set from (for the error).
+    pub within: Duration,
+    /// The largest frame taken (bytes); `--max-frame`'s default bounds every frame besides.
+    pub max_answer: usize,
+    pub cancel: Option<&'a AtomicBool>,
+}
+
+impl<'a> Bounds<'a> {
+    /// The whole answer within `within` from now; any frame up to the frame limit.
+    pub fn within(within: Duration) -> Bounds<'a> {
+        Bounds { deadline: Instant::now() + within, within, max_answer: usize::MAX, cancel: None }
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.is_some_and(|c| c.load(Ordering::Relaxed))
+    }
+}
+
+/// The answer did not arrive whole within the wait (the node is silent, or sends too slowly).
+#[derive(Debug)]
+pub struct AnswerTimedOut(pub Duration);
+
+impl std::fmt::Display for AnswerTimedOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "no whole answer within {} ms (the node is silent or sends too slowly)", self.0.as_millis())
+    }
+}
+
+impl std::error::Error for AnswerTimedOut {}
+
+/// The request was abandoned: its cancel flag was set (the client it was for went away).
+#[derive(Debug)]
+pub struct Cancelled;
+
+impl std::fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("cancelled: the client went away")
+    }
+}
+
+impl std::error::Error for Cancelled {}
 
 /// A response's `result`, or an error saying its code and message.
 pub fn into_result(response: Value) -> Result<Value> {

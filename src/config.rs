@@ -48,6 +48,9 @@ pub struct NodeConfig {
     /// newcomer over either is refused.
     pub max_peer_connections: usize,
     pub max_peer_connections_per_ip: usize,
+    /// At a peer cap, an accepted peer-wire connection that has exchanged no request or block
+    /// (nor finished its handshake) for this long may be shed for a newcomer.
+    pub peer_shed_grace: Duration,
     /// A command (or unclassified) connection with nothing in flight, buffered or unsent for
     /// this long is closed; `None`: never.
     pub idle_timeout: Option<Duration>,
@@ -202,6 +205,7 @@ impl Default for NodeConfig {
             max_command_connections_per_ip: 64,
             max_peer_connections: 256,
             max_peer_connections_per_ip: 32,
+            peer_shed_grace: Duration::from_secs(30),
             idle_timeout: Some(Duration::from_secs(300)),
             frame_timeout: Duration::from_secs(30),
             io_timeout: Duration::from_secs(30),
@@ -254,6 +258,7 @@ impl NodeConfig {
             "max_command_connections_per_ip": self.max_command_connections_per_ip,
             "max_peer_connections": self.max_peer_connections,
             "max_peer_connections_per_ip": self.max_peer_connections_per_ip,
+            "peer_shed_grace_s": self.peer_shed_grace.as_secs(),
             "idle_timeout_s": self.idle_timeout.map_or(0, |d| d.as_secs()),
             "frame_timeout_s": self.frame_timeout.as_secs(),
             "io_timeout_s": self.io_timeout.as_secs(),
@@ -393,9 +398,13 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --max-command-connections N         command connections [default: 512]
   --max-command-connections-per-ip N  command connections per IP [default: 64]
   --max-peer-connections N            peer-wire connections, dialled ones
-                                      included; no shedding [default: 256]
+                                      included; a quarter is kept for the
+                                      node's own dials [default: 256]
   --max-peer-connections-per-ip N     peer-wire connections accepted per IP
                                       [default: 32]
+  --peer-shed-grace SECS  at a peer cap, a newcomer sheds the accepted peer
+                         that exchanged no request or block for longest, once
+                         that is over this long [default: 30]
   --idle-timeout SECS    close a command connection with nothing in flight for
                          this long; 0: never [default: 300]
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)
@@ -494,6 +503,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
             "--max-peer-connections-per-ip" => {
                 c.max_peer_connections_per_ip = number(flag, value()?, 1, 1_000_000)? as usize
             }
+            "--peer-shed-grace" => c.peer_shed_grace = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--idle-timeout" => {
                 c.idle_timeout = Some(number(flag, value()?, 0, 86_400)?).filter(|&s| s > 0).map(Duration::from_secs)
             }

@@ -9,17 +9,19 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::{Value, json};
 
 use crate::chat::{ChatError, ChatTemplate};
-use crate::client::{Client, into_result};
+use crate::client::{Bounds, Cancelled, Client, into_result};
 use crate::engine::generate::TextStream;
 use crate::engine::sampler::{Sampler, SamplerConfig};
 use crate::engine::tokenizer::Tokenizer;
-use crate::protocol::MAX_TOP_K;
+use crate::protocol::{MAX_TOP_K, TaskOutput};
 
 /// How to reach the cluster and how long to wait on it: fixed for a coordinator's life.
 #[derive(Clone, Debug)]
@@ -28,7 +30,8 @@ pub struct ClusterConfig {
     pub cluster: String,
     /// Prompt tokens per EXECUTE_TASK.
     pub batch: usize,
-    /// Bound on each request to a node (loads wait longer: `load_timeout`).
+    /// Bound on each request to a node, its whole answer included (loads wait longer:
+    /// `load_timeout`). A chain step not answered whole by then is the first node's failure.
     pub timeout: Duration,
     pub load_timeout: Duration,
     /// How many hop failures one request may recover from before giving up.
@@ -152,6 +155,17 @@ impl Summary {
 enum StepError {
     Node(SocketAddr, String),
     Fatal(anyhow::Error),
+    /// The generation's cancel flag was set ([`Coordinator::set_cancel`]).
+    Cancelled,
+}
+
+/// How long ending a session on a node may take: it is best effort, and a node that answers
+/// slowly must not hold a finished (or abandoned) generation's slot for the whole timeout.
+const END_SESSION_WITHIN: Duration = Duration::from_secs(5);
+
+/// Whether `e` is (or wraps) [`Cancelled`].
+fn is_cancelled(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<Cancelled>().is_some())
 }
 
 struct NodeView {
@@ -187,6 +201,8 @@ pub struct Coordinator<'e> {
     /// A fork's way to recover ([`Coordinator::from_fork`]): asks the coordinator that owns the
     /// placement to replace a failed node and answers the chain to use now.
     recovery: Option<Box<RecoverFn<'e>>>,
+    /// Set when the generation's client went away: the step waiting on the chain is given up.
+    cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Asked with the failed node and why; answers the plan to use now, or why there is none.
@@ -208,6 +224,10 @@ pub struct Fork {
     tokenizer: Tokenizer,
     tokenizer_meta: serde_json::Map<String, Value>,
 }
+
+/// The largest vocabulary a coordinator takes from `MODEL_INFO` (it allocates one float per
+/// token for every step's logits): ten times today's largest (Gemma's 262,144).
+const MAX_VOCAB: u64 = 1 << 22;
 
 /// Holders of a shard named to a node that loads it (`LOAD_SHARD`'s `peers`).
 const HOLDERS_GIVEN: usize = 8;
@@ -319,8 +339,14 @@ impl<'e> Coordinator<'e> {
             info["tokenizer"].as_object().cloned().ok_or_else(|| anyhow!("MODEL_INFO carries no tokenizer"))?;
         let tokenizer = Tokenizer::from_source(&tokenizer_meta).map_err(|e| anyhow!("the model's tokenizer: {e}"))?;
         let shard_count = info["shard_count"].as_u64().filter(|&c| c > 0 && c <= 4096).context("shard_count")? as u32;
-        let ctx_size = info["ctx_size"].as_u64().context("ctx_size")? as u32;
-        let n_vocab = info["vocab_size"].as_u64().context("vocab_size")? as usize;
+        let ctx_size = match info["ctx_size"].as_u64() {
+            Some(c) if c > 0 && c <= u32::MAX as u64 => c as u32,
+            _ => bail!("MODEL_INFO's ctx_size {} is not a context of 1 to {} tokens", info["ctx_size"], u32::MAX),
+        };
+        let n_vocab = match info["vocab_size"].as_u64() {
+            Some(n) if n > 0 && n <= MAX_VOCAB => n as usize,
+            _ => bail!("MODEL_INFO's vocab_size {} is not 1 to {MAX_VOCAB} tokens", info["vocab_size"]),
+        };
         if let Some(m) = &manifest
             && (info["model_id"].as_str() != Some(m.model_id.as_str()) || m.shards.len() != shard_count as usize)
         {
@@ -355,6 +381,7 @@ impl<'e> Coordinator<'e> {
             tokenizer_meta,
             events: Box::new(events),
             recovery: None,
+            cancel: None,
         };
         let addrs: Vec<SocketAddr> = me.nodes.iter().map(|n| n.addr).collect();
         (me.events)(Event::Nodes(&addrs));
@@ -405,6 +432,7 @@ impl<'e> Coordinator<'e> {
             tokenizer_meta: f.tokenizer_meta,
             events: Box::new(|_| {}),
             recovery: Some(Box::new(recover)),
+            cancel: None,
         }
     }
 
@@ -429,6 +457,17 @@ impl<'e> Coordinator<'e> {
     /// The nodes' context size in tokens (prompt and generated tokens together).
     pub fn ctx_size(&self) -> u32 {
         self.ctx_size
+    }
+
+    /// Gives up the step waiting on the chain, and the generation, as soon as `flag` is set (the
+    /// client the generation is for went away); `None`: never. [`Coordinator::generate`] then
+    /// ends with `Finish::Stopped`.
+    pub fn set_cancel(&mut self, flag: Option<Arc<AtomicBool>>) {
+        self.cancel = flag;
+    }
+
+    fn cancelled(&self) -> bool {
+        self.cancel.as_ref().is_some_and(|c| c.load(Ordering::Relaxed))
     }
 
     /// The model's id (`shard.model_id` of its shards).
@@ -675,16 +714,29 @@ impl<'e> Coordinator<'e> {
             // Logits come as raw bytes from a node that can (JSON from an older one).
             "encoding_format": "binary",
         });
-        match want {
+        let output = match want {
             Some(k) => {
                 params["output"] = json!("top_k");
                 params["k"] = json!(k);
+                TaskOutput::TopK(k)
             }
-            None => params["output"] = json!("logits"),
-        }
+            None => {
+                params["output"] = json!("logits");
+                TaskOutput::Logits { all: false }
+            }
+        };
+        // The whole answer within our timeout (a hop that drips it fails, and is replaced), no
+        // bigger than what was asked can take, and given up when the client goes away.
+        let hops = self.shard_count as usize;
+        let bounds = Bounds {
+            deadline: Instant::now() + self.cfg.timeout,
+            within: self.cfg.timeout,
+            max_answer: crate::protocol::answer_limit(output, tokens.len(), hops, self.n_vocab, 0),
+            cancel: self.cancel.as_deref(),
+        };
         let response = (|| -> Result<(Value, Vec<u8>)> {
             if let Some(c) = self.conns.get_mut(&first) {
-                match c.request_parts("EXECUTE_TASK", params.clone(), &self.from) {
+                match c.request_parts_by("EXECUTE_TASK", params.clone(), &self.from, &bounds) {
                     Ok(r) => return Ok(r),
                     // A kept connection the node closed in between (its `--idle-timeout`, a
                     // restart): the node never read this request, so it goes once more on a
@@ -696,12 +748,16 @@ impl<'e> Coordinator<'e> {
                 }
             }
             let c = self.conns.entry(first).or_insert(Client::connect(&first.to_string(), self.cfg.timeout)?);
-            c.request_parts("EXECUTE_TASK", params, &self.from)
+            c.request_parts_by("EXECUTE_TASK", params, &self.from, &bounds)
         })();
         let (response, data) = match response {
             Ok(r) => r,
             Err(e) => {
+                // Mid-answer (or never answered): the connection cannot be used again.
                 self.conns.remove(&first);
+                if is_cancelled(&e) {
+                    return Err(StepError::Cancelled);
+                }
                 return Err(StepError::Node(first, format!("{e:#}")));
             }
         };
@@ -717,12 +773,16 @@ impl<'e> Coordinator<'e> {
             });
         }
         let result = &response["result"];
+        // An answer that cannot be used (ids outside the vocabulary, an empty or oversized
+        // top_k, more hops than the chain has, logits of another width) is the first node's
+        // failure, as a silent one would be: never an end of text. A relay checks its next
+        // hop's answer the same way, so a bad answer further down is blamed on its own hop.
+        let bad = |why: String| StepError::Node(first, format!("{first} answered what was not asked: {why}"));
+        crate::protocol::check_answer(result, output, hops, self.n_vocab).map_err(bad)?;
         let mut logits = vec![f32::NEG_INFINITY; self.n_vocab];
-        if let Some(top) = result["top_k"].as_array() {
-            for t in top {
-                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64())
-                    && (id as usize) < logits.len()
-                {
+        if want.is_some() {
+            for t in result["top_k"].as_array().into_iter().flatten() {
+                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64()) {
                     logits[id as usize] = l as f32;
                 }
             }
@@ -730,9 +790,9 @@ impl<'e> Coordinator<'e> {
             let section = crate::protocol::binary::Section::new(&data);
             let (data, rows, cols) =
                 crate::protocol::tensor::f32_from_json_in(&result["logits"], 1 << 26, Some(&section))
-                    .map_err(|(_, m)| StepError::Fatal(anyhow!("logits: {m}")))?;
+                    .map_err(|(_, m)| bad(format!("logits: {m}")))?;
             if cols != self.n_vocab || rows == 0 {
-                return Err(StepError::Fatal(anyhow!("logits of width {cols}, expected {}", self.n_vocab)));
+                return Err(bad(format!("logits of width {cols}, expected {}", self.n_vocab)));
             }
             logits = data[(rows - 1) * cols..].to_vec();
         }
@@ -751,9 +811,13 @@ impl<'e> Coordinator<'e> {
         recoveries: &mut usize,
     ) -> Result<(Vec<f32>, Value)> {
         loop {
+            if self.cancelled() {
+                return Err(anyhow::Error::new(Cancelled));
+            }
             match self.step(session, pos, tokens, want) {
                 Ok(r) => return Ok(r),
                 Err(StepError::Fatal(e)) => return Err(e),
+                Err(StepError::Cancelled) => return Err(anyhow::Error::new(Cancelled)),
                 Err(StepError::Node(node, why)) => {
                     if *recoveries >= self.cfg.max_recoveries {
                         bail!("giving up after {recoveries} recoveries: {why}");
@@ -778,6 +842,7 @@ impl<'e> Coordinator<'e> {
                             let msg = match e {
                                 StepError::Node(a, m) => format!("{a}: {m}"),
                                 StepError::Fatal(e) => format!("{e:#}"),
+                                StepError::Cancelled => return Err(anyhow::Error::new(Cancelled)),
                             };
                             crate::warn!("replay failed ({msg}); trying again");
                             break;
@@ -816,7 +881,11 @@ impl<'e> Coordinator<'e> {
             Summary { session: session.clone(), prompt_tokens: prompt.clone(), load_ms, ..Default::default() };
         let outcome = self.prefill_and_decode(req, &session, &mut summary, &mut on_token);
         self.end_session(&session);
-        outcome?;
+        match outcome {
+            // The client went away while a step waited on the chain: as when `on_token` says so.
+            Err(e) if is_cancelled(&e) => summary.finish = Finish::Stopped,
+            other => other?,
+        }
         summary.plan = self.plan.clone();
         Ok(summary)
     }
@@ -909,7 +978,12 @@ impl<'e> Coordinator<'e> {
                 },
             };
             let params = json!({"session_id": session, "session_token": self.session_token});
-            let _ = c.request_from("END_SESSION", params, &self.from);
+            let within = END_SESSION_WITHIN.min(self.cfg.timeout);
+            let failed = c.request_parts_by("END_SESSION", params, &self.from, &Bounds::within(within)).is_err();
+            if failed {
+                // Mid-answer, or the node is gone: not a connection to use again.
+                self.conns.remove(&n);
+            }
         }
     }
 }

@@ -32,6 +32,7 @@ fn shard_listener_help_lists_every_flag() {
         "--max-command-connections-per-ip",
         "--max-peer-connections",
         "--max-peer-connections-per-ip",
+        "--peer-shed-grace",
         "--idle-timeout",
         "--frame-timeout",
         "--frame-memory",

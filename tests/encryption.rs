@@ -517,7 +517,8 @@ fn raw_from(src: &str, node: &NodeProc) -> TcpStream {
 #[test]
 fn half_open_mse_handshakes_holding_every_peer_slot_are_shed_for_a_real_handshake() {
     let (sd, _src, m) = seed_dir("mse-seed", MB, 0);
-    let node = torrent_node(sd.path(), &["--max-peer-connections", "8", "--max-peer-connections-per-ip", "4"]);
+    // 10 peer connections: 8 accepted at most, 2 kept for the node's own dials.
+    let node = torrent_node(sd.path(), &["--max-peer-connections", "10", "--max-peer-connections-per-ip", "4"]);
     let mut key = Vec::new();
     let _ = Handshake::initiator(m.info_hash, BOTH, fixed_secrets(0), Instant::now(), &mut key);
     // 4 source IPs x 2 = every slot, each waiting after its key (the node's Yb read back).

@@ -82,7 +82,8 @@ except openai.NotFoundError as e:
 refused = {}
 for field, kw in [("tools", {"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}),
                   ("response_format", {"response_format": {"type": "json_object"}}),
-                  ("logit_bias", {"logit_bias": {"1": -100}})]:
+                  # logit_bias is applied; a token id outside the vocabulary is refused.
+                  ("logit_bias", {"logit_bias": {"99999999": -100}})]:
     try:
         client.chat.completions.create(model=model, messages=messages, max_tokens=2, **kw)
         refused[field] = "answered"

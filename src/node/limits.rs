@@ -7,10 +7,13 @@
 //! idle connection (unclassified, or a command connection with nothing in flight,
 //! buffered or unsent) where one may be shed, and refuses the newcomer otherwise:
 //! a refused command connection gets a `TOO_MANY_CONNECTIONS` error frame, anything
-//! else is just closed. Peer-wire connections are never shed for others, with one
-//! exception: at the peer-wire caps a newcomer first sheds the accepted connection that has
-//! sat longest in an unfinished Message Stream Encryption handshake (half-open handshakes
-//! from a few IPs would otherwise hold every peer slot until the handshake deadline).
+//! else is just closed. At the peer-wire caps a newcomer sheds the accepted peer-wire
+//! connection that is least useful ([`Node::shed_least_useful`]): one still in its handshake
+//! (MSE or BitTorrent) first, else the one that exchanged no request or block for longest,
+//! once that is over `--peer-shed-grace`. A quarter of `--max-peer-connections` is kept for the
+//! node's own dials ([`inbound_peer_cap`]), and a handshake unfinished [`PEER_HANDSHAKE_TIMEOUT`]
+//! after the connection began is closed (red-team round 10: 8 addresses x 32 plaintext
+//! handshakes and keep-alives held all 256 slots, so the node neither seeded nor downloaded).
 //!
 //! [`Census`] is the bookkeeping, sans-IO; the `impl Node` below applies it to sockets.
 
@@ -31,6 +34,18 @@ use crate::{debug, info, warn};
 /// How soon `accept` is tried again after it failed (EMFILE and the like): edge-triggered
 /// readiness raises no new event for connections already waiting in the backlog.
 pub(super) const ACCEPT_RETRY: Duration = Duration::from_millis(100);
+
+/// A peer-wire connection whose BitTorrent handshake has not arrived this long after the
+/// connection began (its connect, for one we dial; an MSE handshake first included) is closed:
+/// libtorrent's `handshake_timeout` (10 s).
+pub const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Accepted peer-wire connections the node holds at most under `--max-peer-connections`
+/// `total`: three quarters of it (at least 1); the rest is kept for the node's own dials, so
+/// strangers filling the accepts cannot stop its downloads.
+pub fn inbound_peer_cap(total: usize) -> usize {
+    (total - total / 4).max(1)
+}
 
 /// What per-IP caps count by: an IPv4 address, or an IPv6 /64 (one host's usual share; a
 /// per-address cap would be no cap for IPv6). IPv4-mapped IPv6 counts as its IPv4 address.
@@ -60,6 +75,12 @@ pub struct LimitStats {
     /// Accepted peer-wire connections still in an MSE handshake, closed to make room for a
     /// newcomer at the peer-wire caps.
     pub shed_handshakes: u64,
+    /// Accepted peer-wire connections past their handshake, closed at the peer-wire caps for a
+    /// newcomer: none exchanged a request or a block for over `--peer-shed-grace`.
+    pub shed_inactive_peers: u64,
+    /// Peer-wire connections closed for a handshake unfinished after
+    /// [`PEER_HANDSHAKE_TIMEOUT`].
+    pub peer_handshake_timeouts: u64,
     /// Newcomers refused at a cap with nothing idle to shed.
     pub refused: u64,
     pub idle_timeouts: u64,
@@ -76,6 +97,8 @@ pub struct LimitStats {
 #[derive(Default)]
 pub struct Census {
     by_kind: [usize; 3],
+    /// Accepted connections by kind (the rest we dialled).
+    accepted: [usize; 3],
     per_ip: HashMap<IpAddr, [usize; 3]>,
     /// Sum of every connection's `charged` input bytes.
     pub frame_bytes: usize,
@@ -91,6 +114,11 @@ impl Census {
         self.by_kind[slot(kind)]
     }
 
+    /// Accepted connections of `kind`.
+    pub fn accepted(&self, kind: Kind) -> usize {
+        self.accepted[slot(kind)]
+    }
+
     /// Accepted connections of `kind` from `ip`'s key.
     pub fn per_ip(&self, ip: IpAddr, kind: Kind) -> usize {
         self.per_ip.get(&ip_key(ip)).map_or(0, |c| c[slot(kind)])
@@ -100,6 +128,7 @@ impl Census {
     pub fn opened(&mut self, ip: IpAddr, kind: Kind, incoming: bool) {
         self.by_kind[slot(kind)] += 1;
         if incoming {
+            self.accepted[slot(kind)] += 1;
             self.per_ip.entry(ip_key(ip)).or_default()[slot(kind)] += 1;
         }
     }
@@ -108,6 +137,7 @@ impl Census {
     pub fn closed(&mut self, ip: IpAddr, kind: Kind, incoming: bool) {
         self.by_kind[slot(kind)] -= 1;
         if incoming {
+            self.accepted[slot(kind)] -= 1;
             let key = ip_key(ip);
             if let Some(c) = self.per_ip.get_mut(&key) {
                 c[slot(kind)] -= 1;
@@ -131,10 +161,13 @@ impl Census {
             "unclassified": self.count(Kind::Unknown),
             "command": self.count(Kind::Command),
             "peer_wire": self.count(Kind::PeerWire),
+            "peer_wire_accepted": self.accepted(Kind::PeerWire),
             "ips": self.per_ip.len(),
             "frame_memory_used": self.frame_bytes,
             "shed_idle": s.shed_idle,
             "shed_handshakes": s.shed_handshakes,
+            "shed_inactive_peers": s.shed_inactive_peers,
+            "peer_handshake_timeouts": s.peer_handshake_timeouts,
             "refused": s.refused,
             "idle_timeouts": s.idle_timeouts,
             "frame_timeouts": s.frame_timeouts,
@@ -143,11 +176,6 @@ impl Census {
             "accept_errors": s.accept_errors,
         })
     }
-}
-
-/// Whether `c` is still in its MSE handshake (classified as MSE, or mid-way).
-fn handshaking(c: &Conn) -> bool {
-    matches!(c.crypt, crate::node::peer_crypto::Crypt::Incoming | crate::node::peer_crypto::Crypt::Handshaking { .. })
 }
 
 /// The candidate idle longest, if any: `(token, idle since)` pairs.
@@ -162,6 +190,9 @@ enum Deadline {
     Auth,
     /// An MSE handshake was not finished within `mse::HANDSHAKE_TIMEOUT`.
     Encryption,
+    /// A peer-wire connection's BitTorrent handshake did not arrive within
+    /// [`PEER_HANDSHAKE_TIMEOUT`] of its start.
+    PeerHandshake,
     Frame,
     Write,
     Idle,
@@ -188,6 +219,15 @@ fn passed(c: &mut Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
     if c.crypt.expired(now, mse) {
         return Some(Deadline::Encryption);
     }
+    // An MSE handshake has its own deadline (`--mse-timeout`, possibly longer); the BitTorrent
+    // handshake after it, or a plaintext one, this one.
+    if c.kind == Kind::PeerWire
+        && !c.handshaken
+        && !c.crypt.handshaking()
+        && now.saturating_duration_since(c.opened) > PEER_HANDSHAKE_TIMEOUT + mse_after(c, mse)
+    {
+        return Some(Deadline::PeerHandshake);
+    }
     if !paused && c.frame_started.is_some_and(|t| now.saturating_duration_since(t) > frame) {
         return Some(Deadline::Frame);
     }
@@ -198,6 +238,12 @@ fn passed(c: &mut Conn, now: Instant, d: Deadlines) -> Option<Deadline> {
         return Some(Deadline::Idle);
     }
     None
+}
+
+/// Time an encrypted connection may have spent in its MSE handshake before its BitTorrent
+/// handshake is due (zero for a plaintext one).
+fn mse_after(c: &Conn, mse: Duration) -> Duration {
+    if matches!(c.crypt, crate::node::peer_crypto::Crypt::Plain) { Duration::ZERO } else { mse }
 }
 
 /// Raises this process's soft limit on open files to its hard limit (at most 2^20), so that
@@ -363,19 +409,20 @@ impl Node {
             }
             _ => {
                 let (per_ip, total) = (c.max_peer_connections_per_ip, c.max_peer_connections);
+                let inbound = inbound_peer_cap(total);
                 let key = ip_key(ip);
-                let handshaking = move |o: &Conn| o.id != newcomer && o.kind == Kind::PeerWire && handshaking(o);
+                let others = move |o: &Conn| o.id != newcomer && o.kind == Kind::PeerWire;
                 if self.census.per_ip(ip, kind) > per_ip
-                    && !self.shed_oldest_handshake(
-                        move |o| handshaking(o) && ip_key(o.peer.ip()) == key,
+                    && !self.shed_least_useful(
+                        move |o| others(o) && ip_key(o.peer.ip()) == key,
                         "--max-peer-connections-per-ip",
                     )
                 {
                     Some(format!("--max-peer-connections-per-ip {per_ip}"))
-                } else if self.census.count(kind) > total
-                    && !self.shed_oldest_handshake(handshaking, "--max-peer-connections")
+                } else if (self.census.accepted(kind) > inbound || self.census.count(kind) > total)
+                    && !self.shed_least_useful(others, "--max-peer-connections")
                 {
-                    Some(format!("--max-peer-connections {total}"))
+                    Some(format!("--max-peer-connections {total} ({inbound} accepted at most)"))
                 } else {
                     None
                 }
@@ -395,16 +442,45 @@ impl Node {
         }
     }
 
-    /// Closes the accepted connection `filter` accepts that has waited longest (since its last
-    /// input) in an unfinished MSE handshake; false if none is.
-    fn shed_oldest_handshake(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
-        let candidates = self.conns.iter().enumerate().filter_map(|(slot, c)| {
-            let c = c.as_ref()?;
-            (!c.outgoing && filter(c)).then_some((Token(slot + FIRST_CONN), c.last_activity))
-        });
-        let Some(victim) = oldest(candidates) else { return false };
-        self.census.stats.shed_handshakes += 1;
-        self.close(victim, &format!("shed (MSE handshake unfinished) to make room: {why}"));
+    /// Closes the least useful accepted peer-wire connection `filter` accepts, false if none
+    /// may be shed: one still in its handshake (MSE or BitTorrent; the one waiting longest since
+    /// its last input) first, else the handshaken one whose last request or block
+    /// (`swarm::Peer::useful_at`, from its handshake on) is oldest, if that is over
+    /// `--peer-shed-grace` ago. A peer busy with a download is thus never shed for a newcomer,
+    /// and connections that only keep alive make room for one.
+    fn shed_least_useful(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
+        let now = Instant::now();
+        let mut handshaking_victim: Option<(Token, Instant)> = None;
+        let mut inactive_victim: Option<(Token, Instant)> = None;
+        for (slot, c) in self.conns.iter().enumerate() {
+            let Some(c) = c.as_ref() else { continue };
+            if c.outgoing || !filter(c) {
+                continue;
+            }
+            let token = Token(slot + FIRST_CONN);
+            if !c.handshaken {
+                if handshaking_victim.is_none_or(|(_, t)| c.last_activity < t) {
+                    handshaking_victim = Some((token, c.last_activity));
+                }
+                continue;
+            }
+            let useful = c.torrent.and_then(|h| self.swarms.get(&h)?.peers.get(&c.id)).map(|p| p.useful_at);
+            let Some(useful) = useful else { continue };
+            if now.saturating_duration_since(useful) > self.config.peer_shed_grace
+                && inactive_victim.is_none_or(|(_, t)| useful < t)
+            {
+                inactive_victim = Some((token, useful));
+            }
+        }
+        if let Some((victim, _)) = handshaking_victim {
+            self.census.stats.shed_handshakes += 1;
+            self.close(victim, &format!("shed (handshake unfinished) to make room: {why}"));
+            return true;
+        }
+        let Some((victim, since)) = inactive_victim else { return false };
+        self.census.stats.shed_inactive_peers += 1;
+        let secs = now.saturating_duration_since(since).as_secs();
+        self.close(victim, &format!("shed (no request or block for {secs} s) to make room: {why}"));
         true
     }
 
@@ -521,6 +597,11 @@ impl Node {
                     let secs = d.mse.as_secs();
                     self.close(token, &format!("MSE handshake unfinished after {secs} s (--mse-timeout)"));
                 }
+                Deadline::PeerHandshake => {
+                    self.census.stats.peer_handshake_timeouts += 1;
+                    let secs = PEER_HANDSHAKE_TIMEOUT.as_secs();
+                    self.close(token, &format!("peer-wire handshake unfinished after {secs} s"));
+                }
                 Deadline::Frame => {
                     counts[0] += 1;
                     self.census.stats.frame_timeouts += 1;
@@ -577,12 +658,19 @@ mod tests {
         c.classified(x, Kind::Command, true);
         assert_eq!((c.total(), c.count(Kind::Unknown), c.count(Kind::Command)), (4, 2, 1));
         assert_eq!((c.per_ip(x, Kind::Command), c.per_ip(x, Kind::Unknown), c.per_ip(y, Kind::PeerWire)), (1, 1, 0));
+        assert_eq!((c.accepted(Kind::PeerWire), c.accepted(Kind::Unknown), c.accepted(Kind::Command)), (0, 2, 1));
         c.closed(x, Kind::Command, true);
         c.closed(x, Kind::Unknown, true);
         assert!(!c.per_ip.contains_key(&x), "an IP with nothing open is forgotten");
         c.closed(y, Kind::PeerWire, false);
         c.closed(y, Kind::Unknown, true);
         assert_eq!((c.total(), c.per_ip.len()), (0, 0));
+    }
+
+    #[test]
+    fn a_quarter_of_the_peer_cap_is_kept_for_dials() {
+        assert_eq!((inbound_peer_cap(256), inbound_peer_cap(16), inbound_peer_cap(10)), (192, 12, 8));
+        assert_eq!((inbound_peer_cap(1), inbound_peer_cap(3)), (1, 3));
     }
 
     #[test]

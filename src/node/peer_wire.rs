@@ -190,13 +190,16 @@ impl Node {
             let (msg, used) = match wire::decode(conn.input(), swarm.max_message()) {
                 Ok(None) => break,
                 Ok(Some(m)) => m,
-                Err(e) => return self.close(token, &format!("peer wire: {e}")),
+                Err(e) => {
+                    let why = format!("peer {}: peer wire: {e}", conn.peer);
+                    return self.protocol_violation(token, &why);
+                }
             };
             let result = swarm.on_message(conn.id, msg, now);
             conn.consume_raw(used, now);
             if let Err(e) = result {
                 let why = format!("peer {}: {e}", conn.peer);
-                return self.close(token, &why);
+                return self.protocol_violation(token, &why);
             }
         }
         if let Some(h) = self.conn(token).and_then(|c| c.torrent) {
@@ -208,6 +211,26 @@ impl Node {
                 self.pump(h);
             }
         }
+    }
+
+    /// A handshaken peer broke the protocol (a message that does not decode, or one its state
+    /// forbids): closed, and a peer we dialled is banned from the download by its address and
+    /// port, as a peer sending bad pieces is, so it is not redialled (red-team round 10: a seed
+    /// sending HAVE 10^9 was redialled 5 times a second until the stall timeout). A peer that
+    /// dialled us is only closed: its port says nothing about its next connection, and a ban
+    /// per source port would grow with every connection it makes.
+    fn protocol_violation(&mut self, token: Token, why: &str) {
+        let Some(conn) = self.conn(token) else { return };
+        let (outgoing, peer, torrent) = (conn.outgoing, conn.peer, conn.torrent);
+        if outgoing
+            && let Some(h) = torrent
+            && let Some(swarm) = self.swarms.get_mut(&h)
+            && swarm.banned.insert(peer)
+        {
+            info!("download {h}: banning peer {peer}: {why}");
+            self.status_cache = None;
+        }
+        self.close(token, why);
     }
 
     fn accept_handshake(&mut self, token: Token, hs: &Handshake) -> anyhow::Result<()> {
@@ -567,7 +590,8 @@ impl Node {
         let pending: u64 = self
             .active_downloads(h)
             .filter_map(|(o, _)| {
-                self.swarms[o].total_length().map(|t| t.saturating_sub(self.swarms[o].verified_bytes()))
+                let s = &self.swarms[o];
+                s.total_length().map(|t| owed_bytes(t, s.verified_bytes()))
             })
             .sum();
         let free = crate::torrent::storage::free_space(dir)
@@ -751,13 +775,22 @@ impl Node {
                 let wait = REDIAL_FIRST.saturating_mul(1 << r.attempts.min(8)).min(REDIAL_MAX);
                 !r.fallback && now.duration_since(r.last) < wait
             });
-            if !connected.contains(p) && !recent && !swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) {
+            let banned = swarm.banned.contains(&crate::torrent::swarm::ban_key(*p)) || swarm.banned.contains(p);
+            if !connected.contains(p) && !recent && !banned {
                 to_dial.push(*p);
             }
         }
         let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
+        // Only as many dials as the node's own caps leave room for: a dial the node itself could
+        // not make is not tried, and is never counted against the peer (red-team round 10: four
+        // such non-dials dropped a download's only seed as "never handshook").
+        let room = (self.config.max_connections.saturating_sub(self.census.total()))
+            .min(self.config.max_peer_connections.saturating_sub(self.census.count(Kind::PeerWire)));
         let mut dials = Vec::new();
         for p in to_dial {
+            if dials.len() >= room {
+                break;
+            }
             let r = d.dialled.entry(p).or_insert(Dial {
                 last: now,
                 attempts: 0,
@@ -1169,6 +1202,19 @@ impl Node {
     }
 }
 
+/// What a download under way is counted to still need of the disk when another is admitted
+/// (`length` declared, `verified` bytes held): what it lacks, but no more than it already holds
+/// and at least [`OWED_WINDOW`]. A download claims space as it proves it can fill it, so one
+/// torrent declaring all the free space (sparse `.part`, no seed) no longer refuses every other
+/// download until its stall timeout (red-team round 10); one that cannot fit at all is still
+/// refused up front.
+pub fn owed_bytes(length: u64, verified: u64) -> u64 {
+    length.saturating_sub(verified).min(verified.max(OWED_WINDOW))
+}
+
+/// Bytes a download is counted to need before it has verified as many (see [`owed_bytes`]).
+pub const OWED_WINDOW: u64 = 256 << 20;
+
 /// `crypto_select`'s name for logs.
 fn method_name(method: u32) -> &'static str {
     if method == mse::RC4 { "RC4" } else { "plaintext" }
@@ -1225,5 +1271,20 @@ fn finished_entry(path: &std::path::Path, meta: &Metainfo) -> FileEntry {
         gguf: super::scan::summarize(path),
         meta: Some(Arc::new(m)),
         meta_error: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_download_owes_what_it_lacks_up_to_what_it_holds_past_a_first_window() {
+        const GB: u64 = 1 << 30;
+        assert_eq!(owed_bytes(70 * GB, 0), OWED_WINDOW, "never started: the first window only");
+        assert_eq!(owed_bytes(1 << 20, 0), 1 << 20, "a small file owes all of itself");
+        assert_eq!(owed_bytes(70 * GB, 2 * GB), 2 * GB, "as much again as it holds");
+        assert_eq!(owed_bytes(3 * GB, 2 * GB), GB, "never more than it lacks");
+        assert_eq!(owed_bytes(3 * GB, 3 * GB), 0);
     }
 }

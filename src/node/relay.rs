@@ -17,7 +17,7 @@
 //! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
 //! seals every request after it; requests submitted meanwhile wait on the link.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use super::inference::ReplyTo;
 use crate::protocol::auth::{ClientHandshake, ClusterKey, FrameMac, NONCE_LEN, random_bytes};
 use crate::protocol::frame::{self, Decoded};
-use crate::protocol::{Encoding, ErrorCode, Hop, binary, request_payload};
+use crate::protocol::{Encoding, ErrorCode, Hop, TaskOutput, binary, request_payload};
 
 /// Tokens at and above this are relay links (below: the listener, the waker, the UDP socket and
 /// accepted connections).
@@ -41,6 +41,9 @@ const LATE_IDS: usize = 256;
 /// The one error text for a next hop that does not speak shardnet: the reason (and any byte it
 /// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
 const NOT_SHARDNET: &str = "did not answer as a shardnet node";
+/// The largest frame a link takes beside answers to relayed requests: the cluster-key handshake's
+/// and `CANCEL`'s answers (a few hundred bytes each).
+const CONTROL_FRAME: usize = 16 * 1024;
 
 /// What bounds relays (`--max-relays`, `--max-relays-per-client`, `--relay-link-buffer`,
 /// `--relay-memory`, `--io-timeout`).
@@ -76,6 +79,21 @@ pub struct Outgoing {
     pub timeout: Duration,
     /// How our caller asked for its answer's tensors.
     pub encoding: Encoding,
+    /// What the answer must be: checked before it is read whole (its size) and after it is
+    /// parsed (its counts).
+    pub expect: Expect,
+}
+
+/// What a well-formed answer to a relayed request is, from the request itself.
+#[derive(Clone, Copy, Debug)]
+pub struct Expect {
+    pub output: TaskOutput,
+    /// Hops from the next one to the chain's end: the most entries the answer's `hops` has.
+    pub hops: usize,
+    /// The model's vocabulary (token ids of a `top_k` are below it).
+    pub n_vocab: usize,
+    /// The largest frame the answer may be ([`crate::protocol::answer_limit`]).
+    pub max_bytes: usize,
 }
 
 /// A finished frame for a caller.
@@ -112,10 +130,14 @@ struct Link {
     held: Vec<Vec<u8>>,
     out: Vec<u8>,
     input: Vec<u8>,
-    /// Relay ids waiting on this link: an answer is taken only for one of these.
-    waiting: HashSet<u64>,
+    /// Relay ids waiting on this link, with the largest answer each may take: an answer is
+    /// taken only for one of these.
+    waiting: HashMap<u64, usize>,
     /// Ids that expired on this link: a late answer to one is dropped, not taken as foreign.
     late: VecDeque<u64>,
+    /// The largest answer an expired request on this link could have taken (its late answer
+    /// is read, then dropped).
+    late_bytes: usize,
     /// When the link last received a whole answer.
     last_answer: Option<Instant>,
     /// Whether the next hop ever sent a valid shardnet frame (before that, every failure gets
@@ -133,6 +155,24 @@ impl Link {
     fn queued(&self) -> usize {
         self.out.len() + self.held.iter().map(Vec::len).sum::<usize>()
     }
+
+    /// The largest frame the link takes now: an answer no request waiting on it (or expired on
+    /// it) could have asked for is refused from its length prefix, never buffered or parsed.
+    fn frame_limit(&self, max_frame: u32) -> usize {
+        let asked = self.waiting.values().copied().fold(CONTROL_FRAME.max(self.late_bytes), usize::max);
+        asked.min(max_frame as usize)
+    }
+
+    /// Moves `id` (waiting) to the expired ids.
+    fn expire(&mut self, id: u64) {
+        if let Some(bytes) = self.waiting.remove(&id) {
+            self.late_bytes = self.late_bytes.max(bytes);
+        }
+        if self.late.len() == LATE_IDS {
+            self.late.pop_front();
+        }
+        self.late.push_back(id);
+    }
 }
 
 struct Pending {
@@ -144,6 +184,7 @@ struct Pending {
     sent: Instant,
     deadline: Instant,
     link: Token,
+    expect: Expect,
 }
 
 pub struct Relays {
@@ -286,8 +327,9 @@ impl Relays {
                         held: Vec::new(),
                         out: first,
                         input: Vec::new(),
-                        waiting: HashSet::new(),
+                        waiting: HashMap::new(),
                         late: VecDeque::new(),
+                        late_bytes: 0,
                         last_answer: None,
                         spoke: false,
                         binary: false,
@@ -328,7 +370,7 @@ impl Relays {
             LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
         }
         self.queued += link.queued() - before;
-        link.waiting.insert(out.id);
+        link.waiting.insert(out.id, out.expect.max_bytes);
         *self.per_client.entry(out.origin.clone()).or_default() += 1;
         let pending = Pending {
             reply: out.reply,
@@ -339,6 +381,7 @@ impl Relays {
             sent: now,
             deadline: now + out.timeout,
             link: token,
+            expect: out.expect,
         };
         self.pending.insert(out.id, pending);
         if link.connected { self.flush(registry, token, now) } else { Vec::new() }
@@ -431,11 +474,7 @@ impl Relays {
         for id in ids {
             let Some(p) = self.take(id) else { continue };
             if let Some(l) = self.links.get_mut(&p.link) {
-                l.waiting.remove(&id);
-                if l.late.len() == LATE_IDS {
-                    l.late.pop_front();
-                }
-                l.late.push_back(id);
+                l.expire(id);
                 touched.entry(p.link).or_default().push(id);
             }
         }
@@ -477,11 +516,7 @@ impl Relays {
             let msg =
                 format!("next hop {} (shard {}) did not answer within {waited} ms", p.next.address, p.next.shard_id);
             let dead = self.links.get_mut(&p.link).is_some_and(|l| {
-                l.waiting.remove(&id);
-                if l.late.len() == LATE_IDS {
-                    l.late.pop_front();
-                }
-                l.late.push_back(id);
+                l.expire(id);
                 l.last_answer.is_none_or(|t| t < p.sent)
             });
             answers.push(hop_failed(p.reply, &p.next, &msg));
@@ -551,10 +586,13 @@ impl Relays {
         // Whole frames: answers to our requests.
         loop {
             let Some(link) = self.links.get_mut(&token) else { break };
-            match frame::decode(&link.input, self.max_frame) {
+            let limit = link.frame_limit(self.max_frame);
+            match frame::decode(&link.input, limit.min(u32::MAX as usize) as u32) {
                 Decoded::NeedMore(_) => break,
                 Decoded::TooLarge { declared, limit } => {
-                    closed = Some(format!("a frame of {declared} bytes declared, over the limit of {limit}"));
+                    closed = Some(format!(
+                        "a frame of {declared} bytes declared, over the {limit} bytes what was asked of it allows"
+                    ));
                     break;
                 }
                 Decoded::Frame { len } => {
@@ -602,11 +640,28 @@ impl Relays {
                     // that went to another.
                     let id = answer["request_id"].as_u64();
                     match id {
-                        Some(id) if link.waiting.remove(&id) => {
+                        Some(id) if link.waiting.remove(&id).is_some() => {
                             link.last_answer = Some(now);
                             link.binary |= binary::is_binary(&payload);
                             let p = self.take(id).expect("waiting on a link: pending");
-                            answers.push(relay_answer(p, answer, data, now));
+                            // An answer that is not what was asked (more hops than the route
+                            // has, a top_k past k or outside the vocabulary) is its hop's failure.
+                            let shape = if answer["status"] == "success" {
+                                let e = &p.expect;
+                                crate::protocol::check_answer(&answer["result"], e.output, e.hops, e.n_vocab)
+                            } else {
+                                Ok(())
+                            };
+                            match shape {
+                                Ok(()) => answers.push(relay_answer(p, answer, data, now)),
+                                Err(why) => {
+                                    let msg = format!(
+                                        "next hop {} (shard {}) answered what was not asked: {why}",
+                                        p.next.address, p.next.shard_id
+                                    );
+                                    answers.push(hop_failed(p.reply, &p.next, &msg));
+                                }
+                            }
                         }
                         Some(id) if link.late.contains(&id) => {
                             // Answered after its deadline (its caller already has HOP_FAILED).
@@ -647,7 +702,7 @@ impl Relays {
         crate::info!("relay link to {}: {why}; closed", link.addr);
         let told = if link.spoke || why.starts_with("its next hop went silent") { why } else { NOT_SHARDNET };
         link.waiting
-            .iter()
+            .keys()
             .filter_map(|id| self.take(*id))
             .map(|p| {
                 let msg = format!("next hop {} (shard {}): {told}", p.next.address, p.next.shard_id);

@@ -250,6 +250,66 @@ pub enum TaskOutput {
     TopK(usize),
 }
 
+/// What an `EXECUTE_TASK` answer may hold beside its output: request and session ids, an error
+/// text, a frame's MAC tag, the binary frame's header length (bytes).
+pub const ANSWER_BASE_BYTES: usize = 64 * 1024;
+/// Bytes allowed per entry of an answer's `hops` (an address, a shard id and four timings take
+/// about 200).
+pub const ANSWER_BYTES_PER_HOP: usize = 1024;
+/// Bytes allowed per `top_k` entry (`{"id":49151,"logit":-3.4028235e38}` takes 37).
+pub const ANSWER_BYTES_PER_TOP_K: usize = 96;
+/// Bytes allowed per float of a tensor (base64 takes 5.33, a raw data section 4).
+pub const ANSWER_BYTES_PER_FLOAT: usize = 8;
+
+/// The most bytes a well-formed answer to an `EXECUTE_TASK` can take, computed from what was
+/// asked: `output` for `rows` input tokens through `hops` nodes (this one and those after it),
+/// of a model with `n_vocab` tokens and hidden states `n_embd` wide. A frame declaring more is
+/// refused before it is read whole or parsed: a hostile hop's 26 MB answer to a request for one
+/// logit is never taken in (`--max-frame` bounds only what any frame may be).
+pub fn answer_limit(output: TaskOutput, rows: usize, hops: usize, n_vocab: usize, n_embd: usize) -> usize {
+    let (floats, entries) = match output {
+        TaskOutput::Hidden => (rows.min(MAX_TASK_TOKENS).saturating_mul(n_embd), 0),
+        TaskOutput::Logits { all: true } => (rows.clamp(1, MAX_ALL_LOGITS_ROWS).saturating_mul(n_vocab), 0),
+        TaskOutput::Logits { all: false } => (n_vocab, 0),
+        TaskOutput::TopK(k) => (0, k.min(n_vocab)),
+    };
+    ANSWER_BASE_BYTES
+        .saturating_add(hops.min(MAX_HOPS + 1).saturating_mul(ANSWER_BYTES_PER_HOP))
+        .saturating_add(entries.saturating_mul(ANSWER_BYTES_PER_TOP_K))
+        .saturating_add(floats.saturating_mul(ANSWER_BYTES_PER_FLOAT))
+}
+
+/// Checks a successful `EXECUTE_TASK` answer's `result` against what was asked, after parsing:
+/// `hops` names 1 to `hops` nodes, and for `output: "top_k"` the list holds 1 to `k` entries,
+/// each an integer `id` below `n_vocab` with a numeric `logit`. Errors: what is wrong, for a
+/// `HOP_FAILED` naming the node that answered (an answer that cannot be used is that hop's
+/// failure, never an end of text).
+pub fn check_answer(result: &Value, output: TaskOutput, hops: usize, n_vocab: usize) -> Result<(), String> {
+    match result.get("hops") {
+        Some(Value::Array(h)) if !h.is_empty() && h.len() <= hops => {}
+        Some(Value::Array(h)) => {
+            return Err(format!("the answer names {} hops, the chain has {hops}", h.len()));
+        }
+        _ => return Err("the answer has no hops list".into()),
+    }
+    if let TaskOutput::TopK(k) = output {
+        let Some(top) = result.get("top_k").and_then(Value::as_array) else {
+            return Err("the answer has no top_k list".into());
+        };
+        if top.is_empty() || top.len() > k.min(n_vocab) {
+            return Err(format!("the answer's top_k holds {} entries, 1 to {} were asked", top.len(), k.min(n_vocab)));
+        }
+        for t in top {
+            let id = t.get("id").and_then(Value::as_u64).filter(|&id| id < n_vocab as u64);
+            if id.is_none() || !t.get("logit").is_some_and(Value::is_number) {
+                let shown: String = t.to_string().chars().take(80).collect();
+                return Err(format!("the answer's top_k entry {shown} is not a token id below {n_vocab} with a logit"));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Most tokens one EXECUTE_TASK may carry (a prompt is sent in batches).
 pub const MAX_TASK_TOKENS: usize = 8192;
 /// Largest hidden state one EXECUTE_TASK may carry, in floats.

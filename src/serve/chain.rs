@@ -336,6 +336,10 @@ fn log_event(ev: Event) {
 fn serve(c: &mut Coordinator<'static>, job: &Job) -> anyhow::Result<(Summary, Option<&'static str>)> {
     let mut stops = StopMatcher::new(job.stop.clone());
     let mut stopped = false;
+    // A step waiting on the chain is given up as soon as the client goes away (the connection
+    // thread sets the flag), so a node that drips its answer cannot hold this slot for a client
+    // that left.
+    c.set_cancel(Some(job.cancel.clone()));
     let summary = c.generate(&job.request, |_, piece| {
         if job.cancel.load(Ordering::Relaxed) {
             return false;
@@ -346,7 +350,9 @@ fn serve(c: &mut Coordinator<'static>, job: &Job) -> anyhow::Result<(Summary, Op
         }
         stopped = hit;
         !hit
-    })?;
+    });
+    c.set_cancel(None);
+    let summary = summary?;
     if !stopped && summary.finish != Finish::Stopped {
         let tail = stops.finish();
         if !tail.is_empty() {

@@ -600,8 +600,14 @@ fn prepare(s: &Shared, endpoint: Endpoint, body: &[u8]) -> Result<(Params, Prepa
         repeat_last_n: p.repeat_last_n.unwrap_or(ds.repeat_last_n),
         presence_penalty: p.presence_penalty.unwrap_or(ds.presence_penalty),
         frequency_penalty: p.frequency_penalty.unwrap_or(ds.frequency_penalty),
+        logit_bias: p.logit_bias.clone(),
     };
     sampling.validate().map_err(|e| ApiError::bad(e.to_string(), Some(e.param)))?;
+    let n_vocab = model.tokenizer.n_vocab();
+    if let Some((id, _)) = sampling.logit_bias.iter().find(|(id, _)| *id as usize >= n_vocab) {
+        let msg = format!("logit_bias names token {id}, outside the model's vocabulary of {n_vocab} tokens");
+        return Err(ApiError::bad(msg, Some("logit_bias")));
+    }
     let request =
         GenRequest { prompt, max_tokens, sampling, stop_at_eog: !p.ignore_eos, session: None, pace: Duration::ZERO };
     let stop = p.stop.clone();

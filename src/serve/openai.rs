@@ -94,6 +94,10 @@ pub struct Params {
     pub repeat_last_n: Option<i64>,
     /// llama.cpp's: generate past end-of-generation tokens.
     pub ignore_eos: bool,
+    /// OpenAI's `logit_bias` (token id -> bias), as given: ranges are checked by
+    /// [`crate::engine::sampler::SamplerConfig::validate`], ids against the vocabulary by the
+    /// server.
+    pub logit_bias: Vec<(u32, f32)>,
 }
 
 /// Roles a chat may hold: the chat templates' (`crate::chat::ROLES`) and OpenAI's `developer`
@@ -222,7 +226,6 @@ const UNSUPPORTED: &[(&str, &str)] = &[
     ("functions", "function calls are not supported"),
     ("function_call", "function calls are not supported"),
     ("response_format", "only {\"type\": \"text\"} output is supported"),
-    ("logit_bias", "logit_bias is not supported"),
     ("echo", "echo is not supported: the answer never holds the prompt"),
     ("suffix", "suffix (insertion) is not supported"),
     ("best_of", "best_of must be 1: one completion is generated per request"),
@@ -335,8 +338,39 @@ impl Params {
             repeat_penalty: f(number(o, "repeat_penalty", 0.0, 10.0)?),
             repeat_last_n: integer(o, "repeat_last_n", -1, 1 << 20)?,
             ignore_eos: flag("ignore_eos")?,
+            logit_bias: logit_bias(o.get("logit_bias"))?,
         })
     }
+}
+
+/// OpenAI's `logit_bias`: an object mapping token ids (as strings) to biases (numbers).
+fn logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
+    let map = match v {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err(ApiError::bad("logit_bias must be an object of token id -> bias", Some("logit_bias"))),
+    };
+    let max = crate::engine::sampler::MAX_LOGIT_BIAS;
+    if map.len() > max {
+        return Err(ApiError::bad(
+            format!("logit_bias holds at most {max} tokens, got {}", map.len()),
+            Some("logit_bias"),
+        ));
+    }
+    map.iter()
+        .map(|(k, v)| {
+            let id = k
+                .parse::<u32>()
+                .map_err(|_| ApiError::bad(format!("logit_bias key {k:?} is not a token id"), Some("logit_bias")))?;
+            match v.as_f64() {
+                Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
+                _ => Err(ApiError::bad(
+                    format!("logit_bias values must be numbers from -100 to 100, got {v} for token {id}"),
+                    Some("logit_bias"),
+                )),
+            }
+        })
+        .collect()
 }
 
 /// Finds stop strings in generated text as it streams: text that could still be the start of a
@@ -555,7 +589,6 @@ mod tests {
             (r#","tools":[{"type":"function","function":{"name":"f"}}]"#, "tools"),
             (r#","tool_choice":"required""#, "tool_choice"),
             (r#","response_format":{"type":"json_object"}"#, "response_format"),
-            (r#","logit_bias":{"50256":-100}"#, "logit_bias"),
             (r#","functions":[{"name":"f"}]"#, "functions"),
         ] {
             assert_eq!(param(Endpoint::Chat, &chat(extra)).as_deref(), Some(field), "{extra}");
@@ -579,6 +612,28 @@ mod tests {
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","max_tokens":0}"#).as_deref(), Some("max_tokens"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","stop":["a","b","c","d","e"]}"#).as_deref(), Some("stop"));
         assert_eq!(param(Endpoint::Text, r#"{"prompt":["a","b"]}"#).as_deref(), Some("prompt"));
+        // logit_bias: token id strings to numbers in [-100, 100] (ids are checked against the
+        // vocabulary when the request is prepared).
+        let text = |extra: &str| format!(r#"{{"prompt":"x"{extra}}}"#);
+        let p = parse(Endpoint::Text, &text(r#","logit_bias":{"7":-100,"12":2.5}"#)).unwrap();
+        let mut bias = p.logit_bias.clone();
+        bias.sort_by_key(|b| b.0);
+        assert_eq!(bias, vec![(7, -100.0), (12, 2.5)]);
+        for bad in
+            [r#"{"-1":1}"#, r#"{"1.5":1}"#, r#"{"x":1}"#, r#"{"1":101}"#, r#"{"1":"5"}"#, r#"[1]"#, r#"{"1":1e308}"#]
+        {
+            let e = parse(Endpoint::Text, &text(&format!(r#","logit_bias":{bad}"#))).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some("logit_bias")), "{bad}: {}", e.message);
+        }
+        let big: Vec<String> = (0..2000).map(|i| format!(r#""{i}":1"#)).collect();
+        assert_eq!(
+            param(Endpoint::Text, &text(&format!(r#","logit_bias":{{{}}}"#, big.join(",")))).as_deref(),
+            Some("logit_bias")
+        );
+        let tool = r#","tools":[{"type":"function","function":{"name":"f"}}]"#;
+        assert_eq!(param(Endpoint::Chat, &chat(tool)).as_deref(), Some("tools"));
+        assert_eq!(param(Endpoint::Chat, &chat(r#","tool_choice":"required""#)).as_deref(), Some("tool_choice"));
+        assert!(parse(Endpoint::Chat, &chat(r#","tools":[],"tool_choice":"none""#)).is_ok());
         assert_eq!(param(Endpoint::Text, r#"{"prompt":"x","stream":"yes"}"#).as_deref(), Some("stream"));
         assert_eq!(param(Endpoint::Text, "[1]"), None);
         assert_eq!(parse(Endpoint::Text, r#"{"prompt":[1,2,3]}"#).unwrap().input, Some(Input::Tokens(vec![1, 2, 3])));

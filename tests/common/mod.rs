@@ -544,3 +544,25 @@ pub fn spawn_chain(addr: &str, params: Value) -> std::thread::JoinHandle<Value> 
         c.request("EXECUTE_TASK", params).unwrap()
     })
 }
+
+/// Builds (or brings up to date) llama.cpp's reference program (`scripts/reference`) when cmake
+/// is there: its path, or why there is none.
+pub fn reference_program() -> (Option<PathBuf>, Option<String>) {
+    let bin = PathBuf::from("target/reference/reference");
+    let have_cmake = Command::new("cmake").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !have_cmake {
+        let note = "cmake is not installed (Debian: apt-get install cmake): llama.cpp is not built, \
+                    so its figures (and engine.json's Q4_K_M model, which llama.cpp makes) are skipped";
+        eprintln!("note: {note}");
+        return (None, Some(note.into()));
+    }
+    eprintln!("building llama.cpp's reference program (scripts/reference/build.sh; a few minutes the first time)");
+    match Command::new("sh").arg("scripts/reference/build.sh").status() {
+        Ok(s) if s.success() && bin.exists() => (Some(bin), None),
+        _ => {
+            let note = "scripts/reference/build.sh failed (see target/reference/build.log): llama.cpp skipped";
+            eprintln!("note: {note}");
+            (None, Some(note.into()))
+        }
+    }
+}

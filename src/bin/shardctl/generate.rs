@@ -43,6 +43,7 @@ pub fn sampling_flags(f: &Flags) -> Result<SamplerConfig> {
         repeat_last_n: f.num("--repeat-last-n", d.repeat_last_n),
         presence_penalty: f.num("--presence-penalty", d.presence_penalty),
         frequency_penalty: f.num("--frequency-penalty", d.frequency_penalty),
+        logit_bias: Vec::new(),
     };
     sampling.validate().map_err(|e| {
         let flag = match e.param {

@@ -130,6 +130,10 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
+    /// When the peer last took part in a real exchange (a request of ours it answered with a block,
+    /// or a valid request of its own queued), or its connection began: a node at its peer caps sheds
+    /// the accepted connection useful longest ago (`Node::shed_least_useful`).
+    pub useful_at: Instant,
     /// How many blocks to keep asked of it, and the measurements behind that.
     pipe: RequestWindow,
     /// Private swarms: this peer's proof of the cluster key.
@@ -169,6 +173,8 @@ pub struct Swarm {
     pub peers: BTreeMap<PeerKey, Peer>,
     pub actions: Vec<Action>,
     strikes: HashMap<SocketAddr, u32>,
+    /// Who is banned: [`ban_key`]s (bad pieces), and the exact address of a dialled peer that
+    /// broke the protocol.
     pub banned: HashSet<SocketAddr>,
     /// Addresses of peers that left, so blocks they sent are still attributed.
     departed: HashMap<PeerKey, SocketAddr>,
@@ -326,7 +332,7 @@ impl Swarm {
 
     /// A new connection; an outgoing one sends its handshake first.
     pub fn add_peer(&mut self, key: PeerKey, addr: SocketAddr, outgoing: bool, now: Instant) -> Result<()> {
-        if self.banned.contains(&ban_key(addr)) {
+        if self.banned.contains(&ban_key(addr)) || self.banned.contains(&addr) {
             return Err(anyhow!("{addr} is banned"));
         }
         let pieces = self.picker.as_ref().map_or(0, |p| p.lengths().pieces);
@@ -350,6 +356,7 @@ impl Swarm {
             downloaded: 0,
             uploaded: 0,
             last_block: now,
+            useful_at: now,
             pipe: RequestWindow::new(now),
             proof,
             fast: fast::PeerFast::default(),
@@ -462,7 +469,13 @@ impl Swarm {
             }
             Message::Have(i) => self.on_have(key, i)?,
             Message::Bitfield(bytes) => self.on_bitfield(key, bytes)?,
-            Message::Request(b) => self.on_request(key, b)?,
+            Message::Request(b) => {
+                if self.on_request(key, b)?
+                    && let Some(p) = self.peers.get_mut(&key)
+                {
+                    p.useful_at = now;
+                }
+            }
             Message::Cancel(b) => {
                 let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
                 let before = peer.queue.len();
@@ -530,7 +543,8 @@ impl Swarm {
         Ok(())
     }
 
-    fn on_request(&mut self, key: PeerKey, b: Block) -> Result<()> {
+    /// A peer's request: `Ok(true)` when it was queued to be served.
+    fn on_request(&mut self, key: PeerKey, b: Block) -> Result<bool> {
         let Some(picker) = &self.picker else { return Err(anyhow!("request before metadata")) };
         if !picker.lengths().valid_request(&b) {
             return Err(anyhow!("request {b:?} out of range or over {BLOCK_SIZE} bytes"));
@@ -539,14 +553,14 @@ impl Swarm {
             return Err(anyhow!("request for piece {} which we do not have", b.index));
         }
         if self.peer(key)?.am_choking && !self.request_while_choked(key, b)? {
-            return Ok(()); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
+            return Ok(false); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
         }
         let peer = self.peer(key)?;
         if peer.queue.len() >= MAX_PEER_REQUESTS {
             return Err(anyhow!("more than {MAX_PEER_REQUESTS} requests queued"));
         }
         peer.queue.push_back(b);
-        Ok(())
+        Ok(true)
     }
 
     fn on_piece(&mut self, key: PeerKey, index: u32, begin: u32, data: &[u8], now: Instant) -> Result<()> {
@@ -561,6 +575,7 @@ impl Swarm {
         peer.pipe.on_block(data.len() as u64, asked, now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
+        peer.useful_at = now;
         let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,

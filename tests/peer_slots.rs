@@ -1,0 +1,234 @@
+//! Hostile peers against the node's peer-wire slots, its disk accounting and its redials, with
+//! real node processes on loopback (red-team round 10, findings 1, 2 and 6).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+use shardnet::torrent::InfoHash;
+use shardnet::torrent::wire::Handshake;
+
+const MB: usize = 1024 * 1024;
+
+/// A connection to `addr` from the loopback address `src` (all of 127/8 is loopback on Linux).
+fn connect_from(src: &str, addr: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let to: SocketAddr = addr.parse().unwrap();
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
+    s.connect_timeout(&to.into(), WAIT).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}
+
+/// A plaintext BitTorrent handshake for `h` from `src`, then silence: the connection if the node
+/// answered with its own handshake (it took the slot), `None` if it closed it.
+fn squat(src: &str, addr: &str, h: InfoHash, n: u32) -> Option<TcpStream> {
+    let mut s = connect_from(src, addr);
+    let mut id = *b"-XX0001-squat0000000";
+    id[12..].copy_from_slice(format!("{n:08}").as_bytes());
+    let mut out = Vec::new();
+    Handshake::new(h, id).encode(&mut out);
+    s.write_all(&out).ok()?;
+    let mut hs = [0u8; 68];
+    s.read_exact(&mut hs).ok()?;
+    Some(s)
+}
+
+fn counts(node: &NodeProc) -> serde_json::Value {
+    node.call("STATUS", json!({}))["result"]["connection_counts"].clone()
+}
+
+/// Finding 1: 8 addresses x 4 plaintext handshakes (then only keep-alives) take every accepted
+/// peer slot of a seed and of a leech that seeds another file. The leech's own dial still has
+/// room (a quarter of `--max-peer-connections` is kept for dials), and the seed sheds a squatter
+/// that exchanged nothing for `--peer-shed-grace` to take the leech in: the download completes.
+#[test]
+fn squatters_holding_every_accepted_peer_slot_stop_neither_seeding_nor_downloading() {
+    let caps = ["--max-peer-connections", "16", "--peer-shed-grace", "2"];
+    let (sd, src, m) = seed_dir("slots-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &caps);
+    // The leech seeds a file of its own, which the squatters handshake for.
+    let ld = TempDir::new("slots-leech");
+    let own = ld.path().join("own.gguf");
+    write_shard(&own, 1, 2, (1, 2), 64 * 1024);
+    let pool = shardnet::workers::WorkerPool::new("t", 1);
+    let own_meta = shardnet::torrent::create::create(&own, None, &pool.handle()).unwrap();
+    let leech = torrent_node(ld.path(), &caps);
+
+    let sources: Vec<String> = (2..10).map(|i| format!("127.0.0.{i}")).collect();
+    let mut held = Vec::new();
+    let mut n = 0;
+    for (node, h) in [(&seed, m.info_hash), (&leech, own_meta.info_hash)] {
+        for src in &sources {
+            for _ in 0..4 {
+                n += 1;
+                held.extend(squat(src, &node.addr, h, n));
+            }
+        }
+    }
+    for node in [&seed, &leech] {
+        let c = counts(node);
+        assert_eq!(c["peer_wire_accepted"], 12, "three quarters of 16 accepted, the rest refused: {c}");
+    }
+    // Keep-alives only, past the grace.
+    std::thread::sleep(Duration::from_millis(2500));
+    for s in &mut held {
+        let _ = s.write_all(&[0, 0, 0, 0]);
+    }
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    assert!(done.is_ok(), "the download did not complete\nleech:\n{}\nseed:\n{}", leech.stderr(), seed.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let c = counts(&seed);
+    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a squatter for the leech: {c}");
+    assert!(c["peer_wire_accepted"].as_u64() <= Some(12), "{c}");
+    seed.assert_serving();
+}
+
+/// A peer that sends part of a plaintext handshake (20 bytes) and then nothing is closed after
+/// the 10 s handshake deadline, not held until `--frame-timeout` (30 s); a handshaken peer that
+/// is as quiet stays.
+#[test]
+fn a_partial_peer_handshake_is_closed_at_the_handshake_deadline() {
+    let (sd, _src, m) = seed_dir("slots-half", MB / 4, 0);
+    let node = torrent_node(sd.path(), &[]);
+    let mut quiet = squat("127.0.0.1", &node.addr, m.info_hash, 1).expect("a handshaken peer");
+    let mut half = node.raw();
+    let mut hs = Vec::new();
+    Handshake::new(m.info_hash, [7; 20]).encode(&mut hs);
+    half.write_all(&hs[..20]).unwrap();
+    let t0 = Instant::now();
+    assert!(closed_within(&mut half, Duration::from_secs(25)), "the half handshake was never closed");
+    let waited = t0.elapsed();
+    assert!(waited >= Duration::from_secs(9), "closed after {waited:?}, before the deadline");
+    assert!(
+        waited < Duration::from_secs(20),
+        "closed after {waited:?}, by --frame-timeout rather than the 10 s deadline"
+    );
+    assert_eq!(counts(&node)["peer_handshake_timeouts"], 1);
+    quiet.set_read_timeout(Some(Duration::from_millis(200))).unwrap();
+    let mut buf = [0u8; 4096];
+    loop {
+        match quiet.read(&mut buf) {
+            Ok(0) => panic!("the handshaken peer was closed"),
+            Ok(_) => continue,
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => break,
+            Err(e) => panic!("the handshaken peer: {e}"),
+        }
+    }
+}
+
+/// Finding 2: one stranger's `DOWNLOAD` of a torrent declaring nearly all the free space (a
+/// sparse `.part`, a dead peer) no longer counts as owing all of it, so a real download of 4 MB
+/// is admitted beside it; a download that cannot fit the disk at all is still refused.
+#[test]
+fn a_download_declaring_all_free_space_does_not_refuse_every_other_download() {
+    use shardnet::torrent::Metainfo;
+    use shardnet::torrent::metainfo::Info;
+    let (sd, src, m) = seed_dir("claim-seed", 4 * MB, 0);
+    let seed = torrent_node(sd.path(), &[]);
+    let ld = TempDir::new("claim-leech");
+    let leech = torrent_node(ld.path(), &["--disk-reserve", "0"]);
+    let claim = |name: &str, length: u64| {
+        let pl = 16u64 << 20;
+        let n = Info::piece_count(length, pl) as usize;
+        let fake = Metainfo::new(Info { name: name.into(), length, piece_length: pl, pieces: vec![[7u8; 20]; n] });
+        let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
+        leech.call(
+            "DOWNLOAD",
+            json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": ["127.0.0.1:9"]}),
+        )
+    };
+    let free = shardnet::torrent::storage::free_space(ld.path()).unwrap();
+    // More than the disk holds: refused up front, as before.
+    let r = claim("huge.gguf", free + (64 << 20));
+    assert_eq!(r["code"], "DISK_BUDGET", "{r}");
+    // All the free space but 2 MiB: admitted (it fits alone).
+    let r = claim("claim.gguf", free - (2 << 20));
+    assert_eq!(r["status"], "success", "{r}");
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["status"], "success", "a 4 MB download beside the claim: {r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    leech.assert_serving();
+}
+
+/// A seed on loopback that handshakes for `h` (with a full bitfield) and then sends `bad`, a
+/// message that breaks the protocol; `accepts` counts its connections.
+fn violating_seed(h: InfoHash, pieces: u32, bad: Vec<u8>, accepts: Arc<AtomicUsize>) -> String {
+    use shardnet::torrent::wire::{self, Bitfield, Message};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        for s in listener.incoming() {
+            let Ok(mut s) = s else { return };
+            accepts.fetch_add(1, Ordering::SeqCst);
+            let bad = bad.clone();
+            std::thread::spawn(move || {
+                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut hs = [0u8; 68];
+                if s.read_exact(&mut hs).is_err() {
+                    return;
+                }
+                let mut out = Vec::new();
+                Handshake::new(h, *b"-XX0001-rudepeer0000").encode(&mut out);
+                wire::encode(&Message::Bitfield(Bitfield::full(pieces).as_bytes()), &mut out);
+                out.extend_from_slice(&bad);
+                let _ = s.write_all(&out);
+                let mut sink = [0u8; 4096];
+                while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+/// Finding 6: a seed that handshakes and then breaks the protocol (a HAVE for piece 10^9, a
+/// bitfield of the wrong size, an unrequested 4 MiB PIECE) is banned from the download by its
+/// address and port after its first violation, not redialled ~5 times a second until the stall
+/// timeout; the download then completes from an honest seed.
+#[test]
+fn a_seed_breaking_the_protocol_is_banned_not_redialled() {
+    use shardnet::torrent::wire::{self, Message};
+    let (sd, src, m) = seed_dir("rude-seed", MB, 0);
+    let pieces = m.info.pieces.len() as u32;
+    let mut have = Vec::new();
+    wire::encode(&Message::Have(1_000_000_000), &mut have);
+    let mut bitfield = Vec::new();
+    wire::encode(&Message::Bitfield(&vec![0xff; 4096]), &mut bitfield);
+    let mut piece = (4u32 << 20).to_be_bytes().to_vec();
+    piece.push(7);
+    piece.resize(4 + (1 << 20), 0); // the length prefix says 4 MiB: over the message limit
+    let ld = TempDir::new("rude-leech");
+    let leech = torrent_node(ld.path(), &[]);
+    let torrent_hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
+    let counters: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let rude: Vec<String> = [have, bitfield, piece]
+        .into_iter()
+        .zip(&counters)
+        .map(|(bad, n)| violating_seed(m.info_hash, pieces, bad, n.clone()))
+        .collect();
+    let r =
+        leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": torrent_hex, "peers": rude}));
+    assert_eq!(r["status"], "success", "{r}");
+    wait_for(WAIT, || (download_status(&leech, &m)["banned"] == json!(3)).then_some(()));
+    // Well past the first redials (200 ms, doubling): none came.
+    std::thread::sleep(Duration::from_secs(3));
+    let dials: Vec<usize> = counters.iter().map(|n| n.load(Ordering::SeqCst)).collect();
+    assert_eq!(dials, vec![1, 1, 1], "each rude seed dialled once\n{}", leech.stderr());
+    let seed = torrent_node(sd.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], true);
+    assert_eq!(r["status"], "success", "{r}");
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+}

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use shardnet::engine::generate::generate;
 use shardnet::engine::sampler::{Sampler, SamplerConfig};
 use shardnet::engine::tokenizer::Tokenizer;
-use shardnet::engine::{Engine, EngineConfig, Input, Output, Want};
+use shardnet::engine::{Engine, EngineConfig, Input, Output, PREFILL_GRANULE, Step, Want};
 use shardnet::gguf::demo::{self, DemoConfig};
 use shardnet::gguf::reader::Gguf;
 use shardnet::gguf::split;
@@ -1443,4 +1443,98 @@ fn a_kept_decode_graph_gives_the_bits_of_a_fresh_one() {
         assert!(same, "pos {pos}: a kept graph's logits differ from a built one's by {}", rel_diff(&built, &kept[i]));
     }
     assert_eq!(e.graphs_reused(), before, "steps of two sessions in turn build every graph");
+}
+
+/// Rows of `out` (a hidden state, or every row's logits).
+fn rows_of(out: Output) -> Vec<f32> {
+    let (Output::Hidden { data, .. } | Output::Logits { data, .. }) = out;
+    data
+}
+
+/// `tokens` prefilled on a new session in parts of the sizes `parts` gives in turn (with
+/// `granule`, a rest under one is computed with the part before it, as a node cuts), each computed in one graph with another session's decode step, as a
+/// node computes a prefill split while others decode (`inference::share_prefill`). Every row.
+fn in_parts(e: &mut Engine, session: &str, tokens: &[u32], parts: &[usize], granule: bool, want: Want) -> Vec<f32> {
+    let decoder = format!("{session}-decoder");
+    e.execute(0, &decoder, 0, &Input::Tokens(vec![1, 2, 3]), Want::Hidden).unwrap();
+    let (mut got, mut pos, mut i) = (Vec::new(), 0, 0);
+    while pos < tokens.len() {
+        let mut m = parts[i % parts.len()].min(tokens.len() - pos);
+        if granule && tokens.len() - pos - m < PREFILL_GRANULE {
+            m = tokens.len() - pos;
+        }
+        let part = Input::Tokens(tokens[pos..pos + m].to_vec());
+        let decode = Input::Tokens(vec![5]);
+        let steps = [
+            Step { session_id: &decoder, claim: None, pos: 3 + i as u32, input: &decode, want: Want::Hidden },
+            Step { session_id: session, claim: None, pos: pos as u32, input: &part, want },
+        ];
+        let mut out = e.execute_batch(0, &steps);
+        got.extend(rows_of(out.pop().unwrap().unwrap()));
+        out.pop().unwrap().unwrap();
+        pos += m;
+        i += 1;
+    }
+    e.end_session(session);
+    e.end_session(&decoder);
+    got
+}
+
+/// Max |a-b| / (1 + |a|) over all values.
+fn worst(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs() / (1.0 + x.abs())).fold(0f32, f32::max)
+}
+
+/// The numerics of a split prefill (`engine::PREFILL_GRANULE`): a prompt computed in parts of at
+/// least 64 tokens, each in a graph with another session's decode step, equals the prompt
+/// computed whole bit for bit, in every row, whatever the cut points; so a node that splits a
+/// prefill while others decode answers as an idle node would. Parts of fewer rows take ggml's
+/// one-row flash-attention kernel (Q and the V sum in F16) and do differ (about 1e-3): that is
+/// why a node never cuts below the granule. If this half fails, ggml's kernels changed.
+#[test]
+fn a_prefill_in_parts_of_64_tokens_or_more_equals_the_whole_bit_for_bit() {
+    let dir = TempDir::new("engine-parts");
+    let model = demo_model(dir.path(), DemoConfig { layers: 4, context: 1024, ..Default::default() });
+    let out = dir.path().join("shards");
+    split::split(&model, 2, &out, None).unwrap();
+    for threads in [1, 2] {
+        let mut e = Engine::new(EngineConfig { threads, ctx_size: 1024, ..Default::default() }).unwrap();
+        e.load(0, map(&out.join("shard-0.gguf"))).unwrap();
+        let tokens: Vec<u32> = (0..1000u32).map(|i| 1 + i * 7 % 500).collect();
+        let whole = rows_of(e.execute(0, "whole", 0, &Input::Tokens(tokens.clone()), Want::Hidden).unwrap());
+        assert_eq!(whole.len(), 1000 * 128);
+        for parts in [&[64][..], &[192, 64, 320], &[65, 100, 77, 64]] {
+            let got = in_parts(&mut e, "parts", &tokens, parts, true, Want::Hidden);
+            let differ = whole.iter().zip(&got).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+            assert_eq!(
+                differ,
+                0,
+                "{threads} threads, parts {parts:?}: {differ} values differ, by up to {}",
+                worst(&whole, &got)
+            );
+        }
+        let got = in_parts(&mut e, "small", &tokens, &[32], false, Want::Hidden);
+        let d = worst(&whole, &got);
+        assert!(
+            d > 1e-4,
+            "{threads} threads: 32-token parts now agree ({d}): has ggml's attention for few rows changed?"
+        );
+        e.end_session("whole");
+    }
+}
+
+/// The same on SmolLM2 (Q4_1 weights, its 30 layers), logits of every row.
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn a_smollm2_prefill_in_parts_equals_the_whole_bit_for_bit() {
+    let model = smollm2();
+    let mut e = Engine::new(EngineConfig { threads: 2, ctx_size: 512, ..Default::default() }).unwrap();
+    e.load(0, map(&model)).unwrap();
+    let tokens: Vec<u32> = (0..200u32).map(|i| 100 + i * 37 % 20000).collect();
+    let want = Want::Logits { all: true };
+    let whole = rows_of(e.execute(0, "whole", 0, &Input::Tokens(tokens.clone()), want).unwrap());
+    let got = in_parts(&mut e, "parts", &tokens, &[64, 70], true, want);
+    let differ = whole.iter().zip(&got).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
+    assert_eq!(differ, 0, "{differ} logits differ, by up to {}", worst(&whole, &got));
 }

@@ -176,6 +176,17 @@ pub const MAX_SESSION_ID: usize = 128;
 /// graph (a single larger step still runs whole, in a graph of its own).
 pub const MAX_BATCH_TOKENS: usize = 512;
 
+/// Rows (tokens) of a step from which its attention runs ggml-cpu's tiled F32 flash attention
+/// (`GGML_FA_TILE_Q` in vendor/ggml/src/ggml-cpu/common.h; `ggml_compute_forward_flash_attn_ext_f16`
+/// picks it for `neq1 >= 64`). A step of fewer rows takes the one-row kernel, which rounds Q to F16
+/// and sums V·softmax in an F16 accumulator: about 1e-3 off the tiled result, growing with the
+/// context. With every step of at least this many rows, a row's output does not depend on how
+/// the prompt was cut (matrix products are per column on the CPU for the weight types measured:
+/// F32, Q4_1): a prefill computed in parts of >= 64 tokens equals the whole one bit for bit
+/// (tests/engine.rs `a_prefill_in_parts_of_64_tokens_or_more_equals_the_whole_bit_for_bit`).
+/// A node that splits a prefill cuts it into multiples of this, the rest at least this.
+pub const PREFILL_GRANULE: usize = 64;
+
 /// Why a new session cannot join the batch being gathered (only its own sessions could make
 /// room); `execute_batch` then runs that batch first.
 const NO_ROOM_IN_BATCH: &str = "every session's cache is in use by this batch; no room for another";

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::gather::{self, Gather};
 use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
-use crate::engine::{Claim, Engine, EngineConfig, Input, Output, Step, Want};
+use crate::engine::{Claim, Engine, EngineConfig, Input, Output, PREFILL_GRANULE, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::{f32_to_json, f32_to_raw};
 use crate::protocol::{
@@ -516,7 +516,10 @@ impl Owners {
 /// When other sessions' decode steps are in `round`, queued, or due back (`gather`), the round's
 /// prefill is cut to [`schedule::PrefillShare::chunk`] tokens: a step past it computes its first
 /// tokens now (its rest, by index in the round returned, is queued again once they are
-/// computed), and the client's steps after it wait, put back first in its queue. Uncontended,
+/// computed), and the client's steps after it wait, put back first in its queue. The part is a
+/// multiple of [`PREFILL_GRANULE`] and leaves a rest of at least one granule, so the parts'
+/// result equals the whole step's bit for bit (see there); a step under two granules is not cut
+/// (first prefill of the round, it runs whole; else it waits). Uncontended,
 /// the round is as the scheduler made it.
 fn share_prefill(
     round: Vec<Job>,
@@ -554,18 +557,25 @@ fn share_prefill(
             kept.push(job);
             continue;
         }
+        let part = prefill_part(n, left);
+        if part == 0 && left == budget {
+            // Under two granules (the budget is at least one): not cut, computed whole.
+            left = 0;
+            kept.push(job);
+            continue;
+        }
         cut.push(job.origin().to_string());
-        if left == 0 {
+        if part == 0 {
             back.push(job);
             continue;
         }
         let Job::Execute { task, .. } = &mut job else { unreachable!("only steps have tokens") };
         let rest = match &mut task.input {
-            TaskInput::Tokens(t) => TaskInput::Tokens(t.split_off(left)),
+            TaskInput::Tokens(t) => TaskInput::Tokens(t.split_off(part)),
             TaskInput::Hidden { data, rows, cols } => {
-                let tail = data.split_off(left * *cols);
-                let r = TaskInput::Hidden { data: tail, rows: *rows - left, cols: *cols };
-                *rows = left;
+                let tail = data.split_off(part * *cols);
+                let r = TaskInput::Hidden { data: tail, rows: *rows - part, cols: *cols };
+                *rows = part;
                 r
             }
         };
@@ -578,6 +588,14 @@ fn share_prefill(
         requeue(queue, queued_sessions, job, stats);
     }
     (kept, rests)
+}
+
+/// Tokens of an `n`-token prefill step to compute in a round with `left` prefill tokens to spare:
+/// a multiple of [`PREFILL_GRANULE`] that leaves a rest of at least one granule, so that every
+/// part runs the same ggml kernels as the whole step and the prompt's result does not depend on
+/// where (or whether) it was cut. 0: not cut (`left` under one granule, or `n` under two).
+fn prefill_part(n: usize, left: usize) -> usize {
+    left.min(n.saturating_sub(PREFILL_GRANULE)) / PREFILL_GRANULE * PREFILL_GRANULE
 }
 
 /// Puts a step (or a split step's rest) back first in its client's queue.
@@ -1184,7 +1202,42 @@ pub fn model_info(source: Result<Arc<Mmap>, std::path::PathBuf>, ctx_size: u32) 
 
 #[cfg(test)]
 mod tests {
-    use super::top_k;
+    use super::{PREFILL_GRANULE, prefill_part, top_k};
+
+    /// Every way a prefill step is cut, round after round, whatever the budgets (the load): parts
+    /// are multiples of the granule, each at least one, and together exactly the step.
+    #[test]
+    fn a_prefill_is_cut_only_at_multiples_of_the_granule_into_parts_of_at_least_one() {
+        let g = PREFILL_GRANULE;
+        for n in 2..1200 {
+            for left in 0..=600 {
+                let part = prefill_part(n, left);
+                assert!(part <= left && part % g == 0, "n {n}, left {left}: part {part}");
+                assert!(part == 0 || n - part >= g, "n {n}, left {left}: rest {}", n - part);
+                assert_eq!(part == 0, left < g || n < 2 * g, "n {n}, left {left}: part {part}");
+            }
+        }
+        // Rounds with budgets the measured rate might give (one granule .. 512): the rests.
+        let mut x = 0x9e3779b97f4a7c15u64;
+        for n in [128, 129, 191, 1000, 2000, 4095] {
+            let (mut rest, mut parts) = (n, Vec::new());
+            while rest > 0 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let budget = g + (x % 449) as usize;
+                let part = match prefill_part(rest, budget) {
+                    0 => rest, // not cut: computed whole (share_prefill, first in its round)
+                    p => p,
+                };
+                parts.push(part);
+                rest -= part;
+            }
+            assert_eq!(parts.iter().sum::<usize>(), n);
+            assert!(parts.iter().all(|&p| p >= g), "{n}: {parts:?}");
+            assert!(parts[..parts.len() - 1].iter().all(|&p| p % g == 0), "{n}: {parts:?}");
+        }
+    }
 
     /// Every id by logit, largest first, ties to the lower id: what `top_k` must agree with.
     fn sorted(logits: &[f32]) -> Vec<u32> {

@@ -222,12 +222,15 @@ impl<J: Queued> Scheduler<J> {
 /// (llama.cpp's n_ubatch), so a node fast enough keeps whole chunks.
 pub const CONTENDED_PREFILL: Duration = Duration::from_millis(50);
 /// The fewest prefill tokens a contended round computes: below this a CPU's batched matrix
-/// products lose much of their throughput, and a prompt would crawl.
-pub const MIN_PREFILL_CHUNK: usize = 32;
+/// products lose much of their throughput, and a prompt would crawl; and a part of fewer than
+/// [`crate::engine::PREFILL_GRANULE`] rows would take ggml's F16 attention kernel, so that the
+/// prompt's result would depend on the load (see there).
+pub const MIN_PREFILL_CHUNK: usize = crate::engine::PREFILL_GRANULE;
 
 /// The prefill tokens one round computes while others' decode steps wait, from the node's
 /// measured prefill rate: [`CONTENDED_PREFILL`] worth, within [`MIN_PREFILL_CHUNK`] and
-/// `max_tokens` (which it is, uncontended).
+/// `max_tokens` (which it is, uncontended), rounded down to a multiple of
+/// [`crate::engine::PREFILL_GRANULE`], so that a prompt is only ever cut at multiples of it.
 #[derive(Debug, Default)]
 pub struct PrefillShare {
     /// Tokens per second of prefill rounds, smoothed; `None` until one is measured.
@@ -244,10 +247,13 @@ impl PrefillShare {
         self.rate = Some(self.rate.map_or(sample, |r| 0.7 * r + 0.3 * sample));
     }
 
-    /// Prefill tokens for a contended round (before any is measured: a quarter of `max_tokens`).
+    /// Prefill tokens for a contended round (before any is measured: a quarter of `max_tokens`);
+    /// a multiple of [`crate::engine::PREFILL_GRANULE`] when `max_tokens` is at least that.
     pub fn chunk(&self, max_tokens: usize) -> usize {
         let n = self.rate.map_or(max_tokens / 4, |r| (r * CONTENDED_PREFILL.as_secs_f64()) as usize);
-        n.clamp(MIN_PREFILL_CHUNK.min(max_tokens), max_tokens)
+        let n = n.clamp(MIN_PREFILL_CHUNK.min(max_tokens), max_tokens);
+        let g = crate::engine::PREFILL_GRANULE;
+        if n >= g { n / g * g } else { n }
     }
 }
 
@@ -389,7 +395,7 @@ mod tests {
         // 5,000 tokens/s: 250 tokens in 50 ms.
         let mut p = PrefillShare::default();
         p.record(500, Duration::from_millis(100));
-        assert_eq!(p.chunk(512), 250);
+        assert_eq!(p.chunk(512), 192, "250, cut to a multiple of 64");
         // A GPU: whole chunks.
         p.record(512, Duration::from_millis(5));
         p.record(512, Duration::from_millis(5));

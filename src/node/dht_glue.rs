@@ -44,6 +44,15 @@ const FIRST_SAVE: Duration = Duration::from_secs(3);
 const TABLE_FILE: &str = ".dht-nodes";
 /// Where the IPv6 routing table is saved (`nodes6` form).
 const TABLE_FILE6: &str = ".dht-nodes6";
+
+/// Writes a routing table file whole or not at all: to `FILE.tmp`, then renamed over `FILE`, so
+/// a node killed mid-write (or a reader) never finds a truncated table, only the last whole one.
+fn write_table(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
 /// Peers asked for their file list when resolving a shard by name.
 const RESOLVE_ASK: usize = 8;
 
@@ -372,7 +381,7 @@ impl Node {
                 let tables = table_files(d, &self.config.shards_dir);
                 self.pool.handle().submit(move || {
                     for (path, bytes) in tables {
-                        let _ = std::fs::write(path, bytes);
+                        let _ = write_table(&path, &bytes);
                     }
                 });
             }
@@ -388,7 +397,7 @@ impl Node {
         let d = self.dht.as_ref()?;
         let mut saved = 0;
         for (path, bytes) in table_files(d, &self.config.shards_dir) {
-            if let Err(e) = std::fs::write(&path, &bytes) {
+            if let Err(e) = write_table(&path, &bytes) {
                 return Some(Err(e));
             }
             saved += bytes.len() / if path.ends_with(TABLE_FILE6) { 38 } else { 26 };

@@ -589,9 +589,10 @@ impl Node {
         let dir = &self.config.shards_dir;
         let pending: u64 = self
             .active_downloads(h)
-            .filter_map(|(o, _)| {
+            .filter_map(|(o, d)| {
                 let s = &self.swarms[o];
-                s.total_length().map(|t| owed_bytes(t, s.verified_bytes()))
+                let active = Instant::now().duration_since(d.progress_at) < OWED_ACTIVE;
+                s.total_length().map(|t| owed_bytes(t, s.verified_bytes(), active))
             })
             .sum();
         let free = crate::torrent::storage::free_space(dir)
@@ -1203,14 +1204,21 @@ impl Node {
 }
 
 /// What a download under way is counted to still need of the disk when another is admitted
-/// (`length` declared, `verified` bytes held): what it lacks, but no more than it already holds
-/// and at least [`OWED_WINDOW`]. A download claims space as it proves it can fill it, so one
-/// torrent declaring all the free space (sparse `.part`, no seed) no longer refuses every other
-/// download until its stall timeout (red-team round 10); one that cannot fit at all is still
-/// refused up front.
-pub fn owed_bytes(length: u64, verified: u64) -> u64 {
-    length.saturating_sub(verified).min(verified.max(OWED_WINDOW))
+/// (`length` declared, `verified` bytes held, `active`: started or sent a block within
+/// [`OWED_ACTIVE`]). An active download owes all it lacks, so downloads running side by side
+/// never overfill the disk together (red-team round 11: two admitted at once with only a window
+/// counted both failed at ENOSPC). A stalled one owes what it lacks but no more than it already
+/// holds and at least [`OWED_WINDOW`]: a torrent declaring all the free space with no seed (a
+/// sparse `.part`) refuses other downloads for [`OWED_ACTIVE`], not until its stall timeout
+/// (red-team round 10). One that cannot fit at all is refused up front.
+pub fn owed_bytes(length: u64, verified: u64, active: bool) -> u64 {
+    let lacks = length.saturating_sub(verified);
+    if active { lacks } else { lacks.min(verified.max(OWED_WINDOW)) }
 }
+
+/// How recent a download's start or last block must be for it to owe all it lacks (see
+/// [`owed_bytes`]).
+pub const OWED_ACTIVE: Duration = Duration::from_secs(10);
 
 /// Bytes a download is counted to need before it has verified as many (see [`owed_bytes`]).
 pub const OWED_WINDOW: u64 = 256 << 20;
@@ -1281,10 +1289,12 @@ mod tests {
     #[test]
     fn a_download_owes_what_it_lacks_up_to_what_it_holds_past_a_first_window() {
         const GB: u64 = 1 << 30;
-        assert_eq!(owed_bytes(70 * GB, 0), OWED_WINDOW, "never started: the first window only");
-        assert_eq!(owed_bytes(1 << 20, 0), 1 << 20, "a small file owes all of itself");
-        assert_eq!(owed_bytes(70 * GB, 2 * GB), 2 * GB, "as much again as it holds");
-        assert_eq!(owed_bytes(3 * GB, 2 * GB), GB, "never more than it lacks");
-        assert_eq!(owed_bytes(3 * GB, 3 * GB), 0);
+        assert_eq!(owed_bytes(70 * GB, 0, false), OWED_WINDOW, "stalled, nothing held: the first window only");
+        assert_eq!(owed_bytes(1 << 20, 0, false), 1 << 20, "a small file owes all of itself");
+        assert_eq!(owed_bytes(70 * GB, 2 * GB, false), 2 * GB, "as much again as it holds");
+        assert_eq!(owed_bytes(3 * GB, 2 * GB, false), GB, "never more than it lacks");
+        assert_eq!(owed_bytes(3 * GB, 3 * GB, false), 0);
+        assert_eq!(owed_bytes(70 * GB, 0, true), 70 * GB, "an active download owes all it lacks");
+        assert_eq!(owed_bytes(3 * GB, 2 * GB, true), GB);
     }
 }

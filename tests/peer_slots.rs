@@ -240,3 +240,78 @@ fn a_seed_breaking_the_protocol_is_banned_not_redialled() {
     assert_eq!(r["status"], "success", "{r}");
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }
+
+/// Red-team round 11: at the peer-wire cap, with every accepted slot held by strangers that only
+/// keep alive and the dial reserve spent on the node's own dials to peers that handshake and then
+/// say nothing (a stranger's `DOWNLOAD` naming them), the owner's download had no room to dial
+/// its seed. Its dial now sheds an accepted peer idle past `--peer-shed-grace`, and completes.
+#[test]
+fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
+    use shardnet::torrent::Metainfo;
+    use shardnet::torrent::metainfo::Info;
+    use std::net::TcpListener;
+    let (sd, src, m) = seed_dir("dialshed-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "disable"]);
+    let ld = TempDir::new("dialshed-leech");
+    let own = ld.path().join("own.gguf");
+    write_shard(&own, 1, 2, (1, 2), 64 * 1024);
+    let pool = shardnet::workers::WorkerPool::new("t", 1);
+    let own_meta = shardnet::torrent::create::create(&own, None, &pool.handle()).unwrap();
+    let leech = torrent_node(
+        ld.path(),
+        &["--max-peer-connections", "8", "--peer-shed-grace", "2", "--encryption", "disable"],
+    );
+    // Six accepted squatters (three quarters of 8), one per address.
+    let mut held: Vec<TcpStream> =
+        (2..8).filter_map(|i| squat(&format!("127.0.0.{i}"), &leech.addr, own_meta.info_hash, i)).collect();
+    assert_eq!(held.len(), 6);
+    // Two peers that answer the handshake and then stay silent, named by a DOWNLOAD: the node's
+    // own two dials fill the cap.
+    let mut tarpits = Vec::new();
+    for i in 0..2 {
+        let fake = Metainfo::new(Info {
+            name: format!("fake{i}.gguf"),
+            length: 1 << 20,
+            piece_length: 1 << 18,
+            pieces: vec![[7u8; 20]; 4],
+        });
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let h = fake.info_hash;
+        tarpits.push(std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut hs = [0u8; 68];
+            s.read_exact(&mut hs).unwrap();
+            let mut out = Vec::new();
+            Handshake::new(h, *b"-XX0001-tarpit000000").encode(&mut out);
+            s.write_all(&out).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+            let mut sink = [0u8; 4096];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        }));
+        let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
+        let r = leech.call(
+            "DOWNLOAD",
+            json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]}),
+        );
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    wait_for(WAIT, || (counts(&leech)["peer_wire"] == json!(8)).then_some(()));
+    // Keep-alives only, past the grace.
+    std::thread::sleep(Duration::from_millis(2500));
+    for s in &mut held {
+        let _ = s.write_all(&[0, 0, 0, 0]);
+    }
+    let before = counts(&leech);
+    assert_eq!((before["peer_wire"].clone(), before["peer_wire_accepted"].clone()), (json!(8), json!(6)), "{before}");
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    assert!(done.is_ok(), "the download did not complete\nleech:\n{}", leech.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let c = counts(&leech);
+    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the leech shed a squatter for its dial: {c}");
+    leech.assert_serving();
+}

@@ -448,7 +448,7 @@ impl Node {
     /// (`swarm::Peer::useful_at`, from its handshake on) is oldest, if that is over
     /// `--peer-shed-grace` ago. A peer busy with a download is thus never shed for a newcomer,
     /// and connections that only keep alive make room for one.
-    fn shed_least_useful(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
+    pub(super) fn shed_least_useful(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
         let now = Instant::now();
         let mut handshaking_victim: Option<(Token, Instant)> = None;
         let mut inactive_victim: Option<(Token, Instant)> = None;

@@ -781,6 +781,19 @@ impl Node {
                 to_dial.push(*p);
             }
         }
+        // The node's own download makes room for its dials at the peer-wire cap: accepted peers
+        // still in their handshake or with no request or block past --peer-shed-grace go first,
+        // a few a pass (red-team round 11: strangers' idle connections, 128 accepted beside 128
+        // dials to tarpits, left the owner's download with no peer for 40 s). Busy peers and the
+        // node's own dials are never shed.
+        for _ in 0..to_dial.len().min(DIAL_SHED_MAX) {
+            if self.census.count(Kind::PeerWire) < self.config.max_peer_connections
+                || !self.shed_least_useful(|o| o.kind == Kind::PeerWire, "a dial of the node's own download")
+            {
+                break;
+            }
+        }
+        let Some(d) = self.downloads.get_mut(&h) else { return };
         let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
         // Only as many dials as the node's own caps leave room for: a dial the node itself could
         // not make is not tried, and is never counted against the peer (red-team round 10: four
@@ -1222,6 +1235,9 @@ pub const OWED_ACTIVE: Duration = Duration::from_secs(10);
 
 /// Bytes a download is counted to need before it has verified as many (see [`owed_bytes`]).
 pub const OWED_WINDOW: u64 = 256 << 20;
+
+/// Accepted peers one pass of a download's dials may shed to make room (see `dial_peers`).
+const DIAL_SHED_MAX: usize = 4;
 
 /// `crypto_select`'s name for logs.
 fn method_name(method: u32) -> &'static str {

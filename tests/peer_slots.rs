@@ -257,10 +257,8 @@ fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
     write_shard(&own, 1, 2, (1, 2), 64 * 1024);
     let pool = shardnet::workers::WorkerPool::new("t", 1);
     let own_meta = shardnet::torrent::create::create(&own, None, &pool.handle()).unwrap();
-    let leech = torrent_node(
-        ld.path(),
-        &["--max-peer-connections", "8", "--peer-shed-grace", "2", "--encryption", "disable"],
-    );
+    let leech =
+        torrent_node(ld.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2", "--encryption", "disable"]);
     // Six accepted squatters (three quarters of 8), one per address.
     let mut held: Vec<TcpStream> =
         (2..8).filter_map(|i| squat(&format!("127.0.0.{i}"), &leech.addr, own_meta.info_hash, i)).collect();
@@ -290,10 +288,8 @@ fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
             while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
         }));
         let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
-        let r = leech.call(
-            "DOWNLOAD",
-            json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]}),
-        );
+        let r =
+            leech.call("DOWNLOAD", json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]}));
         assert_eq!(r["status"], "success", "{r}");
     }
     wait_for(WAIT, || (counts(&leech)["peer_wire"] == json!(8)).then_some(()));

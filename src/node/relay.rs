@@ -151,6 +151,22 @@ struct Link {
 }
 
 impl Link {
+    /// Queues one request frame: length-prefixed on an open link, sealed on a keyed one whose
+    /// handshake is done, else held until it is. The bytes it added to [`Link::queued`]; the
+    /// write clock starts when the link had nothing queued.
+    fn queue_frame(&mut self, payload: Vec<u8>, now: Instant) -> usize {
+        let before = self.queued();
+        if before == 0 {
+            self.write_progress = now;
+        }
+        match &mut self.auth {
+            LinkAuth::Open => frame::encode(&payload, &mut self.out),
+            LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut self.out),
+            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => self.held.push(payload),
+        }
+        self.queued() - before
+    }
+
     /// Unsent request bytes (queued and held for the handshake).
     fn queued(&self) -> usize {
         self.out.len() + self.held.iter().map(Vec::len).sum::<usize>()
@@ -360,16 +376,7 @@ impl Relays {
                 }
             }
         };
-        let before = link.queued();
-        if before == 0 {
-            link.write_progress = now;
-        }
-        match &mut link.auth {
-            LinkAuth::Open => frame::encode(&payload, &mut link.out),
-            LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut link.out),
-            LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
-        }
-        self.queued += link.queued() - before;
+        self.queued += link.queue_frame(payload, now);
         link.waiting.insert(out.id, out.expect.max_bytes);
         *self.per_client.entry(out.origin.clone()).or_default() += 1;
         let pending = Pending {
@@ -487,16 +494,7 @@ impl Relays {
         for ids in ids.chunks(crate::protocol::MAX_CANCEL_IDS) {
             self.cancelled_down += ids.len() as u64;
             let payload = request_payload("CANCEL", &json!(CANCEL_ID), "relay", json!({ "request_ids": ids }));
-            let before = link.queued();
-            if before == 0 {
-                link.write_progress = now;
-            }
-            match &mut link.auth {
-                LinkAuth::Open => frame::encode(&payload, &mut link.out),
-                LinkAuth::Ready { tx, .. } => tx.seal_frame(&payload, &mut link.out),
-                LinkAuth::Hello(_) | LinkAuth::Proof { .. } => link.held.push(payload),
-            }
-            self.queued += link.queued() - before;
+            self.queued += link.queue_frame(payload, now);
         }
         if link.connected {
             let answers = self.flush(registry, token, now);

@@ -402,9 +402,10 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
                                       node's own dials [default: 256]
   --max-peer-connections-per-ip N     peer-wire connections accepted per IP
                                       [default: 32]
-  --peer-shed-grace SECS  at a peer cap, a newcomer sheds the accepted peer
-                         that exchanged no request or block for longest, once
-                         that is over this long [default: 30]
+  --peer-shed-grace SECS  at a peer cap, a newcomer (or a dial of the node's
+                         own download) sheds the accepted peer that exchanged
+                         no request or block for longest, once that is over
+                         this long [default: 30]
   --idle-timeout SECS    close a command connection with nothing in flight for
                          this long; 0: never [default: 300]
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)

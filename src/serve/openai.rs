@@ -359,9 +359,11 @@ fn logit_bias(v: Option<&Value>) -> Result<Vec<(u32, f32)>, ApiError> {
     }
     map.iter()
         .map(|(k, v)| {
-            let id = k
-                .parse::<u32>()
-                .map_err(|_| ApiError::bad(format!("logit_bias key {k:?} is not a token id"), Some("logit_bias")))?;
+            // Canonical decimal only: "+5" or "05" would be a second key for token 5.
+            let id =
+                k.parse::<u32>().ok().filter(|id| id.to_string() == *k).ok_or_else(|| {
+                    ApiError::bad(format!("logit_bias key {k:?} is not a token id"), Some("logit_bias"))
+                })?;
             match v.as_f64() {
                 Some(b) if (-100.0..=100.0).contains(&b) => Ok((id, b as f32)),
                 _ => Err(ApiError::bad(
@@ -619,9 +621,18 @@ mod tests {
         let mut bias = p.logit_bias.clone();
         bias.sort_by_key(|b| b.0);
         assert_eq!(bias, vec![(7, -100.0), (12, 2.5)]);
-        for bad in
-            [r#"{"-1":1}"#, r#"{"1.5":1}"#, r#"{"x":1}"#, r#"{"1":101}"#, r#"{"1":"5"}"#, r#"[1]"#, r#"{"1":1e308}"#]
-        {
+        for bad in [
+            r#"{"-1":1}"#,
+            r#"{"1.5":1}"#,
+            r#"{"x":1}"#,
+            r#"{"+5":1}"#,
+            r#"{"05":1}"#,
+            r#"{" 5":1}"#,
+            r#"{"1":101}"#,
+            r#"{"1":"5"}"#,
+            r#"[1]"#,
+            r#"{"1":1e308}"#,
+        ] {
             let e = parse(Endpoint::Text, &text(&format!(r#","logit_bias":{bad}"#))).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, Some("logit_bias")), "{bad}: {}", e.message);
         }

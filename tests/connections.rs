@@ -56,19 +56,6 @@ fn raise_nofile() -> u64 {
     lim.rlim_cur
 }
 
-/// A connection to `addr` from the loopback address `src` (all of 127/8 is loopback on Linux).
-fn connect_from(src: &str, addr: &str) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let to: SocketAddr = addr.parse().unwrap();
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
-    s.connect_timeout(&to.into(), WAIT).unwrap();
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
 fn ask(s: &mut TcpStream, command: &str) -> Value {
     let payload = serde_json::to_vec(&json!({"command": command, "request_id": 1})).unwrap();
     send_frame(s, &payload);

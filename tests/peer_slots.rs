@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -15,19 +15,6 @@ use shardnet::torrent::InfoHash;
 use shardnet::torrent::wire::Handshake;
 
 const MB: usize = 1024 * 1024;
-
-/// A connection to `addr` from the loopback address `src` (all of 127/8 is loopback on Linux).
-fn connect_from(src: &str, addr: &str) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let to: SocketAddr = addr.parse().unwrap();
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
-    s.connect_timeout(&to.into(), WAIT).unwrap();
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
 
 /// A plaintext BitTorrent handshake for `h` from `src`, then silence: the connection if the node
 /// answered with its own handshake (it took the slot), `None` if it closed it.

@@ -366,15 +366,11 @@ fn start_stream(addr: &str, n: usize) -> BufReader<TcpStream> {
     start_stream_on(connect(addr), n)
 }
 
-/// A connection to `addr` from the loopback address `src` (another client of the server).
+/// A connection to `addr` from the loopback address `src` (another client of the server),
+/// waiting up to 120 s for a read (a completion queued behind others).
 fn connect_from(src: &str, addr: &str) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
-    s.connect_timeout(&addr.parse::<std::net::SocketAddr>().unwrap().into(), WAIT).unwrap();
-    let s: TcpStream = s.into();
+    let s = common::connect_from(src, addr);
     s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
     s
 }
 

@@ -566,3 +566,17 @@ pub fn reference_program() -> (Option<PathBuf>, Option<String>) {
         }
     }
 }
+
+/// A connection to `addr` from the loopback address `src` (all of 127/8 is loopback on Linux:
+/// another client of a node keyed by IP address), with `WAIT` read and write timeouts.
+pub fn connect_from(src: &str, addr: &str) -> TcpStream {
+    use socket2::{Domain, Socket, Type};
+    let to: std::net::SocketAddr = addr.parse().unwrap();
+    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
+    s.connect_timeout(&to.into(), WAIT).unwrap();
+    let s: TcpStream = s.into();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    s.set_write_timeout(Some(WAIT)).unwrap();
+    s
+}

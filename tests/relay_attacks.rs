@@ -186,6 +186,82 @@ fn a_next_hop_that_never_reads_holds_bounded_bytes_for_io_timeout() {
     drop(held);
 }
 
+/// The inference thread writes a relay request to its link itself when the link has nothing
+/// queued; what the socket does not take is queued and finished by the event loop, behind
+/// whatever was queued before. A next hop that reads nothing for a while, then slowly: six
+/// requests of 1.4 MB each (more than the socket buffers hold) arrive whole, in the order they
+/// were submitted (ascending relay ids), each parsing as the request it is (a byte of one inside
+/// another breaks its frame), and every chain gets its own answer.
+#[test]
+fn relay_writes_the_socket_does_not_take_are_finished_in_order() {
+    let dir = TempDir::new("relay-partial");
+    let args = ["--threads", "1", "--ctx-size", "2048"];
+    let a = NodeProc::start(&shards(&dir, DemoConfig { context: 2048, ..Default::default() }, 2), &args);
+    let slow = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = slow.local_addr().unwrap().to_string();
+    const CHAINS: usize = 6;
+    let hop = std::thread::spawn(move || {
+        let (mut s, _) = slow.accept().unwrap();
+        // Nothing read for a second: the socket buffers fill and later requests wait whole on
+        // the link.
+        std::thread::sleep(Duration::from_secs(1));
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        let mut requests = Vec::new();
+        let mut frame = Vec::new();
+        let mut chunk = [0u8; 64 * 1024];
+        while requests.len() < CHAINS {
+            // Slowly: 64 KiB at a time.
+            let n = s.read(&mut chunk).expect("reading the relayed requests");
+            assert!(n > 0, "the link closed after {} requests", requests.len());
+            frame.extend_from_slice(&chunk[..n]);
+            std::thread::sleep(Duration::from_millis(2));
+            while frame.len() >= 4 {
+                let len = u32::from_be_bytes(frame[..4].try_into().unwrap()) as usize;
+                if frame.len() < 4 + len {
+                    break;
+                }
+                let v: Value = serde_json::from_slice(&frame[4..4 + len]).expect("a whole request, unmixed");
+                frame.drain(..4 + len);
+                requests.push(v);
+            }
+        }
+        let ids: Vec<u64> = requests.iter().map(|r| r["request_id"].as_u64().expect("a relay id")).collect();
+        for r in &requests {
+            assert_eq!(r["command"], "EXECUTE_TASK", "{r}");
+            assert_eq!(r["params"]["pos"], json!(0));
+            assert_eq!(
+                r["params"]["input"]["hidden"]["shape"][0],
+                json!(2000),
+                "a whole hidden state: {}",
+                r["params"]["input"]["hidden"]["shape"]
+            );
+            let answer = json!({"command": "EXECUTE_TASK", "request_id": r["request_id"], "status": "success",
+                "result": {"top_k": [{"id": 7, "logit": 1.0}], "hops": [{"address": "hop", "shard_id": 1}]}});
+            s.write_all(&frame_bytes(&answer)).unwrap();
+        }
+        let sessions: Vec<String> =
+            requests.iter().map(|r| r["params"]["session_id"].as_str().unwrap().to_string()).collect();
+        (ids, sessions, s)
+    });
+    // One after another (each queued once the previous one's relay is in flight), so that the
+    // relay ids follow the order of the chains.
+    let mut chains = Vec::new();
+    for i in 0..CHAINS {
+        chains.push(spawn_chain(&a.addr, chain(&format!("p{i}"), &addr, 2000, 60_000)));
+        wait_for(WAIT, || (relays(&a)["in_flight"] == json!(i + 1)).then_some(()));
+    }
+    for c in chains {
+        let r = c.join().unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        assert_eq!(r["result"]["top_k"][0]["id"], json!(7), "{r}");
+    }
+    let (ids, sessions, _s) = hop.join().unwrap();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "requests out of order: {ids:?}");
+    let expected: Vec<String> = (0..CHAINS).map(|i| format!("p{i}")).collect();
+    assert_eq!(sessions, expected, "each request once, in the order submitted");
+    a.assert_serving();
+}
+
 /// A client that sends many `all_logits` requests and reads nothing gets one computed, not all:
 /// answers being computed count against the connection's output (before: all were computed and
 /// queued, 134 MB each on SmolLM2). Reading then brings every answer; more than 64 rows of

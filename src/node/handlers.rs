@@ -302,6 +302,11 @@ impl Node {
         out.extend_from_slice(fixed);
         // One read of the counters: the top-level `sessions` is `inference.sessions`.
         let inference = self.inference.stats.to_json();
+        // Read at once: the inference thread takes the same lock to submit a relay.
+        let (relays_in_flight, links, binary_links, refused, cancelled_down) = {
+            let r = self.relays.lock();
+            (r.counts().0, r.counts().1, r.binary_links(), r.refused, r.cancelled_down)
+        };
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
             \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{}}}}}}}",
@@ -315,11 +320,11 @@ impl Node {
             self.peer_wire_json(),
             self.dht_status(),
             inference,
-            self.relays.counts().0,
-            self.relays.counts().1,
-            self.relays.binary_links(),
-            self.relays.refused,
-            self.relays.cancelled_down,
+            relays_in_flight,
+            links,
+            binary_links,
+            refused,
+            cancelled_down,
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -654,7 +659,7 @@ impl Node {
             self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
         }
         self.inference.cancel_requests(conn_id, ids.to_vec());
-        let answers = self.relays.cancel_requests(self.poll.registry(), conn_id, ids, Instant::now());
+        let answers = self.relays.lock().cancel_requests(self.poll.registry(), conn_id, ids, Instant::now());
         let n = answers.len();
         self.deliver(answers);
         n

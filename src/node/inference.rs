@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, Sender, unbounded};
@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use super::gather::{self, Gather};
 use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
+use crate::engine::ggml::PoolWake;
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, PREFILL_GRANULE, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::{f32_to_json, f32_to_raw};
@@ -223,22 +224,44 @@ pub struct Inference {
     jobs: Sender<Msg>,
     pub stats: Arc<InferStats>,
     running: Arc<Running>,
+    /// Wakes ggml's workers as a step is queued (set by the inference thread once its engine
+    /// runs; see [`crate::engine::ggml::Backend::early_wake`]).
+    pool_wake: Arc<OnceLock<PoolWake>>,
 }
 
 impl Inference {
-    pub fn spawn(cfg: EngineConfig, events: Sender<NodeEvent>, waker: Arc<Waker>) -> Inference {
+    /// The inference thread. With `direct`, it submits relay requests to the shared relays
+    /// itself (written to the next hop's socket at once when its link has nothing queued);
+    /// without, it hands them to the event loop as `NodeEvent::Relay`.
+    pub fn spawn(
+        cfg: EngineConfig,
+        events: Sender<NodeEvent>,
+        waker: Arc<Waker>,
+        direct: Option<relay::Direct>,
+    ) -> Inference {
         let (jobs, rx) = unbounded();
         let stats = Arc::new(InferStats::default());
         let running = Arc::new(Running::default());
         let (s, r) = (stats.clone(), running.clone());
+        let pool_wake = Arc::new(OnceLock::new());
+        // SHARDNET_EARLY_WAKE=0 keeps ggml's workers asleep until each graph starts (an A/B
+        // switch for `make bench`).
+        let early_wake = std::env::var("SHARDNET_EARLY_WAKE").as_deref() != Ok("0");
+        let wake = (early_wake, pool_wake.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, rx, events, waker, s, r))
+            .spawn(move || worker(cfg, rx, Outlet { events, waker, direct }, s, r, wake))
             .expect("spawning the inference thread");
-        Inference { jobs, stats, running }
+        Inference { jobs, stats, running, pool_wake }
     }
 
     pub fn submit(&self, job: Job) {
+        if matches!(job, Job::Execute { .. })
+            && let Some(w) = self.pool_wake.get()
+        {
+            // ggml's workers wake while the inference thread is woken and builds the graph.
+            w.resume();
+        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.jobs.send(Msg::Job(Box::new(job)));
     }
@@ -308,13 +331,56 @@ fn limits(cfg: &EngineConfig) -> schedule::Limits {
     }
 }
 
+/// Where the inference thread's finished frames go: answers to the event loop (woken for them),
+/// relay requests to the shared relays when `direct` is set, else to the loop too.
+struct Outlet {
+    events: Sender<NodeEvent>,
+    waker: Arc<Waker>,
+    direct: Option<relay::Direct>,
+}
+
+impl Outlet {
+    /// Hands the loop an answer for a connection and wakes it; false once the loop is gone.
+    fn answer(&self, reply: ReplyTo, payload: Vec<u8>) -> bool {
+        let ok = self
+            .events
+            .send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload })
+            .is_ok();
+        let _ = self.waker.wake();
+        ok
+    }
+
+    /// A request for the next hop: submitted here and written to its link's socket when that
+    /// takes it now (the loop is woken only for an answer at once or an earlier deadline), or
+    /// handed to the loop.
+    fn relay(&self, out: relay::Outgoing) {
+        let Some(direct) = &self.direct else {
+            let _ = self.events.send(NodeEvent::Relay(out));
+            let _ = self.waker.wake();
+            return;
+        };
+        let (answers, wake) = direct.relays.lock().submit_direct(&direct.registry, out, Instant::now());
+        for a in answers {
+            let _ = self.events.send(NodeEvent::Answer {
+                token: a.reply.token,
+                conn_id: a.reply.conn_id,
+                reserved: a.reply.reserved,
+                payload: a.payload,
+            });
+        }
+        if wake {
+            let _ = self.waker.wake();
+        }
+    }
+}
+
 fn worker(
     cfg: EngineConfig,
     jobs: Receiver<Msg>,
-    events: Sender<NodeEvent>,
-    waker: Arc<Waker>,
+    outlet: Outlet,
     stats: Arc<InferStats>,
     running: Arc<Running>,
+    (early_wake, pool_wake): (bool, Arc<OnceLock<PoolWake>>),
 ) {
     let mut relay_ids = 0u64;
     let mut queue: Scheduler<Job> = Scheduler::new(limits(&cfg));
@@ -326,18 +392,17 @@ fn worker(
     let mut owners = Owners { by_session: HashMap::new(), closed: Vec::new(), prune_at: cfg.max_sessions * 2 + 64 };
     let mut engine = Engine::new(cfg);
     match &mut engine {
-        Ok(e) => e.set_abort_flag(running.abort.clone()),
+        Ok(e) => {
+            e.set_abort_flag(running.abort.clone());
+            if early_wake && let Some(w) = e.early_wake() {
+                let _ = pool_wake.set(w);
+            }
+        }
         Err(e) => crate::error!("inference engine failed to start: {e}"),
     }
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.
     let mut loaded: HashMap<u32, usize> = HashMap::new();
-    let send = |reply: ReplyTo, payload: Vec<u8>| {
-        let ok = events
-            .send(NodeEvent::Answer { token: reply.token, conn_id: reply.conn_id, reserved: reply.reserved, payload })
-            .is_ok();
-        let _ = waker.wake();
-        ok
-    };
+    let send = |reply: ReplyTo, payload: Vec<u8>| outlet.answer(reply, payload);
     let mut gather = Gather::default();
     let mut share = schedule::PrefillShare::default();
     loop {
@@ -422,8 +487,7 @@ fn worker(
                                 group,
                                 (&stats, &running, &mut owners),
                                 &mut relay_ids,
-                                &events,
-                                &waker,
+                                &outlet,
                             ));
                         }
                     }
@@ -449,8 +513,7 @@ fn worker(
                 group,
                 (&stats, &running, &mut owners),
                 &mut relay_ids,
-                &events,
-                &waker,
+                &outlet,
             ));
         }
         share.record(prefill_tokens, started.elapsed());
@@ -759,8 +822,7 @@ fn run_group(
     group: Vec<ExecuteJob>,
     (stats, running, owners): (&InferStats, &Running, &mut Owners),
     relay_ids: &mut u64,
-    events: &Sender<NodeEvent>,
-    waker: &Arc<Waker>,
+    outlet: &Outlet,
 ) -> Vec<Job> {
     let mut again = Vec::new();
     let mut outcomes: Vec<Result<Done, (ErrorCode, String)>> = match engine.as_mut() {
@@ -853,19 +915,12 @@ fn run_group(
                     };
                     let parts = (result, section);
                     let out = relay_request(&task, from.as_deref(), &origin, parts, hop, reply, *relay_ids, expect);
-                    let _ = events.send(NodeEvent::Relay(out));
-                    let _ = waker.wake();
+                    outlet.relay(out);
                     continue;
                 }
             }
         };
-        let _ = events.send(NodeEvent::Answer {
-            token: reply.token,
-            conn_id: reply.conn_id,
-            reserved: reply.reserved,
-            payload,
-        });
-        let _ = waker.wake();
+        outlet.answer(reply, payload);
     }
     again
 }

@@ -206,7 +206,7 @@ pub struct Node {
     /// The inference worker (owns the ggml engine).
     inference: inference::Inference,
     /// Outbound connections to next hops and the relays waiting on them.
-    relays: relay::Relays,
+    relays: relay::Shared,
     /// Where SIGINT/SIGTERM arrive, after [`Node::stop_on_signals`].
     signals: Option<mio::net::UnixStream>,
     /// Message Stream Encryption counters (STATUS `encryption`).
@@ -275,7 +275,20 @@ impl Node {
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
+        let relays = relay::Shared::new(relay::Relays::new(max_frame, relay_key, relay_limits));
+        // The inference thread writes relay requests itself (see `relay::Shared`);
+        // SHARDNET_DIRECT_WRITE=0 hands them to the loop instead (an A/B switch for `make bench`).
+        let direct = match std::env::var("SHARDNET_DIRECT_WRITE").as_deref() {
+            Ok("0") => None,
+            _ => match poll.registry().try_clone() {
+                Ok(registry) => Some(relay::Direct { relays: relays.clone(), registry }),
+                Err(e) => {
+                    warn!("relays go through the event loop: no second handle on its poll: {e}");
+                    None
+                }
+            },
+        };
+        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone(), direct);
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
@@ -331,7 +344,7 @@ impl Node {
             parts_swept: None,
             dht,
             inference,
-            relays: relay::Relays::new(max_frame, relay_key, relay_limits),
+            relays,
             signals: None,
             mse: peer_crypto::MseStats::default(),
         })
@@ -354,7 +367,7 @@ impl Node {
         loop {
             let now = Instant::now();
             let next_dht = self.dht_tick(now).unwrap_or(next_sweep);
-            let next_dht = self.relays.next_deadline().map_or(next_dht, |d| d.min(next_dht));
+            let next_dht = self.relays.lock().plan_wake(next_dht);
             let next_accept = self.accept_retry.unwrap_or(next_sweep);
             let timeout = if !self.again.is_empty() {
                 Duration::ZERO
@@ -383,7 +396,7 @@ impl Node {
                     UDP6 => self.on_udp_readable(true),
                     token if token.0 >= relay::TOKEN_BASE => {
                         let (w, r) = (ev.is_writable(), ev.is_readable() || ev.is_read_closed() || ev.is_error());
-                        let answers = self.relays.on_event(self.poll.registry(), token, w, r, Instant::now());
+                        let answers = self.relays.lock().on_event(self.poll.registry(), token, w, r, Instant::now());
                         self.deliver(answers);
                     }
                     token => {
@@ -401,7 +414,7 @@ impl Node {
                 }
             }
             self.drain_worker_events();
-            let expired = self.relays.expire(self.poll.registry(), Instant::now());
+            let expired = self.relays.lock().expire(self.poll.registry(), Instant::now());
             self.deliver(expired);
             for token in std::mem::take(&mut self.again) {
                 self.on_readable(token);
@@ -723,7 +736,7 @@ impl Node {
                 // A step computed for a connection that closed meanwhile goes no further.
                 NodeEvent::Relay(out) if !self.conn_ids.contains_key(&out.reply.conn_id) => {}
                 NodeEvent::Relay(out) => {
-                    let answers = self.relays.submit(self.poll.registry(), out, Instant::now());
+                    let answers = self.relays.lock().submit(self.poll.registry(), out, Instant::now());
                     self.deliver(answers);
                 }
                 NodeEvent::ManifestFetched { shard_id, filename, result } => {
@@ -750,7 +763,7 @@ impl Node {
             tasks.retain(|(reply, ..)| reply.conn_id != conn_id);
         }
         self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
-        self.relays.cancel(self.poll.registry(), conn_id, Instant::now());
+        self.relays.lock().cancel(self.poll.registry(), conn_id, Instant::now());
     }
 
     /// Hands finished relay answers to the connections that asked.

@@ -17,9 +17,10 @@
 //! ([`ClientHandshake`]: hello, check the next node's proof, send ours) without blocking, and
 //! seals every request after it; requests submitted meanwhile wait on the link.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
@@ -31,6 +32,9 @@ use crate::protocol::auth::{ClientHandshake, ClusterKey, FrameMac, NONCE_LEN, ra
 use crate::protocol::frame::{self, Decoded};
 use crate::protocol::{Encoding, ErrorCode, Hop, TaskOutput, binary, request_payload};
 
+/// Closed command connections remembered, so that a relay the inference thread submits for one
+/// after it closed is dropped (see [`Relays::submit_direct`]).
+const GONE_IDS: usize = 4096;
 /// Tokens at and above this are relay links (below: the listener, the waker, the UDP socket and
 /// accepted connections).
 pub const TOKEN_BASE: usize = 1 << 40;
@@ -222,6 +226,40 @@ pub struct Relays {
     pub cancelled_down: u64,
     /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
     scratch: Vec<u8>,
+    /// Command connections closed with work in flight ([`Relays::cancel`]), the last
+    /// [`GONE_IDS`] of them: the inference thread's relays for them are dropped.
+    gone: HashSet<u64>,
+    gone_order: VecDeque<u64>,
+    /// When the event loop wakes next on its own (set before each poll): a relay submitted from
+    /// another thread whose deadline comes earlier wakes it.
+    loop_wakes_at: Option<Instant>,
+}
+
+/// The relays as the event loop and the inference thread share them: the inference thread
+/// submits a hop's request itself ([`Relays::submit_direct`]) and writes it to the link's socket
+/// when the link has nothing queued, instead of handing it to the loop and waking it; the loop
+/// reads answers, finishes partial writes and connects, and keeps the deadlines. Each holds the
+/// lock only for the bookkeeping and one non-blocking `write`.
+#[derive(Clone)]
+pub struct Shared(Arc<Mutex<Relays>>);
+
+impl Shared {
+    pub fn new(relays: Relays) -> Shared {
+        Shared(Arc::new(Mutex::new(relays)))
+    }
+
+    /// The relays, locked. A thread that panicked holding the lock left them consistent (every
+    /// method keeps its counts before it can panic), so a poisoned lock is taken as it is.
+    pub fn lock(&self) -> MutexGuard<'_, Relays> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What the inference thread needs to submit relays itself: the shared relays and a handle on
+/// the loop's poll registry (a new link is registered from that thread).
+pub struct Direct {
+    pub relays: Shared,
+    pub registry: Registry,
 }
 
 impl Relays {
@@ -240,7 +278,34 @@ impl Relays {
             refused: 0,
             cancelled_down: 0,
             scratch: Vec::new(),
+            gone: HashSet::new(),
+            gone_order: VecDeque::new(),
+            loop_wakes_at: None,
         }
+    }
+
+    /// The loop's next wake of its own (`at`, before its relays' deadlines are counted), moved
+    /// earlier to the first relay deadline; kept so that [`Relays::submit_direct`] knows when
+    /// the loop must be woken for a new deadline.
+    pub fn plan_wake(&mut self, at: Instant) -> Instant {
+        let at = self.next_deadline().map_or(at, |d| d.min(at));
+        self.loop_wakes_at = Some(at);
+        at
+    }
+
+    /// [`Relays::submit`] from the inference thread: a relay for a command connection that
+    /// closed meanwhile is dropped (as the loop drops one), else it is submitted, and written at
+    /// once when its link is connected with nothing queued. The answers to give at once (a
+    /// refusal, an unreachable hop), and whether the loop must be woken: for those answers, or
+    /// because the relay's deadline comes before the loop's next wake.
+    pub fn submit_direct(&mut self, registry: &Registry, out: Outgoing, now: Instant) -> (Vec<Answer>, bool) {
+        if self.gone.contains(&out.reply.conn_id) {
+            return (Vec::new(), false);
+        }
+        let deadline = now + out.timeout;
+        let answers = self.submit(registry, out, now);
+        let wake = !answers.is_empty() || self.loop_wakes_at.is_some_and(|t| deadline < t);
+        (answers, wake)
     }
 
     /// Removes a relay from those in flight, and from its client's count.
@@ -431,6 +496,14 @@ impl Relays {
     /// stays, and gets a `CANCEL` naming the withdrawn requests: the next hop drops them (it
     /// honours a `CANCEL` only for requests that came on the connection it came on).
     pub fn cancel(&mut self, registry: &Registry, conn_id: u64, now: Instant) {
+        if self.gone.insert(conn_id) {
+            self.gone_order.push_back(conn_id);
+            if self.gone_order.len() > GONE_IDS
+                && let Some(old) = self.gone_order.pop_front()
+            {
+                self.gone.remove(&old);
+            }
+        }
         let ids: Vec<u64> =
             self.pending.iter().filter(|(_, p)| p.reply.conn_id == conn_id).map(|(id, _)| *id).collect();
         for (token, ids) in self.withdraw(ids) {

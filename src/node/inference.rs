@@ -244,9 +244,9 @@ impl Inference {
         let running = Arc::new(Running::default());
         let (s, r) = (stats.clone(), running.clone());
         let pool_wake = Arc::new(OnceLock::new());
-        // SHARDNET_EARLY_WAKE=0 keeps ggml's workers asleep until each graph starts (an A/B
-        // switch for `make bench`).
-        let early_wake = std::env::var("SHARDNET_EARLY_WAKE").as_deref() != Ok("0");
+        // SHARDNET_EARLY_WAKE=1 wakes ggml's workers as the loop queues a step (an A/B switch for
+        // `make bench`; off by default: it measured no better on a 2-vCPU VM, see ARCHITECTURE).
+        let early_wake = std::env::var("SHARDNET_EARLY_WAKE").as_deref() == Ok("1");
         let wake = (early_wake, pool_wake.clone());
         std::thread::Builder::new()
             .name("inference".into())

@@ -2,8 +2,15 @@
 //! non-blocking work of the event loop.
 //!
 //! The inference thread builds the request frame for the next hop (a binary frame: its hidden
-//! state as raw bytes, see [`crate::protocol::binary`]) and hands it to the loop as an
-//! [`Outgoing`]. A link sends binary frames once its next hop has answered one (every relayed
+//! state as raw bytes, see [`crate::protocol::binary`]) as an [`Outgoing`] and submits it itself
+//! ([`Relays::submit_direct`], through [`Shared`], the relays under one lock): queued on its link
+//! behind whatever waits there, and written from that thread at once when the link is connected
+//! and had nothing queued, so a hop costs no wake-up of the event loop. What the socket does not
+//! take stays queued; the loop, which keeps every link registered for writability, writes it
+//! (frames go out whole, in the order submitted, sealed once on a keyed link: every frame is
+//! sealed into the link's one output buffer under the lock). Without a second poll handle (or
+//! with `SHARDNET_DIRECT_WRITE=0`) the inference thread hands the `Outgoing` to the loop, which
+//! submits it. A link sends binary frames once its next hop has answered one (every relayed
 //! request asks `encoding_format: "binary"`); until then, and to a node that never does, the
 //! request goes as JSON with the tensor in base64, so older nodes keep working. The loop keeps one outbound connection ([`Link`])
 //! per next-hop address, writes every relayed request for that address on it, and matches the
@@ -494,7 +501,9 @@ impl Relays {
     /// the next hop sees its caller go and drops the steps it has queued for it in turn (on this
     /// node too, when a route relays to this node itself). A link other chains still wait on
     /// stays, and gets a `CANCEL` naming the withdrawn requests: the next hop drops them (it
-    /// honours a `CANCEL` only for requests that came on the connection it came on).
+    /// honours a `CANCEL` only for requests that came on the connection it came on). The
+    /// connection is remembered (the last [`GONE_IDS`]), so a relay the inference thread submits
+    /// for it afterwards is dropped ([`Relays::submit_direct`]).
     pub fn cancel(&mut self, registry: &Registry, conn_id: u64, now: Instant) {
         if self.gone.insert(conn_id) {
             self.gone_order.push_back(conn_id);

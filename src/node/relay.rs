@@ -888,3 +888,72 @@ fn hop_failed(reply: ReplyTo, next: &Hop, msg: &str) -> Answer {
 pub fn hop_json(h: &Hop) -> Value {
     json!({"address": h.address.to_string(), "shard_id": h.shard_id})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outgoing(conn_id: u64, next: SocketAddr, id: u64) -> Outgoing {
+        Outgoing {
+            reply: ReplyTo { token: Token(7), conn_id, request_id: json!(1), reserved: 0 },
+            origin: "127.0.0.1".into(),
+            next: Hop { address: next, shard_id: 1 },
+            id,
+            payload: request_payload("EXECUTE_TASK", &json!(id), "relay", json!({})),
+            hop: json!({}),
+            timeout: Duration::from_secs(60),
+            encoding: Encoding::Base64,
+            expect: Expect { output: TaskOutput::TopK(1), hops: 1, n_vocab: 32, max_bytes: 4096 },
+        }
+    }
+
+    /// A relay the inference thread submits for a command connection that closed while its step
+    /// computed (the loop already withdrew that connection's relays) is dropped: no link, no
+    /// relay in flight, no answer. Another connection's relay still goes out.
+    #[test]
+    fn a_relay_for_a_connection_closed_meanwhile_is_dropped() {
+        let poll = mio::Poll::new().unwrap();
+        let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = next.local_addr().unwrap();
+        let limits = RelayLimits {
+            max_relays: 8,
+            per_client: 8,
+            link_buffer: 1 << 20,
+            memory: 1 << 20,
+            io_timeout: Duration::from_secs(30),
+        };
+        let mut relays = Relays::new(1 << 20, None, limits);
+        let now = Instant::now();
+        relays.cancel(poll.registry(), 5, now);
+        let (answers, wake) = relays.submit_direct(poll.registry(), outgoing(5, addr, 1), now);
+        assert!(answers.is_empty() && !wake);
+        assert_eq!(relays.counts(), (0, 0), "nothing in flight, no link for a gone connection");
+        let (answers, _) = relays.submit_direct(poll.registry(), outgoing(6, addr, 2), now);
+        assert!(answers.is_empty());
+        assert_eq!(relays.counts(), (1, 1), "another connection's relay goes out");
+    }
+
+    /// A relay whose deadline comes before the loop's next planned wake wakes it; one after does
+    /// not.
+    #[test]
+    fn a_relay_due_before_the_loops_next_wake_wakes_it() {
+        let poll = mio::Poll::new().unwrap();
+        let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = next.local_addr().unwrap();
+        let limits = RelayLimits {
+            max_relays: 8,
+            per_client: 8,
+            link_buffer: 1 << 20,
+            memory: 1 << 20,
+            io_timeout: Duration::from_secs(30),
+        };
+        let mut relays = Relays::new(1 << 20, None, limits);
+        let now = Instant::now();
+        relays.plan_wake(now + Duration::from_secs(120));
+        let (_, wake) = relays.submit_direct(poll.registry(), outgoing(1, addr, 1), now);
+        assert!(wake, "due in 60 s, the loop planned to sleep 120 s");
+        assert_eq!(relays.plan_wake(now + Duration::from_secs(120)), now + Duration::from_secs(60));
+        let (_, wake) = relays.submit_direct(poll.registry(), outgoing(1, addr, 2), now);
+        assert!(!wake, "the loop already wakes for the first one's deadline");
+    }
+}

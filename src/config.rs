@@ -48,8 +48,8 @@ pub struct NodeConfig {
     /// newcomer over either is refused.
     pub max_peer_connections: usize,
     pub max_peer_connections_per_ip: usize,
-    /// At a peer cap, an accepted peer-wire connection that has exchanged no request or block
-    /// (nor finished its handshake) for this long may be shed for a newcomer.
+    /// At a peer cap, an accepted peer-wire connection that has moved no whole block's bytes
+    /// (served or received; nor finished its handshake) for this long may be shed for a newcomer.
     pub peer_shed_grace: Duration,
     /// A command (or unclassified) connection with nothing in flight, buffered or unsent for
     /// this long is closed; `None`: never.
@@ -326,7 +326,9 @@ FLAGS:
                          DHT store entries one announcer (IPv4 address, IPv6 /64)
                          may hold over all keys; more are refused [default: 250]
   --max-downloads N      downloads under way at once; more are refused
-                         (DOWNLOAD_LIMIT) [default: 8]
+                         (DOWNLOAD_LIMIT); those started by callers without the
+                         cluster key from other hosts hold at most three
+                         quarters of them [default: 8]
   --max-downloads-per-client N
                          downloads under way at once that one client (IPv4
                          address, IPv6 /64; loopback IP and port) started; more
@@ -337,7 +339,9 @@ FLAGS:
                          files); a download that would pass it is refused before
                          any file is created (DISK_BUDGET) [default: 0, no fixed
                          budget]
-  --disk-reserve BYTES   free space a download may not eat into (statvfs)
+  --disk-reserve BYTES   free space a download may not eat into (statvfs); a
+                         download that no longer fits when it resumes after a
+                         stall stops, its .part and resume data kept
                          [default: 1073741824]
   --part-expiry SECS     remove a .part file no download used for this long
                          [default: 3600]
@@ -403,9 +407,9 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --max-peer-connections-per-ip N     peer-wire connections accepted per IP
                                       [default: 32]
   --peer-shed-grace SECS  at a peer cap, a newcomer (or a dial of the node's
-                         own download) sheds the accepted peer that exchanged
-                         no request or block for longest, once that is over
-                         this long [default: 30]
+                         own download) sheds the accepted peer that moved no
+                         whole 16 KiB block (served or received) for longest,
+                         once that is over this long [default: 30]
   --idle-timeout SECS    close a command connection with nothing in flight for
                          this long; 0: never [default: 300]
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)

@@ -298,3 +298,143 @@ fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
     assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the leech shed a squatter for its dial: {c}");
     leech.assert_serving();
 }
+
+/// A squatter (red-team round 11, 1a): handshakes from `src` with the Fast bit, says interested
+/// and asks a 1-byte block of an allowed-fast piece every 300 ms, reading what comes back, until
+/// `stop`; returns whether the node closed it.
+fn poking_squatter(
+    src: String,
+    addr: String,
+    m: &shardnet::torrent::Metainfo,
+    n: u32,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<bool> {
+    use shardnet::torrent::swarm::fast::allowed_fast_set;
+    use shardnet::torrent::wire::{self, Block, Message};
+    let (h, pieces) = (m.info_hash, m.info.pieces.len() as u32);
+    let piece = allowed_fast_set(src.parse().unwrap(), &h, pieces, 10)[0];
+    let mut s = squat(&src, &addr, h, n).expect("the squatter took a slot");
+    std::thread::spawn(move || {
+        let mut out = Vec::new();
+        wire::encode(&Message::Interested, &mut out);
+        if s.write_all(&out).is_err() {
+            return true;
+        }
+        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let mut buf = [0u8; 64 * 1024];
+        let (mut begin, mut poked) = (0, Instant::now());
+        while !stop.load(Ordering::SeqCst) {
+            match s.read(&mut buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(_) => return true,
+            }
+            if poked.elapsed() < Duration::from_millis(300) {
+                continue;
+            }
+            poked = Instant::now();
+            let mut out = Vec::new();
+            wire::encode(&Message::Request(Block { index: piece, begin, length: 1 }), &mut out);
+            begin += 1;
+            if s.write_all(&out).is_err() {
+                return true;
+            }
+        }
+        false
+    })
+}
+
+/// Red-team round 11, 1a: accepted peers that each ask a 1-byte block of an allowed-fast piece
+/// every few hundred ms used to count as useful (a request queued was enough) and were never
+/// shed, so they held every accepted slot. Usefulness is now a whole block's bytes moved within
+/// `--peer-shed-grace`: past the grace, a leech's connection sheds one of them and downloads.
+#[test]
+fn squatters_poking_one_byte_allowed_fast_requests_are_shed_for_a_newcomer() {
+    let (sd, src, m) = seed_dir("poke-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Six accepted squatters (three quarters of 8), one per address.
+    let squatters: Vec<_> =
+        (2..8u32).map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone())).collect();
+    wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
+    // Past the grace, the pokes still going (each served: a byte every 300 ms).
+    std::thread::sleep(Duration::from_millis(2500));
+    let ld = TempDir::new("poke-leech");
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    stop.store(true, Ordering::SeqCst);
+    let shed = squatters.into_iter().filter_map(|t| t.join().ok()).filter(|closed| *closed).count();
+    assert!(done.is_ok(), "the download did not complete\nseed:\n{}", seed.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let c = counts(&seed);
+    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a poking squatter for the leech: {c}");
+    assert!(shed >= 1, "no squatter was closed: {c}");
+    seed.assert_serving();
+}
+
+/// Red-team round 11, finding 2: a download counted as stalled owes only its first 256 MiB, so
+/// others are admitted into the rest of the free space; when its peers send again it owes all it
+/// lacks once more. Here a 640 MiB torrent (a sparse file of a real seed), first named with a dead
+/// peer, stalls; a 300 MiB claim is then admitted beside it (refused while it was active); when
+/// the seed is named, the big download gets blocks again and no longer fits above
+/// `--disk-reserve` beside the claim: it stops with the reason, its `.part` and resume data kept,
+/// instead of writing past the reserve. The claim goes on.
+#[test]
+fn a_stalled_download_that_revives_past_the_free_space_stops_and_keeps_its_resume_data() {
+    use shardnet::torrent::Metainfo;
+    use shardnet::torrent::metainfo::Info;
+    const BIG: u64 = 640 << 20;
+    let sd = TempDir::new("revive-seed");
+    let big = sd.path().join("big.gguf");
+    std::fs::File::create(&big).unwrap().set_len(BIG).unwrap();
+    let pool = shardnet::workers::WorkerPool::new("t", 2);
+    let m = shardnet::torrent::create::create(&big, None, &pool.handle()).unwrap();
+    let seed = torrent_node(sd.path(), &[]);
+    let ld = TempDir::new("revive-leech");
+    // Room for the big torrent and 120 MiB more above the reserve.
+    let free = shardnet::torrent::storage::free_space(ld.path()).unwrap();
+    let reserve = (free - BIG - (120 << 20)).to_string();
+    let leech = torrent_node(ld.path(), &["--disk-reserve", &reserve]);
+    let hex = shardnet::hash::to_hex(&m.to_torrent_bytes());
+    let big_download = |peer: &str| {
+        leech.call("DOWNLOAD", json!({"info_hash": m.info_hash.to_hex(), "torrent_hex": hex, "peers": [peer]}))
+    };
+    let r = big_download("127.0.0.1:9");
+    assert_eq!(r["status"], "success", "{r}");
+    let length = 300u64 << 20;
+    let pl = 16u64 << 20;
+    let n = Info::piece_count(length, pl) as usize;
+    let fake = Metainfo::new(Info { name: "claim.gguf".into(), length, piece_length: pl, pieces: vec![[7u8; 20]; n] });
+    let claim = json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": shardnet::hash::to_hex(&fake.to_torrent_bytes()), "peers": ["127.0.0.1:9"]});
+    let r = leech.call("DOWNLOAD", claim.clone());
+    assert_eq!(r["code"], "DISK_BUDGET", "beside the big download just started, which owes all it lacks: {r}");
+    let r = wait_for(Duration::from_secs(60), || {
+        std::thread::sleep(Duration::from_millis(500));
+        let r = leech.call("DOWNLOAD", claim.clone());
+        (r["code"] != "DISK_BUDGET").then_some(r)
+    });
+    assert_eq!(r["status"], "success", "the claim beside the stalled big download: {r}");
+    // The seed comes: the big download receives blocks again.
+    let r = big_download(&seed.addr);
+    assert_eq!(r["status"], "success", "{r}");
+    let d = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || {
+            let d = download_status(&leech, &m);
+            (d["error"].is_string() || d["complete"] == json!(true)).then_some(d)
+        })
+    });
+    let Ok(d) = d else { panic!("the big download neither stopped nor finished\n{}", leech.stderr()) };
+    let why = d["error"].as_str().unwrap_or_else(|| panic!("the big download went on past the reserve: {d}"));
+    assert!(why.contains("--disk-reserve") && why.contains("resume data kept"), "{d}");
+    let part = ld.path().join(format!("big.gguf.{}.part", m.info_hash.to_hex()));
+    assert!(part.exists(), "the .part is kept");
+    wait_for(WAIT, || part.with_extension("part.resume").exists().then_some(()));
+    let c = download_status(&leech, &fake);
+    assert!(c["error"].is_null(), "the claim goes on: {c}");
+    leech.assert_serving();
+}

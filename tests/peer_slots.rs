@@ -503,3 +503,30 @@ fn a_download_that_hits_a_full_disk_stops_alone_and_resumes_from_its_resume_data
     same_bytes(&src, &inside.join("shard-0.gguf"));
     leech.assert_serving();
 }
+
+/// The other side of the squatters' test: a real leech that downloads slowly (the seed's
+/// `--upload-limit` 100 kB/s) moves a whole block well within `--peer-shed-grace`, so a newcomer
+/// from its address at `--max-peer-connections-per-ip` 1 is refused rather than shedding it, and
+/// the download completes.
+#[test]
+fn a_slow_real_leech_is_never_shed_for_a_newcomer() {
+    let (sd, src, m) = seed_dir("slow-seed", MB, 0);
+    let caps = ["--max-peer-connections-per-ip", "1", "--peer-shed-grace", "2", "--upload-limit", "100000"];
+    let seed = torrent_node(sd.path(), &caps);
+    let ld = TempDir::new("slow-leech");
+    let leech = torrent_node(ld.path(), &["--encryption", "disable"]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    // Past the grace, while blocks still come.
+    std::thread::sleep(Duration::from_millis(3000));
+    assert_ne!(download_status(&leech, &m)["complete"], json!(true), "too fast to test");
+    let mut newcomer = squat("127.0.0.1", &seed.addr, m.info_hash, 1);
+    assert!(newcomer.as_mut().is_none_or(closed_by_peer), "the newcomer is refused");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(40), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    assert!(done.is_ok(), "the download did not complete\nseed:\n{}", seed.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let c = counts(&seed);
+    assert_eq!(c["shed_inactive_peers"], 0, "the leech was never shed: {c}");
+}

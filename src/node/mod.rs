@@ -275,7 +275,8 @@ impl Node {
             kv_budget: config.kv_memory,
             repack: config.repack,
         };
-        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone());
+        let inference =
+            inference::Inference::spawn(engine_config, config.orphan_session_idle, events_tx.clone(), waker.clone());
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \

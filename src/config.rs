@@ -580,9 +580,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.max_sessions_per_client = number(flag, value()?, 1, 100_000)? as usize;
                 per_client_given = true;
             }
-            "--orphan-session-idle" => {
-                c.orphan_session_idle = Duration::from_secs(number(flag, value()?, 1, 86_400)?)
-            }
+            "--orphan-session-idle" => c.orphan_session_idle = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--cluster-key-file" => {
                 let v = value()?;
                 if v.is_empty() {

@@ -528,7 +528,12 @@ impl Owners {
 
     /// Ends the sessions of the connections in `closed` (STATUS `inference.sessions_closed`), and
     /// orphans idle for `orphan_idle` at `now`.
-    fn end_closed(&mut self, engine: &mut Result<Engine, crate::engine::EngineError>, stats: &InferStats, now: Instant) {
+    fn end_closed(
+        &mut self,
+        engine: &mut Result<Engine, crate::engine::EngineError>,
+        stats: &InferStats,
+        now: Instant,
+    ) {
         if self.closed.is_empty() && self.orphans.is_empty() {
             return;
         }

@@ -311,6 +311,13 @@ fn an_unknown_model_is_404_and_n_over_1_is_refused() {
     let name = models["data"][0]["id"].as_str().unwrap();
     let r = post(&c.http, "/v1/completions", &json!({"model": name, "prompt": PROMPT, "max_tokens": 1}));
     assert_eq!(r.status, 200, "{}", r.json());
+    // A model by id; an empty id is no model (red-team round 11: both answered the list).
+    let r = request(&c.http, "GET", &format!("/v1/models/{}", name.replace(' ', "%20")), b"");
+    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some(name)));
+    for path in ["/v1/models/", "/v1/models//", "/v1/models/gpt-4o"] {
+        let r = request(&c.http, "GET", path, b"");
+        assert_eq!(assert_error(&r, 404, Some("model"))["error"]["code"], "model_not_found", "{path}");
+    }
 }
 
 /// Every generation serve runs at once is a session on each node, all one client there: a

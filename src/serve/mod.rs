@@ -350,7 +350,9 @@ const LINGER_BYTES: usize = 4 << 20;
 
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
-    let path = req.path.trim_end_matches('/');
+    // A trailing `/` is forgiven, but not after `/v1/models/`: what follows it is a model id,
+    // and an empty one (`/v1/models/`, `/v1/models//`) is no model (404, as OpenAI answers).
+    let path = if req.path.starts_with("/v1/models/") { req.path.as_str() } else { req.path.trim_end_matches('/') };
     let endpoint =
         match path {
             "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {

@@ -306,7 +306,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{},\"finished_off_loop\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -322,6 +322,7 @@ impl Node {
             self.relays.binary_links(),
             self.relays.refused,
             self.relays.cancelled_down,
+            self.relays.finished_off_loop,
         );
         out.extend_from_slice(live.as_bytes());
         out

@@ -42,8 +42,9 @@ const LATE_IDS: usize = 256;
 /// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
 const NOT_SHARDNET: &str = "did not answer as a shardnet node";
 /// The largest frame a link takes beside answers to relayed requests: the cluster-key handshake's
-/// and `CANCEL`'s answers (a few hundred bytes each).
-const CONTROL_FRAME: usize = 16 * 1024;
+/// (a few hundred bytes) and `CANCEL`'s answers (the ids it withdrew: at most
+/// `MAX_CANCEL_IDS` (1,024) relay ids of up to 20 digits, ~22 KB).
+const CONTROL_FRAME: usize = 32 * 1024;
 
 /// What bounds relays (`--max-relays`, `--max-relays-per-client`, `--relay-link-buffer`,
 /// `--relay-memory`, `--io-timeout`).

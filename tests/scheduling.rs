@@ -577,3 +577,34 @@ fn cancel_answers_the_requests_it_withdrew() {
     assert_eq!((f["request_id"].clone(), f["status"].clone()), (json!(3), json!("success")), "{f}");
     a.assert_serving();
 }
+
+/// On a keyed node a connection that proved the key and names an `origin` is a relaying node's
+/// link, which other chains share: its sessions are the chain's and outlive it, past
+/// `--orphan-session-idle` too, until `END_SESSION` or eviction; they count for the origin named.
+#[test]
+fn a_keyed_relays_sessions_outlive_its_link() {
+    let dir = TempDir::new("origin-keyed");
+    let key_text = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let key_path = dir.path().join("cluster.key");
+    std::fs::write(&key_path, key_text).unwrap();
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = shardnet::protocol::auth::ClusterKey::from_bytes(key_text.as_bytes()).unwrap();
+    let a = NodeProc::start(
+        &shards(&dir, 1),
+        &["--threads", "1", "--orphan-session-idle", "1", "--cluster-key-file", key_path.to_str().unwrap()],
+    );
+    let client = || shardnet::client::Client::connect_with_key(&a.addr, WAIT, Some(&key)).unwrap();
+    let status = || client().call("STATUS", json!({})).unwrap()["inference"].clone();
+    let mut link = client();
+    for i in 0..3 {
+        let mut p = prefill(&format!("k{i}"), 3);
+        p["origin"] = json!("10.1.2.3:4");
+        let r = link.request("EXECUTE_TASK", p).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    drop(link);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let st = status();
+    assert_eq!((st["sessions"].clone(), st["sessions_closed"].clone()), (json!(3), json!(0)), "{st}");
+    a.assert_serving();
+}

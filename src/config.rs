@@ -124,6 +124,9 @@ pub struct NodeConfig {
     pub download_stall_timeout: Duration,
     /// Sessions one client may hold (its own least recently used goes beyond it).
     pub max_sessions_per_client: usize,
+    /// A session opened over a connection without the cluster key that names an `origin` (it
+    /// says it relays) outlives that connection only until it has been idle this long.
+    pub orphan_session_idle: Duration,
     /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
     /// STATUS need proof of it. `None`: the node is open to anyone.
     pub cluster_key: Option<ClusterKey>,
@@ -235,6 +238,7 @@ impl Default for NodeConfig {
             redial_give_up: Duration::from_secs(300),
             download_stall_timeout: Duration::from_secs(120),
             max_sessions_per_client: 8,
+            orphan_session_idle: Duration::from_secs(30),
             cluster_key: None,
             cluster_key_file: None,
             key_warning: None,
@@ -270,6 +274,7 @@ impl NodeConfig {
             "max_frame": self.max_frame,
             "max_sessions": self.max_sessions,
             "max_sessions_per_client": self.max_sessions_per_client,
+            "orphan_session_idle_s": self.orphan_session_idle.as_secs(),
             "auth_timeout_s": self.auth_timeout.as_secs(),
             "mse_timeout_s": self.mse_timeout.as_secs(),
             "mse_rate": self.mse_rate,
@@ -359,6 +364,12 @@ FLAGS:
                          and port on loopback) may hold; its own least recently
                          used is dropped beyond it [default: 8, at most
                          --max-sessions]
+  --orphan-session-idle SECS
+                         on a node without a cluster key, a session opened by
+                         a request naming an `origin` (a relaying node's, or a
+                         stranger's claim) outlives its connection only until
+                         idle this long; others end with their connection
+                         [default: 30]
   --cluster-key-file PATH
                          the cluster key (at least 32 random bytes; mode 600): every
                          command but STATUS needs proof of it (HMAC-SHA-256
@@ -573,6 +584,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.max_sessions_per_client = number(flag, value()?, 1, 100_000)? as usize;
                 per_client_given = true;
             }
+            "--orphan-session-idle" => c.orphan_session_idle = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--cluster-key-file" => {
                 let v = value()?;
                 if v.is_empty() {

@@ -8,7 +8,7 @@ use mio::Token;
 use serde_json::{Value, json};
 
 use super::catalog::{LoadedShard, load_shard};
-use super::inference::{Job, ReplyTo, ShardFile};
+use super::inference::{CancelAnswer, Job, ReplyTo, ShardFile, Tenure};
 use super::scan::ScanEvent;
 use super::{Node, NodeEvent, Waiter};
 use crate::hash::to_hex;
@@ -90,11 +90,12 @@ impl Node {
                 self.inference.submit(Job::EndSession { reply, session_id, session_token, origin });
             }
             Command::Cancel { request_ids } => {
-                let n = self.cancel_command(token, &request_ids);
-                self.respond(
-                    token,
-                    &success_payload(name, &id, json!({ "request_ids": request_ids.len(), "relays": n })),
-                );
+                // Answered by the inference thread, after the `CANCELLED` answers of the steps it
+                // withdraws from its queue: the answer lists what this CANCEL withdrew.
+                let Some(reply) = self.defer(token, id) else { return };
+                let (withdrawn, relays) = self.cancel_command(token, &request_ids);
+                let conn_id = reply.conn_id;
+                self.inference.cancel_requests(conn_id, request_ids, CancelAnswer { reply, withdrawn, relays });
             }
             Command::Download(params) => {
                 let caller = self.caller(token);
@@ -154,16 +155,17 @@ impl Node {
             .and_then(|c| *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok()))
             .unwrap_or(self.local_addr);
         // The per-client quota's key: a keyed relay names its caller; anyone else is known by
-        // address (and port on loopback, where every test client shares the IP). A request that
-        // names an `origin` comes from a relaying node, keyed or not: the session it opens is the
-        // chain's, not its link connection's.
-        let relayed = task.origin.is_some();
-        let origin = match (self.conn(reply.token), &task.origin) {
-            (Some(c), Some(o)) if c.auth.established() => o.clone(),
-            (Some(c), _) => client_key(c.peer),
-            (None, o) => o.clone().unwrap_or_default(),
+        // address (and port on loopback, where every test client shares the IP), whatever
+        // `origin` it names. Only a keyed relay's sessions belong to its chain; on a node without
+        // a key a request naming an `origin` says it relays, which nothing proves: its sessions
+        // outlive the connection only while they are used (see `Tenure`).
+        let (origin, tenure) = match (self.conn(reply.token), &task.origin) {
+            (Some(c), Some(o)) if c.auth.established() => (o.clone(), Tenure::Chain),
+            (Some(c), Some(_)) => (client_key(c.peer), Tenure::Claimed),
+            (Some(c), _) => (client_key(c.peer), Tenure::Connection),
+            (None, o) => (o.clone().unwrap_or_default(), Tenure::Connection),
         };
-        let job = Job::Execute { reply, task, from, origin, relayed, shard: weights, queued, me, prefix: None };
+        let job = Job::Execute { reply, task, from, origin, tenure, shard: weights, queued, me, prefix: None };
         self.inference.submit(job);
     }
 
@@ -304,7 +306,7 @@ impl Node {
         let inference = self.inference.stats.to_json();
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{},\"finished_off_loop\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -320,6 +322,7 @@ impl Node {
             self.relays.binary_links(),
             self.relays.refused,
             self.relays.cancelled_down,
+            self.relays.finished_off_loop,
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -638,8 +641,11 @@ impl Node {
     /// withdrawn steps), and relays in flight are answered `CANCELLED` with a `CANCEL` sent down
     /// their link. Another connection's requests of the same ids are untouched. Returns the
     /// relays withdrawn.
-    fn cancel_command(&mut self, token: Token, ids: &[Value]) -> usize {
-        let Some(conn_id) = self.conn(token).map(|c| c.id) else { return 0 };
+    /// The `CANCEL` of `ids` from the connection `token`, on the loop's side: its steps waiting for
+    /// a shard and its relays in flight are answered `CANCELLED`. The ids withdrawn, and how many
+    /// of them were relays.
+    fn cancel_command(&mut self, token: Token, ids: &[Value]) -> (Vec<Value>, usize) {
+        let Some(conn_id) = self.conn(token).map(|c| c.id) else { return (Vec::new(), 0) };
         let mut withdrawn = Vec::new();
         for tasks in self.pending_tasks.values_mut() {
             let (gone, kept): (Vec<_>, Vec<_>) =
@@ -648,6 +654,7 @@ impl Node {
             withdrawn.extend(gone);
         }
         self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
+        let mut ids_withdrawn: Vec<Value> = withdrawn.iter().map(|(reply, ..)| reply.request_id.clone()).collect();
         for (reply, ..) in withdrawn {
             let payload = error_payload(
                 json!("EXECUTE_TASK"),
@@ -657,11 +664,11 @@ impl Node {
             );
             self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
         }
-        self.inference.cancel_requests(conn_id, ids.to_vec());
         let answers = self.relays.cancel_requests(self.poll.registry(), conn_id, ids, Instant::now());
         let n = answers.len();
+        ids_withdrawn.extend(answers.iter().map(|a| a.reply.request_id.clone()));
         self.deliver(answers);
-        n
+        (ids_withdrawn, n)
     }
 
     /// Answers every request waiting for shard `id` with an error.

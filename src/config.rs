@@ -48,8 +48,8 @@ pub struct NodeConfig {
     /// newcomer over either is refused.
     pub max_peer_connections: usize,
     pub max_peer_connections_per_ip: usize,
-    /// At a peer cap, an accepted peer-wire connection that has exchanged no request or block
-    /// (nor finished its handshake) for this long may be shed for a newcomer.
+    /// At a peer cap, an accepted peer-wire connection that has moved no whole block's bytes
+    /// (served or received; nor finished its handshake) for this long may be shed for a newcomer.
     pub peer_shed_grace: Duration,
     /// A command (or unclassified) connection with nothing in flight, buffered or unsent for
     /// this long is closed; `None`: never.
@@ -124,6 +124,9 @@ pub struct NodeConfig {
     pub download_stall_timeout: Duration,
     /// Sessions one client may hold (its own least recently used goes beyond it).
     pub max_sessions_per_client: usize,
+    /// A session opened over a connection without the cluster key that names an `origin` (it
+    /// says it relays) outlives that connection only until it has been idle this long.
+    pub orphan_session_idle: Duration,
     /// The cluster key (`--cluster-key-file` or `SHARDNET_CLUSTER_KEY_FILE`): commands but
     /// STATUS need proof of it. `None`: the node is open to anyone.
     pub cluster_key: Option<ClusterKey>,
@@ -235,6 +238,7 @@ impl Default for NodeConfig {
             redial_give_up: Duration::from_secs(300),
             download_stall_timeout: Duration::from_secs(120),
             max_sessions_per_client: 8,
+            orphan_session_idle: Duration::from_secs(30),
             cluster_key: None,
             cluster_key_file: None,
             key_warning: None,
@@ -270,6 +274,7 @@ impl NodeConfig {
             "max_frame": self.max_frame,
             "max_sessions": self.max_sessions,
             "max_sessions_per_client": self.max_sessions_per_client,
+            "orphan_session_idle_s": self.orphan_session_idle.as_secs(),
             "auth_timeout_s": self.auth_timeout.as_secs(),
             "mse_timeout_s": self.mse_timeout.as_secs(),
             "mse_rate": self.mse_rate,
@@ -326,7 +331,9 @@ FLAGS:
                          DHT store entries one announcer (IPv4 address, IPv6 /64)
                          may hold over all keys; more are refused [default: 250]
   --max-downloads N      downloads under way at once; more are refused
-                         (DOWNLOAD_LIMIT) [default: 8]
+                         (DOWNLOAD_LIMIT); those started by callers without the
+                         cluster key from other hosts hold at most three
+                         quarters of them [default: 8]
   --max-downloads-per-client N
                          downloads under way at once that one client (IPv4
                          address, IPv6 /64; loopback IP and port) started; more
@@ -337,7 +344,9 @@ FLAGS:
                          files); a download that would pass it is refused before
                          any file is created (DISK_BUDGET) [default: 0, no fixed
                          budget]
-  --disk-reserve BYTES   free space a download may not eat into (statvfs)
+  --disk-reserve BYTES   free space a download may not eat into (statvfs); a
+                         download that no longer fits when it resumes after a
+                         stall stops, its .part and resume data kept
                          [default: 1073741824]
   --part-expiry SECS     remove a .part file no download used for this long
                          [default: 3600]
@@ -355,6 +364,12 @@ FLAGS:
                          and port on loopback) may hold; its own least recently
                          used is dropped beyond it [default: 8, at most
                          --max-sessions]
+  --orphan-session-idle SECS
+                         on a node without a cluster key, a session opened by
+                         a request naming an `origin` (a relaying node's, or a
+                         stranger's claim) outlives its connection only until
+                         idle this long; others end with their connection
+                         [default: 30]
   --cluster-key-file PATH
                          the cluster key (at least 32 random bytes; mode 600): every
                          command but STATUS needs proof of it (HMAC-SHA-256
@@ -403,9 +418,9 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --max-peer-connections-per-ip N     peer-wire connections accepted per IP
                                       [default: 32]
   --peer-shed-grace SECS  at a peer cap, a newcomer (or a dial of the node's
-                         own download) sheds the accepted peer that exchanged
-                         no request or block for longest, once that is over
-                         this long [default: 30]
+                         own download) sheds the accepted peer that moved no
+                         whole 16 KiB block (served or received) for longest,
+                         once that is over this long [default: 30]
   --idle-timeout SECS    close a command connection with nothing in flight for
                          this long; 0: never [default: 300]
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)
@@ -569,6 +584,7 @@ pub fn parse_node_args<S: AsRef<str>>(args: &[S]) -> Result<NodeArgs, String> {
                 c.max_sessions_per_client = number(flag, value()?, 1, 100_000)? as usize;
                 per_client_given = true;
             }
+            "--orphan-session-idle" => c.orphan_session_idle = Duration::from_secs(number(flag, value()?, 1, 86_400)?),
             "--cluster-key-file" => {
                 let v = value()?;
                 if v.is_empty() {

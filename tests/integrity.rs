@@ -259,6 +259,52 @@ fn one_client_starts_at_most_its_share_of_the_download_slots() {
     leech.assert_serving();
 }
 
+/// Red-team round 11: two addresses, each at its `--max-downloads-per-client` share, took every
+/// `--max-downloads` slot. Strangers (no cluster key, another host: here other 127/8 addresses
+/// than the node's) hold at most three quarters of the slots together (3 of 4); a caller on the
+/// node's own host still starts one beside them, and the node-wide cap still holds.
+#[test]
+fn strangers_leave_a_quarter_of_the_download_slots_to_the_nodes_host() {
+    let ld = TempDir::new("istrangers");
+    let leech = torrent_node(ld.path(), &["--max-downloads", "4", "--redial-give-up", "600"]);
+    let limits = leech.call("STATUS", json!({}))["result"]["download_limits"].clone();
+    assert_eq!(
+        (limits["max_downloads_per_client"].clone(), limits["max_downloads_strangers"].clone()),
+        (json!(2), json!(3)),
+        "{limits}"
+    );
+    let hash = |i: u32| {
+        let mut h = [0u8; 20];
+        h[..4].copy_from_slice(&i.to_be_bytes());
+        h[19] = 5;
+        InfoHash(h).to_hex()
+    };
+    let download_from = |src: &str, i: u32| {
+        let mut s = connect_from(src, &leech.addr);
+        let req =
+            json!({"command": "DOWNLOAD", "request_id": i, "params": {"info_hash": hash(i), "peers": ["127.0.0.1:9"]}});
+        send_frame(&mut s, req.to_string().as_bytes());
+        read_frame(&mut s)
+    };
+    for i in 0..2 {
+        let r = download_from("127.0.0.2", i);
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    let r = download_from("127.0.0.3", 2);
+    assert_eq!(r["status"], "success", "{r}");
+    // A second stranger's second download passes its own share, not the strangers' one.
+    let r = download_from("127.0.0.3", 3);
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("without the cluster key"), "{r}");
+    // The node's own host (a caller at the address it reached) still starts one.
+    let r = leech.call("DOWNLOAD", json!({"info_hash": hash(10), "peers": ["127.0.0.1:9"]}));
+    assert_eq!(r["status"], "success", "the host's download beside the strangers' three: {r}");
+    let r = leech.call("DOWNLOAD", json!({"info_hash": hash(11), "peers": ["127.0.0.1:9"]}));
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    assert!(r["error"].as_str().unwrap().contains("--max-downloads 4"), "{r}");
+    leech.assert_serving();
+}
+
 /// A slow swarm that keeps sending blocks is not a stall: a 3 MB shard at 400 kB/s (about 8 s)
 /// downloads whole under `--download-stall-timeout 2`.
 #[test]

@@ -346,3 +346,84 @@ fn foreign_services_behind_a_relay_get_one_generic_error() {
     assert!(texts.iter().all(|t| *t == texts[0]), "one text for every foreign service: {texts:?}");
     a.assert_serving();
 }
+
+/// A large relayed answer (64 rows of `all_logits` at SmolLM2's vocabulary: 12.6 MB raw, 16.8 MB
+/// as base64) is made into its caller's frame off the event loop (STATUS
+/// `relays.finished_off_loop`): measured before, making the JSON one held the loop, and every
+/// other client's STATUS or step, for 126 ms. Both callers get the same logits, a JSON caller
+/// as base64, a binary one as raw bytes, and a small answer is still made on the loop.
+#[test]
+fn a_large_relayed_answer_is_made_off_the_loop() {
+    let dir = TempDir::new("relay-finish");
+    let config = DemoConfig { vocab: 49152, ..Default::default() };
+    let a = NodeProc::start(&shards(&dir, config, 2), &["--threads", "1"]);
+    let task = |s: &str, n: usize| {
+        let input: Vec<u32> = (0..n as u32).map(|i| 1 + i % 200).collect();
+        json!({"session_id": s, "shard_id": 0, "pos": 0, "input": {"tokens": input}, "output": "logits",
+            "all_logits": true, "next": [{"address": a.addr, "shard_id": 1}]})
+    };
+    let mut c = a.client();
+    c.set_timeout(Duration::from_secs(60)).unwrap();
+    let r = c.request("EXECUTE_TASK", task("json", 64)).unwrap();
+    assert_eq!(r["status"], "success", "{}", r["error"]);
+    let (from_json, rows, cols) =
+        shardnet::protocol::tensor::f32_from_json(&r["result"]["logits"], usize::MAX).unwrap();
+    assert_eq!((rows, cols), (64, 49152));
+    assert_eq!(r["result"]["hops"].as_array().map(Vec::len), Some(2), "{}", r["result"]["hops"]);
+    let mut t = task("binary", 64);
+    t["encoding_format"] = json!("binary");
+    let (r, data) = c.request_parts("EXECUTE_TASK", t, "test").unwrap();
+    assert_eq!(r["status"], "success", "{}", r["error"]);
+    let section = shardnet::protocol::binary::Section::new(&data);
+    let (from_raw, ..) =
+        shardnet::protocol::tensor::f32_from_json_in(&r["result"]["logits"], usize::MAX, Some(&section)).unwrap();
+    assert!(from_json == from_raw, "the JSON and the binary answer differ");
+    assert_eq!(relays(&a)["finished_off_loop"], json!(2), "{}", relays(&a));
+    // One row (192 KiB) is made on the loop.
+    let r = c.request("EXECUTE_TASK", task("small", 1)).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    assert_eq!(relays(&a)["finished_off_loop"], json!(2), "{}", relays(&a));
+    a.assert_serving();
+}
+
+/// A next hop answering a large JSON frame where a binary one was asked (every relayed request
+/// asks `encoding_format: "binary"`) would have it parsed on the event loop: past 1 MiB it is
+/// refused from its first byte and the chain fails naming that hop (before: a 17 MB JSON answer
+/// of 64 rows of logits was parsed on the loop, holding every other client). A small JSON answer
+/// is still taken.
+#[test]
+fn a_next_hop_answering_a_large_json_frame_is_failed() {
+    let dir = TempDir::new("relay-json");
+    let config = DemoConfig { vocab: 49152, ..Default::default() };
+    let a = NodeProc::start(&shards(&dir, config, 2), &["--threads", "1"]);
+    let hop = TcpListener::bind("127.0.0.1:0").unwrap();
+    let h_addr = hop.local_addr().unwrap().to_string();
+    let ask = |s: &str, n: usize| {
+        let input: Vec<u32> = (0..n as u32).map(|i| 1 + i % 200).collect();
+        json!({"session_id": s, "shard_id": 0, "pos": 0, "input": {"tokens": input}, "output": "logits",
+            "all_logits": true, "next": [{"address": h_addr, "shard_id": 1}], "hop_timeout_ms": 30_000})
+    };
+    let answer = |id: u64, rows: usize| {
+        let logits = shardnet::protocol::tensor::f32_to_json(&vec![0.5; rows * 49152], rows, 49152);
+        let v = json!({"command": "EXECUTE_TASK", "request_id": id, "status": "success",
+            "result": {"logits": logits, "hops": [{"address": h_addr, "shard_id": 1}]}});
+        frame_bytes(&v)
+    };
+    // One row (256 KiB of base64) is taken.
+    let small = spawn_chain(&a.addr, ask("small", 1));
+    let (mut f, _) = hop.accept().unwrap();
+    f.set_read_timeout(Some(WAIT)).unwrap();
+    let id = read_frame(&mut f)["request_id"].as_u64().unwrap();
+    f.write_all(&answer(id, 1)).unwrap();
+    let r = small.join().unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    // Eight rows (2 MiB of base64) are not.
+    let big = spawn_chain(&a.addr, ask("big", 8));
+    let id = read_frame(&mut f)["request_id"].as_u64().unwrap();
+    let _ = f.write_all(&answer(id, 8));
+    let r = big.join().unwrap();
+    assert_eq!(r["code"], "HOP_FAILED", "{} {}", r["status"], r["error"]);
+    assert!(r["error"].as_str().unwrap().contains("binary one was asked"), "{r}");
+    assert_eq!(r["failed_hop"]["address"], json!(h_addr), "{r}");
+    a.assert_serving();
+}

@@ -477,3 +477,134 @@ fn cancelled_down_a_shared_link(keyed: bool) {
     a.assert_serving();
     b.assert_serving();
 }
+
+/// On a node without a cluster key nothing proves that a connection naming an `origin` is a
+/// relaying node's link (red-team round 11: a stranger naming one kept 8 sessions, 189 MB of KV,
+/// after it closed, for good). Such sessions still outlive their connection (a relay link closes
+/// when its callers leave while other chains' sessions go on, their next steps on a new link),
+/// but only while used: idle for `--orphan-session-idle` they end (STATUS
+/// `inference.sessions_closed`). One stepped again on another connection is that connection's.
+/// Sessions count against the connection's address whatever `origin` each names: one
+/// connection naming a new origin per session holds at most `--max-sessions-per-client`.
+#[test]
+fn a_strangers_origin_keeps_its_sessions_only_while_used() {
+    let dir = TempDir::new("origin-orphans");
+    let a = NodeProc::start(
+        &shards(&dir, 1),
+        &["--threads", "1", "--max-sessions-per-client", "4", "--orphan-session-idle", "2"],
+    );
+    let mut stranger = a.client();
+    let mut tokens = Vec::new();
+    for i in 0..10 {
+        let mut p = prefill(&format!("s{i}"), 3);
+        p["origin"] = json!(format!("10.0.{i}.1:5"));
+        let r = stranger.request("EXECUTE_TASK", p).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+        tokens.push(r["result"]["session_token"].clone());
+    }
+    // Ten origins named, one connection: its quota of 4 (its own oldest evicted).
+    assert_eq!(inference(&a)["sessions"], json!(4), "{}", inference(&a));
+    drop(stranger);
+    // Kept for now: a chain's next step may come on a new link.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(inference(&a)["sessions"], json!(4), "{}", inference(&a));
+    let mut next = a.client();
+    let r = next.request("EXECUTE_TASK", step("s9", &tokens[9], 3)).unwrap();
+    assert_eq!(r["status"], "success", "{r}");
+    // The other three end once idle; s9 is `next`'s now.
+    let st = wait_for(WAIT, || {
+        let st = inference(&a);
+        (st["sessions"] == json!(1)).then_some(st)
+    });
+    assert_eq!(st["sessions_closed"], json!(3), "{st}");
+    drop(next);
+    let st = wait_for(WAIT, || {
+        let st = inference(&a);
+        (st["sessions"] == json!(0)).then_some(st)
+    });
+    assert_eq!(st["sessions_closed"], json!(4), "{st}");
+    a.assert_serving();
+}
+
+/// `CANCEL` answers the request ids it withdrew (answered `CANCELLED`), not the count asked
+/// (red-team round 11): of eight queued prefills, those still queued; not an id never sent, nor
+/// another connection's, nor the one computing.
+#[test]
+fn cancel_answers_the_requests_it_withdrew() {
+    let dir = TempDir::new("cancel-answer");
+    let a = NodeProc::start(&shards(&dir, 1), &["--threads", "1"]);
+    let mut other = a.raw();
+    other.write_all(&request(3, prefill("other", 512))).unwrap();
+    let mut s = a.raw();
+    for i in 0..8 {
+        s.write_all(&request(i, prefill(&format!("c{i}"), 512))).unwrap();
+    }
+    wait_for(WAIT, || (inference(&a)["queued"].as_u64().unwrap() >= 4).then_some(()));
+    let ids: Vec<u64> = (0..8).chain([99]).collect();
+    let cancel = json!({"command": "CANCEL", "request_id": "c", "params": {"request_ids": ids}});
+    let body = serde_json::to_vec(&cancel).unwrap();
+    let mut wire = (body.len() as u32).to_be_bytes().to_vec();
+    wire.extend_from_slice(&body);
+    s.write_all(&wire).unwrap();
+    let (mut cancelled, mut computed) = (Vec::new(), Vec::new());
+    let answer = loop {
+        let f = read_frame(&mut s);
+        match (f["command"].as_str(), f["code"].as_str()) {
+            (Some("CANCEL"), _) => break f,
+            (_, Some("CANCELLED")) => cancelled.push(f["request_id"].as_u64().unwrap()),
+            _ => computed.push(f["request_id"].as_u64().unwrap()),
+        }
+    };
+    assert_eq!(answer["status"], "success", "{answer}");
+    let mut said: Vec<u64> = answer["result"]["request_ids"]
+        .as_array()
+        .expect("a list of ids")
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    said.sort();
+    cancelled.sort();
+    assert!(!said.is_empty(), "{answer}");
+    assert_eq!(said, cancelled, "{answer}");
+    assert_eq!(answer["result"]["relays"], json!(0), "{answer}");
+    // What was not withdrawn is answered as computed; the other connection's step too.
+    while cancelled.len() + computed.len() < 8 {
+        let f = read_frame(&mut s);
+        assert_eq!(f["status"], "success", "{f}");
+        computed.push(f["request_id"].as_u64().unwrap());
+    }
+    let f = read_frame(&mut other);
+    assert_eq!((f["request_id"].clone(), f["status"].clone()), (json!(3), json!("success")), "{f}");
+    a.assert_serving();
+}
+
+/// On a keyed node a connection that proved the key and names an `origin` is a relaying node's
+/// link, which other chains share: its sessions are the chain's and outlive it, past
+/// `--orphan-session-idle` too, until `END_SESSION` or eviction; they count for the origin named.
+#[test]
+fn a_keyed_relays_sessions_outlive_its_link() {
+    let dir = TempDir::new("origin-keyed");
+    let key_text = "0a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+    let key_path = dir.path().join("cluster.key");
+    std::fs::write(&key_path, key_text).unwrap();
+    std::fs::set_permissions(&key_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let key = shardnet::protocol::auth::ClusterKey::from_bytes(key_text.as_bytes()).unwrap();
+    let a = NodeProc::start(
+        &shards(&dir, 1),
+        &["--threads", "1", "--orphan-session-idle", "1", "--cluster-key-file", key_path.to_str().unwrap()],
+    );
+    let client = || shardnet::client::Client::connect_with_key(&a.addr, WAIT, Some(&key)).unwrap();
+    let status = || client().call("STATUS", json!({})).unwrap()["inference"].clone();
+    let mut link = client();
+    for i in 0..3 {
+        let mut p = prefill(&format!("k{i}"), 3);
+        p["origin"] = json!("10.1.2.3:4");
+        let r = link.request("EXECUTE_TASK", p).unwrap();
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    drop(link);
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    let st = status();
+    assert_eq!((st["sessions"].clone(), st["sessions_closed"].clone()), (json!(3), json!(0)), "{st}");
+    a.assert_serving();
+}

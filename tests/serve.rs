@@ -311,6 +311,50 @@ fn an_unknown_model_is_404_and_n_over_1_is_refused() {
     let name = models["data"][0]["id"].as_str().unwrap();
     let r = post(&c.http, "/v1/completions", &json!({"model": name, "prompt": PROMPT, "max_tokens": 1}));
     assert_eq!(r.status, 200, "{}", r.json());
+    // A model by id; an empty id is no model (red-team round 11: both answered the list).
+    let r = request(&c.http, "GET", &format!("/v1/models/{}", name.replace(' ', "%20")), b"");
+    assert_eq!((r.status, r.json()["id"].as_str()), (200, Some(name)));
+    for path in ["/v1/models/", "/v1/models//", "/v1/models/gpt-4o"] {
+        let r = request(&c.http, "GET", path, b"");
+        assert_eq!(assert_error(&r, 404, Some("model"))["error"]["code"], "model_not_found", "{path}");
+    }
+}
+
+/// Preparing a request (its JSON parsed, its chat rendered with the model's template, its prompt
+/// tokenized) runs on its connection's thread, and up to `--max-connections` (256) threads did
+/// it at once: huge chats from many connections shared the CPU with `/health` and everyone
+/// else. At most `--max-renders` are prepared at once now (the others wait asleep): eight
+/// concurrent chats of 600 KB with `--max-renders 1` are prepared one at a time (`/metrics`
+/// `shardnet_serve_renders_peak` 1; before, all eight at once), each answered 400 (over the
+/// context), while `/health` answers throughout.
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn huge_chats_are_prepared_a_few_at_a_time_and_health_answers_meanwhile() {
+    let c = cluster("serve-renders", &[], &["--max-renders", "1"]);
+    let body = json!({"messages": [{"role": "user", "content": "the quick brown fox jumps. ".repeat(24_000)}],
+        "max_tokens": 1})
+    .to_string();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, body) = (c.http.clone(), body.clone());
+            std::thread::spawn(move || request(&addr, "POST", "/v1/chat/completions", body.as_bytes()))
+        })
+        .collect();
+    // While they are prepared: /health answers, and one is prepared at a time.
+    let mut most_running = 0.0f64;
+    while !clients.iter().all(|t| t.is_finished()) {
+        assert_eq!(get(&c.http, "/health").0, 200);
+        most_running = most_running.max(metric(&c.http, "shardnet_serve_renders_running"));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for t in clients {
+        let r = t.join().unwrap();
+        assert_eq!(assert_error(&r, 400, Some("messages"))["error"]["code"], "context_length_exceeded");
+    }
+    assert!(most_running <= 1.0, "{most_running} prepared at once");
+    assert_eq!(metric(&c.http, "shardnet_serve_renders_peak"), 1.0);
+    assert_eq!(metric(&c.http, "shardnet_serve_renders_running"), 0.0);
+    assert_eq!(get(&c.http, "/health").0, 200);
 }
 
 /// Every generation serve runs at once is a session on each node, all one client there: a

@@ -344,6 +344,15 @@ impl Engine {
         self.sessions.keys().any(|(id, _)| id == session_id)
     }
 
+    /// How long since a step of `session_id` last ran (on any shard); `None` when it is not held.
+    pub fn idle_for(&self, session_id: &str, now: Instant) -> Option<Duration> {
+        self.sessions
+            .iter()
+            .filter(|((id, _), _)| id == session_id)
+            .map(|(_, s)| now.saturating_duration_since(s.used_at))
+            .min()
+    }
+
     /// Graphs stop early while `flag` is set; their steps fail with [`ggml::ABORTED`] (no
     /// session advances: cells they wrote are past the session's `n_past`, overwritten later).
     pub fn set_abort_flag(&mut self, flag: std::sync::Arc<std::sync::atomic::AtomicBool>) {

@@ -76,7 +76,7 @@ pub(super) enum Purpose {
     Manifest { shard_id: u32, filename: String },
     /// Peers for a torrent to download (and the shard waiting for it).
     /// `client`: who asked (charged with the download, `--max-downloads-per-client`).
-    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String, client: Option<String> },
+    PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String, client: Option<super::handlers::Caller> },
 }
 
 /// One key's last announce.
@@ -489,7 +489,7 @@ impl Node {
         h: InfoHash,
         shard_id: Option<u32>,
         name: String,
-        client: Option<String>,
+        client: Option<super::handlers::Caller>,
     ) -> bool {
         let purpose = Purpose::PeersFor { info_hash: h, shard_id, name, client };
         self.start_lookup(Id(h.0), LookupKind::GetPeers, purpose, false)
@@ -587,8 +587,7 @@ impl Node {
                     };
                 }
                 info!("DHT: {} peers for {name} ({info_hash}) in {:.1} ms", addrs.len(), r.elapsed.as_secs_f64() * 1e3);
-                if let Err((code, msg)) =
-                    self.start_download(info_hash, None, &name, &addrs, shard_id, client.as_deref())
+                if let Err((code, msg)) = self.start_download(info_hash, None, &name, &addrs, shard_id, client.as_ref())
                 {
                     match shard_id {
                         Some(id) => self.fail_waiters(id, code, msg),

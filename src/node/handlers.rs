@@ -8,7 +8,7 @@ use mio::Token;
 use serde_json::{Value, json};
 
 use super::catalog::{LoadedShard, load_shard};
-use super::inference::{Job, ReplyTo, ShardFile};
+use super::inference::{CancelAnswer, Job, ReplyTo, ShardFile, Tenure};
 use super::scan::ScanEvent;
 use super::{Node, NodeEvent, Waiter};
 use crate::hash::to_hex;
@@ -90,15 +90,16 @@ impl Node {
                 self.inference.submit(Job::EndSession { reply, session_id, session_token, origin });
             }
             Command::Cancel { request_ids } => {
-                let n = self.cancel_command(token, &request_ids);
-                self.respond(
-                    token,
-                    &success_payload(name, &id, json!({ "request_ids": request_ids.len(), "relays": n })),
-                );
+                // Answered by the inference thread, after the `CANCELLED` answers of the steps it
+                // withdraws from its queue: the answer lists what this CANCEL withdrew.
+                let Some(reply) = self.defer(token, id) else { return };
+                let (withdrawn, relays) = self.cancel_command(token, &request_ids);
+                let conn_id = reply.conn_id;
+                self.inference.cancel_requests(conn_id, request_ids, CancelAnswer { reply, withdrawn, relays });
             }
             Command::Download(params) => {
-                let client = client_key(conn.peer);
-                let payload = match self.download_command(params, &client) {
+                let caller = self.caller(token);
+                let payload = match self.download_command(params, &caller) {
                     Ok(result) => success_payload(name, &id, result),
                     Err((code, msg)) => error_payload(json!(name), id, code, &msg),
                 };
@@ -124,8 +125,8 @@ impl Node {
             }
             let p =
                 LoadShard { shard_id: task.shard_id, info_hash: None, wait: true, filename: None, peers: Vec::new() };
-            let client = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
-            if let Err((code, msg)) = self.begin_load(task.shard_id, &p, &client) {
+            let caller = self.caller(token);
+            if let Err((code, msg)) = self.begin_load(task.shard_id, &p, &caller) {
                 return fail(self, id, code, &msg);
             }
             let Some(reply) = self.defer_reserving(token, id, super::conn::answer_estimate(&task)) else { return };
@@ -154,16 +155,17 @@ impl Node {
             .and_then(|c| *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok()))
             .unwrap_or(self.local_addr);
         // The per-client quota's key: a keyed relay names its caller; anyone else is known by
-        // address (and port on loopback, where every test client shares the IP). A request that
-        // names an `origin` comes from a relaying node, keyed or not: the session it opens is the
-        // chain's, not its link connection's.
-        let relayed = task.origin.is_some();
-        let origin = match (self.conn(reply.token), &task.origin) {
-            (Some(c), Some(o)) if c.auth.established() => o.clone(),
-            (Some(c), _) => client_key(c.peer),
-            (None, o) => o.clone().unwrap_or_default(),
+        // address (and port on loopback, where every test client shares the IP), whatever
+        // `origin` it names. Only a keyed relay's sessions belong to its chain; on a node without
+        // a key a request naming an `origin` says it relays, which nothing proves: its sessions
+        // outlive the connection only while they are used (see `Tenure`).
+        let (origin, tenure) = match (self.conn(reply.token), &task.origin) {
+            (Some(c), Some(o)) if c.auth.established() => (o.clone(), Tenure::Chain),
+            (Some(c), Some(_)) => (client_key(c.peer), Tenure::Claimed),
+            (Some(c), _) => (client_key(c.peer), Tenure::Connection),
+            (None, o) => (o.clone().unwrap_or_default(), Tenure::Connection),
         };
-        let job = Job::Execute { reply, task, from, origin, relayed, shard: weights, queued, me, prefix: None };
+        let job = Job::Execute { reply, task, from, origin, tenure, shard: weights, queued, me, prefix: None };
         self.inference.submit(job);
     }
 
@@ -303,13 +305,13 @@ impl Node {
         // One read of the counters: the top-level `sessions` is `inference.sessions`.
         let inference = self.inference.stats.to_json();
         // Read at once: the inference thread takes the same lock to submit a relay.
-        let (relays_in_flight, links, binary_links, refused, cancelled_down) = {
+        let (relays_in_flight, links, binary_links, refused, cancelled_down, finished_off_loop) = {
             let r = self.relays.lock();
-            (r.counts().0, r.counts().1, r.binary_links(), r.refused, r.cancelled_down)
+            (r.counts().0, r.counts().1, r.binary_links(), r.refused, r.cancelled_down, r.finished_off_loop)
         };
         let live = format!(
             ",\"uptime_ms\":{},\"sessions\":{},\"connections\":{},\"connection_counts\":{},\"encryption\":{},\"uploaded\":{},\"downloads\":{},\"peer_wire\":{},\"dht\":{},\
-            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{}}}}}}}",
+            \"inference\":{},\"relays\":{{\"in_flight\":{},\"links\":{},\"binary_links\":{},\"refused\":{},\"cancelled_down\":{},\"finished_off_loop\":{}}}}}}}",
             self.started.elapsed().as_millis(),
             inference["sessions"],
             self.census.total(),
@@ -325,6 +327,7 @@ impl Node {
             binary_links,
             refused,
             cancelled_down,
+            finished_off_loop,
         );
         out.extend_from_slice(live.as_bytes());
         out
@@ -394,6 +397,7 @@ impl Node {
             "download_limits": {
                 "max_downloads": self.config.max_downloads,
                 "max_downloads_per_client": self.config.max_downloads_per_client,
+                "max_downloads_strangers": strangers_download_cap(self.config.max_downloads),
                 "max_download_peers": self.config.max_download_peers,
                 "disk_budget": self.config.disk_budget,
                 "disk_reserve": self.config.disk_reserve,
@@ -458,8 +462,8 @@ impl Node {
             }
         }
         let started = Instant::now();
-        let client = self.conn(token).map(|c| client_key(c.peer)).unwrap_or_default();
-        let path = match self.begin_load(id, &p, &client) {
+        let caller = self.caller(token);
+        let path = match self.begin_load(id, &p, &caller) {
             Ok(path) => path,
             Err((code, msg)) => return reply_err(self, code, msg),
         };
@@ -477,9 +481,8 @@ impl Node {
 
     /// Starts loading shard `id` (from the shards dir, or downloading it first) unless a load is
     /// under way; `on_loaded` answers whoever waits in `loading`. Returns the file's path.
-    /// `client` ([`client_key`]) is charged with a download this starts
-    /// (`--max-downloads-per-client`).
-    fn begin_load(&mut self, id: u32, p: &LoadShard, client: &str) -> Result<PathBuf, (ErrorCode, String)> {
+    /// `caller` is charged with a download this starts (`--max-downloads-per-client`).
+    fn begin_load(&mut self, id: u32, p: &LoadShard, caller: &Caller) -> Result<PathBuf, (ErrorCode, String)> {
         // Pinned: a file here is used only when its info hash is the manifest's (a manifest not
         // here yet is fetched first, see `download_shard`).
         // Unpinned, a manifest.json that lists the shard is held to the same way (a request's
@@ -538,7 +541,7 @@ impl Node {
             }
         };
         if !local {
-            self.download_shard(id, p, &path, client)?;
+            self.download_shard(id, p, &path, caller)?;
         }
         let first = !self.loading.contains_key(&id);
         self.loading.entry(id).or_default();
@@ -555,7 +558,7 @@ impl Node {
         id: u32,
         p: &LoadShard,
         path: &std::path::Path,
-        client: &str,
+        caller: &Caller,
     ) -> Result<(), (ErrorCode, String)> {
         if !self.config.enable_torrent {
             return Err(self.not_found_message(id));
@@ -583,18 +586,22 @@ impl Node {
             if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {
                 return Ok(()); // joins the download under way (not one that failed)
             }
-            return if self.dht_find_peers(h, Some(id), name, Some(client.to_string())) {
+            return if self.dht_find_peers(h, Some(id), name, Some(caller.clone())) {
                 Ok(())
             } else {
                 Err(no_dht("no peers were given"))
             };
         }
-        self.start_download(h, None, &name, &p.peers, Some(id), Some(client))
+        self.start_download(h, None, &name, &p.peers, Some(id), Some(caller))
     }
 
     /// `DOWNLOAD`: starts fetching a torrent into the shards dir; progress
     /// shows in STATUS `downloads`.
-    fn download_command(&mut self, d: crate::protocol::Download, client: &str) -> Result<Value, (ErrorCode, String)> {
+    fn download_command(
+        &mut self,
+        d: crate::protocol::Download,
+        caller: &Caller,
+    ) -> Result<Value, (ErrorCode, String)> {
         if !self.config.enable_torrent {
             return Err((ErrorCode::TorrentUnavailable, "this node runs without --enable-torrent".into()));
         }
@@ -617,7 +624,7 @@ impl Node {
             );
         }
         let name = meta.as_ref().map_or_else(|| d.info_hash.to_hex(), |m| m.info.name.clone());
-        self.start_download(d.info_hash, meta, &name, &d.peers, None, Some(client))?;
+        self.start_download(d.info_hash, meta, &name, &d.peers, None, Some(caller))?;
         Ok(json!({"info_hash": d.info_hash.to_hex(), "status": "downloading"}))
     }
 
@@ -639,8 +646,11 @@ impl Node {
     /// withdrawn steps), and relays in flight are answered `CANCELLED` with a `CANCEL` sent down
     /// their link. Another connection's requests of the same ids are untouched. Returns the
     /// relays withdrawn.
-    fn cancel_command(&mut self, token: Token, ids: &[Value]) -> usize {
-        let Some(conn_id) = self.conn(token).map(|c| c.id) else { return 0 };
+    /// The `CANCEL` of `ids` from the connection `token`, on the loop's side: its steps waiting for
+    /// a shard and its relays in flight are answered `CANCELLED`. The ids withdrawn, and how many
+    /// of them were relays.
+    fn cancel_command(&mut self, token: Token, ids: &[Value]) -> (Vec<Value>, usize) {
+        let Some(conn_id) = self.conn(token).map(|c| c.id) else { return (Vec::new(), 0) };
         let mut withdrawn = Vec::new();
         for tasks in self.pending_tasks.values_mut() {
             let (gone, kept): (Vec<_>, Vec<_>) =
@@ -649,6 +659,7 @@ impl Node {
             withdrawn.extend(gone);
         }
         self.pending_tasks.retain(|_, tasks| !tasks.is_empty());
+        let mut ids_withdrawn: Vec<Value> = withdrawn.iter().map(|(reply, ..)| reply.request_id.clone()).collect();
         for (reply, ..) in withdrawn {
             let payload = error_payload(
                 json!("EXECUTE_TASK"),
@@ -658,11 +669,11 @@ impl Node {
             );
             self.on_answer(reply.token, reply.conn_id, reply.reserved, &payload);
         }
-        self.inference.cancel_requests(conn_id, ids.to_vec());
         let answers = self.relays.lock().cancel_requests(self.poll.registry(), conn_id, ids, Instant::now());
         let n = answers.len();
+        ids_withdrawn.extend(answers.iter().map(|a| a.reply.request_id.clone()));
         self.deliver(answers);
-        n
+        (ids_withdrawn, n)
     }
 
     /// Answers every request waiting for shard `id` with an error.
@@ -855,6 +866,35 @@ fn loaded_json(s: &LoadedShard, source: &str, started: Instant) -> Value {
 /// commonly given a whole /64, so per address one attacker was 2^64 clients; red-team round 8
 /// filled `--max-relays` from four addresses of one /64), and the address with its port on
 /// loopback (where every local client shares the IP).
+impl Node {
+    /// The caller on connection `token`, for download shares (see [`Caller`]).
+    pub(super) fn caller(&mut self, token: Token) -> Caller {
+        let Some(c) = self.conn(token) else { return Caller { key: String::new(), stranger: true } };
+        let local = *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok());
+        let same_host = local.is_some_and(|l| l.ip() == c.peer.ip());
+        Caller { key: client_key(c.peer), stranger: !same_host && !c.auth.established() }
+    }
+}
+
+/// Who asked for a download: charged with it under `--max-downloads-per-client`, and, when a
+/// stranger, under the strangers' share of `--max-downloads` ([`strangers_download_cap`]).
+#[derive(Clone, Debug)]
+pub(super) struct Caller {
+    /// [`client_key`] of its address.
+    pub key: String,
+    /// Neither authenticated with the cluster key nor on the node's own host (a connection
+    /// whose peer address is the address it reached: the host talking to itself).
+    pub stranger: bool,
+}
+
+/// Downloads that strangers' commands may hold at once under `--max-downloads` `total`: three
+/// quarters of it (at least 1), so the operator (on the node's host) and cluster members (keyed)
+/// always find a slot however many addresses a stranger uses (red-team round 11: two addresses
+/// took all 8).
+pub fn strangers_download_cap(total: usize) -> usize {
+    (total - total / 4).max(1)
+}
+
 pub(super) fn client_key(peer: std::net::SocketAddr) -> String {
     let ip = super::limits::ip_key(peer.ip());
     if peer.ip().is_loopback() || ip.is_loopback() {

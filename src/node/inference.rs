@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender, unbounded};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
 use memmap2::Mmap;
 use mio::{Token, Waker};
 use serde_json::{Value, json};
@@ -55,9 +55,8 @@ pub enum Job {
         from: Option<String>,
         /// The client as the node identifies it: keys the per-client session quota.
         origin: String,
-        /// Sent by a relaying node (it names an `origin`): the session it opens belongs to the
-        /// chain, not to the link's connection, which other chains share.
-        relayed: bool,
+        /// How long the session outlives the connection the step came on.
+        tenure: Tenure,
         shard: ShardFile,
         queued: Instant,
         /// This node's address, for the hop list of the answer.
@@ -72,6 +71,23 @@ pub enum Job {
         /// The client's key, as for `Execute` (replaced by that of the session's queued steps).
         origin: String,
     },
+}
+
+/// How long a session outlives the connection its step came on (red-team round 11: any client
+/// naming an `origin` kept its sessions, and their KV memory, after it closed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tenure {
+    /// The connection's: its sessions end when its peer closes it.
+    Connection,
+    /// A relaying node's chain, over an authenticated (cluster-key) link that other chains
+    /// share: the link closing ends nothing; `END_SESSION` or eviction does.
+    Chain,
+    /// A connection on a node without a cluster key that names an `origin`: it says it relays,
+    /// which nothing proves. Its sessions outlive it (a relay link closes when its callers have
+    /// gone while other chains' sessions live on, their next steps coming on a new link), but
+    /// only until idle for `--orphan-session-idle`, and they count against the connection's address
+    /// meanwhile, as every session on an open node does.
+    Claimed,
 }
 
 /// The part of a long step computed in earlier rounds: a round whose prefill would hold up other
@@ -149,11 +165,22 @@ enum Msg {
         end_sessions: bool,
     },
     /// A `CANCEL` from connection `conn_id`: its queued steps with these request ids are
-    /// answered `CANCELLED`, not computed.
+    /// answered `CANCELLED`, not computed; then the `CANCEL` itself (`answer`).
     Cancel {
         conn_id: u64,
         request_ids: Vec<Value>,
+        answer: CancelAnswer,
     },
+}
+
+/// The answer to a `CANCEL` the inference thread completes: `{request_ids, relays}`, the ids the
+/// loop withdrew (waiting for a shard, relayed; `relays` of them relayed) and then those it takes
+/// off its queue. A step computing when the `CANCEL` came is not listed: it is answered as
+/// computed, or `CANCELLED` if its graph stops because no step in it is wanted any more.
+pub struct CancelAnswer {
+    pub reply: ReplyTo,
+    pub withdrawn: Vec<Value>,
+    pub relays: usize,
 }
 
 /// The steps of the graph computing now, as (connection id, request id), shared by the event
@@ -230,11 +257,13 @@ pub struct Inference {
 }
 
 impl Inference {
-    /// The inference thread. With `direct`, it submits relay requests to the shared relays
-    /// itself (written to the next hop's socket at once when its link has nothing queued);
-    /// without, it hands them to the event loop as `NodeEvent::Relay`.
+    /// The inference thread; sessions of closed [`Tenure::Claimed`] connections end once idle
+    /// for `orphan_idle` (`--orphan-session-idle`). With `direct`, it submits relay requests to
+    /// the shared relays itself (written to the next hop's socket at once when its link has
+    /// nothing queued); without, it hands them to the event loop as `NodeEvent::Relay`.
     pub fn spawn(
         cfg: EngineConfig,
+        orphan_idle: Duration,
         events: Sender<NodeEvent>,
         waker: Arc<Waker>,
         direct: Option<relay::Direct>,
@@ -250,7 +279,7 @@ impl Inference {
         let wake = (early_wake, pool_wake.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, rx, Outlet { events, waker, direct }, s, r, wake))
+            .spawn(move || worker(cfg, orphan_idle, rx, Outlet { events, waker, direct }, s, r, wake))
             .expect("spawning the inference thread");
         Inference { jobs, stats, running, pool_wake }
     }
@@ -285,9 +314,9 @@ impl Inference {
 
     /// A `CANCEL` from connection `conn_id`: its steps `request_ids` still queued are answered
     /// `CANCELLED` uncomputed, and a graph computing only withdrawn steps stops early.
-    pub fn cancel_requests(&self, conn_id: u64, request_ids: Vec<Value>) {
+    pub fn cancel_requests(&self, conn_id: u64, request_ids: Vec<Value>, answer: CancelAnswer) {
         self.running.forget(|c, id| c == conn_id && request_ids.contains(id));
-        let _ = self.jobs.send(Msg::Cancel { conn_id, request_ids });
+        let _ = self.jobs.send(Msg::Cancel { conn_id, request_ids, answer });
     }
 }
 
@@ -361,12 +390,14 @@ impl Outlet {
         };
         let (answers, wake) = direct.relays.lock().submit_direct(&direct.registry, out, Instant::now());
         for a in answers {
-            let _ = self.events.send(NodeEvent::Answer {
-                token: a.reply.token,
-                conn_id: a.reply.conn_id,
-                reserved: a.reply.reserved,
-                payload: a.payload,
-            });
+            // Only a refusal or a failed hop comes back at once: a finished frame (made here if
+            // it were a large relayed answer, as the loop's finisher would).
+            let payload = match a.body {
+                relay::Body::Frame(payload) => payload,
+                relay::Body::Finish(finish) => finish.frame(),
+            };
+            let (token, conn_id, reserved) = (a.reply.token, a.reply.conn_id, a.reply.reserved);
+            let _ = self.events.send(NodeEvent::Answer { token, conn_id, reserved, payload });
         }
         if wake {
             let _ = self.waker.wake();
@@ -376,6 +407,7 @@ impl Outlet {
 
 fn worker(
     cfg: EngineConfig,
+    orphan_idle: Duration,
     jobs: Receiver<Msg>,
     outlet: Outlet,
     stats: Arc<InferStats>,
@@ -389,7 +421,7 @@ fn worker(
     let mut queued_sessions: HashMap<String, (String, usize)> = HashMap::new();
     // Session id -> the connection that owns it (see `Inference::closed`), and connections
     // whose peer closed them, whose sessions are to be ended.
-    let mut owners = Owners { by_session: HashMap::new(), closed: Vec::new(), prune_at: cfg.max_sessions * 2 + 64 };
+    let mut owners = Owners::new(cfg.max_sessions, orphan_idle);
     let mut engine = Engine::new(cfg);
     match &mut engine {
         Ok(e) => {
@@ -409,13 +441,18 @@ fn worker(
         // Continuous batching: whatever queued while the last graph ran is scheduled now.
         if queue.is_empty() {
             let idle = Instant::now();
-            let msg = jobs.recv();
+            // Waiting for work, or for the next orphaned session to have been idle long enough.
+            let msg = match owners.next_expiry(&engine, idle) {
+                None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                Some(at) => jobs.recv_deadline(at),
+            };
             gather.idle(idle.elapsed());
             match msg {
                 Ok(msg) => {
                     receive(&mut queue, &mut queued_sessions, &mut gather, &mut owners, msg, &stats, &send);
                 }
-                Err(_) => return,
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => return,
             }
         }
         while let Ok(msg) = jobs.try_recv() {
@@ -434,7 +471,7 @@ fn worker(
             }
             stats.gather_us.fetch_add(waited.elapsed().as_micros() as u64, Ordering::Relaxed);
         }
-        owners.end_closed(&mut engine, &stats);
+        owners.end_closed(&mut engine, &stats, Instant::now());
         if queue.is_empty() {
             // Everything that queued was cancelled.
             continue;
@@ -457,7 +494,7 @@ fn worker(
         let mut again: Vec<Job> = Vec::new();
         for (i, job) in round.into_iter().enumerate() {
             match job {
-                Job::Execute { reply, mut task, from, origin, relayed, shard, queued, me, prefix } => {
+                Job::Execute { reply, mut task, from, origin, tenure, shard, queued, me, prefix } => {
                     // A new session without a token gets one; a relay passes it down the chain.
                     if task.session_token.is_none() {
                         match crate::protocol::auth::random_bytes::<16>() {
@@ -470,7 +507,7 @@ fn worker(
                     let group_key = |t: &ExecuteTask, m: &Arc<Mmap>| (t.shard_id, m.as_ptr() as usize, tokens(t) <= 1);
                     let key = group_key(&task, &shard.map);
                     let rest = rests.remove(&i);
-                    let job = ExecuteJob { reply, task, from, origin, relayed, shard, queued, me, prefix, rest };
+                    let job = ExecuteJob { reply, task, from, origin, tenure, shard, queued, me, prefix, rest };
                     match groups.iter_mut().find(|g| group_key(&g[0].task, &g[0].shard.map) == key) {
                         Some(g) => g.push(job),
                         None => groups.push(vec![job]),
@@ -494,6 +531,7 @@ fn worker(
                     let freed = engine.as_mut().map_or(0, |e| e.end_session_as(&session_id, session_token.as_deref()));
                     if freed > 0 {
                         owners.by_session.remove(&session_id);
+                        owners.orphans.remove(&session_id);
                     }
                     let payload = success_payload(
                         "END_SESSION",
@@ -527,35 +565,75 @@ fn worker(
 }
 
 /// Which connection owns each session this node computes for: the one its last step came on
-/// (a relayed step's session belongs to the chain, not the link: it is not counted). When a
-/// connection's peer closes it, the sessions it owns are ended ([`Inference::closed`]).
+/// (a keyed relay's step's session belongs to the chain, not the link: it is not counted). When a
+/// connection's peer closes it, the sessions it owns are ended ([`Inference::closed`]), those it
+/// opened as a [`Tenure::Claimed`] relay once they have been idle for `orphan_idle`.
 struct Owners {
-    by_session: HashMap<String, u64>,
+    by_session: HashMap<String, (u64, Tenure)>,
     /// Connections closed by their peer, whose sessions are ended before the next round.
     closed: Vec<u64>,
+    /// Sessions of closed [`Tenure::Claimed`] connections, ended once idle for `orphan_idle`
+    /// (a step of one on another connection owns it again).
+    orphans: std::collections::HashSet<String>,
+    orphan_idle: Duration,
     /// Past this many entries, those of sessions the engine no longer holds (evicted) go.
     prune_at: usize,
 }
 
 impl Owners {
-    /// Ends the sessions of the connections in `closed` (STATUS `inference.sessions_closed`).
-    fn end_closed(&mut self, engine: &mut Result<Engine, crate::engine::EngineError>, stats: &InferStats) {
-        if self.closed.is_empty() {
+    fn new(max_sessions: usize, orphan_idle: Duration) -> Owners {
+        Owners {
+            by_session: HashMap::new(),
+            closed: Vec::new(),
+            orphans: Default::default(),
+            orphan_idle,
+            prune_at: max_sessions * 2 + 64,
+        }
+    }
+
+    /// Ends the sessions of the connections in `closed` (STATUS `inference.sessions_closed`), and
+    /// orphans idle for `orphan_idle` at `now`.
+    fn end_closed(
+        &mut self,
+        engine: &mut Result<Engine, crate::engine::EngineError>,
+        stats: &InferStats,
+        now: Instant,
+    ) {
+        if self.closed.is_empty() && self.orphans.is_empty() {
             return;
         }
         let Ok(engine) = engine.as_mut() else {
             self.closed.clear();
+            self.orphans.clear();
             return;
         };
         let mut ended = 0u64;
         for conn_id in std::mem::take(&mut self.closed) {
-            let ids: Vec<String> =
-                self.by_session.iter().filter(|(_, c)| **c == conn_id).map(|(id, _)| id.clone()).collect();
-            for id in ids {
+            let ids: Vec<(String, Tenure)> = self
+                .by_session
+                .iter()
+                .filter(|(_, (c, _))| *c == conn_id)
+                .map(|(id, (_, t))| (id.clone(), *t))
+                .collect();
+            for (id, tenure) in ids {
                 self.by_session.remove(&id);
-                if engine.end_session(&id) > 0 {
+                if tenure == Tenure::Claimed {
+                    self.orphans.insert(id);
+                } else if engine.end_session(&id) > 0 {
                     ended += 1;
                 }
+            }
+        }
+        let expired: Vec<String> = self
+            .orphans
+            .iter()
+            .filter(|id| engine.idle_for(id, now).is_none_or(|idle| idle >= self.orphan_idle))
+            .cloned()
+            .collect();
+        for id in expired {
+            self.orphans.remove(&id);
+            if engine.end_session(&id) > 0 {
+                ended += 1;
             }
         }
         if ended > 0 {
@@ -567,9 +645,19 @@ impl Owners {
         }
     }
 
+    /// When the next orphan could be idle long enough to end (the inference thread's wait).
+    fn next_expiry(&self, engine: &Result<Engine, crate::engine::EngineError>, now: Instant) -> Option<Instant> {
+        let engine = engine.as_ref().ok()?;
+        self.orphans
+            .iter()
+            .map(|id| now + self.orphan_idle.saturating_sub(engine.idle_for(id, now).unwrap_or(self.orphan_idle)))
+            .min()
+    }
+
     /// Records `conn_id` as the owner of `session_id` (a step of it computed for that connection).
-    fn own(&mut self, session_id: &str, conn_id: u64, engine: &Engine) {
-        self.by_session.insert(session_id.to_string(), conn_id);
+    fn own(&mut self, session_id: &str, conn_id: u64, tenure: Tenure, engine: &Engine) {
+        self.orphans.remove(session_id);
+        self.by_session.insert(session_id.to_string(), (conn_id, tenure));
         if self.by_session.len() > self.prune_at {
             self.by_session.retain(|id, _| engine.has_session(id));
         }
@@ -705,21 +793,27 @@ fn receive(
             enqueue(queue, queued_sessions, *job, stats, send);
             key
         }
-        Msg::Cancel { conn_id, request_ids } => {
+        Msg::Cancel { conn_id, request_ids, answer } => {
             let gone = queue.remove(
                 |j| matches!(j, Job::Execute { reply, .. } if reply.conn_id == conn_id && request_ids.contains(&reply.request_id)),
             );
             stats.queued.fetch_sub(gone.len() as u64, Ordering::Relaxed);
             stats.cancelled.fetch_add(gone.len() as u64, Ordering::Relaxed);
+            let mut withdrawn = Vec::new();
             for job in gone {
                 if let Job::Execute { task, reply, .. } = job {
                     left_queue(queued_sessions, &task.session_id);
                     let msg = "withdrawn by CANCEL before it was computed";
                     let payload =
                         error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), ErrorCode::Cancelled, msg);
+                    withdrawn.push(reply.request_id.clone());
                     let _ = send(reply, payload);
                 }
             }
+            let CancelAnswer { reply, withdrawn: mut ids, relays } = answer;
+            ids.extend(withdrawn);
+            let payload = success_payload("CANCEL", &reply.request_id, json!({ "request_ids": ids, "relays": relays }));
+            let _ = send(reply, payload);
             None
         }
         Msg::Closed { conn_id, end_sessions } => {
@@ -796,7 +890,7 @@ struct ExecuteJob {
     task: ExecuteTask,
     from: Option<String>,
     origin: String,
-    relayed: bool,
+    tenure: Tenure,
     shard: ShardFile,
     queued: Instant,
     me: SocketAddr,
@@ -835,8 +929,8 @@ fn run_group(
             // first step opened it (even if that step failed).
             for ((j, out), existed) in group.iter().zip(&outcomes).zip(existed) {
                 let id = &j.task.session_id;
-                if !j.relayed && (out.is_ok() || (!existed && engine.has_session(id))) {
-                    owners.own(id, j.reply.conn_id, engine);
+                if j.tenure != Tenure::Chain && (out.is_ok() || (!existed && engine.has_session(id))) {
+                    owners.own(id, j.reply.conn_id, j.tenure, engine);
                 }
             }
             outcomes
@@ -860,7 +954,7 @@ fn run_group(
         }
     }
     for (job, outcome) in group.into_iter().zip(outcomes) {
-        let ExecuteJob { reply, mut task, from, origin, relayed, me, shard, queued, prefix, rest } = job;
+        let ExecuteJob { reply, mut task, from, origin, tenure, me, shard, queued, prefix, rest } = job;
         let payload = match outcome {
             Err((code, msg)) => error_payload(json!("EXECUTE_TASK"), reply.request_id.clone(), code, &msg),
             Ok(Done::Part(out)) => {
@@ -876,7 +970,7 @@ fn run_group(
                 task.pos += n as u32;
                 task.input = rest.expect("a part has a rest");
                 let prefix = Some(Prefix { tokens: done, output });
-                again.push(Job::Execute { reply, task, from, origin, relayed, shard, queued, me, prefix });
+                again.push(Job::Execute { reply, task, from, origin, tenure, shard, queued, me, prefix });
                 continue;
             }
             Ok(Done::Result((mut result, section))) => {

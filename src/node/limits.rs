@@ -9,7 +9,7 @@
 //! a refused command connection gets a `TOO_MANY_CONNECTIONS` error frame, anything
 //! else is just closed. At the peer-wire caps a newcomer sheds the accepted peer-wire
 //! connection that is least useful ([`Node::shed_least_useful`]): one still in its handshake
-//! (MSE or BitTorrent) first, else the one that exchanged no request or block for longest,
+//! (MSE or BitTorrent) first, else the one that moved no whole block's bytes for longest,
 //! once that is over `--peer-shed-grace`. A quarter of `--max-peer-connections` is kept for the
 //! node's own dials ([`inbound_peer_cap`]), and a handshake unfinished [`PEER_HANDSHAKE_TIMEOUT`]
 //! after the connection began is closed (red-team round 10: 8 addresses x 32 plaintext
@@ -444,7 +444,7 @@ impl Node {
 
     /// Closes the least useful accepted peer-wire connection `filter` accepts, false if none
     /// may be shed: one still in its handshake (MSE or BitTorrent; the one waiting longest since
-    /// its last input) first, else the handshaken one whose last request or block
+    /// its last input) first, else the handshaken one whose last whole block's bytes moved
     /// (`swarm::Peer::useful_at`, from its handshake on) is oldest, if that is over
     /// `--peer-shed-grace` ago. A peer busy with a download is thus never shed for a newcomer,
     /// and connections that only keep alive make room for one.
@@ -480,7 +480,7 @@ impl Node {
         let Some((victim, since)) = inactive_victim else { return false };
         self.census.stats.shed_inactive_peers += 1;
         let secs = now.saturating_duration_since(since).as_secs();
-        self.close(victim, &format!("shed (no request or block for {secs} s) to make room: {why}"));
+        self.close(victim, &format!("shed (no whole block moved for {secs} s) to make room: {why}"));
         true
     }
 

@@ -173,6 +173,8 @@ pub struct Node {
     pool: WorkerPool,
     /// One thread writing verified pieces, so writes to a file never contend.
     disk: WorkerPool,
+    /// One thread making large relayed answers into their callers' frames (`relay::Finish`).
+    finisher: WorkerPool,
     node_id: [u8; 20],
     started: Instant,
     /// In `on_readable`: peer input defers its pump to the end of the turn.
@@ -288,7 +290,13 @@ impl Node {
                 }
             },
         };
-        let inference = inference::Inference::spawn(engine_config, events_tx.clone(), waker.clone(), direct);
+        let inference = inference::Inference::spawn(
+            engine_config,
+            config.orphan_session_idle,
+            events_tx.clone(),
+            waker.clone(),
+            direct,
+        );
         match (&config.cluster_key_file, &config.key_warning) {
             (None, _) => warn!(
                 "no cluster key: this node is open to anyone who reaches port {} (commands, downloads, \
@@ -325,6 +333,7 @@ impl Node {
             scan: ScanProgress::default(),
             pool,
             disk: WorkerPool::new("disk", 1),
+            finisher: WorkerPool::new("relay", 1),
             node_id,
             started: Instant::now(),
             served: Vec::new(),
@@ -766,10 +775,25 @@ impl Node {
         self.relays.lock().cancel(self.poll.registry(), conn_id, Instant::now());
     }
 
-    /// Hands finished relay answers to the connections that asked.
+    /// Hands relay answers to the connections that asked: a finished frame at once, a large one
+    /// once the `relay` thread has made it (see [`relay::FINISH_ON_LOOP`]).
     fn deliver(&mut self, answers: Vec<relay::Answer>) {
         for a in answers {
-            self.on_answer(a.reply.token, a.reply.conn_id, a.reply.reserved, &a.payload);
+            match a.body {
+                relay::Body::Frame(payload) => {
+                    self.on_answer(a.reply.token, a.reply.conn_id, a.reply.reserved, &payload)
+                }
+                relay::Body::Finish(finish) => {
+                    self.relays.lock().finished_off_loop += 1;
+                    let (events, waker, reply) = (self.events_tx.clone(), self.waker.clone(), a.reply);
+                    self.finisher.handle().submit(move || {
+                        let payload = finish.frame();
+                        let (token, conn_id, reserved) = (reply.token, reply.conn_id, reply.reserved);
+                        let _ = events.send(NodeEvent::Answer { token, conn_id, reserved, payload });
+                        let _ = waker.wake();
+                    });
+                }
+            }
         }
     }
 }

@@ -80,6 +80,9 @@ pub struct Download {
     /// under `--max-downloads-per-client`; `None` for the node's own (a pinned manifest's shard
     /// resolved through the DHT).
     client: Option<String>,
+    /// Started by a stranger ([`Caller::stranger`](super::handlers::Caller)): counted in the
+    /// strangers' share of `--max-downloads`.
+    stranger: bool,
     resume_dirty: bool,
     resume_saved: Instant,
     pub failed: Option<String>,
@@ -262,6 +265,7 @@ impl Node {
     /// requests where there is room, runs the swarm's actions, and writes.
     pub(super) fn pump(&mut self, h: InfoHash) {
         let now = Instant::now();
+        self.check_revival(h, now);
         let mut budget = self.upload_bucket.available(now);
         let start_budget = budget;
         let mut touched = Vec::new();
@@ -284,7 +288,7 @@ impl Node {
             if swarm.has_queued(key) && !conn.connecting {
                 let room = PEER_OUT_HIGH.saturating_sub(conn.pending_output());
                 let mut mine = share.min(budget);
-                let served = swarm.serve(key, room, &mut mine, &mut blocks);
+                let served = swarm.serve(key, room, &mut mine, &mut blocks, now);
                 budget = budget.saturating_sub(served);
             }
             let peer = swarm.peers.get_mut(&key).expect("listed");
@@ -385,11 +389,13 @@ impl Node {
         if let (Some(buf), Some(swarm)) = (buffer, self.swarms.get_mut(&h)) {
             swarm.recycle(buf);
         }
-        if let Some(e) = write_error {
-            // The disk, not the peers: stop this download with the reason.
-            return self.fail_download(h, e);
-        }
         let Some(swarm) = self.swarms.get_mut(&h) else { return };
+        if let Some(e) = write_error {
+            // The disk, not the peers (a full disk: ENOSPC): this download stops, its `.part`
+            // and resume data kept; the others go on (red-team round 11: all failed at once).
+            let why = format!("{e}; stopped with its .part and resume data kept: resume it by the same command");
+            return self.stop_download(h, crate::protocol::ErrorCode::DiskBudget, why);
+        }
         if ok {
             debug!("{}: piece {piece} verified", swarm.name);
         } else {
@@ -522,6 +528,73 @@ impl Node {
         self.status_cache = None;
     }
 
+    /// Stops download `h` as [`Node::abort_download`] does, its verified pieces recorded first in
+    /// its resume data, so the same `DOWNLOAD` or `LOAD_SHARD` later resumes it from its `.part`.
+    fn stop_download(&mut self, h: InfoHash, code: crate::protocol::ErrorCode, why: String) {
+        if let Some(swarm) = self.swarms.get_mut(&h)
+            && let (Some(have), Some(storage)) = (swarm.have().cloned(), swarm.storage_mut())
+        {
+            match storage.resume_job(h, &have) {
+                Ok(Some(job)) => self.pool.handle().submit(move || {
+                    if let Err(e) = job() {
+                        warn!("saving resume data for {h}: {e:#}");
+                    }
+                }),
+                Ok(None) => {}
+                Err(e) => warn!("saving resume data for {h}: {e:#}"),
+            }
+        }
+        self.abort_download(h, code, why);
+    }
+
+    /// A download counted as stalled (no progress for [`OWED_ACTIVE`]: it owed only its window,
+    /// [`owed_bytes`], and others may have been admitted into the rest) that receives blocks again
+    /// owes all it lacks once more: it goes on only if that still fits the free space above
+    /// `--disk-reserve` beside what the other downloads owe; otherwise it stops (`DISK_BUDGET`, its
+    /// `.part` and resume data kept) before it writes past the reserve. Called with each pump.
+    fn check_revival(&mut self, h: InfoHash, now: Instant) {
+        let (Some(d), Some(s)) = (self.downloads.get(&h), self.swarms.get(&h)) else { return };
+        if d.failed.is_some()
+            || s.is_complete()
+            || s.downloaded <= d.progress_mark.0
+            || now.duration_since(d.progress_at) < OWED_ACTIVE
+        {
+            return;
+        }
+        let Some(total) = s.total_length() else { return };
+        let lacks = total.saturating_sub(s.verified_bytes());
+        let (downloaded, pending) = (s.downloaded, self.owed_by_others(h, now));
+        let dir = &self.config.shards_dir;
+        let free = match crate::torrent::storage::free_space(dir) {
+            Ok(f) => f,
+            Err(e) => return warn!("free space of {}: {e}", dir.display()),
+        };
+        let reserve = self.config.disk_reserve;
+        if lacks > free.saturating_sub(reserve).saturating_sub(pending) {
+            let why = format!(
+                "its peers sent blocks again after a stall, but the {lacks} bytes it lacks no longer fit: \
+                 {free} are free, {reserve} reserved (--disk-reserve) and {pending} owed to downloads under way; \
+                 stopped with its .part and resume data kept: resume it by the same command when there is room"
+            );
+            return self.stop_download(h, crate::protocol::ErrorCode::DiskBudget, why);
+        }
+        if let Some(d) = self.downloads.get_mut(&h) {
+            (d.progress_at, d.progress_mark.0) = (now, downloaded);
+        }
+    }
+
+    /// What the downloads under way other than `except` are counted to still need on disk
+    /// ([`owed_bytes`]).
+    fn owed_by_others(&self, except: InfoHash, now: Instant) -> u64 {
+        self.active_downloads(except)
+            .filter_map(|(o, d)| {
+                let s = &self.swarms[o];
+                let active = now.duration_since(d.progress_at) < OWED_ACTIVE;
+                s.total_length().map(|t| owed_bytes(t, s.verified_bytes(), active))
+            })
+            .sum()
+    }
+
     /// Downloads under way (not finished, not failed), other than `except`.
     fn active_downloads(&self, except: InfoHash) -> impl Iterator<Item = (&InfoHash, &Download)> {
         self.downloads.iter().filter(move |(h, d)| {
@@ -587,14 +660,7 @@ impl Node {
             return Err((ErrorCode::WrongType, format!("torrent {h} declares 0 bytes: a GGUF file is never empty")));
         }
         let dir = &self.config.shards_dir;
-        let pending: u64 = self
-            .active_downloads(h)
-            .filter_map(|(o, d)| {
-                let s = &self.swarms[o];
-                let active = Instant::now().duration_since(d.progress_at) < OWED_ACTIVE;
-                s.total_length().map(|t| owed_bytes(t, s.verified_bytes(), active))
-            })
-            .sum();
+        let pending = self.owed_by_others(h, Instant::now());
         let free = crate::torrent::storage::free_space(dir)
             .map_err(|e| (ErrorCode::Internal, format!("free space of {}: {e}", dir.display())))?;
         let usable = free.saturating_sub(self.config.disk_reserve).saturating_sub(pending);
@@ -634,7 +700,7 @@ impl Node {
         name: &str,
         peers: &[SocketAddr],
         shard_id: Option<u32>,
-        client: Option<&str>,
+        client: Option<&super::handlers::Caller>,
     ) -> Result<(), (crate::protocol::ErrorCode, String)> {
         use crate::protocol::ErrorCode;
         let new_swarm = !self.swarms.contains_key(&h);
@@ -649,7 +715,22 @@ impl Node {
                     ),
                 ));
             }
-            if let Some(client) = client {
+            if client.is_some_and(|c| c.stranger) {
+                let cap = super::handlers::strangers_download_cap(self.config.max_downloads);
+                let strangers = self.active_downloads(h).filter(|(_, d)| d.stranger).count();
+                if strangers >= cap {
+                    return Err((
+                        ErrorCode::DownloadLimit,
+                        format!(
+                            "{strangers} downloads under way were started by callers without the cluster key from \
+                             other hosts, their share of --max-downloads {} ({cap}; the rest is kept for this host \
+                             and keyed members); try again later",
+                            self.config.max_downloads
+                        ),
+                    ));
+                }
+            }
+            if let Some(client) = client.map(|c| c.key.as_str()) {
                 let mine = self.active_downloads(h).filter(|(_, d)| d.client.as_deref() == Some(client)).count();
                 if mine >= self.config.max_downloads_per_client {
                     return Err((
@@ -686,6 +767,7 @@ impl Node {
             started: Instant::now(),
             shard_id,
             client: None,
+            stranger: false,
             resume_dirty: false,
             resume_saved: Instant::now(),
             failed: None,
@@ -700,7 +782,8 @@ impl Node {
             // charged to the client that started it now.
             (d.progress_at, d.progress_mark) = (Instant::now(), (0, 0));
             d.dialled.clear();
-            d.client = client.map(str::to_string);
+            d.client = client.map(|c| c.key.clone());
+            d.stranger = client.is_some_and(|c| c.stranger);
         }
         d.failed = None;
         for p in peers {
@@ -782,7 +865,7 @@ impl Node {
             }
         }
         // The node's own download makes room for its dials at the peer-wire cap: accepted peers
-        // still in their handshake or with no request or block past --peer-shed-grace go first,
+        // still in their handshake or that moved no whole block past --peer-shed-grace go first,
         // a few a pass (red-team round 11: strangers' idle connections, 128 accepted beside 128
         // dials to tarpits, left the owner's download with no peer for 40 s). Busy peers and the
         // node's own dials are never shed.

@@ -53,8 +53,9 @@ const LATE_IDS: usize = 256;
 /// sent) goes to this node's log only, so relays do not tell a stranger what listens where.
 const NOT_SHARDNET: &str = "did not answer as a shardnet node";
 /// The largest frame a link takes beside answers to relayed requests: the cluster-key handshake's
-/// and `CANCEL`'s answers (a few hundred bytes each).
-const CONTROL_FRAME: usize = 16 * 1024;
+/// (a few hundred bytes) and `CANCEL`'s answers (the ids it withdrew: at most
+/// `MAX_CANCEL_IDS` (1,024) relay ids of up to 20 digits, ~22 KB).
+const CONTROL_FRAME: usize = 32 * 1024;
 
 /// What bounds relays (`--max-relays`, `--max-relays-per-client`, `--relay-link-buffer`,
 /// `--relay-memory`, `--io-timeout`).
@@ -107,10 +108,63 @@ pub struct Expect {
     pub max_bytes: usize,
 }
 
-/// A finished frame for a caller.
+/// A frame for a caller.
 pub struct Answer {
     pub reply: ReplyTo,
-    pub payload: Vec<u8>,
+    pub body: Body,
+}
+
+/// What an [`Answer`] carries.
+pub enum Body {
+    /// The frame, finished.
+    Frame(Vec<u8>),
+    /// A next hop's binary answer with a data section over [`FINISH_ON_LOOP`]: our caller's frame
+    /// is made of it off the event loop ([`Finish::frame`]).
+    Finish(Finish),
+}
+
+/// The largest data section a relayed answer is made into its caller's frame with on the event
+/// loop. Past it (a hidden state or logits of several tokens: `all_logits` for 64 tokens is
+/// 12.6 MB at SmolLM2's vocabulary, 16.8 MB in base64) the copy, and for a JSON caller the
+/// base64 and JSON text, are made on the `relay` thread: measured, one such answer held the
+/// loop (another client's STATUS) for 126 ms.
+pub const FINISH_ON_LOOP: usize = 1 << 20;
+
+/// A next hop's answer to be made our caller's frame: `answer` is its header (our request id and
+/// hop already in it), `payload[data_at..]` its raw tensors.
+pub struct Finish {
+    answer: Value,
+    payload: Vec<u8>,
+    data_at: usize,
+    encoding: Encoding,
+    next: Hop,
+}
+
+impl Finish {
+    /// Our caller's frame, in the form it asked for: to a binary caller the data section goes on
+    /// untouched; to a JSON caller raw tensors become base64. A data section that does not match
+    /// its header is the next hop's failure (`HOP_FAILED`).
+    pub fn frame(mut self) -> Vec<u8> {
+        let data = &self.payload[self.data_at..];
+        match self.encoding {
+            Encoding::Binary => {
+                let header = serde_json::to_vec(&self.answer).expect("JSON values serialize");
+                let mut payload = Vec::with_capacity(binary::PREFIX_LEN + header.len() + data.len());
+                binary::encode(&header, data, &mut payload);
+                payload
+            }
+            Encoding::Base64 => match binary::inline_tensors(&mut self.answer, data, &RESULT_TENSORS) {
+                Ok(()) => serde_json::to_vec(&self.answer).expect("JSON values serialize"),
+                Err((_, why)) => {
+                    let msg = format!(
+                        "next hop {} (shard {}) answered a bad binary frame: {why}",
+                        self.next.address, self.next.shard_id
+                    );
+                    hop_failed_frame(&self.answer["request_id"], &self.next, &msg)
+                }
+            },
+        }
+    }
 }
 
 /// Where a link stands with the cluster-key handshake.
@@ -231,6 +285,9 @@ pub struct Relays {
     /// Relays withdrawn from a link that stayed open, with a `CANCEL` sent down it (STATUS
     /// `relays.cancels_sent`).
     pub cancelled_down: u64,
+    /// Answers made into their callers' frames off the loop ([`Body::Finish`]; STATUS
+    /// `relays.finished_off_loop`).
+    pub finished_off_loop: u64,
     /// Where a link's socket is read into ([`READ_CHUNK`] bytes, allocated once).
     scratch: Vec<u8>,
     /// Command connections closed with work in flight ([`Relays::cancel`]), the last
@@ -284,6 +341,7 @@ impl Relays {
             queued: 0,
             refused: 0,
             cancelled_down: 0,
+            finished_off_loop: 0,
             scratch: Vec::new(),
             gone: HashSet::new(),
             gone_order: VecDeque::new(),
@@ -333,7 +391,7 @@ impl Relays {
         crate::debug!("relay to {} refused: {why}", out.next.address);
         let v = json!({"command": "EXECUTE_TASK", "request_id": out.reply.request_id, "status": "error",
             "error": format!("this node cannot relay now: {why}; retry later"), "code": ErrorCode::Busy.as_str()});
-        vec![Answer { reply: out.reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }]
+        vec![Answer { reply: out.reply, body: Body::Frame(serde_json::to_vec(&v).expect("JSON values serialize")) }]
     }
 
     /// Relays in flight and open links, for STATUS.
@@ -547,7 +605,8 @@ impl Relays {
                 let v = json!({"command": "EXECUTE_TASK", "request_id": p.reply.request_id, "status": "error",
                     "error": "withdrawn by CANCEL", "code": ErrorCode::Cancelled.as_str()});
                 let reply = ReplyTo { request_id: p.reply.request_id.clone(), ..p.reply };
-                answers.push(Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") });
+                answers
+                    .push(Answer { reply, body: Body::Frame(serde_json::to_vec(&v).expect("JSON values serialize")) });
             }
         }
         for (token, ids) in self.withdraw(ids) {
@@ -676,17 +735,41 @@ impl Relays {
                     break;
                 }
                 Decoded::Frame { len } => {
-                    let body: Vec<u8> = link.input.drain(..frame::HEADER_LEN + len).skip(frame::HEADER_LEN).collect();
+                    // The frame taken whole (a move when it is all that is buffered), not byte by byte.
+                    let total = frame::HEADER_LEN + len;
+                    let mut body = if link.input.len() == total {
+                        std::mem::take(&mut link.input)
+                    } else {
+                        let rest = link.input.split_off(total);
+                        std::mem::replace(&mut link.input, rest)
+                    };
+                    body.drain(..frame::HEADER_LEN);
                     let payload = match &mut link.auth {
                         LinkAuth::Open | LinkAuth::Hello(_) => body,
                         LinkAuth::Proof { rx, .. } | LinkAuth::Ready { rx, .. } => match rx.open(&body) {
-                            Ok(p) => p.to_vec(),
+                            Ok(p) => {
+                                // The payload is the frame less its tag.
+                                let n = p.len();
+                                body.truncate(n);
+                                body
+                            }
                             Err(e) => {
                                 closed = Some(format!("an answer failed its MAC: {e}"));
                                 break;
                             }
                         },
                     };
+                    // Every relayed request asks a binary answer: a JSON frame past
+                    // FINISH_ON_LOOP (a next hop from before binary frames, or one answering what
+                    // was not asked) would be parsed on the loop, holding every other client.
+                    if !binary::is_binary(&payload) && payload.len() > FINISH_ON_LOOP {
+                        closed = Some(format!(
+                            "a JSON answer of {} bytes where a binary one was asked (at most {FINISH_ON_LOOP} bytes \
+                             of JSON are taken)",
+                            payload.len()
+                        ));
+                        break;
+                    }
                     // A binary answer: its header is parsed, its data section passed on as it is.
                     let (header, data) = if binary::is_binary(&payload) {
                         match binary::split(&payload) {
@@ -699,6 +782,7 @@ impl Relays {
                     } else {
                         (&payload[..], &[][..])
                     };
+                    let data_at = payload.len() - data.len();
                     let Ok(answer) = serde_json::from_slice::<Value>(header) else {
                         closed = Some("the next hop sent a frame that is not JSON".into());
                         break;
@@ -733,7 +817,7 @@ impl Relays {
                                 Ok(())
                             };
                             match shape {
-                                Ok(()) => answers.push(relay_answer(p, answer, data, now)),
+                                Ok(()) => answers.push(relay_answer(p, answer, payload, data_at, now)),
                                 Err(why) => {
                                     let msg = format!(
                                         "next hop {} (shard {}) answered what was not asked: {why}",
@@ -837,12 +921,11 @@ impl Link {
 /// caller wants JSON.
 const RESULT_TENSORS: [&str; 2] = ["/result/hidden", "/result/logits"];
 
-/// Our caller's frame from the next hop's answer (`answer`, and `data`, the data section of a
-/// binary one): its request id, our hop first in `hops`, or the error with the hop that failed;
-/// in the form our caller asked for. To a binary caller the data section goes on untouched (a
-/// JSON answer becomes a binary frame with its tensors in base64, which binary frames allow); to
-/// a JSON caller raw tensors are converted to base64 here.
-fn relay_answer(p: Pending, mut answer: Value, data: &[u8], now: Instant) -> Answer {
+/// Our caller's answer from the next hop's (`answer`, its header, and `payload[data_at..]`, the
+/// data section of a binary one): its request id, our hop first in `hops`, or the error with the
+/// hop that failed; in the form our caller asked for ([`Finish::frame`]), made here when the data
+/// section is small, else off the loop ([`Body::Finish`]).
+fn relay_answer(p: Pending, mut answer: Value, payload: Vec<u8>, data_at: usize, now: Instant) -> Answer {
     answer["request_id"] = p.reply.request_id.clone();
     if answer["status"] == "error" {
         if answer.get("failed_hop").is_none() {
@@ -853,36 +936,27 @@ fn relay_answer(p: Pending, mut answer: Value, data: &[u8], now: Instant) -> Ans
         me["next_rtt_ms"] = json!(now.duration_since(p.sent).as_secs_f64() * 1e3);
         hops.insert(0, me);
     }
-    match p.encoding {
-        Encoding::Binary => {
-            let header = serde_json::to_vec(&answer).expect("JSON values serialize");
-            let mut payload = Vec::with_capacity(binary::PREFIX_LEN + header.len() + data.len());
-            binary::encode(&header, data, &mut payload);
-            Answer { reply: p.reply, payload }
-        }
-        Encoding::Base64 => match binary::inline_tensors(&mut answer, data, &RESULT_TENSORS) {
-            Ok(()) => Answer { reply: p.reply, payload: serde_json::to_vec(&answer).expect("JSON values serialize") },
-            Err((_, why)) => {
-                let msg = format!(
-                    "next hop {} (shard {}) answered a bad binary frame: {why}",
-                    p.next.address, p.next.shard_id
-                );
-                hop_failed(p.reply, &p.next, &msg)
-            }
-        },
-    }
+    let big = payload.len() - data_at > FINISH_ON_LOOP;
+    let finish = Finish { answer, payload, data_at, encoding: p.encoding, next: p.next };
+    let body = if big { Body::Finish(finish) } else { Body::Frame(finish.frame()) };
+    Answer { reply: p.reply, body }
 }
 
 fn internal_error(reply: ReplyTo, msg: &str) -> Answer {
     let v = json!({"command": "EXECUTE_TASK", "request_id": reply.request_id, "status": "error",
         "error": msg, "code": ErrorCode::Internal.as_str()});
-    Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }
+    Answer { reply, body: Body::Frame(serde_json::to_vec(&v).expect("JSON values serialize")) }
 }
 
 fn hop_failed(reply: ReplyTo, next: &Hop, msg: &str) -> Answer {
-    let v = json!({"command": "EXECUTE_TASK", "request_id": reply.request_id, "status": "error",
+    let body = Body::Frame(hop_failed_frame(&reply.request_id, next, msg));
+    Answer { reply, body }
+}
+
+fn hop_failed_frame(request_id: &Value, next: &Hop, msg: &str) -> Vec<u8> {
+    let v = json!({"command": "EXECUTE_TASK", "request_id": request_id, "status": "error",
         "error": msg, "code": ErrorCode::HopFailed.as_str(), "failed_hop": hop_json(next)});
-    Answer { reply, payload: serde_json::to_vec(&v).expect("JSON values serialize") }
+    serde_json::to_vec(&v).expect("JSON values serialize")
 }
 
 pub fn hop_json(h: &Hop) -> Value {

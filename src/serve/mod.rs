@@ -16,6 +16,7 @@
 //! keep-alive 60 s, each write 30 s).
 
 pub mod chain;
+pub mod gate;
 pub mod guard;
 pub mod http;
 pub mod metrics;
@@ -83,6 +84,9 @@ pub struct ServeConfig {
     /// have running or waiting at once; `Some(0)`: no bound; `None`: the default,
     /// [`ServeConfig::requests_per_client`].
     pub max_requests_per_client: Option<usize>,
+    /// `--max-renders`: requests prepared (parsed, chat rendered, tokenized) at once
+    /// ([`gate`]).
+    pub max_renders: usize,
     pub limits: Limits,
     /// Who may call: `--cors-origin`, `--allowed-host`, `--api-key-file` ([`guard`]).
     pub access: Access,
@@ -100,6 +104,7 @@ impl Default for ServeConfig {
             parallel: DEFAULT_PARALLEL,
             queue: 16,
             max_requests_per_client: None,
+            max_renders: gate::default_max(),
             limits: Limits::default(),
             access: Access::default(),
         }
@@ -136,6 +141,8 @@ struct Shared {
     conns: Mutex<HashMap<u64, Tracked>>,
     /// Completions running or waiting, per client ([`crate::node::limits::ip_key`] of its address).
     clients: Mutex<HashMap<IpAddr, usize>>,
+    /// Places for preparing requests (`--max-renders`).
+    renders: gate::Gate,
     started: u64,
 }
 
@@ -197,6 +204,7 @@ impl Server {
     pub fn bind(cfg: ServeConfig) -> Result<Server> {
         let listener = TcpListener::bind(cfg.listen).with_context(|| format!("listening on {}", cfg.listen))?;
         let (jobs, jobs_rx) = bounded(cfg.queue.max(1));
+        let renders = gate::Gate::new(cfg.max_renders);
         let shared = Arc::new(Shared {
             cfg,
             metrics: Arc::new(Metrics::default()),
@@ -204,6 +212,7 @@ impl Server {
             jobs,
             conns: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
+            renders,
             started: unix_now(),
         });
         Ok(Server { listener, shared, jobs_rx: Some(jobs_rx) })
@@ -350,7 +359,9 @@ const LINGER_BYTES: usize = 4 << 20;
 
 /// Answers one request; whether the connection can take another.
 fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
-    let path = req.path.trim_end_matches('/');
+    // A trailing `/` is forgiven, but not after `/v1/models/`: what follows it is a model id,
+    // and an empty one (`/v1/models/`, `/v1/models//`) is no model (404, as OpenAI answers).
+    let path = if req.path.starts_with("/v1/models/") { req.path.as_str() } else { req.path.trim_end_matches('/') };
     let endpoint =
         match path {
             "" | "/health" | "/metrics" | "/v1/models" | "/v1/chat/completions" | "/v1/completions" => {
@@ -421,7 +432,8 @@ fn route(s: &Shared, conn: &mut Conn, req: &Request) -> bool {
             (status, respond_json(w, status, &body, ka).is_ok())
         }
         ("GET", "/metrics") => {
-            let text = s.metrics.render();
+            let mut text = s.metrics.render();
+            s.renders.render(&mut text);
             (200, write_response(w, 200, "text/plain; version=0.0.4", &[], text.as_bytes(), ka).is_ok())
         }
         ("GET", "/v1/models") => match s.chain.model() {
@@ -635,7 +647,22 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// `POST /v1/chat/completions` and `/v1/completions`: (status, connection still usable).
 fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka: &Reply) -> (u16, bool) {
-    let (params, prep) = match prepare(s, endpoint, &req.body) {
+    // Parsing, rendering and tokenizing take a place among `--max-renders`.
+    let pass = match s.renders.enter(gate::RENDER_WAIT, WATCH_EVERY, || peer_closed(&conn.stream)) {
+        Ok(pass) => pass,
+        Err(gate::Refused::Gone) => return (0, false),
+        Err(gate::Refused::Timeout) => {
+            let e = ApiError::unavailable(format!(
+                "{} requests are being prepared (--max-renders) and none finished within {} s; try again",
+                s.cfg.max_renders,
+                gate::RENDER_WAIT.as_secs()
+            ));
+            return (503, respond_error(&mut conn.stream, &e, ka).is_ok());
+        }
+    };
+    let prepared = prepare(s, endpoint, &req.body);
+    drop(pass);
+    let (params, prep) = match prepared {
         Ok(p) => p,
         Err(e) => return (e.status, respond_error(&mut conn.stream, &e, ka).is_ok()),
     };

@@ -357,6 +357,9 @@ fn install_hint(need: &str) -> String {
         "aria2c" => "apt-get install aria2".into(),
         "transmission-show" | "transmission-remote" => "apt-get install transmission-cli".into(),
         "chromedriver" => "apt-get install chromium-driver".into(),
+        "unshare" => {
+            "apt-get install util-linux (the test also needs user and mount namespaces: `unshare -rm true`)".into()
+        }
         n if n.starts_with("pip:") => format!("python3 -m pip install {}", &n[4..]),
         n if n.starts_with("python3-") || !n.contains('/') => format!("apt-get install {n}"),
         _ => "make models".into(),

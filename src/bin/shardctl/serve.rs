@@ -31,6 +31,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
                 "--queue",
                 "--parallel",
                 "--max-requests-per-client",
+                "--max-renders",
                 "--max-body",
                 "--batch",
                 "--load-timeout",
@@ -87,6 +88,7 @@ pub fn serve(o: &Opts, flags: &[&str]) -> Result<()> {
         },
         queue: f.num("--queue", sc.queue).max(1),
         max_requests_per_client: f.has("--max-requests-per-client").then(|| f.num("--max-requests-per-client", 0)),
+        max_renders: f.num("--max-renders", sc.max_renders).max(1),
         limits: Limits { max_body: f.num("--max-body", sc.limits.max_body), ..sc.limits },
         access: Access { cors_origins, allowed_hosts, api_key },
     };

@@ -45,6 +45,10 @@ pub const MAX_METADATA: u64 = 8 * 1024 * 1024;
 /// moves the output into the connection after each read turn, so this bounds what one turn of
 /// requests can add beyond the rejects (each no larger than its request).
 pub const MAX_METADATA_OUT: usize = 64 * 1024;
+/// Bytes of blocks a peer must move (served to it or received from it) to count as useful for
+/// another `--peer-shed-grace`: one whole block. A slow but real leecher or seed moves that
+/// much; a peer that only asks (1-byte requests, keep-alives) does not.
+pub const USEFUL_BYTES: u64 = BLOCK_SIZE as u64;
 /// Failed pieces a peer may send before it is banned.
 const MAX_STRIKES: u32 = 2;
 
@@ -130,10 +134,14 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
-    /// When the peer last took part in a real exchange (a request of ours it answered with a block,
-    /// or a valid request of its own queued), or its connection began: a node at its peer caps sheds
-    /// the accepted connection useful longest ago (`Node::shed_least_useful`).
+    /// When the bytes of blocks moved with the peer (served to it, or received from it as asked)
+    /// last added up to a whole block ([`USEFUL_BYTES`]), or its connection began: a node at its
+    /// peer caps sheds the accepted connection useful longest ago (`Node::shed_least_useful`).
+    /// Requests alone do not count: a 1-byte request of an allowed-fast piece every 20 s held a
+    /// slot for good (red-team round 11).
     pub useful_at: Instant,
+    /// Bytes of blocks moved with the peer since `useful_at`, under [`USEFUL_BYTES`].
+    moved: u64,
     /// How many blocks to keep asked of it, and the measurements behind that.
     pipe: RequestWindow,
     /// Private swarms: this peer's proof of the cluster key.
@@ -145,6 +153,16 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// `bytes` of blocks moved with the peer at `now`: each whole [`USEFUL_BYTES`] moves
+    /// `useful_at` to `now`.
+    fn moved(&mut self, bytes: u64, now: Instant) {
+        self.moved += bytes;
+        if self.moved >= USEFUL_BYTES {
+            self.moved %= USEFUL_BYTES;
+            self.useful_at = now;
+        }
+    }
+
     /// Whether it may see our pieces: a public swarm, or a peer that proved the cluster key.
     fn proved(&self) -> bool {
         self.proof.as_ref().is_none_or(|x| x.proved)
@@ -357,6 +375,7 @@ impl Swarm {
             uploaded: 0,
             last_block: now,
             useful_at: now,
+            moved: 0,
             pipe: RequestWindow::new(now),
             proof,
             fast: fast::PeerFast::default(),
@@ -469,13 +488,7 @@ impl Swarm {
             }
             Message::Have(i) => self.on_have(key, i)?,
             Message::Bitfield(bytes) => self.on_bitfield(key, bytes)?,
-            Message::Request(b) => {
-                if self.on_request(key, b)?
-                    && let Some(p) = self.peers.get_mut(&key)
-                {
-                    p.useful_at = now;
-                }
-            }
+            Message::Request(b) => self.on_request(key, b)?,
             Message::Cancel(b) => {
                 let peer = self.peers.get_mut(&key).ok_or_else(|| anyhow!("unknown peer"))?;
                 let before = peer.queue.len();
@@ -543,8 +556,8 @@ impl Swarm {
         Ok(())
     }
 
-    /// A peer's request: `Ok(true)` when it was queued to be served.
-    fn on_request(&mut self, key: PeerKey, b: Block) -> Result<bool> {
+    /// A peer's request: queued to be served, or dropped (a plain peer we choke).
+    fn on_request(&mut self, key: PeerKey, b: Block) -> Result<()> {
         let Some(picker) = &self.picker else { return Err(anyhow!("request before metadata")) };
         if !picker.lengths().valid_request(&b) {
             return Err(anyhow!("request {b:?} out of range or over {BLOCK_SIZE} bytes"));
@@ -553,14 +566,14 @@ impl Swarm {
             return Err(anyhow!("request for piece {} which we do not have", b.index));
         }
         if self.peer(key)?.am_choking && !self.request_while_choked(key, b)? {
-            return Ok(false); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
+            return Ok(()); // plain peer: may cross an unchoke in flight; dropped, as BEP 3 allows
         }
         let peer = self.peer(key)?;
         if peer.queue.len() >= MAX_PEER_REQUESTS {
             return Err(anyhow!("more than {MAX_PEER_REQUESTS} requests queued"));
         }
         peer.queue.push_back(b);
-        Ok(true)
+        Ok(())
     }
 
     fn on_piece(&mut self, key: PeerKey, index: u32, begin: u32, data: &[u8], now: Instant) -> Result<()> {
@@ -575,7 +588,7 @@ impl Swarm {
         peer.pipe.on_block(data.len() as u64, asked, now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
-        peer.useful_at = now;
+        peer.moved(data.len() as u64, now);
         let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
@@ -787,7 +800,7 @@ impl Swarm {
     /// message header and where its data is in [`Swarm::view`] (the node
     /// sends the bytes from the map, after the peer's `out`). Returns the
     /// bytes served.
-    pub fn serve(&mut self, key: PeerKey, room: usize, budget: &mut u64, out: &mut Vec<Served>) -> u64 {
+    pub fn serve(&mut self, key: PeerKey, room: usize, budget: &mut u64, out: &mut Vec<Served>, now: Instant) -> u64 {
         let (Some(_), Some(picker)) = (&self.storage, &self.picker) else { return 0 };
         let Some(peer) = self.peers.get_mut(&key) else { return 0 };
         let l = picker.lengths();
@@ -803,6 +816,7 @@ impl Swarm {
             *budget -= b.length as u64;
         }
         peer.uploaded += served;
+        peer.moved(served, now);
         self.uploaded += served;
         served
     }

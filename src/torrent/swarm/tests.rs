@@ -73,7 +73,7 @@ fn a_seed_and_a_leech_exchange_a_file_without_sockets() {
     for _ in 0..10_000 {
         deliver(&mut leech, 1, &mut seed, 2, &mut to_seed, false);
         let (mut budget, mut served) = (u64::MAX, Vec::new());
-        seed.serve(2, 1 << 20, &mut budget, &mut served);
+        seed.serve(2, 1 << 20, &mut budget, &mut served, Instant::now());
         let view = seed.view().unwrap();
         let out = &mut seed.peers.get_mut(&2).unwrap().out;
         for b in served {
@@ -165,7 +165,7 @@ fn a_bursty_peer_gets_a_window_that_doubles_each_burst() {
         windows.push(leech.peers[&1].requested.len());
         // One burst: everything asked so far, at once.
         let (mut budget, mut served) = (u64::MAX, Vec::new());
-        seed.serve(2, 64 << 20, &mut budget, &mut served);
+        seed.serve(2, 64 << 20, &mut budget, &mut served, Instant::now());
         let view = seed.view().unwrap();
         let out = &mut seed.peers.get_mut(&2).unwrap().out;
         for b in served {

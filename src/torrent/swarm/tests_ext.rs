@@ -327,9 +327,45 @@ fn a_choked_fast_peer_is_served_its_allowed_fast_pieces() {
     msg(&mut s, k, Message::Request(no)).unwrap();
     assert_eq!(sent(&mut s, k), vec![Message::RejectRequest(no)]);
     let (mut budget, mut served) = (u64::MAX, Vec::new());
-    s.serve(k, 1 << 20, &mut budget, &mut served);
+    s.serve(k, 1 << 20, &mut budget, &mut served, Instant::now());
     assert_eq!(served.len(), 1);
     assert_eq!(served[0].header, wire::piece_header(ok.index, 0, 16384));
+}
+
+/// Red-team round 11: a peer that only pokes (a 1-byte request of an allowed-fast piece now and
+/// then) is not useful; a whole block's worth of bytes served, in any number of requests, is.
+#[test]
+fn a_peer_is_useful_for_the_bytes_it_moved_not_for_its_requests() {
+    let f = fixture("useful");
+    let mut s = seed(&f);
+    for k in 1..=UNCHOKE_SLOTS as u64 {
+        connect(&mut s, k, &format!("127.0.0.1:{k}"), false, false);
+        msg(&mut s, k, Message::Interested).unwrap();
+    }
+    let k = 100;
+    connect(&mut s, k, "10.1.2.3:4", true, false);
+    let t0 = s.peers[&k].useful_at;
+    msg(&mut s, k, Message::Interested).unwrap();
+    let set = fast::allowed_fast_set("10.1.2.3".parse().unwrap(), &f.meta.info_hash, 16, ALLOWED_FAST_SET);
+    let serve = |s: &mut Swarm, now: Instant| {
+        let (mut budget, mut served) = (u64::MAX, Vec::new());
+        s.serve(k, 1 << 20, &mut budget, &mut served, now)
+    };
+    // Pokes, each served: the peer's usefulness does not move.
+    let mut now = t0;
+    for i in 0..100u32 {
+        now += Duration::from_secs(20);
+        let poke = Block { index: set[0], begin: i, length: 1 };
+        s.on_message(k, Message::Request(poke), now).unwrap();
+        assert_eq!(serve(&mut s, now), 1);
+        assert_eq!(s.peers[&k].useful_at, t0, "a 1-byte request made the peer useful");
+    }
+    // The rest of a block (16 KiB moved in all, 100 bytes of it in pokes): useful from then on.
+    now += Duration::from_secs(1);
+    let rest = Block { index: set[1], begin: 0, length: 16384 - 100 };
+    s.on_message(k, Message::Request(rest), now).unwrap();
+    assert_eq!(serve(&mut s, now), 16384 - 100);
+    assert_eq!(s.peers[&k].useful_at, now);
 }
 
 // ---- PEX (BEP 11) ----

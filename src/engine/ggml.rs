@@ -829,34 +829,6 @@ pub struct Backend {
     pool: Option<NonNull<sys::ggml_threadpool>>,
     /// Set while a graph runs: ggml stops it after the node in progress (see [`Backend::set_abort`]).
     abort: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
-    /// Set by [`Backend::early_wake`]: the pool is paused after each graph and resumed ahead of
-    /// the next one through this handle.
-    wake: Option<PoolWake>,
-}
-
-/// A handle on a backend's thread pool for another thread: [`PoolWake::resume`] wakes its
-/// workers ahead of the next graph (they poll for it, then sleep again once the graph after it is
-/// done). The pool is gone (resume does nothing) once its backend is dropped.
-#[derive(Clone)]
-pub struct PoolWake(std::sync::Arc<std::sync::Mutex<Option<PoolPtr>>>);
-
-struct PoolPtr(NonNull<sys::ggml_threadpool>);
-
-// SAFETY: ggml's pause and resume take the pool's own mutex; the pointer is used only under
-// `PoolWake`'s lock, and cleared under it before the pool is freed.
-unsafe impl Send for PoolPtr {}
-
-impl PoolWake {
-    /// Wakes the pool's workers if it is paused (`ggml_threadpool_resume`: the pool's mutex and a
-    /// condition broadcast, a few us); they poll for the next graph for up to ggml's poll level 1
-    /// (about 131k spin rounds) and then sleep on the pool's condition until it comes.
-    pub fn resume(&self) {
-        let pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = &*pool {
-            // SAFETY: the pool lives while the handle holds it (cleared before it is freed).
-            unsafe { sys::ggml_threadpool_resume(p.0.as_ptr()) };
-        }
-    }
 }
 
 /// ggml's abort callback: reads the flag [`Backend::set_abort`] gave (checked by the CPU
@@ -883,35 +855,7 @@ impl Backend {
             if let Some(p) = pool {
                 sys::ggml_backend_cpu_set_threadpool(raw.as_ptr(), p.as_ptr());
             }
-            Ok(Backend { raw, galloc, threads: threads.max(1), pool, abort: None, wake: None })
-        }
-    }
-
-    /// Makes the pool wake-able ahead of a graph: a new pool, started paused, polling at level 1,
-    /// replaces the sleeping one; it is paused again after every graph (idle, its workers sleep
-    /// on its condition: no CPU), and the handle's [`PoolWake::resume`] wakes them before the
-    /// graph is built, so their wake-up overlaps the caller's work instead of delaying the
-    /// graph's first barrier. A graph on a paused pool resumes it itself (ggml's kickoff), so a
-    /// missed resume costs only the wake-up. `None` when ggml could not make the pool (the
-    /// sleeping one stays).
-    pub fn early_wake(&mut self) -> Option<PoolWake> {
-        if let Some(w) = &self.wake {
-            return Some(w.clone());
-        }
-        // SAFETY: plain constructors, checked for null; the old pool is replaced on the backend
-        // (which pauses it) before it is freed, and no graph runs meanwhile (`&mut self`).
-        unsafe {
-            let mut params = sys::ggml_threadpool_params_default(self.threads as i32);
-            params.poll = 1;
-            params.paused = true;
-            let pool = NonNull::new(sys::ggml_threadpool_new(&mut params))?;
-            sys::ggml_backend_cpu_set_threadpool(self.raw.as_ptr(), pool.as_ptr());
-            if let Some(old) = self.pool.replace(pool) {
-                sys::ggml_threadpool_free(old.as_ptr());
-            }
-            let wake = PoolWake(std::sync::Arc::new(std::sync::Mutex::new(Some(PoolPtr(pool)))));
-            self.wake = Some(wake.clone());
-            Some(wake)
+            Ok(Backend { raw, galloc, threads: threads.max(1), pool, abort: None })
         }
     }
 
@@ -959,10 +903,6 @@ impl Backend {
                 sys::ggml_backend_tensor_set(t.as_ptr(), data.as_ptr() as *const c_void, 0, data.len());
             }
             let status = sys::ggml_backend_graph_compute(self.raw.as_ptr(), graph.graph.as_ptr());
-            if let (Some(p), Some(_)) = (self.pool, &self.wake) {
-                // Asleep until the next step is queued (`PoolWake::resume`) or its graph starts.
-                sys::ggml_threadpool_pause(p.as_ptr());
-            }
             if status == sys::ggml_status_GGML_STATUS_ABORTED {
                 return Err(ABORTED.into());
             }
@@ -999,11 +939,7 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        if let Some(w) = &self.wake {
-            // No resume from another thread after this.
-            w.0.lock().unwrap_or_else(|e| e.into_inner()).take();
-        }
-        // SAFETY: both created in `cpu` (the pool perhaps in `early_wake`), freed once.
+        // SAFETY: both created in `cpu`, freed once.
         unsafe {
             sys::ggml_backend_free(self.raw.as_ptr());
             if let Some(p) = self.pool {

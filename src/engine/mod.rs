@@ -359,13 +359,6 @@ impl Engine {
         self.backend.set_abort(flag);
     }
 
-    /// A handle another thread uses to wake ggml's workers as a step is queued, before its graph
-    /// is built ([`ggml::Backend::early_wake`]); from then on the pool sleeps between graphs
-    /// paused. `None` when ggml could not make the pool.
-    pub fn early_wake(&mut self) -> Option<ggml::PoolWake> {
-        self.backend.early_wake()
-    }
-
     /// Frees every cache of `session_id`, whoever owns it; returns how many there were.
     pub fn end_session(&mut self, session_id: &str) -> usize {
         let keys: Vec<(String, u32)> = self.sessions.keys().filter(|(id, _)| id == session_id).cloned().collect();

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, unbounded};
@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 use super::gather::{self, Gather};
 use super::schedule::{self, Queued, Scheduler};
 use super::{NodeEvent, relay};
-use crate::engine::ggml::PoolWake;
 use crate::engine::{Claim, Engine, EngineConfig, Input, Output, PREFILL_GRANULE, Step, Want};
 use crate::gguf::reader::Gguf;
 use crate::protocol::tensor::{f32_to_json, f32_to_raw};
@@ -251,9 +250,6 @@ pub struct Inference {
     jobs: Sender<Msg>,
     pub stats: Arc<InferStats>,
     running: Arc<Running>,
-    /// Wakes ggml's workers as a step is queued (set by the inference thread once its engine
-    /// runs; see [`crate::engine::ggml::Backend::early_wake`]).
-    pool_wake: Arc<OnceLock<PoolWake>>,
 }
 
 impl Inference {
@@ -272,25 +268,14 @@ impl Inference {
         let stats = Arc::new(InferStats::default());
         let running = Arc::new(Running::default());
         let (s, r) = (stats.clone(), running.clone());
-        let pool_wake = Arc::new(OnceLock::new());
-        // SHARDNET_EARLY_WAKE=1 wakes ggml's workers as the loop queues a step (an A/B switch for
-        // `make bench`; off by default: it measured no better on a 2-vCPU VM, see ARCHITECTURE).
-        let early_wake = std::env::var("SHARDNET_EARLY_WAKE").as_deref() == Ok("1");
-        let wake = (early_wake, pool_wake.clone());
         std::thread::Builder::new()
             .name("inference".into())
-            .spawn(move || worker(cfg, orphan_idle, rx, Outlet { events, waker, direct }, s, r, wake))
+            .spawn(move || worker(cfg, orphan_idle, rx, Outlet { events, waker, direct }, s, r))
             .expect("spawning the inference thread");
-        Inference { jobs, stats, running, pool_wake }
+        Inference { jobs, stats, running }
     }
 
     pub fn submit(&self, job: Job) {
-        if matches!(job, Job::Execute { .. })
-            && let Some(w) = self.pool_wake.get()
-        {
-            // ggml's workers wake while the inference thread is woken and builds the graph.
-            w.resume();
-        }
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
         let _ = self.jobs.send(Msg::Job(Box::new(job)));
     }
@@ -412,7 +397,6 @@ fn worker(
     outlet: Outlet,
     stats: Arc<InferStats>,
     running: Arc<Running>,
-    (early_wake, pool_wake): (bool, Arc<OnceLock<PoolWake>>),
 ) {
     let mut relay_ids = 0u64;
     let mut queue: Scheduler<Job> = Scheduler::new(limits(&cfg));
@@ -424,12 +408,7 @@ fn worker(
     let mut owners = Owners::new(cfg.max_sessions, orphan_idle);
     let mut engine = Engine::new(cfg);
     match &mut engine {
-        Ok(e) => {
-            e.set_abort_flag(running.abort.clone());
-            if early_wake && let Some(w) = e.early_wake() {
-                let _ = pool_wake.set(w);
-            }
-        }
+        Ok(e) => e.set_abort_flag(running.abort.clone()),
         Err(e) => crate::error!("inference engine failed to start: {e}"),
     }
     // Shard id -> address of the map the engine wrapped, to notice a shard that was reloaded.

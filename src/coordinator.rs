@@ -690,15 +690,15 @@ impl<'e> Coordinator<'e> {
         self.plan[1..].iter().enumerate().map(|(i, a)| json!({"address": a.to_string(), "shard_id": i + 1})).collect()
     }
 
-    /// One step down the chain: `tokens` at `pos`; the last token's logits (sparse when the
-    /// sampler needs only the top k) and each hop's timings.
+    /// One step down the chain: `tokens` at `pos`; the last token's logits (the last hop's top k
+    /// when the sampler needs only those) and each hop's timings.
     fn step(
         &mut self,
         session: &str,
         pos: u32,
         tokens: &[u32],
         want: Option<usize>,
-    ) -> Result<(Vec<f32>, Value), StepError> {
+    ) -> Result<(Logits, Value), StepError> {
         let first = self.plan[0];
         let mut params = json!({
             "task_type": "ai_inference",
@@ -779,13 +779,10 @@ impl<'e> Coordinator<'e> {
         // hop's answer the same way, so a bad answer further down is blamed on its own hop.
         let bad = |why: String| StepError::Node(first, format!("{first} answered what was not asked: {why}"));
         crate::protocol::check_answer(result, output, hops, self.n_vocab).map_err(bad)?;
-        let mut logits = vec![f32::NEG_INFINITY; self.n_vocab];
-        if want.is_some() {
-            for t in result["top_k"].as_array().into_iter().flatten() {
-                if let (Some(id), Some(l)) = (t["id"].as_u64(), t["logit"].as_f64()) {
-                    logits[id as usize] = l as f32;
-                }
-            }
+        let logits = if want.is_some() {
+            // Checked above: ids below n_vocab, each with a number.
+            let top = result["top_k"].as_array().into_iter().flatten();
+            Logits::Top(top.filter_map(|t| Some((t["id"].as_u64()? as u32, t["logit"].as_f64()? as f32))).collect())
         } else {
             let section = crate::protocol::binary::Section::new(&data);
             let (data, rows, cols) =
@@ -794,8 +791,8 @@ impl<'e> Coordinator<'e> {
             if cols != self.n_vocab || rows == 0 {
                 return Err(bad(format!("logits of width {cols}, expected {}", self.n_vocab)));
             }
-            logits = data[(rows - 1) * cols..].to_vec();
-        }
+            Logits::Dense(data[(rows - 1) * cols..].to_vec())
+        };
         Ok((logits, result["hops"].clone()))
     }
 
@@ -809,7 +806,7 @@ impl<'e> Coordinator<'e> {
         tokens: &[u32],
         want: Option<usize>,
         recoveries: &mut usize,
-    ) -> Result<(Vec<f32>, Value)> {
+    ) -> Result<(Logits, Value)> {
         loop {
             if self.cancelled() {
                 return Err(anyhow::Error::new(Cancelled));
@@ -904,7 +901,7 @@ impl<'e> Coordinator<'e> {
         let want = |sampler: &Sampler| sampler.logits_needed().filter(|&k| k <= MAX_TOP_K as usize);
         let mut history = req.prompt.clone();
         let t0 = Instant::now();
-        let mut logits = Vec::new();
+        let mut logits = Logits::Dense(Vec::new());
         let mut pos = 0u32;
         for chunk in req.prompt.chunks(self.cfg.batch.max(1)) {
             let (l, _) = self.run(session, &history, pos, chunk, want(&sampler), &mut summary.recoveries)?;
@@ -920,7 +917,11 @@ impl<'e> Coordinator<'e> {
         let t1 = Instant::now();
         summary.finish = Finish::Length;
         for i in 0..req.max_tokens {
-            let id = sampler.sample(&logits);
+            let id = match &logits {
+                Logits::Dense(row) => sampler.sample(row),
+                // The sampler's pick from the row these make, without building it.
+                Logits::Top(top) => sampler.sample_top(self.n_vocab, top),
+            };
             if i == 0 {
                 summary.ttft_ms = t0.elapsed().as_secs_f64() * 1e3;
             }
@@ -986,6 +987,13 @@ impl<'e> Coordinator<'e> {
             }
         }
     }
+}
+
+/// One step's logits for the sampler: every logit of the last token (`[n_vocab]`), or the last
+/// hop's top-k answer, `(token id, logit)` pairs with ids below `n_vocab` (the rest are `-inf`).
+enum Logits {
+    Dense(Vec<f32>),
+    Top(Vec<(u32, f32)>),
 }
 
 /// Whether `e` is a connection the other side closed (end of file, reset, broken pipe) rather

@@ -253,6 +253,13 @@ impl Sampler {
             cand.truncate(k);
         }
         cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+        self.draw(&cand)
+    }
+
+    /// Picks from `cand`, the top-k cut of every logit in the total order `pick` sorts by
+    /// (logit descending by `total_cmp`, then id ascending): softmax at the temperature, top-p,
+    /// one uniform draw.
+    fn draw(&mut self, cand: &[(u32, f32)]) -> u32 {
         // Softmax at the temperature.
         let t = self.cfg.temperature as f64;
         let max = cand[0].1 as f64;
@@ -278,6 +285,99 @@ impl Sampler {
             }
         }
         cand[keep - 1].0
+    }
+}
+
+impl Sampler {
+    /// What [`Sampler::sample`] picks from a row of `n_vocab` logits that is `-inf` except at
+    /// `top` (a last hop's `top_k` answer: `(id, logit)`, ids below `n_vocab`; a repeated id
+    /// counts with its last logit, as when written into the row in order), without building that
+    /// row: the same penalties on the same candidates, then greedy's best candidate (lowest id on
+    /// ties) or the same top-k cut, padded with the lowest-id `-inf` tokens when `top` holds fewer
+    /// than k, given to the same draw. Where the row's result could hinge on its `-inf` tokens
+    /// (a candidate at `-inf` or NaN after the penalties, no candidate, `top_k` 0, fewer than two
+    /// tokens) it builds the row and calls `sample`. Records the token for the penalties.
+    /// Panics on an id at or past `n_vocab` (as indexing the row would).
+    pub fn sample_top(&mut self, n_vocab: usize, top: &[(u32, f32)]) -> u32 {
+        let dense = |s: &mut Sampler| {
+            let mut row = vec![f32::NEG_INFINITY; n_vocab];
+            for &(id, l) in top {
+                row[id as usize] = l;
+            }
+            s.sample(&row)
+        };
+        if n_vocab < 2 || top.is_empty() || (self.cfg.temperature != 0.0 && self.cfg.top_k == 0) {
+            return dense(self);
+        }
+        // One entry per id, its last logit (a stable sort keeps the answer's order within an id).
+        let mut cand: Vec<(u32, f32)> = top.to_vec();
+        cand.sort_by_key(|c| c.0);
+        let mut unique: Vec<(u32, f32)> = Vec::with_capacity(cand.len());
+        for c in cand {
+            assert!((c.0 as usize) < n_vocab, "token id {} past the vocabulary of {n_vocab}", c.0);
+            match unique.last_mut() {
+                Some(last) if last.0 == c.0 => *last = c,
+                _ => unique.push(c),
+            }
+        }
+        let mut cand = unique;
+        // The penalties, as `penalized` does them on the row: the same operations in the same
+        // order on each candidate (the row's other tokens stay `-inf` under every one of them).
+        if !(self.recent_count.is_empty() && self.sampled.is_empty() && self.cfg.logit_bias.is_empty()) {
+            for (t, l) in cand.iter_mut() {
+                for &(bt, b) in &self.cfg.logit_bias {
+                    if bt == *t {
+                        *l += b;
+                    }
+                }
+                if self.recent_count.contains_key(t) {
+                    *l = if *l <= 0.0 { *l * self.cfg.repeat_penalty } else { *l / self.cfg.repeat_penalty };
+                }
+                if let Some(&count) = self.sampled.get(t) {
+                    *l -= count as f32 * self.cfg.frequency_penalty + self.cfg.presence_penalty;
+                }
+            }
+        }
+        if cand.iter().any(|c| c.1 == f32::NEG_INFINITY || c.1.is_nan()) {
+            return dense(self);
+        }
+        let id = if self.cfg.temperature == 0.0 {
+            // `argmax` on the row: every candidate beats the row's `-inf`; among candidates (in
+            // id order) the first strictly greater wins, so the lowest id on ties.
+            let mut best = cand[0];
+            for &c in &cand[1..] {
+                if c.1 > best.1 {
+                    best = c;
+                }
+            }
+            best.0
+        } else {
+            // The row's total order: candidates (all above `-inf`) by logit then id, then the
+            // `-inf` tokens by id; its first k are what `pick` keeps.
+            let k = self.cfg.top_k.min(n_vocab);
+            cand.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+            cand.truncate(k);
+            if cand.len() < k {
+                let mut ids: Vec<u32> = cand.iter().map(|c| c.0).collect();
+                ids.sort_unstable();
+                let mut next = 0u32;
+                let mut taken = ids.iter().peekable();
+                while cand.len() < k {
+                    if taken.peek() == Some(&&next) {
+                        taken.next();
+                    } else {
+                        cand.push((next, f32::NEG_INFINITY));
+                    }
+                    next += 1;
+                }
+            }
+            self.draw(&cand)
+        };
+        self.push_recent(id);
+        if self.cfg.counts_active() {
+            *self.sampled.entry(id).or_default() += 1;
+        }
+        id
     }
 }
 
@@ -550,6 +650,67 @@ mod tests {
             assert_eq!(Sampler::new(cfg).logits_needed(), None);
         }
         assert_eq!(Sampler::new(SamplerConfig::default()).logits_needed(), Some(1));
+    }
+
+    /// The coordinator's sparse path: `sample_top` on a last hop's top-k answer picks what
+    /// `sample` picks on the row that answer makes (`-inf` elsewhere, a repeated id's last logit),
+    /// step after step (the penalties' state moving alike), over greedy, temperature with top-k
+    /// and top-p, every penalty and bias, ties (few distinct logits, `0.0` against `-0.0`), fewer
+    /// candidates than `top_k`, and logits that overflow to infinities.
+    #[test]
+    fn sample_top_picks_as_sample_on_the_row() {
+        let mut rng = Sampler::new(SamplerConfig { seed: 41, ..Default::default() });
+        let mut cases = 0;
+        for round in 0..600 {
+            let mut r = |n: u64| rng.next_u64() % n;
+            let n_vocab = 2 + r(40) as usize;
+            let greedy = r(3) == 0;
+            let cfg = SamplerConfig {
+                temperature: if greedy { 0.0 } else { [0.3, 0.8, 1.0, 2.5][r(4) as usize] },
+                top_k: [1, 2, 3, 5, 8, 40, 64][r(7) as usize],
+                top_p: [1.0, 0.95, 0.5, 0.1][r(4) as usize],
+                seed: round,
+                repeat_penalty: [1.0, 1.0, 1.3, 0.8, 2.0][r(5) as usize],
+                repeat_last_n: [64, 4, -1][r(3) as usize],
+                presence_penalty: [0.0, 0.0, 0.5, -0.5][r(4) as usize],
+                frequency_penalty: [0.0, 0.0, 0.7, -0.3][r(4) as usize],
+                logit_bias: (0..r(4)).map(|_| (r(n_vocab as u64) as u32, [-100.0, -1.5, 0.5, 3.0][r(4) as usize])).collect(),
+            };
+            let (mut dense, mut sparse) = (Sampler::new(cfg.clone()), Sampler::new(cfg.clone()));
+            let prompt: Vec<u32> = (0..r(8)).map(|_| r(n_vocab as u64) as u32).collect();
+            dense.accept_prompt(&prompt);
+            sparse.accept_prompt(&prompt);
+            for step in 0..20 {
+                let m = 1 + r(n_vocab.min(12) as u64) as usize;
+                let top: Vec<(u32, f32)> = (0..m)
+                    .map(|_| {
+                        let id = r(n_vocab as u64) as u32;
+                        let l = match r(12) {
+                            0 => 0.0,
+                            1 => -0.0,
+                            2 => -3.0e38,
+                            3 => f32::INFINITY,
+                            4 => f32::NEG_INFINITY,
+                            _ => (r(6) as f32 - 2.0) * 0.5,
+                        };
+                        (id, l)
+                    })
+                    .collect();
+                let mut row = vec![f32::NEG_INFINITY; n_vocab];
+                for &(id, l) in &top {
+                    row[id as usize] = l;
+                }
+                let (a, b) = (dense.sample(&row), sparse.sample_top(n_vocab, &top));
+                assert_eq!(a, b, "round {round} step {step}: {cfg:?}, n_vocab {n_vocab}, top {top:?}");
+                cases += 1;
+            }
+        }
+        assert_eq!(cases, 600 * 20);
+        // Ties go to the lowest id, as argmax on the row breaks them, whatever the answer's order.
+        let mut s = Sampler::new(SamplerConfig::default());
+        assert_eq!(s.sample_top(10, &[(7, 1.0), (3, 1.0), (5, 0.5)]), 3);
+        assert_eq!(s.sample_top(10, &[(7, 0.0), (4, -0.0)]), 4, "0.0 and -0.0 tie");
+        assert_eq!(s.sample_top(10, &[(7, 2.0), (3, 1.0), (7, 0.5)]), 3, "a repeated id keeps its last logit");
     }
 
     #[test]

@@ -78,15 +78,17 @@ fn infer_matches_generate_and_survives_a_killed_middle_node() {
 
     // Sampled: the coordinator picks from the last hop's top-k answer (`Sampler::sample_top`)
     // what the one process picks from every logit, with the same seed and penalties.
-    let sampling = [
-        "--temp", "0.9", "--top-k", "8", "--top-p", "0.9", "--seed", "7", "--repeat-penalty", "3",
-        "--frequency-penalty", "1.5", "--presence-penalty", "1.5",
-    ];
+    let sampling: Vec<&str> = "--temp 0.9 --top-k 8 --top-p 0.9 --seed 7 --repeat-penalty 3 \
+        --frequency-penalty 1.5 --presence-penalty 1.5"
+        .split_whitespace()
+        .collect();
     let path = model.to_str().unwrap();
     let common = ["--prompt", PROMPT, "-n", "24", "--ignore-eos"];
-    let sampled = json_of(&shardctl(&[&["--json", "generate", path][..], &common, &sampling].concat()))["tokens"].clone();
+    let sampled =
+        json_of(&shardctl(&[&["--json", "generate", path][..], &common, &sampling].concat()))["tokens"].clone();
     let got =
-        json_of(&shardctl(&[&["--json", "infer", "--bootstrap", &boot][..], &common, &sampling].concat()))["tokens"].clone();
+        json_of(&shardctl(&[&["--json", "infer", "--bootstrap", &boot][..], &common, &sampling].concat()))["tokens"]
+            .clone();
     assert_eq!(got, sampled, "sampled: pipeline and whole model disagree");
     let distinct: std::collections::HashSet<String> =
         sampled.as_array().unwrap().iter().map(|t| t.to_string()).collect();

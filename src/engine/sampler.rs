@@ -674,7 +674,9 @@ mod tests {
                 repeat_last_n: [64, 4, -1][r(3) as usize],
                 presence_penalty: [0.0, 0.0, 0.5, -0.5][r(4) as usize],
                 frequency_penalty: [0.0, 0.0, 0.7, -0.3][r(4) as usize],
-                logit_bias: (0..r(4)).map(|_| (r(n_vocab as u64) as u32, [-100.0, -1.5, 0.5, 3.0][r(4) as usize])).collect(),
+                logit_bias: (0..r(4))
+                    .map(|_| (r(n_vocab as u64) as u32, [-100.0, -1.5, 0.5, 3.0][r(4) as usize]))
+                    .collect(),
             };
             let (mut dense, mut sparse) = (Sampler::new(cfg.clone()), Sampler::new(cfg.clone()));
             let prompt: Vec<u32> = (0..r(8)).map(|_| r(n_vocab as u64) as u32).collect();

@@ -572,7 +572,7 @@ impl Node {
         };
         if self.pin_unsatisfied() {
             // Pinned: the manifest first (from the peers holding it), then the shard it names.
-            return if self.dht_fetch_manifest(id, name) {
+            return if self.dht_fetch_manifest(id, name, Some(caller.clone())) {
                 Ok(())
             } else {
                 Err(no_dht("the pinned manifest is not here"))
@@ -580,7 +580,7 @@ impl Node {
         }
         let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
             // Unknown info hash: ask the peers holding the shard's name.
-            return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
+            return if self.dht_resolve_shard(id, name, Some(caller.clone())) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
         };
         if p.peers.is_empty() {
             if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {
@@ -913,7 +913,7 @@ pub(super) fn origin_is_host(origin: &str, local: std::net::IpAddr) -> bool {
 /// Who asked for a download: charged with it under `--max-downloads-per-client`, and, when a
 /// stranger, under the strangers' share of `--max-downloads` ([`strangers_download_cap`]).
 #[derive(Clone, Debug)]
-pub(super) struct Caller {
+pub struct Caller {
     /// [`client_key`] of its address.
     pub key: String,
     /// Neither authenticated with the cluster key nor on the node's own host (a connection

@@ -358,8 +358,9 @@ fn squatters_poking_one_byte_allowed_fast_requests_are_shed_for_a_newcomer() {
     let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Six accepted squatters (three quarters of 8), one per address.
-    let squatters: Vec<_> =
-        (2..8u32).map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), POKE)).collect();
+    let squatters: Vec<_> = (2..8u32)
+        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), POKE))
+        .collect();
     wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
     // Past the grace, the pokes still going (each served: a byte every 300 ms).
     std::thread::sleep(Duration::from_millis(2500));
@@ -589,8 +590,10 @@ fn strangers_downloads_leave_half_the_dial_reserve_to_the_nodes_own() {
     write_shard(&own, 1, 2, (1, 2), 64 * 1024);
     let pool = shardnet::workers::WorkerPool::new("t", 1);
     let own_meta = shardnet::torrent::create::create(&own, None, &pool.handle()).unwrap();
-    let leech =
-        torrent_node(ld.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "600", "--encryption", "disable"]);
+    let leech = torrent_node(
+        ld.path(),
+        &["--max-peer-connections", "8", "--peer-shed-grace", "600", "--encryption", "disable"],
+    );
     let held: Vec<TcpStream> =
         (2..8).filter_map(|i| squat(&format!("127.0.0.{i}"), &leech.addr, own_meta.info_hash, i)).collect();
     assert_eq!(held.len(), 6);

@@ -478,7 +478,12 @@ impl Node {
     }
 
     /// Finds the info hash of shard `id` through the peers under its name key.
-    pub(super) fn dht_resolve_shard(&mut self, id: u32, filename: String, client: Option<super::handlers::Caller>) -> bool {
+    pub(super) fn dht_resolve_shard(
+        &mut self,
+        id: u32,
+        filename: String,
+        client: Option<super::handlers::Caller>,
+    ) -> bool {
         let key = name_key(&self.config.cluster, &filename);
         self.start_lookup(key, LookupKind::GetPeers, Purpose::ShardByName { shard_id: id, filename, client }, true)
     }
@@ -576,7 +581,9 @@ impl Node {
                     let _ = waker.wake();
                 });
             }
-            Purpose::Manifest { shard_id, filename, client } => self.on_manifest_holders(shard_id, filename, peers, client),
+            Purpose::Manifest { shard_id, filename, client } => {
+                self.on_manifest_holders(shard_id, filename, peers, client)
+            }
             Purpose::PeersFor { info_hash, shard_id, name, client } => {
                 let addrs = peers;
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {

@@ -580,7 +580,11 @@ impl Node {
         }
         let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
             // Unknown info hash: ask the peers holding the shard's name.
-            return if self.dht_resolve_shard(id, name, Some(caller.clone())) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
+            return if self.dht_resolve_shard(id, name, Some(caller.clone())) {
+                Ok(())
+            } else {
+                Err(no_dht("its info hash is unknown"))
+            };
         };
         if p.peers.is_empty() {
             if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {

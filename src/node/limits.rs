@@ -490,7 +490,10 @@ impl Node {
         let Some((victim, since)) = inactive_victim else { return false };
         self.census.stats.shed_inactive_peers += 1;
         let secs = now.saturating_duration_since(since).as_secs();
-        self.close(victim, &format!("shed (under {USEFUL_BYTES} bytes of distinct blocks moved in {secs} s) to make room: {why}"));
+        self.close(
+            victim,
+            &format!("shed (under {USEFUL_BYTES} bytes of distinct blocks moved in {secs} s) to make room: {why}"),
+        );
         true
     }
 

@@ -372,7 +372,8 @@ fn a_peer_is_useful_for_the_distinct_bytes_it_moved_not_for_its_requests() {
     // Distinct blocks: useful once a piece's worth is counted (the poked span and the repeated
     // block once each, then the rest of the piece set[1] and of another).
     let pieces = [set[1], set[2]];
-    let blocks = pieces.iter().flat_map(|&index| (0..16u32).map(move |i| Block { index, begin: i * 16384, length: 16384 }));
+    let blocks =
+        pieces.iter().flat_map(|&index| (0..16u32).map(move |i| Block { index, begin: i * 16384, length: 16384 }));
     let mut counted = 1 + 16384;
     for b in blocks.skip(1) {
         now += Duration::from_secs(1);

@@ -300,15 +300,17 @@ fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
     leech.assert_serving();
 }
 
-/// A squatter (red-team round 11, 1a): handshakes from `src` with the Fast bit, says interested
-/// and asks a 1-byte block of an allowed-fast piece every 300 ms, reading what comes back, until
-/// `stop`; returns whether the node closed it.
+/// A squatter: handshakes from `src` with the Fast bit, says interested and asks a block of an
+/// allowed-fast piece every `every`, reading what comes back, until `stop`; returns whether the
+/// node closed it. `length` 1: a 1-byte block at the next offset each time (red-team round 11,
+/// 1a); else the same `length`-byte block at offset 0 each time (round 12, 1a).
 fn poking_squatter(
     src: String,
     addr: String,
     m: &shardnet::torrent::Metainfo,
     n: u32,
     stop: Arc<std::sync::atomic::AtomicBool>,
+    (length, every): (u32, Duration),
 ) -> std::thread::JoinHandle<bool> {
     use shardnet::torrent::swarm::fast::allowed_fast_set;
     use shardnet::torrent::wire::{self, Block, Message};
@@ -321,7 +323,7 @@ fn poking_squatter(
         if s.write_all(&out).is_err() {
             return true;
         }
-        s.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        s.set_read_timeout(Some(every)).unwrap();
         let mut buf = [0u8; 64 * 1024];
         let (mut begin, mut poked) = (0, Instant::now());
         while !stop.load(Ordering::SeqCst) {
@@ -331,13 +333,13 @@ fn poking_squatter(
                 Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
                 Err(_) => return true,
             }
-            if poked.elapsed() < Duration::from_millis(300) {
+            if poked.elapsed() < every {
                 continue;
             }
             poked = Instant::now();
             let mut out = Vec::new();
-            wire::encode(&Message::Request(Block { index: piece, begin, length: 1 }), &mut out);
-            begin += 1;
+            wire::encode(&Message::Request(Block { index: piece, begin, length }), &mut out);
+            begin += u32::from(length == 1);
             if s.write_all(&out).is_err() {
                 return true;
             }
@@ -356,8 +358,9 @@ fn squatters_poking_one_byte_allowed_fast_requests_are_shed_for_a_newcomer() {
     let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     // Six accepted squatters (three quarters of 8), one per address.
-    let squatters: Vec<_> =
-        (2..8u32).map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone())).collect();
+    let squatters: Vec<_> = (2..8u32)
+        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), POKE))
+        .collect();
     wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
     // Past the grace, the pokes still going (each served: a byte every 300 ms).
     std::thread::sleep(Duration::from_millis(2500));
@@ -505,20 +508,21 @@ fn a_download_that_hits_a_full_disk_stops_alone_and_resumes_from_its_resume_data
 }
 
 /// The other side of the squatters' test: a real leech that downloads slowly (the seed's
-/// `--upload-limit` 100 kB/s) moves a whole block well within `--peer-shed-grace`, so a newcomer
-/// from its address at `--max-peer-connections-per-ip` 1 is refused rather than shedding it, and
-/// the download completes.
+/// `--upload-limit` 100 kB/s) moves a piece's worth (256 KiB) of distinct blocks within
+/// `--peer-shed-grace` (4 s here: 400 kB), so a newcomer from its address at
+/// `--max-peer-connections-per-ip` 1 is refused rather than shedding it, and the download
+/// completes.
 #[test]
 fn a_slow_real_leech_is_never_shed_for_a_newcomer() {
     let (sd, src, m) = seed_dir("slow-seed", MB, 0);
-    let caps = ["--max-peer-connections-per-ip", "1", "--peer-shed-grace", "2", "--upload-limit", "100000"];
+    let caps = ["--max-peer-connections-per-ip", "1", "--peer-shed-grace", "4", "--upload-limit", "100000"];
     let seed = torrent_node(sd.path(), &caps);
     let ld = TempDir::new("slow-leech");
     let leech = torrent_node(ld.path(), &["--encryption", "disable"]);
     let r = load_shard0(&leech, &m, &[&seed.addr], false);
     assert_eq!(r["status"], "success", "{r}");
     // Past the grace, while blocks still come.
-    std::thread::sleep(Duration::from_millis(3000));
+    std::thread::sleep(Duration::from_millis(4500));
     assert_ne!(download_status(&leech, &m)["complete"], json!(true), "too fast to test");
     let mut newcomer = squat("127.0.0.1", &seed.addr, m.info_hash, 1);
     assert!(newcomer.as_mut().is_none_or(closed_by_peer), "the newcomer is refused");
@@ -529,4 +533,115 @@ fn a_slow_real_leech_is_never_shed_for_a_newcomer() {
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let c = counts(&seed);
     assert_eq!(c["shed_inactive_peers"], 0, "the leech was never shed: {c}");
+}
+
+/// Red-team round 11's poke: a 1-byte block every 300 ms.
+const POKE: (u32, Duration) = (1, Duration::from_millis(300));
+
+/// Red-team round 12, 1a: accepted peers that each ask the same whole 16 KiB block of an
+/// allowed-fast piece again and again counted as useful (a whole block's bytes per grace was
+/// enough), so 192 of them held every accepted slot at 0.8 kB/s each. Usefulness is now a piece's
+/// worth (256 KiB) of distinct blocks within `--peer-shed-grace`: these move 320 KiB per 2 s
+/// grace, all the same block, and a leech's connection sheds one of them and downloads.
+#[test]
+fn squatters_asking_the_same_block_again_are_shed_for_a_newcomer() {
+    let (sd, src, m) = seed_dir("same-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let same = (16 * 1024, Duration::from_millis(100));
+    let squatters: Vec<_> = (2..8u32)
+        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), same))
+        .collect();
+    wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
+    // Past the grace, the same block still asked and served ten times a second.
+    std::thread::sleep(Duration::from_millis(2500));
+    let ld = TempDir::new("same-leech");
+    let leech = torrent_node(ld.path(), &[]);
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    stop.store(true, Ordering::SeqCst);
+    let shed = squatters.into_iter().filter_map(|t| t.join().ok()).filter(|closed| *closed).count();
+    assert!(done.is_ok(), "the download did not complete\nseed:\n{}", seed.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    let c = counts(&seed);
+    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a squatter for the leech: {c}");
+    assert!(shed >= 1, "no squatter was closed: {c}");
+    seed.assert_serving();
+}
+
+/// Red-team round 12, 1b: a stranger's downloads naming peers that handshake and then only keep
+/// alive took the whole dial reserve, and with the accepted slots held by peers still within
+/// `--peer-shed-grace` (here 600 s: none may be shed) the owner's download could dial nothing.
+/// Strangers' downloads now hold at most half the dial reserve together (1 of 2 at
+/// `--max-peer-connections` 8): the second tarpit is never dialled, and the owner's download
+/// dials its seed and completes.
+#[test]
+fn strangers_downloads_leave_half_the_dial_reserve_to_the_nodes_own() {
+    use shardnet::torrent::Metainfo;
+    use shardnet::torrent::metainfo::Info;
+    use std::net::TcpListener;
+    let (sd, src, m) = seed_dir("sdial-seed", MB, 0);
+    let seed = torrent_node(sd.path(), &["--encryption", "disable"]);
+    let ld = TempDir::new("sdial-leech");
+    let own = ld.path().join("own.gguf");
+    write_shard(&own, 1, 2, (1, 2), 64 * 1024);
+    let pool = shardnet::workers::WorkerPool::new("t", 1);
+    let own_meta = shardnet::torrent::create::create(&own, None, &pool.handle()).unwrap();
+    let leech = torrent_node(
+        ld.path(),
+        &["--max-peer-connections", "8", "--peer-shed-grace", "600", "--encryption", "disable"],
+    );
+    let held: Vec<TcpStream> =
+        (2..8).filter_map(|i| squat(&format!("127.0.0.{i}"), &leech.addr, own_meta.info_hash, i)).collect();
+    assert_eq!(held.len(), 6);
+    // A stranger (another loopback address than the node's) starts two downloads, each naming a
+    // peer that answers the handshake and then stays silent.
+    let dialled = Arc::new(AtomicUsize::new(0));
+    for i in 0..2 {
+        let fake = Metainfo::new(Info {
+            name: format!("fake{i}.gguf"),
+            length: 1 << 20,
+            piece_length: 1 << 18,
+            pieces: vec![[7u8; 20]; 4],
+        });
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (h, dialled) = (fake.info_hash, dialled.clone());
+        std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            dialled.fetch_add(1, Ordering::SeqCst);
+            let mut hs = [0u8; 68];
+            s.read_exact(&mut hs).unwrap();
+            let mut out = Vec::new();
+            Handshake::new(h, *b"-XX0001-tarpit000000").encode(&mut out);
+            s.write_all(&out).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+            let mut sink = [0u8; 4096];
+            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+        });
+        let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
+        let mut s = connect_from("127.0.0.9", &leech.addr);
+        let params = json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]});
+        send_frame(&mut s, json!({"command": "DOWNLOAD", "request_id": i, "params": params}).to_string().as_bytes());
+        let r = read_frame(&mut s);
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    wait_for(WAIT, || (dialled.load(Ordering::SeqCst) >= 1).then_some(()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = counts(&leech);
+    assert_eq!(dialled.load(Ordering::SeqCst), 1, "the strangers' downloads dialled past their half: {before}");
+    assert_eq!(before["peer_wire"], 7, "{before}");
+    let r = load_shard0(&leech, &m, &[&seed.addr], false);
+    assert_eq!(r["status"], "success", "{r}");
+    let done = std::panic::catch_unwind(|| {
+        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
+    });
+    assert!(done.is_ok(), "the download did not complete\nleech:\n{}", leech.stderr());
+    same_bytes(&src, &ld.path().join("shard-0.gguf"));
+    assert_eq!(counts(&leech)["shed_inactive_peers"], 0, "nothing was shed");
+    drop(held);
+    leech.assert_serving();
 }

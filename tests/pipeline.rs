@@ -181,6 +181,48 @@ fn first_execute_task_downloads_missing_shards() {
     }
 }
 
+/// Red-team round 12, finding 3: a stranger's step relayed by a node to itself arrives from the
+/// node's own address, and the download its `load` started was charged as the host's, in the slot
+/// kept for the host beside the strangers' share. Here the test plays that relayed step (from the
+/// node's address, unkeyed) naming a stranger's `origin`, with the strangers' three of
+/// `--max-downloads` 4 taken: `DOWNLOAD_LIMIT`. The same step naming the host's own origin still
+/// downloads the shard (resolved through the DHT by name) in the host's slot.
+#[test]
+fn a_relayed_steps_stranger_origin_does_not_take_the_hosts_download_slot() {
+    let dir = TempDir::new("pipeline-origin");
+    let model = model(dir.path());
+    let nodes = cluster(dir.path(), &model, 2, &["--max-downloads", "4", "--redial-give-up", "600"]);
+    let b = &nodes[1];
+    wait_for(Duration::from_secs(60), || {
+        let r = b.call("FIND_PEERS", json!({"shard_id": 1}));
+        r["result"]["peers"].as_array()?.contains(&json!(nodes[0].addr)).then_some(())
+    });
+    let ask = |src: &str, command: &str, params: Value| {
+        let mut s = connect_from(src, &b.addr);
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        send_frame(&mut s, json!({"command": command, "request_id": 1, "params": params}).to_string().as_bytes());
+        read_frame(&mut s)
+    };
+    for (i, src) in ["127.0.0.2", "127.0.0.2", "127.0.0.3"].iter().enumerate() {
+        let h = format!("{:040x}", 0xabc0 + i);
+        let r = ask(src, "DOWNLOAD", json!({"info_hash": h, "peers": ["127.0.0.1:9"]}));
+        assert_eq!(r["status"], "success", "{r}");
+    }
+    let step = |origin: &str| {
+        json!({"session_id": format!("o-{origin}"), "shard_id": 1, "pos": 0, "input": {"tokens": [1, 2, 3]},
+            "output": "top_k", "k": 1, "origin": origin})
+    };
+    let r = ask("127.0.0.1", "EXECUTE_TASK", step("127.0.0.5:4444"));
+    assert_eq!(r["code"], "DOWNLOAD_LIMIT", "a stranger's relayed step took the host's slot: {r}");
+    assert!(r["error"].as_str().unwrap().contains("without the cluster key"), "{r}");
+    // The host's own relayed step: the shard is downloaded in the host's slot.
+    let r = ask("127.0.0.1", "EXECUTE_TASK", step("127.0.0.1:4444"));
+    assert_ne!(r["code"], "DOWNLOAD_LIMIT", "{r}");
+    let files = b.call("LIST_FILES", json!({}));
+    assert_eq!(files["result"]["files"].as_array().unwrap().len(), 1, "{files}");
+    b.assert_serving();
+}
+
 #[test]
 fn bad_routes_and_requests_get_errors() {
     let dir = TempDir::new("pipeline-bad");

@@ -71,9 +71,9 @@ pub(super) enum Purpose {
     /// A FIND_PEERS request waiting for the answer.
     FindPeers { token: Token, conn_id: u64, request_id: Value, key: Id },
     /// Peers under a shard's name key: ask them its info hash.
-    ShardByName { shard_id: u32, filename: String },
+    ShardByName { shard_id: u32, filename: String, client: Option<super::handlers::Caller> },
     /// Holders of the pinned manifest (a shard's load waits for it).
-    Manifest { shard_id: u32, filename: String },
+    Manifest { shard_id: u32, filename: String, client: Option<super::handlers::Caller> },
     /// Peers for a torrent to download (and the shard waiting for it).
     /// `client`: who asked (charged with the download, `--max-downloads-per-client`).
     PeersFor { info_hash: InfoHash, shard_id: Option<u32>, name: String, client: Option<super::handlers::Caller> },
@@ -478,9 +478,14 @@ impl Node {
     }
 
     /// Finds the info hash of shard `id` through the peers under its name key.
-    pub(super) fn dht_resolve_shard(&mut self, id: u32, filename: String) -> bool {
+    pub(super) fn dht_resolve_shard(
+        &mut self,
+        id: u32,
+        filename: String,
+        client: Option<super::handlers::Caller>,
+    ) -> bool {
         let key = name_key(&self.config.cluster, &filename);
-        self.start_lookup(key, LookupKind::GetPeers, Purpose::ShardByName { shard_id: id, filename }, true)
+        self.start_lookup(key, LookupKind::GetPeers, Purpose::ShardByName { shard_id: id, filename, client }, true)
     }
 
     /// Finds peers for `h` and downloads from them.
@@ -560,7 +565,7 @@ impl Node {
                 self.respond(token, &success_payload("FIND_PEERS", &request_id, result));
                 self.resume_or_settle(token, was_paused);
             }
-            Purpose::ShardByName { shard_id, filename } => {
+            Purpose::ShardByName { shard_id, filename, client } => {
                 if peers.is_empty() {
                     let msg = format!(
                         "Shard {shard_id}: no peer in the DHT holds {filename} (cluster {}).",
@@ -572,11 +577,13 @@ impl Node {
                 let (tx, waker, key) = (self.events_tx.clone(), self.waker.clone(), self.config.cluster_key.clone());
                 self.pool.handle().submit(move || {
                     let result = ask_info_hash(&peers, &filename, key.as_ref());
-                    let _ = tx.send(NodeEvent::ShardResolved { shard_id, filename, result });
+                    let _ = tx.send(NodeEvent::ShardResolved { shard_id, filename, result, client });
                     let _ = waker.wake();
                 });
             }
-            Purpose::Manifest { shard_id, filename } => self.on_manifest_holders(shard_id, filename, peers),
+            Purpose::Manifest { shard_id, filename, client } => {
+                self.on_manifest_holders(shard_id, filename, peers, client)
+            }
             Purpose::PeersFor { info_hash, shard_id, name, client } => {
                 let addrs = peers;
                 if addrs.is_empty() && !self.downloads.contains_key(&info_hash) {
@@ -598,12 +605,19 @@ impl Node {
         }
     }
 
-    /// A shard's info hash learned from its holders (or why not).
-    pub(super) fn on_shard_resolved(&mut self, shard_id: u32, filename: String, result: Result<InfoHash, String>) {
+    /// A shard's info hash learned from its holders (or why not); its download is `client`'s,
+    /// the caller whose load asked for it.
+    pub(super) fn on_shard_resolved(
+        &mut self,
+        shard_id: u32,
+        filename: String,
+        result: Result<InfoHash, String>,
+        client: Option<super::handlers::Caller>,
+    ) {
         match result {
             Ok(h) => {
                 info!("shard {shard_id}: {filename} is {h} (from the holders' LIST_FILES)");
-                if !self.dht_find_peers(h, Some(shard_id), filename, None) {
+                if !self.dht_find_peers(h, Some(shard_id), filename, client) {
                     self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, "the DHT is not running".into());
                 }
             }

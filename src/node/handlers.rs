@@ -125,7 +125,7 @@ impl Node {
             }
             let p =
                 LoadShard { shard_id: task.shard_id, info_hash: None, wait: true, filename: None, peers: Vec::new() };
-            let caller = self.caller(token);
+            let caller = self.caller_naming(token, task.origin.as_deref());
             if let Err((code, msg)) = self.begin_load(task.shard_id, &p, &caller) {
                 return fail(self, id, code, &msg);
             }
@@ -572,7 +572,7 @@ impl Node {
         };
         if self.pin_unsatisfied() {
             // Pinned: the manifest first (from the peers holding it), then the shard it names.
-            return if self.dht_fetch_manifest(id, name) {
+            return if self.dht_fetch_manifest(id, name, Some(caller.clone())) {
                 Ok(())
             } else {
                 Err(no_dht("the pinned manifest is not here"))
@@ -580,7 +580,11 @@ impl Node {
         }
         let Some(h) = p.info_hash.or_else(|| self.catalog.manifest_hash(id)) else {
             // Unknown info hash: ask the peers holding the shard's name.
-            return if self.dht_resolve_shard(id, name) { Ok(()) } else { Err(no_dht("its info hash is unknown")) };
+            return if self.dht_resolve_shard(id, name, Some(caller.clone())) {
+                Ok(())
+            } else {
+                Err(no_dht("its info hash is unknown"))
+            };
         };
         if p.peers.is_empty() {
             if self.downloads.get(&h).is_some_and(|d| d.failed.is_none()) {
@@ -869,17 +873,51 @@ fn loaded_json(s: &LoadedShard, source: &str, started: Instant) -> Value {
 impl Node {
     /// The caller on connection `token`, for download shares (see [`Caller`]).
     pub(super) fn caller(&mut self, token: Token) -> Caller {
+        self.caller_naming(token, None)
+    }
+
+    /// The caller on connection `token` of a request naming `origin` (a relayed step's original
+    /// caller, see [`crate::protocol::ExecuteTask::origin`]): on a connection without the cluster
+    /// key an origin that is not the node's host makes the caller a stranger, charged under that
+    /// origin's key (red-team round 12: a stranger's step relayed by this node to itself arrived
+    /// from the node's own address and its download took the host's slot). The origin is
+    /// self-declared, so it can only make a caller more of a stranger, never less.
+    pub(super) fn caller_naming(&mut self, token: Token, origin: Option<&str>) -> Caller {
         let Some(c) = self.conn(token) else { return Caller { key: String::new(), stranger: true } };
         let local = *c.local_addr.get_or_insert_with(|| c.stream.local_addr().ok());
-        let same_host = local.is_some_and(|l| l.ip() == c.peer.ip());
-        Caller { key: client_key(c.peer), stranger: !same_host && !c.auth.established() }
+        let (peer, keyed) = (c.peer, c.auth.established());
+        let same_host = local.is_some_and(|l| l.ip() == peer.ip());
+        let stranger = !same_host && !keyed;
+        match origin {
+            Some(o) if !stranger && !keyed && !local.is_some_and(|l| origin_is_host(o, l.ip())) => {
+                Caller { key: o.to_string(), stranger: true }
+            }
+            _ => Caller { key: client_key(peer), stranger },
+        }
     }
+}
+
+/// Whether a relayed step's `origin` (a [`client_key`]: `ip:port` on loopback, an IPv4 address,
+/// an IPv6 `/64`) names the node's own host reached at `local`: `local`'s own address (its /64
+/// for IPv6, all an origin tells), or a loopback address when `local` is not one (the host
+/// called over loopback, the step came back over its public address). On loopback, where
+/// test networks give each party its own 127/8 address, only `local`'s. Anything else,
+/// unparsable included, is not the host.
+pub(super) fn origin_is_host(origin: &str, local: std::net::IpAddr) -> bool {
+    use std::net::{IpAddr, SocketAddr};
+    let ip = origin
+        .parse::<SocketAddr>()
+        .map(|a| a.ip())
+        .or_else(|_| origin.parse::<IpAddr>())
+        .or_else(|_| origin.strip_suffix("/64").unwrap_or("-").parse::<IpAddr>());
+    let ip_key = super::limits::ip_key;
+    ip.is_ok_and(|ip| ip_key(ip) == ip_key(local) || (ip.is_loopback() && !local.is_loopback()))
 }
 
 /// Who asked for a download: charged with it under `--max-downloads-per-client`, and, when a
 /// stranger, under the strangers' share of `--max-downloads` ([`strangers_download_cap`]).
 #[derive(Clone, Debug)]
-pub(super) struct Caller {
+pub struct Caller {
     /// [`client_key`] of its address.
     pub key: String,
     /// Neither authenticated with the cluster key nor on the node's own host (a connection
@@ -908,7 +946,28 @@ pub(super) fn client_key(peer: std::net::SocketAddr) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::client_key;
+    use super::{client_key, origin_is_host};
+
+    /// Red-team round 12, finding 3: a relayed step's origin that is not the node's host makes
+    /// its caller a stranger; the host's own keys (as `client_key` writes them) pass.
+    #[test]
+    fn a_relayed_steps_origin_is_the_host_only_at_the_hosts_own_address() {
+        let host = |o: &str, local: &str| origin_is_host(o, local.parse().unwrap());
+        // The node reached at 127.0.0.1 (tests): its own loopback address only.
+        assert!(host("127.0.0.1:4000", "127.0.0.1"));
+        assert!(!host("127.0.0.2:4000", "127.0.0.1"), "another loopback party is a stranger");
+        // Reached at a public address: that address, its /64, or any loopback caller.
+        assert!(host("45.99.1.1", "45.99.1.1"));
+        assert!(host("127.0.0.1:4000", "45.99.1.1"));
+        assert!(!host("45.99.1.12", "45.99.1.1"));
+        assert!(host("fd00:99:0:1::/64", "fd00:99:0:1::5"));
+        assert!(!host("fd00:99:0:2::/64", "fd00:99:0:1::5"));
+        assert!(host(&client_key("[::1]:4000".parse().unwrap()), "fd00:99:0:1::5"));
+        // Unparsable origins are not the host.
+        for o in ["", "host", "45.99.1.1/64x", "/64", "relay"] {
+            assert!(!host(o, "45.99.1.1"), "{o}");
+        }
+    }
 
     #[test]
     fn clients_are_keyed_by_ipv4_address_or_ipv6_64_and_by_port_on_loopback() {

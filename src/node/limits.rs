@@ -29,6 +29,7 @@ use serde_json::{Value, json};
 use super::conn::{Conn, Kind};
 use super::{FIRST_CONN, Node};
 use crate::protocol::{ErrorCode, error_payload};
+use crate::torrent::swarm::USEFUL_BYTES;
 use crate::{debug, info, warn};
 
 /// How soon `accept` is tried again after it failed (EMFILE and the like): edge-triggered
@@ -45,6 +46,15 @@ pub const PEER_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// strangers filling the accepts cannot stop its downloads.
 pub fn inbound_peer_cap(total: usize) -> usize {
     (total - total / 4).max(1)
+}
+
+/// Outgoing peer-wire connections that the downloads strangers started (`Caller::stranger`)
+/// may hold together under `--max-peer-connections` `total`: half the dial reserve (the quarter
+/// [`inbound_peer_cap`] leaves), at least 1; 32 of 256 by default. The other half stays for
+/// the node's own and keyed callers' downloads (red-team round 12: one stranger's 4 downloads
+/// naming 128 peers that handshake and then only keep alive took every dial).
+pub fn strangers_dial_cap(total: usize) -> usize {
+    ((total - inbound_peer_cap(total)) / 2).max(1)
 }
 
 /// What per-IP caps count by: an IPv4 address, or an IPv6 /64 (one host's usual share; a
@@ -444,8 +454,8 @@ impl Node {
 
     /// Closes the least useful accepted peer-wire connection `filter` accepts, false if none
     /// may be shed: one still in its handshake (MSE or BitTorrent; the one waiting longest since
-    /// its last input) first, else the handshaken one whose last whole block's bytes moved
-    /// (`swarm::Peer::useful_at`, from its handshake on) is oldest, if that is over
+    /// its last input) first, else the handshaken one whose last piece's worth of distinct blocks
+    /// moved (`swarm::Peer::useful_at`, [`USEFUL_BYTES`], from its handshake on) is oldest, if that is over
     /// `--peer-shed-grace` ago. A peer busy with a download is thus never shed for a newcomer,
     /// and connections that only keep alive make room for one.
     pub(super) fn shed_least_useful(&mut self, filter: impl Fn(&Conn) -> bool, why: &str) -> bool {
@@ -480,7 +490,10 @@ impl Node {
         let Some((victim, since)) = inactive_victim else { return false };
         self.census.stats.shed_inactive_peers += 1;
         let secs = now.saturating_duration_since(since).as_secs();
-        self.close(victim, &format!("shed (no whole block moved for {secs} s) to make room: {why}"));
+        self.close(
+            victim,
+            &format!("shed (under {USEFUL_BYTES} bytes of distinct blocks moved in {secs} s) to make room: {why}"),
+        );
         true
     }
 

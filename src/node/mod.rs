@@ -119,12 +119,16 @@ pub enum NodeEvent {
         shard_id: u32,
         filename: String,
         result: Result<Vec<u8>, String>,
+        /// The caller whose load asked for it, charged with the download.
+        client: Option<handlers::Caller>,
     },
     /// A shard's info hash, as its holders listed it (or why not).
     ShardResolved {
         shard_id: u32,
         filename: String,
         result: Result<InfoHash, String>,
+        /// The caller whose load asked for it, charged with the download.
+        client: Option<handlers::Caller>,
     },
 }
 
@@ -748,11 +752,11 @@ impl Node {
                     let answers = self.relays.lock().submit(self.poll.registry(), out, Instant::now());
                     self.deliver(answers);
                 }
-                NodeEvent::ManifestFetched { shard_id, filename, result } => {
-                    self.on_manifest_fetched(shard_id, filename, result)
+                NodeEvent::ManifestFetched { shard_id, filename, result, client } => {
+                    self.on_manifest_fetched(shard_id, filename, result, client)
                 }
-                NodeEvent::ShardResolved { shard_id, filename, result } => {
-                    self.on_shard_resolved(shard_id, filename, result)
+                NodeEvent::ShardResolved { shard_id, filename, result, client } => {
+                    self.on_shard_resolved(shard_id, filename, result, client)
                 }
             }
         }

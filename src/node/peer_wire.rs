@@ -865,24 +865,30 @@ impl Node {
             }
         }
         // The node's own download makes room for its dials at the peer-wire cap: accepted peers
-        // still in their handshake or that moved no whole block past --peer-shed-grace go first,
-        // a few a pass (red-team round 11: strangers' idle connections, 128 accepted beside 128
-        // dials to tarpits, left the owner's download with no peer for 40 s). Busy peers and the
-        // node's own dials are never shed.
-        for _ in 0..to_dial.len().min(DIAL_SHED_MAX) {
+        // still in their handshake or that moved under a piece's worth past --peer-shed-grace go
+        // first, a few a pass (red-team round 11: strangers' idle connections, 128 accepted
+        // beside 128 dials to tarpits, left the owner's download with no peer for 40 s). Busy
+        // peers and the node's own dials are never shed, nor anything for a stranger's download.
+        let stranger = d.stranger;
+        for _ in 0..if stranger { 0 } else { to_dial.len().min(DIAL_SHED_MAX) } {
             if self.census.count(Kind::PeerWire) < self.config.max_peer_connections
                 || !self.shed_least_useful(|o| o.kind == Kind::PeerWire, "a dial of the node's own download")
             {
                 break;
             }
         }
-        let Some(d) = self.downloads.get_mut(&h) else { return };
         let first_encrypted = matches!(self.config.encryption, Encryption::PreferEncrypted | Encryption::Require);
         // Only as many dials as the node's own caps leave room for: a dial the node itself could
         // not make is not tried, and is never counted against the peer (red-team round 10: four
         // such non-dials dropped a download's only seed as "never handshook").
-        let room = (self.config.max_connections.saturating_sub(self.census.total()))
+        let mut room = (self.config.max_connections.saturating_sub(self.census.total()))
             .min(self.config.max_peer_connections.saturating_sub(self.census.count(Kind::PeerWire)));
+        // Strangers' downloads dial into their half of the dial reserve only, all of them together.
+        if stranger {
+            let held = self.strangers_dials();
+            room = room.min(super::limits::strangers_dial_cap(self.config.max_peer_connections).saturating_sub(held));
+        }
+        let Some(d) = self.downloads.get_mut(&h) else { return };
         let mut dials = Vec::new();
         for p in to_dial {
             if dials.len() >= room {
@@ -917,6 +923,12 @@ impl Node {
                 debug!("dialling {p}: {e}");
             }
         }
+    }
+
+    /// Outgoing peer-wire connections (dialling or open) of downloads strangers started.
+    fn strangers_dials(&self) -> usize {
+        let stranger = |h: &InfoHash| self.downloads.get(h).is_some_and(|d| d.stranger);
+        self.conns.iter().flatten().filter(|c| c.outgoing && c.torrent.as_ref().is_some_and(stranger)).count()
     }
 
     /// Addresses a peer's PEX named: candidates of a running download, up to

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::dht_glue::Purpose;
+use super::handlers::Caller;
 use super::{Node, NodeEvent};
 use crate::client::Client;
 use crate::dht::krpc::Id;
@@ -71,14 +72,20 @@ impl Node {
     }
 
     /// Starts fetching the pinned manifest for shard `shard_id`'s load; false without a DHT.
-    pub(super) fn dht_fetch_manifest(&mut self, shard_id: u32, filename: String) -> bool {
+    pub(super) fn dht_fetch_manifest(&mut self, shard_id: u32, filename: String, client: Option<Caller>) -> bool {
         let Some(pin) = self.config.model_pin else { return false };
         let key = Id(manifest_dht_key(&pin));
-        self.start_lookup(key, LookupKind::GetPeers, Purpose::Manifest { shard_id, filename }, true)
+        self.start_lookup(key, LookupKind::GetPeers, Purpose::Manifest { shard_id, filename, client }, true)
     }
 
     /// The lookup for the manifest's holders ended: ask them on a worker.
-    pub(super) fn on_manifest_holders(&mut self, shard_id: u32, filename: String, peers: Vec<SocketAddr>) {
+    pub(super) fn on_manifest_holders(
+        &mut self,
+        shard_id: u32,
+        filename: String,
+        peers: Vec<SocketAddr>,
+        client: Option<Caller>,
+    ) {
         let pin = self.config.model_pin.expect("only pinned nodes fetch");
         if peers.is_empty() {
             let msg = format!("no peer in the DHT holds the pinned manifest {}", to_hex(&pin));
@@ -87,14 +94,21 @@ impl Node {
         let (tx, waker, key) = (self.events_tx.clone(), self.waker.clone(), self.config.cluster_key.clone());
         self.pool.handle().submit(move || {
             let result = ask_manifest(&peers, &pin, key.as_ref());
-            let _ = tx.send(NodeEvent::ManifestFetched { shard_id, filename, result });
+            let _ = tx.send(NodeEvent::ManifestFetched { shard_id, filename, result, client });
             let _ = waker.wake();
         });
     }
 
     /// A manifest fetched for shard `shard_id` (checked against the pin on the worker): adopt it,
-    /// save it, and download the shard by its info hash.
-    pub(super) fn on_manifest_fetched(&mut self, shard_id: u32, filename: String, result: Result<Vec<u8>, String>) {
+    /// save it, and download the shard by its info hash (`client`'s download: the caller whose
+    /// load asked for it).
+    pub(super) fn on_manifest_fetched(
+        &mut self,
+        shard_id: u32,
+        filename: String,
+        result: Result<Vec<u8>, String>,
+        client: Option<Caller>,
+    ) {
         let bytes = match result {
             Ok(b) => b,
             Err(e) => return self.fail_waiters(shard_id, ErrorCode::ManifestMismatch, e),
@@ -121,7 +135,7 @@ impl Node {
             return self.start_load(shard_id, path);
         }
         let name = self.catalog.manifest_name(shard_id).unwrap_or(filename);
-        if !self.dht_find_peers(h, Some(shard_id), name, None) {
+        if !self.dht_find_peers(h, Some(shard_id), name, client) {
             self.fail_waiters(shard_id, ErrorCode::TorrentUnavailable, "the DHT is not running".into());
         }
     }

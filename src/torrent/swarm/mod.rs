@@ -45,10 +45,17 @@ pub const MAX_METADATA: u64 = 8 * 1024 * 1024;
 /// moves the output into the connection after each read turn, so this bounds what one turn of
 /// requests can add beyond the rejects (each no larger than its request).
 pub const MAX_METADATA_OUT: usize = 64 * 1024;
-/// Bytes of blocks a peer must move (served to it or received from it) to count as useful for
-/// another `--peer-shed-grace`: one whole block. A slow but real leecher or seed moves that
-/// much; a peer that only asks (1-byte requests, keep-alives) does not.
-pub const USEFUL_BYTES: u64 = BLOCK_SIZE as u64;
+/// Bytes of distinct blocks a peer must move (served to it or received from it) to count as
+/// useful for another `--peer-shed-grace`: one piece at the common 256 KiB piece length (16
+/// whole blocks; 8.7 kB/s over the default 30 s grace). A slow but real leecher or seed moves
+/// that much; a peer that only asks (1-byte requests, keep-alives) does not, nor one that asks
+/// the same block again and again: a block counts once per window (red-team round 12: one whole
+/// 16 KiB block per grace, even the same one, held 192 slots at 0.8 kB/s each).
+pub const USEFUL_BYTES: u64 = 256 * 1024;
+/// The most distinct 16 KiB spans (`(piece, begin / BLOCK_SIZE)`) a peer's usefulness window
+/// remembers: twice the [`USEFUL_BYTES`] in whole blocks. A peer that fills it with short
+/// requests of many spans before moving [`USEFUL_BYTES`] earns nothing more until it is shed.
+const USEFUL_SPANS: usize = 2 * (USEFUL_BYTES / BLOCK_SIZE as u64) as usize;
 /// Failed pieces a peer may send before it is banned.
 const MAX_STRIKES: u32 = 2;
 
@@ -134,14 +141,17 @@ pub struct Peer {
     pub downloaded: u64,
     pub uploaded: u64,
     last_block: Instant,
-    /// When the bytes of blocks moved with the peer (served to it, or received from it as asked)
-    /// last added up to a whole block ([`USEFUL_BYTES`]), or its connection began: a node at its
+    /// When the bytes of distinct blocks moved with the peer (served to it, or received from it
+    /// as asked) last added up to [`USEFUL_BYTES`], or its connection began: a node at its
     /// peer caps sheds the accepted connection useful longest ago (`Node::shed_least_useful`).
     /// Requests alone do not count: a 1-byte request of an allowed-fast piece every 20 s held a
     /// slot for good (red-team round 11).
     pub useful_at: Instant,
-    /// Bytes of blocks moved with the peer since `useful_at`, under [`USEFUL_BYTES`].
+    /// Bytes of blocks moved with the peer since `useful_at`, under [`USEFUL_BYTES`], each
+    /// 16 KiB span counted once.
     moved: u64,
+    /// The 16 KiB spans (piece, `begin / BLOCK_SIZE`) counted in `moved`, at most [`USEFUL_SPANS`].
+    spans: Vec<(u32, u32)>,
     /// How many blocks to keep asked of it, and the measurements behind that.
     pipe: RequestWindow,
     /// Private swarms: this peer's proof of the cluster key.
@@ -153,12 +163,19 @@ pub struct Peer {
 }
 
 impl Peer {
-    /// `bytes` of blocks moved with the peer at `now`: each whole [`USEFUL_BYTES`] moves
-    /// `useful_at` to `now`.
-    fn moved(&mut self, bytes: u64, now: Instant) {
-        self.moved += bytes;
+    /// Block `b` moved with the peer at `now`: its bytes count unless its 16 KiB span already
+    /// did since `useful_at` (or [`USEFUL_SPANS`] did); [`USEFUL_BYTES`] counted move
+    /// `useful_at` to `now` and start a new window.
+    fn moved(&mut self, b: &Block, now: Instant) {
+        let span = (b.index, b.begin / BLOCK_SIZE);
+        if self.spans.contains(&span) || self.spans.len() >= USEFUL_SPANS {
+            return;
+        }
+        self.spans.push(span);
+        self.moved += b.length as u64;
         if self.moved >= USEFUL_BYTES {
-            self.moved %= USEFUL_BYTES;
+            self.moved = 0;
+            self.spans.clear();
             self.useful_at = now;
         }
     }
@@ -376,6 +393,7 @@ impl Swarm {
             last_block: now,
             useful_at: now,
             moved: 0,
+            spans: Vec::new(),
             pipe: RequestWindow::new(now),
             proof,
             fast: fast::PeerFast::default(),
@@ -588,7 +606,7 @@ impl Swarm {
         peer.pipe.on_block(data.len() as u64, asked, now);
         peer.downloaded += data.len() as u64;
         peer.last_block = now;
-        peer.moved(data.len() as u64, now);
+        peer.moved(&b, now);
         let Some(picker) = self.picker.as_mut() else { return Ok(()) };
         match picker.on_block(key, &b) {
             BlockResult::Unwanted => self.wasted += data.len() as u64,
@@ -814,9 +832,9 @@ impl Swarm {
             });
             served += b.length as u64;
             *budget -= b.length as u64;
+            peer.moved(&b, now);
         }
         peer.uploaded += served;
-        peer.moved(served, now);
         self.uploaded += served;
         served
     }

@@ -332,10 +332,11 @@ fn a_choked_fast_peer_is_served_its_allowed_fast_pieces() {
     assert_eq!(served[0].header, wire::piece_header(ok.index, 0, 16384));
 }
 
-/// Red-team round 11: a peer that only pokes (a 1-byte request of an allowed-fast piece now and
-/// then) is not useful; a whole block's worth of bytes served, in any number of requests, is.
+/// Red-team rounds 11 and 12: a peer that only pokes (a 1-byte request of an allowed-fast piece
+/// now and then) is not useful, nor one that asks the same whole block again and again; a piece's
+/// worth ([`USEFUL_BYTES`]) of distinct blocks served, in any number of requests, is.
 #[test]
-fn a_peer_is_useful_for_the_bytes_it_moved_not_for_its_requests() {
+fn a_peer_is_useful_for_the_distinct_bytes_it_moved_not_for_its_requests() {
     let f = fixture("useful");
     let mut s = seed(&f);
     for k in 1..=UNCHOKE_SLOTS as u64 {
@@ -360,12 +361,32 @@ fn a_peer_is_useful_for_the_bytes_it_moved_not_for_its_requests() {
         assert_eq!(serve(&mut s, now), 1);
         assert_eq!(s.peers[&k].useful_at, t0, "a 1-byte request made the peer useful");
     }
-    // The rest of a block (16 KiB moved in all, 100 bytes of it in pokes): useful from then on.
-    now += Duration::from_secs(1);
-    let rest = Block { index: set[1], begin: 0, length: 16384 - 100 };
-    s.on_message(k, Message::Request(rest), now).unwrap();
-    assert_eq!(serve(&mut s, now), 16384 - 100);
-    assert_eq!(s.peers[&k].useful_at, now);
+    // The same whole block, far more than a piece's worth of bytes: still not useful.
+    let same = Block { index: set[1], begin: 0, length: 16384 };
+    for _ in 0..2 * USEFUL_BYTES / 16384 {
+        now += Duration::from_secs(1);
+        s.on_message(k, Message::Request(same), now).unwrap();
+        assert_eq!(serve(&mut s, now), 16384);
+        assert_eq!(s.peers[&k].useful_at, t0, "the same block again made the peer useful");
+    }
+    // Distinct blocks: useful once a piece's worth is counted (the poked span and the repeated
+    // block once each, then the rest of the piece set[1] and of another).
+    let pieces = [set[1], set[2]];
+    let blocks =
+        pieces.iter().flat_map(|&index| (0..16u32).map(move |i| Block { index, begin: i * 16384, length: 16384 }));
+    let mut counted = 1 + 16384;
+    for b in blocks.skip(1) {
+        now += Duration::from_secs(1);
+        s.on_message(k, Message::Request(b), now).unwrap();
+        assert_eq!(serve(&mut s, now), 16384);
+        counted += 16384;
+        if counted >= USEFUL_BYTES {
+            assert_eq!(s.peers[&k].useful_at, now, "a piece's worth of distinct blocks");
+            return;
+        }
+        assert_eq!(s.peers[&k].useful_at, t0, "{counted} bytes counted");
+    }
+    panic!("never useful");
 }
 
 // ---- PEX (BEP 11) ----

@@ -3,7 +3,7 @@
 //! in one process), the chat page in headless Chromium, and bad input of every kind (malformed
 //! JSON, a body over the limit, an unknown model, empty messages, an unknown role, a prompt over
 //! the context, a client gone mid-stream, slow clients holding connections, a full queue, one client
-//! past its share, pipelined requests, a flood of them, a client gone behind pipelined bytes), and `--parallel`:
+//! past its share, one address's huge chats against another's small one in the render gate, pipelined requests, a flood of them, a client gone behind pipelined bytes), and `--parallel`:
 //! requests past the slots wait in the queue, four streams run at once with their greedy text.
 mod common;
 
@@ -355,6 +355,111 @@ fn huge_chats_are_prepared_a_few_at_a_time_and_health_answers_meanwhile() {
     assert_eq!(metric(&c.http, "shardnet_serve_renders_peak"), 1.0);
     assert_eq!(metric(&c.http, "shardnet_serve_renders_running"), 0.0);
     assert_eq!(get(&c.http, "/health").0, 200);
+}
+
+/// A POST of `body` to `path` on the connection `s`, read whole.
+fn post_on(mut s: TcpStream, path: &str, body: &[u8]) -> Response {
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    read_response(&mut BufReader::new(s))
+}
+
+/// One address's many huge chats (each ~0.5-1 s to parse, render and tokenize, then 400 over
+/// the context) do not starve another address's small chat (s12 red team: 40 from one address
+/// took a victim's small chat from 0.3 s to 16 s, then 503 after 30 s). With `--max-renders 1`
+/// and `--max-requests-per-client 6`, ten concurrent huge chats from 127.0.0.2: six count
+/// against its share from the moment they are read and wait in the gate, the other four are 429
+/// with `Retry-After` at once (before: all ten waited, the share was counted only after the
+/// render). A small streamed chat from 127.0.0.3, sent while four or more of those wait, takes the
+/// next render place: its stream starts (200) while all but at most one of those are still
+/// unanswered (before: it waited behind them, in whatever order the waiters woke), and it ends
+/// with `[DONE]`.
+#[test]
+#[ignore = "needs models_cache/SmolLM2-135M-Instruct.Q4_1.gguf"]
+fn one_address_many_huge_chats_do_not_hold_the_render_gate_against_another() {
+    let c = cluster("serve-renders-fair", &[], &["--max-renders", "1", "--max-requests-per-client", "6"]);
+    // A first chat from the victim's address, on an idle server.
+    let small = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1}).to_string();
+    let r = post_on(connect_from("127.0.0.3", &c.http), "/v1/chat/completions", small.as_bytes());
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    // ~950 KB of messages of varied words (as the red team's): long to tokenize.
+    let mut x = 1u64;
+    let mut word = || {
+        let mut w = String::new();
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        for i in 0..2 + (x >> 60) % 8 {
+            w.push((b'a' + ((x >> (i * 5 + 3)) % 26) as u8) as char);
+        }
+        w
+    };
+    let mut messages = Vec::new();
+    let mut size = 0;
+    while size < 950_000 {
+        let text = (0..200).map(|_| word()).collect::<Vec<_>>().join(" ");
+        size += text.len() + 40;
+        messages.push(json!({"role": if messages.len() % 2 == 0 { "user" } else { "assistant" }, "content": text}));
+    }
+    let body = json!({"messages": messages, "max_tokens": 1}).to_string();
+    let attackers: Vec<_> = (0..10)
+        .map(|_| {
+            let (addr, body) = (c.http.clone(), body.clone());
+            std::thread::spawn(move || {
+                let r = post_on(connect_from("127.0.0.2", &addr), "/v1/chat/completions", body.as_bytes());
+                (r, Instant::now())
+            })
+        })
+        .collect();
+    // The victim comes once four or more of the attacker's wait for the render place.
+    let waiting = wait_for(WAIT, || {
+        let n = metric(&c.http, "shardnet_serve_renders_waiting");
+        (n >= 4.0).then_some(n as usize)
+    });
+    // Streamed: its status line comes once it is prepared and a slot has started it.
+    let small = json!({"messages": [{"role": "user", "content": QUESTION}], "max_tokens": 1, "stream": true});
+    let small = small.to_string();
+    let mut s = connect_from("127.0.0.3", &c.http);
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{small}",
+        small.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    let victim_started = Instant::now();
+    assert!(line.starts_with("HTTP/1.1 200"), "{line}");
+    let mut rest = String::new();
+    r.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("data: [DONE]"), "{rest}");
+    let (mut limited, mut prepared, mut prepared_after_victim) = (0, 0, 0);
+    for t in attackers {
+        let (r, at) = t.join().unwrap();
+        match r.status {
+            429 => {
+                assert_eq!(assert_error(&r, 429, None)["error"]["code"], "rate_limit_exceeded");
+                assert!(r.header("retry-after").is_some_and(|s| s.parse::<u64>().is_ok()), "{:?}", r.headers);
+                limited += 1;
+            }
+            _ => {
+                assert_eq!(assert_error(&r, 400, Some("messages"))["error"]["code"], "context_length_exceeded");
+                prepared += 1;
+                prepared_after_victim += usize::from(at > victim_started);
+            }
+        }
+    }
+    assert_eq!((prepared, limited), (6, 4), "one address holds its share in the render gate, the rest is 429");
+    // The victim goes next, or after one more (its render may have begun meanwhile).
+    assert!(
+        prepared_after_victim + 1 >= waiting,
+        "the victim waited behind {} of the {waiting} renders waiting when it came",
+        waiting - prepared_after_victim.min(waiting)
+    );
+    assert_eq!(metric(&c.http, "shardnet_serve_renders_waiting"), 0.0);
+    assert_eq!(metric(&c.http, "shardnet_serve_renders_running"), 0.0);
 }
 
 /// Every generation serve runs at once is a session on each node, all one client there: a

@@ -5,7 +5,19 @@
 //! connections (`--max-connections`) prepared at once, and `/health`, `/metrics` and every
 //! other connection shared the CPU with all of them. A connection thread past the bound waits
 //! (asleep, its client watched) for a place, at most [`RENDER_WAIT`], then answers 503.
+//!
+//! Places are given fairly across clients ([`crate::node::limits::ip_key`] of the address) and
+//! in arrival order within one: each waiter takes a ticket in its client's queue, and a freed
+//! place goes to the oldest ticket of the waiting client that holds the fewest places; among
+//! equals, the one given a place longest ago (never: first); among those, the one waiting
+//! longest. So one client's waiters never sit ahead of another's: a client arriving behind any
+//! number of another's gets the next free place (before, the condition variable woke an
+//! arbitrary waiter, and a victim behind 38 of one address's 1 MB chats waited 16 s, then 30 s
+//! and 503). How many one client may have waiting is bounded before the gate, by
+//! `--max-requests-per-client`.
 
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -17,7 +29,7 @@ pub fn default_max() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
 }
 
-/// A counting semaphore with counts for `/metrics`.
+/// A counting semaphore served fairly across clients, with counts for `/metrics`.
 pub struct Gate {
     max: usize,
     state: Mutex<State>,
@@ -32,10 +44,68 @@ struct State {
     peak: usize,
     /// Requests that waited [`RENDER_WAIT`] in vain.
     refused: u64,
+    /// The next ticket handed out.
+    next_ticket: u64,
+    /// Places given so far: a client's `served` stamp.
+    given: u64,
+    /// Clients holding or waiting for a place (none without either).
+    clients: HashMap<IpAddr, Client>,
 }
 
-/// A place held: given back when dropped.
-pub struct Pass<'a>(&'a Gate);
+#[derive(Default)]
+struct Client {
+    /// Tickets waiting, oldest first.
+    queue: VecDeque<u64>,
+    /// Places held.
+    inside: usize,
+    /// When it was last given a place ([`State::given`]; 0: not while it has been here).
+    served: u64,
+}
+
+impl State {
+    /// Whether `ticket` of `client` is the one the next free place goes to: the oldest ticket of
+    /// the waiting client holding the fewest places, among equals the one given a place longest
+    /// ago, among those the one waiting longest.
+    fn is_next(&self, client: IpAddr, ticket: u64) -> bool {
+        let next = self
+            .clients
+            .iter()
+            .filter_map(|(ip, c)| c.queue.front().map(|&first| ((c.inside, c.served, first), *ip)))
+            .min();
+        next.is_some_and(|((_, _, first), ip)| ip == client && first == ticket)
+    }
+
+    /// Takes `ticket` out of `client`'s queue, into a place when `served`.
+    fn leave(&mut self, client: IpAddr, ticket: u64, served: bool) {
+        self.waiting -= 1;
+        if served {
+            self.running += 1;
+            self.peak = self.peak.max(self.running);
+            self.given += 1;
+        }
+        let given = self.given;
+        let Some(c) = self.clients.get_mut(&client) else { return };
+        c.queue.retain(|&t| t != ticket);
+        if served {
+            c.inside += 1;
+            c.served = given;
+        }
+        if c.queue.is_empty() && c.inside == 0 {
+            self.clients.remove(&client);
+        }
+    }
+
+    /// Whether some waiter could take a place now.
+    fn may_go(&self, max: usize) -> bool {
+        self.waiting > 0 && self.running < max
+    }
+}
+
+/// A place held by a client: given back when dropped.
+pub struct Pass<'a> {
+    gate: &'a Gate,
+    client: IpAddr,
+}
 
 /// Why no place was given.
 #[derive(Debug, PartialEq, Eq)]
@@ -56,14 +126,25 @@ impl Gate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// A place, waiting for one up to `limit`; every `every` meanwhile `gone` is asked whether
-    /// the client has left (then [`Refused::Gone`]).
-    pub fn enter(&self, limit: Duration, every: Duration, gone: impl Fn() -> bool) -> Result<Pass<'_>, Refused> {
+    /// A place for a request of `client` (an address as [`crate::node::limits::ip_key`] makes
+    /// it), waiting for one up to `limit`, served fairly across clients (see the module) and in
+    /// arrival order within one; every `every` meanwhile `gone` is asked whether the client has left
+    /// (then [`Refused::Gone`]).
+    pub fn enter(
+        &self,
+        client: IpAddr,
+        limit: Duration,
+        every: Duration,
+        gone: impl Fn() -> bool,
+    ) -> Result<Pass<'_>, Refused> {
         let deadline = Instant::now() + limit;
         let mut state = self.lock();
+        let ticket = state.next_ticket;
+        state.next_ticket += 1;
         state.waiting += 1;
+        state.clients.entry(client).or_default().queue.push_back(ticket);
         let outcome = loop {
-            if state.running < self.max {
+            if state.running < self.max && state.is_next(client, ticket) {
                 break Ok(());
             }
             let now = Instant::now();
@@ -73,15 +154,16 @@ impl Gate {
             }
             let wait = every.min(deadline - now);
             state = self.freed.wait_timeout(state, wait).unwrap_or_else(|e| e.into_inner()).0;
-            if state.running >= self.max && gone() {
+            if !(state.running < self.max && state.is_next(client, ticket)) && gone() {
                 break Err(Refused::Gone);
             }
         };
-        state.waiting -= 1;
-        outcome?;
-        state.running += 1;
-        state.peak = state.peak.max(state.running);
-        Ok(Pass(self))
+        state.leave(client, ticket, outcome.is_ok());
+        // The next in turn may be able to go now (a place still free, or this waiter was first).
+        if state.may_go(self.max) {
+            self.freed.notify_all();
+        }
+        outcome.map(|()| Pass { gate: self, client })
     }
 
     /// `/metrics` lines: running, waiting, the most ever running at once, requests refused.
@@ -105,8 +187,19 @@ impl Gate {
 
 impl Drop for Pass<'_> {
     fn drop(&mut self) {
-        self.0.lock().running -= 1;
-        self.0.freed.notify_one();
+        let mut state = self.gate.lock();
+        state.running -= 1;
+        if let Some(c) = state.clients.get_mut(&self.client) {
+            c.inside -= 1;
+            if c.inside == 0 && c.queue.is_empty() {
+                state.clients.remove(&self.client);
+            }
+        }
+        // Every waiter wakes and the one whose turn it is goes (one condition variable for all:
+        // waiters are at most `--max-connections`, and a place is held for a whole preparation).
+        if state.may_go(self.gate.max) {
+            self.gate.freed.notify_all();
+        }
     }
 }
 
@@ -115,6 +208,8 @@ mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const ME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     /// Eight threads through a gate of two: never more than two inside, every one gets in.
     #[test]
@@ -126,7 +221,7 @@ mod tests {
             .map(|_| {
                 let (gate, inside, most) = (gate.clone(), inside.clone(), most.clone());
                 std::thread::spawn(move || {
-                    let _pass = gate.enter(Duration::from_secs(20), Duration::from_millis(10), || false).unwrap();
+                    let _pass = gate.enter(ME, Duration::from_secs(20), Duration::from_millis(10), || false).unwrap();
                     let n = inside.fetch_add(1, Ordering::SeqCst) + 1;
                     most.fetch_max(n, Ordering::SeqCst);
                     std::thread::sleep(Duration::from_millis(20));
@@ -149,17 +244,162 @@ mod tests {
     #[test]
     fn a_full_gate_times_out_or_notices_the_client_gone() {
         let gate = Gate::new(1);
-        let held = gate.enter(Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
         let t = Instant::now();
-        let r = gate.enter(Duration::from_millis(50), Duration::from_millis(5), || false);
+        let r = gate.enter(ME, Duration::from_millis(50), Duration::from_millis(5), || false);
         assert_eq!(r.err(), Some(Refused::Timeout));
         assert!(t.elapsed() >= Duration::from_millis(50));
-        let r = gate.enter(Duration::from_secs(20), Duration::from_millis(5), || true);
+        let r = gate.enter(ME, Duration::from_secs(20), Duration::from_millis(5), || true);
         assert_eq!(r.err(), Some(Refused::Gone));
         drop(held);
-        assert!(gate.enter(Duration::ZERO, Duration::from_millis(5), || false).is_ok());
+        assert!(gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).is_ok());
         let mut text = String::new();
         gate.render(&mut text);
         assert!(text.contains("shardnet_serve_renders_refused_total 1\n"), "{text}");
+    }
+
+    /// One place held by a third client; client A queues three waiters, then client B one. Places
+    /// alternate across clients and keep arrival order within one: A's first, B's, then A's
+    /// second and third (before: whichever waiter the condition variable woke, B usually last).
+    #[test]
+    fn places_go_round_robin_across_clients_and_in_order_within_one() {
+        let gate = Arc::new(Gate::new(1));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let mut threads = Vec::new();
+        for (n, (client, name)) in [(a, "a1"), (a, "a2"), (a, "a3"), (b, "b1")].into_iter().enumerate() {
+            let (gate2, order) = (gate.clone(), order.clone());
+            threads.push(std::thread::spawn(move || {
+                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
+                order.lock().unwrap().push(name);
+            }));
+            // Each queued before the next arrives.
+            let t = Instant::now();
+            while gate.lock().waiting < n + 1 {
+                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(held);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["a1", "b1", "a2", "a3"]);
+        let s = gate.lock();
+        assert!(s.clients.is_empty() && s.waiting == 0 && s.running == 0);
+    }
+
+    /// Two places, one held by client A and one by another; A queues a waiter, then B one. The
+    /// place given back goes to B, who holds none, before A, who holds one already (plain
+    /// arrival order or round-robin would give it to A).
+    #[test]
+    fn a_client_holding_fewer_places_goes_first() {
+        let gate = Arc::new(Gate::new(2));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a_inside = gate.enter(a, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let released = Arc::new(Mutex::new(released));
+        let mut threads = Vec::new();
+        for (n, (client, name)) in [(a, "a"), (b, "b")].into_iter().enumerate() {
+            let (gate2, order, released) = (gate.clone(), order.clone(), released.clone());
+            threads.push(std::thread::spawn(move || {
+                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
+                order.lock().unwrap().push(name);
+                // Held until the test has seen both in.
+                let _ = released.lock().unwrap().recv_timeout(Duration::from_secs(20));
+            }));
+            let t = Instant::now();
+            while gate.lock().waiting < n + 1 {
+                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(held);
+        let t = Instant::now();
+        while order.lock().unwrap().is_empty() {
+            assert!(t.elapsed() < Duration::from_secs(20), "nobody got the free place");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*order.lock().unwrap(), ["b"]);
+        drop(a_inside);
+        let t = Instant::now();
+        while order.lock().unwrap().len() < 2 {
+            assert!(t.elapsed() < Duration::from_secs(20), "A's waiter never got in");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(*order.lock().unwrap(), ["b", "a"]);
+        drop(release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let s = gate.lock();
+        assert!(s.clients.is_empty() && s.running == 0 && s.waiting == 0);
+    }
+
+    /// One place, held by client A, which queues two more; then client B queues one. The place A
+    /// gives back goes to B, given none yet, before A's older waiters (the s12 red team's case:
+    /// a victim behind one address's many huge chats).
+    #[test]
+    fn a_client_given_a_place_longest_ago_goes_before_older_waiters_of_another() {
+        let gate = Arc::new(Gate::new(1));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let a_inside = gate.enter(a, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let mut threads = Vec::new();
+        for (n, (client, name)) in [(a, "a2"), (a, "a3"), (b, "b1")].into_iter().enumerate() {
+            let (gate2, order) = (gate.clone(), order.clone());
+            threads.push(std::thread::spawn(move || {
+                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
+                order.lock().unwrap().push(name);
+            }));
+            let t = Instant::now();
+            while gate.lock().waiting < n + 1 {
+                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        drop(a_inside);
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(*order.lock().unwrap(), ["b1", "a2", "a3"]);
+        let s = gate.lock();
+        assert!(s.clients.is_empty() && s.running == 0 && s.waiting == 0);
+    }
+
+    /// A waiter that leaves (here its time is up) while first in turn passes the turn on: the
+    /// next client's waiter gets the place once it is free, and the queues are left empty.
+    #[test]
+    fn a_waiter_leaving_passes_the_turn_on() {
+        let gate = Arc::new(Gate::new(1));
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        let g = gate.clone();
+        let first = std::thread::spawn(move || {
+            g.enter(a, Duration::from_millis(300), Duration::from_millis(5), || false).err()
+        });
+        let t = Instant::now();
+        while gate.lock().waiting < 1 {
+            assert!(t.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let g = gate.clone();
+        let second =
+            std::thread::spawn(move || g.enter(b, Duration::from_secs(20), Duration::from_millis(5), || false).is_ok());
+        while gate.lock().waiting < 2 && !first.is_finished() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(first.join().unwrap(), Some(Refused::Timeout));
+        drop(held);
+        assert!(second.join().unwrap(), "the second client never got its turn");
+        let s = gate.lock();
+        assert!(s.clients.is_empty() && s.waiting == 0);
     }
 }

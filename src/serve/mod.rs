@@ -81,7 +81,8 @@ pub struct ServeConfig {
     pub parallel: usize,
     pub queue: usize,
     /// `--max-requests-per-client`: completions one client (an IPv4 address, an IPv6 /64) may
-    /// have running or waiting at once; `Some(0)`: no bound; `None`: the default,
+    /// have at once, from the moment each is read: waiting for or being prepared
+    /// (`--max-renders`), waiting for a slot or running; `Some(0)`: no bound; `None`: the default,
     /// [`ServeConfig::requests_per_client`].
     pub max_requests_per_client: Option<usize>,
     /// `--max-renders`: requests prepared (parsed, chat rendered, tokenized) at once
@@ -139,7 +140,7 @@ struct Shared {
     chain: Arc<ChainState>,
     jobs: Sender<Job>,
     conns: Mutex<HashMap<u64, Tracked>>,
-    /// Completions running or waiting, per client ([`crate::node::limits::ip_key`] of its address).
+    /// Completions being prepared, running or waiting, per client ([`crate::node::limits::ip_key`] of its address).
     clients: Mutex<HashMap<IpAddr, usize>>,
     /// Places for preparing requests (`--max-renders`).
     renders: gate::Gate,
@@ -647,8 +648,22 @@ const WATCH_EVERY: Duration = Duration::from_millis(100);
 
 /// `POST /v1/chat/completions` and `/v1/completions`: (status, connection still usable).
 fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka: &Reply) -> (u16, bool) {
-    // Parsing, rendering and tokenizing take a place among `--max-renders`.
-    let pass = match s.renders.enter(gate::RENDER_WAIT, WATCH_EVERY, || peer_closed(&conn.stream)) {
+    // Counted against the client's `--max-requests-per-client` from here (waiting for a place
+    // to be prepared included) until the answer is written or the client has gone: one address
+    // holds at most that many places and tickets in the render gate.
+    let cap = s.cfg.requests_per_client();
+    let peer = conn.stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0u8; 4]));
+    let Some(_slot) = ClientSlot::take(&s.clients, peer, cap) else {
+        let e = ApiError::rate_limited(format!(
+            "this client already has {cap} completions being prepared, running or waiting \
+             (--max-requests-per-client); try again when one ends"
+        ));
+        return (429, respond_error(&mut conn.stream, &e, ka).is_ok());
+    };
+    // Parsing, rendering and tokenizing take a place among `--max-renders`, round-robin across
+    // clients.
+    let client = crate::node::limits::ip_key(peer);
+    let pass = match s.renders.enter(client, gate::RENDER_WAIT, WATCH_EVERY, || peer_closed(&conn.stream)) {
         Ok(pass) => pass,
         Err(gate::Refused::Gone) => return (0, false),
         Err(gate::Refused::Timeout) => {
@@ -665,16 +680,6 @@ fn completion(s: &Shared, conn: &mut Conn, req: &Request, endpoint: Endpoint, ka
     let (params, prep) = match prepared {
         Ok(p) => p,
         Err(e) => return (e.status, respond_error(&mut conn.stream, &e, ka).is_ok()),
-    };
-    // Held until the answer is written or the client has gone.
-    let cap = s.cfg.requests_per_client();
-    let peer = conn.stream.peer_addr().map(|a| a.ip()).unwrap_or(IpAddr::from([0u8; 4]));
-    let Some(_slot) = ClientSlot::take(&s.clients, peer, cap) else {
-        let e = ApiError::rate_limited(format!(
-            "this client already has {cap} completions running or waiting (--max-requests-per-client); try again \
-             when one ends"
-        ));
-        return (429, respond_error(&mut conn.stream, &e, ka).is_ok());
     };
     let (tx, rx) = unbounded();
     let cancel = Arc::new(AtomicBool::new(false));

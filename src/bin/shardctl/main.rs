@@ -97,12 +97,13 @@ GENERATION:
                                 [default: 16]
       --max-requests-per-client N
                                 completions one client address (IPv6: /64)
-                                has running or waiting; over it: 429; 0: no
-                                bound [default: none when listening on
-                                loopback, else as --parallel]
+                                has being prepared, running or waiting; over
+                                it: 429; 0: no bound [default: none when
+                                listening on loopback, else as --parallel]
       --max-renders N           requests prepared at once (JSON parsed, chat
                                 template rendered, prompt tokenized); others
-                                wait, 503 after 30 s [default: cores, at most 4]
+                                wait, round-robin across client addresses,
+                                503 after 30 s [default: cores, at most 4]
       --max-body BYTES          request body bound; over it: 413
                                 [default: 1048576]
       --api-key-file PATH       /v1/* and /metrics need `Authorization: Bearer

@@ -414,13 +414,15 @@ one may be shed, else it is refused; per IP: an IPv4 address or an IPv6 /64):
   --max-command-connections-per-ip N  command connections per IP [default: 64]
   --max-peer-connections N            peer-wire connections, dialled ones
                                       included; a quarter is kept for the
-                                      node's own dials [default: 256]
+                                      node's own dials, strangers' downloads
+                                      dial into half of it [default: 256]
   --max-peer-connections-per-ip N     peer-wire connections accepted per IP
                                       [default: 32]
   --peer-shed-grace SECS  at a peer cap, a newcomer (or a dial of the node's
-                         own download) sheds the accepted peer that moved no
-                         whole 16 KiB block (served or received) for longest,
-                         once that is over this long [default: 30]
+                         own download) sheds the accepted peer that moved a
+                         piece's worth (256 KiB) of distinct blocks (served or
+                         received) longest ago, once that is over this long
+                         [default: 30]
   --idle-timeout SECS    close a command connection with nothing in flight for
                          this long; 0: never [default: 300]
   --frame-timeout SECS   close a connection whose frame (or peer-wire message)

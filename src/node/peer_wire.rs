@@ -531,20 +531,25 @@ impl Node {
     /// Stops download `h` as [`Node::abort_download`] does, its verified pieces recorded first in
     /// its resume data, so the same `DOWNLOAD` or `LOAD_SHARD` later resumes it from its `.part`.
     fn stop_download(&mut self, h: InfoHash, code: crate::protocol::ErrorCode, why: String) {
-        if let Some(swarm) = self.swarms.get_mut(&h)
-            && let (Some(have), Some(storage)) = (swarm.have().cloned(), swarm.storage_mut())
-        {
-            match storage.resume_job(h, &have) {
-                Ok(Some(job)) => self.pool.handle().submit(move || {
-                    if let Err(e) = job() {
-                        warn!("saving resume data for {h}: {e:#}");
-                    }
-                }),
-                Ok(None) => {}
-                Err(e) => warn!("saving resume data for {h}: {e:#}"),
-            }
-        }
+        self.save_resume(h);
         self.abort_download(h, code, why);
+    }
+
+    /// Writes download `h`'s resume data (its verified pieces) on a hash worker; false when it
+    /// has no swarm, no storage or no bitfield yet (nothing to save).
+    fn save_resume(&mut self, h: InfoHash) -> bool {
+        let Some(swarm) = self.swarms.get_mut(&h) else { return false };
+        let (Some(have), Some(storage)) = (swarm.have().cloned(), swarm.storage_mut()) else { return false };
+        match storage.resume_job(h, &have) {
+            Ok(Some(job)) => self.pool.handle().submit(move || {
+                if let Err(e) = job() {
+                    warn!("saving resume data for {h}: {e:#}");
+                }
+            }),
+            Ok(None) => {}
+            Err(e) => warn!("saving resume data for {h}: {e:#}"),
+        }
+        true
     }
 
     /// A download counted as stalled (no progress for [`OWED_ACTIVE`]: it owed only its window,
@@ -1156,18 +1161,11 @@ impl Node {
         if !d.resume_dirty || now.duration_since(d.resume_saved) < RESUME_EVERY {
             return;
         }
-        let Some(swarm) = self.swarms.get_mut(&h) else { return };
-        let (Some(have), Some(storage)) = (swarm.have().cloned(), swarm.storage_mut()) else { return };
-        d.resume_dirty = false;
-        d.resume_saved = now;
-        match storage.resume_job(h, &have) {
-            Ok(Some(job)) => self.pool.handle().submit(move || {
-                if let Err(e) = job() {
-                    warn!("saving resume data for {h}: {e:#}");
-                }
-            }),
-            Ok(None) => {}
-            Err(e) => warn!("saving resume data for {h}: {e:#}"),
+        if self.save_resume(h)
+            && let Some(d) = self.downloads.get_mut(&h)
+        {
+            d.resume_dirty = false;
+            d.resume_saved = now;
         }
     }
 

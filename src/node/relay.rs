@@ -967,6 +967,18 @@ pub fn hop_json(h: &Hop) -> Value {
 mod tests {
     use super::*;
 
+    /// Relays with room for 8 in flight and 1 MiB buffered, no cluster key.
+    fn relays() -> Relays {
+        let limits = RelayLimits {
+            max_relays: 8,
+            per_client: 8,
+            link_buffer: 1 << 20,
+            memory: 1 << 20,
+            io_timeout: Duration::from_secs(30),
+        };
+        Relays::new(1 << 20, None, limits)
+    }
+
     fn outgoing(conn_id: u64, next: SocketAddr, id: u64) -> Outgoing {
         Outgoing {
             reply: ReplyTo { token: Token(7), conn_id, request_id: json!(1), reserved: 0 },
@@ -989,14 +1001,7 @@ mod tests {
         let poll = mio::Poll::new().unwrap();
         let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = next.local_addr().unwrap();
-        let limits = RelayLimits {
-            max_relays: 8,
-            per_client: 8,
-            link_buffer: 1 << 20,
-            memory: 1 << 20,
-            io_timeout: Duration::from_secs(30),
-        };
-        let mut relays = Relays::new(1 << 20, None, limits);
+        let mut relays = relays();
         let now = Instant::now();
         relays.cancel(poll.registry(), 5, now);
         let (answers, wake) = relays.submit_direct(poll.registry(), outgoing(5, addr, 1), now);
@@ -1014,14 +1019,7 @@ mod tests {
         let poll = mio::Poll::new().unwrap();
         let next = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = next.local_addr().unwrap();
-        let limits = RelayLimits {
-            max_relays: 8,
-            per_client: 8,
-            link_buffer: 1 << 20,
-            memory: 1 << 20,
-            io_timeout: Duration::from_secs(30),
-        };
-        let mut relays = Relays::new(1 << 20, None, limits);
+        let mut relays = relays();
         let now = Instant::now();
         relays.plan_wake(now + Duration::from_secs(120));
         let (_, wake) = relays.submit_direct(poll.registry(), outgoing(1, addr, 1), now);

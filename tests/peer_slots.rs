@@ -354,17 +354,23 @@ fn poking_squatter(
 /// `--peer-shed-grace`: past the grace, a leech's connection sheds one of them and downloads.
 #[test]
 fn squatters_poking_one_byte_allowed_fast_requests_are_shed_for_a_newcomer() {
-    let (sd, src, m) = seed_dir("poke-seed", MB, 0);
+    // Past the grace, the pokes still going (each served: a byte every 300 ms).
+    squatters_are_shed_for_a_newcomer("poke", POKE);
+}
+
+/// Six accepted squatters (three quarters of `--max-peer-connections` 8, one per address) each
+/// asking a block of `poke.0` bytes every `poke.1` hold the seed's accepted slots past its 2 s
+/// `--peer-shed-grace`; a leech's connection must shed one of them and download the whole shard.
+fn squatters_are_shed_for_a_newcomer(name: &str, poke: (u32, Duration)) {
+    let (sd, src, m) = seed_dir(&format!("{name}-seed"), MB, 0);
     let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    // Six accepted squatters (three quarters of 8), one per address.
     let squatters: Vec<_> = (2..8u32)
-        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), POKE))
+        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), poke))
         .collect();
     wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
-    // Past the grace, the pokes still going (each served: a byte every 300 ms).
     std::thread::sleep(Duration::from_millis(2500));
-    let ld = TempDir::new("poke-leech");
+    let ld = TempDir::new(&format!("{name}-leech"));
     let leech = torrent_node(ld.path(), &[]);
     let r = load_shard0(&leech, &m, &[&seed.addr], false);
     assert_eq!(r["status"], "success", "{r}");
@@ -376,7 +382,7 @@ fn squatters_poking_one_byte_allowed_fast_requests_are_shed_for_a_newcomer() {
     assert!(done.is_ok(), "the download did not complete\nseed:\n{}", seed.stderr());
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
     let c = counts(&seed);
-    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a poking squatter for the leech: {c}");
+    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a squatter for the leech: {c}");
     assert!(shed >= 1, "no squatter was closed: {c}");
     seed.assert_serving();
 }
@@ -545,31 +551,8 @@ const POKE: (u32, Duration) = (1, Duration::from_millis(300));
 /// grace, all the same block, and a leech's connection sheds one of them and downloads.
 #[test]
 fn squatters_asking_the_same_block_again_are_shed_for_a_newcomer() {
-    let (sd, src, m) = seed_dir("same-seed", MB, 0);
-    let seed = torrent_node(sd.path(), &["--max-peer-connections", "8", "--peer-shed-grace", "2"]);
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let same = (16 * 1024, Duration::from_millis(100));
-    let squatters: Vec<_> = (2..8u32)
-        .map(|i| poking_squatter(format!("127.0.0.{i}"), seed.addr.clone(), &m, i, stop.clone(), same))
-        .collect();
-    wait_for(WAIT, || (counts(&seed)["peer_wire_accepted"] == json!(6)).then_some(()));
     // Past the grace, the same block still asked and served ten times a second.
-    std::thread::sleep(Duration::from_millis(2500));
-    let ld = TempDir::new("same-leech");
-    let leech = torrent_node(ld.path(), &[]);
-    let r = load_shard0(&leech, &m, &[&seed.addr], false);
-    assert_eq!(r["status"], "success", "{r}");
-    let done = std::panic::catch_unwind(|| {
-        wait_for(Duration::from_secs(30), || (download_status(&leech, &m)["complete"] == json!(true)).then_some(()))
-    });
-    stop.store(true, Ordering::SeqCst);
-    let shed = squatters.into_iter().filter_map(|t| t.join().ok()).filter(|closed| *closed).count();
-    assert!(done.is_ok(), "the download did not complete\nseed:\n{}", seed.stderr());
-    same_bytes(&src, &ld.path().join("shard-0.gguf"));
-    let c = counts(&seed);
-    assert!(c["shed_inactive_peers"].as_u64() >= Some(1), "the seed shed a squatter for the leech: {c}");
-    assert!(shed >= 1, "no squatter was closed: {c}");
-    seed.assert_serving();
+    squatters_are_shed_for_a_newcomer("same", (16 * 1024, Duration::from_millis(100)));
 }
 
 /// Red-team round 12, 1b: a stranger's downloads naming peers that handshake and then only keep

@@ -211,6 +211,42 @@ mod tests {
 
     const ME: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
+    /// The names waiters record once in, in the order they got in.
+    type Order = Arc<Mutex<Vec<&'static str>>>;
+
+    /// Polls `done` every millisecond; fails with `what` after 20 s.
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !done() {
+            assert!(t.elapsed() < Duration::from_secs(20), "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Queues `waiters` (client, name) on `gate`, each waiting before the next arrives. Each
+    /// records its name in `order` once in, then keeps its place until `hold` yields (a message
+    /// or the sender dropped), or gives it back at once without `hold`.
+    fn queue(
+        gate: &Arc<Gate>,
+        waiters: &[(IpAddr, &'static str)],
+        order: &Order,
+        hold: Option<Arc<Mutex<std::sync::mpsc::Receiver<()>>>>,
+    ) -> Vec<std::thread::JoinHandle<()>> {
+        let mut threads = Vec::new();
+        for (n, &(client, name)) in waiters.iter().enumerate() {
+            let (gate2, order, hold) = (gate.clone(), order.clone(), hold.clone());
+            threads.push(std::thread::spawn(move || {
+                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
+                order.lock().unwrap().push(name);
+                if let Some(hold) = hold {
+                    let _ = hold.lock().unwrap().recv_timeout(Duration::from_secs(20));
+                }
+            }));
+            wait_until(&format!("waiter {name} never queued"), || gate.lock().waiting > n);
+        }
+        threads
+    }
+
     /// Eight threads through a gate of two: never more than two inside, every one gets in.
     #[test]
     fn at_most_max_are_inside_and_all_get_in() {
@@ -264,24 +300,11 @@ mod tests {
     #[test]
     fn places_go_round_robin_across_clients_and_in_order_within_one() {
         let gate = Arc::new(Gate::new(1));
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let order = Order::default();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
-        let mut threads = Vec::new();
-        for (n, (client, name)) in [(a, "a1"), (a, "a2"), (a, "a3"), (b, "b1")].into_iter().enumerate() {
-            let (gate2, order) = (gate.clone(), order.clone());
-            threads.push(std::thread::spawn(move || {
-                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
-                order.lock().unwrap().push(name);
-            }));
-            // Each queued before the next arrives.
-            let t = Instant::now();
-            while gate.lock().waiting < n + 1 {
-                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        let threads = queue(&gate, &[(a, "a1"), (a, "a2"), (a, "a3"), (b, "b1")], &order, None);
         drop(held);
         for t in threads {
             t.join().unwrap();
@@ -297,41 +320,19 @@ mod tests {
     #[test]
     fn a_client_holding_fewer_places_goes_first() {
         let gate = Arc::new(Gate::new(2));
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let order = Order::default();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let a_inside = gate.enter(a, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
         let held = gate.enter(ME, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
+        // Places kept until the test has seen both in.
         let (release, released) = std::sync::mpsc::channel::<()>();
-        let released = Arc::new(Mutex::new(released));
-        let mut threads = Vec::new();
-        for (n, (client, name)) in [(a, "a"), (b, "b")].into_iter().enumerate() {
-            let (gate2, order, released) = (gate.clone(), order.clone(), released.clone());
-            threads.push(std::thread::spawn(move || {
-                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
-                order.lock().unwrap().push(name);
-                // Held until the test has seen both in.
-                let _ = released.lock().unwrap().recv_timeout(Duration::from_secs(20));
-            }));
-            let t = Instant::now();
-            while gate.lock().waiting < n + 1 {
-                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        let threads = queue(&gate, &[(a, "a"), (b, "b")], &order, Some(Arc::new(Mutex::new(released))));
         drop(held);
-        let t = Instant::now();
-        while order.lock().unwrap().is_empty() {
-            assert!(t.elapsed() < Duration::from_secs(20), "nobody got the free place");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("nobody got the free place", || !order.lock().unwrap().is_empty());
         assert_eq!(*order.lock().unwrap(), ["b"]);
         drop(a_inside);
-        let t = Instant::now();
-        while order.lock().unwrap().len() < 2 {
-            assert!(t.elapsed() < Duration::from_secs(20), "A's waiter never got in");
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("A's waiter never got in", || order.lock().unwrap().len() >= 2);
         assert_eq!(*order.lock().unwrap(), ["b", "a"]);
         drop(release);
         for t in threads {
@@ -347,23 +348,11 @@ mod tests {
     #[test]
     fn a_client_given_a_place_longest_ago_goes_before_older_waiters_of_another() {
         let gate = Arc::new(Gate::new(1));
-        let order = Arc::new(Mutex::new(Vec::new()));
+        let order = Order::default();
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "192.0.2.2".parse().unwrap();
         let a_inside = gate.enter(a, Duration::ZERO, Duration::from_millis(5), || false).unwrap();
-        let mut threads = Vec::new();
-        for (n, (client, name)) in [(a, "a2"), (a, "a3"), (b, "b1")].into_iter().enumerate() {
-            let (gate2, order) = (gate.clone(), order.clone());
-            threads.push(std::thread::spawn(move || {
-                let _pass = gate2.enter(client, Duration::from_secs(20), Duration::from_millis(5), || false).unwrap();
-                order.lock().unwrap().push(name);
-            }));
-            let t = Instant::now();
-            while gate.lock().waiting < n + 1 {
-                assert!(t.elapsed() < Duration::from_secs(20), "waiter {name} never queued");
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
+        let threads = queue(&gate, &[(a, "a2"), (a, "a3"), (b, "b1")], &order, None);
         drop(a_inside);
         for t in threads {
             t.join().unwrap();
@@ -385,11 +374,7 @@ mod tests {
         let first = std::thread::spawn(move || {
             g.enter(a, Duration::from_millis(300), Duration::from_millis(5), || false).err()
         });
-        let t = Instant::now();
-        while gate.lock().waiting < 1 {
-            assert!(t.elapsed() < Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        wait_until("A's waiter never queued", || gate.lock().waiting >= 1);
         let g = gate.clone();
         let second =
             std::thread::spawn(move || g.enter(b, Duration::from_secs(20), Duration::from_millis(5), || false).is_ok());

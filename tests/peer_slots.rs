@@ -229,15 +229,40 @@ fn a_seed_breaking_the_protocol_is_banned_not_redialled() {
     same_bytes(&src, &ld.path().join("shard-0.gguf"));
 }
 
+/// A fake torrent (`fake{i}.gguf`, 1 MiB) and a peer for it on loopback that answers the
+/// handshake and then stays silent, reading until 40 s pass with nothing; `dialled` counts its
+/// connections. Returns the torrent, the peer's address and its thread.
+fn tarpit(i: u32, dialled: Arc<AtomicUsize>) -> (shardnet::torrent::Metainfo, String, std::thread::JoinHandle<()>) {
+    let fake = shardnet::torrent::Metainfo::new(shardnet::torrent::metainfo::Info {
+        name: format!("fake{i}.gguf"),
+        length: 1 << 20,
+        piece_length: 1 << 18,
+        pieces: vec![[7u8; 20]; 4],
+    });
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = fake.info_hash;
+    let peer = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        dialled.fetch_add(1, Ordering::SeqCst);
+        let mut hs = [0u8; 68];
+        s.read_exact(&mut hs).unwrap();
+        let mut out = Vec::new();
+        Handshake::new(h, *b"-XX0001-tarpit000000").encode(&mut out);
+        s.write_all(&out).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    (fake, addr, peer)
+}
+
 /// Red-team round 11: at the peer-wire cap, with every accepted slot held by strangers that only
 /// keep alive and the dial reserve spent on the node's own dials to peers that handshake and then
 /// say nothing (a stranger's `DOWNLOAD` naming them), the owner's download had no room to dial
 /// its seed. Its dial now sheds an accepted peer idle past `--peer-shed-grace`, and completes.
 #[test]
 fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
-    use shardnet::torrent::Metainfo;
-    use shardnet::torrent::metainfo::Info;
-    use std::net::TcpListener;
     let (sd, src, m) = seed_dir("dialshed-seed", MB, 0);
     let seed = torrent_node(sd.path(), &["--encryption", "disable"]);
     let ld = TempDir::new("dialshed-leech");
@@ -255,26 +280,8 @@ fn a_downloads_dial_sheds_an_idle_accepted_peer_when_the_cap_is_full() {
     // own two dials fill the cap.
     let mut tarpits = Vec::new();
     for i in 0..2 {
-        let fake = Metainfo::new(Info {
-            name: format!("fake{i}.gguf"),
-            length: 1 << 20,
-            piece_length: 1 << 18,
-            pieces: vec![[7u8; 20]; 4],
-        });
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let h = fake.info_hash;
-        tarpits.push(std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            let mut hs = [0u8; 68];
-            s.read_exact(&mut hs).unwrap();
-            let mut out = Vec::new();
-            Handshake::new(h, *b"-XX0001-tarpit000000").encode(&mut out);
-            s.write_all(&out).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-            let mut sink = [0u8; 4096];
-            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
-        }));
+        let (fake, addr, peer) = tarpit(i, Arc::new(AtomicUsize::new(0)));
+        tarpits.push(peer);
         let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
         let r =
             leech.call("DOWNLOAD", json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]}));
@@ -563,9 +570,6 @@ fn squatters_asking_the_same_block_again_are_shed_for_a_newcomer() {
 /// dials its seed and completes.
 #[test]
 fn strangers_downloads_leave_half_the_dial_reserve_to_the_nodes_own() {
-    use shardnet::torrent::Metainfo;
-    use shardnet::torrent::metainfo::Info;
-    use std::net::TcpListener;
     let (sd, src, m) = seed_dir("sdial-seed", MB, 0);
     let seed = torrent_node(sd.path(), &["--encryption", "disable"]);
     let ld = TempDir::new("sdial-leech");
@@ -584,27 +588,7 @@ fn strangers_downloads_leave_half_the_dial_reserve_to_the_nodes_own() {
     // peer that answers the handshake and then stays silent.
     let dialled = Arc::new(AtomicUsize::new(0));
     for i in 0..2 {
-        let fake = Metainfo::new(Info {
-            name: format!("fake{i}.gguf"),
-            length: 1 << 20,
-            piece_length: 1 << 18,
-            pieces: vec![[7u8; 20]; 4],
-        });
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = l.local_addr().unwrap().to_string();
-        let (h, dialled) = (fake.info_hash, dialled.clone());
-        std::thread::spawn(move || {
-            let (mut s, _) = l.accept().unwrap();
-            dialled.fetch_add(1, Ordering::SeqCst);
-            let mut hs = [0u8; 68];
-            s.read_exact(&mut hs).unwrap();
-            let mut out = Vec::new();
-            Handshake::new(h, *b"-XX0001-tarpit000000").encode(&mut out);
-            s.write_all(&out).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(40))).unwrap();
-            let mut sink = [0u8; 4096];
-            while matches!(s.read(&mut sink), Ok(n) if n > 0) {}
-        });
+        let (fake, addr, _peer) = tarpit(i, dialled.clone());
         let hex = shardnet::hash::to_hex(&fake.to_torrent_bytes());
         let mut s = connect_from("127.0.0.9", &leech.addr);
         let params = json!({"info_hash": fake.info_hash.to_hex(), "torrent_hex": hex, "peers": [addr]});

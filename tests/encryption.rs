@@ -498,19 +498,6 @@ fn first_bytes_that_do_not_tell_yet_wait_without_stalling_the_node() {
     assert_eq!(read_frame(&mut prefix)["status"], "success");
 }
 
-/// A connection from `src` (a 127.0.0.x address: Linux loopback takes them all) to `node`.
-fn raw_from(src: &str, node: &NodeProc) -> TcpStream {
-    use socket2::{Domain, Socket, Type};
-    let to: std::net::SocketAddr = node.addr.parse().unwrap();
-    let s = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
-    s.bind(&std::net::SocketAddr::new(src.parse().unwrap(), 0).into()).unwrap();
-    s.connect_timeout(&to.into(), WAIT).unwrap();
-    let s: TcpStream = s.into();
-    s.set_read_timeout(Some(WAIT)).unwrap();
-    s.set_write_timeout(Some(WAIT)).unwrap();
-    s
-}
-
 /// Red-team finding: half-open MSE handshakes (the 96-byte key, then silence) from a few IPs
 /// held every peer slot, so real encrypted peers were refused until the handshake deadline.
 /// At the cap the oldest unfinished handshake is shed for the newcomer.
@@ -525,7 +512,7 @@ fn half_open_mse_handshakes_holding_every_peer_slot_are_shed_for_a_real_handshak
     let mut held: Vec<TcpStream> = Vec::new();
     for ip in ["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"] {
         for _ in 0..2 {
-            let mut s = raw_from(ip, &node);
+            let mut s = connect_from(ip, &node.addr);
             s.write_all(&key[..96]).unwrap();
             let mut yb = [0u8; 96];
             s.read_exact(&mut yb).expect("the node's key");
